@@ -1,0 +1,47 @@
+"""Scatter/gather grouped-GEMM ops behind one function API.
+
+x [T, d] --sort_by_expert--> Dispatch --grouped_linear--> y [M, d_out] (expert-contiguous)
+--weighted_combine--> [T, d_out]. Backends: "torch" (reference, CPU) and "triton" (CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.autograd import GroupedLinear, WeightedCombine
+from kernels.backend import get_backend
+from kernels.dispatch import Dispatch, sort_by_expert
+
+
+def grouped_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    d: Dispatch,
+    x_grouped: bool = False,
+    y_grouped: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """x [T, d_in] (token order) or [M, d_in] (grouped), w [E, d_out, d_in] -> y [M, d_out].
+
+    Row n of the output (Dispatch order if y_grouped, else slot order t * k + j) is the input
+    row of pair n times its expert's weight transposed; dropped pairs give zero rows.
+    """
+    if x.shape[-1] != w.shape[-1]:
+        raise ValueError(f"input size {x.shape[-1]} does not match the weight's d_in={w.shape[-1]}")
+    if w.shape[0] != d.num_experts:
+        raise ValueError(f"weight has {w.shape[0]} experts, dispatch has {d.num_experts}")
+    return GroupedLinear.apply(x, w, d, x_grouped, y_grouped, get_backend(backend, x.device))
+
+
+def weighted_combine(
+    y: torch.Tensor,
+    weights: torch.Tensor,
+    d: Dispatch,
+    y_grouped: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """y [M, d_out], weights [T, k] -> out [T, d_out] = sum_j weights[t, j] * y_row(t, j)."""
+    return WeightedCombine.apply(y, weights, d, y_grouped, get_backend(backend, y.device))
+
+
+__all__ = ["Dispatch", "grouped_linear", "sort_by_expert", "weighted_combine"]

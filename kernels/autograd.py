@@ -1,0 +1,59 @@
+"""autograd.Functions over a backend's grouped primitives (reference or Triton)."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from kernels.dispatch import Dispatch
+
+
+class GroupedLinear(torch.autograd.Function):
+    """y [M, d_out] = per-row x_row(n) @ w[e_n]^T; see kernels/reference.py for the orders."""
+
+    @staticmethod
+    def forward(ctx, x, w, d: Dispatch, x_grouped: bool, y_grouped: bool, backend: ModuleType):
+        fan_out = 1 if x_grouped else d.top_k
+        y = backend.scatter2scatter(x, w, d, x_grouped, y_grouped, fan_out)
+        ctx.save_for_backward(x, w)
+        ctx.meta = (d, x_grouped, y_grouped, backend)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        d, x_grouped, y_grouped, backend = ctx.meta
+        dy = dy.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            wt = w.transpose(1, 2)
+            if x_grouped:
+                dx = backend.scatter2scatter(dy, wt, d, y_grouped, True, 1)
+            else:
+                # One row per slot, then the k slots of a token summed.
+                dx = backend.scatter2scatter(dy, wt, d, y_grouped, False, 1)
+                dx = dx.view(d.num_tokens, d.top_k, w.shape[2]).sum(1)
+        if ctx.needs_input_grad[1]:
+            fan_out = 1 if x_grouped else d.top_k
+            dw = backend.group_weight_grad(x, dy, d, x_grouped, fan_out, y_grouped)
+        return dx, dw, None, None, None, None
+
+
+class WeightedCombine(torch.autograd.Function):
+    """out [T, d] = sum over a token's kept slots of weight * y_row; grads to y and weights."""
+
+    @staticmethod
+    def forward(ctx, y, weights, d: Dispatch, y_grouped: bool, backend: ModuleType):
+        ctx.save_for_backward(y, weights)
+        ctx.meta = (d, y_grouped, backend)
+        return backend.weighted_combine(y, weights, d, y_grouped)
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, weights = ctx.saved_tensors
+        d, y_grouped, backend = ctx.meta
+        dy, dweights = backend.weighted_combine_backward(
+            dout.contiguous(), y, weights, d, y_grouped
+        )
+        return dy, dweights, None, None, None

@@ -1,0 +1,102 @@
+"""Pure-torch backend of the grouped ops: the oracle for the Triton kernels, and the CPU path.
+
+Index conventions (shared with every backend):
+  an input "grouped" has M = T * k rows in `Dispatch` order; otherwise sorted row n reads row
+  ``sorted_pair_idx[n] // fan_out`` (fan_out = k for token order [T, d], 1 for slot order
+  [T * k, d]). An output "grouped" is written in Dispatch order, otherwise in slot order.
+  Rows of dropped pairs are never read; in outputs they are zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.dispatch import Dispatch
+
+
+def _kept(d: Dispatch) -> int:
+    return int(d.expert_offsets[-1])
+
+
+def _rows(x: torch.Tensor, d: Dispatch, grouped: bool, fan_out: int, n: int) -> torch.Tensor:
+    """The first n sorted rows of x, in Dispatch order."""
+    if grouped:
+        return x[:n]
+    return x.index_select(0, d.sorted_pair_idx[:n] // fan_out)
+
+
+def scatter2scatter(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    d: Dispatch,
+    x_grouped: bool,
+    y_grouped: bool,
+    fan_out: int,
+) -> torch.Tensor:
+    """x [T or M, d_in], w [E, d_out, d_in] -> y [M, d_out]: row n = x_row(n) @ w[e_n]^T."""
+    n = _kept(d)
+    xs = _rows(x, d, x_grouped, fan_out, n)
+    ys = torch.empty(n, w.shape[1], dtype=x.dtype, device=x.device)
+    start = 0
+    for e, c in enumerate(d.tokens_per_expert.tolist()):
+        if c:
+            torch.mm(xs[start : start + c], w[e].t(), out=ys[start : start + c])
+        start += c
+    y = torch.zeros(d.num_pairs, w.shape[1], dtype=x.dtype, device=x.device)
+    if y_grouped:
+        y[:n] = ys
+    else:
+        y[d.sorted_pair_idx[:n]] = ys
+    return y
+
+
+def group_weight_grad(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    d: Dispatch,
+    x_grouped: bool,
+    x_fan_out: int,
+    dy_grouped: bool,
+) -> torch.Tensor:
+    """x rows [., d_in], dy rows [., d_out] -> dw [E, d_out, d_in] = sum_n dy_n^T x_n per expert."""
+    n = _kept(d)
+    xs = _rows(x, d, x_grouped, x_fan_out, n)
+    dys = _rows(dy, d, dy_grouped, 1, n)
+    dw = torch.zeros(d.num_experts, dy.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+    start = 0
+    for e, c in enumerate(d.tokens_per_expert.tolist()):
+        if c:
+            torch.mm(dys[start : start + c].t(), xs[start : start + c], out=dw[e])
+        start += c
+    return dw
+
+
+def weighted_combine(
+    y: torch.Tensor, weights: torch.Tensor, d: Dispatch, y_grouped: bool
+) -> torch.Tensor:
+    """y [M, d_out], weights [T, k] -> out [T, d_out] = sum over kept slots of w * y."""
+    n = _kept(d)
+    ys = _rows(y, d, y_grouped, 1, n)
+    w = weights.reshape(-1).index_select(0, d.sorted_pair_idx[:n]).to(y.dtype)
+    out = torch.zeros(d.num_tokens, y.shape[1], dtype=y.dtype, device=y.device)
+    out.index_add_(0, d.sorted_token_idx[:n], ys * w[:, None])
+    return out
+
+
+def weighted_combine_backward(
+    dout: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, d: Dispatch, y_grouped: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dout [T, d_out] -> (dy [M, d_out] in y's order, dweights [T, k])."""
+    n = _kept(d)
+    pair = d.sorted_pair_idx[:n]
+    douts = dout.index_select(0, d.sorted_token_idx[:n])
+    w = weights.reshape(-1).index_select(0, pair).to(dout.dtype)
+    dy = torch.zeros(d.num_pairs, dout.shape[1], dtype=dout.dtype, device=dout.device)
+    if y_grouped:
+        dy[:n] = douts * w[:, None]
+    else:
+        dy[pair] = douts * w[:, None]
+    ys = _rows(y, d, y_grouped, 1, n)
+    dw = torch.zeros(d.num_pairs, dtype=weights.dtype, device=weights.device)
+    dw[pair] = (douts * ys).sum(-1).to(weights.dtype)
+    return dy, dw.view_as(weights)

@@ -1,0 +1,30 @@
+"""Routed experts with stacked weights, computed by grouped GEMMs over a `Dispatch`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import Dispatch, grouped_linear
+from moe.mlp import ACTIVATIONS, input_width
+
+
+class Experts(nn.Module):
+    """E expert MLPs. w_in [E, 2F | F, d] (gate; up for swiglu), w_out [E, d, F]."""
+
+    def __init__(self, num_experts: int, d_model: int, ffn: int, kind: str = "swiglu",
+                 backend: str = "auto"):
+        super().__init__()
+        if kind not in ACTIVATIONS:
+            raise ValueError(f"expert type must be one of {sorted(ACTIVATIONS)}, got {kind!r}")
+        self.kind, self.backend = kind, backend
+        self.num_experts, self.d_model, self.ffn = num_experts, d_model, ffn
+        self.w_in = nn.Parameter(torch.empty(num_experts, input_width(kind, ffn), d_model))
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_model, ffn))
+
+    def forward(self, x: torch.Tensor, d: Dispatch) -> torch.Tensor:
+        """x [T, d] token order -> y [M, d] in Dispatch order (zero rows for dropped pairs)."""
+        h = grouped_linear(x, self.w_in, d, x_grouped=False, y_grouped=True, backend=self.backend)
+        a = ACTIVATIONS[self.kind](h)
+        return grouped_linear(a, self.w_out, d, x_grouped=True, y_grouped=True,
+                              backend=self.backend)

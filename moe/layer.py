@@ -1,0 +1,70 @@
+"""The MoE layer: router -> dispatch -> experts -> weighted combine (+ shared experts)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import sort_by_expert, weighted_combine
+from moe.config import MoEConfig
+from moe.experts import Experts
+from moe.mlp import MLP
+from routing import Routing, build_router
+
+
+class SharedExperts(nn.Module):
+    """x [T, d] -> [T, d]: one dense MLP every token takes, optionally sigmoid-gated."""
+
+    def __init__(self, d_model: int, ffn: int, kind: str, gated: bool):
+        super().__init__()
+        self.mlp = MLP(d_model, ffn, kind)
+        self.gate = nn.Linear(d_model, 1, bias=False) if gated else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mlp(x)
+        return y if self.gate is None else torch.sigmoid(self.gate(x)) * y
+
+
+class MoELayer(nn.Module):
+    """x [B, S, d] or [T, d] -> (out of the same shape, Routing).
+
+    Drop-free or capacity-limited as the router config says; dropped slots contribute nothing
+    (the residual connection around the layer carries those tokens).
+    """
+
+    def __init__(self, d_model: int, cfg: MoEConfig, vocab_size: int | None = None):
+        super().__init__()
+        cfg.check()
+        self.cfg, self.d_model = cfg, d_model
+        self.router = build_router(cfg.router, d_model, cfg.num_experts, vocab_size)
+        self.experts = Experts(cfg.num_experts, d_model, cfg.expert_ffn, cfg.expert_type,
+                               cfg.kernel_backend)
+        self.shared = None
+        if cfg.num_shared_experts > 0:
+            ffn = cfg.shared_expert_ffn or cfg.num_shared_experts * cfg.expert_ffn
+            self.shared = SharedExperts(d_model, ffn, cfg.expert_type, cfg.shared_expert_gate)
+
+    def forward(
+        self, x: torch.Tensor, token_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Routing]:
+        if not torch.is_floating_point(x):
+            raise ValueError(f"MoE layer input must be floating point, got dtype {x.dtype}")
+        if x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"hidden size {x.shape[-1]} does not match the layer's d_model={self.d_model}"
+            )
+        if x.dtype != self.experts.w_in.dtype:
+            raise ValueError(
+                f"input dtype {x.dtype} does not match the expert weights' "
+                f"{self.experts.w_in.dtype}"
+            )
+        seq_len = x.shape[-2] if x.dim() == 3 else None
+        flat = x.reshape(-1, self.d_model)
+        routing = self.router(flat, token_ids, seq_len)
+        d = sort_by_expert(routing.expert_ids, self.cfg.num_experts, routing.dropped)
+        y = self.experts(flat, d)
+        out = weighted_combine(y, routing.combine_weights, d, y_grouped=True,
+                               backend=self.cfg.kernel_backend)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return out.view(x.shape), routing

@@ -1,0 +1,44 @@
+"""Expert capacity and token dropping."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Slots an expert keeps: ceil(capacity_factor * T * k / E)."""
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def capacity_drop_mask(
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    num_experts: int,
+    capacity: int,
+    policy: str = "position",
+) -> torch.Tensor:
+    """expert_ids [T, k], weights [T, k] -> dropped [T, k] bool.
+
+    Within each expert, slots are ranked by priority and those past ``capacity`` are dropped.
+    "position": every token's first choice outranks any second choice, then earlier tokens
+    outrank later ones (GShard / Switch). "probs": higher weight first, ties by position.
+    """
+    T, k = expert_ids.shape
+    # Slot (t, j) in slot-major order: index j * T + t.
+    flat_e = expert_ids.t().reshape(-1)
+    n = flat_e.numel()
+    if policy == "position":
+        order = torch.arange(n, device=flat_e.device)
+    elif policy == "probs":
+        order = torch.argsort(-weights.detach().t().reshape(-1), stable=True)
+    else:
+        raise ValueError(f"drop_policy must be position or probs, got {policy!r}")
+    by_expert = order[torch.argsort(flat_e[order], stable=True)]  # expert-major, priority within
+    counts = torch.bincount(flat_e, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(n, device=flat_e.device) - starts[flat_e[by_expert]]
+    dropped_flat = torch.empty(n, dtype=torch.bool, device=flat_e.device)
+    dropped_flat[by_expert] = rank >= capacity
+    return dropped_flat.view(k, T).t()

@@ -1,0 +1,50 @@
+"""Load-balancing losses and the aux-loss-free bias rule."""
+
+from __future__ import annotations
+
+import torch
+
+
+def switch_aux_loss(
+    probs: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, seq_len: int | None = None
+) -> torch.Tensor:
+    """probs [T, E], expert_ids [T, k] -> scalar Switch load-balancing loss.
+
+    loss = E * sum_i f_i * P_i with f_i = (slots selecting expert i) / (T * k) and P_i the mean
+    probability of expert i (Fedus et al. 2021, generalised to k slots as Megatron-core does:
+    a perfectly balanced router scores 1). With ``seq_len``, f and P are taken per sequence of
+    ``seq_len`` consecutive tokens and the loss is averaged over sequences (DeepSeek-V3's
+    sequence-wise balance loss without its alpha).
+    """
+    T, k = expert_ids.shape
+    if T == 0:
+        return probs.sum() * 0.0
+    selected = torch.zeros(T, num_experts, dtype=probs.dtype, device=probs.device)
+    selected.scatter_(1, expert_ids, 1.0)
+    if seq_len is None:
+        seq_len = T
+    if T % seq_len:
+        raise ValueError(f"{T} tokens do not split into sequences of length {seq_len}")
+    selected = selected.view(-1, seq_len, num_experts)
+    f = selected.sum(1) / (seq_len * k)  # [B, E]
+    p = probs.view(-1, seq_len, num_experts).mean(1)  # [B, E]
+    return (num_experts * (f * p).sum(-1)).mean()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """logits [T, E] -> scalar mean of logsumexp(logits)^2 (ST-MoE, Zoph et al. 2022)."""
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def aux_free_bias_update(
+    bias: torch.Tensor, tokens_per_expert: torch.Tensor, rate: float
+) -> torch.Tensor:
+    """bias [E], tokens_per_expert [E] -> new bias [E] (DeepSeek-V3 aux-loss-free balancing).
+
+    Each expert's bias moves by ``rate`` towards balance: down if the expert took more than the
+    mean load, up if it took less, unchanged if exactly at the mean.
+    """
+    load = tokens_per_expert.to(bias.dtype)
+    return bias + rate * torch.sign(load.mean() - load)

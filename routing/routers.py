@@ -1,0 +1,232 @@
+"""Routers: x [T, d] -> `Routing`. Token-choice top-k, expert choice, hash."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from routing.capacity import capacity_drop_mask, expert_capacity
+from routing.config import RouterConfig
+from routing.losses import aux_free_bias_update, router_z_loss, switch_aux_loss
+from routing.types import Routing
+
+
+def _check_input(x: torch.Tensor, d_model: int) -> None:
+    if not torch.is_floating_point(x):
+        raise ValueError(f"router input must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"router input must be [tokens, d_model], got shape {tuple(x.shape)}")
+    if x.shape[1] != d_model:
+        raise ValueError(
+            f"hidden size {x.shape[1]} does not match the router's d_model={d_model}"
+        )
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # Routing decisions in at least float32 (bf16 logits flip top-k choices).
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class Router(nn.Module):
+    """Base class: holds the config and turns selections into a `Routing`."""
+
+    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig):
+        super().__init__()
+        cfg.check(num_experts)
+        self.cfg = cfg
+        self.d_model = d_model
+        self.num_experts = num_experts
+
+    def _gate_logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, self.weight).to(_compute_dtype(x))
+        if self.cfg.validate and bool(torch.isnan(logits).any()):
+            raise ValueError(
+                "router logits contain NaN: the hidden states or the gate weight hold NaN/inf"
+            )
+        return logits
+
+    def _finish(
+        self,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor,
+        aux_loss: torch.Tensor,
+        z_loss: torch.Tensor,
+        logits: torch.Tensor | None,
+    ) -> Routing:
+        """Apply capacity dropping (if configured) and count the kept slots."""
+        T, k = expert_ids.shape
+        E = self.num_experts
+        dropped = torch.zeros_like(expert_ids, dtype=torch.bool)
+        if self.cfg.capacity_factor is not None and T > 0:
+            cap = expert_capacity(T, k, E, self.cfg.capacity_factor)
+            dropped = capacity_drop_mask(expert_ids, weights, E, cap, self.cfg.drop_policy)
+            weights = weights.masked_fill(dropped, 0.0)
+        tokens_per_expert = torch.bincount(expert_ids[~dropped], minlength=E)
+        frac = dropped.float().mean() if T > 0 else weights.new_zeros(())
+        return Routing(
+            expert_ids=expert_ids,
+            combine_weights=weights,
+            dropped=dropped,
+            tokens_per_expert=tokens_per_expert,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            dropped_fraction=frac,
+            router_logits=logits,
+            num_experts=E,
+        )
+
+
+class TopKRouter(Router):
+    """Token choice: each token picks its k best experts.
+
+    softmax: probs = softmax(logits); weights = top-k probs (renormalised if configured).
+    sigmoid: scores = sigmoid(logits); selection by scores + expert_bias (aux-loss-free,
+    DeepSeek-V3), weights = selected scores (renormalised if configured) * routed_scaling.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig):
+        super().__init__(d_model, num_experts, cfg)
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        nn.init.normal_(self.weight, std=d_model**-0.5)
+        if cfg.expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+
+    def forward(
+        self, x: torch.Tensor, token_ids: torch.Tensor | None = None, seq_len: int | None = None
+    ) -> Routing:
+        """x [T, d] -> Routing with k = cfg.top_k slots per token."""
+        _check_input(x, self.d_model)
+        cfg = self.cfg
+        logits = self._gate_logits(x)
+        if cfg.score == "softmax":
+            scores = torch.softmax(logits, dim=-1)
+            probs = scores
+        else:
+            scores = torch.sigmoid(logits)
+            probs = scores / scores.sum(-1, keepdim=True)
+        select = scores.detach()
+        if self.expert_bias is not None:
+            select = select + self.expert_bias.to(select.dtype)
+        expert_ids = torch.topk(select, cfg.top_k, dim=-1).indices
+        weights = scores.gather(1, expert_ids)
+        if cfg.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        if cfg.routed_scaling_factor != 1.0:
+            weights = weights * cfg.routed_scaling_factor
+        seq = seq_len if cfg.aux_loss_type == "sequence" else None
+        if cfg.aux_loss_type == "sequence" and seq_len is None:
+            raise ValueError(
+                "aux_loss_type='sequence' needs the sequence length (pass x as [B, S, d])"
+            )
+        aux = switch_aux_loss(probs, expert_ids, self.num_experts, seq)
+        return self._finish(expert_ids, weights, aux, router_z_loss(logits), logits)
+
+    @torch.no_grad()
+    def update_expert_bias(self, tokens_per_expert: torch.Tensor) -> None:
+        """tokens_per_expert [E] (summed over the step, all ranks) -> bias moved in place."""
+        if self.expert_bias is None:
+            raise ValueError("this router has no expert_bias (set expert_bias=true, score=sigmoid)")
+        self.expert_bias.copy_(
+            aux_free_bias_update(
+                self.expert_bias, tokens_per_expert, self.cfg.expert_bias_update_rate
+            )
+        )
+
+
+class ExpertChoiceRouter(Router):
+    """Expert choice (Zhou et al. 2022): each expert takes its C highest-probability tokens.
+
+    C = ceil(c * T / E) with c = capacity_factor (default top_k), so tokens get c experts on
+    average; a token may get none (its slots are all dropped) or several. k in the returned
+    Routing is the largest number of experts any token got.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig):
+        super().__init__(d_model, num_experts, cfg)
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        nn.init.normal_(self.weight, std=d_model**-0.5)
+
+    def forward(
+        self, x: torch.Tensor, token_ids: torch.Tensor | None = None, seq_len: int | None = None
+    ) -> Routing:
+        """x [T, d] -> Routing with k = max experts per token, unselected slots dropped."""
+        _check_input(x, self.d_model)
+        T, E = x.shape[0], self.num_experts
+        logits = self._gate_logits(x)
+        probs = torch.softmax(logits, dim=-1)
+        c = self.cfg.capacity_factor if self.cfg.capacity_factor is not None else self.cfg.top_k
+        cap = min(T, math.ceil(c * T / E))
+        selected = torch.zeros(T, E, dtype=torch.bool, device=x.device)
+        if cap > 0:
+            token_idx = torch.topk(probs.detach(), cap, dim=0).indices  # [C, E]
+            selected.scatter_(0, token_idx, True)
+        k_max = max(1, int(selected.sum(1).max())) if T > 0 else 1
+        masked = torch.where(selected, probs.detach(), torch.full_like(probs, -1.0))
+        top = torch.topk(masked, k_max, dim=-1)
+        expert_ids, dropped = top.indices, top.values < 0
+        weights = probs.gather(1, expert_ids).masked_fill(dropped, 0.0)
+        tokens_lost = (~selected.any(1)).float().mean() if T > 0 else probs.new_zeros(())
+        return Routing(
+            expert_ids=expert_ids,
+            combine_weights=weights,
+            dropped=dropped,
+            tokens_per_expert=selected.sum(0),
+            aux_loss=probs.new_zeros(()),
+            z_loss=router_z_loss(logits),
+            dropped_fraction=tokens_lost,
+            router_logits=logits,
+            num_experts=E,
+        )
+
+
+class HashRouter(Router):
+    """Hash layers (Roller et al. 2021): a fixed random map token id -> k distinct experts.
+
+    No parameters; combine weights are 1/k. Needs the token ids of the layer's input.
+    """
+
+    def __init__(
+        self, d_model: int, num_experts: int, cfg: RouterConfig, vocab_size: int, seed: int = 0
+    ):
+        super().__init__(d_model, num_experts, cfg)
+        if vocab_size is None or vocab_size < 1:
+            raise ValueError("hash routing needs vocab_size >= 1")
+        g = torch.Generator().manual_seed(seed)
+        table = torch.rand(vocab_size, num_experts, generator=g).argsort(1)[:, : cfg.top_k]
+        self.register_buffer("table", table)
+        self.vocab_size = vocab_size
+
+    def forward(
+        self, x: torch.Tensor, token_ids: torch.Tensor | None = None, seq_len: int | None = None
+    ) -> Routing:
+        """x [T, d], token_ids [T] -> Routing with fixed experts and weights 1/k."""
+        _check_input(x, self.d_model)
+        if token_ids is None:
+            raise ValueError("hash routing needs the token ids of the input (token_ids=[T])")
+        token_ids = token_ids.reshape(-1)
+        if token_ids.numel() != x.shape[0]:
+            raise ValueError(f"token_ids has {token_ids.numel()} entries for {x.shape[0]} tokens")
+        if token_ids.numel() and (token_ids.min() < 0 or token_ids.max() >= self.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size})")
+        expert_ids = self.table[token_ids]
+        k = self.cfg.top_k
+        weights = torch.full(expert_ids.shape, 1.0 / k, dtype=_compute_dtype(x), device=x.device)
+        zero = weights.new_zeros(())
+        return self._finish(expert_ids, weights, zero, zero, None)
+
+
+def build_router(
+    cfg: RouterConfig, d_model: int, num_experts: int, vocab_size: int | None = None
+) -> Router:
+    """RouterConfig -> the router module it names."""
+    cfg.check(num_experts)
+    if cfg.kind == "topk":
+        return TopKRouter(d_model, num_experts, cfg)
+    if cfg.kind == "expert_choice":
+        return ExpertChoiceRouter(d_model, num_experts, cfg)
+    return HashRouter(d_model, num_experts, cfg, vocab_size)

@@ -1,0 +1,130 @@
+"""The MoE transformer LM: shapes, attention against a loop, causality, losses, training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moe import ModelConfig, MoEConfig, MoETransformer
+from moe.attention import Attention, rope_cos_sin
+from routing import RouterConfig
+
+
+def tiny_config(**kw) -> ModelConfig:
+    moe = kw.pop("moe", MoEConfig(num_experts=4, expert_ffn=32, kernel_backend="torch",
+                                  router=RouterConfig(top_k=2)))
+    base = dict(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                dense_ffn=48, moe=moe)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_attention_matches_loop():
+    torch.manual_seed(0)
+    attn = Attention(16, n_heads=4, n_kv_heads=2, head_dim=4).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    cos, sin = rope_cos_sin(torch.arange(5), 4, 10000.0, torch.float64)
+    out = attn(x, cos, sin)
+
+    def rope(v, s):  # v [hd] at position s, rotate pairs (i, i + hd/2)
+        half = v.shape[0] // 2
+        inv = [10000.0 ** (-2 * i / v.shape[0]) for i in range(half)]
+        r = v.clone()
+        for i in range(half):
+            c, si = math.cos(s * inv[i]), math.sin(s * inv[i])
+            r[i] = v[i] * c - v[i + half] * si
+            r[i + half] = v[i + half] * c + v[i] * si
+        return r
+
+    ref = torch.zeros(2, 5, 16, dtype=torch.float64)
+    for b in range(2):
+        q = (x[b] @ attn.q_proj.weight.t()).view(5, 4, 4)
+        k = (x[b] @ attn.k_proj.weight.t()).view(5, 2, 4)
+        v = (x[b] @ attn.v_proj.weight.t()).view(5, 2, 4)
+        heads = torch.zeros(5, 4, 4, dtype=torch.float64)
+        for h in range(4):
+            kv = h // 2  # GQA: heads 0,1 share kv head 0
+            for i in range(5):
+                qi = rope(q[i, h], i)
+                scores = torch.stack([rope(k[j, kv], j) @ qi / 2.0 for j in range(i + 1)])
+                p = torch.softmax(scores, 0)
+                heads[i, h] = sum(p[j] * v[j, kv] for j in range(i + 1))
+        ref[b] = heads.reshape(5, 16) @ attn.o_proj.weight.t()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"moe_layer_freq": 2, "first_dense_layers": 0},
+        {"first_dense_layers": 1, "qk_norm": True, "tie_embeddings": True},
+        {"moe": MoEConfig(num_experts=8, expert_ffn=16, num_shared_experts=1,
+                          shared_expert_gate=True, kernel_backend="torch",
+                          router=RouterConfig(top_k=2, score="sigmoid", expert_bias=True))},
+    ],
+)
+def test_forward_backward_shapes(kw):
+    cfg = tiny_config(**kw)
+    model = MoETransformer(cfg)
+    ids = torch.randint(0, 64, (2, 12))
+    out = model(ids, labels=ids)
+    assert out.logits.shape == (2, 12, 64)
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+    assert len(out.routings) == n_moe
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+
+
+def test_causal():
+    model = MoETransformer(tiny_config()).double()
+    ids = torch.randint(0, 64, (1, 10))
+    a = model(ids).logits
+    ids2 = ids.clone()
+    ids2[0, 7] = (ids2[0, 7] + 1) % 64
+    b = model(ids2).logits
+    torch.testing.assert_close(a[:, :7], b[:, :7], rtol=0, atol=1e-12)
+    assert (a[:, 7:] - b[:, 7:]).abs().max() > 1e-6
+
+
+def test_loss_terms_add_up():
+    cfg = tiny_config()
+    model = MoETransformer(cfg)
+    ids = torch.randint(0, 64, (2, 8))
+    out = model(ids, labels=ids)
+    rc = cfg.moe.router
+    expect = out.ce_loss + rc.aux_loss_coef * out.aux_loss + rc.z_loss_coef * out.z_loss
+    torch.testing.assert_close(out.loss, expect)
+    aux = torch.stack([r.aux_loss for r in out.routings]).mean()
+    torch.testing.assert_close(out.aux_loss, aux)
+
+
+def test_training_steps_reduce_loss():
+    torch.manual_seed(0)
+    model = MoETransformer(tiny_config())
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.arange(17).remainder(8).repeat(4, 1)  # a repeating pattern to memorise
+    losses = []
+    for _ in range(30):
+        out = model(ids[:, :-1], labels=ids[:, 1:])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.ce_loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_model_bad_input():
+    model = MoETransformer(tiny_config())
+    with pytest.raises(ValueError, match="integer"):
+        model(torch.randn(1, 4))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 40, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        model(torch.full((1, 4), 64))
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        MoETransformer(tiny_config(n_heads=4, n_kv_heads=3))

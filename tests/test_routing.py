@@ -1,0 +1,152 @@
+"""Routers, losses and capacity on small hand-computed cases, and their input checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moe import MoEConfig, MoELayer
+from routing import (
+    RouterConfig,
+    aux_free_bias_update,
+    build_router,
+    capacity_drop_mask,
+    expert_capacity,
+    router_z_loss,
+    switch_aux_loss,
+)
+
+PROBS = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]], dtype=torch.float64)
+
+
+def test_switch_aux_loss_top1_by_hand():
+    ids = PROBS.argmax(-1, keepdim=True)  # experts 0, 0, 1, 0
+    # f = [3/4, 1/4], P = [0.65, 0.35]: 2 * (0.4875 + 0.0875)
+    assert switch_aux_loss(PROBS, ids, 2).item() == pytest.approx(1.15, abs=1e-12)
+
+
+def test_switch_aux_loss_top2_by_hand():
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]], dtype=torch.float64)
+    ids = torch.tensor([[0, 1], [1, 2]])
+    # f = [1/4, 2/4, 1/4], P = [0.3, 0.45, 0.25]: 3 * 0.3625
+    assert switch_aux_loss(probs, ids, 3).item() == pytest.approx(1.0875, abs=1e-12)
+
+
+def test_switch_aux_loss_balanced_is_one():
+    E, T = 4, 8
+    probs = torch.full((T, E), 1.0 / E, dtype=torch.float64)
+    ids = torch.arange(T).remainder(E)[:, None]
+    assert switch_aux_loss(probs, ids, E).item() == pytest.approx(1.0)
+
+
+def test_switch_aux_loss_per_sequence_by_hand():
+    ids = PROBS.argmax(-1, keepdim=True)
+    # sequence 1: f=[1, 0], P=[0.85, 0.15] -> 1.7 ; sequence 2: f=[.5,.5], P=[.45,.55] -> 1.0
+    assert switch_aux_loss(PROBS, ids, 2, seq_len=2).item() == pytest.approx(1.35, abs=1e-12)
+    with pytest.raises(ValueError, match="sequences of length 3"):
+        switch_aux_loss(PROBS, ids, 2, seq_len=3)
+
+
+def test_z_loss_by_hand():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]], dtype=torch.float64)
+    expected = (math.log(2.0) ** 2 + math.log(4.0) ** 2) / 2
+    assert router_z_loss(logits).item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_aux_free_bias_update_by_hand():
+    bias = torch.tensor([0.1, 0.0, 0.0, -0.1], dtype=torch.float64)
+    tokens = torch.tensor([10, 2, 4, 0])  # mean load 4
+    new = aux_free_bias_update(bias, tokens, 0.01)
+    torch.testing.assert_close(new, torch.tensor([0.09, 0.01, 0.0, -0.09], dtype=torch.float64))
+
+
+def test_router_update_expert_bias_in_place():
+    cfg = RouterConfig(top_k=1, score="sigmoid", expert_bias=True, expert_bias_update_rate=0.5)
+    r = build_router(cfg, 4, 3)
+    r.update_expert_bias(torch.tensor([5, 1, 0]))
+    assert r.expert_bias.tolist() == [-0.5, 0.5, 0.5]
+    with pytest.raises(ValueError, match="no expert_bias"):
+        build_router(RouterConfig(top_k=1), 4, 3).update_expert_bias(torch.tensor([1, 1, 1]))
+
+
+def test_capacity_position_policy_by_hand():
+    ids = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 1]])
+    cap = expert_capacity(4, 2, 2, 0.5)
+    assert cap == 2
+    dropped = capacity_drop_mask(ids, torch.rand(4, 2), 2, cap, "position")
+    assert dropped.tolist() == [[False, False], [False, True], [False, True], [True, True]]
+
+
+def test_capacity_probs_policy_by_hand():
+    ids = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 1]])
+    w = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.8, 0.2]])
+    dropped = capacity_drop_mask(ids, w, 2, 2, "probs")
+    assert dropped.tolist() == [[False, True], [True, False], [False, True], [False, True]]
+
+
+def test_sigmoid_bias_changes_selection_not_weights():
+    cfg = RouterConfig(top_k=2, score="sigmoid", renormalize=True, expert_bias=True)
+    r = build_router(cfg, 6, 5).double()
+    x = torch.randn(10, 6, dtype=torch.float64)
+    with torch.no_grad():
+        r.expert_bias[4] = 100.0
+    routing = r(x)
+    assert torch.all((routing.expert_ids == 4).any(-1))
+    scores = torch.sigmoid(x @ r.weight.t())
+    expect = scores.gather(1, routing.expert_ids)
+    torch.testing.assert_close(routing.combine_weights, expect / expect.sum(-1, keepdim=True))
+
+
+def test_expert_choice_gives_every_expert_its_capacity():
+    cfg = RouterConfig(kind="expert_choice", top_k=2)
+    r = build_router(cfg, 6, 4).double()
+    routing = r(torch.randn(10, 6, dtype=torch.float64))
+    assert routing.tokens_per_expert.tolist() == [5, 5, 5, 5]  # ceil(2 * 10 / 4)
+    assert int((~routing.dropped).sum()) == 20
+
+
+def test_hash_router_is_fixed_per_token():
+    r = build_router(RouterConfig(kind="hash", top_k=2), 6, 8, vocab_size=30)
+    ids = torch.tensor([3, 7, 3, 29])
+    routing = r(torch.randn(4, 6), token_ids=ids)
+    assert torch.equal(routing.expert_ids[0], routing.expert_ids[2])
+    assert torch.all(routing.expert_ids[:, 0] != routing.expert_ids[:, 1])
+    assert torch.all(routing.combine_weights == 0.5)
+    with pytest.raises(ValueError, match="token ids"):
+        r(torch.randn(4, 6))
+    with pytest.raises(ValueError, match=r"\[0, 30\)"):
+        r(torch.randn(1, 6), token_ids=torch.tensor([30]))
+
+
+@pytest.mark.parametrize("kind", ["topk", "expert_choice"])
+def test_bad_input_errors(kind):
+    with pytest.raises(ValueError, match="top_k=9 must be between 1 and num_experts=8"):
+        build_router(RouterConfig(kind=kind, top_k=9), 4, 8)
+    r = build_router(RouterConfig(kind=kind, top_k=2), 4, 8)
+    with pytest.raises(ValueError, match="hidden size 5 does not match"):
+        r(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="floating-point"):
+        r(torch.ones(3, 4, dtype=torch.int64))
+    x = torch.randn(3, 4)
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        r(x)
+
+
+def test_layer_bad_input_errors():
+    layer = MoELayer(4, MoEConfig(num_experts=4, expert_ffn=8, kernel_backend="torch"))
+    with pytest.raises(ValueError, match="hidden size 6 does not match"):
+        layer(torch.randn(2, 3, 6))
+    with pytest.raises(ValueError, match="floating point"):
+        layer(torch.ones(2, 3, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="dtype"):
+        layer(torch.randn(2, 3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="top_k=5"):
+        MoELayer(4, MoEConfig(num_experts=4, router=RouterConfig(top_k=5)))
+    with pytest.raises(ValueError, match="expert_type"):
+        MoELayer(4, MoEConfig(expert_type="relu6"))
+    seq = MoELayer(4, MoEConfig(num_experts=4, router=RouterConfig(aux_loss_type="sequence")))
+    with pytest.raises(ValueError, match="sequence length"):
+        seq(torch.randn(6, 4))
