@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.autograd import GroupedLinear, WeightedCombine
+from kernels.autograd import GroupedLinear, SwiGLU, WeightedCombine
 from kernels.backend import get_backend
 from kernels.dispatch import Dispatch, sort_by_expert
 
@@ -44,4 +44,11 @@ def weighted_combine(
     return WeightedCombine.apply(y, weights, d, y_grouped, get_backend(backend, y.device))
 
 
-__all__ = ["Dispatch", "grouped_linear", "sort_by_expert", "weighted_combine"]
+def swiglu(h: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """h [M, 2F] (gate; up) -> [M, F] = silu(gate) * up."""
+    if h.shape[-1] % 2:
+        raise ValueError(f"swiglu needs an even last dimension (gate; up), got {h.shape[-1]}")
+    return SwiGLU.apply(h, get_backend(backend, h.device))
+
+
+__all__ = ["Dispatch", "grouped_linear", "sort_by_expert", "swiglu", "weighted_combine"]

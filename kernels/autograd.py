@@ -57,3 +57,18 @@ class WeightedCombine(torch.autograd.Function):
             dout.contiguous(), y, weights, d, y_grouped
         )
         return dy, dweights, None, None, None
+
+
+class SwiGLU(torch.autograd.Function):
+    """h [M, 2F] (gate; up) -> silu(gate) * up [M, F]; saves h only."""
+
+    @staticmethod
+    def forward(ctx, h, backend: ModuleType):
+        ctx.save_for_backward(h)
+        ctx.backend = backend
+        return backend.swiglu_fwd(h)
+
+    @staticmethod
+    def backward(ctx, da):
+        (h,) = ctx.saved_tensors
+        return ctx.backend.swiglu_bwd(h, da.contiguous()), None

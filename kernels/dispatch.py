@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,8 @@ class Dispatch:
     num_tokens: int
     top_k: int
     num_experts: int
+    may_drop: bool = False  # built with a dropped mask: slot-order outputs must be zero-filled
+    cache: dict = field(default_factory=dict, repr=False)  # backend schedules keyed by kind
 
     @property
     def num_pairs(self) -> int:
@@ -53,4 +55,5 @@ def sort_by_expert(
         num_tokens=T,
         top_k=k,
         num_experts=num_experts,
+        may_drop=dropped is not None,
     )

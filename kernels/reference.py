@@ -100,3 +100,16 @@ def weighted_combine_backward(
     dw = torch.zeros(d.num_pairs, dtype=weights.dtype, device=weights.device)
     dw[pair] = (douts * ys).sum(-1).to(weights.dtype)
     return dy, dw.view_as(weights)
+
+
+def swiglu_fwd(h: torch.Tensor) -> torch.Tensor:
+    """h [M, 2F] (gate; up) -> a [M, F] = silu(gate) * up."""
+    gate, up = h.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def swiglu_bwd(h: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
+    """h [M, 2F], da [M, F] -> dh [M, 2F]."""
+    gate, up = h.chunk(2, dim=-1)
+    s = torch.sigmoid(gate)
+    return torch.cat([da * up * s * (1 + gate * (1 - s)), da * gate * s], dim=-1)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from kernels import Dispatch, grouped_linear
+from kernels import Dispatch, grouped_linear, swiglu
 from moe.mlp import ACTIVATIONS, input_width
 
 
@@ -25,6 +26,6 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, d: Dispatch) -> torch.Tensor:
         """x [T, d] token order -> y [M, d] in Dispatch order (zero rows for dropped pairs)."""
         h = grouped_linear(x, self.w_in, d, x_grouped=False, y_grouped=True, backend=self.backend)
-        a = ACTIVATIONS[self.kind](h)
+        a = swiglu(h, self.backend) if self.kind == "swiglu" else F.gelu(h)
         return grouped_linear(a, self.w_out, d, x_grouped=True, y_grouped=True,
                               backend=self.backend)

@@ -61,7 +61,8 @@ class MoELayer(nn.Module):
         seq_len = x.shape[-2] if x.dim() == 3 else None
         flat = x.reshape(-1, self.d_model)
         routing = self.router(flat, token_ids, seq_len)
-        d = sort_by_expert(routing.expert_ids, self.cfg.num_experts, routing.dropped)
+        dropped = routing.dropped if self.router.may_drop else None
+        d = sort_by_expert(routing.expert_ids, self.cfg.num_experts, dropped)
         y = self.experts(flat, d)
         out = weighted_combine(y, routing.combine_weights, d, y_grouped=True,
                                backend=self.cfg.kernel_backend)

@@ -40,6 +40,11 @@ class Router(nn.Module):
         self.d_model = d_model
         self.num_experts = num_experts
 
+    @property
+    def may_drop(self) -> bool:
+        """Whether a Routing from this router can hold dropped slots."""
+        return self.cfg.kind == "expert_choice" or self.cfg.capacity_factor is not None
+
     def _gate_logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x, self.weight).to(_compute_dtype(x))
         if self.cfg.validate and bool(torch.isnan(logits).any()):

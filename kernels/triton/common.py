@@ -1,0 +1,58 @@
+"""Launch helpers shared by the Triton kernels."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (CPU tests): use one small config, no autotuning."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Exact fp32 dots unless torch allows tf32 matmuls; 16-bit inputs use tensor cores."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def tl_dtype(dtype: torch.dtype):
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+            torch.float64: tl.float64}[dtype]
+
+
+def cdiv(a: int, b: int) -> int:
+    return triton.cdiv(a, b)
+
+
+# Tests set this to fill every output buffer with NaN first, so unwritten elements show.
+POISON_OUTPUTS = False
+
+
+def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, NaN-filled when POISON_OUTPUTS is set."""
+    out = torch.empty(*shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    return out
+
+
+# The CPU interpreter truncates float32 -> bfloat16 (the GPU rounds to nearest even), which
+# biases every bf16 result by about -0.3%; under the interpreter, round by hand.
+_EMULATE_RNE = tl.constexpr(interpreting())
+
+
+@triton.jit
+def cast_out(x, dtype: tl.constexpr):
+    """x (float32) -> dtype, rounding to nearest even."""
+    if _EMULATE_RNE and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)

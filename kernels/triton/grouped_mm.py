@@ -1,0 +1,185 @@
+"""Grouped GEMM kernels over expert-sorted rows (ScatterMoE-style scatter2scatter).
+
+Inputs are read straight through the sort order (no gathered copy, no capacity padding);
+outputs are written expert-grouped or back in slot order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.dispatch import Dispatch
+from kernels.triton import common
+from kernels.triton.common import cast_out, dot_precision, interpreting
+from kernels.triton.schedule import block_schedule
+
+
+def _s2s_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in [
+            (128, 64, 8, 4), (128, 64, 4, 4), (256, 64, 8, 3), (64, 64, 4, 4),
+            (128, 128, 8, 3), (64, 128, 4, 3),
+        ]
+    ]
+
+
+@triton.autotune(configs=_s2s_configs(), key=["N", "K", "BLOCK_M", "X_GROUPED", "Y_GROUPED"])
+@triton.jit
+def _scatter2scatter_kernel(
+    X, W, Y, pair_idx, block_expert, block_row, offsets,
+    N, K, E,
+    stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_ym, stride_yn,
+    FAN_OUT: tl.constexpr, X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert + pid_m)
+    if e < E:
+        row0 = tl.load(block_row + pid_m)
+        row_end = tl.load(offsets + e + 1)
+        rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        m_mask = rows < row_end
+        if X_GROUPED:
+            x_rows = rows
+        else:
+            x_rows = tl.load(pair_idx + rows, mask=m_mask, other=0) // FAN_OUT
+        if Y_GROUPED:
+            y_rows = rows
+        else:
+            y_rows = tl.load(pair_idx + rows, mask=m_mask, other=0)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = cols < N
+        ks = tl.arange(0, BLOCK_K)
+        x_ptrs = X + x_rows[:, None] * stride_xm + ks[None, :] * stride_xk
+        w_ptrs = (W + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk
+                  + cols[None, :] * stride_wn)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = ks < K - k0
+            x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if UPCAST:  # the CPU interpreter's dot mishandles 16-bit floats
+                x, w = x.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+        y_ptrs = Y + y_rows[:, None] * stride_ym + cols[None, :] * stride_yn
+        tl.store(y_ptrs, cast_out(acc, Y.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def pick_block_m(d: Dispatch) -> int:
+    """Rows per program: smaller blocks when experts get few rows (fine-grained MoE)."""
+    if interpreting():
+        return 16
+    avg = d.num_pairs / max(d.num_experts, 1)
+    return 64 if avg < 256 else 128
+
+
+def scatter2scatter(x, w, d: Dispatch, x_grouped: bool, y_grouped: bool, fan_out: int):
+    """x [T or M, K], w [E, N, K] (any strides) -> y [M, N]; see kernels/reference.py."""
+    M, N, K = d.num_pairs, w.shape[1], w.shape[2]
+    if not y_grouped and d.may_drop:  # rows of dropped slots are read as zeros
+        y = torch.zeros(M, N, dtype=x.dtype, device=x.device)
+    else:
+        y = common.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    block_m = pick_block_m(d)
+    block_expert, block_row, grid_m = block_schedule(d, block_m)
+
+    def grid(meta):
+        return (grid_m, triton.cdiv(N, meta["BLOCK_N"]))
+
+    _scatter2scatter_kernel[grid](
+        x, w, y, d.sorted_pair_idx, block_expert, block_row, d.expert_offsets,
+        N, K, d.num_experts,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
+        FAN_OUT=fan_out, X_GROUPED=x_grouped, Y_GROUPED=y_grouped,
+        PRECISION=dot_precision(x.dtype), UPCAST=interpreting(), BLOCK_M=block_m,
+    )
+    return y
+
+
+def _wgrad_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_M": 16}, num_warps=4,
+                              num_stages=1)]
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm}, num_warps=w, num_stages=s)
+        for bn, bk, bm, w, s in [
+            (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4), (256, 128, 32, 8, 3), (64, 64, 64, 4, 4),
+        ]
+    ]
+
+
+@triton.autotune(configs=_wgrad_configs(), key=["N", "K", "X_GROUPED", "DY_GROUPED"],
+                 reset_to_zero=[])
+@triton.jit
+def _group_weight_grad_kernel(
+    X, DY, DW, pair_idx, offsets,
+    N, K,
+    stride_xm, stride_xk, stride_dym, stride_dyn, stride_we, stride_wn, stride_wk,
+    FAN_OUT: tl.constexpr, X_GROUPED: tl.constexpr, DY_GROUPED: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    e = tl.program_id(0)
+    pid = tl.program_id(1)
+    num_k = tl.cdiv(K, BLOCK_K)
+    pid_n = pid // num_k
+    pid_k = pid % num_k
+    start = tl.load(offsets + e)
+    end = tl.load(offsets + e + 1)
+    cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_mask = cols_n < N
+    k_mask = cols_k < K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        m_mask = rows < end
+        if X_GROUPED:
+            x_rows = rows
+        else:
+            x_rows = tl.load(pair_idx + rows, mask=m_mask, other=0) // FAN_OUT
+        if DY_GROUPED:
+            dy_rows = rows
+        else:
+            dy_rows = tl.load(pair_idx + rows, mask=m_mask, other=0)
+        dy_t = tl.load(DY + dy_rows[None, :] * stride_dym + cols_n[:, None] * stride_dyn,
+                       mask=m_mask[None, :] & n_mask[:, None], other=0.0)
+        x = tl.load(X + x_rows[:, None] * stride_xm + cols_k[None, :] * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if UPCAST:
+            dy_t, x = dy_t.to(tl.float32), x.to(tl.float32)
+        acc = tl.dot(dy_t, x, acc, input_precision=PRECISION)
+    dw_ptrs = (DW + e.to(tl.int64) * stride_we + cols_n[:, None] * stride_wn
+               + cols_k[None, :] * stride_wk)
+    tl.store(dw_ptrs, cast_out(acc, DW.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
+
+
+def group_weight_grad(x, dy, d: Dispatch, x_grouped: bool, x_fan_out: int, dy_grouped: bool):
+    """x rows [., K], dy rows [., N] -> dw [E, N, K]; every expert written (zeros if no rows)."""
+    N, K, E = dy.shape[1], x.shape[1], d.num_experts
+    dw = common.empty(E, N, K, dtype=x.dtype, device=x.device)
+
+    def grid(meta):
+        return (E, triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]))
+
+    _group_weight_grad_kernel[grid](
+        x, dy, dw, d.sorted_pair_idx, d.expert_offsets,
+        N, K,
+        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+        dw.stride(0), dw.stride(1), dw.stride(2),
+        FAN_OUT=x_fan_out, X_GROUPED=x_grouped, DY_GROUPED=dy_grouped,
+        PRECISION=dot_precision(x.dtype), UPCAST=interpreting(),
+    )
+    return dw

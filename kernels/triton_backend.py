@@ -1,0 +1,14 @@
+"""Triton backend: the same primitives as kernels/reference.py, on CUDA (or the interpreter)."""
+
+from kernels.triton.combine import weighted_combine, weighted_combine_backward
+from kernels.triton.grouped_mm import group_weight_grad, scatter2scatter
+from kernels.triton.swiglu import swiglu_bwd, swiglu_fwd
+
+__all__ = [
+    "group_weight_grad",
+    "scatter2scatter",
+    "swiglu_bwd",
+    "swiglu_fwd",
+    "weighted_combine",
+    "weighted_combine_backward",
+]

@@ -1,0 +1,172 @@
+"""Triton kernels against the float64 torch reference (interpreter on CPU, real on CUDA).
+
+Fresh random inputs each run (the seed is in every failure message); output buffers are
+poisoned with NaN so an element a kernel forgot to write fails the check.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernels import reference as ref_ops  # noqa: E402
+from kernels import sort_by_expert  # noqa: E402
+from kernels import triton_backend as tri  # noqa: E402
+from kernels.autograd import GroupedLinear, SwiGLU, WeightedCombine  # noqa: E402
+from kernels.triton import common  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+# (T, k, E, d_in, d_out, drop): sizes off the block multiples, empty experts, E to 256, k to 8
+SHAPES = [
+    (13, 2, 4, 40, 24, False),
+    (9, 8, 16, 33, 17, False),
+    (20, 1, 256, 16, 48, False),
+    (11, 3, 8, 24, 40, True),
+    (0, 2, 4, 16, 16, False),
+]
+
+
+@pytest.fixture(autouse=True)
+def poison():
+    common.POISON_OUTPUTS = True
+    yield
+    common.POISON_OUTPUTS = False
+
+
+def fresh_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def make_dispatch(T, k, E, drop, g):
+    scores = torch.rand(T, E, generator=g)
+    scores[:, E // 2 :] *= 0.1  # skew: upper experts rarely chosen, some get no token
+    ids = scores.topk(k, dim=-1).indices
+    dropped = (torch.rand(T, k, generator=g) < 0.3) if drop else None
+    return sort_by_expert(ids.to(DEVICE), E, None if dropped is None else dropped.to(DEVICE))
+
+
+def rel_err(out, ref):
+    assert torch.isfinite(out).all(), "kernel left unwritten (NaN) or non-finite elements"
+    denom = ref.norm().item()
+    return (out.double() - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def randn(*shape, g, dtype):
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+
+
+def kept_rows(d):
+    return int(d.expert_offsets[-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_grouped,y_grouped", [(False, True), (True, True), (False, False),
+                                                 (True, False)])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_scatter2scatter(shape, x_grouped, y_grouped, dtype):
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    T, k, E, K, N, drop = shape
+    d = make_dispatch(T, k, E, drop, g)
+    x = randn(T * k if x_grouped else T, K, g=g, dtype=dtype)
+    w = randn(E, N, K, g=g, dtype=dtype)
+    fan = 1 if x_grouped else k
+    out = tri.scatter2scatter(x, w, d, x_grouped, y_grouped, fan)
+    ref = ref_ops.scatter2scatter(x.double(), w.double(), d, x_grouped, y_grouped, fan)
+    n = kept_rows(d)
+    if y_grouped:
+        out, ref = out[:n], ref[:n]  # rows past the kept ones are unspecified when grouped
+    assert rel_err(out, ref) < TOL[dtype], f"seed {seed}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_grouped,dy_grouped", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_group_weight_grad(shape, x_grouped, dy_grouped, dtype):
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    T, k, E, K, N, drop = shape
+    d = make_dispatch(T, k, E, drop, g)
+    x = randn(T * k if x_grouped else T, K, g=g, dtype=dtype)
+    dy = randn(T * k, N, g=g, dtype=dtype)
+    fan = 1 if x_grouped else k
+    out = tri.group_weight_grad(x, dy, d, x_grouped, fan, dy_grouped)
+    ref = ref_ops.group_weight_grad(x.double(), dy.double(), d, x_grouped, fan, dy_grouped)
+    assert out.shape == (E, N, K)
+    assert rel_err(out, ref) < TOL[dtype], f"seed {seed}"
+    empty = (d.tokens_per_expert == 0).cpu()
+    assert torch.all(out[empty.to(out.device)] == 0), "experts without rows need zero grads"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("y_grouped", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_weighted_combine_and_backward(shape, y_grouped, dtype):
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    T, k, E, _, N, drop = shape
+    d = make_dispatch(T, k, E, drop, g)
+    y = randn(T * k, N, g=g, dtype=dtype)
+    n = kept_rows(d)
+    if y_grouped:
+        y[n:] = float("nan")  # rows of dropped pairs must never be read
+    else:
+        y[d.sorted_pair_idx[n:]] = float("nan")
+    wts = torch.rand(T, k, generator=g, dtype=torch.float64).to(DEVICE, torch.float32)
+    out = tri.weighted_combine(y, wts, d, y_grouped)
+    ref = ref_ops.weighted_combine(y.double(), wts.double(), d, y_grouped)
+    assert rel_err(out, ref) < TOL[dtype], f"seed {seed}"
+
+    dout = randn(T, N, g=g, dtype=dtype)
+    dy, dw = tri.weighted_combine_backward(dout, y, wts, d, y_grouped)
+    rdy, rdw = ref_ops.weighted_combine_backward(dout.double(), y.double(), wts.double(), d,
+                                                 y_grouped)
+    rows = slice(0, n) if y_grouped else slice(None)
+    assert rel_err(dy[rows], rdy[rows]) < TOL[dtype], f"seed {seed}"
+    assert rel_err(dw, rdw) < TOL[dtype], f"seed {seed}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu(dtype):
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    h = randn(37, 2 * 45, g=g, dtype=dtype)
+    da = randn(37, 45, g=g, dtype=dtype)
+    assert rel_err(tri.swiglu_fwd(h), ref_ops.swiglu_fwd(h.double())) < TOL[dtype], seed
+    ref_dh = ref_ops.swiglu_bwd(h.double(), da.double())
+    assert rel_err(tri.swiglu_bwd(h, da), ref_dh) < TOL[dtype], seed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES[:4])
+def test_expert_mlp_autograd(shape, dtype):
+    """grouped_linear -> SwiGLU -> grouped_linear -> combine, all gradients, vs float64."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    T, k, E, D, F, drop = shape
+    d = make_dispatch(T, k, E, drop, g)
+    x = randn(T, D, g=g, dtype=dtype)
+    w_in = randn(E, 2 * F, D, g=g, dtype=dtype) * 0.3
+    w_out = randn(E, D, F, g=g, dtype=dtype) * 0.3
+    wts = torch.rand(T, k, generator=g, dtype=torch.float64).to(DEVICE, torch.float32)
+    dout = randn(T, D, g=g, dtype=dtype)
+
+    def run(backend, *args):
+        leaves = [a.detach().clone().requires_grad_(True) for a in args]
+        xx, wi, wo, ww = leaves
+        h = GroupedLinear.apply(xx, wi, d, False, True, backend)
+        a = SwiGLU.apply(h, backend)
+        y = GroupedLinear.apply(a, wo, d, True, True, backend)
+        out = WeightedCombine.apply(y, ww, d, True, backend)
+        out.backward(dout.to(out.dtype))
+        return [out] + [leaf.grad for leaf in leaves]
+
+    got = run(tri, x, w_in, w_out, wts)
+    want = run(ref_ops, x.double(), w_in.double(), w_out.double(), wts.double())
+    for name, a, b in zip(["out", "dx", "dw_in", "dw_out", "dweights"], got, want, strict=False):
+        assert rel_err(a, b) < TOL[dtype], f"{name}, seed {seed}"
