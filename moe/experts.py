@@ -22,6 +22,13 @@ class Experts(nn.Module):
         self.num_experts, self.d_model, self.ffn = num_experts, d_model, ffn
         self.w_in = nn.Parameter(torch.empty(num_experts, input_width(kind, ffn), d_model))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_model, ffn))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal with std 1/sqrt(fan_in), as each expert were an nn.Linear pair."""
+        nn.init.normal_(self.w_in, std=self.d_model**-0.5)
+        nn.init.normal_(self.w_out, std=self.ffn**-0.5)
 
     def forward(self, x: torch.Tensor, d: Dispatch) -> torch.Tensor:
         """x [T, d] token order -> y [M, d] in Dispatch order (zero rows for dropped pairs)."""

@@ -128,3 +128,12 @@ def test_model_bad_input():
         model(torch.full((1, 4), 64))
     with pytest.raises(ValueError, match="n_kv_heads"):
         MoETransformer(tiny_config(n_heads=4, n_kv_heads=3))
+
+
+def test_fresh_layer_parameters_are_initialised():
+    from moe import MoELayer
+
+    layer = MoELayer(16, MoEConfig(num_experts=4, expert_ffn=8, num_shared_experts=1,
+                                   shared_expert_gate=True))
+    for name, p in layer.named_parameters():
+        assert torch.isfinite(p).all() and p.std() > 0, name

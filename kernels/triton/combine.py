@@ -97,7 +97,7 @@ def weighted_combine_backward(dout, y, weights, d: Dispatch, y_grouped: bool):
     _combine_bwd_kernel[(T,)](
         dout, y, weights.contiguous(), dy, dw, inverse_permutation(d), d.expert_offsets[-1:], N,
         dout.stride(0), y.stride(0), dy.stride(0),
-        TOP_K=d.top_k, K_PAD=triton.next_power_of_2(d.top_k), Y_GROUPED=y_grouped,
+        TOP_K=d.top_k, K_PAD=max(2, triton.next_power_of_2(d.top_k)), Y_GROUPED=y_grouped,
         BLOCK_N=_block_n(N),
     )
     return dy, dw

@@ -14,6 +14,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def autotuning() -> bool:
+    """Autotune block shapes on a GPU; MOE_TRITON_AUTOTUNE=0 (tests) keeps the first config."""
+    return not interpreting() and os.environ.get("MOE_TRITON_AUTOTUNE", "1") != "0"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """Exact fp32 dots unless torch allows tf32 matmuls; 16-bit inputs use tensor cores."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:

@@ -12,20 +12,20 @@ import triton.language as tl
 
 from kernels.dispatch import Dispatch
 from kernels.triton import common
-from kernels.triton.common import cast_out, dot_precision, interpreting
+from kernels.triton.common import autotuning, cast_out, dot_precision, interpreting
 from kernels.triton.schedule import block_schedule
 
 
 def _s2s_configs():
     if interpreting():
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return [
+    configs = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bn, bk, w, s in [
-            (128, 64, 8, 4), (128, 64, 4, 4), (256, 64, 8, 3), (64, 64, 4, 4),
-            (128, 128, 8, 3), (64, 128, 4, 3),
+            (128, 64, 8, 4), (256, 64, 8, 3), (64, 64, 4, 4),
         ]
     ]
+    return configs if autotuning() else configs[:1]
 
 
 @triton.autotune(configs=_s2s_configs(), key=["N", "K", "BLOCK_M", "X_GROUPED", "Y_GROUPED"])
@@ -111,13 +111,13 @@ def _wgrad_configs():
     if interpreting():
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_M": 16}, num_warps=4,
                               num_stages=1)]
-    return [
+    configs = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm}, num_warps=w, num_stages=s)
         for bn, bk, bm, w, s in [
-            (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
-            (64, 128, 64, 4, 4), (256, 128, 32, 8, 3), (64, 64, 64, 4, 4),
+            (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (128, 256, 32, 8, 3),
         ]
     ]
+    return configs if autotuning() else configs[:1]
 
 
 @triton.autotune(configs=_wgrad_configs(), key=["N", "K", "X_GROUPED", "DY_GROUPED"],

@@ -1,0 +1,85 @@
+"""Timing, memory and result-recording helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+class Unavailable(Exception):
+    """A peer that cannot run here; the message says why (shown in the table)."""
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], None], device: torch.device, budget_s: float = 1.0,
+            max_iters: int = 20) -> float:
+    """Median seconds of fn() after one warm-up call; fewer repeats for slow functions."""
+    fn()
+    sync(device)
+    times = []
+    t_end = time.perf_counter() + budget_s
+    while len(times) < max_iters and (len(times) < 3 or time.perf_counter() < t_end):
+        if device.type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        if times[-1] > budget_s:  # one slow call is enough of a sample
+            break
+    return statistics.median(times)
+
+
+def peak_memory(fn: Callable[[], None], device: torch.device) -> float | None:
+    """GiB allocated at peak during fn() above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**30
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def versions() -> str:
+    parts = [f"torch {torch.__version__}"]
+    for name in ("triton", "transformers", "deepspeed"):
+        try:
+            mod = __import__(name)
+            parts.append(f"{name} {mod.__version__}")
+        except Exception:  # noqa: BLE001 - optional peers
+            pass
+    return ", ".join(parts)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def results_block(title: str, command: str, device: torch.device, body: str) -> str:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"\n## {title}\n\n- date: {now}\n- device: {device_name(device)}\n"
+            f"- versions: {versions()}\n- command: `{command}`\n\n{body}\n")

@@ -1,0 +1,364 @@
+"""Forward+backward of one MoE layer: ours vs the torch reference, peers and the dense ceiling.
+
+    python -m bench.kernels                      # GPU: Mixtral, OLMoE, Qwen3-30B-A3B shapes, bf16
+    python -m bench.kernels --smoke              # CPU: tiny shape, checks every path runs
+
+Prints a table (TFLOP/s of the expert GEMMs, time, peak memory, ratio to the same-FLOPs dense
+GEMM chain) and appends it to bench/RESULTS.md. Peers that cannot run here are listed with the
+reason. ScatterMoE is imported from .peers/ (brought beside the project for the run, never
+committed); DeepSpeed from its installed package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import traceback
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.common import (
+    Unavailable,
+    markdown_table,
+    peak_memory,
+    results_block,
+    time_fn,
+)
+
+# name: (d_model, expert_ffn, num_experts, top_k, renormalize, transformers family)
+SHAPES = {
+    "mixtral": (4096, 14336, 8, 2, True, "mixtral"),
+    "olmoe": (2048, 1024, 64, 8, False, "olmoe"),
+    "qwen3": (2048, 768, 128, 8, True, "qwen3_moe"),
+    "smoke": (64, 96, 8, 2, True, "mixtral"),
+}
+Step = Callable[[], None]
+
+
+def expert_flops(T: int, shape) -> float:
+    """Forward+backward FLOPs of the expert GEMMs: 3 matrices, x3 for fwd+bwd."""
+    d, f, _, k = shape[:4]
+    return 18.0 * T * k * d * f
+
+
+def _inputs(T, d, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(T, d, generator=g).to(device, dtype).requires_grad_(True)
+    dy = torch.randn(T, d, generator=g).to(device, dtype)
+    return x, dy
+
+
+def _init_(module: nn.Module, std: float = 0.02) -> nn.Module:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, std)
+    return module
+
+
+def _torch_route(x, wg, k, renorm):
+    probs = torch.softmax((x @ wg.t()).float(), dim=-1)
+    w, ids = probs.topk(k, dim=-1)
+    if renorm:
+        w = w / w.sum(-1, keepdim=True)
+    return w.to(x.dtype), ids
+
+
+def build_ours(shape, T, dtype, device, backend="triton") -> Step:
+    from moe import MoEConfig, MoELayer
+    from routing import RouterConfig
+
+    d, f, E, k, renorm, _ = shape
+    cfg = MoEConfig(num_experts=E, expert_ffn=f, kernel_backend=backend,
+                    router=RouterConfig(top_k=k, renormalize=renorm, validate=False))
+    layer = _init_(MoELayer(d, cfg)).to(device, dtype)
+    x, dy = _inputs(T, d, dtype, device)
+
+    def step():
+        out, _ = layer(x)
+        out.backward(dy)
+
+    return step
+
+
+def build_loop(shape, T, dtype, device) -> Step:
+    """A plain loop over experts: gather each expert's tokens, two matmuls, index_add back."""
+    d, f, E, k, renorm, _ = shape
+    wg = (torch.randn(E, d, device=device, dtype=dtype) * 0.02).requires_grad_(True)
+    w_in = (torch.randn(E, 2 * f, d, device=device, dtype=dtype) * 0.02).requires_grad_(True)
+    w_out = (torch.randn(E, d, f, device=device, dtype=dtype) * 0.02).requires_grad_(True)
+    x, dy = _inputs(T, d, dtype, device)
+
+    def step():
+        w, ids = _torch_route(x, wg, k, renorm)
+        out = torch.zeros_like(x)
+        for e in range(E):
+            tok, slot = torch.where(ids == e)
+            if tok.numel() == 0:
+                continue
+            g, u = (x[tok] @ w_in[e].t()).chunk(2, dim=-1)
+            y = (F.silu(g) * u) @ w_out[e].t()
+            out = out.index_add(0, tok, y * w[tok, slot, None])
+        out.backward(dy)
+
+    return step
+
+
+def build_hf(shape, T, dtype, device, impl="eager") -> Step:
+    try:
+        import transformers
+    except ImportError as e:
+        raise Unavailable("transformers not installed") from e
+    d, f, E, k, renorm, family = shape
+    if family == "mixtral":
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as Block
+        cfg = transformers.MixtralConfig(hidden_size=d, intermediate_size=f,
+                                         num_local_experts=E, num_experts_per_tok=k)
+    elif family == "olmoe":
+        from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock as Block
+        cfg = transformers.OlmoeConfig(hidden_size=d, intermediate_size=f, num_experts=E,
+                                       num_experts_per_tok=k, norm_topk_prob=renorm)
+    else:
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import (
+            Qwen3MoeSparseMoeBlock as Block,
+        )
+        cfg = transformers.Qwen3MoeConfig(hidden_size=d, moe_intermediate_size=f,
+                                          num_experts=E, num_experts_per_tok=k,
+                                          norm_topk_prob=renorm)
+    try:
+        cfg._experts_implementation = impl
+    except Exception as e:  # noqa: BLE001
+        raise Unavailable(f"this transformers has no experts implementation {impl!r}") from e
+    block = _init_(Block(cfg)).to(device, dtype)
+    x, dy = _inputs(T, d, dtype, device)
+    x3 = x.view(1, T, d)
+
+    def step():
+        out = block(x3)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(dy.view(1, T, d))
+
+    step()  # fail here, not in the timing loop, if this implementation cannot run
+    return step
+
+
+def build_scattermoe(shape, T, dtype, device) -> Step:
+    peers = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".peers")
+    if os.path.isdir(os.path.join(peers, "scattermoe")) and peers not in sys.path:
+        sys.path.insert(0, peers)
+    try:
+        from scattermoe.mlp import GLUMLP
+    except ImportError as e:
+        raise Unavailable("ScatterMoE not brought beside the project (.peers/scattermoe)") from e
+    if device.type != "cuda":
+        raise Unavailable("ScatterMoE's kernels need CUDA")
+    d, f, E, k, renorm, _ = shape
+    mlp = _init_(GLUMLP(d, f, E, k, activation=nn.SiLU())).to(device, dtype)
+    wg = (torch.randn(E, d, device=device, dtype=dtype) * 0.02).requires_grad_(True)
+    x, dy = _inputs(T, d, dtype, device)
+
+    def step():
+        w, ids = _torch_route(x, wg, k, renorm)
+        out = mlp(x, w, ids)
+        out.backward(dy)
+
+    return step
+
+
+class _SwiGLUExpert(nn.Module):
+    def __init__(self, d, f):
+        super().__init__()
+        self.w13 = nn.Linear(d, 2 * f, bias=False)
+        self.w2 = nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        g, u = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(g) * u)
+
+
+def _init_single_process_group(device):
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
+def build_deepspeed(shape, T, dtype, device) -> Step:
+    try:
+        import deepspeed  # noqa: F401
+        from deepspeed.moe.layer import MoE
+    except Exception as e:  # noqa: BLE001 - import errors of an optional peer
+        raise Unavailable(f"deepspeed not importable: {type(e).__name__}: {e}") from e
+    d, f, E, k, _, _ = shape
+    _init_single_process_group(device)
+    moe = MoE(hidden_size=d, expert=_SwiGLUExpert(d, f), num_experts=E, ep_size=1, k=k,
+              capacity_factor=1.0, drop_tokens=False, use_rts=False)
+    moe = _init_(moe).to(device, dtype)
+    x, dy = _inputs(T, d, dtype, device)
+
+    def step():
+        out, _, _ = moe(x.view(1, T, d))
+        out.backward(dy.view(1, T, d))
+
+    step()
+    return step
+
+
+def build_dense(shape, T, dtype, device) -> Step:
+    """The ceiling: the same six GEMMs (fwd 2, bwd 4) as one dense expert over T * k rows."""
+    d, f, _, k = shape[:4]
+    M = T * k
+    g = torch.Generator(device="cpu").manual_seed(1)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
+    x, a, dy, dh = rnd(M, d), rnd(M, f), rnd(M, d), rnd(M, 2 * f)
+    w1, w2 = rnd(2 * f, d), rnd(d, f)
+
+    def step():
+        torch.mm(x, w1.t())
+        torch.mm(a, w2.t())
+        torch.mm(dy, w2)
+        torch.mm(dy.t(), a)
+        torch.mm(dh, w1)
+        torch.mm(dh.t(), x)
+
+    return step
+
+
+# key: (table name, builder)
+IMPLS: dict[str, tuple[str, Callable]] = {
+    "ours": ("ours (triton)", build_ours),
+    "reference": ("ours, torch reference", lambda *a: build_ours(*a, backend="torch")),
+    "loop": ("loop over experts", build_loop),
+    "hf": ("transformers block (eager)", build_hf),
+    "hf-grouped": ("transformers block (grouped_mm)", lambda *a: build_hf(*a, impl="grouped_mm")),
+    "scattermoe": ("ScatterMoE", build_scattermoe),
+    "deepspeed": ("DeepSpeed MoE", build_deepspeed),
+    "dense": ("dense GEMM, same FLOPs (ceiling)", build_dense),
+}
+NOT_RUN = {
+    "megatron-core MoELayer (grouped GEMM)": "its grouped-GEMM experts need Transformer Engine "
+    "(TEGroupedMLP), a CUDA build that cannot be brought to the lent GPU for this run",
+    "MegaBlocks dMoE": "needs its CUDA extension (megablocks_ops) and grouped_gemm compiled "
+    "with nvcc, not affordable inside the GPU lease",
+}
+
+
+def check_ours(shape, dtype, device) -> str:
+    """Ours vs the torch reference on one small batch: max relative error of out and grads."""
+    from moe import MoEConfig, MoELayer
+    from routing import RouterConfig
+
+    d, f, E, k, renorm, _ = shape
+    cfg = MoEConfig(num_experts=E, expert_ffn=f, kernel_backend="triton",
+                    router=RouterConfig(top_k=k, renormalize=renorm))
+    layer = _init_(MoELayer(d, cfg), 0.05).to(device, dtype)
+    ref = _init_(MoELayer(d, cfg), 0.0).to(device, torch.float64)
+    ref.load_state_dict({n: p.double() for n, p in layer.state_dict().items()})
+    ref.cfg.kernel_backend = ref.experts.backend = "torch"
+    x, dy = _inputs(512, d, dtype, device, seed=3)
+    out, _ = layer(x)
+    out.backward(dy)
+    xr = x.detach().double().requires_grad_(True)
+    out_r, _ = ref(xr)
+    out_r.backward(dy.double())
+    errs = [(out.double() - out_r).norm() / out_r.norm(),
+            (x.grad.double() - xr.grad).norm() / xr.grad.norm(),
+            (layer.experts.w_in.grad.double() - ref.experts.w_in.grad).norm()
+            / ref.experts.w_in.grad.norm()]
+    return f"{max(e.item() for e in errs):.1e}"
+
+
+def run(shapes, tokens, impls, dtype, device, out_path, command) -> str:
+    rows = []
+    for sname in shapes:
+        shape = SHAPES[sname]
+        check = check_ours(shape, dtype, device)
+        print(f"[{sname}] ours vs float64 reference, max rel err (out, dx, dw): {check}",
+              flush=True)
+        for T in tokens:
+            flops = expert_flops(T, shape)
+            results = {}
+            for key in impls:
+                name, build = IMPLS[key]
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                try:
+                    step = build(shape, T, dtype, device)
+                    t = time_fn(step, device)
+                    mem = peak_memory(step, device)
+                    results[name] = (t, mem, None)
+                except Unavailable as e:
+                    results[name] = (None, None, str(e))
+                except Exception as e:  # noqa: BLE001 - a peer failing must not end the run
+                    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                    results[name] = (None, None, msg)
+                    traceback.print_exc(limit=2)
+                finally:
+                    step = None
+                r = results[name]
+                status = f"{r[0] * 1e3:.2f} ms" if r[0] else f"n/a ({r[2]})"
+                print(f"  {sname} T={T} {name}: {status}", flush=True)
+            dense_t = results.get(IMPLS["dense"][0], (None,))[0]
+            for name, (t, mem, why) in results.items():
+                if t is None:
+                    rows.append([sname, str(T), name, "-", "-", "-", "-", f"not run: {why}"])
+                    continue
+                ratio = f"{dense_t / t:.2f}" if dense_t else "-"
+                rows.append([sname, str(T), name, f"{t * 1e3:.2f}", f"{flops / t / 1e12:.1f}",
+                             "-" if mem is None else f"{mem:.2f}", ratio,
+                             check if name == IMPLS["ours"][0] else ""])
+            for name, why in NOT_RUN.items():
+                rows.append([sname, str(T), name, "-", "-", "-", "-", f"not run: {why}"])
+    header = ["shape", "tokens", "implementation", "fwd+bwd ms", "TFLOP/s", "peak GiB",
+              "x dense", "note"]
+    shapes_desc = "; ".join(f"{s}: d={SHAPES[s][0]}, ffn={SHAPES[s][1]}, E={SHAPES[s][2]}, "
+                            f"k={SHAPES[s][3]}" for s in shapes)
+    body = (f"Shapes ({str(dtype).replace('torch.', '')}): {shapes_desc}. TFLOP/s counts the "
+            "expert GEMMs only (18·T·k·d·ffn for fwd+bwd); 'x dense' is the same-FLOPs dense "
+            "GEMM chain's time over this row's; ours' note is its max relative error vs a "
+            "float64 reference.\n\n" + markdown_table(header, rows))
+    block = results_block("MoE layer forward+backward (bench/kernels.py)", command, device,
+                          body)
+    print(block)
+    if out_path:
+        with open(out_path, "a") as fh:
+            fh.write(block)
+    return block
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="mixtral,olmoe,qwen3")
+    p.add_argument("--tokens", default="4096,16384")
+    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--out", default="bench/RESULTS.md")
+    p.add_argument("--smoke", action="store_true", help="tiny shape on the CPU")
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if a.smoke:
+        a.shapes, a.tokens, a.dtype = "smoke", "64", "float32"
+    elif device.type != "cuda":
+        sys.exit("bench/kernels.py needs a CUDA GPU (use --smoke on the CPU)")
+    impls = [s for s in a.impls.split(",") if s]
+    unknown = [s for s in impls if s not in IMPLS]
+    if unknown:
+        sys.exit(f"unknown implementation(s) {unknown}; choose from {list(IMPLS)}")
+    command = "python -m bench.kernels " + " ".join(argv if argv is not None else sys.argv[1:])
+    run(a.shapes.split(","), [int(t) for t in a.tokens.split(",")], impls,
+        getattr(torch, a.dtype), device, a.out, command.strip())
+
+
+if __name__ == "__main__":
+    main()
