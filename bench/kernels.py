@@ -254,28 +254,93 @@ NOT_RUN = {
 
 
 def check_ours(shape, dtype, device) -> str:
-    """Ours vs the torch reference on one small batch: max relative error of out and grads."""
+    """Ours vs float64 with ours' expert choices pinned: max rel. error of out and all grads."""
+    from kernels import grouped_linear, sort_by_expert, swiglu, weighted_combine
     from moe import MoEConfig, MoELayer
     from routing import RouterConfig
 
     d, f, E, k, renorm, _ = shape
     cfg = MoEConfig(num_experts=E, expert_ffn=f, kernel_backend="triton",
                     router=RouterConfig(top_k=k, renormalize=renorm))
-    layer = _init_(MoELayer(d, cfg), 0.05).to(device, dtype)
-    ref = _init_(MoELayer(d, cfg), 0.0).to(device, torch.float64)
-    ref.load_state_dict({n: p.double() for n, p in layer.state_dict().items()})
-    ref.cfg.kernel_backend = ref.experts.backend = "torch"
+    layer = MoELayer(d, cfg).to(device, dtype)
     x, dy = _inputs(512, d, dtype, device, seed=3)
-    out, _ = layer(x)
+    out, routing = layer(x)
     out.backward(dy)
-    xr = x.detach().double().requires_grad_(True)
-    out_r, _ = ref(xr)
+    leaves = [t.detach().double().requires_grad_(True) for t in
+              (x, layer.router.weight, layer.experts.w_in, layer.experts.w_out)]
+    xr, wg, w_in, w_out = leaves
+    probs = torch.softmax(xr @ wg.t(), dim=-1)
+    w = probs.gather(1, routing.expert_ids)
+    w = w / w.sum(-1, keepdim=True) if renorm else w
+    disp = sort_by_expert(routing.expert_ids, E)
+    h = grouped_linear(xr, w_in, disp, backend="torch")
+    y = grouped_linear(swiglu(h, "torch"), w_out, disp, True, True, "torch")
+    out_r = weighted_combine(y, w, disp, True, "torch")
     out_r.backward(dy.double())
-    errs = [(out.double() - out_r).norm() / out_r.norm(),
-            (x.grad.double() - xr.grad).norm() / xr.grad.norm(),
-            (layer.experts.w_in.grad.double() - ref.experts.w_in.grad).norm()
-            / ref.experts.w_in.grad.norm()]
-    return f"{max(e.item() for e in errs):.1e}"
+    got = [out, x.grad, layer.router.weight.grad, layer.experts.w_in.grad,
+           layer.experts.w_out.grad]
+    want = [out_r] + [t.grad for t in leaves]
+    errs = [((a.double() - b).norm() / b.norm()).item() for a, b in zip(got, want, strict=True)]
+    return f"{max(errs):.1e}"
+
+
+def breakdown(shape, T, dtype, device) -> str:
+    """Time each stage of ours (fwd and bwd primitives) next to a dense mm of its FLOPs."""
+    from kernels import sort_by_expert
+    from kernels import triton_backend as tri
+    from kernels.triton.grouped_mm import pick_block_m
+    from kernels.triton.schedule import block_schedule, inverse_permutation
+    from moe import MoEConfig, MoELayer
+    from routing import RouterConfig
+
+    d, f, E, k, renorm, _ = shape
+    cfg = MoEConfig(num_experts=E, expert_ffn=f, kernel_backend="triton",
+                    router=RouterConfig(top_k=k, renormalize=renorm, validate=False))
+    layer = MoELayer(d, cfg).to(device, dtype)
+    x, dy = _inputs(T, d, dtype, device)
+    x = x.detach()
+    M = T * k
+    with torch.no_grad():
+        r = layer.router(x)
+        disp = sort_by_expert(r.expert_ids, E)
+        w_in, w_out = layer.experts.w_in, layer.experts.w_out
+        h = tri.scatter2scatter(x, w_in, disp, False, True, k)
+        a = tri.swiglu_fwd(h)
+        y = tri.scatter2scatter(a, w_out, disp, True, True, 1)
+
+    def sort_and_schedule():
+        dd = sort_by_expert(r.expert_ids, E)
+        block_schedule(dd, pick_block_m(dd))
+        inverse_permutation(dd)
+
+    rnd = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
+    A, B = rnd(M, d), rnd(d, 2 * f)
+    stages = [
+        ("router (gate mm, softmax, top-k, losses)", lambda: layer.router(x), None),
+        ("sort + block schedule + inverse perm", sort_and_schedule, None),
+        ("fwd x -> h (scatter2scatter)", lambda: tri.scatter2scatter(x, w_in, disp, False,
+                                                                     True, k), 4 * M * d * f),
+        ("fwd swiglu", lambda: tri.swiglu_fwd(h), None),
+        ("fwd a -> y (grouped)", lambda: tri.scatter2scatter(a, w_out, disp, True, True, 1),
+         2 * M * d * f),
+        ("fwd combine", lambda: tri.weighted_combine(y, r.combine_weights, disp, True), None),
+        ("bwd combine", lambda: tri.weighted_combine_backward(dy, y, r.combine_weights, disp,
+                                                              True), None),
+        ("bwd dy -> da", lambda: tri.scatter2scatter(y, w_out.transpose(1, 2), disp, True, True,
+                                                     1), 2 * M * d * f),
+        ("bwd dW_out", lambda: tri.group_weight_grad(a, y, disp, True, 1, True), 2 * M * d * f),
+        ("bwd swiglu", lambda: tri.swiglu_bwd(h, a), None),
+        ("bwd dh -> dx (slot order + sum)", lambda: tri.scatter2scatter(
+            h, w_in.transpose(1, 2), disp, True, False, 1).view(T, k, d).sum(1), 4 * M * d * f),
+        ("bwd dW_in", lambda: tri.group_weight_grad(x, h, disp, False, k, True), 4 * M * d * f),
+        ("dense mm [M,d]x[d,2F] (reference rate)", lambda: A @ B, 4 * M * d * f),
+    ]
+    rows = []
+    for name, fn, flops in stages:
+        t = time_fn(fn, device, budget_s=0.3)
+        rate = f"{flops / t / 1e12:.0f}" if flops else "-"
+        rows.append([name, f"{t * 1e3:.3f}", rate])
+    return markdown_table(["stage", "ms", "TFLOP/s"], rows)
 
 
 def run(shapes, tokens, impls, dtype, device, out_path, command) -> str:
@@ -345,6 +410,8 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--out", default="bench/RESULTS.md")
     p.add_argument("--smoke", action="store_true", help="tiny shape on the CPU")
+    p.add_argument("--breakdown", action="store_true",
+                   help="time each stage of ours per shape and token count instead")
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if a.smoke:
@@ -355,6 +422,12 @@ def main(argv=None) -> None:
     unknown = [s for s in impls if s not in IMPLS]
     if unknown:
         sys.exit(f"unknown implementation(s) {unknown}; choose from {list(IMPLS)}")
+    if a.breakdown:
+        for s in a.shapes.split(","):
+            for T in (int(t) for t in a.tokens.split(",")):
+                table = breakdown(SHAPES[s], T, getattr(torch, a.dtype), device)
+                print(f"\n{s}, T={T}:\n{table}", flush=True)
+        return
     command = "python -m bench.kernels " + " ".join(argv if argv is not None else sys.argv[1:])
     run(a.shapes.split(","), [int(t) for t in a.tokens.split(",")], impls,
         getattr(torch, a.dtype), device, a.out, command.strip())
