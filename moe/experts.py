@@ -30,9 +30,18 @@ class Experts(nn.Module):
         nn.init.normal_(self.w_in, std=self.d_model**-0.5)
         nn.init.normal_(self.w_out, std=self.ffn**-0.5)
 
-    def forward(self, x: torch.Tensor, d: Dispatch) -> torch.Tensor:
-        """x [T, d] token order -> y [M, d] in Dispatch order (zero rows for dropped pairs)."""
-        h = grouped_linear(x, self.w_in, d, x_grouped=False, y_grouped=True, backend=self.backend)
-        a = swiglu(h, self.backend) if self.kind == "swiglu" else F.gelu(h)
-        return grouped_linear(a, self.w_out, d, x_grouped=True, y_grouped=True,
-                              backend=self.backend)
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w_in.dtype
+
+    def forward(self, x: torch.Tensor, d: Dispatch, y_grouped: bool = True) -> torch.Tensor:
+        """x [T, d] token order -> y [M, d] in Dispatch order (or slot order t * k + j)."""
+        return expert_mlp(x, self.w_in, self.w_out, d, self.kind, self.backend, y_grouped)
+
+
+def expert_mlp(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, d: Dispatch,
+               kind: str, backend: str, y_grouped: bool = True) -> torch.Tensor:
+    """x [T, d], w_in [E, 2F | F, d], w_out [E, d, F] -> y [M, d] (Dispatch or slot order)."""
+    h = grouped_linear(x, w_in, d, x_grouped=False, y_grouped=True, backend=backend)
+    a = swiglu(h, backend) if kind == "swiglu" else F.gelu(h)
+    return grouped_linear(a, w_out, d, x_grouped=True, y_grouped=y_grouped, backend=backend)

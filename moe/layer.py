@@ -25,6 +25,22 @@ class SharedExperts(nn.Module):
         return y if self.gate is None else torch.sigmoid(self.gate(x)) * y
 
 
+class LocalDispatch(nn.Module):
+    """Tokens and experts on one device: sort by expert, grouped GEMMs, weighted combine.
+
+    `parallel/` swaps this for a dispatcher that moves tokens between ranks; the layer itself
+    never sees a process group.
+    """
+
+    def forward(self, x: torch.Tensor, routing: Routing, experts: nn.Module,
+                may_drop: bool, backend: str) -> torch.Tensor:
+        """x [T, d], routing -> [T, d] = sum over kept slots of weight * expert(x)."""
+        dropped = routing.dropped if may_drop else None
+        d = sort_by_expert(routing.expert_ids, routing.num_experts, dropped)
+        y = experts(x, d)
+        return weighted_combine(y, routing.combine_weights, d, y_grouped=True, backend=backend)
+
+
 class MoELayer(nn.Module):
     """x [B, S, d] or [T, d] -> (out of the same shape, Routing).
 
@@ -43,6 +59,7 @@ class MoELayer(nn.Module):
         if cfg.num_shared_experts > 0:
             ffn = cfg.shared_expert_ffn or cfg.num_shared_experts * cfg.expert_ffn
             self.shared = SharedExperts(d_model, ffn, cfg.expert_type, cfg.shared_expert_gate)
+        self.dispatch = LocalDispatch()
 
     def forward(
         self, x: torch.Tensor, token_ids: torch.Tensor | None = None
@@ -53,19 +70,15 @@ class MoELayer(nn.Module):
             raise ValueError(
                 f"hidden size {x.shape[-1]} does not match the layer's d_model={self.d_model}"
             )
-        if x.dtype != self.experts.w_in.dtype:
+        if x.dtype != self.experts.dtype:
             raise ValueError(
-                f"input dtype {x.dtype} does not match the expert weights' "
-                f"{self.experts.w_in.dtype}"
+                f"input dtype {x.dtype} does not match the expert weights' {self.experts.dtype}"
             )
         seq_len = x.shape[-2] if x.dim() == 3 else None
         flat = x.reshape(-1, self.d_model)
         routing = self.router(flat, token_ids, seq_len)
-        dropped = routing.dropped if self.router.may_drop else None
-        d = sort_by_expert(routing.expert_ids, self.cfg.num_experts, dropped)
-        y = self.experts(flat, d)
-        out = weighted_combine(y, routing.combine_weights, d, y_grouped=True,
-                               backend=self.cfg.kernel_backend)
+        out = self.dispatch(flat, routing, self.experts, self.router.may_drop,
+                            self.cfg.kernel_backend)
         if self.shared is not None:
             out = out + self.shared(flat)
         return out.view(x.shape), routing

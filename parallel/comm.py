@@ -1,0 +1,109 @@
+"""Differentiable collectives that count their bytes: all-to-all with uneven splits, and the
+sparse all-gather / reduce-scatter of FSSDP."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+
+class CommCounters:
+    """Bytes this rank moved per collective since the last reset (one step, for logging).
+
+    all_to_all: bytes sent to other ranks plus bytes received from them; all_gather: bytes of
+    the gathered tensor; reduce_scatter: bytes of the tensor reduced; all_reduce: its bytes.
+    """
+
+    def __init__(self):
+        self.bytes: dict[str, int] = defaultdict(int)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def add(self, name: str, nbytes: int) -> None:
+        self.bytes[name] += int(nbytes)
+        self.calls[name] += 1
+
+    def reset(self) -> None:
+        self.bytes.clear()
+        self.calls.clear()
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.bytes)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int],
+               group: dist.ProcessGroup, counters: CommCounters | None, name: str) -> torch.Tensor:
+    """x [sum(send_splits), ...] -> [sum(recv_splits), ...]; rows to rank r are a contiguous
+    block. Differentiable: the backward is the reverse all-to-all."""
+    return _AllToAll.apply(x, send_splits, recv_splits, group, counters, name)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, send_splits, recv_splits, group, counters, name):
+        ctx.meta = (send_splits, recv_splits, group, counters, name)
+        return _a2a(x, send_splits, recv_splits, group, counters, name)
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_splits, recv_splits, group, counters, name = ctx.meta
+        dx = _a2a(grad.contiguous(), recv_splits, send_splits, group, counters, name + ".bwd")
+        return dx, None, None, None, None, None
+
+
+def _a2a(x, send_splits, recv_splits, group, counters, name):
+    out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+    if counters is not None:
+        me = dist.get_rank(group)
+        row = x.element_size() * math.prod(x.shape[1:])
+        moved = sum(s for r, s in enumerate(send_splits) if r != me)
+        moved += sum(s for r, s in enumerate(recv_splits) if r != me)
+        counters.add(name, moved * row)
+    return out
+
+
+def sparse_all_gather(shard: torch.Tensor, idx: torch.Tensor, group: dist.ProcessGroup,
+                      counters: CommCounters | None, name: str) -> torch.Tensor:
+    """shard [E, s] (this rank's slice of every expert), idx [m] active experts ->
+    full [m, W * s]: the m experts' whole flattened weights. Backward: reduce-scatter of their
+    gradients to the shard owners (summed over ranks); inactive experts get zero, move nothing."""
+    return _SparseAllGather.apply(shard, idx, group, counters, name)
+
+
+class _SparseAllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, shard, idx, group, counters, name):
+        W = dist.get_world_size(group)
+        m, s = idx.numel(), shard.shape[1]
+        ctx.meta = (idx, shard.shape, group, counters, name)
+        if m == 0:
+            return shard.new_zeros(0, W * s)
+        send = shard.index_select(0, idx).contiguous()
+        out = shard.new_empty(W * m, s)
+        dist.all_gather_into_tensor(out, send, group=group)
+        if counters is not None:
+            counters.add(name + ".all_gather", _nbytes(out))
+        return out.view(W, m, s).transpose(0, 1).reshape(m, W * s)
+
+    @staticmethod
+    def backward(ctx, grad):
+        idx, shape, group, counters, name = ctx.meta
+        W = dist.get_world_size(group)
+        m, s = idx.numel(), shape[1]
+        dshard = grad.new_zeros(shape)
+        if m == 0:
+            return dshard, None, None, None, None
+        send = grad.reshape(m, W, s).transpose(0, 1).contiguous()  # [W, m, s]: block r to rank r
+        out = grad.new_empty(m, s)
+        dist.reduce_scatter_tensor(out, send.view(W * m, s), op=dist.ReduceOp.SUM, group=group)
+        if counters is not None:
+            counters.add(name + ".reduce_scatter", _nbytes(send))
+        dshard.index_copy_(0, idx, out)
+        return dshard, None, None, None, None
