@@ -110,8 +110,8 @@ def test_same_losses_and_update_as_one_process(case, tmp_path):
         what = f"{case}, skewed={skewed}, capacity={capacity}"
         # got["losses"][r][step] vs ref_losses[step][r]
         torch.testing.assert_close(torch.tensor(got["losses"]).t(), torch.tensor(ref_losses),
-                                   rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: losses {m}")
+                                   rtol=1e-5, atol=1e-6, msg=lambda m, w=what: f"{w}: losses {m}")
         assert set(got["state"]) == set(ref_state), what
         for name, ref in ref_state.items():
             torch.testing.assert_close(got["state"][name].cpu(), ref, rtol=1e-5, atol=1e-6,
-                                       msg=lambda m, n=name: f"{what}: {n} {m}")
+                                       msg=lambda m, n=name, w=what: f"{w}: {n} {m}")
