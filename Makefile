@@ -4,13 +4,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch 2.13.0 is pinned first so that pip never pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+DEEPSPEED_VERSION ?= 0.19.8
 
 .PHONY: test demo lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" setuptools wheel
 	$(PY) -m pip install -q -e ".[dev]"
+	# DeepSpeed ships as a source package: build it against the torch above, not in an
+	# isolated environment that would fetch another (CUDA) torch.
+	$(PY) -m pip install -q --no-build-isolation "deepspeed==$(DEEPSPEED_VERSION)"
 	touch $@
 
 test: $(VENV)/.installed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -19,13 +20,32 @@ from parallel.mesh import Mesh
 @dataclass
 class Parallelized:
     """module: call it for forward (wrapped); model: the underlying `moe` model (its MoE layers
-    now hold local experts or shards); after_backward(): finish the expert gradients."""
+    now hold local experts or shards). backward(loss) then step() train one step; or call
+    loss.backward() and after_backward() yourself and step your own optimizer (ddp, fsdp2)."""
 
     module: nn.Module
     model: nn.Module
     mesh: Mesh
     counters: CommCounters
     expert_params: list[nn.Parameter] = field(default_factory=list)
+    optimizers: list[torch.optim.Optimizer] = field(default_factory=list)
+    engine: object | None = None  # the DeepSpeed engine when dense="deepspeed"
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """loss.backward() (through the DeepSpeed engine if any), then after_backward()."""
+        if self.engine is not None:
+            self.engine.backward(loss)
+        else:
+            loss.backward()
+        self.after_backward()
+
+    def step(self) -> None:
+        """Step every optimizer (and the engine), then clear the gradients."""
+        if self.engine is not None:
+            self.engine.step()
+        for opt in self.optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     def after_backward(self) -> None:
         """Average expert gradients like DDP averages the rest (mean of the ranks' losses).
@@ -81,8 +101,17 @@ def _gather_cat(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return torch.cat(out)
 
 
-def parallelize(model: nn.Module, mesh: Mesh) -> Parallelized:
-    """Wrap a model built by `moe/` for mesh.cfg.mode ("dp", "ep", "fssdp") and mesh.cfg.dense."""
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+def parallelize(model: nn.Module, mesh: Mesh,
+                optimizer: OptimizerFactory | None = None) -> Parallelized:
+    """Wrap a model built by `moe/` for mesh.cfg.mode ("dp", "ep", "fssdp") and mesh.cfg.dense.
+
+    optimizer(params) builds the optimizer(s) once the parameters are final (local experts,
+    shards, FSDP2 DTensors); needed for dense="deepspeed", which gets its own over the dense
+    parameters (ZeRO-partitioned) while the experts get another.
+    """
     cfg = mesh.cfg
     counters = CommCounters()
     model = model.to(mesh.device)
@@ -92,7 +121,23 @@ def parallelize(model: nn.Module, mesh: Mesh) -> Parallelized:
     elif cfg.mode == "fssdp":
         expert_params = apply_fssdp(model, mesh.expert_group, counters, cfg.rematerialize)
     ignored = {id(p) for p in expert_params}
-    if mesh.world_size == 1:
+    dense_params = [p for p in model.parameters() if id(p) not in ignored]
+    engine, optimizers = None, []
+    if cfg.dense == "deepspeed":
+        if optimizer is None:
+            raise ValueError("dense='deepspeed' needs an optimizer factory: "
+                             "parallelize(model, mesh, optimizer=lambda ps: ...)")
+        # DeepSpeed broadcasts every module parameter from rank 0 at start-up; local experts
+        # and FSSDP shards differ per rank by design, so they are put back afterwards.
+        saved = [p.detach().clone() for p in expert_params]
+        engine = _deepspeed_engine(model, dense_params, optimizer(dense_params), cfg.zero_stage)
+        with torch.no_grad():
+            for p, v in zip(expert_params, saved, strict=True):
+                p.copy_(v)
+        module = engine
+        if expert_params:
+            optimizers.append(optimizer(expert_params))
+    elif mesh.world_size == 1:
         module = model
     elif cfg.dense == "ddp":
         names = [n for n, p in model.named_parameters() if id(p) in ignored]
@@ -113,5 +158,28 @@ def parallelize(model: nn.Module, mesh: Mesh) -> Parallelized:
             fully_shard(block, mesh=mesh.device_mesh, ignored_params=ignored_params)
         fully_shard(model, mesh=mesh.device_mesh, ignored_params=ignored_params)
         module = model
+    if optimizer is not None and engine is None:
+        optimizers.append(optimizer(list(model.parameters())))
     return Parallelized(module=module, model=model, mesh=mesh, counters=counters,
-                        expert_params=expert_params)
+                        expert_params=expert_params, optimizers=optimizers, engine=engine)
+
+
+def _deepspeed_engine(model, dense_params, dense_optimizer, zero_stage: int):
+    """A DeepSpeed engine that owns the dense parameters' optimizer (ZeRO stage 1 or 2)."""
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ValueError("dense='deepspeed' needs the deepspeed package installed") from e
+    config = {
+        "train_micro_batch_size_per_gpu": 1,  # we call the engine per micro-batch ourselves
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": zero_stage},
+        # DeepSpeed clips at norm 1.0 unless told otherwise; clipping is the trainer's choice.
+        "gradient_clipping": 0.0,
+        # Any torch optimizer is fine under ZeRO 1/2 (it steps the rank's partition).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=dense_params,
+                                           optimizer=dense_optimizer, config=config)
+    return engine

@@ -59,18 +59,16 @@ def _worker(rank, world, pcfg, scenarios, out_path):
     mesh = init_distributed(pcfg)
     results = {}
     for skewed, capacity in scenarios:
-        par = parallelize(build_model(skewed, capacity), mesh)
-        opt = torch.optim.SGD(par.model.parameters(), lr=LR)
+        par = parallelize(build_model(skewed, capacity), mesh,
+                          optimizer=lambda ps: torch.optim.SGD(ps, lr=LR))
         losses, moved = [], []
         for ids in batches(world):
             local = ids[rank * B:(rank + 1) * B]
             par.counters.reset()
             with mesh.guard():
                 out = par.module(local[:, :-1], labels=local[:, 1:])
-                out.loss.backward()
-                par.after_backward()
-            opt.step()
-            opt.zero_grad()
+                par.backward(out.loss)
+                par.step()
             losses.append(out.loss.item())
             moved.append(par.counters.snapshot())
         all_losses = [None] * world
@@ -90,6 +88,8 @@ CASES = {
     "fssdp-2": (2, dict(mode="fssdp")),
     "fssdp-fsdp2-2": (2, dict(mode="fssdp", dense="fsdp2")),
     "fssdp-remat-2": (2, dict(mode="fssdp", rematerialize=True)),
+    "fssdp-deepspeed-2": (2, dict(mode="fssdp", dense="deepspeed", zero_stage=2)),
+    "ep-deepspeed-zero1-2": (2, dict(mode="ep", dense="deepspeed", zero_stage=1)),
     "dp-4": (4, dict(mode="dp")),
     "ep-4": (4, dict(mode="ep")),
     "ep2-dp2-4": (4, dict(mode="ep", ep_size=2)),
