@@ -4,6 +4,7 @@ sparse all-gather / reduce-scatter of FSSDP."""
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 
 import torch
@@ -20,14 +21,21 @@ class CommCounters:
     def __init__(self):
         self.bytes: dict[str, int] = defaultdict(int)
         self.calls: dict[str, int] = defaultdict(int)
+        # Host seconds inside each collective: the wire time on gloo (synchronous); on NCCL
+        # only the launch, so time GPU runs with events instead.
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.expert_rows = 0  # (token, expert) rows this rank's experts computed, fwd
 
-    def add(self, name: str, nbytes: int) -> None:
+    def add(self, name: str, nbytes: int, seconds: float = 0.0) -> None:
         self.bytes[name] += int(nbytes)
         self.calls[name] += 1
+        self.seconds[name] += seconds
 
     def reset(self) -> None:
         self.bytes.clear()
         self.calls.clear()
+        self.seconds.clear()
+        self.expert_rows = 0
 
     def snapshot(self) -> dict[str, int]:
         return dict(self.bytes)
@@ -59,13 +67,15 @@ class _AllToAll(torch.autograd.Function):
 
 def _a2a(x, send_splits, recv_splits, group, counters, name):
     out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
+    t0 = time.perf_counter()
     dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+    elapsed = time.perf_counter() - t0
     if counters is not None:
         me = dist.get_rank(group)
         row = x.element_size() * math.prod(x.shape[1:])
         moved = sum(s for r, s in enumerate(send_splits) if r != me)
         moved += sum(s for r, s in enumerate(recv_splits) if r != me)
-        counters.add(name, moved * row)
+        counters.add(name, moved * row, elapsed)
     return out
 
 
@@ -87,9 +97,10 @@ class _SparseAllGather(torch.autograd.Function):
             return shard.new_zeros(0, W * s)
         send = shard.index_select(0, idx).contiguous()
         out = shard.new_empty(W * m, s)
+        t0 = time.perf_counter()
         dist.all_gather_into_tensor(out, send, group=group)
         if counters is not None:
-            counters.add(name + ".all_gather", _nbytes(out))
+            counters.add(name + ".all_gather", _nbytes(out), time.perf_counter() - t0)
         return out.view(W, m, s).transpose(0, 1).reshape(m, W * s)
 
     @staticmethod
@@ -102,8 +113,9 @@ class _SparseAllGather(torch.autograd.Function):
             return dshard, None, None, None, None
         send = grad.reshape(m, W, s).transpose(0, 1).contiguous()  # [W, m, s]: block r to rank r
         out = grad.new_empty(m, s)
+        t0 = time.perf_counter()
         dist.reduce_scatter_tensor(out, send.view(W * m, s), op=dist.ReduceOp.SUM, group=group)
         if counters is not None:
-            counters.add(name + ".reduce_scatter", _nbytes(send))
+            counters.add(name + ".reduce_scatter", _nbytes(send), time.perf_counter() - t0)
         dshard.index_copy_(0, idx, out)
         return dshard, None, None, None, None

@@ -47,6 +47,7 @@ class EPDispatch(nn.Module):
         local_ids = torch.repeat_interleave(
             torch.arange(self.E_local, device=x.device).repeat(self.P), recv_counts.reshape(-1)
         )
+        self.counters.expert_rows += x_recv.shape[0]
         ld = sort_by_expert(local_ids[:, None], self.E_local)
         y_recv = experts(x_recv, ld, y_grouped=False)  # back in received order
         y_back = all_to_all(y_recv, recv_splits, send_splits, self.group, self.counters,

@@ -53,6 +53,7 @@ class FSSDPExperts(nn.Module):
     def forward(self, x: torch.Tensor, d: Dispatch, y_grouped: bool = True) -> torch.Tensor:
         """x [T, d] token order -> y [M, d]: same contract as Experts.forward."""
         idx = self.active_experts(d)
+        self.counters.expert_rows += int(d.expert_offsets[-1])
         compact = _compact_dispatch(d, idx)
         if self.rematerialize and torch.is_grad_enabled():
             return checkpoint(self._gather_and_run, self.shard, x, idx, compact, y_grouped,
