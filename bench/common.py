@@ -21,13 +21,13 @@ def sync(device: torch.device) -> None:
 
 
 def time_fn(fn: Callable[[], None], device: torch.device, budget_s: float = 1.0,
-            max_iters: int = 20) -> float:
+            max_iters: int = 20, min_iters: int = 3) -> float:
     """Median seconds of fn() after one warm-up call; fewer repeats for slow functions."""
     fn()
     sync(device)
     times = []
     t_end = time.perf_counter() + budget_s
-    while len(times) < max_iters and (len(times) < 3 or time.perf_counter() < t_end):
+    while len(times) < max_iters and (len(times) < min_iters or time.perf_counter() < t_end):
         if device.type == "cuda":
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

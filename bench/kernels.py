@@ -253,7 +253,7 @@ NOT_RUN = {
 }
 
 
-def check_ours(shape, dtype, device) -> str:
+def check_ours(shape, dtype, device, tokens: int = 512) -> str:
     """Ours vs float64 with ours' expert choices pinned: max rel. error of out and all grads."""
     from kernels import grouped_linear, sort_by_expert, swiglu, weighted_combine
     from moe import MoEConfig, MoELayer
@@ -263,7 +263,7 @@ def check_ours(shape, dtype, device) -> str:
     cfg = MoEConfig(num_experts=E, expert_ffn=f, kernel_backend="triton",
                     router=RouterConfig(top_k=k, renormalize=renorm))
     layer = MoELayer(d, cfg).to(device, dtype)
-    x, dy = _inputs(512, d, dtype, device, seed=3)
+    x, dy = _inputs(tokens, d, dtype, device, seed=3)
     out, routing = layer(x)
     out.backward(dy)
     leaves = [t.detach().double().requires_grad_(True) for t in
@@ -347,7 +347,7 @@ def run(shapes, tokens, impls, dtype, device, out_path, command) -> str:
     rows = []
     for sname in shapes:
         shape = SHAPES[sname]
-        check = check_ours(shape, dtype, device)
+        check = check_ours(shape, dtype, device, 512 if device.type == "cuda" else 32)
         print(f"[{sname}] ours vs float64 reference, max rel err (out, dx, dw): {check}",
               flush=True)
         for T in tokens:
@@ -360,7 +360,7 @@ def run(shapes, tokens, impls, dtype, device, out_path, command) -> str:
                     torch.cuda.empty_cache()
                 try:
                     step = build(shape, T, dtype, device)
-                    t = time_fn(step, device)
+                    t = time_fn(step, device, min_iters=3 if device.type == "cuda" else 1)
                     mem = peak_memory(step, device)
                     results[name] = (t, mem, None)
                 except Unavailable as e:

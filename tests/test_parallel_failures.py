@@ -110,3 +110,14 @@ def _indivisible_worker(rank, world):
 
 def test_ep_needs_divisible_experts():
     run_ranks(_indivisible_worker, 2)
+
+
+def test_torchrun_launch():
+    """The same worker under torchrun (its environment, its rendezvous), no rank killed."""
+    env = dict(os.environ, KILL_RANK="-1", TIMEOUT_S="30", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(free_port()), "-m", "tests.kill_worker"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in range(2):
+        assert f"rank {r} step 3 loss" in proc.stdout
