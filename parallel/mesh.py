@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from parallel.config import ParallelConfig
-from parallel.watchdog import Watchdog, die
+from parallel.watchdog import Watchdog
 
 REQUIRED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -47,8 +47,9 @@ class Mesh:
         except Exception as e:
             failed = self.watchdog.wait_for_failure()
             if failed:
-                die(f"rank {self.rank}: rank(s) {failed} failed; a collective here raised "
-                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                self.watchdog.fail(failed, f"rank {self.rank}: rank(s) {failed} failed; a "
+                                   f"collective here raised {type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else ''}")
             raise
 
     def close(self) -> None:

@@ -42,8 +42,31 @@ class Watchdog:
         self._beats += 1
         self.store.set(f"beat/{self.rank}", str(self._beats))
 
+    def culprit(self) -> list[int]:
+        """The failed rank(s) another rank already identified and published, if any."""
+        if self.store.check(["culprit"]):
+            return [int(r) for r in self.store.get("culprit").decode().split(",")]
+        return []
+
+    def fail(self, failed: list[int], message: str) -> None:
+        """Publish the failed ranks, print, and exit. Rank 0 hosts the store: it stays a
+        little so that the other ranks can read the culprit instead of losing the store."""
+        try:
+            self.store.set("culprit", ",".join(str(r) for r in failed))
+        except Exception:  # noqa: BLE001
+            pass
+        if self.rank == 0:
+            print(f"[moe.parallel] ERROR {message}", file=sys.stderr, flush=True)
+            time.sleep(self.timeout_s + 2 * self.interval)
+            os._exit(EXIT_CODE)
+        die(message)
+
     def failed_ranks(self) -> list[int]:
-        """Ranks whose heartbeat has not moved for timeout_s (and that did not finish)."""
+        """Ranks whose heartbeat has not moved for timeout_s (and that did not finish), or the
+        ones another rank already named."""
+        published = self.culprit()
+        if published:
+            return published
         now = time.monotonic()
         failed = []
         for r in range(self.world_size):
@@ -71,8 +94,9 @@ class Watchdog:
                     f"({os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')})"
                     f": rank 0 failed ({type(e).__name__}: {e})")
             if failed:
-                die(f"rank {self.rank}: rank(s) {failed} stopped responding for more than "
-                    f"{self.timeout_s:g} s (process died or hung); ending this rank")
+                self.fail(failed, f"rank {self.rank}: rank(s) {failed} stopped responding for "
+                          f"more than {self.timeout_s:g} s (process died or hung); ending this "
+                          "rank")
 
     def wait_for_failure(self) -> list[int]:
         """After a collective raised: poll up to timeout_s for the rank(s) that went silent."""
