@@ -21,7 +21,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 demo: $(VENV)/.installed
-	$(PY) -m train.demo
+	$(PY) -m train experiment=tiny hydra.run.dir=runs/demo
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from parallel.comm import CommCounters
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.fssdp import apply_fssdp
+from parallel.layout import EPLayout, FSSDPLayout, Layout
 from parallel.mesh import Mesh
 
 
@@ -25,11 +26,12 @@ class Parallelized:
 
     module: nn.Module
     model: nn.Module
-    mesh: Mesh
+    mesh: Mesh | None
     counters: CommCounters
     expert_params: list[nn.Parameter] = field(default_factory=list)
     optimizers: list[torch.optim.Optimizer] = field(default_factory=list)
     engine: object | None = None  # the DeepSpeed engine when dense="deepspeed"
+    layouts: dict[str, Layout] = field(default_factory=dict)  # non-identity params only
 
     def backward(self, loss: torch.Tensor) -> None:
         """loss.backward() (through the DeepSpeed engine if any), then after_backward()."""
@@ -53,9 +55,9 @@ class Parallelized:
         EP: a local expert's gradient already sums every rank's tokens; replicas across the
         expert-DP group are summed too. FSSDP: the sparse reduce-scatter summed them.
         """
-        mode, W = self.mesh.cfg.mode, self.mesh.world_size
-        if mode == "dp" or not self.expert_params:
+        if self.mesh is None or self.mesh.cfg.mode == "dp" or not self.expert_params:
             return
+        mode, W = self.mesh.cfg.mode, self.mesh.world_size
         grads = [p.grad for p in self.expert_params if p.grad is not None]
         if mode == "ep" and self.mesh.dp_size > 1 and grads:
             flat = torch.cat([g.reshape(-1) for g in grads])
@@ -69,49 +71,104 @@ class Parallelized:
             g.div_(W)
 
 
+    def _layout(self, name: str) -> Layout:
+        return self.layouts.get(name) or Layout(name)
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The single-process state dict (same names as the unwrapped model), on every rank."""
-        from moe.layer import MoELayer
-        from parallel.fssdp import FSSDPExperts
-
-        state = {}
+        state: dict[str, torch.Tensor] = {}
         for name, t in self.model.state_dict().items():
-            if hasattr(t, "full_tensor"):  # FSDP2 DTensor
-                t = t.full_tensor()
-            state[name] = t.detach()
-        for name, module in self.model.named_modules():
-            if not isinstance(module, MoELayer):
-                continue
-            prefix = f"{name}.experts." if name else "experts."
-            if isinstance(module.experts, FSSDPExperts):
-                state.pop(prefix + "shard")
-                w_in, w_out = module.experts.full_weights()
-            elif self.mesh.cfg.mode == "ep":
-                w_in, w_out = (_gather_cat(getattr(module.experts, n).detach(), self.mesh.ep_group)
-                               for n in ("w_in", "w_out"))
-            else:
-                continue
-            state[prefix + "w_in"], state[prefix + "w_out"] = w_in, w_out
+            state.update(self._layout(name).to_canonical(t))
         return state
 
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a single-process state dict into this (possibly sharded) model."""
+        own = self.model.state_dict()
+        wanted = {n for name in own for n in self._layout(name).names}
+        missing, extra = sorted(wanted - set(state)), sorted(set(state) - wanted)
+        if missing or extra:
+            raise ValueError(f"state dict does not fit this model: missing {missing[:5]}, "
+                             f"unexpected {extra[:5]}")
+        for name, t in own.items():
+            src = self._layout(name).from_canonical(state, t)
+            if tuple(src.shape) != tuple(t.shape):
+                raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} != model "
+                                 f"{tuple(t.shape)}")
+            t.copy_(src.to(t.dtype))
 
-def _gather_cat(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, t.contiguous(), group=group)
-    return torch.cat(out)
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """The torch optimizers' per-parameter state in the canonical layout:
+        {"<param name>.<key>": tensor} (tensors shaped like their parameter are gathered)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        out: dict[str, torch.Tensor] = {}
+        for opt in self.optimizers:
+            for p, st in opt.state.items():
+                layout = self._layout(names[id(p)])
+                for key, v in st.items():
+                    if torch.is_tensor(v) and v.shape == p.shape:
+                        for canon, t in layout.to_canonical(v).items():
+                            out[f"{canon}.{key}"] = t
+                    else:
+                        for canon in layout.names:
+                            out[f"{canon}.{key}"] = torch.as_tensor(v)
+        return out
+
+    @torch.no_grad()
+    def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of optimizer_state, for the optimizers this object holds."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    layout = self._layout(names[id(p)])
+                    keys = {k[len(layout.names[0]) + 1:] for k in state
+                            if k.startswith(layout.names[0] + ".")}
+                    st = {}
+                    for key in keys:
+                        full = {c: state[f"{c}.{key}"] for c in layout.names}
+                        v = full[layout.names[0]]
+                        if v.dim() == 0:
+                            st[key] = v.clone()
+                        else:
+                            st[key] = layout.from_canonical(full, p).to(p.dtype).clone()
+                    if st:
+                        opt.state[p] = st
+
+
+def _layouts(model: nn.Module, mode: str, mesh: Mesh | None) -> dict[str, Layout]:
+    from moe.layer import MoELayer
+    from parallel.fssdp import FSSDPExperts
+
+    layouts: dict[str, Layout] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, MoELayer):
+            continue
+        prefix = f"{name}.experts." if name else "experts."
+        if isinstance(module.experts, FSSDPExperts):
+            layouts[prefix + "shard"] = FSSDPLayout(prefix, module.experts)
+        elif mode == "ep":
+            for w in ("w_in", "w_out"):
+                layouts[prefix + w] = EPLayout(prefix + w, mesh.ep_group)
+    return layouts
 
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
-def parallelize(model: nn.Module, mesh: Mesh,
+def parallelize(model: nn.Module, mesh: Mesh | None,
                 optimizer: OptimizerFactory | None = None) -> Parallelized:
     """Wrap a model built by `moe/` for mesh.cfg.mode ("dp", "ep", "fssdp") and mesh.cfg.dense.
 
     optimizer(params) builds the optimizer(s) once the parameters are final (local experts,
     shards, FSDP2 DTensors); needed for dense="deepspeed", which gets its own over the dense
-    parameters (ZeRO-partitioned) while the experts get another.
+    parameters (ZeRO-partitioned) while the experts get another. mesh=None: one process,
+    nothing wrapped (the same interface for single-device runs).
     """
+    if mesh is None:
+        opts = [optimizer(list(model.parameters()))] if optimizer is not None else []
+        return Parallelized(module=model, model=model, mesh=None, counters=CommCounters(),
+                            optimizers=opts)
     cfg = mesh.cfg
     counters = CommCounters()
     model = model.to(mesh.device)
@@ -161,7 +218,8 @@ def parallelize(model: nn.Module, mesh: Mesh,
     if optimizer is not None and engine is None:
         optimizers.append(optimizer(list(model.parameters())))
     return Parallelized(module=module, model=model, mesh=mesh, counters=counters,
-                        expert_params=expert_params, optimizers=optimizers, engine=engine)
+                        expert_params=expert_params, optimizers=optimizers, engine=engine,
+                        layouts=_layouts(model, cfg.mode, mesh))
 
 
 def _deepspeed_engine(model, dense_params, dense_optimizer, zero_stage: int):

@@ -69,15 +69,28 @@ class FSSDPExperts(nn.Module):
 
     def full_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(w_in [E, ...], w_out [E, ...]) gathered from every rank (for checks and export)."""
+        return self.unshard(self.shard.detach())
+
+    def unshard(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A tensor laid out like the shard [E, s] (the weights, or an optimizer moment) ->
+        the whole (w_in-like, w_out-like) pair, on every rank."""
         W = dist.get_world_size(self.group)
-        out = self.shard.new_empty(W * self.num_experts, self.shard_len)
-        dist.all_gather_into_tensor(out, self.shard.detach().contiguous(), group=self.group)
+        out = t.new_empty(W * self.num_experts, self.shard_len)
+        dist.all_gather_into_tensor(out, t.contiguous(), group=self.group)
         flat = out.view(W, self.num_experts, self.shard_len).transpose(0, 1).reshape(
             self.num_experts, -1)
         w_in = flat[:, : self.n_in].reshape(self.num_experts, *self.in_shape)
         w_out = flat[:, self.n_in : self.n_in + _numel(self.out_shape)].reshape(
             self.num_experts, *self.out_shape)
         return w_in, w_out
+
+    def reshard(self, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+        """Inverse of unshard: whole (w_in-like, w_out-like) -> this rank's [E, s] slice."""
+        W, r = dist.get_world_size(self.group), dist.get_rank(self.group)
+        flat = torch.cat([w_in.reshape(self.num_experts, -1),
+                          w_out.reshape(self.num_experts, -1)], dim=1)
+        flat = nn.functional.pad(flat, (0, self.shard_len * W - flat.shape[1]))
+        return flat.view(self.num_experts, W, self.shard_len)[:, r].clone()
 
 
 def _numel(shape) -> int:

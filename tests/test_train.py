@@ -1,0 +1,140 @@
+"""`python -m train` as a user runs it: loss falls, resume after SIGKILL, config errors,
+2-rank EP checkpoints reloaded on 1 rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dist_utils import free_port, run_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["experiment=tiny", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
+        "model.n_kv_heads=2", "model.dense_ffn=128", "model.moe.num_experts=4",
+        "model.moe.expert_ffn=64", "data.vocab_size=512", "data.max_bytes=400000",
+        "data.seq_len=64", "data.batch_size=8", "trainer.log_every=5",
+        "optim.warmup_steps=5"]
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data_cache"))
+
+
+def train(run_dir: Path, data_cache: str, *overrides: str, nproc: int = 1, env=None,
+          check: bool = True) -> subprocess.CompletedProcess:
+    args = [*TINY, f"data.cache_dir={data_cache}", f"hydra.run.dir={run_dir}", *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(free_port()), "-m", "train", *args]
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss"]
+    return out
+
+
+def test_tiny_run_loss_falls_and_writes_its_outputs(tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    proc = train(run_dir, data_cache, "trainer.max_steps=60", "trainer.ckpt_every=30")
+    ls = losses(run_dir)
+    first = sum(ls[s] for s in range(1, 6)) / 5
+    last = sum(ls[s] for s in range(56, 61)) / 5
+    assert last < first - 1.0, (first, last)
+    rec = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("step", "loss", "lr", "tokens_per_s", "mfu", "aux_loss", "z_loss",
+                "dropped_fraction", "expert_load"):
+        assert key in rec, key
+    assert len(rec["expert_load"]) == 2 and len(rec["expert_load"][0]) == 4
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000060"
+    assert (run_dir / "expert_load.png").stat().st_size > 1000
+    assert "step    60/60" in proc.stdout and "tok/s" in proc.stdout
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path, data_cache):
+    common = ["trainer.max_steps=12", "trainer.ckpt_every=4"]
+    train(tmp_path / "a", data_cache, *common)
+    killed = train(tmp_path / "b", data_cache, *common, env={"MOE_KILL_AFTER_STEP": "6"},
+                   check=False)
+    assert killed.returncode == -9
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step_00000004"
+    train(tmp_path / "b", data_cache, *common, "trainer.resume=true")
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    for step in range(5, 13):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), step
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.max_stepz=3", "max_stepz"),
+    ("trainer.max_steps=abc", "max_steps"),
+    ("data.path=/nonexistent/corpus", "/nonexistent/corpus"),
+    ("model.moe.router.top_k=9", "top_k=9"),
+])
+def test_bad_config_stops_with_a_message(tmp_path, data_cache, override, message):
+    proc = train(tmp_path / "run", data_cache, override, "trainer.max_steps=2", check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+
+
+def test_checkpoint_of_another_shape_is_refused(tmp_path, data_cache):
+    train(tmp_path / "run", data_cache, "trainer.max_steps=2")
+    proc = train(tmp_path / "run", data_cache, "trainer.max_steps=4", "trainer.resume=true",
+                 "model.moe.expert_ffn=32", check=False)
+    assert proc.returncode != 0
+    assert "another model shape" in proc.stderr and "expert_ffn" in proc.stderr
+
+
+def _logits_worker(rank, world, ckpt, out_path, mode):
+    from parallel import ParallelConfig, init_distributed
+    mesh = init_distributed(ParallelConfig(mode=mode, timeout_s=60))
+    logits = _load_and_run(ckpt, mesh)
+    if rank == 0:
+        torch.save(logits, out_path)
+    mesh.close()
+
+
+def _load_and_run(ckpt: str, mesh) -> torch.Tensor:
+    from moe import ModelConfig, MoETransformer
+    from moe.config import MoEConfig
+    from parallel import parallelize
+    from routing import RouterConfig
+    from train import checkpoint
+
+    raw = json.loads((Path(ckpt) / "model_config.json").read_text())
+    raw["moe"]["router"] = RouterConfig(**raw["moe"]["router"])
+    raw["moe"] = MoEConfig(**raw["moe"])
+    model = MoETransformer(ModelConfig(**raw))
+    par = parallelize(model, mesh)
+    checkpoint.load(Path(ckpt), par, load_optimizer=False)
+    ids = torch.arange(32).remainder(raw["vocab_size"]).view(2, 16)
+    with torch.no_grad():
+        return par.model(ids).logits
+
+
+@pytest.mark.parametrize("mode", ["ep", "fssdp"])
+def test_two_rank_checkpoint_reloads_on_one_rank(tmp_path, data_cache, mode):
+    run_dir = tmp_path / "run"
+    train(run_dir, data_cache, "trainer.max_steps=3", f"parallel={mode}", nproc=2)
+    ckpt = str(run_dir / "checkpoints" / "step_00000003")
+    out = tmp_path / "logits2.pt"
+    run_ranks(_logits_worker, 2, ckpt, str(out), mode)
+    two_rank = torch.load(out)
+    one_rank = _load_and_run(ckpt, None)
+    torch.testing.assert_close(one_rank, two_rank, rtol=1e-5, atol=1e-5)

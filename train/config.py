@@ -1,0 +1,61 @@
+"""The typed training configuration. Hydra fills it from configs/ (YAML only selects and
+overrides); a misspelt key or a wrong type stops the run before it starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from moe.config import ModelConfig
+from parallel.config import ParallelConfig
+from train.data import DataConfig
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay to min_lr_ratio * lr."""
+
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # global norm; 0 turns clipping off
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    log_every: int = 10
+    ckpt_every: int = 50  # 0: only at the end
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"  # auto: cuda if present, else cpu
+    dtype: str = "float32"  # float32 | bfloat16
+    peak_tflops: float | None = None  # for MFU; None: looked up (GPU) or measured (CPU)
+    heatmap_every: int = 0  # write expert_load.png every n steps (0: at the end)
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "console"  # console | wandb
+    project: str = "moe-framework"
+    run_name: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def register() -> None:
+    """Register the schema so configs/train.yaml can build on it."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)

@@ -1,0 +1,221 @@
+"""The training loop: data -> model (parallelized when launched on several ranks) -> AdamW
+with warm-up and cosine decay -> metrics and checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moe import MoETransformer
+from parallel import ParallelConfig, Parallelized, init_distributed, parallelize
+from train import checkpoint
+from train.config import TrainConfig
+from train.data import TokenBatches, prepare
+from train.metrics import MetricsLogger
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up to optim.lr, then cosine decay to min_lr_ratio * lr at max_steps."""
+    o, total = cfg.optim, cfg.trainer.max_steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    t = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def active_flops_per_token(model: MoETransformer, seq_len: int) -> float:
+    """6 x (parameters a token passes through) + attention, for fwd+bwd (PaLM's MFU count)."""
+    cfg = model.cfg
+    n = 0
+    for name, p in model.named_parameters():
+        if ".experts." in name:
+            n += p.numel() * cfg.moe.router.top_k / cfg.moe.num_experts
+        elif name != "embed.weight":
+            n += p.numel()
+    attn = 12 * cfg.n_layers * cfg.d_model * seq_len
+    return 6 * n + attn
+
+
+def peak_flops(device: torch.device, configured: float | None) -> float:
+    if configured:
+        return configured * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tf in PEAK_TFLOPS.items():
+            if key in name:
+                return tf * 1e12
+    a = torch.randn(512, 512, device=device)
+    a @ a
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    return 10 * 2 * 512**3 / (time.perf_counter() - t0)
+
+
+def clip_grad_norm(par: Parallelized, max_norm: float) -> float:
+    """Global gradient norm over every rank's parameters (replicated ones counted once)."""
+    expert = {id(p) for p in par.expert_params}
+    dense_sq = torch.zeros((), dtype=torch.float64)
+    local_sq = torch.zeros((), dtype=torch.float64)
+    grads = []
+    for p in par.model.parameters():
+        if p.grad is None:
+            continue
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        sq = g.detach().double().square().sum().cpu()
+        if id(p) in expert:
+            local_sq += sq
+        else:
+            dense_sq += sq
+        grads.append(p.grad)
+    if par.mesh is not None and par.expert_params:
+        group = par.mesh.ep_group if par.mesh.cfg.mode == "ep" else par.mesh.expert_group
+        t = local_sq.to(par.mesh.device if par.mesh.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, group=group)
+        local_sq = t.cpu()
+    norm = float((dense_sq + local_sq).sqrt())
+    if max_norm > 0 and norm > max_norm:
+        for g in grads:
+            g.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
+def update_expert_biases(model: MoETransformer, routings, mesh) -> None:
+    """DeepSeek-V3 aux-loss-free balancing: move each router's bias by the step's global load."""
+    layers = [b.mlp for b in model.layers if b.is_moe]
+    for layer, r in zip(layers, routings, strict=True):
+        if getattr(layer.router, "expert_bias", None) is None:
+            continue
+        load = r.tokens_per_expert.detach().clone()
+        if mesh is not None:
+            dist.all_reduce(load)
+        layer.router.update_expert_bias(load)
+
+
+def build_optimizer_factory(cfg: TrainConfig):
+    o = cfg.optim
+
+    def factory(params):
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [g for g in ({"params": decay, "weight_decay": o.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+    return factory
+
+
+def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
+    """Train as cfg says, writing into run_dir; returns the losses of the steps run here."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    mesh = init_distributed(cfg.parallel) if distributed else None
+    rank, world = (mesh.rank, mesh.world_size) if mesh else (0, 1)
+    main = rank == 0
+    log = print if main else (lambda *a, **k: None)
+    device = mesh.device if mesh else torch.device(
+        "cuda" if cfg.trainer.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.trainer.device == "auto" else cfg.trainer.device))
+    if main:
+        data_dir = prepare(cfg.data, log)
+    if mesh:
+        dist.barrier()
+        data_dir = prepare(cfg.data, log)
+    batches = TokenBatches(data_dir, cfg.data, rank, world)
+    if cfg.model.vocab_size != batches.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer has "
+                         f"{batches.vocab_size} tokens (set model.vocab_size=${{data.vocab_size}})")
+    torch.manual_seed(cfg.trainer.seed)
+    dtype = getattr(torch, cfg.trainer.dtype)
+    model = MoETransformer(cfg.model).to(device=device, dtype=dtype)
+    par = parallelize(model, mesh, optimizer=build_optimizer_factory(cfg))
+    model_config = dataclasses.asdict(cfg.model)
+    ckpt_root = run_dir / "checkpoints"
+    start = 0
+    if cfg.trainer.resume:
+        path = checkpoint.latest(ckpt_root)
+        if path is None:
+            log(f"resume: no checkpoint under {ckpt_root}, starting from step 0")
+        else:
+            checkpoint.check_model_config(path, model_config)
+            state = checkpoint.load(path, par)
+            start = state["step"]
+            log(f"resume: loaded {path} (step {start})")
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params / 1e6:.2f}M parameters on this rank, {world} rank(s), "
+        f"parallel={cfg.parallel.mode if mesh else 'none'}, device={device}")
+    if main and start == 0 and (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()  # a fresh run: its own metrics, not appended
+    metrics = MetricsLogger(run_dir, cfg.trainer.max_steps, cfg.trainer.log_every,
+                            cfg.logger.kind, cfg.logger.project, cfg.logger.run_name,
+                            config=dataclasses.asdict(cfg), enabled=main)
+    flops_tok = active_flops_per_token(model, cfg.data.seq_len)
+    peak = peak_flops(device, cfg.trainer.peak_tflops)
+    kill_after = int(os.environ.get("MOE_KILL_AFTER_STEP", "-1"))  # fault injection (tests)
+    losses = []
+    guard = mesh.guard() if mesh else _nullcontext()
+    with guard:
+        for step in range(start + 1, cfg.trainer.max_steps + 1):
+            t0 = time.perf_counter()
+            lr = lr_at(step - 1, cfg)
+            for opt in par.optimizers:
+                for g in opt.param_groups:
+                    g["lr"] = lr
+            ids = batches.batch(step - 1).to(device)
+            par.counters.reset()
+            out = par.module(ids[:, :-1], labels=ids[:, 1:])
+            par.backward(out.loss)
+            gnorm = clip_grad_norm(par, cfg.optim.grad_clip)
+            par.step()
+            update_expert_biases(model, out.routings, mesh)
+            loss = out.ce_loss.detach()
+            if mesh:
+                dist.all_reduce(loss)
+                loss /= world
+            dt = time.perf_counter() - t0
+            tokens = ids[:, :-1].numel() * world
+            record = dict(
+                step=step, loss=loss.item(), lr=lr, grad_norm=gnorm,
+                tokens_per_s=tokens / dt, mfu=flops_tok * tokens / world / dt / peak,
+                aux_loss=out.aux_loss.item(), z_loss=out.z_loss.item(),
+                dropped_fraction=float(torch.stack([r.dropped_fraction.float()
+                                                    for r in out.routings]).mean())
+                if out.routings else 0.0,
+                expert_load=[(r.tokens_per_expert.float()
+                              / r.tokens_per_expert.sum().clamp(min=1)).tolist()
+                             for r in out.routings],
+                comm_bytes=par.counters.snapshot(),
+            )
+            metrics.log(record)
+            losses.append(record["loss"])
+            every = cfg.trainer.ckpt_every
+            if (every and step % every == 0) or step == cfg.trainer.max_steps:
+                checkpoint.save(ckpt_root, step, par, {"data_step": step}, model_config)
+            if cfg.trainer.heatmap_every and step % cfg.trainer.heatmap_every == 0:
+                metrics.heatmap(run_dir / "expert_load.png")
+            if step == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+    metrics.heatmap(run_dir / "expert_load.png")
+    metrics.close()
+    if mesh:
+        mesh.close()
+    return losses
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+__all__ = ["ParallelConfig", "run"]
