@@ -138,3 +138,40 @@ def test_two_rank_checkpoint_reloads_on_one_rank(tmp_path, data_cache, mode):
     two_rank = torch.load(out)
     one_rank = _load_and_run(ckpt, None)
     torch.testing.assert_close(one_rank, two_rank, rtol=1e-5, atol=1e-5)
+
+
+def test_sweep_and_report(tmp_path, data_cache):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *TINY, f"data.cache_dir={data_cache}", "trainer.max_steps=4",
+            f"hydra.sweep.dir={sweep}", "model.moe.router.top_k=1,2"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = subprocess.run([sys.executable, "-m", "train.sweep_report", str(sweep)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    table = (sweep / "sweep.md").read_text()
+    assert "model.moe.router.top_k=1" in table and "model.moe.router.top_k=2" in table
+    assert (sweep / "sweep.png").stat().st_size > 1000
+
+
+def test_wandb_offline(tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    train(run_dir, data_cache, "trainer.max_steps=3", "logger=wandb",
+          env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_multinode_launch_script_on_one_node(tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", NNODES="1",
+               NODE_RANK="0", MASTER_PORT=str(free_port()), NPROC_PER_NODE="2",
+               PYTHON=sys.executable)
+    args = [*TINY, f"data.cache_dir={data_cache}", "trainer.max_steps=2", "parallel=ep",
+            f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(["bash", "launch/torchrun_multinode.sh", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 rank(s), parallel=ep" in proc.stdout
+    assert (run_dir / "checkpoints" / "latest").exists()
