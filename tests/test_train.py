@@ -175,3 +175,43 @@ def test_multinode_launch_script_on_one_node(tmp_path, data_cache):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 rank(s), parallel=ep" in proc.stdout
     assert (run_dir / "checkpoints" / "latest").exists()
+
+
+def test_export_cli_loads_in_transformers(tmp_path, data_cache):
+    transformers = pytest.importorskip("transformers")
+    run_dir = tmp_path / "run"
+    train(run_dir, data_cache, "trainer.max_steps=3")
+    out = tmp_path / "hf"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "train.export", str(run_dir), str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "as mixtral" in proc.stdout
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = torch.tensor([tok.encode("def main():\n    return 0\n")])
+    ours = _load_and_run(str(run_dir / "checkpoints" / "step_00000003"), None)
+    fixed = torch.arange(32).remainder(512).view(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(fixed).logits, ours, rtol=1e-5, atol=1e-5)
+        assert hf(ids).logits.shape[-1] == 512
+    bad = subprocess.run([sys.executable, "-m", "train.export", str(tmp_path / "nope"),
+                          str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "not a checkpoint" in bad.stderr
+
+
+def test_train_upcycled_from_a_dense_model(tmp_path, data_cache):
+    transformers = pytest.importorskip("transformers")
+    dense_dir = tmp_path / "dense"
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=128)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(dense_dir)
+    # the dense model's tokenizer: here, one trained by a first run on the same corpus
+    first = tmp_path / "first"
+    train(first, data_cache, "trainer.max_steps=1")
+    (dense_dir / "tokenizer.json").write_bytes((first / "tokenizer.json").read_bytes())
+    proc = train(tmp_path / "up", data_cache, "trainer.max_steps=3",
+                 f"trainer.upcycle_from={dense_dir}", f"data.tokenizer={dense_dir}")
+    assert "upcycled" in proc.stdout
+    assert len(losses(tmp_path / "up")) == 3

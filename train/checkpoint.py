@@ -57,6 +57,17 @@ def save(ckpt_root: Path, step: int, par: Parallelized, extra: dict, model_confi
     return final
 
 
+def model_config(path: Path):
+    """The ModelConfig a checkpoint was written for."""
+    from moe.config import ModelConfig, MoEConfig
+    from routing.config import RouterConfig
+
+    raw = json.loads((path / "model_config.json").read_text())
+    raw["moe"]["router"] = RouterConfig(**raw["moe"]["router"])
+    raw["moe"] = MoEConfig(**raw["moe"])
+    return ModelConfig(**raw)
+
+
 def latest(ckpt_root: Path) -> Path | None:
     pointer = ckpt_root / "latest"
     if not pointer.exists():

@@ -37,6 +37,7 @@ class TrainerConfig:
     dtype: str = "float32"  # float32 | bfloat16
     peak_tflops: float | None = None  # for MFU; None: looked up (GPU) or measured (CPU)
     heatmap_every: int = 0  # write expert_load.png every n steps (0: at the end)
+    upcycle_from: str | None = None  # a dense HF Llama/Mistral/Qwen3 folder: experts = its MLPs
 
 
 @dataclass

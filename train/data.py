@@ -26,6 +26,7 @@ class DataConfig:
     max_bytes: read at most this much of the corpus. cache_dir: tokenizer and token files."""
 
     path: str | None = None
+    tokenizer: str | None = None  # a tokenizer.json (or a folder holding one) to use as is
     vocab_size: int = 2048
     seq_len: int = 128
     batch_size: int = 8  # sequences per rank per step
@@ -62,7 +63,7 @@ def corpus_files(cfg: DataConfig) -> list[Path]:
 
 
 def _fingerprint(files: list[Path], cfg: DataConfig) -> str:
-    h = hashlib.sha256(f"{cfg.vocab_size}".encode())
+    h = hashlib.sha256(f"{cfg.vocab_size}:{cfg.tokenizer}".encode())
     for p in files:
         st = p.stat()
         h.update(f"{p}:{st.st_size}:{int(st.st_mtime)}".encode())
@@ -83,7 +84,7 @@ def prepare(cfg: DataConfig, log=print) -> Path:
     """Train the tokenizer and tokenize the corpus once; returns the cache folder holding
     tokenizer.json, tokens.bin (uint16/uint32) and meta.json. Safe to call from every rank:
     files appear atomically, and a finished folder is reused."""
-    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers import ByteLevelBPETokenizer, Tokenizer
 
     files = corpus_files(cfg)
     out = Path(cfg.cache_dir).expanduser() / _fingerprint(files, cfg)
@@ -91,18 +92,27 @@ def prepare(cfg: DataConfig, log=print) -> Path:
     if meta_path.exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    log(f"data: training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on {len(files)} "
-        f"files, {sum(p.stat().st_size for p in files) / 1e6:.1f} MB")
-    tok = ByteLevelBPETokenizer()
-    tok.train_from_iterator((_read(p) for p in files), vocab_size=cfg.vocab_size,
-                            min_frequency=2, special_tokens=[EOS], show_progress=False)
-    _atomic_write(out / "tokenizer.json", tok._tokenizer.to_str().encode())
+    if cfg.tokenizer:
+        src = Path(cfg.tokenizer).expanduser()
+        src = src / "tokenizer.json" if src.is_dir() else src
+        if not src.exists():
+            raise FileNotFoundError(f"data.tokenizer {cfg.tokenizer!r} has no tokenizer.json")
+        tok = Tokenizer.from_file(str(src))
+        log(f"data: using the tokenizer {src} ({tok.get_vocab_size()} tokens)")
+    else:
+        log(f"data: training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on "
+            f"{len(files)} files, {sum(p.stat().st_size for p in files) / 1e6:.1f} MB")
+        tok = ByteLevelBPETokenizer()
+        tok.train_from_iterator((_read(p) for p in files), vocab_size=cfg.vocab_size,
+                                min_frequency=2, special_tokens=[EOS], show_progress=False)
+        tok = tok._tokenizer
+    _atomic_write(out / "tokenizer.json", tok.to_str().encode())
     eos = tok.token_to_id(EOS)
     dtype = np.uint16 if tok.get_vocab_size() < 2**16 else np.uint32
     ids: list[np.ndarray] = []
     for i in range(0, len(files), 64):
         for enc in tok.encode_batch([_read(p) for p in files[i:i + 64]]):
-            ids.append(np.asarray(enc.ids + [eos], dtype=dtype))
+            ids.append(np.asarray(enc.ids + ([eos] if eos is not None else []), dtype=dtype))
     tokens = np.concatenate(ids)
     _atomic_write(out / "tokens.bin", tokens.tobytes())
     meta = dict(num_tokens=int(tokens.size), dtype=np.dtype(dtype).name,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -130,12 +131,26 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
         dist.barrier()
         data_dir = prepare(cfg.data, log)
     batches = TokenBatches(data_dir, cfg.data, rank, world)
-    if cfg.model.vocab_size != batches.vocab_size:
+    if main:  # the run carries its tokenizer, for export and serving
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(data_dir / "tokenizer.json", run_dir / "tokenizer.json")
+    if cfg.model.vocab_size != batches.vocab_size and not cfg.trainer.upcycle_from:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer has "
                          f"{batches.vocab_size} tokens (set model.vocab_size=${{data.vocab_size}})")
     torch.manual_seed(cfg.trainer.seed)
     dtype = getattr(torch, cfg.trainer.dtype)
-    model = MoETransformer(cfg.model).to(device=device, dtype=dtype)
+    if cfg.trainer.upcycle_from:
+        from moe.upcycle import upcycle_hf_dense
+
+        model = upcycle_hf_dense(Path(cfg.trainer.upcycle_from), cfg.model.moe, router_std=0.02)
+        cfg.model = model.cfg  # the dense model decides the shape
+        log(f"upcycled {cfg.trainer.upcycle_from} into {cfg.model.moe.num_experts} experts")
+        if model.cfg.vocab_size != batches.vocab_size:
+            raise ValueError(f"the dense model has {model.cfg.vocab_size} tokens, the data "
+                             f"tokenizer {batches.vocab_size}: set data.tokenizer to its folder")
+        model = model.to(device=device, dtype=dtype)
+    else:
+        model = MoETransformer(cfg.model).to(device=device, dtype=dtype)
     par = parallelize(model, mesh, optimizer=build_optimizer_factory(cfg))
     model_config = dataclasses.asdict(cfg.model)
     ckpt_root = run_dir / "checkpoints"

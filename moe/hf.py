@@ -1,0 +1,141 @@
+"""Hugging Face checkpoint layouts: export our models as Mixtral or Qwen3-MoE directories
+(safetensors + config.json) and read dense Llama / Qwen3 directories for upcycling.
+
+Names follow the layouts on the Hub (per-expert w1/w2/w3 for Mixtral, gate/up/down_proj for
+Qwen3-MoE), which `transformers` loads with its own classes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from moe.config import ModelConfig
+
+
+def choose_family(cfg: ModelConfig) -> str:
+    """'mixtral' or 'qwen3_moe', whichever can hold this model; ValueError says why neither."""
+    r, m = cfg.moe.router, cfg.moe
+    problems = []
+    if r.kind != "topk" or r.score != "softmax":
+        problems.append(f"router {r.kind}/{r.score} (both families use softmax top-k)")
+    if m.expert_type != "swiglu":
+        problems.append(f"expert_type={m.expert_type} (both use SwiGLU experts)")
+    if m.num_shared_experts:
+        problems.append("shared experts (neither family has them)")
+    if r.routed_scaling_factor != 1.0:
+        problems.append("routed_scaling_factor != 1")
+    if problems:
+        raise ValueError("this model has no Mixtral or Qwen3-MoE equivalent: "
+                         + "; ".join(problems))
+    all_moe = all(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+    if cfg.qk_norm or not all_moe or not r.renormalize:
+        if not cfg.qk_norm:
+            raise ValueError("Qwen3-MoE needs qk_norm=true (it has q/k norms) and Mixtral needs "
+                             "every layer MoE with renormalised top-k weights")
+        return "qwen3_moe"
+    return "mixtral"
+
+
+def _config_json(cfg: ModelConfig, family: str) -> dict:
+    common = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.resolved_head_dim, max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, hidden_act="silu",
+        tie_word_embeddings=cfg.tie_embeddings, num_experts_per_tok=cfg.moe.router.top_k,
+        router_aux_loss_coef=cfg.moe.router.aux_loss_coef, torch_dtype="float32",
+        attention_dropout=0.0, initializer_range=cfg.init_std,
+    )
+    if family == "mixtral":
+        return dict(common, architectures=["MixtralForCausalLM"], model_type="mixtral",
+                    intermediate_size=cfg.moe.expert_ffn, num_local_experts=cfg.moe.num_experts,
+                    sliding_window=None)
+    dense_layers = [i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)]
+    return dict(common, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                moe_intermediate_size=cfg.moe.expert_ffn, intermediate_size=cfg.dense_ffn,
+                num_experts=cfg.moe.num_experts, norm_topk_prob=cfg.moe.router.renormalize,
+                decoder_sparse_step=1, mlp_only_layers=dense_layers, attention_bias=False,
+                use_sliding_window=False, sliding_window=None)
+
+
+def to_hf_state(cfg: ModelConfig, state: dict[str, torch.Tensor],
+                family: str) -> dict[str, torch.Tensor]:
+    """Our single-process state dict -> the family's Hub tensor names."""
+    out = {"model.embed_tokens.weight": state["embed.weight"],
+           "model.norm.weight": state["norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    for i in range(cfg.n_layers):
+        src, dst = f"layers.{i}.", f"model.layers.{i}."
+        out[dst + "input_layernorm.weight"] = state[src + "attn_norm.weight"]
+        out[dst + "post_attention_layernorm.weight"] = state[src + "mlp_norm.weight"]
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[dst + f"self_attn.{p}.weight"] = state[src + f"attn.{p}.weight"]
+        if cfg.qk_norm:
+            out[dst + "self_attn.q_norm.weight"] = state[src + "attn.q_norm.weight"]
+            out[dst + "self_attn.k_norm.weight"] = state[src + "attn.k_norm.weight"]
+        if not cfg.is_moe_layer(i):
+            gate, up = state[src + "mlp.w_in.weight"].chunk(2, dim=0)
+            out[dst + "mlp.gate_proj.weight"] = gate
+            out[dst + "mlp.up_proj.weight"] = up
+            out[dst + "mlp.down_proj.weight"] = state[src + "mlp.w_out.weight"]
+            continue
+        w_in, w_out = state[src + "mlp.experts.w_in"], state[src + "mlp.experts.w_out"]
+        F = cfg.moe.expert_ffn
+        if family == "mixtral":
+            out[dst + "block_sparse_moe.gate.weight"] = state[src + "mlp.router.weight"]
+            for e in range(cfg.moe.num_experts):
+                base = dst + f"block_sparse_moe.experts.{e}."
+                out[base + "w1.weight"] = w_in[e, :F]
+                out[base + "w3.weight"] = w_in[e, F:]
+                out[base + "w2.weight"] = w_out[e]
+        else:
+            out[dst + "mlp.gate.weight"] = state[src + "mlp.router.weight"]
+            for e in range(cfg.moe.num_experts):
+                base = dst + f"mlp.experts.{e}."
+                out[base + "gate_proj.weight"] = w_in[e, :F]
+                out[base + "up_proj.weight"] = w_in[e, F:]
+                out[base + "down_proj.weight"] = w_out[e]
+    return {k: v.detach().to(torch.float32).contiguous().clone() for k, v in out.items()}
+
+
+def export_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], out_dir: Path,
+              tokenizer_file: Path | None = None, eos_token: str = "<|endoftext|>",
+              family: str | None = None) -> str:
+    """Write out_dir/{config.json, model.safetensors, tokenizer files}; returns the family."""
+    family = family or choose_family(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(to_hf_state(cfg, state, family), str(out_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(_config_json(cfg, family), indent=2))
+    if tokenizer_file is not None:
+        (out_dir / "tokenizer.json").write_bytes(Path(tokenizer_file).read_bytes())
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(dict(
+            tokenizer_class="PreTrainedTokenizerFast", eos_token=eos_token, bos_token=None,
+            pad_token=eos_token, model_max_length=cfg.max_seq_len), indent=2))
+    return family
+
+
+def load_hf_dense(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A dense Llama / Qwen3 directory -> (config.json as a dict, its tensors)."""
+    model_dir = Path(model_dir)
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{model_dir} has no config.json")
+    hf = json.loads(cfg_path.read_text())
+    if hf.get("model_type") not in ("llama", "qwen3", "mistral"):
+        raise ValueError(f"cannot upcycle model_type={hf.get('model_type')!r}: "
+                         "supported dense families are llama, mistral and qwen3")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError("cannot upcycle a model with attention or MLP biases")
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} has no .safetensors files")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return hf, state

@@ -1,0 +1,64 @@
+"""Sparse upcycling (Komatsuzaki et al. 2022): start an MoE from a dense checkpoint by
+copying its MLP into every expert; attention, norms and embeddings are copied as they are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moe.config import ModelConfig, MoEConfig
+from moe.hf import load_hf_dense
+from moe.model import MoETransformer
+
+
+def config_from_dense(hf: dict, moe: MoEConfig) -> ModelConfig:
+    """A dense HF config.json + the MoE settings -> our ModelConfig (every layer MoE)."""
+    moe.expert_ffn = hf["intermediate_size"]
+    rope = hf.get("rope_parameters") or {}
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim"), max_seq_len=hf.get("max_position_embeddings", 2048),
+        rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
+        norm_eps=hf.get("rms_norm_eps", 1e-6), qk_norm=hf.get("model_type") == "qwen3",
+        dense_ffn=hf["intermediate_size"], moe=moe,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+def upcycle_hf_dense(model_dir: Path, moe: MoEConfig,
+                     router_std: float = 0.0) -> MoETransformer:
+    """Build an MoETransformer whose experts are copies of the dense model's MLPs. The router
+    starts at N(0, router_std) (0: uniform routing, so step 0 reproduces the dense model when
+    top-k weights are renormalised)."""
+    hf, state = load_hf_dense(Path(model_dir))
+    cfg = config_from_dense(hf, moe)
+    model = MoETransformer(cfg)
+    ours = {"embed.weight": state["model.embed_tokens.weight"],
+            "norm.weight": state["model.norm.weight"]}
+    ours["lm_head.weight"] = state.get("lm_head.weight", state["model.embed_tokens.weight"])
+    E = moe.num_experts
+    for i in range(cfg.n_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        ours[dst + "attn_norm.weight"] = state[src + "input_layernorm.weight"]
+        ours[dst + "mlp_norm.weight"] = state[src + "post_attention_layernorm.weight"]
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            ours[dst + f"attn.{p}.weight"] = state[src + f"self_attn.{p}.weight"]
+        if cfg.qk_norm:
+            ours[dst + "attn.q_norm.weight"] = state[src + "self_attn.q_norm.weight"]
+            ours[dst + "attn.k_norm.weight"] = state[src + "self_attn.k_norm.weight"]
+        w_in = torch.cat([state[src + "mlp.gate_proj.weight"], state[src + "mlp.up_proj.weight"]])
+        ours[dst + "mlp.experts.w_in"] = w_in.unsqueeze(0).repeat(E, 1, 1)
+        ours[dst + "mlp.experts.w_out"] = state[src + "mlp.down_proj.weight"].unsqueeze(0) \
+            .repeat(E, 1, 1)
+        ours[dst + "mlp.router.weight"] = torch.randn(E, cfg.d_model) * router_std
+    own = model.state_dict()
+    for name, t in own.items():
+        if name in ours:
+            with torch.no_grad():
+                t.copy_(ours[name].to(t.dtype))
+        elif not name.endswith("expert_bias") and not name.endswith(".table"):
+            raise ValueError(f"upcycling left {name} without a source tensor")
+    return model

@@ -1,0 +1,78 @@
+"""Export to Hugging Face layouts (transformers is the reference) and sparse upcycling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from moe import ModelConfig, MoEConfig, MoETransformer  # noqa: E402
+from moe.hf import choose_family, export_hf  # noqa: E402
+from moe.upcycle import upcycle_hf_dense  # noqa: E402
+from routing import RouterConfig  # noqa: E402
+
+
+def tiny(**kw) -> ModelConfig:
+    moe = MoEConfig(num_experts=4, expert_ffn=24, kernel_backend="torch",
+                    router=kw.pop("router", RouterConfig(top_k=2)))
+    return ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                       max_seq_len=64, dense_ffn=40, moe=moe, **kw)
+
+
+@pytest.mark.parametrize("kw,family", [
+    ({}, "mixtral"),
+    ({"qk_norm": True}, "qwen3_moe"),
+    ({"qk_norm": True, "router": RouterConfig(top_k=2, renormalize=False),
+      "moe_layer_freq": 2}, "qwen3_moe"),
+    ({"tie_embeddings": True}, "mixtral"),
+])
+def test_export_loads_in_transformers_with_equal_logits(tmp_path, kw, family):
+    torch.manual_seed(0)
+    cfg = tiny(**kw)
+    model = MoETransformer(cfg)
+    with torch.no_grad():  # non-trivial norms, so a swapped norm would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    assert export_hf(cfg, model.state_dict(), tmp_path) == family
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32)
+    assert hf.config.model_type == family
+    ids = torch.randint(0, 96, (2, 17))
+    with torch.no_grad():
+        ours = model(ids).logits
+        theirs = hf(ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_models_without_an_hf_family_are_refused():
+    with pytest.raises(ValueError, match="sigmoid"):
+        choose_family(tiny(router=RouterConfig(top_k=2, score="sigmoid")))
+    with pytest.raises(ValueError, match="qk_norm"):
+        choose_family(tiny(moe_layer_freq=2))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_upcycled_model_equals_the_dense_model_at_step_0(tmp_path, family):
+    torch.manual_seed(0)
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if family == "llama":
+        hf_cfg = transformers.LlamaConfig(**common)
+        dense = transformers.LlamaForCausalLM(hf_cfg)
+    else:
+        hf_cfg = transformers.Qwen3Config(**common, head_dim=8)
+        dense = transformers.Qwen3ForCausalLM(hf_cfg)
+    dense.save_pretrained(tmp_path)
+    moe = MoEConfig(num_experts=4, kernel_backend="torch", router=RouterConfig(top_k=2))
+    model = upcycle_hf_dense(tmp_path, moe)
+    ids = torch.randint(0, 96, (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.layers[0].mlp.experts.w_in[0], model.layers[0].mlp.experts.w_in[3])
+
+
+def test_upcycling_refuses_unknown_families(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ValueError, match="gpt2"):
+        upcycle_hf_dense(tmp_path, MoEConfig())
