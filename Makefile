@@ -22,6 +22,8 @@ test: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) -m train experiment=tiny hydra.run.dir=runs/demo
+	$(PY) -m train.export runs/demo runs/demo/hf
+	$(PY) -m train.sample runs/demo
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

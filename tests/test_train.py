@@ -215,3 +215,14 @@ def test_train_upcycled_from_a_dense_model(tmp_path, data_cache):
                  f"trainer.upcycle_from={dense_dir}", f"data.tokenizer={dense_dir}")
     assert "upcycled" in proc.stdout
     assert len(losses(tmp_path / "up")) == 3
+
+
+def test_sample_cli(tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    train(run_dir, data_cache, "trainer.max_steps=2")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "train.sample", str(run_dir), "--prompt",
+                           "def f(x):", "--new-tokens", "6", "--temperature", "0"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--- prompt 'def f(x):'" in proc.stdout and "def f(x):" in proc.stdout
