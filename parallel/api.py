@@ -105,7 +105,9 @@ class Parallelized:
         for opt in self.optimizers:
             for p, st in opt.state.items():
                 layout = self._layout(names[id(p)])
-                for key, v in st.items():
+                # Sorted: to_canonical may run a collective, and every rank must take the
+                # state entries in one order.
+                for key, v in sorted(st.items()):
                     if torch.is_tensor(v) and v.shape == p.shape:
                         for canon, t in layout.to_canonical(v).items():
                             out[f"{canon}.{key}"] = t
@@ -125,7 +127,7 @@ class Parallelized:
                     keys = {k[len(layout.names[0]) + 1:] for k in state
                             if k.startswith(layout.names[0] + ".")}
                     st = {}
-                    for key in keys:
+                    for key in sorted(keys):  # one order on every rank (collectives inside)
                         full = {c: state[f"{c}.{key}"] for c in layout.names}
                         v = full[layout.names[0]]
                         if v.dim() == 0:

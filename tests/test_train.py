@@ -226,3 +226,15 @@ def test_sample_cli(tmp_path, data_cache):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--- prompt 'def f(x):'" in proc.stdout and "def f(x):" in proc.stdout
+
+
+@pytest.mark.parametrize("parallel", ["fssdp_fsdp2", "ep"])
+def test_two_rank_resume_matches_uninterrupted(tmp_path, data_cache, parallel):
+    common = ["trainer.max_steps=4", "trainer.ckpt_every=2", f"parallel={parallel}",
+              "parallel.timeout_s=60"]
+    train(tmp_path / "a", data_cache, *common, nproc=2)
+    train(tmp_path / "b", data_cache, *common[1:], "trainer.max_steps=2", nproc=2)
+    train(tmp_path / "b", data_cache, *common, "trainer.resume=true", nproc=2)
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    for step in (3, 4):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-5), step

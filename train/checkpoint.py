@@ -31,6 +31,10 @@ def _barrier() -> None:
 
 def save(ckpt_root: Path, step: int, par: Parallelized, extra: dict, model_config: dict) -> Path:
     """Write step `step` and point `latest` at it once every file is in place."""
+    if par.engine is not None and _is_main():
+        print("warning: the DeepSpeed engine's ZeRO optimizer state (dense parameters) is not "
+              "saved; the model and the expert optimizer are. A resume restarts the dense "
+              "optimizer's moments.", flush=True)
     final = ckpt_root / f"step_{step:08d}"
     tmp = ckpt_root / f".tmp_step_{step:08d}"
     if _is_main():
