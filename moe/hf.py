@@ -62,22 +62,38 @@ def _config_json(cfg: ModelConfig, family: str) -> dict:
                 use_sliding_window=False, sliding_window=None)
 
 
+# Per-family names of the router and of one expert's (gate, up, down) projections.
+EXPERT_NAMES = {
+    "mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts.{e}.", ("w1", "w3", "w2")),
+    "qwen3_moe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
+}
+
+
+def shared_names(n_layers: int, qk_norm: bool) -> list[tuple[str, str]]:
+    """(our name, Hub name) of the tensors every Llama-style family names alike: embeddings,
+    norms and attention (the LM head is left to the caller: it may be tied)."""
+    pairs = [("embed.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight")]
+    for i in range(n_layers):
+        src, dst = f"layers.{i}.", f"model.layers.{i}."
+        pairs += [(src + "attn_norm.weight", dst + "input_layernorm.weight"),
+                  (src + "mlp_norm.weight", dst + "post_attention_layernorm.weight")]
+        pairs += [(src + f"attn.{p}.weight", dst + f"self_attn.{p}.weight")
+                  for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        if qk_norm:
+            pairs += [(src + f"attn.{n}.weight", dst + f"self_attn.{n}.weight")
+                      for n in ("q_norm", "k_norm")]
+    return pairs
+
+
 def to_hf_state(cfg: ModelConfig, state: dict[str, torch.Tensor],
                 family: str) -> dict[str, torch.Tensor]:
     """Our single-process state dict -> the family's Hub tensor names."""
-    out = {"model.embed_tokens.weight": state["embed.weight"],
-           "model.norm.weight": state["norm.weight"]}
+    out = {hub: state[ours] for ours, hub in shared_names(cfg.n_layers, cfg.qk_norm)}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
+    gate_name, expert_prefix, (g, u, dn) = EXPERT_NAMES[family]
     for i in range(cfg.n_layers):
         src, dst = f"layers.{i}.", f"model.layers.{i}."
-        out[dst + "input_layernorm.weight"] = state[src + "attn_norm.weight"]
-        out[dst + "post_attention_layernorm.weight"] = state[src + "mlp_norm.weight"]
-        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out[dst + f"self_attn.{p}.weight"] = state[src + f"attn.{p}.weight"]
-        if cfg.qk_norm:
-            out[dst + "self_attn.q_norm.weight"] = state[src + "attn.q_norm.weight"]
-            out[dst + "self_attn.k_norm.weight"] = state[src + "attn.k_norm.weight"]
         if not cfg.is_moe_layer(i):
             gate, up = state[src + "mlp.w_in.weight"].chunk(2, dim=0)
             out[dst + "mlp.gate_proj.weight"] = gate
@@ -86,20 +102,12 @@ def to_hf_state(cfg: ModelConfig, state: dict[str, torch.Tensor],
             continue
         w_in, w_out = state[src + "mlp.experts.w_in"], state[src + "mlp.experts.w_out"]
         F = cfg.moe.expert_ffn
-        if family == "mixtral":
-            out[dst + "block_sparse_moe.gate.weight"] = state[src + "mlp.router.weight"]
-            for e in range(cfg.moe.num_experts):
-                base = dst + f"block_sparse_moe.experts.{e}."
-                out[base + "w1.weight"] = w_in[e, :F]
-                out[base + "w3.weight"] = w_in[e, F:]
-                out[base + "w2.weight"] = w_out[e]
-        else:
-            out[dst + "mlp.gate.weight"] = state[src + "mlp.router.weight"]
-            for e in range(cfg.moe.num_experts):
-                base = dst + f"mlp.experts.{e}."
-                out[base + "gate_proj.weight"] = w_in[e, :F]
-                out[base + "up_proj.weight"] = w_in[e, F:]
-                out[base + "down_proj.weight"] = w_out[e]
+        out[dst + gate_name + ".weight"] = state[src + "mlp.router.weight"]
+        for e in range(cfg.moe.num_experts):
+            base = dst + expert_prefix.format(e=e)
+            out[base + f"{g}.weight"] = w_in[e, :F]
+            out[base + f"{u}.weight"] = w_in[e, F:]
+            out[base + f"{dn}.weight"] = w_out[e]
     return {k: v.detach().to(torch.float32).contiguous().clone() for k, v in out.items()}
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from moe.config import ModelConfig, MoEConfig
-from moe.hf import load_hf_dense
+from moe.hf import load_hf_dense, shared_names
 from moe.model import MoETransformer
 
 
@@ -36,19 +36,11 @@ def upcycle_hf_dense(model_dir: Path, moe: MoEConfig,
     hf, state = load_hf_dense(Path(model_dir))
     cfg = config_from_dense(hf, moe)
     model = MoETransformer(cfg)
-    ours = {"embed.weight": state["model.embed_tokens.weight"],
-            "norm.weight": state["model.norm.weight"]}
+    ours = {name: state[hub] for name, hub in shared_names(cfg.n_layers, cfg.qk_norm)}
     ours["lm_head.weight"] = state.get("lm_head.weight", state["model.embed_tokens.weight"])
     E = moe.num_experts
     for i in range(cfg.n_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
-        ours[dst + "attn_norm.weight"] = state[src + "input_layernorm.weight"]
-        ours[dst + "mlp_norm.weight"] = state[src + "post_attention_layernorm.weight"]
-        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            ours[dst + f"attn.{p}.weight"] = state[src + f"self_attn.{p}.weight"]
-        if cfg.qk_norm:
-            ours[dst + "attn.q_norm.weight"] = state[src + "self_attn.q_norm.weight"]
-            ours[dst + "attn.k_norm.weight"] = state[src + "self_attn.k_norm.weight"]
         w_in = torch.cat([state[src + "mlp.gate_proj.weight"], state[src + "mlp.up_proj.weight"]])
         ours[dst + "mlp.experts.w_in"] = w_in.unsqueeze(0).repeat(E, 1, 1)
         ours[dst + "mlp.experts.w_out"] = state[src + "mlp.down_proj.weight"].unsqueeze(0) \

@@ -16,6 +16,16 @@ from kernels.triton.common import autotuning, cast_out, dot_precision, interpret
 from kernels.triton.schedule import block_schedule
 
 
+@triton.jit
+def _row_index(pair_idx, rows, mask, GROUPED: tl.constexpr, FAN_OUT: tl.constexpr):
+    """Rows of an operand for sorted rows `rows`: themselves when the operand is grouped,
+    else row sorted_pair_idx // FAN_OUT (token order: FAN_OUT = k; slot order: 1)."""
+    if GROUPED:
+        return rows
+    else:
+        return tl.load(pair_idx + rows, mask=mask, other=0) // FAN_OUT
+
+
 def _s2s_configs():
     if interpreting():
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
@@ -46,14 +56,8 @@ def _scatter2scatter_kernel(
         row_end = tl.load(offsets + e + 1)
         rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
         m_mask = rows < row_end
-        if X_GROUPED:
-            x_rows = rows
-        else:
-            x_rows = tl.load(pair_idx + rows, mask=m_mask, other=0) // FAN_OUT
-        if Y_GROUPED:
-            y_rows = rows
-        else:
-            y_rows = tl.load(pair_idx + rows, mask=m_mask, other=0)
+        x_rows = _row_index(pair_idx, rows, m_mask, X_GROUPED, FAN_OUT)
+        y_rows = _row_index(pair_idx, rows, m_mask, Y_GROUPED, 1)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = cols < N
         ks = tl.arange(0, BLOCK_K)
@@ -146,14 +150,8 @@ def _group_weight_grad_kernel(
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         m_mask = rows < end
-        if X_GROUPED:
-            x_rows = rows
-        else:
-            x_rows = tl.load(pair_idx + rows, mask=m_mask, other=0) // FAN_OUT
-        if DY_GROUPED:
-            dy_rows = rows
-        else:
-            dy_rows = tl.load(pair_idx + rows, mask=m_mask, other=0)
+        x_rows = _row_index(pair_idx, rows, m_mask, X_GROUPED, FAN_OUT)
+        dy_rows = _row_index(pair_idx, rows, m_mask, DY_GROUPED, 1)
         dy_t = tl.load(DY + dy_rows[None, :] * stride_dym + cols_n[:, None] * stride_dyn,
                        mask=m_mask[None, :] & n_mask[:, None], other=0.0)
         x = tl.load(X + x_rows[:, None] * stride_xm + cols_k[None, :] * stride_xk,
