@@ -46,11 +46,41 @@ def upcycle_hf_dense(model_dir: Path, moe: MoEConfig,
         ours[dst + "mlp.experts.w_out"] = state[src + "mlp.down_proj.weight"].unsqueeze(0) \
             .repeat(E, 1, 1)
         ours[dst + "mlp.router.weight"] = torch.randn(E, cfg.d_model) * router_std
-    own = model.state_dict()
-    for name, t in own.items():
-        if name in ours:
-            with torch.no_grad():
-                t.copy_(ours[name].to(t.dtype))
-        elif not name.endswith("expert_bias") and not name.endswith(".table"):
-            raise ValueError(f"upcycling left {name} without a source tensor")
+    _copy_into(model, ours)
     return model
+
+
+def upcycle_dense_model(dense_cfg: ModelConfig, dense_state: dict[str, torch.Tensor],
+                        moe: MoEConfig, router_std: float = 0.0) -> MoETransformer:
+    """One of our models with only dense layers (first_dense_layers >= n_layers) -> the same
+    model with every MLP replaced by E copies of it behind a router."""
+    dense_layers = [i for i in range(dense_cfg.n_layers) if not dense_cfg.is_moe_layer(i)]
+    if len(dense_layers) != dense_cfg.n_layers:
+        raise ValueError("upcycling needs a dense model: this checkpoint already has MoE layers "
+                         f"{[i for i in range(dense_cfg.n_layers) if dense_cfg.is_moe_layer(i)]}")
+    moe.expert_ffn, moe.expert_type = dense_cfg.dense_ffn, dense_cfg.moe.expert_type
+    cfg = ModelConfig(**{**dense_cfg.__dict__, "moe": moe, "first_dense_layers": 0,
+                         "moe_layer_freq": 1})
+    model = MoETransformer(cfg)
+    E = moe.num_experts
+    ours = {}
+    for name, t in dense_state.items():
+        if ".mlp.w_in." in name or ".mlp.w_out." in name:
+            layer = name.split(".mlp.")[0]
+            which = "w_in" if ".w_in." in name else "w_out"
+            ours[f"{layer}.mlp.experts.{which}"] = t.unsqueeze(0).repeat(E, 1, 1)
+        elif ".mlp.router." not in name and ".mlp.experts." not in name:
+            ours[name] = t
+    for i in range(cfg.n_layers):
+        ours[f"layers.{i}.mlp.router.weight"] = torch.randn(E, cfg.d_model) * router_std
+    _copy_into(model, ours)
+    return model
+
+
+def _copy_into(model: MoETransformer, tensors: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name in tensors:
+                t.copy_(tensors[name].to(t.dtype))
+            elif not name.endswith("expert_bias") and not name.endswith(".table"):
+                raise ValueError(f"upcycling left {name} without a source tensor")

@@ -76,3 +76,19 @@ def test_upcycling_refuses_unknown_families(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(ValueError, match="gpt2"):
         upcycle_hf_dense(tmp_path, MoEConfig())
+
+
+def test_upcycle_one_of_our_dense_models():
+    from moe.upcycle import upcycle_dense_model
+
+    torch.manual_seed(0)
+    dense_cfg = tiny(first_dense_layers=2)
+    dense = MoETransformer(dense_cfg)
+    moe = MoEConfig(num_experts=4, kernel_backend="torch", router=RouterConfig(top_k=2))
+    model = upcycle_dense_model(dense_cfg, dense.state_dict(), moe)
+    assert all(b.is_moe for b in model.layers)
+    ids = torch.randint(0, 96, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="already has MoE layers"):
+        upcycle_dense_model(tiny(), MoETransformer(tiny()).state_dict(), moe)

@@ -238,3 +238,12 @@ def test_two_rank_resume_matches_uninterrupted(tmp_path, data_cache, parallel):
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     for step in (3, 4):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-5), step
+
+
+def test_train_upcycled_from_one_of_our_dense_runs(tmp_path, data_cache):
+    train(tmp_path / "dense", data_cache, "trainer.max_steps=2", "model.first_dense_layers=2")
+    proc = train(tmp_path / "up", data_cache, "trainer.max_steps=2",
+                 f"trainer.upcycle_from={tmp_path / 'dense'}")
+    assert "upcycled" in proc.stdout and len(losses(tmp_path / "up")) == 2
+    rec = json.loads((tmp_path / "up" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert len(rec["expert_load"]) == 2  # both layers are MoE now

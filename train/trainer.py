@@ -102,6 +102,24 @@ def update_expert_biases(model: MoETransformer, routings, mesh) -> None:
         layer.router.update_expert_bias(load)
 
 
+def upcycle(source: Path, moe) -> MoETransformer:
+    """A dense HF folder (config.json) or one of our dense checkpoints -> an upcycled MoE."""
+    from moe.upcycle import upcycle_dense_model, upcycle_hf_dense
+
+    if (source / "config.json").exists():
+        return upcycle_hf_dense(source, moe, router_std=0.02)
+    for root in (source, source / "checkpoints"):
+        if (root / "latest").exists():
+            source = checkpoint.latest(root)
+    if source is None or not (source / "model_config.json").exists():
+        raise FileNotFoundError(f"trainer.upcycle_from={source}: neither a Hugging Face folder "
+                                "(config.json) nor one of our checkpoints (model_config.json)")
+    dense_cfg = checkpoint.model_config(source)
+    dense = parallelize(MoETransformer(dense_cfg), None)
+    checkpoint.load(source, dense, load_optimizer=False)
+    return upcycle_dense_model(dense_cfg, dense.full_state_dict(), moe, router_std=0.02)
+
+
 def build_optimizer_factory(cfg: TrainConfig):
     o = cfg.optim
 
@@ -140,9 +158,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
     torch.manual_seed(cfg.trainer.seed)
     dtype = getattr(torch, cfg.trainer.dtype)
     if cfg.trainer.upcycle_from:
-        from moe.upcycle import upcycle_hf_dense
-
-        model = upcycle_hf_dense(Path(cfg.trainer.upcycle_from), cfg.model.moe, router_std=0.02)
+        model = upcycle(Path(cfg.trainer.upcycle_from), cfg.model.moe)
         cfg.model = model.cfg  # the dense model decides the shape
         log(f"upcycled {cfg.trainer.upcycle_from} into {cfg.model.moe.num_experts} experts")
         if model.cfg.vocab_size != batches.vocab_size:
