@@ -147,3 +147,73 @@ def load_hf_dense(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     for f in files:
         state.update(load_file(str(f)))
     return hf, state
+
+
+def import_hf(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A Mixtral or Qwen3-MoE directory (sharded safetensors or not; ours from export_hf too)
+    -> (ModelConfig, our single-process state dict)."""
+    from moe.config import MoEConfig
+    from routing.config import RouterConfig
+
+    model_dir = Path(model_dir)
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
+    hf = json.loads(cfg_path.read_text())
+    family = hf.get("model_type")
+    if family not in EXPERT_NAMES:
+        raise ValueError(f"unsupported architecture model_type={family!r}; supported: "
+                         f"{', '.join(EXPERT_NAMES)}")
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} has no .safetensors files")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    rope = hf.get("rope_parameters") or {}
+    n_layers = hf["num_hidden_layers"]
+    if family == "mixtral":
+        moe = MoEConfig(num_experts=hf["num_local_experts"], expert_ffn=hf["intermediate_size"],
+                        router=RouterConfig(top_k=hf["num_experts_per_tok"], renormalize=True))
+        dense_layers: list[int] = []
+    else:
+        # the Hub's config.json says num_experts; transformers 5 writes num_local_experts
+        n_exp = hf.get("num_experts") or hf["num_local_experts"]
+        moe = MoEConfig(num_experts=n_exp, expert_ffn=hf["moe_intermediate_size"],
+                        router=RouterConfig(top_k=hf["num_experts_per_tok"],
+                                            renormalize=hf.get("norm_topk_prob", True)))
+        step = hf.get("decoder_sparse_step", 1)
+        dense_layers = [i for i in range(n_layers) if i in (hf.get("mlp_only_layers") or [])
+                        or (i + 1) % step != 0]
+    if dense_layers and dense_layers != list(range(len(dense_layers))):
+        raise ValueError(f"dense layers {dense_layers} are not a leading block; "
+                         "this layer pattern is not supported")
+    cfg = ModelConfig(
+        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=n_layers,
+        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or
+        hf["num_attention_heads"], head_dim=hf.get("head_dim"),
+        max_seq_len=hf.get("max_position_embeddings", 4096),
+        rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
+        norm_eps=hf.get("rms_norm_eps", 1e-6), qk_norm=family == "qwen3_moe",
+        dense_ffn=hf.get("intermediate_size", 0) if family != "mixtral" else 1,
+        moe=moe, first_dense_layers=len(dense_layers),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    state = {ours: tensors[hub] for ours, hub in shared_names(n_layers, cfg.qk_norm)}
+    state["lm_head.weight"] = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
+    gate_name, expert_prefix, (g, u, dn) = EXPERT_NAMES[family]
+    for i in range(n_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        if i in dense_layers:
+            state[dst + "mlp.w_in.weight"] = torch.cat([tensors[src + "mlp.gate_proj.weight"],
+                                                        tensors[src + "mlp.up_proj.weight"]])
+            state[dst + "mlp.w_out.weight"] = tensors[src + "mlp.down_proj.weight"]
+            continue
+        state[dst + "mlp.router.weight"] = tensors[src + gate_name + ".weight"]
+        ws_in, ws_out = [], []
+        for e in range(moe.num_experts):
+            base = src + expert_prefix.format(e=e)
+            ws_in.append(torch.cat([tensors[base + f"{g}.weight"], tensors[base + f"{u}.weight"]]))
+            ws_out.append(tensors[base + f"{dn}.weight"])
+        state[dst + "mlp.experts.w_in"] = torch.stack(ws_in)
+        state[dst + "mlp.experts.w_out"] = torch.stack(ws_out)
+    return cfg, state

@@ -92,3 +92,37 @@ def test_upcycle_one_of_our_dense_models():
         torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="already has MoE layers"):
         upcycle_dense_model(tiny(), MoETransformer(tiny()).state_dict(), moe)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_import_hf_matches_transformers(tmp_path, family):
+    from moe.hf import import_hf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2)
+    if family == "mixtral":
+        hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            **common, intermediate_size=40, num_local_experts=4))
+    else:
+        hf = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            **common, intermediate_size=48, moe_intermediate_size=24, num_experts=4,
+            head_dim=8, norm_topk_prob=False, mlp_only_layers=[0]))
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")  # sharded, as on the Hub
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    cfg, state = import_hf(tmp_path)
+    model = MoETransformer(cfg)
+    model.load_state_dict(state)
+    ids = torch.randint(0, 96, (2, 15))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_import_hf_errors(tmp_path):
+    from moe.hf import import_hf
+
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        import_hf(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        import_hf(tmp_path)
