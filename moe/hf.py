@@ -128,25 +128,33 @@ def export_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], out_dir: Path,
     return family
 
 
+def _read_config(model_dir: Path) -> dict:
+    cfg_path = Path(model_dir) / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
+    return json.loads(cfg_path.read_text())
+
+
+def _read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the directory's safetensors files (one file or a sharded set)."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} has no .safetensors files")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
 def load_hf_dense(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """A dense Llama / Qwen3 directory -> (config.json as a dict, its tensors)."""
-    model_dir = Path(model_dir)
-    cfg_path = model_dir / "config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{model_dir} has no config.json")
-    hf = json.loads(cfg_path.read_text())
+    hf = _read_config(model_dir)
     if hf.get("model_type") not in ("llama", "qwen3", "mistral"):
         raise ValueError(f"cannot upcycle model_type={hf.get('model_type')!r}: "
                          "supported dense families are llama, mistral and qwen3")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ValueError("cannot upcycle a model with attention or MLP biases")
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir} has no .safetensors files")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return hf, state
+    return hf, _read_tensors(model_dir)
 
 
 def import_hf(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -155,21 +163,12 @@ def import_hf(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     from moe.config import MoEConfig
     from routing.config import RouterConfig
 
-    model_dir = Path(model_dir)
-    cfg_path = model_dir / "config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
-    hf = json.loads(cfg_path.read_text())
+    hf = _read_config(model_dir)
     family = hf.get("model_type")
     if family not in EXPERT_NAMES:
         raise ValueError(f"unsupported architecture model_type={family!r}; supported: "
                          f"{', '.join(EXPERT_NAMES)}")
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir} has no .safetensors files")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(load_file(str(f)))
+    tensors = _read_tensors(model_dir)
     rope = hf.get("rope_parameters") or {}
     n_layers = hf["num_hidden_layers"]
     if family == "mixtral":
