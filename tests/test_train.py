@@ -228,7 +228,7 @@ def test_sample_cli(tmp_path, data_cache):
     assert "--- prompt 'def f(x):'" in proc.stdout and "def f(x):" in proc.stdout
 
 
-@pytest.mark.parametrize("parallel", ["fssdp_fsdp2", "ep"])
+@pytest.mark.parametrize("parallel", ["fssdp_fsdp2", "ep", "fssdp_deepspeed"])
 def test_two_rank_resume_matches_uninterrupted(tmp_path, data_cache, parallel):
     common = ["trainer.max_steps=4", "trainer.ckpt_every=2", f"parallel={parallel}",
               "parallel.timeout_s=60"]

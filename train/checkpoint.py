@@ -31,10 +31,6 @@ def _barrier() -> None:
 
 def save(ckpt_root: Path, step: int, par: Parallelized, extra: dict, model_config: dict) -> Path:
     """Write step `step` and point `latest` at it once every file is in place."""
-    if par.engine is not None and _is_main():
-        print("warning: the DeepSpeed engine's ZeRO optimizer state (dense parameters) is not "
-              "saved; the model and the expert optimizer are. A resume restarts the dense "
-              "optimizer's moments.", flush=True)
     final = ckpt_root / f"step_{step:08d}"
     tmp = ckpt_root / f".tmp_step_{step:08d}"
     if _is_main():
@@ -48,7 +44,13 @@ def save(ckpt_root: Path, step: int, par: Parallelized, extra: dict, model_confi
         dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     # Per-rank state that does not reshard (RNG) sits beside the DCP files.
     rank = dist.get_rank() if dist.is_initialized() else 0
-    torch.save({"rng": torch.get_rng_state(), **extra}, tmp / f"rank{rank}_extra.pt")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    torch.save({"rng": torch.get_rng_state(), "world_size": world, **extra},
+               tmp / f"rank{rank}_extra.pt")
+    if par.engine is not None:
+        # ZeRO partitions the dense optimizer state by rank: DeepSpeed's own files keep it,
+        # reloadable on the same number of ranks (the model itself is in the DCP files).
+        par.engine.save_checkpoint(str(tmp / "deepspeed"), tag="engine", save_latest=False)
     _barrier()
     if _is_main():
         (tmp / "model_config.json").write_text(json.dumps(model_config, indent=1))
@@ -59,6 +61,19 @@ def save(ckpt_root: Path, step: int, par: Parallelized, extra: dict, model_confi
         os.replace(latest_tmp, ckpt_root / "latest")
     _barrier()
     return final
+
+
+def _load_deepspeed_optimizer(path: Path, par: Parallelized) -> None:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    extra = torch.load(path / "rank0_extra.pt", weights_only=False)
+    if not (path / "deepspeed").exists() or extra.get("world_size") != world:
+        if _is_main():
+            print(f"warning: {path} holds no DeepSpeed optimizer state for {world} ranks; the "
+                  "dense optimizer's moments restart (model and expert optimizer restored)",
+                  flush=True)
+        return
+    par.engine.load_checkpoint(str(path / "deepspeed"), tag="engine", load_module_strict=False,
+                               load_optimizer_states=True, load_lr_scheduler_states=False)
 
 
 def model_config(path: Path):
@@ -112,7 +127,9 @@ def load(path: Path, par: Parallelized, load_optimizer: bool = True) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-    par.load_full_state_dict(state["model"])
+    if par.engine is not None and load_optimizer:
+        _load_deepspeed_optimizer(path, par)
+    par.load_full_state_dict(state["model"])  # after DeepSpeed's load: it writes the module
     if "optim" in state:
         par.load_optimizer_state(state["optim"])
     rank = dist.get_rank() if dist.is_initialized() else 0
