@@ -45,22 +45,29 @@ class Attention(nn.Module):
     """x [B, S, d] -> [B, S, d]: causal GQA through scaled_dot_product_attention."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
-                 qk_norm: bool = False, eps: float = 1e-6):
+                 qk_norm: bool = False, eps: float = 1e-6, qk_norm_type: str = "head",
+                 qkv_bias: bool = False):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
-        self.q_norm = RMSNorm(head_dim, eps) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim, eps) if qk_norm else None
+        self.full_qk_norm = qk_norm_type == "full"
+        q_dim, k_dim = ((n_heads * head_dim, n_kv_heads * head_dim) if self.full_qk_norm
+                        else (head_dim, head_dim))
+        self.q_norm = RMSNorm(q_dim, eps) if qk_norm else None
+        self.k_norm = RMSNorm(k_dim, eps) if qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None and self.full_qk_norm:  # OLMoE: over the whole projection
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.n_heads, self.head_dim)
+        k = k.view(B, S, self.n_kv_heads, self.head_dim)
+        v = v.view(B, S, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None and not self.full_qk_norm:  # Qwen3: per head
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -54,6 +54,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     qk_norm: bool = False
+    qk_norm_type: str = "head"  # "head": RMSNorm per head (Qwen3); "full": over q / k (OLMoE)
+    qkv_bias: bool = False  # biases on q, k, v projections (Qwen2-MoE)
     dense_ffn: int = 512
     moe: MoEConfig = field(default_factory=MoEConfig)
     moe_layer_freq: int = 1
@@ -81,6 +83,8 @@ class ModelConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.resolved_head_dim % 2:
             raise ValueError(f"head_dim={self.resolved_head_dim} must be even for RoPE")
+        if self.qk_norm_type not in ("head", "full"):
+            raise ValueError(f"qk_norm_type must be head or full, got {self.qk_norm_type!r}")
         if self.moe_layer_freq < 1:
             raise ValueError(f"moe_layer_freq must be >= 1, got {self.moe_layer_freq}")
         self.moe.check()

@@ -28,6 +28,10 @@ def choose_family(cfg: ModelConfig) -> str:
         problems.append("shared experts (neither family has them)")
     if r.routed_scaling_factor != 1.0:
         problems.append("routed_scaling_factor != 1")
+    if cfg.qkv_bias:
+        problems.append("q/k/v biases")
+    if cfg.qk_norm and cfg.qk_norm_type != "head":
+        problems.append("full-width q/k norms (OLMoE's)")
     if problems:
         raise ValueError("this model has no Mixtral or Qwen3-MoE equivalent: "
                          + "; ".join(problems))
@@ -66,10 +70,13 @@ def _config_json(cfg: ModelConfig, family: str) -> dict:
 EXPERT_NAMES = {
     "mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts.{e}.", ("w1", "w3", "w2")),
     "qwen3_moe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
+    "qwen2_moe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
+    "olmoe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
 }
+EXPORT_FAMILIES = ("mixtral", "qwen3_moe")
 
 
-def shared_names(n_layers: int, qk_norm: bool) -> list[tuple[str, str]]:
+def shared_names(n_layers: int, qk_norm: bool, qkv_bias: bool = False) -> list[tuple[str, str]]:
     """(our name, Hub name) of the tensors every Llama-style family names alike: embeddings,
     norms and attention (the LM head is left to the caller: it may be tied)."""
     pairs = [("embed.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight")]
@@ -82,6 +89,9 @@ def shared_names(n_layers: int, qk_norm: bool) -> list[tuple[str, str]]:
         if qk_norm:
             pairs += [(src + f"attn.{n}.weight", dst + f"self_attn.{n}.weight")
                       for n in ("q_norm", "k_norm")]
+        if qkv_bias:
+            pairs += [(src + f"attn.{p}.bias", dst + f"self_attn.{p}.bias")
+                      for p in ("q_proj", "k_proj", "v_proj")]
     return pairs
 
 
@@ -111,11 +121,17 @@ def to_hf_state(cfg: ModelConfig, state: dict[str, torch.Tensor],
     return {k: v.detach().to(torch.float32).contiguous().clone() for k, v in out.items()}
 
 
+def _check_export_family(family: str) -> None:
+    if family not in EXPORT_FAMILIES:
+        raise ValueError(f"export writes {', '.join(EXPORT_FAMILIES)}, not {family!r}")
+
+
 def export_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], out_dir: Path,
               tokenizer_file: Path | None = None, eos_token: str = "<|endoftext|>",
               family: str | None = None) -> str:
     """Write out_dir/{config.json, model.safetensors, tokenizer files}; returns the family."""
     family = family or choose_family(cfg)
+    _check_export_family(family)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(to_hf_state(cfg, state, family), str(out_dir / "model.safetensors"),
               metadata={"format": "pt"})
@@ -158,8 +174,8 @@ def load_hf_dense(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def import_hf(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """A Mixtral or Qwen3-MoE directory (sharded safetensors or not; ours from export_hf too)
-    -> (ModelConfig, our single-process state dict)."""
+    """A Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE directory (sharded safetensors or not; ours
+    from export_hf too) -> (ModelConfig, our single-process state dict)."""
     from moe.config import MoEConfig
     from routing.config import RouterConfig
 
@@ -171,16 +187,23 @@ def import_hf(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     tensors = _read_tensors(model_dir)
     rope = hf.get("rope_parameters") or {}
     n_layers = hf["num_hidden_layers"]
-    if family == "mixtral":
-        moe = MoEConfig(num_experts=hf["num_local_experts"], expert_ffn=hf["intermediate_size"],
-                        router=RouterConfig(top_k=hf["num_experts_per_tok"], renormalize=True))
-        dense_layers: list[int] = []
+    shared_ffn = hf.get("shared_expert_intermediate_size", 0) if family == "qwen2_moe" else 0
+    dense_layers: list[int] = []
+    if family in ("mixtral", "olmoe"):
+        n_exp = hf.get("num_local_experts") or hf.get("num_experts")
+        moe = MoEConfig(num_experts=n_exp, expert_ffn=hf["intermediate_size"],
+                        router=RouterConfig(top_k=hf["num_experts_per_tok"],
+                                            renormalize=hf.get("norm_topk_prob",
+                                                               family == "mixtral")))
     else:
         # the Hub's config.json says num_experts; transformers 5 writes num_local_experts
         n_exp = hf.get("num_experts") or hf["num_local_experts"]
         moe = MoEConfig(num_experts=n_exp, expert_ffn=hf["moe_intermediate_size"],
                         router=RouterConfig(top_k=hf["num_experts_per_tok"],
-                                            renormalize=hf.get("norm_topk_prob", True)))
+                                            renormalize=hf.get("norm_topk_prob",
+                                                               family == "qwen3_moe")),
+                        num_shared_experts=1 if shared_ffn else 0,
+                        shared_expert_ffn=shared_ffn or None, shared_expert_gate=bool(shared_ffn))
         step = hf.get("decoder_sparse_step", 1)
         dense_layers = [i for i in range(n_layers) if i in (hf.get("mlp_only_layers") or [])
                         or (i + 1) % step != 0]
@@ -193,11 +216,14 @@ def import_hf(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         hf["num_attention_heads"], head_dim=hf.get("head_dim"),
         max_seq_len=hf.get("max_position_embeddings", 4096),
         rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
-        norm_eps=hf.get("rms_norm_eps", 1e-6), qk_norm=family == "qwen3_moe",
-        dense_ffn=hf.get("intermediate_size", 0) if family != "mixtral" else 1,
+        norm_eps=hf.get("rms_norm_eps", 1e-6), qk_norm=family in ("qwen3_moe", "olmoe"),
+        qk_norm_type="full" if family == "olmoe" else "head",
+        qkv_bias=family == "qwen2_moe" and hf.get("qkv_bias", True),
+        dense_ffn=hf.get("intermediate_size", 0) if family in ("qwen2_moe", "qwen3_moe") else 1,
         moe=moe, first_dense_layers=len(dense_layers),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
-    state = {ours: tensors[hub] for ours, hub in shared_names(n_layers, cfg.qk_norm)}
+    state = {ours: tensors[hub]
+             for ours, hub in shared_names(n_layers, cfg.qk_norm, cfg.qkv_bias)}
     state["lm_head.weight"] = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
     gate_name, expert_prefix, (g, u, dn) = EXPERT_NAMES[family]
     for i in range(n_layers):
@@ -215,4 +241,10 @@ def import_hf(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
             ws_out.append(tensors[base + f"{dn}.weight"])
         state[dst + "mlp.experts.w_in"] = torch.stack(ws_in)
         state[dst + "mlp.experts.w_out"] = torch.stack(ws_out)
+        if shared_ffn:  # Qwen2-MoE: one sigmoid-gated shared expert
+            sh = src + "mlp.shared_expert."
+            state[dst + "mlp.shared.mlp.w_in.weight"] = torch.cat(
+                [tensors[sh + "gate_proj.weight"], tensors[sh + "up_proj.weight"]])
+            state[dst + "mlp.shared.mlp.w_out.weight"] = tensors[sh + "down_proj.weight"]
+            state[dst + "mlp.shared.gate.weight"] = tensors[src + "mlp.shared_expert_gate.weight"]
     return cfg, state

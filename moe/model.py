@@ -34,7 +34,7 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim,
-                              cfg.qk_norm, cfg.norm_eps)
+                              cfg.qk_norm, cfg.norm_eps, cfg.qk_norm_type, cfg.qkv_bias)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         if self.is_moe:
@@ -72,6 +72,8 @@ class MoETransformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight") or ".q_norm." in name or ".k_norm." in name:
                 p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
             else:
                 p.normal_(0.0, std)
 

@@ -126,3 +126,37 @@ def test_import_hf_errors(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match="unsupported architecture"):
         import_hf(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+def test_import_qwen2_moe_and_olmoe_match_transformers(tmp_path, family):
+    from moe.hf import choose_family, import_hf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2,
+                  num_experts=4)
+    if family == "qwen2_moe":
+        hf = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+            **common, intermediate_size=48, moe_intermediate_size=24,
+            shared_expert_intermediate_size=40, mlp_only_layers=[0]))
+        with torch.no_grad():  # q/k/v biases are zero at init: make them count
+            for name, p in hf.named_parameters():
+                if name.endswith("proj.bias"):
+                    p.normal_(0, 0.5)
+    else:
+        hf = transformers.OlmoeForCausalLM(transformers.OlmoeConfig(**common,
+                                                                     intermediate_size=24))
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if "norm" in name:
+                    p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path)
+    cfg, state = import_hf(tmp_path)
+    model = MoETransformer(cfg)
+    model.load_state_dict(state)
+    ids = torch.randint(0, 96, (2, 15))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no Mixtral or Qwen3-MoE equivalent"):
+        choose_family(cfg)
