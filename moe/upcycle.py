@@ -3,6 +3,7 @@ copying its MLP into every expert; attention, norms and embeddings are copied as
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from moe.model import MoETransformer
 
 def config_from_dense(hf: dict, moe: MoEConfig) -> ModelConfig:
     """A dense HF config.json + the MoE settings -> our ModelConfig (every layer MoE)."""
-    moe.expert_ffn = hf["intermediate_size"]
+    moe = dataclasses.replace(moe, expert_ffn=hf["intermediate_size"])
     rope = hf.get("rope_parameters") or {}
     return ModelConfig(
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
@@ -58,7 +59,8 @@ def upcycle_dense_model(dense_cfg: ModelConfig, dense_state: dict[str, torch.Ten
     if len(dense_layers) != dense_cfg.n_layers:
         raise ValueError("upcycling needs a dense model: this checkpoint already has MoE layers "
                          f"{[i for i in range(dense_cfg.n_layers) if dense_cfg.is_moe_layer(i)]}")
-    moe.expert_ffn, moe.expert_type = dense_cfg.dense_ffn, dense_cfg.moe.expert_type
+    moe = dataclasses.replace(moe, expert_ffn=dense_cfg.dense_ffn,
+                              expert_type=dense_cfg.moe.expert_type)
     cfg = ModelConfig(**{**dense_cfg.__dict__, "moe": moe, "first_dense_layers": 0,
                          "moe_layer_freq": 1})
     model = MoETransformer(cfg)

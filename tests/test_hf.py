@@ -96,8 +96,6 @@ def test_upcycle_one_of_our_dense_models():
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_import_hf_matches_transformers(tmp_path, family):
-    from moe.hf import import_hf
-
     torch.manual_seed(0)
     common = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2)
@@ -110,12 +108,20 @@ def test_import_hf_matches_transformers(tmp_path, family):
             head_dim=8, norm_topk_prob=False, mlp_only_layers=[0]))
     hf.save_pretrained(tmp_path, max_shard_size="20KB")  # sharded, as on the Hub
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
-    cfg, state = import_hf(tmp_path)
+    assert_import_matches(hf, tmp_path)
+
+
+def assert_import_matches(hf, model_dir):
+    """Import model_dir into our model; its logits must equal the transformers model's."""
+    from moe.hf import import_hf
+
+    cfg, state = import_hf(model_dir)
     model = MoETransformer(cfg)
     model.load_state_dict(state)
     ids = torch.randint(0, 96, (2, 15))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+    return cfg
 
 
 def test_import_hf_errors(tmp_path):
@@ -130,7 +136,7 @@ def test_import_hf_errors(tmp_path):
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
 def test_import_qwen2_moe_and_olmoe_match_transformers(tmp_path, family):
-    from moe.hf import choose_family, import_hf
+    from moe.hf import choose_family
 
     torch.manual_seed(0)
     common = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
@@ -152,11 +158,6 @@ def test_import_qwen2_moe_and_olmoe_match_transformers(tmp_path, family):
                 if "norm" in name:
                     p.uniform_(0.5, 1.5)
     hf.save_pretrained(tmp_path)
-    cfg, state = import_hf(tmp_path)
-    model = MoETransformer(cfg)
-    model.load_state_dict(state)
-    ids = torch.randint(0, 96, (2, 15))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+    cfg = assert_import_matches(hf, tmp_path)
     with pytest.raises(ValueError, match="no Mixtral or Qwen3-MoE equivalent"):
         choose_family(cfg)

@@ -87,6 +87,16 @@ def model_config(path: Path):
     return ModelConfig(**raw)
 
 
+def resolve(path: Path) -> Path | None:
+    """A step folder, a checkpoints/ folder or a run dir -> the step folder it means (the
+    newest for the last two), or None when there is no checkpoint there."""
+    for root in (path, path / "checkpoints"):
+        if (root / "latest").exists():
+            path = latest(root)
+            break
+    return path if path is not None and (path / "model_config.json").exists() else None
+
+
 def latest(ckpt_root: Path) -> Path | None:
     pointer = ckpt_root / "latest"
     if not pointer.exists():

@@ -22,12 +22,10 @@ def find_tokenizer(ckpt: Path) -> Path | None:
 
 def export(ckpt: Path, out_dir: Path, family: str | None = None) -> str:
     """Load `ckpt` (a step folder, or a run's checkpoints folder: its latest) and export."""
-    if (ckpt / "latest").exists():
-        ckpt = checkpoint.latest(ckpt)
-    elif (ckpt / "checkpoints" / "latest").exists():
-        ckpt = checkpoint.latest(ckpt / "checkpoints")
-    if ckpt is None or not (ckpt / "model_config.json").exists():
+    resolved = checkpoint.resolve(ckpt)
+    if resolved is None:
         raise FileNotFoundError(f"{ckpt} is not a checkpoint (no model_config.json)")
+    ckpt = resolved
     cfg = checkpoint.model_config(ckpt)
     par = parallelize(MoETransformer(cfg), None)
     checkpoint.load(ckpt, par, load_optimizer=False)

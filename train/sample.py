@@ -45,11 +45,8 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     from tokenizers import Tokenizer
 
-    ckpt = a.checkpoint
-    for root in (ckpt, ckpt / "checkpoints"):
-        if (root / "latest").exists():
-            ckpt = checkpoint.latest(root)
-    if ckpt is None or not (ckpt / "model_config.json").exists():
+    ckpt = checkpoint.resolve(a.checkpoint)
+    if ckpt is None:
         sys.exit(f"error: {a.checkpoint} is not a checkpoint (no model_config.json)")
     tok_file = find_tokenizer(ckpt)
     if tok_file is None:

@@ -3,6 +3,7 @@ with warm-up and cosine decay -> metrics and checkpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from moe import MoETransformer
-from parallel import ParallelConfig, Parallelized, init_distributed, parallelize
+from parallel import Parallelized, init_distributed, parallelize
 from train import checkpoint
 from train.config import TrainConfig
 from train.data import TokenBatches, prepare
@@ -108,15 +109,13 @@ def upcycle(source: Path, moe) -> MoETransformer:
 
     if (source / "config.json").exists():
         return upcycle_hf_dense(source, moe, router_std=0.02)
-    for root in (source, source / "checkpoints"):
-        if (root / "latest").exists():
-            source = checkpoint.latest(root)
-    if source is None or not (source / "model_config.json").exists():
+    resolved = checkpoint.resolve(source)
+    if resolved is None:
         raise FileNotFoundError(f"trainer.upcycle_from={source}: neither a Hugging Face folder "
                                 "(config.json) nor one of our checkpoints (model_config.json)")
-    dense_cfg = checkpoint.model_config(source)
+    dense_cfg = checkpoint.model_config(resolved)
     dense = parallelize(MoETransformer(dense_cfg), None)
-    checkpoint.load(source, dense, load_optimizer=False)
+    checkpoint.load(resolved, dense, load_optimizer=False)
     return upcycle_dense_model(dense_cfg, dense.full_state_dict(), moe, router_std=0.02)
 
 
@@ -192,7 +191,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
     peak = peak_flops(device, cfg.trainer.peak_tflops)
     kill_after = int(os.environ.get("MOE_KILL_AFTER_STEP", "-1"))  # fault injection (tests)
     losses = []
-    guard = mesh.guard() if mesh else _nullcontext()
+    guard = mesh.guard() if mesh else contextlib.nullcontext()
     with guard:
         for step in range(start + 1, cfg.trainer.max_steps + 1):
             t0 = time.perf_counter()
@@ -239,14 +238,3 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
     if mesh:
         mesh.close()
     return losses
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-__all__ = ["ParallelConfig", "run"]
