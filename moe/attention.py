@@ -59,7 +59,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(q_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(k_dim, eps) if qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, S, d], cos/sin [S, hd] or [B, S, hd] -> q [B, H, S, hd], k, v [B, Hkv, S, hd]
+        (normed and rotated: what a KV cache stores)."""
         B, S, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_norm is not None and self.full_qk_norm:  # OLMoE: over the whole projection
@@ -70,7 +73,13 @@ class Attention(nn.Module):
         if self.q_norm is not None and not self.full_qk_norm:  # Qwen3: per head
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos.dim() == 3:  # per-sequence positions (left-padded batches)
+            cos, sin = cos[:, None], sin[:, None]
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         o = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
         )

@@ -173,18 +173,20 @@ def load_hf_dense(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return hf, _read_tensors(model_dir)
 
 
-def import_hf(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """A Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE directory (sharded safetensors or not; ours
-    from export_hf too) -> (ModelConfig, our single-process state dict)."""
+def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
+    """A Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE config.json (as a dict) -> (our ModelConfig,
+    the family, the indices of its dense layers); ValueError names what is not supported."""
     from moe.config import MoEConfig
     from routing.config import RouterConfig
 
-    hf = _read_config(model_dir)
     family = hf.get("model_type")
     if family not in EXPERT_NAMES:
         raise ValueError(f"unsupported architecture model_type={family!r}; supported: "
                          f"{', '.join(EXPERT_NAMES)}")
-    tensors = _read_tensors(model_dir)
+    missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                           "vocab_size", "num_experts_per_tok") if k not in hf]
+    if missing:
+        raise ValueError(f"config.json of a {family} model lacks {', '.join(missing)}")
     rope = hf.get("rope_parameters") or {}
     n_layers = hf["num_hidden_layers"]
     shared_ffn = hf.get("shared_expert_intermediate_size", 0) if family == "qwen2_moe" else 0
@@ -222,29 +224,57 @@ def import_hf(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         dense_ffn=hf.get("intermediate_size", 0) if family in ("qwen2_moe", "qwen3_moe") else 1,
         moe=moe, first_dense_layers=len(dense_layers),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
-    state = {ours: tensors[hub]
-             for ours, hub in shared_names(n_layers, cfg.qk_norm, cfg.qkv_bias)}
-    state["lm_head.weight"] = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
-    gate_name, expert_prefix, (g, u, dn) = EXPERT_NAMES[family]
-    for i in range(n_layers):
+    cfg.check()
+    return cfg, family, dense_layers
+
+
+def dense_tensor_names(cfg: ModelConfig, family: str) -> dict[str, list[str]]:
+    """Our name of every non-expert tensor -> the Hub tensors it is the row-concatenation of
+    (one name for most; gate and up projections for fused SwiGLU inputs). The LM head maps to
+    lm_head.weight; a tied model's directory may lack it (use the embeddings then)."""
+    names = {ours: [hub] for ours, hub in shared_names(cfg.n_layers, cfg.qk_norm, cfg.qkv_bias)}
+    names["lm_head.weight"] = ["lm_head.weight"]
+    gate_name = EXPERT_NAMES[family][0]
+    for i in range(cfg.n_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
-        if i in dense_layers:
-            state[dst + "mlp.w_in.weight"] = torch.cat([tensors[src + "mlp.gate_proj.weight"],
-                                                        tensors[src + "mlp.up_proj.weight"]])
-            state[dst + "mlp.w_out.weight"] = tensors[src + "mlp.down_proj.weight"]
+        if not cfg.is_moe_layer(i):
+            names[dst + "mlp.w_in.weight"] = [src + "mlp.gate_proj.weight",
+                                              src + "mlp.up_proj.weight"]
+            names[dst + "mlp.w_out.weight"] = [src + "mlp.down_proj.weight"]
             continue
-        state[dst + "mlp.router.weight"] = tensors[src + gate_name + ".weight"]
-        ws_in, ws_out = [], []
-        for e in range(moe.num_experts):
-            base = src + expert_prefix.format(e=e)
-            ws_in.append(torch.cat([tensors[base + f"{g}.weight"], tensors[base + f"{u}.weight"]]))
-            ws_out.append(tensors[base + f"{dn}.weight"])
-        state[dst + "mlp.experts.w_in"] = torch.stack(ws_in)
-        state[dst + "mlp.experts.w_out"] = torch.stack(ws_out)
-        if shared_ffn:  # Qwen2-MoE: one sigmoid-gated shared expert
+        names[dst + "mlp.router.weight"] = [src + gate_name + ".weight"]
+        if cfg.moe.num_shared_experts:  # Qwen2-MoE: one sigmoid-gated shared expert
             sh = src + "mlp.shared_expert."
-            state[dst + "mlp.shared.mlp.w_in.weight"] = torch.cat(
-                [tensors[sh + "gate_proj.weight"], tensors[sh + "up_proj.weight"]])
-            state[dst + "mlp.shared.mlp.w_out.weight"] = tensors[sh + "down_proj.weight"]
-            state[dst + "mlp.shared.gate.weight"] = tensors[src + "mlp.shared_expert_gate.weight"]
+            names[dst + "mlp.shared.mlp.w_in.weight"] = [sh + "gate_proj.weight",
+                                                         sh + "up_proj.weight"]
+            names[dst + "mlp.shared.mlp.w_out.weight"] = [sh + "down_proj.weight"]
+            names[dst + "mlp.shared.gate.weight"] = [src + "mlp.shared_expert_gate.weight"]
+    return names
+
+
+def expert_tensor_names(family: str, layer: int, expert: int) -> tuple[str, str, str]:
+    """Hub names of one expert's (gate, up, down) projection weights."""
+    _, prefix, parts = EXPERT_NAMES[family]
+    base = f"model.layers.{layer}." + prefix.format(e=expert)
+    return tuple(base + p + ".weight" for p in parts)
+
+
+def import_hf(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE directory (sharded safetensors or not; ours
+    from export_hf too) -> (ModelConfig, our single-process state dict)."""
+    cfg, family, _ = hf_model_config(_read_config(model_dir))
+    tensors = _read_tensors(model_dir)
+    tensors.setdefault("lm_head.weight", tensors["model.embed_tokens.weight"])
+    state = {ours: torch.cat([tensors[h] for h in hubs]) if len(hubs) > 1 else tensors[hubs[0]]
+             for ours, hubs in dense_tensor_names(cfg, family).items()}
+    for i in range(cfg.n_layers):
+        if not cfg.is_moe_layer(i):
+            continue
+        ws_in, ws_out = [], []
+        for e in range(cfg.moe.num_experts):
+            g, u, dn = (tensors[n] for n in expert_tensor_names(family, i, e))
+            ws_in.append(torch.cat([g, u]))
+            ws_out.append(dn)
+        state[f"layers.{i}.mlp.experts.w_in"] = torch.stack(ws_in)
+        state[f"layers.{i}.mlp.experts.w_out"] = torch.stack(ws_out)
     return cfg, state

@@ -108,6 +108,19 @@ class TopKRouter(Router):
         _check_input(x, self.d_model)
         cfg = self.cfg
         logits = self._gate_logits(x)
+        expert_ids, weights, probs = self._select(logits)
+        seq = seq_len if cfg.aux_loss_type == "sequence" else None
+        if cfg.aux_loss_type == "sequence" and seq_len is None:
+            raise ValueError(
+                "aux_loss_type='sequence' needs the sequence length (pass x as [B, S, d])"
+            )
+        aux = switch_aux_loss(probs, expert_ids, self.num_experts, seq)
+        return self._finish(expert_ids, weights, aux, router_z_loss(logits), logits)
+
+    def _select(self, logits: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """logits [T, E] -> expert_ids [T, k], combine weights [T, k], probs [T, E]."""
+        cfg = self.cfg
         if cfg.score == "softmax":
             scores = torch.softmax(logits, dim=-1)
             probs = scores
@@ -123,13 +136,15 @@ class TopKRouter(Router):
             weights = weights / weights.sum(-1, keepdim=True)
         if cfg.routed_scaling_factor != 1.0:
             weights = weights * cfg.routed_scaling_factor
-        seq = seq_len if cfg.aux_loss_type == "sequence" else None
-        if cfg.aux_loss_type == "sequence" and seq_len is None:
-            raise ValueError(
-                "aux_loss_type='sequence' needs the sequence length (pass x as [B, S, d])"
-            )
-        aux = switch_aux_loss(probs, expert_ids, self.num_experts, seq)
-        return self._finish(expert_ids, weights, aux, router_z_loss(logits), logits)
+        return expert_ids, weights, probs
+
+    @torch.no_grad()
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, d] -> expert_ids [T, k], combine weights [T, k] (float32): inference routing,
+        no losses, no capacity, no host sync."""
+        logits = F.linear(x, self.weight).to(_compute_dtype(x))
+        expert_ids, weights, _ = self._select(logits)
+        return expert_ids, weights
 
     @torch.no_grad()
     def update_expert_bias(self, tokens_per_expert: torch.Tensor) -> None:

@@ -1,0 +1,5 @@
+"""`python -m serve ...` is `moe-serve ...`."""
+
+from serve.cli import main
+
+main()

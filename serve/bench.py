@@ -1,0 +1,144 @@
+"""`moe-serve bench`: prefill and decode speed, expert hit rate, bytes moved, and S-MBU /
+S-MFU as MoE-CAP (Jiang et al. 2024) defines them for sparse models: the bytes and FLOPs of
+the parameters a decode step actually activates (non-expert weights + the experts its tokens
+chose) and its KV cache reads, over the step time and the device's peak."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from serve.config import ServeConfig
+from serve.runtime import OffloadedModel
+
+# Dense bf16 tensor-core peak (TFLOP/s) and memory bandwidth (TB/s), from vendor sheets.
+PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12),
+         "L40S": (362e12, 0.864e12), "A10": (125e12, 0.6e12)}
+
+
+def device_peaks(device: torch.device) -> tuple[float, float, str]:
+    """(peak FLOP/s, peak bytes/s, where they come from)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (f, b) in PEAKS.items():
+            if key in name:
+                return f, b, f"{name} datasheet"
+    # measured: a large matmul and a large copy
+    a = torch.randn(1024, 1024, device=device)
+    src = torch.empty(64 * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ a
+        dst.copy_(src)
+    sync()
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    sync()
+    flops = 5 * 2 * 1024**3 / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src)
+    sync()
+    bw = 5 * 2 * src.nbytes / (time.perf_counter() - t)
+    return flops, bw, "measured (fp32 matmul, copy)"
+
+
+def h2d_bandwidth(device: torch.device) -> float | None:
+    """Pinned host -> device copy bandwidth in bytes/s (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(256 * 2**20, dtype=torch.uint8).pin_memory()
+    dst = torch.empty_like(src, device=device)
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    return 5 * src.nbytes / (time.perf_counter() - t)
+
+
+def run_bench(cfg: ServeConfig, prompt_len: int, new_tokens: int, batch: int = 1,
+              seed: int = 0, verbose: bool = False) -> dict:
+    """Random prompts of prompt_len tokens, greedy decode of new_tokens -> a report dict."""
+    model = OffloadedModel(cfg, verbose=verbose)
+    m, dev = model.cfg, model.device
+    if prompt_len + new_tokens > model.max_context:
+        raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the "
+                         f"context of {model.max_context}")
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, m.vocab_size, (batch, prompt_len), generator=gen).to(dev)
+    valid = torch.ones(batch, prompt_len + new_tokens, dtype=torch.bool, device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    model.reset_stats()
+    sync()
+    t0 = time.perf_counter()
+    for a in range(0, prompt_len, cfg.prefill_chunk):
+        logits = model.step(ids[:, a:a + cfg.prefill_chunk], a,
+                            valid[:, :min(a + cfg.prefill_chunk, prompt_len)])
+    sync()
+    prefill_s = time.perf_counter() - t0
+    pre = model.stats()
+    model.reset_stats()
+    t0 = time.perf_counter()
+    pos = prompt_len
+    for _ in range(new_tokens):
+        nxt = logits.argmax(-1)
+        logits = model.step(nxt[:, None], pos, valid[:, :pos + 1])
+        pos += 1
+    sync()
+    decode_s = time.perf_counter() - t0
+    dec = model.stats()
+    el = torch.finfo(model.dtype).bits // 8
+    activated = dec["expert_hits"] + dec["expert_misses"]  # (layer, expert) uses in decode
+    expert_params = 3 * m.moe.expert_ffn * m.d_model
+    dense_params = model.store.dense_nbytes() // el
+    mean_ctx = prompt_len + (new_tokens + 1) / 2
+    kv_bytes = 2 * m.n_layers * batch * m.n_kv_heads * m.resolved_head_dim * mean_ctx * el
+    step_s = decode_s / new_tokens
+    bytes_step = (dense_params + activated / new_tokens * expert_params) * el + kv_bytes
+    flops_step = 2 * batch * (dense_params + activated / new_tokens / batch * expert_params) \
+        + 4 * batch * m.n_layers * m.n_heads * m.resolved_head_dim * mean_ctx
+    peak_flops, peak_bw, peak_src = device_peaks(dev)
+    h2d = h2d_bandwidth(dev)
+    moved_per_token = dec["bytes_to_device"] / (new_tokens * batch)
+    return {
+        "model": cfg.model, "device": str(dev) if dev.type == "cpu" else
+        torch.cuda.get_device_name(dev), "dtype": str(model.dtype).replace("torch.", ""),
+        "memory_budget": cfg.memory_budget, "expert_slots": model.n_slots,
+        "total_experts": len(model.store.moe_layers) * model.store.num_experts,
+        "cache_policy": cfg.cache_policy, "prefetch": cfg.prefetch, "quant": cfg.quant,
+        "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "prefill_tokens_per_s": batch * prompt_len / prefill_s,
+        "decode_tokens_per_s": batch * new_tokens / decode_s,
+        "expert_hit_rate": dec["expert_hit_rate"], "prefill_hit_rate": pre["expert_hit_rate"],
+        "prefetch_precision": dec["prefetch_precision"],
+        "prefetch_recall": dec["prefetch_recall"],
+        "bytes_to_device_per_token": moved_per_token,
+        "bytes_to_device": pre["bytes_to_device"] + dec["bytes_to_device"],
+        "s_mbu": bytes_step / step_s / peak_bw, "s_mfu": flops_step / step_s / peak_flops,
+        "peak_source": peak_src,
+        "h2d_bytes_per_s": h2d,
+        "pcie_bound_tokens_per_s": (h2d / moved_per_token if h2d and moved_per_token else None),
+    }
+
+
+def format_report(r: dict) -> str:
+    rows = [("decode tokens/s", f"{r['decode_tokens_per_s']:.2f}"),
+            ("prefill tokens/s", f"{r['prefill_tokens_per_s']:.1f}"),
+            ("expert hit rate (decode)", f"{r['expert_hit_rate']:.3f}"),
+            ("prefetch precision / recall",
+             f"{r['prefetch_precision']:.3f} / {r['prefetch_recall']:.3f}"),
+            ("bytes to device per token", f"{r['bytes_to_device_per_token'] / 2**20:.2f} MiB"),
+            ("S-MBU", f"{r['s_mbu']:.4f}"), ("S-MFU", f"{r['s_mfu']:.5f}"),
+            ("expert slots", f"{r['expert_slots']}/{r['total_experts']}")]
+    if r["pcie_bound_tokens_per_s"]:
+        rows.append(("PCIe bound tokens/s", f"{r['pcie_bound_tokens_per_s']:.2f}"))
+    w = max(len(k) for k, _ in rows)
+    head = (f"{r['model']} on {r['device']} ({r['dtype']}), batch {r['batch']}, prompt "
+            f"{r['prompt_len']}, {r['new_tokens']} new tokens, policy {r['cache_policy']}, "
+            f"prefetch {r['prefetch']}, quant {r['quant']}; peaks: {r['peak_source']}")
+    return head + "\n" + "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)

@@ -1,0 +1,195 @@
+"""The device expert cache: a slot pool allocated once, filled from the store, and an
+eviction policy (LRU, LFU, or layer-aware favouring shallow layers, as Fate does).
+
+Copies run on a side CUDA stream when one is given (prefetch) and on the compute stream
+otherwise; a slot's ready event orders its use after its copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from serve.quant import QuantWeight, dequantize
+from serve.store import ExpertWeights, WeightStore
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+class Policy:
+    """Eviction order over resident keys; `touch` on every use."""
+
+    def __init__(self, n_layers: int):
+        self.n_layers = n_layers
+        self.clock = 0
+        self.last: dict[Key, int] = {}
+        self.count: dict[Key, int] = {}
+
+    def touch(self, key: Key) -> None:
+        self.clock += 1
+        self.last[key] = self.clock
+        self.count[key] = self.count.get(key, 0) + 1
+
+    def victim(self, candidates: list[Key]) -> Key:
+        return min(candidates, key=self.score)
+
+    def score(self, key: Key) -> float:  # lowest is evicted first
+        raise NotImplementedError
+
+
+class LRU(Policy):
+    """Least recently used first."""
+
+    def score(self, key: Key) -> float:
+        return self.last.get(key, 0)
+
+
+class LFU(Policy):
+    """Least frequently used first (counts since load), ties by recency."""
+
+    def score(self, key: Key) -> float:
+        return self.count.get(key, 0) + self.last.get(key, 0) / (self.clock + 1)
+
+
+class LayerAware(Policy):
+    """Recency with deep layers ageing faster: an expert of layer l looks (1 + l / L) times
+    older than it is, so shallow layers (whose experts the cross-layer gate predicts worst,
+    Fate sec. 4) keep more of theirs."""
+
+    def score(self, key: Key) -> float:
+        age = self.clock - self.last.get(key, 0)
+        return -age * (1.0 + key[0] / max(self.n_layers, 1))
+
+
+POLICIES = {"lru": LRU, "lfu": LFU, "layer": LayerAware}
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    prefetched: int = 0  # experts copied ahead of their layer
+    bytes_to_device: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else 1.0
+
+
+class ExpertCache:
+    """n_slots experts on `device`: w_in [S, 2F, d], w_out [S, d, F] in dtype."""
+
+    def __init__(self, store: WeightStore, n_slots: int, policy: str, device: torch.device,
+                 dtype: torch.dtype, side_stream: torch.cuda.Stream | None = None):
+        if policy not in POLICIES:
+            raise ValueError(f"cache policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if n_slots < 1:
+            raise ValueError("the expert cache needs at least one slot")
+        cfg = store.cfg
+        F, d = cfg.moe.expert_ffn, cfg.d_model
+        self.store, self.device, self.dtype = store, device, dtype
+        self.n_slots = n_slots
+        self.w_in = torch.empty(n_slots, 2 * F, d, dtype=dtype, device=device)
+        self.w_out = torch.empty(n_slots, d, F, dtype=dtype, device=device)
+        self.policy: Policy = POLICIES[policy](cfg.n_layers)
+        self.slot_of: dict[Key, int] = {}
+        self.key_of: list[Key | None] = [None] * n_slots
+        self.stats = CacheStats()
+        self.side = side_stream
+        self.ready: list[torch.cuda.Event | None] = [None] * n_slots
+        # quantized experts arrive in a staging buffer (one per stream) and are dequantized
+        self.staging: dict[str, ExpertWeights] = {}
+        if store.bits is not None and store.moe_layers:
+            probe = store.expert(store.moe_layers[0], 0)
+            for name in ("main", "side") if side_stream is not None else ("main",):
+                self.staging[name] = ExpertWeights(probe.w_in.empty_like(device),
+                                                   probe.w_out.empty_like(device))
+
+    @staticmethod
+    def slot_nbytes(store: WeightStore, dtype: torch.dtype) -> int:
+        cfg = store.cfg
+        return 3 * cfg.moe.expert_ffn * cfg.d_model * (torch.finfo(dtype).bits // 8)
+
+    @staticmethod
+    def staging_nbytes(store: WeightStore, prefetch: bool) -> int:
+        return (2 if prefetch else 1) * store.expert_nbytes if store.bits is not None else 0
+
+    def resident(self, key: Key) -> bool:
+        return key in self.slot_of
+
+    def _free_slot(self, protected: set[Key]) -> int | None:
+        for s, k in enumerate(self.key_of):
+            if k is None:
+                return s
+        candidates = [k for k in self.slot_of if k not in protected]
+        if not candidates:
+            return None
+        victim = self.policy.victim(candidates)
+        s = self.slot_of.pop(victim)
+        self.key_of[s] = None
+        return s
+
+    def _copy_in(self, key: Key, s: int, stream: torch.cuda.Stream | None) -> None:
+        src = self.store.expert(*key)
+        nb = self.device.type == "cuda"
+        if isinstance(src.w_in, QuantWeight):
+            stage = self.staging["side" if stream is not None else "main"]
+            stage.w_in.copy_(src.w_in, non_blocking=nb)
+            stage.w_out.copy_(src.w_out, non_blocking=nb)
+            dequantize(stage.w_in, self.dtype, out=self.w_in[s])
+            dequantize(stage.w_out, self.dtype, out=self.w_out[s])
+        else:
+            self.w_in[s].copy_(src.w_in, non_blocking=nb)
+            self.w_out[s].copy_(src.w_out, non_blocking=nb)
+        self.stats.bytes_to_device += src.nbytes
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event()
+            ev.record(stream or torch.cuda.current_stream(self.device))
+            self.ready[s] = ev
+
+    def prefetch(self, keys: list[Key], protected: set[Key]) -> list[Key]:
+        """Copy the keys that are not resident, on the side stream, evicting nothing in
+        protected (nor the keys themselves); returns the keys it started copying."""
+        started = []
+        keep = set(protected) | set(keys)
+        stream = self.side
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))  # slot reuse after use
+        for key in keys:
+            if key in self.slot_of:
+                continue
+            s = self._free_slot(keep)
+            if s is None:
+                break
+            if stream is not None:
+                with torch.cuda.stream(stream):
+                    self._copy_in(key, s, stream)
+            else:
+                self._copy_in(key, s, None)
+            self.slot_of[key], self.key_of[s] = s, key
+            self.stats.prefetched += 1
+            started.append(key)
+        return started
+
+    def acquire(self, key: Key, protected: set[Key]) -> int:
+        """The slot holding key, copying it in now on a miss (evicting nothing in
+        protected); counts the hit or miss and touches the policy."""
+        s = self.slot_of.get(key)
+        if s is None:
+            self.stats.misses += 1
+            s = self._free_slot(protected | {key})
+            if s is None:
+                raise RuntimeError("expert cache: every slot is protected; this is a bug")
+            if self.ready[s] is not None:  # a prefetch into this slot may still be in flight
+                torch.cuda.current_stream(self.device).wait_event(self.ready[s])
+            self._copy_in(key, s, None)
+            self.slot_of[key], self.key_of[s] = s, key
+        else:
+            self.stats.hits += 1
+            ev = self.ready[s]
+            if ev is not None:
+                torch.cuda.current_stream(self.device).wait_event(ev)
+        self.policy.touch(key)
+        return s

@@ -1,0 +1,206 @@
+"""`moe-serve`: generate, chat, bench and an OpenAI-compatible HTTP server for an offloaded
+MoE model directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, or our own exports).
+
+    moe-serve generate --model DIR --prompt "def f(" --max-new-tokens 32 --memory-budget 8GiB
+    moe-serve generate --model DIR --prompt-ids 1,2,3 --json
+    moe-serve chat --model DIR
+    moe-serve bench --model DIR --memory-budget 24GiB --json
+    moe-serve http --model DIR --port 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from serve.config import ServeConfig
+from serve.generate import SamplingConfig
+from serve.units import parse_size
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--prompt-ids takes comma-separated integers, got {text!r}") from None
+
+
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (config.json, safetensors)")
+    p.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
+                   help="bytes the runtime may keep on the device (e.g. 300KiB, 8GiB); "
+                        "default: no limit")
+    p.add_argument("--host-budget", type=_size, default=None, metavar="SIZE",
+                   help="expert bytes kept in host RAM; the rest stays on disk")
+    p.add_argument("--cache-policy", choices=["lru", "lfu", "layer"], default="lru")
+    p.add_argument("--prefetch", choices=["none", "cross-layer"], default="cross-layer")
+    p.add_argument("--quant", choices=["none", "int8", "int4"], default="none")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   default="auto")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="tokens of KV cache per sequence (default: the model's, at most 4096)")
+    p.add_argument("--max-batch", type=int, default=None, help="sequences served at once")
+    p.add_argument("--offload-dir", default=None, help="where quantized disk-tier experts go")
+    p.add_argument("--quiet", action="store_true", help="no loading messages on stderr")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 or unset: greedy (unless --top-k/--top-p are given)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+
+
+def _sampling(a) -> SamplingConfig:
+    sampled = a.top_k > 0 or a.top_p < 1
+    temp = a.temperature if a.temperature is not None else (1.0 if sampled else 0.0)
+    return SamplingConfig(temperature=temp, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+
+
+def _config(a, batch: int = 1) -> ServeConfig:
+    return ServeConfig(model=a.model, device=a.device, dtype=a.dtype,
+                       memory_budget=a.memory_budget, host_budget=a.host_budget,
+                       cache_policy=a.cache_policy, prefetch=a.prefetch, quant=a.quant,
+                       max_batch=a.max_batch or batch, max_context=a.max_context,
+                       offload_dir=a.offload_dir)
+
+
+def _session(a, batch: int = 1):
+    from serve.session import Session
+
+    return Session(_config(a, batch), verbose=not a.quiet)
+
+
+def cmd_generate(a) -> None:
+    prompts_text = a.prompt or []
+    if bool(prompts_text) == bool(a.prompt_ids):
+        raise ValueError("give the prompt as --prompt TEXT or as --prompt-ids 1,2,3 (not both)")
+    batch = len(prompts_text) or len(a.prompt_ids)
+    s = _session(a, batch)
+    prompts = [s.encode(p) for p in prompts_text] if prompts_text else a.prompt_ids
+    stream = not a.json and batch == 1
+    on_text = (lambda row, text: print(text, end="", flush=True)) if stream else None
+    outs, res = s.complete(prompts, a.max_new_tokens, _sampling(a), a.stop, on_text,
+                           a.ignore_eos)
+    if a.json:
+        if batch == 1:
+            o = outs[0]
+            doc = {"token_ids": o.token_ids, "text": o.text, "finish_reason": o.finish_reason}
+        else:
+            doc = {"token_ids": [o.token_ids for o in outs], "text": [o.text for o in outs],
+                   "finish_reason": [o.finish_reason for o in outs]}
+        print(json.dumps(dict(doc, stats=res.stats)))
+        return
+    if stream:
+        print()
+    else:
+        for o in outs:
+            print(o.text if o.text is not None else " ".join(map(str, o.token_ids)))
+            print("---")
+    st = res.stats
+    print(f"[{st['new_tokens']} tokens, {st['tokens_per_s']:.1f} tok/s decode, ttft "
+          f"{st['ttft_s'] * 1e3:.0f} ms, expert hit rate {st['expert_hit_rate']:.2f}, "
+          f"prefetch precision {st['prefetch_precision']:.2f} recall "
+          f"{st['prefetch_recall']:.2f}, {st['bytes_to_device'] / 2**20:.1f} MiB to device]",
+          file=sys.stderr)
+
+
+def cmd_chat(a) -> None:
+    s = _session(a)
+    codec = s.need_codec()
+    messages: list[dict] = []
+    if a.system:
+        messages.append({"role": "system", "content": a.system})
+    print("moe-serve chat: type a message; an empty line or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip() or line.strip() in ("/exit", "/quit"):
+            break
+        messages.append({"role": "user", "content": line})
+        ids = codec.encode_chat(messages)
+        outs, _ = s.complete([ids], a.max_new_tokens, _sampling(a), a.stop,
+                             lambda row, text: print(text, end="", flush=True))
+        print()
+        messages.append({"role": "assistant", "content": outs[0].text})
+
+
+def cmd_bench(a) -> None:
+    from serve.bench import format_report, run_bench
+
+    cfg = _config(a, a.batch)
+    report = run_bench(cfg, a.prompt_len, a.new_tokens, a.batch, a.seed or 0,
+                       verbose=not a.quiet)
+    print(json.dumps(report) if a.json else format_report(report))
+
+
+def cmd_http(a) -> None:
+    from serve.http import serve_forever
+
+    serve_forever(_session(a, a.max_batch or 1), a.host, a.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-serve", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:]))
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="complete prompts")
+    _runtime_args(g)
+    _sampling_args(g)
+    g.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    g.add_argument("--prompt-ids", action="append", type=_ids,
+                   help="prompt token ids, comma-separated (repeat for a batch)")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="interactive chat through the model's chat template")
+    _runtime_args(c)
+    _sampling_args(c)
+    c.add_argument("--system", default=None, help="system message")
+    c.set_defaults(func=cmd_chat)
+    b = sub.add_parser("bench", help="prefill / decode speed, hit rate, bytes, S-MBU, S-MFU")
+    _runtime_args(b)
+    b.add_argument("--prompt-len", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
+    h = sub.add_parser("http", help="OpenAI-compatible server: /v1/completions, "
+                       "/v1/chat/completions, /v1/models, /health")
+    _runtime_args(h)
+    h.add_argument("--host", default="127.0.0.1")
+    h.add_argument("--port", type=int, default=8000)
+    h.set_defaults(func=cmd_http)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
+    try:
+        a.func(a)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"moe-serve: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Typed serving configuration (the CLI fills it; tests build it directly)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServeConfig:
+    """How a model directory is served.
+
+    device: "auto" (cuda when present, else cpu), "cuda" or "cpu". dtype: "auto" (bfloat16 on
+    cuda, float32 on cpu), "float32", "bfloat16" or "float16".
+    memory_budget: bytes (or "8GiB") the runtime may keep on the device: non-expert weights,
+    KV cache, expert slots, staging buffers and an activation estimate. None: every expert
+    gets a slot. host_budget: expert bytes kept in host RAM (None: all that fit on cuda, none
+    on cpu, where the memory-mapped files are the offload tier).
+    cache_policy: "lru", "lfu" or "layer". prefetch: "cross-layer" or "none".
+    quant: "none", "int8" or "int4" (weight-only experts, dequantized on arrival).
+    max_batch x max_context tokens of KV cache are reserved (max_context: None = the model's
+    context, at most 4096). prefill_chunk: prompt tokens per forward (bounds activations).
+    """
+
+    model: str = ""
+    device: str = "auto"
+    dtype: str = "auto"
+    memory_budget: str | int | None = None
+    host_budget: str | int | None = None
+    cache_policy: str = "lru"
+    prefetch: str = "cross-layer"
+    quant: str = "none"
+    max_batch: int = 1
+    max_context: int | None = None
+    prefill_chunk: int = 512
+    kernel_backend: str = "auto"
+    offload_dir: str | None = None
+
+    def check(self) -> None:
+        choices = {"device": ("auto", "cuda", "cpu"),
+                   "dtype": ("auto", "float32", "bfloat16", "float16"),
+                   "cache_policy": ("lru", "lfu", "layer"),
+                   "prefetch": ("none", "cross-layer"), "quant": ("none", "int8", "int4")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, "
+                                 f"got {getattr(self, name)!r}")
+        for name in ("max_batch", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_context is not None and self.max_context < 2:
+            raise ValueError(f"max_context must be >= 2, got {self.max_context}")

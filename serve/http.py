@@ -1,0 +1,183 @@
+"""OpenAI-compatible HTTP server over a `Session`: POST /v1/completions and
+/v1/chat/completions (server-sent events when "stream": true), GET /v1/models and /health.
+
+One model, one device: requests are served one at a time (a lock), each as its own batch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from serve.generate import SamplingConfig
+from serve.session import Session
+
+
+class BadRequest(ValueError):
+    """Answered with HTTP 400 and an OpenAI-style error object."""
+
+
+def _field(body: dict, name: str, kind, default, check=None):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if kind is float and isinstance(v, int) and not isinstance(v, bool):
+        v = float(v)
+    if not isinstance(v, kind) or isinstance(v, bool) and kind is not bool:
+        raise BadRequest(f"'{name}' must be of type {kind.__name__}")
+    if check is not None and not check(v):
+        raise BadRequest(f"'{name}' has an invalid value {v!r}")
+    return v
+
+
+def _params(body: dict) -> tuple[int, SamplingConfig, list[str], bool]:
+    max_tokens = _field(body, "max_tokens", int, 16, lambda v: v >= 1)
+    max_tokens = _field(body, "max_completion_tokens", int, max_tokens, lambda v: v >= 1)
+    sampling = SamplingConfig(
+        temperature=_field(body, "temperature", float, 1.0, lambda v: 0 <= v <= 2),
+        top_p=_field(body, "top_p", float, 1.0, lambda v: 0 < v <= 1),
+        top_k=_field(body, "top_k", int, 0, lambda v: v >= 0),
+        seed=_field(body, "seed", int, None))
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str)
+                                                                 for s in stop)):
+        raise BadRequest("'stop' must be a string or a list of strings")
+    if body.get("n", 1) != 1:
+        raise BadRequest("only n=1 is supported")
+    return max_tokens, sampling, stop or [], _field(body, "stream", bool, False)
+
+
+class Handler(BaseHTTPRequestHandler):
+    session: Session
+    lock: threading.Lock
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):  # one line per request on stderr
+        sys.stderr.write(f"moe-serve http: {self.address_string()} {fmt % args}\n")
+
+    def _send(self, code: int, doc: dict) -> None:
+        data = json.dumps(doc).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, code: int, message: str, kind: str = "invalid_request_error") -> None:
+        self._send(code, {"error": {"message": message, "type": kind, "code": code}})
+
+    def do_GET(self):
+        if self.path == "/health":
+            self._send(200, {"status": "ok"})
+        elif self.path == "/v1/models":
+            self._send(200, {"object": "list", "data": [
+                {"id": self.session.name, "object": "model", "created": 0,
+                 "owned_by": "moe-serve"}]})
+        else:
+            self._error(404, f"no route GET {self.path}", "not_found")
+
+    def do_POST(self):
+        routes = {"/v1/completions": self._completions,
+                  "/v1/chat/completions": self._chat}
+        if self.path not in routes:
+            self._error(404, f"no route POST {self.path}", "not_found")
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length) or b"null")
+            if not isinstance(body, dict):
+                raise BadRequest("the request body must be a JSON object")
+            routes[self.path](body)
+        except json.JSONDecodeError as e:
+            self._error(400, f"malformed JSON body: {e}")
+        except (BadRequest, ValueError) as e:
+            self._error(400, str(e))
+        except Exception as e:  # noqa: BLE001 - a server answers, it does not die
+            self._error(500, f"{type(e).__name__}: {e}", "server_error")
+
+    # -- endpoints -------------------------------------------------------------------------
+    def _completions(self, body: dict) -> None:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if not isinstance(prompt, (str, list)):
+            raise BadRequest("'prompt' must be a string or a list of token ids")
+        ids = self.session.encode(prompt)
+        self._run(body, ids, "text_completion", chat=False)
+
+    def _chat(self, body: dict) -> None:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("'messages' must be a non-empty list")
+        ids = self.session.need_codec().encode_chat(messages)
+        self._run(body, ids, "chat.completion", chat=True)
+
+    def _run(self, body: dict, ids: list[int], kind: str, chat: bool) -> None:
+        max_tokens, sampling, stop, stream = _params(body)
+        s = self.session
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        head = {"id": rid, "created": created, "model": s.name}
+        if not stream:
+            with self.lock:
+                outs, res = s.complete([ids], max_tokens, sampling, stop)
+            o = outs[0]
+            text = o.text if o.text is not None else " ".join(map(str, o.token_ids))
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text},
+                       "finish_reason": o.finish_reason} if chat else
+                      {"index": 0, "text": text, "logprobs": None,
+                       "finish_reason": o.finish_reason})
+            self._send(200, dict(head, object=kind, choices=[choice], usage={
+                "prompt_tokens": len(ids), "completion_tokens": len(o.token_ids),
+                "total_tokens": len(ids) + len(o.token_ids)}, stats=res.stats))
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(delta_text: str | None, finish: str | None, first: bool = False) -> None:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else (
+                    {"content": delta_text} if delta_text is not None else {})
+                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta_text or "", "logprobs": None,
+                          "finish_reason": finish}
+            doc = dict(head, object=obj, choices=[choice])
+            self.wfile.write(f"data: {json.dumps(doc)}\n\n".encode())
+            self.wfile.flush()
+
+        with self.lock:
+            if chat:
+                event(None, None, first=True)
+            outs, _ = s.complete([ids], max_tokens, sampling, stop,
+                                 lambda row, text: event(text, None))
+        event(None, outs[0].finish_reason)
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+
+def make_server(session: Session, host: str, port: int) -> ThreadingHTTPServer:
+    handler = type("BoundHandler", (Handler,), {"session": session, "lock": threading.Lock()})
+    return ThreadingHTTPServer((host, port), handler)
+
+
+def serve_forever(session: Session, host: str, port: int) -> None:
+    server = make_server(session, host, port)
+    print(f"moe-serve http: serving {session.name} on http://{host}:{server.server_port} "
+          "(/v1/completions, /v1/chat/completions, /v1/models, /health)", file=sys.stderr,
+          flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()

@@ -1,0 +1,83 @@
+"""Weight-only int8 / int4 quantization of expert matrices (symmetric, group-wise scales).
+
+Quantized once at load; the bytes that cross to the device are the packed integers and their
+scales, dequantized on arrival into the expert cache's slot (`dequantize(..., out=slot)`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+INT4_GROUP = 64
+
+
+@dataclass
+class QuantWeight:
+    """w [rows, cols] as data (int8 [rows, cols_p] or uint8 [rows, cols_p / 2] holding two
+    4-bit values a byte) and scale (float32 [rows, cols_p / group]); cols_p pads cols to the
+    group size."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    bits: int
+    group: int
+    cols: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.scale.nbytes
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> QuantWeight:
+        return QuantWeight(self.data.to(device, non_blocking=non_blocking),
+                           self.scale.to(device, non_blocking=non_blocking),
+                           self.bits, self.group, self.cols)
+
+    def pin_memory(self) -> QuantWeight:
+        return QuantWeight(self.data.pin_memory(), self.scale.pin_memory(), self.bits,
+                           self.group, self.cols)
+
+    def copy_(self, src: QuantWeight, non_blocking: bool = False) -> QuantWeight:
+        self.data.copy_(src.data, non_blocking=non_blocking)
+        self.scale.copy_(src.scale, non_blocking=non_blocking)
+        return self
+
+    def empty_like(self, device: torch.device | str) -> QuantWeight:
+        return QuantWeight(torch.empty_like(self.data, device=device),
+                           torch.empty_like(self.scale, device=device), self.bits,
+                           self.group, self.cols)
+
+
+def quantize(w: torch.Tensor, bits: int) -> QuantWeight:
+    """w [rows, cols] float -> QuantWeight: int8 with one scale per row, or int4 with one
+    scale per INT4_GROUP columns."""
+    if bits not in (4, 8):
+        raise ValueError(f"quantization supports 8 or 4 bits, got {bits}")
+    rows, cols = w.shape
+    group = cols if bits == 8 else min(INT4_GROUP, cols + cols % 2)
+    cols_p = -(-cols // group) * group
+    w = torch.nn.functional.pad(w.float(), (0, cols_p - cols)).view(rows, cols_p // group, group)
+    qmax = 127 if bits == 8 else 7
+    scale = w.abs().amax(-1).clamp(min=1e-12) / qmax
+    q = torch.round(w / scale[..., None]).clamp(-qmax - 1, qmax).view(rows, cols_p)
+    if bits == 8:
+        return QuantWeight(q.to(torch.int8), scale, 8, group, cols)
+    u = (q + 8).to(torch.uint8)
+    return QuantWeight(u[:, 0::2] | (u[:, 1::2] << 4), scale, 4, group, cols)
+
+
+def dequantize(q: QuantWeight, dtype: torch.dtype, out: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """QuantWeight -> w [rows, cols] in dtype (written into out when given)."""
+    rows = q.data.shape[0]
+    if q.bits == 8:
+        vals = q.data.to(torch.float32)
+    else:
+        lo = (q.data & 0xF).to(torch.int8) - 8
+        hi = (q.data >> 4).to(torch.int8) - 8
+        vals = torch.stack([lo, hi], dim=-1).view(rows, -1).to(torch.float32)
+    w = (vals.view(rows, -1, q.group) * q.scale[..., None]).view(rows, -1)[:, :q.cols]
+    if out is None:
+        return w.to(dtype)
+    return out.copy_(w)

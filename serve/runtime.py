@@ -1,0 +1,262 @@
+"""The offloaded model: non-expert weights on the device, experts through the expert cache,
+a KV cache, and the cross-layer prefetcher. `step` runs one forward over new tokens.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import sort_by_expert, weighted_combine
+from moe.attention import rope_cos_sin
+from moe.experts import expert_mlp
+from moe.model import MoETransformer
+from serve.cache import ExpertCache
+from serve.config import ServeConfig
+from serve.store import WeightStore
+from serve.units import format_size, parse_size
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BudgetError(ValueError):
+    """The memory budget cannot hold what the runtime must keep on the device."""
+
+
+@dataclass
+class PrefetchStats:
+    predicted: int = 0  # experts named by the predictor
+    actual: int = 0  # experts the layers then used (for layers that had a prediction)
+    correct: int = 0
+
+    @property
+    def precision(self) -> float:
+        return self.correct / self.predicted if self.predicted else 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.correct / self.actual if self.actual else 0.0
+
+
+class KVCache:
+    """k, v [n_layers, max_batch, n_kv_heads, max_context, head_dim], allocated once."""
+
+    def __init__(self, n_layers, max_batch, n_kv_heads, max_context, head_dim, dtype, device):
+        shape = (n_layers, max_batch, n_kv_heads, max_context, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def nbytes(cfg, max_batch: int, max_context: int, dtype: torch.dtype) -> int:
+        el = torch.finfo(dtype).bits // 8
+        return 2 * cfg.n_layers * max_batch * cfg.n_kv_heads * max_context * \
+            cfg.resolved_head_dim * el
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available; "
+                         "use --device cpu")
+    return torch.device(name)
+
+
+class OffloadedModel:
+    """A served model. `step(ids [B, S], start, valid [B, start + S]) -> logits [B, V]` of the
+    last position; the KV cache holds positions [0, start) of the same batch."""
+
+    def __init__(self, cfg: ServeConfig, verbose: bool = False):
+        cfg.check()
+        self.scfg = cfg
+        self.device = resolve_device(cfg.device)
+        on_cuda = self.device.type == "cuda"
+        self.dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (
+            torch.bfloat16 if on_cuda else torch.float32)
+        host_budget = None if cfg.host_budget is None else parse_size(cfg.host_budget)
+        if host_budget is None and not on_cuda:
+            host_budget = 0  # cpu: the memory-mapped files are the offload tier
+        self.store = WeightStore(cfg.model, self.dtype, cfg.quant, host_budget, pin=on_cuda,
+                                 offload_dir=cfg.offload_dir, verbose=verbose)
+        mcfg = self.store.cfg
+        mcfg.moe.kernel_backend = cfg.kernel_backend
+        mcfg.moe.router.validate = False
+        self.cfg = mcfg
+        self.max_context = min(cfg.max_context or min(mcfg.max_seq_len, 4096), mcfg.max_seq_len)
+        self.max_batch = cfg.max_batch
+        self.n_slots, self.budget_report = self._plan_memory(cfg)
+        self.model = self._build_model()
+        self.kv = KVCache(mcfg.n_layers, self.max_batch, mcfg.n_kv_heads, self.max_context,
+                          mcfg.resolved_head_dim, self.dtype, self.device)
+        self.prefetch = cfg.prefetch == "cross-layer"
+        side = torch.cuda.Stream(self.device) if on_cuda and self.prefetch else None
+        self.cache = ExpertCache(self.store, self.n_slots, cfg.cache_policy, self.device,
+                                 self.dtype, side)
+        self.prefetch_stats = PrefetchStats()
+        self._predicted: dict[int, set[int]] = {}
+        layers = self.store.moe_layers
+        self.next_moe = dict(zip(layers, layers[1:], strict=False))
+        if verbose:
+            print(f"moe-serve: {self.store.describe()}; {self.budget_report}", file=sys.stderr)
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _plan_memory(self, cfg: ServeConfig) -> tuple[int, str]:
+        m, el = self.cfg, torch.finfo(self.dtype).bits // 8
+        total_experts = len(self.store.moe_layers) * self.store.num_experts
+        dense = self.store.dense_nbytes()
+        kv = KVCache.nbytes(m, self.max_batch, self.max_context, self.dtype)
+        staging = ExpertCache.staging_nbytes(self.store, cfg.prefetch != "none")
+        chunk = self.max_batch * min(cfg.prefill_chunk, self.max_context)
+        k, Fe, d = m.moe.router.top_k, m.moe.expert_ffn, m.d_model
+        hd_all = (m.n_heads + 2 * m.n_kv_heads) * m.resolved_head_dim
+        act = chunk * el * (4 * d + hd_all + k * (3 * Fe + d)) \
+            + chunk * self.max_context * 4 * m.n_heads + self.max_batch * m.vocab_size * 4
+        slot = ExpertCache.slot_nbytes(self.store, self.dtype)
+        fixed = dense + kv + staging + act
+        self.fixed_bytes, self.slot_bytes = fixed, slot
+        parts = (f"non-expert weights {format_size(dense)}, KV cache {format_size(kv)} "
+                 f"({self.max_batch} x {self.max_context} tokens), activations ~"
+                 f"{format_size(act)}" + (f", staging {format_size(staging)}" if staging else ""))
+        if cfg.memory_budget is None:
+            n = max(total_experts, 1)
+            return n, f"no budget: {n} expert slots; {parts}"
+        budget = parse_size(cfg.memory_budget)
+        n = (budget - fixed) // slot
+        if n < 1:
+            raise BudgetError(
+                f"memory budget {format_size(budget)} is too small: {parts} and one expert slot "
+                f"({format_size(slot)}) need {format_size(fixed + slot)}; raise "
+                "--memory-budget or lower --max-context / --max-batch")
+        n = min(n, max(total_experts, 1))
+        return n, (f"budget {format_size(budget)}: {n}/{total_experts} expert slots "
+                   f"({format_size(n * slot)}); {parts}")
+
+    def _build_model(self) -> MoETransformer:
+        with torch.device("meta"):
+            model = MoETransformer(self.cfg)
+        for block in model.layers:
+            if block.is_moe:
+                block.mlp.experts = nn.Identity()  # experts come from the cache
+        state = self.store.dense_state()
+        if self.cfg.tie_embeddings:
+            state.pop("lm_head.weight")
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        missing = [n for n in missing if not (self.cfg.tie_embeddings and n == "lm_head.weight")
+                   and not n.endswith("expert_bias")]
+        if missing or unexpected:
+            raise RuntimeError(f"weights do not match the model: missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}")
+        if self.cfg.tie_embeddings:
+            model.lm_head.weight = model.embed.weight
+        for mod in model.modules():  # buffers created on meta (none expected besides biases)
+            for name, buf in list(mod.named_buffers(recurse=False)):
+                if buf.is_meta:
+                    mod.register_buffer(name, torch.zeros(buf.shape, dtype=buf.dtype))
+        return model.to(self.device).eval()
+
+    # -- forward ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor, start: int, valid: torch.Tensor) -> torch.Tensor:
+        """ids [B, S] at positions start.., valid [B, start + S] (False: left padding)
+        -> logits [B, V] (float32) of position start + S - 1."""
+        model, cfg = self.model, self.cfg
+        B, S = ids.shape
+        end = start + S
+        if end > self.max_context:
+            raise ValueError(f"{end} tokens exceed the context of {self.max_context}")
+        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:end]
+        cos, sin = rope_cos_sin(pos.reshape(-1), cfg.resolved_head_dim, cfg.rope_theta,
+                                self.dtype)
+        cos, sin = cos.view(B, S, -1), sin.view(B, S, -1)
+        q_pos = torch.arange(start, end, device=self.device)
+        k_pos = torch.arange(end, device=self.device)
+        mask = (k_pos[None, :] <= q_pos[:, None])[None] & valid[:, None, :end]
+        mask = mask | (k_pos[None, :] == q_pos[:, None])[None]  # pads attend to themselves
+        mask = mask[:, None]  # [B, 1, S, end]
+        q_valid = valid[:, start:end]
+        x = model.embed(ids)
+        for i, block in enumerate(model.layers):
+            attn = block.attn
+            q, k, v = attn.project(block.attn_norm(x), cos, sin)
+            self.kv.k[i, :B, :, start:end] = k
+            self.kv.v[i, :B, :, start:end] = v
+            o = F.scaled_dot_product_attention(
+                q, self.kv.k[i, :B, :, :end], self.kv.v[i, :B, :, :end], attn_mask=mask,
+                enable_gqa=attn.n_kv_heads != attn.n_heads)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(B, S, -1))
+            h = block.mlp_norm(x)
+            if block.is_moe:
+                x = x + self._moe(i, h, x, q_valid)
+            else:
+                x = x + block.mlp(h)
+        return model.lm_head(model.norm(x[:, -1])).float()
+
+    def _moe(self, i: int, h: torch.Tensor, x: torch.Tensor, q_valid: torch.Tensor
+             ) -> torch.Tensor:
+        """h [B, S, d] (normed) -> MoE output [B, S, d]; padded positions get zeros."""
+        layer = self.model.layers[i].mlp
+        flat = h[q_valid]
+        ids, w = layer.router.select(flat)
+        needed = ids.unique().tolist()
+        pred = self._predicted.pop(i, None)
+        if pred is not None:
+            st = self.prefetch_stats
+            st.predicted, st.actual = st.predicted + len(pred), st.actual + len(needed)
+            st.correct += len(pred.intersection(needed))
+        cache = self.cache
+        needed.sort(key=lambda e: not cache.resident((i, e)))  # hits first
+        out = torch.zeros_like(flat)
+        chunks = [needed[a:a + cache.n_slots] for a in range(0, len(needed), cache.n_slots)]
+        for c, chunk in enumerate(chunks):
+            keys = {(i, e) for e in chunk}
+            slots = {e: cache.acquire((i, e), keys) for e in chunk}
+            if c == len(chunks) - 1 and self.prefetch and i in self.next_moe:
+                self._prefetch_next(i, x[q_valid], keys)
+            out += self._experts(flat, ids, w, slots)
+        if layer.shared is not None:
+            out += layer.shared(flat)
+        y = torch.zeros_like(h)
+        y[q_valid] = out
+        return y
+
+    def _prefetch_next(self, i: int, x_flat: torch.Tensor, protected) -> None:
+        """Apply the next MoE layer's norm and gate to this layer's residual stream (the
+        cross-layer gate) and start copying the experts it names."""
+        j = self.next_moe[i]
+        nxt = self.model.layers[j]
+        ids, _ = nxt.mlp.router.select(nxt.mlp_norm(x_flat))
+        pred = ids.unique().tolist()
+        self._predicted[j] = set(pred)
+        self.cache.prefetch([(j, e) for e in pred], protected)
+
+    def _experts(self, flat, ids, w, slots: dict[int, int]) -> torch.Tensor:
+        """Sum over the (token, expert) pairs whose expert sits in `slots` of weight * expert
+        output, by the grouped kernels over the slot pool."""
+        table = torch.full((self.cfg.moe.num_experts,), -1, dtype=torch.long)
+        for e, s in slots.items():
+            table[e] = s
+        sid = table.to(self.device, non_blocking=True)[ids]
+        dropped = sid < 0
+        d = sort_by_expert(sid.clamp(min=0), self.cache.n_slots, dropped)
+        backend = self.cfg.moe.kernel_backend
+        y = expert_mlp(flat, self.cache.w_in, self.cache.w_out, d, self.cfg.moe.expert_type,
+                       backend)
+        return weighted_combine(y, w.masked_fill(dropped, 0).to(flat.dtype), d,
+                                backend=backend)
+
+    def stats(self) -> dict:
+        c, p = self.cache.stats, self.prefetch_stats
+        return {"expert_hit_rate": c.hit_rate, "expert_hits": c.hits, "expert_misses": c.misses,
+                "experts_prefetched": c.prefetched, "bytes_to_device": c.bytes_to_device,
+                "prefetch_precision": p.precision, "prefetch_recall": p.recall}
+
+    def reset_stats(self) -> None:
+        from serve.cache import CacheStats
+
+        self.cache.stats = CacheStats()
+        self.prefetch_stats = PrefetchStats()
+        self._predicted.clear()

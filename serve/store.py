@@ -1,0 +1,216 @@
+"""The weights of a Hugging Face MoE directory, read lazily from its safetensors files.
+
+Non-expert tensors are read on request (memory-mapped) for the device. Experts live in one of
+two host tiers: RAM (pinned when serving on CUDA) up to a host budget, and the memory-mapped
+files beyond it (quantized experts beyond it go to a file written once at load).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moe.config import ModelConfig
+from moe.hf import dense_tensor_names, expert_tensor_names, hf_model_config
+from serve.quant import QuantWeight, quantize
+from serve.units import format_size
+
+QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
+
+
+class ModelDirError(ValueError):
+    """A model directory that cannot be served: missing, partial or of another architecture."""
+
+
+@dataclass
+class ExpertWeights:
+    """One expert: w_in [2F, d] (gate; up), w_out [d, F], as tensors or QuantWeights."""
+
+    w_in: torch.Tensor | QuantWeight
+    w_out: torch.Tensor | QuantWeight
+
+    @property
+    def nbytes(self) -> int:
+        return self.w_in.nbytes + self.w_out.nbytes
+
+    def pin_memory(self) -> ExpertWeights:
+        return ExpertWeights(self.w_in.pin_memory(), self.w_out.pin_memory())
+
+
+def _tensor_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it; ModelDirError for a missing shard."""
+    if not model_dir.is_dir():
+        raise ModelDirError(f"model directory {model_dir} does not exist")
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        missing = sorted({f for f in weight_map.values() if not (model_dir / f).exists()})
+        if missing:
+            raise ModelDirError(f"partial model directory {model_dir}: shard file(s) "
+                                f"{', '.join(missing)} listed in {index.name} are missing")
+        return {name: model_dir / f for name, f in weight_map.items()}
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelDirError(f"{model_dir} has no .safetensors files")
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            out.update({name: f for name in h.keys()})
+    return out
+
+
+def _available_ram() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+class WeightStore:
+    """model_dir -> config (ours), dense tensors on request, experts by (layer, expert).
+
+    dtype: the compute dtype experts are converted to. quant: "none", "int8" or "int4".
+    host_budget: bytes of experts kept in RAM (None: what fits in available RAM, keeping
+    4 GiB free); the rest is read from the memory-mapped files on every fetch.
+    """
+
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32,
+                 quant: str = "none", host_budget: int | None = None, pin: bool = False,
+                 offload_dir: str | Path | None = None, verbose: bool = False):
+        self.dir = Path(model_dir)
+        if quant not in QUANT_BITS:
+            raise ValueError(f"quant must be one of {', '.join(QUANT_BITS)}, got {quant!r}")
+        self.dtype, self.quant, self.bits = dtype, quant, QUANT_BITS[quant]
+        if not (self.dir / "config.json").exists():
+            raise ModelDirError(f"{self.dir} is not a model directory (no config.json)"
+                                if self.dir.is_dir() else
+                                f"model directory {self.dir} does not exist")
+        self.hf_config = json.loads((self.dir / "config.json").read_text())
+        try:
+            self.cfg, self.family, _ = hf_model_config(self.hf_config)
+        except ValueError as e:
+            raise ModelDirError(str(e)) from e
+        self.cfg: ModelConfig
+        self.files = _tensor_files(self.dir)
+        self._handles: dict[Path, object] = {}
+        self.moe_layers = [i for i in range(self.cfg.n_layers) if self.cfg.is_moe_layer(i)]
+        self.num_experts = self.cfg.moe.num_experts
+        self._check_complete()
+        self.host: dict[tuple[int, int], ExpertWeights] = {}
+        self._offload: dict[int, Path] = {}
+        self.expert_nbytes = self._read_expert(self.moe_layers[0], 0).nbytes \
+            if self.moe_layers else 0
+        self._fill_host_tier(host_budget, pin, offload_dir, verbose)
+
+    # -- reading -------------------------------------------------------------------------
+    def _handle(self, path: Path):
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), framework="pt")
+        return self._handles[path]
+
+    def _get(self, name: str) -> torch.Tensor:
+        return self._handle(self.files[name]).get_tensor(name)
+
+    def _check_complete(self) -> None:
+        names = dense_tensor_names(self.cfg, self.family)
+        if self.cfg.tie_embeddings or "lm_head.weight" not in self.files:
+            names.pop("lm_head.weight")  # the embeddings serve as the head
+        need = [h for hubs in names.values() for h in hubs]
+        need += [n for i in self.moe_layers for e in range(self.num_experts)
+                 for n in expert_tensor_names(self.family, i, e)]
+        missing = [n for n in need if n not in self.files]
+        if missing:
+            raise ModelDirError(f"partial model directory {self.dir}: {len(missing)} tensor(s) "
+                                f"missing, e.g. {', '.join(missing[:3])}")
+
+    def dense_state(self) -> dict[str, torch.Tensor]:
+        """Our names of every non-expert tensor -> tensor in self.dtype (on the CPU)."""
+        out = {}
+        for ours, hubs in dense_tensor_names(self.cfg, self.family).items():
+            if ours == "lm_head.weight" and "lm_head.weight" not in self.files:
+                hubs = ["model.embed_tokens.weight"]
+            parts = [self._get(h) for h in hubs]
+            out[ours] = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(self.dtype)
+        return out
+
+    def dense_nbytes(self) -> int:
+        """Bytes the non-expert tensors take in self.dtype."""
+        el = torch.finfo(self.dtype).bits // 8
+        total = 0
+        for ours, hubs in dense_tensor_names(self.cfg, self.family).items():
+            if ours == "lm_head.weight" and self.cfg.tie_embeddings:
+                continue  # shares the embedding's storage
+            if ours == "lm_head.weight" and "lm_head.weight" not in self.files:
+                hubs = ["model.embed_tokens.weight"]
+            for h in hubs:
+                shape = self._handle(self.files[h]).get_slice(h).get_shape()
+                total += el * int(torch.Size(shape).numel())
+        return total
+
+    def _read_expert(self, layer: int, e: int) -> ExpertWeights:
+        g, u, d = (self._get(n) for n in expert_tensor_names(self.family, layer, e))
+        w_in, w_out = torch.cat([g, u]).to(self.dtype), d.to(self.dtype)
+        if self.bits is None:
+            return ExpertWeights(w_in, w_out)
+        return ExpertWeights(quantize(w_in, self.bits), quantize(w_out, self.bits))
+
+    def expert(self, layer: int, e: int) -> ExpertWeights:
+        """One expert's weights from the RAM tier, or read from the disk tier."""
+        hit = self.host.get((layer, e))
+        if hit is not None:
+            return hit
+        if layer in self._offload:  # quantized once at load, memory-mapped here
+            h = self._handle(self._offload[layer])
+            return ExpertWeights(*(QuantWeight(h.get_tensor(f"{e}.{w}.data"),
+                                               h.get_tensor(f"{e}.{w}.scale"), self.bits,
+                                               *json.loads(h.metadata()[f"{e}.{w}"]))
+                                   for w in ("w_in", "w_out")))
+        return self._read_expert(layer, e)
+
+    # -- tiers -----------------------------------------------------------------------------
+    def _fill_host_tier(self, host_budget, pin, offload_dir, verbose) -> None:
+        total = len(self.moe_layers) * self.num_experts
+        if host_budget is None:
+            host_budget = max(0, _available_ram() - 4 * 2**30)
+        n_host = min(total, host_budget // max(self.expert_nbytes, 1))
+        self.n_host, self.n_disk = n_host, total - n_host
+        keys = [(i, e) for i in self.moe_layers for e in range(self.num_experts)]
+        for n, key in enumerate(keys[:n_host]):
+            w = self._read_expert(*key)
+            self.host[key] = w.pin_memory() if pin else w
+            if verbose and (n + 1) % self.num_experts == 0:
+                print(f"  experts in RAM: {n + 1}/{total}", file=sys.stderr, flush=True)
+        if self.bits is None or not self.n_disk:
+            return
+        # quantized experts that miss RAM: quantize once, keep in a memory-mapped file
+        import tempfile
+
+        root = Path(offload_dir or tempfile.mkdtemp(prefix="moe-serve-offload-"))
+        root.mkdir(parents=True, exist_ok=True)
+        for layer in sorted({i for i, _ in keys[n_host:]}):
+            tensors, meta = {}, {}
+            for i, e in keys[n_host:]:
+                if i != layer:
+                    continue
+                w = self._read_expert(i, e)
+                for name, q in (("w_in", w.w_in), ("w_out", w.w_out)):
+                    tensors[f"{e}.{name}.data"] = q.data.contiguous()
+                    tensors[f"{e}.{name}.scale"] = q.scale.contiguous()
+                    meta[f"{e}.{name}"] = json.dumps([q.group, q.cols])
+            path = root / f"experts-layer{layer}-{self.quant}.safetensors"
+            save_file(tensors, str(path), metadata=meta)
+            self._offload[layer] = path
+        if verbose:
+            print(f"  quantized experts on disk: {self.n_disk} in {root}", file=sys.stderr)
+
+    def describe(self) -> str:
+        return (f"{self.family} {self.cfg.n_layers} layers, {self.num_experts} experts x "
+                f"{len(self.moe_layers)} MoE layers, {format_size(self.expert_nbytes)} per "
+                f"expert ({self.quant}); {self.n_host} experts in RAM, {self.n_disk} on disk")

@@ -1,0 +1,104 @@
+"""Tokenizer, stop tokens and chat template of a model directory (tokenizer.json through the
+`tokenizers` library; chat templates rendered with jinja2 in a sandbox, as transformers does)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Used when a directory has no chat template of its own.
+PLAIN_CHAT = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+              "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _token_str(v) -> str | None:
+    return v.get("content") if isinstance(v, dict) else v
+
+
+def stop_token_ids(model_dir: Path) -> set[int]:
+    """eos ids from generation_config.json and config.json."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        v = _read_json(Path(model_dir) / name).get("eos_token_id")
+        ids.update(v if isinstance(v, list) else [] if v is None else [v])
+    return ids
+
+
+class TextCodec:
+    """Text <-> token ids for one model directory."""
+
+    def __init__(self, model_dir: str | Path):
+        from tokenizers import Tokenizer
+
+        d = Path(model_dir)
+        if not (d / "tokenizer.json").exists():
+            raise FileNotFoundError(f"{d} has no tokenizer.json: pass token ids "
+                                    "(--prompt-ids) or add the tokenizer files")
+        self.tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+        cfg = _read_json(d / "tokenizer_config.json")
+        template = cfg.get("chat_template")
+        if (d / "chat_template.jinja").exists():
+            template = (d / "chat_template.jinja").read_text()
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"),
+                            template[0]["template"])
+        self.chat_template = template or PLAIN_CHAT
+        self.bos_token = _token_str(cfg.get("bos_token"))
+        self.eos_token = _token_str(cfg.get("eos_token"))
+        self.stop_ids = stop_token_ids(d)
+        if self.eos_token is not None and self.tok.token_to_id(self.eos_token) is not None:
+            self.stop_ids.add(self.tok.token_to_id(self.eos_token))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """[{'role', 'content'}, ...] -> the prompt text the model was tuned on."""
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError("each chat message needs a 'role' and a 'content'")
+
+        def raise_exception(msg):
+            raise TemplateError(msg)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        # the template writes any BOS itself
+        return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+
+class StreamDecoder:
+    """Feeds token ids, returns the new text each time (whole characters only)."""
+
+    def __init__(self, codec: TextCodec):
+        self.codec, self.ids, self.text = codec, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.codec.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+            return ""
+        new, self.text = text[len(self.text):], text
+        return new
+
+    def flush(self) -> str:
+        """The text held back at the end (an incomplete character decodes as U+FFFD)."""
+        text = self.codec.decode(self.ids)
+        new, self.text = text[len(self.text):], text
+        return new

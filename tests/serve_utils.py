@@ -1,0 +1,62 @@
+"""Tiny random-weight Hugging Face MoE models for the serving tests (saved by transformers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import transformers
+
+VOCAB = 300
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2,
+              eos_token_id=None, bos_token_id=None, pad_token_id=0)
+
+
+def build_hf(family: str, seed: int = 0):
+    """A random transformers model of the family (8 experts, top-2, 3 layers)."""
+    torch.manual_seed(seed)
+    if family == "mixtral":
+        m = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            **COMMON, intermediate_size=40, num_local_experts=8))
+    elif family == "qwen2_moe":
+        m = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+            **COMMON, intermediate_size=48, moe_intermediate_size=24, num_experts=8,
+            shared_expert_intermediate_size=40, mlp_only_layers=[0]))
+    elif family == "qwen3_moe":
+        m = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            **COMMON, intermediate_size=48, moe_intermediate_size=24, num_experts=8,
+            head_dim=8, norm_topk_prob=False))
+    elif family == "olmoe":
+        m = transformers.OlmoeForCausalLM(transformers.OlmoeConfig(
+            **COMMON, intermediate_size=24, num_experts=8))
+    else:
+        raise ValueError(family)
+    with torch.no_grad():  # make norms and biases count, and routing decisive
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("proj.bias"):
+                p.normal_(0, 0.5)
+            elif name.endswith("gate.weight") and p.shape[0] == 8:
+                p.normal_(0, 0.5)
+    return m.eval()
+
+
+def save_tokenizer(model_dir: Path, texts: list[str]) -> None:
+    """A byte-level BPE of VOCAB tokens trained on texts, with an eos token and a chat
+    template, written as tokenizer.json + tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+        "chat_template": "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n"
+                         "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"}))

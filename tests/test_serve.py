@@ -1,0 +1,216 @@
+"""Offloaded serving: greedy tokens and logits equal transformers' generate for tiny models of
+four families, with and without a budget, for every cache policy, with and without prefetch;
+tiers, quantization, sampling, stop tokens and the errors users hit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from serve.config import ServeConfig  # noqa: E402
+from serve.generate import SamplingConfig, generate  # noqa: E402
+from serve.quant import dequantize, quantize  # noqa: E402
+from serve.runtime import BudgetError, OffloadedModel  # noqa: E402
+from serve.store import ModelDirError  # noqa: E402
+from serve.units import parse_size  # noqa: E402
+from tests.serve_utils import build_hf  # noqa: E402
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    """family -> (family, model dir, prompts, transformers' greedy tokens [B, NEW], logits),
+    built once per module."""
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            d = tmp_path_factory.mktemp(family)
+            hf = build_hf(family)
+            hf.save_pretrained(d, max_shard_size="40KB")  # sharded, with an index, as on the Hub
+            gen = torch.Generator().manual_seed(1)
+            a = torch.randint(1, 300, (9,), generator=gen).tolist()
+            b = torch.randint(1, 300, (5,), generator=gen).tolist()
+            ids = torch.tensor([a, [0] * 4 + b])  # left-padded batch
+            mask = (torch.arange(9) >= torch.tensor([[0], [4]])).long()
+            with torch.no_grad():
+                ref = hf.generate(ids, attention_mask=mask, max_new_tokens=NEW,
+                                  do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)
+            cache[family] = (family, d, [a, b], ref.sequences[:, 9:].tolist(),
+                             torch.stack(ref.logits, 1))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(params=FAMILIES)
+def family_ref(request, refs):
+    return refs(request.param)
+
+
+def serve(model_dir, **kw) -> OffloadedModel:
+    kw.setdefault("max_context", 64)
+    kw.setdefault("max_batch", 2)
+    return OffloadedModel(ServeConfig(model=str(model_dir), **kw))
+
+
+def budget_for(model_dir, slots: int, **kw) -> int:
+    """The budget that leaves exactly `slots` expert slots."""
+    probe = serve(model_dir, **kw)
+    return probe.fixed_bytes + slots * probe.slot_bytes
+
+
+@pytest.mark.parametrize("prefetch", ["none", "cross-layer"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "layer"])
+@pytest.mark.parametrize("fraction", [None, 0.25])
+def test_greedy_tokens_and_logits_equal_transformers(family_ref, fraction, policy, prefetch):
+    family, d, prompts, ref_ids, ref_logits = family_ref
+    budget = None
+    if fraction is not None:
+        budget = budget_for(d, 4, prefetch=prefetch)  # 4 of the 16-24 experts
+    m = serve(d, memory_budget=budget, cache_policy=policy, prefetch=prefetch)
+    total = len(m.store.moe_layers) * 8
+    assert m.n_slots == (4 if fraction else total)
+    res = generate(m, prompts, NEW, keep_logits=True)
+    assert res.token_ids == ref_ids
+    torch.testing.assert_close(torch.stack(res.step_logits, 1), ref_logits,
+                               rtol=1e-4, atol=1e-4)
+    st = res.stats
+    assert st["bytes_to_device"] > 0 and 0 <= st["expert_hit_rate"] <= 1
+    if fraction:
+        assert st["expert_misses"] > 0 and st["expert_hit_rate"] < 1
+    else:  # every expert is copied at most once
+        assert st["expert_misses"] + st["experts_prefetched"] <= total
+        assert st["expert_hit_rate"] > 0.5
+    if prefetch == "none":
+        assert st["experts_prefetched"] == 0 and st["prefetch_recall"] == 0
+    else:
+        assert st["experts_prefetched"] > 0
+        assert 0 < st["prefetch_precision"] <= 1 and 0 < st["prefetch_recall"] <= 1
+
+
+def test_prefetch_raises_the_hit_rate_and_counts_bytes(tmp_path):
+    build_hf("mixtral").save_pretrained(tmp_path)
+    budget = budget_for(tmp_path, 12)
+    prompts = [[5, 17, 33, 2, 90, 41]]
+    rates = {}
+    for pf in ("none", "cross-layer"):
+        m = serve(tmp_path, memory_budget=budget, prefetch=pf, max_batch=1)
+        st = generate(m, prompts, 12).stats
+        rates[pf] = st["expert_hit_rate"]
+        # every miss or prefetch moved exactly one expert
+        assert st["bytes_to_device"] == m.store.expert_nbytes * (
+            st["expert_misses"] + st["experts_prefetched"])
+    assert rates["cross-layer"] > rates["none"]
+
+
+def test_experts_from_ram_tier_and_disk_tier_give_the_same_tokens(refs):
+    family, d, prompts, ref_ids, _ = refs("mixtral")
+    probe = serve(d)
+    for host in (0, 5 * probe.store.expert_nbytes, None):
+        m = serve(d, host_budget=host if host is not None else 10**9)
+        assert m.store.n_host == (0 if host == 0 else 5 if host else 24)
+        assert generate(m, prompts, NEW).token_ids == ref_ids
+
+
+@pytest.mark.parametrize("quant,bits,tol", [("int8", 8, 0.02), ("int4", 4, 0.2)])
+def test_quantized_experts_move_fewer_bytes_and_stay_close(refs, tmp_path, quant, bits, tol):
+    family, d, prompts, ref_ids, ref_logits = refs("qwen2_moe")
+    full = serve(d)
+    m = serve(d, quant=quant, host_budget=3 * full.store.expert_nbytes // 2,
+              offload_dir=str(tmp_path), memory_budget=budget_for(d, 6, quant=quant))
+    assert m.store.n_disk > 0 and list(tmp_path.glob("*.safetensors"))
+    assert m.store.expert_nbytes < full.store.expert_nbytes * (bits / 32 + 0.1)
+    res = generate(m, prompts, NEW, keep_logits=True)
+    got = torch.stack(res.step_logits, 1)
+    rel = (got - ref_logits).norm() / ref_logits.norm()
+    assert rel < tol, f"{quant} logits rel. error {rel:.3g}"
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_roundtrip(bits):
+    w = torch.randn(37, 75)  # columns off the group size
+    q = quantize(w, bits)
+    back = dequantize(q, torch.float32)
+    assert back.shape == w.shape
+    rel = ((back - w).norm() / w.norm()).item()
+    assert rel < (0.01 if bits == 8 else 0.12), rel
+    assert q.nbytes < w.nbytes * (bits / 32 + 0.12)
+
+
+def test_parse_size():
+    assert parse_size("300KiB") == 300 * 1024
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size("8GiB") == 8 * 2**30
+    assert parse_size("2GB") == 2 * 10**9
+    assert parse_size("1234") == 1234
+    assert parse_size("1.5k") == 1536
+    for bad in ("", "12XB", "-3", "GiB"):
+        with pytest.raises(ValueError, match="invalid size"):
+            parse_size(bad)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(refs):
+    family, d, prompts, ref_ids, _ = refs("olmoe")
+    m = serve(d)
+    s = SamplingConfig(temperature=0.9, top_p=0.9, seed=7)
+    a = generate(m, prompts, NEW, s).token_ids
+    assert a == generate(m, prompts, NEW, SamplingConfig(temperature=0.9, top_p=0.9,
+                                                           seed=7)).token_ids
+    assert generate(m, prompts, NEW, SamplingConfig(1.0, top_k=1, seed=3)).token_ids == ref_ids
+    assert generate(m, prompts, NEW, SamplingConfig(1.0, top_p=1e-6, seed=3)).token_ids == \
+        ref_ids
+
+
+def test_stop_token_ends_a_row(refs):
+    family, d, prompts, ref_ids, _ = refs("qwen3_moe")
+    stop = ref_ids[0][2]
+    res = generate(serve(d), prompts, NEW, stop_ids=[stop])
+    assert res.token_ids[0] == ref_ids[0][:ref_ids[0].index(stop) + 1]
+    assert res.finish_reasons[0] == "stop"
+    if stop not in ref_ids[1]:
+        assert res.token_ids[1] == ref_ids[1] and res.finish_reasons[1] == "length"
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(ModelDirError, match="does not exist"):
+        serve(tmp_path / "nope")
+    d = tmp_path / "m"
+    build_hf("mixtral").save_pretrained(d, max_shard_size="40KB")
+    # a budget below the non-expert weights
+    with pytest.raises(BudgetError, match="too small.*non-expert weights"):
+        serve(d, memory_budget="10KiB")
+    m = serve(d, max_context=16, max_batch=1)
+    with pytest.raises(ValueError, match="longer than the context of 16"):
+        generate(m, [list(range(1, 20))], 4)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(m, [[1, 2, 999]], 4)
+    with pytest.raises(ValueError, match="exceed max_batch"):
+        generate(m, [[1], [2]], 4)
+    # a partial directory: one shard gone
+    part = tmp_path / "partial"
+    shutil.copytree(d, part)
+    shard = sorted(part.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(ModelDirError, match=f"partial model directory.*{shard.name}"):
+        serve(part)
+    # a directory whose index was lost, leaving files that lack some tensors
+    (part / "model.safetensors.index.json").unlink()
+    with pytest.raises(ModelDirError, match="tensor\\(s\\) missing"):
+        serve(part)
+    # another architecture
+    arch = tmp_path / "llama"
+    arch.mkdir()
+    (arch / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ModelDirError, match="unsupported architecture model_type='llama'"):
+        serve(arch)
+    with pytest.raises(ModelDirError, match="no config.json"):
+        serve(tmp_path)

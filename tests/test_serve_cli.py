@@ -1,0 +1,207 @@
+"""`moe-serve` as a user runs it: generate (JSON and streamed text), bench, errors with a
+non-zero exit, and the OpenAI-compatible HTTP server (incl. streaming and HTTP 400s)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from serve.config import ServeConfig  # noqa: E402
+from serve.http import make_server  # noqa: E402
+from serve.session import Session  # noqa: E402
+from serve.text import TextCodec  # noqa: E402
+from tests.serve_utils import build_hf, save_tokenizer  # noqa: E402
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n",
+         "class Point:\n    x: int\n    y: int\n"] * 20
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("served")
+    hf = build_hf("mixtral", seed=3)
+    hf.save_pretrained(d)
+    save_tokenizer(d, TEXTS)
+    return d, hf
+
+
+def cli(*args, check=True):
+    p = subprocess.run([sys.executable, "-m", "serve", *map(str, args)], capture_output=True,
+                       text=True, timeout=300)
+    if check and p.returncode:
+        raise AssertionError(f"moe-serve failed ({p.returncode}):\n{p.stderr}")
+    return p
+
+
+def hf_greedy(hf, ids, n):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def test_generate_json_with_a_budget_matches_transformers(model_dir):
+    d, hf = model_dir
+    p = cli("generate", "--model", d, "--prompt-ids", "3,14,15,92,65", "--max-new-tokens", 10,
+            "--memory-budget", "600KiB", "--cache-policy", "layer", "--device", "cpu", "--json")
+    doc = json.loads(p.stdout)
+    assert doc["token_ids"] == hf_greedy(hf, [3, 14, 15, 92, 65], 10)
+    for key in ("tokens_per_s", "ttft_s", "expert_hit_rate", "prefetch_precision",
+                "prefetch_recall", "bytes_to_device"):
+        assert key in doc["stats"], key
+    assert doc["stats"]["bytes_to_device"] > 0
+    assert "600.00 KiB" in p.stderr and "expert slots" in p.stderr
+
+
+def test_generate_text_streams_the_decoded_completion(model_dir):
+    d, hf = model_dir
+    codec = TextCodec(d)
+    prompt = "def add("
+    ids = hf_greedy(hf, codec.encode(prompt), 12)
+    p = cli("generate", "--model", d, "--prompt", prompt, "--max-new-tokens", 12,
+            "--ignore-eos", "--quiet")
+    assert p.stdout.strip() == codec.decode(ids).strip()
+    assert "tok/s decode" in p.stderr
+
+
+def test_bench_reports_speed_hits_and_utilisation(model_dir):
+    d, _ = model_dir
+    p = cli("bench", "--model", d, "--prompt-len", 16, "--new-tokens", 6, "--memory-budget",
+            "600KiB", "--json", "--quiet")
+    r = json.loads(p.stdout)
+    assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
+    assert 0 < r["s_mbu"] and 0 < r["s_mfu"]
+    assert 0 <= r["expert_hit_rate"] <= 1 and r["expert_slots"] < r["total_experts"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/nonexistent/model", "--prompt-ids", "1"], "does not exist"),
+    (["--prompt-ids", "1,2", "--memory-budget", "1KiB"], "too small"),
+    (["--prompt-ids", "1,2", "--memory-budget", "12XB"], "invalid size"),
+    (["--prompt-ids", ",".join(["5"] * 70)], "longer than the context"),
+    (["--prompt-ids", "1,x"], "comma-separated integers"),
+    ([], "--prompt TEXT or as --prompt-ids"),
+])
+def test_generate_errors_exit_non_zero_with_a_message(model_dir, args, message):
+    d, _ = model_dir
+    if "--model" not in args:
+        args = ["--model", d, *args]
+    p = cli("generate", *args, "--max-new-tokens", 2, check=False)
+    assert p.returncode != 0
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    d, hf = model_dir
+    session = Session(ServeConfig(model=str(d), memory_budget="600KiB", max_context=64))
+    srv = make_server(session, "127.0.0.1", 0)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_port}", session, hf
+    srv.shutdown()
+    srv.server_close()
+
+
+def request(url, body=None, raw=None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_http_health_models_and_completions(server):
+    base, session, hf = server
+    assert request(base + "/health") == (200, '{"status": "ok"}')
+    code, body = request(base + "/v1/models")
+    assert code == 200 and json.loads(body)["data"][0]["id"] == session.name
+    ids = session.codec.encode("import os")
+    code, body = request(base + "/v1/completions", {"prompt": "import os", "max_tokens": 8,
+                                                    "temperature": 0})
+    assert code == 200, body
+    doc = json.loads(body)
+    want = hf_greedy(hf, ids, 8)
+    eos = session.codec.stop_ids
+    want = want[:next((i for i, t in enumerate(want) if t in eos), len(want))]
+    assert doc["choices"][0]["text"] == session.codec.decode(want)
+    assert doc["usage"]["prompt_tokens"] == len(ids)
+    assert doc["object"] == "text_completion"
+
+
+def test_http_chat_completion_and_stream(server):
+    base, session, _ = server
+    body = {"messages": [{"role": "user", "content": "print"}], "max_tokens": 6,
+            "temperature": 0}
+    code, plain = request(base + "/v1/chat/completions", body)
+    assert code == 200, plain
+    doc = json.loads(plain)
+    assert doc["object"] == "chat.completion"
+    content = doc["choices"][0]["message"]["content"]
+    code, streamed = request(base + "/v1/chat/completions", dict(body, stream=True))
+    assert code == 200
+    events = [line[6:] for line in streamed.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == content
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize("path,raw,fragment", [
+    ("/v1/completions", b"{not json", "malformed JSON"),
+    ("/v1/completions", b"[1, 2]", "must be a JSON object"),
+    ("/v1/completions", b'{"max_tokens": 4}', "'prompt'"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": "many"}', "'max_tokens'"),
+    ("/v1/completions", b'{"prompt": "x", "temperature": 9}', "'temperature'"),
+    ("/v1/completions", json.dumps({"prompt": list(range(1, 80))}).encode(),
+     "longer than the context"),
+    ("/v1/chat/completions", b'{"messages": "hi"}', "'messages'"),
+    ("/v1/chat/completions", b'{"messages": [{"text": "hi"}]}', "'role'"),
+])
+def test_http_bad_requests_get_400(server, path, raw, fragment):
+    base, _, _ = server
+    code, body = request(base + path, raw=raw)
+    assert code == 400, body
+    assert fragment in json.loads(body)["error"]["message"]
+
+
+def test_http_unknown_route_is_404(server):
+    base, _, _ = server
+    assert request(base + "/v2/nothing")[0] == 404
+
+
+def test_stop_strings_cut_the_text_and_end_the_row(server):
+    _, session, _ = server
+    ids = session.codec.encode("class Point")
+    full, _ = session.complete([ids], 12, ignore_eos=True)
+    text = full[0].text
+    assert len(text) >= 4
+    stop = text[2:4]
+    cut = text[:text.index(stop)]
+    streamed = []
+    out, _ = session.complete([ids], 12, stop=[stop], ignore_eos=True,
+                              on_text=lambda row, t: streamed.append(t))
+    assert out[0].text == cut and out[0].finish_reason == "stop"
+    assert "".join(streamed) == cut
+
+
+def test_chat_template_from_the_tokenizer_config(model_dir):
+    d, _ = model_dir
+    codec = TextCodec(d)
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert codec.render_chat(msgs) == "<system>be brief\n<user>hi\n<assistant>"
+    assert codec.encode_chat(msgs) == codec.encode("<system>be brief\n<user>hi\n<assistant>",
+                                                   add_special_tokens=False)
