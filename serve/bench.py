@@ -64,7 +64,13 @@ def h2d_bandwidth(device: torch.device) -> float | None:
 def run_bench(cfg: ServeConfig, prompt_len: int, new_tokens: int, batch: int = 1,
               seed: int = 0, verbose: bool = False) -> dict:
     """Random prompts of prompt_len tokens, greedy decode of new_tokens -> a report dict."""
-    model = OffloadedModel(cfg, verbose=verbose)
+    return measure(OffloadedModel(cfg, verbose=verbose), prompt_len, new_tokens, batch, seed)
+
+
+def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int = 1,
+            seed: int = 0) -> dict:
+    """Time a prefill and new_tokens greedy decode steps of `model` -> a report dict."""
+    cfg = model.scfg
     m, dev = model.cfg, model.device
     if prompt_len + new_tokens > model.max_context:
         raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the "
@@ -117,6 +123,8 @@ def run_bench(cfg: ServeConfig, prompt_len: int, new_tokens: int, batch: int = 1
         "expert_hit_rate": dec["expert_hit_rate"], "prefill_hit_rate": pre["expert_hit_rate"],
         "prefetch_precision": dec["prefetch_precision"],
         "prefetch_recall": dec["prefetch_recall"],
+        "experts_used_per_token": activated / (new_tokens * batch),
+        "expert_bytes": model.store.expert_nbytes,
         "bytes_to_device_per_token": moved_per_token,
         "bytes_to_device": pre["bytes_to_device"] + dec["bytes_to_device"],
         "s_mbu": bytes_step / step_s / peak_bw, "s_mfu": flops_step / step_s / peak_flops,

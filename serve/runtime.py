@@ -57,6 +57,26 @@ class KVCache:
             cfg.resolved_head_dim * el
 
 
+def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_batch: int,
+                max_context: int) -> tuple[int, int, str]:
+    """(bytes kept on the device besides expert slots, bytes of one slot, a description):
+    non-expert weights, KV cache, staging buffers for quantized experts and an estimate of
+    the activations of one prefill chunk."""
+    m, el = store.cfg, torch.finfo(dtype).bits // 8
+    dense = store.dense_nbytes()
+    kv = KVCache.nbytes(m, max_batch, max_context, dtype)
+    staging = ExpertCache.staging_nbytes(store, cfg.prefetch != "none")
+    chunk = max_batch * min(cfg.prefill_chunk, max_context)
+    k, Fe, d = m.moe.router.top_k, m.moe.expert_ffn, m.d_model
+    hd_all = (m.n_heads + 2 * m.n_kv_heads) * m.resolved_head_dim
+    act = chunk * el * (4 * d + hd_all + k * (3 * Fe + d)) \
+        + chunk * max_context * 4 * m.n_heads + max_batch * m.vocab_size * 4
+    parts = (f"non-expert weights {format_size(dense)}, KV cache {format_size(kv)} "
+             f"({max_batch} x {max_context} tokens), activations ~{format_size(act)}"
+             + (f", staging {format_size(staging)}" if staging else ""))
+    return dense + kv + staging + act, ExpertCache.slot_nbytes(store, dtype), parts
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,7 +90,9 @@ class OffloadedModel:
     """A served model. `step(ids [B, S], start, valid [B, start + S]) -> logits [B, V]` of the
     last position; the KV cache holds positions [0, start) of the same batch."""
 
-    def __init__(self, cfg: ServeConfig, verbose: bool = False):
+    def __init__(self, cfg: ServeConfig, verbose: bool = False,
+                 store: WeightStore | None = None):
+        """store: an already opened WeightStore of cfg.model (benchmarks reuse one)."""
         cfg.check()
         self.scfg = cfg
         self.device = resolve_device(cfg.device)
@@ -80,8 +102,9 @@ class OffloadedModel:
         host_budget = None if cfg.host_budget is None else parse_size(cfg.host_budget)
         if host_budget is None and not on_cuda:
             host_budget = 0  # cpu: the memory-mapped files are the offload tier
-        self.store = WeightStore(cfg.model, self.dtype, cfg.quant, host_budget, pin=on_cuda,
-                                 offload_dir=cfg.offload_dir, verbose=verbose)
+        self.store = store or WeightStore(cfg.model, self.dtype, cfg.quant, host_budget,
+                                          pin=on_cuda, offload_dir=cfg.offload_dir,
+                                          verbose=verbose)
         mcfg = self.store.cfg
         mcfg.moe.kernel_backend = cfg.kernel_backend
         mcfg.moe.router.validate = False
@@ -105,35 +128,23 @@ class OffloadedModel:
 
     # -- set-up ----------------------------------------------------------------------------
     def _plan_memory(self, cfg: ServeConfig) -> tuple[int, str]:
-        m, el = self.cfg, torch.finfo(self.dtype).bits // 8
+        self.fixed_bytes, self.slot_bytes, parts = memory_plan(
+            self.store, cfg, self.dtype, self.max_batch, self.max_context)
         total_experts = len(self.store.moe_layers) * self.store.num_experts
-        dense = self.store.dense_nbytes()
-        kv = KVCache.nbytes(m, self.max_batch, self.max_context, self.dtype)
-        staging = ExpertCache.staging_nbytes(self.store, cfg.prefetch != "none")
-        chunk = self.max_batch * min(cfg.prefill_chunk, self.max_context)
-        k, Fe, d = m.moe.router.top_k, m.moe.expert_ffn, m.d_model
-        hd_all = (m.n_heads + 2 * m.n_kv_heads) * m.resolved_head_dim
-        act = chunk * el * (4 * d + hd_all + k * (3 * Fe + d)) \
-            + chunk * self.max_context * 4 * m.n_heads + self.max_batch * m.vocab_size * 4
-        slot = ExpertCache.slot_nbytes(self.store, self.dtype)
-        fixed = dense + kv + staging + act
-        self.fixed_bytes, self.slot_bytes = fixed, slot
-        parts = (f"non-expert weights {format_size(dense)}, KV cache {format_size(kv)} "
-                 f"({self.max_batch} x {self.max_context} tokens), activations ~"
-                 f"{format_size(act)}" + (f", staging {format_size(staging)}" if staging else ""))
         if cfg.memory_budget is None:
             n = max(total_experts, 1)
             return n, f"no budget: {n} expert slots; {parts}"
         budget = parse_size(cfg.memory_budget)
-        n = (budget - fixed) // slot
+        n = (budget - self.fixed_bytes) // self.slot_bytes
         if n < 1:
             raise BudgetError(
                 f"memory budget {format_size(budget)} is too small: {parts} and one expert slot "
-                f"({format_size(slot)}) need {format_size(fixed + slot)}; raise "
+                f"({format_size(self.slot_bytes)}) need "
+                f"{format_size(self.fixed_bytes + self.slot_bytes)}; raise "
                 "--memory-budget or lower --max-context / --max-batch")
         n = min(n, max(total_experts, 1))
         return n, (f"budget {format_size(budget)}: {n}/{total_experts} expert slots "
-                   f"({format_size(n * slot)}); {parts}")
+                   f"({format_size(n * self.slot_bytes)}); {parts}")
 
     def _build_model(self) -> MoETransformer:
         with torch.device("meta"):

@@ -18,3 +18,16 @@ def test_kernels_bench_smoke(tmp_path):
     for name in ("ours (triton)", "ours, torch reference", "loop over experts", "dense GEMM"):
         assert name in text
     assert "max rel err" in proc.stdout
+
+
+def test_serve_bench_smoke(tmp_path):
+    out = tmp_path / "results.md"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.serve", "--smoke", "--layers", "2", "--new-tokens", "6",
+         "--out", str(out), "--dir", str(tmp_path / "model")], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert "Offloaded decode" in text and "4/16 (25%)" in text and "8/16 (50%)" in text
+    assert "failed" not in text  # the transformers baseline ran too

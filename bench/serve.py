@@ -1,0 +1,206 @@
+"""Offloaded decode speed on one GPU: ours (cross-layer prefetch and no prefetch) vs
+transformers + accelerate offloading, next to the PCIe bound, for a model with Mixtral-8x7B
+layer shapes (fewer layers, random bf16 weights) under budgets that hold 25% and 50% of the
+experts.
+
+    python -m bench.serve                 # GPU: Mixtral-8x7B layer shapes, 4 layers
+    python -m bench.serve --smoke         # CPU: tiny shapes, checks the script end to end
+
+PCIe bound: a cache holding a fraction f of the experts must, with no locality to exploit,
+move (1 - f) of the experts each token uses; bound tokens/s = measured pinned host-to-device
+bandwidth / those bytes. Every number lands in a table appended to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from bench.common import markdown_table, results_block
+from moe.config import ModelConfig, MoEConfig
+from moe.hf import _config_json, expert_tensor_names, shared_names
+from routing.config import RouterConfig
+from serve.bench import h2d_bandwidth, measure
+from serve.config import ServeConfig
+from serve.runtime import OffloadedModel, memory_plan
+from serve.store import WeightStore
+
+MIXTRAL = dict(vocab_size=32000, d_model=4096, n_heads=32, n_kv_heads=8, expert_ffn=14336,
+               num_experts=8, top_k=2, max_seq_len=4096)
+SMOKE = dict(vocab_size=256, d_model=64, n_heads=4, n_kv_heads=2, expert_ffn=96,
+             num_experts=8, top_k=2, max_seq_len=256)
+
+
+def write_model(out: Path, shape: dict, n_layers: int, dtype: torch.dtype) -> ModelConfig:
+    """A random Mixtral-layout directory (one safetensors shard per layer + index)."""
+    cfg = ModelConfig(vocab_size=shape["vocab_size"], d_model=shape["d_model"],
+                      n_layers=n_layers, n_heads=shape["n_heads"],
+                      n_kv_heads=shape["n_kv_heads"], max_seq_len=shape["max_seq_len"],
+                      rope_theta=1e6, norm_eps=1e-5,
+                      moe=MoEConfig(num_experts=shape["num_experts"],
+                                    expert_ffn=shape["expert_ffn"],
+                                    router=RouterConfig(top_k=shape["top_k"])))
+    out.mkdir(parents=True, exist_ok=True)
+    d, F, hd = cfg.d_model, cfg.moe.expert_ffn, cfg.resolved_head_dim
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape_, std=0.02):
+        return (torch.randn(*shape_, generator=gen) * std).to(dtype)
+
+    shapes = {"q_proj": (cfg.n_heads * hd, d), "k_proj": (cfg.n_kv_heads * hd, d),
+              "v_proj": (cfg.n_kv_heads * hd, d), "o_proj": (d, cfg.n_heads * hd)}
+    weight_map = {}
+    names = dict((hub, ours) for ours, hub in shared_names(n_layers, False))
+    top = {"model.embed_tokens.weight": rand(cfg.vocab_size, d),
+           "model.norm.weight": torch.ones(d, dtype=dtype),
+           "lm_head.weight": rand(cfg.vocab_size, d)}
+    shards = [("model-top.safetensors", top)]
+    for i in range(n_layers):
+        t = {}
+        for hub in (h for h in names if h.startswith(f"model.layers.{i}.")):
+            if hub.endswith("layernorm.weight"):
+                t[hub] = torch.ones(d, dtype=dtype)
+            else:
+                t[hub] = rand(*shapes[hub.split(".")[-2]])
+        t[f"model.layers.{i}.block_sparse_moe.gate.weight"] = rand(cfg.moe.num_experts, d,
+                                                                   std=0.5)
+        for e in range(cfg.moe.num_experts):
+            g, u, dn = expert_tensor_names("mixtral", i, e)
+            t[g], t[u], t[dn] = rand(F, d), rand(F, d), rand(d, F)
+        shards.append((f"model-layer{i}.safetensors", t))
+        print(f"  wrote layer {i + 1}/{n_layers}", file=sys.stderr, flush=True)
+    for fname, tensors in shards:
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in tensors})
+    total = sum(t.nbytes for _, ts in shards for t in ts.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}))
+    hf_cfg = _config_json(cfg, "mixtral")
+    hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    return cfg
+
+
+def hf_decode_tokens_per_s(model_dir: Path, budget: int, prompt_len: int, new_tokens: int,
+                           device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """transformers' generate with accelerate offloading what max_memory does not hold."""
+    import transformers
+
+    if device.type == "cuda":
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, device_map="auto",
+            max_memory={0: budget, "cpu": 400 * 2**30})
+        label = "transformers + accelerate offload"
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        label = "transformers (CPU, no offload: smoke only)"
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len)).to(device)
+
+    def run(n):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    run(2)  # warm-up
+    t1, tn = run(1), run(new_tokens)
+    return (new_tokens - 1) / max(tn - t1, 1e-9), label
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--fractions", default="0.25,0.5")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--dir", default=None, help="where the random model is written")
+    p.add_argument("--out", default="bench/RESULTS.md")
+    p.add_argument("--json-out", default=None, help="also write every measurement here")
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shape = SMOKE if a.smoke else MIXTRAL
+    root = Path(a.dir or tempfile.mkdtemp(prefix="moe-serve-bench-"))
+    print(f"writing a {a.layers}-layer random model to {root}", file=sys.stderr)
+    write_model(root, shape, a.layers, dtype)
+    max_context = a.prompt_len + a.new_tokens + 8
+    base = ServeConfig(model=str(root), device=device.type, dtype=str(dtype)[6:],
+                       max_context=max_context)
+    store = WeightStore(root, dtype, pin=device.type == "cuda", verbose=True,
+                        host_budget=None if device.type == "cuda" else 0)
+    fixed, slot, _ = memory_plan(store, base, dtype, 1, max_context)
+    total = len(store.moe_layers) * store.num_experts
+    h2d = h2d_bandwidth(device)
+    rows, records = [], []
+    for f in (float(x) for x in a.fractions.split(",")):
+        slots = max(1, round(f * total))
+        budget = fixed + slots * slot
+        results = {}
+        for prefetch in ("cross-layer", "none"):
+            cfg = ServeConfig(**{**base.__dict__, "memory_budget": budget,
+                                 "prefetch": prefetch})
+            model = OffloadedModel(cfg, store=store)
+            measure(model, a.prompt_len, 2)  # warm-up (kernels, caches)
+            results[prefetch] = measure(model, a.prompt_len, a.new_tokens)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        r = results["cross-layer"]
+        must_move = r["experts_used_per_token"] * (1 - slots / total) * r["expert_bytes"]
+        bound = h2d / must_move if h2d and must_move else None
+        hf_tps, hf_label = (None, "skipped")
+        if not a.skip_hf:
+            try:
+                hf_tps, hf_label = hf_decode_tokens_per_s(root, budget, a.prompt_len,
+                                                          a.new_tokens, device, dtype)
+            except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported
+                hf_label = f"failed: {type(e).__name__}: {str(e)[:80]}"
+        ours = r["decode_tokens_per_s"]
+        rows.append([f"{slots}/{total} ({f:.0%})", f"{budget / 2**30:.2f}",
+                     f"{ours:.2f}", f"{results['none']['decode_tokens_per_s']:.2f}",
+                     f"{hf_tps:.2f}" if hf_tps else hf_label,
+                     f"{bound:.2f}" if bound else "n/a",
+                     f"{bound / ours:.2f}" if bound else "n/a",
+                     f"{ours / hf_tps:.1f}" if hf_tps else "n/a",
+                     f"{r['expert_hit_rate']:.2f} / {results['none']['expert_hit_rate']:.2f}",
+                     f"{r['prefetch_precision']:.2f} / {r['prefetch_recall']:.2f}",
+                     f"{r['bytes_to_device_per_token'] / 2**20:.1f}"])
+        records.append({"fraction": f, "ours": r, "no_prefetch": results["none"],
+                        "hf": hf_tps, "hf_label": hf_label, "pcie_bound": bound})
+    header = ["experts cached", "budget GiB", "ours tok/s", "ours no-prefetch tok/s",
+              "transformers+accelerate tok/s", "PCIe bound tok/s", "bound / ours",
+              "ours / transformers", "hit rate (pf / no pf)", "prefetch prec / recall",
+              "MiB moved / token"]
+    table = markdown_table(header, rows)
+    print(table)
+    shape_txt = ", ".join(f"{k}={v}" for k, v in shape.items())
+    body = (f"Shapes: {shape_txt}, {a.layers} layers, {dtype}; prompt {a.prompt_len}, "
+            f"{a.new_tokens} greedy new tokens, batch 1, LRU. Measured pinned H2D: "
+            f"{h2d / 1e9:.1f} GB/s.\n\n" if h2d else
+            f"Shapes: {shape_txt}, {a.layers} layers, {dtype}; prompt {a.prompt_len}, "
+            f"{a.new_tokens} new tokens (CPU smoke run: no PCIe).\n\n") + table
+    cmd = "python -m bench.serve " + " ".join(argv if argv is not None else sys.argv[1:])
+    if a.out:
+        with open(a.out, "a") as fh:
+            fh.write(results_block("Offloaded decode (bench/serve.py)", cmd, device, body))
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(records, indent=1))
+    if not a.dir:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
