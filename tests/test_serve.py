@@ -59,6 +59,7 @@ def family_ref(request, refs):
 def serve(model_dir, **kw) -> OffloadedModel:
     kw.setdefault("max_context", 64)
     kw.setdefault("max_batch", 2)
+    kw.setdefault("dtype", "float32")  # parity at float32 tolerance, on cuda too
     return OffloadedModel(ServeConfig(model=str(model_dir), **kw))
 
 
@@ -214,3 +215,76 @@ def test_errors_name_the_problem(tmp_path):
         serve(arch)
     with pytest.raises(ModelDirError, match="no config.json"):
         serve(tmp_path)
+
+
+def test_cache_policies_pick_the_victim_they_promise():
+    from serve.cache import LFU, LRU, LayerAware
+
+    keys = [(0, 1), (2, 1), (1, 3)]
+    lru = LRU(n_layers=3)
+    for k in keys + [(0, 1)]:
+        lru.touch(k)
+    assert lru.victim(keys) == (2, 1)  # touched longest ago
+    lfu = LFU(n_layers=3)
+    for k in [(0, 1), (0, 1), (2, 1), (2, 1), (1, 3), (0, 1)]:
+        lfu.touch(k)
+    assert lfu.victim(keys) == (1, 3)  # used once
+    layer, lru = LayerAware(n_layers=3), LRU(n_layers=3)
+    for k in [(0, 1), (2, 1), (1, 3), (1, 3)]:
+        layer.touch(k)
+        lru.touch(k)
+    # (0, 1) is older (age 3 vs 2) but an expert of the deepest layer ages 1 + 2/3 times
+    # faster, so LRU evicts (0, 1) and the layer-aware policy (2, 1)
+    assert lru.victim([(0, 1), (2, 1)]) == (0, 1)
+    assert layer.victim([(0, 1), (2, 1)]) == (2, 1)
+    layer.touch((2, 1))
+    for _ in range(3):  # a shallow expert unused for long enough still goes
+        layer.touch((1, 3))
+    assert layer.victim([(0, 1), (2, 1)]) == (0, 1)
+
+
+def test_slot_pool_is_allocated_once(refs):
+    _, d, prompts, _, _ = refs("mixtral")
+    m = serve(d, memory_budget=budget_for(d, 5))
+    ptrs = (m.cache.w_in.data_ptr(), m.cache.w_out.data_ptr(), m.kv.k.data_ptr())
+    generate(m, prompts, NEW)
+    generate(m, prompts[:1], NEW)
+    assert (m.cache.w_in.data_ptr(), m.cache.w_out.data_ptr(), m.kv.k.data_ptr()) == ptrs
+    assert len(m.cache.slot_of) == 5
+
+
+@pytest.mark.parametrize("kw", [{}, {"qk_norm": True, "first_dense_layers": 1}])
+def test_serves_our_own_exports(tmp_path, kw):
+    from moe import ModelConfig, MoEConfig, MoETransformer
+    from moe.hf import export_hf
+    from routing import RouterConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
+                      max_seq_len=32, dense_ffn=40, **kw,
+                      moe=MoEConfig(num_experts=6, expert_ffn=24, kernel_backend="torch",
+                                    router=RouterConfig(top_k=2)))
+    ours = MoETransformer(cfg).eval()
+    export_hf(cfg, ours.state_dict(), tmp_path)
+    ids = [3, 9, 27, 4]
+    want = list(ids)
+    with torch.no_grad():
+        for _ in range(6):
+            want.append(int(ours(torch.tensor([want])).logits[0, -1].argmax()))
+    m = serve(tmp_path, max_batch=1, memory_budget=budget_for(tmp_path, 3, max_batch=1))
+    assert generate(m, [ids], 6).token_ids[0] == want[len(ids):]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_memory_stays_under_the_budget(refs):
+    _, d, prompts, ref_ids, _ = refs("mixtral")
+    budget = budget_for(d, 4)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    m = serve(d, memory_budget=budget, device="cuda")
+    assert generate(m, prompts, NEW).token_ids == ref_ids
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base <= budget

@@ -35,6 +35,8 @@ def model_dir(tmp_path_factory):
 
 
 def cli(*args, check=True):
+    if args and args[0] in ("generate", "bench", "chat"):  # float32 parity on cuda too
+        args = (*args, "--dtype", "float32")
     p = subprocess.run([sys.executable, "-m", "serve", *map(str, args)], capture_output=True,
                        text=True, timeout=300)
     if check and p.returncode:
@@ -103,7 +105,8 @@ def test_generate_errors_exit_non_zero_with_a_message(model_dir, args, message):
 @pytest.fixture(scope="module")
 def server(model_dir):
     d, hf = model_dir
-    session = Session(ServeConfig(model=str(d), memory_budget="600KiB", max_context=64))
+    session = Session(ServeConfig(model=str(d), memory_budget="600KiB", max_context=64,
+                                  dtype="float32"))
     srv = make_server(session, "127.0.0.1", 0)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
@@ -205,3 +208,13 @@ def test_chat_template_from_the_tokenizer_config(model_dir):
     assert codec.render_chat(msgs) == "<system>be brief\n<user>hi\n<assistant>"
     assert codec.encode_chat(msgs) == codec.encode("<system>be brief\n<user>hi\n<assistant>",
                                                    add_special_tokens=False)
+
+
+def test_chat_reads_stdin_and_answers_through_the_template(model_dir):
+    d, _ = model_dir
+    p = subprocess.run([sys.executable, "-m", "serve", "chat", "--model", str(d),
+                        "--max-new-tokens", "4", "--quiet", "--dtype", "float32"],
+                       input="hello\nhow are you\n\n", capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("> ") == 3  # two answered turns, then the empty line ends it
