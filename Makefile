@@ -23,7 +23,7 @@ test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m train experiment=tiny hydra.run.dir=runs/demo
 	$(PY) -m train.export runs/demo runs/demo/hf
-	$(VENV)/bin/moe-serve generate --model runs/demo/hf --device cpu --memory-budget 3MiB \
+	$(VENV)/bin/moe-serve generate --model runs/demo/hf --device cpu --memory-budget 8.5MiB \
 	  --prompt "def " --prompt "import os" --prompt "class " --max-new-tokens 48 \
 	  --temperature 0.8 --top-k 40 --seed 0
 

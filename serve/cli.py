@@ -108,9 +108,11 @@ def cmd_generate(a) -> None:
     if stream:
         print()
     else:
-        for o in outs:
-            print(o.text if o.text is not None else " ".join(map(str, o.token_ids)))
-            print("---")
+        for i, o in enumerate(outs):
+            label = repr(prompts_text[i]) if prompts_text else f"ids {prompts[i]}"
+            print(f"--- prompt {i + 1}: {label}")
+            print((prompts_text[i] + o.text) if o.text is not None and prompts_text
+                  else o.text if o.text is not None else " ".join(map(str, o.token_ids)))
     st = res.stats
     print(f"[{st['new_tokens']} tokens, {st['tokens_per_s']:.1f} tok/s decode, ttft "
           f"{st['ttft_s'] * 1e3:.0f} ms, expert hit rate {st['expert_hit_rate']:.2f}, "
