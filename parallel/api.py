@@ -49,6 +49,15 @@ class Parallelized:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of every optimizer, DeepSpeed's included."""
+        opts = list(self.optimizers)
+        if self.engine is not None:
+            opts.append(self.engine.optimizer)
+        for opt in opts:
+            for g in opt.param_groups:
+                g["lr"] = lr
+
     def after_backward(self) -> None:
         """Average expert gradients like DDP averages the rest (mean of the ranks' losses).
 
@@ -96,6 +105,9 @@ class Parallelized:
                 raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} != model "
                                  f"{tuple(t.shape)}")
             t.copy_(src.to(t.dtype))
+        if self.engine is not None and hasattr(self.engine.optimizer, "refresh_fp32_params"):
+            # ZeRO steps fp32 master partitions of its own: refill them from the weights
+            self.engine.optimizer.refresh_fp32_params()
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         """The torch optimizers' per-parameter state in the canonical layout:
@@ -114,7 +126,90 @@ class Parallelized:
                     else:
                         for canon in layout.names:
                             out[f"{canon}.{key}"] = torch.as_tensor(v)
+        if self.engine is not None:
+            out.update(self._engine_optimizer_state())
         return out
+
+    def _engine_params(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of what the DeepSpeed engine optimizes, in one order on every
+        rank."""
+        expert = {id(p) for p in self.expert_params}
+        return [(n, p) for n, p in self.model.named_parameters() if id(p) not in expert]
+
+    def engine_grad_fragments(self) -> list[torch.Tensor]:
+        """This rank's disjoint pieces of the dense gradients DeepSpeed holds (ZeRO 1/2 keep
+        no p.grad), as writable views: valid between backward and step. [] without DeepSpeed."""
+        if self.engine is None:
+            return []
+        out = []
+        for _, p in self._engine_params():
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is not None:
+                out.append(mapping.get_lp_grad_fragment(p._index_in_param_group))
+        return out
+
+    def _relink_engine_state(self) -> None:
+        """Point each parameter at its fragment of the partitioned optimizer state again.
+        DeepSpeed links them once, after the first param group's first step, so the groups
+        stepped after it (our no-weight-decay group) keep an empty link."""
+        zero = self.engine.optimizer
+        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
+
+    def _engine_optimizer_state(self) -> dict[str, torch.Tensor]:
+        """The ZeRO-partitioned dense optimizer state gathered per parameter (DeepSpeed's
+        tensor-fragment API; collective), named as a torch optimizer's would be."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        states = list(self.engine.optimizer.optimizer.state.values())
+        if not states:
+            return {}
+        self._relink_engine_state()
+        first = states[0]
+        tensor_keys = sorted(k for k, v in first.items() if torch.is_tensor(v) and v.dim())
+        out = {}
+        for name, p in self._engine_params():
+            for key in tensor_keys:
+                out[f"{name}.{key}"] = safe_get_full_optimizer_state(p, key).detach().cpu() \
+                    .reshape(p.shape).clone()
+            for key, v in first.items():
+                if key not in tensor_keys:
+                    out[f"{name}.{key}"] = torch.as_tensor(v).detach().cpu().clone()
+        return out
+
+    @torch.no_grad()
+    def _load_engine_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        params = self._engine_params()
+        prefix = params[0][0] + "."
+        keys = sorted(k[len(prefix):] for k in state if k.startswith(prefix))
+        if not keys:
+            return
+        missing = [f"{n}.{k}" for n, _ in params for k in keys if f"{n}.{k}" not in state]
+        if missing:
+            raise ValueError(f"optimizer state lacks {missing[:3]}")
+        zero = self.engine.optimizer
+        base = zero.optimizer
+        if not base.state:  # no step yet: torch optimizers create their state lazily
+            for group in base.param_groups:
+                for flat in group["params"]:
+                    base.state[flat] = {
+                        k: torch.zeros_like(flat) if state[prefix + k].dim()
+                        else state[prefix + k].clone() for k in keys}
+        self._relink_engine_state()
+        for name, p in params:
+            for key in keys:
+                v = state[f"{name}.{key}"]
+                if v.dim():
+                    safe_set_full_optimizer_state(p, v.to(p.device), key)
+        for key in keys:  # per-group scalars (the step count) are one value for the group
+            v = state[f"{params[0][0]}.{key}"]
+            if v.dim() == 0:
+                for st in base.state.values():
+                    old = st.get(key)
+                    st[key] = v.clone().to(old.dtype) if torch.is_tensor(old) else v.item()
 
     @torch.no_grad()
     def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -136,6 +231,8 @@ class Parallelized:
                             st[key] = layout.from_canonical(full, p).to(p.dtype).clone()
                     if st:
                         opt.state[p] = st
+        if self.engine is not None:
+            self._load_engine_optimizer_state(state)
 
 
 def _layouts(model: nn.Module, mode: str, mesh: Mesh | None) -> dict[str, Layout]:

@@ -3,6 +3,9 @@ atomically: a run killed mid-write leaves the previous checkpoint as `latest`.
 
 DIR/checkpoints/step_00000100/  (DCP files: model, optimizer state, trainer state)
 DIR/checkpoints/latest          (the name of the newest complete checkpoint)
+
+Optimizer state is canonical too (one tensor per parameter and moment), DeepSpeed ZeRO's
+partitioned dense state included, so a checkpoint resumes on any rank count and mode.
 """
 
 from __future__ import annotations
@@ -47,10 +50,6 @@ def save(ckpt_root: Path, step: int, par: Parallelized, extra: dict, model_confi
     world = dist.get_world_size() if dist.is_initialized() else 1
     torch.save({"rng": torch.get_rng_state(), "world_size": world, **extra},
                tmp / f"rank{rank}_extra.pt")
-    if par.engine is not None:
-        # ZeRO partitions the dense optimizer state by rank: DeepSpeed's own files keep it,
-        # reloadable on the same number of ranks (the model itself is in the DCP files).
-        par.engine.save_checkpoint(str(tmp / "deepspeed"), tag="engine", save_latest=False)
     _barrier()
     if _is_main():
         (tmp / "model_config.json").write_text(json.dumps(model_config, indent=1))
@@ -61,19 +60,6 @@ def save(ckpt_root: Path, step: int, par: Parallelized, extra: dict, model_confi
         os.replace(latest_tmp, ckpt_root / "latest")
     _barrier()
     return final
-
-
-def _load_deepspeed_optimizer(path: Path, par: Parallelized) -> None:
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    extra = torch.load(path / "rank0_extra.pt", weights_only=False)
-    if not (path / "deepspeed").exists() or extra.get("world_size") != world:
-        if _is_main():
-            print(f"warning: {path} holds no DeepSpeed optimizer state for {world} ranks; the "
-                  "dense optimizer's moments restart (model and expert optimizer restored)",
-                  flush=True)
-        return
-    par.engine.load_checkpoint(str(path / "deepspeed"), tag="engine", load_module_strict=False,
-                               load_optimizer_states=True, load_lr_scheduler_states=False)
 
 
 def model_config(path: Path):
@@ -137,9 +123,7 @@ def load(path: Path, par: Parallelized, load_optimizer: bool = True) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-    if par.engine is not None and load_optimizer:
-        _load_deepspeed_optimizer(path, par)
-    par.load_full_state_dict(state["model"])  # after DeepSpeed's load: it writes the module
+    par.load_full_state_dict(state["model"])
     if "optim" in state:
         par.load_optimizer_state(state["optim"])
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -89,6 +89,13 @@ def clip_grad_norm(par: Parallelized, max_norm: float) -> float:
         t = local_sq.to(par.mesh.device if par.mesh.device.type == "cuda" else "cpu")
         dist.all_reduce(t, group=group)
         local_sq = t.cpu()
+    fragments = par.engine_grad_fragments()  # DeepSpeed: each rank holds a slice
+    if fragments:
+        sq = sum(f.detach().double().square().sum() for f in fragments).reshape(())
+        t = sq.to(par.mesh.device if par.mesh.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        dense_sq += t.cpu()
+        grads += fragments
     norm = float((dense_sq + local_sq).sqrt())
     if max_norm > 0 and norm > max_norm:
         for g in grads:
@@ -201,9 +208,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
         for step in range(start + 1, cfg.trainer.max_steps + 1):
             t0 = time.perf_counter()
             lr = lr_at(step - 1, cfg)
-            for opt in par.optimizers:
-                for g in opt.param_groups:
-                    g["lr"] = lr
+            par.set_lr(lr)
             ids = batches.batch(step - 1).to(device)
             par.counters.reset()
             out = par.module(ids[:, :-1], labels=ids[:, 1:])
