@@ -313,10 +313,21 @@ def breakdown(shape, T, dtype, device) -> str:
         block_schedule(dd, pick_block_m(dd))
         inverse_permutation(dd)
 
+    from kernels import reference as ref_ops
+
     rnd = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
     A, B = rnd(M, d), rnd(d, 2 * f)
+    logits = (x @ layer.router.weight.t()).float()
+    flat = r.expert_ids.reshape(-1)
     stages = [
         ("router (gate mm, softmax, top-k, losses)", lambda: layer.router(x), None),
+        ("top-k routing: fused kernel", lambda: tri.topk_route_fwd(logits, None, k, False,
+                                                                    renorm, 1.0), None),
+        ("top-k routing: torch ops", lambda: ref_ops.topk_route_fwd(logits, None, k, False,
+                                                                     renorm, 1.0), None),
+        ("sort by expert: counting-sort kernels", lambda: tri.sort_pairs(flat, E, k), None),
+        ("sort by expert: torch.sort + bincount", lambda: ref_ops.sort_pairs(flat, E, k),
+         None),
         ("sort + block schedule + inverse perm", sort_and_schedule, None),
         ("fwd x -> h (scatter2scatter)", lambda: tri.scatter2scatter(x, w_in, disp, False,
                                                                      True, k), 4 * M * d * f),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.autograd import GroupedLinear, SwiGLU, WeightedCombine
+from kernels.autograd import GroupedLinear, SwiGLU, TopKRoute, WeightedCombine
 from kernels.backend import get_backend
 from kernels.dispatch import Dispatch, sort_by_expert
 
@@ -51,4 +51,21 @@ def swiglu(h: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     return SwiGLU.apply(h, get_backend(backend, h.device))
 
 
-__all__ = ["Dispatch", "grouped_linear", "sort_by_expert", "swiglu", "weighted_combine"]
+def topk_route(logits: torch.Tensor, k: int, score: str = "softmax", renormalize: bool = True,
+               scale: float = 1.0, bias: torch.Tensor | None = None, backend: str = "auto"
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] -> expert_ids [T, k] int64 (best first), weights [T, k] float32.
+
+    score "softmax" or "sigmoid"; bias [E] shifts only the selection; renormalize divides the
+    k weights by their sum; scale multiplies them. Differentiable in the logits.
+    """
+    if score not in ("softmax", "sigmoid"):
+        raise ValueError(f"score must be softmax or sigmoid, got {score!r}")
+    if logits.dim() != 2 or not 1 <= k <= logits.shape[1]:
+        raise ValueError(f"need logits [T, E] and 1 <= k <= E, got {tuple(logits.shape)}, k={k}")
+    return TopKRoute.apply(logits, bias, k, score == "sigmoid", renormalize, scale,
+                           get_backend(backend, logits.device))
+
+
+__all__ = ["Dispatch", "grouped_linear", "sort_by_expert", "swiglu", "topk_route",
+           "weighted_combine"]

@@ -72,3 +72,24 @@ class SwiGLU(torch.autograd.Function):
     def backward(ctx, da):
         (h,) = ctx.saved_tensors
         return ctx.backend.swiglu_bwd(h, da.contiguous()), None
+
+
+class TopKRoute(torch.autograd.Function):
+    """logits [T, E] -> (expert_ids [T, k], weights [T, k]); gradients flow to the logits
+    through the weights (the selection is piecewise constant)."""
+
+    @staticmethod
+    def forward(ctx, logits, bias, k: int, sigmoid: bool, renormalize: bool, scale: float,
+                backend: ModuleType):
+        ids, w = backend.topk_route_fwd(logits, bias, k, sigmoid, renormalize, scale)
+        ctx.save_for_backward(logits, ids, w)
+        ctx.meta = (sigmoid, renormalize, scale, backend)
+        ctx.mark_non_differentiable(ids)
+        return ids, w
+
+    @staticmethod
+    def backward(ctx, _dids, dw):
+        logits, ids, w = ctx.saved_tensors
+        sigmoid, renormalize, scale, backend = ctx.meta
+        dl = backend.topk_route_bwd(logits, ids, w, dw, sigmoid, renormalize, scale)
+        return dl, None, None, None, None, None, None

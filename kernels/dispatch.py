@@ -36,20 +36,21 @@ class Dispatch:
 
 
 def sort_by_expert(
-    expert_ids: torch.Tensor, num_experts: int, dropped: torch.Tensor | None = None
+    expert_ids: torch.Tensor, num_experts: int, dropped: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> Dispatch:
-    """expert_ids [T, k] (and dropped [T, k] bool) -> Dispatch sorted by expert."""
+    """expert_ids [T, k] (and dropped [T, k] bool) -> Dispatch sorted by expert (stable)."""
+    from kernels.backend import get_backend
+
     T, k = expert_ids.shape
     flat = expert_ids.reshape(-1)
     if dropped is not None:
         flat = torch.where(dropped.reshape(-1), num_experts, flat)
-    sorted_expert, pair_idx = torch.sort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
+    pair_idx, token_idx, sorted_expert, offsets = get_backend(backend, flat.device).sort_pairs(
+        flat, num_experts, k)
     return Dispatch(
         sorted_pair_idx=pair_idx,
-        sorted_token_idx=pair_idx // k,
+        sorted_token_idx=token_idx,
         sorted_expert_idx=sorted_expert,
         expert_offsets=offsets,
         num_tokens=T,

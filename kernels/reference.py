@@ -113,3 +113,48 @@ def swiglu_bwd(h: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
     gate, up = h.chunk(2, dim=-1)
     s = torch.sigmoid(gate)
     return torch.cat([da * up * s * (1 + gate * (1 - s)), da * gate * s], dim=-1)
+
+
+def sort_pairs(flat_ids: torch.Tensor, num_experts: int, top_k: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """flat_ids [M] (E = dropped) -> sorted_pair_idx, sorted_token_idx, sorted_expert_idx
+    [M] int64 (stable), expert_offsets [E + 1] int64 (offsets[E] = kept pairs)."""
+    sorted_expert, pair_idx = torch.sort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=num_experts + 1)[:num_experts]
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat_ids.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return pair_idx, pair_idx // top_k, sorted_expert, offsets
+
+
+def _route_weights(logits: torch.Tensor, ids: torch.Tensor, sigmoid: bool, renormalize: bool,
+                   scale: float) -> torch.Tensor:
+    """The combine weights [T, k] of the selected experts ids [T, k] (float32, or float64
+    for float64 logits)."""
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    scores = torch.sigmoid(x) if sigmoid else torch.softmax(x, dim=-1)
+    w = scores.gather(1, ids)
+    if renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    return w * scale if scale != 1.0 else w
+
+
+def topk_route_fwd(logits: torch.Tensor, bias: torch.Tensor | None, k: int, sigmoid: bool,
+                   renormalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] -> expert_ids [T, k] (best first), weights [T, k] float32; the bias only
+    shifts the selection (DeepSeek-V3's aux-free balancing)."""
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    scores = torch.sigmoid(x) if sigmoid else torch.softmax(x, dim=-1)
+    select = scores if bias is None else scores + bias.to(x.dtype)
+    ids = torch.topk(select, k, dim=-1).indices
+    return ids, _route_weights(logits, ids, sigmoid, renormalize, scale)
+
+
+def topk_route_bwd(logits: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
+                   dw: torch.Tensor, sigmoid: bool, renormalize: bool,
+                   scale: float) -> torch.Tensor:
+    """d(weights) [T, k] -> d(logits) [T, E], the selection held fixed."""
+    with torch.enable_grad():
+        x = logits.detach().requires_grad_(True)
+        out = _route_weights(x, ids, sigmoid, renormalize, scale)
+        (dl,) = torch.autograd.grad(out, x, dw.to(out.dtype))
+    return dl.to(logits.dtype)

@@ -2,13 +2,17 @@
 
 from kernels.triton.combine import weighted_combine, weighted_combine_backward
 from kernels.triton.grouped_mm import group_weight_grad, scatter2scatter
+from kernels.triton.routing import sort_pairs, topk_route_bwd, topk_route_fwd
 from kernels.triton.swiglu import swiglu_bwd, swiglu_fwd
 
 __all__ = [
     "group_weight_grad",
     "scatter2scatter",
+    "sort_pairs",
     "swiglu_bwd",
     "swiglu_fwd",
+    "topk_route_bwd",
+    "topk_route_fwd",
     "weighted_combine",
     "weighted_combine_backward",
 ]

@@ -36,7 +36,7 @@ class LocalDispatch(nn.Module):
                 may_drop: bool, backend: str) -> torch.Tensor:
         """x [T, d], routing -> [T, d] = sum over kept slots of weight * expert(x)."""
         dropped = routing.dropped if may_drop else None
-        d = sort_by_expert(routing.expert_ids, routing.num_experts, dropped)
+        d = sort_by_expert(routing.expert_ids, routing.num_experts, dropped, backend)
         y = experts(x, d)
         return weighted_combine(y, routing.combine_weights, d, y_grouped=True, backend=backend)
 
@@ -52,7 +52,8 @@ class MoELayer(nn.Module):
         super().__init__()
         cfg.check()
         self.cfg, self.d_model = cfg, d_model
-        self.router = build_router(cfg.router, d_model, cfg.num_experts, vocab_size)
+        self.router = build_router(cfg.router, d_model, cfg.num_experts, vocab_size,
+                                   cfg.kernel_backend)
         self.experts = Experts(cfg.num_experts, d_model, cfg.expert_ffn, cfg.expert_type,
                                cfg.kernel_backend)
         self.shared = None

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import topk_route
 from routing.capacity import capacity_drop_mask, expert_capacity
 from routing.config import RouterConfig
 from routing.losses import aux_free_bias_update, router_z_loss, switch_aux_loss
@@ -33,10 +34,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 class Router(nn.Module):
     """Base class: holds the config and turns selections into a `Routing`."""
 
-    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig):
+    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig,
+                 backend: str = "auto"):
         super().__init__()
         cfg.check(num_experts)
         self.cfg = cfg
+        self.backend = backend  # kernel backend of the fused top-k routing
         self.d_model = d_model
         self.num_experts = num_experts
 
@@ -92,8 +95,9 @@ class TopKRouter(Router):
     DeepSeek-V3), weights = selected scores (renormalised if configured) * routed_scaling.
     """
 
-    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig):
-        super().__init__(d_model, num_experts, cfg)
+    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig,
+                 backend: str = "auto"):
+        super().__init__(d_model, num_experts, cfg, backend)
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.normal_(self.weight, std=d_model**-0.5)
         if cfg.expert_bias:
@@ -117,25 +121,21 @@ class TopKRouter(Router):
         aux = switch_aux_loss(probs, expert_ids, self.num_experts, seq)
         return self._finish(expert_ids, weights, aux, router_z_loss(logits), logits)
 
-    def _select(self, logits: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """logits [T, E] -> expert_ids [T, k], combine weights [T, k], probs [T, E]."""
+    def _select(self, logits: torch.Tensor, with_probs: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """logits [T, E] -> expert_ids [T, k], combine weights [T, k] (one fused kernel on
+        the Triton backend), and the probabilities [T, E] the aux loss reads."""
         cfg = self.cfg
-        if cfg.score == "softmax":
-            scores = torch.softmax(logits, dim=-1)
-            probs = scores
-        else:
-            scores = torch.sigmoid(logits)
-            probs = scores / scores.sum(-1, keepdim=True)
-        select = scores.detach()
-        if self.expert_bias is not None:
-            select = select + self.expert_bias.to(select.dtype)
-        expert_ids = torch.topk(select, cfg.top_k, dim=-1).indices
-        weights = scores.gather(1, expert_ids)
-        if cfg.renormalize:
-            weights = weights / weights.sum(-1, keepdim=True)
-        if cfg.routed_scaling_factor != 1.0:
-            weights = weights * cfg.routed_scaling_factor
+        expert_ids, weights = topk_route(logits, cfg.top_k, cfg.score, cfg.renormalize,
+                                         cfg.routed_scaling_factor, self.expert_bias,
+                                         self.backend)
+        probs = None
+        if with_probs:
+            if cfg.score == "softmax":
+                probs = torch.softmax(logits, dim=-1)
+            else:
+                scores = torch.sigmoid(logits)
+                probs = scores / scores.sum(-1, keepdim=True)
         return expert_ids, weights, probs
 
     @torch.no_grad()
@@ -143,7 +143,7 @@ class TopKRouter(Router):
         """x [T, d] -> expert_ids [T, k], combine weights [T, k] (float32): inference routing,
         no losses, no capacity, no host sync."""
         logits = F.linear(x, self.weight).to(_compute_dtype(x))
-        expert_ids, weights, _ = self._select(logits)
+        expert_ids, weights, _ = self._select(logits, with_probs=False)
         return expert_ids, weights
 
     @torch.no_grad()
@@ -166,8 +166,9 @@ class ExpertChoiceRouter(Router):
     Routing is the largest number of experts any token got.
     """
 
-    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig):
-        super().__init__(d_model, num_experts, cfg)
+    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig,
+                 backend: str = "auto"):
+        super().__init__(d_model, num_experts, cfg, backend)
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.normal_(self.weight, std=d_model**-0.5)
 
@@ -241,12 +242,13 @@ class HashRouter(Router):
 
 
 def build_router(
-    cfg: RouterConfig, d_model: int, num_experts: int, vocab_size: int | None = None
+    cfg: RouterConfig, d_model: int, num_experts: int, vocab_size: int | None = None,
+    backend: str = "auto",
 ) -> Router:
-    """RouterConfig -> the router module it names."""
+    """RouterConfig -> the router module it names (backend: kernels for top-k routing)."""
     cfg.check(num_experts)
     if cfg.kind == "topk":
-        return TopKRouter(d_model, num_experts, cfg)
+        return TopKRouter(d_model, num_experts, cfg, backend)
     if cfg.kind == "expert_choice":
         return ExpertChoiceRouter(d_model, num_experts, cfg)
     return HashRouter(d_model, num_experts, cfg, vocab_size)

@@ -47,6 +47,13 @@ def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     return out
 
 
+def empty_index(*shape: int, device: torch.device) -> torch.Tensor:
+    """torch.empty int64, -1-filled when POISON_OUTPUTS is set."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, -1, dtype=torch.int64, device=device)
+    return torch.empty(*shape, dtype=torch.int64, device=device)
+
+
 # The CPU interpreter truncates float32 -> bfloat16 (the GPU rounds to nearest even), which
 # biases every bf16 result by about -0.3%; under the interpreter, round by hand.
 _EMULATE_RNE = tl.constexpr(interpreting())

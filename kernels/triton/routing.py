@@ -1,0 +1,216 @@
+"""Routing in two fused kernels each way.
+
+topk_route: router logits [T, E] -> softmax or sigmoid scores, (biased) top-k selection,
+gathered, renormalised and scaled combine weights, in one pass over each row; its backward
+turns d(weights) into d(logits) in one more.
+
+sort_pairs: the (token, slot) pairs' expert ids [M] -> stable counting sort by expert: a
+per-block histogram kernel, a scan over blocks, and a scatter kernel that places every pair
+(no comparison sort, no separate bincount / cumsum / gather launches per op).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton import common
+
+
+@triton.jit
+def _scores(x, valid, SIGMOID: tl.constexpr):
+    """logits [BT, EP] (fp32) -> scores: softmax over the valid columns, or sigmoid."""
+    if SIGMOID:
+        s = 1.0 / (1.0 + tl.exp(-x))
+    else:
+        m = tl.max(tl.where(valid, x, float("-inf")), 1)
+        p = tl.exp(x - m[:, None])
+        p = tl.where(valid, p, 0.0)
+        denom = tl.sum(p, 1)
+        s = p / tl.where(denom > 0, denom, 1.0)[:, None]  # rows past T: all masked
+    return tl.where(valid, s, 0.0)
+
+
+@triton.jit
+def _topk_route_kernel(
+    L, BIAS, IDS, W, T, E, stride_l, scale,
+    K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    SIGMOID: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, E_PAD)
+    kcols = tl.arange(0, K_PAD)
+    row_ok = rows < T
+    valid = row_ok[:, None] & (cols < E)[None, :]
+    x = tl.load(L + rows[:, None].to(tl.int64) * stride_l + cols[None, :], mask=valid,
+                other=0.0).to(tl.float32)
+    s = _scores(x, valid, SIGMOID)
+    sel = s
+    if HAS_BIAS:
+        sel = sel + tl.load(BIAS + cols, mask=cols < E, other=0.0)[None, :]
+    sel = tl.where(valid, sel, float("-inf"))
+    ids = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int64)
+    w = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)
+    for j in tl.static_range(K):
+        best = tl.max(sel, 1)
+        idx = tl.min(tl.where(sel == best[:, None], cols[None, :], E_PAD), 1)  # lowest index
+        hit = cols[None, :] == idx[:, None]
+        wj = tl.sum(tl.where(hit, s, 0.0), 1)
+        ids = tl.where(kcols[None, :] == j, idx[:, None].to(tl.int64), ids)
+        w = tl.where(kcols[None, :] == j, wj[:, None], w)
+        sel = tl.where(hit, float("-inf"), sel)
+    if RENORM:
+        total = tl.sum(w, 1)
+        w = w / tl.where(total > 0, total, 1.0)[:, None]
+    w = w * scale
+    out = rows[:, None].to(tl.int64) * K + kcols[None, :]
+    omask = row_ok[:, None] & (kcols < K)[None, :]
+    tl.store(IDS + out, ids, mask=omask)
+    tl.store(W + out, w, mask=omask)
+
+
+@triton.jit
+def _topk_route_bwd_kernel(
+    L, IDS, W, DW, DL, T, E, stride_l, stride_dl, scale,
+    K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    SIGMOID: tl.constexpr, RENORM: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, E_PAD)
+    kcols = tl.arange(0, K_PAD)
+    row_ok = rows < T
+    valid = row_ok[:, None] & (cols < E)[None, :]
+    x = tl.load(L + rows[:, None].to(tl.int64) * stride_l + cols[None, :], mask=valid,
+                other=0.0).to(tl.float32)
+    s = _scores(x, valid, SIGMOID)
+    kmask = row_ok[:, None] & (kcols < K)[None, :]
+    at = rows[:, None].to(tl.int64) * K + kcols[None, :]
+    ids = tl.load(IDS + at, mask=kmask, other=E_PAD)
+    w = tl.load(W + at, mask=kmask, other=0.0)
+    dw = tl.load(DW + at, mask=kmask, other=0.0).to(tl.float32)
+    wdw = tl.sum(w * dw, 1)  # [BT]: sum_j w_j dw_j
+    dl = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32)
+    if SIGMOID:
+        ssum = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for j in tl.static_range(K):
+            idx = tl.sum(tl.where(kcols[None, :] == j, ids, 0), 1)
+            ssum += tl.sum(tl.where(cols[None, :] == idx[:, None], s, 0.0), 1)
+    for j in tl.static_range(K):
+        idx = tl.sum(tl.where(kcols[None, :] == j, ids, 0), 1)
+        dwj = tl.sum(tl.where(kcols[None, :] == j, dw, 0.0), 1)
+        wj = tl.sum(tl.where(kcols[None, :] == j, w, 0.0), 1)
+        hit = cols[None, :] == idx[:, None]
+        if SIGMOID:
+            sj = tl.sum(tl.where(hit, s, 0.0), 1)
+            if RENORM:  # w_j = c s_j / S
+                ds = scale / tl.where(ssum > 0, ssum, 1.0) * (dwj - wdw / scale)
+            else:  # w_j = c s_j
+                ds = scale * dwj
+            g = ds * sj * (1.0 - sj)
+        elif RENORM:  # w = c * softmax over the selected logits
+            g = wj * (dwj - wdw / scale)
+        else:  # w_j = c p_j: the selected entries' share of the softmax Jacobian
+            g = wj * dwj
+        dl += tl.where(hit, g[:, None], 0.0)
+    if not SIGMOID:
+        if not RENORM:
+            dl -= s * wdw[:, None]  # - p_i * sum_j dw_j w_j (full-softmax term)
+    tl.store(DL + rows[:, None].to(tl.int64) * stride_dl + cols[None, :],
+             dl.to(DL.dtype.element_ty), mask=valid)
+
+
+def _meta(E: int, k: int) -> dict:
+    e_pad = triton.next_power_of_2(E)
+    return dict(K=k, K_PAD=triton.next_power_of_2(k), E_PAD=e_pad,
+                BLOCK_T=max(1, min(64, 4096 // e_pad)))
+
+
+def topk_route_fwd(logits: torch.Tensor, bias: torch.Tensor | None, k: int, sigmoid: bool,
+                   renormalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] -> expert_ids [T, k] int64 (best first), weights [T, k] float32."""
+    logits = logits.contiguous()
+    T, E = logits.shape
+    ids = common.empty_index(T, k, device=logits.device)
+    w = common.empty(T, k, dtype=torch.float32, device=logits.device)
+    if T == 0:
+        return ids, w
+    meta = _meta(E, k)
+    grid = (common.cdiv(T, meta["BLOCK_T"]),)
+    b = bias.float().contiguous() if bias is not None else logits
+    _topk_route_kernel[grid](logits, b, ids, w, T, E, logits.stride(0), float(scale),
+                             SIGMOID=sigmoid, RENORM=renormalize, HAS_BIAS=bias is not None,
+                             **meta)
+    return ids, w
+
+
+def topk_route_bwd(logits: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
+                   dw: torch.Tensor, sigmoid: bool, renormalize: bool,
+                   scale: float) -> torch.Tensor:
+    """d(weights) [T, k] -> d(logits) [T, E] (selection treated as constant)."""
+    logits = logits.contiguous()
+    T, E = logits.shape
+    dl = common.empty(T, E, dtype=logits.dtype, device=logits.device)
+    if T == 0:
+        return dl
+    meta = _meta(E, ids.shape[1])
+    grid = (common.cdiv(T, meta["BLOCK_T"]),)
+    _topk_route_bwd_kernel[grid](logits, ids.contiguous(), w.contiguous(),
+                                 dw.contiguous().float(), dl, T, E, logits.stride(0),
+                                 dl.stride(0), float(scale), SIGMOID=sigmoid,
+                                 RENORM=renormalize, **meta)
+    return dl
+
+
+@triton.jit
+def _block_hist_kernel(IDS, HIST, M, E1, BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+    """HIST[b, e] = pairs of block b with expert e (e in [0, E], E = dropped)."""
+    b = tl.program_id(0)
+    i = b * BLOCK + tl.arange(0, BLOCK)
+    e = tl.load(IDS + i, mask=i < M, other=E_PAD)
+    cols = tl.arange(0, E_PAD)
+    counts = tl.sum((e[:, None] == cols[None, :]).to(tl.int32), 0)
+    tl.store(HIST + b * E1 + cols, counts, mask=cols < E1)
+
+
+@triton.jit
+def _place_kernel(IDS, START, OUT_PAIR, OUT_TOKEN, OUT_EXPERT, M, E1, top_k,
+                  BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+    """Each pair to START[b, e] + (pairs of expert e before it in block b): a stable sort."""
+    b = tl.program_id(0)
+    i = b * BLOCK + tl.arange(0, BLOCK)
+    ok = i < M
+    e = tl.load(IDS + i, mask=ok, other=E_PAD)
+    cols = tl.arange(0, E_PAD)
+    onehot = (e[:, None] == cols[None, :]).to(tl.int32)
+    before = tl.sum((tl.cumsum(onehot, 0) - onehot) * onehot, 1)
+    start = tl.load(START + b * E1 + e, mask=ok, other=0)
+    pos = start + before
+    tl.store(OUT_PAIR + pos, i.to(tl.int64), mask=ok)
+    tl.store(OUT_TOKEN + pos, (i // top_k).to(tl.int64), mask=ok)
+    tl.store(OUT_EXPERT + pos, e.to(tl.int64), mask=ok)
+
+
+def sort_pairs(flat_ids: torch.Tensor, num_experts: int, top_k: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """flat_ids [M] (E = dropped) -> sorted_pair_idx, sorted_token_idx, sorted_expert_idx
+    [M] int64 (stable: slot order within an expert), expert_offsets [E + 1] int64."""
+    M, E1 = flat_ids.numel(), num_experts + 1
+    dev = flat_ids.device
+    ids = flat_ids.to(torch.int32).contiguous()
+    e_pad = triton.next_power_of_2(E1)
+    block = max(16, min(256, 8192 // e_pad))
+    nb = max(1, common.cdiv(M, block))
+    hist = torch.zeros(nb, E1, dtype=torch.int32, device=dev)
+    outs = [common.empty_index(M, device=dev) for _ in range(3)]
+    offsets = torch.zeros(E1, dtype=torch.int64, device=dev)
+    if M == 0:
+        return (*outs, offsets)
+    _block_hist_kernel[(nb,)](ids, hist, M, E1, BLOCK=block, E_PAD=e_pad)
+    # exclusive scan: experts in order, and blocks in order within an expert
+    per_expert = hist.sum(0, dtype=torch.int64)
+    torch.cumsum(per_expert[:-1], 0, out=offsets[1:])
+    start = offsets[None, :] + hist.cumsum(0) - hist  # [blocks, E + 1]
+    _place_kernel[(nb,)](ids, start.to(torch.int32).contiguous(), *outs, M, E1, top_k,
+                         BLOCK=block, E_PAD=e_pad)
+    return (*outs, offsets)
