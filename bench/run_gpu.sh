@@ -3,16 +3,9 @@
 # against its peers (bench/kernels.py), then run the Triton kernel tests on the real GPU.
 # Run from the repository root with OUT set (the device tool sets it); results land in $OUT.
 set -uo pipefail
-OUT=${OUT:-/tmp/moe-bench-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+source bench/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
   --format=csv > "$OUT/gpu.txt" 2>&1
-if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
   | tee -a "$OUT/gpu.txt"
 # 1) where the time goes: each stage of ours next to a dense mm of its FLOPs
@@ -27,4 +20,4 @@ timeout "${LOOP_TIMEOUT:-90}" python3 -m bench.kernels --shapes mixtral,olmoe,qw
   --tokens 4096 --impls ours,loop,hf,dense --out "$OUT/RESULTS.md" 2>&1 | tee "$OUT/loops.log"
 # 4) the Triton kernel tests on the real GPU
 MOE_TRITON_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -x -p no:cacheprovider \
-  tests/test_kernels_triton.py 2>&1 | tee "$OUT/pytest_gpu.log"
+  tests/test_kernels_triton.py tests/test_kernels_triton_routing.py 2>&1 | tee "$OUT/pytest_gpu.log"

@@ -123,5 +123,7 @@ def test_reference_and_triton_routers_agree_inside_the_layer():
         out, r = layer(xi)
         (out.square().sum() + r.aux_loss).backward()
         outs.append((out.detach(), xi.grad, layer.router.weight.grad, r.expert_ids))
-    for a, b in zip(*outs, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"seed {seed}: {m}")
+    assert torch.equal(outs[0][3], outs[1][3]), f"seed {seed}: different expert choices"
+    for name, a, b in zip(("out", "dx", "d router"), outs[0][:3], outs[1][:3], strict=False):
+        err = ((a.double() - b.double()).norm() / b.double().norm()).item()
+        assert err < 1e-5, f"seed {seed}: {name} rel. error {err:.2e}"

@@ -19,8 +19,12 @@ from kernels.triton import common
 
 
 @triton.jit
-def _scores(x, valid, SIGMOID: tl.constexpr):
-    """logits [BT, EP] (fp32) -> scores: softmax over the valid columns, or sigmoid."""
+def _row_scores(L, rows, cols, T, E, stride_l, SIGMOID: tl.constexpr):
+    """Logit rows -> (scores [BT, EP] float32: softmax over the E valid columns, or sigmoid;
+    zero outside, and that validity mask)."""
+    valid = (rows < T)[:, None] & (cols < E)[None, :]
+    x = tl.load(L + rows[:, None].to(tl.int64) * stride_l + cols[None, :], mask=valid,
+                other=0.0).to(tl.float32)
     if SIGMOID:
         s = 1.0 / (1.0 + tl.exp(-x))
     else:
@@ -29,7 +33,7 @@ def _scores(x, valid, SIGMOID: tl.constexpr):
         p = tl.where(valid, p, 0.0)
         denom = tl.sum(p, 1)
         s = p / tl.where(denom > 0, denom, 1.0)[:, None]  # rows past T: all masked
-    return tl.where(valid, s, 0.0)
+    return tl.where(valid, s, 0.0), valid
 
 
 @triton.jit
@@ -42,10 +46,7 @@ def _topk_route_kernel(
     cols = tl.arange(0, E_PAD)
     kcols = tl.arange(0, K_PAD)
     row_ok = rows < T
-    valid = row_ok[:, None] & (cols < E)[None, :]
-    x = tl.load(L + rows[:, None].to(tl.int64) * stride_l + cols[None, :], mask=valid,
-                other=0.0).to(tl.float32)
-    s = _scores(x, valid, SIGMOID)
+    s, valid = _row_scores(L, rows, cols, T, E, stride_l, SIGMOID)
     sel = s
     if HAS_BIAS:
         sel = sel + tl.load(BIAS + cols, mask=cols < E, other=0.0)[None, :]
@@ -80,10 +81,7 @@ def _topk_route_bwd_kernel(
     cols = tl.arange(0, E_PAD)
     kcols = tl.arange(0, K_PAD)
     row_ok = rows < T
-    valid = row_ok[:, None] & (cols < E)[None, :]
-    x = tl.load(L + rows[:, None].to(tl.int64) * stride_l + cols[None, :], mask=valid,
-                other=0.0).to(tl.float32)
-    s = _scores(x, valid, SIGMOID)
+    s, valid = _row_scores(L, rows, cols, T, E, stride_l, SIGMOID)
     kmask = row_ok[:, None] & (kcols < K)[None, :]
     at = rows[:, None].to(tl.int64) * K + kcols[None, :]
     ids = tl.load(IDS + at, mask=kmask, other=E_PAD)

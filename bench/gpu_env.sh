@@ -1,0 +1,9 @@
+# Sourced by the bench/run_gpu*.sh scripts: $OUT, the carried wheels on PYTHONPATH, versions.
+OUT=${OUT:-/tmp/moe-bench-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
