@@ -71,6 +71,7 @@ CASES = [  # (T, E, k, sigmoid, renormalize, scale, bias)
     (11, 8, 3, True, False, 1.0, False),
     (33, 128, 8, False, False, 1.0, False),
     (0, 8, 2, False, True, 1.0, False),
+    (5, 1, 1, True, False, 1.0, False),
 ]
 
 

@@ -119,8 +119,8 @@ def _topk_route_bwd_kernel(
 
 
 def _meta(E: int, k: int) -> dict:
-    e_pad = triton.next_power_of_2(E)
-    return dict(K=k, K_PAD=triton.next_power_of_2(k), E_PAD=e_pad,
+    e_pad = max(2, triton.next_power_of_2(E))  # no size-1 blocks (k = 1, E = 1)
+    return dict(K=k, K_PAD=max(2, triton.next_power_of_2(k)), E_PAD=e_pad,
                 BLOCK_T=max(1, min(64, 4096 // e_pad)))
 
 
