@@ -54,8 +54,8 @@ class LFU(Policy):
 
 class LayerAware(Policy):
     """Recency with deep layers ageing faster: an expert of layer l looks (1 + l / L) times
-    older than it is, so shallow layers (whose experts the cross-layer gate predicts worst,
-    Fate sec. 4) keep more of theirs."""
+    older than it is, so shallow layers keep more of theirs (Fate's shallow-favouring
+    cache: the first layers are the hardest to prefetch, having no earlier gate signal)."""
 
     def score(self, key: Key) -> float:
         age = self.clock - self.last.get(key, 0)
