@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from bench.common import markdown_table, results_block
 from moe.config import ModelConfig, MoEConfig
-from moe.hf import _config_json, expert_tensor_names, shared_names
+from moe.hf import expert_tensor_names, hf_config_json, shared_names
 from routing.config import RouterConfig
 from serve.bench import h2d_bandwidth, measure
 from serve.config import ServeConfig
@@ -83,7 +83,7 @@ def write_model(out: Path, shape: dict, n_layers: int, dtype: torch.dtype) -> Mo
     total = sum(t.nbytes for _, ts in shards for t in ts.values())
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}))
-    hf_cfg = _config_json(cfg, "mixtral")
+    hf_cfg = hf_config_json(cfg, "mixtral")
     hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
     return cfg

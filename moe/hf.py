@@ -44,7 +44,8 @@ def choose_family(cfg: ModelConfig) -> str:
     return "mixtral"
 
 
-def _config_json(cfg: ModelConfig, family: str) -> dict:
+def hf_config_json(cfg: ModelConfig, family: str) -> dict:
+    """The config.json (as a dict) of our model in the family's Hugging Face layout."""
     common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
@@ -135,7 +136,7 @@ def export_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(to_hf_state(cfg, state, family), str(out_dir / "model.safetensors"),
               metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(_config_json(cfg, family), indent=2))
+    (out_dir / "config.json").write_text(json.dumps(hf_config_json(cfg, family), indent=2))
     if tokenizer_file is not None:
         (out_dir / "tokenizer.json").write_bytes(Path(tokenizer_file).read_bytes())
         (out_dir / "tokenizer_config.json").write_text(json.dumps(dict(
