@@ -48,7 +48,6 @@ def build_model(skewed: bool):
 def _worker(rank, world, mode, skewed, steps, out_path):
     from parallel import ParallelConfig, init_distributed, parallelize
 
-    torch.set_num_threads(1)
     mesh = init_distributed(ParallelConfig(mode=mode, timeout_s=300))
     par = parallelize(build_model(skewed), mesh, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
     g = torch.Generator().manual_seed(100 + rank)
@@ -99,14 +98,11 @@ class Run:
 
 
 def measure(world: int, mode: str, skewed: bool, steps: int) -> Run:
-    import torch.multiprocessing as mp
-
-    from tests.dist_utils import _entry, free_port
+    from tests.dist_utils import run_ranks
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "r.pt")
-        mp.spawn(_entry, args=(_worker, world, free_port(), (mode, skewed, steps, path)),
-                 nprocs=world, join=True)
+        run_ranks(_worker, world, mode, skewed, steps, path)
         per_rank = torch.load(path)
     step_s = statistics.median(max(r[i]["time"] for r in per_rank) for i in range(steps))
     totals: dict[str, float] = {}

@@ -67,10 +67,6 @@ class FSSDPExperts(nn.Module):
         w_out = full[:, self.n_in : self.n_in + _numel(self.out_shape)].view(m, *self.out_shape)
         return expert_mlp(x, w_in, w_out, compact, self.kind, self.backend, y_grouped)
 
-    def full_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w_in [E, ...], w_out [E, ...]) gathered from every rank (for checks and export)."""
-        return self.unshard(self.shard.detach())
-
     def unshard(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A tensor laid out like the shard [E, s] (the weights, or an optimizer moment) ->
         the whole (w_in-like, w_out-like) pair, on every rank."""
