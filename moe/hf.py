@@ -174,6 +174,21 @@ def load_hf_dense(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return hf, _read_tensors(model_dir)
 
 
+def llama_fields(hf: dict, default_context: int) -> dict:
+    """The ModelConfig fields every Llama-style config.json spells alike (sizes, heads, RoPE,
+    norm eps, tied embeddings), as keyword arguments."""
+    rope = hf.get("rope_parameters") or {}
+    return dict(
+        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim"),
+        max_seq_len=hf.get("max_position_embeddings", default_context),
+        rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+
+
 def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
     """A Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE config.json (as a dict) -> (our ModelConfig,
     the family, the indices of its dense layers); ValueError names what is not supported."""
@@ -188,7 +203,6 @@ def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
                            "vocab_size", "num_experts_per_tok") if k not in hf]
     if missing:
         raise ValueError(f"config.json of a {family} model lacks {', '.join(missing)}")
-    rope = hf.get("rope_parameters") or {}
     n_layers = hf["num_hidden_layers"]
     shared_ffn = hf.get("shared_expert_intermediate_size", 0) if family == "qwen2_moe" else 0
     dense_layers: list[int] = []
@@ -214,17 +228,11 @@ def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
         raise ValueError(f"dense layers {dense_layers} are not a leading block; "
                          "this layer pattern is not supported")
     cfg = ModelConfig(
-        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=n_layers,
-        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or
-        hf["num_attention_heads"], head_dim=hf.get("head_dim"),
-        max_seq_len=hf.get("max_position_embeddings", 4096),
-        rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
-        norm_eps=hf.get("rms_norm_eps", 1e-6), qk_norm=family in ("qwen3_moe", "olmoe"),
+        **llama_fields(hf, default_context=4096), qk_norm=family in ("qwen3_moe", "olmoe"),
         qk_norm_type="full" if family == "olmoe" else "head",
         qkv_bias=family == "qwen2_moe" and hf.get("qkv_bias", True),
         dense_ffn=hf.get("intermediate_size", 0) if family in ("qwen2_moe", "qwen3_moe") else 1,
-        moe=moe, first_dense_layers=len(dense_layers),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+        moe=moe, first_dense_layers=len(dense_layers))
     cfg.check()
     return cfg, family, dense_layers
 

@@ -9,24 +9,16 @@ from pathlib import Path
 import torch
 
 from moe.config import ModelConfig, MoEConfig
-from moe.hf import load_hf_dense, shared_names
+from moe.hf import llama_fields, load_hf_dense, shared_names
 from moe.model import MoETransformer
 
 
 def config_from_dense(hf: dict, moe: MoEConfig) -> ModelConfig:
     """A dense HF config.json + the MoE settings -> our ModelConfig (every layer MoE)."""
     moe = dataclasses.replace(moe, expert_ffn=hf["intermediate_size"])
-    rope = hf.get("rope_parameters") or {}
-    return ModelConfig(
-        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"],
-        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim"), max_seq_len=hf.get("max_position_embeddings", 2048),
-        rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
-        norm_eps=hf.get("rms_norm_eps", 1e-6), qk_norm=hf.get("model_type") == "qwen3",
-        dense_ffn=hf["intermediate_size"], moe=moe,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-    )
+    return ModelConfig(**llama_fields(hf, default_context=2048),
+                       qk_norm=hf.get("model_type") == "qwen3",
+                       dense_ffn=hf["intermediate_size"], moe=moe)
 
 
 def upcycle_hf_dense(model_dir: Path, moe: MoEConfig,
