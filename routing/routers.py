@@ -34,12 +34,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 class Router(nn.Module):
     """Base class: holds the config and turns selections into a `Routing`."""
 
-    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig,
-                 backend: str = "auto"):
+    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig):
         super().__init__()
         cfg.check(num_experts)
         self.cfg = cfg
-        self.backend = backend  # kernel backend of the fused top-k routing
         self.d_model = d_model
         self.num_experts = num_experts
 
@@ -97,7 +95,8 @@ class TopKRouter(Router):
 
     def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig,
                  backend: str = "auto"):
-        super().__init__(d_model, num_experts, cfg, backend)
+        super().__init__(d_model, num_experts, cfg)
+        self.backend = backend  # kernel backend of the fused top-k routing
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.normal_(self.weight, std=d_model**-0.5)
         if cfg.expert_bias:
@@ -141,9 +140,8 @@ class TopKRouter(Router):
     @torch.no_grad()
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, d] -> expert_ids [T, k], combine weights [T, k] (float32): inference routing,
-        no losses, no capacity, no host sync."""
-        logits = F.linear(x, self.weight).to(_compute_dtype(x))
-        expert_ids, weights, _ = self._select(logits, with_probs=False)
+        no losses, no capacity (and no host sync unless cfg.validate checks for NaN)."""
+        expert_ids, weights, _ = self._select(self._gate_logits(x), with_probs=False)
         return expert_ids, weights
 
     @torch.no_grad()
@@ -166,9 +164,8 @@ class ExpertChoiceRouter(Router):
     Routing is the largest number of experts any token got.
     """
 
-    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig,
-                 backend: str = "auto"):
-        super().__init__(d_model, num_experts, cfg, backend)
+    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig):
+        super().__init__(d_model, num_experts, cfg)
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.normal_(self.weight, std=d_model**-0.5)
 

@@ -80,14 +80,11 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, m.vocab_size, (batch, prompt_len), generator=gen).to(dev)
     valid = torch.ones(batch, prompt_len + new_tokens, dtype=torch.bool, device=dev)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     model.reset_stats()
-    sync()
+    model.synchronize()
     t0 = time.perf_counter()
-    for a in range(0, prompt_len, cfg.prefill_chunk):
-        logits = model.step(ids[:, a:a + cfg.prefill_chunk], a,
-                            valid[:, :min(a + cfg.prefill_chunk, prompt_len)])
-    sync()
+    logits = model.prefill(ids, valid)
+    model.synchronize()
     prefill_s = time.perf_counter() - t0
     pre = model.stats()
     model.reset_stats()
@@ -97,7 +94,7 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
         nxt = logits.argmax(-1)
         logits = model.step(nxt[:, None], pos, valid[:, :pos + 1])
         pos += 1
-    sync()
+    model.synchronize()
     decode_s = time.perf_counter() - t0
     dec = model.stats()
     el = torch.finfo(model.dtype).bits // 8

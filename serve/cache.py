@@ -149,10 +149,9 @@ class ExpertCache:
             ev.record(stream or torch.cuda.current_stream(self.device))
             self.ready[s] = ev
 
-    def prefetch(self, keys: list[Key], protected: set[Key]) -> list[Key]:
+    def prefetch(self, keys: list[Key], protected: set[Key]) -> None:
         """Copy the keys that are not resident, on the side stream, evicting nothing in
-        protected (nor the keys themselves); returns the keys it started copying."""
-        started = []
+        protected (nor the keys themselves)."""
         keep = set(protected) | set(keys)
         stream = self.side
         if stream is not None:
@@ -170,8 +169,6 @@ class ExpertCache:
                 self._copy_in(key, s, None)
             self.slot_of[key], self.key_of[s] = s, key
             self.stats.prefetched += 1
-            started.append(key)
-        return started
 
     def acquire(self, key: Key, protected: set[Key]) -> int:
         """The slot holding key, copying it in now on a miss (evicting nothing in

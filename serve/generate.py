@@ -106,11 +106,8 @@ def generate(model: OffloadedModel, prompts: Sequence[Sequence[int]], max_new_to
                         int(torch.randint(0, 2**62, ()).item()))
     stops = set(stop_ids)
     model.reset_stats()
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    chunk = model.scfg.prefill_chunk
-    for a in range(0, L, chunk):
-        logits = model.step(ids[:, a:a + chunk], a, valid[:, :min(a + chunk, L)])
+    logits = model.prefill(ids, valid)
     out: list[list[int]] = [[] for _ in range(B)]
     reasons = ["length"] * B
     done = [False] * B
@@ -122,7 +119,7 @@ def generate(model: OffloadedModel, prompts: Sequence[Sequence[int]], max_new_to
         nxt = sample_next(logits, sampling, gen)
         nxt_host = nxt.tolist()
         if t_first is None:
-            sync()
+            model.synchronize()
             t_first = time.perf_counter()
         for b, t in enumerate(nxt_host):
             if done[b]:
@@ -138,7 +135,7 @@ def generate(model: OffloadedModel, prompts: Sequence[Sequence[int]], max_new_to
             break
         logits = model.step(nxt[:, None], pos, valid[:, :pos + 1])
         pos += 1
-    sync()
+    model.synchronize()
     t_end = time.perf_counter()
     n_new = sum(len(o) for o in out)
     decode_s = t_end - t_first

@@ -29,11 +29,6 @@ class QuantWeight:
     def nbytes(self) -> int:
         return self.data.nbytes + self.scale.nbytes
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> QuantWeight:
-        return QuantWeight(self.data.to(device, non_blocking=non_blocking),
-                           self.scale.to(device, non_blocking=non_blocking),
-                           self.bits, self.group, self.cols)
-
     def pin_memory(self) -> QuantWeight:
         return QuantWeight(self.data.pin_memory(), self.scale.pin_memory(), self.bits,
                            self.group, self.cols)

@@ -15,7 +15,7 @@ from kernels import sort_by_expert, weighted_combine
 from moe.attention import rope_cos_sin
 from moe.experts import expert_mlp
 from moe.model import MoETransformer
-from serve.cache import ExpertCache
+from serve.cache import CacheStats, ExpertCache
 from serve.config import ServeConfig
 from serve.store import WeightStore
 from serve.units import format_size, parse_size
@@ -153,8 +153,6 @@ class OffloadedModel:
             if block.is_moe:
                 block.mlp.experts = nn.Identity()  # experts come from the cache
         state = self.store.dense_state()
-        if self.cfg.tie_embeddings:
-            state.pop("lm_head.weight")
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         missing = [n for n in missing if not (self.cfg.tie_embeddings and n == "lm_head.weight")
                    and not n.endswith("expert_bias")]
@@ -205,6 +203,19 @@ class OffloadedModel:
             else:
                 x = x + block.mlp(h)
         return model.lm_head(model.norm(x[:, -1])).float()
+
+    def synchronize(self) -> None:
+        """Wait for the device (timings); nothing to wait for on the CPU."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def prefill(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Prompts ids [B, L] (valid [B, >= L], False: left padding) into the KV cache in
+        chunks of prefill_chunk tokens -> logits [B, V] of the last position."""
+        L, chunk = ids.shape[1], self.scfg.prefill_chunk
+        for a in range(0, L, chunk):
+            logits = self.step(ids[:, a:a + chunk], a, valid[:, :min(a + chunk, L)])
+        return logits
 
     def _moe(self, i: int, h: torch.Tensor, x: torch.Tensor, q_valid: torch.Tensor
              ) -> torch.Tensor:
@@ -266,8 +277,6 @@ class OffloadedModel:
                 "prefetch_precision": p.precision, "prefetch_recall": p.recall}
 
     def reset_stats(self) -> None:
-        from serve.cache import CacheStats
-
         self.cache.stats = CacheStats()
         self.prefetch_stats = PrefetchStats()
         self._predicted.clear()

@@ -118,11 +118,18 @@ class WeightStore:
     def _get(self, name: str) -> torch.Tensor:
         return self._handle(self.files[name]).get_tensor(name)
 
-    def _check_complete(self) -> None:
+    def _dense_names(self) -> dict[str, list[str]]:
+        """Our non-expert names -> the Hub tensors they are made of. A tied LM head is left
+        out (it is the embedding); an untied one the directory lacks reads the embeddings."""
         names = dense_tensor_names(self.cfg, self.family)
-        if self.cfg.tie_embeddings or "lm_head.weight" not in self.files:
-            names.pop("lm_head.weight")  # the embeddings serve as the head
-        need = [h for hubs in names.values() for h in hubs]
+        if self.cfg.tie_embeddings:
+            names.pop("lm_head.weight")
+        elif "lm_head.weight" not in self.files:
+            names["lm_head.weight"] = ["model.embed_tokens.weight"]
+        return names
+
+    def _check_complete(self) -> None:
+        need = [h for hubs in self._dense_names().values() for h in hubs]
         need += [n for i in self.moe_layers for e in range(self.num_experts)
                  for n in expert_tensor_names(self.family, i, e)]
         missing = [n for n in need if n not in self.files]
@@ -131,11 +138,10 @@ class WeightStore:
                                 f"missing, e.g. {', '.join(missing[:3])}")
 
     def dense_state(self) -> dict[str, torch.Tensor]:
-        """Our names of every non-expert tensor -> tensor in self.dtype (on the CPU)."""
+        """Our names of every non-expert tensor (a tied LM head left out) -> tensor in
+        self.dtype (on the CPU)."""
         out = {}
-        for ours, hubs in dense_tensor_names(self.cfg, self.family).items():
-            if ours == "lm_head.weight" and "lm_head.weight" not in self.files:
-                hubs = ["model.embed_tokens.weight"]
+        for ours, hubs in self._dense_names().items():
             parts = [self._get(h) for h in hubs]
             out[ours] = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(self.dtype)
         return out
@@ -144,11 +150,7 @@ class WeightStore:
         """Bytes the non-expert tensors take in self.dtype."""
         el = torch.finfo(self.dtype).bits // 8
         total = 0
-        for ours, hubs in dense_tensor_names(self.cfg, self.family).items():
-            if ours == "lm_head.weight" and self.cfg.tie_embeddings:
-                continue  # shares the embedding's storage
-            if ours == "lm_head.weight" and "lm_head.weight" not in self.files:
-                hubs = ["model.embed_tokens.weight"]
+        for hubs in self._dense_names().values():
             for h in hubs:
                 shape = self._handle(self.files[h]).get_slice(h).get_shape()
                 total += el * int(torch.Size(shape).numel())
