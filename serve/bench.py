@@ -9,43 +9,16 @@ import time
 
 import torch
 
+from kernels.device import peak_bandwidth, peak_flops
 from serve.config import ServeConfig
 from serve.runtime import OffloadedModel
-
-# Dense bf16 tensor-core peak (TFLOP/s) and memory bandwidth (TB/s), from vendor sheets.
-PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12),
-         "L40S": (362e12, 0.864e12), "A10": (125e12, 0.6e12)}
 
 
 def device_peaks(device: torch.device) -> tuple[float, float, str]:
     """(peak FLOP/s, peak bytes/s, where they come from)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, (f, b) in PEAKS.items():
-            if key in name:
-                return f, b, f"{name} datasheet"
-    # measured: a large matmul and a large copy
-    a = torch.randn(1024, 1024, device=device)
-    src = torch.empty(64 * 2**20 // 4, device=device)
-    dst = torch.empty_like(src)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
-        a @ a
-        dst.copy_(src)
-    flops = bw = 0.0
-    for _ in range(3):  # best of three: a busy machine should not make the peak look low
-        sync()
-        t = time.perf_counter()
-        for _ in range(3):
-            a @ a
-        sync()
-        flops = max(flops, 3 * 2 * 1024**3 / (time.perf_counter() - t))
-        t = time.perf_counter()
-        for _ in range(3):
-            dst.copy_(src)
-        sync()
-        bw = max(bw, 3 * 2 * src.nbytes / (time.perf_counter() - t))
-    return flops, bw, "measured (fp32 matmul, copy)"
+    flops, src_f = peak_flops(device)
+    bw, src_b = peak_bandwidth(device)
+    return flops, bw, src_f if src_f == src_b else f"{src_f}, {src_b}"
 
 
 def h2d_bandwidth(device: torch.device) -> float | None:

@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from kernels.device import peak_flops as device_peak_flops
 from moe import MoETransformer
 from parallel import Parallelized, init_distributed, parallelize
 from train import checkpoint
 from train.config import TrainConfig
 from train.data import TokenBatches, prepare
 from train.metrics import MetricsLogger
-
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
 def lr_at(step: int, cfg) -> float:
@@ -48,24 +47,9 @@ def active_flops_per_token(model: MoETransformer, seq_len: int) -> float:
 
 
 def peak_flops(device: torch.device, configured: float | None) -> float:
-    if configured:
-        return configured * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tf in PEAK_TFLOPS.items():
-            if key in name:
-                return tf * 1e12
-    # measured: the best of several timed matmuls, so that a busy machine does not make
-    # the peak look low (and MFU above 100%)
-    a = torch.randn(1024, 1024, device=device)
-    a @ a
-    best = 0.0
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(3):
-            a @ a
-        best = max(best, 3 * 2 * 1024**3 / (time.perf_counter() - t0))
-    return best
+    """FLOP/s that MFU divides by: trainer.peak_tflops, else the device's datasheet peak or
+    a measured one."""
+    return configured * 1e12 if configured else device_peak_flops(device)[0]
 
 
 def clip_grad_norm(par: Parallelized, max_norm: float) -> float:
@@ -84,17 +68,19 @@ def clip_grad_norm(par: Parallelized, max_norm: float) -> float:
         else:
             dense_sq += sq
         grads.append(p.grad)
-    if par.mesh is not None and par.expert_params:
-        group = par.mesh.ep_group if par.mesh.cfg.mode == "ep" else par.mesh.expert_group
-        t = local_sq.to(par.mesh.device if par.mesh.device.type == "cuda" else "cpu")
+
+    def summed(t: torch.Tensor, group=None) -> torch.Tensor:  # over the group's ranks
+        t = t.to(par.mesh.device if par.mesh.device.type == "cuda" else "cpu")
         dist.all_reduce(t, group=group)
-        local_sq = t.cpu()
+        return t.cpu()
+
+    if par.mesh is not None and par.expert_params:
+        local_sq = summed(local_sq, par.mesh.ep_group if par.mesh.cfg.mode == "ep"
+                          else par.mesh.expert_group)
     fragments = par.engine_grad_fragments()  # DeepSpeed: each rank holds a slice
     if fragments:
-        sq = sum(f.detach().double().square().sum() for f in fragments).reshape(())
-        t = sq.to(par.mesh.device if par.mesh.device.type == "cuda" else "cpu")
-        dist.all_reduce(t)
-        dense_sq += t.cpu()
+        dense_sq += summed(sum(f.detach().double().square().sum() for f in fragments)
+                           .reshape(()))
         grads += fragments
     norm = float((dense_sq + local_sq).sqrt())
     if max_norm > 0 and norm > max_norm:
