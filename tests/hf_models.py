@@ -1,4 +1,4 @@
-"""Tiny random-weight Hugging Face MoE models for the serving tests (saved by transformers)."""
+"""Tiny random-weight Hugging Face MoE models of four families (import and serving tests)."""
 
 from __future__ import annotations
 
@@ -14,25 +14,26 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attenti
               eos_token_id=None, bos_token_id=None, pad_token_id=0)
 
 
-def build_hf(family: str, seed: int = 0):
-    """A random transformers model of the family (8 experts, top-2, 3 layers)."""
+FAMILIES = {  # family -> (model class, config class, family-specific config fields)
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig",
+                dict(intermediate_size=40, num_local_experts=8)),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig",
+                  dict(intermediate_size=48, moe_intermediate_size=24, num_experts=8,
+                       shared_expert_intermediate_size=40, mlp_only_layers=[0])),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig",
+                  dict(intermediate_size=48, moe_intermediate_size=24, num_experts=8,
+                       head_dim=8, norm_topk_prob=False)),
+    "olmoe": ("OlmoeForCausalLM", "OlmoeConfig", dict(intermediate_size=24, num_experts=8)),
+}
+
+
+def build_hf(family: str, seed: int = 0, **overrides):
+    """A random transformers model of the family (8 experts, top-2, 3 layers); overrides
+    change its config fields."""
     torch.manual_seed(seed)
-    if family == "mixtral":
-        m = transformers.MixtralForCausalLM(transformers.MixtralConfig(
-            **COMMON, intermediate_size=40, num_local_experts=8))
-    elif family == "qwen2_moe":
-        m = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
-            **COMMON, intermediate_size=48, moe_intermediate_size=24, num_experts=8,
-            shared_expert_intermediate_size=40, mlp_only_layers=[0]))
-    elif family == "qwen3_moe":
-        m = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
-            **COMMON, intermediate_size=48, moe_intermediate_size=24, num_experts=8,
-            head_dim=8, norm_topk_prob=False))
-    elif family == "olmoe":
-        m = transformers.OlmoeForCausalLM(transformers.OlmoeConfig(
-            **COMMON, intermediate_size=24, num_experts=8))
-    else:
-        raise ValueError(family)
+    model_cls, cfg_cls, fields = FAMILIES[family]
+    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **fields, **overrides})
+    m = getattr(transformers, model_cls)(cfg)
     with torch.no_grad():  # make norms and biases count, and routing decisive
         for name, p in m.named_parameters():
             if "norm" in name:

@@ -11,6 +11,7 @@ from moe import ModelConfig, MoEConfig, MoETransformer  # noqa: E402
 from moe.hf import choose_family, export_hf  # noqa: E402
 from moe.upcycle import upcycle_hf_dense  # noqa: E402
 from routing import RouterConfig  # noqa: E402
+from tests.hf_models import build_hf  # noqa: E402
 
 
 def tiny(**kw) -> ModelConfig:
@@ -94,18 +95,10 @@ def test_upcycle_one_of_our_dense_models():
         upcycle_dense_model(tiny(), MoETransformer(tiny()).state_dict(), moe)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_import_hf_matches_transformers(tmp_path, family):
-    torch.manual_seed(0)
-    common = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2)
-    if family == "mixtral":
-        hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(
-            **common, intermediate_size=40, num_local_experts=4))
-    else:
-        hf = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
-            **common, intermediate_size=48, moe_intermediate_size=24, num_experts=4,
-            head_dim=8, norm_topk_prob=False, mlp_only_layers=[0]))
+@pytest.mark.parametrize("family,overrides", [("mixtral", {}),
+                                             ("qwen3_moe", {"mlp_only_layers": [0]})])
+def test_import_hf_matches_transformers(tmp_path, family, overrides):
+    hf = build_hf(family, **overrides)
     hf.save_pretrained(tmp_path, max_shard_size="20KB")  # sharded, as on the Hub
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
     assert_import_matches(hf, tmp_path)
@@ -138,25 +131,7 @@ def test_import_hf_errors(tmp_path):
 def test_import_qwen2_moe_and_olmoe_match_transformers(tmp_path, family):
     from moe.hf import choose_family
 
-    torch.manual_seed(0)
-    common = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2,
-                  num_experts=4)
-    if family == "qwen2_moe":
-        hf = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
-            **common, intermediate_size=48, moe_intermediate_size=24,
-            shared_expert_intermediate_size=40, mlp_only_layers=[0]))
-        with torch.no_grad():  # q/k/v biases are zero at init: make them count
-            for name, p in hf.named_parameters():
-                if name.endswith("proj.bias"):
-                    p.normal_(0, 0.5)
-    else:
-        hf = transformers.OlmoeForCausalLM(transformers.OlmoeConfig(**common,
-                                                                     intermediate_size=24))
-        with torch.no_grad():
-            for name, p in hf.named_parameters():
-                if "norm" in name:
-                    p.uniform_(0.5, 1.5)
+    hf = build_hf(family)  # q/k/v biases and norms randomised: they count
     hf.save_pretrained(tmp_path)
     cfg = assert_import_matches(hf, tmp_path)
     with pytest.raises(ValueError, match="no Mixtral or Qwen3-MoE equivalent"):

@@ -18,7 +18,7 @@ from serve.quant import dequantize, quantize  # noqa: E402
 from serve.runtime import BudgetError, OffloadedModel  # noqa: E402
 from serve.store import ModelDirError  # noqa: E402
 from serve.units import parse_size  # noqa: E402
-from tests.serve_utils import build_hf  # noqa: E402
+from tests.hf_models import build_hf  # noqa: E402
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 NEW = 8
@@ -253,7 +253,8 @@ def test_slot_pool_is_allocated_once(refs):
     assert len(m.cache.slot_of) == 5
 
 
-@pytest.mark.parametrize("kw", [{}, {"qk_norm": True, "first_dense_layers": 1}])
+@pytest.mark.parametrize("kw", [{}, {"qk_norm": True, "first_dense_layers": 1},
+                                {"tie_embeddings": True}])
 def test_serves_our_own_exports(tmp_path, kw):
     from moe import ModelConfig, MoEConfig, MoETransformer
     from moe.hf import export_hf

@@ -19,7 +19,7 @@ from serve.config import ServeConfig  # noqa: E402
 from serve.http import make_server  # noqa: E402
 from serve.session import Session  # noqa: E402
 from serve.text import TextCodec  # noqa: E402
-from tests.serve_utils import build_hf, save_tokenizer  # noqa: E402
+from tests.hf_models import build_hf, save_tokenizer  # noqa: E402
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n",
          "class Point:\n    x: int\n    y: int\n"] * 20
