@@ -181,7 +181,8 @@ def main(argv=None) -> None:
         records.append({"fraction": f, "ours": r, "no_prefetch": results["none"],
                         "hf": hf_tps, "hf_label": hf_label, "pcie_bound": bound})
     header = ["experts cached", "budget GiB", "ours tok/s", "ours no-prefetch tok/s",
-              "transformers+accelerate tok/s", "PCIe bound tok/s", "bound / ours",
+              "transformers+accelerate tok/s" if device.type == "cuda"
+              else "transformers (CPU, no offload) tok/s", "PCIe bound tok/s", "bound / ours",
               "ours / transformers", "hit rate (pf / no pf)", "prefetch prec / recall",
               "MiB moved / token"]
     table = markdown_table(header, rows)
