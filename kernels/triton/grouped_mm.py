@@ -26,6 +26,19 @@ def _row_index(pair_idx, rows, mask, GROUPED: tl.constexpr, FAN_OUT: tl.constexp
         return tl.load(pair_idx + rows, mask=mask, other=0) // FAN_OUT
 
 
+@triton.jit
+def _swizzle(pid, num_a, num_b, GROUP: tl.constexpr):
+    """Linear program id -> (a, b) tile, walking GROUP rows of a at a time down b, so that the
+    programs resident at once share their a- and b-operand tiles in L2 (the grouped order of
+    Triton's matmul tutorial). num_a, num_b: tile counts along a and b."""
+    width = GROUP * num_b
+    first_a = (pid // width) * GROUP
+    size_a = tl.minimum(num_a - first_a, GROUP)
+    a = first_a + (pid % width) % size_a
+    b = (pid % width) // size_a
+    return a, b
+
+
 def _s2s_configs():
     if interpreting():
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
@@ -42,14 +55,13 @@ def _s2s_configs():
 @triton.jit
 def _scatter2scatter_kernel(
     X, W, Y, pair_idx, block_expert, block_row, offsets,
-    N, K, E,
+    N, K, E, GRID_M,
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_ym, stride_yn,
     FAN_OUT: tl.constexpr, X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _swizzle(tl.program_id(0), GRID_M, tl.cdiv(N, BLOCK_N), GROUP_M)
     e = tl.load(block_expert + pid_m)
     if e < E:
         row0 = tl.load(block_row + pid_m)
@@ -78,6 +90,10 @@ def _scatter2scatter_kernel(
         tl.store(y_ptrs, cast_out(acc, Y.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+# Tile rows walked together by the grouped launch order (see _swizzle); 1 = row-major order.
+GROUP = 8
+
+
 def pick_block_m(d: Dispatch) -> int:
     """Rows per program: smaller blocks when experts get few rows (fine-grained MoE)."""
     if interpreting():
@@ -99,14 +115,15 @@ def scatter2scatter(x, w, d: Dispatch, x_grouped: bool, y_grouped: bool, fan_out
     block_expert, block_row, grid_m = block_schedule(d, block_m)
 
     def grid(meta):
-        return (grid_m, triton.cdiv(N, meta["BLOCK_N"]))
+        return (grid_m * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _scatter2scatter_kernel[grid](
         x, w, y, d.sorted_pair_idx, block_expert, block_row, d.expert_offsets,
-        N, K, d.num_experts,
+        N, K, d.num_experts, grid_m,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
         FAN_OUT=fan_out, X_GROUPED=x_grouped, Y_GROUPED=y_grouped,
-        PRECISION=dot_precision(x.dtype), UPCAST=interpreting(), BLOCK_M=block_m,
+        PRECISION=dot_precision(x.dtype), UPCAST=interpreting(), GROUP_M=GROUP,
+        BLOCK_M=block_m,
     )
     return y
 
@@ -132,14 +149,12 @@ def _group_weight_grad_kernel(
     N, K,
     stride_xm, stride_xk, stride_dym, stride_dyn, stride_we, stride_wn, stride_wk,
     FAN_OUT: tl.constexpr, X_GROUPED: tl.constexpr, DY_GROUPED: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, GROUP_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    e = tl.program_id(0)
-    pid = tl.program_id(1)
-    num_k = tl.cdiv(K, BLOCK_K)
-    pid_n = pid // num_k
-    pid_k = pid % num_k
+    # expert-major launch order (axis 0 varies fastest): resident programs share one expert's rows
+    e = tl.program_id(1)
+    pid_n, pid_k = _swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_N)
     start = tl.load(offsets + e)
     end = tl.load(offsets + e + 1)
     cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -170,7 +185,7 @@ def group_weight_grad(x, dy, d: Dispatch, x_grouped: bool, x_fan_out: int, dy_gr
     dw = common.empty(E, N, K, dtype=x.dtype, device=x.device)
 
     def grid(meta):
-        return (E, triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]))
+        return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), E)
 
     _group_weight_grad_kernel[grid](
         x, dy, dw, d.sorted_pair_idx, d.expert_offsets,
@@ -178,6 +193,6 @@ def group_weight_grad(x, dy, d: Dispatch, x_grouped: bool, x_fan_out: int, dy_gr
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
         dw.stride(0), dw.stride(1), dw.stride(2),
         FAN_OUT=x_fan_out, X_GROUPED=x_grouped, DY_GROUPED=dy_grouped,
-        PRECISION=dot_precision(x.dtype), UPCAST=interpreting(),
+        PRECISION=dot_precision(x.dtype), UPCAST=interpreting(), GROUP_N=GROUP,
     )
     return dw
