@@ -79,20 +79,26 @@ def check_prompts(model: OffloadedModel, prompts: Sequence[Sequence[int]]) -> No
 
 
 @torch.no_grad()
-def generate(model: OffloadedModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-             sampling: SamplingConfig | None = None, stop_ids: Sequence[int] = (),
+def generate(model: OffloadedModel, prompts: Sequence[Sequence[int]],
+             max_new_tokens: int | Sequence[int], sampling: SamplingConfig | None = None,
+             stop_ids: Sequence[int] = (),
              on_token: Callable[[int, int], bool | None] | None = None,
              keep_logits: bool = False) -> GenerationResult:
-    """prompts (B lists of token ids) -> up to max_new_tokens new ids each; on_token(row, id)
-    is called as each token is chosen and ends that row when it returns True."""
+    """prompts (B lists of token ids) -> up to max_new_tokens new ids each (one int, or one
+    per prompt); on_token(row, id) is called as each token is chosen and ends that row when it
+    returns True."""
     sampling = sampling or SamplingConfig()
     sampling.check()
     check_prompts(model, prompts)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    limits = ([max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int)
+              else list(max_new_tokens))
+    if len(limits) != len(prompts):
+        raise ValueError(f"{len(limits)} max_new_tokens values for {len(prompts)} prompts")
+    if min(limits) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {min(limits)}")
     dev, B = model.device, len(prompts)
     L = max(len(p) for p in prompts)
-    total = min(L + max_new_tokens, model.max_context)
+    total = min(L + max(limits), model.max_context)
     ids = torch.zeros(B, L, dtype=torch.long)
     valid = torch.ones(B, total, dtype=torch.bool)
     for b, p in enumerate(prompts):
@@ -129,7 +135,7 @@ def generate(model: OffloadedModel, prompts: Sequence[Sequence[int]], max_new_to
                 done[b], reasons[b] = True, "stop"
             elif t in stops:
                 done[b], reasons[b] = True, "stop"
-            elif len(out[b]) >= max_new_tokens:
+            elif len(out[b]) >= limits[b]:
                 done[b] = True
         if all(done) or pos >= total:
             break

@@ -1,18 +1,20 @@
 """OpenAI-compatible HTTP server over a `Session`: POST /v1/completions and
 /v1/chat/completions (server-sent events when "stream": true), GET /v1/models and /health.
 
-One model, one device: requests are served one at a time (a lock), each as its own batch.
+One model, one device: a `Batcher` runs the requests; those that arrive while a batch runs
+start together as the next batch (up to the model's max_batch, when their sampling allows).
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import sys
-import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from serve.batcher import Batcher, Request
 from serve.generate import SamplingConfig
 from serve.session import Session
 
@@ -55,7 +57,7 @@ def _params(body: dict) -> tuple[int, SamplingConfig, list[str], bool]:
 
 class Handler(BaseHTTPRequestHandler):
     session: Session
-    lock: threading.Lock
+    batcher: Batcher
     protocol_version = "HTTP/1.1"
 
     def log_message(self, fmt, *args):  # one line per request on stderr
@@ -125,9 +127,8 @@ class Handler(BaseHTTPRequestHandler):
         created = int(time.time())
         head = {"id": rid, "created": created, "model": s.name}
         if not stream:
-            with self.lock:
-                outs, res = s.complete([ids], max_tokens, sampling, stop)
-            o = outs[0]
+            req = self.batcher.run(Request(ids, max_tokens, sampling, stop))
+            o = req.completion
             text = o.text if o.text is not None else " ".join(map(str, o.token_ids))
             choice = ({"index": 0, "message": {"role": "assistant", "content": text},
                        "finish_reason": o.finish_reason} if chat else
@@ -135,8 +136,10 @@ class Handler(BaseHTTPRequestHandler):
                        "finish_reason": o.finish_reason})
             self._send(200, dict(head, object=kind, choices=[choice], usage={
                 "prompt_tokens": len(ids), "completion_tokens": len(o.token_ids),
-                "total_tokens": len(ids) + len(o.token_ids)}, stats=res.stats))
+                "total_tokens": len(ids) + len(o.token_ids)}, stats=req.stats))
             return
+        texts: queue.Queue[str] = queue.Queue()
+        req = self.batcher.submit(Request(ids, max_tokens, sampling, stop, texts.put))
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -153,30 +156,59 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 choice = {"index": 0, "text": delta_text or "", "logprobs": None,
                           "finish_reason": finish}
-            doc = dict(head, object=obj, choices=[choice])
-            self.wfile.write(f"data: {json.dumps(doc)}\n\n".encode())
+            send(dict(head, object=obj, choices=[choice]))
+
+        def send(doc: dict | str) -> None:
+            data = doc if isinstance(doc, str) else json.dumps(doc)
+            self.wfile.write(f"data: {data}\n\n".encode())
             self.wfile.flush()
 
-        with self.lock:
+        try:
             if chat:
                 event(None, None, first=True)
-            outs, _ = s.complete([ids], max_tokens, sampling, stop,
-                                 lambda row, text: event(text, None))
-        event(None, outs[0].finish_reason)
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
+            while not (req.done.is_set() and texts.empty()):
+                try:
+                    event(texts.get(timeout=0.05), None)
+                except queue.Empty:
+                    continue
+            if req.error is not None:  # the status line has gone: the error is an event
+                send({"error": {"message": f"{type(req.error).__name__}: {req.error}",
+                                "type": "server_error", "code": 500}})
+            else:
+                event(None, req.completion.finish_reason)
+            send("[DONE]")
+        except OSError:  # the client went away: its row ends at the next token
+            req.cancelled = True
 
 
-def make_server(session: Session, host: str, port: int) -> ThreadingHTTPServer:
-    handler = type("BoundHandler", (Handler,), {"session": session, "lock": threading.Lock()})
-    return ThreadingHTTPServer((host, port), handler)
+class Server(ThreadingHTTPServer):
+    """The HTTP server and the batcher its handlers share; server_close() stops both."""
+
+    daemon_threads = True
+
+    def __init__(self, session: Session, host: str, port: int, max_batch: int | None = None):
+        self.batcher = Batcher(session, max_batch)
+        handler = type("BoundHandler", (Handler,), {"session": session,
+                                                    "batcher": self.batcher})
+        super().__init__((host, port), handler)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.batcher.close()
+
+
+def make_server(session: Session, host: str, port: int,
+                max_batch: int | None = None) -> Server:
+    """An OpenAI-compatible server on host:port (0: any free port) batching up to max_batch
+    requests (None: the model's max_batch)."""
+    return Server(session, host, port, max_batch)
 
 
 def serve_forever(session: Session, host: str, port: int) -> None:
     server = make_server(session, host, port)
     print(f"moe-serve http: serving {session.name} on http://{host}:{server.server_port} "
-          "(/v1/completions, /v1/chat/completions, /v1/models, /health)", file=sys.stderr,
-          flush=True)
+          "(/v1/completions, /v1/chat/completions, /v1/models, /health), batching up to "
+          f"{server.batcher.max_batch} concurrent requests", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     finally:

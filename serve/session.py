@@ -48,14 +48,19 @@ class Session:
             raise ValueError("a prompt must be a string or a list of token ids")
         return list(prompt)
 
-    def complete(self, prompts: list[list[int]], max_new_tokens: int,
-                 sampling: SamplingConfig | None = None, stop: list[str] | None = None,
+    def complete(self, prompts: list[list[int]], max_new_tokens: int | list[int],
+                 sampling: SamplingConfig | None = None,
+                 stop: list[str] | list[list[str]] | None = None,
                  on_text: Callable[[int, str], None] | None = None,
-                 ignore_eos: bool = False) -> tuple[list[Completion], GenerationResult]:
+                 ignore_eos: bool = False,
+                 cancelled: Callable[[int], bool] | None = None,
+                 ) -> tuple[list[Completion], GenerationResult]:
         """Generate for each prompt; on_text(row, new_text) streams text as it is decided
-        (ids as text when there is no tokenizer). Stop strings end a row and are cut."""
-        stop = [s for s in (stop or []) if s]
-        if stop:
+        (ids as text when there is no tokenizer). Stop strings (one list for every row, or a
+        list per row) end a row and are cut. max_new_tokens: one limit, or one per row.
+        cancelled(row) -> True ends that row at its next token (its client has gone)."""
+        stops = _row_stops(stop, len(prompts))
+        if any(stops):
             self.need_codec()
         decoders = [StreamDecoder(self.codec) if self.codec else None for _ in prompts]
         texts = [""] * len(prompts)
@@ -63,7 +68,9 @@ class Session:
         stopped = [False] * len(prompts)
 
         def on_token(row: int, tok: int) -> bool:
-            dec = decoders[row]
+            if cancelled is not None and cancelled(row):
+                return True
+            stop, dec = stops[row], decoders[row]
             if dec is None:
                 if on_text is not None:
                     on_text(row, f"{tok} ")
@@ -89,10 +96,22 @@ class Session:
                 continue
             if not stopped[row]:
                 texts[row] += dec.flush()
-                hit = next((texts[row].index(s) for s in stop if s in texts[row]), None)
+                hit = next((texts[row].index(s) for s in stops[row] if s in texts[row]), None)
                 texts[row] = texts[row][:hit]
             if on_text is not None and len(texts[row]) > held[row]:
                 on_text(row, texts[row][held[row]:])
         out = [Completion(ids, texts[i] if self.codec else None, res.finish_reasons[i],
                           len(prompts[i])) for i, ids in enumerate(res.token_ids)]
         return out, res
+
+
+def _row_stops(stop: list[str] | list[list[str]] | None, rows: int) -> list[list[str]]:
+    """stop strings for every row, or one list per row -> one non-empty-string list per row."""
+    if not stop:
+        return [[] for _ in range(rows)]
+    if all(isinstance(s, str) for s in stop):
+        return [[s for s in stop if s] for _ in range(rows)]
+    if len(stop) != rows or not all(isinstance(s, list) for s in stop):
+        raise ValueError(f"stop must be a list of strings or {rows} lists of strings, one per "
+                         "prompt")
+    return [[x for x in s if x] for s in stop]

@@ -1,0 +1,195 @@
+"""Request batching behind the HTTP server: requests that wait while a batch runs go together,
+give the tokens they give alone (and transformers gives), keep their own limits and stop
+strings, seeded sampling runs alone, a gone client ends only its row, errors reach every
+waiting client and the worker lives on."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from serve.batcher import Batcher, Request  # noqa: E402
+from serve.config import ServeConfig  # noqa: E402
+from serve.generate import SamplingConfig  # noqa: E402
+from serve.http import make_server  # noqa: E402
+from serve.session import Session  # noqa: E402
+from tests.hf_models import build_hf, save_tokenizer  # noqa: E402
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n",
+         "for i in range(10):\n    print(i)\n"] * 20
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    d = tmp_path_factory.mktemp("batched")
+    hf = build_hf("mixtral", seed=5)
+    hf.save_pretrained(d)
+    save_tokenizer(d, TEXTS)
+    # 1100 KiB: 8 of the 24 expert slots next to 4 rows of KV cache
+    session = Session(ServeConfig(model=str(d), memory_budget="1100KiB", max_context=64,
+                                  max_batch=4, dtype="float32"))
+    return session, hf
+
+
+def hf_greedy(hf, ids, n):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+class Gate:
+    """Holds the worker inside its first batch (a lone request) until open(), so that the
+    requests submitted meanwhile are all waiting when the next batch forms."""
+
+    def __init__(self, batcher: Batcher, monkeypatch):
+        self.entered, self.go = threading.Event(), threading.Event()
+        real = batcher.session.complete
+
+        def held(*args, **kwargs):
+            if not self.go.is_set():
+                self.entered.set()
+                self.go.wait(timeout=60)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(batcher.session, "complete", held)
+        self.req = batcher.submit(Request([5, 6, 7], 3, GREEDY))
+        assert self.entered.wait(timeout=60), "the worker never started the first batch"
+
+    def open(self) -> None:
+        self.go.set()
+        assert self.req.done.wait(timeout=60)
+
+
+def test_waiting_requests_run_as_one_batch_and_match_running_alone(served, monkeypatch):
+    session, hf = served
+    batcher = Batcher(session)
+    try:
+        prompts = [[3, 14, 15, 92, 65], [7, 8], [100, 101, 102, 103], [42, 43, 44]]
+        limits = [6, 3, 8, 5]
+        gate = Gate(batcher, monkeypatch)
+        reqs = [batcher.submit(Request(p, n, GREEDY)) for p, n in zip(prompts, limits, strict=True)]
+        gate.open()
+        for r in reqs:
+            assert r.done.wait(timeout=120) and r.error is None, r.error
+        assert batcher.batches == [1, 4]
+        eos = session.stop_ids
+        for p, n, r in zip(prompts, limits, reqs, strict=True):
+            want = hf_greedy(hf, p, n)
+            want = want[:next((i + 1 for i, t in enumerate(want) if t in eos), len(want))]
+            assert r.completion.token_ids == want
+            assert r.stats["batch_size"] == 4
+            alone, _ = session.complete([p], n)
+            assert alone[0].token_ids == r.completion.token_ids
+    finally:
+        batcher.close()
+
+
+def test_per_request_stop_strings_and_seeded_sampling_runs_alone(served, monkeypatch):
+    session, _ = served
+    batcher = Batcher(session)
+    try:
+        ids = session.codec.encode("def add")
+        full, _ = session.complete([ids], 12, ignore_eos=True)
+        text = full[0].text
+        stop = text[3:5]
+        seeded = SamplingConfig(temperature=0.8, seed=7)
+        gate = Gate(batcher, monkeypatch)
+        cut = batcher.submit(Request(ids, 12, GREEDY, stop=[stop]))
+        s1 = batcher.submit(Request(ids, 6, seeded))
+        plain = batcher.submit(Request(ids, 12, GREEDY))
+        s2 = batcher.submit(Request(ids, 6, seeded))
+        gate.open()
+        for r in (cut, s1, plain, s2):
+            assert r.done.wait(timeout=120) and r.error is None, r.error
+        assert batcher.batches == [1, 2, 1, 1]  # greedy pair first, then each seeded alone
+        assert cut.completion.text == text[:text.index(stop)]
+        assert cut.completion.finish_reason == "stop"
+        assert plain.completion.text == session.complete([ids], 12)[0][0].text
+        assert s1.completion.token_ids == s2.completion.token_ids  # same seed, same tokens
+    finally:
+        batcher.close()
+
+
+def test_a_gone_client_ends_only_its_row(served, monkeypatch):
+    session, _ = served
+    batcher = Batcher(session)
+    try:
+        def hang_up(_text):
+            raise BrokenPipeError("client closed the stream")
+
+        gate = Gate(batcher, monkeypatch)
+        gone = batcher.submit(Request([9, 10, 11], 20, GREEDY, on_text=hang_up))
+        stays = batcher.submit(Request([9, 10, 11], 20, GREEDY))
+        gate.open()
+        for r in (gone, stays):
+            assert r.done.wait(timeout=120) and r.error is None
+        assert gone.cancelled
+        assert len(gone.completion.token_ids) < len(stays.completion.token_ids)
+    finally:
+        batcher.close()
+
+
+def test_a_failing_batch_reports_to_every_request_and_the_worker_lives_on(served,
+                                                                           monkeypatch):
+    session, _ = served
+    batcher = Batcher(session)
+    try:
+        real = session.complete
+        monkeypatch.setattr(session, "complete", lambda *a, **k: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            batcher.run(Request([1, 2, 3], 2, GREEDY))
+        monkeypatch.setattr(session, "complete", real)
+        assert len(batcher.run(Request([1, 2, 3], 2, GREEDY)).completion.token_ids) == 2
+        with pytest.raises(ValueError, match="longer than the context"):
+            batcher.submit(Request(list(range(1, 80)), 2, GREEDY))
+    finally:
+        batcher.close()
+
+
+def test_http_concurrent_requests_are_batched_and_each_answered(served, monkeypatch):
+    session, hf = served
+    srv = make_server(session, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_port}"
+    try:
+        gate = Gate(srv.batcher, monkeypatch)
+        prompts = [[3, 14, 15], [20, 21, 22, 23], [50, 51]]
+        answers: dict[int, dict] = {}
+
+        def post(i):
+            body = json.dumps({"prompt": prompts[i], "max_tokens": 5, "temperature": 0,
+                               "stream": i == 1}).encode()
+            req = urllib.request.Request(base + "/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                answers[i] = {"status": r.status, "body": r.read().decode()}
+
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        while srv.batcher._queue.qsize() < 3:  # all three wait behind the gate
+            threading.Event().wait(0.01)
+        gate.open()
+        for t in threads:
+            t.join(timeout=120)
+        assert srv.batcher.batches == [1, 3]
+        codec = session.codec
+        for i in (0, 2):
+            doc = json.loads(answers[i]["body"])
+            assert doc["choices"][0]["text"] == codec.decode(hf_greedy(hf, prompts[i], 5))
+            assert doc["stats"]["batch_size"] == 3
+        events = [line[6:] for line in answers[1]["body"].splitlines()
+                  if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+        assert text == codec.decode(hf_greedy(hf, prompts[1], 5))
+    finally:
+        srv.shutdown()
+        srv.server_close()
