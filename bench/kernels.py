@@ -284,6 +284,18 @@ def check_ours(shape, dtype, device, tokens: int = 512) -> str:
     return f"{max(errs):.1e}"
 
 
+def _row_major(fn, *args):
+    """fn(*args) with the grouped GEMMs' tiles launched in plain row-major order (GROUP=1),
+    to measure what the L2-grouped order gains."""
+    from kernels.triton import grouped_mm
+
+    saved, grouped_mm.GROUP = grouped_mm.GROUP, 1
+    try:
+        return fn(*args)
+    finally:
+        grouped_mm.GROUP = saved
+
+
 def breakdown(shape, T, dtype, device) -> str:
     """Time each stage of ours (fwd and bwd primitives) next to a dense mm of its FLOPs."""
     from kernels import sort_by_expert
@@ -344,6 +356,10 @@ def breakdown(shape, T, dtype, device) -> str:
         ("bwd dh -> dx (slot order + sum)", lambda: tri.scatter2scatter(
             h, w_in.transpose(1, 2), disp, True, False, 1).view(T, k, d).sum(1), 4 * M * d * f),
         ("bwd dW_in", lambda: tri.group_weight_grad(x, h, disp, False, k, True), 4 * M * d * f),
+        ("fwd x -> h, row-major tile order (GROUP=1)", lambda: _row_major(
+            tri.scatter2scatter, x, w_in, disp, False, True, k), 4 * M * d * f),
+        ("bwd dW_in, row-major tile order (GROUP=1)", lambda: _row_major(
+            tri.group_weight_grad, x, h, disp, False, k, True), 4 * M * d * f),
         ("dense mm [M,d]x[d,2F] (reference rate)", lambda: A @ B, 4 * M * d * f),
     ]
     rows = []
