@@ -11,11 +11,12 @@ import torch
 from kernels.autograd import GroupedLinear, SwiGLU, TopKRoute, WeightedCombine
 from kernels.backend import get_backend
 from kernels.dispatch import Dispatch, sort_by_expert
+from kernels.quant import QuantWeight
 
 
 def grouped_linear(
     x: torch.Tensor,
-    w: torch.Tensor,
+    w: torch.Tensor | QuantWeight,
     d: Dispatch,
     x_grouped: bool = False,
     y_grouped: bool = True,
@@ -25,12 +26,21 @@ def grouped_linear(
 
     Row n of the output (Dispatch order if y_grouped, else slot order t * k + j) is the input
     row of pair n times its expert's weight transposed; dropped pairs give zero rows.
+    w may be a `QuantWeight` stack (int8 / int4, inference only): it is dequantized inside
+    the GEMM (Triton) or one expert at a time (torch).
     """
     if x.shape[-1] != w.shape[-1]:
         raise ValueError(f"input size {x.shape[-1]} does not match the weight's d_in={w.shape[-1]}")
     if w.shape[0] != d.num_experts:
         raise ValueError(f"weight has {w.shape[0]} experts, dispatch has {d.num_experts}")
-    return GroupedLinear.apply(x, w, d, x_grouped, y_grouped, get_backend(backend, x.device))
+    be = get_backend(backend, x.device)
+    if isinstance(w, QuantWeight):
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise ValueError("quantized expert weights are for inference: run under "
+                             "torch.no_grad() (no gradient flows through them)")
+        return be.scatter2scatter_quant(x, w, d, x_grouped, y_grouped,
+                                        1 if x_grouped else d.top_k)
+    return GroupedLinear.apply(x, w, d, x_grouped, y_grouped, be)
 
 
 def weighted_combine(

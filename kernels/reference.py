@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from kernels.dispatch import Dispatch
+from kernels.quant import QuantWeight, dequantize
 
 
 def _kept(d: Dispatch) -> int:
@@ -34,15 +35,35 @@ def scatter2scatter(
     fan_out: int,
 ) -> torch.Tensor:
     """x [T or M, d_in], w [E, d_out, d_in] -> y [M, d_out]: row n = x_row(n) @ w[e_n]^T."""
+    return _scatter2scatter(x, lambda e: w[e], w.shape[1], d, x_grouped, y_grouped, fan_out)
+
+
+def scatter2scatter_quant(
+    x: torch.Tensor,
+    wq: QuantWeight,
+    d: Dispatch,
+    x_grouped: bool,
+    y_grouped: bool,
+    fan_out: int,
+) -> torch.Tensor:
+    """scatter2scatter with int8 / int4 weights wq [E, d_out, d_in]: each expert that has rows
+    is dequantized to x.dtype when its rows are computed (inference; no gradient)."""
+    return _scatter2scatter(x, lambda e: dequantize(wq[e], x.dtype), wq.shape[1], d,
+                            x_grouped, y_grouped, fan_out)
+
+
+def _scatter2scatter(x, weight, d_out: int, d: Dispatch, x_grouped: bool, y_grouped: bool,
+                     fan_out: int) -> torch.Tensor:
+    """weight(e) -> expert e's [d_out, d_in] matrix, asked for only for experts with rows."""
     n = _kept(d)
     xs = _rows(x, d, x_grouped, fan_out, n)
-    ys = torch.empty(n, w.shape[1], dtype=x.dtype, device=x.device)
+    ys = torch.empty(n, d_out, dtype=x.dtype, device=x.device)
     start = 0
     for e, c in enumerate(d.tokens_per_expert.tolist()):
         if c:
-            torch.mm(xs[start : start + c], w[e].t(), out=ys[start : start + c])
+            torch.mm(xs[start : start + c], weight(e).t(), out=ys[start : start + c])
         start += c
-    y = torch.zeros(d.num_pairs, w.shape[1], dtype=x.dtype, device=x.device)
+    y = torch.zeros(d.num_pairs, d_out, dtype=x.dtype, device=x.device)
     if y_grouped:
         y[:n] = ys
     else:

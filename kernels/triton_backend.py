@@ -1,13 +1,14 @@
 """Triton backend: the same primitives as kernels/reference.py, on CUDA (or the interpreter)."""
 
 from kernels.triton.combine import weighted_combine, weighted_combine_backward
-from kernels.triton.grouped_mm import group_weight_grad, scatter2scatter
+from kernels.triton.grouped_mm import group_weight_grad, scatter2scatter, scatter2scatter_quant
 from kernels.triton.routing import sort_pairs, topk_route_bwd, topk_route_fwd
 from kernels.triton.swiglu import swiglu_bwd, swiglu_fwd
 
 __all__ = [
     "group_weight_grad",
     "scatter2scatter",
+    "scatter2scatter_quant",
     "sort_pairs",
     "swiglu_bwd",
     "swiglu_fwd",

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from serve.quant import QuantWeight, dequantize
-from serve.store import ExpertWeights, WeightStore
+from kernels.quant import QuantWeight
+from serve.store import WeightStore
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -79,7 +79,9 @@ class CacheStats:
 
 
 class ExpertCache:
-    """n_slots experts on `device`: w_in [S, 2F, d], w_out [S, d, F] in dtype."""
+    """n_slots experts on `device`: w_in [S, 2F, d], w_out [S, d, F] in dtype, or, for
+    int8 / int4 experts, as QuantWeight stacks that stay packed on the device (the GEMMs
+    dequantize them), so a budget holds 2-4x more experts."""
 
     def __init__(self, store: WeightStore, n_slots: int, policy: str, device: torch.device,
                  dtype: torch.dtype, side_stream: torch.cuda.Stream | None = None):
@@ -91,30 +93,29 @@ class ExpertCache:
         F, d = cfg.moe.expert_ffn, cfg.d_model
         self.store, self.device, self.dtype = store, device, dtype
         self.n_slots = n_slots
-        self.w_in = torch.empty(n_slots, 2 * F, d, dtype=dtype, device=device)
-        self.w_out = torch.empty(n_slots, d, F, dtype=dtype, device=device)
+        self.w_in: torch.Tensor | QuantWeight
+        self.w_out: torch.Tensor | QuantWeight
+        if store.bits is not None and store.moe_layers:
+            probe = store.expert(store.moe_layers[0], 0)
+            self.w_in = probe.w_in.empty_stack(n_slots, device)
+            self.w_out = probe.w_out.empty_stack(n_slots, device)
+        else:
+            self.w_in = torch.empty(n_slots, 2 * F, d, dtype=dtype, device=device)
+            self.w_out = torch.empty(n_slots, d, F, dtype=dtype, device=device)
         self.policy: Policy = POLICIES[policy](cfg.n_layers)
         self.slot_of: dict[Key, int] = {}
         self.key_of: list[Key | None] = [None] * n_slots
         self.stats = CacheStats()
         self.side = side_stream
         self.ready: list[torch.cuda.Event | None] = [None] * n_slots
-        # quantized experts arrive in a staging buffer (one per stream) and are dequantized
-        self.staging: dict[str, ExpertWeights] = {}
-        if store.bits is not None and store.moe_layers:
-            probe = store.expert(store.moe_layers[0], 0)
-            for name in ("main", "side") if side_stream is not None else ("main",):
-                self.staging[name] = ExpertWeights(probe.w_in.empty_like(device),
-                                                   probe.w_out.empty_like(device))
 
     @staticmethod
     def slot_nbytes(store: WeightStore, dtype: torch.dtype) -> int:
+        """Device bytes of one slot: one expert in dtype, or packed as the store keeps it."""
+        if store.bits is not None:
+            return store.expert_nbytes
         cfg = store.cfg
         return 3 * cfg.moe.expert_ffn * cfg.d_model * (torch.finfo(dtype).bits // 8)
-
-    @staticmethod
-    def staging_nbytes(store: WeightStore, prefetch: bool) -> int:
-        return (2 if prefetch else 1) * store.expert_nbytes if store.bits is not None else 0
 
     def resident(self, key: Key) -> bool:
         return key in self.slot_of
@@ -134,15 +135,8 @@ class ExpertCache:
     def _copy_in(self, key: Key, s: int, stream: torch.cuda.Stream | None) -> None:
         src = self.store.expert(*key)
         nb = self.device.type == "cuda"
-        if isinstance(src.w_in, QuantWeight):
-            stage = self.staging["side" if stream is not None else "main"]
-            stage.w_in.copy_(src.w_in, non_blocking=nb)
-            stage.w_out.copy_(src.w_out, non_blocking=nb)
-            dequantize(stage.w_in, self.dtype, out=self.w_in[s])
-            dequantize(stage.w_out, self.dtype, out=self.w_out[s])
-        else:
-            self.w_in[s].copy_(src.w_in, non_blocking=nb)
-            self.w_out[s].copy_(src.w_out, non_blocking=nb)
+        self.w_in[s].copy_(src.w_in, non_blocking=nb)
+        self.w_out[s].copy_(src.w_out, non_blocking=nb)
         self.stats.bytes_to_device += src.nbytes
         if self.device.type == "cuda":
             ev = torch.cuda.Event()

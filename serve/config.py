@@ -12,11 +12,12 @@ class ServeConfig:
     device: "auto" (cuda when present, else cpu), "cuda" or "cpu". dtype: "auto" (bfloat16 on
     cuda, float32 on cpu), "float32", "bfloat16" or "float16".
     memory_budget: bytes (or "8GiB") the runtime may keep on the device: non-expert weights,
-    KV cache, expert slots, staging buffers and an activation estimate. None: every expert
+    KV cache, expert slots and an activation estimate. None: every expert
     gets a slot. host_budget: expert bytes kept in host RAM (None: all that fit on cuda, none
     on cpu, where the memory-mapped files are the offload tier).
     cache_policy: "lru", "lfu" or "layer". prefetch: "cross-layer" or "none".
-    quant: "none", "int8" or "int4" (weight-only experts, dequantized on arrival).
+    quant: "none", "int8" or "int4" (weight-only experts, kept packed on the device and
+    dequantized inside the expert GEMMs).
     max_batch x max_context tokens of KV cache are reserved (max_context: None = the model's
     context, at most 4096). prefill_chunk: prompt tokens per forward (bounds activations).
     """

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import sort_by_expert, weighted_combine
+from kernels.backend import get_backend
 from moe.attention import rope_cos_sin
 from moe.experts import expert_mlp
 from moe.model import MoETransformer
@@ -60,21 +61,22 @@ class KVCache:
 def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_batch: int,
                 max_context: int) -> tuple[int, int, str]:
     """(bytes kept on the device besides expert slots, bytes of one slot, a description):
-    non-expert weights, KV cache, staging buffers for quantized experts and an estimate of
-    the activations of one prefill chunk."""
+    non-expert weights, KV cache and an estimate of the activations of one prefill chunk."""
     m, el = store.cfg, torch.finfo(dtype).bits // 8
     dense = store.dense_nbytes()
     kv = KVCache.nbytes(m, max_batch, max_context, dtype)
-    staging = ExpertCache.staging_nbytes(store, cfg.prefetch != "none")
     chunk = max_batch * min(cfg.prefill_chunk, max_context)
     k, Fe, d = m.moe.router.top_k, m.moe.expert_ffn, m.d_model
     hd_all = (m.n_heads + 2 * m.n_kv_heads) * m.resolved_head_dim
     act = chunk * el * (4 * d + hd_all + k * (3 * Fe + d)) \
         + chunk * max_context * 4 * m.n_heads + max_batch * m.vocab_size * 4
+    device = resolve_device(cfg.device)
+    if store.bits is not None and get_backend(cfg.kernel_backend, device).__name__ \
+            == "kernels.reference":  # packed experts are dequantized one at a time
+        act += 2 * Fe * d * (4 + el)
     parts = (f"non-expert weights {format_size(dense)}, KV cache {format_size(kv)} "
-             f"({max_batch} x {max_context} tokens), activations ~{format_size(act)}"
-             + (f", staging {format_size(staging)}" if staging else ""))
-    return dense + kv + staging + act, ExpertCache.slot_nbytes(store, dtype), parts
+             f"({max_batch} x {max_context} tokens), activations ~{format_size(act)}")
+    return dense + kv + act, ExpertCache.slot_nbytes(store, dtype), parts
 
 
 def resolve_device(name: str) -> torch.device:

@@ -17,9 +17,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kernels.quant import QuantWeight, quantize
 from moe.config import ModelConfig
 from moe.hf import dense_tensor_names, expert_tensor_names, hf_model_config
-from serve.quant import QuantWeight, quantize
 from serve.units import format_size
 
 QUANT_BITS = {"none": None, "int8": 8, "int4": 4}

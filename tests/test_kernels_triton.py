@@ -103,6 +103,39 @@ def test_group_weight_grad(shape, x_grouped, dy_grouped, dtype):
     assert torch.all(out[empty.to(out.device)] == 0), "experts without rows need zero grads"
 
 
+def quantized_stack(w: torch.Tensor, bits: int):
+    """w [E, N, K] -> a QuantWeight stack of its experts, quantized one by one."""
+    from kernels.quant import QuantWeight, quantize
+
+    qs = [quantize(w[e].float().cpu(), bits) for e in range(w.shape[0])]
+    return QuantWeight(torch.stack([q.data for q in qs]).to(DEVICE),
+                       torch.stack([q.scale for q in qs]).to(DEVICE), bits, qs[0].group,
+                       qs[0].cols)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("x_grouped,y_grouped", [(False, True), (True, False)])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_scatter2scatter_quant_dequantizes_in_the_kernel(shape, x_grouped, y_grouped, bits,
+                                                         dtype):
+    """int8 / int4 weights (K off the 64-column int4 group, odd K) against the float64
+    reference of the same quantized weights."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    T, k, E, K, N, drop = shape
+    d = make_dispatch(T, k, E, drop, g)
+    x = randn(T * k if x_grouped else T, K, g=g, dtype=dtype)
+    wq = quantized_stack(randn(E, N, K, g=g, dtype=torch.float32), bits)
+    fan = 1 if x_grouped else k
+    out = tri.scatter2scatter_quant(x, wq, d, x_grouped, y_grouped, fan)
+    ref = ref_ops.scatter2scatter_quant(x.double(), wq, d, x_grouped, y_grouped, fan)
+    n = kept_rows(d)
+    if y_grouped:
+        out, ref = out[:n], ref[:n]
+    assert rel_err(out, ref) < TOL[dtype], f"seed {seed}"
+
+
 @pytest.mark.parametrize("group", [1, 3])
 def test_grouped_launch_order_covers_every_tile(group, monkeypatch):
     """The L2-grouped tile order (grouped_mm.GROUP rows of tiles at a time) must visit every

@@ -12,9 +12,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from kernels.quant import dequantize, quantize  # noqa: E402
 from serve.config import ServeConfig  # noqa: E402
 from serve.generate import SamplingConfig, generate  # noqa: E402
-from serve.quant import dequantize, quantize  # noqa: E402
 from serve.runtime import BudgetError, OffloadedModel  # noqa: E402
 from serve.store import ModelDirError  # noqa: E402
 from serve.units import parse_size  # noqa: E402
@@ -134,6 +134,41 @@ def test_quantized_experts_move_fewer_bytes_and_stay_close(refs, tmp_path, quant
     got = torch.stack(res.step_logits, 1)
     rel = (got - ref_logits).norm() / ref_logits.norm()
     assert rel < tol, f"{quant} logits rel. error {rel:.3g}"
+
+
+@pytest.mark.parametrize("quant,gain", [("int8", 3), ("int4", 5)])
+@pytest.mark.parametrize("prefetch", ["none", "cross-layer"])
+def test_quantized_experts_stay_packed_in_more_slots(refs, quant, gain, prefetch):
+    """Packed slots: an int8 / int4 slot takes >= gain x fewer bytes than a float32 one, and
+    evicting and refilling them (3 slots of 24) gives the logits of holding them all."""
+    family, d, prompts, _, _ = refs("mixtral")
+    budget = budget_for(d, 3, quant=quant, prefetch=prefetch)
+    packed, plain = serve(d, quant=quant), serve(d)
+    assert packed.slot_bytes == packed.store.expert_nbytes
+    assert packed.slot_bytes * gain <= plain.slot_bytes
+    few = serve(d, quant=quant, memory_budget=budget, prefetch=prefetch)
+    full = serve(d, quant=quant)
+    assert few.n_slots == 3 and full.n_slots == 24
+    got = generate(few, prompts, NEW, keep_logits=True)
+    want = generate(full, prompts, NEW, keep_logits=True)
+    assert got.stats["expert_misses"] > 0
+    assert got.token_ids == want.token_ids
+    torch.testing.assert_close(torch.stack(got.step_logits), torch.stack(want.step_logits),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quant", ["none", "int4"])
+def test_triton_kernels_serve_like_the_torch_path(refs, quant):
+    """The GPU path (Triton routing, sort, grouped GEMMs with in-kernel dequantization, under
+    the interpreter here) against the torch path, with 3 slots of 24 and prefetch."""
+    pytest.importorskip("triton")
+    family, d, prompts, _, _ = refs("mixtral")
+    budget = budget_for(d, 3, quant=quant)
+    runs = {b: generate(serve(d, quant=quant, memory_budget=budget, kernel_backend=b),
+                        prompts, 4, keep_logits=True) for b in ("torch", "triton")}
+    assert runs["triton"].token_ids == runs["torch"].token_ids
+    torch.testing.assert_close(torch.stack(runs["triton"].step_logits),
+                               torch.stack(runs["torch"].step_logits), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -278,14 +313,17 @@ def test_serves_our_own_exports(tmp_path, kw):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_device_memory_stays_under_the_budget(refs):
+@pytest.mark.parametrize("quant", ["none", "int4"])
+def test_device_memory_stays_under_the_budget(refs, quant):
     _, d, prompts, ref_ids, _ = refs("mixtral")
-    budget = budget_for(d, 4)
+    budget = budget_for(d, 4, quant=quant)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    m = serve(d, memory_budget=budget, device="cuda")
-    assert generate(m, prompts, NEW).token_ids == ref_ids
+    m = serve(d, memory_budget=budget, device="cuda", quant=quant)
+    out = generate(m, prompts, NEW).token_ids
+    if quant == "none":
+        assert out == ref_ids
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base <= budget

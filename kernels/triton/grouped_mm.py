@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import Dispatch
+from kernels.quant import QuantWeight
 from kernels.triton import common
 from kernels.triton.common import autotuning, cast_out, dot_precision, interpreting
 from kernels.triton.schedule import block_schedule
@@ -51,16 +52,39 @@ def _s2s_configs():
     return configs if autotuning() else configs[:1]
 
 
-@triton.autotune(configs=_s2s_configs(), key=["N", "K", "BLOCK_M", "X_GROUPED", "Y_GROUPED"])
+@triton.jit
+def _load_quant_tile(W, S, e, ks, cols, mask, stride_we, stride_wn, stride_wk,
+                     stride_se, stride_sn, stride_sg, BITS: tl.constexpr, QGROUP: tl.constexpr,
+                     dtype: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] tile of expert e's weight at columns ks, rows cols, dequantized
+    to dtype: int8 values, or 4-bit ones two to a byte (even column low), offset by 8; times
+    the scale of their QGROUP-column group."""
+    base = W + e.to(tl.int64) * stride_we + cols[None, :] * stride_wn
+    if BITS == 8:
+        q = tl.load(base + ks[:, None] * stride_wk, mask=mask, other=0).to(tl.float32)
+    else:
+        byte = tl.load(base + (ks // 2)[:, None] * stride_wk, mask=mask, other=0).to(tl.int32)
+        q = ((byte >> ((ks % 2) * 4)[:, None]) & 0xF).to(tl.float32) - 8.0
+    scale = tl.load(S + e.to(tl.int64) * stride_se + cols[None, :] * stride_sn
+                    + (ks // QGROUP)[:, None] * stride_sg, mask=mask, other=0.0)
+    return cast_out(q * scale, dtype)
+
+
+@triton.autotune(configs=_s2s_configs(),
+                 key=["N", "K", "BLOCK_M", "X_GROUPED", "Y_GROUPED", "BITS"])
 @triton.jit
 def _scatter2scatter_kernel(
-    X, W, Y, pair_idx, block_expert, block_row, offsets,
+    X, W, S, Y, pair_idx, block_expert, block_row, offsets,
     N, K, E, GRID_M,
-    stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_ym, stride_yn,
+    stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sg,
+    stride_ym, stride_yn,
     FAN_OUT: tl.constexpr, X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, GROUP_M: tl.constexpr,
+    BITS: tl.constexpr, QGROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """BITS 0: W holds the weights (any float dtype); 8 or 4: W holds the packed integers and
+    S their float32 scales (see kernels/quant.py), dequantized here, tile by tile."""
     pid_m, pid_n = _swizzle(tl.program_id(0), GRID_M, tl.cdiv(N, BLOCK_N), GROUP_M)
     e = tl.load(block_expert + pid_m)
     if e < E:
@@ -80,7 +104,12 @@ def _scatter2scatter_kernel(
         for k0 in range(0, K, BLOCK_K):
             k_mask = ks < K - k0
             x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if BITS == 0:
+                w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            else:
+                w = _load_quant_tile(W, S, e, k0 + ks, cols, k_mask[:, None] & n_mask[None, :],
+                                     stride_we, stride_wn, stride_wk, stride_se, stride_sn,
+                                     stride_sg, BITS, QGROUP, X.dtype.element_ty)
             if UPCAST:  # the CPU interpreter's dot mishandles 16-bit floats
                 x, w = x.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
@@ -104,7 +133,20 @@ def pick_block_m(d: Dispatch) -> int:
 
 def scatter2scatter(x, w, d: Dispatch, x_grouped: bool, y_grouped: bool, fan_out: int):
     """x [T or M, K], w [E, N, K] (any strides) -> y [M, N]; see kernels/reference.py."""
-    M, N, K = d.num_pairs, w.shape[1], w.shape[2]
+    return _launch(x, w, None, d, x_grouped, y_grouped, fan_out)
+
+
+def scatter2scatter_quant(x, wq: QuantWeight, d: Dispatch, x_grouped: bool, y_grouped: bool,
+                          fan_out: int):
+    """scatter2scatter with int8 / int4 weights wq [E, N, K], dequantized inside the GEMM
+    (inference; no gradient)."""
+    return _launch(x, wq.data, wq, d, x_grouped, y_grouped, fan_out)
+
+
+def _launch(x, w, q: QuantWeight | None, d: Dispatch, x_grouped, y_grouped, fan_out):
+    """w: the weights, or q's packed integers (then N, K and the scales come from q)."""
+    N, K = (w.shape[1], w.shape[2]) if q is None else (q.shape[1], q.shape[2])
+    M = d.num_pairs
     if not y_grouped and d.may_drop:  # rows of dropped slots are read as zeros
         y = torch.zeros(M, N, dtype=x.dtype, device=x.device)
     else:
@@ -117,12 +159,15 @@ def scatter2scatter(x, w, d: Dispatch, x_grouped: bool, y_grouped: bool, fan_out
     def grid(meta):
         return (grid_m * triton.cdiv(N, meta["BLOCK_N"]),)
 
+    sc = q.scale if q is not None else w
     _scatter2scatter_kernel[grid](
-        x, w, y, d.sorted_pair_idx, block_expert, block_row, d.expert_offsets,
+        x, w, sc, y, d.sorted_pair_idx, block_expert, block_row, d.expert_offsets,
         N, K, d.num_experts, grid_m,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        sc.stride(0), sc.stride(1), sc.stride(2), y.stride(0), y.stride(1),
         FAN_OUT=fan_out, X_GROUPED=x_grouped, Y_GROUPED=y_grouped,
         PRECISION=dot_precision(x.dtype), UPCAST=interpreting(), GROUP_M=GROUP,
+        BITS=0 if q is None else q.bits, QGROUP=1 if q is None else q.group,
         BLOCK_M=block_m,
     )
     return y

@@ -29,6 +29,7 @@ def _row_scores(L, rows, cols, T, E, stride_l, SIGMOID: tl.constexpr):
         s = 1.0 / (1.0 + tl.exp(-x))
     else:
         m = tl.max(tl.where(valid, x, float("-inf")), 1)
+        m = tl.where(m > float("-inf"), m, 0.0)  # rows past T: no exp(inf)
         p = tl.exp(x - m[:, None])
         p = tl.where(valid, p, 0.0)
         denom = tl.sum(p, 1)

@@ -1,7 +1,8 @@
 """Weight-only int8 / int4 quantization of expert matrices (symmetric, group-wise scales).
 
-Quantized once at load; the bytes that cross to the device are the packed integers and their
-scales, dequantized on arrival into the expert cache's slot (`dequantize(..., out=slot)`).
+Quantized once at load (serve/store.py); the bytes that cross to the device are the packed
+integers and their scales, and the device keeps them packed: `grouped_linear` takes a
+`QuantWeight` stack and dequantizes inside the GEMM (Triton) or per expert (torch).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ INT4_GROUP = 64
 
 @dataclass
 class QuantWeight:
-    """w [rows, cols] as data (int8 [rows, cols_p] or uint8 [rows, cols_p / 2] holding two
-    4-bit values a byte) and scale (float32 [rows, cols_p / group]); cols_p pads cols to the
-    group size."""
+    """w [..., rows, cols] as data (int8 [..., rows, cols_p] or uint8 [..., rows, cols_p / 2]
+    holding two 4-bit values a byte, the even column in the low nibble) and scale (float32
+    [..., rows, cols_p / group]); cols_p pads cols to the group size. Leading dims stack
+    experts (a slot pool)."""
 
     data: torch.Tensor
     scale: torch.Tensor
@@ -29,6 +31,19 @@ class QuantWeight:
     def nbytes(self) -> int:
         return self.data.nbytes + self.scale.nbytes
 
+    @property
+    def shape(self) -> torch.Size:
+        """The logical shape of the weight: [..., rows, cols]."""
+        return torch.Size((*self.data.shape[:-1], self.cols))
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def __getitem__(self, i) -> QuantWeight:
+        """One expert (or a range) of a stack, as a view."""
+        return QuantWeight(self.data[i], self.scale[i], self.bits, self.group, self.cols)
+
     def pin_memory(self) -> QuantWeight:
         return QuantWeight(self.data.pin_memory(), self.scale.pin_memory(), self.bits,
                            self.group, self.cols)
@@ -38,10 +53,12 @@ class QuantWeight:
         self.scale.copy_(src.scale, non_blocking=non_blocking)
         return self
 
-    def empty_like(self, device: torch.device | str) -> QuantWeight:
-        return QuantWeight(torch.empty_like(self.data, device=device),
-                           torch.empty_like(self.scale, device=device), self.bits,
-                           self.group, self.cols)
+    def empty_stack(self, n: int, device: torch.device | str) -> QuantWeight:
+        """n uninitialised experts shaped like this one, stacked, on device."""
+        return QuantWeight(torch.empty(n, *self.data.shape, dtype=self.data.dtype,
+                                       device=device),
+                           torch.empty(n, *self.scale.shape, dtype=self.scale.dtype,
+                                       device=device), self.bits, self.group, self.cols)
 
 
 def quantize(w: torch.Tensor, bits: int) -> QuantWeight:
@@ -64,15 +81,15 @@ def quantize(w: torch.Tensor, bits: int) -> QuantWeight:
 
 def dequantize(q: QuantWeight, dtype: torch.dtype, out: torch.Tensor | None = None
                ) -> torch.Tensor:
-    """QuantWeight -> w [rows, cols] in dtype (written into out when given)."""
-    rows = q.data.shape[0]
+    """QuantWeight [..., rows, cols] -> w in dtype (written into out when given)."""
+    lead = q.data.shape[:-1]
     if q.bits == 8:
         vals = q.data.to(torch.float32)
     else:
         lo = (q.data & 0xF).to(torch.int8) - 8
         hi = (q.data >> 4).to(torch.int8) - 8
-        vals = torch.stack([lo, hi], dim=-1).view(rows, -1).to(torch.float32)
-    w = (vals.view(rows, -1, q.group) * q.scale[..., None]).view(rows, -1)[:, :q.cols]
+        vals = torch.stack([lo, hi], dim=-1).view(*lead, -1).to(torch.float32)
+    w = (vals.view(*lead, -1, q.group) * q.scale[..., None]).view(*lead, -1)[..., :q.cols]
     if out is None:
         return w.to(dtype)
     return out.copy_(w)
