@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU lease for serving: the offloaded-decode benchmark (bench/serve.py: ours with and
 # without prefetch vs transformers + accelerate vs the PCIe bound, Mixtral-8x7B layer shapes,
-# 4 layers, budgets holding 25% and 50% of the experts), then the serving tests on the GPU
+# 4 layers, budgets holding 25% and 50% of the experts, bf16 and packed int8 experts), then the
+# serving tests on the GPU
 # (side-stream prefetch, the budget check). Run from the repository root with OUT set.
 set -uo pipefail
 source bench/gpu_env.sh
@@ -9,7 +10,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pc
   --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c "import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)" \
   | tee -a "$OUT/gpu.txt"
-timeout "${SERVE_TIMEOUT:-360}" python3 -m bench.serve --layers "${LAYERS:-4}" --dir /tmp/mserve \
+timeout "${SERVE_TIMEOUT:-420}" python3 -m bench.serve --layers "${LAYERS:-4}" --dir /tmp/mserve \
   --out "$OUT/RESULTS.md" --json-out "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log"
 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/test_serve.py \
   2>&1 | tail -20 | tee "$OUT/pytest_gpu.log"

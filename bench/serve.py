@@ -8,7 +8,9 @@ experts.
 
 PCIe bound: a cache holding a fraction f of the experts must, with no locality to exploit,
 move (1 - f) of the experts each token uses; bound tokens/s = measured pinned host-to-device
-bandwidth / those bytes. Every number lands in a table appended to bench/RESULTS.md.
+bandwidth / those bytes. With --quants int8 / int4, our rows also run packed experts under
+the same budget (more slots, fewer bytes each; their bound uses their own f and bytes).
+Every number lands in a table appended to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -124,6 +126,9 @@ def main(argv=None) -> None:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--fractions", default="0.25,0.5")
+    p.add_argument("--quants", default="none,int8",
+                   help="expert formats for our rows (int8 / int4: packed slots under the "
+                   "same budget, so more experts fit)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--dir", default=None, help="where the random model is written")
@@ -139,28 +144,18 @@ def main(argv=None) -> None:
     max_context = a.prompt_len + a.new_tokens + 8
     base = ServeConfig(model=str(root), device=device.type, dtype=str(dtype)[6:],
                        max_context=max_context)
-    store = WeightStore(root, dtype, pin=device.type == "cuda", verbose=True,
-                        host_budget=None if device.type == "cuda" else 0)
+    quants = [q for q in a.quants.split(",") if q]
+    stores = {q: WeightStore(root, dtype, quant=q, pin=device.type == "cuda", verbose=True,
+                             host_budget=None if device.type == "cuda" else 0)
+              for q in quants}
+    store = stores.get("none") or WeightStore(root, dtype, verbose=True, host_budget=0)
     fixed, slot, _ = memory_plan(store, base, dtype, 1, max_context)
     total = len(store.moe_layers) * store.num_experts
     h2d = h2d_bandwidth(device)
     rows, records = [], []
     for f in (float(x) for x in a.fractions.split(",")):
         slots = max(1, round(f * total))
-        budget = fixed + slots * slot
-        results = {}
-        for prefetch in ("cross-layer", "none"):
-            cfg = ServeConfig(**{**base.__dict__, "memory_budget": budget,
-                                 "prefetch": prefetch})
-            model = OffloadedModel(cfg, store=store)
-            measure(model, a.prompt_len, 2)  # warm-up (kernels, caches)
-            results[prefetch] = measure(model, a.prompt_len, a.new_tokens)
-            del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        r = results["cross-layer"]
-        must_move = r["experts_used_per_token"] * (1 - slots / total) * r["expert_bytes"]
-        bound = h2d / must_move if h2d and must_move else None
+        budget = fixed + slots * slot  # f of the experts in the compute dtype
         hf_tps, hf_label = (None, "skipped")
         if not a.skip_hf:
             try:
@@ -168,19 +163,38 @@ def main(argv=None) -> None:
                                                           a.new_tokens, device, dtype)
             except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported
                 hf_label = f"failed: {type(e).__name__}: {str(e)[:80]}"
-        ours = r["decode_tokens_per_s"]
-        rows.append([f"{slots}/{total} ({f:.0%})", f"{budget / 2**30:.2f}",
-                     f"{ours:.2f}", f"{results['none']['decode_tokens_per_s']:.2f}",
-                     f"{hf_tps:.2f}" if hf_tps else hf_label,
-                     f"{bound:.2f}" if bound else "n/a",
-                     f"{bound / ours:.2f}" if bound else "n/a",
-                     f"{ours / hf_tps:.1f}" if hf_tps else "n/a",
-                     f"{r['expert_hit_rate']:.2f} / {results['none']['expert_hit_rate']:.2f}",
-                     f"{r['prefetch_precision']:.2f} / {r['prefetch_recall']:.2f}",
-                     f"{r['bytes_to_device_per_token'] / 2**20:.1f}"])
-        records.append({"fraction": f, "ours": r, "no_prefetch": results["none"],
-                        "hf": hf_tps, "hf_label": hf_label, "pcie_bound": bound})
-    header = ["experts cached", "budget GiB", "ours tok/s", "ours no-prefetch tok/s",
+        for q in quants:
+            results = {}
+            for prefetch in ("cross-layer", "none"):
+                cfg = ServeConfig(**{**base.__dict__, "memory_budget": budget,
+                                     "prefetch": prefetch, "quant": q})
+                model = OffloadedModel(cfg, store=stores[q])
+                measure(model, a.prompt_len, 2)  # warm-up (kernels, caches)
+                results[prefetch] = measure(model, a.prompt_len, a.new_tokens)
+                del model
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            r = results["cross-layer"]
+            cached = r["expert_slots"] / total
+            must_move = r["experts_used_per_token"] * max(0.0, 1 - cached) * r["expert_bytes"]
+            bound = h2d / must_move if h2d and must_move else None
+            ours = r["decode_tokens_per_s"]
+            rows.append([f"{slots}/{total} ({f:.0%})", f"{budget / 2**30:.2f}", q,
+                         f"{r['expert_slots']}/{total}",
+                         f"{ours:.2f}", f"{results['none']['decode_tokens_per_s']:.2f}",
+                         f"{hf_tps:.2f}" if hf_tps else hf_label,
+                         f"{bound:.2f}" if bound else "n/a (all cached)" if h2d else "n/a",
+                         f"{bound / ours:.2f}" if bound else "n/a",
+                         f"{ours / hf_tps:.1f}" if hf_tps else "n/a",
+                         f"{r['expert_hit_rate']:.2f} / "
+                         f"{results['none']['expert_hit_rate']:.2f}",
+                         f"{r['prefetch_precision']:.2f} / {r['prefetch_recall']:.2f}",
+                         f"{r['bytes_to_device_per_token'] / 2**20:.1f}"])
+            records.append({"fraction": f, "quant": q, "ours": r,
+                            "no_prefetch": results["none"], "hf": hf_tps,
+                            "hf_label": hf_label, "pcie_bound": bound})
+    header = [f"budget: {str(dtype)[6:]} experts", "budget GiB", "expert format", "slots",
+              "ours tok/s", "ours no-prefetch tok/s",
               "transformers+accelerate tok/s" if device.type == "cuda"
               else "transformers (CPU, no offload) tok/s", "PCIe bound tok/s", "bound / ours",
               "ours / transformers", "hit rate (pf / no pf)", "prefetch prec / recall",

@@ -77,7 +77,8 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
     mean_ctx = prompt_len + (new_tokens + 1) / 2
     kv_bytes = 2 * m.n_layers * batch * m.n_kv_heads * m.resolved_head_dim * mean_ctx * el
     step_s = decode_s / new_tokens
-    bytes_step = (dense_params + activated / new_tokens * expert_params) * el + kv_bytes
+    # an expert read is its slot's bytes (packed when quantized)
+    bytes_step = dense_params * el + activated / new_tokens * model.slot_bytes + kv_bytes
     flops_step = 2 * batch * (dense_params + activated / new_tokens / batch * expert_params) \
         + 4 * batch * m.n_layers * m.n_heads * m.resolved_head_dim * mean_ctx
     peak_flops, peak_bw, peak_src = device_peaks(dev)

@@ -194,8 +194,11 @@ class WeightStore:
         # quantized experts that miss RAM: quantize once, keep in a memory-mapped file
         import tempfile
 
-        root = Path(offload_dir or tempfile.mkdtemp(prefix="moe-serve-offload-"))
+        if offload_dir is None:  # removed with the store (or at exit)
+            self._tmp = tempfile.TemporaryDirectory(prefix="moe-serve-offload-")
+        root = Path(offload_dir or self._tmp.name)
         root.mkdir(parents=True, exist_ok=True)
+        self.offload_root = root
         for layer in sorted({i for i, _ in keys[n_host:]}):
             tensors, meta = {}, {}
             for i, e in keys[n_host:]:

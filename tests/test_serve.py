@@ -136,6 +136,19 @@ def test_quantized_experts_move_fewer_bytes_and_stay_close(refs, tmp_path, quant
     assert rel < tol, f"{quant} logits rel. error {rel:.3g}"
 
 
+def test_temporary_quantized_disk_tier_is_removed_with_its_model(refs):
+    import gc
+
+    _, d, prompts, _, _ = refs("mixtral")
+    m = serve(d, quant="int8", host_budget=0)
+    root = m.store.offload_root
+    assert m.store.n_disk == 24 and list(root.glob("*.safetensors"))
+    generate(m, prompts, 2)
+    del m
+    gc.collect()
+    assert not root.exists(), f"{root} left behind"
+
+
 @pytest.mark.parametrize("quant,gain", [("int8", 3), ("int4", 5)])
 @pytest.mark.parametrize("prefetch", ["none", "cross-layer"])
 def test_quantized_experts_stay_packed_in_more_slots(refs, quant, gain, prefetch):
