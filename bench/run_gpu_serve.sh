@@ -2,8 +2,8 @@
 # One GPU lease for serving: the offloaded-decode benchmark (bench/serve.py: ours with and
 # without prefetch vs transformers + accelerate vs the PCIe bound, Mixtral-8x7B layer shapes,
 # 4 layers, budgets holding 25% and 50% of the experts, bf16 and packed int8 experts), then the
-# serving tests on the GPU
-# (side-stream prefetch, the budget check). Run from the repository root with OUT set.
+# serving tests on the GPU (side-stream prefetch, the budget check, the Triton path incl.
+# in-kernel dequantization). Run from the repository root with OUT set.
 set -uo pipefail
 source bench/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current \
