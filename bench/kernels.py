@@ -214,6 +214,45 @@ def build_deepspeed(shape, T, dtype, device) -> Step:
     return step
 
 
+def build_megatron(shape, T, dtype, device) -> Step:
+    """megatron-core's MoELayer (its top-k router with aux loss, all-to-all token dispatcher
+    at EP 1, SequentialMLP SwiGLU experts). Its grouped-GEMM experts (TEGroupedMLP) need
+    Transformer Engine; without it SequentialMLP is what megatron-core trains with."""
+    if device.type != "cuda":
+        raise Unavailable("megatron-core's MoE layer needs CUDA")
+    try:
+        from megatron.core import parallel_state
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+        from megatron.core.transformer.transformer_config import TransformerConfig
+    except Exception as e:  # noqa: BLE001 - import errors of an optional peer
+        raise Unavailable(f"megatron-core not importable: {type(e).__name__}: {e}") from e
+    d, f, E, k, renorm, _ = shape
+    _init_single_process_group(device)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+        model_parallel_cuda_manual_seed(0)
+    cfg = TransformerConfig(
+        num_layers=1, hidden_size=d, num_attention_heads=16, ffn_hidden_size=f,
+        moe_ffn_hidden_size=f, num_moe_experts=E, moe_router_topk=k,
+        moe_router_pre_softmax=not renorm, gated_linear_unit=True, activation_func=F.silu,
+        add_bias_linear=False, moe_token_dispatcher_type="alltoall",
+        moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2,
+        moe_grouped_gemm=False, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=True)
+    spec = get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False).submodules.mlp
+    layer = _init_(spec(cfg)).to(device, dtype)
+    x, dy = _inputs(T, d, dtype, device)
+    x3, dy3 = x.view(T, 1, d), dy.view(T, 1, d)
+
+    def step():
+        out, _ = layer(x3)
+        out.backward(dy3)
+
+    step()
+    return step
+
+
 def build_dense(shape, T, dtype, device) -> Step:
     """The ceiling: the same six GEMMs (fwd 2, bwd 4) as one dense expert over T * k rows."""
     d, f, _, k = shape[:4]
@@ -243,11 +282,13 @@ IMPLS: dict[str, tuple[str, Callable]] = {
     "hf-grouped": ("transformers block (grouped_mm)", lambda *a: build_hf(*a, impl="grouped_mm")),
     "scattermoe": ("ScatterMoE", build_scattermoe),
     "deepspeed": ("DeepSpeed MoE", build_deepspeed),
+    "megatron": ("megatron-core MoELayer (SequentialMLP)", build_megatron),
     "dense": ("dense GEMM, same FLOPs (ceiling)", build_dense),
 }
 NOT_RUN = {
-    "megatron-core MoELayer (grouped GEMM)": "its grouped-GEMM experts need Transformer Engine "
-    "(TEGroupedMLP), a CUDA build that cannot be brought to the lent GPU for this run",
+    "megatron-core MoELayer (grouped GEMM)": "its grouped-GEMM experts (TEGroupedMLP) need "
+    "Transformer Engine, a CUDA build that cannot be brought to the lent GPU for this run; "
+    "the SequentialMLP row is megatron-core without it",
     "MegaBlocks dMoE": "needs its CUDA extension (megablocks_ops) and grouped_gemm compiled "
     "with nvcc, not affordable inside the GPU lease",
 }

@@ -15,9 +15,10 @@ timeout "${BREAKDOWN_TIMEOUT:-90}" python3 -m bench.kernels --breakdown \
 timeout "${BENCH_TIMEOUT:-240}" python3 -m bench.kernels --shapes mixtral,olmoe,qwen3 \
   --tokens 4096,16384 --impls ours,dense,hf-grouped,scattermoe,deepspeed,reference \
   --out "$OUT/RESULTS.md" 2>&1 | tee "$OUT/bench.log"
-# 3) the slow loop peers at 4k tokens only (10-15x behind at the fine-grained shapes)
+# 3) the slow loop peers at 4k tokens only (10-15x behind at the fine-grained shapes), with
+#    megatron-core (SequentialMLP loops over experts without Transformer Engine)
 timeout "${LOOP_TIMEOUT:-90}" python3 -m bench.kernels --shapes mixtral,olmoe,qwen3 \
-  --tokens 4096 --impls ours,loop,hf,dense --out "$OUT/RESULTS.md" 2>&1 | tee "$OUT/loops.log"
+  --tokens 4096 --impls ours,loop,hf,megatron,dense --out "$OUT/RESULTS.md" 2>&1 | tee "$OUT/loops.log"
 # 4) the Triton kernel tests on the real GPU
 MOE_TRITON_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -x -p no:cacheprovider \
   tests/test_kernels_triton.py tests/test_kernels_triton_routing.py 2>&1 | tee "$OUT/pytest_gpu.log"
