@@ -68,7 +68,10 @@ def _torch_route(x, wg, k, renorm):
     return w.to(x.dtype), ids
 
 
-def build_ours(shape, T, dtype, device, backend="triton") -> Step:
+def build_ours(shape, T, dtype, device, backend="triton", gemm="auto") -> Step:
+    """gemm: "auto" (the Triton backend times its kernels against torch._grouped_mm per
+    shape and keeps the faster), or "triton" / "torch" forced."""
+    from kernels.triton import pick
     from moe import MoEConfig, MoELayer
     from routing import RouterConfig
 
@@ -79,8 +82,9 @@ def build_ours(shape, T, dtype, device, backend="triton") -> Step:
     x, dy = _inputs(T, d, dtype, device)
 
     def step():
-        out, _ = layer(x)
-        out.backward(dy)
+        with pick.forced(gemm):
+            out, _ = layer(x)
+            out.backward(dy)
 
     return step
 
@@ -275,7 +279,10 @@ def build_dense(shape, T, dtype, device) -> Step:
 
 # key: (table name, builder)
 IMPLS: dict[str, tuple[str, Callable]] = {
-    "ours": ("ours (triton)", build_ours),
+    "ours": ("ours (triton backend)", build_ours),
+    "ours-triton": ("ours, Triton GEMMs only", lambda *a: build_ours(*a, gemm="triton")),
+    "ours-torch-gemm": ("ours, torch._grouped_mm GEMMs",
+                        lambda *a: build_ours(*a, gemm="torch")),
     "reference": ("ours, torch reference", lambda *a: build_ours(*a, backend="torch")),
     "loop": ("loop over experts", build_loop),
     "hf": ("transformers block (eager)", build_hf),
@@ -325,6 +332,14 @@ def check_ours(shape, dtype, device, tokens: int = 512) -> str:
     return f"{max(errs):.1e}"
 
 
+def _forced_gemm(impl: str, fn, *args):
+    """fn(*args) with the grouped GEMMs forced to one implementation ("triton" / "torch")."""
+    from kernels.triton import pick
+
+    with pick.forced(impl):
+        return fn(*args)
+
+
 def _row_major(fn, *args):
     """fn(*args) with the grouped GEMMs' tiles launched in plain row-major order (GROUP=1),
     to measure what the L2-grouped order gains."""
@@ -332,7 +347,7 @@ def _row_major(fn, *args):
 
     saved, grouped_mm.GROUP = grouped_mm.GROUP, 1
     try:
-        return fn(*args)
+        return _forced_gemm("triton", fn, *args)
     finally:
         grouped_mm.GROUP = saved
 
@@ -382,8 +397,8 @@ def breakdown(shape, T, dtype, device) -> str:
         ("sort by expert: torch.sort + bincount", lambda: ref_ops.sort_pairs(flat, E, k),
          None),
         ("sort + block schedule + inverse perm", sort_and_schedule, None),
-        ("fwd x -> h (scatter2scatter)", lambda: tri.scatter2scatter(x, w_in, disp, False,
-                                                                     True, k), 4 * M * d * f),
+        ("fwd x -> h (scatter2scatter)", lambda: _forced_gemm(
+            "triton", tri.scatter2scatter, x, w_in, disp, False, True, k), 4 * M * d * f),
         ("fwd swiglu", lambda: tri.swiglu_fwd(h), None),
         ("fwd a -> y (grouped)", lambda: tri.scatter2scatter(a, w_out, disp, True, True, 1),
          2 * M * d * f),
@@ -396,11 +411,16 @@ def breakdown(shape, T, dtype, device) -> str:
         ("bwd swiglu", lambda: tri.swiglu_bwd(h, a), None),
         ("bwd dh -> dx (slot order + sum)", lambda: tri.scatter2scatter(
             h, w_in.transpose(1, 2), disp, True, False, 1).view(T, k, d).sum(1), 4 * M * d * f),
-        ("bwd dW_in", lambda: tri.group_weight_grad(x, h, disp, False, k, True), 4 * M * d * f),
+        ("bwd dW_in", lambda: _forced_gemm("triton", tri.group_weight_grad, x, h, disp, False,
+                                           k, True), 4 * M * d * f),
         ("fwd x -> h, row-major tile order (GROUP=1)", lambda: _row_major(
             tri.scatter2scatter, x, w_in, disp, False, True, k), 4 * M * d * f),
         ("bwd dW_in, row-major tile order (GROUP=1)", lambda: _row_major(
             tri.group_weight_grad, x, h, disp, False, k, True), 4 * M * d * f),
+        ("fwd x -> h, torch._grouped_mm", lambda: _forced_gemm(
+            "torch", tri.scatter2scatter, x, w_in, disp, False, True, k), 4 * M * d * f),
+        ("bwd dW_in, torch._grouped_mm", lambda: _forced_gemm(
+            "torch", tri.group_weight_grad, x, h, disp, False, k, True), 4 * M * d * f),
         ("dense mm [M,d]x[d,2F] (reference rate)", lambda: A @ B, 4 * M * d * f),
     ]
     rows = []
@@ -409,6 +429,23 @@ def breakdown(shape, T, dtype, device) -> str:
         rate = f"{flops / t / 1e12:.0f}" if flops else "-"
         rows.append([name, f"{t * 1e3:.3f}", rate])
     return markdown_table(["stage", "ms", "TFLOP/s"], rows)
+
+
+def _gemm_choices(shape, T) -> str:
+    """Which implementation the Triton backend picked for each grouped GEMM of this shape and
+    token count (kernels/triton/pick.py), e.g. "fwd in: torch, ..."."""
+    import triton
+
+    from kernels.triton import pick
+
+    d, f, E, k = shape[:4]
+    rows = triton.next_power_of_2(max(1, T * k // E))
+    names = {("s2s", 2 * f, d): "fwd in", ("s2s", d, f): "fwd out", ("s2s", f, d): "bwd dA",
+             ("s2s", d, 2 * f): "bwd dX", ("wgrad", d, f): "dW out",
+             ("wgrad", 2 * f, d): "dW in"}
+    got = {names[key[:3]]: impl for key, impl in pick.choices().items()
+           if key[:3] in names and key[3] == E and key[4] == rows}
+    return ", ".join(f"{n}: {got[n]}" for n in names.values() if n in got) or "none timed"
 
 
 def run(shapes, tokens, impls, dtype, device, out_path, command) -> str:
@@ -442,15 +479,19 @@ def run(shapes, tokens, impls, dtype, device, out_path, command) -> str:
                 r = results[name]
                 status = f"{r[0] * 1e3:.2f} ms" if r[0] else f"n/a ({r[2]})"
                 print(f"  {sname} T={T} {name}: {status}", flush=True)
+                if key == "ours" and r[0]:
+                    gemms = _gemm_choices(shape, T)
+                    print(f"    grouped GEMMs picked: {gemms}", flush=True)
+                    results[name] = (*r[:2], gemms)
             dense_t = results.get(IMPLS["dense"][0], (None,))[0]
             for name, (t, mem, why) in results.items():
                 if t is None:
                     rows.append([sname, str(T), name, "-", "-", "-", "-", f"not run: {why}"])
                     continue
                 ratio = f"{dense_t / t:.2f}" if dense_t else "-"
+                note = f"{check}; {why}" if name == IMPLS["ours"][0] else ""
                 rows.append([sname, str(T), name, f"{t * 1e3:.2f}", f"{flops / t / 1e12:.1f}",
-                             "-" if mem is None else f"{mem:.2f}", ratio,
-                             check if name == IMPLS["ours"][0] else ""])
+                             "-" if mem is None else f"{mem:.2f}", ratio, note])
             for name, why in NOT_RUN.items():
                 rows.append([sname, str(T), name, "-", "-", "-", "-", f"not run: {why}"])
     header = ["shape", "tokens", "implementation", "fwd+bwd ms", "TFLOP/s", "peak GiB",
@@ -460,7 +501,9 @@ def run(shapes, tokens, impls, dtype, device, out_path, command) -> str:
     body = (f"Shapes ({str(dtype).replace('torch.', '')}): {shapes_desc}. TFLOP/s counts the "
             "expert GEMMs only (18·T·k·d·ffn for fwd+bwd); 'x dense' is the same-FLOPs dense "
             "GEMM chain's time over this row's; ours' note is its max relative error vs a "
-            "float64 reference.\n\n" + markdown_table(header, rows))
+            "float64 reference and which implementation the Triton backend picked for each "
+            "grouped GEMM (its kernel or torch._grouped_mm, timed once per shape).\n\n"
+            + markdown_table(header, rows))
     block = results_block("MoE layer forward+backward (bench/kernels.py)", command, device,
                           body)
     print(block)

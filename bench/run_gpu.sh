@@ -13,7 +13,7 @@ timeout "${BREAKDOWN_TIMEOUT:-90}" python3 -m bench.kernels --breakdown \
   --shapes mixtral,olmoe,qwen3 --tokens 16384 2>&1 | tee "$OUT/breakdown.log"
 # 2) ours vs the fast peers and the ceiling, all shapes, 4k and 16k tokens
 timeout "${BENCH_TIMEOUT:-240}" python3 -m bench.kernels --shapes mixtral,olmoe,qwen3 \
-  --tokens 4096,16384 --impls ours,dense,hf-grouped,scattermoe,deepspeed,reference \
+  --tokens 4096,16384 --impls ours,ours-triton,dense,hf-grouped,scattermoe,deepspeed,reference \
   --out "$OUT/RESULTS.md" 2>&1 | tee "$OUT/bench.log"
 # 3) the slow loop peers at 4k tokens only (10-15x behind at the fine-grained shapes), with
 #    megatron-core (SequentialMLP loops over experts without Transformer Engine)

@@ -136,6 +136,65 @@ def test_scatter2scatter_quant_dequantizes_in_the_kernel(shape, x_grouped, y_gro
     assert rel_err(out, ref) < TOL[dtype], f"seed {seed}"
 
 
+# (T, k, E, d_in, d_out, drop) with rows 16-byte aligned, as torch._grouped_mm needs
+ALIGNED = [(13, 2, 4, 40, 24, False), (9, 8, 16, 32, 16, False), (20, 1, 64, 16, 48, False),
+           (11, 3, 8, 24, 40, True), (0, 2, 4, 16, 16, False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_grouped,y_grouped", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("shape", ALIGNED)
+def test_torch_grouped_gemm_path_matches_reference(shape, x_grouped, y_grouped, dtype):
+    """The PyTorch grouped-matmul implementation the Triton backend may pick, forward and
+    weight gradient, against float64 (dropped pairs, empty experts, 0 tokens)."""
+    from kernels import torch_grouped
+
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    T, k, E, K, N, drop = shape
+    d = make_dispatch(T, k, E, drop, g)
+    x = randn(T * k if x_grouped else T, K, g=g, dtype=dtype)
+    w = randn(E, N, K, g=g, dtype=dtype)
+    fan = 1 if x_grouped else k
+    if not torch_grouped.supports(x, N, K):
+        assert DEVICE == "cuda", "on the CPU torch._grouped_mm takes every float dtype"
+        pytest.skip("torch._grouped_mm takes 16-bit floats on CUDA")
+    out = torch_grouped.scatter2scatter(x, w, d, x_grouped, y_grouped, fan)
+    ref = ref_ops.scatter2scatter(x.double(), w.double(), d, x_grouped, y_grouped, fan)
+    n = kept_rows(d)
+    if y_grouped:
+        assert torch.all(out[n:] == 0), "dropped rows must be zero"
+    assert rel_err(out, ref) < TOL[dtype], f"seed {seed}"
+    dy = randn(T * k, N, g=g, dtype=dtype)
+    dw = torch_grouped.group_weight_grad(x, dy, d, x_grouped, fan, y_grouped)
+    dw_ref = ref_ops.group_weight_grad(x.double(), dy.double(), d, x_grouped, fan, y_grouped)
+    assert rel_err(dw, dw_ref) < TOL[dtype], f"seed {seed}"
+
+
+def test_pick_times_each_implementation_once_per_shape_and_keeps_the_fastest():
+    from kernels.triton import pick
+
+    calls = []
+    cands = {"triton": lambda: calls.append("triton") or "t",
+             "torch": lambda: calls.append("torch") or "c"}
+    times = {"triton": 2.0, "torch": 1.0}
+
+    def timer(fn):
+        fn()
+        return times[calls[-1]]
+
+    key = ("test", fresh_seed())
+    assert pick.run(key, cands, torch.device("cpu"), timer) == "c"
+    assert calls == ["triton", "torch", "torch"] and pick.choices()[key] == "torch"
+    times["torch"] = 9.0  # chosen once per key: no second timing
+    assert pick.run(key, cands, torch.device("cpu"), timer) == "c" and len(calls) == 4
+    with pick.forced("triton"):
+        assert pick.run(key, cands, torch.device("cpu"), timer) == "t"
+    assert pick.run(("other", 1), {"triton": lambda: "t"}, torch.device("cpu")) == "t"
+    with pytest.raises(ValueError, match="must be one of"), pick.forced("cublas"):
+        pass
+
+
 @pytest.mark.parametrize("group", [1, 3])
 def test_grouped_launch_order_covers_every_tile(group, monkeypatch):
     """The L2-grouped tile order (grouped_mm.GROUP rows of tiles at a time) must visit every
@@ -229,9 +288,18 @@ def test_expert_mlp_autograd(shape, dtype):
         assert rel_err(a, b) < TOL[dtype], f"{name}, seed {seed}"
 
 
+@pytest.mark.parametrize("gemm", ["triton", "torch"])
 @pytest.mark.parametrize("cap", [None, 0.7])
-def test_moe_layer_triton_backend_matches_reference(cap):
-    """The whole MoE layer on the Triton backend (default on CUDA) vs the torch backend."""
+def test_moe_layer_triton_backend_matches_reference(cap, gemm):
+    """The whole MoE layer on the Triton backend (default on CUDA) vs the torch backend, with
+    each grouped-GEMM implementation the backend picks between."""
+    from kernels.triton import pick
+
+    with pick.forced(gemm):
+        _layer_matches_reference(cap)
+
+
+def _layer_matches_reference(cap):
     from moe import MoEConfig, MoELayer
     from routing import RouterConfig
 

@@ -10,9 +10,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import torch_grouped
 from kernels.dispatch import Dispatch
 from kernels.quant import QuantWeight
-from kernels.triton import common
+from kernels.triton import common, pick
 from kernels.triton.common import autotuning, cast_out, dot_precision, interpreting
 from kernels.triton.schedule import block_schedule
 
@@ -131,9 +132,22 @@ def pick_block_m(d: Dispatch) -> int:
     return 64 if avg < 256 else 128
 
 
+def _shape_key(op: str, d: Dispatch, n: int, k: int, x: torch.Tensor, *flags) -> tuple:
+    """What the faster implementation depends on: sizes, dtype, rows per expert (pow. of 2)."""
+    rows = triton.next_power_of_2(max(1, d.num_pairs // max(d.num_experts, 1)))
+    return (op, n, k, d.num_experts, rows, x.dtype, x.device.type, d.may_drop, *flags)
+
+
 def scatter2scatter(x, w, d: Dispatch, x_grouped: bool, y_grouped: bool, fan_out: int):
-    """x [T or M, K], w [E, N, K] (any strides) -> y [M, N]; see kernels/reference.py."""
-    return _launch(x, w, None, d, x_grouped, y_grouped, fan_out)
+    """x [T or M, K], w [E, N, K] (any strides) -> y [M, N]; see kernels/reference.py.
+    Our kernel, or PyTorch's grouped matmul where it times faster (kernels/triton/pick.py)."""
+    N, K = w.shape[1], w.shape[2]
+    candidates = {"triton": lambda: _launch(x, w, None, d, x_grouped, y_grouped, fan_out)}
+    if torch_grouped.supports(x, N, K):
+        candidates["torch"] = lambda: torch_grouped.scatter2scatter(x, w, d, x_grouped,
+                                                                    y_grouped, fan_out)
+    key = _shape_key("s2s", d, N, K, x, x_grouped, y_grouped)
+    return pick.run(key, candidates, x.device)
 
 
 def scatter2scatter_quant(x, wq: QuantWeight, d: Dispatch, x_grouped: bool, y_grouped: bool,
@@ -225,7 +239,18 @@ def _group_weight_grad_kernel(
 
 
 def group_weight_grad(x, dy, d: Dispatch, x_grouped: bool, x_fan_out: int, dy_grouped: bool):
-    """x rows [., K], dy rows [., N] -> dw [E, N, K]; every expert written (zeros if no rows)."""
+    """x rows [., K], dy rows [., N] -> dw [E, N, K]; every expert written (zeros if no rows).
+    Our kernel, or PyTorch's grouped matmul where it times faster (kernels/triton/pick.py)."""
+    N, K = dy.shape[1], x.shape[1]
+    candidates = {"triton": lambda: _weight_grad(x, dy, d, x_grouped, x_fan_out, dy_grouped)}
+    if torch_grouped.supports(x, N, K):
+        candidates["torch"] = lambda: torch_grouped.group_weight_grad(
+            x, dy, d, x_grouped, x_fan_out, dy_grouped)
+    key = _shape_key("wgrad", d, N, K, x, x_grouped, dy_grouped)
+    return pick.run(key, candidates, x.device)
+
+
+def _weight_grad(x, dy, d: Dispatch, x_grouped: bool, x_fan_out: int, dy_grouped: bool):
     N, K, E = dy.shape[1], x.shape[1], d.num_experts
     dw = common.empty(E, N, K, dtype=x.dtype, device=x.device)
 
