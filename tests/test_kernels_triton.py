@@ -194,6 +194,14 @@ def test_pick_times_each_implementation_once_per_shape_and_keeps_the_fastest():
     with pytest.raises(ValueError, match="must be one of"), pick.forced("cublas"):
         pass
 
+    def broken():
+        raise RuntimeError("layout not supported")
+
+    with pytest.warns(RuntimeWarning, match="torch failed"):
+        out = pick.run(("broken", fresh_seed()), {"triton": lambda: "t", "torch": broken},
+                       torch.device("cpu"), lambda fn: fn() and 1.0)
+    assert out == "t"
+
 
 @pytest.mark.parametrize("group", [1, 3])
 def test_grouped_launch_order_covers_every_tile(group, monkeypatch):

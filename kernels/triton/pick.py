@@ -8,6 +8,7 @@ code (benchmarks). Under the interpreter and on the CPU the first candidate (Tri
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -64,7 +65,17 @@ def run(key: tuple, candidates: dict[str, Callable[[], torch.Tensor]], device: t
                 def timer(fn):
                     return triton.testing.do_bench(fn, warmup=5, rep=20)
 
-            times = {n: timer(fn) for n, fn in candidates.items()}
+            times, errors = {}, {}
+            for n, fn in candidates.items():
+                try:
+                    times[n] = timer(fn)
+                except Exception as e:  # noqa: BLE001 - a candidate that cannot run is skipped
+                    errors[n] = e
+            if not times:
+                raise next(iter(errors.values()))
+            for n, e in errors.items():
+                warnings.warn(f"grouped GEMM {key[:3]}: {n} failed ({type(e).__name__}: {e}); "
+                              "using the others", RuntimeWarning, stacklevel=2)
             name = min(times, key=times.get)
             _choices[key] = name
     return candidates[name]()
