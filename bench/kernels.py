@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -448,52 +449,92 @@ def _gemm_choices(shape, T) -> str:
     return ", ".join(f"{n}: {got[n]}" for n in names.values() if n in got) or "none timed"
 
 
-def run(shapes, tokens, impls, dtype, device, out_path, command) -> str:
+class Stopped(BaseException):  # not an Exception: a failing peer's handler must not eat it
+    """SIGTERM (a `timeout` around the run): write the rows measured so far, then stop."""
+
+
+def _on_sigterm(signum, frame):
+    raise Stopped
+
+
+def _time_impl(key, shape, T, dtype, device, results: dict) -> None:
+    """Build and time implementation `key`; results[name] = (s, peak GiB, note or reason)."""
+    name, build = IMPLS[key]
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    step = None
+    try:
+        step = build(shape, T, dtype, device)
+        t = time_fn(step, device, min_iters=3 if device.type == "cuda" else 1)
+        mem = peak_memory(step, device)
+        results[name] = (t, mem, None)
+    except Unavailable as e:
+        results[name] = (None, None, str(e))
+    except Exception as e:  # noqa: BLE001 - a peer failing must not end the run
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        results[name] = (None, None, msg)
+        traceback.print_exc(limit=2)
+    finally:
+        step = None
+    r = results[name]
+    status = f"{r[0] * 1e3:.2f} ms" if r[0] else f"n/a ({r[2]})"
+    print(f"  {shape_name(shape)} T={T} {name}: {status}", flush=True)
+    if key == "ours" and r[0]:
+        gemms = _gemm_choices(shape, T)
+        print(f"    grouped GEMMs picked: {gemms}", flush=True)
+        results[name] = (*r[:2], gemms)
+
+
+def shape_name(shape) -> str:
+    return next((n for n, s in SHAPES.items() if s == shape), "?")
+
+
+def _table_rows(sname, T, shape, results, check) -> list[list[str]]:
+    flops = expert_flops(T, shape)
+    dense_t = results.get(IMPLS["dense"][0], (None,))[0]
     rows = []
-    for sname in shapes:
-        shape = SHAPES[sname]
-        check = check_ours(shape, dtype, device, 512 if device.type == "cuda" else 32)
-        print(f"[{sname}] ours vs float64 reference, max rel err (out, dx, dw): {check}",
-              flush=True)
-        for T in tokens:
-            flops = expert_flops(T, shape)
-            results = {}
-            for key in impls:
-                name, build = IMPLS[key]
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                try:
-                    step = build(shape, T, dtype, device)
-                    t = time_fn(step, device, min_iters=3 if device.type == "cuda" else 1)
-                    mem = peak_memory(step, device)
-                    results[name] = (t, mem, None)
-                except Unavailable as e:
-                    results[name] = (None, None, str(e))
-                except Exception as e:  # noqa: BLE001 - a peer failing must not end the run
-                    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-                    results[name] = (None, None, msg)
-                    traceback.print_exc(limit=2)
-                finally:
-                    step = None
-                r = results[name]
-                status = f"{r[0] * 1e3:.2f} ms" if r[0] else f"n/a ({r[2]})"
-                print(f"  {sname} T={T} {name}: {status}", flush=True)
-                if key == "ours" and r[0]:
-                    gemms = _gemm_choices(shape, T)
-                    print(f"    grouped GEMMs picked: {gemms}", flush=True)
-                    results[name] = (*r[:2], gemms)
-            dense_t = results.get(IMPLS["dense"][0], (None,))[0]
-            for name, (t, mem, why) in results.items():
-                if t is None:
-                    rows.append([sname, str(T), name, "-", "-", "-", "-", f"not run: {why}"])
-                    continue
-                ratio = f"{dense_t / t:.2f}" if dense_t else "-"
-                note = f"{check}; {why}" if name == IMPLS["ours"][0] else ""
-                rows.append([sname, str(T), name, f"{t * 1e3:.2f}", f"{flops / t / 1e12:.1f}",
-                             "-" if mem is None else f"{mem:.2f}", ratio, note])
-            for name, why in NOT_RUN.items():
-                rows.append([sname, str(T), name, "-", "-", "-", "-", f"not run: {why}"])
+    for name, (t, mem, why) in results.items():
+        if t is None:
+            rows.append([sname, str(T), name, "-", "-", "-", "-", f"not run: {why}"])
+            continue
+        ratio = f"{dense_t / t:.2f}" if dense_t else "-"
+        note = f"{check}; {why}" if name == IMPLS["ours"][0] else ""
+        rows.append([sname, str(T), name, f"{t * 1e3:.2f}", f"{flops / t / 1e12:.1f}",
+                     "-" if mem is None else f"{mem:.2f}", ratio, note])
+    for name, why in NOT_RUN.items():
+        rows.append([sname, str(T), name, "-", "-", "-", "-", f"not run: {why}"])
+    return rows
+
+
+def run(shapes, tokens, impls, dtype, device, out_path, command) -> str:
+    """Time every implementation per shape and token count; the table is written at the end,
+    or with the rows measured so far when a SIGTERM (timeout) stops the run."""
+    rows: list[list[str]] = []
+    stopped = None
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    group = None  # (shape name, T, shape, results, check) being measured
+    try:
+        for sname in shapes:
+            shape = SHAPES[sname]
+            check = check_ours(shape, dtype, device, 512 if device.type == "cuda" else 32)
+            print(f"[{sname}] ours vs float64 reference, max rel err (out, dx, dw): {check}",
+                  flush=True)
+            for T in tokens:
+                results: dict = {}
+                group = (sname, T, shape, results, check)
+                for key in impls:
+                    _time_impl(key, shape, T, dtype, device, results)
+                rows += _table_rows(*group)
+                group = None
+    except Stopped:
+        stopped = f"stopped by SIGTERM (timeout) during {group[0]} T={group[1]}" if group \
+            else "stopped by SIGTERM (timeout)"
+        print(stopped, flush=True)
+        if group and group[3]:
+            rows += _table_rows(*group)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     header = ["shape", "tokens", "implementation", "fwd+bwd ms", "TFLOP/s", "peak GiB",
               "x dense", "note"]
     shapes_desc = "; ".join(f"{s}: d={SHAPES[s][0]}, ffn={SHAPES[s][1]}, E={SHAPES[s][2]}, "
@@ -503,20 +544,24 @@ def run(shapes, tokens, impls, dtype, device, out_path, command) -> str:
             "GEMM chain's time over this row's; ours' note is its max relative error vs a "
             "float64 reference and which implementation the Triton backend picked for each "
             "grouped GEMM (its kernel or torch._grouped_mm, timed once per shape).\n\n"
-            + markdown_table(header, rows))
+            + (f" **Partial**: {stopped}; the rows are those measured before it.\n\n"
+               if stopped else "") + markdown_table(header, rows))
     block = results_block("MoE layer forward+backward (bench/kernels.py)", command, device,
                           body)
     print(block)
     if out_path:
         with open(out_path, "a") as fh:
             fh.write(block)
+    if stopped:
+        raise SystemExit(128 + signal.SIGTERM)
     return block
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="mixtral,olmoe,qwen3")
-    p.add_argument("--tokens", default="4096,16384")
+    p.add_argument("--tokens", default=None, help="comma-separated (default 4096,16384; "
+                   "smoke: 64)")
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--out", default="bench/RESULTS.md")
@@ -526,9 +571,10 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if a.smoke:
-        a.shapes, a.tokens, a.dtype = "smoke", "64", "float32"
+        a.shapes, a.tokens, a.dtype = "smoke", a.tokens or "64", "float32"
     elif device.type != "cuda":
         sys.exit("bench/kernels.py needs a CUDA GPU (use --smoke on the CPU)")
+    a.tokens = a.tokens or "4096,16384"
     impls = [s for s in a.impls.split(",") if s]
     unknown = [s for s in impls if s not in IMPLS]
     if unknown:

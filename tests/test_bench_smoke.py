@@ -33,3 +33,26 @@ def test_serve_bench_smoke(tmp_path):
     text = out.read_text()
     assert "Offloaded decode" in text and "4/16 (25%)" in text and "8/16 (50%)" in text
     assert "failed" not in text  # the transformers baseline ran too
+
+
+def test_kernels_bench_writes_its_rows_when_a_timeout_stops_it(tmp_path):
+    """`timeout` sends SIGTERM: the rows measured so far still land in the results file."""
+    import signal
+    import time
+
+    out = tmp_path / "results.md"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.kernels", "--smoke", "--tokens", "16,32,64,128,256,512",
+         "--impls", "dense,reference", "--out", str(out)], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    seen = ""
+    while "T=16" not in seen and time.time() < deadline:  # one row measured
+        seen += proc.stdout.readline()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    text = out.read_text()
+    assert "**Partial**: stopped by SIGTERM" in text
+    assert "| smoke | 16 | dense GEMM" in text
