@@ -4,11 +4,31 @@ from __future__ import annotations
 
 import datetime
 import platform
+import signal
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
+
+
+class Stopped(BaseException):  # not an Exception: a failing peer's handler must not eat it
+    """SIGTERM (a `timeout` around a benchmark) inside `stop_on_sigterm`."""
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Within the block a SIGTERM raises Stopped, so a benchmark can write the rows it has
+    measured before it exits (with 128 + SIGTERM)."""
+    def handler(signum, frame):
+        raise Stopped
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Unavailable(Exception):

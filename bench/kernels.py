@@ -24,10 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.common import (
+    Stopped,
     Unavailable,
     markdown_table,
     peak_memory,
     results_block,
+    stop_on_sigterm,
     time_fn,
 )
 
@@ -449,14 +451,6 @@ def _gemm_choices(shape, T) -> str:
     return ", ".join(f"{n}: {got[n]}" for n in names.values() if n in got) or "none timed"
 
 
-class Stopped(BaseException):  # not an Exception: a failing peer's handler must not eat it
-    """SIGTERM (a `timeout` around the run): write the rows measured so far, then stop."""
-
-
-def _on_sigterm(signum, frame):
-    raise Stopped
-
-
 def _time_impl(key, shape, T, dtype, device, results: dict) -> None:
     """Build and time implementation `key`; results[name] = (s, peak GiB, note or reason)."""
     name, build = IMPLS[key]
@@ -507,34 +501,40 @@ def _table_rows(sname, T, shape, results, check) -> list[list[str]]:
     return rows
 
 
+def _run_groups(shapes, tokens, impls, dtype, device, rows: list, groups: list) -> None:
+    """Measure each (shape, T) group; groups[-1] is the one in progress (its results dict is
+    None once its rows are in `rows`)."""
+    for sname in shapes:
+        shape = SHAPES[sname]
+        check = check_ours(shape, dtype, device, 512 if device.type == "cuda" else 32)
+        print(f"[{sname}] ours vs float64 reference, max rel err (out, dx, dw): {check}",
+              flush=True)
+        for T in tokens:
+            results: dict = {}
+            groups.append((sname, T, shape, results, check))
+            for key in impls:
+                _time_impl(key, shape, T, dtype, device, results)
+            rows += _table_rows(sname, T, shape, results, check)
+            groups[-1] = (sname, T, shape, None, check)
+
+
 def run(shapes, tokens, impls, dtype, device, out_path, command) -> str:
     """Time every implementation per shape and token count; the table is written at the end,
     or with the rows measured so far when a SIGTERM (timeout) stops the run."""
     rows: list[list[str]] = []
+    groups: list[tuple] = []  # (shape name, T, shape, results, check) measured or in progress
     stopped = None
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    group = None  # (shape name, T, shape, results, check) being measured
     try:
-        for sname in shapes:
-            shape = SHAPES[sname]
-            check = check_ours(shape, dtype, device, 512 if device.type == "cuda" else 32)
-            print(f"[{sname}] ours vs float64 reference, max rel err (out, dx, dw): {check}",
-                  flush=True)
-            for T in tokens:
-                results: dict = {}
-                group = (sname, T, shape, results, check)
-                for key in impls:
-                    _time_impl(key, shape, T, dtype, device, results)
-                rows += _table_rows(*group)
-                group = None
+        with stop_on_sigterm():
+            _run_groups(shapes, tokens, impls, dtype, device, rows, groups)
     except Stopped:
-        stopped = f"stopped by SIGTERM (timeout) during {group[0]} T={group[1]}" if group \
-            else "stopped by SIGTERM (timeout)"
+        group = groups[-1] if groups and groups[-1][3] is not None else None
+        stopped = (f"stopped by SIGTERM (timeout) during {group[0]} T={group[1]}" if group
+                   else "stopped by SIGTERM (timeout)")
         print(stopped, flush=True)
         if group and group[3]:
             rows += _table_rows(*group)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+
     header = ["shape", "tokens", "implementation", "fwd+bwd ms", "TFLOP/s", "peak GiB",
               "x dense", "note"]
     shapes_desc = "; ".join(f"{s}: d={SHAPES[s][0]}, ffn={SHAPES[s][1]}, E={SHAPES[s][2]}, "

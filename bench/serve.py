@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bench.common import markdown_table, results_block
+from bench.common import Stopped, markdown_table, results_block, stop_on_sigterm
 from moe.config import ModelConfig, MoEConfig
 from moe.hf import expert_tensor_names, hf_config_json, shared_names
 from routing.config import RouterConfig
@@ -120,6 +120,41 @@ def hf_decode_tokens_per_s(model_dir: Path, budget: int, prompt_len: int, new_to
     return (new_tokens - 1) / max(tn - t1, 1e-9), label
 
 
+def _measure_ours(base: ServeConfig, budget: int, quant: str, store: WeightStore,
+                  prefetch: str, a) -> dict:
+    """One warmed-up bench.measure of our runtime under `budget` -> its report."""
+    cfg = ServeConfig(**{**base.__dict__, "memory_budget": budget, "prefetch": prefetch,
+                         "quant": quant})
+    model = OffloadedModel(cfg, store=store)
+    measure(model, a.prompt_len, 2)  # warm-up (kernels, caches)
+    report = measure(model, a.prompt_len, a.new_tokens)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return report
+
+
+def _bound(r: dict, total: int, h2d: float | None) -> float | None:
+    """PCIe bound tok/s: the uncached share of the experts a token uses, over the link."""
+    must_move = r["experts_used_per_token"] * max(0.0, 1 - r["expert_slots"] / total) \
+        * r["expert_bytes"]
+    return h2d / must_move if h2d and must_move else None
+
+
+def _row(f, slots, total, budget, quant, r, base_run, hf_tps, hf_label, h2d) -> list[str]:
+    bound, ours = _bound(r, total, h2d), r["decode_tokens_per_s"]
+    return [f"{slots}/{total} ({f:.0%})", f"{budget / 2**30:.2f}", quant,
+            f"{r['expert_slots']}/{total}", f"{ours:.2f}",
+            f"{base_run['decode_tokens_per_s']:.2f}",
+            f"{hf_tps:.2f}" if hf_tps else hf_label,
+            f"{bound:.2f}" if bound else "n/a (all cached)" if h2d else "n/a",
+            f"{bound / ours:.2f}" if bound else "n/a",
+            f"{ours / hf_tps:.1f}" if hf_tps else "n/a",
+            f"{r['expert_hit_rate']:.2f} / {base_run['expert_hit_rate']:.2f}",
+            f"{r['prefetch_precision']:.2f} / {r['prefetch_recall']:.2f}",
+            f"{r['bytes_to_device_per_token'] / 2**20:.1f}"]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4)
@@ -153,46 +188,30 @@ def main(argv=None) -> None:
     total = len(store.moe_layers) * store.num_experts
     h2d = h2d_bandwidth(device)
     rows, records = [], []
-    for f in (float(x) for x in a.fractions.split(",")):
-        slots = max(1, round(f * total))
-        budget = fixed + slots * slot  # f of the experts in the compute dtype
-        hf_tps, hf_label = (None, "skipped")
-        if not a.skip_hf:
-            try:
-                hf_tps, hf_label = hf_decode_tokens_per_s(root, budget, a.prompt_len,
-                                                          a.new_tokens, device, dtype)
-            except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported
-                hf_label = f"failed: {type(e).__name__}: {str(e)[:80]}"
-        for q in quants:
-            results = {}
-            for prefetch in ("cross-layer", "none"):
-                cfg = ServeConfig(**{**base.__dict__, "memory_budget": budget,
-                                     "prefetch": prefetch, "quant": q})
-                model = OffloadedModel(cfg, store=stores[q])
-                measure(model, a.prompt_len, 2)  # warm-up (kernels, caches)
-                results[prefetch] = measure(model, a.prompt_len, a.new_tokens)
-                del model
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            r = results["cross-layer"]
-            cached = r["expert_slots"] / total
-            must_move = r["experts_used_per_token"] * max(0.0, 1 - cached) * r["expert_bytes"]
-            bound = h2d / must_move if h2d and must_move else None
-            ours = r["decode_tokens_per_s"]
-            rows.append([f"{slots}/{total} ({f:.0%})", f"{budget / 2**30:.2f}", q,
-                         f"{r['expert_slots']}/{total}",
-                         f"{ours:.2f}", f"{results['none']['decode_tokens_per_s']:.2f}",
-                         f"{hf_tps:.2f}" if hf_tps else hf_label,
-                         f"{bound:.2f}" if bound else "n/a (all cached)" if h2d else "n/a",
-                         f"{bound / ours:.2f}" if bound else "n/a",
-                         f"{ours / hf_tps:.1f}" if hf_tps else "n/a",
-                         f"{r['expert_hit_rate']:.2f} / "
-                         f"{results['none']['expert_hit_rate']:.2f}",
-                         f"{r['prefetch_precision']:.2f} / {r['prefetch_recall']:.2f}",
-                         f"{r['bytes_to_device_per_token'] / 2**20:.1f}"])
-            records.append({"fraction": f, "quant": q, "ours": r,
-                            "no_prefetch": results["none"], "hf": hf_tps,
-                            "hf_label": hf_label, "pcie_bound": bound})
+    stopped = None
+    try:
+        with stop_on_sigterm():
+            for f in (float(x) for x in a.fractions.split(",")):
+                slots = max(1, round(f * total))
+                budget = fixed + slots * slot  # f of the experts in the compute dtype
+                hf_tps, hf_label = (None, "skipped")
+                if not a.skip_hf:
+                    try:
+                        hf_tps, hf_label = hf_decode_tokens_per_s(
+                            root, budget, a.prompt_len, a.new_tokens, device, dtype)
+                    except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported
+                        hf_label = f"failed: {type(e).__name__}: {str(e)[:80]}"
+                for q in quants:
+                    ours, base_run = (_measure_ours(base, budget, q, stores[q], prefetch, a)
+                                      for prefetch in ("cross-layer", "none"))
+                    rows.append(_row(f, slots, total, budget, q, ours, base_run, hf_tps,
+                                     hf_label, h2d))
+                    records.append({"fraction": f, "quant": q, "ours": ours,
+                                    "no_prefetch": base_run, "hf": hf_tps, "hf_label": hf_label,
+                                    "pcie_bound": _bound(ours, total, h2d)})
+    except Stopped:
+        stopped = "stopped by SIGTERM (timeout); the rows are those measured before it"
+        print(stopped, file=sys.stderr, flush=True)
     header = [f"budget: {str(dtype)[6:]} experts", "budget GiB", "expert format", "slots",
               "ours tok/s", "ours no-prefetch tok/s",
               "transformers+accelerate tok/s" if device.type == "cuda"
@@ -206,7 +225,8 @@ def main(argv=None) -> None:
             f"{a.new_tokens} greedy new tokens, batch 1, LRU. Measured pinned H2D: "
             f"{h2d / 1e9:.1f} GB/s.\n\n" if h2d else
             f"Shapes: {shape_txt}, {a.layers} layers, {dtype}; prompt {a.prompt_len}, "
-            f"{a.new_tokens} new tokens (CPU smoke run: no PCIe).\n\n") + table
+            f"{a.new_tokens} new tokens (CPU smoke run: no PCIe).\n\n") \
+        + (f"**Partial**: {stopped}.\n\n" if stopped else "") + table
     cmd = "python -m bench.serve " + " ".join(argv if argv is not None else sys.argv[1:])
     if a.out:
         with open(a.out, "a") as fh:
