@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -235,6 +236,8 @@ def main(argv=None) -> None:
         Path(a.json_out).write_text(json.dumps(records, indent=1))
     if not a.dir:
         shutil.rmtree(root, ignore_errors=True)
+    if stopped:
+        raise SystemExit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":
