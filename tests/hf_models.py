@@ -45,6 +45,26 @@ def build_hf(family: str, seed: int = 0, **overrides):
     return m.eval()
 
 
+CODE_TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n",
+              "class Point:\n    x: int\n    y: int\n", "for i in range(10):\n    print(i)\n"] * 20
+
+
+def save_served_model(model_dir: Path, seed: int):
+    """A random tiny Mixtral with a tokenizer trained on CODE_TEXTS, saved in model_dir (as a
+    served directory looks) -> the transformers model (the reference)."""
+    hf = build_hf("mixtral", seed=seed)
+    hf.save_pretrained(model_dir)
+    save_tokenizer(model_dir, CODE_TEXTS)
+    return hf
+
+
+def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation: the n new token ids after prompt ids."""
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
 def save_tokenizer(model_dir: Path, texts: list[str]) -> None:
     """A byte-level BPE of VOCAB tokens trained on texts, with an eos token and a chat
     template, written as tokenizer.json + tokenizer_config.json."""

@@ -60,6 +60,18 @@ def randn(*shape, g, dtype):
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE, dtype)
 
 
+def s2s_case(shape, x_grouped: bool, dtype):
+    """A fresh seed and, from it, a dispatch, input rows, weights [E, N, K] and the fan-out of
+    one scatter2scatter case."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    T, k, E, K, N, drop = shape
+    d = make_dispatch(T, k, E, drop, g)
+    x = randn(T * k if x_grouped else T, K, g=g, dtype=dtype)
+    w = randn(E, N, K, g=g, dtype=dtype)
+    return seed, g, d, x, w, 1 if x_grouped else k
+
+
 def kept_rows(d):
     return int(d.expert_offsets[-1])
 
@@ -69,13 +81,7 @@ def kept_rows(d):
                                                  (True, False)])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_scatter2scatter(shape, x_grouped, y_grouped, dtype):
-    seed = fresh_seed()
-    g = torch.Generator().manual_seed(seed)
-    T, k, E, K, N, drop = shape
-    d = make_dispatch(T, k, E, drop, g)
-    x = randn(T * k if x_grouped else T, K, g=g, dtype=dtype)
-    w = randn(E, N, K, g=g, dtype=dtype)
-    fan = 1 if x_grouped else k
+    seed, g, d, x, w, fan = s2s_case(shape, x_grouped, dtype)
     out = tri.scatter2scatter(x, w, d, x_grouped, y_grouped, fan)
     ref = ref_ops.scatter2scatter(x.double(), w.double(), d, x_grouped, y_grouped, fan)
     n = kept_rows(d)
@@ -121,13 +127,8 @@ def test_scatter2scatter_quant_dequantizes_in_the_kernel(shape, x_grouped, y_gro
                                                          dtype):
     """int8 / int4 weights (K off the 64-column int4 group, odd K) against the float64
     reference of the same quantized weights."""
-    seed = fresh_seed()
-    g = torch.Generator().manual_seed(seed)
-    T, k, E, K, N, drop = shape
-    d = make_dispatch(T, k, E, drop, g)
-    x = randn(T * k if x_grouped else T, K, g=g, dtype=dtype)
-    wq = quantized_stack(randn(E, N, K, g=g, dtype=torch.float32), bits)
-    fan = 1 if x_grouped else k
+    seed, g, d, x, w, fan = s2s_case(shape, x_grouped, dtype)
+    wq = quantized_stack(w.float(), bits)
     out = tri.scatter2scatter_quant(x, wq, d, x_grouped, y_grouped, fan)
     ref = ref_ops.scatter2scatter_quant(x.double(), wq, d, x_grouped, y_grouped, fan)
     n = kept_rows(d)
@@ -149,13 +150,8 @@ def test_torch_grouped_gemm_path_matches_reference(shape, x_grouped, y_grouped, 
     weight gradient, against float64 (dropped pairs, empty experts, 0 tokens)."""
     from kernels import torch_grouped
 
-    seed = fresh_seed()
-    g = torch.Generator().manual_seed(seed)
+    seed, g, d, x, w, fan = s2s_case(shape, x_grouped, dtype)
     T, k, E, K, N, drop = shape
-    d = make_dispatch(T, k, E, drop, g)
-    x = randn(T * k if x_grouped else T, K, g=g, dtype=dtype)
-    w = randn(E, N, K, g=g, dtype=dtype)
-    fan = 1 if x_grouped else k
     if not torch_grouped.supports(x, N, K):
         assert DEVICE == "cuda", "on the CPU torch._grouped_mm takes every float dtype"
         pytest.skip("torch._grouped_mm takes 16-bit floats on CUDA")

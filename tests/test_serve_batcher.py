@@ -10,7 +10,6 @@ import threading
 import urllib.request
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,29 +18,26 @@ from serve.config import ServeConfig  # noqa: E402
 from serve.generate import SamplingConfig  # noqa: E402
 from serve.http import make_server  # noqa: E402
 from serve.session import Session  # noqa: E402
-from tests.hf_models import build_hf, save_tokenizer  # noqa: E402
+from tests.hf_models import hf_greedy, save_served_model  # noqa: E402
 
-TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n",
-         "for i in range(10):\n    print(i)\n"] * 20
 GREEDY = SamplingConfig(temperature=0.0)
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     d = tmp_path_factory.mktemp("batched")
-    hf = build_hf("mixtral", seed=5)
-    hf.save_pretrained(d)
-    save_tokenizer(d, TEXTS)
+    hf = save_served_model(d, seed=5)
     # 1100 KiB: 8 of the 24 expert slots next to 4 rows of KV cache
     session = Session(ServeConfig(model=str(d), memory_budget="1100KiB", max_context=64,
                                   max_batch=4, dtype="float32"))
     return session, hf
 
 
-def hf_greedy(hf, ids, n):
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
-    return out[0, len(ids):].tolist()
+@pytest.fixture
+def batcher(served):
+    b = Batcher(served[0])
+    yield b
+    b.close()
 
 
 class Gate:
@@ -67,90 +63,74 @@ class Gate:
         assert self.req.done.wait(timeout=60)
 
 
-def test_waiting_requests_run_as_one_batch_and_match_running_alone(served, monkeypatch):
+def test_waiting_requests_run_as_one_batch_and_match_running_alone(served, batcher,
+                                                                  monkeypatch):
     session, hf = served
-    batcher = Batcher(session)
-    try:
-        prompts = [[3, 14, 15, 92, 65], [7, 8], [100, 101, 102, 103], [42, 43, 44]]
-        limits = [6, 3, 8, 5]
-        gate = Gate(batcher, monkeypatch)
-        reqs = [batcher.submit(Request(p, n, GREEDY)) for p, n in zip(prompts, limits, strict=True)]
-        gate.open()
-        for r in reqs:
-            assert r.done.wait(timeout=120) and r.error is None, r.error
-        assert batcher.batches == [1, 4]
-        eos = session.stop_ids
-        for p, n, r in zip(prompts, limits, reqs, strict=True):
-            want = hf_greedy(hf, p, n)
-            want = want[:next((i + 1 for i, t in enumerate(want) if t in eos), len(want))]
-            assert r.completion.token_ids == want
-            assert r.stats["batch_size"] == 4
-            alone, _ = session.complete([p], n)
-            assert alone[0].token_ids == r.completion.token_ids
-    finally:
-        batcher.close()
+    prompts = [[3, 14, 15, 92, 65], [7, 8], [100, 101, 102, 103], [42, 43, 44]]
+    limits = [6, 3, 8, 5]
+    gate = Gate(batcher, monkeypatch)
+    reqs = [batcher.submit(Request(p, n, GREEDY)) for p, n in zip(prompts, limits, strict=True)]
+    gate.open()
+    for r in reqs:
+        assert r.done.wait(timeout=120) and r.error is None, r.error
+    assert batcher.batches == [1, 4]
+    eos = session.stop_ids
+    for p, n, r in zip(prompts, limits, reqs, strict=True):
+        want = hf_greedy(hf, p, n)
+        want = want[:next((i + 1 for i, t in enumerate(want) if t in eos), len(want))]
+        assert r.completion.token_ids == want
+        assert r.stats["batch_size"] == 4
+        alone, _ = session.complete([p], n)
+        assert alone[0].token_ids == r.completion.token_ids
 
 
-def test_per_request_stop_strings_and_seeded_sampling_runs_alone(served, monkeypatch):
+def test_per_request_stop_strings_and_seeded_sampling_runs_alone(served, batcher, monkeypatch):
     session, _ = served
-    batcher = Batcher(session)
-    try:
-        ids = session.codec.encode("def add")
-        full, _ = session.complete([ids], 12, ignore_eos=True)
-        text = full[0].text
-        stop = text[3:5]
-        seeded = SamplingConfig(temperature=0.8, seed=7)
-        gate = Gate(batcher, monkeypatch)
-        cut = batcher.submit(Request(ids, 12, GREEDY, stop=[stop]))
-        s1 = batcher.submit(Request(ids, 6, seeded))
-        plain = batcher.submit(Request(ids, 12, GREEDY))
-        s2 = batcher.submit(Request(ids, 6, seeded))
-        gate.open()
-        for r in (cut, s1, plain, s2):
-            assert r.done.wait(timeout=120) and r.error is None, r.error
-        assert batcher.batches == [1, 2, 1, 1]  # greedy pair first, then each seeded alone
-        assert cut.completion.text == text[:text.index(stop)]
-        assert cut.completion.finish_reason == "stop"
-        assert plain.completion.text == session.complete([ids], 12)[0][0].text
-        assert s1.completion.token_ids == s2.completion.token_ids  # same seed, same tokens
-    finally:
-        batcher.close()
+    ids = session.codec.encode("def add")
+    full, _ = session.complete([ids], 12, ignore_eos=True)
+    text = full[0].text
+    stop = text[3:5]
+    seeded = SamplingConfig(temperature=0.8, seed=7)
+    gate = Gate(batcher, monkeypatch)
+    cut = batcher.submit(Request(ids, 12, GREEDY, stop=[stop]))
+    s1 = batcher.submit(Request(ids, 6, seeded))
+    plain = batcher.submit(Request(ids, 12, GREEDY))
+    s2 = batcher.submit(Request(ids, 6, seeded))
+    gate.open()
+    for r in (cut, s1, plain, s2):
+        assert r.done.wait(timeout=120) and r.error is None, r.error
+    assert batcher.batches == [1, 2, 1, 1]  # greedy pair first, then each seeded alone
+    assert cut.completion.text == text[:text.index(stop)]
+    assert cut.completion.finish_reason == "stop"
+    assert plain.completion.text == session.complete([ids], 12)[0][0].text
+    assert s1.completion.token_ids == s2.completion.token_ids  # same seed, same tokens
 
 
-def test_a_gone_client_ends_only_its_row(served, monkeypatch):
-    session, _ = served
-    batcher = Batcher(session)
-    try:
-        def hang_up(_text):
-            raise BrokenPipeError("client closed the stream")
+def test_a_gone_client_ends_only_its_row(batcher, monkeypatch):
+    def hang_up(_text):
+        raise BrokenPipeError("client closed the stream")
 
-        gate = Gate(batcher, monkeypatch)
-        gone = batcher.submit(Request([9, 10, 11], 20, GREEDY, on_text=hang_up))
-        stays = batcher.submit(Request([9, 10, 11], 20, GREEDY))
-        gate.open()
-        for r in (gone, stays):
-            assert r.done.wait(timeout=120) and r.error is None
-        assert gone.cancelled
-        assert len(gone.completion.token_ids) < len(stays.completion.token_ids)
-    finally:
-        batcher.close()
+    gate = Gate(batcher, monkeypatch)
+    gone = batcher.submit(Request([9, 10, 11], 20, GREEDY, on_text=hang_up))
+    stays = batcher.submit(Request([9, 10, 11], 20, GREEDY))
+    gate.open()
+    for r in (gone, stays):
+        assert r.done.wait(timeout=120) and r.error is None
+    assert gone.cancelled
+    assert len(gone.completion.token_ids) < len(stays.completion.token_ids)
 
 
-def test_a_failing_batch_reports_to_every_request_and_the_worker_lives_on(served,
+def test_a_failing_batch_reports_to_every_request_and_the_worker_lives_on(served, batcher,
                                                                            monkeypatch):
     session, _ = served
-    batcher = Batcher(session)
-    try:
-        real = session.complete
-        monkeypatch.setattr(session, "complete", lambda *a, **k: 1 / 0)
-        with pytest.raises(ZeroDivisionError):
-            batcher.run(Request([1, 2, 3], 2, GREEDY))
-        monkeypatch.setattr(session, "complete", real)
-        assert len(batcher.run(Request([1, 2, 3], 2, GREEDY)).completion.token_ids) == 2
-        with pytest.raises(ValueError, match="longer than the context"):
-            batcher.submit(Request(list(range(1, 80)), 2, GREEDY))
-    finally:
-        batcher.close()
+    real = session.complete
+    monkeypatch.setattr(session, "complete", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        batcher.run(Request([1, 2, 3], 2, GREEDY))
+    monkeypatch.setattr(session, "complete", real)
+    assert len(batcher.run(Request([1, 2, 3], 2, GREEDY)).completion.token_ids) == 2
+    with pytest.raises(ValueError, match="longer than the context"):
+        batcher.submit(Request(list(range(1, 80)), 2, GREEDY))
 
 
 def test_http_concurrent_requests_are_batched_and_each_answered(served, monkeypatch):

@@ -11,7 +11,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,18 +18,13 @@ from serve.config import ServeConfig  # noqa: E402
 from serve.http import make_server  # noqa: E402
 from serve.session import Session  # noqa: E402
 from serve.text import TextCodec  # noqa: E402
-from tests.hf_models import build_hf, save_tokenizer  # noqa: E402
-
-TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n",
-         "class Point:\n    x: int\n    y: int\n"] * 20
+from tests.hf_models import hf_greedy, save_served_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("served")
-    hf = build_hf("mixtral", seed=3)
-    hf.save_pretrained(d)
-    save_tokenizer(d, TEXTS)
+    hf = save_served_model(d, seed=3)
     return d, hf
 
 
@@ -42,12 +36,6 @@ def cli(*args, check=True):
     if check and p.returncode:
         raise AssertionError(f"moe-serve failed ({p.returncode}):\n{p.stderr}")
     return p
-
-
-def hf_greedy(hf, ids, n):
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
-    return out[0, len(ids):].tolist()
 
 
 def test_generate_json_with_a_budget_matches_transformers(model_dir):
