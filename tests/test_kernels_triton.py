@@ -263,7 +263,9 @@ def test_swiglu(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", SHAPES[:4])
+# E=256 (SHAPES[2]) is covered kernel by kernel above; through autograd it costs ~40 s of
+# interpreter time for nothing new
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3]])
 def test_expert_mlp_autograd(shape, dtype):
     """grouped_linear -> SwiGLU -> grouped_linear -> combine, all gradients, vs float64."""
     seed = fresh_seed()
