@@ -3,7 +3,8 @@
 # without prefetch vs transformers + accelerate vs the PCIe bound, Mixtral-8x7B layer shapes,
 # 4 layers, budgets holding 25% and 50% of the experts, bf16 and packed int8 experts), then the
 # serving tests on the GPU (side-stream prefetch, the budget check, the Triton path incl.
-# in-kernel dequantization). Run from the repository root with OUT set.
+# in-kernel dequantization). Run from the repository root with OUT set. Before the lease:
+# bash bench/prepare_gpu_carry.sh (the accelerate wheel), then carry [".whl"].
 set -uo pipefail
 source bench/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current \

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Prepare, on this (networked) machine, what the lent GPU machine cannot download: the peer
+# packages as wheels in .whl/ (for its Python 3.12; bench/gpu_env.sh installs them there) for
+# the device tool's `carry` (".whl", and ".peers" for ScatterMoE). Both folders are ignored by
+# git: peer code is brought beside the project for a run, never committed.
+#   bash bench/prepare_gpu_carry.sh            # then: run ... carry [".whl", ".peers"]
+# ScatterMoE has no wheel: fetch github:shawntan/scattermoe with the search tool's `fetch`
+# and copy its scattermoe/ package to .peers/scattermoe (bench/kernels.py imports it there).
+set -euo pipefail
+PY=${PYTHON:-python3}
+mkdir -p .whl
+# binary wheels for CPython 3.12 on x86_64 (the device's interpreter)
+PLATFORMS="--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64"
+PLATFORMS="$PLATFORMS --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64"
+# shellcheck disable=SC2086
+$PY -m pip download -q --only-binary=:all: --python-version 3.12 $PLATFORMS --no-deps -d .whl \
+  pydantic==2.14.4 pydantic_core==2.50.5 annotated_types typing_inspection \
+  hjson accelerate==1.15.0 megatron-core==0.19.2
+# DeepSpeed ships as a source package: build a pure-Python wheel without its CUDA ops
+DS_BUILD_OPS=0 $PY -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
+if [ ! -d .peers/scattermoe ]; then
+  echo "note: .peers/scattermoe is missing (see the comment at the top of this script)" >&2
+fi
+du -sh .whl
