@@ -122,11 +122,12 @@ def quantized_stack(w: torch.Tensor, bits: int):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("x_grouped,y_grouped", [(False, True), (True, False)])
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + [(10, 2, 4, 128, 24, True)])
 def test_scatter2scatter_quant_dequantizes_in_the_kernel(shape, x_grouped, y_grouped, bits,
                                                          dtype):
-    """int8 / int4 weights (K off the 64-column int4 group, odd K) against the float64
-    reference of the same quantized weights."""
+    """int8 / int4 weights against the float64 reference of the same quantized weights: K off
+    the 64-column int4 group and odd (a scale per element), and K = 128, where every K-tile
+    lies in one group (a scale per tile row)."""
     seed, g, d, x, w, fan = s2s_case(shape, x_grouped, dtype)
     wq = quantized_stack(w.float(), bits)
     out = tri.scatter2scatter_quant(x, wq, d, x_grouped, y_grouped, fan)

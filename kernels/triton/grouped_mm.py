@@ -54,20 +54,26 @@ def _s2s_configs():
 
 
 @triton.jit
-def _load_quant_tile(W, S, e, ks, cols, mask, stride_we, stride_wn, stride_wk,
+def _load_quant_tile(W, S, e, k0, ks, cols, k_ok, n_ok, stride_we, stride_wn, stride_wk,
                      stride_se, stride_sn, stride_sg, BITS: tl.constexpr, QGROUP: tl.constexpr,
-                     dtype: tl.constexpr):
-    """The [BLOCK_K, BLOCK_N] tile of expert e's weight at columns ks, rows cols, dequantized
-    to dtype: int8 values, or 4-bit ones two to a byte (even column low), offset by 8; times
-    the scale of their QGROUP-column group."""
+                     BLOCK_K: tl.constexpr, dtype: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] tile of expert e's weight at columns k0 + ks, rows cols,
+    dequantized to dtype: int8 values, or 4-bit ones two to a byte (even column low), offset
+    by 8; times the scale of their QGROUP-column group."""
+    kk = k0 + ks
+    mask = k_ok[:, None] & n_ok[None, :]
     base = W + e.to(tl.int64) * stride_we + cols[None, :] * stride_wn
     if BITS == 8:
-        q = tl.load(base + ks[:, None] * stride_wk, mask=mask, other=0).to(tl.float32)
+        q = tl.load(base + kk[:, None] * stride_wk, mask=mask, other=0).to(tl.float32)
     else:
-        byte = tl.load(base + (ks // 2)[:, None] * stride_wk, mask=mask, other=0).to(tl.int32)
-        q = ((byte >> ((ks % 2) * 4)[:, None]) & 0xF).to(tl.float32) - 8.0
-    scale = tl.load(S + e.to(tl.int64) * stride_se + cols[None, :] * stride_sn
-                    + (ks // QGROUP)[:, None] * stride_sg, mask=mask, other=0.0)
+        byte = tl.load(base + (kk // 2)[:, None] * stride_wk, mask=mask, other=0).to(tl.int32)
+        q = ((byte >> ((kk % 2) * 4)[:, None]) & 0xF).to(tl.float32) - 8.0
+    s_base = S + e.to(tl.int64) * stride_se + cols * stride_sn
+    if QGROUP % BLOCK_K == 0:  # the tile lies in one group: one scale per row of w
+        scale = tl.load(s_base + (k0 // QGROUP) * stride_sg, mask=n_ok, other=0.0)[None, :]
+    else:
+        scale = tl.load(s_base[None, :] + (kk // QGROUP)[:, None] * stride_sg, mask=mask,
+                        other=0.0)
     return cast_out(q * scale, dtype)
 
 
@@ -108,9 +114,9 @@ def _scatter2scatter_kernel(
             if BITS == 0:
                 w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             else:
-                w = _load_quant_tile(W, S, e, k0 + ks, cols, k_mask[:, None] & n_mask[None, :],
+                w = _load_quant_tile(W, S, e, k0, ks, cols, k_mask, n_mask,
                                      stride_we, stride_wn, stride_wk, stride_se, stride_sn,
-                                     stride_sg, BITS, QGROUP, X.dtype.element_ty)
+                                     stride_sg, BITS, QGROUP, BLOCK_K, X.dtype.element_ty)
             if UPCAST:  # the CPU interpreter's dot mishandles 16-bit floats
                 x, w = x.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
