@@ -47,8 +47,11 @@ class Request:
 class Batcher:
     """Runs requests on `session` from one worker thread, several at a time (see module)."""
 
-    def __init__(self, session: Session, max_batch: int | None = None):
+    def __init__(self, session: Session, max_batch: int | None = None,
+                 log: Callable[[str], None] | None = None):
+        """log: called with one line per batch run (size, tokens, speed), e.g. print."""
         self.session = session
+        self.log = log
         self.max_batch = max_batch or session.model.max_batch
         if self.max_batch > session.model.max_batch:
             raise ValueError(f"max_batch {self.max_batch} exceeds the model's KV cache rows "
@@ -143,3 +146,8 @@ class Batcher:
         stats = dict(res.stats, batch_size=len(batch))
         for r, o in zip(batch, outs, strict=True):
             r.completion, r.stats = o, stats
+        if self.log is not None:
+            self.log(f"batch of {len(batch)}: {stats['prompt_tokens']} prompt + "
+                     f"{stats['new_tokens']} new tokens, {stats['tokens_per_s']:.1f} tok/s "
+                     f"decode, ttft {stats['ttft_s'] * 1e3:.0f} ms, expert hit rate "
+                     f"{stats['expert_hit_rate']:.2f}")

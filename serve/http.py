@@ -186,8 +186,9 @@ class Server(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, session: Session, host: str, port: int, max_batch: int | None = None):
-        self.batcher = Batcher(session, max_batch)
+    def __init__(self, session: Session, host: str, port: int, max_batch: int | None = None,
+                 log: bool = False):
+        self.batcher = Batcher(session, max_batch, log=_log_line if log else None)
         handler = type("BoundHandler", (Handler,), {"session": session,
                                                     "batcher": self.batcher})
         super().__init__((host, port), handler)
@@ -197,15 +198,19 @@ class Server(ThreadingHTTPServer):
         self.batcher.close()
 
 
-def make_server(session: Session, host: str, port: int,
-                max_batch: int | None = None) -> Server:
+def _log_line(text: str) -> None:
+    sys.stderr.write(f"moe-serve http: {text}\n")
+
+
+def make_server(session: Session, host: str, port: int, max_batch: int | None = None,
+                log: bool = False) -> Server:
     """An OpenAI-compatible server on host:port (0: any free port) batching up to max_batch
-    requests (None: the model's max_batch)."""
-    return Server(session, host, port, max_batch)
+    requests (None: the model's max_batch); log: a stderr line per batch."""
+    return Server(session, host, port, max_batch, log)
 
 
 def serve_forever(session: Session, host: str, port: int) -> None:
-    server = make_server(session, host, port)
+    server = make_server(session, host, port, log=True)
     print(f"moe-serve http: serving {session.name} on http://{host}:{server.server_port} "
           "(/v1/completions, /v1/chat/completions, /v1/models, /health), batching up to "
           f"{server.batcher.max_batch} concurrent requests", file=sys.stderr, flush=True)

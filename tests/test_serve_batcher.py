@@ -35,9 +35,12 @@ def served(tmp_path_factory):
 
 @pytest.fixture
 def batcher(served):
-    b = Batcher(served[0])
+    b = Batcher(served[0], log=LOG.append)
     yield b
     b.close()
+
+
+LOG: list[str] = []
 
 
 class Gate:
@@ -74,6 +77,7 @@ def test_waiting_requests_run_as_one_batch_and_match_running_alone(served, batch
     for r in reqs:
         assert r.done.wait(timeout=120) and r.error is None, r.error
     assert batcher.batches == [1, 4]
+    assert LOG[-1].startswith("batch of 4: 14 prompt + ") and "tok/s decode" in LOG[-1]
     eos = session.stop_ids
     for p, n, r in zip(prompts, limits, reqs, strict=True):
         want = hf_greedy(hf, p, n)
