@@ -7,3 +7,15 @@ if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+
+# limited SECONDS CMD...: CMD under `timeout SECONDS`; 0 skips the step (plain `timeout 0`
+# would mean no limit at all).
+limited() {
+  local seconds=$1
+  shift
+  if [ "$seconds" -le 0 ]; then
+    echo "skipped (its timeout is 0): $*"
+    return 0
+  fi
+  timeout "$seconds" "$@"
+}

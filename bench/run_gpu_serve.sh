@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pc
   --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c "import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)" \
   | tee -a "$OUT/gpu.txt"
-timeout "${SERVE_TIMEOUT:-420}" python3 -m bench.serve --layers "${LAYERS:-4}" --dir /tmp/mserve \
+limited "${SERVE_TIMEOUT:-420}" python3 -m bench.serve --layers "${LAYERS:-4}" --dir /tmp/mserve \
   --out "$OUT/RESULTS.md" --json-out "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log"
-timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/test_serve.py \
+limited "${TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/test_serve.py \
   2>&1 | tail -20 | tee "$OUT/pytest_gpu.log"
