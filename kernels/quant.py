@@ -36,10 +36,6 @@ class QuantWeight:
         """The logical shape of the weight: [..., rows, cols]."""
         return torch.Size((*self.data.shape[:-1], self.cols))
 
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
     def __getitem__(self, i) -> QuantWeight:
         """One expert (or a range) of a stack, as a view."""
         return QuantWeight(self.data[i], self.scale[i], self.bits, self.group, self.cols)

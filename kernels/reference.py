@@ -19,7 +19,8 @@ def _kept(d: Dispatch) -> int:
     return int(d.expert_offsets[-1])
 
 
-def _rows(x: torch.Tensor, d: Dispatch, grouped: bool, fan_out: int, n: int) -> torch.Tensor:
+def sorted_rows(x: torch.Tensor, d: Dispatch, grouped: bool, fan_out: int, n: int
+                ) -> torch.Tensor:
     """The first n sorted rows of x, in Dispatch order."""
     if grouped:
         return x[:n]
@@ -56,7 +57,7 @@ def _scatter2scatter(x, weight, d_out: int, d: Dispatch, x_grouped: bool, y_grou
                      fan_out: int) -> torch.Tensor:
     """weight(e) -> expert e's [d_out, d_in] matrix, asked for only for experts with rows."""
     n = _kept(d)
-    xs = _rows(x, d, x_grouped, fan_out, n)
+    xs = sorted_rows(x, d, x_grouped, fan_out, n)
     ys = torch.empty(n, d_out, dtype=x.dtype, device=x.device)
     start = 0
     for e, c in enumerate(d.tokens_per_expert.tolist()):
@@ -81,8 +82,8 @@ def group_weight_grad(
 ) -> torch.Tensor:
     """x rows [., d_in], dy rows [., d_out] -> dw [E, d_out, d_in] = sum_n dy_n^T x_n per expert."""
     n = _kept(d)
-    xs = _rows(x, d, x_grouped, x_fan_out, n)
-    dys = _rows(dy, d, dy_grouped, 1, n)
+    xs = sorted_rows(x, d, x_grouped, x_fan_out, n)
+    dys = sorted_rows(dy, d, dy_grouped, 1, n)
     dw = torch.zeros(d.num_experts, dy.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
     start = 0
     for e, c in enumerate(d.tokens_per_expert.tolist()):
@@ -97,7 +98,7 @@ def weighted_combine(
 ) -> torch.Tensor:
     """y [M, d_out], weights [T, k] -> out [T, d_out] = sum over kept slots of w * y."""
     n = _kept(d)
-    ys = _rows(y, d, y_grouped, 1, n)
+    ys = sorted_rows(y, d, y_grouped, 1, n)
     w = weights.reshape(-1).index_select(0, d.sorted_pair_idx[:n]).to(y.dtype)
     out = torch.zeros(d.num_tokens, y.shape[1], dtype=y.dtype, device=y.device)
     out.index_add_(0, d.sorted_token_idx[:n], ys * w[:, None])
@@ -117,7 +118,7 @@ def weighted_combine_backward(
         dy[:n] = douts * w[:, None]
     else:
         dy[pair] = douts * w[:, None]
-    ys = _rows(y, d, y_grouped, 1, n)
+    ys = sorted_rows(y, d, y_grouped, 1, n)
     dw = torch.zeros(d.num_pairs, dtype=weights.dtype, device=weights.device)
     dw[pair] = (douts * ys).sum(-1).to(weights.dtype)
     return dy, dw.view_as(weights)

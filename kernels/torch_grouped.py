@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from kernels.dispatch import Dispatch
+from kernels.reference import sorted_rows
 
 
 def supports(x: torch.Tensor, n: int, k: int) -> bool:
@@ -32,19 +33,12 @@ def _offsets(d: Dispatch) -> torch.Tensor:
     return cache["offs32"]
 
 
-def _sorted_rows(x: torch.Tensor, d: Dispatch, grouped: bool, fan_out: int) -> torch.Tensor:
-    """x's rows in Dispatch order [M, .] (a gathered copy unless x is grouped)."""
-    if grouped:
-        return x
-    return x.index_select(0, d.sorted_pair_idx // fan_out)
-
-
 def scatter2scatter(x, w, d: Dispatch, x_grouped: bool, y_grouped: bool, fan_out: int):
     """x [T or M, K], w [E, N, K] -> y [M, N] (see kernels/reference.py)."""
     M, N = d.num_pairs, w.shape[1]
     if M == 0:
         return torch.zeros(0, N, dtype=x.dtype, device=x.device)
-    xs = _sorted_rows(x, d, x_grouped, fan_out).contiguous()
+    xs = sorted_rows(x, d, x_grouped, fan_out, M).contiguous()
     ys = torch._grouped_mm(xs, w.transpose(1, 2), offs=_offsets(d))
     if d.may_drop:  # dropped rows (expert E, past the kept ones) are not computed
         ys.masked_fill_((d.sorted_expert_idx == d.num_experts)[:, None], 0)
@@ -60,6 +54,6 @@ def group_weight_grad(x, dy, d: Dispatch, x_grouped: bool, x_fan_out: int, dy_gr
     E, N, K = d.num_experts, dy.shape[1], x.shape[1]
     if d.num_pairs == 0:
         return torch.zeros(E, N, K, dtype=x.dtype, device=x.device)
-    xs = _sorted_rows(x, d, x_grouped, x_fan_out).contiguous()
-    dys = _sorted_rows(dy, d, dy_grouped, 1).contiguous()
+    xs = sorted_rows(x, d, x_grouped, x_fan_out, d.num_pairs).contiguous()
+    dys = sorted_rows(dy, d, dy_grouped, 1, d.num_pairs).contiguous()
     return torch._grouped_mm(dys.t(), xs, offs=_offsets(d))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -58,7 +59,7 @@ class Batcher:
                              f"({session.model.max_batch})")
         self._queue: queue.Queue[Request | None] = queue.Queue()
         self._waiting: list[Request] = []  # taken off the queue, not yet run (FIFO)
-        self.batches: list[int] = []  # the size of every batch run (for stats and tests)
+        self.batches: deque[int] = deque(maxlen=1024)  # sizes of the last batches run
         self._worker = threading.Thread(target=self._loop, name="moe-serve-batcher",
                                         daemon=True)
         self._worker.start()

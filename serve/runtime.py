@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import sort_by_expert, weighted_combine
+from kernels import reference, sort_by_expert, weighted_combine
 from kernels.backend import get_backend
 from moe.attention import rope_cos_sin
 from moe.experts import expert_mlp
@@ -70,9 +70,8 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
     hd_all = (m.n_heads + 2 * m.n_kv_heads) * m.resolved_head_dim
     act = chunk * el * (4 * d + hd_all + k * (3 * Fe + d)) \
         + chunk * max_context * 4 * m.n_heads + max_batch * m.vocab_size * 4
-    device = resolve_device(cfg.device)
-    if store.bits is not None and get_backend(cfg.kernel_backend, device).__name__ \
-            == "kernels.reference":  # packed experts are dequantized one at a time
+    if store.bits is not None and get_backend(cfg.kernel_backend, resolve_device(cfg.device)) \
+            is reference:  # packed experts are dequantized one at a time
         act += 2 * Fe * d * (4 + el)
     parts = (f"non-expert weights {format_size(dense)}, KV cache {format_size(kv)} "
              f"({max_batch} x {max_context} tokens), activations ~{format_size(act)}")

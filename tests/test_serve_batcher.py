@@ -76,7 +76,7 @@ def test_waiting_requests_run_as_one_batch_and_match_running_alone(served, batch
     gate.open()
     for r in reqs:
         assert r.done.wait(timeout=120) and r.error is None, r.error
-    assert batcher.batches == [1, 4]
+    assert list(batcher.batches) == [1, 4]
     assert LOG[-1].startswith("batch of 4: 14 prompt + ") and "tok/s decode" in LOG[-1]
     eos = session.stop_ids
     for p, n, r in zip(prompts, limits, reqs, strict=True):
@@ -103,7 +103,7 @@ def test_per_request_stop_strings_and_seeded_sampling_runs_alone(served, batcher
     gate.open()
     for r in (cut, s1, plain, s2):
         assert r.done.wait(timeout=120) and r.error is None, r.error
-    assert batcher.batches == [1, 2, 1, 1]  # greedy pair first, then each seeded alone
+    assert list(batcher.batches) == [1, 2, 1, 1]  # greedy pair first, then each seeded alone
     assert cut.completion.text == text[:text.index(stop)]
     assert cut.completion.finish_reason == "stop"
     assert plain.completion.text == session.complete([ids], 12)[0][0].text
@@ -163,7 +163,7 @@ def test_http_concurrent_requests_are_batched_and_each_answered(served, monkeypa
         gate.open()
         for t in threads:
             t.join(timeout=120)
-        assert srv.batcher.batches == [1, 3]
+        assert list(srv.batcher.batches) == [1, 3]
         codec = session.codec
         for i in (0, 2):
             doc = json.loads(answers[i]["body"])

@@ -138,22 +138,26 @@ def pick_block_m(d: Dispatch) -> int:
     return 64 if avg < 256 else 128
 
 
-def _shape_key(op: str, d: Dispatch, n: int, k: int, x: torch.Tensor, *flags) -> tuple:
-    """What the faster implementation depends on: sizes, dtype, rows per expert (pow. of 2)."""
+def _fastest(op: str, x: torch.Tensor, d: Dispatch, n: int, k: int, flags: tuple,
+             ours, theirs) -> torch.Tensor:
+    """ours() (our kernel), or theirs() (PyTorch's grouped matmul) where it takes these sizes
+    and times faster for this shape key (kernels/triton/pick.py): sizes, dtype, rows per
+    expert (power of 2), flags."""
+    candidates = {"triton": ours}
+    if torch_grouped.supports(x, n, k):
+        candidates["torch"] = theirs
     rows = triton.next_power_of_2(max(1, d.num_pairs // max(d.num_experts, 1)))
-    return (op, n, k, d.num_experts, rows, x.dtype, x.device.type, d.may_drop, *flags)
+    key = (op, n, k, d.num_experts, rows, x.dtype, x.device.type, d.may_drop, *flags)
+    return pick.run(key, candidates, x.device)
 
 
 def scatter2scatter(x, w, d: Dispatch, x_grouped: bool, y_grouped: bool, fan_out: int):
     """x [T or M, K], w [E, N, K] (any strides) -> y [M, N]; see kernels/reference.py.
-    Our kernel, or PyTorch's grouped matmul where it times faster (kernels/triton/pick.py)."""
-    N, K = w.shape[1], w.shape[2]
-    candidates = {"triton": lambda: _launch(x, w, None, d, x_grouped, y_grouped, fan_out)}
-    if torch_grouped.supports(x, N, K):
-        candidates["torch"] = lambda: torch_grouped.scatter2scatter(x, w, d, x_grouped,
-                                                                    y_grouped, fan_out)
-    key = _shape_key("s2s", d, N, K, x, x_grouped, y_grouped)
-    return pick.run(key, candidates, x.device)
+    Our kernel, or PyTorch's grouped matmul where it times faster."""
+    return _fastest(
+        "s2s", x, d, w.shape[1], w.shape[2], (x_grouped, y_grouped),
+        lambda: _launch(x, w, None, d, x_grouped, y_grouped, fan_out),
+        lambda: torch_grouped.scatter2scatter(x, w, d, x_grouped, y_grouped, fan_out))
 
 
 def scatter2scatter_quant(x, wq: QuantWeight, d: Dispatch, x_grouped: bool, y_grouped: bool,
@@ -246,14 +250,11 @@ def _group_weight_grad_kernel(
 
 def group_weight_grad(x, dy, d: Dispatch, x_grouped: bool, x_fan_out: int, dy_grouped: bool):
     """x rows [., K], dy rows [., N] -> dw [E, N, K]; every expert written (zeros if no rows).
-    Our kernel, or PyTorch's grouped matmul where it times faster (kernels/triton/pick.py)."""
-    N, K = dy.shape[1], x.shape[1]
-    candidates = {"triton": lambda: _weight_grad(x, dy, d, x_grouped, x_fan_out, dy_grouped)}
-    if torch_grouped.supports(x, N, K):
-        candidates["torch"] = lambda: torch_grouped.group_weight_grad(
-            x, dy, d, x_grouped, x_fan_out, dy_grouped)
-    key = _shape_key("wgrad", d, N, K, x, x_grouped, dy_grouped)
-    return pick.run(key, candidates, x.device)
+    Our kernel, or PyTorch's grouped matmul where it times faster."""
+    return _fastest(
+        "wgrad", x, d, dy.shape[1], x.shape[1], (x_grouped, dy_grouped),
+        lambda: _weight_grad(x, dy, d, x_grouped, x_fan_out, dy_grouped),
+        lambda: torch_grouped.group_weight_grad(x, dy, d, x_grouped, x_fan_out, dy_grouped))
 
 
 def _weight_grad(x, dy, d: Dispatch, x_grouped: bool, x_fan_out: int, dy_grouped: bool):
