@@ -501,39 +501,37 @@ def _table_rows(sname, T, shape, results, check) -> list[list[str]]:
     return rows
 
 
-def _run_groups(shapes, tokens, impls, dtype, device, rows: list, groups: list) -> None:
-    """Measure each (shape, T) group; groups[-1] is the one in progress (its results dict is
-    None once its rows are in `rows`)."""
+def _run_groups(shapes, tokens, impls, dtype, device, rows: list, current: list) -> None:
+    """Measure each (shape, T) group into `rows`; `current` holds the group being measured
+    (shape name, T, shape, results so far, check), and is empty between groups."""
     for sname in shapes:
         shape = SHAPES[sname]
         check = check_ours(shape, dtype, device, 512 if device.type == "cuda" else 32)
         print(f"[{sname}] ours vs float64 reference, max rel err (out, dx, dw): {check}",
               flush=True)
         for T in tokens:
-            results: dict = {}
-            groups.append((sname, T, shape, results, check))
+            current[:] = [(sname, T, shape, {}, check)]
             for key in impls:
-                _time_impl(key, shape, T, dtype, device, results)
-            rows += _table_rows(sname, T, shape, results, check)
-            groups[-1] = (sname, T, shape, None, check)
+                _time_impl(key, shape, T, dtype, device, current[0][3])
+            rows += _table_rows(*current[0])
+            current.clear()
 
 
 def run(shapes, tokens, impls, dtype, device, out_path, command) -> str:
     """Time every implementation per shape and token count; the table is written at the end,
     or with the rows measured so far when a SIGTERM (timeout) stops the run."""
     rows: list[list[str]] = []
-    groups: list[tuple] = []  # (shape name, T, shape, results, check) measured or in progress
+    current: list[tuple] = []  # the (shape, T) group being measured
     stopped = None
     try:
         with stop_on_sigterm():
-            _run_groups(shapes, tokens, impls, dtype, device, rows, groups)
+            _run_groups(shapes, tokens, impls, dtype, device, rows, current)
     except Stopped:
-        group = groups[-1] if groups and groups[-1][3] is not None else None
-        stopped = (f"stopped by SIGTERM (timeout) during {group[0]} T={group[1]}" if group
-                   else "stopped by SIGTERM (timeout)")
+        stopped = (f"stopped by SIGTERM (timeout) during {current[0][0]} T={current[0][1]}"
+                   if current else "stopped by SIGTERM (timeout)")
         print(stopped, flush=True)
-        if group and group[3]:
-            rows += _table_rows(*group)
+        if current and current[0][3]:
+            rows += _table_rows(*current[0])
 
     header = ["shape", "tokens", "implementation", "fwd+bwd ms", "TFLOP/s", "peak GiB",
               "x dense", "note"]
