@@ -148,13 +148,16 @@ def sort_pairs(flat_ids: torch.Tensor, num_experts: int, top_k: int
     return pair_idx, pair_idx // top_k, sorted_expert, offsets
 
 
+def _scores(logits: torch.Tensor, sigmoid: bool) -> torch.Tensor:
+    """Router scores [T, E]: sigmoid or softmax, in float32 (float64 for float64 logits)."""
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    return torch.sigmoid(x) if sigmoid else torch.softmax(x, dim=-1)
+
+
 def _route_weights(logits: torch.Tensor, ids: torch.Tensor, sigmoid: bool, renormalize: bool,
                    scale: float) -> torch.Tensor:
-    """The combine weights [T, k] of the selected experts ids [T, k] (float32, or float64
-    for float64 logits)."""
-    x = logits if logits.dtype == torch.float64 else logits.float()
-    scores = torch.sigmoid(x) if sigmoid else torch.softmax(x, dim=-1)
-    w = scores.gather(1, ids)
+    """The combine weights [T, k] of the selected experts ids [T, k]."""
+    w = _scores(logits, sigmoid).gather(1, ids)
     if renormalize:
         w = w / w.sum(-1, keepdim=True)
     return w * scale if scale != 1.0 else w
@@ -164,9 +167,8 @@ def topk_route_fwd(logits: torch.Tensor, bias: torch.Tensor | None, k: int, sigm
                    renormalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] -> expert_ids [T, k] (best first), weights [T, k] float32; the bias only
     shifts the selection (DeepSeek-V3's aux-free balancing)."""
-    x = logits if logits.dtype == torch.float64 else logits.float()
-    scores = torch.sigmoid(x) if sigmoid else torch.softmax(x, dim=-1)
-    select = scores if bias is None else scores + bias.to(x.dtype)
+    scores = _scores(logits, sigmoid)
+    select = scores if bias is None else scores + bias.to(scores.dtype)
     ids = torch.topk(select, k, dim=-1).indices
     return ids, _route_weights(logits, ids, sigmoid, renormalize, scale)
 
