@@ -1,25 +1,29 @@
-"""Request batching for the server: one worker thread runs a `Session`; requests that arrive
-while a batch is running wait and then start together, up to the model's max_batch.
+"""Continuous batching for the server: one worker thread runs a `DecodeBatch` on the session's
+model; a request that arrives while others decode is prefilled and joins them at the next
+step, up to max_batch rows, and leaves as soon as it ends.
 
 Rows of one batch share one sampling generator, so only requests whose sampling is the same
 and unseeded (or greedy) go together; a request with a seed runs alone, so that its seed
-gives the same tokens whatever else the server is doing. Offloaded serving gains the most
-from this: the experts a batch needs are moved to the device once for all of its rows.
+gives the same tokens whatever else the server is doing. A request never overtakes an older
+one that cannot join: requests join the running batch in arrival order, up to the first that
+cannot, which then starts the next batch once the running one ends. Offloaded serving gains
+the most from batching: the experts a step needs are moved to the device once for all rows.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from serve.generate import SamplingConfig, check_prompts
-from serve.session import Completion, Session
+from serve.generate import DecodeBatch, Row, SamplingConfig, check_prompts
+from serve.session import Completion, Session, TextRow
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     """One prompt to complete. on_text(text) is called from the worker thread as text is
     decided; set `cancelled` to end the row at its next token (its client has gone)."""
@@ -34,6 +38,7 @@ class Request:
     stats: dict | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    submitted: float = 0.0
 
     def batch_key(self) -> tuple | None:
         """Requests with equal keys may share a batch; None: this one runs alone."""
@@ -46,11 +51,11 @@ class Request:
 
 
 class Batcher:
-    """Runs requests on `session` from one worker thread, several at a time (see module)."""
+    """Runs requests on `session` from one worker thread, continuously batched (see module)."""
 
     def __init__(self, session: Session, max_batch: int | None = None,
                  log: Callable[[str], None] | None = None):
-        """log: called with one line per batch run (size, tokens, speed), e.g. print."""
+        """log: called with one line per finished request (tokens, speed, batch), e.g. print."""
         self.session = session
         self.log = log
         self.max_batch = max_batch or session.model.max_batch
@@ -58,8 +63,12 @@ class Batcher:
             raise ValueError(f"max_batch {self.max_batch} exceeds the model's KV cache rows "
                              f"({session.model.max_batch})")
         self._queue: queue.Queue[Request | None] = queue.Queue()
-        self._waiting: list[Request] = []  # taken off the queue, not yet run (FIFO)
-        self.batches: deque[int] = deque(maxlen=1024)  # sizes of the last batches run
+        self._waiting: list[Request] = []  # taken off the queue, not yet started (FIFO)
+        self._closing = False
+        self._batch: DecodeBatch | None = None
+        self._key: tuple | None = None  # batch_key of the running batch
+        self._rows: dict[Row, tuple[Request, TextRow]] = {}
+        self.batches: deque[int] = deque(maxlen=1024)  # sizes of the last groups started
         self._worker = threading.Thread(target=self._loop, name="moe-serve-batcher",
                                         daemon=True)
         self._worker.start()
@@ -72,6 +81,7 @@ class Batcher:
         req.sampling.check()
         if req.stop:
             self.session.need_codec()
+        req.submitted = time.perf_counter()
         self._queue.put(req)
         return req
 
@@ -83,72 +93,123 @@ class Batcher:
         return req
 
     def close(self) -> None:
+        """Stop the worker once the requests already submitted are served."""
         self._queue.put(None)
         self._worker.join(timeout=5)
 
+    @property
+    def running(self) -> int:
+        """Rows decoding now."""
+        return len(self._rows)
+
     # -- worker ----------------------------------------------------------------------------
-    def _next_batch(self) -> list[Request] | None:
-        """Block for the first waiting request, then add every queued one that can join it."""
-        if not self._waiting:
-            first = self._queue.get()
-            if first is None:
-                return None
-            self._waiting.append(first)
-        while True:  # drain what has arrived meanwhile, keeping arrival order
-            try:
-                nxt = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if nxt is None:
-                self._queue.put(None)  # close after the waiting requests are served
-                break
-            self._waiting.append(nxt)
-        lead = self._waiting[0]
-        batch, key = [lead], lead.batch_key()
-        if key is not None:
-            for r in self._waiting[1:]:
-                if len(batch) == self.max_batch:
-                    break
-                if r.batch_key() == key:
-                    batch.append(r)
-        self._waiting = [r for r in self._waiting if all(r is not b for b in batch)]
-        return batch
-
     def _loop(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            live = [r for r in batch if not r.cancelled]
+        while self._take_arrivals():
             try:
-                if live:
-                    self._run(live)
-            except BaseException as e:  # noqa: BLE001 - every waiting client gets the error
-                for r in live:
-                    r.error = e
-            finally:
-                for r in batch:
-                    r.done.set()
+                self._start(self._select())
+                if self._batch is not None:
+                    for row in self._batch.step():
+                        self._finish(row)
+            except BaseException as e:  # noqa: BLE001 - every client in the batch is told
+                self._fail(e)
 
-    def _run(self, batch: list[Request]) -> None:
-        self.batches.append(len(batch))
+    def _take_arrivals(self) -> bool:
+        """Move queued requests to the waiting list; block while there is nothing to do.
+        -> False once closed and everything submitted is served."""
+        while True:
+            idle = not self._rows
+            if idle and not self._waiting and self._closing:
+                return False
+            try:
+                req = self._queue.get(block=idle and not self._waiting)
+            except queue.Empty:
+                return True
+            if req is None:
+                self._closing = True
+            elif req.cancelled:  # its client left before it started
+                req.done.set()
+            else:
+                self._waiting.append(req)
 
-        def on_text(row: int, text: str) -> None:
-            cb = batch[row].on_text
-            if cb is not None and not batch[row].cancelled:
-                try:
-                    cb(text)
-                except Exception:  # noqa: BLE001 - a client that went away ends its row only
-                    batch[row].cancelled = True
+    def _select(self) -> list[Request]:
+        """The waiting requests to start now. Idle: the oldest and every waiting one that may
+        share its batch. Running: waiting ones, oldest first, that may join, up to the first
+        that may not (it is not overtaken)."""
+        if not self._waiting:
+            return []
+        if not self._rows:
+            lead = self._waiting[0]
+            self._key = lead.batch_key()
+            self._batch = DecodeBatch(self.session.model, lead.sampling,
+                                      self.session.stop_ids, capacity=self.max_batch)
+            pick = [lead]
+            if self._key is not None:
+                pick += [r for r in self._waiting[1:] if r.batch_key() == self._key]
+        else:
+            if self._key is None:
+                return []
+            pick = []
+            for r in self._waiting:
+                if r.batch_key() != self._key:
+                    break
+                pick.append(r)
+        pick = pick[:self._batch.free]
+        self._waiting = [r for r in self._waiting if all(r is not p for p in pick)]
+        return pick
 
-        outs, res = self.session.complete(
-            [r.ids for r in batch], [r.max_tokens for r in batch], batch[0].sampling,
-            [r.stop for r in batch], on_text, cancelled=lambda row: batch[row].cancelled)
-        stats = dict(res.stats, batch_size=len(batch))
-        for r, o in zip(batch, outs, strict=True):
-            r.completion, r.stats = o, stats
+    def _start(self, reqs: list[Request]) -> None:
+        """Prefill `reqs` into the running batch (their first tokens are chosen)."""
+        if not reqs:
+            return
+        texts = [self.session.text_row(r.stop, self._streamer(r),
+                                       cancelled=lambda r=r: r.cancelled) for r in reqs]
+        try:
+            rows = self._batch.add([r.ids for r in reqs], [r.max_tokens for r in reqs],
+                                   [t.on_token for t in texts])
+        except BaseException as e:
+            for r in reqs:
+                r.error = e
+                r.done.set()
+            raise
+        self._rows.update({row: (r, t) for row, r, t in zip(rows, reqs, texts, strict=True)})
+        self.batches.append(len(reqs))
+        for row in rows:
+            if row.done:
+                self._finish(row)
+
+    def _streamer(self, req: Request) -> Callable[[str], None] | None:
+        if req.on_text is None:
+            return None
+
+        def send(text: str) -> None:
+            if req.cancelled:
+                return
+            try:
+                req.on_text(text)
+            except Exception:  # noqa: BLE001 - a client that went away ends its row only
+                req.cancelled = True
+
+        return send
+
+    def _finish(self, row: Row) -> None:
+        req, text = self._rows.pop(row)
+        req.completion = Completion(row.out, text.finish(), row.finish_reason, row.prompt_len)
+        req.stats = dict(row.stats, ttft_s=row.t_first - req.submitted,
+                         queue_s=row.t_added - req.submitted)
+        req.done.set()
         if self.log is not None:
-            self.log(f"batch of {len(batch)}: {stats['prompt_tokens']} prompt + "
-                     f"{stats['new_tokens']} new tokens, {stats['tokens_per_s']:.1f} tok/s "
-                     f"decode, ttft {stats['ttft_s'] * 1e3:.0f} ms, expert hit rate "
-                     f"{stats['expert_hit_rate']:.2f}")
+            st = req.stats
+            self.log(f"request done: {st['prompt_tokens']} prompt + {st['new_tokens']} new "
+                     f"tokens, {st['tokens_per_s']:.1f} tok/s decode, ttft "
+                     f"{st['ttft_s'] * 1e3:.0f} ms, batch of {st['batch_size']}, "
+                     f"{self.running} still running, expert hit rate "
+                     f"{st['expert_hit_rate']:.2f}")
+
+    def _fail(self, e: BaseException) -> None:
+        """Every request in the running batch gets `e`; the batch is dropped."""
+        for req, _ in self._rows.values():
+            req.error = e
+            req.done.set()
+        self._rows.clear()
+        self._batch = None
+

@@ -51,12 +51,12 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
         raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the "
                          f"context of {model.max_context}")
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, m.vocab_size, (batch, prompt_len), generator=gen).to(dev)
-    valid = torch.ones(batch, prompt_len + new_tokens, dtype=torch.bool, device=dev)
+    prompts = torch.randint(0, m.vocab_size, (batch, prompt_len), generator=gen).tolist()
+    rows = list(range(batch))
     model.reset_stats()
     model.synchronize()
     t0 = time.perf_counter()
-    logits = model.prefill(ids, valid)
+    logits = model.prefill(prompts, rows)
     model.synchronize()
     prefill_s = time.perf_counter() - t0
     pre = model.stats()
@@ -65,7 +65,7 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
     pos = prompt_len
     for _ in range(new_tokens):
         nxt = logits.argmax(-1)
-        logits = model.step(nxt[:, None], pos, valid[:, :pos + 1])
+        logits = model.step(nxt[:, None], rows, [pos] * batch, [1] * batch)
         pos += 1
     model.synchronize()
     decode_s = time.perf_counter() - t0

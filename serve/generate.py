@@ -1,6 +1,7 @@
-"""Token generation over an `OffloadedModel`: batched (left-padded) prompts, chunked prefill,
-KV-cached decode, greedy or temperature / top-k / top-p sampling with a seed, stop tokens,
-streaming through a callback."""
+"""Token generation over an `OffloadedModel`: a `DecodeBatch` of sequences, each in its own
+KV-cache row, that new sequences may join between decode steps (continuous batching);
+chunked prefill, greedy or temperature / top-k / top-p sampling with a seed, stop tokens,
+streaming through a callback. `generate` runs a fixed set of prompts to the end."""
 
 from __future__ import annotations
 
@@ -34,12 +35,12 @@ class SamplingConfig:
 @dataclass
 class GenerationResult:
     """token_ids: the new tokens of each prompt (a stop token ends and is included);
-    finish_reasons: "stop" or "length"; step_logits: [B, V] per step when asked for."""
+    finish_reasons: "stop" or "length"; logits: per prompt [new tokens, V] when asked for."""
 
     token_ids: list[list[int]]
     finish_reasons: list[str]
     stats: dict
-    step_logits: list[torch.Tensor] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
 
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig,
@@ -78,6 +79,140 @@ def check_prompts(model: OffloadedModel, prompts: Sequence[Sequence[int]]) -> No
             raise ValueError(f"token id(s) {bad[:5]} outside the vocabulary [0, {V})")
 
 
+@dataclass(eq=False)
+class Row:
+    """One sequence of a DecodeBatch. on_token(id) is called as each new token is chosen and
+    ends the row when it returns True (finish_reason "stop")."""
+
+    prompt_len: int
+    limit: int  # most new tokens
+    kv_row: int
+    on_token: Callable[[int], bool | None] | None = None
+    out: list[int] = field(default_factory=list)  # new tokens so far
+    length: int = 0  # positions held in its KV-cache row
+    done: bool = False
+    finish_reason: str = "length"
+    peak_batch: int = 0  # most rows that ran a forward together with this one
+    t_added: float = 0.0
+    t_first: float = 0.0  # when its first token was chosen
+    t_done: float = 0.0
+    since: dict = field(default_factory=dict)  # the model's counters when it joined
+    stats: dict = field(default_factory=dict)  # set when it ends
+    logits: list[torch.Tensor] = field(default_factory=list)  # [V] per token, when kept
+
+
+class DecodeBatch:
+    """Sequences that decode together on one OffloadedModel, each in its own KV-cache row.
+
+    `add` prefills new prompts into free rows and chooses their first tokens; `step` runs one
+    decode step of every live row. Rows join and leave between steps (continuous batching),
+    so a request need not wait for a running batch to end. All rows share one sampling
+    config and one generator (a seeded request should run in a batch of its own).
+    """
+
+    def __init__(self, model: OffloadedModel, sampling: SamplingConfig | None = None,
+                 stop_ids: Sequence[int] = (), capacity: int | None = None,
+                 keep_logits: bool = False):
+        """capacity: most rows at once (default and at most: the model's max_batch)."""
+        self.model = model
+        self.sampling = sampling or SamplingConfig()
+        self.sampling.check()
+        self.capacity = capacity or model.max_batch
+        if not 1 <= self.capacity <= model.max_batch:
+            raise ValueError(f"capacity {self.capacity} is outside [1, max_batch="
+                             f"{model.max_batch}]")
+        self.stops = set(stop_ids)
+        self.keep_logits = keep_logits
+        self.gen = None
+        if self.sampling.temperature > 0:
+            seed = self.sampling.seed
+            self.gen = torch.Generator(device=model.device)
+            self.gen.manual_seed(seed if seed is not None else
+                                 int(torch.randint(0, 2**62, ()).item()))
+        self.live: list[Row] = []
+        self._free = list(range(self.capacity))  # KV-cache rows, lowest first
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def add(self, prompts: Sequence[Sequence[int]], limits: Sequence[int],
+            on_token: Sequence[Callable[[int], bool | None] | None] | None = None
+            ) -> list[Row]:
+        """Prefill prompts (lists of ids) into free rows and choose their first tokens ->
+        their Rows (a row may end at once). limits: most new tokens per prompt."""
+        check_prompts(self.model, prompts)
+        if len(prompts) > self.free:
+            raise ValueError(f"{len(prompts)} prompts but {self.free} free rows of "
+                             f"{self.capacity}")
+        if len(limits) != len(prompts):
+            raise ValueError(f"{len(limits)} max_new_tokens values for {len(prompts)} prompts")
+        if min(limits) < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {min(limits)}")
+        calls = list(on_token) if on_token is not None else [None] * len(prompts)
+        t0, since = time.perf_counter(), self.model.counters()
+        rows = [Row(len(p), lim, self._free.pop(0), cb, t_added=t0, since=since)
+                for p, lim, cb in zip(prompts, limits, calls, strict=True)]
+        logits = self.model.prefill(prompts, [r.kv_row for r in rows])
+        for r in rows:
+            r.length = r.prompt_len
+        self.live = sorted(self.live + rows, key=lambda r: r.kv_row)
+        self._choose(rows, logits)
+        return rows
+
+    def step(self) -> list[Row]:
+        """One decode step of every live row -> the rows that ended in it."""
+        rows = self.live
+        if not rows:
+            return []
+        ids = torch.tensor([[r.out[-1]] for r in rows], device=self.model.device)
+        logits = self.model.step(ids, [r.kv_row for r in rows], [r.length for r in rows],
+                                 [1] * len(rows))
+        for r in rows:
+            r.length += 1
+        return self._choose(rows, logits)
+
+    def _choose(self, rows: list[Row], logits: torch.Tensor) -> list[Row]:
+        """Sample each row's next token from logits [len(rows), V]; end rows that stop."""
+        nxt = sample_next(logits, self.sampling, self.gen).tolist()  # waits for the device
+        now, width = time.perf_counter(), len(self.live)
+        ended = []
+        for j, (r, t) in enumerate(zip(rows, nxt, strict=True)):
+            if self.keep_logits:
+                r.logits.append(logits[j].cpu())
+            if not r.out:
+                r.t_first = now
+            r.peak_batch = max(r.peak_batch, width)
+            r.out.append(t)
+            if r.on_token is not None and r.on_token(t):  # e.g. the caller saw a stop string
+                r.done, r.finish_reason = True, "stop"
+            elif t in self.stops:
+                r.done, r.finish_reason = True, "stop"
+            elif len(r.out) >= r.limit or r.length >= self.model.max_context:
+                r.done = True
+            if r.done:
+                ended.append(r)
+        if ended:
+            self.model.synchronize()
+            now = time.perf_counter()
+            for r in ended:
+                r.t_done = now
+                r.stats = _row_stats(r, self.model.stats(since=r.since))
+                self._free.append(r.kv_row)
+            self._free.sort()
+            self.live = [r for r in self.live if not r.done]
+        return ended
+
+
+def _row_stats(r: Row, model_stats: dict) -> dict:
+    decode_s = r.t_done - r.t_first
+    n = len(r.out)
+    return {"prompt_tokens": r.prompt_len, "new_tokens": n, "ttft_s": r.t_first - r.t_added,
+            "decode_s": decode_s,
+            "tokens_per_s": (n - 1) / decode_s if decode_s > 0 and n > 1 else 0.0,
+            "batch_size": r.peak_batch, **model_stats}
+
+
 @torch.no_grad()
 def generate(model: OffloadedModel, prompts: Sequence[Sequence[int]],
              max_new_tokens: int | Sequence[int], sampling: SamplingConfig | None = None,
@@ -86,68 +221,27 @@ def generate(model: OffloadedModel, prompts: Sequence[Sequence[int]],
              keep_logits: bool = False) -> GenerationResult:
     """prompts (B lists of token ids) -> up to max_new_tokens new ids each (one int, or one
     per prompt); on_token(row, id) is called as each token is chosen and ends that row when it
-    returns True."""
-    sampling = sampling or SamplingConfig()
-    sampling.check()
-    check_prompts(model, prompts)
+    returns True. Rows that end leave the batch; the others go on."""
     limits = ([max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int)
               else list(max_new_tokens))
-    if len(limits) != len(prompts):
-        raise ValueError(f"{len(limits)} max_new_tokens values for {len(prompts)} prompts")
-    if min(limits) < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {min(limits)}")
-    dev, B = model.device, len(prompts)
-    L = max(len(p) for p in prompts)
-    total = min(L + max(limits), model.max_context)
-    ids = torch.zeros(B, L, dtype=torch.long)
-    valid = torch.ones(B, total, dtype=torch.bool)
-    for b, p in enumerate(prompts):
-        ids[b, L - len(p):] = torch.tensor(list(p))
-        valid[b, :L - len(p)] = False
-    ids, valid = ids.to(dev), valid.to(dev)
-    gen = None
-    if sampling.temperature > 0:
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(sampling.seed if sampling.seed is not None else
-                        int(torch.randint(0, 2**62, ()).item()))
-    stops = set(stop_ids)
+    batch = DecodeBatch(model, sampling, stop_ids, keep_logits=keep_logits)
+    calls = None if on_token is None else [
+        (lambda t, b=b: on_token(b, t)) for b in range(len(prompts))]
+    check_prompts(model, prompts)
     model.reset_stats()
     t0 = time.perf_counter()
-    logits = model.prefill(ids, valid)
-    out: list[list[int]] = [[] for _ in range(B)]
-    reasons = ["length"] * B
-    done = [False] * B
-    kept: list[torch.Tensor] = []
-    pos, t_first = L, None
-    while True:
-        if keep_logits:
-            kept.append(logits.cpu())
-        nxt = sample_next(logits, sampling, gen)
-        nxt_host = nxt.tolist()
-        if t_first is None:
-            model.synchronize()
-            t_first = time.perf_counter()
-        for b, t in enumerate(nxt_host):
-            if done[b]:
-                continue
-            out[b].append(t)
-            if on_token is not None and on_token(b, t):  # the caller saw a stop string
-                done[b], reasons[b] = True, "stop"
-            elif t in stops:
-                done[b], reasons[b] = True, "stop"
-            elif len(out[b]) >= limits[b]:
-                done[b] = True
-        if all(done) or pos >= total:
-            break
-        logits = model.step(nxt[:, None], pos, valid[:, :pos + 1])
-        pos += 1
+    rows = batch.add(prompts, limits, calls)
+    t_first = time.perf_counter()
+    while batch.live:
+        batch.step()
     model.synchronize()
     t_end = time.perf_counter()
-    n_new = sum(len(o) for o in out)
-    decode_s = t_end - t_first
-    stats = {"prompt_tokens": sum(len(p) for p in prompts), "new_tokens": n_new,
-             "ttft_s": t_first - t0, "decode_s": decode_s,
+    n_new = sum(len(r.out) for r in rows)
+    B, decode_s = len(rows), t_end - t_first
+    n_prompt = sum(len(p) for p in prompts)
+    stats = {"prompt_tokens": n_prompt, "new_tokens": n_new, "ttft_s": t_first - t0,
+             "decode_s": decode_s,
              "tokens_per_s": (n_new - B) / decode_s if decode_s > 0 and n_new > B else 0.0,
-             "prefill_tokens_per_s": sum(len(p) for p in prompts) / (t_first - t0),
-             **model.stats()}
-    return GenerationResult(out, reasons, stats, kept)
+             "prefill_tokens_per_s": n_prompt / (t_first - t0), **model.stats()}
+    return GenerationResult([r.out for r in rows], [r.finish_reason for r in rows], stats,
+                            [torch.stack(r.logits) for r in rows] if keep_logits else [])

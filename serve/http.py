@@ -1,8 +1,9 @@
 """OpenAI-compatible HTTP server over a `Session`: POST /v1/completions and
 /v1/chat/completions (server-sent events when "stream": true), GET /v1/models and /health.
 
-One model, one device: a `Batcher` runs the requests; those that arrive while a batch runs
-start together as the next batch (up to the model's max_batch, when their sampling allows).
+One model, one device: a `Batcher` runs the requests, continuously batched: one that arrives
+while others decode joins them at the next step (up to max_batch rows, when its sampling
+allows).
 """
 
 from __future__ import annotations

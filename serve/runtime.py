@@ -5,7 +5,8 @@ a KV cache, and the cross-layer prefetcher. `step` runs one forward over new tok
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -88,8 +89,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 class OffloadedModel:
-    """A served model. `step(ids [B, S], start, valid [B, start + S]) -> logits [B, V]` of the
-    last position; the KV cache holds positions [0, start) of the same batch."""
+    """A served model. `prefill` and `step` run forwards over new tokens of sequences that
+    each own one row of the KV cache (see step); rows are independent, so sequences may
+    start and end at different times."""
 
     def __init__(self, cfg: ServeConfig, verbose: bool = False,
                  store: WeightStore | None = None):
@@ -170,53 +172,75 @@ class OffloadedModel:
 
     # -- forward ---------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, ids: torch.Tensor, start: int, valid: torch.Tensor) -> torch.Tensor:
-        """ids [B, S] at positions start.., valid [B, start + S] (False: left padding)
-        -> logits [B, V] (float32) of position start + S - 1."""
-        model, cfg = self.model, self.cfg
+    def step(self, ids: torch.Tensor, rows: Sequence[int], start: Sequence[int],
+             n: Sequence[int]) -> torch.Tensor:
+        """ids [B, S]: the first n[b] tokens of row b (the rest is right padding) go at
+        positions start[b].. of KV-cache row rows[b], which holds positions [0, start[b]) of
+        the same sequence -> logits [B, V] (float32) of each row's last token."""
+        model, cfg, dev = self.model, self.cfg, self.device
         B, S = ids.shape
-        end = start + S
+        end = max(a + c for a, c in zip(start, n, strict=True))
         if end > self.max_context:
             raise ValueError(f"{end} tokens exceed the context of {self.max_context}")
-        pos = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:end]
-        cos, sin = rope_cos_sin(pos.reshape(-1), cfg.resolved_head_dim, cfg.rope_theta,
+        first = torch.tensor(start, device=dev)
+        count = torch.tensor(n, device=dev)
+        s_idx = torch.arange(S, device=dev)
+        q_pos = first[:, None] + s_idx  # [B, S]
+        q_valid = s_idx[None] < count[:, None]
+        cos, sin = rope_cos_sin(q_pos.reshape(-1), cfg.resolved_head_dim, cfg.rope_theta,
                                 self.dtype)
         cos, sin = cos.view(B, S, -1), sin.view(B, S, -1)
-        q_pos = torch.arange(start, end, device=self.device)
-        k_pos = torch.arange(end, device=self.device)
-        mask = (k_pos[None, :] <= q_pos[:, None])[None] & valid[:, None, :end]
-        mask = mask | (k_pos[None, :] == q_pos[:, None])[None]  # pads attend to themselves
-        mask = mask[:, None]  # [B, 1, S, end]
-        q_valid = valid[:, start:end]
+        # a query sees its row's keys up to its own position; a padding query sees key 0
+        mask = (torch.arange(end, device=dev)[None, None] <= q_pos[:, :, None])[:, None]
+        b_idx = torch.tensor([b for b, c in enumerate(n) for _ in range(c)], device=dev)
+        s_at = torch.tensor([s for c in n for s in range(c)], device=dev)  # no device sync
+        kv_rows = torch.tensor(list(rows), device=dev)
+        w_rows, w_pos = kv_rows[b_idx], q_pos[b_idx, s_at]
+        r0 = rows[0]
+        dense = list(rows) == list(range(r0, r0 + B))  # a view of the cache, no gather
         x = model.embed(ids)
         for i, block in enumerate(model.layers):
             attn = block.attn
             q, k, v = attn.project(block.attn_norm(x), cos, sin)
-            self.kv.k[i, :B, :, start:end] = k
-            self.kv.v[i, :B, :, start:end] = v
-            o = F.scaled_dot_product_attention(
-                q, self.kv.k[i, :B, :, :end], self.kv.v[i, :B, :, :end], attn_mask=mask,
-                enable_gqa=attn.n_kv_heads != attn.n_heads)
+            K, V = self.kv.k[i], self.kv.v[i]  # [max_batch, Hkv, max_context, hd]
+            K[w_rows, :, w_pos] = k.transpose(1, 2)[b_idx, s_at]
+            V[w_rows, :, w_pos] = v.transpose(1, 2)[b_idx, s_at]
+            if dense:
+                keys, values = K[r0:r0 + B, :, :end], V[r0:r0 + B, :, :end]
+            else:
+                keys, values = K[kv_rows, :, :end], V[kv_rows, :, :end]
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                               enable_gqa=attn.n_kv_heads != attn.n_heads)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(B, S, -1))
             h = block.mlp_norm(x)
             if block.is_moe:
                 x = x + self._moe(i, h, x, q_valid)
             else:
                 x = x + block.mlp(h)
-        return model.lm_head(model.norm(x[:, -1])).float()
+        last = x[torch.arange(B, device=dev), (count - 1).clamp(min=0)]
+        return model.lm_head(model.norm(last)).float()
 
     def synchronize(self) -> None:
         """Wait for the device (timings); nothing to wait for on the CPU."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def prefill(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Prompts ids [B, L] (valid [B, >= L], False: left padding) into the KV cache in
-        chunks of prefill_chunk tokens -> logits [B, V] of the last position."""
-        L, chunk = ids.shape[1], self.scfg.prefill_chunk
-        for a in range(0, L, chunk):
-            logits = self.step(ids[:, a:a + chunk], a, valid[:, :min(a + chunk, L)])
-        return logits
+    def prefill(self, prompts: Sequence[Sequence[int]], rows: Sequence[int]) -> torch.Tensor:
+        """Prompts (B lists of ids) into KV-cache rows `rows` from position 0, in chunks of
+        prefill_chunk tokens -> logits [B, V] of each prompt's last token."""
+        chunk, lens = self.scfg.prefill_chunk, [len(p) for p in prompts]
+        out: list[torch.Tensor | None] = [None] * len(prompts)
+        for a in range(0, max(lens), chunk):
+            part = [b for b, n in enumerate(lens) if n > a]  # prompts not yet fully in
+            n = [min(chunk, lens[b] - a) for b in part]
+            ids = torch.zeros(len(part), max(n), dtype=torch.long)
+            for j, b in enumerate(part):
+                ids[j, :n[j]] = torch.tensor(prompts[b][a:a + n[j]])
+            logits = self.step(ids.to(self.device), [rows[b] for b in part], [a] * len(part), n)
+            for j, b in enumerate(part):
+                if lens[b] <= a + chunk:
+                    out[b] = logits[j]
+        return torch.stack(out)
 
     def _moe(self, i: int, h: torch.Tensor, x: torch.Tensor, q_valid: torch.Tensor
              ) -> torch.Tensor:
@@ -271,8 +295,18 @@ class OffloadedModel:
         return weighted_combine(y, w.masked_fill(dropped, 0).to(flat.dtype), d,
                                 backend=backend)
 
-    def stats(self) -> dict:
-        c, p = self.cache.stats, self.prefetch_stats
+    def counters(self) -> dict[str, int]:
+        """The raw cache and prefetch counts since reset_stats (stats(since=) takes them)."""
+        return {**asdict(self.cache.stats), **asdict(self.prefetch_stats)}
+
+    def stats(self, since: dict[str, int] | None = None) -> dict:
+        """Hit rate, bytes moved, prefetch precision / recall since reset_stats, or since the
+        counters() snapshot `since`."""
+        now = self.counters()
+        if since is not None:
+            now = {k: v - since[k] for k, v in now.items()}
+        c = CacheStats(**{k: now[k] for k in asdict(self.cache.stats)})
+        p = PrefetchStats(**{k: now[k] for k in asdict(self.prefetch_stats)})
         return {"expert_hit_rate": c.hit_rate, "expert_hits": c.hits, "expert_misses": c.misses,
                 "experts_prefetched": c.prefetched, "bytes_to_device": c.bytes_to_device,
                 "prefetch_precision": p.precision, "prefetch_recall": p.recall}

@@ -48,6 +48,14 @@ class Session:
             raise ValueError("a prompt must be a string or a list of token ids")
         return list(prompt)
 
+    def text_row(self, stop: list[str] = (), on_text: Callable[[str], None] | None = None,
+                 ignore_eos: bool = False, cancelled: Callable[[], bool] | None = None
+                 ) -> TextRow:
+        """A TextRow for one sequence of this model (stop strings need the tokenizer)."""
+        if stop:
+            self.need_codec()
+        return TextRow(self.codec, self.stop_ids, stop, on_text, ignore_eos, cancelled)
+
     def complete(self, prompts: list[list[int]], max_new_tokens: int | list[int],
                  sampling: SamplingConfig | None = None,
                  stop: list[str] | list[list[str]] | None = None,
@@ -60,49 +68,68 @@ class Session:
         list per row) end a row and are cut. max_new_tokens: one limit, or one per row.
         cancelled(row) -> True ends that row at its next token (its client has gone)."""
         stops = _row_stops(stop, len(prompts))
-        if any(stops):
-            self.need_codec()
-        decoders = [StreamDecoder(self.codec) if self.codec else None for _ in prompts]
-        texts = [""] * len(prompts)
-        held = [0] * len(prompts)  # characters not yet streamed (could start a stop string)
-        stopped = [False] * len(prompts)
-
-        def on_token(row: int, tok: int) -> bool:
-            if cancelled is not None and cancelled(row):
-                return True
-            stop, dec = stops[row], decoders[row]
-            if dec is None:
-                if on_text is not None:
-                    on_text(row, f"{tok} ")
-                return False
-            if tok in self.stop_ids and not ignore_eos:
-                return False
-            texts[row] += dec.push(tok)
-            hit = next((texts[row].index(s) for s in stop if s in texts[row]), None)
-            if hit is not None:
-                texts[row], stopped[row] = texts[row][:hit], True
-            if on_text is not None:
-                safe = len(texts[row]) if hit is not None else max(
-                    held[row], len(texts[row]) - max((len(s) - 1 for s in stop), default=0))
-                if safe > held[row]:
-                    on_text(row, texts[row][held[row]:safe])
-                    held[row] = safe
-            return hit is not None
-
+        rows = [self.text_row(
+            stops[b], None if on_text is None else (lambda t, b=b: on_text(b, t)), ignore_eos,
+            None if cancelled is None else (lambda b=b: cancelled(b)))
+            for b in range(len(prompts))]
         res = generate(self.model, prompts, max_new_tokens, sampling,
-                       () if ignore_eos else self.stop_ids, on_token)
-        for row, dec in enumerate(decoders):
-            if dec is None:
-                continue
-            if not stopped[row]:
-                texts[row] += dec.flush()
-                hit = next((texts[row].index(s) for s in stops[row] if s in texts[row]), None)
-                texts[row] = texts[row][:hit]
-            if on_text is not None and len(texts[row]) > held[row]:
-                on_text(row, texts[row][held[row]:])
-        out = [Completion(ids, texts[i] if self.codec else None, res.finish_reasons[i],
-                          len(prompts[i])) for i, ids in enumerate(res.token_ids)]
+                       () if ignore_eos else self.stop_ids,
+                       lambda b, tok: rows[b].on_token(tok))
+        out = [Completion(ids, rows[b].finish(), res.finish_reasons[b], len(prompts[b]))
+               for b, ids in enumerate(res.token_ids)]
         return out, res
+
+
+class TextRow:
+    """One sequence's tokens -> its text as they come: a stop string ends the row and is cut;
+    on_text(new_text) gets only text that cannot be the start of a stop string (ids as text
+    without a tokenizer); cancelled() -> True ends the row at its next token."""
+
+    def __init__(self, codec: TextCodec | None, stop_ids, stop: list[str],
+                 on_text: Callable[[str], None] | None = None, ignore_eos: bool = False,
+                 cancelled: Callable[[], bool] | None = None):
+        self.codec, self.stop_ids, self.stop = codec, set(stop_ids), list(stop)
+        self.on_text, self.ignore_eos, self.cancelled = on_text, ignore_eos, cancelled
+        self.decoder = StreamDecoder(codec) if codec else None
+        self.text = ""
+        self.held = 0  # characters streamed so far
+        self.stopped = False
+
+    def on_token(self, tok: int) -> bool:
+        """Take the next token -> True when the row must end here."""
+        if self.cancelled is not None and self.cancelled():
+            return True
+        if self.decoder is None:
+            if self.on_text is not None:
+                self.on_text(f"{tok} ")
+            return False
+        if tok in self.stop_ids and not self.ignore_eos:
+            return False
+        self.text += self.decoder.push(tok)
+        hit = next((self.text.index(s) for s in self.stop if s in self.text), None)
+        if hit is not None:
+            self.text, self.stopped = self.text[:hit], True
+        if self.on_text is not None:
+            safe = len(self.text) if hit is not None else max(
+                self.held, len(self.text) - max((len(s) - 1 for s in self.stop), default=0))
+            if safe > self.held:
+                self.on_text(self.text[self.held:safe])
+                self.held = safe
+        return hit is not None
+
+    def finish(self) -> str | None:
+        """The row has ended -> its whole text (None without a tokenizer); the part not yet
+        streamed goes to on_text."""
+        if self.decoder is None:
+            return None
+        if not self.stopped:
+            self.text += self.decoder.flush()
+            hit = next((self.text.index(s) for s in self.stop if s in self.text), None)
+            self.text = self.text[:hit]
+        if self.on_text is not None and len(self.text) > self.held:
+            self.on_text(self.text[self.held:])
+            self.held = len(self.text)
+        return self.text
 
 
 def _row_stops(stop: list[str] | list[list[str]] | None, rows: int) -> list[list[str]]:

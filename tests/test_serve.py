@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from kernels.quant import dequantize, quantize  # noqa: E402
 from serve.config import ServeConfig  # noqa: E402
-from serve.generate import SamplingConfig, generate  # noqa: E402
+from serve.generate import DecodeBatch, SamplingConfig, generate  # noqa: E402
 from serve.runtime import BudgetError, OffloadedModel  # noqa: E402
 from serve.store import ModelDirError  # noqa: E402
 from serve.units import parse_size  # noqa: E402
@@ -82,7 +82,7 @@ def test_greedy_tokens_and_logits_equal_transformers(family_ref, fraction, polic
     assert m.n_slots == (4 if fraction else total)
     res = generate(m, prompts, NEW, keep_logits=True)
     assert res.token_ids == ref_ids
-    torch.testing.assert_close(torch.stack(res.step_logits, 1), ref_logits,
+    torch.testing.assert_close(torch.stack(res.logits), ref_logits,
                                rtol=1e-4, atol=1e-4)
     st = res.stats
     assert st["bytes_to_device"] > 0 and 0 <= st["expert_hit_rate"] <= 1
@@ -131,7 +131,7 @@ def test_quantized_experts_move_fewer_bytes_and_stay_close(refs, tmp_path, quant
     assert m.store.n_disk > 0 and list(tmp_path.glob("*.safetensors"))
     assert m.store.expert_nbytes < full.store.expert_nbytes * (bits / 32 + 0.1)
     res = generate(m, prompts, NEW, keep_logits=True)
-    got = torch.stack(res.step_logits, 1)
+    got = torch.stack(res.logits)
     rel = (got - ref_logits).norm() / ref_logits.norm()
     assert rel < tol, f"{quant} logits rel. error {rel:.3g}"
 
@@ -166,7 +166,7 @@ def test_quantized_experts_stay_packed_in_more_slots(refs, quant, gain, prefetch
     want = generate(full, prompts, NEW, keep_logits=True)
     assert got.stats["expert_misses"] > 0
     assert got.token_ids == want.token_ids
-    torch.testing.assert_close(torch.stack(got.step_logits), torch.stack(want.step_logits),
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -183,8 +183,8 @@ def test_triton_kernels_serve_like_the_torch_path(refs, quant):
     runs = {b: generate(serve(d, quant=quant, memory_budget=budget, kernel_backend=b),
                         prompts, 4, keep_logits=True) for b in ("torch", "triton")}
     assert runs["triton"].token_ids == runs["torch"].token_ids
-    torch.testing.assert_close(torch.stack(runs["triton"].step_logits),
-                               torch.stack(runs["torch"].step_logits), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.stack(runs["triton"].logits),
+                               torch.stack(runs["torch"].logits), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -230,6 +230,36 @@ def test_stop_token_ends_a_row(refs):
     assert res.finish_reasons[0] == "stop"
     if stop not in ref_ids[1]:
         assert res.token_ids[1] == ref_ids[1] and res.finish_reasons[1] == "length"
+
+
+def test_rows_joining_and_leaving_a_running_batch_match_running_alone(refs):
+    """Continuous batching: sequences that start at different steps, in KV-cache rows that are
+    not contiguous (a middle row ended), each give the tokens and logits they give alone;
+    a freed row is reused."""
+    family, d, _, _, _ = refs("qwen2_moe")
+    m = serve(d, max_batch=3, memory_budget=budget_for(d, 6, max_batch=3))
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, 300, (n,), generator=gen).tolist() for n in (7, 3, 11, 5)]
+    limits = [9, 2, 6, 5]
+    alone = [generate(m, [p], n, keep_logits=True) for p, n in zip(prompts, limits, strict=True)]
+    batch = DecodeBatch(m, keep_logits=True)
+    rows = batch.add(prompts[:1], limits[:1])
+    batch.step()
+    rows += batch.add(prompts[1:3], limits[1:3])  # join row 0 at its third token
+    assert batch.step() == [rows[1]]  # its 2 tokens: rows 0 and 2 go on
+    assert [r.kv_row for r in batch.live] == [0, 2]
+    batch.step()
+    rows += batch.add(prompts[3:], limits[3:])
+    assert rows[3].kv_row == 1
+    while batch.live:
+        batch.step()
+    for r, a in zip(rows, alone, strict=True):
+        assert r.out == a.token_ids[0] and r.finish_reason == "length"
+        torch.testing.assert_close(torch.stack(r.logits), a.logits[0], rtol=1e-4, atol=1e-4)
+    assert [r.peak_batch for r in rows] == [3, 3, 3, 3]
+    with pytest.raises(ValueError, match="2 prompts but 1 free rows of 3"):
+        batch.add(prompts[:2], limits[:2])
+        batch.add(prompts[:2], limits[:2])
 
 
 def test_errors_name_the_problem(tmp_path):

@@ -1,7 +1,8 @@
-"""Request batching behind the HTTP server: requests that wait while a batch runs go together,
-give the tokens they give alone (and transformers gives), keep their own limits and stop
-strings, seeded sampling runs alone, a gone client ends only its row, errors reach every
-waiting client and the worker lives on."""
+"""Continuous batching behind the HTTP server: requests that arrive while others decode join
+them (and take a row as soon as one frees), give the tokens they give alone (and transformers
+gives), keep their own limits and stop strings; seeded sampling runs alone and nothing
+overtakes it; a gone client ends only its row; errors reach every client of the batch and
+the worker lives on."""
 
 from __future__ import annotations
 
@@ -44,12 +45,13 @@ LOG: list[str] = []
 
 
 class Gate:
-    """Holds the worker inside its first batch (a lone request) until open(), so that the
-    requests submitted meanwhile are all waiting when the next batch forms."""
+    """Holds the worker inside the prefill of a lone first request (3 greedy tokens) until
+    open(), so that the requests submitted meanwhile are all waiting when it returns."""
 
     def __init__(self, batcher: Batcher, monkeypatch):
         self.entered, self.go = threading.Event(), threading.Event()
-        real = batcher.session.complete
+        model = batcher.session.model
+        real = model.step
 
         def held(*args, **kwargs):
             if not self.go.is_set():
@@ -57,17 +59,17 @@ class Gate:
                 self.go.wait(timeout=60)
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(batcher.session, "complete", held)
+        monkeypatch.setattr(model, "step", held)
         self.req = batcher.submit(Request([5, 6, 7], 3, GREEDY))
-        assert self.entered.wait(timeout=60), "the worker never started the first batch"
+        assert self.entered.wait(timeout=60), "the worker never started the first request"
 
     def open(self) -> None:
         self.go.set()
         assert self.req.done.wait(timeout=60)
 
 
-def test_waiting_requests_run_as_one_batch_and_match_running_alone(served, batcher,
-                                                                  monkeypatch):
+def test_requests_join_the_running_batch_and_match_running_alone(served, batcher,
+                                                                 monkeypatch):
     session, hf = served
     prompts = [[3, 14, 15, 92, 65], [7, 8], [100, 101, 102, 103], [42, 43, 44]]
     limits = [6, 3, 8, 5]
@@ -76,14 +78,18 @@ def test_waiting_requests_run_as_one_batch_and_match_running_alone(served, batch
     gate.open()
     for r in reqs:
         assert r.done.wait(timeout=120) and r.error is None, r.error
-    assert list(batcher.batches) == [1, 4]
-    assert LOG[-1].startswith("batch of 4: 14 prompt + ") and "tok/s decode" in LOG[-1]
+    # 3 join the gate's request (4 KV rows); the 4th takes the gate's row when it ends and
+    # decodes next to the three, still running
+    assert list(batcher.batches) == [1, 3, 1]
+    assert [r.stats["batch_size"] for r in reqs] == [4, 4, 4, 4]
+    assert all(line.startswith("request done: ") and " tok/s decode, ttft " in line
+               for line in LOG[-5:])
     eos = session.stop_ids
     for p, n, r in zip(prompts, limits, reqs, strict=True):
         want = hf_greedy(hf, p, n)
         want = want[:next((i + 1 for i, t in enumerate(want) if t in eos), len(want))]
         assert r.completion.token_ids == want
-        assert r.stats["batch_size"] == 4
+        assert r.stats["new_tokens"] == len(want) and r.stats["ttft_s"] >= r.stats["queue_s"]
         alone, _ = session.complete([p], n)
         assert alone[0].token_ids == r.completion.token_ids
 
@@ -103,7 +109,8 @@ def test_per_request_stop_strings_and_seeded_sampling_runs_alone(served, batcher
     gate.open()
     for r in (cut, s1, plain, s2):
         assert r.done.wait(timeout=120) and r.error is None, r.error
-    assert list(batcher.batches) == [1, 2, 1, 1]  # greedy pair first, then each seeded alone
+    # `cut` joins the gate's batch; `plain` may not overtake s1, so it waits for it
+    assert list(batcher.batches) == [1, 1, 1, 1, 1]
     assert cut.completion.text == text[:text.index(stop)]
     assert cut.completion.finish_reason == "stop"
     assert plain.completion.text == session.complete([ids], 12)[0][0].text
@@ -124,14 +131,17 @@ def test_a_gone_client_ends_only_its_row(batcher, monkeypatch):
     assert len(gone.completion.token_ids) < len(stays.completion.token_ids)
 
 
-def test_a_failing_batch_reports_to_every_request_and_the_worker_lives_on(served, batcher,
-                                                                           monkeypatch):
+def test_a_failing_step_reaches_every_request_of_the_batch_and_the_worker_lives_on(
+        served, batcher, monkeypatch):
     session, _ = served
-    real = session.complete
-    monkeypatch.setattr(session, "complete", lambda *a, **k: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
-        batcher.run(Request([1, 2, 3], 2, GREEDY))
-    monkeypatch.setattr(session, "complete", real)
+    gate = Gate(batcher, monkeypatch)
+    joiners = [batcher.submit(Request([1, 2, 3], 4, GREEDY)) for _ in range(2)]
+    monkeypatch.setattr(session.model, "step", lambda *a, **k: 1 / 0)  # their prefill fails
+    gate.go.set()
+    for r in (gate.req, *joiners):
+        assert r.done.wait(timeout=60)
+        assert isinstance(r.error, ZeroDivisionError), r.error
+    monkeypatch.undo()
     assert len(batcher.run(Request([1, 2, 3], 2, GREEDY)).completion.token_ids) == 2
     with pytest.raises(ValueError, match="longer than the context"):
         batcher.submit(Request(list(range(1, 80)), 2, GREEDY))
@@ -163,12 +173,12 @@ def test_http_concurrent_requests_are_batched_and_each_answered(served, monkeypa
         gate.open()
         for t in threads:
             t.join(timeout=120)
-        assert list(srv.batcher.batches) == [1, 3]
+        assert list(srv.batcher.batches) == [1, 3]  # the three join the gate's request
         codec = session.codec
         for i in (0, 2):
             doc = json.loads(answers[i]["body"])
             assert doc["choices"][0]["text"] == codec.decode(hf_greedy(hf, prompts[i], 5))
-            assert doc["stats"]["batch_size"] == 3
+            assert doc["stats"]["batch_size"] == 4
         events = [line[6:] for line in answers[1]["body"].splitlines()
                   if line.startswith("data: ")]
         assert events[-1] == "[DONE]"
