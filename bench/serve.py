@@ -10,7 +10,11 @@ PCIe bound: a cache holding a fraction f of the experts must, with no locality t
 move (1 - f) of the experts each token uses; bound tokens/s = measured pinned host-to-device
 bandwidth / those bytes. With --quants int8 / int4, our rows also run packed experts under
 the same budget (more slots, fewer bytes each; their bound uses their own f and bytes).
-Every number lands in a table appended to bench/RESULTS.md.
+With --batches 1,4 a second table decodes b sequences at once under the same expert slots
+(the budget grows by the b rows of KV cache only). A step moves each expert once for all its
+rows, but b sequences also need b times the working set of one: when that outgrows the
+slots the cache thrashes, so bytes per token can rise as well as fall. The table measures it.
+Every number lands in tables appended to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -122,13 +126,14 @@ def hf_decode_tokens_per_s(model_dir: Path, budget: int, prompt_len: int, new_to
 
 
 def _measure_ours(base: ServeConfig, budget: int, quant: str, store: WeightStore,
-                  prefetch: str, a) -> dict:
-    """One warmed-up bench.measure of our runtime under `budget` -> its report."""
+                  prefetch: str, a, batch: int = 1) -> dict:
+    """One warmed-up bench.measure of our runtime under `budget`, `batch` sequences at once
+    -> its report."""
     cfg = ServeConfig(**{**base.__dict__, "memory_budget": budget, "prefetch": prefetch,
-                         "quant": quant})
+                         "quant": quant, "max_batch": batch})
     model = OffloadedModel(cfg, store=store)
-    measure(model, a.prompt_len, 2)  # warm-up (kernels, caches)
-    report = measure(model, a.prompt_len, a.new_tokens)
+    measure(model, a.prompt_len, 2, batch)  # warm-up (kernels, caches)
+    report = measure(model, a.prompt_len, a.new_tokens, batch)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -156,6 +161,16 @@ def _row(f, slots, total, budget, quant, r, base_run, hf_tps, hf_label, h2d) -> 
             f"{r['bytes_to_device_per_token'] / 2**20:.1f}"]
 
 
+def _batch_row(f: float, quant: str, r: dict, one: dict) -> list[str]:
+    """A row of the batching table: r at batch b next to `one`, the same setting at batch 1."""
+    tps = r["decode_tokens_per_s"]
+    return [f"{f:.0%}", quant, str(r["batch"]), str(r["expert_slots"]), f"{tps:.2f}",
+            f"{tps / r['batch']:.2f}", f"{tps / one['decode_tokens_per_s']:.2f}",
+            f"{r['bytes_to_device_per_token'] / 2**20:.2f}",
+            f"{one['bytes_to_device_per_token'] / 2**20:.2f}",
+            f"{r['experts_used_per_token']:.2f}", f"{r['expert_hit_rate']:.2f}"]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4)
@@ -165,6 +180,8 @@ def main(argv=None) -> None:
     p.add_argument("--quants", default="none,int8",
                    help="expert formats for our rows (int8 / int4: packed slots under the "
                    "same budget, so more experts fit)")
+    p.add_argument("--batches", default="1,4",
+                   help="batch sizes of the batching table (1 alone: no such table)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--dir", default=None, help="where the random model is written")
@@ -188,7 +205,8 @@ def main(argv=None) -> None:
     fixed, slot, _ = memory_plan(store, base, dtype, 1, max_context)
     total = len(store.moe_layers) * store.num_experts
     h2d = h2d_bandwidth(device)
-    rows, records = [], []
+    rows, records, batch_rows = [], [], []
+    batches = sorted({int(b) for b in a.batches.split(",") if b} - {1})
     stopped = None
     try:
         with stop_on_sigterm():
@@ -210,6 +228,12 @@ def main(argv=None) -> None:
                     records.append({"fraction": f, "quant": q, "ours": ours,
                                     "no_prefetch": base_run, "hf": hf_tps, "hf_label": hf_label,
                                     "pcie_bound": _bound(ours, total, h2d)})
+                    for b in batches:  # the same slots: the budget grows by b rows of KV
+                        grown = budget + memory_plan(store, base, dtype, b, max_context)[0] \
+                            - fixed
+                        rb = _measure_ours(base, grown, q, stores[q], "cross-layer", a, b)
+                        batch_rows.append(_batch_row(f, q, rb, ours))
+                        records.append({"fraction": f, "quant": q, "batch": b, "ours": rb})
     except Stopped:
         stopped = "stopped by SIGTERM (timeout); the rows are those measured before it"
         print(stopped, file=sys.stderr, flush=True)
@@ -220,11 +244,18 @@ def main(argv=None) -> None:
               "ours / transformers", "hit rate (pf / no pf)", "prefetch prec / recall",
               "MiB moved / token"]
     table = markdown_table(header, rows)
+    if batch_rows:
+        table += "\n\nBatched decode (ours, cross-layer prefetch; the expert slots of the " \
+            "batch-1 row, the budget grown by the KV cache of the extra rows):\n\n" + \
+            markdown_table(["budget", "expert format", "batch", "slots", "tok/s (all rows)",
+                            "tok/s per sequence", "vs batch 1", "MiB moved / token",
+                            "MiB moved / token at batch 1", "experts used / token",
+                            "hit rate"], batch_rows)
     print(table)
     shape_txt = ", ".join(f"{k}={v}" for k, v in shape.items())
     body = (f"Shapes: {shape_txt}, {a.layers} layers, {dtype}; prompt {a.prompt_len}, "
-            f"{a.new_tokens} greedy new tokens, batch 1, LRU. Measured pinned H2D: "
-            f"{h2d / 1e9:.1f} GB/s.\n\n" if h2d else
+            f"{a.new_tokens} greedy new tokens, LRU, batch 1 in the first table. Measured "
+            f"pinned H2D: {h2d / 1e9:.1f} GB/s.\n\n" if h2d else
             f"Shapes: {shape_txt}, {a.layers} layers, {dtype}; prompt {a.prompt_len}, "
             f"{a.new_tokens} new tokens (CPU smoke run: no PCIe).\n\n") \
         + (f"**Partial**: {stopped}.\n\n" if stopped else "") + table

@@ -33,6 +33,7 @@ def test_serve_bench_smoke(tmp_path):
     text = out.read_text()
     assert "Offloaded decode" in text and "4/16 (25%)" in text and "8/16 (50%)" in text
     assert "failed" not in text  # the transformers baseline ran too
+    assert "Batched decode" in text and "| 25% | none | 4 | 4 |" in text
 
 
 def test_kernels_bench_writes_its_rows_when_a_timeout_stops_it(tmp_path):
