@@ -126,8 +126,6 @@ class Batcher:
                 return True
             if req is None:
                 self._closing = True
-            elif req.cancelled:  # its client left before it started
-                req.done.set()
             else:
                 self._waiting.append(req)
 
@@ -135,6 +133,10 @@ class Batcher:
         """The waiting requests to start now. Idle: the oldest and every waiting one that may
         share its batch. Running: waiting ones, oldest first, that may join, up to the first
         that may not (it is not overtaken)."""
+        for r in self._waiting:
+            if r.cancelled:  # its client left while it waited
+                r.done.set()
+        self._waiting = [r for r in self._waiting if not r.cancelled]
         if not self._waiting:
             return []
         if not self._rows:

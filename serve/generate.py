@@ -227,7 +227,6 @@ def generate(model: OffloadedModel, prompts: Sequence[Sequence[int]],
     batch = DecodeBatch(model, sampling, stop_ids, keep_logits=keep_logits)
     calls = None if on_token is None else [
         (lambda t, b=b: on_token(b, t)) for b in range(len(prompts))]
-    check_prompts(model, prompts)
     model.reset_stats()
     t0 = time.perf_counter()
     rows = batch.add(prompts, limits, calls)

@@ -117,16 +117,19 @@ def test_per_request_stop_strings_and_seeded_sampling_runs_alone(served, batcher
     assert s1.completion.token_ids == s2.completion.token_ids  # same seed, same tokens
 
 
-def test_a_gone_client_ends_only_its_row(batcher, monkeypatch):
+def test_a_gone_client_ends_only_its_row_and_a_left_one_never_starts(batcher, monkeypatch):
     def hang_up(_text):
         raise BrokenPipeError("client closed the stream")
 
     gate = Gate(batcher, monkeypatch)
     gone = batcher.submit(Request([9, 10, 11], 20, GREEDY, on_text=hang_up))
+    left = batcher.submit(Request([9, 10, 11], 20, GREEDY))
+    left.cancelled = True  # its client left while it waited: it never starts
     stays = batcher.submit(Request([9, 10, 11], 20, GREEDY))
     gate.open()
-    for r in (gone, stays):
+    for r in (gone, left, stays):
         assert r.done.wait(timeout=120) and r.error is None
+    assert left.completion is None and list(batcher.batches) == [1, 2]
     assert gone.cancelled
     assert len(gone.completion.token_ids) < len(stays.completion.token_ids)
 
