@@ -36,7 +36,7 @@ from moe.config import ModelConfig, MoEConfig
 from moe.hf import expert_tensor_names, hf_config_json, shared_names
 from routing.config import RouterConfig
 from serve.bench import h2d_bandwidth, measure
-from serve.config import ServeConfig
+from serve.config import CACHE_POLICIES, ServeConfig
 from serve.runtime import OffloadedModel, memory_plan
 from serve.store import WeightStore
 
@@ -180,6 +180,8 @@ def main(argv=None) -> None:
     p.add_argument("--quants", default="none,int8",
                    help="expert formats for our rows (int8 / int4: packed slots under the "
                    "same budget, so more experts fit)")
+    p.add_argument("--cache-policy", choices=CACHE_POLICIES, default="lru",
+                   help="our rows' expert cache policy")
     p.add_argument("--batches", default="1,4",
                    help="batch sizes of the batching table (1 alone: no such table)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
@@ -196,7 +198,7 @@ def main(argv=None) -> None:
     write_model(root, shape, a.layers, dtype)
     max_context = a.prompt_len + a.new_tokens + 8
     base = ServeConfig(model=str(root), device=device.type, dtype=str(dtype)[6:],
-                       max_context=max_context)
+                       max_context=max_context, cache_policy=a.cache_policy)
     quants = [q for q in a.quants.split(",") if q]
     stores = {q: WeightStore(root, dtype, quant=q, pin=device.type == "cuda", verbose=True,
                              host_budget=None if device.type == "cuda" else 0)
@@ -254,10 +256,12 @@ def main(argv=None) -> None:
     print(table)
     shape_txt = ", ".join(f"{k}={v}" for k, v in shape.items())
     body = (f"Shapes: {shape_txt}, {a.layers} layers, {dtype}; prompt {a.prompt_len}, "
-            f"{a.new_tokens} greedy new tokens, LRU, batch 1 in the first table. Measured "
+            f"{a.new_tokens} greedy new tokens, cache policy {a.cache_policy}, batch 1 in the "
+            f"first table. Measured "
             f"pinned H2D: {h2d / 1e9:.1f} GB/s.\n\n" if h2d else
             f"Shapes: {shape_txt}, {a.layers} layers, {dtype}; prompt {a.prompt_len}, "
-            f"{a.new_tokens} new tokens (CPU smoke run: no PCIe).\n\n") \
+            f"{a.new_tokens} new tokens, cache policy {a.cache_policy} (CPU smoke run: no "
+            "PCIe).\n\n") \
         + (f"**Partial**: {stopped}.\n\n" if stopped else "") + table
     cmd = "python -m bench.serve " + " ".join(argv if argv is not None else sys.argv[1:])
     if a.out:

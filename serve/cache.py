@@ -1,5 +1,6 @@
 """The device expert cache: a slot pool allocated once, filled from the store, and an
-eviction policy (LRU, LFU, or layer-aware favouring shallow layers, as Fate does).
+eviction policy (LRU, LFU, layer-aware favouring shallow layers as Fate does, or next-use:
+Belady's rule over the cyclic layer order).
 
 Copies run on a side CUDA stream when one is given (prefetch) and on the compute stream
 otherwise; a slot's ready event orders its use after its copy.
@@ -62,7 +63,26 @@ class LayerAware(Policy):
         return -age * (1.0 + key[0] / max(self.n_layers, 1))
 
 
-POLICIES = {"lru": LRU, "lfu": LFU, "layer": LayerAware}
+class NextUse(Policy):
+    """Belady's rule for decode's cyclic layer order: evict first the expert whose layer comes
+    round again last (the layer running now, then the one before it, ...), least recently
+    used first within a layer. LRU does the opposite when the experts a step needs outgrow
+    the slots (batched decode): it evicts the next layers' experts just before their use."""
+
+    def __init__(self, n_layers: int):
+        super().__init__(n_layers)
+        self.layer = 0  # the layer of the last use
+
+    def touch(self, key: Key) -> None:
+        super().touch(key)
+        self.layer = key[0]
+
+    def score(self, key: Key) -> float:
+        ahead = (key[0] - self.layer) % self.n_layers or self.n_layers  # layers to its turn
+        return -ahead * (self.clock + 1) + self.last.get(key, 0)
+
+
+POLICIES = {"lru": LRU, "lfu": LFU, "layer": LayerAware, "next-use": NextUse}
 
 
 @dataclass

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from serve.config import ServeConfig
+from serve.config import CACHE_POLICIES, ServeConfig
 from serve.generate import SamplingConfig
 from serve.units import parse_size
 
@@ -41,7 +41,7 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                         "default: no limit")
     p.add_argument("--host-budget", type=_size, default=None, metavar="SIZE",
                    help="expert bytes kept in host RAM; the rest stays on disk")
-    p.add_argument("--cache-policy", choices=["lru", "lfu", "layer"], default="lru")
+    p.add_argument("--cache-policy", choices=CACHE_POLICIES, default="lru")
     p.add_argument("--prefetch", choices=["none", "cross-layer"], default="cross-layer")
     p.add_argument("--quant", choices=["none", "int8", "int4"], default="none")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")

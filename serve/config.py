@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+CACHE_POLICIES = ("lru", "lfu", "layer", "next-use")  # serve.cache.POLICIES
+
 
 @dataclass
 class ServeConfig:
@@ -15,7 +17,7 @@ class ServeConfig:
     KV cache, expert slots and an activation estimate. None: every expert
     gets a slot. host_budget: expert bytes kept in host RAM (None: all that fit on cuda, none
     on cpu, where the memory-mapped files are the offload tier).
-    cache_policy: "lru", "lfu" or "layer". prefetch: "cross-layer" or "none".
+    cache_policy: "lru", "lfu", "layer" or "next-use". prefetch: "cross-layer" or "none".
     quant: "none", "int8" or "int4" (weight-only experts, kept packed on the device and
     dequantized inside the expert GEMMs).
     max_batch x max_context tokens of KV cache are reserved (max_context: None = the model's
@@ -39,7 +41,7 @@ class ServeConfig:
     def check(self) -> None:
         choices = {"device": ("auto", "cuda", "cpu"),
                    "dtype": ("auto", "float32", "bfloat16", "float16"),
-                   "cache_policy": ("lru", "lfu", "layer"),
+                   "cache_policy": CACHE_POLICIES,
                    "prefetch": ("none", "cross-layer"), "quant": ("none", "int8", "int4")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -70,7 +70,7 @@ def budget_for(model_dir, slots: int, **kw) -> int:
 
 
 @pytest.mark.parametrize("prefetch", ["none", "cross-layer"])
-@pytest.mark.parametrize("policy", ["lru", "lfu", "layer"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "layer", "next-use"])
 @pytest.mark.parametrize("fraction", [None, 0.25])
 def test_greedy_tokens_and_logits_equal_transformers(family_ref, fraction, policy, prefetch):
     family, d, prompts, ref_ids, ref_logits = family_ref
@@ -299,7 +299,8 @@ def test_errors_name_the_problem(tmp_path):
 
 
 def test_cache_policies_pick_the_victim_they_promise():
-    from serve.cache import LFU, LRU, LayerAware
+    from serve.cache import LFU, LRU, POLICIES, LayerAware, NextUse
+    from serve.config import CACHE_POLICIES
 
     keys = [(0, 1), (2, 1), (1, 3)]
     lru = LRU(n_layers=3)
@@ -322,6 +323,20 @@ def test_cache_policies_pick_the_victim_they_promise():
     for _ in range(3):  # a shallow expert unused for long enough still goes
         layer.touch((1, 3))
     assert layer.victim([(0, 1), (2, 1)]) == (0, 1)
+    nxt, lru = NextUse(n_layers=4), LRU(n_layers=4)
+    for k in [(0, 5), (1, 2), (2, 7), (3, 1), (0, 3), (1, 4)]:  # the next token is at layer 1
+        nxt.touch(k)
+        lru.touch(k)
+    keys = [(0, 3), (1, 2), (2, 7), (3, 1)]
+    # LRU evicts layer 2's expert, needed next; next-use the layer running now (1), then the
+    # layers whose turn comes last (0, then 3)
+    assert lru.victim(keys) == (1, 2)
+    assert nxt.victim(keys) == (1, 2)
+    assert lru.victim(keys[2:]) == (2, 7)
+    assert nxt.victim(keys[2:] + [(0, 3)]) == (0, 3)
+    assert nxt.victim([(3, 1), (2, 7)]) == (3, 1)
+    assert nxt.victim([(1, 4), (1, 2)]) == (1, 2)  # within a layer: least recently used
+    assert tuple(POLICIES) == CACHE_POLICIES  # what the CLI and config accept
 
 
 def test_slot_pool_is_allocated_once(refs):
