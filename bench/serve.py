@@ -158,7 +158,8 @@ def _row(f, slots, total, budget, quant, r, base_run, hf_tps, hf_label, h2d) -> 
             f"{ours / hf_tps:.1f}" if hf_tps else "n/a",
             f"{r['expert_hit_rate']:.2f} / {base_run['expert_hit_rate']:.2f}",
             f"{r['prefetch_precision']:.2f} / {r['prefetch_recall']:.2f}",
-            f"{r['bytes_to_device_per_token'] / 2**20:.1f}"]
+            f"{r['bytes_to_device_per_token'] / 2**20:.2f} / "
+            f"{base_run['bytes_to_device_per_token'] / 2**20:.2f}"]
 
 
 def _batch_row(f: float, quant: str, r: dict, one: dict) -> list[str]:
@@ -244,7 +245,7 @@ def main(argv=None) -> None:
               "transformers+accelerate tok/s" if device.type == "cuda"
               else "transformers (CPU, no offload) tok/s", "PCIe bound tok/s", "bound / ours",
               "ours / transformers", "hit rate (pf / no pf)", "prefetch prec / recall",
-              "MiB moved / token"]
+              "MiB moved / token (pf / no pf)"]
     table = markdown_table(header, rows)
     if batch_rows:
         table += "\n\nBatched decode (ours, cross-layer prefetch; the expert slots of the " \

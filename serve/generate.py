@@ -205,6 +205,8 @@ class DecodeBatch:
 
 
 def _row_stats(r: Row, model_stats: dict) -> dict:
+    """A finished row's figures; the cache ones (model_stats) are the model's over the row's
+    life, so they include the rows it ran with."""
     decode_s = r.t_done - r.t_first
     n = len(r.out)
     return {"prompt_tokens": r.prompt_len, "new_tokens": n, "ttft_s": r.t_first - r.t_added,
