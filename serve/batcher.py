@@ -1,12 +1,9 @@
 """Continuous batching for the server: one worker thread runs a `DecodeBatch` on the session's
 model; a request that arrives while others decode is prefilled and joins them at the next
-step, up to max_batch rows, and leaves as soon as it ends.
+step, up to max_batch rows, and leaves as soon as it ends. Requests start in arrival order.
 
-Rows of one batch share one sampling generator, so only requests whose sampling is the same
-and unseeded (or greedy) go together; a request with a seed runs alone, so that its seed
-gives the same tokens whatever else the server is doing. A request never overtakes an older
-one that cannot join: requests join the running batch in arrival order, up to the first that
-cannot, which then starts the next batch once the running one ends. Offloaded serving gains
+Every row samples with its own config and generator, so greedy, sampled and seeded requests
+share a batch, and a seeded request draws the tokens it draws alone. Offloaded serving gains
 the most from batching: the experts a step needs are moved to the device once for all rows.
 """
 
@@ -40,15 +37,6 @@ class Request:
     done: threading.Event = field(default_factory=threading.Event)
     submitted: float = 0.0
 
-    def batch_key(self) -> tuple | None:
-        """Requests with equal keys may share a batch; None: this one runs alone."""
-        s = self.sampling
-        if s.temperature == 0:
-            return ("greedy",)
-        if s.seed is not None:
-            return None
-        return ("sample", s.temperature, s.top_k, s.top_p)
-
 
 class Batcher:
     """Runs requests on `session` from one worker thread, continuously batched (see module)."""
@@ -65,8 +53,7 @@ class Batcher:
         self._queue: queue.Queue[Request | None] = queue.Queue()
         self._waiting: list[Request] = []  # taken off the queue, not yet started (FIFO)
         self._closing = False
-        self._batch: DecodeBatch | None = None
-        self._key: tuple | None = None  # batch_key of the running batch
+        self._batch = DecodeBatch(session.model, session.stop_ids, capacity=self.max_batch)
         self._rows: dict[Row, tuple[Request, TextRow]] = {}
         self.batches: deque[int] = deque(maxlen=1024)  # sizes of the last groups started
         self._worker = threading.Thread(target=self._loop, name="moe-serve-batcher",
@@ -107,9 +94,8 @@ class Batcher:
         while self._take_arrivals():
             try:
                 self._start(self._select())
-                if self._batch is not None:
-                    for row in self._batch.step():
-                        self._finish(row)
+                for row in self._batch.step():
+                    self._finish(row)
             except BaseException as e:  # noqa: BLE001 - every client in the batch is told
                 self._fail(e)
 
@@ -130,33 +116,13 @@ class Batcher:
                 self._waiting.append(req)
 
     def _select(self) -> list[Request]:
-        """The waiting requests to start now. Idle: the oldest and every waiting one that may
-        share its batch. Running: waiting ones, oldest first, that may join, up to the first
-        that may not (it is not overtaken)."""
+        """The oldest waiting requests, as many as there are free rows."""
         for r in self._waiting:
             if r.cancelled:  # its client left while it waited
                 r.done.set()
         self._waiting = [r for r in self._waiting if not r.cancelled]
-        if not self._waiting:
-            return []
-        if not self._rows:
-            lead = self._waiting[0]
-            self._key = lead.batch_key()
-            self._batch = DecodeBatch(self.session.model, lead.sampling,
-                                      self.session.stop_ids, capacity=self.max_batch)
-            pick = [lead]
-            if self._key is not None:
-                pick += [r for r in self._waiting[1:] if r.batch_key() == self._key]
-        else:
-            if self._key is None:
-                return []
-            pick = []
-            for r in self._waiting:
-                if r.batch_key() != self._key:
-                    break
-                pick.append(r)
-        pick = pick[:self._batch.free]
-        self._waiting = [r for r in self._waiting if all(r is not p for p in pick)]
+        pick = self._waiting[:self._batch.free]
+        self._waiting = self._waiting[len(pick):]
         return pick
 
     def _start(self, reqs: list[Request]) -> None:
@@ -167,7 +133,7 @@ class Batcher:
                                        cancelled=lambda r=r: r.cancelled) for r in reqs]
         try:
             rows = self._batch.add([r.ids for r in reqs], [r.max_tokens for r in reqs],
-                                   [t.on_token for t in texts])
+                                   [t.on_token for t in texts], [r.sampling for r in reqs])
         except BaseException as e:
             for r in reqs:
                 r.error = e
@@ -208,10 +174,11 @@ class Batcher:
                      f"{st['expert_hit_rate']:.2f}")
 
     def _fail(self, e: BaseException) -> None:
-        """Every request in the running batch gets `e`; the batch is dropped."""
+        """Every request in the running batch gets `e`; the batch starts afresh."""
         for req, _ in self._rows.values():
             req.error = e
             req.done.set()
         self._rows.clear()
-        self._batch = None
+        self._batch = DecodeBatch(self.session.model, self.session.stop_ids,
+                                  capacity=self.max_batch)
 

@@ -62,7 +62,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    help="0 or unset: greedy (unless --top-k/--top-p are given)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed; prompt i of a batch uses seed + i")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
 

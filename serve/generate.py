@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -22,6 +22,15 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """A generator seeded with `seed` (a fresh seed when None); None when greedy."""
+        if self.temperature == 0:
+            return None
+        gen = torch.Generator(device=device)
+        gen.manual_seed(self.seed if self.seed is not None else
+                        int(torch.randint(0, 2**62, ()).item()))
+        return gen
 
     def check(self) -> None:
         if self.temperature < 0:
@@ -62,6 +71,23 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig,
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+def sample_rows(logits: torch.Tensor, cfgs: Sequence[SamplingConfig],
+                gens: Sequence[torch.Generator | None]) -> list[int]:
+    """logits [B, V] -> one token id per row, row b sampled by cfgs[b] with gens[b] (so a
+    seeded row draws the same tokens whatever rows share its batch)."""
+    greedy = [b for b, c in enumerate(cfgs) if c.temperature == 0]
+    if len(greedy) == len(cfgs):
+        return logits.argmax(-1).tolist()
+    out = [0] * len(cfgs)
+    if greedy:
+        for b, t in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
+            out[b] = t
+    for b, c in enumerate(cfgs):
+        if c.temperature > 0:
+            out[b] = int(sample_next(logits[b:b + 1], c, gens[b]))
+    return out
+
+
 def check_prompts(model: OffloadedModel, prompts: Sequence[Sequence[int]]) -> None:
     if not prompts:
         raise ValueError("no prompt given")
@@ -87,6 +113,8 @@ class Row:
     prompt_len: int
     limit: int  # most new tokens
     kv_row: int
+    sampling: SamplingConfig
+    gen: torch.Generator | None = None
     on_token: Callable[[int], bool | None] | None = None
     out: list[int] = field(default_factory=list)  # new tokens so far
     length: int = 0  # positions held in its KV-cache row
@@ -106,29 +134,20 @@ class DecodeBatch:
 
     `add` prefills new prompts into free rows and chooses their first tokens; `step` runs one
     decode step of every live row. Rows join and leave between steps (continuous batching),
-    so a request need not wait for a running batch to end. All rows share one sampling
-    config and one generator (a seeded request should run in a batch of its own).
+    so a request need not wait for a running batch to end. Each row samples with its own
+    config and generator.
     """
 
-    def __init__(self, model: OffloadedModel, sampling: SamplingConfig | None = None,
-                 stop_ids: Sequence[int] = (), capacity: int | None = None,
-                 keep_logits: bool = False):
+    def __init__(self, model: OffloadedModel, stop_ids: Sequence[int] = (),
+                 capacity: int | None = None, keep_logits: bool = False):
         """capacity: most rows at once (default and at most: the model's max_batch)."""
         self.model = model
-        self.sampling = sampling or SamplingConfig()
-        self.sampling.check()
         self.capacity = capacity or model.max_batch
         if not 1 <= self.capacity <= model.max_batch:
             raise ValueError(f"capacity {self.capacity} is outside [1, max_batch="
                              f"{model.max_batch}]")
         self.stops = set(stop_ids)
         self.keep_logits = keep_logits
-        self.gen = None
-        if self.sampling.temperature > 0:
-            seed = self.sampling.seed
-            self.gen = torch.Generator(device=model.device)
-            self.gen.manual_seed(seed if seed is not None else
-                                 int(torch.randint(0, 2**62, ()).item()))
         self.live: list[Row] = []
         self._free = list(range(self.capacity))  # KV-cache rows, lowest first
 
@@ -137,11 +156,17 @@ class DecodeBatch:
         return len(self._free)
 
     def add(self, prompts: Sequence[Sequence[int]], limits: Sequence[int],
-            on_token: Sequence[Callable[[int], bool | None] | None] | None = None
-            ) -> list[Row]:
+            on_token: Sequence[Callable[[int], bool | None] | None] | None = None,
+            sampling: Sequence[SamplingConfig] | None = None) -> list[Row]:
         """Prefill prompts (lists of ids) into free rows and choose their first tokens ->
-        their Rows (a row may end at once). limits: most new tokens per prompt."""
+        their Rows (a row may end at once). limits: most new tokens per prompt; sampling:
+        one config per prompt (default greedy)."""
         check_prompts(self.model, prompts)
+        cfgs = list(sampling) if sampling is not None else [SamplingConfig()] * len(prompts)
+        if len(cfgs) != len(prompts):
+            raise ValueError(f"{len(cfgs)} sampling configs for {len(prompts)} prompts")
+        for c in cfgs:
+            c.check()
         if len(prompts) > self.free:
             raise ValueError(f"{len(prompts)} prompts but {self.free} free rows of "
                              f"{self.capacity}")
@@ -151,8 +176,10 @@ class DecodeBatch:
             raise ValueError(f"max_new_tokens must be >= 1, got {min(limits)}")
         calls = list(on_token) if on_token is not None else [None] * len(prompts)
         t0, since = time.perf_counter(), self.model.counters()
-        rows = [Row(len(p), lim, self._free.pop(0), cb, t_added=t0, since=since)
-                for p, lim, cb in zip(prompts, limits, calls, strict=True)]
+        dev = self.model.device
+        rows = [Row(len(p), lim, self._free.pop(0), c, c.generator(dev), cb, t_added=t0,
+                    since=since)
+                for p, lim, cb, c in zip(prompts, limits, calls, cfgs, strict=True)]
         logits = self.model.prefill(prompts, [r.kv_row for r in rows])
         for r in rows:
             r.length = r.prompt_len
@@ -174,7 +201,8 @@ class DecodeBatch:
 
     def _choose(self, rows: list[Row], logits: torch.Tensor) -> list[Row]:
         """Sample each row's next token from logits [len(rows), V]; end rows that stop."""
-        nxt = sample_next(logits, self.sampling, self.gen).tolist()  # waits for the device
+        nxt = sample_rows(logits, [r.sampling for r in rows],  # waits for the device
+                          [r.gen for r in rows])
         now, width = time.perf_counter(), len(self.live)
         ended = []
         for j, (r, t) in enumerate(zip(rows, nxt, strict=True)):
@@ -223,15 +251,19 @@ def generate(model: OffloadedModel, prompts: Sequence[Sequence[int]],
              keep_logits: bool = False) -> GenerationResult:
     """prompts (B lists of token ids) -> up to max_new_tokens new ids each (one int, or one
     per prompt); on_token(row, id) is called as each token is chosen and ends that row when it
-    returns True. Rows that end leave the batch; the others go on."""
+    returns True. Rows that end leave the batch; the others go on. A seed s gives prompt b
+    the seed s + b, so it draws what it draws alone with that seed."""
     limits = ([max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int)
               else list(max_new_tokens))
-    batch = DecodeBatch(model, sampling, stop_ids, keep_logits=keep_logits)
+    sampling = sampling or SamplingConfig()
+    cfgs = [sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + b)
+            for b in range(len(prompts))]
+    batch = DecodeBatch(model, stop_ids, keep_logits=keep_logits)
     calls = None if on_token is None else [
         (lambda t, b=b: on_token(b, t)) for b in range(len(prompts))]
     model.reset_stats()
     t0 = time.perf_counter()
-    rows = batch.add(prompts, limits, calls)
+    rows = batch.add(prompts, limits, calls, cfgs)
     t_first = time.perf_counter()
     while batch.live:
         batch.step()

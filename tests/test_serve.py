@@ -217,6 +217,9 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(refs):
     a = generate(m, prompts, NEW, s).token_ids
     assert a == generate(m, prompts, NEW, SamplingConfig(temperature=0.9, top_p=0.9,
                                                            seed=7)).token_ids
+    # prompt b draws with seed + b: the second row is what it draws alone with seed 8
+    assert a[1] == generate(m, prompts[1:], NEW, SamplingConfig(temperature=0.9, top_p=0.9,
+                                                                seed=8)).token_ids[0]
     assert generate(m, prompts, NEW, SamplingConfig(1.0, top_k=1, seed=3)).token_ids == ref_ids
     assert generate(m, prompts, NEW, SamplingConfig(1.0, top_p=1e-6, seed=3)).token_ids == \
         ref_ids

@@ -1,8 +1,7 @@
 """Continuous batching behind the HTTP server: requests that arrive while others decode join
 them (and take a row as soon as one frees), give the tokens they give alone (and transformers
-gives), keep their own limits and stop strings; seeded sampling runs alone and nothing
-overtakes it; a gone client ends only its row; errors reach every client of the batch and
-the worker lives on."""
+gives), keep their own limits, stop strings and seeds; a gone client ends only its row;
+errors reach every client of the batch and the worker lives on."""
 
 from __future__ import annotations
 
@@ -94,13 +93,14 @@ def test_requests_join_the_running_batch_and_match_running_alone(served, batcher
         assert alone[0].token_ids == r.completion.token_ids
 
 
-def test_per_request_stop_strings_and_seeded_sampling_runs_alone(served, batcher, monkeypatch):
+def test_per_request_stop_strings_and_seeds_share_a_batch(served, batcher, monkeypatch):
     session, _ = served
     ids = session.codec.encode("def add")
     full, _ = session.complete([ids], 12, ignore_eos=True)
     text = full[0].text
     stop = text[3:5]
     seeded = SamplingConfig(temperature=0.8, seed=7)
+    alone = session.complete([ids], 6, seeded)[0][0].token_ids
     gate = Gate(batcher, monkeypatch)
     cut = batcher.submit(Request(ids, 12, GREEDY, stop=[stop]))
     s1 = batcher.submit(Request(ids, 6, seeded))
@@ -109,12 +109,14 @@ def test_per_request_stop_strings_and_seeded_sampling_runs_alone(served, batcher
     gate.open()
     for r in (cut, s1, plain, s2):
         assert r.done.wait(timeout=120) and r.error is None, r.error
-    # `cut` joins the gate's batch; `plain` may not overtake s1, so it waits for it
-    assert list(batcher.batches) == [1, 1, 1, 1, 1]
+    # three join the gate's request, whatever their sampling; s2 takes the first freed row
+    assert list(batcher.batches) == [1, 3, 1]
+    assert s1.stats["batch_size"] == 4
     assert cut.completion.text == text[:text.index(stop)]
     assert cut.completion.finish_reason == "stop"
     assert plain.completion.text == session.complete([ids], 12)[0][0].text
-    assert s1.completion.token_ids == s2.completion.token_ids  # same seed, same tokens
+    # each row has its own generator: a seed draws what it draws alone
+    assert s1.completion.token_ids == s2.completion.token_ids == alone
 
 
 def test_a_gone_client_ends_only_its_row_and_a_left_one_never_starts(batcher, monkeypatch):
