@@ -3,7 +3,8 @@
 # without prefetch vs transformers + accelerate vs the PCIe bound, Mixtral-8x7B layer shapes,
 # 4 layers, budgets holding 25% and 50% of the experts, bf16 and packed int8 experts), then the
 # serving tests on the GPU (side-stream prefetch, the budget check, the Triton path incl.
-# in-kernel dequantization). Run from the repository root with OUT set. Before the lease:
+# in-kernel dequantization), and, when LOAD_TIMEOUT is set, bench/serve_load.py. Run from the
+# repository root with OUT set. Before the lease:
 # bash bench/prepare_gpu_carry.sh (the accelerate wheel), then carry [".whl"].
 set -uo pipefail
 source bench/gpu_env.sh
@@ -15,3 +16,6 @@ limited "${SERVE_TIMEOUT:-420}" python3 -m bench.serve --layers "${LAYERS:-4}" -
   --out "$OUT/RESULTS.md" --json-out "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log"
 limited "${TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/test_serve.py \
   2>&1 | tail -20 | tee "$OUT/pytest_gpu.log"
+# Opt-in (LOAD_TIMEOUT=300): sequential vs static vs continuous batching under Poisson load.
+limited "${LOAD_TIMEOUT:-0}" python3 -m bench.serve_load --layers "${LAYERS:-4}" --requests 24 \
+  --dir /tmp/mserve_load --out "$OUT/RESULTS.md" 2>&1 | tail -8 | tee "$OUT/serve_load.log"

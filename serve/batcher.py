@@ -42,10 +42,13 @@ class Batcher:
     """Runs requests on `session` from one worker thread, continuously batched (see module)."""
 
     def __init__(self, session: Session, max_batch: int | None = None,
-                 log: Callable[[str], None] | None = None):
-        """log: called with one line per finished request (tokens, speed, batch), e.g. print."""
+                 log: Callable[[str], None] | None = None, continuous: bool = True):
+        """log: called with one line per finished request (tokens, speed, batch), e.g. print.
+        continuous=False: static batching, requests start only when the batch has drained
+        (for comparison)."""
         self.session = session
         self.log = log
+        self.continuous = continuous
         self.max_batch = max_batch or session.model.max_batch
         if self.max_batch > session.model.max_batch:
             raise ValueError(f"max_batch {self.max_batch} exceeds the model's KV cache rows "
@@ -116,11 +119,14 @@ class Batcher:
                 self._waiting.append(req)
 
     def _select(self) -> list[Request]:
-        """The oldest waiting requests, as many as there are free rows."""
+        """The oldest waiting requests, as many as there are free rows (static batching:
+        none until the running batch has drained)."""
         for r in self._waiting:
             if r.cancelled:  # its client left while it waited
                 r.done.set()
         self._waiting = [r for r in self._waiting if not r.cancelled]
+        if self._rows and not self.continuous:
+            return []
         pick = self._waiting[:self._batch.free]
         self._waiting = self._waiting[len(pick):]
         return pick
@@ -163,7 +169,8 @@ class Batcher:
         req, text = self._rows.pop(row)
         req.completion = Completion(row.out, text.finish(), row.finish_reason, row.prompt_len)
         req.stats = dict(row.stats, ttft_s=row.t_first - req.submitted,
-                         queue_s=row.t_added - req.submitted)
+                         queue_s=row.t_added - req.submitted,
+                         latency_s=row.t_done - req.submitted)
         req.done.set()
         if self.log is not None:
             st = req.stats

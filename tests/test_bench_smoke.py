@@ -36,6 +36,21 @@ def test_serve_bench_smoke(tmp_path):
     assert "Batched decode" in text and "| 25% | none | 4 | 4 |" in text
 
 
+def test_serve_load_bench_smoke(tmp_path):
+    """Sequential, static and continuous batching over the same Poisson arrivals."""
+    from bench.serve_load import main
+
+    out = tmp_path / "results.md"
+    main(["--smoke", "--layers", "2", "--requests", "6", "--rate", "200", "--prompt-len", "4,8",
+          "--new-tokens", "2,6", "--out", str(out), "--dir", str(tmp_path / "model")])
+    text = out.read_text()
+    rows = {line.split("|")[1].strip(): line.split("|") for line in text.splitlines()
+            if line.startswith("| s") or line.startswith("| c")}
+    assert set(rows) == {"sequential", "static", "continuous"}, text
+    assert float(rows["sequential"][8]) == 1.0  # mean batch
+    assert float(rows["continuous"][8]) > 1.0 and float(rows["static"][8]) > 1.0
+
+
 def test_kernels_bench_writes_its_rows_when_a_timeout_stops_it(tmp_path):
     """`timeout` sends SIGTERM: the rows measured so far still land in the results file."""
     import signal

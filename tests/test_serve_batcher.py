@@ -93,6 +93,20 @@ def test_requests_join_the_running_batch_and_match_running_alone(served, batcher
         assert alone[0].token_ids == r.completion.token_ids
 
 
+def test_static_batching_waits_for_the_running_batch_to_drain(served, monkeypatch):
+    b = Batcher(served[0], continuous=False)
+    try:
+        gate = Gate(b, monkeypatch)
+        reqs = [b.submit(Request([7, 8, 9], 3, GREEDY)) for _ in range(2)]
+        gate.open()
+        for r in reqs:
+            assert r.done.wait(timeout=120) and r.error is None, r.error
+        assert list(b.batches) == [1, 2]
+        assert [r.stats["batch_size"] for r in reqs] == [2, 2]  # never beside the gate's
+    finally:
+        b.close()
+
+
 def test_per_request_stop_strings_and_seeds_share_a_batch(served, batcher, monkeypatch):
     session, _ = served
     ids = session.codec.encode("def add")
