@@ -48,30 +48,24 @@ class Session:
             raise ValueError("a prompt must be a string or a list of token ids")
         return list(prompt)
 
-    def text_row(self, stop: list[str] = (), on_text: Callable[[str], None] | None = None,
-                 ignore_eos: bool = False, cancelled: Callable[[], bool] | None = None
-                 ) -> TextRow:
+    def text_row(self, stop: list[str] | None = None,
+                 on_text: Callable[[str], None] | None = None, ignore_eos: bool = False,
+                 cancelled: Callable[[], bool] | None = None) -> TextRow:
         """A TextRow for one sequence of this model (stop strings need the tokenizer)."""
+        stop = [s for s in stop or [] if s]
         if stop:
             self.need_codec()
         return TextRow(self.codec, self.stop_ids, stop, on_text, ignore_eos, cancelled)
 
     def complete(self, prompts: list[list[int]], max_new_tokens: int | list[int],
-                 sampling: SamplingConfig | None = None,
-                 stop: list[str] | list[list[str]] | None = None,
+                 sampling: SamplingConfig | None = None, stop: list[str] | None = None,
                  on_text: Callable[[int, str], None] | None = None,
-                 ignore_eos: bool = False,
-                 cancelled: Callable[[int], bool] | None = None,
-                 ) -> tuple[list[Completion], GenerationResult]:
+                 ignore_eos: bool = False) -> tuple[list[Completion], GenerationResult]:
         """Generate for each prompt; on_text(row, new_text) streams text as it is decided
-        (ids as text when there is no tokenizer). Stop strings (one list for every row, or a
-        list per row) end a row and are cut. max_new_tokens: one limit, or one per row.
-        cancelled(row) -> True ends that row at its next token (its client has gone)."""
-        stops = _row_stops(stop, len(prompts))
-        rows = [self.text_row(
-            stops[b], None if on_text is None else (lambda t, b=b: on_text(b, t)), ignore_eos,
-            None if cancelled is None else (lambda b=b: cancelled(b)))
-            for b in range(len(prompts))]
+        (ids as text when there is no tokenizer). Stop strings end a row and are cut.
+        max_new_tokens: one limit, or one per row."""
+        rows = [self.text_row(stop, None if on_text is None else (lambda t, b=b: on_text(b, t)),
+                              ignore_eos) for b in range(len(prompts))]
         res = generate(self.model, prompts, max_new_tokens, sampling,
                        () if ignore_eos else self.stop_ids,
                        lambda b, tok: rows[b].on_token(tok))
@@ -131,14 +125,3 @@ class TextRow:
             self.held = len(self.text)
         return self.text
 
-
-def _row_stops(stop: list[str] | list[list[str]] | None, rows: int) -> list[list[str]]:
-    """stop strings for every row, or one list per row -> one non-empty-string list per row."""
-    if not stop:
-        return [[] for _ in range(rows)]
-    if all(isinstance(s, str) for s in stop):
-        return [[s for s in stop if s] for _ in range(rows)]
-    if len(stop) != rows or not all(isinstance(s, list) for s in stop):
-        raise ValueError(f"stop must be a list of strings or {rows} lists of strings, one per "
-                         "prompt")
-    return [[x for x in s if x] for s in stop]
