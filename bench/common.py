@@ -6,6 +6,7 @@ import datetime
 import platform
 import signal
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -103,3 +104,16 @@ def results_block(title: str, command: str, device: torch.device, body: str) -> 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f"\n## {title}\n\n- date: {now}\n- device: {device_name(device)}\n"
             f"- versions: {versions()}\n- command: `{command}`\n\n{body}\n")
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that ran `module` with argv (None: this process's arguments)."""
+    return f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
+def append_results(path: str | None, title: str, command: str, device: torch.device,
+                   body: str) -> None:
+    """Append a results_block to the file at path (None: nowhere)."""
+    if path:
+        with open(path, "a") as fh:
+            fh.write(results_block(title, command, device, body))

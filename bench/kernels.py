@@ -26,6 +26,7 @@ from torch import nn
 from bench.common import (
     Stopped,
     Unavailable,
+    command_line,
     markdown_table,
     peak_memory,
     results_block,
@@ -583,7 +584,7 @@ def main(argv=None) -> None:
                 table = breakdown(SHAPES[s], T, getattr(torch, a.dtype), device)
                 print(f"\n{s}, T={T}:\n{table}", flush=True)
         return
-    command = "python -m bench.kernels " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("bench.kernels", argv)
     run(a.shapes.split(","), [int(t) for t in a.tokens.split(",")], impls,
         getattr(torch, a.dtype), device, a.out, command.strip())
 

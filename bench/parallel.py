@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from bench.common import markdown_table, results_block
+from bench.common import command_line, markdown_table, results_block
 
 D, F, E, K, LAYERS, B, S, VOCAB = 256, 512, 8, 2, 2, 4, 128, 1024
 
@@ -277,7 +276,7 @@ def main(argv=None) -> None:
             "token's top-2 (half of all slots). 'slowest rank share' = the busiest rank's "
             f"expert rows over all ranks' (ideal {1 / a.ranks:.2f}).\n\n" + measured + "\n\n"
             + fit + "\n\n" + proj)
-    command = "python -m bench.parallel " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("bench.parallel", argv)
     block = results_block("EP vs FSSDP (bench/parallel.py)", command.strip(),
                           torch.device("cpu"), body)
     print(block)

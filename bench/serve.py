@@ -31,7 +31,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bench.common import Stopped, markdown_table, results_block, stop_on_sigterm
+from bench.common import (
+    Stopped,
+    append_results,
+    command_line,
+    markdown_table,
+    stop_on_sigterm,
+)
 from moe.config import ModelConfig, MoEConfig
 from moe.hf import expert_tensor_names, hf_config_json, shared_names
 from routing.config import RouterConfig
@@ -264,10 +270,8 @@ def main(argv=None) -> None:
             f"{a.new_tokens} new tokens, cache policy {a.cache_policy} (CPU smoke run: no "
             "PCIe).\n\n") \
         + (f"**Partial**: {stopped}.\n\n" if stopped else "") + table
-    cmd = "python -m bench.serve " + " ".join(argv if argv is not None else sys.argv[1:])
-    if a.out:
-        with open(a.out, "a") as fh:
-            fh.write(results_block("Offloaded decode (bench/serve.py)", cmd, device, body))
+    append_results(a.out, "Offloaded decode (bench/serve.py)",
+                   command_line("bench.serve", argv), device, body)
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(records, indent=1))
     if not a.dir:

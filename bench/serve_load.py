@@ -27,7 +27,13 @@ from pathlib import Path
 
 import torch
 
-from bench.common import Stopped, markdown_table, results_block, stop_on_sigterm
+from bench.common import (
+    Stopped,
+    append_results,
+    command_line,
+    markdown_table,
+    stop_on_sigterm,
+)
 from bench.serve import MIXTRAL, SMOKE, write_model
 from serve.batcher import Batcher, Request
 from serve.config import CACHE_POLICIES, ServeConfig
@@ -156,11 +162,8 @@ def main(argv=None) -> None:
             f"{new[0]}-{new[1]} tokens; {slots}/{total} expert slots, cache policy "
             f"{a.cache_policy}, prefetch {a.prefetch}.\n\n"
             + (f"**Partial**: {stopped}.\n\n" if stopped else "") + table)
-    cmd = "python -m bench.serve_load " + " ".join(argv if argv is not None else sys.argv[1:])
-    if a.out:
-        with open(a.out, "a") as fh:
-            fh.write(results_block("Serving under load (bench/serve_load.py)", cmd, device,
-                                   body))
+    append_results(a.out, "Serving under load (bench/serve_load.py)",
+                   command_line("bench.serve_load", argv), device, body)
     if not a.dir:
         shutil.rmtree(root, ignore_errors=True)
     if stopped:
