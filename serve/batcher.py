@@ -1,6 +1,7 @@
 """Continuous batching for the server: one worker thread runs a `DecodeBatch` on the session's
-model; a request that arrives while others decode is prefilled and joins them at the next
-step, up to max_batch rows, and leaves as soon as it ends. Requests start in arrival order.
+model; a request that arrives while others decode takes a free row (up to max_batch), reads
+its prompt a chunk per step beside their decode steps, then decodes with them, and leaves as
+soon as it ends. Requests start in arrival order.
 
 Every row samples with its own config and generator, so greedy, sampled and seeded requests
 share a batch, and a seeded request draws the tokens it draws alone. Offloaded serving gains

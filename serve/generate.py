@@ -117,10 +117,11 @@ class Row:
     gen: torch.Generator | None = None
     on_token: Callable[[int], bool | None] | None = None
     out: list[int] = field(default_factory=list)  # new tokens so far
+    pending: list[int] = field(default_factory=list)  # prompt tokens not yet in its KV row
     length: int = 0  # positions held in its KV-cache row
     done: bool = False
     finish_reason: str = "length"
-    peak_batch: int = 0  # most rows that ran a forward together with this one
+    peak_batch: int = 1  # most rows that ran a decode step together with this one
     t_added: float = 0.0
     t_first: float = 0.0  # when its first token was chosen
     t_done: float = 0.0
@@ -132,10 +133,12 @@ class Row:
 class DecodeBatch:
     """Sequences that decode together on one OffloadedModel, each in its own KV-cache row.
 
-    `add` prefills new prompts into free rows and chooses their first tokens; `step` runs one
-    decode step of every live row. Rows join and leave between steps (continuous batching),
-    so a request need not wait for a running batch to end. Each row samples with its own
-    config and generator.
+    `add` gives new prompts free rows; each `step` runs one prefill chunk (prefill_chunk
+    tokens) of the rows still reading their prompts, choosing a row's first token when its
+    prompt is in, then one decode step of the rows that have one. Rows join and leave between
+    steps (continuous batching), so a request need not wait for a running batch to end, and a
+    long prompt delays the running rows by one chunk per token, not by its whole prefill.
+    Each row samples with its own config and generator.
     """
 
     def __init__(self, model: OffloadedModel, stop_ids: Sequence[int] = (),
@@ -158,9 +161,9 @@ class DecodeBatch:
     def add(self, prompts: Sequence[Sequence[int]], limits: Sequence[int],
             on_token: Sequence[Callable[[int], bool | None] | None] | None = None,
             sampling: Sequence[SamplingConfig] | None = None) -> list[Row]:
-        """Prefill prompts (lists of ids) into free rows and choose their first tokens ->
-        their Rows (a row may end at once). limits: most new tokens per prompt; sampling:
-        one config per prompt (default greedy)."""
+        """Give prompts (lists of ids) free rows -> their Rows; the next steps prefill them.
+        limits: most new tokens per prompt; sampling: one config per prompt (default
+        greedy)."""
         check_prompts(self.model, prompts)
         cfgs = list(sampling) if sampling is not None else [SamplingConfig()] * len(prompts)
         if len(cfgs) != len(prompts):
@@ -175,42 +178,56 @@ class DecodeBatch:
         if min(limits) < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {min(limits)}")
         calls = list(on_token) if on_token is not None else [None] * len(prompts)
-        t0, since = time.perf_counter(), self.model.counters()
-        dev = self.model.device
-        rows = [Row(len(p), lim, self._free.pop(0), c, c.generator(dev), cb, t_added=t0,
-                    since=since)
+        t0, since, dev = time.perf_counter(), self.model.counters(), self.model.device
+        rows = [Row(len(p), lim, self._free.pop(0), c, c.generator(dev), cb, pending=list(p),
+                    t_added=t0, since=since)
                 for p, lim, cb, c in zip(prompts, limits, calls, cfgs, strict=True)]
-        logits = self.model.prefill(prompts, [r.kv_row for r in rows])
-        for r in rows:
-            r.length = r.prompt_len
         self.live = sorted(self.live + rows, key=lambda r: r.kv_row)
-        self._choose(rows, logits)
         return rows
 
     def step(self) -> list[Row]:
-        """One decode step of every live row -> the rows that ended in it."""
-        rows = self.live
-        if not rows:
-            return []
-        ids = torch.tensor([[r.out[-1]] for r in rows], device=self.model.device)
-        logits = self.model.step(ids, [r.kv_row for r in rows], [r.length for r in rows],
-                                 [1] * len(rows))
-        for r in rows:
-            r.length += 1
-        return self._choose(rows, logits)
+        """One prefill chunk of the rows reading their prompts, one decode step of the others
+        -> the rows that ended in it."""
+        filling = [r for r in self.live if r.pending]
+        decoding = [r for r in self.live if r.out]
+        ended = self._prefill(filling) if filling else []
+        if decoding:
+            ids = torch.tensor([[r.out[-1]] for r in decoding], device=self.model.device)
+            logits = self.model.step(ids, [r.kv_row for r in decoding],
+                                     [r.length for r in decoding], [1] * len(decoding))
+            for r in decoding:
+                r.length += 1
+                r.peak_batch = max(r.peak_batch, len(decoding))
+            ended += self._choose(decoding, logits)
+        return ended
+
+    def _prefill(self, rows: list[Row]) -> list[Row]:
+        """The next chunk of each row's prompt into its KV row; rows whose prompt is then all
+        in choose their first token -> the rows that ended at once."""
+        chunk = self.model.scfg.prefill_chunk
+        n = [min(chunk, len(r.pending)) for r in rows]
+        ids = torch.zeros(len(rows), max(n), dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, :n[j]] = torch.tensor(r.pending[:n[j]])
+            del r.pending[:n[j]]
+        logits = self.model.step(ids.to(self.model.device), [r.kv_row for r in rows],
+                                 [r.length for r in rows], n)
+        for r, c in zip(rows, n, strict=True):
+            r.length += c
+        read = [j for j, r in enumerate(rows) if not r.pending]
+        return self._choose([rows[j] for j in read], logits[read]) if read else []
 
     def _choose(self, rows: list[Row], logits: torch.Tensor) -> list[Row]:
         """Sample each row's next token from logits [len(rows), V]; end rows that stop."""
         nxt = sample_rows(logits, [r.sampling for r in rows],  # waits for the device
                           [r.gen for r in rows])
-        now, width = time.perf_counter(), len(self.live)
+        now = time.perf_counter()
         ended = []
         for j, (r, t) in enumerate(zip(rows, nxt, strict=True)):
             if self.keep_logits:
                 r.logits.append(logits[j].cpu())
             if not r.out:
                 r.t_first = now
-            r.peak_batch = max(r.peak_batch, width)
             r.out.append(t)
             if r.on_token is not None and r.on_token(t):  # e.g. the caller saw a stop string
                 r.done, r.finish_reason = True, "stop"
@@ -264,11 +281,11 @@ def generate(model: OffloadedModel, prompts: Sequence[Sequence[int]],
     model.reset_stats()
     t0 = time.perf_counter()
     rows = batch.add(prompts, limits, calls, cfgs)
-    t_first = time.perf_counter()
     while batch.live:
         batch.step()
     model.synchronize()
     t_end = time.perf_counter()
+    t_first = max(r.t_first for r in rows)  # every prompt has its first token
     n_new = sum(len(r.out) for r in rows)
     B, decode_s = len(rows), t_end - t_first
     n_prompt = sum(len(p) for p in prompts)

@@ -237,21 +237,27 @@ def test_stop_token_ends_a_row(refs):
 
 def test_rows_joining_and_leaving_a_running_batch_match_running_alone(refs):
     """Continuous batching: sequences that start at different steps, in KV-cache rows that are
-    not contiguous (a middle row ended), each give the tokens and logits they give alone;
-    a freed row is reused."""
+    not contiguous (a middle row ended), each give the tokens and logits they give alone; a
+    long prompt is read a chunk per step while the running row goes on decoding; a freed row
+    is reused."""
     family, d, _, _, _ = refs("qwen2_moe")
-    m = serve(d, max_batch=3, memory_budget=budget_for(d, 6, max_batch=3))
+    kw = dict(max_batch=3, prefill_chunk=4)
+    m = serve(d, memory_budget=budget_for(d, 6, **kw), **kw)
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(1, 300, (n,), generator=gen).tolist() for n in (7, 3, 11, 5)]
-    limits = [9, 2, 6, 5]
+    limits = [12, 2, 6, 5]
     alone = [generate(m, [p], n, keep_logits=True) for p, n in zip(prompts, limits, strict=True)]
     batch = DecodeBatch(m, keep_logits=True)
     rows = batch.add(prompts[:1], limits[:1])
     batch.step()
-    rows += batch.add(prompts[1:3], limits[1:3])  # join row 0 at its third token
-    assert batch.step() == [rows[1]]  # its 2 tokens: rows 0 and 2 go on
-    assert [r.kv_row for r in batch.live] == [0, 2]
+    assert not rows[0].out and rows[0].length == 4  # the first chunk of 7 tokens
     batch.step()
+    assert len(rows[0].out) == 1
+    rows += batch.add(prompts[1:3], limits[1:3])
+    for _ in range(3):  # row 2 reads its 11 tokens in 3 chunks; row 0 gains a token a step
+        batch.step()
+    assert len(rows[0].out) == 4 and len(rows[2].out) == 1
+    assert rows[1].done and rows[1].out and [r.kv_row for r in batch.live] == [0, 2]
     rows += batch.add(prompts[3:], limits[3:])
     assert rows[3].kv_row == 1
     while batch.live:
@@ -259,7 +265,7 @@ def test_rows_joining_and_leaving_a_running_batch_match_running_alone(refs):
     for r, a in zip(rows, alone, strict=True):
         assert r.out == a.token_ids[0] and r.finish_reason == "length"
         torch.testing.assert_close(torch.stack(r.logits), a.logits[0], rtol=1e-4, atol=1e-4)
-    assert [r.peak_batch for r in rows] == [3, 3, 3, 3]
+    assert rows[3].peak_batch == 3
     with pytest.raises(ValueError, match="2 prompts but 1 free rows of 3"):
         batch.add(prompts[:2], limits[:2])
         batch.add(prompts[:2], limits[:2])
