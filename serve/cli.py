@@ -50,8 +50,9 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None,
                    help="tokens of KV cache per sequence (default: the model's, at most 4096)")
     p.add_argument("--max-batch", type=int, default=None,
-                   help="sequences served at once (http: concurrent requests decode "
-                   "together; each row reserves max-context tokens of KV cache)")
+                   help="sequences decoded at once, each row reserving max-context tokens "
+                   "of KV cache (generate: default one per prompt, more prompts take "
+                   "turns; http: concurrent requests decode together)")
     p.add_argument("--offload-dir", default=None, help="where quantized disk-tier experts go")
     p.add_argument("--quiet", action="store_true", help="no loading messages on stderr")
 

@@ -89,10 +89,9 @@ def sample_rows(logits: torch.Tensor, cfgs: Sequence[SamplingConfig],
 
 
 def check_prompts(model: OffloadedModel, prompts: Sequence[Sequence[int]]) -> None:
+    """Each prompt is a non-empty list of in-vocabulary ids that fits the context."""
     if not prompts:
         raise ValueError("no prompt given")
-    if len(prompts) > model.max_batch:
-        raise ValueError(f"{len(prompts)} prompts exceed max_batch={model.max_batch}")
     V = model.cfg.vocab_size
     for p in prompts:
         if not p:
@@ -153,6 +152,7 @@ class DecodeBatch:
         self.keep_logits = keep_logits
         self.live: list[Row] = []
         self._free = list(range(self.capacity))  # KV-cache rows, lowest first
+        self.prefill_s = self.decode_s = 0.0  # seconds in prefill / decode forwards so far
 
     @property
     def free(self) -> int:
@@ -190,7 +190,10 @@ class DecodeBatch:
         -> the rows that ended in it."""
         filling = [r for r in self.live if r.pending]
         decoding = [r for r in self.live if r.out]
+        t0 = time.perf_counter()
         ended = self._prefill(filling) if filling else []
+        t1 = time.perf_counter()
+        self.prefill_s += t1 - t0
         if decoding:
             ids = torch.tensor([[r.out[-1]] for r in decoding], device=self.model.device)
             logits = self.model.step(ids, [r.kv_row for r in decoding],
@@ -198,7 +201,8 @@ class DecodeBatch:
             for r in decoding:
                 r.length += 1
                 r.peak_batch = max(r.peak_batch, len(decoding))
-            ended += self._choose(decoding, logits)
+            ended += self._choose(decoding, logits)  # its sampling waits for the device
+            self.decode_s += time.perf_counter() - t1
         return ended
 
     def _prefill(self, rows: list[Row]) -> list[Row]:
@@ -268,30 +272,40 @@ def generate(model: OffloadedModel, prompts: Sequence[Sequence[int]],
              keep_logits: bool = False) -> GenerationResult:
     """prompts (B lists of token ids) -> up to max_new_tokens new ids each (one int, or one
     per prompt); on_token(row, id) is called as each token is chosen and ends that row when it
-    returns True. Rows that end leave the batch; the others go on. A seed s gives prompt b
-    the seed s + b, so it draws what it draws alone with that seed."""
+    returns True. Rows that end leave the batch and prompts beyond the model's max_batch take
+    the freed rows. A seed s gives prompt b the seed s + b, so it draws what it draws alone
+    with that seed. stats: ttft_s is the mean over prompts from the call; tokens_per_s counts
+    decode tokens over the time in decode steps."""
     limits = ([max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int)
               else list(max_new_tokens))
     sampling = sampling or SamplingConfig()
     cfgs = [sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + b)
             for b in range(len(prompts))]
+    check_prompts(model, prompts)  # all of them, before any work
+    if len(limits) != len(prompts):
+        raise ValueError(f"{len(limits)} max_new_tokens values for {len(prompts)} prompts")
     batch = DecodeBatch(model, stop_ids, keep_logits=keep_logits)
-    calls = None if on_token is None else [
-        (lambda t, b=b: on_token(b, t)) for b in range(len(prompts))]
+    calls = [None if on_token is None else (lambda t, b=b: on_token(b, t))
+             for b in range(len(prompts))]
+    waiting = list(range(len(prompts)))  # more prompts than KV rows wait for a free one
+    rows: list[Row] = [None] * len(prompts)  # type: ignore[list-item]
     model.reset_stats()
     t0 = time.perf_counter()
-    rows = batch.add(prompts, limits, calls, cfgs)
-    while batch.live:
+    while waiting or batch.live:
+        if waiting and batch.free:
+            take, waiting = waiting[:batch.free], waiting[batch.free:]
+            added = batch.add([prompts[b] for b in take], [limits[b] for b in take],
+                              [calls[b] for b in take], [cfgs[b] for b in take])
+            for b, r in zip(take, added, strict=True):
+                rows[b] = r
         batch.step()
     model.synchronize()
-    t_end = time.perf_counter()
-    t_first = max(r.t_first for r in rows)  # every prompt has its first token
-    n_new = sum(len(r.out) for r in rows)
-    B, decode_s = len(rows), t_end - t_first
-    n_prompt = sum(len(p) for p in prompts)
-    stats = {"prompt_tokens": n_prompt, "new_tokens": n_new, "ttft_s": t_first - t0,
-             "decode_s": decode_s,
-             "tokens_per_s": (n_new - B) / decode_s if decode_s > 0 and n_new > B else 0.0,
-             "prefill_tokens_per_s": n_prompt / (t_first - t0), **model.stats()}
+    n_new, n_prompt = sum(len(r.out) for r in rows), sum(len(p) for p in prompts)
+    decode_tokens = n_new - len(rows)  # each first token comes from its prefill
+    stats = {"prompt_tokens": n_prompt, "new_tokens": n_new,
+             "ttft_s": sum(r.t_first - t0 for r in rows) / len(rows),
+             "decode_s": batch.decode_s,
+             "tokens_per_s": decode_tokens / batch.decode_s if batch.decode_s > 0 else 0.0,
+             "prefill_tokens_per_s": n_prompt / batch.prefill_s, **model.stats()}
     return GenerationResult([r.out for r in rows], [r.finish_reason for r in rows], stats,
                             [torch.stack(r.logits) for r in rows] if keep_logits else [])

@@ -284,8 +284,11 @@ def test_errors_name_the_problem(tmp_path):
         generate(m, [list(range(1, 20))], 4)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         generate(m, [[1, 2, 999]], 4)
-    with pytest.raises(ValueError, match="exceed max_batch"):
-        generate(m, [[1], [2]], 4)
+    with pytest.raises(ValueError, match="3 max_new_tokens values for 2 prompts"):
+        generate(m, [[1], [2]], [4, 4, 4])
+    # more prompts than KV rows (1) take turns, each giving what it gives alone
+    three = [[1, 2], [3, 4, 5], [6]]
+    assert generate(m, three, 3).token_ids == [generate(m, [p], 3).token_ids[0] for p in three]
     # a partial directory: one shard gone
     part = tmp_path / "partial"
     shutil.copytree(d, part)
