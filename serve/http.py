@@ -2,8 +2,8 @@
 /v1/chat/completions (server-sent events when "stream": true), GET /v1/models and /health.
 
 One model, one device: a `Batcher` runs the requests, continuously batched: one that arrives
-while others decode joins them at the next step (up to max_batch rows, when its sampling
-allows).
+while others decode joins them (up to max_batch rows). "n" > 1 asks for n choices, each a
+request of its own (with a seed s, choice i draws with s + i).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import queue
 import sys
 import time
 import uuid
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from serve.batcher import Batcher, Request
@@ -37,7 +38,10 @@ def _field(body: dict, name: str, kind, default, check=None):
     return v
 
 
-def _params(body: dict) -> tuple[int, SamplingConfig, list[str], bool]:
+MAX_N = 16  # most choices one request may ask for
+
+
+def _params(body: dict) -> tuple[int, SamplingConfig, list[str], bool, int]:
     max_tokens = _field(body, "max_tokens", int, 16, lambda v: v >= 1)
     max_tokens = _field(body, "max_completion_tokens", int, max_tokens, lambda v: v >= 1)
     sampling = SamplingConfig(
@@ -51,9 +55,15 @@ def _params(body: dict) -> tuple[int, SamplingConfig, list[str], bool]:
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str)
                                                                  for s in stop)):
         raise BadRequest("'stop' must be a string or a list of strings")
-    if body.get("n", 1) != 1:
-        raise BadRequest("only n=1 is supported")
-    return max_tokens, sampling, stop or [], _field(body, "stream", bool, False)
+    n = _field(body, "n", int, 1, lambda v: 1 <= v <= MAX_N)
+    return max_tokens, sampling, stop or [], _field(body, "stream", bool, False), n
+
+
+def _choice_sampling(sampling: SamplingConfig, n: int) -> list[SamplingConfig]:
+    """One config per choice: with a seed s, choice i draws with s + i (as generate does)."""
+    if sampling.seed is None:
+        return [sampling] * n
+    return [replace(sampling, seed=sampling.seed + i) for i in range(n)]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -122,25 +132,36 @@ class Handler(BaseHTTPRequestHandler):
         self._run(body, ids, "chat.completion", chat=True)
 
     def _run(self, body: dict, ids: list[int], kind: str, chat: bool) -> None:
-        max_tokens, sampling, stop, stream = _params(body)
+        max_tokens, sampling, stop, stream, n = _params(body)
         s = self.session
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         head = {"id": rid, "created": created, "model": s.name}
+        configs = _choice_sampling(sampling, n)
         if not stream:
-            req = self.batcher.run(Request(ids, max_tokens, sampling, stop))
-            o = req.completion
-            text = o.text if o.text is not None else " ".join(map(str, o.token_ids))
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text},
-                       "finish_reason": o.finish_reason} if chat else
-                      {"index": 0, "text": text, "logprobs": None,
-                       "finish_reason": o.finish_reason})
-            self._send(200, dict(head, object=kind, choices=[choice], usage={
-                "prompt_tokens": len(ids), "completion_tokens": len(o.token_ids),
-                "total_tokens": len(ids) + len(o.token_ids)}, stats=req.stats))
+            reqs = [self.batcher.submit(Request(ids, max_tokens, c, stop)) for c in configs]
+            for r in reqs:
+                r.done.wait()
+            failed = next((r.error for r in reqs if r.error is not None), None)
+            if failed is not None:
+                raise failed
+            choices = []
+            for i, r in enumerate(reqs):
+                o = r.completion
+                text = o.text if o.text is not None else " ".join(map(str, o.token_ids))
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "finish_reason": o.finish_reason} if chat else
+                               {"index": i, "text": text, "logprobs": None,
+                                "finish_reason": o.finish_reason})
+            new = sum(len(r.completion.token_ids) for r in reqs)
+            stats = reqs[0].stats if n == 1 else [r.stats for r in reqs]
+            self._send(200, dict(head, object=kind, choices=choices, usage={
+                "prompt_tokens": len(ids), "completion_tokens": new,
+                "total_tokens": len(ids) + new}, stats=stats))
             return
-        texts: queue.Queue[str] = queue.Queue()
-        req = self.batcher.submit(Request(ids, max_tokens, sampling, stop, texts.put))
+        texts: list[queue.Queue[str]] = [queue.Queue() for _ in configs]  # one per choice
+        reqs = [self.batcher.submit(Request(ids, max_tokens, c, stop, texts[i].put))
+                for i, c in enumerate(configs)]
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -149,13 +170,14 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def event(delta_text: str | None, finish: str | None, first: bool = False) -> None:
+        def event(i: int, delta_text: str | None, finish: str | None,
+                  first: bool = False) -> None:
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else (
                     {"content": delta_text} if delta_text is not None else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+                choice = {"index": i, "delta": delta, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": delta_text or "", "logprobs": None,
+                choice = {"index": i, "text": delta_text or "", "logprobs": None,
                           "finish_reason": finish}
             send(dict(head, object=obj, choices=[choice]))
 
@@ -166,20 +188,32 @@ class Handler(BaseHTTPRequestHandler):
 
         try:
             if chat:
-                event(None, None, first=True)
-            while not (req.done.is_set() and texts.empty()):
-                try:
-                    event(texts.get(timeout=0.05), None)
-                except queue.Empty:
-                    continue
-            if req.error is not None:  # the status line has gone: the error is an event
-                send({"error": {"message": f"{type(req.error).__name__}: {req.error}",
-                                "type": "server_error", "code": 500}})
-            else:
-                event(None, req.completion.finish_reason)
+                for i in range(n):
+                    event(i, None, None, first=True)
+            finished = [False] * n
+            while not all(finished):
+                idle = True
+                for i, r in enumerate(reqs):
+                    if finished[i]:
+                        continue
+                    done = r.done.is_set()  # then all its text is already queued
+                    while not texts[i].empty():
+                        event(i, texts[i].get(), None)
+                        idle = False
+                    if not done:
+                        continue
+                    finished[i] = True
+                    if r.error is not None:  # the status line has gone: an error event
+                        send({"error": {"message": f"{type(r.error).__name__}: {r.error}",
+                                        "type": "server_error", "code": 500}})
+                    else:
+                        event(i, None, r.completion.finish_reason)
+                if idle:
+                    time.sleep(0.02)
             send("[DONE]")
-        except OSError:  # the client went away: its row ends at the next token
-            req.cancelled = True
+        except OSError:  # the client went away: its rows end at the next token
+            for r in reqs:
+                r.cancelled = True
 
 
 class Server(ThreadingHTTPServer):

@@ -15,6 +15,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 from serve.config import ServeConfig  # noqa: E402
+from serve.generate import SamplingConfig  # noqa: E402
 from serve.http import make_server  # noqa: E402
 from serve.session import Session  # noqa: E402
 from serve.text import TextCodec  # noqa: E402
@@ -167,6 +168,30 @@ def test_http_bad_requests_get_400(server, path, raw, fragment):
     code, body = request(base + path, raw=raw)
     assert code == 400, body
     assert fragment in json.loads(body)["error"]["message"]
+
+
+def test_http_n_choices_draw_each_with_its_own_seed(server):
+    base, session, _ = server
+    body = {"prompt": "def f", "max_tokens": 6, "temperature": 0.9, "seed": 11, "n": 3}
+    code, plain = request(base + "/v1/completions", body)
+    assert code == 200, plain
+    doc = json.loads(plain)
+    assert [c["index"] for c in doc["choices"]] == [0, 1, 2]
+    texts = [c["text"] for c in doc["choices"]]
+    # choice i draws with seed 11 + i, as prompt i of a batch seeded 11 does
+    want, _ = session.complete([session.codec.encode("def f")] * 3, 6,
+                               SamplingConfig(temperature=0.9, seed=11))
+    assert texts == [w.text for w in want]
+    assert doc["usage"]["completion_tokens"] == sum(len(w.token_ids) for w in want)
+    code, streamed = request(base + "/v1/completions", dict(body, stream=True))
+    assert code == 200
+    events = [json.loads(line[6:]) for line in streamed.splitlines()
+              if line.startswith("data: {")]
+    choices = [e["choices"][0] for e in events]
+    assert ["".join(c["text"] for c in choices if c["index"] == i) for i in range(3)] == texts
+    assert sorted(c["index"] for c in choices if c["finish_reason"]) == [0, 1, 2]
+    code, body = request(base + "/v1/completions", dict(body, n=17))
+    assert code == 400 and "'n'" in json.loads(body)["error"]["message"]
 
 
 def test_http_unknown_route_is_404(server):
