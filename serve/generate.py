@@ -52,6 +52,13 @@ class GenerationResult:
     logits: list[torch.Tensor] = field(default_factory=list)
 
 
+def seeded_rows(sampling: SamplingConfig, n: int) -> list[SamplingConfig]:
+    """One config per row: with a seed s, row i draws with s + i (unseeded: shared as is)."""
+    if sampling.seed is None:
+        return [sampling] * n
+    return [replace(sampling, seed=sampling.seed + i) for i in range(n)]
+
+
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig,
                 gen: torch.Generator | None) -> torch.Tensor:
     """logits [B, V] -> token ids [B]: greedy, or sampled after temperature, top-k, top-p
@@ -279,8 +286,7 @@ def generate(model: OffloadedModel, prompts: Sequence[Sequence[int]],
     limits = ([max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int)
               else list(max_new_tokens))
     sampling = sampling or SamplingConfig()
-    cfgs = [sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + b)
-            for b in range(len(prompts))]
+    cfgs = seeded_rows(sampling, len(prompts))
     check_prompts(model, prompts)  # all of them, before any work
     if len(limits) != len(prompts):
         raise ValueError(f"{len(limits)} max_new_tokens values for {len(prompts)} prompts")

@@ -13,11 +13,10 @@ import queue
 import sys
 import time
 import uuid
-from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from serve.batcher import Batcher, Request
-from serve.generate import SamplingConfig
+from serve.generate import SamplingConfig, seeded_rows
 from serve.session import Session
 
 
@@ -57,13 +56,6 @@ def _params(body: dict) -> tuple[int, SamplingConfig, list[str], bool, int]:
         raise BadRequest("'stop' must be a string or a list of strings")
     n = _field(body, "n", int, 1, lambda v: 1 <= v <= MAX_N)
     return max_tokens, sampling, stop or [], _field(body, "stream", bool, False), n
-
-
-def _choice_sampling(sampling: SamplingConfig, n: int) -> list[SamplingConfig]:
-    """One config per choice: with a seed s, choice i draws with s + i (as generate does)."""
-    if sampling.seed is None:
-        return [sampling] * n
-    return [replace(sampling, seed=sampling.seed + i) for i in range(n)]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -137,7 +129,7 @@ class Handler(BaseHTTPRequestHandler):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         head = {"id": rid, "created": created, "model": s.name}
-        configs = _choice_sampling(sampling, n)
+        configs = seeded_rows(sampling, n)
         if not stream:
             reqs = [self.batcher.submit(Request(ids, max_tokens, c, stop)) for c in configs]
             for r in reqs:
