@@ -11,6 +11,7 @@ import torch
 
 from kernels.device import peak_bandwidth, peak_flops
 from serve.config import ServeConfig
+from serve.generate import DecodeBatch
 from serve.runtime import OffloadedModel
 
 
@@ -52,21 +53,20 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
                          f"context of {model.max_context}")
     gen = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, m.vocab_size, (batch, prompt_len), generator=gen).tolist()
-    rows = list(range(batch))
+    decoder = DecodeBatch(model, capacity=batch)  # greedy, no stop tokens
     model.reset_stats()
     model.synchronize()
     t0 = time.perf_counter()
-    logits = model.prefill(prompts, rows)
+    seqs = decoder.add(prompts, [new_tokens + 1] * batch)  # the first token and new_tokens more
+    while any(r.pending for r in seqs):  # equal prompts: every step is a prefill chunk
+        decoder.step()
     model.synchronize()
     prefill_s = time.perf_counter() - t0
     pre = model.stats()
     model.reset_stats()
     t0 = time.perf_counter()
-    pos = prompt_len
     for _ in range(new_tokens):
-        nxt = logits.argmax(-1)
-        logits = model.step(nxt[:, None], rows, [pos] * batch, [1] * batch)
-        pos += 1
+        decoder.step()
     model.synchronize()
     decode_s = time.perf_counter() - t0
     dec = model.stats()

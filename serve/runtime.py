@@ -89,9 +89,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 class OffloadedModel:
-    """A served model. `prefill` and `step` run forwards over new tokens of sequences that
-    each own one row of the KV cache (see step); rows are independent, so sequences may
-    start and end at different times."""
+    """A served model. `step` runs a forward over new tokens of sequences that each own one
+    row of the KV cache; rows are independent, so sequences may start and end at different
+    times (serve.generate.DecodeBatch schedules them)."""
 
     def __init__(self, cfg: ServeConfig, verbose: bool = False,
                  store: WeightStore | None = None):
@@ -224,23 +224,6 @@ class OffloadedModel:
         """Wait for the device (timings); nothing to wait for on the CPU."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    def prefill(self, prompts: Sequence[Sequence[int]], rows: Sequence[int]) -> torch.Tensor:
-        """Prompts (B lists of ids) into KV-cache rows `rows` from position 0, in chunks of
-        prefill_chunk tokens -> logits [B, V] of each prompt's last token."""
-        chunk, lens = self.scfg.prefill_chunk, [len(p) for p in prompts]
-        out: list[torch.Tensor | None] = [None] * len(prompts)
-        for a in range(0, max(lens), chunk):
-            part = [b for b, n in enumerate(lens) if n > a]  # prompts not yet fully in
-            n = [min(chunk, lens[b] - a) for b in part]
-            ids = torch.zeros(len(part), max(n), dtype=torch.long)
-            for j, b in enumerate(part):
-                ids[j, :n[j]] = torch.tensor(prompts[b][a:a + n[j]])
-            logits = self.step(ids.to(self.device), [rows[b] for b in part], [a] * len(part), n)
-            for j, b in enumerate(part):
-                if lens[b] <= a + chunk:
-                    out[b] = logits[j]
-        return torch.stack(out)
 
     def _moe(self, i: int, h: torch.Tensor, x: torch.Tensor, q_valid: torch.Tensor
              ) -> torch.Tensor:
