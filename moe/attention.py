@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moe.config import RopeScaling
 
 
 class RMSNorm(nn.Module):
@@ -22,17 +26,59 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None
+                  ) -> tuple[torch.Tensor, float]:
+    """-> (inverse frequencies [head_dim / 2] in float64, the factor cos / sin are scaled by),
+    with the scaling of Hugging Face's rope_parameters (default, linear, yarn)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    kind = "default" if scaling is None else scaling.type
+    if kind == "default":
+        return inv_freq, 1.0
+    factor = scaling.factor
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind != "yarn":
+        raise ValueError(f"RoPE scaling type {kind!r} is not supported")
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn = scaling.attention_factor
+    if attn is None:
+        attn = (mscale(factor, scaling.mscale) / mscale(factor, scaling.mscale_all_dim)
+                if scaling.mscale and scaling.mscale_all_dim else mscale(factor))
+
+    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times
+        return (head_dim * math.log(scaling.original_max_seq_len / (rotations * 2 * math.pi))
+                / (2 * math.log(theta)))
+
+    low, high = dim_of(scaling.beta_fast), dim_of(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp), float(attn)
+
+
 def rope_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+    scaling: RopeScaling | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [S] -> cos, sin [S, head_dim] (halves duplicated, rotate-half convention)."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device)
-                  / head_dim)
-    )
-    freqs = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    inv_freq, attn = rope_inv_freq(head_dim, theta, scaling)
+    freqs = positions.to(torch.float64)[:, None] * inv_freq.to(positions.device)[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * attn).to(dtype), (emb.sin() * attn).to(dtype)
+
+
+def causal_mask(q_pos: torch.Tensor, n_keys: int, window: int | None = None) -> torch.Tensor:
+    """q_pos [..., S] (query positions) -> bool [..., S, n_keys]: key j is visible when
+    j <= q and, with a sliding window, j > q - window."""
+    k = torch.arange(n_keys, device=q_pos.device)
+    q = q_pos[..., None]
+    return (k <= q) & (k > q - window) if window is not None else k <= q
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -46,8 +92,9 @@ class Attention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
                  qk_norm: bool = False, eps: float = 1e-6, qk_norm_type: str = "head",
-                 qkv_bias: bool = False):
+                 qkv_bias: bool = False, clip_qkv: float | None = None):
         super().__init__()
+        self.clip_qkv = clip_qkv
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
@@ -67,6 +114,9 @@ class Attention(nn.Module):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_norm is not None and self.full_qk_norm:  # OLMoE: over the whole projection
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:  # OLMoE: after its full-width norms
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         q = q.view(B, S, self.n_heads, self.head_dim)
         k = k.view(B, S, self.n_kv_heads, self.head_dim)
         v = v.view(B, S, self.n_kv_heads, self.head_dim)
@@ -77,10 +127,15 @@ class Attention(nn.Module):
             cos, sin = cos[:, None], sin[:, None]
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                window: int | None = None) -> torch.Tensor:
+        """x [B, S, d] -> [B, S, d]; causal, over the last `window` keys when given."""
         B, S, _ = x.shape
         q, k, v = self.project(x, cos, sin)
+        mask = None if window is None or window >= S else causal_mask(
+            torch.arange(S, device=x.device), S, window)
         o = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            enable_gqa=self.n_kv_heads != self.n_heads
         )
         return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))

@@ -35,6 +35,40 @@ class MoEConfig:
         self.router.check(self.num_experts)
 
 
+ROPE_TYPES = ("default", "linear", "yarn")
+
+
+@dataclass
+class RopeScaling:
+    """RoPE frequency scaling, as Hugging Face's rope_parameters spell it.
+
+    type: "default" (none), "linear" (every frequency / factor) or "yarn" (NTK-by-parts:
+    frequencies with fewer than beta_slow rotations over original_max_seq_len are divided by
+    factor, those with more than beta_fast kept, a linear ramp between; cos / sin scaled by
+    attention_factor, by default 0.1 ln(factor) + 1, or the mscale / mscale_all_dim ratio).
+    """
+
+    type: str = "default"
+    factor: float = 1.0
+    original_max_seq_len: int | None = None  # yarn: the pre-training context
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def check(self) -> None:
+        if self.type not in ROPE_TYPES:
+            raise ValueError(f"RoPE scaling type {self.type!r} is not supported; supported: "
+                             f"{', '.join(ROPE_TYPES)}")
+        if self.type != "default" and not self.factor > 0:
+            raise ValueError(f"RoPE scaling factor must be > 0, got {self.factor}")
+        if self.type == "yarn" and not (self.original_max_seq_len or 0) > 0:
+            raise ValueError("yarn RoPE scaling needs original_max_seq_len (the pre-training "
+                             "context)")
+
+
 @dataclass
 class ModelConfig:
     """Decoder-only MoE transformer: RMSNorm, RoPE, grouped-query attention, MoE/dense MLPs.
@@ -52,10 +86,14 @@ class ModelConfig:
     head_dim: int | None = None
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     norm_eps: float = 1e-6
     qk_norm: bool = False
     qk_norm_type: str = "head"  # "head": RMSNorm per head (Qwen3); "full": over q / k (OLMoE)
     qkv_bias: bool = False  # biases on q, k, v projections (Qwen2-MoE)
+    clip_qkv: float | None = None  # clamp q, k, v to [-c, c] after projection (OLMoE)
+    sliding_window: int | None = None  # a query sees its last `sliding_window` keys
+    sliding_window_layers: list[int] | None = None  # the layers it applies to (None: all)
     dense_ffn: int = 512
     moe: MoEConfig = field(default_factory=MoEConfig)
     moe_layer_freq: int = 1
@@ -66,6 +104,13 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    def window(self, i: int) -> int | None:
+        """The sliding attention window of layer i (None: full causal attention)."""
+        if self.sliding_window is None:
+            return None
+        layers = self.sliding_window_layers
+        return self.sliding_window if layers is None or i in layers else None
 
     def is_moe_layer(self, i: int) -> bool:
         return i >= self.first_dense_layers and (i + 1) % self.moe_layer_freq == 0
@@ -87,4 +132,9 @@ class ModelConfig:
             raise ValueError(f"qk_norm_type must be head or full, got {self.qk_norm_type!r}")
         if self.moe_layer_freq < 1:
             raise ValueError(f"moe_layer_freq must be >= 1, got {self.moe_layer_freq}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
+        if self.clip_qkv is not None and not self.clip_qkv > 0:
+            raise ValueError(f"clip_qkv must be > 0 or None, got {self.clip_qkv}")
+        self.rope_scaling.check()
         self.moe.check()

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe.config import ModelConfig
+from moe.config import ROPE_TYPES, ModelConfig, RopeScaling
 
 
 def choose_family(cfg: ModelConfig) -> str:
@@ -32,6 +32,11 @@ def choose_family(cfg: ModelConfig) -> str:
         problems.append("q/k/v biases")
     if cfg.qk_norm and cfg.qk_norm_type != "head":
         problems.append("full-width q/k norms (OLMoE's)")
+    if cfg.clip_qkv is not None:
+        problems.append("clip_qkv (OLMoE's)")
+    if cfg.sliding_window is not None and cfg.sliding_window_layers is not None and (
+            sorted(cfg.sliding_window_layers) != list(range(cfg.n_layers))):
+        problems.append("a sliding window on some layers only (both apply it to every layer)")
     if problems:
         raise ValueError("this model has no Mixtral or Qwen3-MoE equivalent: "
                          + "; ".join(problems))
@@ -55,16 +60,28 @@ def hf_config_json(cfg: ModelConfig, family: str) -> dict:
         router_aux_loss_coef=cfg.moe.router.aux_loss_coef, torch_dtype="float32",
         attention_dropout=0.0, initializer_range=cfg.init_std,
     )
+    rs = cfg.rope_scaling
+    if rs.type != "default":
+        rope = {"rope_type": rs.type, "rope_theta": cfg.rope_theta, "factor": rs.factor}
+        if rs.type == "yarn":
+            rope.update(original_max_position_embeddings=rs.original_max_seq_len,
+                        beta_fast=rs.beta_fast, beta_slow=rs.beta_slow, truncate=rs.truncate)
+            rope.update({k: v for k, v in (("attention_factor", rs.attention_factor),
+                                           ("mscale", rs.mscale),
+                                           ("mscale_all_dim", rs.mscale_all_dim))
+                         if v is not None})
+        common["rope_parameters"] = rope
     if family == "mixtral":
         return dict(common, architectures=["MixtralForCausalLM"], model_type="mixtral",
                     intermediate_size=cfg.moe.expert_ffn, num_local_experts=cfg.moe.num_experts,
-                    sliding_window=None)
+                    sliding_window=cfg.sliding_window)
     dense_layers = [i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)]
     return dict(common, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
                 moe_intermediate_size=cfg.moe.expert_ffn, intermediate_size=cfg.dense_ffn,
                 num_experts=cfg.moe.num_experts, norm_topk_prob=cfg.moe.router.renormalize,
                 decoder_sparse_step=1, mlp_only_layers=dense_layers, attention_bias=False,
-                use_sliding_window=False, sliding_window=None)
+                use_sliding_window=cfg.sliding_window is not None,
+                sliding_window=cfg.sliding_window)
 
 
 # Per-family names of the router and of one expert's (gate, up, down) projections.
@@ -174,11 +191,49 @@ def load_hf_dense(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return hf, _read_tensors(model_dir)
 
 
+def hf_rope_scaling(hf: dict) -> RopeScaling:
+    """The RoPE scaling of a config.json: `rope_parameters` (transformers 5) or the older
+    `rope_scaling`; ValueError names a scaling type this framework does not implement."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}  # as transformers reads
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"config.json asks for RoPE scaling {kind!r}, which is not supported "
+                         f"(supported: {', '.join(ROPE_TYPES)}); serving it with plain RoPE "
+                         "would give wrong tokens")
+    if kind == "default":
+        return RopeScaling()
+    extra = {k: rope[k] for k in ("attention_factor", "mscale", "mscale_all_dim")
+             if rope.get(k) is not None}
+    factor = rope.get("factor")
+    orig = rope.get("original_max_position_embeddings",
+                    hf.get("original_max_position_embeddings"))
+    if kind == "yarn":
+        orig = orig or hf.get("max_position_embeddings")
+        if factor is None and orig:  # DeepSeek-style: the context ratio
+            factor = hf["max_position_embeddings"] / orig
+    if factor is None:
+        raise ValueError(f"config.json: {kind} RoPE scaling without a factor")
+    out = RopeScaling(type=kind, factor=float(factor), original_max_seq_len=orig,
+                      beta_fast=float(rope.get("beta_fast") or 32),
+                      beta_slow=float(rope.get("beta_slow") or 1),
+                      truncate=bool(rope.get("truncate", True)), **extra)
+    out.check()
+    return out
+
+
 def llama_fields(hf: dict, default_context: int) -> dict:
     """The ModelConfig fields every Llama-style config.json spells alike (sizes, heads, RoPE,
-    norm eps, tied embeddings), as keyword arguments."""
+    norm eps, tied embeddings), as keyword arguments; ValueError for options it would
+    silently ignore (another activation, partial rotary embeddings, RoPE scalings it lacks)."""
     rope = hf.get("rope_parameters") or {}
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"config.json: hidden_act={act!r} is not supported (silu only)")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"config.json: partial_rotary_factor={partial} is not supported")
     return dict(
+        rope_scaling=hf_rope_scaling(hf),
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
         n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
         n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
@@ -227,14 +282,43 @@ def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
     if dense_layers and dense_layers != list(range(len(dense_layers))):
         raise ValueError(f"dense layers {dense_layers} are not a leading block; "
                          "this layer pattern is not supported")
+    if hf.get("attention_bias") and family != "qwen2_moe":
+        raise ValueError(f"config.json: attention_bias=true in a {family} model is not "
+                         "supported")
+    window, window_layers = hf_sliding_window(hf, family, n_layers)
     cfg = ModelConfig(
         **llama_fields(hf, default_context=4096), qk_norm=family in ("qwen3_moe", "olmoe"),
         qk_norm_type="full" if family == "olmoe" else "head",
         qkv_bias=family == "qwen2_moe" and hf.get("qkv_bias", True),
         dense_ffn=hf.get("intermediate_size", 0) if family in ("qwen2_moe", "qwen3_moe") else 1,
-        moe=moe, first_dense_layers=len(dense_layers))
+        moe=moe, first_dense_layers=len(dense_layers), sliding_window=window,
+        sliding_window_layers=window_layers,
+        clip_qkv=hf.get("clip_qkv") if family == "olmoe" else None)
     cfg.check()
     return cfg, family, dense_layers
+
+
+def hf_sliding_window(hf: dict, family: str, n_layers: int) -> tuple[int | None, list[int] | None]:
+    """(window, the layers it applies to or None for all) as transformers reads config.json:
+    Mixtral's sliding_window for every layer; Qwen-MoE's only with use_sliding_window, on
+    every layer (Qwen3) or on the layers its layer_types (or max_window_layers) name
+    (Qwen2); OLMoE has none."""
+    window = hf.get("sliding_window")
+    if family == "olmoe" or not window:
+        return None, None
+    if family == "mixtral":
+        return int(window), None
+    types = hf.get("layer_types")
+    if types is not None and family == "qwen2_moe":
+        layers = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    elif not hf.get("use_sliding_window"):
+        return None, None
+    elif family == "qwen3_moe":
+        return int(window), None
+    else:
+        top = hf.get("max_window_layers", n_layers)
+        layers = [i for i in range(n_layers) if (i + 1) % 2 and i < top]
+    return (int(window), layers) if layers else (None, None)
 
 
 def dense_tensor_names(cfg: ModelConfig, family: str) -> dict[str, list[str]]:

@@ -34,7 +34,9 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim,
-                              cfg.qk_norm, cfg.norm_eps, cfg.qk_norm_type, cfg.qkv_bias)
+                              cfg.qk_norm, cfg.norm_eps, cfg.qk_norm_type, cfg.qkv_bias,
+                              cfg.clip_qkv)
+        self.window = cfg.window(layer_idx)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         if self.is_moe:
@@ -43,7 +45,7 @@ class Block(nn.Module):
             self.mlp = MLP(cfg.d_model, cfg.dense_ffn, cfg.moe.expert_type)
 
     def forward(self, x, cos, sin, token_ids):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+        x = x + self.attn(self.attn_norm(x), cos, sin, self.window)
         h = self.mlp_norm(x)
         if self.is_moe:
             y, routing = self.mlp(h, token_ids)
@@ -90,7 +92,8 @@ class MoETransformer(nn.Module):
             raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
         x = self.embed(input_ids)
         pos = torch.arange(S, device=input_ids.device)
-        cos, sin = rope_cos_sin(pos, cfg.resolved_head_dim, cfg.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(pos, cfg.resolved_head_dim, cfg.rope_theta, x.dtype,
+                                cfg.rope_scaling)
         token_ids = input_ids.reshape(-1)
         routings: list[Routing] = []
         for layer in self.layers:

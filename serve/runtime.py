@@ -14,7 +14,7 @@ from torch import nn
 
 from kernels import reference, sort_by_expert, weighted_combine
 from kernels.backend import get_backend
-from moe.attention import rope_cos_sin
+from moe.attention import causal_mask, rope_cos_sin
 from moe.experts import expert_mlp
 from moe.model import MoETransformer
 from serve.cache import CacheStats, ExpertCache
@@ -188,10 +188,19 @@ class OffloadedModel:
         q_pos = first[:, None] + s_idx  # [B, S]
         q_valid = s_idx[None] < count[:, None]
         cos, sin = rope_cos_sin(q_pos.reshape(-1), cfg.resolved_head_dim, cfg.rope_theta,
-                                self.dtype)
+                                self.dtype, cfg.rope_scaling)
         cos, sin = cos.view(B, S, -1), sin.view(B, S, -1)
-        # a query sees its row's keys up to its own position; a padding query sees key 0
-        mask = (torch.arange(end, device=dev)[None, None] <= q_pos[:, :, None])[:, None]
+        masks: dict[int | None, torch.Tensor] = {}
+
+        def mask_for(window: int | None) -> torch.Tensor:
+            """[B, 1, S, end]: a query sees its row's keys up to its own position (the last
+            `window` of them with a sliding window); a padding query sees key 0."""
+            if window not in masks:
+                m = causal_mask(q_pos, end, window)
+                m[:, :, 0] |= ~q_valid
+                masks[window] = m[:, None]
+            return masks[window]
+
         b_idx = torch.tensor([b for b, c in enumerate(n) for _ in range(c)], device=dev)
         s_at = torch.tensor([s for c in n for s in range(c)], device=dev)  # no device sync
         kv_rows = torch.tensor(list(rows), device=dev)
@@ -209,7 +218,8 @@ class OffloadedModel:
                 keys, values = K[r0:r0 + B, :, :end], V[r0:r0 + B, :, :end]
             else:
                 keys, values = K[kv_rows, :, :end], V[kv_rows, :, :end]
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+            o = F.scaled_dot_product_attention(q, keys, values,
+                                               attn_mask=mask_for(block.window),
                                                enable_gqa=attn.n_kv_heads != attn.n_heads)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(B, S, -1))
             h = block.mlp_norm(x)

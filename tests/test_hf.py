@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from moe import ModelConfig, MoEConfig, MoETransformer  # noqa: E402
+from moe.config import RopeScaling  # noqa: E402
 from moe.hf import choose_family, export_hf  # noqa: E402
 from moe.upcycle import upcycle_hf_dense  # noqa: E402
 from routing import RouterConfig  # noqa: E402
@@ -27,6 +28,9 @@ def tiny(**kw) -> ModelConfig:
     ({"qk_norm": True, "router": RouterConfig(top_k=2, renormalize=False),
       "moe_layer_freq": 2}, "qwen3_moe"),
     ({"tie_embeddings": True}, "mixtral"),
+    ({"sliding_window": 5, "rope_scaling": RopeScaling("linear", factor=2.0)}, "mixtral"),
+    ({"qk_norm": True, "sliding_window": 6,
+      "rope_scaling": RopeScaling("yarn", factor=4.0, original_max_seq_len=16)}, "qwen3_moe"),
 ])
 def test_export_loads_in_transformers_with_equal_logits(tmp_path, kw, family):
     torch.manual_seed(0)
@@ -51,6 +55,10 @@ def test_models_without_an_hf_family_are_refused():
         choose_family(tiny(router=RouterConfig(top_k=2, score="sigmoid")))
     with pytest.raises(ValueError, match="qk_norm"):
         choose_family(tiny(moe_layer_freq=2))
+    with pytest.raises(ValueError, match="clip_qkv"):
+        choose_family(tiny(clip_qkv=1.0))
+    with pytest.raises(ValueError, match="sliding window on some layers"):
+        choose_family(tiny(sliding_window=4, sliding_window_layers=[0]))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

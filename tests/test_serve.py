@@ -69,6 +69,71 @@ def budget_for(model_dir, slots: int, **kw) -> int:
     return probe.fixed_bytes + slots * probe.slot_bytes
 
 
+# Config options of real checkpoints that change the maths: RoPE scalings, sliding windows
+# (every layer, or Qwen2-MoE's per-layer pattern), OLMoE's q/k/v clipping.
+VARIANTS = {
+    "mixtral-window": ("mixtral", dict(sliding_window=5)),
+    "mixtral-linear-rope": ("mixtral", dict(rope_parameters={
+        "rope_type": "linear", "rope_theta": 10000.0, "factor": 3.0})),
+    "qwen3-yarn-window": ("qwen3_moe", dict(
+        use_sliding_window=True, sliding_window=6,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                      "original_max_position_embeddings": 16})),
+    "qwen2-window-some-layers": ("qwen2_moe", dict(use_sliding_window=True, sliding_window=4,
+                                                   max_window_layers=3)),
+    "olmoe-clip": ("olmoe", dict(clip_qkv=0.4)),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_config_variants_equal_transformers(tmp_path, variant):
+    """Chunked prefill (chunks of 4) and decode in KV rows with different positions give
+    transformers' greedy tokens and logits; so does the training model's import."""
+    from moe.hf import import_hf
+    from moe.model import MoETransformer
+
+    family, overrides = VARIANTS[variant]
+    hf = build_hf(family, **overrides)
+    hf.save_pretrained(tmp_path)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 300, (n,), generator=gen).tolist() for n in (11, 3)]
+    m = serve(tmp_path, prefill_chunk=4, memory_budget=budget_for(tmp_path, 5))
+    cfg = m.cfg
+    if "window" in variant:
+        assert cfg.sliding_window is not None
+        if variant.startswith("qwen2"):
+            assert cfg.sliding_window_layers == [0, 2]
+    res = generate(m, prompts, 10, keep_logits=True)
+    for p, toks, logits in zip(prompts, res.token_ids, res.logits, strict=True):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True)
+        assert toks == ref.sequences[0, len(p):].tolist()
+        torch.testing.assert_close(logits, torch.cat(ref.logits), rtol=1e-4, atol=1e-4)
+    icfg, state = import_hf(tmp_path)
+    model = MoETransformer(icfg)
+    model.load_state_dict(state)
+    ids = torch.randint(0, 300, (2, 15), generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_config_options_are_refused(tmp_path):
+    build_hf("qwen3_moe").save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    base = json.loads(path.read_text())
+    for extra, match in [
+            ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "'dynamic'.*not supp"),
+            ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "'longrope'"),
+            ({"rope_scaling": {"rope_type": "linear"}}, "linear RoPE scaling without a factor"),
+            ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+            ({"attention_bias": True}, "attention_bias"),
+            ({"partial_rotary_factor": 0.5}, "partial_rotary_factor")]:
+        path.write_text(json.dumps({**base, **extra}))
+        with pytest.raises(ModelDirError, match=match):
+            serve(tmp_path)
+
+
 @pytest.mark.parametrize("prefetch", ["none", "cross-layer"])
 @pytest.mark.parametrize("policy", ["lru", "lfu", "layer", "next-use"])
 @pytest.mark.parametrize("fraction", [None, 0.25])

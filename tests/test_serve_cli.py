@@ -4,6 +4,7 @@ non-zero exit, and the OpenAI-compatible HTTP server (incl. streaming and HTTP 4
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -221,6 +222,26 @@ def test_chat_template_from_the_tokenizer_config(model_dir):
     assert codec.render_chat(msgs) == "<system>be brief\n<user>hi\n<assistant>"
     assert codec.encode_chat(msgs) == codec.encode("<system>be brief\n<user>hi\n<assistant>",
                                                    add_special_tokens=False)
+
+
+def test_chat_templates_render_as_transformers_renders_them(model_dir, tmp_path):
+    """Loop controls, strftime_now, tojson and a chat_template.jinja file (which wins over
+    tokenizer_config.json), against transformers' apply_chat_template."""
+    d, _ = model_dir
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(d / f, tmp_path / f)
+    (tmp_path / "chat_template.jinja").write_text(
+        "{{ strftime_now('%Y') }}|{% for m in messages %}{% if m['role'] == 'stop' %}"
+        "{% break %}{% endif %}{% if m['role'] == 'skip' %}{% continue %}{% endif %}"
+        "<{{ m['role'] }}>{{ m['content'] | tojson }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}")
+    msgs = [{"role": "user", "content": "hé \"x\""}, {"role": "skip", "content": "-"},
+            {"role": "assistant", "content": "ok"}, {"role": "stop", "content": ""},
+            {"role": "user", "content": "never"}]
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True)
+    assert TextCodec(tmp_path).render_chat(msgs) == ref
+    assert ref.endswith('<user>"hé \\"x\\""<assistant>"ok"<assistant>')
 
 
 def test_chat_reads_stdin_and_answers_through_the_template(model_dir):

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -64,12 +65,13 @@ def save(ckpt_root: Path, step: int, par: Parallelized, extra: dict, model_confi
 
 def model_config(path: Path):
     """The ModelConfig a checkpoint was written for."""
-    from moe.config import ModelConfig, MoEConfig
+    from moe.config import ModelConfig, MoEConfig, RopeScaling
     from routing.config import RouterConfig
 
     raw = json.loads((path / "model_config.json").read_text())
     raw["moe"]["router"] = RouterConfig(**raw["moe"]["router"])
     raw["moe"] = MoEConfig(**raw["moe"])
+    raw["rope_scaling"] = RopeScaling(**raw.get("rope_scaling", {}))  # absent before 2026-11
     return ModelConfig(**raw)
 
 
@@ -91,10 +93,10 @@ def latest(ckpt_root: Path) -> Path | None:
     return path if path.exists() else None
 
 
-def check_model_config(path: Path, model_config: dict) -> None:
+def check_model_config(path: Path, run_config: dict) -> None:
     """Stop with the differing fields when the checkpoint was written for another model."""
-    saved = json.loads((path / "model_config.json").read_text())
-    diffs = _diff(saved, model_config)
+    saved = asdict(model_config(path))  # fields added since it was written: their defaults
+    diffs = _diff(saved, run_config)
     if diffs:
         raise ValueError(f"checkpoint {path} was written for another model shape: "
                          + "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}"
