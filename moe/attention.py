@@ -95,6 +95,7 @@ class Attention(nn.Module):
                  qkv_bias: bool = False, clip_qkv: float | None = None):
         super().__init__()
         self.clip_qkv = clip_qkv
+        self.scale: float | None = None  # scaled_dot_product_attention's default
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)

@@ -70,6 +70,30 @@ class RopeScaling:
 
 
 @dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2 / V3): queries through an optional
+    q_lora_rank bottleneck, keys and values expanded from one kv_lora_rank latent per token;
+    each query / key head is qk_nope_head_dim + qk_rope_head_dim wide (only the rope part
+    rotated, its key part shared by all heads), each value head v_head_dim."""
+
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+
+    def check(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"mla.{name} must be >= 1, got {getattr(self, name)}")
+        if self.qk_rope_head_dim < 2 or self.qk_rope_head_dim % 2:
+            raise ValueError(f"mla.qk_rope_head_dim must be even and >= 2, got "
+                             f"{self.qk_rope_head_dim}")
+        if self.q_lora_rank is not None and self.q_lora_rank < 1:
+            raise ValueError(f"mla.q_lora_rank must be >= 1 or None, got {self.q_lora_rank}")
+
+
+@dataclass
 class ModelConfig:
     """Decoder-only MoE transformer: RMSNorm, RoPE, grouped-query attention, MoE/dense MLPs.
 
@@ -94,6 +118,7 @@ class ModelConfig:
     clip_qkv: float | None = None  # clamp q, k, v to [-c, c] after projection (OLMoE)
     sliding_window: int | None = None  # a query sees its last `sliding_window` keys
     sliding_window_layers: list[int] | None = None  # the layers it applies to (None: all)
+    mla: MLAConfig | None = None  # multi-head latent attention instead of GQA (DeepSeek)
     dense_ffn: int = 512
     moe: MoEConfig = field(default_factory=MoEConfig)
     moe_layer_freq: int = 1
@@ -104,6 +129,33 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """The width RoPE rotates: the head, or MLA's rope part."""
+        return self.mla.qk_rope_head_dim if self.mla else self.resolved_head_dim
+
+    @property
+    def kv_dims(self) -> tuple[int, int, int]:
+        """(key / value heads, key width, value width) of what a KV cache stores per token."""
+        if self.mla:
+            m = self.mla
+            return self.n_heads, m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
+        return self.n_kv_heads, self.resolved_head_dim, self.resolved_head_dim
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ModelConfig:
+        """asdict(cfg) (e.g. read back from JSON) -> cfg; fields it lacks take defaults."""
+        from routing.config import RouterConfig
+
+        raw = dict(raw)
+        moe = dict(raw.get("moe", {}))
+        moe["router"] = RouterConfig(**moe.get("router", {}))
+        raw["moe"] = MoEConfig(**moe)
+        raw["rope_scaling"] = RopeScaling(**raw.get("rope_scaling", {}))
+        if raw.get("mla") is not None:
+            raw["mla"] = MLAConfig(**raw["mla"])
+        return cls(**raw)
 
     def window(self, i: int) -> int | None:
         """The sliding attention window of layer i (None: full causal attention)."""
@@ -126,7 +178,9 @@ class ModelConfig:
             )
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        if self.resolved_head_dim % 2:
+        if self.mla is not None:
+            self.mla.check()
+        elif self.resolved_head_dim % 2:
             raise ValueError(f"head_dim={self.resolved_head_dim} must be even for RoPE")
         if self.qk_norm_type not in ("head", "full"):
             raise ValueError(f"qk_norm_type must be head or full, got {self.qk_norm_type!r}")

@@ -1,8 +1,10 @@
-"""Hugging Face checkpoint layouts: export our models as Mixtral or Qwen3-MoE directories
-(safetensors + config.json) and read dense Llama / Qwen3 directories for upcycling.
+"""Hugging Face checkpoint layouts: import Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and
+DeepSeek-V2 / V3 directories, export our models as Mixtral, Qwen3-MoE or DeepSeek-V3
+directories (safetensors + config.json), and read dense Llama / Qwen3 directories for
+upcycling.
 
 Names follow the layouts on the Hub (per-expert w1/w2/w3 for Mixtral, gate/up/down_proj for
-Qwen3-MoE), which `transformers` loads with its own classes.
+the others), which `transformers` loads with its own classes.
 """
 
 from __future__ import annotations
@@ -13,12 +15,43 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from moe.config import ROPE_TYPES, ModelConfig, RopeScaling
+from moe.config import ROPE_TYPES, MLAConfig, ModelConfig, RopeScaling
+
+
+def _deepseek_v3_problems(cfg: ModelConfig) -> list[str]:
+    """What keeps an MLA model from the DeepSeek-V3 layout (empty: it fits)."""
+    r, m = cfg.moe.router, cfg.moe
+    problems = []
+    if r.kind != "topk" or r.score != "sigmoid":
+        problems.append(f"router {r.kind}/{r.score} (DeepSeek-V3 uses sigmoid top-k)")
+    if r.n_group > 1 and r.group_score != "top2":
+        problems.append("groups scored by their best expert (V3 sums the two best)")
+    if m.expert_type != "swiglu":
+        problems.append(f"expert_type={m.expert_type} (V3 uses SwiGLU experts)")
+    if m.shared_expert_gate:
+        problems.append("gated shared experts")
+    if m.num_shared_experts and (m.shared_expert_ffn or 0) not in (
+            0, m.num_shared_experts * m.expert_ffn):
+        problems.append("shared_expert_ffn != num_shared_experts * expert_ffn")
+    if cfg.moe_layer_freq != 1:
+        problems.append("MoE layers that are not all the layers after the first dense ones")
+    if cfg.qk_norm or cfg.qkv_bias or cfg.clip_qkv is not None:
+        problems.append("q/k norms, q/k/v biases or clipping")
+    if cfg.sliding_window is not None:
+        problems.append("a sliding window")
+    return problems
 
 
 def choose_family(cfg: ModelConfig) -> str:
-    """'mixtral' or 'qwen3_moe', whichever can hold this model; ValueError says why neither."""
+    """'mixtral', 'qwen3_moe' or (multi-head latent attention) 'deepseek_v3', whichever can
+    hold this model; ValueError says why none can."""
     r, m = cfg.moe.router, cfg.moe
+    if cfg.mla is not None:
+        problems = _deepseek_v3_problems(cfg)
+        if problems:
+            raise ValueError("this MLA model has no DeepSeek-V3 equivalent: "
+                             + "; ".join(problems))
+        return "deepseek_v3"
     problems = []
     if r.kind != "topk" or r.score != "softmax":
         problems.append(f"router {r.kind}/{r.score} (both families use softmax top-k)")
@@ -34,6 +67,8 @@ def choose_family(cfg: ModelConfig) -> str:
         problems.append("full-width q/k norms (OLMoE's)")
     if cfg.clip_qkv is not None:
         problems.append("clip_qkv (OLMoE's)")
+    if r.n_group > 1:
+        problems.append("group-limited routing (DeepSeek's)")
     if cfg.sliding_window is not None and cfg.sliding_window_layers is not None and (
             sorted(cfg.sliding_window_layers) != list(range(cfg.n_layers))):
         problems.append("a sliding window on some layers only (both apply it to every layer)")
@@ -71,6 +106,19 @@ def hf_config_json(cfg: ModelConfig, family: str) -> dict:
                                            ("mscale_all_dim", rs.mscale_all_dim))
                          if v is not None})
         common["rope_parameters"] = rope
+    if family == "deepseek_v3":
+        m, r = cfg.mla, cfg.moe.router
+        return dict(common, architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
+                    head_dim=m.qk_rope_head_dim, num_key_value_heads=cfg.n_heads,
+                    q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank,
+                    qk_nope_head_dim=m.qk_nope_head_dim, qk_rope_head_dim=m.qk_rope_head_dim,
+                    v_head_dim=m.v_head_dim, rope_interleave=False,  # ours is rotate-half
+                    n_routed_experts=cfg.moe.num_experts,
+                    moe_intermediate_size=cfg.moe.expert_ffn, intermediate_size=cfg.dense_ffn,
+                    n_shared_experts=cfg.moe.num_shared_experts,
+                    first_k_dense_replace=cfg.first_dense_layers, n_group=r.n_group,
+                    topk_group=r.topk_group, norm_topk_prob=r.renormalize,
+                    routed_scaling_factor=r.routed_scaling_factor, attention_bias=False)
     if family == "mixtral":
         return dict(common, architectures=["MixtralForCausalLM"], model_type="mixtral",
                     intermediate_size=cfg.moe.expert_ffn, num_local_experts=cfg.moe.num_experts,
@@ -90,20 +138,34 @@ EXPERT_NAMES = {
     "qwen3_moe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
     "qwen2_moe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
     "olmoe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
+    "deepseek_v2": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
+    "deepseek_v3": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
 }
-EXPORT_FAMILIES = ("mixtral", "qwen3_moe")
+DEEPSEEK = ("deepseek_v2", "deepseek_v3")
+EXPORT_FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3")
 
 
-def shared_names(n_layers: int, qk_norm: bool, qkv_bias: bool = False) -> list[tuple[str, str]]:
+MLA_NAMES = {  # ours -> DeepSeek's, under attn. / self_attn.
+    "q_proj": "q_proj", "q_a_proj": "q_a_proj", "q_a_norm": "q_a_layernorm",
+    "q_b_proj": "q_b_proj", "kv_a_proj": "kv_a_proj_with_mqa", "kv_a_norm": "kv_a_layernorm",
+    "kv_b_proj": "kv_b_proj", "o_proj": "o_proj"}
+
+
+def shared_names(n_layers: int, qk_norm: bool, qkv_bias: bool = False,
+                 mla: MLAConfig | None = None) -> list[tuple[str, str]]:
     """(our name, Hub name) of the tensors every Llama-style family names alike: embeddings,
     norms and attention (the LM head is left to the caller: it may be tied)."""
     pairs = [("embed.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight")]
+    attn = ("q_proj", "k_proj", "v_proj", "o_proj")
+    if mla is not None:
+        attn = [n for n in MLA_NAMES if (n == "q_proj") == (mla.q_lora_rank is None)
+                or not n.startswith("q")]
     for i in range(n_layers):
         src, dst = f"layers.{i}.", f"model.layers.{i}."
         pairs += [(src + "attn_norm.weight", dst + "input_layernorm.weight"),
                   (src + "mlp_norm.weight", dst + "post_attention_layernorm.weight")]
-        pairs += [(src + f"attn.{p}.weight", dst + f"self_attn.{p}.weight")
-                  for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        pairs += [(src + f"attn.{p}.weight", dst + f"self_attn.{MLA_NAMES.get(p, p)}.weight")
+                  for p in attn]
         if qk_norm:
             pairs += [(src + f"attn.{n}.weight", dst + f"self_attn.{n}.weight")
                       for n in ("q_norm", "k_norm")]
@@ -116,7 +178,8 @@ def shared_names(n_layers: int, qk_norm: bool, qkv_bias: bool = False) -> list[t
 def to_hf_state(cfg: ModelConfig, state: dict[str, torch.Tensor],
                 family: str) -> dict[str, torch.Tensor]:
     """Our single-process state dict -> the family's Hub tensor names."""
-    out = {hub: state[ours] for ours, hub in shared_names(cfg.n_layers, cfg.qk_norm)}
+    out = {hub: state[ours] for ours, hub in shared_names(cfg.n_layers, cfg.qk_norm,
+                                                          mla=cfg.mla)}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
     gate_name, expert_prefix, (g, u, dn) = EXPERT_NAMES[family]
@@ -131,6 +194,15 @@ def to_hf_state(cfg: ModelConfig, state: dict[str, torch.Tensor],
         w_in, w_out = state[src + "mlp.experts.w_in"], state[src + "mlp.experts.w_out"]
         F = cfg.moe.expert_ffn
         out[dst + gate_name + ".weight"] = state[src + "mlp.router.weight"]
+        if family == "deepseek_v3":
+            bias = state.get(src + "mlp.router.expert_bias")
+            out[dst + gate_name + ".e_score_correction_bias"] = (
+                bias if bias is not None else torch.zeros(cfg.moe.num_experts))
+            if cfg.moe.num_shared_experts:
+                sh = dst + "mlp.shared_experts."
+                gate, up = state[src + "mlp.shared.mlp.w_in.weight"].chunk(2, dim=0)
+                out[sh + "gate_proj.weight"], out[sh + "up_proj.weight"] = gate, up
+                out[sh + "down_proj.weight"] = state[src + "mlp.shared.mlp.w_out.weight"]
         for e in range(cfg.moe.num_experts):
             base = dst + expert_prefix.format(e=e)
             out[base + f"{g}.weight"] = w_in[e, :F]
@@ -150,6 +222,8 @@ def export_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], out_dir: Path,
     """Write out_dir/{config.json, model.safetensors, tokenizer files}; returns the family."""
     family = family or choose_family(cfg)
     _check_export_family(family)
+    if (cfg.mla is not None) != (family == "deepseek_v3"):
+        raise ValueError(f"a {family} directory cannot hold this model's attention")
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(to_hf_state(cfg, state, family), str(out_dir / "model.safetensors"),
               metadata={"format": "pt"})
@@ -261,7 +335,10 @@ def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
     n_layers = hf["num_hidden_layers"]
     shared_ffn = hf.get("shared_expert_intermediate_size", 0) if family == "qwen2_moe" else 0
     dense_layers: list[int] = []
-    if family in ("mixtral", "olmoe"):
+    mla = None
+    if family in DEEPSEEK:
+        moe, mla, dense_layers = _deepseek_moe(hf, family)
+    elif family in ("mixtral", "olmoe"):
         n_exp = hf.get("num_local_experts") or hf.get("num_experts")
         moe = MoEConfig(num_experts=n_exp, expert_ffn=hf["intermediate_size"],
                         router=RouterConfig(top_k=hf["num_experts_per_tok"],
@@ -282,20 +359,68 @@ def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
     if dense_layers and dense_layers != list(range(len(dense_layers))):
         raise ValueError(f"dense layers {dense_layers} are not a leading block; "
                          "this layer pattern is not supported")
+    quant = hf.get("quantization_config")
+    if quant:
+        raise ValueError(f"config.json: a quantized checkpoint (quant_method="
+                         f"{quant.get('quant_method')!r}) is not supported; serve its bf16 "
+                         "weights (--quant int8 / int4 quantizes them at load)")
+    if hf.get("mlp_bias"):
+        raise ValueError("config.json: mlp_bias=true is not supported")
     if hf.get("attention_bias") and family != "qwen2_moe":
         raise ValueError(f"config.json: attention_bias=true in a {family} model is not "
                          "supported")
     window, window_layers = hf_sliding_window(hf, family, n_layers)
+    fields = llama_fields(hf, default_context=4096)
+    if mla is not None:
+        fields.update(n_kv_heads=fields["n_heads"],
+                      head_dim=mla.qk_nope_head_dim + mla.qk_rope_head_dim)
     cfg = ModelConfig(
-        **llama_fields(hf, default_context=4096), qk_norm=family in ("qwen3_moe", "olmoe"),
+        **fields, mla=mla, qk_norm=family in ("qwen3_moe", "olmoe"),
         qk_norm_type="full" if family == "olmoe" else "head",
         qkv_bias=family == "qwen2_moe" and hf.get("qkv_bias", True),
-        dense_ffn=hf.get("intermediate_size", 0) if family in ("qwen2_moe", "qwen3_moe") else 1,
+        dense_ffn=hf.get("intermediate_size", 0) if family in (
+            "qwen2_moe", "qwen3_moe", *DEEPSEEK) else 1,
         moe=moe, first_dense_layers=len(dense_layers), sliding_window=window,
         sliding_window_layers=window_layers,
         clip_qkv=hf.get("clip_qkv") if family == "olmoe" else None)
     cfg.check()
     return cfg, family, dense_layers
+
+
+def _deepseek_moe(hf: dict, family: str):
+    """DeepSeek-V2 / V3 config.json -> (MoEConfig, MLAConfig, dense layer indices), as
+    transformers builds them: V2 softmax top-k (greedy or group-limited by the best expert
+    of a group), weights not renormalised; V3 sigmoid scores with the correction bias for
+    selection, groups scored by their two best experts, renormalised as norm_topk_prob says;
+    both scaled by routed_scaling_factor, with n_shared_experts ungated shared experts."""
+    from moe.config import MLAConfig, MoEConfig
+    from routing.config import RouterConfig
+
+    n_exp, ffn = hf["n_routed_experts"], hf["moe_intermediate_size"]
+    scale = float(hf.get("routed_scaling_factor", 1.0))
+    if family == "deepseek_v2":
+        method = hf.get("topk_method", "greedy")
+        if method not in ("greedy", "group_limited_greedy"):
+            raise ValueError(f"config.json: topk_method={method!r} is not supported "
+                             "(greedy, group_limited_greedy)")
+        groups = ((hf.get("n_group") or 1, hf.get("topk_group") or 1)
+                  if method == "group_limited_greedy" else (1, 1))
+        router = RouterConfig(top_k=hf["num_experts_per_tok"], renormalize=False,
+                              routed_scaling_factor=scale, n_group=groups[0],
+                              topk_group=groups[1], group_score="max")
+    else:
+        router = RouterConfig(top_k=hf["num_experts_per_tok"], score="sigmoid",
+                              expert_bias=True, renormalize=bool(hf.get("norm_topk_prob", True)),
+                              routed_scaling_factor=scale, n_group=hf.get("n_group") or 1,
+                              topk_group=hf.get("topk_group") or 1, group_score="top2")
+    n_shared = hf.get("n_shared_experts") or 0
+    moe = MoEConfig(num_experts=n_exp, expert_ffn=ffn, router=router,
+                    num_shared_experts=n_shared, shared_expert_ffn=n_shared * ffn or None)
+    mla = MLAConfig(q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=hf["kv_lora_rank"],
+                    qk_nope_head_dim=hf["qk_nope_head_dim"],
+                    qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"])
+    first_dense = min(hf.get("first_k_dense_replace") or 0, hf["num_hidden_layers"])
+    return moe, mla, list(range(first_dense))
 
 
 def hf_sliding_window(hf: dict, family: str, n_layers: int) -> tuple[int | None, list[int] | None]:
@@ -304,7 +429,7 @@ def hf_sliding_window(hf: dict, family: str, n_layers: int) -> tuple[int | None,
     every layer (Qwen3) or on the layers its layer_types (or max_window_layers) name
     (Qwen2); OLMoE has none."""
     window = hf.get("sliding_window")
-    if family == "olmoe" or not window:
+    if family in ("olmoe", *DEEPSEEK) or not window:
         return None, None
     if family == "mixtral":
         return int(window), None
@@ -325,7 +450,8 @@ def dense_tensor_names(cfg: ModelConfig, family: str) -> dict[str, list[str]]:
     """Our name of every non-expert tensor -> the Hub tensors it is the row-concatenation of
     (one name for most; gate and up projections for fused SwiGLU inputs). The LM head maps to
     lm_head.weight; a tied model's directory may lack it (use the embeddings then)."""
-    names = {ours: [hub] for ours, hub in shared_names(cfg.n_layers, cfg.qk_norm, cfg.qkv_bias)}
+    names = {ours: [hub] for ours, hub in shared_names(cfg.n_layers, cfg.qk_norm, cfg.qkv_bias,
+                                                         cfg.mla)}
     names["lm_head.weight"] = ["lm_head.weight"]
     gate_name = EXPERT_NAMES[family][0]
     for i in range(cfg.n_layers):
@@ -336,13 +462,41 @@ def dense_tensor_names(cfg: ModelConfig, family: str) -> dict[str, list[str]]:
             names[dst + "mlp.w_out.weight"] = [src + "mlp.down_proj.weight"]
             continue
         names[dst + "mlp.router.weight"] = [src + gate_name + ".weight"]
-        if cfg.moe.num_shared_experts:  # Qwen2-MoE: one sigmoid-gated shared expert
+        if family == "deepseek_v3":
+            names[dst + "mlp.router.expert_bias"] = [src + gate_name + ".e_score_correction_bias"]
+        if family in DEEPSEEK and cfg.moe.num_shared_experts:  # ungated shared experts
+            sh = src + "mlp.shared_experts."
+            names[dst + "mlp.shared.mlp.w_in.weight"] = [sh + "gate_proj.weight",
+                                                         sh + "up_proj.weight"]
+            names[dst + "mlp.shared.mlp.w_out.weight"] = [sh + "down_proj.weight"]
+        elif cfg.moe.num_shared_experts:  # Qwen2-MoE: one sigmoid-gated shared expert
             sh = src + "mlp.shared_expert."
             names[dst + "mlp.shared.mlp.w_in.weight"] = [sh + "gate_proj.weight",
                                                          sh + "up_proj.weight"]
             names[dst + "mlp.shared.mlp.w_out.weight"] = [sh + "down_proj.weight"]
             names[dst + "mlp.shared.gate.weight"] = [src + "mlp.shared_expert_gate.weight"]
     return names
+
+
+def import_layout(hf: dict, cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
+    """A non-expert tensor as read from the Hub -> our layout. DeepSeek's RoPE acts on
+    interleaved pairs (x0, x1), (x2, x3), ... (always in V2; in V3 unless rope_interleave is
+    false); the rows that make the rotated query / key parts are reordered to the rotate-half
+    layout (evens, then odds): q . k is unchanged, and one RoPE serves every family."""
+    m = cfg.mla
+    if m is None or (hf.get("model_type") == "deepseek_v3"
+                     and not hf.get("rope_interleave", True)):
+        return t
+    r = m.qk_rope_head_dim
+    perm = torch.cat([torch.arange(0, r, 2), torch.arange(1, r, 2)])
+    if name.endswith(("attn.q_proj.weight", "attn.q_b_proj.weight")):
+        head = m.qk_nope_head_dim + r
+        v = t.view(cfg.n_heads, head, -1)
+        return torch.cat([v[:, :m.qk_nope_head_dim], v[:, m.qk_nope_head_dim:][:, perm]],
+                         dim=1).reshape(t.shape)
+    if name.endswith("attn.kv_a_proj.weight"):
+        return torch.cat([t[:m.kv_lora_rank], t[m.kv_lora_rank:][perm]])
+    return t
 
 
 def expert_tensor_names(family: str, layer: int, expert: int) -> tuple[str, str, str]:
@@ -355,10 +509,11 @@ def expert_tensor_names(family: str, layer: int, expert: int) -> tuple[str, str,
 def import_hf(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE directory (sharded safetensors or not; ours
     from export_hf too) -> (ModelConfig, our single-process state dict)."""
-    cfg, family, _ = hf_model_config(_read_config(model_dir))
+    hf = _read_config(model_dir)
+    cfg, family, _ = hf_model_config(hf)
     tensors = _read_tensors(model_dir)
     tensors.setdefault("lm_head.weight", tensors["model.embed_tokens.weight"])
-    state = {ours: torch.cat([tensors[h] for h in hubs]) if len(hubs) > 1 else tensors[hubs[0]]
+    state = {ours: import_layout(hf, cfg, ours, torch.cat([tensors[h] for h in hubs]))
              for ours, hubs in dense_tensor_names(cfg, family).items()}
     for i in range(cfg.n_layers):
         if not cfg.is_moe_layer(i):

@@ -11,6 +11,7 @@ from torch import nn
 from moe.attention import Attention, RMSNorm, rope_cos_sin
 from moe.config import ModelConfig
 from moe.layer import MoELayer
+from moe.mla import MLAttention, mla_softmax_scale
 from moe.mlp import MLP
 from routing import Routing
 
@@ -33,9 +34,13 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim,
-                              cfg.qk_norm, cfg.norm_eps, cfg.qk_norm_type, cfg.qkv_bias,
-                              cfg.clip_qkv)
+        if cfg.mla is not None:
+            self.attn = MLAttention(cfg.d_model, cfg.n_heads, cfg.mla, cfg.norm_eps,
+                                    mla_softmax_scale(cfg))
+        else:
+            self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads,
+                                  cfg.resolved_head_dim, cfg.qk_norm, cfg.norm_eps,
+                                  cfg.qk_norm_type, cfg.qkv_bias, cfg.clip_qkv)
         self.window = cfg.window(layer_idx)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
@@ -92,7 +97,7 @@ class MoETransformer(nn.Module):
             raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
         x = self.embed(input_ids)
         pos = torch.arange(S, device=input_ids.device)
-        cos, sin = rope_cos_sin(pos, cfg.resolved_head_dim, cfg.rope_theta, x.dtype,
+        cos, sin = rope_cos_sin(pos, cfg.rope_dim, cfg.rope_theta, x.dtype,
                                 cfg.rope_scaling)
         token_ids = input_ids.reshape(-1)
         routings: list[Routing] = []

@@ -22,6 +22,10 @@ class RouterConfig:
     expert_bias_update_rate: DeepSeek-V3 aux-loss-free balancing step gamma (sigmoid router);
         the bias only changes selection, never the combine weights.
     routed_scaling_factor: multiplies combine weights (DeepSeek-V3).
+    n_group, topk_group: group-limited routing (DeepSeek-V2 / V3): the experts form n_group
+        equal groups, each token picks its topk_group best groups and its k experts among
+        them; a group's score is its best expert score (group_score="max", V2) or the sum of
+        its two best (group_score="top2", V3, with the expert bias).
     """
 
     kind: str = "topk"
@@ -36,6 +40,9 @@ class RouterConfig:
     expert_bias: bool = False
     expert_bias_update_rate: float = 1e-3
     routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"
     validate: bool = True
 
     def check(self, num_experts: int) -> None:
@@ -58,5 +65,19 @@ class RouterConfig:
             raise ValueError(
                 f"aux_loss_type must be micro_batch or sequence, got {self.aux_loss_type!r}"
             )
+        if self.n_group > 1:
+            if self.kind != "topk" or num_experts % self.n_group:
+                raise ValueError(f"n_group={self.n_group} needs kind=topk and num_experts="
+                                 f"{num_experts} divisible by it")
+            if not 1 <= self.topk_group <= self.n_group:
+                raise ValueError(f"topk_group={self.topk_group} must be between 1 and "
+                                 f"n_group={self.n_group}")
+            if self.top_k > self.topk_group * (num_experts // self.n_group):
+                raise ValueError(f"top_k={self.top_k} exceeds the experts of topk_group="
+                                 f"{self.topk_group} groups")
+            if self.group_score not in ("max", "top2"):
+                raise ValueError(f"group_score must be max or top2, got {self.group_score!r}")
+            if self.group_score == "top2" and num_experts // self.n_group < 2:
+                raise ValueError("group_score=top2 needs at least 2 experts per group")
         if self.expert_bias and (self.kind != "topk" or self.score != "sigmoid"):
             raise ValueError("expert_bias (aux-loss-free balancing) needs kind=topk, score=sigmoid")

@@ -125,9 +125,12 @@ class TopKRouter(Router):
         """logits [T, E] -> expert_ids [T, k], combine weights [T, k] (one fused kernel on
         the Triton backend), and the probabilities [T, E] the aux loss reads."""
         cfg = self.cfg
-        expert_ids, weights = topk_route(logits, cfg.top_k, cfg.score, cfg.renormalize,
-                                         cfg.routed_scaling_factor, self.expert_bias,
-                                         self.backend)
+        if cfg.n_group > 1:
+            expert_ids, weights = self._group_limited(logits)
+        else:
+            expert_ids, weights = topk_route(logits, cfg.top_k, cfg.score, cfg.renormalize,
+                                             cfg.routed_scaling_factor, self.expert_bias,
+                                             self.backend)
         probs = None
         if with_probs:
             if cfg.score == "softmax":
@@ -136,6 +139,24 @@ class TopKRouter(Router):
                 scores = torch.sigmoid(logits)
                 probs = scores / scores.sum(-1, keepdim=True)
         return expert_ids, weights, probs
+
+    def _group_limited(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [T, E] -> expert_ids, weights [T, k]: the k best experts (scores + bias)
+        within each token's topk_group best groups; weights are their unbiased scores."""
+        cfg, T, E = self.cfg, logits.shape[0], self.num_experts
+        scores = logits.softmax(-1) if cfg.score == "softmax" else logits.sigmoid()
+        choice = scores if self.expert_bias is None else scores + self.expert_bias
+        grouped = choice.view(T, cfg.n_group, E // cfg.n_group)
+        group = (grouped.max(-1).values if cfg.group_score == "max"
+                 else grouped.topk(2, dim=-1).values.sum(-1))
+        keep = torch.zeros_like(group, dtype=torch.bool)
+        keep.scatter_(1, group.topk(cfg.topk_group, dim=-1).indices, True)
+        keep = keep[:, :, None].expand_as(grouped).reshape(T, E)
+        expert_ids = choice.masked_fill(~keep, float("-inf")).topk(cfg.top_k, dim=-1).indices
+        weights = scores.gather(1, expert_ids)
+        if cfg.renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return expert_ids, weights * cfg.routed_scaling_factor
 
     @torch.no_grad()
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

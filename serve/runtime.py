@@ -45,18 +45,20 @@ class PrefetchStats:
 
 
 class KVCache:
-    """k, v [n_layers, max_batch, n_kv_heads, max_context, head_dim], allocated once."""
+    """k [n_layers, max_batch, kv_heads, max_context, k_dim], v [..., v_dim] (the widths
+    ModelConfig.kv_dims gives; MLA's keys and values per head), allocated once."""
 
-    def __init__(self, n_layers, max_batch, n_kv_heads, max_context, head_dim, dtype, device):
-        shape = (n_layers, max_batch, n_kv_heads, max_context, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+    def __init__(self, cfg, max_batch, max_context, dtype, device):
+        heads, k_dim, v_dim = cfg.kv_dims
+        shape = (cfg.n_layers, max_batch, heads, max_context)
+        self.k = torch.zeros(*shape, k_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(*shape, v_dim, dtype=dtype, device=device)
 
     @staticmethod
     def nbytes(cfg, max_batch: int, max_context: int, dtype: torch.dtype) -> int:
+        heads, k_dim, v_dim = cfg.kv_dims
         el = torch.finfo(dtype).bits // 8
-        return 2 * cfg.n_layers * max_batch * cfg.n_kv_heads * max_context * \
-            cfg.resolved_head_dim * el
+        return cfg.n_layers * max_batch * heads * max_context * (k_dim + v_dim) * el
 
 
 def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_batch: int,
@@ -68,7 +70,8 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
     kv = KVCache.nbytes(m, max_batch, max_context, dtype)
     chunk = max_batch * min(cfg.prefill_chunk, max_context)
     k, Fe, d = m.moe.router.top_k, m.moe.expert_ffn, m.d_model
-    hd_all = (m.n_heads + 2 * m.n_kv_heads) * m.resolved_head_dim
+    heads, k_dim, v_dim = m.kv_dims
+    hd_all = m.n_heads * k_dim + heads * (k_dim + v_dim)  # q, k, v of one token
     act = chunk * el * (4 * d + hd_all + k * (3 * Fe + d)) \
         + chunk * max_context * 4 * m.n_heads + max_batch * m.vocab_size * 4
     if store.bits is not None and get_backend(cfg.kernel_backend, resolve_device(cfg.device)) \
@@ -116,8 +119,7 @@ class OffloadedModel:
         self.max_batch = cfg.max_batch
         self.n_slots, self.budget_report = self._plan_memory(cfg)
         self.model = self._build_model()
-        self.kv = KVCache(mcfg.n_layers, self.max_batch, mcfg.n_kv_heads, self.max_context,
-                          mcfg.resolved_head_dim, self.dtype, self.device)
+        self.kv = KVCache(mcfg, self.max_batch, self.max_context, self.dtype, self.device)
         self.prefetch = cfg.prefetch == "cross-layer"
         side = torch.cuda.Stream(self.device) if on_cuda and self.prefetch else None
         self.cache = ExpertCache(self.store, self.n_slots, cfg.cache_policy, self.device,
@@ -187,7 +189,7 @@ class OffloadedModel:
         s_idx = torch.arange(S, device=dev)
         q_pos = first[:, None] + s_idx  # [B, S]
         q_valid = s_idx[None] < count[:, None]
-        cos, sin = rope_cos_sin(q_pos.reshape(-1), cfg.resolved_head_dim, cfg.rope_theta,
+        cos, sin = rope_cos_sin(q_pos.reshape(-1), cfg.rope_dim, cfg.rope_theta,
                                 self.dtype, cfg.rope_scaling)
         cos, sin = cos.view(B, S, -1), sin.view(B, S, -1)
         masks: dict[int | None, torch.Tensor] = {}
@@ -211,7 +213,7 @@ class OffloadedModel:
         for i, block in enumerate(model.layers):
             attn = block.attn
             q, k, v = attn.project(block.attn_norm(x), cos, sin)
-            K, V = self.kv.k[i], self.kv.v[i]  # [max_batch, Hkv, max_context, hd]
+            K, V = self.kv.k[i], self.kv.v[i]  # [max_batch, Hkv, max_context, k / v dim]
             K[w_rows, :, w_pos] = k.transpose(1, 2)[b_idx, s_at]
             V[w_rows, :, w_pos] = v.transpose(1, 2)[b_idx, s_at]
             if dense:
@@ -220,6 +222,7 @@ class OffloadedModel:
                 keys, values = K[kv_rows, :, :end], V[kv_rows, :, :end]
             o = F.scaled_dot_product_attention(q, keys, values,
                                                attn_mask=mask_for(block.window),
+                                               scale=attn.scale,
                                                enable_gqa=attn.n_kv_heads != attn.n_heads)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(B, S, -1))
             h = block.mlp_norm(x)

@@ -1,4 +1,4 @@
-"""Tiny random-weight Hugging Face MoE models of four families (import and serving tests)."""
+"""Tiny random-weight Hugging Face MoE models of six families (import and serving tests)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attenti
               eos_token_id=None, bos_token_id=None, pad_token_id=0)
 
 
+MLA = dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+           first_k_dense_replace=1, num_key_value_heads=4, kv_lora_rank=16,
+           qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, n_group=4, topk_group=2)
 FAMILIES = {  # family -> (model class, config class, family-specific config fields)
     "mixtral": ("MixtralForCausalLM", "MixtralConfig",
                 dict(intermediate_size=40, num_local_experts=8)),
@@ -24,6 +27,13 @@ FAMILIES = {  # family -> (model class, config class, family-specific config fie
                   dict(intermediate_size=48, moe_intermediate_size=24, num_experts=8,
                        head_dim=8, norm_topk_prob=False)),
     "olmoe": ("OlmoeForCausalLM", "OlmoeConfig", dict(intermediate_size=24, num_experts=8)),
+    # multi-head latent attention, shared experts, a leading dense layer, group-limited routing
+    "deepseek_v2": ("DeepseekV2ForCausalLM", "DeepseekV2Config", dict(
+        **MLA, q_lora_rank=None, n_shared_experts=2, topk_method="group_limited_greedy",
+        routed_scaling_factor=1.5)),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", "DeepseekV3Config", dict(
+        **MLA, q_lora_rank=12, n_shared_experts=1, routed_scaling_factor=2.5,
+        norm_topk_prob=True)),
 }
 
 
@@ -42,6 +52,9 @@ def build_hf(family: str, seed: int = 0, **overrides):
                 p.normal_(0, 0.5)
             elif name.endswith("gate.weight") and p.shape[0] == 8:
                 p.normal_(0, 0.5)
+        for name, b in m.named_buffers():  # DeepSeek-V3's selection bias
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.3)
     return m.eval()
 
 

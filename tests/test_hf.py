@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
 from moe import ModelConfig, MoEConfig, MoETransformer  # noqa: E402
-from moe.config import RopeScaling  # noqa: E402
+from moe.config import MLAConfig, RopeScaling  # noqa: E402
 from moe.hf import choose_family, export_hf  # noqa: E402
 from moe.upcycle import upcycle_hf_dense  # noqa: E402
 from routing import RouterConfig  # noqa: E402
@@ -17,9 +19,16 @@ from tests.hf_models import build_hf  # noqa: E402
 
 def tiny(**kw) -> ModelConfig:
     moe = MoEConfig(num_experts=4, expert_ffn=24, kernel_backend="torch",
-                    router=kw.pop("router", RouterConfig(top_k=2)))
-    return ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                       max_seq_len=64, dense_ffn=40, moe=moe, **kw)
+                    router=kw.pop("router", RouterConfig(top_k=2)),
+                    num_shared_experts=kw.pop("shared", 0))
+    base = dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                max_seq_len=64, dense_ffn=40, moe=moe)
+    return ModelConfig(**{**base, **kw})
+
+
+DEEPSEEK_V3 = dict(n_kv_heads=4, shared=2, first_dense_layers=1, router=RouterConfig(
+    top_k=2, score="sigmoid", expert_bias=True, n_group=2, topk_group=1, group_score="top2",
+    routed_scaling_factor=2.0))
 
 
 @pytest.mark.parametrize("kw,family", [
@@ -31,6 +40,10 @@ def tiny(**kw) -> ModelConfig:
     ({"sliding_window": 5, "rope_scaling": RopeScaling("linear", factor=2.0)}, "mixtral"),
     ({"qk_norm": True, "sliding_window": 6,
       "rope_scaling": RopeScaling("yarn", factor=4.0, original_max_seq_len=16)}, "qwen3_moe"),
+    (dict(DEEPSEEK_V3, mla=MLAConfig(None, 16, 8, 4, 6)), "deepseek_v3"),
+    (dict(DEEPSEEK_V3, mla=MLAConfig(12, 16, 8, 4, 6), shared=0, first_dense_layers=0,
+          rope_scaling=RopeScaling("yarn", factor=4.0, original_max_seq_len=16, mscale=1.0,
+                                   mscale_all_dim=0.8)), "deepseek_v3"),
 ])
 def test_export_loads_in_transformers_with_equal_logits(tmp_path, kw, family):
     torch.manual_seed(0)
@@ -40,6 +53,9 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, kw, family):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+        for name, b in model.named_buffers():
+            if name.endswith("expert_bias"):
+                b.normal_(0, 0.3)
     assert export_hf(cfg, model.state_dict(), tmp_path) == family
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32)
     assert hf.config.model_type == family
@@ -59,6 +75,14 @@ def test_models_without_an_hf_family_are_refused():
         choose_family(tiny(clip_qkv=1.0))
     with pytest.raises(ValueError, match="sliding window on some layers"):
         choose_family(tiny(sliding_window=4, sliding_window_layers=[0]))
+    mla = MLAConfig(None, 16, 8, 4, 6)
+    with pytest.raises(ValueError, match="no DeepSeek-V3 equivalent: router topk/softmax"):
+        choose_family(tiny(mla=mla, n_kv_heads=4))
+    with pytest.raises(ValueError, match="best expert"):
+        choose_family(tiny(**dict(DEEPSEEK_V3, mla=mla, router=RouterConfig(
+            top_k=2, score="sigmoid", n_group=2, group_score="max"))))
+    with pytest.raises(ValueError, match="cannot hold this model's attention"):
+        export_hf(tiny(**dict(DEEPSEEK_V3, mla=mla)), {}, Path("/nonexistent"), family="mixtral")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -135,12 +159,26 @@ def test_import_hf_errors(tmp_path):
         import_hf(tmp_path)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
-def test_import_qwen2_moe_and_olmoe_match_transformers(tmp_path, family):
-    from moe.hf import choose_family
+@pytest.mark.parametrize("family,refusal", [
+    ("qwen2_moe", "no Mixtral or Qwen3-MoE equivalent"),
+    ("olmoe", "no Mixtral or Qwen3-MoE equivalent"),
+    ("deepseek_v2", "no DeepSeek-V3 equivalent: router topk/softmax"),
+    ("deepseek_v3", None)])
+def test_import_families_match_transformers_and_export_back(tmp_path, family, refusal):
+    """Import equals transformers; a family export cannot write is refused by name, and a
+    DeepSeek-V3 import exports back to a directory transformers loads with equal logits."""
+    from moe.hf import choose_family, import_hf
 
-    hf = build_hf(family)  # q/k/v biases and norms randomised: they count
-    hf.save_pretrained(tmp_path)
-    cfg = assert_import_matches(hf, tmp_path)
-    with pytest.raises(ValueError, match="no Mixtral or Qwen3-MoE equivalent"):
-        choose_family(cfg)
+    hf = build_hf(family)  # q/k/v biases, norms and V3's selection bias randomised
+    hf.save_pretrained(tmp_path / "in")
+    cfg = assert_import_matches(hf, tmp_path / "in")
+    if refusal is not None:
+        with pytest.raises(ValueError, match=refusal):
+            choose_family(cfg)
+        return
+    _, state = import_hf(tmp_path / "in")
+    assert export_hf(cfg, state, tmp_path / "out") == "deepseek_v3"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = torch.randint(0, 96, (2, 15))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)

@@ -99,6 +99,40 @@ def test_sigmoid_bias_changes_selection_not_weights():
     torch.testing.assert_close(routing.combine_weights, expect / expect.sum(-1, keepdim=True))
 
 
+def test_group_limited_routing_by_hand():
+    """4 experts in 2 groups, one group kept: V2 scores a group by its best expert, V3 by its
+    two best (with the bias); the weights are the unbiased scores of the chosen experts."""
+    logits = torch.tensor([[3.0, -3.0, 1.0, 1.0]], dtype=torch.float64)
+    v2 = RouterConfig(top_k=2, renormalize=False, n_group=2, topk_group=1, group_score="max",
+                      routed_scaling_factor=2.0)
+    r = build_router(v2, 4, 4).double()
+    ids, w = r._group_limited(logits)
+    probs = logits.softmax(-1)
+    assert sorted(ids[0].tolist()) == [0, 1]  # group 0 holds the best expert
+    torch.testing.assert_close(w, 2.0 * probs.gather(1, ids))
+    v3 = RouterConfig(top_k=2, score="sigmoid", expert_bias=True, n_group=2, topk_group=1,
+                      group_score="top2")
+    r = build_router(v3, 4, 4).double()
+    ids, w = r._group_limited(logits)
+    assert sorted(ids[0].tolist()) == [2, 3]  # 0.73 + 0.73 beats 0.95 + 0.05
+    with torch.no_grad():
+        r.expert_bias[1] = 1.0  # 0.95 + 1.05 now wins: selection moves, weights unbiased
+    ids, w = r._group_limited(logits)
+    assert sorted(ids[0].tolist()) == [0, 1]
+    s = logits.sigmoid().gather(1, ids)
+    torch.testing.assert_close(w, s / s.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(n_group=3), "divisible"), (dict(n_group=2, topk_group=3), "topk_group=3"),
+    (dict(n_group=4, topk_group=1, top_k=3), "top_k=3 exceeds"),
+    (dict(n_group=2, group_score="mean"), "group_score"),
+    (dict(n_group=4, topk_group=4, group_score="top2"), "at least 2 experts per group")])
+def test_group_limited_config_errors(kw, message):
+    with pytest.raises(ValueError, match=message):
+        RouterConfig(**kw).check(4)
+
+
 def test_expert_choice_gives_every_expert_its_capacity():
     cfg = RouterConfig(kind="expert_choice", top_k=2)
     r = build_router(cfg, 6, 4).double()

@@ -20,7 +20,7 @@ from serve.store import ModelDirError  # noqa: E402
 from serve.units import parse_size  # noqa: E402
 from tests.hf_models import build_hf  # noqa: E402
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
 NEW = 8
 
 
@@ -70,7 +70,8 @@ def budget_for(model_dir, slots: int, **kw) -> int:
 
 
 # Config options of real checkpoints that change the maths: RoPE scalings, sliding windows
-# (every layer, or Qwen2-MoE's per-layer pattern), OLMoE's q/k/v clipping.
+# (every layer, or Qwen2-MoE's per-layer pattern), OLMoE's q/k/v clipping, DeepSeek's greedy
+# routing, YaRN with its softmax correction and RoPE rows that are not interleaved.
 VARIANTS = {
     "mixtral-window": ("mixtral", dict(sliding_window=5)),
     "mixtral-linear-rope": ("mixtral", dict(rope_parameters={
@@ -82,6 +83,11 @@ VARIANTS = {
     "qwen2-window-some-layers": ("qwen2_moe", dict(use_sliding_window=True, sliding_window=4,
                                                    max_window_layers=3)),
     "olmoe-clip": ("olmoe", dict(clip_qkv=0.4)),
+    "deepseek-v2-greedy-yarn": ("deepseek_v2", dict(topk_method="greedy", rope_scaling={
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "mscale": 0.707,
+        "mscale_all_dim": 1.0})),
+    "deepseek-v3-not-interleaved": ("deepseek_v3", dict(rope_interleave=False, n_group=1,
+                                                        topk_group=1)),
 }
 
 
@@ -128,7 +134,9 @@ def test_unsupported_config_options_are_refused(tmp_path):
             ({"rope_scaling": {"rope_type": "linear"}}, "linear RoPE scaling without a factor"),
             ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
             ({"attention_bias": True}, "attention_bias"),
-            ({"partial_rotary_factor": 0.5}, "partial_rotary_factor")]:
+            ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+            ({"quantization_config": {"quant_method": "fp8"}}, "quantized checkpoint.*'fp8'"),
+            ({"mlp_bias": True}, "mlp_bias")]:
         path.write_text(json.dumps({**base, **extra}))
         with pytest.raises(ModelDirError, match=match):
             serve(tmp_path)

@@ -165,7 +165,7 @@ def test_multinode_launch_script_on_one_node(tmp_path, data_cache):
                NODE_RANK="0", MASTER_PORT=str(free_port()), NPROC_PER_NODE="2",
                PYTHON=sys.executable)
     args = [*TINY, f"data.cache_dir={data_cache}", "trainer.max_steps=2", "parallel=ep",
-            f"hydra.run.dir={run_dir}"]
+            f"hydra.run.dir={run_dir}", *MLA]  # experts split over ranks; attention MLA
     proc = subprocess.run(["bash", "launch/torchrun_multinode.sh", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -173,16 +173,21 @@ def test_multinode_launch_script_on_one_node(tmp_path, data_cache):
     assert (run_dir / "checkpoints" / "latest").exists()
 
 
-def test_export_cli_loads_in_transformers(tmp_path, data_cache):
+MLA = ["model=tiny_mla", "router=deepseek_v3", "model.moe.router.n_group=2",
+       "model.moe.router.topk_group=1"]  # latent attention, a shared expert, groups
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_export_cli_loads_in_transformers(tmp_path, data_cache, family):
     transformers = pytest.importorskip("transformers")
     run_dir = tmp_path / "run"
-    train(run_dir, data_cache, "trainer.max_steps=3")
+    train(run_dir, data_cache, "trainer.max_steps=3", *(MLA if family == "deepseek_v3" else []))
     out = tmp_path / "hf"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "train.export", str(run_dir), str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "as mixtral" in proc.stdout
+    assert f"as {family}" in proc.stdout
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(out)
     ids = torch.tensor([tok.encode("def main():\n    return 0\n")])

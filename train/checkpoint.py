@@ -65,14 +65,9 @@ def save(ckpt_root: Path, step: int, par: Parallelized, extra: dict, model_confi
 
 def model_config(path: Path):
     """The ModelConfig a checkpoint was written for."""
-    from moe.config import ModelConfig, MoEConfig, RopeScaling
-    from routing.config import RouterConfig
+    from moe.config import ModelConfig
 
-    raw = json.loads((path / "model_config.json").read_text())
-    raw["moe"]["router"] = RouterConfig(**raw["moe"]["router"])
-    raw["moe"] = MoEConfig(**raw["moe"])
-    raw["rope_scaling"] = RopeScaling(**raw.get("rope_scaling", {}))  # absent before 2026-11
-    return ModelConfig(**raw)
+    return ModelConfig.from_dict(json.loads((path / "model_config.json").read_text()))
 
 
 def resolve(path: Path) -> Path | None:

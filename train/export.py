@@ -1,5 +1,6 @@
 """`python -m train.export CHECKPOINT OUT_DIR`: a training checkpoint -> a Hugging Face model
-directory (config.json, model.safetensors, tokenizer) in the Mixtral or Qwen3-MoE layout."""
+directory (config.json, model.safetensors, tokenizer) in the Mixtral, Qwen3-MoE or (models
+with latent attention) DeepSeek-V3 layout."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 from pathlib import Path
 
 from moe import MoETransformer
-from moe.hf import export_hf
+from moe.hf import EXPORT_FAMILIES, export_hf
 from parallel import parallelize
 from train import checkpoint
 
@@ -36,7 +37,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", type=Path, help="a step_* folder, checkpoints/ or a run dir")
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--family", choices=["mixtral", "qwen3_moe"], default=None)
+    p.add_argument("--family", choices=list(EXPORT_FAMILIES), default=None)
     a = p.parse_args(argv)
     try:
         family = export(a.checkpoint, a.out_dir, a.family)

@@ -42,7 +42,8 @@ def active_flops_per_token(model: MoETransformer, seq_len: int) -> float:
             n += p.numel() * cfg.moe.router.top_k / cfg.moe.num_experts
         elif name != "embed.weight":
             n += p.numel()
-    attn = 12 * cfg.n_layers * cfg.d_model * seq_len
+    _, k_dim, v_dim = cfg.kv_dims  # q.k and attention-weighted v, every head (MLA too)
+    attn = 6 * cfg.n_layers * seq_len * cfg.n_heads * (k_dim + v_dim)
     return 6 * n + attn
 
 
