@@ -65,6 +65,44 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_rope], dim=-1)
         return q, k, v
 
+    # -- the latent form (serving): keys are the cached latents, W_UK and W_UV absorbed -----
+    @property
+    def latent_dim(self) -> int:
+        """Width of one cached token: the normed latent, then its rotated RoPE key part."""
+        return self.kv_rank + self.rope
+
+    def _kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj as W_UK [H, nope, kv_rank] and W_UV [H, v_dim, kv_rank]."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
+        return w[:, :self.nope], w[:, self.nope:]
+
+    def project_latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, d] -> q [B, H, S, latent_dim] (the no-RoPE query taken into latent space
+        by W_UK, then its rotated part) and the cache entry [B, 1, S, latent_dim]: scores
+        q . entry equal the expanded q . k, and the first kv_rank columns of the entries are
+        the values whose attention-weighted sum latent_out expands by W_UV."""
+        B, S, _ = x.shape
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(
+            self.q_a_norm(self.q_a_proj(x)))
+        q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        latent, k_rope = self.kv_a_proj(x).split([self.kv_rank, self.rope], dim=-1)
+        if cos.dim() == 3:
+            cos, sin = cos[:, None], sin[:, None]
+        w_uk, _ = self._kv_b()
+        q_lat = torch.einsum("bhsn,hnr->bhsr", q[..., :self.nope], w_uk)
+        q = torch.cat([q_lat, apply_rope(q[..., self.nope:], cos, sin)], dim=-1)
+        entry = torch.cat([self.kv_a_norm(latent)[:, None],
+                           apply_rope(k_rope[:, None], cos, sin)], dim=-1)
+        return q, entry
+
+    def latent_out(self, o: torch.Tensor) -> torch.Tensor:
+        """o [B, H, S, kv_rank] (attention over the cached latents) -> [B, S, d]."""
+        B, H, S, _ = o.shape
+        _, w_uv = self._kv_b()
+        v = torch.einsum("bhsr,hvr->bhsv", o, w_uv)
+        return self.o_proj(v.transpose(1, 2).reshape(B, S, H * self.v_dim))
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 window: int | None = None) -> torch.Tensor:
         """x [B, S, d] -> [B, S, d]; causal, over the last `window` keys when given."""

@@ -45,18 +45,27 @@ class PrefetchStats:
 
 
 class KVCache:
-    """k [n_layers, max_batch, kv_heads, max_context, k_dim], v [..., v_dim] (the widths
-    ModelConfig.kv_dims gives; MLA's keys and values per head), allocated once."""
+    """k, v [n_layers, max_batch, n_kv_heads, max_context, head_dim], allocated once. With
+    multi-head latent attention, k [n_layers, max_batch, 1, max_context, kv_lora_rank +
+    rope_dim] holds each token's latent and RoPE key (the expanded keys and values of every
+    head are never stored: 1 / 9 of their bytes at DeepSeek-V2-Lite's shapes) and v is None."""
 
     def __init__(self, cfg, max_batch, max_context, dtype, device):
-        heads, k_dim, v_dim = cfg.kv_dims
+        heads, k_dim, v_dim = self.dims(cfg)
         shape = (cfg.n_layers, max_batch, heads, max_context)
         self.k = torch.zeros(*shape, k_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(*shape, v_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(*shape, v_dim, dtype=dtype, device=device) if v_dim else None
+
+    @staticmethod
+    def dims(cfg) -> tuple[int, int, int]:
+        """(heads, key width, value width; 0: values are the keys' latent part)."""
+        if cfg.mla is not None:
+            return 1, cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim, 0
+        return cfg.n_kv_heads, cfg.resolved_head_dim, cfg.resolved_head_dim
 
     @staticmethod
     def nbytes(cfg, max_batch: int, max_context: int, dtype: torch.dtype) -> int:
-        heads, k_dim, v_dim = cfg.kv_dims
+        heads, k_dim, v_dim = KVCache.dims(cfg)
         el = torch.finfo(dtype).bits // 8
         return cfg.n_layers * max_batch * heads * max_context * (k_dim + v_dim) * el
 
@@ -71,7 +80,7 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
     chunk = max_batch * min(cfg.prefill_chunk, max_context)
     k, Fe, d = m.moe.router.top_k, m.moe.expert_ffn, m.d_model
     heads, k_dim, v_dim = m.kv_dims
-    hd_all = m.n_heads * k_dim + heads * (k_dim + v_dim)  # q, k, v of one token
+    hd_all = 2 * m.n_heads * k_dim + heads * (k_dim + v_dim)  # q, k, v (MLA: + its latents)
     act = chunk * el * (4 * d + hd_all + k * (3 * Fe + d)) \
         + chunk * max_context * 4 * m.n_heads + max_batch * m.vocab_size * 4
     if store.bits is not None and get_backend(cfg.kernel_backend, resolve_device(cfg.device)) \
@@ -210,21 +219,28 @@ class OffloadedModel:
         r0 = rows[0]
         dense = list(rows) == list(range(r0, r0 + B))  # a view of the cache, no gather
         x = model.embed(ids)
+        mla = cfg.mla is not None
         for i, block in enumerate(model.layers):
             attn = block.attn
-            q, k, v = attn.project(block.attn_norm(x), cos, sin)
-            K, V = self.kv.k[i], self.kv.v[i]  # [max_batch, Hkv, max_context, k / v dim]
-            K[w_rows, :, w_pos] = k.transpose(1, 2)[b_idx, s_at]
-            V[w_rows, :, w_pos] = v.transpose(1, 2)[b_idx, s_at]
-            if dense:
-                keys, values = K[r0:r0 + B, :, :end], V[r0:r0 + B, :, :end]
+            K = self.kv.k[i]  # [max_batch, Hkv, max_context, hd]
+            if mla:  # queries in latent space against the cached latents
+                q, k = attn.project_latent(block.attn_norm(x), cos, sin)
             else:
-                keys, values = K[kv_rows, :, :end], V[kv_rows, :, :end]
+                q, k, v = attn.project(block.attn_norm(x), cos, sin)
+                V = self.kv.v[i]
+                V[w_rows, :, w_pos] = v.transpose(1, 2)[b_idx, s_at]
+            K[w_rows, :, w_pos] = k.transpose(1, 2)[b_idx, s_at]
+            keys = K[r0:r0 + B, :, :end] if dense else K[kv_rows, :, :end]
+            if mla:
+                values = keys[..., :attn.kv_rank]
+            else:
+                values = V[r0:r0 + B, :, :end] if dense else V[kv_rows, :, :end]
             o = F.scaled_dot_product_attention(q, keys, values,
                                                attn_mask=mask_for(block.window),
                                                scale=attn.scale,
-                                               enable_gqa=attn.n_kv_heads != attn.n_heads)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(B, S, -1))
+                                               enable_gqa=keys.shape[1] != q.shape[1])
+            x = x + (attn.latent_out(o) if mla
+                     else attn.o_proj(o.transpose(1, 2).reshape(B, S, -1)))
             h = block.mlp_norm(x)
             if block.is_moe:
                 x = x + self._moe(i, h, x, q_valid)

@@ -109,6 +109,9 @@ def test_config_variants_equal_transformers(tmp_path, variant):
         assert cfg.sliding_window is not None
         if variant.startswith("qwen2"):
             assert cfg.sliding_window_layers == [0, 2]
+    if cfg.mla is not None:  # the cache holds latents, not every head's keys and values
+        assert m.kv.v is None
+        assert m.kv.k.shape[2:] == (1, 64, cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim)
     res = generate(m, prompts, 10, keep_logits=True)
     for p, toks, logits in zip(prompts, res.token_ids, res.logits, strict=True):
         with torch.no_grad():
