@@ -82,7 +82,11 @@ def causal_mask(q_pos: torch.Tensor, n_keys: int, window: int | None = None) -> 
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, S, hd], cos/sin [S, hd] -> rotated x."""
+    """x [B, H, S, hd], cos/sin [S, r] with r <= hd -> x with its first r dims rotated (all
+    of them unless the rotary embedding is partial, as in GLM)."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 

@@ -111,6 +111,7 @@ class ModelConfig:
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    partial_rotary_factor: float = 1.0  # RoPE turns the first fraction of each head (GLM)
     norm_eps: float = 1e-6
     qk_norm: bool = False
     qk_norm_type: str = "head"  # "head": RMSNorm per head (Qwen3); "full": over q / k (OLMoE)
@@ -133,7 +134,9 @@ class ModelConfig:
     @property
     def rope_dim(self) -> int:
         """The width RoPE rotates: the head, or MLA's rope part."""
-        return self.mla.qk_rope_head_dim if self.mla else self.resolved_head_dim
+        if self.mla:
+            return self.mla.qk_rope_head_dim
+        return int(self.resolved_head_dim * self.partial_rotary_factor)
 
     @property
     def kv_dims(self) -> tuple[int, int, int]:
@@ -180,8 +183,12 @@ class ModelConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.mla is not None:
             self.mla.check()
-        elif self.resolved_head_dim % 2:
-            raise ValueError(f"head_dim={self.resolved_head_dim} must be even for RoPE")
+        elif not 0 < self.partial_rotary_factor <= 1:
+            raise ValueError(f"partial_rotary_factor must be in (0, 1], got "
+                             f"{self.partial_rotary_factor}")
+        elif self.rope_dim % 2 or self.rope_dim < 2:
+            raise ValueError(f"RoPE turns {self.rope_dim} dims of head_dim="
+                             f"{self.resolved_head_dim}: it must be even and >= 2")
         if self.qk_norm_type not in ("head", "full"):
             raise ValueError(f"qk_norm_type must be head or full, got {self.qk_norm_type!r}")
         if self.moe_layer_freq < 1:

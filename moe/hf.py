@@ -1,7 +1,7 @@
-"""Hugging Face checkpoint layouts: import Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and
-DeepSeek-V2 / V3 directories, export our models as Mixtral, Qwen3-MoE or DeepSeek-V3
-directories (safetensors + config.json), and read dense Llama / Qwen3 directories for
-upcycling.
+"""Hugging Face checkpoint layouts: import Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
+DeepSeek-V2 / V3 and GLM-4.5 (glm4_moe) directories, export our models as Mixtral, Qwen3-MoE
+or DeepSeek-V3 directories (safetensors + config.json), and read dense Llama / Qwen3
+directories for upcycling.
 
 Names follow the layouts on the Hub (per-expert w1/w2/w3 for Mixtral, gate/up/down_proj for
 the others), which `transformers` loads with its own classes.
@@ -140,8 +140,10 @@ EXPERT_NAMES = {
     "olmoe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
     "deepseek_v2": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
     "deepseek_v3": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
+    "glm4_moe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
 }
 DEEPSEEK = ("deepseek_v2", "deepseek_v3")
+V3_ROUTED = ("deepseek_v3", "glm4_moe")  # sigmoid, selection bias, groups, shared experts
 EXPORT_FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3")
 
 
@@ -295,7 +297,7 @@ def hf_rope_scaling(hf: dict) -> RopeScaling:
     return out
 
 
-def llama_fields(hf: dict, default_context: int) -> dict:
+def llama_fields(hf: dict, default_context: int, partial_rotary: bool = False) -> dict:
     """The ModelConfig fields every Llama-style config.json spells alike (sizes, heads, RoPE,
     norm eps, tied embeddings), as keyword arguments; ValueError for options it would
     silently ignore (another activation, partial rotary embeddings, RoPE scalings it lacks)."""
@@ -304,9 +306,11 @@ def llama_fields(hf: dict, default_context: int) -> dict:
     if act != "silu":
         raise ValueError(f"config.json: hidden_act={act!r} is not supported (silu only)")
     partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if partial not in (None, 1, 1.0):
-        raise ValueError(f"config.json: partial_rotary_factor={partial} is not supported")
+    if partial not in (None, 1, 1.0) and not partial_rotary:
+        raise ValueError(f"config.json: partial_rotary_factor={partial} is not supported "
+                         f"for model_type={hf.get('model_type')!r}")
     return dict(
+        partial_rotary_factor=float(partial or 1.0),
         rope_scaling=hf_rope_scaling(hf),
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
         n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
@@ -319,7 +323,7 @@ def llama_fields(hf: dict, default_context: int) -> dict:
 
 
 def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
-    """A Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE config.json (as a dict) -> (our ModelConfig,
+    """A config.json of a family in EXPERT_NAMES (as a dict) -> (our ModelConfig,
     the family, the indices of its dense layers); ValueError names what is not supported."""
     from moe.config import MoEConfig
     from routing.config import RouterConfig
@@ -338,6 +342,8 @@ def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
     mla = None
     if family in DEEPSEEK:
         moe, mla, dense_layers = _deepseek_moe(hf, family)
+    elif family == "glm4_moe":  # DeepSeek-V3's MoE behind grouped-query attention
+        moe, _, dense_layers = _deepseek_moe(hf, family)
     elif family in ("mixtral", "olmoe"):
         n_exp = hf.get("num_local_experts") or hf.get("num_experts")
         moe = MoEConfig(num_experts=n_exp, expert_ffn=hf["intermediate_size"],
@@ -366,20 +372,22 @@ def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
                          "weights (--quant int8 / int4 quantizes them at load)")
     if hf.get("mlp_bias"):
         raise ValueError("config.json: mlp_bias=true is not supported")
-    if hf.get("attention_bias") and family != "qwen2_moe":
+    if hf.get("attention_bias") and family not in ("qwen2_moe", "glm4_moe"):
         raise ValueError(f"config.json: attention_bias=true in a {family} model is not "
                          "supported")
     window, window_layers = hf_sliding_window(hf, family, n_layers)
-    fields = llama_fields(hf, default_context=4096)
+    fields = llama_fields(hf, default_context=4096, partial_rotary=family == "glm4_moe")
     if mla is not None:
         fields.update(n_kv_heads=fields["n_heads"],
                       head_dim=mla.qk_nope_head_dim + mla.qk_rope_head_dim)
     cfg = ModelConfig(
-        **fields, mla=mla, qk_norm=family in ("qwen3_moe", "olmoe"),
+        **fields, mla=mla, qk_norm=family in ("qwen3_moe", "olmoe") or (
+            family == "glm4_moe" and bool(hf.get("use_qk_norm"))),
         qk_norm_type="full" if family == "olmoe" else "head",
-        qkv_bias=family == "qwen2_moe" and hf.get("qkv_bias", True),
+        qkv_bias=(family == "qwen2_moe" and hf.get("qkv_bias", True))
+        or (family == "glm4_moe" and bool(hf.get("attention_bias"))),
         dense_ffn=hf.get("intermediate_size", 0) if family in (
-            "qwen2_moe", "qwen3_moe", *DEEPSEEK) else 1,
+            "qwen2_moe", "qwen3_moe", *DEEPSEEK, "glm4_moe") else 1,
         moe=moe, first_dense_layers=len(dense_layers), sliding_window=window,
         sliding_window_layers=window_layers,
         clip_qkv=hf.get("clip_qkv") if family == "olmoe" else None)
@@ -416,10 +424,12 @@ def _deepseek_moe(hf: dict, family: str):
     n_shared = hf.get("n_shared_experts") or 0
     moe = MoEConfig(num_experts=n_exp, expert_ffn=ffn, router=router,
                     num_shared_experts=n_shared, shared_expert_ffn=n_shared * ffn or None)
+    first_dense = min(hf.get("first_k_dense_replace") or 0, hf["num_hidden_layers"])
+    if family == "glm4_moe":
+        return moe, None, list(range(first_dense))
     mla = MLAConfig(q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=hf["kv_lora_rank"],
                     qk_nope_head_dim=hf["qk_nope_head_dim"],
                     qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"])
-    first_dense = min(hf.get("first_k_dense_replace") or 0, hf["num_hidden_layers"])
     return moe, mla, list(range(first_dense))
 
 
@@ -429,7 +439,7 @@ def hf_sliding_window(hf: dict, family: str, n_layers: int) -> tuple[int | None,
     every layer (Qwen3) or on the layers its layer_types (or max_window_layers) name
     (Qwen2); OLMoE has none."""
     window = hf.get("sliding_window")
-    if family in ("olmoe", *DEEPSEEK) or not window:
+    if family in ("olmoe", "glm4_moe", *DEEPSEEK) or not window:
         return None, None
     if family == "mixtral":
         return int(window), None
@@ -462,9 +472,9 @@ def dense_tensor_names(cfg: ModelConfig, family: str) -> dict[str, list[str]]:
             names[dst + "mlp.w_out.weight"] = [src + "mlp.down_proj.weight"]
             continue
         names[dst + "mlp.router.weight"] = [src + gate_name + ".weight"]
-        if family == "deepseek_v3":
+        if family in V3_ROUTED:
             names[dst + "mlp.router.expert_bias"] = [src + gate_name + ".e_score_correction_bias"]
-        if family in DEEPSEEK and cfg.moe.num_shared_experts:  # ungated shared experts
+        if family in (*DEEPSEEK, "glm4_moe") and cfg.moe.num_shared_experts:  # ungated
             sh = src + "mlp.shared_experts."
             names[dst + "mlp.shared.mlp.w_in.weight"] = [sh + "gate_proj.weight",
                                                          sh + "up_proj.weight"]
@@ -507,8 +517,8 @@ def expert_tensor_names(family: str, layer: int, expert: int) -> tuple[str, str,
 
 
 def import_hf(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """A Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE directory (sharded safetensors or not; ours
-    from export_hf too) -> (ModelConfig, our single-process state dict)."""
+    """A directory of a family in EXPERT_NAMES (sharded safetensors or not; ours from
+    export_hf too) -> (ModelConfig, our single-process state dict)."""
     hf = _read_config(model_dir)
     cfg, family, _ = hf_model_config(hf)
     tensors = _read_tensors(model_dir)

@@ -1,4 +1,4 @@
-"""Tiny random-weight Hugging Face MoE models of six families (import and serving tests)."""
+"""Tiny random-weight Hugging Face MoE models of seven families (import and serving tests)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,12 @@ FAMILIES = {  # family -> (model class, config class, family-specific config fie
     "deepseek_v3": ("DeepseekV3ForCausalLM", "DeepseekV3Config", dict(
         **MLA, q_lora_rank=12, n_shared_experts=1, routed_scaling_factor=2.5,
         norm_topk_prob=True)),
+    # DeepSeek-V3's MoE behind grouped-query attention with biases, q/k norms, partial RoPE
+    "glm4_moe": ("Glm4MoeForCausalLM", "Glm4MoeConfig", dict(
+        intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+        attention_bias=True, use_qk_norm=True, partial_rotary_factor=0.5, head_dim=8,
+        num_hidden_layers=4)),
 }
 
 

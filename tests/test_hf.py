@@ -163,6 +163,7 @@ def test_import_hf_errors(tmp_path):
     ("qwen2_moe", "no Mixtral or Qwen3-MoE equivalent"),
     ("olmoe", "no Mixtral or Qwen3-MoE equivalent"),
     ("deepseek_v2", "no DeepSeek-V3 equivalent: router topk/softmax"),
+    ("glm4_moe", "no Mixtral or Qwen3-MoE equivalent: router topk/sigmoid"),
     ("deepseek_v3", None)])
 def test_import_families_match_transformers_and_export_back(tmp_path, family, refusal):
     """Import equals transformers; a family export cannot write is refused by name, and a

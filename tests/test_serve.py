@@ -20,7 +20,8 @@ from serve.store import ModelDirError  # noqa: E402
 from serve.units import parse_size  # noqa: E402
 from tests.hf_models import build_hf  # noqa: E402
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
+            "glm4_moe"]
 NEW = 8
 
 
