@@ -91,6 +91,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     window: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """q [B, H, S, dk], k [B, Hkv, S, dk], v [B, Hkv, S, dv] (Hkv divides H) -> [B, H, S, dv]:
+    each query sees the keys up to its own position (the last `window` of them)."""
+    S = q.shape[2]
+    mask = None if window is None or window >= S else causal_mask(
+        torch.arange(S, device=q.device), S, window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
 class Attention(nn.Module):
     """x [B, S, d] -> [B, S, d]: causal GQA through scaled_dot_product_attention."""
 
@@ -136,11 +147,5 @@ class Attention(nn.Module):
                 window: int | None = None) -> torch.Tensor:
         """x [B, S, d] -> [B, S, d]; causal, over the last `window` keys when given."""
         B, S, _ = x.shape
-        q, k, v = self.project(x, cos, sin)
-        mask = None if window is None or window >= S else causal_mask(
-            torch.arange(S, device=x.device), S, window)
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        o = causal_attention(*self.project(x, cos, sin), window, self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))

@@ -13,10 +13,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from moe.attention import RMSNorm, apply_rope, causal_mask
+from moe.attention import RMSNorm, apply_rope, causal_attention
 from moe.config import MLAConfig, ModelConfig
 
 
@@ -107,11 +106,7 @@ class MLAttention(nn.Module):
                 window: int | None = None) -> torch.Tensor:
         """x [B, S, d] -> [B, S, d]; causal, over the last `window` keys when given."""
         B, S, _ = x.shape
-        q, k, v = self.project(x, cos, sin)
-        mask = None if window is None or window >= S else causal_mask(
-            torch.arange(S, device=x.device), S, window)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           scale=self.scale)
+        o = causal_attention(*self.project(x, cos, sin), window, self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))
 
 
