@@ -140,7 +140,8 @@ class ModelConfig:
 
     @property
     def kv_dims(self) -> tuple[int, int, int]:
-        """(key / value heads, key width, value width) of what a KV cache stores per token."""
+        """(key / value heads, key width, value width) of attention (MLA: expanded per head;
+        the served KV cache keeps MLA's latents instead, serve.runtime.KVCache)."""
         if self.mla:
             m = self.mla
             return self.n_heads, m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim

@@ -44,15 +44,20 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_rank, n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(n_heads * self.v_dim, d_model, bias=False)
 
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, S, d] -> q [B, H, S, head_dim], not yet rotated."""
+        B, S, _ = x.shape
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(
+            self.q_a_norm(self.q_a_proj(x)))
+        return q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, S, d], cos/sin [S, rope_dim] or [B, S, rope_dim] -> q, k [B, H, S, head_dim],
         v [B, H, S, v_dim] (rotated: what a KV cache stores)."""
         B, S, _ = x.shape
         H = self.n_heads
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(
-            self.q_a_norm(self.q_a_proj(x)))
-        q = q.view(B, S, H, self.head_dim).transpose(1, 2)
+        q = self._query(x)
         latent, k_rope = self.kv_a_proj(x).split([self.kv_rank, self.rope], dim=-1)
         kv = self.kv_b_proj(self.kv_a_norm(latent)).view(B, S, H, self.nope + self.v_dim)
         k_nope, v = kv.transpose(1, 2).split([self.nope, self.v_dim], dim=-1)
@@ -65,11 +70,6 @@ class MLAttention(nn.Module):
         return q, k, v
 
     # -- the latent form (serving): keys are the cached latents, W_UK and W_UV absorbed -----
-    @property
-    def latent_dim(self) -> int:
-        """Width of one cached token: the normed latent, then its rotated RoPE key part."""
-        return self.kv_rank + self.rope
-
     def _kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj as W_UK [H, nope, kv_rank] and W_UV [H, v_dim, kv_rank]."""
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
@@ -77,14 +77,12 @@ class MLAttention(nn.Module):
 
     def project_latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, S, d] -> q [B, H, S, latent_dim] (the no-RoPE query taken into latent space
-        by W_UK, then its rotated part) and the cache entry [B, 1, S, latent_dim]: scores
+        """x [B, S, d] -> q [B, H, S, kv_rank + rope_dim] (the no-RoPE query taken into latent
+        space by W_UK, then its rotated part) and the cache entry [B, 1, S, kv_rank +
+        rope_dim] (the normed latent, then the rotated RoPE key): scores
         q . entry equal the expanded q . k, and the first kv_rank columns of the entries are
         the values whose attention-weighted sum latent_out expands by W_UV."""
-        B, S, _ = x.shape
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(
-            self.q_a_norm(self.q_a_proj(x)))
-        q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        q = self._query(x)
         latent, k_rope = self.kv_a_proj(x).split([self.kv_rank, self.rope], dim=-1)
         if cos.dim() == 3:
             cos, sin = cos[:, None], sin[:, None]
