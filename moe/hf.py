@@ -160,8 +160,8 @@ def shared_names(n_layers: int, qk_norm: bool, qkv_bias: bool = False,
     pairs = [("embed.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight")]
     attn = ("q_proj", "k_proj", "v_proj", "o_proj")
     if mla is not None:
-        attn = [n for n in MLA_NAMES if (n == "q_proj") == (mla.q_lora_rank is None)
-                or not n.startswith("q")]
+        q = ["q_proj"] if mla.q_lora_rank is None else ["q_a_proj", "q_a_norm", "q_b_proj"]
+        attn = [*q, "kv_a_proj", "kv_a_norm", "kv_b_proj", "o_proj"]
     for i in range(n_layers):
         src, dst = f"layers.{i}.", f"model.layers.{i}."
         pairs += [(src + "attn_norm.weight", dst + "input_layernorm.weight"),
@@ -396,11 +396,12 @@ def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
 
 
 def _deepseek_moe(hf: dict, family: str):
-    """DeepSeek-V2 / V3 config.json -> (MoEConfig, MLAConfig, dense layer indices), as
-    transformers builds them: V2 softmax top-k (greedy or group-limited by the best expert
-    of a group), weights not renormalised; V3 sigmoid scores with the correction bias for
-    selection, groups scored by their two best experts, renormalised as norm_topk_prob says;
-    both scaled by routed_scaling_factor, with n_shared_experts ungated shared experts."""
+    """DeepSeek-V2 / V3 config.json -> (MoEConfig, MLAConfig, dense layer indices); for
+    GLM-4.5 (V3's MoE, no MLA) the MLAConfig is None. As transformers builds them: V2
+    softmax top-k (greedy or group-limited by the best expert of a group), weights not
+    renormalised; V3 sigmoid scores with the correction bias for selection, groups scored by
+    their two best experts, renormalised as norm_topk_prob says; both scaled by
+    routed_scaling_factor, with n_shared_experts ungated shared experts."""
     from moe.config import MLAConfig, MoEConfig
     from routing.config import RouterConfig
 
@@ -437,7 +438,7 @@ def hf_sliding_window(hf: dict, family: str, n_layers: int) -> tuple[int | None,
     """(window, the layers it applies to or None for all) as transformers reads config.json:
     Mixtral's sliding_window for every layer; Qwen-MoE's only with use_sliding_window, on
     every layer (Qwen3) or on the layers its layer_types (or max_window_layers) name
-    (Qwen2); OLMoE has none."""
+    (Qwen2); OLMoE, DeepSeek and GLM have none."""
     window = hf.get("sliding_window")
     if family in ("olmoe", "glm4_moe", *DEEPSEEK) or not window:
         return None, None
