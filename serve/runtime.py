@@ -136,7 +136,11 @@ class OffloadedModel:
         self.prefetch_stats = PrefetchStats()
         self._predicted: dict[int, set[int]] = {}
         layers = self.store.moe_layers
+        # layer i -> the MoE layer whose experts it predicts: each MoE layer the next one, and
+        # a dense layer right before the first MoE layer (DeepSeek's, GLM's) that first one
         self.next_moe = dict(zip(layers, layers[1:], strict=False))
+        if layers and layers[0] > 0:
+            self.next_moe[layers[0] - 1] = layers[0]
         if verbose:
             print(f"moe-serve: {self.store.describe()}; {self.budget_report}", file=sys.stderr)
 
@@ -245,6 +249,8 @@ class OffloadedModel:
             if block.is_moe:
                 x = x + self._moe(i, h, x, q_valid)
             else:
+                if self.prefetch and i in self.next_moe:  # copies overlap the dense MLP
+                    self._prefetch_next(i, x[q_valid], set())
                 x = x + block.mlp(h)
         last = x[torch.arange(B, device=dev), (count - 1).clamp(min=0)]
         return model.lm_head(model.norm(last)).float()
@@ -283,8 +289,9 @@ class OffloadedModel:
         return y
 
     def _prefetch_next(self, i: int, x_flat: torch.Tensor, protected) -> None:
-        """Apply the next MoE layer's norm and gate to this layer's residual stream (the
-        cross-layer gate) and start copying the experts it names."""
+        """Apply the next MoE layer's norm and gate to layer i's residual stream (the
+        cross-layer gate) and start copying the experts it names, evicting nothing in
+        protected (the experts layer i is using)."""
         j = self.next_moe[i]
         nxt = self.model.layers[j]
         ids, _ = nxt.mlp.router.select(nxt.mlp_norm(x_flat))

@@ -18,7 +18,7 @@ from serve.generate import DecodeBatch, SamplingConfig, generate  # noqa: E402
 from serve.runtime import BudgetError, OffloadedModel  # noqa: E402
 from serve.store import ModelDirError  # noqa: E402
 from serve.units import parse_size  # noqa: E402
-from tests.hf_models import build_hf  # noqa: E402
+from tests.hf_models import build_hf, hf_greedy  # noqa: E402
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
             "glm4_moe"]
@@ -173,6 +173,27 @@ def test_greedy_tokens_and_logits_equal_transformers(family_ref, fraction, polic
     else:
         assert st["experts_prefetched"] > 0
         assert 0 < st["prefetch_precision"] <= 1 and 0 < st["prefetch_recall"] <= 1
+
+
+def test_a_dense_layer_before_the_first_moe_layer_prefetches_for_it(tmp_path):
+    """DeepSeek / GLM start with dense layers: the one before the first MoE layer applies
+    that layer's gate to its residual stream, so even a model whose only MoE layer comes
+    after a dense one prefetches (and still gives transformers' tokens)."""
+    hf = build_hf("deepseek_v3", num_hidden_layers=2)  # dense, then MoE
+    hf.save_pretrained(tmp_path)
+    prompt = torch.randint(1, 300, (6,), generator=torch.Generator().manual_seed(5)).tolist()
+    ref = hf_greedy(hf, prompt, 8)
+    for prefetch in ("none", "cross-layer"):
+        m = serve(tmp_path, prefetch=prefetch,
+                  memory_budget=budget_for(tmp_path, 3, prefetch=prefetch))
+        assert m.store.moe_layers == [1] and m.next_moe == {0: 1}
+        res = generate(m, [prompt], 8)
+        assert res.token_ids == [ref]
+        st = res.stats
+        if prefetch == "none":
+            assert st["experts_prefetched"] == 0
+        else:
+            assert st["experts_prefetched"] > 0 and st["prefetch_recall"] > 0
 
 
 def test_prefetch_raises_the_hit_rate_and_counts_bytes(tmp_path):
