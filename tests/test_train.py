@@ -201,6 +201,39 @@ def test_export_cli_loads_in_transformers(tmp_path, data_cache, family):
     assert bad.returncode != 0 and "not a checkpoint" in bad.stderr
 
 
+def test_fine_tune_a_hub_moe_and_export_it_back(tmp_path, data_cache):
+    """trainer.init_from reads a DeepSeek-V3 folder (latent attention, groups, selection
+    bias, a shared expert, a dense first layer) into the trainer: with lr=0 and no bias
+    updates, the exported run gives the original model's logits; with training on, the
+    loss falls."""
+    transformers = pytest.importorskip("transformers")
+    from tests.hf_models import build_hf
+
+    hub = tmp_path / "hub"
+    hf = build_hf("deepseek_v3", vocab_size=512, max_position_embeddings=128)
+    hf.save_pretrained(hub)
+    frozen = ["trainer.max_steps=2", f"trainer.init_from={hub}", "optim.lr=0",
+              "model.moe.router.expert_bias_update_rate=0"]
+    proc = train(tmp_path / "frozen", data_cache, *frozen)
+    assert f"initialised from {hub}: 3 layers, 8 experts, top-2" in proc.stdout
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "train.export", str(tmp_path / "frozen"),
+                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "as deepseek_v3" in proc.stdout, proc.stderr[-2000:]
+    back = transformers.AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.arange(40).remainder(512).view(2, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+    train(tmp_path / "tuned", data_cache, "trainer.max_steps=12", f"trainer.init_from={hub}")
+    tuned = losses(tmp_path / "tuned")
+    assert tuned[12] < tuned[1]
+    both = train(tmp_path / "both", data_cache, f"trainer.init_from={hub}",
+                 f"trainer.upcycle_from={hub}", check=False)
+    assert both.returncode != 0 and "pick one" in both.stderr
+
+
 def test_train_upcycled_from_a_dense_model(tmp_path, data_cache):
     transformers = pytest.importorskip("transformers")
     dense_dir = tmp_path / "dense"

@@ -38,6 +38,7 @@ class TrainerConfig:
     peak_tflops: float | None = None  # for MFU; None: looked up (GPU) or measured (CPU)
     heatmap_every: int = 0  # write expert_load.png every n steps (0: at the end)
     upcycle_from: str | None = None  # a dense HF Llama/Mistral/Qwen3 folder: experts = its MLPs
+    init_from: str | None = None  # an HF MoE folder (any family moe-serve reads): fine-tune it
 
 
 @dataclass

@@ -118,6 +118,25 @@ def upcycle(source: Path, moe) -> MoETransformer:
     return upcycle_dense_model(dense_cfg, dense.full_state_dict(), moe, router_std=0.02)
 
 
+# Router settings that steer training, not the model's function: they come from this run.
+TRAINING_ROUTER_FIELDS = ("aux_loss_coef", "aux_loss_type", "z_loss_coef", "capacity_factor",
+                          "drop_policy", "expert_bias_update_rate")
+
+
+def init_from_hf(source: Path, run_model) -> MoETransformer:
+    """A Hugging Face MoE folder -> our model with its weights; its shape comes from the
+    folder, the router's training settings and the kernel backend from this run's config."""
+    from moe.hf import import_hf
+
+    cfg, state = import_hf(source)
+    for name in TRAINING_ROUTER_FIELDS:
+        setattr(cfg.moe.router, name, getattr(run_model.moe.router, name))
+    cfg.moe.kernel_backend = run_model.moe.kernel_backend
+    model = MoETransformer(cfg)
+    model.load_state_dict(state)
+    return model
+
+
 def build_optimizer_factory(cfg: TrainConfig):
     o = cfg.optim
 
@@ -150,7 +169,10 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
     if main:  # the run carries its tokenizer, for export and serving
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(data_dir / "tokenizer.json", run_dir / "tokenizer.json")
-    if cfg.model.vocab_size != batches.vocab_size and not cfg.trainer.upcycle_from:
+    if cfg.trainer.upcycle_from and cfg.trainer.init_from:
+        raise ValueError("trainer.upcycle_from and trainer.init_from both set: pick one")
+    if cfg.model.vocab_size != batches.vocab_size and not (
+            cfg.trainer.upcycle_from or cfg.trainer.init_from):
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer has "
                          f"{batches.vocab_size} tokens (set model.vocab_size=${{data.vocab_size}})")
     torch.manual_seed(cfg.trainer.seed)
@@ -162,6 +184,15 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
         if model.cfg.vocab_size != batches.vocab_size:
             raise ValueError(f"the dense model has {model.cfg.vocab_size} tokens, the data "
                              f"tokenizer {batches.vocab_size}: set data.tokenizer to its folder")
+        model = model.to(device=device, dtype=dtype)
+    elif cfg.trainer.init_from:
+        model = init_from_hf(Path(cfg.trainer.init_from), cfg.model)
+        cfg.model = model.cfg  # the checkpoint decides the shape
+        log(f"initialised from {cfg.trainer.init_from}: {cfg.model.n_layers} layers, "
+            f"{cfg.model.moe.num_experts} experts, top-{cfg.model.moe.router.top_k}")
+        if model.cfg.vocab_size < batches.vocab_size:
+            raise ValueError(f"the model has {model.cfg.vocab_size} tokens, the data tokenizer "
+                             f"{batches.vocab_size}: set data.tokenizer to its folder")
         model = model.to(device=device, dtype=dtype)
     else:
         model = MoETransformer(cfg.model).to(device=device, dtype=dtype)
