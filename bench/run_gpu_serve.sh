@@ -19,3 +19,8 @@ limited "${TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider tests
 # Opt-in (LOAD_TIMEOUT=300): sequential vs static vs continuous batching under Poisson load.
 limited "${LOAD_TIMEOUT:-0}" python3 -m bench.serve_load --layers "${LAYERS:-4}" --requests 24 \
   --dir /tmp/mserve_load --out "$OUT/RESULTS.md" 2>&1 | tail -8 | tee "$OUT/serve_load.log"
+# Opt-in (DEEPSEEK_TIMEOUT=300): the same table at DeepSeek-V2-Lite layer shapes (MLA with its
+# latent KV cache, 64 experts top-6, 2 shared, a dense first layer).
+limited "${DEEPSEEK_TIMEOUT:-0}" python3 -m bench.serve --shape deepseek-v2-lite \
+  --layers "${LAYERS:-4}" --batches 1 --quants none --dir /tmp/mserve_ds \
+  --out "$OUT/RESULTS.md" 2>&1 | tail -8 | tee "$OUT/serve_deepseek.log"

@@ -4,6 +4,7 @@ layer shapes (fewer layers, random bf16 weights) under budgets that hold 25% and
 experts.
 
     python -m bench.serve                 # GPU: Mixtral-8x7B layer shapes, 4 layers
+    python -m bench.serve --shape deepseek-v2-lite   # MLA, 64 experts top-6, 2 shared
     python -m bench.serve --smoke         # CPU: tiny shapes, checks the script end to end
 
 PCIe bound: a cache holding a fraction f of the experts must, with no locality to exploit,
@@ -38,8 +39,9 @@ from bench.common import (
     markdown_table,
     stop_on_sigterm,
 )
-from moe.config import ModelConfig, MoEConfig
-from moe.hf import expert_tensor_names, hf_config_json, shared_names
+from moe.config import MLAConfig, ModelConfig, MoEConfig
+from moe.hf import EXPERT_NAMES, dense_tensor_names, expert_tensor_names, hf_config_json
+from moe.model import MoETransformer
 from routing.config import RouterConfig
 from serve.bench import h2d_bandwidth, measure
 from serve.config import CACHE_POLICIES, ServeConfig
@@ -50,56 +52,83 @@ MIXTRAL = dict(vocab_size=32000, d_model=4096, n_heads=32, n_kv_heads=8, expert_
                num_experts=8, top_k=2, max_seq_len=4096)
 SMOKE = dict(vocab_size=256, d_model=64, n_heads=4, n_kv_heads=2, expert_ffn=96,
              num_experts=8, top_k=2, max_seq_len=256)
+# DeepSeek-V2-Lite's sizes (MLA, 64 experts top-6, 2 shared, a dense first layer), written in
+# the DeepSeek-V3 layout (sigmoid routing: the same bytes per expert and per token)
+DEEPSEEK_V2_LITE = dict(vocab_size=102400, d_model=2048, n_heads=16, expert_ffn=1408,
+                        num_experts=64, top_k=6, max_seq_len=4096, dense_ffn=10944,
+                        mla=(None, 512, 128, 64, 128))
+DEEPSEEK_SMOKE = dict(vocab_size=256, d_model=64, n_heads=4, expert_ffn=48, num_experts=16,
+                      top_k=4, max_seq_len=256, dense_ffn=128, mla=(None, 32, 16, 8, 16))
+SHAPES = ("mixtral", "deepseek-v2-lite")
 
 
-def write_model(out: Path, shape: dict, n_layers: int, dtype: torch.dtype) -> ModelConfig:
-    """A random Mixtral-layout directory (one safetensors shard per layer + index)."""
-    cfg = ModelConfig(vocab_size=shape["vocab_size"], d_model=shape["d_model"],
-                      n_layers=n_layers, n_heads=shape["n_heads"],
-                      n_kv_heads=shape["n_kv_heads"], max_seq_len=shape["max_seq_len"],
-                      rope_theta=1e6, norm_eps=1e-5,
-                      moe=MoEConfig(num_experts=shape["num_experts"],
-                                    expert_ffn=shape["expert_ffn"],
-                                    router=RouterConfig(top_k=shape["top_k"])))
+def bench_model(shape: str, n_layers: int, smoke: bool) -> tuple[ModelConfig, str, dict]:
+    """(config, Hub family it is written in, its size fields) of a benchmark model."""
+    if shape == "mixtral":
+        s = SMOKE if smoke else MIXTRAL
+        cfg = ModelConfig(vocab_size=s["vocab_size"], d_model=s["d_model"], n_layers=n_layers,
+                          n_heads=s["n_heads"], n_kv_heads=s["n_kv_heads"],
+                          max_seq_len=s["max_seq_len"], rope_theta=1e6, norm_eps=1e-5,
+                          moe=MoEConfig(num_experts=s["num_experts"], expert_ffn=s["expert_ffn"],
+                                        router=RouterConfig(top_k=s["top_k"])))
+        return cfg, "mixtral", s
+    if shape != "deepseek-v2-lite":
+        raise ValueError(f"shape must be one of {', '.join(SHAPES)}, got {shape!r}")
+    s = DEEPSEEK_SMOKE if smoke else DEEPSEEK_V2_LITE
+    cfg = ModelConfig(vocab_size=s["vocab_size"], d_model=s["d_model"], n_layers=n_layers,
+                      n_heads=s["n_heads"], n_kv_heads=s["n_heads"],
+                      max_seq_len=s["max_seq_len"], dense_ffn=s["dense_ffn"],
+                      first_dense_layers=1, mla=MLAConfig(*s["mla"]),
+                      moe=MoEConfig(num_experts=s["num_experts"], expert_ffn=s["expert_ffn"],
+                                    num_shared_experts=2,
+                                    router=RouterConfig(top_k=s["top_k"], score="sigmoid",
+                                                        expert_bias=True)))
+    return cfg, "deepseek_v3", s
+
+
+def write_model(out: Path, cfg: ModelConfig, family: str, dtype: torch.dtype) -> None:
+    """A random directory of cfg in the family's Hub layout: one safetensors shard per layer
+    (written one at a time, so memory holds one layer) + index + config.json."""
     out.mkdir(parents=True, exist_ok=True)
-    d, F, hd = cfg.d_model, cfg.moe.expert_ffn, cfg.resolved_head_dim
+    with torch.device("meta"):
+        shapes = {n: t.shape for n, t in MoETransformer(cfg).state_dict().items()}
+    gate = EXPERT_NAMES[family][0] + ".weight"
     gen = torch.Generator().manual_seed(0)
 
-    def rand(*shape_, std=0.02):
-        return (torch.randn(*shape_, generator=gen) * std).to(dtype)
+    def make(hub: str, shape) -> torch.Tensor:
+        if "norm" in hub:
+            return torch.ones(shape, dtype=dtype)
+        if hub.endswith(("bias", "e_score_correction_bias")):
+            return torch.zeros(shape, dtype=dtype)
+        std = 0.5 if hub.endswith(gate) else 0.02  # decisive routing
+        return (torch.randn(shape, generator=gen) * std).to(dtype)
 
-    shapes = {"q_proj": (cfg.n_heads * hd, d), "k_proj": (cfg.n_kv_heads * hd, d),
-              "v_proj": (cfg.n_kv_heads * hd, d), "o_proj": (d, cfg.n_heads * hd)}
-    weight_map = {}
-    names = dict((hub, ours) for ours, hub in shared_names(n_layers, False))
-    top = {"model.embed_tokens.weight": rand(cfg.vocab_size, d),
-           "model.norm.weight": torch.ones(d, dtype=dtype),
-           "lm_head.weight": rand(cfg.vocab_size, d)}
-    shards = [("model-top.safetensors", top)]
-    for i in range(n_layers):
-        t = {}
-        for hub in (h for h in names if h.startswith(f"model.layers.{i}.")):
-            if hub.endswith("layernorm.weight"):
-                t[hub] = torch.ones(d, dtype=dtype)
-            else:
-                t[hub] = rand(*shapes[hub.split(".")[-2]])
-        t[f"model.layers.{i}.block_sparse_moe.gate.weight"] = rand(cfg.moe.num_experts, d,
-                                                                   std=0.5)
-        for e in range(cfg.moe.num_experts):
-            g, u, dn = expert_tensor_names("mixtral", i, e)
-            t[g], t[u], t[dn] = rand(F, d), rand(F, d), rand(d, F)
-        shards.append((f"model-layer{i}.safetensors", t))
-        print(f"  wrote layer {i + 1}/{n_layers}", file=sys.stderr, flush=True)
-    for fname, tensors in shards:
+    parts: dict[str, list[tuple[str, tuple]]] = {}  # shard -> (hub name, shape)
+    for ours, hubs in dense_tensor_names(cfg, family).items():
+        shape = shapes[ours]
+        for hub in hubs:  # fused tensors (gate; up) split evenly by rows
+            key = hub.split(".")[2] if hub.startswith("model.layers.") else "top"
+            parts.setdefault(key, []).append((hub, (shape[0] // len(hubs), *shape[1:])))
+    F, d = cfg.moe.expert_ffn, cfg.d_model
+    for i in range(n_layers := cfg.n_layers):
+        if cfg.is_moe_layer(i):
+            for e in range(cfg.moe.num_experts):
+                g, u, dn = expert_tensor_names(family, i, e)
+                parts[str(i)] += [(g, (F, d)), (u, (F, d)), (dn, (d, F))]
+    weight_map, total = {}, 0
+    for key, names in parts.items():
+        fname = f"model-{'top' if key == 'top' else 'layer' + key}.safetensors"
+        tensors = {hub: make(hub, shape) for hub, shape in names}
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         weight_map.update({k: fname for k in tensors})
-    total = sum(t.nbytes for _, ts in shards for t in ts.values())
+        total += sum(t.nbytes for t in tensors.values())
+        if key != "top":
+            print(f"  wrote layer {int(key) + 1}/{n_layers}", file=sys.stderr, flush=True)
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}))
-    hf_cfg = hf_config_json(cfg, "mixtral")
+    hf_cfg = hf_config_json(cfg, family)
     hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-    return cfg
 
 
 def hf_decode_tokens_per_s(model_dir: Path, budget: int, prompt_len: int, new_tokens: int,
@@ -180,6 +209,9 @@ def _batch_row(f: float, quant: str, r: dict, one: dict) -> list[str]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=SHAPES, default="mixtral",
+                   help="layer shapes of the random model (deepseek-v2-lite: MLA, 64 experts "
+                   "top-6, 2 shared, a dense first layer)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=24)
@@ -199,10 +231,10 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shape = SMOKE if a.smoke else MIXTRAL
+    mcfg, family, shape = bench_model(a.shape, a.layers, a.smoke)
     root = Path(a.dir or tempfile.mkdtemp(prefix="moe-serve-bench-"))
     print(f"writing a {a.layers}-layer random model to {root}", file=sys.stderr)
-    write_model(root, shape, a.layers, dtype)
+    write_model(root, mcfg, family, dtype)
     max_context = a.prompt_len + a.new_tokens + 8
     base = ServeConfig(model=str(root), device=device.type, dtype=str(dtype)[6:],
                        max_context=max_context, cache_policy=a.cache_policy)
@@ -261,7 +293,8 @@ def main(argv=None) -> None:
                             "MiB moved / token at batch 1", "experts used / token",
                             "hit rate"], batch_rows)
     print(table)
-    shape_txt = ", ".join(f"{k}={v}" for k, v in shape.items())
+    shape_txt = f"{a.shape} ({family} layout): " + ", ".join(
+        f"{k}={v}" for k, v in shape.items())
     body = (f"Shapes: {shape_txt}, {a.layers} layers, {dtype}; prompt {a.prompt_len}, "
             f"{a.new_tokens} greedy new tokens, cache policy {a.cache_policy}, batch 1 in the "
             f"first table. Measured "

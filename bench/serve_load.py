@@ -34,7 +34,7 @@ from bench.common import (
     markdown_table,
     stop_on_sigterm,
 )
-from bench.serve import MIXTRAL, SMOKE, write_model
+from bench.serve import SHAPES, bench_model, write_model
 from serve.batcher import Batcher, Request
 from serve.config import CACHE_POLICIES, ServeConfig
 from serve.generate import SamplingConfig
@@ -110,6 +110,8 @@ def main(argv=None) -> None:
     p.add_argument("--cache-policy", choices=CACHE_POLICIES, default="lru")
     p.add_argument("--prefetch", choices=["cross-layer", "none"], default="cross-layer")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    p.add_argument("--shape", choices=SHAPES, default="mixtral",
+                   help="layer shapes of the random model")
     p.add_argument("--dir", default=None, help="where the random model is written")
     p.add_argument("--out", default="bench/RESULTS.md")
     a = p.parse_args(argv)
@@ -119,13 +121,13 @@ def main(argv=None) -> None:
         p.error(f"unknown mode(s) {bad}: choose from {', '.join(MODES)}")
     device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shape = SMOKE if a.smoke else MIXTRAL
+    mcfg, family, shape = bench_model(a.shape, a.layers, a.smoke)
     rate = a.rate or (8.0 if device.type == "cpu" else 2.0)
     prompt = tuple(int(x) for x in a.prompt_len.split(","))
     new = tuple(int(x) for x in a.new_tokens.split(","))
     root = Path(a.dir or tempfile.mkdtemp(prefix="moe-serve-load-"))
     print(f"writing a {a.layers}-layer random model to {root}", file=sys.stderr)
-    write_model(root, shape, a.layers, dtype)
+    write_model(root, mcfg, family, dtype)
     jobs = workload(a.requests, rate, shape["vocab_size"], prompt, new)
     max_context = prompt[1] + new[1] + 8
     store = WeightStore(root, dtype, host_budget=None if device.type == "cuda" else 0)
@@ -156,7 +158,8 @@ def main(argv=None) -> None:
                             "ttft mean s", "ttft p90 s", "mean batch", "MiB moved / token",
                             "wall s"], rows)
     print(table)
-    shape_txt = ", ".join(f"{k}={v}" for k, v in shape.items())
+    shape_txt = f"{a.shape} ({family} layout): " + ", ".join(
+        f"{k}={v}" for k, v in shape.items())
     body = (f"Shapes: {shape_txt}, {a.layers} layers, {dtype}; {a.requests} greedy requests, "
             f"Poisson arrivals at {rate}/s, prompts {prompt[0]}-{prompt[1]} tokens, answers "
             f"{new[0]}-{new[1]} tokens; {slots}/{total} expert slots, cache policy "

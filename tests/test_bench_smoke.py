@@ -36,6 +36,19 @@ def test_serve_bench_smoke(tmp_path):
     assert "Batched decode" in text and "| 25% | none | 4 | 4 |" in text
 
 
+def test_serve_bench_smoke_at_deepseek_shapes(tmp_path):
+    """The DeepSeek-V2-Lite-shaped model (MLA, shared experts, a dense first layer) is written
+    in a layout transformers loads (its baseline runs) and served."""
+    from bench.serve import main
+
+    out = tmp_path / "results.md"
+    main(["--smoke", "--shape", "deepseek-v2-lite", "--layers", "2", "--new-tokens", "4",
+          "--batches", "1", "--quants", "none", "--out", str(out), "--dir", str(tmp_path / "m")])
+    text = out.read_text()
+    assert "deepseek-v2-lite (deepseek_v3 layout)" in text and "4/16 (25%)" in text
+    assert "failed" not in text
+
+
 def test_serve_load_bench_smoke(tmp_path):
     """Sequential, static and continuous batching over the same Poisson arrivals."""
     from bench.serve_load import main
