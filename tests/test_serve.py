@@ -1,6 +1,7 @@
 """Offloaded serving: greedy tokens and logits equal transformers' generate for tiny models of
-four families, with and without a budget, for every cache policy, with and without prefetch;
-tiers, quantization, sampling, stop tokens and the errors users hit."""
+seven families (and config variants: RoPE scalings, sliding windows, clipping), with and
+without a budget, for every cache policy, with and without prefetch; tiers, quantization,
+sampling, stop tokens and the errors users hit."""
 
 from __future__ import annotations
 
