@@ -79,8 +79,11 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
     kv = KVCache.nbytes(m, max_batch, max_context, dtype)
     chunk = max_batch * min(cfg.prefill_chunk, max_context)
     k, Fe, d = m.moe.router.top_k, m.moe.expert_ffn, m.d_model
-    heads, k_dim, v_dim = m.kv_dims
-    hd_all = 2 * m.n_heads * k_dim + heads * (k_dim + v_dim)  # q, k, v (MLA: + its latents)
+    if m.mla is not None:  # expanded q, its latent form, the cache entry
+        lat = m.mla.kv_lora_rank + m.mla.qk_rope_head_dim
+        hd_all = m.n_heads * (m.kv_dims[1] + lat) + lat
+    else:  # q, k, v
+        hd_all = (m.n_heads + 2 * m.n_kv_heads) * m.resolved_head_dim
     act = chunk * el * (4 * d + hd_all + k * (3 * Fe + d)) \
         + chunk * max_context * 4 * m.n_heads + max_batch * m.vocab_size * 4
     if store.bits is not None and get_backend(cfg.kernel_backend, resolve_device(cfg.device)) \
