@@ -1,7 +1,7 @@
 """Hugging Face checkpoint layouts: import Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
-DeepSeek-V2 / V3 and GLM-4.5 (glm4_moe) directories, export our models as Mixtral, Qwen3-MoE
-or DeepSeek-V3 directories (safetensors + config.json), and read dense Llama / Qwen3
-directories for upcycling.
+DeepSeek-V2 / V3 and GLM-4.5 (glm4_moe) directories, export our models as Mixtral,
+Qwen3-MoE, GLM-4.5 or DeepSeek-V3 directories (safetensors + config.json), and read dense
+Llama / Qwen3 directories for upcycling.
 
 Names follow the layouts on the Hub (per-expert w1/w2/w3 for Mixtral, gate/up/down_proj for
 the others), which `transformers` loads with its own classes.
@@ -18,16 +18,18 @@ from safetensors.torch import load_file, save_file
 from moe.config import ROPE_TYPES, MLAConfig, ModelConfig, RopeScaling
 
 
-def _deepseek_v3_problems(cfg: ModelConfig) -> list[str]:
-    """What keeps an MLA model from the DeepSeek-V3 layout (empty: it fits)."""
+def _v3_moe_problems(cfg: ModelConfig) -> list[str]:
+    """What keeps the MoE part from DeepSeek-V3's (and GLM-4.5's) layout: sigmoid top-k
+    routing (groups scored by their two best experts), SwiGLU experts, ungated shared experts
+    of num_shared_experts * expert_ffn, every layer MoE after the leading dense ones."""
     r, m = cfg.moe.router, cfg.moe
     problems = []
     if r.kind != "topk" or r.score != "sigmoid":
-        problems.append(f"router {r.kind}/{r.score} (DeepSeek-V3 uses sigmoid top-k)")
+        problems.append(f"router {r.kind}/{r.score} (they use sigmoid top-k)")
     if r.n_group > 1 and r.group_score != "top2":
-        problems.append("groups scored by their best expert (V3 sums the two best)")
+        problems.append("groups scored by their best expert (they sum the two best)")
     if m.expert_type != "swiglu":
-        problems.append(f"expert_type={m.expert_type} (V3 uses SwiGLU experts)")
+        problems.append(f"expert_type={m.expert_type} (they use SwiGLU experts)")
     if m.shared_expert_gate:
         problems.append("gated shared experts")
     if m.num_shared_experts and (m.shared_expert_ffn or 0) not in (
@@ -35,16 +37,33 @@ def _deepseek_v3_problems(cfg: ModelConfig) -> list[str]:
         problems.append("shared_expert_ffn != num_shared_experts * expert_ffn")
     if cfg.moe_layer_freq != 1:
         problems.append("MoE layers that are not all the layers after the first dense ones")
-    if cfg.qk_norm or cfg.qkv_bias or cfg.clip_qkv is not None:
-        problems.append("q/k norms, q/k/v biases or clipping")
+    if cfg.clip_qkv is not None:
+        problems.append("q/k/v clipping")
     if cfg.sliding_window is not None:
         problems.append("a sliding window")
     return problems
 
 
+def _deepseek_v3_problems(cfg: ModelConfig) -> list[str]:
+    """What keeps an MLA model from the DeepSeek-V3 layout (empty: it fits)."""
+    problems = _v3_moe_problems(cfg)
+    if cfg.qk_norm or cfg.qkv_bias:
+        problems.append("q/k norms or q/k/v biases")
+    return problems
+
+
+def _glm4_problems(cfg: ModelConfig) -> list[str]:
+    """What keeps a sigmoid-routed GQA model from the GLM-4.5 (glm4_moe) layout."""
+    problems = _v3_moe_problems(cfg)
+    if cfg.qk_norm and cfg.qk_norm_type != "head":
+        problems.append("full-width q/k norms (OLMoE's)")
+    return problems
+
+
 def choose_family(cfg: ModelConfig) -> str:
-    """'mixtral', 'qwen3_moe' or (multi-head latent attention) 'deepseek_v3', whichever can
-    hold this model; ValueError says why none can."""
+    """The Hub family that can hold this model: 'deepseek_v3' for multi-head latent
+    attention, 'glm4_moe' for sigmoid routing behind GQA, else 'mixtral' or 'qwen3_moe';
+    ValueError says why none can."""
     r, m = cfg.moe.router, cfg.moe
     if cfg.mla is not None:
         problems = _deepseek_v3_problems(cfg)
@@ -52,6 +71,12 @@ def choose_family(cfg: ModelConfig) -> str:
             raise ValueError("this MLA model has no DeepSeek-V3 equivalent: "
                              + "; ".join(problems))
         return "deepseek_v3"
+    if r.kind == "topk" and r.score == "sigmoid":
+        problems = _glm4_problems(cfg)
+        if problems:
+            raise ValueError("this sigmoid-routed model has no GLM-4.5 (glm4_moe) equivalent: "
+                             + "; ".join(problems))
+        return "glm4_moe"
     problems = []
     if r.kind != "topk" or r.score != "softmax":
         problems.append(f"router {r.kind}/{r.score} (both families use softmax top-k)")
@@ -67,6 +92,8 @@ def choose_family(cfg: ModelConfig) -> str:
         problems.append("full-width q/k norms (OLMoE's)")
     if cfg.clip_qkv is not None:
         problems.append("clip_qkv (OLMoE's)")
+    if cfg.partial_rotary_factor != 1.0:
+        problems.append("partial RoPE (GLM's)")
     if r.n_group > 1:
         problems.append("group-limited routing (DeepSeek's)")
     if cfg.sliding_window is not None and cfg.sliding_window_layers is not None and (
@@ -119,6 +146,17 @@ def hf_config_json(cfg: ModelConfig, family: str) -> dict:
                     first_k_dense_replace=cfg.first_dense_layers, n_group=r.n_group,
                     topk_group=r.topk_group, norm_topk_prob=r.renormalize,
                     routed_scaling_factor=r.routed_scaling_factor, attention_bias=False)
+    if family == "glm4_moe":
+        r = cfg.moe.router
+        return dict(common, architectures=["Glm4MoeForCausalLM"], model_type="glm4_moe",
+                    partial_rotary_factor=cfg.partial_rotary_factor,
+                    attention_bias=cfg.qkv_bias, use_qk_norm=cfg.qk_norm,
+                    n_routed_experts=cfg.moe.num_experts,
+                    moe_intermediate_size=cfg.moe.expert_ffn, intermediate_size=cfg.dense_ffn,
+                    n_shared_experts=cfg.moe.num_shared_experts,
+                    first_k_dense_replace=cfg.first_dense_layers, n_group=r.n_group,
+                    topk_group=r.topk_group, norm_topk_prob=r.renormalize,
+                    routed_scaling_factor=r.routed_scaling_factor, num_mtp_layers=0)
     if family == "mixtral":
         return dict(common, architectures=["MixtralForCausalLM"], model_type="mixtral",
                     intermediate_size=cfg.moe.expert_ffn, num_local_experts=cfg.moe.num_experts,
@@ -144,7 +182,7 @@ EXPERT_NAMES = {
 }
 DEEPSEEK = ("deepseek_v2", "deepseek_v3")
 V3_ROUTED = ("deepseek_v3", "glm4_moe")  # sigmoid, selection bias, groups, shared experts
-EXPORT_FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3")
+EXPORT_FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3", "glm4_moe")
 
 
 MLA_NAMES = {  # ours -> DeepSeek's, under attn. / self_attn.
@@ -181,7 +219,7 @@ def to_hf_state(cfg: ModelConfig, state: dict[str, torch.Tensor],
                 family: str) -> dict[str, torch.Tensor]:
     """Our single-process state dict -> the family's Hub tensor names."""
     out = {hub: state[ours] for ours, hub in shared_names(cfg.n_layers, cfg.qk_norm,
-                                                          mla=cfg.mla)}
+                                                          cfg.qkv_bias, cfg.mla)}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
     gate_name, expert_prefix, (g, u, dn) = EXPERT_NAMES[family]
@@ -196,7 +234,7 @@ def to_hf_state(cfg: ModelConfig, state: dict[str, torch.Tensor],
         w_in, w_out = state[src + "mlp.experts.w_in"], state[src + "mlp.experts.w_out"]
         F = cfg.moe.expert_ffn
         out[dst + gate_name + ".weight"] = state[src + "mlp.router.weight"]
-        if family == "deepseek_v3":
+        if family in V3_ROUTED:
             bias = state.get(src + "mlp.router.expert_bias")
             out[dst + gate_name + ".e_score_correction_bias"] = (
                 bias if bias is not None else torch.zeros(cfg.moe.num_experts))

@@ -41,6 +41,9 @@ DEEPSEEK_V3 = dict(n_kv_heads=4, shared=2, first_dense_layers=1, router=RouterCo
     ({"qk_norm": True, "sliding_window": 6,
       "rope_scaling": RopeScaling("yarn", factor=4.0, original_max_seq_len=16)}, "qwen3_moe"),
     (dict(DEEPSEEK_V3, mla=MLAConfig(None, 16, 8, 4, 6)), "deepseek_v3"),
+    (dict(DEEPSEEK_V3, n_kv_heads=2, qkv_bias=True, qk_norm=True, partial_rotary_factor=0.5),
+     "glm4_moe"),
+    ({"router": RouterConfig(top_k=2, score="sigmoid", expert_bias=True)}, "glm4_moe"),
     (dict(DEEPSEEK_V3, mla=MLAConfig(12, 16, 8, 4, 6), shared=0, first_dense_layers=0,
           rope_scaling=RopeScaling("yarn", factor=4.0, original_max_seq_len=16, mscale=1.0,
                                    mscale_all_dim=0.8)), "deepseek_v3"),
@@ -53,6 +56,8 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, kw, family):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.5)
         for name, b in model.named_buffers():
             if name.endswith("expert_bias"):
                 b.normal_(0, 0.3)
@@ -67,8 +72,13 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, kw, family):
 
 
 def test_models_without_an_hf_family_are_refused():
-    with pytest.raises(ValueError, match="sigmoid"):
-        choose_family(tiny(router=RouterConfig(top_k=2, score="sigmoid")))
+    assert choose_family(tiny(router=RouterConfig(top_k=2, score="sigmoid"))) == "glm4_moe"
+    with pytest.raises(ValueError, match="no GLM-4.5 .* equivalent: a sliding window"):
+        choose_family(tiny(router=RouterConfig(top_k=2, score="sigmoid"), sliding_window=8))
+    with pytest.raises(ValueError, match="expert_choice"):
+        choose_family(tiny(router=RouterConfig(kind="expert_choice", top_k=2)))
+    with pytest.raises(ValueError, match="partial RoPE"):
+        choose_family(tiny(partial_rotary_factor=0.5))
     with pytest.raises(ValueError, match="qk_norm"):
         choose_family(tiny(moe_layer_freq=2))
     with pytest.raises(ValueError, match="clip_qkv"):
@@ -163,11 +173,12 @@ def test_import_hf_errors(tmp_path):
     ("qwen2_moe", "no Mixtral or Qwen3-MoE equivalent"),
     ("olmoe", "no Mixtral or Qwen3-MoE equivalent"),
     ("deepseek_v2", "no DeepSeek-V3 equivalent: router topk/softmax"),
-    ("glm4_moe", "no Mixtral or Qwen3-MoE equivalent: router topk/sigmoid"),
+    ("glm4_moe", None),
     ("deepseek_v3", None)])
 def test_import_families_match_transformers_and_export_back(tmp_path, family, refusal):
     """Import equals transformers; a family export cannot write is refused by name, and a
-    DeepSeek-V3 import exports back to a directory transformers loads with equal logits."""
+    DeepSeek-V3 or GLM-4.5 import exports back to a directory transformers loads with equal
+    logits."""
     from moe.hf import choose_family, import_hf
 
     hf = build_hf(family)  # q/k/v biases, norms and V3's selection bias randomised
@@ -178,7 +189,7 @@ def test_import_families_match_transformers_and_export_back(tmp_path, family, re
             choose_family(cfg)
         return
     _, state = import_hf(tmp_path / "in")
-    assert export_hf(cfg, state, tmp_path / "out") == "deepseek_v3"
+    assert export_hf(cfg, state, tmp_path / "out") == family
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     ids = torch.randint(0, 96, (2, 15))
     with torch.no_grad():

@@ -177,11 +177,12 @@ MLA = ["model=tiny_mla", "router=deepseek_v3", "model.moe.router.n_group=2",
        "model.moe.router.topk_group=1"]  # latent attention, a shared expert, groups
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
-def test_export_cli_loads_in_transformers(tmp_path, data_cache, family):
+@pytest.mark.parametrize("family,overrides", [("mixtral", []), ("deepseek_v3", MLA),
+                                              ("glm4_moe", ["router=sigmoid_aux_free"])])
+def test_export_cli_loads_in_transformers(tmp_path, data_cache, family, overrides):
     transformers = pytest.importorskip("transformers")
     run_dir = tmp_path / "run"
-    train(run_dir, data_cache, "trainer.max_steps=3", *(MLA if family == "deepseek_v3" else []))
+    train(run_dir, data_cache, "trainer.max_steps=3", *overrides)
     out = tmp_path / "hf"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "train.export", str(run_dir), str(out)],

@@ -1,6 +1,6 @@
 """`python -m train.export CHECKPOINT OUT_DIR`: a training checkpoint -> a Hugging Face model
-directory (config.json, model.safetensors, tokenizer) in the Mixtral, Qwen3-MoE or (models
-with latent attention) DeepSeek-V3 layout."""
+directory (config.json, model.safetensors, tokenizer) in the Mixtral, Qwen3-MoE, GLM-4.5
+(sigmoid routing) or DeepSeek-V3 (latent attention) layout."""
 
 from __future__ import annotations
 
