@@ -78,10 +78,19 @@ class Batcher:
 
     def run(self, req: Request) -> Request:
         """submit(req) and wait for it; re-raises the error its batch hit."""
-        self.submit(req).done.wait()
-        if req.error is not None:
-            raise req.error
-        return req
+        return self.run_all([req])[0]
+
+    def run_all(self, reqs: list[Request]) -> list[Request]:
+        """Submit every request (so they can share a batch), then wait for all of them;
+        re-raises the first error one of their batches hit."""
+        for r in reqs:
+            self.submit(r)
+        for r in reqs:
+            r.done.wait()
+        failed = next((r.error for r in reqs if r.error is not None), None)
+        if failed is not None:
+            raise failed
+        return reqs
 
     def close(self) -> None:
         """Stop the worker once the requests already submitted are served."""

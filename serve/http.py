@@ -131,12 +131,7 @@ class Handler(BaseHTTPRequestHandler):
         head = {"id": rid, "created": created, "model": s.name}
         configs = seeded_rows(sampling, n)
         if not stream:
-            reqs = [self.batcher.submit(Request(ids, max_tokens, c, stop)) for c in configs]
-            for r in reqs:
-                r.done.wait()
-            failed = next((r.error for r in reqs if r.error is not None), None)
-            if failed is not None:
-                raise failed
+            reqs = self.batcher.run_all([Request(ids, max_tokens, c, stop) for c in configs])
             choices = []
             for i, r in enumerate(reqs):
                 o = r.completion
