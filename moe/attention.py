@@ -26,11 +26,13 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None
-                  ) -> tuple[torch.Tensor, float]:
-    """-> (inverse frequencies [head_dim / 2] in float64, the factor cos / sin are scaled by),
-    with the scaling of Hugging Face's rope_parameters (default, linear, yarn)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None,
+                  device: torch.device | None = None) -> tuple[torch.Tensor, float]:
+    """-> (inverse frequencies [head_dim / 2] in float64 on `device`, the factor cos / sin
+    are scaled by), with the scaling of Hugging Face's rope_parameters (default, linear,
+    yarn)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device)
+                               / head_dim)
     kind = "default" if scaling is None else scaling.type
     if kind == "default":
         return inv_freq, 1.0
@@ -58,7 +60,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64, device=device) - low)
+            / (high - low)).clamp(0, 1)
     return inv_freq / factor * ramp + inv_freq * (1 - ramp), float(attn)
 
 
@@ -67,8 +70,8 @@ def rope_cos_sin(
     scaling: RopeScaling | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [S] -> cos, sin [S, head_dim] (halves duplicated, rotate-half convention)."""
-    inv_freq, attn = rope_inv_freq(head_dim, theta, scaling)
-    freqs = positions.to(torch.float64)[:, None] * inv_freq.to(positions.device)[None, :]
+    inv_freq, attn = rope_inv_freq(head_dim, theta, scaling, positions.device)
+    freqs = positions.to(torch.float64)[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return (emb.cos() * attn).to(dtype), (emb.sin() * attn).to(dtype)
 
