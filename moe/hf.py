@@ -527,11 +527,14 @@ def dense_tensor_names(cfg: ModelConfig, family: str) -> dict[str, list[str]]:
     return names
 
 
-def import_layout(hf: dict, cfg: ModelConfig, name: str, t: torch.Tensor) -> torch.Tensor:
-    """A non-expert tensor as read from the Hub -> our layout. DeepSeek's RoPE acts on
-    interleaved pairs (x0, x1), (x2, x3), ... (always in V2; in V3 unless rope_interleave is
-    false); the rows that make the rotated query / key parts are reordered to the rotate-half
-    layout (evens, then odds): q . k is unchanged, and one RoPE serves every family."""
+def dense_tensor(hf: dict, cfg: ModelConfig, name: str,
+                 parts: list[torch.Tensor]) -> torch.Tensor:
+    """Our non-expert tensor `name` from the Hub tensors it is made of (dense_tensor_names:
+    concatenated by rows), in our layout. DeepSeek's RoPE acts on interleaved pairs (x0, x1),
+    (x2, x3), ... (always in V2; in V3 unless rope_interleave is false); the rows that make the
+    rotated query / key parts are reordered to the rotate-half layout (evens, then odds):
+    q . k is unchanged, and one RoPE serves every family."""
+    t = torch.cat(parts) if len(parts) > 1 else parts[0]
     m = cfg.mla
     if m is None or (hf.get("model_type") == "deepseek_v3"
                      and not hf.get("rope_interleave", True)):
@@ -562,7 +565,7 @@ def import_hf(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     cfg, family, _ = hf_model_config(hf)
     tensors = _read_tensors(model_dir)
     tensors.setdefault("lm_head.weight", tensors["model.embed_tokens.weight"])
-    state = {ours: import_layout(hf, cfg, ours, torch.cat([tensors[h] for h in hubs]))
+    state = {ours: dense_tensor(hf, cfg, ours, [tensors[h] for h in hubs])
              for ours, hubs in dense_tensor_names(cfg, family).items()}
     for i in range(cfg.n_layers):
         if not cfg.is_moe_layer(i):

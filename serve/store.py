@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from kernels.quant import QuantWeight, quantize
 from moe.config import ModelConfig
-from moe.hf import dense_tensor_names, expert_tensor_names, hf_model_config, import_layout
+from moe.hf import dense_tensor, dense_tensor_names, expert_tensor_names, hf_model_config
 from serve.units import format_size
 
 QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
@@ -143,8 +143,7 @@ class WeightStore:
         out = {}
         for ours, hubs in self._dense_names().items():
             parts = [self._get(h) for h in hubs]
-            t = torch.cat(parts) if len(parts) > 1 else parts[0]
-            out[ours] = import_layout(self.hf_config, self.cfg, ours, t).to(self.dtype)
+            out[ours] = dense_tensor(self.hf_config, self.cfg, ours, parts).to(self.dtype)
         return out
 
     def dense_nbytes(self) -> int:
