@@ -94,23 +94,52 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def sink_mask(mask: torch.Tensor, sinks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """mask bool [B | 1, 1, S, N] (True: visible), sinks [H] -> float mask [B | 1, H, S,
+    1 + N] for keys whose first is a zero key: its logit q . 0 + sinks[h] is the sink."""
+    H, S = sinks.shape[0], mask.shape[-2]
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+        ~mask, float("-inf")).expand(mask.shape[0], H, S, mask.shape[-1])
+    sink = sinks.to(dtype).view(1, H, 1, 1).expand(mask.shape[0], H, S, 1)
+    return torch.cat([sink, bias], -1)
+
+
+def with_sinks(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, sinks: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention sinks (GPT-OSS) as one more key: k [B, Hkv, N, dk], v [B, Hkv, N, dv], mask
+    bool [B | 1, 1, S, N], sinks [H] -> (k, v with a zero key / value put first, float mask
+    [B | 1, H, S, 1 + N]). Every query's softmax then also spends weight on a sink that
+    adds nothing, which is what eager attention with sinks computes."""
+    zk = k.new_zeros(*k.shape[:2], 1, k.shape[3])
+    zv = v.new_zeros(*v.shape[:2], 1, v.shape[3])
+    return torch.cat([zk, k], 2), torch.cat([zv, v], 2), sink_mask(mask, sinks, k.dtype)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     window: int | None = None, scale: float | None = None) -> torch.Tensor:
+                     window: int | None = None, scale: float | None = None,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, H, S, dk], k [B, Hkv, S, dk], v [B, Hkv, S, dv] (Hkv divides H) -> [B, H, S, dv]:
-    each query sees the keys up to its own position (the last `window` of them)."""
+    each query sees the keys up to its own position (the last `window` of them), and the
+    per-head sink logits sinks [H] when given."""
     S = q.shape[2]
     mask = None if window is None or window >= S else causal_mask(
         torch.arange(S, device=q.device), S, window)
+    if sinks is not None:
+        if mask is None:
+            mask = causal_mask(torch.arange(S, device=q.device), S)
+        k, v, mask = with_sinks(k, v, mask[None, None], sinks)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                           scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
 class Attention(nn.Module):
-    """x [B, S, d] -> [B, S, d]: causal GQA through scaled_dot_product_attention."""
+    """x [B, S, d] -> [B, S, d]: causal GQA through scaled_dot_product_attention (with
+    GPT-OSS's per-head sink logits when `sinks`)."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
                  qk_norm: bool = False, eps: float = 1e-6, qk_norm_type: str = "head",
-                 qkv_bias: bool = False, clip_qkv: float | None = None):
+                 qkv_bias: bool = False, clip_qkv: float | None = None, o_bias: bool = False,
+                 sinks: bool = False):
         super().__init__()
         self.clip_qkv = clip_qkv
         self.scale: float | None = None  # scaled_dot_product_attention's default
@@ -118,7 +147,8 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=o_bias)
+        self.sinks = nn.Parameter(torch.zeros(n_heads)) if sinks else None  # GPT-OSS
         self.full_qk_norm = qk_norm_type == "full"
         q_dim, k_dim = ((n_heads * head_dim, n_kv_heads * head_dim) if self.full_qk_norm
                         else (head_dim, head_dim))
@@ -150,5 +180,5 @@ class Attention(nn.Module):
                 window: int | None = None) -> torch.Tensor:
         """x [B, S, d] -> [B, S, d]; causal, over the last `window` keys when given."""
         B, S, _ = x.shape
-        o = causal_attention(*self.project(x, cos, sin), window, self.scale)
+        o = causal_attention(*self.project(x, cos, sin), window, self.scale, self.sinks)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, -1))

@@ -6,12 +6,17 @@ from dataclasses import dataclass, field
 
 from routing.config import RouterConfig
 
+EXPERT_TYPES = ("swiglu", "gelu", "clamped_swiglu")
+
 
 @dataclass
 class MoEConfig:
     """One MoE feed-forward layer.
 
-    expert_ffn: hidden size F of each routed expert. expert_type: "swiglu" or "gelu".
+    expert_ffn: hidden size F of each routed expert. expert_type: "swiglu", "gelu" or
+    "clamped_swiglu" (GPT-OSS: (clamp(up, -l, l) + 1) * g * sigmoid(alpha * g) with
+    g = min(gate, l), l = swiglu_limit, alpha = swiglu_alpha).
+    expert_bias: biases on both expert projections (GPT-OSS).
     num_shared_experts: dense experts every token passes through (DeepSeek / Qwen2-MoE), fused
     into one MLP of size shared_expert_ffn (default num_shared_experts * expert_ffn), gated by
     sigmoid(x . g) when shared_expert_gate (Qwen2-MoE).
@@ -21,6 +26,9 @@ class MoEConfig:
     num_experts: int = 8
     expert_ffn: int = 256
     expert_type: str = "swiglu"
+    expert_bias: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     router: RouterConfig = field(default_factory=RouterConfig)
     num_shared_experts: int = 0
     shared_expert_ffn: int | None = None
@@ -28,8 +36,11 @@ class MoEConfig:
     kernel_backend: str = "auto"
 
     def check(self) -> None:
-        if self.expert_type not in ("swiglu", "gelu"):
-            raise ValueError(f"expert_type must be swiglu or gelu, got {self.expert_type!r}")
+        if self.expert_type not in EXPERT_TYPES:
+            raise ValueError(f"expert_type must be one of {', '.join(EXPERT_TYPES)}, got "
+                             f"{self.expert_type!r}")
+        if self.expert_type == "clamped_swiglu" and not self.swiglu_limit > 0:
+            raise ValueError(f"swiglu_limit must be > 0, got {self.swiglu_limit}")
         if self.expert_ffn < 1:
             raise ValueError(f"expert_ffn must be >= 1, got {self.expert_ffn}")
         self.router.check(self.num_experts)
@@ -116,6 +127,8 @@ class ModelConfig:
     qk_norm: bool = False
     qk_norm_type: str = "head"  # "head": RMSNorm per head (Qwen3); "full": over q / k (OLMoE)
     qkv_bias: bool = False  # biases on q, k, v projections (Qwen2-MoE)
+    o_bias: bool = False  # a bias on the output projection (GPT-OSS)
+    attn_sinks: bool = False  # a learned per-head logit every query also attends to (GPT-OSS)
     clip_qkv: float | None = None  # clamp q, k, v to [-c, c] after projection (OLMoE)
     sliding_window: int | None = None  # a query sees its last `sliding_window` keys
     sliding_window_layers: list[int] | None = None  # the layers it applies to (None: all)
@@ -196,6 +209,13 @@ class ModelConfig:
             raise ValueError(f"moe_layer_freq must be >= 1, got {self.moe_layer_freq}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
+        if self.mla is not None and (self.attn_sinks or self.o_bias):
+            raise ValueError("attention sinks and o_bias are for grouped-query attention, "
+                             "not MLA")
+        dense = any(not self.is_moe_layer(i) for i in range(self.n_layers))
+        if self.moe.expert_type == "clamped_swiglu" and (dense or self.moe.num_shared_experts):
+            raise ValueError("clamped_swiglu experts (GPT-OSS) need every layer MoE and no "
+                             "shared experts")
         if self.clip_qkv is not None and not self.clip_qkv > 0:
             raise ValueError(f"clip_qkv must be > 0 or None, got {self.clip_qkv}")
         self.rope_scaling.check()

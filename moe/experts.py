@@ -7,28 +7,38 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import Dispatch, grouped_linear, swiglu
-from moe.mlp import ACTIVATIONS, input_width
+from moe.mlp import ACTIVATIONS, clamped_swiglu, input_width
 
 
 class Experts(nn.Module):
-    """E expert MLPs. w_in [E, 2F | F, d] (gate; up for swiglu), w_out [E, d, F]."""
+    """E expert MLPs. w_in [E, 2F | F, d] (gate; up for the gated kinds), w_out [E, d, F];
+    with bias, b_in [E, 2F | F] and b_out [E, d] (GPT-OSS)."""
 
     def __init__(self, num_experts: int, d_model: int, ffn: int, kind: str = "swiglu",
-                 backend: str = "auto"):
+                 backend: str = "auto", bias: bool = False, alpha: float = 1.702,
+                 limit: float = 7.0):
         super().__init__()
         if kind not in ACTIVATIONS:
             raise ValueError(f"expert type must be one of {sorted(ACTIVATIONS)}, got {kind!r}")
         self.kind, self.backend = kind, backend
+        self.alpha, self.limit = alpha, limit  # clamped_swiglu only
         self.num_experts, self.d_model, self.ffn = num_experts, d_model, ffn
         self.w_in = nn.Parameter(torch.empty(num_experts, input_width(kind, ffn), d_model))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_model, ffn))
+        self.b_in = nn.Parameter(torch.empty(num_experts, input_width(kind, ffn))) if bias \
+            else None
+        self.b_out = nn.Parameter(torch.empty(num_experts, d_model)) if bias else None
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal with std 1/sqrt(fan_in), as each expert were an nn.Linear pair."""
+        """Normal with std 1/sqrt(fan_in), as each expert were an nn.Linear pair; zero
+        biases."""
         nn.init.normal_(self.w_in, std=self.d_model**-0.5)
         nn.init.normal_(self.w_out, std=self.ffn**-0.5)
+        for b in (self.b_in, self.b_out):
+            if b is not None:
+                b.zero_()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -36,12 +46,34 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, d: Dispatch, y_grouped: bool = True) -> torch.Tensor:
         """x [T, d] token order -> y [M, d] in Dispatch order (or slot order t * k + j)."""
-        return expert_mlp(x, self.w_in, self.w_out, d, self.kind, self.backend, y_grouped)
+        return expert_mlp(x, self.w_in, self.w_out, d, self.kind, self.backend, y_grouped,
+                          self.b_in, self.b_out, self.alpha, self.limit)
+
+
+def _row_bias(b: torch.Tensor, d: Dispatch) -> torch.Tensor:
+    """b [E, n] -> [M, n]: each Dispatch-order row's expert bias (zero for dropped rows)."""
+    return torch.cat([b, b.new_zeros(1, b.shape[1])])[d.sorted_expert_idx]
 
 
 def expert_mlp(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, d: Dispatch,
-               kind: str, backend: str, y_grouped: bool = True) -> torch.Tensor:
-    """x [T, d], w_in [E, 2F | F, d], w_out [E, d, F] -> y [M, d] (Dispatch or slot order)."""
+               kind: str, backend: str, y_grouped: bool = True,
+               b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None,
+               alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """x [T, d], w_in [E, 2F | F, d], w_out [E, d, F] (biases b_in [E, 2F | F], b_out
+    [E, d] or None) -> y [M, d] (Dispatch or slot order); alpha / limit: clamped_swiglu's."""
     h = grouped_linear(x, w_in, d, x_grouped=False, y_grouped=True, backend=backend)
-    a = swiglu(h, backend) if kind == "swiglu" else F.gelu(h)
-    return grouped_linear(a, w_out, d, x_grouped=True, y_grouped=y_grouped, backend=backend)
+    if b_in is not None:
+        h = h + _row_bias(b_in, d).to(h.dtype)
+    if kind == "swiglu":
+        a = swiglu(h, backend)
+    elif kind == "clamped_swiglu":
+        a = clamped_swiglu(h, alpha, limit)
+    else:
+        a = F.gelu(h)
+    if b_out is None:
+        return grouped_linear(a, w_out, d, x_grouped=True, y_grouped=y_grouped, backend=backend)
+    y = grouped_linear(a, w_out, d, x_grouped=True, y_grouped=True, backend=backend)
+    y = y + _row_bias(b_out, d).to(y.dtype)
+    if y_grouped:
+        return y
+    return y.new_zeros(y.shape).index_copy(0, d.sorted_pair_idx, y)  # slot order

@@ -1,10 +1,11 @@
 """Hugging Face checkpoint layouts: import Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
-DeepSeek-V2 / V3 and GLM-4.5 (glm4_moe) directories, export our models as Mixtral,
-Qwen3-MoE, GLM-4.5 or DeepSeek-V3 directories (safetensors + config.json), and read dense
-Llama / Qwen3 directories for upcycling.
+DeepSeek-V2 / V3, GLM-4.5 (glm4_moe) and GPT-OSS (bf16 or MXFP4 experts) directories, export
+our models as Mixtral, Qwen3-MoE, GLM-4.5, DeepSeek-V3 or GPT-OSS directories (safetensors +
+config.json), and read dense Llama / Qwen3 directories for upcycling.
 
 Names follow the layouts on the Hub (per-expert w1/w2/w3 for Mixtral, gate/up/down_proj for
-the others), which `transformers` loads with its own classes.
+most others, stacked gate_up_proj / down_proj for GPT-OSS), which `transformers` loads with
+its own classes.
 """
 
 from __future__ import annotations
@@ -60,10 +61,33 @@ def _glm4_problems(cfg: ModelConfig) -> list[str]:
     return problems
 
 
+def _gpt_oss_problems(cfg: ModelConfig) -> list[str]:
+    """What keeps a model from the GPT-OSS layout: softmax top-k over renormalised weights,
+    clamped SwiGLU experts, every layer MoE, no shared experts, q/k/v and o biases alike,
+    plain GQA."""
+    r, m = cfg.moe.router, cfg.moe
+    problems = []
+    if r.kind != "topk" or r.score != "softmax" or not r.renormalize or r.n_group > 1 \
+            or r.routed_scaling_factor != 1.0:
+        problems.append("a router other than softmax top-k with renormalised weights")
+    if m.expert_type != "clamped_swiglu":
+        problems.append(f"expert_type={m.expert_type} (it uses clamped_swiglu)")
+    if m.num_shared_experts or any(not cfg.is_moe_layer(i) for i in range(cfg.n_layers)):
+        problems.append("shared experts or dense layers")
+    if cfg.qkv_bias != cfg.o_bias:
+        problems.append("biases on q/k/v but not on o, or the other way (attention_bias "
+                        "sets both)")
+    if cfg.mla is not None or cfg.qk_norm or cfg.clip_qkv is not None \
+            or cfg.partial_rotary_factor != 1.0:
+        problems.append("MLA, q/k norms, clip_qkv or partial RoPE")
+    return problems
+
+
 def choose_family(cfg: ModelConfig) -> str:
     """The Hub family that can hold this model: 'deepseek_v3' for multi-head latent
-    attention, 'glm4_moe' for sigmoid routing behind GQA, else 'mixtral' or 'qwen3_moe';
-    ValueError says why none can."""
+    attention, 'gpt_oss' for attention sinks / clamped SwiGLU / expert or gate biases,
+    'glm4_moe' for sigmoid routing behind GQA, else 'mixtral' or 'qwen3_moe'; ValueError
+    says why none can."""
     r, m = cfg.moe.router, cfg.moe
     if cfg.mla is not None:
         problems = _deepseek_v3_problems(cfg)
@@ -71,6 +95,11 @@ def choose_family(cfg: ModelConfig) -> str:
             raise ValueError("this MLA model has no DeepSeek-V3 equivalent: "
                              + "; ".join(problems))
         return "deepseek_v3"
+    if cfg.attn_sinks or m.expert_type == "clamped_swiglu" or m.expert_bias or r.gate_bias:
+        problems = _gpt_oss_problems(cfg)
+        if problems:
+            raise ValueError("this model has no GPT-OSS equivalent: " + "; ".join(problems))
+        return "gpt_oss"
     if r.kind == "topk" and r.score == "sigmoid":
         problems = _glm4_problems(cfg)
         if problems:
@@ -146,6 +175,17 @@ def hf_config_json(cfg: ModelConfig, family: str) -> dict:
                     first_k_dense_replace=cfg.first_dense_layers, n_group=r.n_group,
                     topk_group=r.topk_group, norm_topk_prob=r.renormalize,
                     routed_scaling_factor=r.routed_scaling_factor, attention_bias=False)
+    if family == "gpt_oss":
+        m = cfg.moe
+        # without rope_parameters transformers would give GPT-OSS its YaRN default
+        common.setdefault("rope_parameters", {"rope_type": "default",
+                                              "rope_theta": cfg.rope_theta})
+        return dict(common, architectures=["GptOssForCausalLM"], model_type="gpt_oss",
+                    intermediate_size=m.expert_ffn, num_local_experts=m.num_experts,
+                    swiglu_alpha=m.swiglu_alpha, swiglu_limit=m.swiglu_limit,
+                    attention_bias=cfg.qkv_bias, sliding_window=cfg.sliding_window,
+                    layer_types=["sliding_attention" if cfg.window(i) else "full_attention"
+                                 for i in range(cfg.n_layers)])
     if family == "glm4_moe":
         r = cfg.moe.router
         return dict(common, architectures=["Glm4MoeForCausalLM"], model_type="glm4_moe",
@@ -179,10 +219,14 @@ EXPERT_NAMES = {
     "deepseek_v2": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
     "deepseek_v3": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
     "glm4_moe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
+    "gpt_oss": ("mlp.router", "mlp.experts.", ("gate_up_proj", "down_proj")),  # stacked
 }
 DEEPSEEK = ("deepseek_v2", "deepseek_v3")
+GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                "truncate": False, "original_max_position_embeddings": 4096,
+                "rope_theta": 150000.0}  # GptOssConfig's default
 V3_ROUTED = ("deepseek_v3", "glm4_moe")  # sigmoid, selection bias, groups, shared experts
-EXPORT_FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3", "glm4_moe")
+EXPORT_FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3", "glm4_moe", "gpt_oss")
 
 
 MLA_NAMES = {  # ours -> DeepSeek's, under attn. / self_attn.
@@ -191,38 +235,39 @@ MLA_NAMES = {  # ours -> DeepSeek's, under attn. / self_attn.
     "kv_b_proj": "kv_b_proj", "o_proj": "o_proj"}
 
 
-def shared_names(n_layers: int, qk_norm: bool, qkv_bias: bool = False,
-                 mla: MLAConfig | None = None) -> list[tuple[str, str]]:
+def shared_names(cfg: ModelConfig) -> list[tuple[str, str]]:
     """(our name, Hub name) of the tensors every Llama-style family names alike: embeddings,
     norms and attention (the LM head is left to the caller: it may be tied)."""
     pairs = [("embed.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight")]
     attn = ("q_proj", "k_proj", "v_proj", "o_proj")
+    mla = cfg.mla
     if mla is not None:
         q = ["q_proj"] if mla.q_lora_rank is None else ["q_a_proj", "q_a_norm", "q_b_proj"]
         attn = [*q, "kv_a_proj", "kv_a_norm", "kv_b_proj", "o_proj"]
-    for i in range(n_layers):
+    biased = [p for p, on in (("q_proj", cfg.qkv_bias), ("k_proj", cfg.qkv_bias),
+                              ("v_proj", cfg.qkv_bias), ("o_proj", cfg.o_bias)) if on]
+    for i in range(cfg.n_layers):
         src, dst = f"layers.{i}.", f"model.layers.{i}."
         pairs += [(src + "attn_norm.weight", dst + "input_layernorm.weight"),
                   (src + "mlp_norm.weight", dst + "post_attention_layernorm.weight")]
         pairs += [(src + f"attn.{p}.weight", dst + f"self_attn.{MLA_NAMES.get(p, p)}.weight")
                   for p in attn]
-        if qk_norm:
+        if cfg.qk_norm:
             pairs += [(src + f"attn.{n}.weight", dst + f"self_attn.{n}.weight")
                       for n in ("q_norm", "k_norm")]
-        if qkv_bias:
-            pairs += [(src + f"attn.{p}.bias", dst + f"self_attn.{p}.bias")
-                      for p in ("q_proj", "k_proj", "v_proj")]
+        pairs += [(src + f"attn.{p}.bias", dst + f"self_attn.{p}.bias") for p in biased]
+        if cfg.attn_sinks:
+            pairs.append((src + "attn.sinks", dst + "self_attn.sinks"))
     return pairs
 
 
 def to_hf_state(cfg: ModelConfig, state: dict[str, torch.Tensor],
                 family: str) -> dict[str, torch.Tensor]:
     """Our single-process state dict -> the family's Hub tensor names."""
-    out = {hub: state[ours] for ours, hub in shared_names(cfg.n_layers, cfg.qk_norm,
-                                                          cfg.qkv_bias, cfg.mla)}
+    out = {hub: state[ours] for ours, hub in shared_names(cfg)}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
-    gate_name, expert_prefix, (g, u, dn) = EXPERT_NAMES[family]
+    gate_name, expert_prefix, parts = EXPERT_NAMES[family]
     for i in range(cfg.n_layers):
         src, dst = f"layers.{i}.", f"model.layers.{i}."
         if not cfg.is_moe_layer(i):
@@ -234,6 +279,9 @@ def to_hf_state(cfg: ModelConfig, state: dict[str, torch.Tensor],
         w_in, w_out = state[src + "mlp.experts.w_in"], state[src + "mlp.experts.w_out"]
         F = cfg.moe.expert_ffn
         out[dst + gate_name + ".weight"] = state[src + "mlp.router.weight"]
+        if family == "gpt_oss":
+            out.update(_gpt_oss_experts(cfg, state, src, dst))
+            continue
         if family in V3_ROUTED:
             bias = state.get(src + "mlp.router.expert_bias")
             out[dst + gate_name + ".e_score_correction_bias"] = (
@@ -243,12 +291,32 @@ def to_hf_state(cfg: ModelConfig, state: dict[str, torch.Tensor],
                 gate, up = state[src + "mlp.shared.mlp.w_in.weight"].chunk(2, dim=0)
                 out[sh + "gate_proj.weight"], out[sh + "up_proj.weight"] = gate, up
                 out[sh + "down_proj.weight"] = state[src + "mlp.shared.mlp.w_out.weight"]
+        g, u, dn = parts
         for e in range(cfg.moe.num_experts):
             base = dst + expert_prefix.format(e=e)
             out[base + f"{g}.weight"] = w_in[e, :F]
             out[base + f"{u}.weight"] = w_in[e, F:]
             out[base + f"{dn}.weight"] = w_out[e]
     return {k: v.detach().to(torch.float32).contiguous().clone() for k, v in out.items()}
+
+
+def _gpt_oss_experts(cfg: ModelConfig, state: dict[str, torch.Tensor], src: str, dst: str
+                     ) -> dict[str, torch.Tensor]:
+    """One layer's router bias and stacked experts in GPT-OSS's layout: [in, out] matrices,
+    gate and up features interleaved (zeros for biases the model lacks)."""
+    E, F, d = cfg.moe.num_experts, cfg.moe.expert_ffn, cfg.d_model
+    w_in, w_out = state[src + "mlp.experts.w_in"], state[src + "mlp.experts.w_out"]
+    b_in = state.get(src + "mlp.experts.b_in", w_in.new_zeros(E, 2 * F))
+    b_out = state.get(src + "mlp.experts.b_out", w_in.new_zeros(E, d))
+
+    def interleave(t: torch.Tensor) -> torch.Tensor:  # [E, 2F, ...] (gate; up) -> g0 u0 g1 ..
+        return torch.stack([t[:, :F], t[:, F:]], dim=2).flatten(1, 2)
+
+    base = dst + "mlp.experts."
+    return {dst + "mlp.router.bias": state.get(src + "mlp.router.bias", w_in.new_zeros(E)),
+            base + "gate_up_proj": interleave(w_in).transpose(1, 2),
+            base + "gate_up_proj_bias": interleave(b_in),
+            base + "down_proj": w_out.transpose(1, 2), base + "down_proj_bias": b_out}
 
 
 def _check_export_family(family: str) -> None:
@@ -382,6 +450,12 @@ def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
         moe, mla, dense_layers = _deepseek_moe(hf, family)
     elif family == "glm4_moe":  # DeepSeek-V3's MoE behind grouped-query attention
         moe, _, dense_layers = _deepseek_moe(hf, family)
+    elif family == "gpt_oss":
+        moe = MoEConfig(num_experts=hf.get("num_local_experts") or hf["num_experts"],
+                        expert_ffn=hf["intermediate_size"], expert_type="clamped_swiglu",
+                        expert_bias=True, swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
+                        swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
+                        router=RouterConfig(top_k=hf["num_experts_per_tok"], gate_bias=True))
     elif family in ("mixtral", "olmoe"):
         n_exp = hf.get("num_local_experts") or hf.get("num_experts")
         moe = MoEConfig(num_experts=n_exp, expert_ffn=hf["intermediate_size"],
@@ -404,15 +478,17 @@ def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
         raise ValueError(f"dense layers {dense_layers} are not a leading block; "
                          "this layer pattern is not supported")
     quant = hf.get("quantization_config")
-    if quant:
+    if quant and not is_mxfp4(hf):
         raise ValueError(f"config.json: a quantized checkpoint (quant_method="
                          f"{quant.get('quant_method')!r}) is not supported; serve its bf16 "
                          "weights (--quant int8 / int4 quantizes them at load)")
     if hf.get("mlp_bias"):
         raise ValueError("config.json: mlp_bias=true is not supported")
-    if hf.get("attention_bias") and family not in ("qwen2_moe", "glm4_moe"):
+    if hf.get("attention_bias") and family not in ("qwen2_moe", "glm4_moe", "gpt_oss"):
         raise ValueError(f"config.json: attention_bias=true in a {family} model is not "
                          "supported")
+    if family == "gpt_oss" and not (hf.get("rope_scaling") or hf.get("rope_parameters")):
+        hf = dict(hf, rope_parameters=GPT_OSS_ROPE)  # what transformers gives it then
     window, window_layers = hf_sliding_window(hf, family, n_layers)
     fields = llama_fields(hf, default_context=4096, partial_rotary=family == "glm4_moe")
     if mla is not None:
@@ -423,7 +499,9 @@ def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
             family == "glm4_moe" and bool(hf.get("use_qk_norm"))),
         qk_norm_type="full" if family == "olmoe" else "head",
         qkv_bias=(family == "qwen2_moe" and hf.get("qkv_bias", True))
-        or (family == "glm4_moe" and bool(hf.get("attention_bias"))),
+        or (family in ("glm4_moe", "gpt_oss") and bool(hf.get("attention_bias", True))),
+        o_bias=family == "gpt_oss" and bool(hf.get("attention_bias", True)),
+        attn_sinks=family == "gpt_oss",
         dense_ffn=hf.get("intermediate_size", 0) if family in (
             "qwen2_moe", "qwen3_moe", *DEEPSEEK, "glm4_moe") else 1,
         moe=moe, first_dense_layers=len(dense_layers), sliding_window=window,
@@ -440,7 +518,7 @@ def _deepseek_moe(hf: dict, family: str):
     renormalised; V3 sigmoid scores with the correction bias for selection, groups scored by
     their two best experts, renormalised as norm_topk_prob says; both scaled by
     routed_scaling_factor, with n_shared_experts ungated shared experts."""
-    from moe.config import MLAConfig, MoEConfig
+    from moe.config import MoEConfig
     from routing.config import RouterConfig
 
     n_exp, ffn = hf["n_routed_experts"], hf["moe_intermediate_size"]
@@ -476,13 +554,19 @@ def hf_sliding_window(hf: dict, family: str, n_layers: int) -> tuple[int | None,
     """(window, the layers it applies to or None for all) as transformers reads config.json:
     Mixtral's sliding_window for every layer; Qwen-MoE's only with use_sliding_window, on
     every layer (Qwen3) or on the layers its layer_types (or max_window_layers) name
-    (Qwen2); OLMoE, DeepSeek and GLM have none."""
+    (Qwen2); GPT-OSS's on the layers its layer_types name (the even ones by default);
+    OLMoE, DeepSeek and GLM have none."""
     window = hf.get("sliding_window")
     if family in ("olmoe", "glm4_moe", *DEEPSEEK) or not window:
         return None, None
     if family == "mixtral":
         return int(window), None
     types = hf.get("layer_types")
+    if family == "gpt_oss":  # layer_types, by default sliding on the even layers
+        types = types or ["sliding_attention" if i % 2 == 0 else "full_attention"
+                          for i in range(n_layers)]
+        layers = [i for i, t in enumerate(types) if t == "sliding_attention"]
+        return (int(window), layers) if layers else (None, None)
     if types is not None and family == "qwen2_moe":
         layers = [i for i, t in enumerate(types) if t == "sliding_attention"]
     elif not hf.get("use_sliding_window"):
@@ -499,8 +583,7 @@ def dense_tensor_names(cfg: ModelConfig, family: str) -> dict[str, list[str]]:
     """Our name of every non-expert tensor -> the Hub tensors it is the row-concatenation of
     (one name for most; gate and up projections for fused SwiGLU inputs). The LM head maps to
     lm_head.weight; a tied model's directory may lack it (use the embeddings then)."""
-    names = {ours: [hub] for ours, hub in shared_names(cfg.n_layers, cfg.qk_norm, cfg.qkv_bias,
-                                                         cfg.mla)}
+    names = {ours: [hub] for ours, hub in shared_names(cfg)}
     names["lm_head.weight"] = ["lm_head.weight"]
     gate_name = EXPERT_NAMES[family][0]
     for i in range(cfg.n_layers):
@@ -511,6 +594,8 @@ def dense_tensor_names(cfg: ModelConfig, family: str) -> dict[str, list[str]]:
             names[dst + "mlp.w_out.weight"] = [src + "mlp.down_proj.weight"]
             continue
         names[dst + "mlp.router.weight"] = [src + gate_name + ".weight"]
+        if cfg.moe.router.gate_bias:
+            names[dst + "mlp.router.bias"] = [src + gate_name + ".bias"]
         if family in V3_ROUTED:
             names[dst + "mlp.router.expert_bias"] = [src + gate_name + ".e_score_correction_bias"]
         if family in (*DEEPSEEK, "glm4_moe") and cfg.moe.num_shared_experts:  # ungated
@@ -552,10 +637,50 @@ def dense_tensor(hf: dict, cfg: ModelConfig, name: str,
 
 
 def expert_tensor_names(family: str, layer: int, expert: int) -> tuple[str, str, str]:
-    """Hub names of one expert's (gate, up, down) projection weights."""
+    """Hub names of one expert's (gate, up, down) projection weights (families that store
+    each expert apart; GPT-OSS stacks them: expert_sources)."""
     _, prefix, parts = EXPERT_NAMES[family]
     base = f"model.layers.{layer}." + prefix.format(e=expert)
     return tuple(base + p + ".weight" for p in parts)
+
+
+def is_mxfp4(hf: dict) -> bool:
+    """Whether config.json says the experts are stored as MXFP4 (GPT-OSS on the Hub)."""
+    quant = hf.get("quantization_config") or {}
+    return hf.get("model_type") == "gpt_oss" and quant.get("quant_method") == "mxfp4"
+
+
+def expert_sources(hf: dict, family: str, layer: int, num_experts: int) -> list[str]:
+    """Every Hub tensor the experts of one layer are read from."""
+    if family != "gpt_oss":
+        return [n for e in range(num_experts) for n in expert_tensor_names(family, layer, e)]
+    base = f"model.layers.{layer}.mlp.experts."
+    mats = ("gate_up_proj", "down_proj")
+    if is_mxfp4(hf):
+        mats = tuple(f"{m}_{part}" for m in mats for part in ("blocks", "scales"))
+    return [base + n for n in (*mats, "gate_up_proj_bias", "down_proj_bias")]
+
+
+def read_expert(hf: dict, family: str, layer: int, e: int, get
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One expert in our layout: (w_in [2F, d] (gate; up), w_out [d, F], b_in [2F], b_out [d];
+    the biases None for families without them). get(name, e) reads Hub tensor `name`, or
+    its e-th slice when e is not None (stacked experts)."""
+    if family != "gpt_oss":
+        g, u, dn = (get(n, None) for n in expert_tensor_names(family, layer, e))
+        return torch.cat([g, u]), dn, None, None
+    from kernels.mxfp4 import mxfp4_dequantize
+
+    base = f"model.layers.{layer}.mlp.experts."
+    if is_mxfp4(hf):  # [rows, G, 16] blocks: rows are output features
+        gu, dn = (mxfp4_dequantize(get(f"{base}{m}_blocks", e), get(f"{base}{m}_scales", e))
+                  for m in ("gate_up_proj", "down_proj"))
+    else:  # [in, out] matrices
+        gu, dn = get(base + "gate_up_proj", e).T, get(base + "down_proj", e).T
+    b_in = get(base + "gate_up_proj_bias", e)
+    # GPT-OSS interleaves gate and up features (gate even, up odd): ours are [gate; up]
+    return (torch.cat([gu[0::2], gu[1::2]]), dn, torch.cat([b_in[0::2], b_in[1::2]]),
+            get(base + "down_proj_bias", e))
 
 
 def import_hf(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -567,14 +692,14 @@ def import_hf(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     tensors.setdefault("lm_head.weight", tensors["model.embed_tokens.weight"])
     state = {ours: dense_tensor(hf, cfg, ours, [tensors[h] for h in hubs])
              for ours, hubs in dense_tensor_names(cfg, family).items()}
+    def get(name: str, e: int | None) -> torch.Tensor:
+        return tensors[name] if e is None else tensors[name][e]
+
     for i in range(cfg.n_layers):
         if not cfg.is_moe_layer(i):
             continue
-        ws_in, ws_out = [], []
-        for e in range(cfg.moe.num_experts):
-            g, u, dn = (tensors[n] for n in expert_tensor_names(family, i, e))
-            ws_in.append(torch.cat([g, u]))
-            ws_out.append(dn)
-        state[f"layers.{i}.mlp.experts.w_in"] = torch.stack(ws_in)
-        state[f"layers.{i}.mlp.experts.w_out"] = torch.stack(ws_out)
+        parts = [read_expert(hf, family, i, e, get) for e in range(cfg.moe.num_experts)]
+        for j, name in enumerate(("w_in", "w_out", "b_in", "b_out")):
+            if parts[0][j] is not None:
+                state[f"layers.{i}.mlp.experts.{name}"] = torch.stack([p[j] for p in parts])
     return cfg, state

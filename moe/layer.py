@@ -55,7 +55,8 @@ class MoELayer(nn.Module):
         self.router = build_router(cfg.router, d_model, cfg.num_experts, vocab_size,
                                    cfg.kernel_backend)
         self.experts = Experts(cfg.num_experts, d_model, cfg.expert_ffn, cfg.expert_type,
-                               cfg.kernel_backend)
+                               cfg.kernel_backend, cfg.expert_bias, cfg.swiglu_alpha,
+                               cfg.swiglu_limit)
         self.shared = None
         if cfg.num_shared_experts > 0:
             ffn = cfg.shared_expert_ffn or cfg.num_shared_experts * cfg.expert_ffn

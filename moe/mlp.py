@@ -13,12 +13,20 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-ACTIVATIONS = {"swiglu": swiglu, "gelu": F.gelu}
+def clamped_swiglu(h: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """h [..., 2F] (gate; up) -> [..., F] = (up' + 1) * g * sigmoid(alpha * g) with
+    g = min(gate, limit), up' = clamp(up, -limit, limit): GPT-OSS's expert activation."""
+    gate, up = h.chunk(2, dim=-1)
+    gate = gate.clamp(max=limit)
+    return (up.clamp(-limit, limit) + 1) * gate * torch.sigmoid(alpha * gate)
+
+
+ACTIVATIONS = {"swiglu": swiglu, "gelu": F.gelu, "clamped_swiglu": clamped_swiglu}
 
 
 def input_width(kind: str, ffn: int) -> int:
-    """Rows of the first projection: 2F for swiglu (gate and up fused), F for gelu."""
-    return 2 * ffn if kind == "swiglu" else ffn
+    """Rows of the first projection: 2F for the gated kinds (gate and up fused), F for gelu."""
+    return ffn if kind == "gelu" else 2 * ffn
 
 
 class MLP(nn.Module):

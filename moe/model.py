@@ -40,7 +40,8 @@ class Block(nn.Module):
         else:
             self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads,
                                   cfg.resolved_head_dim, cfg.qk_norm, cfg.norm_eps,
-                                  cfg.qk_norm_type, cfg.qkv_bias, cfg.clip_qkv)
+                                  cfg.qk_norm_type, cfg.qkv_bias, cfg.clip_qkv, cfg.o_bias,
+                                  cfg.attn_sinks)
         self.window = cfg.window(layer_idx)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)

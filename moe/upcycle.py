@@ -29,7 +29,7 @@ def upcycle_hf_dense(model_dir: Path, moe: MoEConfig,
     hf, state = load_hf_dense(Path(model_dir))
     cfg = config_from_dense(hf, moe)
     model = MoETransformer(cfg)
-    ours = {name: state[hub] for name, hub in shared_names(cfg.n_layers, cfg.qk_norm)}
+    ours = {name: state[hub] for name, hub in shared_names(cfg)}
     ours["lm_head.weight"] = state.get("lm_head.weight", state["model.embed_tokens.weight"])
     E = moe.num_experts
     for i in range(cfg.n_layers):

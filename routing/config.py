@@ -26,6 +26,7 @@ class RouterConfig:
         equal groups, each token picks its topk_group best groups and its k experts among
         them; a group's score is its best expert score (group_score="max", V2) or the sum of
         its two best (group_score="top2", V3, with the expert bias).
+    gate_bias: a learned bias on the gate's logits (GPT-OSS).
     """
 
     kind: str = "topk"
@@ -43,6 +44,7 @@ class RouterConfig:
     n_group: int = 1
     topk_group: int = 1
     group_score: str = "max"
+    gate_bias: bool = False
     validate: bool = True
 
     def check(self, num_experts: int) -> None:
@@ -79,5 +81,7 @@ class RouterConfig:
                 raise ValueError(f"group_score must be max or top2, got {self.group_score!r}")
             if self.group_score == "top2" and num_experts // self.n_group < 2:
                 raise ValueError("group_score=top2 needs at least 2 experts per group")
+        if self.gate_bias and self.kind != "topk":
+            raise ValueError("gate_bias needs kind=topk")
         if self.expert_bias and (self.kind != "topk" or self.score != "sigmoid"):
             raise ValueError("expert_bias (aux-loss-free balancing) needs kind=topk, score=sigmoid")

@@ -47,7 +47,7 @@ class Router(nn.Module):
         return self.cfg.kind == "expert_choice" or self.cfg.capacity_factor is not None
 
     def _gate_logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x, self.weight).to(_compute_dtype(x))
+        logits = F.linear(x, self.weight, getattr(self, "bias", None)).to(_compute_dtype(x))
         if self.cfg.validate and bool(torch.isnan(logits).any()):
             raise ValueError(
                 "router logits contain NaN: the hidden states or the gate weight hold NaN/inf"
@@ -99,6 +99,7 @@ class TopKRouter(Router):
         self.backend = backend  # kernel backend of the fused top-k routing
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.normal_(self.weight, std=d_model**-0.5)
+        self.bias = nn.Parameter(torch.zeros(num_experts)) if cfg.gate_bias else None
         if cfg.expert_bias:
             self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
         else:

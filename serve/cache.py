@@ -99,7 +99,8 @@ class CacheStats:
 
 
 class ExpertCache:
-    """n_slots experts on `device`: w_in [S, 2F, d], w_out [S, d, F] in dtype, or, for
+    """n_slots experts on `device`: w_in [S, 2F, d], w_out [S, d, F] (and b_in [S, 2F],
+    b_out [S, d] for experts with biases) in dtype, or, for
     int8 / int4 experts, as QuantWeight stacks that stay packed on the device (the GEMMs
     dequantize them), so a budget holds 2-4x more experts."""
 
@@ -122,6 +123,10 @@ class ExpertCache:
         else:
             self.w_in = torch.empty(n_slots, 2 * F, d, dtype=dtype, device=device)
             self.w_out = torch.empty(n_slots, d, F, dtype=dtype, device=device)
+        self.b_in = self.b_out = None  # GPT-OSS's expert biases, in dtype
+        if cfg.moe.expert_bias:
+            self.b_in = torch.empty(n_slots, 2 * F, dtype=dtype, device=device)
+            self.b_out = torch.empty(n_slots, d, dtype=dtype, device=device)
         self.policy: Policy = POLICIES[policy](cfg.n_layers)
         self.slot_of: dict[Key, int] = {}
         self.key_of: list[Key | None] = [None] * n_slots
@@ -135,7 +140,9 @@ class ExpertCache:
         if store.bits is not None:
             return store.expert_nbytes
         cfg = store.cfg
-        return 3 * cfg.moe.expert_ffn * cfg.d_model * (torch.finfo(dtype).bits // 8)
+        F, d = cfg.moe.expert_ffn, cfg.d_model
+        biases = 2 * F + d if cfg.moe.expert_bias else 0
+        return (3 * F * d + biases) * (torch.finfo(dtype).bits // 8)
 
     def resident(self, key: Key) -> bool:
         return key in self.slot_of
@@ -157,6 +164,9 @@ class ExpertCache:
         nb = self.device.type == "cuda"
         self.w_in[s].copy_(src.w_in, non_blocking=nb)
         self.w_out[s].copy_(src.w_out, non_blocking=nb)
+        if self.b_in is not None:
+            self.b_in[s].copy_(src.b_in, non_blocking=nb)
+            self.b_out[s].copy_(src.b_out, non_blocking=nb)
         self.stats.bytes_to_device += src.nbytes
         if self.device.type == "cuda":
             ev = torch.cuda.Event()

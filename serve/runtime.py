@@ -14,7 +14,7 @@ from torch import nn
 
 from kernels import reference, sort_by_expert, weighted_combine
 from kernels.backend import get_backend
-from moe.attention import causal_mask, rope_cos_sin
+from moe.attention import causal_mask, rope_cos_sin, sink_mask
 from moe.experts import expert_mlp
 from moe.model import MoETransformer
 from serve.cache import CacheStats, ExpertCache
@@ -48,11 +48,14 @@ class KVCache:
     """k, v [n_layers, max_batch, n_kv_heads, max_context, head_dim], allocated once. With
     multi-head latent attention, k [n_layers, max_batch, 1, max_context, kv_lora_rank +
     rope_dim] holds each token's latent and RoPE key (the expanded keys and values of every
-    head are never stored: 1 / 9 of their bytes at DeepSeek-V2-Lite's shapes) and v is None."""
+    head are never stored: 1 / 9 of their bytes at DeepSeek-V2-Lite's shapes) and v is None.
+    With attention sinks (GPT-OSS) position p sits at index p + 1 (`offset`), and index 0
+    holds a zero key and value, the sink's."""
 
     def __init__(self, cfg, max_batch, max_context, dtype, device):
         heads, k_dim, v_dim = self.dims(cfg)
-        shape = (cfg.n_layers, max_batch, heads, max_context)
+        self.offset = int(cfg.attn_sinks)
+        shape = (cfg.n_layers, max_batch, heads, max_context + self.offset)
         self.k = torch.zeros(*shape, k_dim, dtype=dtype, device=device)
         self.v = torch.zeros(*shape, v_dim, dtype=dtype, device=device) if v_dim else None
 
@@ -67,7 +70,8 @@ class KVCache:
     def nbytes(cfg, max_batch: int, max_context: int, dtype: torch.dtype) -> int:
         heads, k_dim, v_dim = KVCache.dims(cfg)
         el = torch.finfo(dtype).bits // 8
-        return cfg.n_layers * max_batch * heads * max_context * (k_dim + v_dim) * el
+        return (cfg.n_layers * max_batch * heads * (max_context + int(cfg.attn_sinks))
+                * (k_dim + v_dim) * el)
 
 
 def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_batch: int,
@@ -86,6 +90,8 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
         hd_all = (m.n_heads + 2 * m.n_kv_heads) * m.resolved_head_dim
     act = chunk * el * (4 * d + hd_all + k * (3 * Fe + d)) \
         + chunk * max_context * 4 * m.n_heads + max_batch * m.vocab_size * 4
+    if m.attn_sinks:  # the float mask that carries the sinks
+        act += chunk * (max_context + 1) * el * m.n_heads
     if store.bits is not None and get_backend(cfg.kernel_backend, resolve_device(cfg.device)) \
             is reference:  # packed experts are dequantized one at a time
         act += 2 * Fe * d * (4 + el)
@@ -132,6 +138,7 @@ class OffloadedModel:
         self.n_slots, self.budget_report = self._plan_memory(cfg)
         self.model = self._build_model()
         self.kv = KVCache(mcfg, self.max_batch, self.max_context, self.dtype, self.device)
+        self.sinks = mcfg.attn_sinks
         self.prefetch = cfg.prefetch == "cross-layer"
         side = torch.cuda.Stream(self.device) if on_cuda and self.prefetch else None
         self.cache = ExpertCache(self.store, self.n_slots, cfg.cache_policy, self.device,
@@ -222,7 +229,8 @@ class OffloadedModel:
         b_idx = torch.tensor([b for b, c in enumerate(n) for _ in range(c)], device=dev)
         s_at = torch.tensor([s for c in n for s in range(c)], device=dev)  # no device sync
         kv_rows = torch.tensor(list(rows), device=dev)
-        w_rows, w_pos = kv_rows[b_idx], q_pos[b_idx, s_at]
+        w_rows, w_pos = kv_rows[b_idx], q_pos[b_idx, s_at] + self.kv.offset
+        n_keys = end + self.kv.offset
         r0 = rows[0]
         dense = list(rows) == list(range(r0, r0 + B))  # a view of the cache, no gather
         x = model.embed(ids)
@@ -237,13 +245,15 @@ class OffloadedModel:
                 V = self.kv.v[i]
                 V[w_rows, :, w_pos] = v.transpose(1, 2)[b_idx, s_at]
             K[w_rows, :, w_pos] = k.transpose(1, 2)[b_idx, s_at]
-            keys = K[r0:r0 + B, :, :end] if dense else K[kv_rows, :, :end]
+            keys = K[r0:r0 + B, :, :n_keys] if dense else K[kv_rows, :, :n_keys]
             if mla:
                 values = keys[..., :attn.kv_rank]
             else:
-                values = V[r0:r0 + B, :, :end] if dense else V[kv_rows, :, :end]
-            o = F.scaled_dot_product_attention(q, keys, values,
-                                               attn_mask=mask_for(block.window),
+                values = V[r0:r0 + B, :, :n_keys] if dense else V[kv_rows, :, :n_keys]
+            mask = mask_for(block.window)
+            if self.sinks:  # GPT-OSS: cache position 0 is a zero key / value, the sink's
+                mask = sink_mask(mask, attn.sinks, self.dtype)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                scale=attn.scale,
                                                enable_gqa=keys.shape[1] != q.shape[1])
             x = x + (attn.latent_out(o) if mla
@@ -312,8 +322,9 @@ class OffloadedModel:
         dropped = sid < 0
         d = sort_by_expert(sid.clamp(min=0), self.cache.n_slots, dropped)
         backend = self.cfg.moe.kernel_backend
-        y = expert_mlp(flat, self.cache.w_in, self.cache.w_out, d, self.cfg.moe.expert_type,
-                       backend)
+        c, m = self.cache, self.cfg.moe
+        y = expert_mlp(flat, c.w_in, c.w_out, d, m.expert_type, backend, True, c.b_in, c.b_out,
+                       m.swiglu_alpha, m.swiglu_limit)
         return weighted_combine(y, w.masked_fill(dropped, 0).to(flat.dtype), d,
                                 backend=backend)
 

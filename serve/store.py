@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from kernels.quant import QuantWeight, quantize
 from moe.config import ModelConfig
-from moe.hf import dense_tensor, dense_tensor_names, expert_tensor_names, hf_model_config
+from moe.hf import dense_tensor, dense_tensor_names, expert_sources, hf_model_config, read_expert
 from serve.units import format_size
 
 QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
@@ -31,17 +31,24 @@ class ModelDirError(ValueError):
 
 @dataclass
 class ExpertWeights:
-    """One expert: w_in [2F, d] (gate; up), w_out [d, F], as tensors or QuantWeights."""
+    """One expert: w_in [2F, d] (gate; up), w_out [d, F], as tensors or QuantWeights, and
+    the biases b_in [2F], b_out [d] of families that have them (GPT-OSS; never quantized)."""
 
     w_in: torch.Tensor | QuantWeight
     w_out: torch.Tensor | QuantWeight
+    b_in: torch.Tensor | None = None
+    b_out: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
-        return self.w_in.nbytes + self.w_out.nbytes
+        return sum(t.nbytes for t in self.parts())
+
+    def parts(self) -> list:
+        return [t for t in (self.w_in, self.w_out, self.b_in, self.b_out) if t is not None]
 
     def pin_memory(self) -> ExpertWeights:
-        return ExpertWeights(self.w_in.pin_memory(), self.w_out.pin_memory())
+        return ExpertWeights(*(t.pin_memory() if t is not None else None
+                               for t in (self.w_in, self.w_out, self.b_in, self.b_out)))
 
 
 def _tensor_files(model_dir: Path) -> dict[str, Path]:
@@ -115,8 +122,10 @@ class WeightStore:
             self._handles[path] = safe_open(str(path), framework="pt")
         return self._handles[path]
 
-    def _get(self, name: str) -> torch.Tensor:
-        return self._handle(self.files[name]).get_tensor(name)
+    def _get(self, name: str, e: int | None = None) -> torch.Tensor:
+        """Tensor `name`, or its e-th slice (stacked experts: only that expert is read)."""
+        h = self._handle(self.files[name])
+        return h.get_tensor(name) if e is None else h.get_slice(name)[e:e + 1][0]
 
     def _dense_names(self) -> dict[str, list[str]]:
         """Our non-expert names -> the Hub tensors they are made of. A tied LM head is left
@@ -130,8 +139,8 @@ class WeightStore:
 
     def _check_complete(self) -> None:
         need = [h for hubs in self._dense_names().values() for h in hubs]
-        need += [n for i in self.moe_layers for e in range(self.num_experts)
-                 for n in expert_tensor_names(self.family, i, e)]
+        need += [n for i in self.moe_layers
+                 for n in expert_sources(self.hf_config, self.family, i, self.num_experts)]
         missing = [n for n in need if n not in self.files]
         if missing:
             raise ModelDirError(f"partial model directory {self.dir}: {len(missing)} tensor(s) "
@@ -157,11 +166,12 @@ class WeightStore:
         return total
 
     def _read_expert(self, layer: int, e: int) -> ExpertWeights:
-        g, u, d = (self._get(n) for n in expert_tensor_names(self.family, layer, e))
-        w_in, w_out = torch.cat([g, u]).to(self.dtype), d.to(self.dtype)
-        if self.bits is None:
-            return ExpertWeights(w_in, w_out)
-        return ExpertWeights(quantize(w_in, self.bits), quantize(w_out, self.bits))
+        w_in, w_out, b_in, b_out = (None if t is None else t.to(self.dtype) for t in
+                                    read_expert(self.hf_config, self.family, layer, e,
+                                                self._get))
+        if self.bits is not None:
+            w_in, w_out = quantize(w_in, self.bits), quantize(w_out, self.bits)
+        return ExpertWeights(w_in, w_out, b_in, b_out)
 
     def expert(self, layer: int, e: int) -> ExpertWeights:
         """One expert's weights from the RAM tier, or read from the disk tier."""
@@ -170,10 +180,12 @@ class WeightStore:
             return hit
         if layer in self._offload:  # quantized once at load, memory-mapped here
             h = self._handle(self._offload[layer])
+            biases = [h.get_tensor(f"{e}.{b}") if self.cfg.moe.expert_bias else None
+                      for b in ("b_in", "b_out")]
             return ExpertWeights(*(QuantWeight(h.get_tensor(f"{e}.{w}.data"),
                                                h.get_tensor(f"{e}.{w}.scale"), self.bits,
                                                *json.loads(h.metadata()[f"{e}.{w}"]))
-                                   for w in ("w_in", "w_out")))
+                                   for w in ("w_in", "w_out")), *biases)
         return self._read_expert(layer, e)
 
     # -- tiers -----------------------------------------------------------------------------
@@ -209,6 +221,9 @@ class WeightStore:
                     tensors[f"{e}.{name}.data"] = q.data.contiguous()
                     tensors[f"{e}.{name}.scale"] = q.scale.contiguous()
                     meta[f"{e}.{name}"] = json.dumps([q.group, q.cols])
+                for name, b in (("b_in", w.b_in), ("b_out", w.b_out)):
+                    if b is not None:
+                        tensors[f"{e}.{name}"] = b.contiguous()
             path = root / f"experts-layer{layer}-{self.quant}.safetensors"
             save_file(tensors, str(path), metadata=meta)
             self._offload[layer] = path

@@ -1,4 +1,4 @@
-"""Tiny random-weight Hugging Face MoE models of seven families (import and serving tests)."""
+"""Tiny random-weight Hugging Face MoE models of eight families (import and serving tests)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,13 @@ FAMILIES = {  # family -> (model class, config class, family-specific config fie
         first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
         attention_bias=True, use_qk_norm=True, partial_rotary_factor=0.5, head_dim=8,
         num_hidden_layers=4)),
+    # attention sinks, biases everywhere, clamped SwiGLU experts, YaRN, a window every other
+    # layer
+    "gpt_oss": ("GptOssForCausalLM", "GptOssConfig", dict(
+        intermediate_size=16, num_local_experts=8, head_dim=8, sliding_window=4,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": False, "rope_theta": 150000.0,
+                         "original_max_position_embeddings": 16})),
 }
 
 
@@ -54,10 +61,12 @@ def build_hf(family: str, seed: int = 0, **overrides):
         for name, p in m.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-            elif name.endswith("proj.bias"):
+            elif name.endswith(("proj.bias", "proj_bias", "sinks", "router.bias")):
                 p.normal_(0, 0.5)
-            elif name.endswith("gate.weight") and p.shape[0] == 8:
+            elif name.endswith(("gate.weight", "router.weight")) and p.shape[0] == 8:
                 p.normal_(0, 0.5)
+            elif family == "gpt_oss" and name.endswith("experts.gate_up_proj"):  # reach 7
+                p.normal_(0, 1.0)
         for name, b in m.named_buffers():  # DeepSeek-V3's selection bias
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0, 0.3)
@@ -100,3 +109,25 @@ def save_tokenizer(model_dir: Path, texts: list[str]) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
         "chat_template": "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n"
                          "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"}))
+
+
+def save_gpt_oss_mxfp4(hf, model_dir: Path) -> None:
+    """Save a GPT-OSS model as the Hub stores it: experts as MXFP4 blocks and scales (rows =
+    output features), quantization_config saying so; the rest as it is."""
+    from safetensors.torch import load_file, save_file
+
+    from kernels.mxfp4 import mxfp4_quantize
+
+    hf.save_pretrained(model_dir)
+    path = model_dir / "model.safetensors"
+    tensors = load_file(str(path))
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj",
+                                                   "experts.down_proj"))]:
+        blocks, scales = mxfp4_quantize(tensors.pop(name).transpose(1, 2))  # [E, out, in]
+        tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+        "lm_head"]}
+    (model_dir / "config.json").write_text(json.dumps(cfg))

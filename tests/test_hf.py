@@ -159,6 +159,26 @@ def assert_import_matches(hf, model_dir):
     return cfg
 
 
+def test_mxfp4_decoding_matches_transformers():
+    """Random MXFP4 blocks and scales decode to what transformers' GPT-OSS loader makes of
+    them (its [E, in, out] layout transposed), and re-encoding a decoded block is exact."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from kernels.mxfp4 import mxfp4_dequantize, mxfp4_quantize
+
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 5, 2, 16), generator=gen, dtype=torch.uint8)
+    scales = torch.randint(110, 140, (3, 5, 2), generator=gen, dtype=torch.uint8)
+    ours = mxfp4_dequantize(blocks, scales)
+    ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+    torch.testing.assert_close(ours, ref.transpose(1, 2), rtol=0, atol=0)
+    assert ours.shape == (3, 5, 64)
+    w = ours * (ours.abs().amax(-1, keepdim=True) > 0)
+    torch.testing.assert_close(mxfp4_dequantize(*mxfp4_quantize(w)), w, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        mxfp4_quantize(torch.ones(2, 16))
+
+
 def test_import_hf_errors(tmp_path):
     from moe.hf import import_hf
 
@@ -174,11 +194,12 @@ def test_import_hf_errors(tmp_path):
     ("olmoe", "no Mixtral or Qwen3-MoE equivalent"),
     ("deepseek_v2", "no DeepSeek-V3 equivalent: router topk/softmax"),
     ("glm4_moe", None),
-    ("deepseek_v3", None)])
+    ("deepseek_v3", None),
+    ("gpt_oss", None)])
 def test_import_families_match_transformers_and_export_back(tmp_path, family, refusal):
     """Import equals transformers; a family export cannot write is refused by name, and a
-    DeepSeek-V3 or GLM-4.5 import exports back to a directory transformers loads with equal
-    logits."""
+    DeepSeek-V3, GLM-4.5 or GPT-OSS import exports back to a directory transformers loads
+    with equal logits."""
     from moe.hf import choose_family, import_hf
 
     hf = build_hf(family)  # q/k/v biases, norms and V3's selection bias randomised

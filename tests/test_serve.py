@@ -1,5 +1,5 @@
 """Offloaded serving: greedy tokens and logits equal transformers' generate for tiny models of
-seven families (and config variants: RoPE scalings, sliding windows, clipping), with and
+eight families (and config variants: RoPE scalings, sliding windows, clipping), with and
 without a budget, for every cache policy, with and without prefetch; tiers, quantization,
 sampling, stop tokens and the errors users hit."""
 
@@ -19,10 +19,10 @@ from serve.generate import DecodeBatch, SamplingConfig, generate  # noqa: E402
 from serve.runtime import BudgetError, OffloadedModel  # noqa: E402
 from serve.store import ModelDirError  # noqa: E402
 from serve.units import parse_size  # noqa: E402
-from tests.hf_models import build_hf, hf_greedy  # noqa: E402
+from tests.hf_models import build_hf, hf_greedy, save_gpt_oss_mxfp4  # noqa: E402
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
-            "glm4_moe"]
+            "glm4_moe", "gpt_oss"]
 NEW = 8
 
 
@@ -174,6 +174,41 @@ def test_greedy_tokens_and_logits_equal_transformers(family_ref, fraction, polic
     else:
         assert st["experts_prefetched"] > 0
         assert 0 < st["prefetch_precision"] <= 1 and 0 < st["prefetch_recall"] <= 1
+
+
+def test_gpt_oss_mxfp4_checkpoint_serves_as_transformers_dequantizes_it(tmp_path):
+    """A GPT-OSS directory as on the Hub (MXFP4 experts, quantization_config) gives the
+    greedy tokens and logits of transformers loading it dequantized, under a budget with
+    chunked prefill; its experts imported into the training model agree too; int8 on top
+    stays close."""
+    from moe.hf import import_hf
+    from moe.model import MoETransformer
+
+    hf = build_hf("gpt_oss", intermediate_size=32)
+    save_gpt_oss_mxfp4(hf, tmp_path)
+    ref = transformers.GptOssForCausalLM.from_pretrained(
+        tmp_path, quantization_config=transformers.Mxfp4Config(dequantize=True),
+        dtype=torch.float32).eval()
+    ids = torch.randint(1, 300, (2, 15), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (ref(ids).logits - hf(ids).logits).abs().max() > 1e-3  # the experts changed
+    prompts = [ids[0, :11].tolist(), ids[1, :4].tolist()]
+    m = serve(tmp_path, prefill_chunk=4, memory_budget=budget_for(tmp_path, 5))
+    res = generate(m, prompts, NEW, keep_logits=True)
+    for p, toks, logits in zip(prompts, res.token_ids, res.logits, strict=True):
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False,
+                               output_logits=True, return_dict_in_generate=True)
+        assert toks == out.sequences[0, len(p):].tolist()
+        torch.testing.assert_close(logits, torch.cat(out.logits), rtol=1e-4, atol=1e-4)
+    cfg, state = import_hf(tmp_path)
+    model = MoETransformer(cfg)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+    q = generate(serve(tmp_path, quant="int8"), prompts, NEW, keep_logits=True)
+    got, want = q.logits[0], res.logits[0]
+    assert (got - want).norm() / want.norm() < 0.02
 
 
 def test_a_dense_layer_before_the_first_moe_layer_prefetches_for_it(tmp_path):

@@ -1,0 +1,50 @@
+"""MXFP4 (OCP microscaling FP4), the format GPT-OSS checkpoints store their experts in:
+blocks of 32 E2M1 values sharing one E8M0 scale.
+
+blocks uint8 [..., rows, G, 16] hold two 4-bit codes a byte (the even column in the low
+nibble); scales uint8 [..., rows, G] are biased exponents (2 ** (s - 127)). The weight is
+[..., rows, 32 G].
+"""
+
+from __future__ import annotations
+
+import torch
+
+# E2M1 code -> value: sign bit 3, exponent bits 2-1, mantissa bit 0
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+              -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """blocks uint8 [..., rows, G, 16], scales uint8 [..., rows, G] -> [..., rows, 32 G] in
+    dtype (exact: every value is a code times a power of two)."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise ValueError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and "
+                         f"{scales.dtype}")
+    if blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"MXFP4 blocks [..., G, 16] do not match scales [..., G]: "
+                         f"{tuple(blocks.shape)} vs {tuple(scales.shape)}")
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    b = blocks.to(torch.int64)
+    vals = torch.stack([lut[b & 0x0F], lut[b >> 4]], dim=-1).flatten(-2)  # [..., G, 32]
+    vals = torch.ldexp(vals, scales.to(torch.int32)[..., None] - 127)
+    return vals.flatten(-2).to(dtype)
+
+
+def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., rows, cols] (cols a multiple of 32) -> (blocks, scales) of the nearest MXFP4
+    values, each block scaled so that its largest magnitude fits 6 (tests and tiny
+    checkpoints write their experts this way)."""
+    if w.shape[-1] % 32:
+        raise ValueError(f"MXFP4 needs a multiple of 32 columns, got {w.shape[-1]}")
+    g = w.float().unflatten(-1, (-1, 32))  # [..., G, 32]
+    amax = g.abs().amax(-1, keepdim=True).clamp(min=2.0 ** -126)
+    exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    scaled = g / torch.exp2(exp)
+    lut = torch.tensor(FP4_VALUES[:8], dtype=torch.float32, device=w.device)
+    code = (scaled.abs()[..., None] - lut).abs().argmin(-1)  # nearest magnitude
+    code = code + 8 * (scaled < 0)
+    pairs = code.unflatten(-1, (16, 2))
+    blocks = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+    return blocks, (exp.squeeze(-1) + 127).to(torch.uint8)
