@@ -9,6 +9,8 @@ from torch import nn
 from kernels import Dispatch, grouped_linear, swiglu
 from moe.mlp import ACTIVATIONS, clamped_swiglu, input_width
 
+EXPERT_PARAMS = ("w_in", "w_out", "b_in", "b_out")  # the stacked [E, ...] parameters
+
 
 class Experts(nn.Module):
     """E expert MLPs. w_in [E, 2F | F, d] (gate; up for the gated kinds), w_out [E, d, F];

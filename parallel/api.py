@@ -236,6 +236,7 @@ class Parallelized:
 
 
 def _layouts(model: nn.Module, mode: str, mesh: Mesh | None) -> dict[str, Layout]:
+    from moe.experts import EXPERT_PARAMS
     from moe.layer import MoELayer
     from parallel.fssdp import FSSDPExperts
 
@@ -247,8 +248,9 @@ def _layouts(model: nn.Module, mode: str, mesh: Mesh | None) -> dict[str, Layout
         if isinstance(module.experts, FSSDPExperts):
             layouts[prefix + "shard"] = FSSDPLayout(prefix, module.experts)
         elif mode == "ep":
-            for w in ("w_in", "w_out"):
-                layouts[prefix + w] = EPLayout(prefix + w, mesh.ep_group)
+            for w in EXPERT_PARAMS:
+                if getattr(module.experts, w) is not None:
+                    layouts[prefix + w] = EPLayout(prefix + w, mesh.ep_group)
     return layouts
 
 

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kernels import sort_by_expert, weighted_combine
-from moe.experts import Experts
+from moe.experts import EXPERT_PARAMS, Experts
 from moe.layer import MoELayer
 from parallel.comm import CommCounters, all_to_all
 from routing import Routing
@@ -64,10 +64,12 @@ def shard_experts_for_ep(layer: MoELayer, group: dist.ProcessGroup) -> Experts:
     if E % P:
         raise ValueError(f"num_experts={E} is not divisible by the EP group size {P}")
     E_local = E // P
-    local = Experts(E_local, full.d_model, full.ffn, full.kind, full.backend)
+    local = Experts(E_local, full.d_model, full.ffn, full.kind, full.backend,
+                    full.b_in is not None, full.alpha, full.limit)
     with torch.no_grad():
-        local.w_in.copy_(full.w_in[r * E_local:(r + 1) * E_local])
-        local.w_out.copy_(full.w_out[r * E_local:(r + 1) * E_local])
+        for name in EXPERT_PARAMS:
+            if getattr(full, name) is not None:
+                getattr(local, name).copy_(getattr(full, name)[r * E_local:(r + 1) * E_local])
     return local.to(full.w_in.device, full.w_in.dtype)
 
 

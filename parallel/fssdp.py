@@ -11,14 +11,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels import Dispatch
-from moe.experts import Experts, expert_mlp
+from moe.experts import EXPERT_PARAMS, Experts, expert_mlp
 from moe.layer import MoELayer
 from parallel.comm import CommCounters, sparse_all_gather
 
 
 class FSSDPExperts(nn.Module):
     """Drop-in for `moe.experts.Experts`: shard [E, s] holds this rank's 1/W of each expert's
-    flattened (w_in, w_out); forward gathers the active experts and runs the grouped MLP."""
+    flattened parameters (w_in, w_out, and b_in, b_out when the experts have biases);
+    forward gathers the active experts and runs the grouped MLP."""
 
     def __init__(self, experts: Experts, group: dist.ProcessGroup, counters: CommCounters,
                  name: str, rematerialize: bool = False):
@@ -26,15 +27,15 @@ class FSSDPExperts(nn.Module):
         self.group, self.counters, self.name = group, counters, name
         self.rematerialize = rematerialize
         self.kind, self.backend = experts.kind, experts.backend
+        self.alpha, self.limit = experts.alpha, experts.limit
         self.num_experts, self.d_model, self.ffn = experts.num_experts, experts.d_model, experts.ffn
-        self.in_shape = tuple(experts.w_in.shape[1:])
-        self.out_shape = tuple(experts.w_out.shape[1:])
-        self.n_in = experts.w_in[0].numel()
-        n = self.n_in + experts.w_out[0].numel()
+        self.names = [n for n in EXPERT_PARAMS if getattr(experts, n) is not None]
+        self.shapes = [tuple(getattr(experts, n).shape[1:]) for n in self.names]
+        n = sum(_numel(shape) for shape in self.shapes)
         W, r = dist.get_world_size(group), dist.get_rank(group)
         self.shard_len = -(-n // W)
         with torch.no_grad():
-            flat = torch.cat([experts.w_in.flatten(1), experts.w_out.flatten(1)], dim=1)
+            flat = torch.cat([getattr(experts, p).flatten(1) for p in self.names], dim=1)
             flat = nn.functional.pad(flat, (0, self.shard_len * W - n))
             shard = flat.view(self.num_experts, W, self.shard_len)[:, r].clone()
         self.shard = nn.Parameter(shard)
@@ -60,31 +61,33 @@ class FSSDPExperts(nn.Module):
                               use_reentrant=False)
         return self._gather_and_run(self.shard, x, idx, compact, y_grouped)
 
-    def _gather_and_run(self, shard, x, idx, compact, y_grouped):
-        full = sparse_all_gather(shard, idx, self.group, self.counters, self.name)
-        m = idx.numel()
-        w_in = full[:, : self.n_in].view(m, *self.in_shape)
-        w_out = full[:, self.n_in : self.n_in + _numel(self.out_shape)].view(m, *self.out_shape)
-        return expert_mlp(x, w_in, w_out, compact, self.kind, self.backend, y_grouped)
+    def _split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """flat [m, >= n] (an expert's parameters end to end, padded) -> name -> [m, ...]."""
+        out, at = {}, 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            out[name] = flat[:, at:at + _numel(shape)].reshape(flat.shape[0], *shape)
+            at += _numel(shape)
+        return out
 
-    def unshard(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather_and_run(self, shard, x, idx, compact, y_grouped):
+        w = self._split(sparse_all_gather(shard, idx, self.group, self.counters, self.name))
+        return expert_mlp(x, w["w_in"], w["w_out"], compact, self.kind, self.backend,
+                          y_grouped, w.get("b_in"), w.get("b_out"), self.alpha, self.limit)
+
+    def unshard(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
         """A tensor laid out like the shard [E, s] (the weights, or an optimizer moment) ->
-        the whole (w_in-like, w_out-like) pair, on every rank."""
+        the whole experts' parameters by name (w_in-like, w_out-like, ...), on every rank."""
         W = dist.get_world_size(self.group)
         out = t.new_empty(W * self.num_experts, self.shard_len)
         dist.all_gather_into_tensor(out, t.contiguous(), group=self.group)
         flat = out.view(W, self.num_experts, self.shard_len).transpose(0, 1).reshape(
             self.num_experts, -1)
-        w_in = flat[:, : self.n_in].reshape(self.num_experts, *self.in_shape)
-        w_out = flat[:, self.n_in : self.n_in + _numel(self.out_shape)].reshape(
-            self.num_experts, *self.out_shape)
-        return w_in, w_out
+        return self._split(flat)
 
-    def reshard(self, w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
-        """Inverse of unshard: whole (w_in-like, w_out-like) -> this rank's [E, s] slice."""
+    def reshard(self, full: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Inverse of unshard: the whole parameters by name -> this rank's [E, s] slice."""
         W, r = dist.get_world_size(self.group), dist.get_rank(self.group)
-        flat = torch.cat([w_in.reshape(self.num_experts, -1),
-                          w_out.reshape(self.num_experts, -1)], dim=1)
+        flat = torch.cat([full[n].reshape(self.num_experts, -1) for n in self.names], dim=1)
         flat = nn.functional.pad(flat, (0, self.shard_len * W - flat.shape[1]))
         return flat.view(self.num_experts, W, self.shard_len)[:, r].clone()
 

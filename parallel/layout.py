@@ -50,15 +50,15 @@ class EPLayout(Layout):
 
 
 class FSSDPLayout(Layout):
-    """FSSDP shard [E, s] <-> (w_in [E, ...], w_out [E, ...])."""
+    """FSSDP shard [E, s] <-> (w_in [E, ...], w_out [E, ...], and the biases if any)."""
 
     def __init__(self, prefix: str, experts: nn.Module):
-        self.names = [prefix + "w_in", prefix + "w_out"]
+        self.prefix = prefix
+        self.names = [prefix + n for n in experts.names]
         self.experts = experts
 
     def to_canonical(self, t):
-        w_in, w_out = self.experts.unshard(t.detach())
-        return dict(zip(self.names, (w_in, w_out), strict=True))
+        return {self.prefix + n: w for n, w in self.experts.unshard(t.detach()).items()}
 
     def from_canonical(self, full, like):
-        return self.experts.reshard(full[self.names[0]], full[self.names[1]])
+        return self.experts.reshard({n: full[self.prefix + n] for n in self.experts.names})

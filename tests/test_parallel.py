@@ -15,22 +15,32 @@ from tests.dist_utils import run_ranks
 B, S, STEPS, LR = 2, 8, 2, 0.5
 
 
-def build_model(skewed: bool, capacity: float | None, num_experts: int = 4) -> MoETransformer:
-    """Identical on every rank (seeded). skewed: expert 0 is in every token's top-2."""
+def build_model(skewed: bool | str, capacity: float | None, num_experts: int = 4
+                ) -> MoETransformer:
+    """Identical on every rank (seeded). skewed: expert 0 is in every token's top-2;
+    "gpt_oss": GPT-OSS's parts (attention sinks, biases on attention, gate and experts,
+    clamped SwiGLU experts), every bias random."""
     torch.manual_seed(0)
-    if skewed:
+    gpt_oss = skewed == "gpt_oss"
+    if skewed is True:
         router = RouterConfig(top_k=2, score="sigmoid", expert_bias=True,
                               capacity_factor=capacity)
     else:
-        router = RouterConfig(top_k=2, capacity_factor=capacity)
+        router = RouterConfig(top_k=2, capacity_factor=capacity, gate_bias=gpt_oss)
+    moe = MoEConfig(num_experts=num_experts, expert_ffn=24, router=router,
+                    kernel_backend="torch")
+    if gpt_oss:
+        moe.expert_type, moe.expert_bias, moe.swiglu_limit = "clamped_swiglu", True, 0.5
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                      max_seq_len=16, dense_ffn=48,
-                      moe=MoEConfig(num_experts=num_experts, expert_ffn=24, router=router,
-                                    kernel_backend="torch"))
+                      max_seq_len=16, dense_ffn=48, moe=moe, qkv_bias=gpt_oss, o_bias=gpt_oss,
+                      attn_sinks=gpt_oss)
     model = MoETransformer(cfg)
-    if skewed:
-        with torch.no_grad():
-            for layer in model.layers:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if gpt_oss and name.endswith(("bias", "b_in", "b_out", "sinks")):
+                p.normal_(0, 0.5)
+        for layer in model.layers:
+            if skewed is True:
                 layer.mlp.router.expert_bias[0] = 10.0
     return model
 
@@ -100,11 +110,22 @@ SCENARIOS = [(False, None), (True, None), (False, 0.75)]
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_same_losses_and_update_as_one_process(case, tmp_path):
+    check_against_one_process(case, SCENARIOS, tmp_path)
+
+
+@pytest.mark.parametrize("case", ["ep-2", "fssdp-2"])
+def test_gpt_oss_parts_train_alike_under_ep_and_fssdp(case, tmp_path):
+    """Expert biases travel with their experts (EP slices, FSSDP shards), and sinks and the
+    other biases are trained like dense weights."""
+    check_against_one_process(case, [("gpt_oss", None)], tmp_path)
+
+
+def check_against_one_process(case, scenarios, tmp_path):
     world, kw = CASES[case]
     out = tmp_path / "result.pt"
-    run_ranks(_worker, world, ParallelConfig(timeout_s=60, **kw), SCENARIOS, str(out))
+    run_ranks(_worker, world, ParallelConfig(timeout_s=60, **kw), scenarios, str(out))
     results = torch.load(out, weights_only=False)
-    for skewed, capacity in SCENARIOS:
+    for skewed, capacity in scenarios:
         got = results[(skewed, capacity)]
         ref_losses, ref_state = reference(world, skewed, capacity)
         what = f"{case}, skewed={skewed}, capacity={capacity}"

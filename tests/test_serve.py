@@ -495,19 +495,30 @@ def test_slot_pool_is_allocated_once(refs):
     assert len(m.cache.slot_of) == 5
 
 
+GPT_OSS_PARTS = dict(attn_sinks=True, qkv_bias=True, o_bias=True, sliding_window=3,
+                     sliding_window_layers=[1], moe=dict(expert_type="clamped_swiglu",
+                                                         expert_bias=True, swiglu_limit=0.3))
+
+
 @pytest.mark.parametrize("kw", [{}, {"qk_norm": True, "first_dense_layers": 1},
-                                {"tie_embeddings": True}])
+                                {"tie_embeddings": True}, GPT_OSS_PARTS])
 def test_serves_our_own_exports(tmp_path, kw):
     from moe import ModelConfig, MoEConfig, MoETransformer
     from moe.hf import export_hf
     from routing import RouterConfig
 
     torch.manual_seed(0)
+    kw = dict(kw)
+    moe_kw = kw.pop("moe", {})
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
                       max_seq_len=32, dense_ffn=40, **kw,
                       moe=MoEConfig(num_experts=6, expert_ffn=24, kernel_backend="torch",
-                                    router=RouterConfig(top_k=2)))
+                                    router=RouterConfig(top_k=2), **moe_kw))
     ours = MoETransformer(cfg).eval()
+    with torch.no_grad():  # biases and sinks that count
+        for name, p in ours.named_parameters():
+            if name.endswith(("bias", "b_in", "b_out", "sinks")):
+                p.normal_(0, 0.5)
     export_hf(cfg, ours.state_dict(), tmp_path)
     ids = [3, 9, 27, 4]
     want = list(ids)

@@ -178,7 +178,8 @@ MLA = ["model=tiny_mla", "router=deepseek_v3", "model.moe.router.n_group=2",
 
 
 @pytest.mark.parametrize("family,overrides", [("mixtral", []), ("deepseek_v3", MLA),
-                                              ("glm4_moe", ["router=sigmoid_aux_free"])])
+                                              ("glm4_moe", ["router=sigmoid_aux_free"]),
+                                              ("gpt_oss", ["model=tiny_gpt_oss"])])
 def test_export_cli_loads_in_transformers(tmp_path, data_cache, family, overrides):
     transformers = pytest.importorskip("transformers")
     run_dir = tmp_path / "run"
