@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from kernels.quant import QuantWeight
+
+MXFP4_GROUP = 32
+
 # E2M1 code -> value: sign bit 3, exponent bits 2-1, mantissa bit 0
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
               -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -48,3 +52,17 @@ def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pairs = code.unflatten(-1, (16, 2))
     blocks = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
     return blocks, (exp.squeeze(-1) + 127).to(torch.uint8)
+
+
+def mxfp4_weight(blocks: torch.Tensor, scales: torch.Tensor) -> QuantWeight:
+    """blocks uint8 [rows, G, 16], scales uint8 [rows, G] -> the same weight as a packed
+    QuantWeight [rows, 32 G] (codes as they are, scales as float32 powers of two), which
+    the expert GEMMs dequantize tile by tile."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 \
+            or blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
+        raise ValueError(f"MXFP4 needs uint8 blocks [..., G, 16] and scales [..., G], got "
+                         f"{tuple(blocks.shape)} {blocks.dtype}, {tuple(scales.shape)} "
+                         f"{scales.dtype}")
+    scale = torch.ldexp(torch.ones(scales.shape), scales.to(torch.int32) - 127)
+    return QuantWeight(blocks.flatten(-2).contiguous(), scale, 4, MXFP4_GROUP,
+                       MXFP4_GROUP * scales.shape[-1], fp4=True)

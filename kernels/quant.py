@@ -1,8 +1,10 @@
-"""Weight-only int8 / int4 quantization of expert matrices (symmetric, group-wise scales).
+"""Weight-only int8 / int4 quantization of expert matrices (symmetric, group-wise scales),
+and MXFP4 (E2M1 codes, one power-of-two scale per 32 columns) as checkpoints store it.
 
-Quantized once at load (serve/store.py); the bytes that cross to the device are the packed
-integers and their scales, and the device keeps them packed: `grouped_linear` takes a
-`QuantWeight` stack and dequantizes inside the GEMM (Triton) or per expert (torch).
+Quantized once at load (serve/store.py), or read packed from an MXFP4 checkpoint; the bytes
+that cross to the device are the packed codes and their scales, and the device keeps them
+packed: `grouped_linear` takes a `QuantWeight` stack and dequantizes inside the GEMM (Triton)
+or per expert (torch).
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ class QuantWeight:
     """w [..., rows, cols] as data (int8 [..., rows, cols_p] or uint8 [..., rows, cols_p / 2]
     holding two 4-bit values a byte, the even column in the low nibble) and scale (float32
     [..., rows, cols_p / group]); cols_p pads cols to the group size. Leading dims stack
-    experts (a slot pool)."""
+    experts (a slot pool). A 4-bit value is an integer offset by 8, or with fp4 an E2M1 code
+    (MXFP4: sign bit 3, exponent bits 2-1, mantissa bit 0)."""
 
     data: torch.Tensor
     scale: torch.Tensor
     bits: int
     group: int
     cols: int
+    fp4: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -38,11 +42,12 @@ class QuantWeight:
 
     def __getitem__(self, i) -> QuantWeight:
         """One expert (or a range) of a stack, as a view."""
-        return QuantWeight(self.data[i], self.scale[i], self.bits, self.group, self.cols)
+        return QuantWeight(self.data[i], self.scale[i], self.bits, self.group, self.cols,
+                           self.fp4)
 
     def pin_memory(self) -> QuantWeight:
         return QuantWeight(self.data.pin_memory(), self.scale.pin_memory(), self.bits,
-                           self.group, self.cols)
+                           self.group, self.cols, self.fp4)
 
     def copy_(self, src: QuantWeight, non_blocking: bool = False) -> QuantWeight:
         self.data.copy_(src.data, non_blocking=non_blocking)
@@ -54,7 +59,8 @@ class QuantWeight:
         return QuantWeight(torch.empty(n, *self.data.shape, dtype=self.data.dtype,
                                        device=device),
                            torch.empty(n, *self.scale.shape, dtype=self.scale.dtype,
-                                       device=device), self.bits, self.group, self.cols)
+                                       device=device), self.bits, self.group, self.cols,
+                           self.fp4)
 
 
 def quantize(w: torch.Tensor, bits: int) -> QuantWeight:
@@ -81,6 +87,12 @@ def dequantize(q: QuantWeight, dtype: torch.dtype, out: torch.Tensor | None = No
     lead = q.data.shape[:-1]
     if q.bits == 8:
         vals = q.data.to(torch.float32)
+    elif q.fp4:
+        from kernels.mxfp4 import FP4_VALUES
+
+        lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=q.data.device)
+        b = q.data.to(torch.int64)
+        vals = torch.stack([lut[b & 0xF], lut[b >> 4]], dim=-1).view(*lead, -1)
     else:
         lo = (q.data & 0xF).to(torch.int8) - 8
         hi = (q.data >> 4).to(torch.int8) - 8

@@ -661,26 +661,27 @@ def expert_sources(hf: dict, family: str, layer: int, num_experts: int) -> list[
     return [base + n for n in (*mats, "gate_up_proj_bias", "down_proj_bias")]
 
 
-def read_expert(hf: dict, family: str, layer: int, e: int, get
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def read_expert(hf: dict, family: str, layer: int, e: int, get, packed: bool = False):
     """One expert in our layout: (w_in [2F, d] (gate; up), w_out [d, F], b_in [2F], b_out [d];
     the biases None for families without them). get(name, e) reads Hub tensor `name`, or
-    its e-th slice when e is not None (stacked experts)."""
+    its e-th slice when e is not None (stacked experts). packed: an MXFP4 checkpoint's
+    w_in / w_out come as packed QuantWeights (kernels.mxfp4), not decoded."""
     if family != "gpt_oss":
         g, u, dn = (get(n, None) for n in expert_tensor_names(family, layer, e))
         return torch.cat([g, u]), dn, None, None
-    from kernels.mxfp4 import mxfp4_dequantize
+    from kernels.mxfp4 import mxfp4_dequantize, mxfp4_weight
 
     base = f"model.layers.{layer}.mlp.experts."
     if is_mxfp4(hf):  # [rows, G, 16] blocks: rows are output features
-        gu, dn = (mxfp4_dequantize(get(f"{base}{m}_blocks", e), get(f"{base}{m}_scales", e))
+        decode = mxfp4_weight if packed else mxfp4_dequantize
+        gu, dn = (decode(get(f"{base}{m}_blocks", e), get(f"{base}{m}_scales", e))
                   for m in ("gate_up_proj", "down_proj"))
     else:  # [in, out] matrices
         gu, dn = get(base + "gate_up_proj", e).T, get(base + "down_proj", e).T
     b_in = get(base + "gate_up_proj_bias", e)
     # GPT-OSS interleaves gate and up features (gate even, up odd): ours are [gate; up]
-    return (torch.cat([gu[0::2], gu[1::2]]), dn, torch.cat([b_in[0::2], b_in[1::2]]),
-            get(base + "down_proj_bias", e))
+    rows = torch.cat([torch.arange(0, b_in.shape[0], 2), torch.arange(1, b_in.shape[0], 2)])
+    return gu[rows], dn, b_in[rows], get(base + "down_proj_bias", e)
 
 
 def import_hf(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

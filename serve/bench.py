@@ -89,7 +89,7 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
         torch.cuda.get_device_name(dev), "dtype": str(model.dtype).replace("torch.", ""),
         "memory_budget": cfg.memory_budget, "expert_slots": model.n_slots,
         "total_experts": len(model.store.moe_layers) * model.store.num_experts,
-        "cache_policy": cfg.cache_policy, "prefetch": cfg.prefetch, "quant": cfg.quant,
+        "cache_policy": cfg.cache_policy, "prefetch": cfg.prefetch, "quant": model.store.quant,
         "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "prefill_tokens_per_s": batch * prompt_len / prefill_s,
         "decode_tokens_per_s": batch * new_tokens / decode_s,

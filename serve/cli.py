@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from serve.config import CACHE_POLICIES, ServeConfig
+from serve.config import CACHE_POLICIES, QUANT_CHOICES, ServeConfig
 from serve.generate import SamplingConfig
 from serve.units import parse_size
 
@@ -44,7 +44,10 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    help="expert bytes kept in host RAM; the rest stays on disk")
     p.add_argument("--cache-policy", choices=CACHE_POLICIES, default="lru")
     p.add_argument("--prefetch", choices=["none", "cross-layer"], default="cross-layer")
-    p.add_argument("--quant", choices=["none", "int8", "int4"], default="none")
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="auto",
+                   help="experts kept packed: int8 / int4 quantized at load, mxfp4 as an "
+                        "MXFP4 checkpoint (GPT-OSS) stores them; auto (default): mxfp4 for "
+                        "MXFP4 checkpoints, else none")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    default="auto")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CACHE_POLICIES = ("lru", "lfu", "layer", "next-use")  # serve.cache.POLICIES
+QUANT_CHOICES = ("auto", "none", "int8", "int4", "mxfp4")
 
 
 @dataclass
@@ -19,7 +20,8 @@ class ServeConfig:
     on cpu, where the memory-mapped files are the offload tier).
     cache_policy: "lru", "lfu", "layer" or "next-use". prefetch: "cross-layer" or "none".
     quant: "none", "int8" or "int4" (weight-only experts, kept packed on the device and
-    dequantized inside the expert GEMMs).
+    dequantized inside the expert GEMMs), "mxfp4" (an MXFP4 checkpoint's experts, packed as
+    stored) or "auto" (mxfp4 for MXFP4 checkpoints, else none).
     max_batch x max_context tokens of KV cache are reserved (max_context: None = the model's
     context, at most 4096). prefill_chunk: prompt tokens per forward (bounds activations).
     """
@@ -31,7 +33,7 @@ class ServeConfig:
     host_budget: str | int | None = None
     cache_policy: str = "lru"
     prefetch: str = "cross-layer"
-    quant: str = "none"
+    quant: str = "auto"
     max_batch: int = 1
     max_context: int | None = None
     prefill_chunk: int = 512
@@ -42,7 +44,7 @@ class ServeConfig:
         choices = {"device": ("auto", "cuda", "cpu"),
                    "dtype": ("auto", "float32", "bfloat16", "float16"),
                    "cache_policy": CACHE_POLICIES,
-                   "prefetch": ("none", "cross-layer"), "quant": ("none", "int8", "int4")}
+                   "prefetch": ("none", "cross-layer"), "quant": QUANT_CHOICES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, "

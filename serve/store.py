@@ -19,10 +19,18 @@ from safetensors.torch import save_file
 
 from kernels.quant import QuantWeight, quantize
 from moe.config import ModelConfig
-from moe.hf import dense_tensor, dense_tensor_names, expert_sources, hf_model_config, read_expert
+from moe.hf import (
+    dense_tensor,
+    dense_tensor_names,
+    expert_sources,
+    hf_model_config,
+    is_mxfp4,
+    read_expert,
+)
+from serve.config import QUANT_CHOICES
 from serve.units import format_size
 
-QUANT_BITS = {"none": None, "int8": 8, "int4": 4}
+QUANT_BITS = {"none": None, "int8": 8, "int4": 4, "mxfp4": 4}
 
 
 class ModelDirError(ValueError):
@@ -83,7 +91,9 @@ def _available_ram() -> int:
 class WeightStore:
     """model_dir -> config (ours), dense tensors on request, experts by (layer, expert).
 
-    dtype: the compute dtype experts are converted to. quant: "none", "int8" or "int4".
+    dtype: the compute dtype experts are converted to. quant: "none", "int8", "int4",
+    "mxfp4" (an MXFP4 checkpoint's experts kept packed as stored) or "auto" (mxfp4 for an
+    MXFP4 checkpoint, else none).
     host_budget: bytes of experts kept in RAM (None: what fits in available RAM, keeping
     4 GiB free); the rest is read from the memory-mapped files on every fetch.
     """
@@ -92,9 +102,9 @@ class WeightStore:
                  quant: str = "none", host_budget: int | None = None, pin: bool = False,
                  offload_dir: str | Path | None = None, verbose: bool = False):
         self.dir = Path(model_dir)
-        if quant not in QUANT_BITS:
-            raise ValueError(f"quant must be one of {', '.join(QUANT_BITS)}, got {quant!r}")
-        self.dtype, self.quant, self.bits = dtype, quant, QUANT_BITS[quant]
+        if quant not in QUANT_CHOICES:
+            raise ValueError(f"quant must be one of {', '.join(QUANT_CHOICES)}, got {quant!r}")
+        self.dtype = dtype
         if not (self.dir / "config.json").exists():
             raise ModelDirError(f"{self.dir} is not a model directory (no config.json)"
                                 if self.dir.is_dir() else
@@ -105,6 +115,14 @@ class WeightStore:
         except ValueError as e:
             raise ModelDirError(str(e)) from e
         self.cfg: ModelConfig
+        mxfp4 = is_mxfp4(self.hf_config)
+        if quant == "auto":  # an MXFP4 checkpoint stays packed; others as they are
+            quant = "mxfp4" if mxfp4 else "none"
+        if quant == "mxfp4" and not mxfp4:
+            raise ModelDirError(f"--quant mxfp4 keeps an MXFP4 checkpoint's experts packed, "
+                                f"and {self.dir} is not one; use int4 or int8 to quantize "
+                                "its experts at load")
+        self.quant, self.bits = quant, QUANT_BITS[quant]
         self.files = _tensor_files(self.dir)
         self._handles: dict[Path, object] = {}
         self.moe_layers = [i for i in range(self.cfg.n_layers) if self.cfg.is_moe_layer(i)]
@@ -166,11 +184,14 @@ class WeightStore:
         return total
 
     def _read_expert(self, layer: int, e: int) -> ExpertWeights:
-        w_in, w_out, b_in, b_out = (None if t is None else t.to(self.dtype) for t in
-                                    read_expert(self.hf_config, self.family, layer, e,
-                                                self._get))
-        if self.bits is not None:
-            w_in, w_out = quantize(w_in, self.bits), quantize(w_out, self.bits)
+        packed = self.quant == "mxfp4"  # the checkpoint's codes as they are
+        w_in, w_out, b_in, b_out = read_expert(self.hf_config, self.family, layer, e,
+                                               self._get, packed)
+        b_in, b_out = (None if b is None else b.to(self.dtype) for b in (b_in, b_out))
+        if not packed:
+            w_in, w_out = w_in.to(self.dtype), w_out.to(self.dtype)
+            if self.bits is not None:
+                w_in, w_out = quantize(w_in, self.bits), quantize(w_out, self.bits)
         return ExpertWeights(w_in, w_out, b_in, b_out)
 
     def expert(self, layer: int, e: int) -> ExpertWeights:
@@ -220,7 +241,7 @@ class WeightStore:
                 for name, q in (("w_in", w.w_in), ("w_out", w.w_out)):
                     tensors[f"{e}.{name}.data"] = q.data.contiguous()
                     tensors[f"{e}.{name}.scale"] = q.scale.contiguous()
-                    meta[f"{e}.{name}"] = json.dumps([q.group, q.cols])
+                    meta[f"{e}.{name}"] = json.dumps([q.group, q.cols, q.fp4])
                 for name, b in (("b_in", w.b_in), ("b_out", w.b_out)):
                     if b is not None:
                         tensors[f"{e}.{name}"] = b.contiguous()

@@ -138,6 +138,32 @@ def test_scatter2scatter_quant_dequantizes_in_the_kernel(shape, x_grouped, y_gro
     assert rel_err(out, ref) < TOL[dtype], f"seed {seed}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_grouped,y_grouped", [(False, True), (True, False)])
+@pytest.mark.parametrize("shape", [(13, 2, 4, 64, 24, False), (9, 8, 16, 32, 17, False),
+                                   (11, 3, 8, 96, 40, True), (0, 2, 4, 32, 16, False)])
+def test_scatter2scatter_mxfp4_dequantizes_in_the_kernel(shape, x_grouped, y_grouped, dtype):
+    """MXFP4 experts (GPT-OSS checkpoints), packed as read, against the float64 reference of
+    their decoded values: every E2M1 code, and scales from 2^-20 to 2^4."""
+    from kernels.mxfp4 import mxfp4_dequantize, mxfp4_weight
+
+    seed, g, d, x, _, fan = s2s_case(shape, x_grouped, dtype)
+    E, N, K = shape[2], shape[4], shape[3]
+    blocks = torch.randint(0, 256, (E, N, K // 32, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(107, 132, (E, N, K // 32), generator=g, dtype=torch.uint8)
+    wq = mxfp4_weight(blocks, scales)
+    wq = type(wq)(wq.data.to(DEVICE), wq.scale.to(DEVICE), 4, wq.group, wq.cols, True)
+    out = tri.scatter2scatter_quant(x, wq, d, x_grouped, y_grouped, fan)
+    ref = ref_ops.scatter2scatter(x.double(), mxfp4_dequantize(blocks, scales).double()
+                                  .to(DEVICE), d, x_grouped, y_grouped, fan)
+    torch_path = ref_ops.scatter2scatter_quant(x.double(), wq, d, x_grouped, y_grouped, fan)
+    n = kept_rows(d)
+    if y_grouped:
+        out, ref, torch_path = out[:n], ref[:n], torch_path[:n]
+    assert rel_err(out, ref) < TOL[dtype], f"seed {seed}"
+    assert rel_err(torch_path, ref) < 1e-12, f"seed {seed}"
+
+
 # (T, k, E, d_in, d_out, drop) with rows 16-byte aligned, as torch._grouped_mm needs
 ALIGNED = [(13, 2, 4, 40, 24, False), (9, 8, 16, 32, 16, False), (20, 1, 64, 16, 48, False),
            (11, 3, 8, 24, 40, True), (0, 2, 4, 16, 16, False)]

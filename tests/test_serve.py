@@ -185,6 +185,8 @@ def test_gpt_oss_mxfp4_checkpoint_serves_as_transformers_dequantizes_it(tmp_path
     from moe.model import MoETransformer
 
     hf = build_hf("gpt_oss", intermediate_size=32)
+    hf_dir = tmp_path / "bf16"
+    hf.save_pretrained(hf_dir)
     save_gpt_oss_mxfp4(hf, tmp_path)
     ref = transformers.GptOssForCausalLM.from_pretrained(
         tmp_path, quantization_config=transformers.Mxfp4Config(dequantize=True),
@@ -193,7 +195,8 @@ def test_gpt_oss_mxfp4_checkpoint_serves_as_transformers_dequantizes_it(tmp_path
     with torch.no_grad():
         assert (ref(ids).logits - hf(ids).logits).abs().max() > 1e-3  # the experts changed
     prompts = [ids[0, :11].tolist(), ids[1, :4].tolist()]
-    m = serve(tmp_path, prefill_chunk=4, memory_budget=budget_for(tmp_path, 5))
+    m = serve(tmp_path, prefill_chunk=4, memory_budget=budget_for(tmp_path, 5, quant="none"),
+              quant="none")
     res = generate(m, prompts, NEW, keep_logits=True)
     for p, toks, logits in zip(prompts, res.token_ids, res.logits, strict=True):
         with torch.no_grad():
@@ -209,6 +212,30 @@ def test_gpt_oss_mxfp4_checkpoint_serves_as_transformers_dequantizes_it(tmp_path
     q = generate(serve(tmp_path, quant="int8"), prompts, NEW, keep_logits=True)
     got, want = q.logits[0], res.logits[0]
     assert (got - want).norm() / want.norm() < 0.02
+    with pytest.raises(ModelDirError, match="not one; use int4"):
+        serve(hf_dir, quant="mxfp4")
+
+
+def test_gpt_oss_mxfp4_experts_stay_packed(tmp_path):
+    """--quant auto keeps an MXFP4 checkpoint's experts packed as stored, on the host, over
+    the link and in their slots (a slot ~1/6 of float32), from RAM or from the disk tier,
+    and gives the tokens and logits of decoding them at load."""
+    hf = build_hf("gpt_oss", intermediate_size=32)
+    save_gpt_oss_mxfp4(hf, tmp_path / "mx")
+    prompts = [[5, 17, 33, 2, 90, 41, 7, 8, 9], [3, 4]]
+    plain = serve(tmp_path / "mx", quant="none", memory_budget=budget_for(
+        tmp_path / "mx", 5, quant="none"))
+    want = generate(plain, prompts, NEW, keep_logits=True)
+    for host in (None, 0):
+        m = serve(tmp_path / "mx", host_budget=host, offload_dir=str(tmp_path / "off"),
+                  memory_budget=budget_for(tmp_path / "mx", 5))
+        assert m.store.quant == "mxfp4" and m.cache.w_in.fp4
+        assert m.slot_bytes * 5 < plain.slot_bytes
+        got = generate(m, prompts, NEW, keep_logits=True)
+        assert got.token_ids == want.token_ids
+        torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits),
+                                   rtol=1e-5, atol=1e-5)
+        assert got.stats["bytes_to_device"] * 4 < want.stats["bytes_to_device"]
 
 
 def test_a_dense_layer_before_the_first_moe_layer_prefetches_for_it(tmp_path):

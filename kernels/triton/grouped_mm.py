@@ -56,10 +56,10 @@ def _s2s_configs():
 @triton.jit
 def _load_quant_tile(W, S, e, k0, ks, cols, k_ok, n_ok, stride_we, stride_wn, stride_wk,
                      stride_se, stride_sn, stride_sg, BITS: tl.constexpr, QGROUP: tl.constexpr,
-                     BLOCK_K: tl.constexpr, dtype: tl.constexpr):
+                     FP4: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr):
     """The [BLOCK_K, BLOCK_N] tile of expert e's weight at columns k0 + ks, rows cols,
     dequantized to dtype: int8 values, or 4-bit ones two to a byte (even column low), offset
-    by 8; times the scale of their QGROUP-column group."""
+    by 8 or (FP4) E2M1 codes; times the scale of their QGROUP-column group."""
     kk = k0 + ks
     mask = k_ok[:, None] & n_ok[None, :]
     base = W + e.to(tl.int64) * stride_we + cols[None, :] * stride_wn
@@ -67,7 +67,14 @@ def _load_quant_tile(W, S, e, k0, ks, cols, k_ok, n_ok, stride_we, stride_wn, st
         q = tl.load(base + kk[:, None] * stride_wk, mask=mask, other=0).to(tl.float32)
     else:
         byte = tl.load(base + (kk // 2)[:, None] * stride_wk, mask=mask, other=0).to(tl.int32)
-        q = ((byte >> ((kk % 2) * 4)[:, None]) & 0xF).to(tl.float32) - 8.0
+        nib = (byte >> ((kk % 2) * 4)[:, None]) & 0xF
+        if FP4:  # E2M1: 0.5 m when the exponent is 0, else (1 + 0.5 m) 2^(exp - 1)
+            ex = (nib >> 1) & 3
+            m = (nib & 1).to(tl.float32)
+            mag = tl.where(ex == 0, 0.5 * m, (1.0 + 0.5 * m) * ((1 << ex) >> 1).to(tl.float32))
+            q = tl.where((nib & 8) != 0, -mag, mag)
+        else:
+            q = nib.to(tl.float32) - 8.0
     s_base = S + e.to(tl.int64) * stride_se + cols * stride_sn
     if QGROUP % BLOCK_K == 0:  # the tile lies in one group: one scale per row of w
         scale = tl.load(s_base + (k0 // QGROUP) * stride_sg, mask=n_ok, other=0.0)[None, :]
@@ -78,7 +85,7 @@ def _load_quant_tile(W, S, e, k0, ks, cols, k_ok, n_ok, stride_we, stride_wn, st
 
 
 @triton.autotune(configs=_s2s_configs(),
-                 key=["N", "K", "BLOCK_M", "X_GROUPED", "Y_GROUPED", "BITS"])
+                 key=["N", "K", "BLOCK_M", "X_GROUPED", "Y_GROUPED", "BITS", "FP4"])
 @triton.jit
 def _scatter2scatter_kernel(
     X, W, S, Y, pair_idx, block_expert, block_row, offsets,
@@ -87,7 +94,7 @@ def _scatter2scatter_kernel(
     stride_ym, stride_yn,
     FAN_OUT: tl.constexpr, X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, GROUP_M: tl.constexpr,
-    BITS: tl.constexpr, QGROUP: tl.constexpr,
+    BITS: tl.constexpr, QGROUP: tl.constexpr, FP4: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """BITS 0: W holds the weights (any float dtype); 8 or 4: W holds the packed integers and
@@ -116,7 +123,7 @@ def _scatter2scatter_kernel(
             else:
                 w = _load_quant_tile(W, S, e, k0, ks, cols, k_mask, n_mask,
                                      stride_we, stride_wn, stride_wk, stride_se, stride_sn,
-                                     stride_sg, BITS, QGROUP, BLOCK_K, X.dtype.element_ty)
+                                     stride_sg, BITS, QGROUP, FP4, BLOCK_K, X.dtype.element_ty)
             if UPCAST:  # the CPU interpreter's dot mishandles 16-bit floats
                 x, w = x.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
@@ -192,7 +199,7 @@ def _launch(x, w, q: QuantWeight | None, d: Dispatch, x_grouped, y_grouped, fan_
         FAN_OUT=fan_out, X_GROUPED=x_grouped, Y_GROUPED=y_grouped,
         PRECISION=dot_precision(x.dtype), UPCAST=interpreting(), GROUP_M=GROUP,
         BITS=0 if q is None else q.bits, QGROUP=1 if q is None else q.group,
-        BLOCK_M=block_m,
+        FP4=q is not None and q.fp4, BLOCK_M=block_m,
     )
     return y
 
