@@ -295,6 +295,9 @@ def main(argv=None) -> None:
     print(table)
     shape_txt = f"{a.shape} ({family} layout): " + ", ".join(
         f"{k}={v}" for k, v in shape.items())
+    if records:  # what a token's KV-cache entry takes (MLA: one latent per layer)
+        kv = records[0]['ours']['kv_cache_bytes_per_token']
+        shape_txt += f"; KV cache {kv / 2**10:.1f} KiB per token"
     body = (f"Shapes: {shape_txt}, {a.layers} layers, {dtype}; prompt {a.prompt_len}, "
             f"{a.new_tokens} greedy new tokens, cache policy {a.cache_policy}, batch 1 in the "
             f"first table. Measured "

@@ -12,7 +12,7 @@ import torch
 from kernels.device import peak_bandwidth, peak_flops
 from serve.config import ServeConfig
 from serve.generate import DecodeBatch
-from serve.runtime import OffloadedModel
+from serve.runtime import KVCache, OffloadedModel
 
 
 def device_peaks(device: torch.device) -> tuple[float, float, str]:
@@ -75,7 +75,8 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
     expert_params = 3 * m.moe.expert_ffn * m.d_model
     dense_params = model.store.dense_nbytes() // el
     mean_ctx = prompt_len + (new_tokens + 1) / 2
-    kv_bytes = 2 * m.n_layers * batch * m.n_kv_heads * m.resolved_head_dim * mean_ctx * el
+    kv_token = KVCache.nbytes(m, 1, 1, model.dtype)  # one token's entry over all layers
+    kv_bytes = kv_token * batch * mean_ctx  # (MLA: latents; others: every KV head's k, v)
     step_s = decode_s / new_tokens
     # an expert read is its slot's bytes (packed when quantized)
     bytes_step = dense_params * el + activated / new_tokens * model.slot_bytes + kv_bytes
@@ -97,7 +98,7 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
         "prefetch_precision": dec["prefetch_precision"],
         "prefetch_recall": dec["prefetch_recall"],
         "experts_used_per_token": activated / (new_tokens * batch),
-        "expert_bytes": model.store.expert_nbytes,
+        "expert_bytes": model.store.expert_nbytes, "kv_cache_bytes_per_token": kv_token,
         "bytes_to_device_per_token": moved_per_token,
         "bytes_to_device": pre["bytes_to_device"] + dec["bytes_to_device"],
         "s_mbu": bytes_step / step_s / peak_bw, "s_mfu": flops_step / step_s / peak_flops,
@@ -115,7 +116,8 @@ def format_report(r: dict) -> str:
              f"{r['prefetch_precision']:.3f} / {r['prefetch_recall']:.3f}"),
             ("bytes to device per token", f"{r['bytes_to_device_per_token'] / 2**20:.2f} MiB"),
             ("S-MBU", f"{r['s_mbu']:.4f}"), ("S-MFU", f"{r['s_mfu']:.5f}"),
-            ("expert slots", f"{r['expert_slots']}/{r['total_experts']}")]
+            ("expert slots", f"{r['expert_slots']}/{r['total_experts']}"),
+            ("KV cache per token", f"{r['kv_cache_bytes_per_token'] / 2**10:.1f} KiB")]
     if r["pcie_bound_tokens_per_s"]:
         rows.append(("PCIe bound tokens/s", f"{r['pcie_bound_tokens_per_s']:.2f}"))
     w = max(len(k) for k, _ in rows)

@@ -72,6 +72,9 @@ def test_bench_reports_speed_hits_and_utilisation(model_dir):
     assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
     assert 0 < r["s_mbu"] and 0 < r["s_mfu"]
     assert 0 <= r["expert_hit_rate"] <= 1 and r["expert_slots"] < r["total_experts"]
+    assert r["quant"] == "none"  # --quant auto on a float checkpoint
+    # 3 layers x 2 KV heads x (key 8 + value 8) float32 values
+    assert r["kv_cache_bytes_per_token"] == 3 * 2 * (8 + 8) * 4
 
 
 @pytest.mark.parametrize("args,message", [
