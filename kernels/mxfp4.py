@@ -56,13 +56,12 @@ def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def mxfp4_weight(blocks: torch.Tensor, scales: torch.Tensor) -> QuantWeight:
     """blocks uint8 [rows, G, 16], scales uint8 [rows, G] -> the same weight as a packed
-    QuantWeight [rows, 32 G] (codes as they are, scales as float32 powers of two), which
-    the expert GEMMs dequantize tile by tile."""
+    QuantWeight [rows, 32 G] (codes and exponents as stored: 4.25 bits a weight), which the
+    expert GEMMs dequantize tile by tile."""
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 \
             or blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
         raise ValueError(f"MXFP4 needs uint8 blocks [..., G, 16] and scales [..., G], got "
                          f"{tuple(blocks.shape)} {blocks.dtype}, {tuple(scales.shape)} "
                          f"{scales.dtype}")
-    scale = torch.ldexp(torch.ones(scales.shape), scales.to(torch.int32) - 127)
-    return QuantWeight(blocks.flatten(-2).contiguous(), scale, 4, MXFP4_GROUP,
+    return QuantWeight(blocks.flatten(-2).contiguous(), scales.contiguous(), 4, MXFP4_GROUP,
                        MXFP4_GROUP * scales.shape[-1], fp4=True)

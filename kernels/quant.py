@@ -22,7 +22,8 @@ class QuantWeight:
     holding two 4-bit values a byte, the even column in the low nibble) and scale (float32
     [..., rows, cols_p / group]); cols_p pads cols to the group size. Leading dims stack
     experts (a slot pool). A 4-bit value is an integer offset by 8, or with fp4 an E2M1 code
-    (MXFP4: sign bit 3, exponent bits 2-1, mantissa bit 0)."""
+    (MXFP4: sign bit 3, exponent bits 2-1, mantissa bit 0) whose scale is a uint8 E8M0
+    exponent s (2^(s - 127); the Triton GEMM reads s = 0, 2^-127, as 0)."""
 
     data: torch.Tensor
     scale: torch.Tensor
@@ -97,7 +98,11 @@ def dequantize(q: QuantWeight, dtype: torch.dtype, out: torch.Tensor | None = No
         lo = (q.data & 0xF).to(torch.int8) - 8
         hi = (q.data >> 4).to(torch.int8) - 8
         vals = torch.stack([lo, hi], dim=-1).view(*lead, -1).to(torch.float32)
-    w = (vals.view(*lead, -1, q.group) * q.scale[..., None]).view(*lead, -1)[..., :q.cols]
+    scale = q.scale
+    if q.fp4:
+        scale = torch.ldexp(torch.ones_like(scale, dtype=torch.float32),
+                            scale.to(torch.int32) - 127)
+    w = (vals.view(*lead, -1, q.group) * scale[..., None]).view(*lead, -1)[..., :q.cols]
     if out is None:
         return w.to(dtype)
     return out.copy_(w)

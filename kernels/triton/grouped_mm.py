@@ -59,7 +59,8 @@ def _load_quant_tile(W, S, e, k0, ks, cols, k_ok, n_ok, stride_we, stride_wn, st
                      FP4: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr):
     """The [BLOCK_K, BLOCK_N] tile of expert e's weight at columns k0 + ks, rows cols,
     dequantized to dtype: int8 values, or 4-bit ones two to a byte (even column low), offset
-    by 8 or (FP4) E2M1 codes; times the scale of their QGROUP-column group."""
+    by 8 or (FP4) E2M1 codes; times the scale of their QGROUP-column group (FP4: a uint8
+    E8M0 exponent)."""
     kk = k0 + ks
     mask = k_ok[:, None] & n_ok[None, :]
     base = W + e.to(tl.int64) * stride_we + cols[None, :] * stride_wn
@@ -77,10 +78,12 @@ def _load_quant_tile(W, S, e, k0, ks, cols, k_ok, n_ok, stride_we, stride_wn, st
             q = nib.to(tl.float32) - 8.0
     s_base = S + e.to(tl.int64) * stride_se + cols * stride_sn
     if QGROUP % BLOCK_K == 0:  # the tile lies in one group: one scale per row of w
-        scale = tl.load(s_base + (k0 // QGROUP) * stride_sg, mask=n_ok, other=0.0)[None, :]
+        scale = tl.load(s_base + (k0 // QGROUP) * stride_sg, mask=n_ok, other=0)[None, :]
     else:
         scale = tl.load(s_base[None, :] + (kk // QGROUP)[:, None] * stride_sg, mask=mask,
-                        other=0.0)
+                        other=0)
+    if FP4:  # E8M0 scales: the biased exponent is a float32's exponent field, 2^(s - 127)
+        scale = (scale.to(tl.int32) << 23).to(tl.float32, bitcast=True)
     return cast_out(q * scale, dtype)
 
 
