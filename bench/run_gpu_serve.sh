@@ -14,8 +14,9 @@ python3 -c "import torch, transformers, accelerate; print(torch.__version__, tra
   | tee -a "$OUT/gpu.txt"
 limited "${SERVE_TIMEOUT:-420}" python3 -m bench.serve --layers "${LAYERS:-4}" --dir /tmp/mserve \
   --out "$OUT/RESULTS.md" --json-out "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log"
-# The serving tests on CUDA: two families (Mixtral; DeepSeek-V3 for MLA's latent attention
-# through SDPA on the GPU) of the seven, the rest of the file in full.
+# The serving tests on CUDA: three families (Mixtral; DeepSeek-V3 for MLA's latent attention
+# through SDPA on the GPU; GPT-OSS for sinks and MXFP4 experts in the Triton GEMM) of the
+# eight, the rest of the file in full.
 limited "${TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/test_serve.py \
   -k "not (qwen2_moe or qwen3_moe or olmoe or deepseek_v2 or glm4_moe)" \
   2>&1 | tail -20 | tee "$OUT/pytest_gpu.log"
@@ -27,3 +28,8 @@ limited "${LOAD_TIMEOUT:-0}" python3 -m bench.serve_load --layers "${LAYERS:-4}"
 limited "${DEEPSEEK_TIMEOUT:-0}" python3 -m bench.serve --shape deepseek-v2-lite \
   --layers "${LAYERS:-4}" --batches 1 --quants none --dir /tmp/mserve_ds \
   --out "$OUT/RESULTS.md" 2>&1 | tail -8 | tee "$OUT/serve_deepseek.log"
+# Opt-in (GPT_OSS_TIMEOUT=300): GPT-OSS-20B layer shapes, experts as MXFP4 on the Hub: packed
+# (4.25 bits a weight over the link and in the slots) vs decoded to bf16 at load.
+limited "${GPT_OSS_TIMEOUT:-0}" python3 -m bench.serve --shape gpt-oss-20b \
+  --layers "${LAYERS:-4}" --batches 1 --quants mxfp4,none --dir /tmp/mserve_oss \
+  --out "$OUT/RESULTS.md" 2>&1 | tail -8 | tee "$OUT/serve_gpt_oss.log"

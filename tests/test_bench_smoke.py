@@ -49,6 +49,22 @@ def test_serve_bench_smoke_at_deepseek_shapes(tmp_path):
     assert "failed" not in text
 
 
+def test_serve_bench_smoke_at_gpt_oss_shapes(tmp_path):
+    """The GPT-OSS-shaped model is written as the Hub stores it (MXFP4 experts), transformers
+    loads it (its baseline runs), and our packed MXFP4 slots fit every expert in the budget
+    that holds a quarter of them decoded."""
+    from bench.serve import main
+
+    out = tmp_path / "results.md"
+    main(["--smoke", "--shape", "gpt-oss-20b", "--layers", "2", "--new-tokens", "4",
+          "--batches", "1", "--quants", "mxfp4,none", "--out", str(out),
+          "--dir", str(tmp_path / "m")])
+    text = out.read_text()
+    assert "gpt-oss-20b (gpt_oss layout)" in text and "failed" not in text
+    assert "| 4/16 (25%) | 0.00 | mxfp4 | 16/16 |" in text
+    assert "| 4/16 (25%) | 0.00 | none | 4/16 |" in text
+
+
 def test_serve_load_bench_smoke(tmp_path):
     """Sequential, static and continuous batching over the same Poisson arrivals."""
     from bench.serve_load import main
