@@ -97,8 +97,6 @@ VARIANTS = {
 def test_config_variants_equal_transformers(tmp_path, variant):
     """Chunked prefill (chunks of 4) and decode in KV rows with different positions give
     transformers' greedy tokens and logits; so does the training model's import."""
-    from moe.hf import import_hf
-    from moe.model import MoETransformer
 
     family, overrides = VARIANTS[variant]
     hf = build_hf(family, **overrides)
@@ -114,17 +112,31 @@ def test_config_variants_equal_transformers(tmp_path, variant):
     if cfg.mla is not None:  # the cache holds latents, not every head's keys and values
         assert m.kv.v is None
         assert m.kv.k.shape[2:] == (1, 64, cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim)
-    res = generate(m, prompts, 10, keep_logits=True)
+    assert_generates_like(hf, m, prompts, 10)
+    assert_imports_like(hf, tmp_path, torch.randint(0, 300, (2, 15), generator=gen))
+
+
+def assert_generates_like(hf, m: OffloadedModel, prompts: list[list[int]], n: int):
+    """Our batched greedy tokens and logits equal transformers' generate of each prompt
+    alone -> our GenerationResult."""
+    res = generate(m, prompts, n, keep_logits=True)
     for p, toks, logits in zip(prompts, res.token_ids, res.logits, strict=True):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False,
                               output_logits=True, return_dict_in_generate=True)
         assert toks == ref.sequences[0, len(p):].tolist()
         torch.testing.assert_close(logits, torch.cat(ref.logits), rtol=1e-4, atol=1e-4)
-    icfg, state = import_hf(tmp_path)
-    model = MoETransformer(icfg)
+    return res
+
+
+def assert_imports_like(hf, model_dir, ids: torch.Tensor) -> None:
+    """model_dir imported into the training model gives hf's logits on ids."""
+    from moe.hf import import_hf
+    from moe.model import MoETransformer
+
+    cfg, state = import_hf(model_dir)
+    model = MoETransformer(cfg)
     model.load_state_dict(state)
-    ids = torch.randint(0, 300, (2, 15), generator=gen)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
 
@@ -184,8 +196,6 @@ def test_gpt_oss_mxfp4_checkpoint_serves_as_transformers_dequantizes_it(tmp_path
     greedy tokens and logits of transformers loading it dequantized, under a budget with
     chunked prefill; its experts imported into the training model agree too; int8 on top
     stays close."""
-    from moe.hf import import_hf
-    from moe.model import MoETransformer
 
     hf = build_hf("gpt_oss", intermediate_size=32)
     hf_dir = tmp_path / "bf16"
@@ -200,18 +210,8 @@ def test_gpt_oss_mxfp4_checkpoint_serves_as_transformers_dequantizes_it(tmp_path
     prompts = [ids[0, :11].tolist(), ids[1, :4].tolist()]
     m = serve(tmp_path, prefill_chunk=4, memory_budget=budget_for(tmp_path, 5, quant="none"),
               quant="none")
-    res = generate(m, prompts, NEW, keep_logits=True)
-    for p, toks, logits in zip(prompts, res.token_ids, res.logits, strict=True):
-        with torch.no_grad():
-            out = ref.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False,
-                               output_logits=True, return_dict_in_generate=True)
-        assert toks == out.sequences[0, len(p):].tolist()
-        torch.testing.assert_close(logits, torch.cat(out.logits), rtol=1e-4, atol=1e-4)
-    cfg, state = import_hf(tmp_path)
-    model = MoETransformer(cfg)
-    model.load_state_dict(state)
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+    res = assert_generates_like(ref, m, prompts, NEW)
+    assert_imports_like(ref, tmp_path, ids)
     q = generate(serve(tmp_path, quant="int8"), prompts, NEW, keep_logits=True)
     got, want = q.logits[0], res.logits[0]
     assert (got - want).norm() / want.norm() < 0.02
