@@ -100,9 +100,9 @@ class CacheStats:
 
 class ExpertCache:
     """n_slots experts on `device`: w_in [S, 2F, d], w_out [S, d, F] (and b_in [S, 2F],
-    b_out [S, d] for experts with biases) in dtype, or, for
-    int8 / int4 experts, as QuantWeight stacks that stay packed on the device (the GEMMs
-    dequantize them), so a budget holds 2-4x more experts."""
+    b_out [S, d] for experts with biases) in dtype, or, for int8 / int4 / MXFP4 experts, as
+    QuantWeight stacks that stay packed on the device (the GEMMs dequantize them), so a
+    budget holds 2-4x more experts."""
 
     def __init__(self, store: WeightStore, n_slots: int, policy: str, device: torch.device,
                  dtype: torch.dtype, side_stream: torch.cuda.Stream | None = None):

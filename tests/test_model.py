@@ -55,6 +55,32 @@ def test_attention_matches_loop():
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("window", [None, 3])
+def test_attention_sinks_and_their_gradient_match_eager_attention(window):
+    """GPT-OSS's sinks through scaled_dot_product_attention (a zero key whose logit is the
+    sink) against eager softmax over [logits, sink] in float64: output and sink gradient."""
+    from moe.attention import causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, S, D = 2, 4, 2, 7, 8
+    q, k, v = (torch.randn(B, h, S, D, generator=g, dtype=torch.float64)
+               for h in (H, Hkv, Hkv))
+    sinks = torch.randn(H, generator=g, dtype=torch.float64, requires_grad=True)
+    i = torch.arange(S)
+    seen = i[None, :] <= i[:, None]
+    if window:
+        seen &= i[None, :] > i[:, None] - window
+    logits = (q @ k.repeat_interleave(H // Hkv, 1).transpose(-1, -2) / D**0.5).masked_fill(
+        ~seen, float("-inf"))
+    probs = torch.cat([logits, sinks.view(1, H, 1, 1).expand(B, H, S, 1)], -1).softmax(-1)
+    want = probs[..., :-1] @ v.repeat_interleave(H // Hkv, 1)
+    got = causal_attention(q, k, v, window, None, sinks)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g_got, = torch.autograd.grad(got.square().sum(), sinks)
+    g_want, = torch.autograd.grad(want.square().sum(), sinks)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "kw",
     [
