@@ -179,6 +179,22 @@ def test_mxfp4_decoding_matches_transformers():
         mxfp4_quantize(torch.ones(2, 16))
 
 
+def test_gpt_oss_config_without_rope_keys_gets_transformers_default():
+    """A GPT-OSS config.json without rope_parameters / rope_scaling is read as transformers
+    reads it: YaRN, factor 32 over 4096 positions, theta 150000, not plain RoPE."""
+    from moe.hf import hf_model_config
+
+    hf = build_hf("gpt_oss").config.to_dict()
+    for key in ("rope_parameters", "rope_scaling", "rope_theta"):
+        hf.pop(key, None)
+    cfg, family, _ = hf_model_config(hf)
+    rs = cfg.rope_scaling
+    assert family == "gpt_oss" and cfg.attn_sinks and cfg.window(0) and not cfg.window(1)
+    assert (rs.type, rs.factor, rs.original_max_seq_len, rs.truncate) == ("yarn", 32.0, 4096,
+                                                                           False)
+    assert cfg.rope_theta == 150000.0
+
+
 def test_import_hf_errors(tmp_path):
     from moe.hf import import_hf
 

@@ -90,6 +90,8 @@ VARIANTS = {
         "mscale_all_dim": 1.0})),
     "deepseek-v3-not-interleaved": ("deepseek_v3", dict(rope_interleave=False, n_group=1,
                                                         topk_group=1)),
+    "gpt-oss-no-biases-full-attention": ("gpt_oss", dict(
+        attention_bias=False, layer_types=["full_attention"] * 3)),
 }
 
 
@@ -105,6 +107,8 @@ def test_config_variants_equal_transformers(tmp_path, variant):
     prompts = [torch.randint(1, 300, (n,), generator=gen).tolist() for n in (11, 3)]
     m = serve(tmp_path, prefill_chunk=4, memory_budget=budget_for(tmp_path, 5))
     cfg = m.cfg
+    if variant.startswith("gpt-oss"):
+        assert cfg.sliding_window is None and not cfg.qkv_bias and not cfg.o_bias
     if "window" in variant:
         assert cfg.sliding_window is not None
         if variant.startswith("qwen2"):
