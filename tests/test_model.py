@@ -9,6 +9,7 @@ import torch
 
 from moe import ModelConfig, MoEConfig, MoETransformer
 from moe.attention import Attention, rope_cos_sin
+from moe.config import MLAConfig
 from routing import RouterConfig
 
 
@@ -53,6 +54,21 @@ def test_attention_matches_loop():
                 heads[i, h] = sum(p[j] * v[j, kv] for j in range(i + 1))
         ref[b] = heads.reshape(5, 16) @ attn.o_proj.weight.t()
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(moe=MoEConfig(expert_type="clamped_swiglu"), first_dense_layers=1),
+     "need every layer MoE"),
+    (dict(moe=MoEConfig(expert_type="clamped_swiglu", swiglu_limit=0.0)), "swiglu_limit"),
+    (dict(attn_sinks=True, n_kv_heads=4, mla=MLAConfig(kv_lora_rank=8, qk_nope_head_dim=8,
+                                                      qk_rope_head_dim=4, v_head_dim=8)),
+     "not MLA"),
+    (dict(moe=MoEConfig(router=RouterConfig(kind="expert_choice", gate_bias=True))),
+     "gate_bias needs kind=topk"),
+])
+def test_gpt_oss_options_that_do_not_combine_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**kw).check()
 
 
 @pytest.mark.parametrize("window", [None, 3])
