@@ -2,7 +2,8 @@
 
 Non-expert tensors are read on request (memory-mapped) for the device. Experts live in one of
 two host tiers: RAM (pinned when serving on CUDA) up to a host budget, and the memory-mapped
-files beyond it (quantized experts beyond it go to a file written once at load).
+files beyond it (int8 / int4 experts beyond it go to a file written once at load; an MXFP4
+checkpoint's experts are read packed from its own files).
 """
 
 from __future__ import annotations
@@ -222,8 +223,8 @@ class WeightStore:
             self.host[key] = w.pin_memory() if pin else w
             if verbose and (n + 1) % self.num_experts == 0:
                 print(f"  experts in RAM: {n + 1}/{total}", file=sys.stderr, flush=True)
-        if self.bits is None or not self.n_disk:
-            return
+        if self.bits is None or self.quant == "mxfp4" or not self.n_disk:
+            return  # read from the checkpoint's memory-mapped files (MXFP4: packed there)
         # quantized experts that miss RAM: quantize once, keep in a memory-mapped file
         import tempfile
 

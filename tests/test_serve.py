@@ -233,10 +233,12 @@ def test_gpt_oss_mxfp4_experts_stay_packed(tmp_path):
     plain = serve(tmp_path / "mx", quant="none", memory_budget=budget_for(
         tmp_path / "mx", 5, quant="none"))
     want = generate(plain, prompts, NEW, keep_logits=True)
-    for host in (None, 0):
+    for host in (10**9, 0):  # all experts in RAM, or none
         m = serve(tmp_path / "mx", host_budget=host, offload_dir=str(tmp_path / "off"),
                   memory_budget=budget_for(tmp_path / "mx", 5))
         assert m.store.quant == "mxfp4" and m.cache.w_in.fp4
+        assert m.store.n_disk == (24 if host == 0 else 0)
+        assert not (tmp_path / "off").exists()  # the disk tier is the checkpoint itself
         assert m.slot_bytes * 5 < plain.slot_bytes
         got = generate(m, prompts, NEW, keep_logits=True)
         assert got.token_ids == want.token_ids
