@@ -75,7 +75,8 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
     expert_params = 3 * m.moe.expert_ffn * m.d_model
     dense_params = model.store.dense_nbytes() // el
     mean_ctx = prompt_len + (new_tokens + 1) / 2
-    kv_token = KVCache.nbytes(m, 1, 1, model.dtype)  # one token's entry over all layers
+    heads, k_dim, v_dim = KVCache.dims(m)
+    kv_token = m.n_layers * heads * (k_dim + v_dim) * el  # one token's entry, all layers
     kv_bytes = kv_token * batch * mean_ctx  # (MLA: latents; others: every KV head's k, v)
     step_s = decode_s / new_tokens
     # an expert read is its slot's bytes (packed when quantized)
