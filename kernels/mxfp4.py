@@ -10,30 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from kernels.quant import QuantWeight
+from kernels.quant import FP4_VALUES, QuantWeight, dequantize
 
 MXFP4_GROUP = 32
-
-# E2M1 code -> value: sign bit 3, exponent bits 2-1, mantissa bit 0
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
-              -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
 def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """blocks uint8 [..., rows, G, 16], scales uint8 [..., rows, G] -> [..., rows, 32 G] in
     dtype (exact: every value is a code times a power of two)."""
-    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
-        raise ValueError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and "
-                         f"{scales.dtype}")
-    if blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
-        raise ValueError(f"MXFP4 blocks [..., G, 16] do not match scales [..., G]: "
-                         f"{tuple(blocks.shape)} vs {tuple(scales.shape)}")
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
-    b = blocks.to(torch.int64)
-    vals = torch.stack([lut[b & 0x0F], lut[b >> 4]], dim=-1).flatten(-2)  # [..., G, 32]
-    vals = torch.ldexp(vals, scales.to(torch.int32)[..., None] - 127)
-    return vals.flatten(-2).to(dtype)
+    return dequantize(mxfp4_weight(blocks, scales), dtype)
 
 
 def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,9 +41,9 @@ def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def mxfp4_weight(blocks: torch.Tensor, scales: torch.Tensor) -> QuantWeight:
-    """blocks uint8 [rows, G, 16], scales uint8 [rows, G] -> the same weight as a packed
-    QuantWeight [rows, 32 G] (codes and exponents as stored: 4.25 bits a weight), which the
-    expert GEMMs dequantize tile by tile."""
+    """blocks uint8 [..., rows, G, 16], scales uint8 [..., rows, G] -> the same weight as a
+    packed QuantWeight [..., rows, 32 G] (codes and exponents as stored: 4.25 bits a
+    weight), which the expert GEMMs dequantize tile by tile."""
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 \
             or blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
         raise ValueError(f"MXFP4 needs uint8 blocks [..., G, 16] and scales [..., G], got "

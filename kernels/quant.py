@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import torch
 
 INT4_GROUP = 64
+# E2M1 code -> value (MXFP4): sign bit 3, exponent bits 2-1, mantissa bit 0
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+              -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
 @dataclass
@@ -89,8 +92,6 @@ def dequantize(q: QuantWeight, dtype: torch.dtype, out: torch.Tensor | None = No
     if q.bits == 8:
         vals = q.data.to(torch.float32)
     elif q.fp4:
-        from kernels.mxfp4 import FP4_VALUES
-
         lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=q.data.device)
         b = q.data.to(torch.int64)
         vals = torch.stack([lut[b & 0xF], lut[b >> 4]], dim=-1).view(*lead, -1)
