@@ -75,8 +75,7 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
     expert_params = 3 * m.moe.expert_ffn * m.d_model
     dense_params = model.store.dense_nbytes() // el
     mean_ctx = prompt_len + (new_tokens + 1) / 2
-    heads, k_dim, v_dim = KVCache.dims(m)
-    kv_token = m.n_layers * heads * (k_dim + v_dim) * el  # one token's entry, all layers
+    kv_token = KVCache.token_nbytes(m, model.dtype)  # one token's entry, all layers
     kv_bytes = kv_token * batch * mean_ctx  # (MLA: latents; others: every KV head's k, v)
     step_s = decode_s / new_tokens
     # an expert read is its slot's bytes (packed when quantized)

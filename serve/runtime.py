@@ -67,11 +67,16 @@ class KVCache:
         return cfg.n_kv_heads, cfg.resolved_head_dim, cfg.resolved_head_dim
 
     @staticmethod
-    def nbytes(cfg, max_batch: int, max_context: int, dtype: torch.dtype) -> int:
+    def token_nbytes(cfg, dtype: torch.dtype) -> int:
+        """Bytes one position takes over all layers (one token's entry)."""
         heads, k_dim, v_dim = KVCache.dims(cfg)
-        el = torch.finfo(dtype).bits // 8
-        return (cfg.n_layers * max_batch * heads * (max_context + int(cfg.attn_sinks))
-                * (k_dim + v_dim) * el)
+        return cfg.n_layers * heads * (k_dim + v_dim) * (torch.finfo(dtype).bits // 8)
+
+    @staticmethod
+    def nbytes(cfg, max_batch: int, max_context: int, dtype: torch.dtype) -> int:
+        """Bytes of the whole cache (with the sink's position when there is one)."""
+        return KVCache.token_nbytes(cfg, dtype) * max_batch * (max_context
+                                                               + int(cfg.attn_sinks))
 
 
 def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_batch: int,
