@@ -41,7 +41,13 @@ from bench.common import (
     stop_on_sigterm,
 )
 from moe.config import MLAConfig, ModelConfig, MoEConfig
-from moe.hf import EXPERT_NAMES, dense_tensor_names, expert_tensor_names, hf_config_json
+from moe.hf import (
+    EXPERT_NAMES,
+    GPT_OSS_MXFP4,
+    dense_tensor_names,
+    expert_tensor_names,
+    hf_config_json,
+)
 from moe.model import MoETransformer
 from routing.config import RouterConfig
 from serve.bench import h2d_bandwidth, measure
@@ -158,9 +164,7 @@ def write_model(out: Path, cfg: ModelConfig, family: str, dtype: torch.dtype) ->
     hf_cfg = hf_config_json(cfg, family)
     hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
     if family == "gpt_oss":
-        hf_cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
-            "lm_head"]}
+        hf_cfg["quantization_config"] = GPT_OSS_MXFP4
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
 
 

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moe.config import ROPE_TYPES, MLAConfig, ModelConfig, RopeScaling
+from moe.experts import EXPERT_PARAMS
 
 
 def _v3_moe_problems(cfg: ModelConfig) -> list[str]:
@@ -222,6 +223,8 @@ EXPERT_NAMES = {
     "gpt_oss": ("mlp.router", "mlp.experts.", ("gate_up_proj", "down_proj")),  # stacked
 }
 DEEPSEEK = ("deepseek_v2", "deepseek_v3")
+GPT_OSS_MXFP4 = {"quant_method": "mxfp4", "modules_to_not_convert": [  # as on the Hub
+    "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
 GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                 "truncate": False, "original_max_position_embeddings": 4096,
                 "rope_theta": 150000.0}  # GptOssConfig's default
@@ -693,6 +696,7 @@ def import_hf(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     tensors.setdefault("lm_head.weight", tensors["model.embed_tokens.weight"])
     state = {ours: dense_tensor(hf, cfg, ours, [tensors[h] for h in hubs])
              for ours, hubs in dense_tensor_names(cfg, family).items()}
+
     def get(name: str, e: int | None) -> torch.Tensor:
         return tensors[name] if e is None else tensors[name][e]
 
@@ -700,7 +704,7 @@ def import_hf(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         if not cfg.is_moe_layer(i):
             continue
         parts = [read_expert(hf, family, i, e, get) for e in range(cfg.moe.num_experts)]
-        for j, name in enumerate(("w_in", "w_out", "b_in", "b_out")):
+        for j, name in enumerate(EXPERT_PARAMS):  # read_expert's order
             if parts[0][j] is not None:
                 state[f"layers.{i}.mlp.experts.{name}"] = torch.stack([p[j] for p in parts])
     return cfg, state

@@ -117,6 +117,7 @@ def save_gpt_oss_mxfp4(hf, model_dir: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     from kernels.mxfp4 import mxfp4_quantize
+    from moe.hf import GPT_OSS_MXFP4
 
     hf.save_pretrained(model_dir)
     path = model_dir / "model.safetensors"
@@ -127,7 +128,5 @@ def save_gpt_oss_mxfp4(hf, model_dir: Path) -> None:
         tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
     save_file(tensors, str(path), metadata={"format": "pt"})
     cfg = json.loads((model_dir / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
-        "lm_head"]}
+    cfg["quantization_config"] = GPT_OSS_MXFP4
     (model_dir / "config.json").write_text(json.dumps(cfg))
