@@ -86,7 +86,7 @@ def _gpt_oss_problems(cfg: ModelConfig) -> list[str]:
 
 def choose_family(cfg: ModelConfig) -> str:
     """The Hub family that can hold this model: 'deepseek_v3' for multi-head latent
-    attention, 'gpt_oss' for attention sinks / clamped SwiGLU / expert or gate biases,
+    attention, 'gpt_oss' for attention sinks / clamped SwiGLU / o, expert or gate biases,
     'glm4_moe' for sigmoid routing behind GQA, else 'mixtral' or 'qwen3_moe'; ValueError
     says why none can."""
     r, m = cfg.moe.router, cfg.moe
@@ -96,7 +96,8 @@ def choose_family(cfg: ModelConfig) -> str:
             raise ValueError("this MLA model has no DeepSeek-V3 equivalent: "
                              + "; ".join(problems))
         return "deepseek_v3"
-    if cfg.attn_sinks or m.expert_type == "clamped_swiglu" or m.expert_bias or r.gate_bias:
+    if cfg.attn_sinks or cfg.o_bias or m.expert_type == "clamped_swiglu" or m.expert_bias \
+            or r.gate_bias:  # only GPT-OSS's layout holds these
         problems = _gpt_oss_problems(cfg)
         if problems:
             raise ValueError("this model has no GPT-OSS equivalent: " + "; ".join(problems))

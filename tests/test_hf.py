@@ -159,6 +159,17 @@ def assert_import_matches(hf, model_dir):
     return cfg
 
 
+@pytest.mark.parametrize("kw", [dict(o_bias=True), dict(o_bias=True, qkv_bias=True)])
+def test_an_output_projection_bias_is_never_exported_without_it(kw):
+    """Only GPT-OSS's layout has a bias on o_proj: a model with one is not written as
+    Mixtral, Qwen3-MoE or GLM-4.5 (which would drop it); GPT-OSS's refusal names why."""
+    with pytest.raises(ValueError, match="no GPT-OSS equivalent"):
+        choose_family(ModelConfig(**kw))
+    glm = ModelConfig(**kw, moe=MoEConfig(router=RouterConfig(score="sigmoid")))
+    with pytest.raises(ValueError, match="no GPT-OSS equivalent"):
+        choose_family(glm)
+
+
 def test_mxfp4_decoding_matches_transformers():
     """Random MXFP4 blocks and scales decode to what transformers' GPT-OSS loader makes of
     them (its [E, in, out] layout transposed), and re-encoding a decoded block is exact."""
