@@ -41,13 +41,8 @@ from bench.common import (
     stop_on_sigterm,
 )
 from moe.config import MLAConfig, ModelConfig, MoEConfig
-from moe.hf import (
-    EXPERT_NAMES,
-    GPT_OSS_MXFP4,
-    dense_tensor_names,
-    expert_tensor_names,
-    hf_config_json,
-)
+from moe.hf_export import hf_config_json
+from moe.hf_names import EXPERT_NAMES, GPT_OSS_MXFP4, dense_tensor_names, expert_tensor_names
 from moe.model import MoETransformer
 from routing.config import RouterConfig
 from serve.bench import h2d_bandwidth, measure

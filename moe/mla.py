@@ -4,7 +4,7 @@ Queries come from x directly (q_proj) or through a low-rank, normed bottleneck (
 q_a_norm -> q_b_proj). Keys and values come from one latent per token: kv_a_proj gives a
 kv_lora_rank latent (normed, then expanded per head by kv_b_proj into the no-RoPE half of
 the key and the value) and one rope_dim key part shared by all heads. Only the rope_dim
-parts are rotated; RoPE is in the rotate-half layout (moe.hf permutes DeepSeek's interleaved
+parts are rotated; RoPE is in the rotate-half layout (moe.hf_import permutes DeepSeek's interleaved
 rows on import).
 """
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from moe.config import ModelConfig, MoEConfig
-from moe.hf import llama_fields, load_hf_dense, shared_names
+from moe.hf_import import llama_fields, load_hf_dense
+from moe.hf_names import shared_names
 from moe.model import MoETransformer
 
 

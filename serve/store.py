@@ -20,14 +20,8 @@ from safetensors.torch import save_file
 
 from kernels.quant import QuantWeight, quantize
 from moe.config import ModelConfig
-from moe.hf import (
-    dense_tensor,
-    dense_tensor_names,
-    expert_sources,
-    hf_model_config,
-    is_mxfp4,
-    read_expert,
-)
+from moe.hf_import import dense_tensor, hf_model_config, read_expert
+from moe.hf_names import dense_tensor_names, expert_sources, is_mxfp4
 from serve.config import QUANT_CHOICES
 from serve.units import format_size
 

@@ -117,7 +117,7 @@ def save_gpt_oss_mxfp4(hf, model_dir: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     from kernels.mxfp4 import mxfp4_quantize
-    from moe.hf import GPT_OSS_MXFP4
+    from moe.hf_names import GPT_OSS_MXFP4
 
     hf.save_pretrained(model_dir)
     path = model_dir / "model.safetensors"

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from moe import ModelConfig, MoEConfig, MoETransformer  # noqa: E402
 from moe.config import MLAConfig, RopeScaling  # noqa: E402
-from moe.hf import choose_family, export_hf  # noqa: E402
+from moe.hf_export import choose_family, export_hf  # noqa: E402
 from moe.upcycle import upcycle_hf_dense  # noqa: E402
 from routing import RouterConfig  # noqa: E402
 from tests.hf_models import build_hf  # noqa: E402
@@ -148,7 +148,7 @@ def test_import_hf_matches_transformers(tmp_path, family, overrides):
 
 def assert_import_matches(hf, model_dir):
     """Import model_dir into our model; its logits must equal the transformers model's."""
-    from moe.hf import import_hf
+    from moe.hf_import import import_hf
 
     cfg, state = import_hf(model_dir)
     model = MoETransformer(cfg)
@@ -193,7 +193,7 @@ def test_mxfp4_decoding_matches_transformers():
 def test_gpt_oss_config_without_rope_keys_gets_transformers_default():
     """A GPT-OSS config.json without rope_parameters / rope_scaling is read as transformers
     reads it: YaRN, factor 32 over 4096 positions, theta 150000, not plain RoPE."""
-    from moe.hf import hf_model_config
+    from moe.hf_import import hf_model_config
 
     hf = build_hf("gpt_oss").config.to_dict()
     for key in ("rope_parameters", "rope_scaling", "rope_theta"):
@@ -207,7 +207,7 @@ def test_gpt_oss_config_without_rope_keys_gets_transformers_default():
 
 
 def test_import_hf_errors(tmp_path):
-    from moe.hf import import_hf
+    from moe.hf_import import import_hf
 
     with pytest.raises(FileNotFoundError, match="no config.json"):
         import_hf(tmp_path)
@@ -227,7 +227,7 @@ def test_import_families_match_transformers_and_export_back(tmp_path, family, re
     """Import equals transformers; a family export cannot write is refused by name, and a
     DeepSeek-V3, GLM-4.5 or GPT-OSS import exports back to a directory transformers loads
     with equal logits."""
-    from moe.hf import choose_family, import_hf
+    from moe.hf_import import import_hf
 
     hf = build_hf(family)  # q/k/v biases, norms and V3's selection bias randomised
     hf.save_pretrained(tmp_path / "in")

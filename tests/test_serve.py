@@ -135,7 +135,7 @@ def assert_generates_like(hf, m: OffloadedModel, prompts: list[list[int]], n: in
 
 def assert_imports_like(hf, model_dir, ids: torch.Tensor) -> None:
     """model_dir imported into the training model gives hf's logits on ids."""
-    from moe.hf import import_hf
+    from moe.hf_import import import_hf
     from moe.model import MoETransformer
 
     cfg, state = import_hf(model_dir)
@@ -540,7 +540,7 @@ GPT_OSS_PARTS = dict(attn_sinks=True, qkv_bias=True, o_bias=True, sliding_window
                                 {"tie_embeddings": True}, GPT_OSS_PARTS])
 def test_serves_our_own_exports(tmp_path, kw):
     from moe import ModelConfig, MoEConfig, MoETransformer
-    from moe.hf import export_hf
+    from moe.hf_export import export_hf
     from routing import RouterConfig
 
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from moe import MoETransformer
-from moe.hf import EXPORT_FAMILIES, export_hf
+from moe.hf_export import EXPORT_FAMILIES, export_hf
 from parallel import parallelize
 from train import checkpoint
 

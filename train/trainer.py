@@ -126,7 +126,7 @@ TRAINING_ROUTER_FIELDS = ("aux_loss_coef", "aux_loss_type", "z_loss_coef", "capa
 def init_from_hf(source: Path, run_model) -> MoETransformer:
     """A Hugging Face MoE folder -> our model with its weights; its shape comes from the
     folder, the router's training settings and the kernel backend from this run's config."""
-    from moe.hf import import_hf
+    from moe.hf_import import import_hf
 
     cfg, state = import_hf(source)
     for name in TRAINING_ROUTER_FIELDS:
