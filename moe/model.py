@@ -21,10 +21,11 @@ class LMOutput:
     """logits [B, S, V]; losses are scalars (None without labels); one Routing per MoE layer."""
 
     logits: torch.Tensor
-    loss: torch.Tensor | None = None  # ce + aux_coef * aux + z_coef * z
+    loss: torch.Tensor | None = None  # ce + aux_coef * aux + z_coef * z (+ entropy_coef * ent)
     ce_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # mean over MoE layers, unscaled
     z_loss: torch.Tensor | None = None  # mean over MoE layers, unscaled
+    entropy_loss: torch.Tensor | None = None  # mean over MoE layers, unscaled (softmax routers)
     routings: list[Routing] = field(default_factory=list)
 
 
@@ -117,4 +118,9 @@ class MoETransformer(nn.Module):
             out.aux_loss = torch.stack([r.aux_loss for r in routings]).mean() if routings else zero
             out.z_loss = torch.stack([r.z_loss for r in routings]).mean() if routings else zero
             out.loss = out.ce_loss + rc.aux_loss_coef * out.aux_loss + rc.z_loss_coef * out.z_loss
+            ent = [r.entropy_loss for r in routings if r.entropy_loss is not None]
+            if ent:
+                out.entropy_loss = torch.stack(ent).mean()
+                if rc.entropy_loss_coef:
+                    out.loss = out.loss + rc.entropy_loss_coef * out.entropy_loss
         return out

@@ -18,16 +18,19 @@ def capacity_drop_mask(
     num_experts: int,
     capacity: int,
     policy: str = "position",
+    skip: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """expert_ids [T, k], weights [T, k] -> dropped [T, k] bool.
 
     Within each expert, slots are ranked by priority and those past ``capacity`` are dropped.
     "position": every token's first choice outranks any second choice, then earlier tokens
     outrank later ones (GShard / Switch). "probs": higher weight first, ties by position.
+    skip [T, k] bool: slots that take no capacity (left empty by the router); never dropped.
     """
     T, k = expert_ids.shape
-    # Slot (t, j) in slot-major order: index j * T + t.
-    flat_e = expert_ids.t().reshape(-1)
+    # Slot (t, j) in slot-major order: index j * T + t; skipped slots go to a bucket E of their own
+    flat_e = expert_ids if skip is None else expert_ids.masked_fill(skip, num_experts)
+    flat_e = flat_e.t().reshape(-1)
     n = flat_e.numel()
     if policy == "position":
         order = torch.arange(n, device=flat_e.device)
@@ -36,9 +39,10 @@ def capacity_drop_mask(
     else:
         raise ValueError(f"drop_policy must be position or probs, got {policy!r}")
     by_expert = order[torch.argsort(flat_e[order], stable=True)]  # expert-major, priority within
-    counts = torch.bincount(flat_e, minlength=num_experts)
+    counts = torch.bincount(flat_e, minlength=num_experts + 1)
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(n, device=flat_e.device) - starts[flat_e[by_expert]]
+    e_sorted = flat_e[by_expert]
+    rank = torch.arange(n, device=flat_e.device) - starts[e_sorted]
     dropped_flat = torch.empty(n, dtype=torch.bool, device=flat_e.device)
-    dropped_flat[by_expert] = rank >= capacity
+    dropped_flat[by_expert] = (rank >= capacity) & (e_sorted < num_experts)
     return dropped_flat.view(k, T).t()

@@ -6,7 +6,8 @@ import torch
 
 
 def switch_aux_loss(
-    probs: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, seq_len: int | None = None
+    probs: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, seq_len: int | None = None,
+    used: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """probs [T, E], expert_ids [T, k] -> scalar Switch load-balancing loss.
 
@@ -14,19 +15,23 @@ def switch_aux_loss(
     probability of expert i (Fedus et al. 2021, generalised to k slots as Megatron-core does:
     a perfectly balanced router scores 1). With ``seq_len``, f and P are taken per sequence of
     ``seq_len`` consecutive tokens and the loss is averaged over sequences (DeepSeek-V3's
-    sequence-wise balance loss without its alpha).
+    sequence-wise balance loss without its alpha). used [T, k] bool: only these slots count
+    (threshold routing), and f_i is over the used slots.
     """
     T, k = expert_ids.shape
     if T == 0:
         return probs.sum() * 0.0
+    if used is None:
+        used = torch.ones_like(expert_ids, dtype=torch.bool)
     selected = torch.zeros(T, num_experts, dtype=probs.dtype, device=probs.device)
-    selected.scatter_(1, expert_ids, 1.0)
+    selected.scatter_add_(1, expert_ids, used.to(probs.dtype))
     if seq_len is None:
         seq_len = T
     if T % seq_len:
         raise ValueError(f"{T} tokens do not split into sequences of length {seq_len}")
     selected = selected.view(-1, seq_len, num_experts)
-    f = selected.sum(1) / (seq_len * k)  # [B, E]
+    n_used = selected.sum((1, 2)).clamp(min=1)[:, None]  # [B, 1]: seq_len * k without drops
+    f = selected.sum(1) / n_used  # [B, E]
     p = probs.view(-1, seq_len, num_experts).mean(1)  # [B, E]
     return (num_experts * (f * p).sum(-1)).mean()
 
@@ -36,6 +41,14 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
     return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def router_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """probs [T, E] (softmax) -> scalar mean entropy -sum_i p_i log p_i: small when each token
+    puts its mass on few experts (the dynamic loss of threshold routing, Huang et al. 2024)."""
+    if probs.shape[0] == 0:
+        return probs.sum() * 0.0
+    return -(probs * torch.log(probs.clamp(min=1e-20))).sum(-1).mean()
 
 
 def aux_free_bias_update(

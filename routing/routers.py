@@ -1,4 +1,5 @@
-"""Routers: x [T, d] -> `Routing`. Token-choice top-k, expert choice, hash."""
+"""Routers: x [T, d] -> `Routing`. Token-choice top-k and threshold (top-p), expert choice,
+hash."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ from torch import nn
 from kernels import topk_route
 from routing.capacity import capacity_drop_mask, expert_capacity
 from routing.config import RouterConfig
-from routing.losses import aux_free_bias_update, router_z_loss, switch_aux_loss
+from routing.losses import (
+    aux_free_bias_update,
+    router_entropy,
+    router_z_loss,
+    switch_aux_loss,
+)
+from routing.schedule import scheduled
 from routing.types import Routing
 
 
@@ -44,7 +51,8 @@ class Router(nn.Module):
     @property
     def may_drop(self) -> bool:
         """Whether a Routing from this router can hold dropped slots."""
-        return self.cfg.kind == "expert_choice" or self.cfg.capacity_factor is not None
+        return self.cfg.kind in ("expert_choice", "threshold") or \
+            self.cfg.capacity_factor is not None
 
     def _gate_logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x, self.weight, getattr(self, "bias", None)).to(_compute_dtype(x))
@@ -61,17 +69,25 @@ class Router(nn.Module):
         aux_loss: torch.Tensor,
         z_loss: torch.Tensor,
         logits: torch.Tensor | None,
+        unused: torch.Tensor | None = None,
+        entropy: torch.Tensor | None = None,
     ) -> Routing:
-        """Apply capacity dropping (if configured) and count the kept slots."""
+        """Apply capacity dropping (if configured) and count the kept slots. unused [T, k]:
+        slots the router itself left empty (threshold routing); they take no capacity and
+        are not counted as dropped."""
         T, k = expert_ids.shape
         E = self.num_experts
-        dropped = torch.zeros_like(expert_ids, dtype=torch.bool)
+        used = torch.ones_like(expert_ids, dtype=torch.bool) if unused is None else ~unused
+        lost = torch.zeros_like(used)
         if self.cfg.capacity_factor is not None and T > 0:
             cap = expert_capacity(T, k, E, self.cfg.capacity_factor)
-            dropped = capacity_drop_mask(expert_ids, weights, E, cap, self.cfg.drop_policy)
-            weights = weights.masked_fill(dropped, 0.0)
+            lost = capacity_drop_mask(expert_ids, weights, E, cap, self.cfg.drop_policy,
+                                      skip=~used)
+        dropped = lost | ~used
+        weights = weights.masked_fill(dropped, 0.0)
         tokens_per_expert = torch.bincount(expert_ids[~dropped], minlength=E)
-        frac = dropped.float().mean() if T > 0 else weights.new_zeros(())
+        frac = (lost.sum() / used.sum().clamp(min=1)).float() if T > 0 else \
+            weights.new_zeros(())
         return Routing(
             expert_ids=expert_ids,
             combine_weights=weights,
@@ -82,6 +98,7 @@ class Router(nn.Module):
             dropped_fraction=frac,
             router_logits=logits,
             num_experts=E,
+            entropy_loss=entropy,
         )
 
 
@@ -91,6 +108,8 @@ class TopKRouter(Router):
     softmax: probs = softmax(logits); weights = top-k probs (renormalised if configured).
     sigmoid: scores = sigmoid(logits); selection by scores + expert_bias (aux-loss-free,
     DeepSeek-V3), weights = selected scores (renormalised if configured) * routed_scaling.
+    top_k (and, for threshold routing, threshold) are live values that a k / sparsity
+    schedule moves (set_step); they start at the config's.
     """
 
     def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig,
@@ -104,22 +123,47 @@ class TopKRouter(Router):
             self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
         else:
             self.expert_bias = None
+        self.top_k, self.threshold = cfg.top_k, cfg.threshold
+
+    def set_step(self, step: int) -> None:
+        """Move top_k / threshold to their values at training step `step` (0-based) of the
+        config's schedule (routing.schedule); no schedule: the config's values."""
+        self.top_k, self.threshold = scheduled(self.cfg, step)
 
     def forward(
         self, x: torch.Tensor, token_ids: torch.Tensor | None = None, seq_len: int | None = None
     ) -> Routing:
-        """x [T, d] -> Routing with k = cfg.top_k slots per token."""
+        """x [T, d] -> Routing with k = top_k slots per token (threshold routing: the slots
+        past a token's threshold are dropped)."""
         _check_input(x, self.d_model)
         cfg = self.cfg
         logits = self._gate_logits(x)
         expert_ids, weights, probs = self._select(logits)
+        unused = self._unused(weights) if cfg.kind == "threshold" else None
         seq = seq_len if cfg.aux_loss_type == "sequence" else None
         if cfg.aux_loss_type == "sequence" and seq_len is None:
             raise ValueError(
                 "aux_loss_type='sequence' needs the sequence length (pass x as [B, S, d])"
             )
-        aux = switch_aux_loss(probs, expert_ids, self.num_experts, seq)
-        return self._finish(expert_ids, weights, aux, router_z_loss(logits), logits)
+        aux = switch_aux_loss(probs, expert_ids, self.num_experts, seq,
+                              None if unused is None else ~unused)
+        entropy = router_entropy(probs) if cfg.score == "softmax" else None
+        if unused is not None:
+            weights = self._renormalize(weights.masked_fill(unused, 0.0))
+        return self._finish(expert_ids, weights, aux, router_z_loss(logits), logits, unused,
+                            entropy)
+
+    def _unused(self, probs_k: torch.Tensor) -> torch.Tensor:
+        """probs_k [T, k] (best first, not renormalised) -> [T, k] bool: the slots after a
+        token's probabilities reach the threshold (its best expert is always used)."""
+        before = probs_k.detach().cumsum(-1) - probs_k.detach()
+        return before >= self.threshold
+
+    def _renormalize(self, weights: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.renormalize:
+            return weights * self.cfg.routed_scaling_factor
+        return weights / (weights.sum(-1, keepdim=True) + 1e-20) \
+            * self.cfg.routed_scaling_factor
 
     def _select(self, logits: torch.Tensor, with_probs: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -128,10 +172,12 @@ class TopKRouter(Router):
         cfg = self.cfg
         if cfg.n_group > 1:
             expert_ids, weights = self._group_limited(logits)
-        else:
-            expert_ids, weights = topk_route(logits, cfg.top_k, cfg.score, cfg.renormalize,
-                                             cfg.routed_scaling_factor, self.expert_bias,
-                                             self.backend)
+        else:  # threshold routing renormalises after dropping the slots past its threshold
+            plain = cfg.kind == "threshold"
+            expert_ids, weights = topk_route(logits, self.top_k, cfg.score,
+                                             cfg.renormalize and not plain,
+                                             1.0 if plain else cfg.routed_scaling_factor,
+                                             self.expert_bias, self.backend)
         probs = None
         if with_probs:
             if cfg.score == "softmax":
@@ -153,7 +199,7 @@ class TopKRouter(Router):
         keep = torch.zeros_like(group, dtype=torch.bool)
         keep.scatter_(1, group.topk(cfg.topk_group, dim=-1).indices, True)
         keep = keep[:, :, None].expand_as(grouped).reshape(T, E)
-        expert_ids = choice.masked_fill(~keep, float("-inf")).topk(cfg.top_k, dim=-1).indices
+        expert_ids = choice.masked_fill(~keep, float("-inf")).topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, expert_ids)
         if cfg.renormalize:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
@@ -162,8 +208,11 @@ class TopKRouter(Router):
     @torch.no_grad()
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, d] -> expert_ids [T, k], combine weights [T, k] (float32): inference routing,
-        no losses, no capacity (and no host sync unless cfg.validate checks for NaN)."""
+        no losses, no capacity (and no host sync unless cfg.validate checks for NaN).
+        Threshold routing: the slots past a token's threshold get weight 0."""
         expert_ids, weights, _ = self._select(self._gate_logits(x), with_probs=False)
+        if self.cfg.kind == "threshold":
+            weights = self._renormalize(weights.masked_fill(self._unused(weights), 0.0))
         return expert_ids, weights
 
     @torch.no_grad()
@@ -260,13 +309,21 @@ class HashRouter(Router):
         return self._finish(expert_ids, weights, zero, zero, None)
 
 
+def set_routing_step(model: nn.Module, step: int) -> None:
+    """Move every token-choice router in `model` to training step `step` (0-based) of its
+    k / sparsity schedule (RouterConfig.schedule_steps)."""
+    for m in model.modules():
+        if isinstance(m, TopKRouter):
+            m.set_step(step)
+
+
 def build_router(
     cfg: RouterConfig, d_model: int, num_experts: int, vocab_size: int | None = None,
     backend: str = "auto",
 ) -> Router:
     """RouterConfig -> the router module it names (backend: kernels for top-k routing)."""
     cfg.check(num_experts)
-    if cfg.kind == "topk":
+    if cfg.kind in ("topk", "threshold"):
         return TopKRouter(d_model, num_experts, cfg, backend)
     if cfg.kind == "expert_choice":
         return ExpertChoiceRouter(d_model, num_experts, cfg)

@@ -24,6 +24,13 @@ class Routing:
     dropped_fraction: torch.Tensor  # scalar: share of selected slots (top-k) or tokens (EC) lost
     router_logits: torch.Tensor | None = None  # [T, E] raw gate logits, when the router has any
     num_experts: int = 0
+    entropy_loss: torch.Tensor | None = None  # scalar mean entropy of softmax router probs
+
+    @property
+    def experts_per_token(self) -> torch.Tensor:
+        """Scalar: the mean number of experts a token was sent to (k unless slots dropped)."""
+        T = max(self.num_tokens, 1)
+        return (~self.dropped).sum() / T
 
     @property
     def num_tokens(self) -> int:

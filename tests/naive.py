@@ -56,6 +56,14 @@ def naive_route(layer: MoELayer, x, token_ids=None, seq_len=None):
             if router.expert_bias is not None:
                 sel = [s + float(router.expert_bias[e]) for e, s in enumerate(sel)]
             chosen = sorted(range(E), key=lambda e: -sel[e])[:k]
+            if cfg.kind == "threshold":  # best first, until the probabilities reach p
+                taken, mass = [], 0.0
+                for e in chosen:
+                    if mass >= router.threshold:
+                        break
+                    taken.append(e)
+                    mass += sel[e]
+                chosen = taken
             ws = [scores[e] for e in chosen]
             total = sum(ws)
             for e, w in zip(chosen, ws, strict=False):
@@ -67,15 +75,17 @@ def naive_route(layer: MoELayer, x, token_ids=None, seq_len=None):
         for s0 in range(0, T, L):
             toks = range(s0, s0 + L)
             terms = []
+            n_slots = sum(len(slots[t]) for t in toks)  # L * k unless threshold routing
             for e in range(E):
-                f = sum(1 for t in toks for (ee, _, _) in slots[t] if ee == e) / (L * k)
+                f = sum(1 for t in toks for (ee, _, _) in slots[t] if ee == e) / n_slots
                 p = sum(per_token_probs[t][e] for t in toks) / L
                 terms.append(f * p)
             losses.append(E * sum(terms))
         aux = sum(losses) / len(losses)
     if cfg.capacity_factor is not None and cfg.kind != "expert_choice":
         cap = math.ceil(cfg.capacity_factor * T * k / E)
-        order = [(t, j) for j in range(k) for t in range(T)]  # first choices first
+        order = [(t, j) for j in range(k) for t in range(T)  # first choices first
+                 if j < len(slots[t])]
         if cfg.drop_policy == "probs":
             order.sort(key=lambda tj: -float(slots[tj[0]][tj[1]][1].detach()))
         used = [0] * E

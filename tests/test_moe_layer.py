@@ -15,6 +15,10 @@ ROUTERS = {
     "sigmoid_bias": dict(kind="topk", score="sigmoid", renormalize=True, expert_bias=True,
                          routed_scaling_factor=2.5),
     "sigmoid_plain": dict(kind="topk", score="sigmoid", renormalize=False),
+    "threshold_renorm": dict(kind="threshold", threshold=0.5, renormalize=True,
+                             entropy_loss_coef=0.1),
+    "threshold_plain": dict(kind="threshold", threshold=0.3, renormalize=False,
+                            routed_scaling_factor=1.5),
     "expert_choice": dict(kind="expert_choice"),
     "hash": dict(kind="hash"),
 }
@@ -50,12 +54,23 @@ def check_against_naive(layer: MoELayer, B: int, S: int, seed: int = 1):
     upstream = torch.randn(B, S, layer.d_model, dtype=torch.float64, generator=g)
     out, routing = layer(x, token_ids)
     loss = (out * upstream).sum() + 0.3 * routing.aux_loss + 0.2 * routing.z_loss
+    softmax = layer.cfg.router.score == "softmax" and layer.cfg.router.kind in ("topk",
+                                                                                "threshold")
+    assert (routing.entropy_loss is not None) == softmax
+    if softmax:
+        loss = loss + 0.1 * routing.entropy_loss
     params = [p for p in layer.parameters()]
     grads = torch.autograd.grad(loss, [x, *params], allow_unused=True)
 
     x_ref = x.detach().clone().requires_grad_(True)
     ref_out, ref_aux, ref_z, slots = naive_moe(layer, x_ref.view(-1, layer.d_model), token_ids, S)
     ref_loss = (ref_out.view(B, S, -1) * upstream).sum() + 0.3 * ref_aux + 0.2 * ref_z
+    if softmax:  # entropy of each token's router softmax, averaged
+        flat = x_ref.view(-1, layer.d_model)
+        probs = [torch.softmax(layer.router.weight @ flat[t], 0) for t in range(B * S)]
+        ref_ent = sum(-(p * p.log()).sum() for p in probs) / (B * S)
+        torch.testing.assert_close(routing.entropy_loss, ref_ent, rtol=1e-10, atol=1e-10)
+        ref_loss = ref_loss + 0.1 * ref_ent
     ref_grads = torch.autograd.grad(ref_loss, [x_ref, *params], allow_unused=True)
 
     tol = dict(rtol=1e-10, atol=1e-10)

@@ -19,11 +19,15 @@ def build_model(skewed: bool | str, capacity: float | None, num_experts: int = 4
                 ) -> MoETransformer:
     """Identical on every rank (seeded). skewed: expert 0 is in every token's top-2;
     "gpt_oss": GPT-OSS's parts (attention sinks, biases on attention, gate and experts,
-    clamped SwiGLU experts), every bias random."""
+    clamped SwiGLU experts), every bias random; "threshold": threshold routing (1 or 2
+    experts a token) with its entropy loss."""
     torch.manual_seed(0)
     gpt_oss = skewed == "gpt_oss"
     if skewed is True:
         router = RouterConfig(top_k=2, score="sigmoid", expert_bias=True,
+                              capacity_factor=capacity)
+    elif skewed == "threshold":
+        router = RouterConfig(kind="threshold", top_k=3, threshold=0.5, entropy_loss_coef=0.5,
                               capacity_factor=capacity)
     else:
         router = RouterConfig(top_k=2, capacity_factor=capacity, gate_bias=gpt_oss)
@@ -42,6 +46,8 @@ def build_model(skewed: bool | str, capacity: float | None, num_experts: int = 4
         for layer in model.layers:
             if skewed is True:
                 layer.mlp.router.expert_bias[0] = 10.0
+            if skewed == "threshold":  # tokens take 1 or 2 experts
+                layer.mlp.router.weight.normal_(0, 0.25)
     return model
 
 
@@ -114,10 +120,12 @@ def test_same_losses_and_update_as_one_process(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["ep-2", "fssdp-2"])
-def test_gpt_oss_parts_train_alike_under_ep_and_fssdp(case, tmp_path):
+def test_gpt_oss_parts_and_threshold_routing_train_alike_under_ep_and_fssdp(case, tmp_path):
     """Expert biases travel with their experts (EP slices, FSSDP shards), and sinks and the
-    other biases are trained like dense weights."""
-    check_against_one_process(case, [("gpt_oss", None)], tmp_path)
+    other biases are trained like dense weights; threshold routing's empty slots are not
+    sent, with and without a capacity."""
+    check_against_one_process(case, [("gpt_oss", None), ("threshold", None),
+                                     ("threshold", 0.5)], tmp_path)
 
 
 def check_against_one_process(case, scenarios, tmp_path):

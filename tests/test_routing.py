@@ -15,6 +15,8 @@ from routing import (
     capacity_drop_mask,
     expert_capacity,
     router_z_loss,
+    scheduled,
+    set_routing_step,
     switch_aux_loss,
 )
 
@@ -84,6 +86,81 @@ def test_capacity_probs_policy_by_hand():
     w = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.8, 0.2]])
     dropped = capacity_drop_mask(ids, w, 2, 2, "probs")
     assert dropped.tolist() == [[False, True], [True, False], [False, True], [False, True]]
+
+
+def test_capacity_skips_slots_the_router_left_empty():
+    ids = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 1]])
+    skip = torch.tensor([[False, True], [False, True], [False, False], [False, True]])
+    dropped = capacity_drop_mask(ids, torch.rand(4, 2), 2, 2, "position", skip=skip)
+    # expert 0 takes the first choices of tokens 0 and 1, then is full; skipped slots are
+    # neither counted nor dropped
+    assert dropped.tolist() == [[False, False], [False, False], [False, True], [True, False]]
+
+
+def test_threshold_routing_by_hand():
+    """Each token takes its best experts until their probability reaches the threshold."""
+    r = build_router(RouterConfig(kind="threshold", top_k=3, threshold=0.6), 3, 4).double()
+    with torch.no_grad():  # logits = (x0, x1, x2, 0)
+        r.weight.zero_()
+        r.weight[:3].copy_(torch.eye(3, dtype=torch.float64))
+    # probabilities (.95, .02, .02, .02): one expert; (.40, .45, 0, .15): two; all .25: k
+    x = torch.tensor([[4.0, 0.0, 0.0], [1.0, 1.1, -9.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    routing = r(x)
+    used = (~routing.dropped).sum(-1).tolist()
+    assert used == [1, 2, 3]
+    assert routing.expert_ids[0, 0] == 0 and routing.expert_ids[1, 0] == 1
+    torch.testing.assert_close(routing.combine_weights.sum(-1), torch.ones(3, dtype=torch.float64))
+    assert routing.experts_per_token.item() == pytest.approx(2.0)
+    assert routing.dropped_fraction.item() == 0.0  # empty slots are not drops
+    assert routing.tokens_per_expert.sum().item() == 6
+    seen = []  # the experts get the used slots only, not k rows a token
+    layer = MoELayer(3, MoEConfig(num_experts=4, expert_ffn=4, router=r.cfg,
+                                  kernel_backend="torch")).double()
+    layer.router = r
+    layer.experts.register_forward_hook(lambda mod, args, out: seen.append(args[1]))
+    layer(x)
+    assert int(seen[0].expert_offsets[-1]) == 6
+    ids, w = r.select(x)  # inference: the same choice, empty slots weigh 0
+    assert torch.equal(ids, routing.expert_ids)
+    torch.testing.assert_close(w, routing.combine_weights)
+
+
+def test_k_schedule_moves_top_k_and_threshold():
+    cfg = RouterConfig(kind="threshold", top_k=2, threshold=0.5, schedule_steps=4,
+                       top_k_start=8, threshold_start=1.0)
+    cfg.check(8)
+    assert [scheduled(cfg, s) for s in (0, 1, 2, 4, 100)] == [
+        (8, 1.0), (7, 0.875), (5, 0.75), (2, 0.5), (2, 0.5)]
+    layer = MoELayer(6, MoEConfig(num_experts=8, expert_ffn=4, router=cfg,
+                                  kernel_backend="torch"))
+    x = torch.randn(5, 6)
+    set_routing_step(layer, 0)  # dense: every token takes all 8 experts
+    assert layer(x)[1].experts_per_token.item() == 8
+    set_routing_step(layer, 4)
+    routing = layer(x)[1]
+    assert routing.top_k == 2 and routing.experts_per_token.item() <= 2
+    assert cfg.top_k == 2 and cfg.top_k_start == 8  # the config itself never changes
+    plain = RouterConfig(top_k=3)
+    assert scheduled(plain, 0) == scheduled(plain, 50) == (3, plain.threshold)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(kind="threshold", threshold=0.0), "threshold must be in"),
+    (dict(kind="threshold", threshold=1.5), "threshold must be in"),
+    (dict(kind="threshold", score="sigmoid"), "score=softmax"),
+    (dict(entropy_loss_coef=0.1, score="sigmoid"), "entropy_loss_coef"),
+    (dict(entropy_loss_coef=-1.0), "entropy_loss_coef"),
+    (dict(kind="expert_choice", entropy_loss_coef=0.1), "entropy_loss_coef"),
+    (dict(top_k_start=4), "schedule_steps=0"),
+    (dict(top_k_start=9, schedule_steps=3), "top_k_start=9"),
+    (dict(threshold_start=0.9, schedule_steps=3), "needs kind=threshold"),
+    (dict(kind="hash", top_k_start=4, schedule_steps=3), "needs kind=topk or threshold"),
+    (dict(schedule_steps=-1), "schedule_steps"),
+    (dict(kind="rand"), "threshold"),
+])
+def test_threshold_and_schedule_config_errors(kw, message):
+    with pytest.raises(ValueError, match=message):
+        RouterConfig(**kw).check(8)
 
 
 def test_sigmoid_bias_changes_selection_not_weights():

@@ -43,12 +43,12 @@ def train(run_dir: Path, data_cache: str, *overrides: str, nproc: int = 1, env=N
     return proc
 
 
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        out[rec["step"]] = rec["loss"]
-    return out
+    return {rec["step"]: rec["loss"] for rec in records(run_dir)}
 
 
 def test_tiny_run_loss_falls_and_writes_its_outputs(tmp_path, data_cache):
@@ -60,8 +60,9 @@ def test_tiny_run_loss_falls_and_writes_its_outputs(tmp_path, data_cache):
     assert last < first - 1.0, (first, last)
     rec = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("step", "loss", "lr", "tokens_per_s", "mfu", "aux_loss", "z_loss",
-                "dropped_fraction", "expert_load"):
+                "dropped_fraction", "expert_load", "experts_per_token", "top_k"):
         assert key in rec, key
+    assert rec["top_k"] == 2 and rec["experts_per_token"] == 2.0
     assert len(rec["expert_load"]) == 2 and len(rec["expert_load"][0]) == 4
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000060"
     assert (run_dir / "expert_load.png").stat().st_size > 1000
@@ -69,7 +70,11 @@ def test_tiny_run_loss_falls_and_writes_its_outputs(tmp_path, data_cache):
 
 
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path, data_cache):
-    common = ["trainer.max_steps=12", "trainer.ckpt_every=4"]
+    """... under a k schedule (4 experts per token at step 1, 1 from step 9 on), which the
+    resumed run picks up at its step."""
+    common = ["trainer.max_steps=12", "trainer.ckpt_every=4", "router=dense_to_sparse",
+              "model.moe.router.top_k=1", "model.moe.router.top_k_start=4",
+              "model.moe.router.schedule_steps=8"]
     train(tmp_path / "a", data_cache, *common)
     killed = train(tmp_path / "b", data_cache, *common, env={"MOE_KILL_AFTER_STEP": "6"},
                    check=False)
@@ -79,6 +84,22 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path, data_cache):
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     for step in range(5, 13):
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), step
+    ks = {r["step"]: r["top_k"] for r in records(tmp_path / "b")}
+    assert [ks[s] for s in range(1, 13)] == [4, 4, 3, 3, 3, 2, 2, 1, 1, 1, 1, 1]
+
+
+def test_threshold_routing_trains_on_fewer_experts(tmp_path, data_cache):
+    """router=threshold: tokens take 1 to top_k experts; the entropy loss is logged and
+    lowers the mean experts per token as training goes (its coefficient raised here)."""
+    train(tmp_path / "run", data_cache, "router=threshold", "trainer.max_steps=30",
+          "model.moe.router.entropy_loss_coef=0.2", "model.moe.router.threshold=0.5")
+    recs = records(tmp_path / "run")
+    for r in recs:
+        assert r["threshold"] == 0.5 and r["top_k"] == 4 and "entropy_loss" in r
+        assert 1.0 <= r["experts_per_token"] <= 4.0
+    first = sum(r["experts_per_token"] for r in recs[:5]) / 5
+    last = sum(r["experts_per_token"] for r in recs[-5:]) / 5
+    assert last < first, (first, last)
 
 
 @pytest.mark.parametrize("override,message", [

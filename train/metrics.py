@@ -52,6 +52,7 @@ class MetricsLogger:
                   f"aux {record['aux_loss']:.3f}  z {record['z_loss']:.3f}  "
                   f"lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s  "
                   f"mfu {record['mfu'] * 100:.2f}%  drop {record['dropped_fraction']:.3f}  "
+                  f"k {record.get('experts_per_token', 0):.2f}  "
                   f"eta {eta:5.0f}s", flush=True)
 
     def heatmap(self, path: Path) -> None:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from kernels.device import peak_flops as device_peak_flops
 from moe import MoETransformer
 from parallel import Parallelized, init_distributed, parallelize
+from routing import scheduled, set_routing_step
 from train import checkpoint
 from train.config import TrainConfig
 from train.data import TokenBatches, prepare
@@ -221,13 +222,16 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
     peak = peak_flops(device, cfg.trainer.peak_tflops)
     kill_after = int(os.environ.get("MOE_KILL_AFTER_STEP", "-1"))  # fault injection (tests)
     losses = []
+    rc = model.cfg.moe.router
     guard = mesh.guard() if mesh else contextlib.nullcontext()
     with guard:
         for step in range(start + 1, cfg.trainer.max_steps + 1):
             t0 = time.perf_counter()
             lr = lr_at(step - 1, cfg)
+            top_k, threshold = scheduled(rc, step - 1)
             par.set_lr(lr)
             ids = batches.batch(step - 1).to(device)
+            set_routing_step(model, step - 1)  # the k / sparsity schedule, if any
             par.counters.reset()
             out = par.module(ids[:, :-1], labels=ids[:, 1:])
             par.backward(out.loss)
@@ -247,6 +251,12 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
                 dropped_fraction=float(torch.stack([r.dropped_fraction.float()
                                                     for r in out.routings]).mean())
                 if out.routings else 0.0,
+                experts_per_token=float(torch.stack([r.experts_per_token.float()
+                                                     for r in out.routings]).mean())
+                if out.routings else 0.0,
+                top_k=top_k, **({"threshold": threshold} if rc.kind == "threshold" else {}),
+                **({"entropy_loss": out.entropy_loss.item()}
+                   if out.entropy_loss is not None else {}),
                 expert_load=[(r.tokens_per_expert.float()
                               / r.tokens_per_expert.sum().clamp(min=1)).tolist()
                              for r in out.routings],
