@@ -354,3 +354,35 @@ def test_checkpoints_from_before_new_config_fields_still_resume(tmp_path):
     assert checkpoint.model_config(tmp_path) == ModelConfig()
     with pytest.raises(ValueError, match="sliding_window: checkpoint None, this run 8"):
         checkpoint.check_model_config(tmp_path, {**run, "sliding_window": 8})
+
+
+def test_mfu_counts_the_experts_a_token_was_routed_to():
+    """FLOPs per token grow by one expert's per extra expert; threshold routing counts the
+    slots its threshold used (capacity drops included), top-k routing its (scheduled) k."""
+    from moe import ModelConfig, MoEConfig, MoETransformer
+    from routing import RouterConfig
+    from train.trainer import active_flops_per_token, routed_experts_per_token
+
+    rc = RouterConfig(kind="threshold", top_k=3, threshold=0.5, capacity_factor=0.5)
+    cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, max_seq_len=8,
+                      moe=MoEConfig(num_experts=4, expert_ffn=8, router=rc,
+                                    kernel_backend="torch"))
+    model = MoETransformer(cfg)
+    f = [active_flops_per_token(model, 8, k) for k in (0, 1, 2, 3)]
+    expert = 6 * 2 * 3 * 16 * 8  # fwd+bwd of one SwiGLU expert (3 d x ffn matrices), 2 layers
+    assert [b - a for a, b in zip(f, f[1:])] == pytest.approx([expert] * 3)
+    assert active_flops_per_token(model, 8) == pytest.approx(f[3])  # default: top_k
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.mlp.router.weight.normal_(0, 0.5)
+    out = model(torch.randint(0, 32, (4, 8)), labels=torch.randint(0, 32, (4, 8)))
+    used = 0.0  # each token's slots by the threshold rule, from its router logits
+    for r in out.routings:
+        p = torch.softmax(r.router_logits, -1).sort(-1, descending=True).values
+        before = p.cumsum(-1) - p
+        used += float((before[:, :3] < 0.5).sum()) / r.num_tokens / 2
+    assert any(float(r.dropped_fraction) > 0 for r in out.routings)
+    assert routed_experts_per_token(out.routings, rc, 3) == pytest.approx(used, rel=1e-5)
+    assert 1 <= used < 3
+    assert routed_experts_per_token(out.routings, RouterConfig(top_k=2), 2) == 2.0

@@ -34,18 +34,32 @@ def lr_at(step: int, cfg) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def active_flops_per_token(model: MoETransformer, seq_len: int) -> float:
-    """6 x (parameters a token passes through) + attention, for fwd+bwd (PaLM's MFU count)."""
+def active_flops_per_token(model: MoETransformer, seq_len: int,
+                           experts_per_token: float | None = None) -> float:
+    """6 x (parameters a token passes through) + attention, for fwd+bwd (PaLM's MFU count).
+    experts_per_token: the experts a token passes through (default: the config's top_k; a
+    k schedule or threshold routing changes it step by step)."""
     cfg = model.cfg
+    k = cfg.moe.router.top_k if experts_per_token is None else experts_per_token
     n = 0
     for name, p in model.named_parameters():
         if ".experts." in name:
-            n += p.numel() * cfg.moe.router.top_k / cfg.moe.num_experts
+            n += p.numel() * k / cfg.moe.num_experts
         elif name != "embed.weight":
             n += p.numel()
     _, k_dim, v_dim = cfg.kv_dims  # q.k and attention-weighted v, every head (MLA too)
     attn = 6 * cfg.n_layers * seq_len * cfg.n_heads * (k_dim + v_dim)
     return 6 * n + attn
+
+
+def routed_experts_per_token(routings, rc, top_k: int) -> float:
+    """The experts a token was routed to this step, before capacity drops: top_k, or for
+    threshold routing the mean of the slots its threshold used."""
+    if rc.kind != "threshold" or not routings:
+        return float(top_k)
+    used = [r.experts_per_token.float() / (1 - r.dropped_fraction.float()).clamp(min=1e-6)
+            for r in routings]
+    return float(torch.stack(used).mean())
 
 
 def peak_flops(device: torch.device, configured: float | None) -> float:
@@ -218,7 +232,9 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
     metrics = MetricsLogger(run_dir, cfg.trainer.max_steps, cfg.trainer.log_every,
                             cfg.logger.kind, cfg.logger.project, cfg.logger.run_name,
                             config=dataclasses.asdict(cfg), enabled=main)
-    flops_tok = active_flops_per_token(model, cfg.data.seq_len)
+    # FLOPs per token (MFU) are linear in the experts a token passes through
+    flops_0 = active_flops_per_token(model, cfg.data.seq_len, 0)
+    flops_per_expert = active_flops_per_token(model, cfg.data.seq_len, 1) - flops_0
     peak = peak_flops(device, cfg.trainer.peak_tflops)
     kill_after = int(os.environ.get("MOE_KILL_AFTER_STEP", "-1"))  # fault injection (tests)
     losses = []
@@ -244,6 +260,8 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
                 loss /= world
             dt = time.perf_counter() - t0
             tokens = ids[:, :-1].numel() * world
+            flops_tok = flops_0 + flops_per_expert * routed_experts_per_token(
+                out.routings, rc, top_k)
             record = dict(
                 step=step, loss=loss.item(), lr=lr, grad_norm=gnorm,
                 tokens_per_s=tokens / dt, mfu=flops_tok * tokens / world / dt / peak,
