@@ -7,6 +7,7 @@ our own exports).
     moe-serve chat --model DIR
     moe-serve bench --model DIR --memory-budget 24GiB --json
     moe-serve http --model DIR --port 8000
+    moe-serve generate --config gpu_24gib --model DIR --prompt "Hi"   (configs/serve/ presets)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import json
 import sys
 
-from serve.config import CACHE_POLICIES, QUANT_CHOICES, ServeConfig
+from serve.config import CACHE_POLICIES, QUANT_CHOICES, ServeConfig, read_serve_config
 from serve.generate import SamplingConfig
 from serve.units import parse_size
 
@@ -36,21 +37,30 @@ def _ids(text: str) -> list[int]:
 
 
 def _runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (config.json, safetensors)")
+    """Flags default to None: unset ones come from --config, else from ServeConfig."""
+    p.add_argument("--config", default=None, metavar="NAME|FILE",
+                   help="a serving preset: a YAML file of ServeConfig fields or the name of "
+                        "one in configs/serve/; the flags given here override it")
+    p.add_argument("--model", default=None,
+                   help="model directory (config.json, safetensors); required unless the "
+                        "--config names it")
     p.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
                    help="bytes the runtime may keep on the device (e.g. 300KiB, 8GiB); "
                         "default: no limit")
     p.add_argument("--host-budget", type=_size, default=None, metavar="SIZE",
                    help="expert bytes kept in host RAM; the rest stays on disk")
-    p.add_argument("--cache-policy", choices=CACHE_POLICIES, default="lru")
-    p.add_argument("--prefetch", choices=["none", "cross-layer"], default="cross-layer")
-    p.add_argument("--quant", choices=QUANT_CHOICES, default="auto",
+    p.add_argument("--cache-policy", choices=CACHE_POLICIES, default=None,
+                   help="default: lru")
+    p.add_argument("--prefetch", choices=["none", "cross-layer"], default=None,
+                   help="default: cross-layer")
+    p.add_argument("--quant", choices=QUANT_CHOICES, default=None,
                    help="experts kept packed: int8 / int4 quantized at load, mxfp4 as an "
                         "MXFP4 checkpoint (GPT-OSS) stores them; auto (default): mxfp4 for "
                         "MXFP4 checkpoints, else none")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None,
+                   help="default: auto (cuda when present)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                   default="auto")
+                   default=None, help="default: auto (bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--max-context", type=int, default=None,
                    help="tokens of KV cache per sequence (default: the model's, at most 4096)")
     p.add_argument("--max-batch", type=int, default=None,
@@ -79,12 +89,19 @@ def _sampling(a) -> SamplingConfig:
     return SamplingConfig(temperature=temp, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
 
 
+FLAG_FIELDS = ("model", "device", "dtype", "memory_budget", "host_budget", "cache_policy",
+               "prefetch", "quant", "max_batch", "max_context", "offload_dir")
+
+
 def _config(a, batch: int = 1) -> ServeConfig:
-    return ServeConfig(model=a.model, device=a.device, dtype=a.dtype,
-                       memory_budget=a.memory_budget, host_budget=a.host_budget,
-                       cache_policy=a.cache_policy, prefetch=a.prefetch, quant=a.quant,
-                       max_batch=a.max_batch or batch, max_context=a.max_context,
-                       offload_dir=a.offload_dir)
+    """ServeConfig from the flags given, over the --config preset, over the defaults; the
+    batch (one row per prompt) unless a flag or the preset sets max_batch."""
+    fields = read_serve_config(a.config) if a.config else {}
+    fields.update({k: getattr(a, k) for k in FLAG_FIELDS if getattr(a, k) is not None})
+    if not fields.get("model"):
+        raise ValueError("no model directory: give --model DIR (or model: in the --config)")
+    fields.setdefault("max_batch", batch)
+    return ServeConfig(**fields)
 
 
 def _session(a, batch: int = 1):

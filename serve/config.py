@@ -1,8 +1,10 @@
-"""Typed serving configuration (the CLI fills it; tests build it directly)."""
+"""Typed serving configuration: the CLI fills it from its flags over an optional preset (a YAML
+file, or one of configs/serve/); tests build it directly."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 CACHE_POLICIES = ("lru", "lfu", "layer", "next-use")  # serve.cache.POLICIES
 QUANT_CHOICES = ("auto", "none", "int8", "int4", "mxfp4")
@@ -54,3 +56,41 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_context is not None and self.max_context < 2:
             raise ValueError(f"max_context must be >= 2, got {self.max_context}")
+
+
+SERVE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "serve"
+_INT_FIELDS = ("max_batch", "max_context", "prefill_chunk")
+
+
+def read_serve_config(name_or_path: str) -> dict:
+    """A serving preset: a YAML file of ServeConfig fields, given as a path or as the name of
+    one in configs/serve/ ("gpu_24gib" for configs/serve/gpu_24gib.yaml) -> {field: value}.
+    ValueError names an unknown key or a value of the wrong type."""
+    from omegaconf import OmegaConf
+
+    path = Path(name_or_path)
+    if not path.exists() and not path.suffix:
+        path = SERVE_CONFIGS / f"{name_or_path}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in SERVE_CONFIGS.glob("*.yaml"))
+        raise FileNotFoundError(f"serve config {name_or_path!r} is neither a file nor one of "
+                                f"configs/serve/: {', '.join(names)}")
+    try:
+        doc = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as e:  # noqa: BLE001 - YAML and interpolation errors alike
+        raise ValueError(f"{path}: not a readable YAML config ({e})") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a mapping of ServeConfig fields")
+    known = {f.name for f in fields(ServeConfig)}
+    for key, value in doc.items():
+        if key not in known:
+            raise ValueError(f"{path}: unknown key {key!r}; serve configs take "
+                             f"{', '.join(sorted(known))}")
+        if key in _INT_FIELDS and value is not None and (
+                not isinstance(value, int) or isinstance(value, bool)):
+            raise ValueError(f"{path}: {key} must be an integer, got {value!r}")
+        if key not in _INT_FIELDS and value is not None and not isinstance(value, (str, int)):
+            raise ValueError(f"{path}: {key} must be a string, got {value!r}")
+    return doc

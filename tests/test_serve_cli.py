@@ -77,8 +77,54 @@ def test_bench_reports_speed_hits_and_utilisation(model_dir):
     assert r["kv_cache_bytes_per_token"] == 3 * 2 * (8 + 8) * 4
 
 
+def test_a_serve_config_preset_under_the_flags(model_dir, tmp_path):
+    """--config FILE fills what the flags leave unset; a flag given wins; a name resolves to
+    configs/serve/NAME.yaml."""
+    d, hf = model_dir
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(f"model: {d}\nmemory_budget: 600KiB\ncache_policy: lfu\n"
+                      "prefetch: none\ndevice: cpu\n")
+    p = cli("bench", "--config", preset, "--cache-policy", "layer", "--prompt-len", 8,
+            "--new-tokens", 3, "--json", "--quiet")
+    r = json.loads(p.stdout)
+    assert (r["cache_policy"], r["prefetch"]) == ("layer", "none")
+    assert r["expert_slots"] < r["total_experts"]  # the preset's budget
+    p = cli("generate", "--config", "cpu", "--model", d, "--prompt-ids", "3,14,15",
+            "--max-new-tokens", 6, "--json")
+    assert json.loads(p.stdout)["token_ids"] == hf_greedy(hf, [3, 14, 15], 6)
+    p = cli("generate", "--config", preset.with_name("none.yaml"), "--prompt-ids", "1",
+            check=False)
+    assert p.returncode == 2 and "neither a file nor one of configs/serve/" in p.stderr
+    assert "gpu_24gib" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("text,message", [
+    ("cache_polcy: lru\n", "unknown key 'cache_polcy'"),
+    ("max_batch: four\n", "max_batch must be an integer"),
+    ("memory_budget: [1, 2]\n", "memory_budget must be a string"),
+    ("- device\n", "a mapping of ServeConfig fields"),
+    ("device: [\n", "not a readable YAML"),
+])
+def test_bad_serve_configs_are_named(tmp_path, text, message):
+    from serve.config import read_serve_config
+
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        read_serve_config(str(tmp_path / "c.yaml"))
+
+
+def test_every_shipped_serve_preset_reads_and_checks():
+    from serve.config import SERVE_CONFIGS, read_serve_config
+
+    names = sorted(p.stem for p in SERVE_CONFIGS.glob("*.yaml"))
+    assert {"cpu", "gpu_24gib"} <= set(names)
+    for name in names:
+        ServeConfig(**{"model": "m", **read_serve_config(name)}).check()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model", "/nonexistent/model", "--prompt-ids", "1"], "does not exist"),
+    (["--model", "", "--prompt-ids", "1"], "no model directory"),
     (["--prompt-ids", "1,2", "--memory-budget", "1KiB"], "too small"),
     (["--prompt-ids", "1,2", "--memory-budget", "12XB"], "invalid size"),
     (["--prompt-ids", ",".join(["5"] * 70)], "longer than the context"),
