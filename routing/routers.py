@@ -11,7 +11,7 @@ from torch import nn
 
 from kernels import topk_route
 from routing.capacity import capacity_drop_mask, expert_capacity
-from routing.config import RouterConfig
+from routing.config import TOKEN_CHOICE, RouterConfig
 from routing.losses import (
     aux_free_bias_update,
     router_entropy,
@@ -160,6 +160,7 @@ class TopKRouter(Router):
         return before >= self.threshold
 
     def _renormalize(self, weights: torch.Tensor) -> torch.Tensor:
+        """weights [T, k] -> divided by their sum if cfg.renormalize, times routed_scaling."""
         if not self.cfg.renormalize:
             return weights * self.cfg.routed_scaling_factor
         return weights / (weights.sum(-1, keepdim=True) + 1e-20) \
@@ -200,10 +201,7 @@ class TopKRouter(Router):
         keep.scatter_(1, group.topk(cfg.topk_group, dim=-1).indices, True)
         keep = keep[:, :, None].expand_as(grouped).reshape(T, E)
         expert_ids = choice.masked_fill(~keep, float("-inf")).topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, expert_ids)
-        if cfg.renormalize:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return expert_ids, weights * cfg.routed_scaling_factor
+        return expert_ids, self._renormalize(scores.gather(1, expert_ids))
 
     @torch.no_grad()
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,7 +321,7 @@ def build_router(
 ) -> Router:
     """RouterConfig -> the router module it names (backend: kernels for top-k routing)."""
     cfg.check(num_experts)
-    if cfg.kind in ("topk", "threshold"):
+    if cfg.kind in TOKEN_CHOICE:
         return TopKRouter(d_model, num_experts, cfg, backend)
     if cfg.kind == "expert_choice":
         return ExpertChoiceRouter(d_model, num_experts, cfg)
