@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One call for a short GPU lease (15 minutes with start-up): the figures issues 3 and 6 ask
+# for, the most wanted first, each step under its own limit (the defaults add up to 540 s, so
+# the call fits a 560 s timeout_s and the lease keeps a margin for its start). Steps that a
+# limit stops still write the rows they finished. Run from the repository root with OUT set;
+# before the lease: bash bench/prepare_gpu_carry.sh, then carry [".whl", ".peers"].
+#   1) offloaded decode at Mixtral-8x7B layer shapes (issue 6): budgets holding 25% / 50% of
+#      the experts, ours with and without prefetch vs transformers + accelerate vs the PCIe
+#      bound, bf16 experts, batch 1
+#   2) one MoE layer's forward+backward at 16k tokens (issue 3): ours vs the same-FLOPs dense
+#      GEMM (the ceiling) vs transformers' grouped_mm block, ScatterMoE and DeepSpeed
+#   3) the Triton kernel tests on the GPU
+# SMOKE=1 rehearses the same steps on the CPU at tiny shapes (the interpreter runs Triton).
+set -uo pipefail
+source bench/gpu_env.sh
+smoke=()
+tokens=(--tokens 16384)
+if [ "${SMOKE:-0}" = 1 ]; then
+  smoke=(--smoke)
+  tokens=()
+  export TRITON_INTERPRET=1
+else
+  nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current \
+    --format=csv > "$OUT/gpu.txt" 2>&1
+fi
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+  | tee -a "$OUT/gpu.txt"
+limited "${SERVE_TIMEOUT:-250}" python3 -m bench.serve "${smoke[@]}" --layers "${LAYERS:-4}" \
+  --batches 1 --quants none --dir /tmp/mserve --out "$OUT/RESULTS.md" \
+  --json-out "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log"
+limited "${KERNEL_TIMEOUT:-210}" python3 -m bench.kernels "${smoke[@]}" \
+  --shapes mixtral,olmoe,qwen3 "${tokens[@]}" \
+  --impls ours,dense,hf-grouped,scattermoe,deepspeed --out "$OUT/RESULTS.md" 2>&1 \
+  | tee "$OUT/kernels.log"
+MOE_TRITON_AUTOTUNE=0 limited "${TEST_TIMEOUT:-80}" python3 -m pytest -q -x -p no:cacheprovider \
+  tests/test_kernels_triton.py 2>&1 | tail -5 | tee "$OUT/pytest_gpu.log"
