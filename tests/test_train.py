@@ -170,6 +170,7 @@ def test_sweep_and_report(tmp_path, data_cache):
     assert rep.returncode == 0, rep.stderr
     table = (sweep / "sweep.md").read_text()
     assert "model.moe.router.top_k=1" in table and "model.moe.router.top_k=2" in table
+    assert "| experts/token |" in table and "| 1.00 |" in table and "| 2.00 |" in table
     assert (sweep / "sweep.png").stat().st_size > 1000
 
 

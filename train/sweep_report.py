@@ -14,7 +14,8 @@ from pathlib import Path
 
 
 def collect(sweep_dir: Path) -> list[dict]:
-    """One row per finished run: its overrides, final loss, median tokens/s."""
+    """One row per finished run: its overrides, final loss, median tokens/s, and the mean
+    experts a token went to over the last 10% of steps (None for runs that did not log it)."""
     rows = []
     for metrics in sorted(sweep_dir.glob("*/metrics.jsonl"), key=lambda p: p.parent.name):
         run = metrics.parent
@@ -30,14 +31,19 @@ def collect(sweep_dir: Path) -> list[dict]:
         rows.append(dict(run=run.name, setting=" ".join(overrides) or run.name,
                          steps=records[-1]["step"],
                          final_loss=statistics.mean(r["loss"] for r in tail),
-                         tokens_per_s=statistics.median(r["tokens_per_s"] for r in records)))
+                         tokens_per_s=statistics.median(r["tokens_per_s"] for r in records),
+                         experts_per_token=statistics.mean(r["experts_per_token"] for r in tail)
+                         if all("experts_per_token" in r for r in tail) else None))
     return rows
 
 
 def write(rows: list[dict], sweep_dir: Path) -> tuple[Path, Path]:
-    table = ["| run | setting | steps | final loss | tokens/s |", "|---|---|---|---|---|"]
+    table = ["| run | setting | steps | final loss | tokens/s | experts/token |",
+             "|---|---|---|---|---|---|"]
     table += [f"| {r['run']} | {r['setting']} | {r['steps']} | {r['final_loss']:.4f} | "
-              f"{r['tokens_per_s']:,.0f} |" for r in rows]
+              f"{r['tokens_per_s']:,.0f} | "
+              + ("-" if r["experts_per_token"] is None else f"{r['experts_per_token']:.2f}")
+              + " |" for r in rows]
     md = sweep_dir / "sweep.md"
     md.write_text("\n".join(table) + "\n")
 
