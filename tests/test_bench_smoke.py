@@ -101,3 +101,32 @@ def test_kernels_bench_writes_its_rows_when_a_timeout_stops_it(tmp_path):
     text = out.read_text()
     assert "**Partial**: stopped by SIGTERM" in text
     assert "| smoke | 16 | dense GEMM" in text
+
+
+def test_policies_bench_counts_decode_steps_on_a_warm_cache(tmp_path):
+    """bench/policies.py: a row per budget and policy; its counts are the decode steps'
+    (every greedy token after the first, each using top-k experts a layer), summed over
+    prompts on one cache; without prefetch every byte moved is a miss's expert."""
+    from bench.policies import decode_counts, held_out_prompts, main
+    from serve.config import ServeConfig
+    from serve.runtime import OffloadedModel
+    from serve.text import TextCodec
+    from tests.hf_models import save_served_model
+
+    hf = save_served_model(tmp_path / "m", seed=5)
+    out = tmp_path / "results.md"
+    main(["--model", str(tmp_path / "m"), "--prompts", "2", "--prompt-len", "8",
+          "--new-tokens", "5", "--fractions", "0.5", "--policies", "lru,next-use",
+          "--out", str(out)])
+    text = out.read_text()
+    assert "| 12/24 (50%) | lru |" in text and "| 12/24 (50%) | next-use |" in text
+    prompts = held_out_prompts(TextCodec(tmp_path / "m"), 2, 8)
+    assert len({tuple(p) for p in prompts}) == 2 and all(len(p) == 8 for p in prompts)
+    cfg = ServeConfig(model=str(tmp_path / "m"), device="cpu", dtype="float32",
+                      memory_budget="500KiB", prefetch="none", max_context=32)
+    model = OffloadedModel(cfg)
+    c = decode_counts(model, prompts, 5)
+    layers, k = hf.config.num_hidden_layers, hf.config.num_experts_per_tok
+    # one token a step uses k distinct experts a layer; prefill (8 tokens) would add more
+    assert c["hits"] + c["misses"] == 2 * 5 * layers * k
+    assert c["misses"] > 0 and c["bytes_to_device"] == c["misses"] * model.slot_bytes

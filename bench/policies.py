@@ -1,0 +1,152 @@
+"""Expert-cache policies and the cross-layer prefetcher on a trained model's real routing:
+decode hit rate, bytes moved per token and prefetch precision / recall, for every cache policy
+with and without prefetch, under budgets that hold 25% and 50% of the experts.
+
+    make demo                                   # trains and exports runs/demo/hf
+    python -m bench.policies --model runs/demo/hf
+
+Random weights route tokens with no locality to exploit; a trained model's routing has it,
+which is what the policies and the predictor are for. These counts do not depend on the
+device (the same tokens route the same way on a GPU), so they run on the CPU. The prompts are
+held-out text: this repository's own Python files, which the demo model did not train on.
+Each prompt is prefilled and then decoded greedily for --new-tokens tokens; the cache stays
+warm from one prompt to the next, as in a server. Counts are of the decode steps only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from bench.common import (
+    Stopped,
+    append_results,
+    command_line,
+    markdown_table,
+    results_block,
+    stop_on_sigterm,
+)
+from serve.cache import CacheStats
+from serve.config import CACHE_POLICIES, ServeConfig
+from serve.generate import DecodeBatch
+from serve.runtime import OffloadedModel, PrefetchStats, memory_plan
+from serve.store import WeightStore
+from serve.text import TextCodec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def held_out_prompts(codec: TextCodec, n: int, tokens: int) -> list[list[int]]:
+    """n prompts of `tokens` ids each: the openings of this repository's Python files (sorted
+    by path, every file with enough text), which the demo model never saw."""
+    prompts = []
+    for path in sorted(ROOT.glob("*/*.py")):
+        ids = codec.encode(path.read_text())
+        if len(ids) >= tokens:
+            prompts.append(ids[:tokens])
+        if len(prompts) == n:
+            break
+    if len(prompts) < n:
+        raise ValueError(f"only {len(prompts)} files give {tokens}-token prompts")
+    return prompts
+
+
+def decode_counts(model: OffloadedModel, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Greedy decode of each prompt in turn on one warm cache -> the counters of the decode
+    steps only, summed over the prompts."""
+    total: dict[str, int] = {}
+    decoder = DecodeBatch(model, capacity=1)
+    model.reset_stats()
+    for ids in prompts:
+        (row,) = decoder.add([ids], [new_tokens + 1])
+        while row.pending:  # prefill, then the first token
+            decoder.step()
+        before = model.counters()
+        while not row.done:
+            decoder.step()
+        after = model.counters()
+        for k, v in after.items():
+            total[k] = total.get(k, 0) + v - before[k]
+    return total
+
+
+def _rates(c: dict) -> tuple[float, float, float]:
+    """Summed counters -> (hit rate, prefetch precision, prefetch recall)."""
+    cache = CacheStats(**{f.name: c[f.name] for f in fields(CacheStats)})
+    pf = PrefetchStats(**{f.name: c[f.name] for f in fields(PrefetchStats)})
+    return cache.hit_rate, pf.precision, pf.recall
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a trained model directory (make demo: "
+                   "runs/demo/hf)")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=48)
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--fractions", default="0.25,0.5")
+    p.add_argument("--policies", default=",".join(CACHE_POLICIES))
+    p.add_argument("--out", default="bench/RESULTS.md")
+    a = p.parse_args(argv)
+    policies = [x for x in a.policies.split(",") if x]
+    unknown = set(policies) - set(CACHE_POLICIES)
+    if unknown:
+        sys.exit(f"error: unknown cache policies {sorted(unknown)}; "
+                 f"choose from {', '.join(CACHE_POLICIES)}")
+    device, dtype = torch.device("cpu"), torch.float32
+    store = WeightStore(Path(a.model), dtype, "none", host_budget=0)
+    codec = TextCodec(a.model)
+    prompts = held_out_prompts(codec, a.prompts, a.prompt_len)
+    max_context = a.prompt_len + a.new_tokens + 8
+    base = ServeConfig(model=a.model, device="cpu", dtype="float32", max_context=max_context)
+    fixed, slot, _ = memory_plan(store, base, dtype, 1, max_context)
+    total = len(store.moe_layers) * store.num_experts
+    rows, stopped = [], None
+    try:
+        with stop_on_sigterm():
+            for f in (float(x) for x in a.fractions.split(",")):
+                slots = max(1, round(f * total))
+                for policy in policies:
+                    got = {}
+                    for prefetch in ("cross-layer", "none"):
+                        cfg = ServeConfig(**{**base.__dict__, "memory_budget": fixed
+                                             + slots * slot, "cache_policy": policy,
+                                             "prefetch": prefetch})
+                        model = OffloadedModel(cfg, store=store)
+                        got[prefetch] = decode_counts(model, prompts, a.new_tokens)
+                    pf, none = got["cross-layer"], got["none"]
+                    n_tok = a.prompts * a.new_tokens
+                    (hit, prec, rec), (hit0, _, _) = _rates(pf), _rates(none)
+                    rows.append([f"{slots}/{total} ({f:.0%})", policy,
+                                 f"{hit:.2f} / {hit0:.2f}",
+                                 f"{pf['bytes_to_device'] / n_tok / 2**10:.1f} / "
+                                 f"{none['bytes_to_device'] / n_tok / 2**10:.1f}",
+                                 f"{prec:.2f} / {rec:.2f}"])
+                    print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    except Stopped:
+        stopped = "stopped by SIGTERM (timeout); the rows are those measured before it"
+    m = store.cfg
+    body = (f"Model: `{a.model}` ({m.n_layers} layers, {m.moe.num_experts} experts top-"
+            f"{m.moe.router.top_k}, d={m.d_model}, expert ffn={m.moe.expert_ffn}), float32 on "
+            f"the CPU. {a.prompts} held-out prompts of {a.prompt_len} tokens (this "
+            f"repository's Python files), {a.new_tokens} greedy tokens each, one warm cache; "
+            "counts of the decode steps. pf = cross-layer prefetch.\n\n"
+            + (f"**Partial**: {stopped}.\n\n" if stopped else "")
+            + markdown_table(["budget (slots)", "policy", "hit rate (pf / no pf)",
+                              "KiB moved / token (pf / no pf)", "prefetch prec / recall"],
+                             rows))
+    title = "Cache policies on a trained model's routing (bench/policies.py)"
+    command = command_line("bench.policies", argv)
+    print(results_block(title, command, device, body))
+    append_results(a.out, title, command, device, body)
+    if stopped:
+        raise SystemExit(128 + signal.SIGTERM)
+
+
+if __name__ == "__main__":
+    main()
