@@ -72,6 +72,7 @@ CASES = [  # (T, E, k, sigmoid, renormalize, scale, bias)
     (33, 128, 8, False, False, 1.0, False),
     (0, 8, 2, False, True, 1.0, False),
     (5, 1, 1, True, False, 1.0, False),
+    (7, 16, 16, False, True, 1.0, False),  # k = E: a dense-to-sparse schedule's first steps
 ]
 
 
