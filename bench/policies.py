@@ -91,15 +91,23 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--fractions", default="0.25,0.5")
     p.add_argument("--policies", default=",".join(CACHE_POLICIES))
+    p.add_argument("--quants", default="none",
+                   help="expert formats (none, int8, int4): packed ones fit more slots in the "
+                        "same budget and move fewer bytes each")
     p.add_argument("--out", default="bench/RESULTS.md")
     a = p.parse_args(argv)
+    bad = [q for q in a.quants.split(",") if q and q not in ("none", "int8", "int4")]
+    if bad:
+        sys.exit(f"error: --quants takes none, int8 and int4, got {', '.join(bad)}")
     policies = [x for x in a.policies.split(",") if x]
     unknown = set(policies) - set(CACHE_POLICIES)
     if unknown:
         sys.exit(f"error: unknown cache policies {sorted(unknown)}; "
                  f"choose from {', '.join(CACHE_POLICIES)}")
     device, dtype = torch.device("cpu"), torch.float32
-    store = WeightStore(Path(a.model), dtype, "none", host_budget=0)
+    quants = [q for q in a.quants.split(",") if q]
+    stores = {q: WeightStore(Path(a.model), dtype, q, host_budget=0) for q in quants}
+    store = stores.get("none") or WeightStore(Path(a.model), dtype, "none", host_budget=0)
     codec = TextCodec(a.model)
     prompts = held_out_prompts(codec, a.prompts, a.prompt_len)
     max_context = a.prompt_len + a.new_tokens + 8
@@ -111,18 +119,18 @@ def main(argv=None) -> None:
         with stop_on_sigterm():
             for f in (float(x) for x in a.fractions.split(",")):
                 slots = max(1, round(f * total))
-                for policy in policies:
+                for policy, q in ((p, q) for q in quants for p in policies):
                     got = {}
                     for prefetch in ("cross-layer", "none"):
                         cfg = ServeConfig(**{**base.__dict__, "memory_budget": fixed
                                              + slots * slot, "cache_policy": policy,
-                                             "prefetch": prefetch})
-                        model = OffloadedModel(cfg, store=store)
+                                             "prefetch": prefetch, "quant": q})
+                        model = OffloadedModel(cfg, store=stores[q])
                         got[prefetch] = decode_counts(model, prompts, a.new_tokens)
                     pf, none = got["cross-layer"], got["none"]
                     n_tok = a.prompts * a.new_tokens
                     (hit, prec, rec), (hit0, _, _) = _rates(pf), _rates(none)
-                    rows.append([f"{slots}/{total} ({f:.0%})", policy,
+                    rows.append([f"{slots}/{total} ({f:.0%})", q, str(model.n_slots), policy,
                                  f"{hit:.2f} / {hit0:.2f}",
                                  f"{pf['bytes_to_device'] / n_tok / 2**10:.1f} / "
                                  f"{none['bytes_to_device'] / n_tok / 2**10:.1f}",
@@ -137,7 +145,8 @@ def main(argv=None) -> None:
             f"repository's Python files), {a.new_tokens} greedy tokens each, one warm cache; "
             "counts of the decode steps. pf = cross-layer prefetch.\n\n"
             + (f"**Partial**: {stopped}.\n\n" if stopped else "")
-            + markdown_table(["budget (slots)", "policy", "hit rate (pf / no pf)",
+            + markdown_table(["budget (float32 slots)", "expert format", "slots", "policy",
+                              "hit rate (pf / no pf)",
                               "KiB moved / token (pf / no pf)", "prefetch prec / recall"],
                              rows))
     title = "Cache policies on a trained model's routing (bench/policies.py)"
