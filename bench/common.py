@@ -42,10 +42,12 @@ def sync(device: torch.device) -> None:
 
 
 def time_fn(fn: Callable[[], None], device: torch.device, budget_s: float = 1.0,
-            max_iters: int = 20, min_iters: int = 3) -> float:
-    """Median seconds of fn() after one warm-up call; fewer repeats for slow functions."""
-    fn()
-    sync(device)
+            max_iters: int = 20, min_iters: int = 3, warmup: bool = True) -> float:
+    """Median seconds of fn() after one warm-up call (unless warmup=False: CPU smoke runs,
+    whose times mean nothing); fewer repeats for slow functions."""
+    if warmup:
+        fn()
+        sync(device)
     times = []
     t_end = time.perf_counter() + budget_s
     while len(times) < max_iters and (len(times) < min_iters or time.perf_counter() < t_end):

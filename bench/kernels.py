@@ -461,7 +461,8 @@ def _time_impl(key, shape, T, dtype, device, results: dict) -> None:
     step = None
     try:
         step = build(shape, T, dtype, device)
-        t = time_fn(step, device, min_iters=3 if device.type == "cuda" else 1)
+        gpu = device.type == "cuda"
+        t = time_fn(step, device, min_iters=3 if gpu else 1, warmup=gpu)
         mem = peak_memory(step, device)
         results[name] = (t, mem, None)
     except Unavailable as e:
