@@ -220,9 +220,10 @@ def test_export_cli_loads_in_transformers(tmp_path, data_cache, family, override
     with torch.no_grad():
         torch.testing.assert_close(hf(fixed).logits, ours, rtol=1e-5, atol=1e-5)
         assert hf(ids).logits.shape[-1] == 512
-    bad = subprocess.run([sys.executable, "-m", "train.export", str(tmp_path / "nope"),
-                          str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "not a checkpoint" in bad.stderr
+    if family == "mixtral":  # the refusal is the same for every family
+        bad = subprocess.run([sys.executable, "-m", "train.export", str(tmp_path / "nope"),
+                              str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert bad.returncode != 0 and "not a checkpoint" in bad.stderr
 
 
 def test_fine_tune_a_hub_moe_and_export_it_back(tmp_path, data_cache):
