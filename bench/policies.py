@@ -82,6 +82,14 @@ def _rates(c: dict) -> tuple[float, float, float]:
     return cache.hit_rate, pf.precision, pf.recall
 
 
+def _counts(run: ServeConfig, store: WeightStore, prompts: list[list[int]], new_tokens: int,
+            prefetch: str, bar: float = 0.0) -> dict:
+    """decode_counts of a fresh runtime of `run` with this prefetch setting, and its slots."""
+    cfg = ServeConfig(**{**run.__dict__, "prefetch": prefetch, "prefetch_min_weight": bar})
+    model = OffloadedModel(cfg, store=store)
+    return dict(decode_counts(model, prompts, new_tokens), n_slots=model.n_slots)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a trained model directory (make demo: "
@@ -94,8 +102,12 @@ def main(argv=None) -> None:
     p.add_argument("--quants", default="none",
                    help="expert formats (none, int8, int4): packed ones fit more slots in the "
                         "same budget and move fewer bytes each")
+    p.add_argument("--min-weights", default="0",
+                   help="prefetch_min_weight values for the prefetch rows (0: every top-k "
+                        "prediction is copied ahead)")
     p.add_argument("--out", default="bench/RESULTS.md")
     a = p.parse_args(argv)
+    bars = [float(x) for x in a.min_weights.split(",") if x]
     bad = [q for q in a.quants.split(",") if q and q not in ("none", "int8", "int4")]
     if bad:
         sys.exit(f"error: --quants takes none, int8 and int4, got {', '.join(bad)}")
@@ -120,22 +132,19 @@ def main(argv=None) -> None:
             for f in (float(x) for x in a.fractions.split(",")):
                 slots = max(1, round(f * total))
                 for policy, q in ((p, q) for q in quants for p in policies):
-                    got = {}
-                    for prefetch in ("cross-layer", "none"):
-                        cfg = ServeConfig(**{**base.__dict__, "memory_budget": fixed
-                                             + slots * slot, "cache_policy": policy,
-                                             "prefetch": prefetch, "quant": q})
-                        model = OffloadedModel(cfg, store=stores[q])
-                        got[prefetch] = decode_counts(model, prompts, a.new_tokens)
-                    pf, none = got["cross-layer"], got["none"]
-                    n_tok = a.prompts * a.new_tokens
-                    (hit, prec, rec), (hit0, _, _) = _rates(pf), _rates(none)
-                    rows.append([f"{slots}/{total} ({f:.0%})", q, str(model.n_slots), policy,
-                                 f"{hit:.2f} / {hit0:.2f}",
-                                 f"{pf['bytes_to_device'] / n_tok / 2**10:.1f} / "
-                                 f"{none['bytes_to_device'] / n_tok / 2**10:.1f}",
-                                 f"{prec:.2f} / {rec:.2f}"])
-                    print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+                    run = ServeConfig(**{**base.__dict__, "memory_budget": fixed
+                                         + slots * slot, "cache_policy": policy, "quant": q})
+                    none = _counts(run, stores[q], prompts, a.new_tokens, "none")
+                    for bar in bars:
+                        pf = _counts(run, stores[q], prompts, a.new_tokens, "cross-layer", bar)
+                        n_tok = a.prompts * a.new_tokens
+                        (hit, prec, rec), (hit0, _, _) = _rates(pf), _rates(none)
+                        rows.append([f"{slots}/{total} ({f:.0%})", q, str(pf["n_slots"]),
+                                     policy, f"{bar:g}", f"{hit:.2f} / {hit0:.2f}",
+                                     f"{pf['bytes_to_device'] / n_tok / 2**10:.1f} / "
+                                     f"{none['bytes_to_device'] / n_tok / 2**10:.1f}",
+                                     f"{prec:.2f} / {rec:.2f}"])
+                        print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     except Stopped:
         stopped = "stopped by SIGTERM (timeout); the rows are those measured before it"
     m = store.cfg
@@ -143,10 +152,12 @@ def main(argv=None) -> None:
             f"{m.moe.router.top_k}, d={m.d_model}, expert ffn={m.moe.expert_ffn}), float32 on "
             f"the CPU. {a.prompts} held-out prompts of {a.prompt_len} tokens (this "
             f"repository's Python files), {a.new_tokens} greedy tokens each, one warm cache; "
-            "counts of the decode steps. pf = cross-layer prefetch.\n\n"
+            "counts of the decode steps. pf = cross-layer prefetch of the predicted experts "
+            "whose predicted weight reaches 'pf min weight' for some token (0: all top-k)."
+            "\n\n"
             + (f"**Partial**: {stopped}.\n\n" if stopped else "")
             + markdown_table(["budget (float32 slots)", "expert format", "slots", "policy",
-                              "hit rate (pf / no pf)",
+                              "pf min weight", "hit rate (pf / no pf)",
                               "KiB moved / token (pf / no pf)", "prefetch prec / recall"],
                              rows))
     title = "Cache policies on a trained model's routing (bench/policies.py)"

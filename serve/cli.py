@@ -53,6 +53,10 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    help="default: lru")
     p.add_argument("--prefetch", choices=["none", "cross-layer"], default=None,
                    help="default: cross-layer")
+    p.add_argument("--prefetch-min-weight", type=float, default=None, metavar="W",
+                   help="prefetch only the predicted experts whose predicted weight reaches W "
+                        "for some token (default 0: every top-k prediction); wrong "
+                        "predictions cost PCIe bytes")
     p.add_argument("--quant", choices=QUANT_CHOICES, default=None,
                    help="experts kept packed: int8 / int4 quantized at load, mxfp4 as an "
                         "MXFP4 checkpoint (GPT-OSS) stores them; auto (default): mxfp4 for "
@@ -90,7 +94,8 @@ def _sampling(a) -> SamplingConfig:
 
 
 FLAG_FIELDS = ("model", "device", "dtype", "memory_budget", "host_budget", "cache_policy",
-               "prefetch", "quant", "max_batch", "max_context", "offload_dir")
+               "prefetch", "prefetch_min_weight", "quant", "max_batch", "max_context",
+               "offload_dir")
 
 
 def _config(a, batch: int = 1) -> ServeConfig:

@@ -21,6 +21,9 @@ class ServeConfig:
     gets a slot. host_budget: expert bytes kept in host RAM (None: all that fit on cuda, none
     on cpu, where the memory-mapped files are the offload tier).
     cache_policy: "lru", "lfu", "layer" or "next-use". prefetch: "cross-layer" or "none".
+    prefetch_min_weight: copy ahead only the predicted experts whose predicted combine weight
+    reaches it for some token (0: every top-k prediction). A wrong prediction is a copy a
+    miss would not have made (bench/policies.py), so a higher bar trades hits for bytes.
     quant: "none", "int8" or "int4" (weight-only experts, kept packed on the device and
     dequantized inside the expert GEMMs), "mxfp4" (an MXFP4 checkpoint's experts, packed as
     stored) or "auto" (mxfp4 for MXFP4 checkpoints, else none).
@@ -35,6 +38,7 @@ class ServeConfig:
     host_budget: str | int | None = None
     cache_policy: str = "lru"
     prefetch: str = "cross-layer"
+    prefetch_min_weight: float = 0.0
     quant: str = "auto"
     max_batch: int = 1
     max_context: int | None = None
@@ -51,6 +55,10 @@ class ServeConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, "
                                  f"got {getattr(self, name)!r}")
+        if not isinstance(self.prefetch_min_weight, (int, float)) or \
+                isinstance(self.prefetch_min_weight, bool) or self.prefetch_min_weight < 0:
+            raise ValueError(f"prefetch_min_weight must be a number >= 0, got "
+                             f"{self.prefetch_min_weight!r}")
         for name in ("max_batch", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -60,6 +68,7 @@ class ServeConfig:
 
 SERVE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "serve"
 _INT_FIELDS = ("max_batch", "max_context", "prefill_chunk")
+_NUMBER_FIELDS = ("prefetch_min_weight",)
 
 
 def read_serve_config(name_or_path: str) -> dict:
@@ -91,6 +100,10 @@ def read_serve_config(name_or_path: str) -> dict:
         if key in _INT_FIELDS and value is not None and (
                 not isinstance(value, int) or isinstance(value, bool)):
             raise ValueError(f"{path}: {key} must be an integer, got {value!r}")
-        if key not in _INT_FIELDS and value is not None and not isinstance(value, (str, int)):
+        if key in _NUMBER_FIELDS and (not isinstance(value, (int, float))
+                                      or isinstance(value, bool)):
+            raise ValueError(f"{path}: {key} must be a number, got {value!r}")
+        if key not in (*_INT_FIELDS, *_NUMBER_FIELDS) and value is not None and \
+                not isinstance(value, (str, int)):
             raise ValueError(f"{path}: {key} must be a string, got {value!r}")
     return doc

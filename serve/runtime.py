@@ -308,12 +308,14 @@ class OffloadedModel:
 
     def _prefetch_next(self, i: int, x_flat: torch.Tensor, protected) -> None:
         """Apply the next MoE layer's norm and gate to layer i's residual stream (the
-        cross-layer gate) and start copying the experts it names, evicting nothing in
-        protected (the experts layer i is using)."""
+        cross-layer gate) and start copying the experts it names (those whose predicted
+        weight reaches prefetch_min_weight for some token), evicting nothing in protected
+        (the experts layer i is using)."""
         j = self.next_moe[i]
         nxt = self.model.layers[j]
-        ids, _ = nxt.mlp.router.select(nxt.mlp_norm(x_flat))
-        pred = ids.unique().tolist()
+        ids, w = nxt.mlp.router.select(nxt.mlp_norm(x_flat))
+        bar = self.scfg.prefetch_min_weight
+        pred = (ids[w >= bar] if bar > 0 else ids).unique().tolist()
         self._predicted[j] = set(pred)
         self.cache.prefetch([(j, e) for e in pred], protected)
 

@@ -117,12 +117,13 @@ def test_policies_bench_counts_decode_steps_on_a_warm_cache(tmp_path):
     out = tmp_path / "results.md"
     main(["--model", str(tmp_path / "m"), "--prompts", "2", "--prompt-len", "8",
           "--new-tokens", "5", "--fractions", "0.5", "--policies", "lru,next-use",
-          "--quants", "none,int8", "--out", str(out)])
+          "--quants", "none,int8", "--min-weights", "0,0.5", "--out", str(out)])
     text = out.read_text()
-    assert "| 12/24 (50%) | none | 12 | lru |" in text
-    assert "| 12/24 (50%) | none | 12 | next-use |" in text
+    for policy in ("lru", "next-use"):
+        for bar in ("0", "0.5"):
+            assert f"| 12/24 (50%) | none | 12 | {policy} | {bar} |" in text
     int8 = [line.split(" | ") for line in text.splitlines() if "| int8 |" in line]
-    assert len(int8) == 2 and all(int(r[2]) > 12 for r in int8)  # packed: more slots
+    assert len(int8) == 4 and all(int(r[2]) > 12 for r in int8)  # packed: more slots
     prompts = held_out_prompts(TextCodec(tmp_path / "m"), 2, 8)
     assert len({tuple(p) for p in prompts}) == 2 and all(len(p) == 8 for p in prompts)
     cfg = ServeConfig(model=str(tmp_path / "m"), device="cpu", dtype="float32",

@@ -283,6 +283,36 @@ def test_prefetch_raises_the_hit_rate_and_counts_bytes(tmp_path):
     assert rates["cross-layer"] > rates["none"]
 
 
+def test_prefetch_min_weight_copies_only_confident_predictions(tmp_path):
+    """prefetch_min_weight: only experts predicted with at least that weight are copied
+    ahead (top-2 renormalised: a bar of 0.5 keeps each token's first choice, one above 1
+    keeps none); the tokens stay transformers'."""
+    hf = build_hf("mixtral")
+    hf.save_pretrained(tmp_path)
+    budget = budget_for(tmp_path, 12)
+    prompt = [5, 17, 33, 2, 90, 41]
+    ref = hf_greedy(hf, prompt, 10)
+    got = {}
+    for bar in (0.0, 0.5, 1.01):
+        m = serve(tmp_path, memory_budget=budget, max_batch=1, prefetch_min_weight=bar)
+        res = generate(m, [prompt], 10)
+        assert res.token_ids == [ref]
+        got[bar] = (m.prefetch_stats.predicted, res.stats["experts_prefetched"])
+    assert got[0.0][0] > got[0.5][0] > 0
+    assert got[1.01] == (0, 0)
+    # the experts named for 5 tokens' hidden states: every top-2 choice, or (bar 0.5, top-2
+    # weights renormalised) each token's first choice only
+    x = torch.randn(5, hf.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    nxt = m.model.layers[1]
+    ids, _ = nxt.mlp.router.select(nxt.mlp_norm(x))
+    for bar, want in ((0.0, set(ids.flatten().tolist())), (0.5, set(ids[:, 0].tolist()))):
+        m.scfg.prefetch_min_weight = bar
+        m._prefetch_next(0, x, set())
+        assert m._predicted[1] == want
+    with pytest.raises(ValueError, match="prefetch_min_weight"):
+        serve(tmp_path, prefetch_min_weight=-0.1)
+
+
 def test_experts_from_ram_tier_and_disk_tier_give_the_same_tokens(refs):
     family, d, prompts, ref_ids, _ = refs("mixtral")
     probe = serve(d)

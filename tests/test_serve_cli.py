@@ -83,11 +83,13 @@ def test_a_serve_config_preset_under_the_flags(model_dir, tmp_path):
     d, hf = model_dir
     preset = tmp_path / "preset.yaml"
     preset.write_text(f"model: {d}\nmemory_budget: 600KiB\ncache_policy: lfu\n"
-                      "prefetch: none\ndevice: cpu\n")
+                      "prefetch: none\ndevice: cpu\nprefetch_min_weight: 0.5\n")
     p = cli("bench", "--config", preset, "--cache-policy", "layer", "--prompt-len", 8,
+            "--prefetch-min-weight", 0.25,
             "--new-tokens", 3, "--json", "--quiet")
     r = json.loads(p.stdout)
     assert (r["cache_policy"], r["prefetch"]) == ("layer", "none")
+    assert r["prefetch_min_weight"] == 0.25 and r["memory_budget"] == "600KiB"
     assert r["expert_slots"] < r["total_experts"]  # the preset's budget
     p = cli("generate", "--config", "cpu", "--model", d, "--prompt-ids", "3,14,15",
             "--max-new-tokens", 6, "--json")
@@ -101,6 +103,7 @@ def test_a_serve_config_preset_under_the_flags(model_dir, tmp_path):
 @pytest.mark.parametrize("text,message", [
     ("cache_polcy: lru\n", "unknown key 'cache_polcy'"),
     ("max_batch: four\n", "max_batch must be an integer"),
+    ("prefetch_min_weight: high\n", "prefetch_min_weight must be a number"),
     ("memory_budget: [1, 2]\n", "memory_budget must be a string"),
     ("- device\n", "a mapping of ServeConfig fields"),
     ("device: [\n", "not a readable YAML"),
