@@ -125,7 +125,7 @@ def main(argv=None) -> None:
     max_context = a.prompt_len + a.new_tokens + 8
     base = ServeConfig(model=a.model, device="cpu", dtype="float32", max_context=max_context)
     fixed, slot, _ = memory_plan(store, base, dtype, 1, max_context)
-    total = len(store.moe_layers) * store.num_experts
+    total = store.total_experts
     rows, stopped = [], None
     try:
         with stop_on_sigterm():

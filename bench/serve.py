@@ -288,7 +288,7 @@ def main(argv=None) -> None:
               for q in quants}
     store = stores.get("none") or WeightStore(root, dtype, "none", verbose=True, host_budget=0)
     fixed, slot, _ = memory_plan(store, base, dtype, 1, max_context)
-    total = len(store.moe_layers) * store.num_experts
+    total = store.total_experts
     h2d = h2d_bandwidth(device)
     rows, records, batch_rows = [], [], []
     batches = sorted({int(b) for b in a.batches.split(",") if b} - {1})

@@ -131,7 +131,7 @@ def main(argv=None) -> None:
     jobs = workload(a.requests, rate, shape["vocab_size"], prompt, new)
     max_context = prompt[1] + new[1] + 8
     store = WeightStore(root, dtype, host_budget=None if device.type == "cuda" else 0)
-    total = len(store.moe_layers) * store.num_experts
+    total = store.total_experts
     slots = max(1, round(a.fraction * total))
     rows, stopped = [], None
     try:

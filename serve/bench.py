@@ -89,7 +89,7 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
         "model": cfg.model, "device": str(dev) if dev.type == "cpu" else
         torch.cuda.get_device_name(dev), "dtype": str(model.dtype).replace("torch.", ""),
         "memory_budget": cfg.memory_budget, "expert_slots": model.n_slots,
-        "total_experts": len(model.store.moe_layers) * model.store.num_experts,
+        "total_experts": model.store.total_experts,
         "cache_policy": cfg.cache_policy, "prefetch": cfg.prefetch,
         "prefetch_min_weight": cfg.prefetch_min_weight, "quant": model.store.quant,
         "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,

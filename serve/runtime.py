@@ -163,7 +163,7 @@ class OffloadedModel:
     def _plan_memory(self, cfg: ServeConfig) -> tuple[int, str]:
         self.fixed_bytes, self.slot_bytes, parts = memory_plan(
             self.store, cfg, self.dtype, self.max_batch, self.max_context)
-        total_experts = len(self.store.moe_layers) * self.store.num_experts
+        total_experts = self.store.total_experts
         if cfg.memory_budget is None:
             n = max(total_experts, 1)
             return n, f"no budget: {n} expert slots; {parts}"

@@ -122,6 +122,7 @@ class WeightStore:
         self._handles: dict[Path, object] = {}
         self.moe_layers = [i for i in range(self.cfg.n_layers) if self.cfg.is_moe_layer(i)]
         self.num_experts = self.cfg.moe.num_experts
+        self.total_experts = len(self.moe_layers) * self.num_experts  # (layer, expert) keys
         self._check_complete()
         self.host: dict[tuple[int, int], ExpertWeights] = {}
         self._offload: dict[int, Path] = {}
@@ -206,7 +207,7 @@ class WeightStore:
 
     # -- tiers -----------------------------------------------------------------------------
     def _fill_host_tier(self, host_budget, pin, offload_dir, verbose) -> None:
-        total = len(self.moe_layers) * self.num_experts
+        total = self.total_experts
         if host_budget is None:
             host_budget = max(0, _available_ram() - 4 * 2**30)
         n_host = min(total, host_budget // max(self.expert_nbytes, 1))
