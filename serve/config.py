@@ -3,11 +3,24 @@ file, or one of configs/serve/); tests build it directly."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 CACHE_POLICIES = ("lru", "lfu", "layer", "next-use")  # serve.cache.POLICIES
 QUANT_CHOICES = ("auto", "none", "int8", "int4", "mxfp4")
+
+_NONE = type(None)
+# ServeConfig fields without a list of choices: what each takes (check() names it)
+_FIELD_TYPES = {
+    "model": ("a path", (str, os.PathLike)), "offload_dir": ("a path", (str, os.PathLike, _NONE)),
+    "kernel_backend": ("a string", (str,)),
+    "memory_budget": ("a string or an integer", (str, int, _NONE)),
+    "host_budget": ("a string or an integer", (str, int, _NONE)),
+    "prefetch_min_weight": ("a number", (int, float)),
+    "max_batch": ("an integer", (int,)), "prefill_chunk": ("an integer", (int,)),
+    "max_context": ("an integer", (int, _NONE)),
+}
 
 
 @dataclass
@@ -55,8 +68,11 @@ class ServeConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, "
                                  f"got {getattr(self, name)!r}")
-        if not isinstance(self.prefetch_min_weight, (int, float)) or \
-                isinstance(self.prefetch_min_weight, bool) or self.prefetch_min_weight < 0:
+        for name, (what, types) in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if not isinstance(value, types) or isinstance(value, bool):
+                raise ValueError(f"{name} must be {what}, got {value!r}")
+        if self.prefetch_min_weight < 0:
             raise ValueError(f"prefetch_min_weight must be a number >= 0, got "
                              f"{self.prefetch_min_weight!r}")
         for name in ("max_batch", "prefill_chunk"):
@@ -67,8 +83,6 @@ class ServeConfig:
 
 
 SERVE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "serve"
-_INT_FIELDS = ("max_batch", "max_context", "prefill_chunk")
-_NUMBER_FIELDS = ("prefetch_min_weight",)
 
 
 def read_serve_config(name_or_path: str) -> dict:
@@ -93,17 +107,12 @@ def read_serve_config(name_or_path: str) -> dict:
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: expected a mapping of ServeConfig fields")
     known = {f.name for f in fields(ServeConfig)}
-    for key, value in doc.items():
+    for key in doc:
         if key not in known:
             raise ValueError(f"{path}: unknown key {key!r}; serve configs take "
                              f"{', '.join(sorted(known))}")
-        if key in _INT_FIELDS and value is not None and (
-                not isinstance(value, int) or isinstance(value, bool)):
-            raise ValueError(f"{path}: {key} must be an integer, got {value!r}")
-        if key in _NUMBER_FIELDS and (not isinstance(value, (int, float))
-                                      or isinstance(value, bool)):
-            raise ValueError(f"{path}: {key} must be a number, got {value!r}")
-        if key not in (*_INT_FIELDS, *_NUMBER_FIELDS) and value is not None and \
-                not isinstance(value, (str, int)):
-            raise ValueError(f"{path}: {key} must be a string, got {value!r}")
+    try:  # the values as ServeConfig.check sees them (the model may come from a flag)
+        ServeConfig(**{"model": "", **doc}).check()
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return doc
