@@ -138,8 +138,7 @@ class TopKRouter(Router):
         _check_input(x, self.d_model)
         cfg = self.cfg
         logits = self._gate_logits(x)
-        expert_ids, weights, probs = self._select(logits)
-        unused = self._unused(weights) if cfg.kind == "threshold" else None
+        expert_ids, weights, probs, unused = self._select(logits)
         seq = seq_len if cfg.aux_loss_type == "sequence" else None
         if cfg.aux_loss_type == "sequence" and seq_len is None:
             raise ValueError(
@@ -148,8 +147,6 @@ class TopKRouter(Router):
         aux = switch_aux_loss(probs, expert_ids, self.num_experts, seq,
                               None if unused is None else ~unused)
         entropy = router_entropy(probs) if cfg.score == "softmax" else None
-        if unused is not None:
-            weights = self._renormalize(weights.masked_fill(unused, 0.0))
         return self._finish(expert_ids, weights, aux, router_z_loss(logits), logits, unused,
                             entropy)
 
@@ -167,9 +164,11 @@ class TopKRouter(Router):
             * self.cfg.routed_scaling_factor
 
     def _select(self, logits: torch.Tensor, with_probs: bool = True
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                           torch.Tensor | None]:
         """logits [T, E] -> expert_ids [T, k], combine weights [T, k] (one fused kernel on
-        the Triton backend), and the probabilities [T, E] the aux loss reads."""
+        the Triton backend), the probabilities [T, E] the aux loss reads, and (threshold
+        routing) the unused slots [T, k] bool, whose weights are 0."""
         cfg = self.cfg
         if cfg.n_group > 1:
             expert_ids, weights = self._group_limited(logits)
@@ -186,7 +185,11 @@ class TopKRouter(Router):
             else:
                 scores = torch.sigmoid(logits)
                 probs = scores / scores.sum(-1, keepdim=True)
-        return expert_ids, weights, probs
+        unused = None
+        if cfg.kind == "threshold":
+            unused = self._unused(weights)
+            weights = self._renormalize(weights.masked_fill(unused, 0.0))
+        return expert_ids, weights, probs, unused
 
     def _group_limited(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """logits [T, E] -> expert_ids, weights [T, k]: the k best experts (scores + bias)
@@ -208,9 +211,7 @@ class TopKRouter(Router):
         """x [T, d] -> expert_ids [T, k], combine weights [T, k] (float32): inference routing,
         no losses, no capacity (and no host sync unless cfg.validate checks for NaN).
         Threshold routing: the slots past a token's threshold get weight 0."""
-        expert_ids, weights, _ = self._select(self._gate_logits(x), with_probs=False)
-        if self.cfg.kind == "threshold":
-            weights = self._renormalize(weights.masked_fill(self._unused(weights), 0.0))
+        expert_ids, weights, _, _ = self._select(self._gate_logits(x), with_probs=False)
         return expert_ids, weights
 
     @torch.no_grad()
