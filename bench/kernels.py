@@ -5,8 +5,9 @@
 
 Prints a table (TFLOP/s of the expert GEMMs, time, peak memory, ratio to the same-FLOPs dense
 GEMM chain) and appends it to bench/RESULTS.md. Peers that cannot run here are listed with the
-reason. ScatterMoE is imported from .peers/ (brought beside the project for the run, never
-committed); DeepSpeed from its installed package.
+reason. ScatterMoE and MegaBlocks are imported from .peers/ (brought beside the project for
+the run by bench/prepare_gpu_carry.sh, never committed; MegaBlocks' two CUDA extensions are
+stood in for by bench/megablocks_shims.py); DeepSpeed from its installed package.
 """
 
 from __future__ import annotations
@@ -154,10 +155,20 @@ def build_hf(shape, T, dtype, device, impl="eager") -> Step:
     return step
 
 
+PEERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".peers")
+
+
+def _peers_on_path(*packages: str) -> bool:
+    """Put .peers/ (peer code brought beside the project for a run) on sys.path when it holds
+    every one of `packages`; whether it does."""
+    there = all(os.path.isdir(os.path.join(PEERS, p)) for p in packages)
+    if there and PEERS not in sys.path:
+        sys.path.insert(0, PEERS)
+    return there
+
+
 def build_scattermoe(shape, T, dtype, device) -> Step:
-    peers = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".peers")
-    if os.path.isdir(os.path.join(peers, "scattermoe")) and peers not in sys.path:
-        sys.path.insert(0, peers)
+    _peers_on_path("scattermoe")
     try:
         from scattermoe.mlp import GLUMLP
     except ImportError as e:
@@ -261,6 +272,49 @@ def build_megatron(shape, T, dtype, device) -> Step:
     return step
 
 
+def megablocks_layer(shape, dtype, device) -> nn.Module:
+    """MegaBlocks' dMoE (its learned top-k router with load-balancing loss, Triton gather /
+    scatter, grouped SwiGLU experts) with its CUDA extensions stood in for by
+    bench/megablocks_shims.py; on the CPU its Triton kernels need TRITON_INTERPRET=1."""
+    if not _peers_on_path("megablocks", "stk"):
+        raise Unavailable("MegaBlocks not brought beside the project (.peers/megablocks and "
+                          ".peers/stk)")
+    from bench import megablocks_shims
+
+    megablocks_shims.install()
+    try:
+        from megablocks.backend import kernels as mb_kernels
+        from megablocks.layers.arguments import Arguments
+        from megablocks.layers.dmoe import dMoE
+    except Exception as e:  # noqa: BLE001 - import errors of an optional peer
+        raise Unavailable(f"megablocks not importable: {type(e).__name__}: {e}") from e
+    if device.type != "cuda":  # the interpreter has no timer: keep one config, tune nothing
+        for kernel in vars(mb_kernels).values():
+            if hasattr(kernel, "configs") and len(kernel.configs) > 1:
+                kernel.configs = kernel.configs[:1]
+    d, f, E, k, renorm, _ = shape
+    args = Arguments(hidden_size=d, ffn_hidden_size=f, moe_num_experts=E, moe_top_k=k,
+                     mlp_type="glu", mlp_impl="grouped", activation_fn=F.silu, bias=False,
+                     return_bias=False, moe_normalize_expert_weights=1 if renorm else None,
+                     fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16, device=device)
+    return dMoE(args)
+
+
+def build_megablocks(shape, T, dtype, device) -> Step:
+    layer = megablocks_layer(shape, dtype, device)
+    from megablocks.layers.moe import clear_load_balancing_loss
+
+    d = shape[0]
+    x, dy = _inputs(T, d, dtype, device)
+
+    def step():
+        out = layer(x.view(1, T, d))
+        out.backward(dy.view(1, T, d))
+        clear_load_balancing_loss()  # dMoE keeps each forward's loss in a global list
+
+    return step
+
+
 def build_dense(shape, T, dtype, device) -> Step:
     """The ceiling: the same six GEMMs (fwd 2, bwd 4) as one dense expert over T * k rows."""
     d, f, _, k = shape[:4]
@@ -294,14 +348,16 @@ IMPLS: dict[str, tuple[str, Callable]] = {
     "scattermoe": ("ScatterMoE", build_scattermoe),
     "deepspeed": ("DeepSpeed MoE", build_deepspeed),
     "megatron": ("megatron-core MoELayer (SequentialMLP)", build_megatron),
+    "megablocks": ("MegaBlocks dMoE (grouped; torch stand-ins for its CUDA extensions)",
+                   build_megablocks),
     "dense": ("dense GEMM, same FLOPs (ceiling)", build_dense),
 }
 NOT_RUN = {
     "megatron-core MoELayer (grouped GEMM)": "its grouped-GEMM experts (TEGroupedMLP) need "
     "Transformer Engine, a CUDA build that cannot be brought to the lent GPU for this run; "
     "the SequentialMLP row is megatron-core without it",
-    "MegaBlocks dMoE": "needs its CUDA extension (megablocks_ops) and grouped_gemm compiled "
-    "with nvcc, not affordable inside the GPU lease",
+    "MegaBlocks dMoE (sparse, stk)": "its block-sparse stk kernels refuse Triton >= 3.2; the "
+    "grouped row is MegaBlocks with its CUDA extensions stood in for by torch ops",
 }
 
 

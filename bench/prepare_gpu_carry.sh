@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Prepare, on this (networked) machine, what the lent GPU machine cannot download: the peer
 # packages as wheels in .whl/ (for its Python 3.12; bench/gpu_env.sh installs them there) for
-# the device tool's `carry` (".whl", and ".peers" for ScatterMoE). Both folders are ignored by
-# git: peer code is brought beside the project for a run, never committed.
+# the device tool's `carry` (".whl", and ".peers" for ScatterMoE and MegaBlocks). Both folders
+# are ignored by git: peer code is brought beside the project for a run, never committed.
 #   bash bench/prepare_gpu_carry.sh            # then: run ... carry [".whl", ".peers"]
 # ScatterMoE has no wheel: fetch github:shawntan/scattermoe with the search tool's `fetch`
 # and copy its scattermoe/ package to .peers/scattermoe (bench/kernels.py imports it there).
@@ -18,6 +18,19 @@ $PY -m pip download -q --only-binary=:all: --python-version 3.12 $PLATFORMS --no
   hjson accelerate==1.15.0 megatron-core==0.19.2
 # DeepSpeed ships as a source package: build a pure-Python wheel without its CUDA ops
 DS_BUILD_OPS=0 $PY -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
+# MegaBlocks and its stk ship as source packages whose CUDA extension needs nvcc: bring their
+# Python packages to .peers/ (bench/megablocks_shims.py stands in for the extension)
+if [ ! -d .peers/megablocks ] || [ ! -d .peers/stk ]; then
+  tmp=$(mktemp -d)
+  $PY -m pip download -q --no-deps --no-build-isolation --no-binary :all: -d "$tmp" \
+    megablocks==0.10.0 stanford-stk==0.7.1
+  mkdir -p .peers
+  tar -xzf "$tmp"/megablocks-0.10.0.tar.gz -C "$tmp"
+  tar -xzf "$tmp"/stanford_stk-0.7.1.tar.gz -C "$tmp"
+  rm -rf .peers/megablocks .peers/stk
+  cp -r "$tmp"/megablocks-0.10.0/megablocks "$tmp"/stanford_stk-0.7.1/stk .peers/
+  rm -rf "$tmp"
+fi
 if [ ! -d .peers/scattermoe ]; then
   echo "note: .peers/scattermoe is missing (see the comment at the top of this script)" >&2
 fi

@@ -8,7 +8,7 @@
 #      the experts, ours with and without prefetch vs transformers + accelerate vs the PCIe
 #      bound, bf16 experts, batch 1
 #   2) one MoE layer's forward+backward at 16k tokens (issue 3): ours vs the same-FLOPs dense
-#      GEMM (the ceiling) vs transformers' grouped_mm block, ScatterMoE and DeepSpeed
+#      GEMM (the ceiling) vs transformers' grouped_mm block, ScatterMoE, MegaBlocks, DeepSpeed
 #   3) the Triton kernel tests on the GPU
 # SMOKE=1 rehearses the same steps on the CPU at tiny shapes (the interpreter runs Triton).
 set -uo pipefail
@@ -30,7 +30,7 @@ limited "${SERVE_TIMEOUT:-250}" python3 -m bench.serve "${smoke[@]}" --layers "$
   --json-out "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log"
 limited "${KERNEL_TIMEOUT:-210}" python3 -m bench.kernels "${smoke[@]}" \
   --shapes mixtral,olmoe,qwen3 "${tokens[@]}" \
-  --impls ours,dense,hf-grouped,scattermoe,deepspeed --out "$OUT/RESULTS.md" 2>&1 \
+  --impls ours,dense,hf-grouped,scattermoe,megablocks,deepspeed --out "$OUT/RESULTS.md" 2>&1 \
   | tee "$OUT/kernels.log"
 MOE_TRITON_AUTOTUNE=0 limited "${TEST_TIMEOUT:-80}" python3 -m pytest -q -x -p no:cacheprovider \
   tests/test_kernels_triton.py 2>&1 | tail -5 | tee "$OUT/pytest_gpu.log"

@@ -1,0 +1,119 @@
+"""bench/megablocks_shims.py: the torch stand-ins for MegaBlocks' CUDA extensions against
+plain definitions of what those extensions compute (MegaBlocks' own code is not in the
+repository; the benchmark brings it beside the project for a GPU run)."""
+
+import sys
+
+import pytest
+import torch
+
+from bench import megablocks_shims as mb
+
+
+def _seed():
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+
+
+def test_cumsums_match_their_definitions():
+    x = torch.randint(0, 9, (3, 7), generator=_seed(), dtype=torch.int32)
+    inc, exc = torch.full_like(x, -1), torch.full_like(x, -1)
+    mb.inclusive_cumsum(x, 1, inc)
+    mb.exclusive_cumsum(x, 1, exc)
+    for b in range(3):
+        for i in range(7):
+            assert inc[b, i] == x[b, :i + 1].sum()
+            assert exc[b, i] == x[b, :i].sum()
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_histogram_counts_in_range_values_only(batched):
+    x = torch.randint(-2, 8, (2, 50) if batched else (50,), generator=_seed())
+    out = mb.histogram(x, 6)
+    assert out.dtype == torch.int32
+    rows = x.view(-1, 50)
+    want = torch.stack([torch.tensor([(r == v).sum() for v in range(6)]) for r in rows])
+    assert torch.equal(out, want if batched else want[0].to(torch.int32))
+
+
+def test_sort_is_a_stable_key_sort_with_positions():
+    x = torch.randint(0, 4, (40,), generator=_seed(), dtype=torch.int32)
+    keys, pos = torch.empty_like(x), torch.empty_like(x)
+    mb.sort(x, 2, keys, pos)
+    assert pos.dtype == x.dtype
+    assert torch.equal(keys, x[pos.long()])
+    want = sorted(range(40), key=lambda i: (int(x[i]), i))  # ties keep their order
+    assert pos.tolist() == want
+
+
+def test_indices_give_each_row_block_its_experts_columns():
+    block, cols = 4, 3
+    rows_per_expert = [8, 0, 4, 12]  # padded to the block size; expert 1 has none
+    padded_bins = torch.tensor(rows_per_expert, dtype=torch.int32).cumsum(0).to(torch.int32)
+    nblocks = sum(rows_per_expert) // block
+    out = torch.full((nblocks * cols,), -1, dtype=torch.int16)
+    mb.indices(padded_bins, block, nblocks, cols, out)
+    want = []
+    for e, rows in enumerate(rows_per_expert):
+        for _ in range(rows // block):
+            want += [e * cols + c for c in range(cols)]
+    assert out.tolist() == want
+
+
+def test_replicate_and_its_backward_are_adjoint():
+    bins = torch.tensor([2, 2, 5, 9], dtype=torch.int32)  # bin 1 is empty
+    x = torch.randn(3, 4, generator=_seed())
+    out = torch.empty(3, 9)
+    mb.replicate_forward(x, bins, out)
+    owner = [0, 0, 2, 2, 2, 3, 3, 3, 3]
+    assert torch.equal(out, x[:, owner])
+    g = torch.randn(3, 9, generator=_seed())
+    back = torch.full((3, 4), float("nan"))
+    mb.replicate_backward(g, bins, back)
+    xr = x.clone().requires_grad_(True)
+    (xr[:, owner] * g).sum().backward()
+    torch.testing.assert_close(back, xr.grad)
+
+
+def _groups(sizes):
+    ends = torch.tensor(sizes).cumsum(0).tolist()
+    return [slice(e - s, e) for s, e in zip(sizes, ends, strict=True)]
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_gmm_and_its_gradients_match_a_loop_over_groups(trans_b):
+    g = _seed()
+    sizes = [5, 0, 7, 3]
+    K, N = 8, 4  # torch._grouped_mm wants 16-byte rows
+    a = torch.randn(sum(sizes), K, generator=g, requires_grad=True)
+    b = torch.randn(4, N, K, generator=g) if trans_b else torch.randn(4, K, N, generator=g)
+    b.requires_grad_(True)
+    batch_sizes = torch.tensor(sizes)
+    y = mb.gmm_op(a, b, batch_sizes, trans_b)
+    a2, b2 = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    want = torch.cat([a2[s] @ (b2[e].t() if trans_b else b2[e])
+                      for e, s in enumerate(_groups(sizes))])
+    torch.testing.assert_close(y, want)
+    dy = torch.randn_like(y)
+    (y * dy).sum().backward()
+    (want * dy).sum().backward()
+    torch.testing.assert_close(a.grad, a2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)  # the empty group's is zero
+    assert torch.count_nonzero(b.grad[1]) == 0
+
+
+def test_gmm_writes_into_c_when_given():
+    a, b = torch.randn(6, 4), torch.randn(2, 4, 8)
+    c = torch.full((6, 8), float("nan"))
+    assert mb.gmm(a, b, torch.tensor([2, 4]), c=c) is c
+    torch.testing.assert_close(c, torch.cat([a[:2] @ b[0], a[2:] @ b[1]]))
+
+
+def test_install_registers_both_extensions(monkeypatch):
+    for name in ("megablocks_ops", "grouped_gemm", "grouped_gemm.backend", "grouped_gemm.ops"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    mb.install()
+    import grouped_gemm
+    import megablocks_ops
+
+    assert megablocks_ops.histogram is mb.histogram and megablocks_ops.indices is mb.indices
+    assert grouped_gemm.backend.gmm is mb.gmm and grouped_gemm.ops.gmm is mb.gmm_op
