@@ -203,11 +203,12 @@ def hf_decode_tokens_per_s(model_dir: Path, budget: int, prompt_len: int, new_to
 
 
 def _measure_ours(base: ServeConfig, budget: int, quant: str, store: WeightStore,
-                  prefetch: str, a, batch: int = 1) -> dict:
-    """One warmed-up bench.measure of our runtime under `budget`, `batch` sequences at once
-    -> its report."""
+                  prefetch: str, a, batch: int = 1, min_weight: float = 0.0) -> dict:
+    """One warmed-up bench.measure of our runtime under `budget`, `batch` sequences at once,
+    prefetching experts predicted with weight >= min_weight -> its report."""
     cfg = ServeConfig(**{**base.__dict__, "memory_budget": budget, "prefetch": prefetch,
-                         "quant": quant, "max_batch": batch})
+                         "quant": quant, "max_batch": batch,
+                         "prefetch_min_weight": min_weight})
     model = OffloadedModel(cfg, store=store)
     measure(model, a.prompt_len, 2, batch)  # warm-up (kernels, caches)
     report = measure(model, a.prompt_len, a.new_tokens, batch)
@@ -224,7 +225,8 @@ def _bound(r: dict, total: int, h2d: float | None) -> float | None:
     return h2d / must_move if h2d and must_move else None
 
 
-def _row(f, slots, total, budget, quant, r, base_run, hf_tps, hf_label, h2d) -> list[str]:
+def _row(f, slots, total, budget, quant, r, base_run, hf_tps, hf_label, h2d,
+         gated: list[dict]) -> list[str]:
     bound, ours = _bound(r, total, h2d), r["decode_tokens_per_s"]
     return [f"{slots}/{total} ({f:.0%})", f"{budget / 2**30:.2f}", quant,
             f"{r['expert_slots']}/{total}", f"{ours:.2f}",
@@ -236,7 +238,9 @@ def _row(f, slots, total, budget, quant, r, base_run, hf_tps, hf_label, h2d) -> 
             f"{r['expert_hit_rate']:.2f} / {base_run['expert_hit_rate']:.2f}",
             f"{r['prefetch_precision']:.2f} / {r['prefetch_recall']:.2f}",
             f"{r['bytes_to_device_per_token'] / 2**20:.2f} / "
-            f"{base_run['bytes_to_device_per_token'] / 2**20:.2f}"]
+            f"{base_run['bytes_to_device_per_token'] / 2**20:.2f}"] + [
+        f"{g['decode_tokens_per_s']:.2f} / {g['expert_hit_rate']:.2f} / "
+        f"{g['bytes_to_device_per_token'] / 2**20:.2f}" for g in gated]
 
 
 def _batch_row(f: float, quant: str, r: dict, one: dict) -> list[str]:
@@ -267,6 +271,9 @@ def main(argv=None) -> None:
                    help="our rows' expert cache policy")
     p.add_argument("--batches", default="1,4",
                    help="batch sizes of the batching table (1 alone: no such table)")
+    p.add_argument("--prefetch-min-weights", default="",
+                   help="comma-separated confidence bars W: a column each for ours with "
+                   "prefetch gated at W (--prefetch-min-weight)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--dir", default=None, help="where the random model is written")
@@ -292,6 +299,7 @@ def main(argv=None) -> None:
     h2d = h2d_bandwidth(device)
     rows, records, batch_rows = [], [], []
     batches = sorted({int(b) for b in a.batches.split(",") if b} - {1})
+    gates = [float(w) for w in a.prefetch_min_weights.split(",") if w]
     stopped = None
     try:
         with stop_on_sigterm():
@@ -308,11 +316,14 @@ def main(argv=None) -> None:
                 for q in quants:
                     ours, base_run = (_measure_ours(base, budget, q, stores[q], prefetch, a)
                                       for prefetch in ("cross-layer", "none"))
+                    gated = [_measure_ours(base, budget, q, stores[q], "cross-layer", a,
+                                           min_weight=w) for w in gates]
                     rows.append(_row(f, slots, total, budget, q, ours, base_run, hf_tps,
-                                     hf_label, h2d))
+                                     hf_label, h2d, gated))
                     records.append({"fraction": f, "quant": q, "ours": ours,
                                     "no_prefetch": base_run, "hf": hf_tps, "hf_label": hf_label,
-                                    "pcie_bound": _bound(ours, total, h2d)})
+                                    "pcie_bound": _bound(ours, total, h2d),
+                                    "gated": dict(zip(gates, gated, strict=True))})
                     for b in batches:  # the same slots: the budget grows by b rows of KV
                         grown = budget + memory_plan(store, base, dtype, b, max_context)[0] \
                             - fixed
@@ -327,7 +338,8 @@ def main(argv=None) -> None:
               "transformers+accelerate tok/s" if device.type == "cuda"
               else "transformers (CPU, no offload) tok/s", "PCIe bound tok/s", "bound / ours",
               "ours / transformers", "hit rate (pf / no pf)", "prefetch prec / recall",
-              "MiB moved / token (pf / no pf)"]
+              "MiB moved / token (pf / no pf)"] + [
+        f"prefetch gated at {w:g}: tok/s / hit rate / MiB per token" for w in gates]
     table = markdown_table(header, rows)
     if batch_rows:
         table += "\n\nBatched decode (ours, cross-layer prefetch; the expert slots of the " \

@@ -1,5 +1,6 @@
 """The benchmarks still run (tiny CPU shapes): they are not timed here, only exercised."""
 
+import json
 import os
 import subprocess
 import sys
@@ -41,12 +42,18 @@ def test_serve_bench_smoke_at_deepseek_shapes(tmp_path):
     in a layout transformers loads (its baseline runs) and served."""
     from bench.serve import main
 
-    out = tmp_path / "results.md"
+    out, js = tmp_path / "results.md", tmp_path / "r.json"
     main(["--smoke", "--shape", "deepseek-v2-lite", "--layers", "2", "--new-tokens", "4",
-          "--batches", "1", "--quants", "none", "--out", str(out), "--dir", str(tmp_path / "m")])
+          "--batches", "1", "--quants", "none", "--prefetch-min-weights", "0.5,2",
+          "--out", str(out), "--dir", str(tmp_path / "m"), "--json-out", str(js)])
     text = out.read_text()
     assert "deepseek-v2-lite (deepseek_v3 layout)" in text and "4/16 (25%)" in text
     assert "failed" not in text
+    assert "prefetch gated at 0.5" in text and "prefetch gated at 2:" in text
+    for r in json.loads(js.read_text()):  # a bar above 1 prefetches nothing: no-prefetch bytes
+        gated = r["gated"]["2.0"]
+        assert gated["bytes_to_device_per_token"] == r["no_prefetch"]["bytes_to_device_per_token"]
+        assert gated["expert_hit_rate"] == r["no_prefetch"]["expert_hit_rate"]
 
 
 def test_serve_bench_smoke_at_gpt_oss_shapes(tmp_path):
