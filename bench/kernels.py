@@ -74,8 +74,9 @@ def _torch_route(x, wg, k, renorm):
 
 
 def build_ours(shape, T, dtype, device, backend="triton", gemm="auto") -> Step:
-    """gemm: "auto" (the Triton backend times its kernels against torch._grouped_mm per
-    shape and keeps the faster), or "triton" / "torch" forced."""
+    """gemm: "auto" (the Triton backend times its kernels against torch._grouped_mm and a
+    cuBLAS GEMM per expert, per shape, and keeps the fastest), or "triton" / "torch" / "loop"
+    forced."""
     from kernels.triton import pick
     from moe import MoEConfig, MoELayer
     from routing import RouterConfig
@@ -341,6 +342,7 @@ IMPLS: dict[str, tuple[str, Callable]] = {
     "ours-triton": ("ours, Triton GEMMs only", lambda *a: build_ours(*a, gemm="triton")),
     "ours-torch-gemm": ("ours, torch._grouped_mm GEMMs",
                         lambda *a: build_ours(*a, gemm="torch")),
+    "ours-loop-gemm": ("ours, a cuBLAS GEMM per expert", lambda *a: build_ours(*a, gemm="loop")),
     "reference": ("ours, torch reference", lambda *a: build_ours(*a, backend="torch")),
     "loop": ("loop over experts", build_loop),
     "hf": ("transformers block (eager)", build_hf),
@@ -393,7 +395,8 @@ def check_ours(shape, dtype, device, tokens: int = 512) -> str:
 
 
 def _forced_gemm(impl: str, fn, *args):
-    """fn(*args) with the grouped GEMMs forced to one implementation ("triton" / "torch")."""
+    """fn(*args) with the grouped GEMMs forced to one implementation (kernels/triton/pick.py:
+    "triton", "torch" or "loop")."""
     from kernels.triton import pick
 
     with pick.forced(impl):
@@ -481,6 +484,10 @@ def breakdown(shape, T, dtype, device) -> str:
             "torch", tri.scatter2scatter, x, w_in, disp, False, True, k), 4 * M * d * f),
         ("bwd dW_in, torch._grouped_mm", lambda: _forced_gemm(
             "torch", tri.group_weight_grad, x, h, disp, False, k, True), 4 * M * d * f),
+        ("fwd x -> h, a cuBLAS GEMM per expert", lambda: _forced_gemm(
+            "loop", tri.scatter2scatter, x, w_in, disp, False, True, k), 4 * M * d * f),
+        ("bwd dW_in, a cuBLAS GEMM per expert", lambda: _forced_gemm(
+            "loop", tri.group_weight_grad, x, h, disp, False, k, True), 4 * M * d * f),
         ("dense mm [M,d]x[d,2F] (reference rate)", lambda: A @ B, 4 * M * d * f),
     ]
     rows = []
@@ -599,7 +606,8 @@ def run(shapes, tokens, impls, dtype, device, out_path, command) -> str:
             "expert GEMMs only (18·T·k·d·ffn for fwd+bwd); 'x dense' is the same-FLOPs dense "
             "GEMM chain's time over this row's; ours' note is its max relative error vs a "
             "float64 reference and which implementation the Triton backend picked for each "
-            "grouped GEMM (its kernel or torch._grouped_mm, timed once per shape).\n\n"
+            "grouped GEMM (its kernel, torch._grouped_mm, or loop: a cuBLAS GEMM per expert; "
+            "timed once per shape).\n\n"
             + (f" **Partial**: {stopped}; the rows are those measured before it.\n\n"
                if stopped else "") + markdown_table(header, rows))
     block = results_block("MoE layer forward+backward (bench/kernels.py)", command, device,

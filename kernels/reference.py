@@ -58,16 +58,15 @@ def _scatter2scatter(x, weight, d_out: int, d: Dispatch, x_grouped: bool, y_grou
     """weight(e) -> expert e's [d_out, d_in] matrix, asked for only for experts with rows."""
     n = _kept(d)
     xs = sorted_rows(x, d, x_grouped, fan_out, n)
-    ys = torch.empty(n, d_out, dtype=x.dtype, device=x.device)
+    alloc = torch.empty if n == d.num_pairs else torch.zeros  # dropped rows read as zeros
+    y = alloc(d.num_pairs, d_out, dtype=x.dtype, device=x.device)
+    ys = y[:n] if y_grouped else torch.empty(n, d_out, dtype=x.dtype, device=x.device)
     start = 0
     for e, c in enumerate(d.tokens_per_expert.tolist()):
         if c:
             torch.mm(xs[start : start + c], weight(e).t(), out=ys[start : start + c])
         start += c
-    y = torch.zeros(d.num_pairs, d_out, dtype=x.dtype, device=x.device)
-    if y_grouped:
-        y[:n] = ys
-    else:
+    if not y_grouped:
         y[d.sorted_pair_idx[:n]] = ys
     return y
 
@@ -84,11 +83,13 @@ def group_weight_grad(
     n = _kept(d)
     xs = sorted_rows(x, d, x_grouped, x_fan_out, n)
     dys = sorted_rows(dy, d, dy_grouped, 1, n)
-    dw = torch.zeros(d.num_experts, dy.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+    dw = torch.empty(d.num_experts, dy.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
     start = 0
     for e, c in enumerate(d.tokens_per_expert.tolist()):
         if c:
             torch.mm(dys[start : start + c].t(), xs[start : start + c], out=dw[e])
+        else:
+            dw[e].zero_()
         start += c
     return dw
 

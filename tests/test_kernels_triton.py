@@ -214,7 +214,7 @@ def test_pick_times_each_implementation_once_per_shape_and_keeps_the_fastest():
     with pick.forced("triton"):
         assert pick.run(key, cands, torch.device("cpu"), timer) == "t"
     assert pick.run(("other", 1), {"triton": lambda: "t"}, torch.device("cpu")) == "t"
-    with pytest.raises(ValueError, match="must be one of"), pick.forced("cublas"):
+    with pytest.raises(ValueError, match="must be one of"), pick.forced("cutlass"):
         pass
 
     def broken():
@@ -321,7 +321,7 @@ def test_expert_mlp_autograd(shape, dtype):
         assert rel_err(a, b) < TOL[dtype], f"{name}, seed {seed}"
 
 
-@pytest.mark.parametrize("gemm", ["triton", "torch"])
+@pytest.mark.parametrize("gemm", ["triton", "torch", "loop"])
 @pytest.mark.parametrize("cap", [None, 0.7])
 def test_moe_layer_triton_backend_matches_reference(cap, gemm):
     """The whole MoE layer on the Triton backend (default on CUDA) vs the torch backend, with

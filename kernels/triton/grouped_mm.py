@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import torch_grouped
+from kernels import reference, torch_grouped
 from kernels.dispatch import Dispatch
 from kernels.quant import QuantWeight
 from kernels.triton import common, pick
@@ -149,13 +149,15 @@ def pick_block_m(d: Dispatch) -> int:
 
 
 def _fastest(op: str, x: torch.Tensor, d: Dispatch, n: int, k: int, flags: tuple,
-             ours, theirs) -> torch.Tensor:
-    """ours() (our kernel), or theirs() (PyTorch's grouped matmul) where it takes these sizes
-    and times faster for this shape key (kernels/triton/pick.py): sizes, dtype, rows per
-    expert (power of 2), flags."""
+             ours, theirs, loop) -> torch.Tensor:
+    """ours() (our kernel), theirs() (PyTorch's grouped matmul, where it takes these sizes) or
+    loop() (one cuBLAS GEMM per expert over gathered rows, the reference path: coarse experts
+    with thousands of rows each), whichever times fastest for this shape key
+    (kernels/triton/pick.py): sizes, dtype, rows per expert (power of 2), flags."""
     candidates = {"triton": ours}
     if torch_grouped.supports(x, n, k):
         candidates["torch"] = theirs
+    candidates["loop"] = loop
     rows = triton.next_power_of_2(max(1, d.num_pairs // max(d.num_experts, 1)))
     key = (op, n, k, d.num_experts, rows, x.dtype, x.device.type, d.may_drop, *flags)
     return pick.run(key, candidates, x.device)
@@ -163,11 +165,12 @@ def _fastest(op: str, x: torch.Tensor, d: Dispatch, n: int, k: int, flags: tuple
 
 def scatter2scatter(x, w, d: Dispatch, x_grouped: bool, y_grouped: bool, fan_out: int):
     """x [T or M, K], w [E, N, K] (any strides) -> y [M, N]; see kernels/reference.py.
-    Our kernel, or PyTorch's grouped matmul where it times faster."""
+    Our kernel, or PyTorch's grouped matmul or a GEMM per expert where one times faster."""
     return _fastest(
         "s2s", x, d, w.shape[1], w.shape[2], (x_grouped, y_grouped),
         lambda: _launch(x, w, None, d, x_grouped, y_grouped, fan_out),
-        lambda: torch_grouped.scatter2scatter(x, w, d, x_grouped, y_grouped, fan_out))
+        lambda: torch_grouped.scatter2scatter(x, w, d, x_grouped, y_grouped, fan_out),
+        lambda: reference.scatter2scatter(x, w, d, x_grouped, y_grouped, fan_out))
 
 
 def scatter2scatter_quant(x, wq: QuantWeight, d: Dispatch, x_grouped: bool, y_grouped: bool,
@@ -260,11 +263,12 @@ def _group_weight_grad_kernel(
 
 def group_weight_grad(x, dy, d: Dispatch, x_grouped: bool, x_fan_out: int, dy_grouped: bool):
     """x rows [., K], dy rows [., N] -> dw [E, N, K]; every expert written (zeros if no rows).
-    Our kernel, or PyTorch's grouped matmul where it times faster."""
+    Our kernel, or PyTorch's grouped matmul or a GEMM per expert where one times faster."""
     return _fastest(
         "wgrad", x, d, dy.shape[1], x.shape[1], (x_grouped, dy_grouped),
         lambda: _weight_grad(x, dy, d, x_grouped, x_fan_out, dy_grouped),
-        lambda: torch_grouped.group_weight_grad(x, dy, d, x_grouped, x_fan_out, dy_grouped))
+        lambda: torch_grouped.group_weight_grad(x, dy, d, x_grouped, x_fan_out, dy_grouped),
+        lambda: reference.group_weight_grad(x, dy, d, x_grouped, x_fan_out, dy_grouped))
 
 
 def _weight_grad(x, dy, d: Dispatch, x_grouped: bool, x_fan_out: int, dy_grouped: bool):

@@ -1,8 +1,9 @@
 """Per-shape choice between interchangeable grouped-GEMM implementations (our Triton kernels,
-PyTorch's grouped matmul): on a GPU each is timed once per shape key and the fastest kept.
+PyTorch's grouped matmul, one cuBLAS GEMM per expert): on a GPU each is timed once per shape
+key and the fastest kept.
 
-MOE_GROUPED_GEMM=triton|torch forces one (auto by default); `forced(name)` does the same in
-code (benchmarks). Under the interpreter and on the CPU the first candidate (Triton) runs.
+MOE_GROUPED_GEMM=triton|torch|loop forces one (auto by default); `forced(name)` does the same
+in code (benchmarks). Under the interpreter and on the CPU the first candidate (Triton) runs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from kernels.triton.common import interpreting
 
-MODES = ("auto", "triton", "torch")
+MODES = ("auto", "triton", "torch", "loop")
 _choices: dict[tuple, str] = {}
 _forced: str | None = None
 
