@@ -306,30 +306,38 @@ def main(argv=None) -> None:
             for f in (float(x) for x in a.fractions.split(",")):
                 slots = max(1, round(f * total))
                 budget = fixed + slots * slot  # f of the experts in the compute dtype
-                hf_tps, hf_label = (None, "skipped")
+                # ours first: a time limit that stops the (slow) baseline keeps our rows
+                ours_runs = {q: [_measure_ours(base, budget, q, stores[q], prefetch, a)
+                                 for prefetch in ("cross-layer", "none")]
+                             + [_measure_ours(base, budget, q, stores[q], "cross-layer", a,
+                                              min_weight=w) for w in gates]
+                             for q in quants}
+                hf_tps, hf_label, stop = None, "skipped", None
                 if not a.skip_hf:
                     try:
                         hf_tps, hf_label = hf_decode_tokens_per_s(
                             root, budget, a.prompt_len, a.new_tokens, device, dtype)
+                    except Stopped as e:
+                        hf_label, stop = "stopped by the time limit", e
                     except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported
                         hf_label = f"failed: {type(e).__name__}: {str(e)[:80]}"
                 for q in quants:
-                    ours, base_run = (_measure_ours(base, budget, q, stores[q], prefetch, a)
-                                      for prefetch in ("cross-layer", "none"))
-                    gated = [_measure_ours(base, budget, q, stores[q], "cross-layer", a,
-                                           min_weight=w) for w in gates]
+                    ours, base_run, *gated = ours_runs[q]
                     rows.append(_row(f, slots, total, budget, q, ours, base_run, hf_tps,
                                      hf_label, h2d, gated))
                     records.append({"fraction": f, "quant": q, "ours": ours,
                                     "no_prefetch": base_run, "hf": hf_tps, "hf_label": hf_label,
                                     "pcie_bound": _bound(ours, total, h2d),
                                     "gated": dict(zip(gates, gated, strict=True))})
-                    for b in batches:  # the same slots: the budget grows by b rows of KV
+                    # batched: the same slots, the budget grown by b rows of KV cache
+                    for b in batches if stop is None else ():
                         grown = budget + memory_plan(store, base, dtype, b, max_context)[0] \
                             - fixed
                         rb = _measure_ours(base, grown, q, stores[q], "cross-layer", a, b)
                         batch_rows.append(_batch_row(f, q, rb, ours))
                         records.append({"fraction": f, "quant": q, "batch": b, "ours": rb})
+                if stop:
+                    raise stop
     except Stopped:
         stopped = "stopped by SIGTERM (timeout); the rows are those measured before it"
         print(stopped, file=sys.stderr, flush=True)

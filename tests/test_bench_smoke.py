@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -142,3 +144,25 @@ def test_policies_bench_counts_decode_steps_on_a_warm_cache(tmp_path):
     # one token a step uses k distinct experts a layer; prefill (8 tokens) would add more
     assert c["hits"] + c["misses"] == 2 * 5 * layers * k
     assert c["misses"] > 0 and c["bytes_to_device"] == c["misses"] * model.slot_bytes
+
+
+def test_serve_bench_keeps_our_rows_when_a_time_limit_stops_the_baseline(tmp_path,
+                                                                         monkeypatch):
+    """The transformers + accelerate baseline runs after our rows of a budget: a SIGTERM
+    during it still writes those rows (the baseline marked stopped) and exits 143."""
+    from bench import serve
+    from bench.common import Stopped
+
+    def stopped(*args, **kwargs):
+        raise Stopped
+
+    monkeypatch.setattr(serve, "hf_decode_tokens_per_s", stopped)
+    out = tmp_path / "results.md"
+    with pytest.raises(SystemExit) as exit_info:
+        serve.main(["--smoke", "--layers", "2", "--new-tokens", "4", "--quants", "none",
+                    "--out", str(out), "--dir", str(tmp_path / "m")])
+    assert exit_info.value.code == 143
+    text = out.read_text()
+    assert "**Partial**" in text and "stopped by the time limit" in text
+    assert "4/16 (25%)" in text and "8/16 (50%)" not in text  # the next budget never ran
+    assert "Batched decode" not in text
