@@ -15,8 +15,15 @@ from kernels.dispatch import Dispatch
 from kernels.quant import QuantWeight, dequantize
 
 
+def _host_counts(d: Dispatch) -> list[int]:
+    """Rows per expert [E] on the host: one device sync per Dispatch, shared by its ops."""
+    if "host_counts" not in d.cache:
+        d.cache["host_counts"] = d.tokens_per_expert.tolist()
+    return d.cache["host_counts"]
+
+
 def _kept(d: Dispatch) -> int:
-    return int(d.expert_offsets[-1])
+    return sum(_host_counts(d))
 
 
 def sorted_rows(x: torch.Tensor, d: Dispatch, grouped: bool, fan_out: int, n: int
@@ -62,7 +69,7 @@ def _scatter2scatter(x, weight, d_out: int, d: Dispatch, x_grouped: bool, y_grou
     y = alloc(d.num_pairs, d_out, dtype=x.dtype, device=x.device)
     ys = y[:n] if y_grouped else torch.empty(n, d_out, dtype=x.dtype, device=x.device)
     start = 0
-    for e, c in enumerate(d.tokens_per_expert.tolist()):
+    for e, c in enumerate(_host_counts(d)):
         if c:
             torch.mm(xs[start : start + c], weight(e).t(), out=ys[start : start + c])
         start += c
@@ -85,7 +92,7 @@ def group_weight_grad(
     dys = sorted_rows(dy, d, dy_grouped, 1, n)
     dw = torch.empty(d.num_experts, dy.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
     start = 0
-    for e, c in enumerate(d.tokens_per_expert.tolist()):
+    for e, c in enumerate(_host_counts(d)):
         if c:
             torch.mm(dys[start : start + c].t(), xs[start : start + c], out=dw[e])
         else:
