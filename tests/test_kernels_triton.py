@@ -6,8 +6,6 @@ poisoned with NaN so an element a kernel forgot to write fails the check.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -18,6 +16,7 @@ from kernels import sort_by_expert  # noqa: E402
 from kernels import triton_backend as tri  # noqa: E402
 from kernels.autograd import GroupedLinear, SwiGLU, WeightedCombine  # noqa: E402
 from kernels.triton import common  # noqa: E402
+from tests.seeds import fresh_seed  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -36,10 +35,6 @@ def poison():
     common.POISON_OUTPUTS = True
     yield
     common.POISON_OUTPUTS = False
-
-
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
 
 
 def make_dispatch(T, k, E, drop, g):

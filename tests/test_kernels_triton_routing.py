@@ -4,8 +4,6 @@ run, poisoned outputs."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -15,6 +13,7 @@ from kernels import reference as ref_ops  # noqa: E402
 from kernels import sort_by_expert, topk_route  # noqa: E402
 from kernels import triton_backend as tri  # noqa: E402
 from kernels.triton import common  # noqa: E402
+from tests.seeds import fresh_seed  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -27,7 +26,7 @@ def poison():
 
 
 def seeded():
-    seed = random.SystemRandom().randrange(2**31)
+    seed = fresh_seed()
     return seed, torch.Generator().manual_seed(seed)
 
 
