@@ -7,7 +7,7 @@ Prints a table (TFLOP/s of the expert GEMMs, time, peak memory, ratio to the sam
 GEMM chain) and appends it to bench/RESULTS.md. Peers that cannot run here are listed with the
 reason. ScatterMoE and MegaBlocks are imported from .peers/ (brought beside the project for
 the run by bench/prepare_gpu_carry.sh, never committed; MegaBlocks' two CUDA extensions are
-stood in for by bench/megablocks_shims.py); DeepSpeed from its installed package.
+stood in for by bench/peer_shims.py); DeepSpeed from its installed package.
 """
 
 from __future__ import annotations
@@ -234,34 +234,66 @@ def build_deepspeed(shape, T, dtype, device) -> Step:
     return step
 
 
-def build_megatron(shape, T, dtype, device) -> Step:
-    """megatron-core's MoELayer (its top-k router with aux loss, all-to-all token dispatcher
-    at EP 1, SequentialMLP SwiGLU experts). Its grouped-GEMM experts (TEGroupedMLP) need
-    Transformer Engine; without it SequentialMLP is what megatron-core trains with."""
-    if device.type != "cuda":
-        raise Unavailable("megatron-core's MoE layer needs CUDA")
+def megatron_layer(shape, dtype, grouped: bool = False,
+                   dispatcher: str = "alltoall") -> nn.Module:
+    """megatron-core's MoELayer (its top-k router with aux loss, its token dispatcher at EP 1)
+    with SwiGLU experts: SequentialMLP (a GEMM pair per expert, what megatron-core trains with
+    without Transformer Engine) or, grouped=True, its legacy GroupedMLP (grouped GEMMs through
+    the grouped_gemm package, stood in for by torch._grouped_mm from bench/peer_shims.py;
+    megatron-core 0.16 is its last release with it; bf16 only). Its Transformer Engine grouped
+    experts (TEGroupedMLP) cannot be brought. Needs torch.distributed initialized; built on
+    the CPU, parameters in `dtype`."""
+    from bench import peer_shims
+
+    peer_shims.install_grouped_gemm()  # before megatron's experts module binds the package
     try:
         from megatron.core import parallel_state
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+        from megatron.core.transformer.moe import experts as mc_experts
+        from megatron.core.transformer.moe import grouped_gemm_util
         from megatron.core.transformer.transformer_config import TransformerConfig
     except Exception as e:  # noqa: BLE001 - import errors of an optional peer
         raise Unavailable(f"megatron-core not importable: {type(e).__name__}: {e}") from e
-    d, f, E, k, renorm, _ = shape
-    _init_single_process_group(device)
+    if grouped:
+        if not hasattr(mc_experts, "GroupedMLP"):
+            raise Unavailable("this megatron-core has no legacy GroupedMLP (removed after "
+                              "0.16; bench/prepare_gpu_carry.sh brings 0.16.1)")
+        if not grouped_gemm_util.grouped_gemm_is_available():
+            raise Unavailable("megatron-core bound grouped_gemm before its stand-in was "
+                              "registered")
+        if dtype != torch.bfloat16:
+            raise Unavailable("megatron-core's GroupedMLP supports bf16 only")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
-        model_parallel_cuda_manual_seed(0)
+    d, f, E, k, renorm, _ = shape
     cfg = TransformerConfig(
         num_layers=1, hidden_size=d, num_attention_heads=16, ffn_hidden_size=f,
         moe_ffn_hidden_size=f, num_moe_experts=E, moe_router_topk=k,
         moe_router_pre_softmax=not renorm, gated_linear_unit=True, activation_func=F.silu,
-        add_bias_linear=False, moe_token_dispatcher_type="alltoall",
+        add_bias_linear=False, moe_token_dispatcher_type=dispatcher,
         moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2,
-        moe_grouped_gemm=False, params_dtype=dtype, bf16=dtype == torch.bfloat16,
-        use_cpu_initialization=True)
-    spec = get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False).submodules.mlp
-    layer = _init_(spec(cfg)).to(device, dtype)
+        moe_grouped_gemm=grouped, moe_use_legacy_grouped_gemm=grouped, params_dtype=dtype,
+        bf16=dtype == torch.bfloat16, use_cpu_initialization=True)
+    spec = get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=grouped,
+                                    moe_use_legacy_grouped_gemm=grouped).submodules.mlp
+    return _init_(spec(cfg))
+
+
+def build_megatron(shape, T, dtype, device, grouped: bool = False) -> Step:
+    """megatron_layer() on the GPU with the all-to-all dispatcher."""
+    if device.type != "cuda":
+        raise Unavailable("megatron-core's MoE layer needs CUDA (its router moves its weight "
+                          "to the current CUDA device)")
+    _init_single_process_group(device)
+    layer = megatron_layer(shape, dtype, grouped).to(device, dtype)
+    from megatron.core.tensor_parallel.random import (
+        get_cuda_rng_tracker,
+        model_parallel_cuda_manual_seed,
+    )
+
+    if not get_cuda_rng_tracker().is_initialized():
+        model_parallel_cuda_manual_seed(0)
+    d = shape[0]
     x, dy = _inputs(T, d, dtype, device)
     x3, dy3 = x.view(T, 1, d), dy.view(T, 1, d)
 
@@ -276,13 +308,13 @@ def build_megatron(shape, T, dtype, device) -> Step:
 def megablocks_layer(shape, dtype, device) -> nn.Module:
     """MegaBlocks' dMoE (its learned top-k router with load-balancing loss, Triton gather /
     scatter, grouped SwiGLU experts) with its CUDA extensions stood in for by
-    bench/megablocks_shims.py; on the CPU its Triton kernels need TRITON_INTERPRET=1."""
+    bench/peer_shims.py; on the CPU its Triton kernels need TRITON_INTERPRET=1."""
     if not _peers_on_path("megablocks", "stk"):
         raise Unavailable("MegaBlocks not brought beside the project (.peers/megablocks and "
                           ".peers/stk)")
-    from bench import megablocks_shims
+    from bench import peer_shims
 
-    megablocks_shims.install()
+    peer_shims.install()
     try:
         from megablocks.backend import kernels as mb_kernels
         from megablocks.layers.arguments import Arguments
@@ -350,14 +382,16 @@ IMPLS: dict[str, tuple[str, Callable]] = {
     "scattermoe": ("ScatterMoE", build_scattermoe),
     "deepspeed": ("DeepSpeed MoE", build_deepspeed),
     "megatron": ("megatron-core MoELayer (SequentialMLP)", build_megatron),
+    "megatron-grouped": ("megatron-core MoELayer (GroupedMLP; torch stand-in for grouped_gemm)",
+                         lambda *a: build_megatron(*a, grouped=True)),
     "megablocks": ("MegaBlocks dMoE (grouped; torch stand-ins for its CUDA extensions)",
                    build_megablocks),
     "dense": ("dense GEMM, same FLOPs (ceiling)", build_dense),
 }
 NOT_RUN = {
-    "megatron-core MoELayer (grouped GEMM)": "its grouped-GEMM experts (TEGroupedMLP) need "
+    "megatron-core MoELayer (TEGroupedMLP)": "its Transformer Engine grouped experts need "
     "Transformer Engine, a CUDA build that cannot be brought to the lent GPU for this run; "
-    "the SequentialMLP row is megatron-core without it",
+    "the GroupedMLP row is megatron-core's other grouped-GEMM experts",
     "MegaBlocks dMoE (sparse, stk)": "its block-sparse stk kernels refuse Triton >= 3.2; the "
     "grouped row is MegaBlocks with its CUDA extensions stood in for by torch ops",
 }

@@ -9,17 +9,18 @@
 set -euo pipefail
 PY=${PYTHON:-python3}
 mkdir -p .whl
-# binary wheels for CPython 3.12 on x86_64 (the device's interpreter)
+# binary wheels for CPython 3.12 on x86_64 (the device's interpreter); megatron-core 0.16.1 is
+# its last release with the legacy GroupedMLP (the `megatron-grouped` row of bench/kernels.py)
 PLATFORMS="--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64"
 PLATFORMS="$PLATFORMS --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64"
 # shellcheck disable=SC2086
 $PY -m pip download -q --only-binary=:all: --python-version 3.12 $PLATFORMS --no-deps -d .whl \
   pydantic==2.14.4 pydantic_core==2.50.5 annotated_types typing_inspection \
-  hjson accelerate==1.15.0 megatron-core==0.19.2
+  hjson accelerate==1.15.0 megatron-core==0.16.1
 # DeepSpeed ships as a source package: build a pure-Python wheel without its CUDA ops
 DS_BUILD_OPS=0 $PY -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
 # MegaBlocks and its stk ship as source packages whose CUDA extension needs nvcc: bring their
-# Python packages to .peers/ (bench/megablocks_shims.py stands in for the extension)
+# Python packages to .peers/ (bench/peer_shims.py stands in for the extension)
 if [ ! -d .peers/megablocks ] || [ ! -d .peers/stk ]; then
   tmp=$(mktemp -d)
   $PY -m pip download -q --no-deps --no-build-isolation --no-binary :all: -d "$tmp" \

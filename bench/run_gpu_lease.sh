@@ -8,8 +8,9 @@
 #      the experts, ours with prefetch, with prefetch gated at 0.5 and without, vs transformers
 #      + accelerate vs the PCIe bound, bf16 experts, batch 1
 #   2) one MoE layer's forward+backward at 16k tokens (issue 3): ours vs the same-FLOPs dense
-#      GEMM (the ceiling) vs MegaBlocks (never timed yet), transformers' grouped_mm block,
-#      ScatterMoE, DeepSpeed; 240 s, as Triton compiles and autotunes on a fresh machine
+#      GEMM (the ceiling) vs MegaBlocks and megatron-core's GroupedMLP (neither timed yet),
+#      transformers' grouped_mm block, ScatterMoE, DeepSpeed; 240 s, as Triton compiles and
+#      autotunes on a fresh machine
 #   3) the Triton kernel tests on the GPU, as far as 50 s takes them (-x: the first failure
 #      ends them; bench.kernels checks ours against float64 at each shape as well)
 # SMOKE=1 rehearses the same steps on the CPU at tiny shapes (the interpreter runs Triton).
@@ -32,7 +33,7 @@ limited "${SERVE_TIMEOUT:-250}" python3 -m bench.serve "${smoke[@]}" --layers "$
   --out "$OUT/RESULTS.md" --json-out "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log"
 limited "${KERNEL_TIMEOUT:-240}" python3 -m bench.kernels "${smoke[@]}" \
   --shapes mixtral,olmoe,qwen3 "${tokens[@]}" \
-  --impls ours,dense,megablocks,hf-grouped,scattermoe,deepspeed --out "$OUT/RESULTS.md" 2>&1 \
+  --impls ours,dense,megablocks,megatron-grouped,hf-grouped,scattermoe,deepspeed --out "$OUT/RESULTS.md" 2>&1 \
   | tee "$OUT/kernels.log"
 MOE_TRITON_AUTOTUNE=0 limited "${TEST_TIMEOUT:-50}" python3 -m pytest -q -x -p no:cacheprovider \
   tests/test_kernels_triton.py 2>&1 | tail -5 | tee "$OUT/pytest_gpu.log"

@@ -1,10 +1,13 @@
-"""Torch stand-ins for MegaBlocks' two CUDA extensions, so that its dMoE runs as a peer in
-bench/kernels.py without nvcc (`install()` registers them under the extensions' names):
+"""Torch stand-ins for the kernel-bench peers' CUDA extensions, so that MegaBlocks' dMoE and
+megatron-core's GroupedMLP run as peers in bench/kernels.py without nvcc (`install()`
+registers MegaBlocks' two under the extensions' names, `install_grouped_gemm()` the one that
+megatron-core uses):
 
 - `megablocks_ops`: the small index ops around the expert GEMMs (cumsum, histogram, key sort,
   the block-sparse topology's column indices, replicate);
 - `grouped_gemm` (tgale96/grouped_gemm, what dMoE's `mlp_impl="grouped"` calls): the grouped
-  GEMM, here `torch._grouped_mm` (CUTLASS on Hopper; a reference loop on the CPU).
+  GEMM, here `torch._grouped_mm` (CUTLASS on Hopper; a reference loop on the CPU). The same
+  package is what megatron-core's legacy `GroupedMLP` calls (`install_grouped_gemm()` alone).
 
 MegaBlocks' routing, permutation (its Triton gather / scatter) and expert MLP are its own
 code. Each function keeps the extension's signature and writes into `out` the same way.
@@ -128,6 +131,18 @@ def gmm_op(a, b, batch_sizes, trans_b: bool = False) -> torch.Tensor:
     return _GroupedGemm.apply(a, b, batch_sizes, trans_b)
 
 
+def install_grouped_gemm() -> None:
+    """Register the `grouped_gemm` stand-in (before megablocks or megatron-core's MoE experts
+    module is imported: both bind the package at import)."""
+    gg = types.ModuleType("grouped_gemm")
+    gg.backend = types.ModuleType("grouped_gemm.backend")
+    gg.backend.gmm = gmm
+    gg.ops = types.ModuleType("grouped_gemm.ops")
+    gg.ops.gmm = gmm_op
+    sys.modules.update({"grouped_gemm": gg, "grouped_gemm.backend": gg.backend,
+                        "grouped_gemm.ops": gg.ops})
+
+
 def install() -> None:
     """Register the stand-ins as `megablocks_ops` and `grouped_gemm` (before megablocks is
     imported)."""
@@ -135,10 +150,5 @@ def install() -> None:
     for fn in (exclusive_cumsum, inclusive_cumsum, histogram, sort, indices,
                replicate_forward, replicate_backward):
         setattr(ops, fn.__name__, fn)
-    gg = types.ModuleType("grouped_gemm")
-    gg.backend = types.ModuleType("grouped_gemm.backend")
-    gg.backend.gmm = gmm
-    gg.ops = types.ModuleType("grouped_gemm.ops")
-    gg.ops.gmm = gmm_op
-    sys.modules.update({"megablocks_ops": ops, "grouped_gemm": gg,
-                        "grouped_gemm.backend": gg.backend, "grouped_gemm.ops": gg.ops})
+    sys.modules["megablocks_ops"] = ops
+    install_grouped_gemm()
