@@ -123,9 +123,9 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path, data_cache):
     assert "another model shape" in proc.stderr and "expert_ffn" in proc.stderr
 
 
-def _logits_worker(rank, world, ckpt, out_path, mode):
+def _logits_worker(rank, world, ckpt, out_path, mode, dense):
     from parallel import ParallelConfig, init_distributed
-    mesh = init_distributed(ParallelConfig(mode=mode, timeout_s=60))
+    mesh = init_distributed(ParallelConfig(mode=mode, dense=dense, timeout_s=60))
     logits = _load_and_run(ckpt, mesh)
     if rank == 0:
         torch.save(logits, out_path)
@@ -144,18 +144,6 @@ def _load_and_run(ckpt: str, mesh) -> torch.Tensor:
     ids = torch.arange(32).remainder(cfg.vocab_size).view(2, 16)
     with torch.no_grad():
         return par.model(ids).logits
-
-
-@pytest.mark.parametrize("mode", ["ep", "fssdp"])
-def test_two_rank_checkpoint_reloads_on_one_rank(tmp_path, data_cache, mode):
-    run_dir = tmp_path / "run"
-    train(run_dir, data_cache, "trainer.max_steps=3", f"parallel={mode}", nproc=2)
-    ckpt = str(run_dir / "checkpoints" / "step_00000003")
-    out = tmp_path / "logits2.pt"
-    run_ranks(_logits_worker, 2, ckpt, str(out), mode)
-    two_rank = torch.load(out)
-    one_rank = _load_and_run(ckpt, None)
-    torch.testing.assert_close(one_rank, two_rank, rtol=1e-5, atol=1e-5)
 
 
 def test_sweep_and_report(tmp_path, data_cache):
@@ -288,8 +276,13 @@ def test_sample_cli(tmp_path, data_cache):
     assert "--- prompt 'def f(x):'" in proc.stdout and "def f(x):" in proc.stdout
 
 
-@pytest.mark.parametrize("parallel", ["fssdp_fsdp2", "ep"])  # deepspeed: the next test
-def test_two_rank_resume_matches_uninterrupted(tmp_path, data_cache, parallel):
+@pytest.mark.parametrize("parallel,mode,dense", [("fssdp_fsdp2", "fssdp", "fsdp2"),
+                                                 ("ep", "ep", "ddp")])  # deepspeed: below
+def test_two_rank_run_resumes_and_its_checkpoint_reloads_on_one_rank(tmp_path, data_cache,
+                                                                     parallel, mode, dense):
+    """Resumed from its step-2 checkpoint on two ranks, a run continues with the uninterrupted
+    run's losses; the uninterrupted run's last checkpoint gives the same logits loaded on two
+    ranks (same parallel mode) and on one."""
     common = ["trainer.max_steps=4", "trainer.ckpt_every=2", f"parallel={parallel}",
               "parallel.timeout_s=60"]
     train(tmp_path / "a", data_cache, *common, nproc=2)
@@ -298,6 +291,13 @@ def test_two_rank_resume_matches_uninterrupted(tmp_path, data_cache, parallel):
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     for step in (3, 4):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-5), step
+
+    ckpt = str(tmp_path / "a" / "checkpoints" / "step_00000004")
+    out = tmp_path / "logits2.pt"
+    run_ranks(_logits_worker, 2, ckpt, str(out), mode, dense)
+    two_rank = torch.load(out)
+    one_rank = _load_and_run(ckpt, None)
+    torch.testing.assert_close(one_rank, two_rank, rtol=1e-5, atol=1e-5)
 
 
 def test_train_upcycled_from_one_of_our_dense_runs(tmp_path, data_cache):
