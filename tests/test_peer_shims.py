@@ -131,6 +131,8 @@ def _megatron_grouped_mlp_matches_float64(rank, world_size, seed):
 
     from bench.kernels import megatron_layer
 
+    # megatron torch.compile's its activation: eager here spares a C++ build per fresh cache
+    torch._dynamo.config.disable = True
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         E, d, f = 4, 32, 48
