@@ -24,13 +24,17 @@ from serve.session import Completion, Session, TextRow
 @dataclass(eq=False)
 class Request:
     """One prompt to complete. on_text(text) is called from the worker thread as text is
-    decided; set `cancelled` to end the row at its next token (its client has gone)."""
+    decided; set `cancelled` to end the row at its next token (its client has gone).
+    channels: a chat answer, split into reasoning (streamed to on_reasoning) and text when
+    the model speaks the harmony format (serve/session.py: TextRow)."""
 
     ids: list[int]
     max_tokens: int
     sampling: SamplingConfig
     stop: list[str] = field(default_factory=list)
     on_text: Callable[[str], None] | None = None
+    channels: bool = False
+    on_reasoning: Callable[[str], None] | None = None
     cancelled: bool = False
     completion: Completion | None = None
     stats: dict | None = None
@@ -145,8 +149,10 @@ class Batcher:
         """Prefill `reqs` into the running batch (their first tokens are chosen)."""
         if not reqs:
             return
-        texts = [self.session.text_row(r.stop, self._streamer(r),
-                                       cancelled=lambda r=r: r.cancelled) for r in reqs]
+        texts = [self.session.text_row(r.stop, self._streamer(r, r.on_text),
+                                       cancelled=lambda r=r: r.cancelled, channels=r.channels,
+                                       on_reasoning=self._streamer(r, r.on_reasoning))
+                 for r in reqs]
         try:
             rows = self._batch.add([r.ids for r in reqs], [r.max_tokens for r in reqs],
                                    [t.on_token for t in texts], [r.sampling for r in reqs])
@@ -161,15 +167,16 @@ class Batcher:
             if row.done:
                 self._finish(row)
 
-    def _streamer(self, req: Request) -> Callable[[str], None] | None:
-        if req.on_text is None:
+    def _streamer(self, req: Request, to: Callable[[str], None] | None
+                  ) -> Callable[[str], None] | None:
+        if to is None:
             return None
 
         def send(text: str) -> None:
             if req.cancelled:
                 return
             try:
-                req.on_text(text)
+                to(text)
             except Exception:  # noqa: BLE001 - a client that went away ends its row only
                 req.cancelled = True
 
@@ -177,7 +184,8 @@ class Batcher:
 
     def _finish(self, row: Row) -> None:
         req, text = self._rows.pop(row)
-        req.completion = Completion(row.out, text.finish(), row.finish_reason, row.prompt_len)
+        req.completion = Completion(row.out, text.finish(), row.finish_reason, row.prompt_len,
+                                    text.reasoning)
         req.stats = dict(row.stats, ttft_s=row.t_first - req.submitted,
                          queue_s=row.t_added - req.submitted,
                          latency_s=row.t_done - req.submitted)

@@ -1,10 +1,10 @@
 """`moe-serve`: generate, chat, bench and an OpenAI-compatible HTTP server for an offloaded
-MoE model directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2 / V3, GLM-4.5, or
-our own exports).
+MoE model directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2 / V3, GLM-4.5,
+GPT-OSS, or our own exports).
 
     moe-serve generate --model DIR --prompt "def f(" --max-new-tokens 32 --memory-budget 8GiB
     moe-serve generate --model DIR --prompt-ids 1,2,3 --json
-    moe-serve chat --model DIR
+    moe-serve chat --model DIR   [--chat-template-kwargs '{"reasoning_effort": "low"}']
     moe-serve bench --model DIR --memory-budget 24GiB --json
     moe-serve http --model DIR --port 8000
     moe-serve generate --config gpu_24gib --model DIR --prompt "Hi"   (configs/serve/ presets)
@@ -34,6 +34,22 @@ def _ids(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--prompt-ids takes comma-separated integers, got {text!r}") from None
+
+
+def _json_object(text: str) -> dict:
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"takes a JSON object, got {text!r}")
+    return v
+
+
+def _template_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chat-template-kwargs", type=_json_object, default={}, metavar="JSON",
+                   help="variables for the chat template, e.g. "
+                   "'{\"reasoning_effort\": \"high\"}' (GPT-OSS)")
 
 
 def _runtime_args(p: argparse.ArgumentParser) -> None:
@@ -166,11 +182,17 @@ def cmd_chat(a) -> None:
         if not line.strip() or line.strip() in ("/exit", "/quit"):
             break
         messages.append({"role": "user", "content": line})
-        ids = codec.encode_chat(messages)
+        ids = codec.encode_chat(messages, **a.chat_template_kwargs)
         outs, _ = s.complete([ids], a.max_new_tokens, _sampling(a), a.stop,
-                             lambda row, text: print(text, end="", flush=True))
+                             lambda row, text: print(text, end="", flush=True), channels=True,
+                             on_reasoning=_show_reasoning if a.show_reasoning else None)
         print()
         messages.append({"role": "assistant", "content": outs[0].text})
+
+
+def _show_reasoning(row: int, text: str) -> None:
+    """A harmony model's analysis channel (GPT-OSS's reasoning), on stderr."""
+    print(text, end="", file=sys.stderr, flush=True)
 
 
 def cmd_bench(a) -> None:
@@ -185,7 +207,7 @@ def cmd_bench(a) -> None:
 def cmd_http(a) -> None:
     from serve.http import serve_forever
 
-    serve_forever(_session(a, a.max_batch or 1), a.host, a.port)
+    serve_forever(_session(a, a.max_batch or 1), a.host, a.port, a.chat_template_kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(c)
     _sampling_args(c)
     c.add_argument("--system", default=None, help="system message")
+    _template_args(c)
+    c.add_argument("--show-reasoning", action="store_true",
+                   help="print a harmony model's reasoning (GPT-OSS's analysis channel) on "
+                   "stderr; it is never part of the answer")
     c.set_defaults(func=cmd_chat)
     b = sub.add_parser("bench", help="prefill / decode speed, hit rate, bytes, S-MBU, S-MFU")
     _runtime_args(b)
@@ -219,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(h)
     h.add_argument("--host", default="127.0.0.1")
     h.add_argument("--port", type=int, default=8000)
+    _template_args(h)
     h.set_defaults(func=cmd_http)
     return p
 

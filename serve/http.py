@@ -4,6 +4,10 @@
 One model, one device: a `Batcher` runs the requests, continuously batched: one that arrives
 while others decode joins them (up to max_batch rows). "n" > 1 asks for n choices, each a
 request of its own (with a seed s, choice i draws with s + i).
+
+Chat: "chat_template_kwargs" (an object) and "reasoning_effort" reach the chat template (over
+the server's defaults); a harmony-format answer (GPT-OSS) comes back split: its analysis
+channel as the message's "reasoning_content" (in stream deltas too), the rest as "content".
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ def _params(body: dict) -> tuple[int, SamplingConfig, list[str], bool, int]:
 class Handler(BaseHTTPRequestHandler):
     session: Session
     batcher: Batcher
+    template_kwargs: dict  # the server's defaults for chat templates
     protocol_version = "HTTP/1.1"
 
     def log_message(self, fmt, *args):  # one line per request on stderr
@@ -120,7 +125,14 @@ class Handler(BaseHTTPRequestHandler):
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequest("'messages' must be a non-empty list")
-        ids = self.session.need_codec().encode_chat(messages)
+        if body.get("tools"):
+            raise BadRequest("'tools' is not supported: this server does not parse tool calls")
+        kwargs = dict(self.template_kwargs)
+        kwargs.update(_field(body, "chat_template_kwargs", dict, {}))
+        effort = _field(body, "reasoning_effort", str, None)
+        if effort is not None:
+            kwargs["reasoning_effort"] = effort
+        ids = self.session.need_codec().encode_chat(messages, **kwargs)
         self._run(body, ids, "chat.completion", chat=True)
 
     def _run(self, body: dict, ids: list[int], kind: str, chat: bool) -> None:
@@ -131,12 +143,16 @@ class Handler(BaseHTTPRequestHandler):
         head = {"id": rid, "created": created, "model": s.name}
         configs = seeded_rows(sampling, n)
         if not stream:
-            reqs = self.batcher.run_all([Request(ids, max_tokens, c, stop) for c in configs])
+            reqs = self.batcher.run_all([Request(ids, max_tokens, c, stop, channels=chat)
+                                         for c in configs])
             choices = []
             for i, r in enumerate(reqs):
                 o = r.completion
                 text = o.text if o.text is not None else " ".join(map(str, o.token_ids))
-                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                message = {"role": "assistant", "content": text}
+                if o.reasoning:
+                    message["reasoning_content"] = o.reasoning
+                choices.append({"index": i, "message": message,
                                 "finish_reason": o.finish_reason} if chat else
                                {"index": i, "text": text, "logprobs": None,
                                 "finish_reason": o.finish_reason})
@@ -146,9 +162,12 @@ class Handler(BaseHTTPRequestHandler):
                 "prompt_tokens": len(ids), "completion_tokens": new,
                 "total_tokens": len(ids) + new}, stats=stats))
             return
-        texts: list[queue.Queue[str]] = [queue.Queue() for _ in configs]  # one per choice
-        reqs = [self.batcher.submit(Request(ids, max_tokens, c, stop, texts[i].put))
-                for i, c in enumerate(configs)]
+        # one queue per choice of (field, text): "content", or "reasoning_content" (chat)
+        texts: list[queue.Queue[tuple[str, str]]] = [queue.Queue() for _ in configs]
+        reqs = [self.batcher.submit(Request(
+            ids, max_tokens, c, stop, lambda t, q=texts[i]: q.put(("content", t)), channels=chat,
+            on_reasoning=lambda t, q=texts[i]: q.put(("reasoning_content", t))))
+            for i, c in enumerate(configs)]
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -158,10 +177,10 @@ class Handler(BaseHTTPRequestHandler):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def event(i: int, delta_text: str | None, finish: str | None,
-                  first: bool = False) -> None:
+                  first: bool = False, key: str = "content") -> None:
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else (
-                    {"content": delta_text} if delta_text is not None else {})
+                    {key: delta_text} if delta_text is not None else {})
                 choice = {"index": i, "delta": delta, "finish_reason": finish}
             else:
                 choice = {"index": i, "text": delta_text or "", "logprobs": None,
@@ -185,7 +204,8 @@ class Handler(BaseHTTPRequestHandler):
                         continue
                     done = r.done.is_set()  # then all its text is already queued
                     while not texts[i].empty():
-                        event(i, texts[i].get(), None)
+                        key, text = texts[i].get()
+                        event(i, text, None, key=key)
                         idle = False
                     if not done:
                         continue
@@ -209,10 +229,11 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, session: Session, host: str, port: int, max_batch: int | None = None,
-                 log: bool = False):
+                 log: bool = False, template_kwargs: dict | None = None):
         self.batcher = Batcher(session, max_batch, log=_log_line if log else None)
         handler = type("BoundHandler", (Handler,), {"session": session,
-                                                    "batcher": self.batcher})
+                                                    "batcher": self.batcher,
+                                                    "template_kwargs": template_kwargs or {}})
         super().__init__((host, port), handler)
 
     def server_close(self) -> None:
@@ -225,14 +246,16 @@ def _log_line(text: str) -> None:
 
 
 def make_server(session: Session, host: str, port: int, max_batch: int | None = None,
-                log: bool = False) -> Server:
+                log: bool = False, template_kwargs: dict | None = None) -> Server:
     """An OpenAI-compatible server on host:port (0: any free port) batching up to max_batch
-    requests (None: the model's max_batch); log: a stderr line per batch."""
-    return Server(session, host, port, max_batch, log)
+    requests (None: the model's max_batch); log: a stderr line per batch; template_kwargs:
+    the chat template's variables unless a request sets them."""
+    return Server(session, host, port, max_batch, log, template_kwargs)
 
 
-def serve_forever(session: Session, host: str, port: int) -> None:
-    server = make_server(session, host, port, log=True)
+def serve_forever(session: Session, host: str, port: int,
+                  template_kwargs: dict | None = None) -> None:
+    server = make_server(session, host, port, log=True, template_kwargs=template_kwargs)
     print(f"moe-serve http: serving {session.name} on http://{host}:{server.server_port} "
           "(/v1/completions, /v1/chat/completions, /v1/models, /health), batching up to "
           f"{server.batcher.max_batch} concurrent requests", file=sys.stderr, flush=True)

@@ -15,12 +15,15 @@ from serve.text import StreamDecoder, TextCodec, stop_token_ids
 
 @dataclass
 class Completion:
-    """One prompt's answer: new token ids, their text (None without a tokenizer)."""
+    """One prompt's answer: new token ids, their text (None without a tokenizer) and, for a
+    chat answer in the harmony format (GPT-OSS), its analysis channel's text (`reasoning`;
+    `text` is then the other channels' text, the answer)."""
 
     token_ids: list[int]
     text: str | None
     finish_reason: str
     prompt_tokens: int
+    reasoning: str | None = None
 
 
 class Session:
@@ -50,44 +53,64 @@ class Session:
 
     def text_row(self, stop: list[str] | None = None,
                  on_text: Callable[[str], None] | None = None, ignore_eos: bool = False,
-                 cancelled: Callable[[], bool] | None = None) -> TextRow:
+                 cancelled: Callable[[], bool] | None = None, channels: bool = False,
+                 on_reasoning: Callable[[str], None] | None = None) -> TextRow:
         """A TextRow for one sequence of this model (stop strings need the tokenizer)."""
         stop = [s for s in stop or [] if s]
         if stop:
             self.need_codec()
-        return TextRow(self.codec, self.stop_ids, stop, on_text, ignore_eos, cancelled)
+        return TextRow(self.codec, self.stop_ids, stop, on_text, ignore_eos, cancelled,
+                       channels, on_reasoning)
 
     def complete(self, prompts: list[list[int]], max_new_tokens: int | list[int],
                  sampling: SamplingConfig | None = None, stop: list[str] | None = None,
                  on_text: Callable[[int, str], None] | None = None,
-                 ignore_eos: bool = False) -> tuple[list[Completion], GenerationResult]:
+                 ignore_eos: bool = False, channels: bool = False,
+                 on_reasoning: Callable[[int, str], None] | None = None,
+                 ) -> tuple[list[Completion], GenerationResult]:
         """Generate for each prompt; on_text(row, new_text) streams text as it is decided
         (ids as text when there is no tokenizer). Stop strings end a row and are cut.
-        max_new_tokens: one limit, or one per row."""
+        max_new_tokens: one limit, or one per row. channels: split a harmony-format answer
+        (chat) into its reasoning, streamed to on_reasoning(row, new_text), and its text."""
         rows = [self.text_row(stop, None if on_text is None else (lambda t, b=b: on_text(b, t)),
-                              ignore_eos) for b in range(len(prompts))]
+                              ignore_eos, channels=channels, on_reasoning=None
+                              if on_reasoning is None else (lambda t, b=b: on_reasoning(b, t)))
+                for b in range(len(prompts))]
         res = generate(self.model, prompts, max_new_tokens, sampling,
                        () if ignore_eos else self.stop_ids,
                        lambda b, tok: rows[b].on_token(tok))
-        out = [Completion(ids, rows[b].finish(), res.finish_reasons[b], len(prompts[b]))
-               for b, ids in enumerate(res.token_ids)]
+        out = [Completion(ids, rows[b].finish(), res.finish_reasons[b], len(prompts[b]),
+                          rows[b].reasoning) for b, ids in enumerate(res.token_ids)]
         return out, res
 
 
 class TextRow:
     """One sequence's tokens -> its text as they come: a stop string ends the row and is cut;
     on_text(new_text) gets only text that cannot be the start of a stop string (ids as text
-    without a tokenizer); cancelled() -> True ends the row at its next token."""
+    without a tokenizer); cancelled() -> True ends the row at its next token.
+
+    channels=True with a harmony tokenizer (GPT-OSS): the answer's messages are split by
+    channel. The framing tokens and headers (<|start|>role, <|channel|>name, <|message|>,
+    <|end|>) are not text; the analysis channel's text goes to `reasoning` (streamed to
+    on_reasoning), every other channel's to the text. Stop strings apply to the text."""
 
     def __init__(self, codec: TextCodec | None, stop_ids, stop: list[str],
                  on_text: Callable[[str], None] | None = None, ignore_eos: bool = False,
-                 cancelled: Callable[[], bool] | None = None):
+                 cancelled: Callable[[], bool] | None = None, channels: bool = False,
+                 on_reasoning: Callable[[str], None] | None = None):
         self.codec, self.stop_ids, self.stop = codec, set(stop_ids), list(stop)
         self.on_text, self.ignore_eos, self.cancelled = on_text, ignore_eos, cancelled
         self.decoder = StreamDecoder(codec) if codec else None
         self.text = ""
         self.held = 0  # characters streamed so far
         self.stopped = False
+        self.harmony = codec.harmony if channels and codec is not None else None
+        self.reasoning: str | None = None if self.harmony is None else ""
+        self.on_reasoning = on_reasoning
+        self._reasoner = StreamDecoder(codec) if self.harmony is not None else None
+        self._where = "text"  # harmony: "text" (a message), "role" or "channel" (headers)
+        self._channel = "final"
+        self._header: list[int] = []
 
     def on_token(self, tok: int) -> bool:
         """Take the next token -> True when the row must end here."""
@@ -98,6 +121,14 @@ class TextRow:
                 self.on_text(f"{tok} ")
             return False
         if tok in self.stop_ids and not self.ignore_eos:
+            return False
+        if self.harmony is not None and self._framing(tok):
+            return False
+        if self._channel == "analysis":
+            piece = self._reasoner.push(tok)
+            self.reasoning += piece
+            if piece and self.on_reasoning is not None:
+                self.on_reasoning(piece)
             return False
         self.text += self.decoder.push(tok)
         hit = next((self.text.index(s) for s in self.stop if s in self.text), None)
@@ -111,11 +142,38 @@ class TextRow:
                 self.held = safe
         return hit is not None
 
+    def _framing(self, tok: int) -> bool:
+        """Harmony: take a framing or header token -> True, or a message token -> False."""
+        h = self.harmony
+        if tok == h.start:
+            self._where = "role"
+        elif tok == h.channel:
+            self._where, self._header = "channel", []
+        elif tok == h.message:
+            if self._where == "channel":  # "analysis", "commentary to=functions.f", ...
+                words = self.codec.decode(self._header).split()
+                self._channel = words[0] if words else "final"
+            elif self._where == "role":
+                self._channel = "final"
+            self._where = "text"
+        elif tok == h.end:
+            self._where, self._channel = "text", "final"
+        elif self._where == "channel":
+            self._header.append(tok)
+        else:
+            return self._where == "role"  # the role's name is not text
+        return True
+
     def finish(self) -> str | None:
         """The row has ended -> its whole text (None without a tokenizer); the part not yet
-        streamed goes to on_text."""
+        streamed goes to on_text (and the reasoning's to on_reasoning)."""
         if self.decoder is None:
             return None
+        if self._reasoner is not None:
+            piece = self._reasoner.flush()
+            self.reasoning += piece
+            if piece and self.on_reasoning is not None:
+                self.on_reasoning(piece)
         if not self.stopped:
             self.text += self.decoder.flush()
             hit = next((self.text.index(s) for s in self.stop if s in self.text), None)
@@ -124,4 +182,3 @@ class TextRow:
             self.on_text(self.text[self.held:])
             self.held = len(self.text)
         return self.text
-

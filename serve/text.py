@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 # Used when a directory has no chat template of its own.
 PLAIN_CHAT = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -27,6 +28,20 @@ def stop_token_ids(model_dir: Path) -> set[int]:
         v = _read_json(Path(model_dir) / name).get("eos_token_id")
         ids.update(v if isinstance(v, list) else [] if v is None else [v])
     return ids
+
+
+class HarmonyTokens(NamedTuple):
+    """Ids of the special tokens that frame a message in the harmony format (GPT-OSS):
+    <|start|>role<|channel|>name<|message|>text<|end|>."""
+
+    start: int
+    channel: int
+    message: int
+    end: int
+
+
+# names a chat template reads that callers may not set through template kwargs
+_RESERVED = {"messages", "add_generation_prompt", "bos_token", "eos_token"}
 
 
 class TextCodec:
@@ -53,6 +68,10 @@ class TextCodec:
         self.stop_ids = stop_token_ids(d)
         if self.eos_token is not None and self.tok.token_to_id(self.eos_token) is not None:
             self.stop_ids.add(self.tok.token_to_id(self.eos_token))
+        ids = [self.tok.token_to_id(t) for t in
+               ("<|start|>", "<|channel|>", "<|message|>", "<|end|>")]
+        # set when the tokenizer speaks harmony: chat answers then split into channels
+        self.harmony = HarmonyTokens(*ids) if None not in ids else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -60,14 +79,20 @@ class TextCodec:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """[{'role', 'content'}, ...] -> the prompt text the model was tuned on."""
+    def render_chat(self, messages: list[dict], /, add_generation_prompt: bool = True,
+                    **template_kwargs) -> str:
+        """[{'role', 'content'}, ...] -> the prompt text the model was tuned on.
+        template_kwargs: further variables the template reads (e.g. GPT-OSS's
+        reasoning_effort), as transformers' apply_chat_template passes them."""
         from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError("each chat message needs a 'role' and a 'content'")
+        clash = sorted(_RESERVED & set(template_kwargs))
+        if clash:
+            raise ValueError(f"chat template kwargs may not set {', '.join(clash)}")
 
         def raise_exception(msg):
             raise TemplateError(msg)
@@ -78,13 +103,18 @@ class TextCodec:
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        try:
+            return env.from_string(self.chat_template).render(
+                **template_kwargs, messages=messages,
+                add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "")
+        except TemplateError as e:  # raise_exception, or messages the template cannot read
+            raise ValueError(f"the chat template refused the messages: {e}") from e
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], /, **template_kwargs) -> list[int]:
         # the template writes any BOS itself
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, **template_kwargs),
+                           add_special_tokens=False)
 
 
 class StreamDecoder:

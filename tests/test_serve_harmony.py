@@ -1,0 +1,202 @@
+"""Chat answers in the harmony format (GPT-OSS): <|start|>role<|channel|>name<|message|>text
+<|end|>. The analysis channel is the answer's reasoning, kept apart from its text by TextRow,
+the HTTP server ("reasoning_content") and `moe-serve chat`; chat template kwargs (e.g.
+reasoning_effort) reach the template.
+
+The served model here is scripted: identity embeddings, attention and experts that add
+nothing, and an lm_head whose row j points at j's predecessor, so greedy decoding walks a
+fixed chain of tokens whatever the prompt."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import urllib.request
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from serve.config import ServeConfig  # noqa: E402
+from serve.http import make_server  # noqa: E402
+from serve.session import Session, TextRow  # noqa: E402
+from serve.text import TextCodec  # noqa: E402
+from tests.hf_models import build_hf  # noqa: E402
+
+WORDS = ["[UNK]", "<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>",
+         "assistant", "analysis", "final", "think", "hard", "so", "yes", "hi", "x",
+         "commentary"]
+SPECIAL = WORDS[1:6]
+ID = {w: i for i, w in enumerate(WORDS)}
+# what the scripted model says after a prompt ending in "<|start|>assistant"
+CHAIN = ["assistant", "<|channel|>", "analysis", "<|message|>", "think", "hard", "<|end|>",
+         "so", "yes", "<|return|>"]
+TEMPLATE = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+            "{% if reasoning_effort == 'high' %}x x x {% endif %}<|start|>assistant")
+
+
+def save_tokenizer(d) -> None:
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(ID, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(w, special=True) for w in SPECIAL])
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|return|>",
+        "chat_template": TEMPLATE}))
+
+
+@pytest.fixture(scope="module")
+def harmony_dir(tmp_path_factory):
+    """A Mixtral-layout model whose greedy answer to any chat prompt is CHAIN[1:]."""
+    d = tmp_path_factory.mktemp("harmony")
+    V = len(WORDS)
+    hf = build_hf("mixtral", vocab_size=V, hidden_size=V, tie_word_embeddings=False)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "o_proj" in name or "down_proj" in name:
+                p.zero_()  # each layer adds nothing: the last hidden state is the embedding
+            elif "norm" in name:
+                p.fill_(1.0)
+        hf.model.embed_tokens.weight.copy_(torch.eye(V))
+        hf.lm_head.weight.zero_()
+        for prev, nxt in zip(CHAIN[:-1], CHAIN[1:], strict=True):
+            hf.lm_head.weight[ID[nxt], ID[prev]] = 5.0
+    hf.save_pretrained(d)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": ID["<|return|>"]}))
+    save_tokenizer(d)
+    return d
+
+
+def ids(*words: str) -> list[int]:
+    return [ID[w] for w in words]
+
+
+def run_row(codec, tokens, stop=(), channels=True):
+    text, reasoning = [], []
+    row = TextRow(codec, codec.stop_ids, list(stop), text.append, channels=channels,
+                  on_reasoning=reasoning.append)
+    ended = []
+    for t in tokens:  # as generation does: the row's first True ends it
+        ended.append(row.on_token(t))
+        if ended[-1]:
+            break
+    final = row.finish()
+    return row, final, "".join(text), "".join(reasoning), ended
+
+
+def test_a_harmony_answer_splits_into_its_reasoning_and_its_text(harmony_dir):
+    codec = TextCodec(harmony_dir)
+    assert codec.harmony is not None
+    answer = ids("<|channel|>", "analysis", "<|message|>", "think", "hard", "<|end|>",
+                 "<|start|>", "assistant", "<|channel|>", "final", "<|message|>", "so", "yes",
+                 "<|return|>")
+    row, text, streamed, reasoned, _ = run_row(codec, answer)
+    assert (text, row.reasoning) == ("so yes", "think hard")
+    assert (streamed, reasoned) == (text, row.reasoning)
+    # without the split (raw completions) every word is text, headers included
+    row, text, _, _, _ = run_row(codec, answer, channels=False)
+    assert text == "analysis think hard assistant final so yes" and row.reasoning is None
+
+
+def test_stop_strings_cut_the_text_not_the_reasoning(harmony_dir):
+    codec = TextCodec(harmony_dir)
+    answer = ids("<|channel|>", "analysis", "<|message|>", "yes", "think", "<|end|>",
+                 "<|start|>", "assistant", "<|channel|>", "final", "<|message|>", "so", "yes",
+                 "hard")
+    row, text, streamed, _, ended = run_row(codec, answer, stop=["yes"])
+    assert row.reasoning == "yes think"  # a stop string in the reasoning does not end the row
+    assert text.strip() == "so" and streamed == text
+    assert len(ended) == 13 and ended[-1]  # ended at the text's "yes"
+
+
+def test_other_channels_and_unframed_tokens_are_text(harmony_dir):
+    codec = TextCodec(harmony_dir)
+    # a commentary header with a recipient; text before any framing; a role with no channel
+    answer = ids("hi", "<|channel|>", "commentary", "x", "<|message|>", "so", "<|end|>",
+                 "<|start|>", "assistant", "<|message|>", "yes")
+    row, text, _, _, _ = run_row(codec, answer)
+    assert (text, row.reasoning) == ("hi so yes", "")
+
+
+def test_chat_template_kwargs_reach_the_template(harmony_dir):
+    codec = TextCodec(harmony_dir)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert codec.render_chat(msgs) == "hi <|start|>assistant"
+    assert codec.render_chat(msgs, reasoning_effort="high") == "hi x x x <|start|>assistant"
+    with pytest.raises(ValueError, match="eos_token, messages"):
+        codec.render_chat(msgs, **{"eos_token": "?", "messages": []})
+    codec.chat_template = "{{ raise_exception('only users speak here') }}"
+    with pytest.raises(ValueError, match="only users speak here"):
+        codec.render_chat(msgs)
+
+
+@pytest.fixture(scope="module")
+def harmony_server(harmony_dir):
+    session = Session(ServeConfig(model=str(harmony_dir), max_context=64, dtype="float32"))
+    srv = make_server(session, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_port}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def post(url, body):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_http_chat_answers_with_reasoning_content_apart(harmony_server):
+    url = harmony_server + "/v1/chat/completions"
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20,
+            "temperature": 0}
+    code, plain = post(url, body)
+    assert code == 200, plain
+    doc = json.loads(plain)
+    msg = doc["choices"][0]["message"]
+    assert (msg["content"], msg["reasoning_content"]) == ("so yes", "think hard")
+    assert doc["choices"][0]["finish_reason"] == "stop"
+    assert doc["usage"]["completion_tokens"] == len(CHAIN) - 1
+    code, streamed = post(url, dict(body, stream=True))
+    assert code == 200
+    deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in streamed.splitlines()
+              if line.startswith("data: {")]
+    assert "".join(d.get("content", "") for d in deltas) == "so yes"
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "think hard"
+    # reasoning_effort and chat_template_kwargs reach the template (3 more prompt tokens)
+    base = doc["usage"]["prompt_tokens"]
+    for extra in ({"reasoning_effort": "high"},
+                  {"chat_template_kwargs": {"reasoning_effort": "high"}}):
+        code, plain = post(url, dict(body, **extra))
+        assert code == 200 and json.loads(plain)["usage"]["prompt_tokens"] == base + 3
+    for bad, fragment in (({"chat_template_kwargs": [1]}, "'chat_template_kwargs'"),
+                          ({"chat_template_kwargs": {"messages": []}}, "may not set"),
+                          ({"tools": [{"type": "function"}]}, "'tools' is not supported")):
+        code, plain = post(url, dict(body, **bad))
+        assert code == 400 and fragment in json.loads(plain)["error"]["message"], plain
+
+
+def test_cli_chat_prints_the_reasoning_only_when_asked(harmony_dir):
+    def chat(*flags):
+        return subprocess.run(
+            [sys.executable, "-m", "serve", "chat", "--model", str(harmony_dir), "--quiet",
+             "--dtype", "float32", "--max-new-tokens", "20", *flags], input="hi\n\n",
+            capture_output=True, text=True, timeout=300)
+
+    p = chat()
+    assert p.returncode == 0, p.stderr
+    assert "so yes" in p.stdout and "think" not in p.stdout + p.stderr
+    p = chat("--show-reasoning", "--chat-template-kwargs", '{"reasoning_effort": "high"}')
+    assert p.returncode == 0, p.stderr
+    assert "so yes" in p.stdout and "think hard" in p.stderr and "think" not in p.stdout
+    p = chat("--chat-template-kwargs", "[1]")
+    assert p.returncode == 2 and "JSON object" in p.stderr
