@@ -26,7 +26,7 @@ class Request:
     """One prompt to complete. on_text(text) is called from the worker thread as text is
     decided; set `cancelled` to end the row at its next token (its client has gone).
     channels: a chat answer, split into reasoning (streamed to on_reasoning) and text when
-    the model speaks the harmony format (serve/session.py: TextRow)."""
+    the model reasons in a format TextRow knows (serve/session.py)."""
 
     ids: list[int]
     max_tokens: int
@@ -151,7 +151,8 @@ class Batcher:
             return
         texts = [self.session.text_row(r.stop, self._streamer(r, r.on_text),
                                        cancelled=lambda r=r: r.cancelled, channels=r.channels,
-                                       on_reasoning=self._streamer(r, r.on_reasoning))
+                                       on_reasoning=self._streamer(r, r.on_reasoning),
+                                       prompt=r.ids)
                  for r in reqs]
         try:
             rows = self._batch.add([r.ids for r in reqs], [r.max_tokens for r in reqs],

@@ -191,7 +191,7 @@ def cmd_chat(a) -> None:
 
 
 def _show_reasoning(row: int, text: str) -> None:
-    """A harmony model's analysis channel (GPT-OSS's reasoning), on stderr."""
+    """A reasoning model's reasoning, on stderr."""
     print(text, end="", file=sys.stderr, flush=True)
 
 
@@ -229,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="system message")
     _template_args(c)
     c.add_argument("--show-reasoning", action="store_true",
-                   help="print a harmony model's reasoning (GPT-OSS's analysis channel) on "
-                   "stderr; it is never part of the answer")
+                   help="print a reasoning model's reasoning (GPT-OSS's analysis channel, "
+                   "<think>...</think>) on stderr; it is never part of the answer")
     c.set_defaults(func=cmd_chat)
     b = sub.add_parser("bench", help="prefill / decode speed, hit rate, bytes, S-MBU, S-MFU")
     _runtime_args(b)

@@ -6,8 +6,9 @@ while others decode joins them (up to max_batch rows). "n" > 1 asks for n choice
 request of its own (with a seed s, choice i draws with s + i).
 
 Chat: "chat_template_kwargs" (an object) and "reasoning_effort" reach the chat template (over
-the server's defaults); a harmony-format answer (GPT-OSS) comes back split: its analysis
-channel as the message's "reasoning_content" (in stream deltas too), the rest as "content".
+the server's defaults); a reasoning model's answer comes back split: its reasoning (GPT-OSS's
+analysis channel, <think>...</think>) as the message's "reasoning_content" (in stream deltas
+too), the rest as "content".
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from serve.text import StreamDecoder, TextCodec, stop_token_ids
 @dataclass
 class Completion:
     """One prompt's answer: new token ids, their text (None without a tokenizer) and, for a
-    chat answer in the harmony format (GPT-OSS), its analysis channel's text (`reasoning`;
-    `text` is then the other channels' text, the answer)."""
+    chat answer of a reasoning model, its reasoning (GPT-OSS's analysis channel, the text
+    inside <think>...</think>; `text` is then the answer only)."""
 
     token_ids: list[int]
     text: str | None
@@ -54,13 +54,14 @@ class Session:
     def text_row(self, stop: list[str] | None = None,
                  on_text: Callable[[str], None] | None = None, ignore_eos: bool = False,
                  cancelled: Callable[[], bool] | None = None, channels: bool = False,
-                 on_reasoning: Callable[[str], None] | None = None) -> TextRow:
+                 on_reasoning: Callable[[str], None] | None = None,
+                 prompt: list[int] | None = None) -> TextRow:
         """A TextRow for one sequence of this model (stop strings need the tokenizer)."""
         stop = [s for s in stop or [] if s]
         if stop:
             self.need_codec()
         return TextRow(self.codec, self.stop_ids, stop, on_text, ignore_eos, cancelled,
-                       channels, on_reasoning)
+                       channels, on_reasoning, prompt)
 
     def complete(self, prompts: list[list[int]], max_new_tokens: int | list[int],
                  sampling: SamplingConfig | None = None, stop: list[str] | None = None,
@@ -70,11 +71,12 @@ class Session:
                  ) -> tuple[list[Completion], GenerationResult]:
         """Generate for each prompt; on_text(row, new_text) streams text as it is decided
         (ids as text when there is no tokenizer). Stop strings end a row and are cut.
-        max_new_tokens: one limit, or one per row. channels: split a harmony-format answer
-        (chat) into its reasoning, streamed to on_reasoning(row, new_text), and its text."""
+        max_new_tokens: one limit, or one per row. channels: split a reasoning model's chat
+        answer into its reasoning, streamed to on_reasoning(row, new_text), and its text."""
         rows = [self.text_row(stop, None if on_text is None else (lambda t, b=b: on_text(b, t)),
                               ignore_eos, channels=channels, on_reasoning=None
-                              if on_reasoning is None else (lambda t, b=b: on_reasoning(b, t)))
+                              if on_reasoning is None else (lambda t, b=b: on_reasoning(b, t)),
+                              prompt=prompts[b])
                 for b in range(len(prompts))]
         res = generate(self.model, prompts, max_new_tokens, sampling,
                        () if ignore_eos else self.stop_ids,
@@ -89,28 +91,39 @@ class TextRow:
     on_text(new_text) gets only text that cannot be the start of a stop string (ids as text
     without a tokenizer); cancelled() -> True ends the row at its next token.
 
-    channels=True with a harmony tokenizer (GPT-OSS): the answer's messages are split by
-    channel. The framing tokens and headers (<|start|>role, <|channel|>name, <|message|>,
-    <|end|>) are not text; the analysis channel's text goes to `reasoning` (streamed to
-    on_reasoning), every other channel's to the text. Stop strings apply to the text."""
+    channels=True (a chat answer) splits a reasoning model's answer: its reasoning goes to
+    `reasoning` (streamed to on_reasoning), the rest to the text; stop strings apply to the
+    text. With a harmony tokenizer (GPT-OSS) the framing tokens and headers (<|start|>role,
+    <|channel|>name, <|message|>, <|end|>) are not text and the analysis channel is the
+    reasoning; with <think> / </think> tokens (Qwen3, DeepSeek-R1) the tags are not text and
+    what they enclose is the reasoning; a prompt whose last tag is <think> (a template that
+    opens the thought itself) starts the answer inside it."""
 
     def __init__(self, codec: TextCodec | None, stop_ids, stop: list[str],
                  on_text: Callable[[str], None] | None = None, ignore_eos: bool = False,
                  cancelled: Callable[[], bool] | None = None, channels: bool = False,
-                 on_reasoning: Callable[[str], None] | None = None):
+                 on_reasoning: Callable[[str], None] | None = None,
+                 prompt: list[int] | None = None):
         self.codec, self.stop_ids, self.stop = codec, set(stop_ids), list(stop)
         self.on_text, self.ignore_eos, self.cancelled = on_text, ignore_eos, cancelled
         self.decoder = StreamDecoder(codec) if codec else None
         self.text = ""
         self.held = 0  # characters streamed so far
         self.stopped = False
-        self.harmony = codec.harmony if channels and codec is not None else None
-        self.reasoning: str | None = None if self.harmony is None else ""
+        split = channels and codec is not None
+        self.harmony = codec.harmony if split else None
+        self.think = codec.think if split else None
+        splitting = self.harmony is not None or self.think is not None
+        self.reasoning: str | None = "" if splitting else None
         self.on_reasoning = on_reasoning
-        self._reasoner = StreamDecoder(codec) if self.harmony is not None else None
+        self._reasoner = StreamDecoder(codec) if splitting else None
         self._where = "text"  # harmony: "text" (a message), "role" or "channel" (headers)
-        self._channel = "final"
+        self._channel = "final"  # "analysis": the reasoning
         self._header: list[int] = []
+        if self.think is not None:
+            tags = [t for t in prompt or () if t in self.think]
+            if tags and tags[-1] == self.think[0]:
+                self._channel = "analysis"
 
     def on_token(self, tok: int) -> bool:
         """Take the next token -> True when the row must end here."""
@@ -123,6 +136,9 @@ class TextRow:
         if tok in self.stop_ids and not self.ignore_eos:
             return False
         if self.harmony is not None and self._framing(tok):
+            return False
+        if self.think is not None and tok in self.think:
+            self._channel = "analysis" if tok == self.think[0] else "final"
             return False
         if self._channel == "analysis":
             piece = self._reasoner.push(tok)

@@ -72,6 +72,9 @@ class TextCodec:
                ("<|start|>", "<|channel|>", "<|message|>", "<|end|>")]
         # set when the tokenizer speaks harmony: chat answers then split into channels
         self.harmony = HarmonyTokens(*ids) if None not in ids else None
+        # else <think>...</think> (Qwen3, DeepSeek-R1): the reasoning before the answer
+        think = (self.tok.token_to_id("<think>"), self.tok.token_to_id("</think>"))
+        self.think = think if self.harmony is None and None not in think else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids

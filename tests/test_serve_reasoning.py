@@ -1,11 +1,12 @@
-"""Chat answers in the harmony format (GPT-OSS): <|start|>role<|channel|>name<|message|>text
-<|end|>. The analysis channel is the answer's reasoning, kept apart from its text by TextRow,
-the HTTP server ("reasoning_content") and `moe-serve chat`; chat template kwargs (e.g.
-reasoning_effort) reach the template.
+"""Chat answers of reasoning models: in the harmony format (GPT-OSS: <|start|>role<|channel|>
+name<|message|>text<|end|>, the analysis channel is the reasoning) or with <think>...</think>
+(Qwen3, DeepSeek-R1). TextRow, the HTTP server ("reasoning_content") and `moe-serve chat` keep
+the reasoning apart from the text; chat template kwargs (e.g. reasoning_effort) reach the
+template.
 
-The served model here is scripted: identity embeddings, attention and experts that add
+The served models here are scripted: identity embeddings, attention and experts that add
 nothing, and an lm_head whose row j points at j's predecessor, so greedy decoding walks a
-fixed chain of tokens whatever the prompt."""
+fixed chain of tokens whatever came before."""
 
 from __future__ import annotations
 
@@ -36,25 +37,20 @@ CHAIN = ["assistant", "<|channel|>", "analysis", "<|message|>", "think", "hard",
          "so", "yes", "<|return|>"]
 TEMPLATE = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
             "{% if reasoning_effort == 'high' %}x x x {% endif %}<|start|>assistant")
+# <think> tags (not special tokens, as in Qwen3); the template opens the thought (as
+# DeepSeek-R1's does), so the answer starts inside it
+THINK_WORDS = ["[UNK]", "<eos>", "<think>", "</think>", "hmm", "ok", "so", "yes", "hi"]
+THINK_CHAIN = ["<think>", "hmm", "ok", "</think>", "so", "yes", "<eos>"]
+THINK_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}<think>"
 
 
-def save_tokenizer(d) -> None:
+def save_scripted(d, words, chain, template, eos, special, normal=()) -> None:
+    """A Mixtral-layout model and a word-level tokenizer in d: greedy decoding after any
+    token of `chain` continues the chain."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
-    tok = Tokenizer(models.WordLevel(ID, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(w, special=True) for w in SPECIAL])
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|return|>",
-        "chat_template": TEMPLATE}))
-
-
-@pytest.fixture(scope="module")
-def harmony_dir(tmp_path_factory):
-    """A Mixtral-layout model whose greedy answer to any chat prompt is CHAIN[1:]."""
-    d = tmp_path_factory.mktemp("harmony")
-    V = len(WORDS)
+    idx = {w: i for i, w in enumerate(words)}
+    V = -(-len(words) // 8) * 8  # 4 heads of an even width; ids past the words unused
     hf = build_hf("mixtral", vocab_size=V, hidden_size=V, tie_word_embeddings=False)
     with torch.no_grad():
         for name, p in hf.named_parameters():
@@ -64,11 +60,34 @@ def harmony_dir(tmp_path_factory):
                 p.fill_(1.0)
         hf.model.embed_tokens.weight.copy_(torch.eye(V))
         hf.lm_head.weight.zero_()
-        for prev, nxt in zip(CHAIN[:-1], CHAIN[1:], strict=True):
-            hf.lm_head.weight[ID[nxt], ID[prev]] = 5.0
+        for prev, nxt in zip(chain[:-1], chain[1:], strict=True):
+            hf.lm_head.weight[idx[nxt], idx[prev]] = 5.0
     hf.save_pretrained(d)
-    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": ID["<|return|>"]}))
-    save_tokenizer(d)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": idx[eos]}))
+    tok = Tokenizer(models.WordLevel(idx, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(w, special=True) for w in special])
+    tok.add_tokens([AddedToken(w, special=False) for w in normal])
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos,
+        "chat_template": template}))
+
+
+@pytest.fixture(scope="module")
+def harmony_dir(tmp_path_factory):
+    """Greedy answer to any chat prompt: CHAIN[1:]."""
+    d = tmp_path_factory.mktemp("harmony")
+    save_scripted(d, WORDS, CHAIN, TEMPLATE, "<|return|>", SPECIAL)
+    return d
+
+
+@pytest.fixture(scope="module")
+def think_dir(tmp_path_factory):
+    """Greedy answer to any chat prompt: THINK_CHAIN[1:]."""
+    d = tmp_path_factory.mktemp("think")
+    save_scripted(d, THINK_WORDS, THINK_CHAIN, THINK_TEMPLATE, "<eos>", ["<eos>"],
+                  ["<think>", "</think>"])
     return d
 
 
@@ -76,10 +95,10 @@ def ids(*words: str) -> list[int]:
     return [ID[w] for w in words]
 
 
-def run_row(codec, tokens, stop=(), channels=True):
+def run_row(codec, tokens, stop=(), channels=True, prompt=None):
     text, reasoning = [], []
     row = TextRow(codec, codec.stop_ids, list(stop), text.append, channels=channels,
-                  on_reasoning=reasoning.append)
+                  on_reasoning=reasoning.append, prompt=prompt)
     ended = []
     for t in tokens:  # as generation does: the row's first True ends it
         ended.append(row.on_token(t))
@@ -133,6 +152,42 @@ def test_chat_template_kwargs_reach_the_template(harmony_dir):
     codec.chat_template = "{{ raise_exception('only users speak here') }}"
     with pytest.raises(ValueError, match="only users speak here"):
         codec.render_chat(msgs)
+
+
+def test_think_tags_enclose_the_reasoning(think_dir):
+    codec = TextCodec(think_dir)
+    assert codec.harmony is None and codec.think is not None
+    w = {x: i for i, x in enumerate(THINK_WORDS)}
+    said = [w[x] for x in ("hi", "<think>", "hmm", "ok", "</think>", "so", "yes")]
+    row, text, streamed, reasoned, _ = run_row(codec, said)  # Qwen3 opens the thought itself
+    assert (text, row.reasoning) == ("hi so yes", "hmm ok") and reasoned == row.reasoning
+    # a prompt whose last tag opens a thought: the answer starts inside it
+    opened = [w["hi"], w["<think>"]]
+    row, text, _, _, _ = run_row(codec, said[2:], prompt=opened)
+    assert (text, row.reasoning) == ("so yes", "hmm ok")
+    closed = opened + [w["</think>"]]  # e.g. Qwen3 with enable_thinking false
+    row, text, _, _, _ = run_row(codec, said[5:], prompt=closed)
+    assert (text, row.reasoning) == ("so yes", "")
+    row, text, _, _, _ = run_row(codec, said, channels=False)
+    assert row.reasoning is None and "hmm ok" in text
+
+
+def test_a_think_model_answers_http_chat_with_its_reasoning_apart(think_dir):
+    """The prompt the template writes ends in <think>: the server starts the answer inside
+    the thought."""
+    session = Session(ServeConfig(model=str(think_dir), max_context=64, dtype="float32"))
+    srv = make_server(session, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        code, plain = post(f"http://127.0.0.1:{srv.server_port}/v1/chat/completions",
+                           {"messages": [{"role": "user", "content": "hi"}],
+                            "max_tokens": 20, "temperature": 0})
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert code == 200, plain
+    msg = json.loads(plain)["choices"][0]["message"]
+    assert (msg["content"], msg["reasoning_content"]) == ("so yes", "hmm ok")
 
 
 @pytest.fixture(scope="module")
