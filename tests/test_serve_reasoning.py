@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 import threading
-import urllib.request
 
 import pytest
 import torch
@@ -26,6 +25,7 @@ from serve.http import make_server  # noqa: E402
 from serve.session import Session, TextRow  # noqa: E402
 from serve.text import TextCodec  # noqa: E402
 from tests.hf_models import build_hf  # noqa: E402
+from tests.test_serve_cli import request  # noqa: E402
 
 WORDS = ["[UNK]", "<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>",
          "assistant", "analysis", "final", "think", "hard", "so", "yes", "hi", "x",
@@ -179,7 +179,7 @@ def test_a_think_model_answers_http_chat_with_its_reasoning_apart(think_dir):
     srv = make_server(session, "127.0.0.1", 0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        code, plain = post(f"http://127.0.0.1:{srv.server_port}/v1/chat/completions",
+        code, plain = request(f"http://127.0.0.1:{srv.server_port}/v1/chat/completions",
                            {"messages": [{"role": "user", "content": "hi"}],
                             "max_tokens": 20, "temperature": 0})
     finally:
@@ -200,28 +200,18 @@ def harmony_server(harmony_dir):
     srv.server_close()
 
 
-def post(url, body):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
 def test_http_chat_answers_with_reasoning_content_apart(harmony_server):
     url = harmony_server + "/v1/chat/completions"
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20,
             "temperature": 0}
-    code, plain = post(url, body)
+    code, plain = request(url, body)
     assert code == 200, plain
     doc = json.loads(plain)
     msg = doc["choices"][0]["message"]
     assert (msg["content"], msg["reasoning_content"]) == ("so yes", "think hard")
     assert doc["choices"][0]["finish_reason"] == "stop"
     assert doc["usage"]["completion_tokens"] == len(CHAIN) - 1
-    code, streamed = post(url, dict(body, stream=True))
+    code, streamed = request(url, dict(body, stream=True))
     assert code == 200
     deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in streamed.splitlines()
               if line.startswith("data: {")]
@@ -231,12 +221,12 @@ def test_http_chat_answers_with_reasoning_content_apart(harmony_server):
     base = doc["usage"]["prompt_tokens"]
     for extra in ({"reasoning_effort": "high"},
                   {"chat_template_kwargs": {"reasoning_effort": "high"}}):
-        code, plain = post(url, dict(body, **extra))
+        code, plain = request(url, dict(body, **extra))
         assert code == 200 and json.loads(plain)["usage"]["prompt_tokens"] == base + 3
     for bad, fragment in (({"chat_template_kwargs": [1]}, "'chat_template_kwargs'"),
                           ({"chat_template_kwargs": {"messages": []}}, "may not set"),
                           ({"tools": [{"type": "function"}]}, "'tools' is not supported")):
-        code, plain = post(url, dict(body, **bad))
+        code, plain = request(url, dict(body, **bad))
         assert code == 400 and fragment in json.loads(plain)["error"]["message"], plain
 
 
