@@ -25,8 +25,8 @@ from serve.session import Completion, Session, TextRow
 class Request:
     """One prompt to complete. on_text(text) is called from the worker thread as text is
     decided; set `cancelled` to end the row at its next token (its client has gone).
-    channels: a chat answer, split into reasoning (streamed to on_reasoning) and text when
-    the model reasons in a format TextRow knows (serve/session.py)."""
+    channels: a chat answer, split into reasoning (streamed to on_reasoning), tool calls (each
+    to on_tool_call) and text when the model answers in a format serve/answer.py knows."""
 
     ids: list[int]
     max_tokens: int
@@ -35,6 +35,7 @@ class Request:
     on_text: Callable[[str], None] | None = None
     channels: bool = False
     on_reasoning: Callable[[str], None] | None = None
+    on_tool_call: Callable[[dict], None] | None = None
     cancelled: bool = False
     completion: Completion | None = None
     stats: dict | None = None
@@ -152,7 +153,8 @@ class Batcher:
         texts = [self.session.text_row(r.stop, self._streamer(r, r.on_text),
                                        cancelled=lambda r=r: r.cancelled, channels=r.channels,
                                        on_reasoning=self._streamer(r, r.on_reasoning),
-                                       prompt=r.ids)
+                                       prompt=r.ids,
+                                       on_tool_call=self._streamer(r, r.on_tool_call))
                  for r in reqs]
         try:
             rows = self._batch.add([r.ids for r in reqs], [r.max_tokens for r in reqs],
@@ -168,16 +170,15 @@ class Batcher:
             if row.done:
                 self._finish(row)
 
-    def _streamer(self, req: Request, to: Callable[[str], None] | None
-                  ) -> Callable[[str], None] | None:
+    def _streamer(self, req: Request, to: Callable | None) -> Callable | None:
         if to is None:
             return None
 
-        def send(text: str) -> None:
+        def send(item) -> None:
             if req.cancelled:
                 return
             try:
-                to(text)
+                to(item)
             except Exception:  # noqa: BLE001 - a client that went away ends its row only
                 req.cancelled = True
 
@@ -186,7 +187,7 @@ class Batcher:
     def _finish(self, row: Row) -> None:
         req, text = self._rows.pop(row)
         req.completion = Completion(row.out, text.finish(), row.finish_reason, row.prompt_len,
-                                    text.reasoning)
+                                    text.reasoning, text.tool_calls)
         req.stats = dict(row.stats, ttft_s=row.t_first - req.submitted,
                          queue_s=row.t_added - req.submitted,
                          latency_s=row.t_done - req.submitted)

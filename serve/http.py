@@ -5,10 +5,11 @@ One model, one device: a `Batcher` runs the requests, continuously batched: one 
 while others decode joins them (up to max_batch rows). "n" > 1 asks for n choices, each a
 request of its own (with a seed s, choice i draws with s + i).
 
-Chat: "chat_template_kwargs" (an object) and "reasoning_effort" reach the chat template (over
-the server's defaults); a reasoning model's answer comes back split: its reasoning (GPT-OSS's
-analysis channel, <think>...</think>) as the message's "reasoning_content" (in stream deltas
-too), the rest as "content".
+Chat: "chat_template_kwargs" (an object), "reasoning_effort" and "tools" reach the chat
+template (over the server's defaults); a reasoning model's answer comes back split
+(serve/answer.py): its reasoning (GPT-OSS's analysis channel, <think>...</think>) as the
+message's "reasoning_content", its tool calls as "tool_calls" (finish_reason "tool_calls"),
+the rest as "content"; in stream deltas too.
 """
 
 from __future__ import annotations
@@ -43,6 +44,47 @@ def _field(body: dict, name: str, kind, default, check=None):
 
 
 MAX_N = 16  # most choices one request may ask for
+
+
+def _tools(body: dict) -> list[dict] | None:
+    """The request's function tools for the chat template (None with tool_choice "none")."""
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and t.get("type") == "function"
+            and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) for t in tools):
+        raise BadRequest("'tools' must be a list of {\"type\": \"function\", \"function\": "
+                         "{\"name\": ..., ...}}")
+    choice = body.get("tool_choice", "auto")
+    if choice not in ("auto", "none"):
+        raise BadRequest(f"'tool_choice' {choice!r} is not supported: \"auto\" or \"none\"")
+    return tools if choice == "auto" else None
+
+
+def _with_parsed_arguments(message):
+    """An assistant message's tool calls carry their arguments as JSON text (OpenAI's form);
+    chat templates expect them parsed."""
+    if not isinstance(message, dict) or not isinstance(message.get("tool_calls"), list):
+        return message
+    calls = []
+    for c in message["tool_calls"]:
+        fn = c.get("function") if isinstance(c, dict) else None
+        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+            try:
+                c = dict(c, function=dict(fn, arguments=json.loads(fn["arguments"])))
+            except json.JSONDecodeError:
+                pass
+        calls.append(c)
+    return dict(message, tool_calls=calls)
+
+
+def _tool_call(call: dict, index: int | None = None) -> dict:
+    """{"name", "arguments"} -> an OpenAI tool call (with its index in a stream delta)."""
+    out = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+           "function": {"name": call["name"], "arguments": call["arguments"]}}
+    return out if index is None else dict(out, index=index)
 
 
 def _params(body: dict) -> tuple[int, SamplingConfig, list[str], bool, int]:
@@ -126,9 +168,11 @@ class Handler(BaseHTTPRequestHandler):
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequest("'messages' must be a non-empty list")
-        if body.get("tools"):
-            raise BadRequest("'tools' is not supported: this server does not parse tool calls")
         kwargs = dict(self.template_kwargs)
+        tools = _tools(body)
+        if tools:
+            kwargs["tools"] = tools
+        messages = [_with_parsed_arguments(m) for m in messages]
         kwargs.update(_field(body, "chat_template_kwargs", dict, {}))
         effort = _field(body, "reasoning_effort", str, None)
         if effort is not None:
@@ -153,8 +197,13 @@ class Handler(BaseHTTPRequestHandler):
                 message = {"role": "assistant", "content": text}
                 if o.reasoning:
                     message["reasoning_content"] = o.reasoning
+                finish = o.finish_reason
+                if o.tool_calls:
+                    message["tool_calls"] = [_tool_call(c) for c in o.tool_calls]
+                    message["content"] = text or None
+                    finish = "tool_calls"
                 choices.append({"index": i, "message": message,
-                                "finish_reason": o.finish_reason} if chat else
+                                "finish_reason": finish} if chat else
                                {"index": i, "text": text, "logprobs": None,
                                 "finish_reason": o.finish_reason})
             new = sum(len(r.completion.token_ids) for r in reqs)
@@ -163,12 +212,15 @@ class Handler(BaseHTTPRequestHandler):
                 "prompt_tokens": len(ids), "completion_tokens": new,
                 "total_tokens": len(ids) + new}, stats=stats))
             return
-        # one queue per choice of (field, text): "content", or "reasoning_content" (chat)
-        texts: list[queue.Queue[tuple[str, str]]] = [queue.Queue() for _ in configs]
+        # one queue per choice of (delta field, item): "content" or "reasoning_content" (text),
+        # "tool_calls" (a call)
+        texts: list[queue.Queue[tuple[str, object]]] = [queue.Queue() for _ in configs]
         reqs = [self.batcher.submit(Request(
             ids, max_tokens, c, stop, lambda t, q=texts[i]: q.put(("content", t)), channels=chat,
-            on_reasoning=lambda t, q=texts[i]: q.put(("reasoning_content", t))))
+            on_reasoning=lambda t, q=texts[i]: q.put(("reasoning_content", t)),
+            on_tool_call=lambda t, q=texts[i]: q.put(("tool_calls", t))))
             for i, c in enumerate(configs)]
+        calls = [0] * n  # tool calls streamed per choice
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -177,7 +229,7 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def event(i: int, delta_text: str | None, finish: str | None,
+        def event(i: int, delta_text, finish: str | None,
                   first: bool = False, key: str = "content") -> None:
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else (
@@ -205,8 +257,10 @@ class Handler(BaseHTTPRequestHandler):
                         continue
                     done = r.done.is_set()  # then all its text is already queued
                     while not texts[i].empty():
-                        key, text = texts[i].get()
-                        event(i, text, None, key=key)
+                        key, item = texts[i].get()
+                        if key == "tool_calls":
+                            item, calls[i] = [_tool_call(item, calls[i])], calls[i] + 1
+                        event(i, item, None, key=key)
                         idle = False
                     if not done:
                         continue
@@ -215,7 +269,8 @@ class Handler(BaseHTTPRequestHandler):
                         send({"error": {"message": f"{type(r.error).__name__}: {r.error}",
                                         "type": "server_error", "code": 500}})
                     else:
-                        event(i, None, r.completion.finish_reason)
+                        event(i, None, "tool_calls" if r.completion.tool_calls
+                              else r.completion.finish_reason)
                 if idle:
                     time.sleep(0.02)
             send("[DONE]")

@@ -4,9 +4,10 @@ Shared by the CLI and the HTTP server."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from serve.answer import AnswerParts
 from serve.config import ServeConfig
 from serve.generate import GenerationResult, SamplingConfig, generate
 from serve.runtime import OffloadedModel
@@ -17,13 +18,14 @@ from serve.text import StreamDecoder, TextCodec, stop_token_ids
 class Completion:
     """One prompt's answer: new token ids, their text (None without a tokenizer) and, for a
     chat answer of a reasoning model, its reasoning (GPT-OSS's analysis channel, the text
-    inside <think>...</think>; `text` is then the answer only)."""
+    inside <think>...</think>; `text` is then the answer only) and its tool calls."""
 
     token_ids: list[int]
     text: str | None
     finish_reason: str
     prompt_tokens: int
     reasoning: str | None = None
+    tool_calls: list[dict] = field(default_factory=list)  # {"name", "arguments" (JSON text)}
 
 
 class Session:
@@ -55,13 +57,14 @@ class Session:
                  on_text: Callable[[str], None] | None = None, ignore_eos: bool = False,
                  cancelled: Callable[[], bool] | None = None, channels: bool = False,
                  on_reasoning: Callable[[str], None] | None = None,
-                 prompt: list[int] | None = None) -> TextRow:
+                 prompt: list[int] | None = None,
+                 on_tool_call: Callable[[dict], None] | None = None) -> TextRow:
         """A TextRow for one sequence of this model (stop strings need the tokenizer)."""
         stop = [s for s in stop or [] if s]
         if stop:
             self.need_codec()
         return TextRow(self.codec, self.stop_ids, stop, on_text, ignore_eos, cancelled,
-                       channels, on_reasoning, prompt)
+                       channels, on_reasoning, prompt, on_tool_call)
 
     def complete(self, prompts: list[list[int]], max_new_tokens: int | list[int],
                  sampling: SamplingConfig | None = None, stop: list[str] | None = None,
@@ -82,7 +85,8 @@ class Session:
                        () if ignore_eos else self.stop_ids,
                        lambda b, tok: rows[b].on_token(tok))
         out = [Completion(ids, rows[b].finish(), res.finish_reasons[b], len(prompts[b]),
-                          rows[b].reasoning) for b, ids in enumerate(res.token_ids)]
+                          rows[b].reasoning, rows[b].tool_calls)
+               for b, ids in enumerate(res.token_ids)]
         return out, res
 
 
@@ -91,39 +95,33 @@ class TextRow:
     on_text(new_text) gets only text that cannot be the start of a stop string (ids as text
     without a tokenizer); cancelled() -> True ends the row at its next token.
 
-    channels=True (a chat answer) splits a reasoning model's answer: its reasoning goes to
-    `reasoning` (streamed to on_reasoning), the rest to the text; stop strings apply to the
-    text. With a harmony tokenizer (GPT-OSS) the framing tokens and headers (<|start|>role,
-    <|channel|>name, <|message|>, <|end|>) are not text and the analysis channel is the
-    reasoning; with <think> / </think> tokens (Qwen3, DeepSeek-R1) the tags are not text and
-    what they enclose is the reasoning; a prompt whose last tag is <think> (a template that
-    opens the thought itself) starts the answer inside it."""
+    channels=True (a chat answer) splits the answer of a model whose format serve/answer.py
+    knows (GPT-OSS's harmony, <think> tags, <tool_call> tags): its reasoning goes to
+    `reasoning` (streamed to on_reasoning), its tool calls to `tool_calls` (each to
+    on_tool_call), the rest to the text; framing is dropped; stop strings apply to the text.
+    prompt: the prompt's ids (a template may open the thought)."""
 
     def __init__(self, codec: TextCodec | None, stop_ids, stop: list[str],
                  on_text: Callable[[str], None] | None = None, ignore_eos: bool = False,
                  cancelled: Callable[[], bool] | None = None, channels: bool = False,
                  on_reasoning: Callable[[str], None] | None = None,
-                 prompt: list[int] | None = None):
+                 prompt: list[int] | None = None,
+                 on_tool_call: Callable[[dict], None] | None = None):
         self.codec, self.stop_ids, self.stop = codec, set(stop_ids), list(stop)
         self.on_text, self.ignore_eos, self.cancelled = on_text, ignore_eos, cancelled
         self.decoder = StreamDecoder(codec) if codec else None
         self.text = ""
         self.held = 0  # characters streamed so far
         self.stopped = False
-        split = channels and codec is not None
-        self.harmony = codec.harmony if split else None
-        self.think = codec.think if split else None
-        splitting = self.harmony is not None or self.think is not None
-        self.reasoning: str | None = "" if splitting else None
+        self.parts = AnswerParts(codec, prompt, on_tool_call) \
+            if channels and AnswerParts.knows(codec) else None
+        self.reasoning: str | None = None if self.parts is None else ""
         self.on_reasoning = on_reasoning
-        self._reasoner = StreamDecoder(codec) if splitting else None
-        self._where = "text"  # harmony: "text" (a message), "role" or "channel" (headers)
-        self._channel = "final"  # "analysis": the reasoning
-        self._header: list[int] = []
-        if self.think is not None:
-            tags = [t for t in prompt or () if t in self.think]
-            if tags and tags[-1] == self.think[0]:
-                self._channel = "analysis"
+        self._reasoner = StreamDecoder(codec) if self.parts is not None else None
+
+    @property
+    def tool_calls(self) -> list[dict]:
+        return [] if self.parts is None else self.parts.tool_calls
 
     def on_token(self, tok: int) -> bool:
         """Take the next token -> True when the row must end here."""
@@ -135,17 +133,19 @@ class TextRow:
             return False
         if tok in self.stop_ids and not self.ignore_eos:
             return False
-        if self.harmony is not None and self._framing(tok):
-            return False
-        if self.think is not None and tok in self.think:
-            self._channel = "analysis" if tok == self.think[0] else "final"
-            return False
-        if self._channel == "analysis":
+        routed = [("text", tok)] if self.parts is None else self.parts.route(tok)
+        return any(self._show(part, t) for part, t in routed)
+
+    def _show(self, part: str, tok: int) -> bool:
+        """Add a token to the reasoning or the text -> True when a stop string ends the row."""
+        if part == "reasoning":
             piece = self._reasoner.push(tok)
             self.reasoning += piece
             if piece and self.on_reasoning is not None:
                 self.on_reasoning(piece)
             return False
+        if self.stopped:
+            return True
         self.text += self.decoder.push(tok)
         hit = next((self.text.index(s) for s in self.stop if s in self.text), None)
         if hit is not None:
@@ -158,34 +158,14 @@ class TextRow:
                 self.held = safe
         return hit is not None
 
-    def _framing(self, tok: int) -> bool:
-        """Harmony: take a framing or header token -> True, or a message token -> False."""
-        h = self.harmony
-        if tok == h.start:
-            self._where = "role"
-        elif tok == h.channel:
-            self._where, self._header = "channel", []
-        elif tok == h.message:
-            if self._where == "channel":  # "analysis", "commentary to=functions.f", ...
-                words = self.codec.decode(self._header).split()
-                self._channel = words[0] if words else "final"
-            elif self._where == "role":
-                self._channel = "final"
-            self._where = "text"
-        elif tok == h.end:
-            self._where, self._channel = "text", "final"
-        elif self._where == "channel":
-            self._header.append(tok)
-        else:
-            return self._where == "role"  # the role's name is not text
-        return True
-
     def finish(self) -> str | None:
         """The row has ended -> its whole text (None without a tokenizer); the part not yet
         streamed goes to on_text (and the reasoning's to on_reasoning)."""
         if self.decoder is None:
             return None
-        if self._reasoner is not None:
+        if self.parts is not None:
+            for part, t in self.parts.finish():
+                self._show(part, t)
             piece = self._reasoner.flush()
             self.reasoning += piece
             if piece and self.on_reasoning is not None:

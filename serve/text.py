@@ -44,6 +44,20 @@ class HarmonyTokens(NamedTuple):
 _RESERVED = {"messages", "add_generation_prompt", "bos_token", "eos_token"}
 
 
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _as_templates_read(message: dict) -> dict:
+    """A chat message as transformers hands it to a template: keys whose value is None
+    dropped (OpenAI clients send "content": null beside tool calls), and an earlier answer's
+    reasoning under both names templates read ("reasoning_content"; "thinking": GPT-OSS)."""
+    m = {k: v for k, v in message.items() if v is not None}
+    reasoning = next((m[k] for k in _REASONING_KEYS if k in m), None)
+    if reasoning is not None:
+        m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+    return m
+
+
 class TextCodec:
     """Text <-> token ids for one model directory."""
 
@@ -75,6 +89,8 @@ class TextCodec:
         # else <think>...</think> (Qwen3, DeepSeek-R1): the reasoning before the answer
         think = (self.tok.token_to_id("<think>"), self.tok.token_to_id("</think>"))
         self.think = think if self.harmony is None and None not in think else None
+        tags = (self.tok.token_to_id("<tool_call>"), self.tok.token_to_id("</tool_call>"))
+        self.tool_tags = tags if None not in tags else None  # Qwen3 / Hermes tool calls
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -91,8 +107,11 @@ class TextCodec:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError("each chat message needs a 'role' and a 'content'")
+            if not isinstance(m, dict) or "role" not in m or (
+                    "content" not in m and "tool_calls" not in m):
+                raise ValueError("each chat message needs a 'role' and a 'content' (or "
+                                 "'tool_calls')")
+        messages = [_as_templates_read(m) for m in messages]
         clash = sorted(_RESERVED & set(template_kwargs))
         if clash:
             raise ValueError(f"chat template kwargs may not set {', '.join(clash)}")

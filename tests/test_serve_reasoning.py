@@ -1,8 +1,9 @@
 """Chat answers of reasoning models: in the harmony format (GPT-OSS: <|start|>role<|channel|>
-name<|message|>text<|end|>, the analysis channel is the reasoning) or with <think>...</think>
-(Qwen3, DeepSeek-R1). TextRow, the HTTP server ("reasoning_content") and `moe-serve chat` keep
-the reasoning apart from the text; chat template kwargs (e.g. reasoning_effort) reach the
-template.
+name<|message|>text<|end|>, the analysis channel is the reasoning, a message to
+functions.NAME a tool call) or with <think>...</think> and <tool_call>...</tool_call> (Qwen3,
+DeepSeek-R1). TextRow (serve/answer.py), the HTTP server ("reasoning_content", "tool_calls")
+and `moe-serve chat` keep reasoning and calls apart from the text; chat template kwargs (e.g.
+reasoning_effort) and tools reach the template.
 
 The served models here are scripted: identity embeddings, attention and experts that add
 nothing, and an lm_head whose row j points at j's predecessor, so greedy decoding walks a
@@ -42,11 +43,22 @@ TEMPLATE = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
 THINK_WORDS = ["[UNK]", "<eos>", "<think>", "</think>", "hmm", "ok", "so", "yes", "hi"]
 THINK_CHAIN = ["<think>", "hmm", "ok", "</think>", "so", "yes", "<eos>"]
 THINK_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}<think>"
+# a harmony model that calls a tool; the template writes the tools' names and the city of an
+# earlier call (its arguments parsed from OpenAI's JSON text)
+CALL_WORDS = ["[UNK]", "<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>",
+              "<|call|>", "assistant", "commentary", "to=functions.get", '{"city":"Paris"}',
+              "hi", "get", "Paris", "<tool_call>", "</tool_call>"]
+CALL_CHAIN = ["assistant", "<|channel|>", "commentary", "to=functions.get", "<|message|>",
+              '{"city":"Paris"}', "<|call|>"]
+CALL_TEMPLATE = ("{% for t in tools or [] %}{{ t.function.name }} {% endfor %}"
+                 "{% for m in messages %}{% if m.tool_calls %}"
+                 "{{ m.tool_calls[0].function.arguments.city }} "
+                 "{% else %}{{ m.content }} {% endif %}{% endfor %}<|start|>assistant")
 
 
 def save_scripted(d, words, chain, template, eos, special, normal=()) -> None:
-    """A Mixtral-layout model and a word-level tokenizer in d: greedy decoding after any
-    token of `chain` continues the chain."""
+    """A Mixtral-layout model and a word-level tokenizer (words split at spaces) in d: greedy
+    decoding after any token of `chain` continues the chain. eos: a word or a list."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
     idx = {w: i for i, w in enumerate(words)}
@@ -63,14 +75,16 @@ def save_scripted(d, words, chain, template, eos, special, normal=()) -> None:
         for prev, nxt in zip(chain[:-1], chain[1:], strict=True):
             hf.lm_head.weight[idx[nxt], idx[prev]] = 5.0
     hf.save_pretrained(d)
-    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": idx[eos]}))
+    eos = [eos] if isinstance(eos, str) else eos
+    (d / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [idx[e] for e in eos]}))
     tok = Tokenizer(models.WordLevel(idx, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens([AddedToken(w, special=True) for w in special])
     tok.add_tokens([AddedToken(w, special=False) for w in normal])
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos,
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos[0],
         "chat_template": template}))
 
 
@@ -88,6 +102,15 @@ def think_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("think")
     save_scripted(d, THINK_WORDS, THINK_CHAIN, THINK_TEMPLATE, "<eos>", ["<eos>"],
                   ["<think>", "</think>"])
+    return d
+
+
+@pytest.fixture(scope="module")
+def call_dir(tmp_path_factory):
+    """Greedy answer to any chat prompt: CALL_CHAIN[1:], a call of tool "get"."""
+    d = tmp_path_factory.mktemp("call")
+    save_scripted(d, CALL_WORDS, CALL_CHAIN, CALL_TEMPLATE, ["<|return|>", "<|call|>"],
+                  CALL_WORDS[1:7], ["<tool_call>", "</tool_call>"])
     return d
 
 
@@ -225,7 +248,8 @@ def test_http_chat_answers_with_reasoning_content_apart(harmony_server):
         assert code == 200 and json.loads(plain)["usage"]["prompt_tokens"] == base + 3
     for bad, fragment in (({"chat_template_kwargs": [1]}, "'chat_template_kwargs'"),
                           ({"chat_template_kwargs": {"messages": []}}, "may not set"),
-                          ({"tools": [{"type": "function"}]}, "'tools' is not supported")):
+                          ({"tools": [{"type": "function"}]}, "'tools' must be"),
+                          ({"tools": [], "tool_choice": "required"}, "'tool_choice'")):
         code, plain = request(url, dict(body, **bad))
         assert code == 400 and fragment in json.loads(plain)["error"]["message"], plain
 
@@ -245,3 +269,106 @@ def test_cli_chat_prints_the_reasoning_only_when_asked(harmony_dir):
     assert "so yes" in p.stdout and "think hard" in p.stderr and "think" not in p.stdout
     p = chat("--chat-template-kwargs", "[1]")
     assert p.returncode == 2 and "JSON object" in p.stderr
+
+
+def test_tool_calls_in_either_format_are_kept_apart(call_dir):
+    codec = TextCodec(call_dir)
+    w = {x: i for i, x in enumerate(CALL_WORDS)}
+    # harmony: the recipient in the role header, as GPT-OSS's template writes it, or in the
+    # channel's; a message with no recipient is text
+    said = [w[x] for x in ("<|channel|>", "commentary", "to=functions.get", "<|message|>",
+                           '{"city":"Paris"}', "<|end|>", "<|start|>", "assistant",
+                           "to=functions.get", "<|channel|>", "commentary", "<|message|>",
+                           '{"city":"Paris"}', "<|end|>", "<|start|>", "assistant",
+                           "<|message|>", "hi")]
+    calls = []
+    row = TextRow(codec, codec.stop_ids, [], channels=True, on_tool_call=calls.append)
+    for t in said:
+        row.on_token(t)
+    assert row.finish() == "hi" and row.reasoning == ""
+    assert calls == row.tool_calls == [{"name": "get", "arguments": '{"city":"Paris"}'}] * 2
+
+
+def test_tool_call_tags_hold_a_call_or_stay_text(tmp_path):
+    """<tool_call> JSON </tool_call> (Qwen3): a call; JSON that does not read, or a tag never
+    closed, stays text (nothing is lost)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    words = ["[UNK]", "<tool_call>", "</tool_call>", "hi", "ok",
+             '{"name":"get","arguments":{"city":"Paris"}}', "{broken"]
+    tok = Tokenizer(models.WordLevel({x: i for i, x in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_tokens([AddedToken(x, special=False) for x in words[1:3]])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    codec = TextCodec(tmp_path)
+    assert codec.tool_tags == (1, 2) and codec.harmony is None and codec.think is None
+
+    def run(*seq):
+        row = TextRow(codec, set(), [], channels=True)
+        for x in seq:
+            row.on_token(words.index(x))
+        return row.finish(), row.tool_calls
+
+    assert run("hi", "<tool_call>", words[5], "</tool_call>", "ok") == (
+        "hi ok", [{"name": "get", "arguments": '{"city": "Paris"}'}])
+    assert run("hi", "<tool_call>", "{broken", "</tool_call>") == (
+        "hi <tool_call> {broken </tool_call>", [])
+    assert run("hi", "<tool_call>", words[5]) == (f"hi <tool_call> {words[5]}", [])
+
+
+def test_http_chat_returns_a_tool_call_with_the_tools_in_the_prompt(call_dir):
+    session = Session(ServeConfig(model=str(call_dir), max_context=64, dtype="float32"))
+    srv = make_server(session, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_port}/v1/chat/completions"
+    tools = [{"type": "function", "function": {"name": "get", "parameters": {}}}]
+    earlier = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function",
+         "function": {"name": "get", "arguments": '{"city": "Paris"}'}}]}
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20,
+            "temperature": 0, "tools": tools}
+    try:
+        code, plain = request(url, body)
+        assert code == 200, plain
+        doc = json.loads(plain)
+        choice = doc["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        (call,) = choice["message"]["tool_calls"]
+        assert call["type"] == "function" and call["id"].startswith("call_")
+        assert call["function"] == {"name": "get", "arguments": '{"city":"Paris"}'}
+        # the tools' names and the earlier call's parsed arguments are in the prompt
+        base = doc["usage"]["prompt_tokens"]
+        code, plain = request(url, dict(body, tool_choice="none"))
+        assert json.loads(plain)["usage"]["prompt_tokens"] == base - 1
+        code, plain = request(url, dict(body, messages=body["messages"] + [earlier]))
+        assert json.loads(plain)["usage"]["prompt_tokens"] == base + 1
+        code, streamed = request(url, dict(body, stream=True))
+        chunks = [json.loads(line[6:])["choices"][0] for line in streamed.splitlines()
+                  if line.startswith("data: {")]
+        deltas = [c["delta"]["tool_calls"] for c in chunks if "tool_calls" in c["delta"]]
+        assert [d[0]["function"] for d in deltas] == [call["function"]]
+        assert deltas[0][0]["index"] == 0 and chunks[-1]["finish_reason"] == "tool_calls"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_messages_reach_the_template_as_transformers_hands_them(harmony_dir, tmp_path):
+    """None values dropped (OpenAI's "content": null beside tool calls), an earlier answer's
+    reasoning under "thinking" too (GPT-OSS's template reads that name)."""
+    import shutil
+
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(harmony_dir / f, tmp_path / f)
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m.role }}:{{ 'content' in m }}:{{ m.thinking }}:"
+        "{{ m.reasoning_content }};{% endfor %}")
+    msgs = [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "so", "reasoning_content": "think"},
+            {"role": "assistant", "content": None, "tool_calls": [{"function": {}}]},
+            {"role": "assistant", "content": "ok", "thinking": "hard"}]
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=False)
+    assert TextCodec(tmp_path).render_chat(msgs, add_generation_prompt=False) == ref
+    assert ref == ("user:True::;assistant:True:think:think;assistant:False::;"
+                   "assistant:True:hard:hard;")
