@@ -102,7 +102,23 @@ def _params(body: dict) -> tuple[int, SamplingConfig, list[str], bool, int]:
                                                                  for s in stop)):
         raise BadRequest("'stop' must be a string or a list of strings")
     n = _field(body, "n", int, 1, lambda v: 1 <= v <= MAX_N)
+    _refuse_unsupported(body)
     return max_tokens, sampling, stop or [], _field(body, "stream", bool, False), n
+
+
+# OpenAI request fields this server does not implement, with the value that asks for nothing
+# (clients send those by default): any other value is refused rather than ignored
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
+               "best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+               "logit_bias": (None, {}), "response_format": (None, {"type": "text"}),
+               "suffix": (None, "")}
+
+
+def _refuse_unsupported(body: dict) -> None:
+    for name, neutral in UNSUPPORTED.items():
+        v = body.get(name)
+        if not any(v == x and isinstance(v, bool) == isinstance(x, bool) for x in neutral):
+            raise BadRequest(f"'{name}' is not supported by this server (got {v!r})")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -182,6 +198,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _run(self, body: dict, ids: list[int], kind: str, chat: bool) -> None:
         max_tokens, sampling, stop, stream, n = _params(body)
+        # stream_options.include_usage: a last chunk with the usage and no choices
+        usage = _field(_field(body, "stream_options", dict, {}), "include_usage", bool, False)
         s = self.session
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
@@ -273,6 +291,11 @@ class Handler(BaseHTTPRequestHandler):
                               else r.completion.finish_reason)
                 if idle:
                     time.sleep(0.02)
+            if usage and all(r.error is None for r in reqs):
+                new = sum(len(r.completion.token_ids) for r in reqs)
+                send(dict(head, object=obj, choices=[], usage={
+                    "prompt_tokens": len(ids), "completion_tokens": new,
+                    "total_tokens": len(ids) + new}))
             send("[DONE]")
         except OSError:  # the client went away: its rows end at the next token
             for r in reqs:

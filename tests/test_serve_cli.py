@@ -213,6 +213,11 @@ def test_http_chat_completion_and_stream(server):
     ("/v1/completions", b'{"prompt": "x", "temperature": 9}', "'temperature'"),
     ("/v1/completions", json.dumps({"prompt": list(range(1, 80))}).encode(),
      "longer than the context"),
+    ("/v1/completions", b'{"prompt": "x", "logprobs": 2}', "'logprobs' is not supported"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], '
+     b'"presence_penalty": 0.5}', "'presence_penalty' is not supported"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], '
+     b'"response_format": {"type": "json_object"}}', "'response_format' is not supported"),
     ("/v1/chat/completions", b'{"messages": "hi"}', "'messages'"),
     ("/v1/chat/completions", b'{"messages": [{"text": "hi"}]}', "'role'"),
 ])
@@ -221,6 +226,24 @@ def test_http_bad_requests_get_400(server, path, raw, fragment):
     code, body = request(base + path, raw=raw)
     assert code == 400, body
     assert fragment in json.loads(body)["error"]["message"]
+
+
+def test_http_accepts_neutral_values_of_unsupported_fields_and_streams_usage(server):
+    """What OpenAI clients send by default (null logprobs, zero penalties, ...) is accepted;
+    stream_options.include_usage adds a last chunk with the usage."""
+    base, _, _ = server
+    body = {"prompt": "def f", "max_tokens": 5, "temperature": 0, "logprobs": None,
+            "echo": False, "presence_penalty": 0, "frequency_penalty": 0.0, "best_of": 1,
+            "logit_bias": {}}
+    code, plain = request(base + "/v1/completions", body)
+    assert code == 200, plain
+    usage = json.loads(plain)["usage"]
+    code, streamed = request(base + "/v1/completions",
+                             dict(body, stream=True, stream_options={"include_usage": True}))
+    chunks = [json.loads(line[6:]) for line in streamed.splitlines()
+              if line.startswith("data: {")]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == usage
+    assert all("usage" not in c for c in chunks[:-1])
 
 
 def test_http_n_choices_draw_each_with_its_own_seed(server):
