@@ -187,6 +187,8 @@ def cmd_chat(a) -> None:
                              lambda row, text: print(text, end="", flush=True), channels=True,
                              on_reasoning=_show_reasoning if a.show_reasoning else None)
         print()
+        for c in outs[0].tool_calls:  # the model asked for a tool this chat does not run
+            print(f"[tool call {c['name']}({c['arguments']}): not run here]", file=sys.stderr)
         messages.append({"role": "assistant", "content": outs[0].text})
 
 

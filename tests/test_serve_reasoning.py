@@ -372,3 +372,13 @@ def test_messages_reach_the_template_as_transformers_hands_them(harmony_dir, tmp
     assert TextCodec(tmp_path).render_chat(msgs, add_generation_prompt=False) == ref
     assert ref == ("user:True::;assistant:True:think:think;assistant:False::;"
                    "assistant:True:hard:hard;")
+
+
+def test_cli_chat_names_a_tool_call_it_does_not_run(call_dir):
+    p = subprocess.run(
+        [sys.executable, "-m", "serve", "chat", "--model", str(call_dir), "--quiet",
+         "--dtype", "float32", "--max-new-tokens", "20"], input="hi\n\n",
+        capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert '[tool call get({"city":"Paris"}): not run here]' in p.stderr
+    assert "Paris" not in p.stdout
