@@ -13,15 +13,20 @@ import torch
 
 from serve.runtime import OffloadedModel
 
+MAX_LOGPROBS = 20  # most alternatives a row may ask for
+
 
 @dataclass
 class SamplingConfig:
-    """temperature 0: greedy. top_k 0 and top_p 1: off. seed: None draws a fresh one."""
+    """temperature 0: greedy. top_k 0 and top_p 1: off. seed: None draws a fresh one.
+    logprobs: None, or keep each chosen token's log-probability and the `logprobs` most
+    likely tokens' (of the model's distribution, before temperature, top-k and top-p)."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    logprobs: int | None = None
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """A generator seeded with `seed` (a fresh seed when None); None when greedy."""
@@ -39,17 +44,21 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
 
 @dataclass
 class GenerationResult:
     """token_ids: the new tokens of each prompt (a stop token ends and is included);
-    finish_reasons: "stop" or "length"; logits: per prompt [new tokens, V] when asked for."""
+    finish_reasons: "stop" or "length"; logits: per prompt [new tokens, V] when asked for;
+    logprobs: per prompt, Row.logprobs (empty unless sampling.logprobs is set)."""
 
     token_ids: list[list[int]]
     finish_reasons: list[str]
     stats: dict
     logits: list[torch.Tensor] = field(default_factory=list)
+    logprobs: list[list] = field(default_factory=list)
 
 
 def seeded_rows(sampling: SamplingConfig, n: int) -> list[SamplingConfig]:
@@ -134,6 +143,9 @@ class Row:
     since: dict = field(default_factory=dict)  # the model's counters when it joined
     stats: dict = field(default_factory=dict)  # set when it ends
     logits: list[torch.Tensor] = field(default_factory=list)  # [V] per token, when kept
+    # per new token, when sampling.logprobs is set: (its log-probability, [(id, log-prob)] of
+    # the most likely tokens, most likely first)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 class DecodeBatch:
@@ -237,6 +249,8 @@ class DecodeBatch:
         for j, (r, t) in enumerate(zip(rows, nxt, strict=True)):
             if self.keep_logits:
                 r.logits.append(logits[j].cpu())
+            if r.sampling.logprobs is not None:
+                r.logprobs.append(token_logprobs(logits[j], t, r.sampling.logprobs))
             if not r.out:
                 r.t_first = now
             r.out.append(t)
@@ -258,6 +272,16 @@ class DecodeBatch:
             self._free.sort()
             self.live = [r for r in self.live if not r.done]
         return ended
+
+
+def token_logprobs(logits: torch.Tensor, tok: int, k: int
+                   ) -> tuple[float, list[tuple[int, float]]]:
+    """logits [V] -> (log p(tok), [(id, log p)] of the k most likely tokens)."""
+    lp = logits.float().log_softmax(-1)
+    top = lp.topk(k) if k else None
+    alts = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(),
+                                           strict=True))
+    return float(lp[tok]), alts
 
 
 def _row_stats(r: Row, model_stats: dict) -> dict:
@@ -314,4 +338,5 @@ def generate(model: OffloadedModel, prompts: Sequence[Sequence[int]],
              "tokens_per_s": decode_tokens / batch.decode_s if batch.decode_s > 0 else 0.0,
              "prefill_tokens_per_s": n_prompt / batch.prefill_s, **model.stats()}
     return GenerationResult([r.out for r in rows], [r.finish_reason for r in rows], stats,
-                            [torch.stack(r.logits) for r in rows] if keep_logits else [])
+                            [torch.stack(r.logits) for r in rows] if keep_logits else [],
+                            [r.logprobs for r in rows])

@@ -22,7 +22,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from serve.batcher import Batcher, Request
-from serve.generate import SamplingConfig, seeded_rows
+from serve.generate import MAX_LOGPROBS, SamplingConfig, seeded_rows
 from serve.session import Session
 
 
@@ -87,14 +87,57 @@ def _tool_call(call: dict, index: int | None = None) -> dict:
     return out if index is None else dict(out, index=index)
 
 
-def _params(body: dict) -> tuple[int, SamplingConfig, list[str], bool, int]:
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives per token the request wants logprobs of (None: no logprobs).
+    Chat: "logprobs": true with "top_logprobs": N; completions: "logprobs": N."""
+    if chat:
+        if not _field(body, "logprobs", bool, False):
+            if body.get("top_logprobs") not in (None, 0):
+                raise BadRequest("'top_logprobs' needs \"logprobs\": true")
+            return None
+        return _field(body, "top_logprobs", int, 0, lambda v: 0 <= v <= MAX_LOGPROBS)
+    v = body.get("logprobs")
+    if v is None or v is False:
+        return None
+    return _field(body, "logprobs", int, 0, lambda v: 0 <= v <= MAX_LOGPROBS)
+
+
+def _logprob_doc(session: Session, ids: list[int], logprobs: list, chat: bool) -> dict:
+    """The new tokens' log-probabilities in OpenAI's form: chat {"content": [{"token",
+    "logprob", "bytes", "top_logprobs"}]}; completions {"tokens", "token_logprobs",
+    "top_logprobs", "text_offset"}. Every new token counts, a final stop token too."""
+    codec = session.codec
+
+    def text(t: int) -> str:
+        return codec.tok.decode([t], skip_special_tokens=False) if codec else str(t)
+
+    def entry(t: int, lp: float) -> dict:
+        s = text(t)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+    if chat:
+        return {"content": [dict(entry(t, lp), top_logprobs=[entry(a, alp) for a, alp in alts])
+                            for t, (lp, alts) in zip(ids, logprobs, strict=True)]}
+    def top(alts) -> dict:  # keyed by text: of alternatives that decode alike, the likeliest
+        d: dict[str, float] = {}
+        for a, alp in alts:
+            d.setdefault(text(a), alp)
+        return d
+
+    tokens = [text(t) for t in ids]
+    offsets = [sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [lp for lp, _ in logprobs],
+            "top_logprobs": [top(alts) for _, alts in logprobs], "text_offset": offsets}
+
+
+def _params(body: dict, chat: bool) -> tuple[int, SamplingConfig, list[str], bool, int]:
     max_tokens = _field(body, "max_tokens", int, 16, lambda v: v >= 1)
     max_tokens = _field(body, "max_completion_tokens", int, max_tokens, lambda v: v >= 1)
     sampling = SamplingConfig(
         temperature=_field(body, "temperature", float, 1.0, lambda v: 0 <= v <= 2),
         top_p=_field(body, "top_p", float, 1.0, lambda v: 0 < v <= 1),
         top_k=_field(body, "top_k", int, 0, lambda v: v >= 0),
-        seed=_field(body, "seed", int, None))
+        seed=_field(body, "seed", int, None), logprobs=_logprobs(body, chat))
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -103,12 +146,15 @@ def _params(body: dict) -> tuple[int, SamplingConfig, list[str], bool, int]:
         raise BadRequest("'stop' must be a string or a list of strings")
     n = _field(body, "n", int, 1, lambda v: 1 <= v <= MAX_N)
     _refuse_unsupported(body)
-    return max_tokens, sampling, stop or [], _field(body, "stream", bool, False), n
+    stream = _field(body, "stream", bool, False)
+    if stream and sampling.logprobs is not None:
+        raise BadRequest("'logprobs' is not supported with \"stream\": true")
+    return max_tokens, sampling, stop or [], stream, n
 
 
 # OpenAI request fields this server does not implement, with the value that asks for nothing
 # (clients send those by default): any other value is refused rather than ignored
-UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
+UNSUPPORTED = {"echo": (None, False),
                "best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
                "logit_bias": (None, {}), "response_format": (None, {"type": "text"}),
                "suffix": (None, "")}
@@ -197,7 +243,7 @@ class Handler(BaseHTTPRequestHandler):
         self._run(body, ids, "chat.completion", chat=True)
 
     def _run(self, body: dict, ids: list[int], kind: str, chat: bool) -> None:
-        max_tokens, sampling, stop, stream, n = _params(body)
+        max_tokens, sampling, stop, stream, n = _params(body, chat)
         # stream_options.include_usage: a last chunk with the usage and no choices
         usage = _field(_field(body, "stream_options", dict, {}), "include_usage", bool, False)
         s = self.session
@@ -220,9 +266,11 @@ class Handler(BaseHTTPRequestHandler):
                     message["tool_calls"] = [_tool_call(c) for c in o.tool_calls]
                     message["content"] = text or None
                     finish = "tool_calls"
-                choices.append({"index": i, "message": message,
+                lp = None if o.logprobs is None else _logprob_doc(
+                    self.session, o.token_ids, o.logprobs, chat)
+                choices.append({"index": i, "message": message, "logprobs": lp,
                                 "finish_reason": finish} if chat else
-                               {"index": i, "text": text, "logprobs": None,
+                               {"index": i, "text": text, "logprobs": lp,
                                 "finish_reason": o.finish_reason})
             new = sum(len(r.completion.token_ids) for r in reqs)
             stats = reqs[0].stats if n == 1 else [r.stats for r in reqs]

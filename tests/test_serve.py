@@ -423,6 +423,16 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(refs):
     assert generate(m, prompts, NEW, SamplingConfig(1.0, top_k=1, seed=3)).token_ids == ref_ids
     assert generate(m, prompts, NEW, SamplingConfig(1.0, top_p=1e-6, seed=3)).token_ids == \
         ref_ids
+    # logprobs kept change nothing drawn; each token's is among its row's distribution
+    kept = generate(m, prompts, NEW, SamplingConfig(temperature=0.9, top_p=0.9, seed=7,
+                                                    logprobs=2))
+    assert kept.token_ids == a
+    for ids, lps in zip(a, kept.logprobs, strict=True):
+        assert len(lps) == len(ids)
+        for lp, alts in lps:
+            assert len(alts) == 2 and alts[0][1] >= alts[1][1] and lp <= alts[0][1] + 1e-6
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingConfig(logprobs=21).check()
 
 
 def test_stop_token_ends_a_row(refs):

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import torch
 
 transformers = pytest.importorskip("transformers")
 
@@ -213,7 +214,12 @@ def test_http_chat_completion_and_stream(server):
     ("/v1/completions", b'{"prompt": "x", "temperature": 9}', "'temperature'"),
     ("/v1/completions", json.dumps({"prompt": list(range(1, 80))}).encode(),
      "longer than the context"),
-    ("/v1/completions", b'{"prompt": "x", "logprobs": 2}', "'logprobs' is not supported"),
+    ("/v1/completions", b'{"prompt": "x", "echo": true}', "'echo' is not supported"),
+    ("/v1/completions", b'{"prompt": "x", "logprobs": 2, "stream": true}',
+     "'logprobs' is not supported with"),
+    ("/v1/completions", b'{"prompt": "x", "logprobs": 99}', "'logprobs'"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], '
+     b'"top_logprobs": 2}', "needs"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], '
      b'"presence_penalty": 0.5}', "'presence_penalty' is not supported"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], '
@@ -244,6 +250,46 @@ def test_http_accepts_neutral_values_of_unsupported_fields_and_streams_usage(ser
               if line.startswith("data: {")]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == usage
     assert all("usage" not in c for c in chunks[:-1])
+
+
+def test_http_logprobs_are_the_models_as_transformers_computes_them(server):
+    """Completions "logprobs": N and chat "logprobs": true / "top_logprobs": N: each new
+    token's log-probability and the N likeliest, equal to log_softmax of transformers'
+    logits over the same tokens."""
+    base, session, hf = server
+    code, plain = request(base + "/v1/completions", {"prompt": "def f", "max_tokens": 6,
+                                                     "temperature": 0, "logprobs": 3})
+    assert code == 200, plain
+    lp = json.loads(plain)["choices"][0]["logprobs"]
+    prompt = session.codec.encode("def f")
+    want, _ = session.complete([prompt], 6)
+    new = want[0].token_ids
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + new])).logits[0, len(prompt) - 1:-1].float()
+    ref = logits.log_softmax(-1)
+    torch.testing.assert_close(torch.tensor(lp["token_logprobs"]),
+                               ref[range(len(new)), new], rtol=1e-4, atol=1e-4)
+    assert lp["tokens"] == [session.codec.tok.decode([t], skip_special_tokens=False)
+                            for t in new]
+    for top, row, t in zip(lp["top_logprobs"], ref, new, strict=True):
+        # keyed by token text: alternatives that decode alike (partial bytes) share a key
+        assert 1 <= len(top) <= 3
+        assert max(top.values()) == pytest.approx(row[t].item(), abs=1e-4)
+    assert lp["text_offset"][0] == 0
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
+            "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    code, plain = request(base + "/v1/chat/completions", body)
+    assert code == 200, plain
+    choice = json.loads(plain)["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert len(content) == json.loads(plain)["usage"]["completion_tokens"]
+    for c in content:  # greedy: the token taken is the likeliest
+        assert len(c["top_logprobs"]) == 2 and c["logprob"] <= 0
+        assert c["top_logprobs"][0]["logprob"] == pytest.approx(c["logprob"])
+        assert c["bytes"] == list(c["token"].encode())
+    code, plain = request(base + "/v1/chat/completions", dict(body, logprobs=False,
+                                                              top_logprobs=None))
+    assert json.loads(plain)["choices"][0]["logprobs"] is None
 
 
 def test_http_n_choices_draw_each_with_its_own_seed(server):
