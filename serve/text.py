@@ -50,8 +50,16 @@ _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 def _as_templates_read(message: dict) -> dict:
     """A chat message as transformers hands it to a template: keys whose value is None
     dropped (OpenAI clients send "content": null beside tool calls), and an earlier answer's
-    reasoning under both names templates read ("reasoning_content"; "thinking": GPT-OSS)."""
+    reasoning under both names templates read ("reasoning_content"; "thinking": GPT-OSS).
+    Content given as OpenAI's text parts is joined into one string (lines)."""
     m = {k: v for k, v in message.items() if v is not None}
+    parts = m.get("content")
+    if isinstance(parts, list):  # OpenAI's content parts: text only for a text model
+        if not all(isinstance(p, dict) and p.get("type") == "text"
+                   and isinstance(p.get("text"), str) for p in parts):
+            raise ValueError("a message's content parts must all be {\"type\": \"text\", "
+                             "\"text\": ...}: this model reads text only")
+        m["content"] = "\n".join(p["text"] for p in parts)
     reasoning = next((m[k] for k in _REASONING_KEYS if k in m), None)
     if reasoning is not None:
         m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
@@ -130,7 +138,7 @@ class TextCodec:
                 **template_kwargs, messages=messages,
                 add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "")
-        except TemplateError as e:  # raise_exception, or messages the template cannot read
+        except (TemplateError, TypeError) as e:  # raise_exception, or messages it cannot read
             raise ValueError(f"the chat template refused the messages: {e}") from e
 
     def encode_chat(self, messages: list[dict], /, **template_kwargs) -> list[int]:

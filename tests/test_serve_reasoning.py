@@ -382,3 +382,15 @@ def test_cli_chat_names_a_tool_call_it_does_not_run(call_dir):
     assert p.returncode == 0, p.stderr
     assert '[tool call get({"city":"Paris"}): not run here]' in p.stderr
     assert "Paris" not in p.stdout
+
+
+def test_text_content_parts_read_as_one_string(harmony_dir):
+    codec = TextCodec(harmony_dir)
+    parts = [{"type": "text", "text": "hi"}, {"type": "text", "text": "x"}]
+    assert codec.render_chat([{"role": "user", "content": parts}]) == \
+        codec.render_chat([{"role": "user", "content": "hi\nx"}])
+    with pytest.raises(ValueError, match="text only"):
+        codec.render_chat([{"role": "user", "content": [{"type": "image_url"}]}])
+    codec.chat_template = "{{ messages[0].content + 1 }}"  # a template that cannot read them
+    with pytest.raises(ValueError, match="refused the messages"):
+        codec.render_chat([{"role": "user", "content": "hi"}])
