@@ -20,13 +20,15 @@ MAX_LOGPROBS = 20  # most alternatives a row may ask for
 class SamplingConfig:
     """temperature 0: greedy. top_k 0 and top_p 1: off. seed: None draws a fresh one.
     logprobs: None, or keep each chosen token's log-probability and the `logprobs` most
-    likely tokens' (of the model's distribution, before temperature, top-k and top-p)."""
+    likely tokens' (of the model's distribution, before temperature, top-k and top-p).
+    prompt_logprobs: also keep each prompt token's log-probability after those before it."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: bool = False  # keep each prompt token's log-probability (Row)
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """A generator seeded with `seed` (a fresh seed when None); None when greedy."""
@@ -52,13 +54,14 @@ class SamplingConfig:
 class GenerationResult:
     """token_ids: the new tokens of each prompt (a stop token ends and is included);
     finish_reasons: "stop" or "length"; logits: per prompt [new tokens, V] when asked for;
-    logprobs: per prompt, Row.logprobs (empty unless sampling.logprobs is set)."""
+    logprobs, prompt_logprobs: per prompt, Row's (empty unless sampling asks for them)."""
 
     token_ids: list[list[int]]
     finish_reasons: list[str]
     stats: dict
     logits: list[torch.Tensor] = field(default_factory=list)
     logprobs: list[list] = field(default_factory=list)
+    prompt_logprobs: list[list] = field(default_factory=list)
 
 
 def seeded_rows(sampling: SamplingConfig, n: int) -> list[SamplingConfig]:
@@ -146,6 +149,10 @@ class Row:
     # per new token, when sampling.logprobs is set: (its log-probability, [(id, log-prob)] of
     # the most likely tokens, most likely first)
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    # per prompt token, when sampling.prompt_logprobs is set: as logprobs, with
+    # sampling.logprobs (or 0) alternatives; None for the first token
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] = field(
+        default_factory=list)
 
 
 class DecodeBatch:
@@ -230,13 +237,30 @@ class DecodeBatch:
         chunk = self.model.scfg.prefill_chunk
         n = [min(chunk, len(r.pending)) for r in rows]
         ids = torch.zeros(len(rows), max(n), dtype=torch.long)
+        want = [r.sampling.prompt_logprobs for r in rows]
+        targets = torch.full(ids.shape, -1, dtype=torch.long) if any(want) else None
         for j, r in enumerate(rows):
             ids[j, :n[j]] = torch.tensor(r.pending[:n[j]])
+            if want[j]:  # each position's next prompt token, into the next chunk too
+                nxt = r.pending[1:n[j] + 1]
+                targets[j, :len(nxt)] = torch.tensor(nxt, dtype=torch.long)
+                if r.length == 0:
+                    r.prompt_logprobs.append(None)  # the first token follows nothing
             del r.pending[:n[j]]
-        logits = self.model.step(ids.to(self.model.device), [r.kv_row for r in rows],
-                                 [r.length for r in rows], n)
-        for r, c in zip(rows, n, strict=True):
+        top = max((r.sampling.logprobs or 0 for r, w in zip(rows, want, strict=True) if w),
+                  default=0)
+        out = self.model.step(ids.to(self.model.device), [r.kv_row for r in rows],
+                              [r.length for r in rows], n, targets, top)
+        logits = out if targets is None else out[0]
+        for j, (r, c) in enumerate(zip(rows, n, strict=True)):
             r.length += c
+            if want[j]:
+                has, k = (c if r.pending else c - 1), r.sampling.logprobs or 0
+                lps, alt_ids, alt_lps = (out[1][j, :has].tolist(), out[2][j, :has, :k].tolist(),
+                                         out[3][j, :has, :k].tolist())
+                r.prompt_logprobs.extend(
+                    (lp, list(zip(a, v, strict=True)))
+                    for lp, a, v in zip(lps, alt_ids, alt_lps, strict=True))
         read = [j for j, r in enumerate(rows) if not r.pending]
         return self._choose([rows[j] for j in read], logits[read]) if read else []
 
@@ -339,4 +363,4 @@ def generate(model: OffloadedModel, prompts: Sequence[Sequence[int]],
              "prefill_tokens_per_s": n_prompt / batch.prefill_s, **model.stats()}
     return GenerationResult([r.out for r in rows], [r.finish_reason for r in rows], stats,
                             [torch.stack(r.logits) for r in rows] if keep_logits else [],
-                            [r.logprobs for r in rows])
+                            [r.logprobs for r in rows], [r.prompt_logprobs for r in rows])

@@ -19,6 +19,7 @@ import queue
 import sys
 import time
 import uuid
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from serve.batcher import Batcher, Request
@@ -126,13 +127,22 @@ def _logprob_doc(session: Session, ids: list[int], logprobs: list, chat: bool) -
 
     tokens = [text(t) for t in ids]
     offsets = [sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]
-    return {"tokens": tokens, "token_logprobs": [lp for lp, _ in logprobs],
-            "top_logprobs": [top(alts) for _, alts in logprobs], "text_offset": offsets}
+    return {"tokens": tokens,  # an echoed prompt's first token has no log-probability
+            "token_logprobs": [None if e is None else e[0] for e in logprobs],
+            "top_logprobs": [None if e is None else top(e[1]) for e in logprobs],
+            "text_offset": offsets}
 
 
-def _params(body: dict, chat: bool) -> tuple[int, SamplingConfig, list[str], bool, int]:
-    max_tokens = _field(body, "max_tokens", int, 16, lambda v: v >= 1)
-    max_tokens = _field(body, "max_completion_tokens", int, max_tokens, lambda v: v >= 1)
+def _params(body: dict, chat: bool
+            ) -> tuple[int, SamplingConfig, list[str], bool, int, bool]:
+    """-> max_tokens, sampling, stop strings, stream, n, echo."""
+    max_tokens = _field(body, "max_tokens", int, 16, lambda v: v >= 0)
+    max_tokens = _field(body, "max_completion_tokens", int, max_tokens, lambda v: v >= 0)
+    echo = _field(body, "echo", bool, False)
+    if echo and chat:
+        raise BadRequest("'echo' is a completions field")
+    if max_tokens == 0 and not echo:
+        raise BadRequest("'max_tokens' must be >= 1 (0 only with \"echo\": true)")
     sampling = SamplingConfig(
         temperature=_field(body, "temperature", float, 1.0, lambda v: 0 <= v <= 2),
         top_p=_field(body, "top_p", float, 1.0, lambda v: 0 < v <= 1),
@@ -147,15 +157,16 @@ def _params(body: dict, chat: bool) -> tuple[int, SamplingConfig, list[str], boo
     n = _field(body, "n", int, 1, lambda v: 1 <= v <= MAX_N)
     _refuse_unsupported(body)
     stream = _field(body, "stream", bool, False)
-    if stream and sampling.logprobs is not None:
-        raise BadRequest("'logprobs' is not supported with \"stream\": true")
-    return max_tokens, sampling, stop or [], stream, n
+    if stream and (sampling.logprobs is not None or echo):
+        raise BadRequest(f"'{'echo' if echo else 'logprobs'}' is not supported with "
+                         "\"stream\": true")
+    sampling.prompt_logprobs = echo and sampling.logprobs is not None
+    return max_tokens, sampling, stop or [], stream, n, echo
 
 
 # OpenAI request fields this server does not implement, with the value that asks for nothing
 # (clients send those by default): any other value is refused rather than ignored
-UNSUPPORTED = {"echo": (None, False),
-               "best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+UNSUPPORTED = {"best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
                "logit_bias": (None, {}), "response_format": (None, {"type": "text"}),
                "suffix": (None, "")}
 
@@ -224,7 +235,8 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(prompt, (str, list)):
             raise BadRequest("'prompt' must be a string or a list of token ids")
         ids = self.session.encode(prompt)
-        self._run(body, ids, "text_completion", chat=False)
+        self._run(body, ids, "text_completion", chat=False,
+                  prompt_text=prompt if isinstance(prompt, str) else None)
 
     def _chat(self, body: dict) -> None:
         messages = body.get("messages")
@@ -242,8 +254,10 @@ class Handler(BaseHTTPRequestHandler):
         ids = self.session.need_codec().encode_chat(messages, **kwargs)
         self._run(body, ids, "chat.completion", chat=True)
 
-    def _run(self, body: dict, ids: list[int], kind: str, chat: bool) -> None:
-        max_tokens, sampling, stop, stream, n = _params(body, chat)
+    def _run(self, body: dict, ids: list[int], kind: str, chat: bool,
+             prompt_text: str | None = None) -> None:
+        """prompt_text: the prompt as given, for "echo" (completions)."""
+        max_tokens, sampling, stop, stream, n, echo = _params(body, chat)
         # stream_options.include_usage: a last chunk with the usage and no choices
         usage = _field(_field(body, "stream_options", dict, {}), "include_usage", bool, False)
         s = self.session
@@ -252,11 +266,18 @@ class Handler(BaseHTTPRequestHandler):
         head = {"id": rid, "created": created, "model": s.name}
         configs = seeded_rows(sampling, n)
         if not stream:
-            reqs = self.batcher.run_all([Request(ids, max_tokens, c, stop, channels=chat)
-                                         for c in configs])
+            # max_tokens 0 (echo: the prompt's log-probabilities only) reads the prompt and
+            # drops the token it then draws
+            reqs = self.batcher.run_all([Request(ids, max(1, max_tokens), c, stop,
+                                                 channels=chat) for c in configs])
             choices = []
             for i, r in enumerate(reqs):
                 o = r.completion
+                if max_tokens == 0:
+                    o = replace(o, token_ids=[], text="" if o.text is not None else None,
+                                finish_reason="length", logprobs=[] if o.logprobs is not None
+                                else None)
+                    r.completion = o
                 text = o.text if o.text is not None else " ".join(map(str, o.token_ids))
                 message = {"role": "assistant", "content": text}
                 if o.reasoning:
@@ -267,7 +288,11 @@ class Handler(BaseHTTPRequestHandler):
                     message["content"] = text or None
                     finish = "tool_calls"
                 lp = None if o.logprobs is None else _logprob_doc(
-                    self.session, o.token_ids, o.logprobs, chat)
+                    self.session, ids + o.token_ids if echo else o.token_ids,
+                    o.prompt_logprobs + o.logprobs if echo else o.logprobs, chat)
+                if echo:
+                    text = (prompt_text if prompt_text is not None else
+                            s.codec.decode(ids) if s.codec else " ".join(map(str, ids))) + text
                 choices.append({"index": i, "message": message, "logprobs": lp,
                                 "finish_reason": finish} if chat else
                                {"index": i, "text": text, "logprobs": lp,

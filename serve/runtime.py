@@ -203,10 +203,13 @@ class OffloadedModel:
     # -- forward ---------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, ids: torch.Tensor, rows: Sequence[int], start: Sequence[int],
-             n: Sequence[int]) -> torch.Tensor:
+             n: Sequence[int], targets: torch.Tensor | None = None, top: int = 0):
         """ids [B, S]: the first n[b] tokens of row b (the rest is right padding) go at
         positions start[b].. of KV-cache row rows[b], which holds positions [0, start[b]) of
-        the same sequence -> logits [B, V] (float32) of each row's last token."""
+        the same sequence -> logits [B, V] (float32) of each row's last token.
+        targets [B, S] (token ids, -1: none): also return the log-probability of targets[b, s]
+        after position s, and of the `top` likeliest tokens there -> (logits, log-probs [B, S]
+        (NaN where there is no target), top ids [B, S, top], top log-probs [B, S, top])."""
         model, cfg, dev = self.model, self.cfg, self.device
         B, S = ids.shape
         end = max(a + c for a, c in zip(start, n, strict=True))
@@ -271,7 +274,22 @@ class OffloadedModel:
                     self._prefetch_next(i, x[q_valid], set())
                 x = x + block.mlp(h)
         last = x[torch.arange(B, device=dev), (count - 1).clamp(min=0)]
-        return model.lm_head(model.norm(last)).float()
+        logits = model.lm_head(model.norm(last)).float()
+        if targets is None:
+            return logits
+        t = targets.to(dev)
+        lp = torch.full(t.shape, float("nan"), device=dev)
+        top_ids = torch.zeros(*t.shape, top, dtype=torch.long, device=dev)
+        top_lp = torch.full((*t.shape, top), float("nan"), device=dev)
+        for b in range(B):  # one row's positions at a time: [S, V] logits, not [B, S, V]
+            has = (t[b] >= 0) & q_valid[b]
+            if has.any():
+                row = model.lm_head(model.norm(x[b][has])).float().log_softmax(-1)
+                lp[b, has] = row.gather(1, t[b][has, None])[:, 0]
+                if top:
+                    best = row.topk(top, dim=-1)
+                    top_ids[b, has], top_lp[b, has] = best.indices, best.values
+        return logits, lp, top_ids, top_lp
 
     def synchronize(self) -> None:
         """Wait for the device (timings); nothing to wait for on the CPU."""

@@ -27,6 +27,7 @@ class Completion:
     reasoning: str | None = None
     tool_calls: list[dict] = field(default_factory=list)  # {"name", "arguments" (JSON text)}
     logprobs: list | None = None  # per new token, when asked for: see generate.Row.logprobs
+    prompt_logprobs: list | None = None  # per prompt token, when asked for: the same
 
 
 class Session:
@@ -85,10 +86,12 @@ class Session:
         res = generate(self.model, prompts, max_new_tokens, sampling,
                        () if ignore_eos else self.stop_ids,
                        lambda b, tok: rows[b].on_token(tok))
-        keep = (sampling or SamplingConfig()).logprobs is not None
+        cfg = sampling or SamplingConfig()
+        keep = cfg.logprobs is not None
         out = [Completion(ids, rows[b].finish(), res.finish_reasons[b], len(prompts[b]),
                           rows[b].reasoning, rows[b].tool_calls,
-                          res.logprobs[b] if keep else None)
+                          res.logprobs[b] if keep else None,
+                          res.prompt_logprobs[b] if cfg.prompt_logprobs else None)
                for b, ids in enumerate(res.token_ids)]
         return out, res
 

@@ -214,7 +214,11 @@ def test_http_chat_completion_and_stream(server):
     ("/v1/completions", b'{"prompt": "x", "temperature": 9}', "'temperature'"),
     ("/v1/completions", json.dumps({"prompt": list(range(1, 80))}).encode(),
      "longer than the context"),
-    ("/v1/completions", b'{"prompt": "x", "echo": true}', "'echo' is not supported"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], '
+     b'"echo": true}', "'echo' is a completions field"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 0}', "0 only with"),
+    ("/v1/completions", b'{"prompt": "x", "echo": true, "stream": true}',
+     "'echo' is not supported with"),
     ("/v1/completions", b'{"prompt": "x", "logprobs": 2, "stream": true}',
      "'logprobs' is not supported with"),
     ("/v1/completions", b'{"prompt": "x", "logprobs": 99}', "'logprobs'"),
@@ -290,6 +294,59 @@ def test_http_logprobs_are_the_models_as_transformers_computes_them(server):
     code, plain = request(base + "/v1/chat/completions", dict(body, logprobs=False,
                                                               top_logprobs=None))
     assert json.loads(plain)["choices"][0]["logprobs"] is None
+
+
+def test_prompt_logprobs_across_prefill_chunks_match_transformers(model_dir):
+    """Each prompt token's log-probability after those before it (None for the first), the
+    prompt read in chunks of 3 tokens, with 2 alternatives each."""
+    d, hf = model_dir
+    session = Session(ServeConfig(model=str(d), prefill_chunk=3, dtype="float32"))
+    prompt = session.codec.encode("def add(a, b):\n    return")
+    assert len(prompt) > 6
+    out, _ = session.complete([prompt], 1, SamplingConfig(logprobs=2, prompt_logprobs=True))
+    got = out[0].prompt_logprobs
+    assert len(got) == len(prompt) and got[0] is None
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0, :-1].float().log_softmax(-1)
+    torch.testing.assert_close(torch.tensor([lp for lp, _ in got[1:]]),
+                               ref[range(len(prompt) - 1), prompt[1:]], rtol=1e-4, atol=1e-4)
+    for (_, alts), row in zip(got[1:], ref, strict=True):
+        want = row.topk(2)
+        assert [a for a, _ in alts] == want.indices.tolist()
+        torch.testing.assert_close(torch.tensor([v for _, v in alts]), want.values,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_http_echo_scores_a_prompt_as_transformers_does(server):
+    """"echo": true, "max_tokens": 0, "logprobs": 1 (how evaluation harnesses score a
+    continuation): the prompt's tokens, their log-probabilities (None for the first) and the
+    likeliest token at each, nothing generated."""
+    base, session, hf = server
+    prompt = "def add(a, b):"
+    code, plain = request(base + "/v1/completions", {"prompt": prompt, "max_tokens": 0,
+                                                     "echo": True, "logprobs": 1})
+    assert code == 200, plain
+    doc = json.loads(plain)
+    choice = doc["choices"][0]
+    ids = session.codec.encode(prompt)
+    assert choice["text"] == prompt and doc["usage"]["completion_tokens"] == 0
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(ids) and lp["token_logprobs"][0] is None
+    assert lp["top_logprobs"][0] is None
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+    torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:]),
+                               ref[range(len(ids) - 1), ids[1:]], rtol=1e-4, atol=1e-4)
+    for top, row in zip(lp["top_logprobs"][1:], ref, strict=True):
+        assert list(top.values())[0] == pytest.approx(row.max().item(), abs=1e-4)
+    # echo with new tokens: the prompt, then the completion; logprobs run on into it
+    code, plain = request(base + "/v1/completions", {"prompt": prompt, "max_tokens": 3,
+                                                     "echo": True, "logprobs": 0,
+                                                     "temperature": 0})
+    choice = json.loads(plain)["choices"][0]
+    want, _ = session.complete([ids], 3)
+    assert choice["text"] == prompt + want[0].text
+    assert len(choice["logprobs"]["tokens"]) == len(ids) + len(want[0].token_ids)
 
 
 def test_http_n_choices_draw_each_with_its_own_seed(server):
