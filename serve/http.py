@@ -3,7 +3,8 @@
 
 One model, one device: a `Batcher` runs the requests, continuously batched: one that arrives
 while others decode joins them (up to max_batch rows). "n" > 1 asks for n choices, each a
-request of its own (with a seed s, choice i draws with s + i).
+request of its own (with a seed s, choice i draws with s + i). Completions take several
+prompts in one request (not streamed); "echo" and "logprobs" score prompts and answers.
 
 Chat: "chat_template_kwargs" (an object), "reasoning_effort" and "tools" reach the chat
 template (over the server's defaults); a reasoning model's answer comes back split
@@ -230,13 +231,15 @@ class Handler(BaseHTTPRequestHandler):
     # -- endpoints -------------------------------------------------------------------------
     def _completions(self, body: dict) -> None:
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        if not isinstance(prompt, (str, list)):
-            raise BadRequest("'prompt' must be a string or a list of token ids")
-        ids = self.session.encode(prompt)
-        self._run(body, ids, "text_completion", chat=False,
-                  prompt_text=prompt if isinstance(prompt, str) else None)
+        # one prompt (text or ids), or several: a list of texts or of id lists
+        several = isinstance(prompt, list) and prompt and all(
+            isinstance(p, (str, list)) for p in prompt)
+        prompts = prompt if several else [prompt]
+        if not all(isinstance(p, (str, list)) and p for p in prompts):
+            raise BadRequest("'prompt' must be a string, a list of token ids, or a list of "
+                             "either (non-empty)")
+        self._run(body, [self.session.encode(p) for p in prompts], "text_completion",
+                  chat=False, prompt_texts=[p if isinstance(p, str) else None for p in prompts])
 
     def _chat(self, body: dict) -> None:
         messages = body.get("messages")
@@ -252,12 +255,16 @@ class Handler(BaseHTTPRequestHandler):
         if effort is not None:
             kwargs["reasoning_effort"] = effort
         ids = self.session.need_codec().encode_chat(messages, **kwargs)
-        self._run(body, ids, "chat.completion", chat=True)
+        self._run(body, [ids], "chat.completion", chat=True)
 
-    def _run(self, body: dict, ids: list[int], kind: str, chat: bool,
-             prompt_text: str | None = None) -> None:
-        """prompt_text: the prompt as given, for "echo" (completions)."""
+    def _run(self, body: dict, prompts: list[list[int]], kind: str, chat: bool,
+             prompt_texts: list[str | None] | None = None) -> None:
+        """prompts: one (chat) or more (completions), n choices each, numbered prompt by
+        prompt; prompt_texts: the prompts as given, for "echo" (completions)."""
         max_tokens, sampling, stop, stream, n, echo = _params(body, chat)
+        if stream and len(prompts) > 1:
+            raise BadRequest("several prompts are not supported with \"stream\": true")
+        texts_in = prompt_texts or [None] * len(prompts)
         # stream_options.include_usage: a last chunk with the usage and no choices
         usage = _field(_field(body, "stream_options", dict, {}), "include_usage", bool, False)
         s = self.session
@@ -268,11 +275,12 @@ class Handler(BaseHTTPRequestHandler):
         if not stream:
             # max_tokens 0 (echo: the prompt's log-probabilities only) reads the prompt and
             # drops the token it then draws
-            reqs = self.batcher.run_all([Request(ids, max(1, max_tokens), c, stop,
-                                                 channels=chat) for c in configs])
+            jobs = [(p, c) for p in range(len(prompts)) for c in configs]
+            reqs = self.batcher.run_all([Request(prompts[p], max(1, max_tokens), c, stop,
+                                                 channels=chat) for p, c in jobs])
             choices = []
-            for i, r in enumerate(reqs):
-                o = r.completion
+            for i, (r, (p, _)) in enumerate(zip(reqs, jobs, strict=True)):
+                ids, o = prompts[p], r.completion
                 if max_tokens == 0:
                     o = replace(o, token_ids=[], text="" if o.text is not None else None,
                                 finish_reason="length", logprobs=[] if o.logprobs is not None
@@ -291,18 +299,20 @@ class Handler(BaseHTTPRequestHandler):
                     self.session, ids + o.token_ids if echo else o.token_ids,
                     o.prompt_logprobs + o.logprobs if echo else o.logprobs, chat)
                 if echo:
-                    text = (prompt_text if prompt_text is not None else
+                    text = (texts_in[p] if texts_in[p] is not None else
                             s.codec.decode(ids) if s.codec else " ".join(map(str, ids))) + text
                 choices.append({"index": i, "message": message, "logprobs": lp,
                                 "finish_reason": finish} if chat else
                                {"index": i, "text": text, "logprobs": lp,
                                 "finish_reason": o.finish_reason})
             new = sum(len(r.completion.token_ids) for r in reqs)
-            stats = reqs[0].stats if n == 1 else [r.stats for r in reqs]
+            read = sum(len(p) for p in prompts)
+            stats = reqs[0].stats if len(reqs) == 1 else [r.stats for r in reqs]
             self._send(200, dict(head, object=kind, choices=choices, usage={
-                "prompt_tokens": len(ids), "completion_tokens": new,
-                "total_tokens": len(ids) + new}, stats=stats))
+                "prompt_tokens": read, "completion_tokens": new,
+                "total_tokens": read + new}, stats=stats))
             return
+        ids = prompts[0]
         # one queue per choice of (delta field, item): "content" or "reasoning_content" (text),
         # "tool_calls" (a call)
         texts: list[queue.Queue[tuple[str, object]]] = [queue.Queue() for _ in configs]

@@ -349,6 +349,24 @@ def test_http_echo_scores_a_prompt_as_transformers_does(server):
     assert len(choice["logprobs"]["tokens"]) == len(ids) + len(want[0].token_ids)
 
 
+def test_http_completions_take_several_prompts(server):
+    """A list of prompts (texts or id lists): n choices each, numbered prompt by prompt."""
+    base, session, _ = server
+    texts = ["def f", "import os"]
+    ids = [session.codec.encode(t) for t in texts]
+    want, _ = session.complete(ids, 4)
+    for prompt in (texts, ids):
+        code, plain = request(base + "/v1/completions", {"prompt": prompt, "max_tokens": 4,
+                                                         "temperature": 0, "n": 2})
+        assert code == 200, plain
+        doc = json.loads(plain)
+        assert [c["index"] for c in doc["choices"]] == [0, 1, 2, 3]
+        assert [c["text"] for c in doc["choices"]] == [want[0].text] * 2 + [want[1].text] * 2
+        assert doc["usage"]["prompt_tokens"] == sum(map(len, ids))
+    code, plain = request(base + "/v1/completions", {"prompt": texts, "stream": True})
+    assert code == 400 and "several prompts" in json.loads(plain)["error"]["message"]
+
+
 def test_http_n_choices_draw_each_with_its_own_seed(server):
     base, session, _ = server
     body = {"prompt": "def f", "max_tokens": 6, "temperature": 0.9, "seed": 11, "n": 3}
