@@ -28,8 +28,7 @@ class AnswerParts:
     def __init__(self, codec: TextCodec, prompt: list[int] | None = None,
                  on_tool_call: Callable[[dict], None] | None = None):
         self.codec = codec
-        self.harmony, self.think = codec.harmony, codec.think
-        self.tool_tags = codec.tool_tags if self.harmony is None else None
+        self.harmony, self.think, self.tool_tags = codec.harmony, codec.think, codec.tool_tags
         self.tool_calls: list[dict] = []
         self.on_tool_call = on_tool_call
         self._part = "text"

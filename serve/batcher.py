@@ -187,10 +187,8 @@ class Batcher:
     def _finish(self, row: Row) -> None:
         req, text = self._rows.pop(row)
         req.completion = Completion(row.out, text.finish(), row.finish_reason, row.prompt_len,
-                                    text.reasoning, text.tool_calls,
-                                    row.logprobs if req.sampling.logprobs is not None else None,
-                                    row.prompt_logprobs if req.sampling.prompt_logprobs
-                                    else None)
+                                    text.reasoning, text.tool_calls, row.logprobs,
+                                    row.prompt_logprobs)
         req.stats = dict(row.stats, ttft_s=row.t_first - req.submitted,
                          queue_s=row.t_added - req.submitted,
                          latency_s=row.t_done - req.submitted)

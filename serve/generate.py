@@ -54,14 +54,14 @@ class SamplingConfig:
 class GenerationResult:
     """token_ids: the new tokens of each prompt (a stop token ends and is included);
     finish_reasons: "stop" or "length"; logits: per prompt [new tokens, V] when asked for;
-    logprobs, prompt_logprobs: per prompt, Row's (empty unless sampling asks for them)."""
+    logprobs, prompt_logprobs: per prompt, Row's (None unless sampling asks for them)."""
 
     token_ids: list[list[int]]
     finish_reasons: list[str]
     stats: dict
     logits: list[torch.Tensor] = field(default_factory=list)
-    logprobs: list[list] = field(default_factory=list)
-    prompt_logprobs: list[list] = field(default_factory=list)
+    logprobs: list[list | None] = field(default_factory=list)
+    prompt_logprobs: list[list | None] = field(default_factory=list)
 
 
 def seeded_rows(sampling: SamplingConfig, n: int) -> list[SamplingConfig]:
@@ -146,13 +146,18 @@ class Row:
     since: dict = field(default_factory=dict)  # the model's counters when it joined
     stats: dict = field(default_factory=dict)  # set when it ends
     logits: list[torch.Tensor] = field(default_factory=list)  # [V] per token, when kept
-    # per new token, when sampling.logprobs is set: (its log-probability, [(id, log-prob)] of
-    # the most likely tokens, most likely first)
-    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
-    # per prompt token, when sampling.prompt_logprobs is set: as logprobs, with
+    # per new token, when sampling.logprobs is set (else None): (its log-probability,
+    # [(id, log-prob)] of the most likely tokens, most likely first)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    # per prompt token, when sampling.prompt_logprobs is set (else None): as logprobs, with
     # sampling.logprobs (or 0) alternatives; None for the first token
-    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] = field(
-        default_factory=list)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.sampling.logprobs is not None:
+            self.logprobs = []
+        if self.sampling.prompt_logprobs:
+            self.prompt_logprobs = []
 
 
 class DecodeBatch:
@@ -237,7 +242,7 @@ class DecodeBatch:
         chunk = self.model.scfg.prefill_chunk
         n = [min(chunk, len(r.pending)) for r in rows]
         ids = torch.zeros(len(rows), max(n), dtype=torch.long)
-        want = [r.sampling.prompt_logprobs for r in rows]
+        want = [r.prompt_logprobs is not None for r in rows]
         targets = torch.full(ids.shape, -1, dtype=torch.long) if any(want) else None
         for j, r in enumerate(rows):
             ids[j, :n[j]] = torch.tensor(r.pending[:n[j]])
@@ -273,7 +278,7 @@ class DecodeBatch:
         for j, (r, t) in enumerate(zip(rows, nxt, strict=True)):
             if self.keep_logits:
                 r.logits.append(logits[j].cpu())
-            if r.sampling.logprobs is not None:
+            if r.logprobs is not None:
                 r.logprobs.append(token_logprobs(logits[j], t, r.sampling.logprobs))
             if not r.out:
                 r.t_first = now

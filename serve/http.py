@@ -22,6 +22,7 @@ import time
 import uuid
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import accumulate
 
 from serve.batcher import Batcher, Request
 from serve.generate import MAX_LOGPROBS, SamplingConfig, seeded_rows
@@ -63,23 +64,6 @@ def _tools(body: dict) -> list[dict] | None:
     if choice not in ("auto", "none"):
         raise BadRequest(f"'tool_choice' {choice!r} is not supported: \"auto\" or \"none\"")
     return tools if choice == "auto" else None
-
-
-def _with_parsed_arguments(message):
-    """An assistant message's tool calls carry their arguments as JSON text (OpenAI's form);
-    chat templates expect them parsed."""
-    if not isinstance(message, dict) or not isinstance(message.get("tool_calls"), list):
-        return message
-    calls = []
-    for c in message["tool_calls"]:
-        fn = c.get("function") if isinstance(c, dict) else None
-        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-            try:
-                c = dict(c, function=dict(fn, arguments=json.loads(fn["arguments"])))
-            except json.JSONDecodeError:
-                pass
-        calls.append(c)
-    return dict(message, tool_calls=calls)
 
 
 def _tool_call(call: dict, index: int | None = None) -> dict:
@@ -127,7 +111,7 @@ def _logprob_doc(session: Session, ids: list[int], logprobs: list, chat: bool) -
         return d
 
     tokens = [text(t) for t in ids]
-    offsets = [sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]
+    offsets = list(accumulate((len(x) for x in tokens[:-1]), initial=0)) if tokens else []
     return {"tokens": tokens,  # an echoed prompt's first token has no log-probability
             "token_logprobs": [None if e is None else e[0] for e in logprobs],
             "top_logprobs": [None if e is None else top(e[1]) for e in logprobs],
@@ -249,7 +233,6 @@ class Handler(BaseHTTPRequestHandler):
         tools = _tools(body)
         if tools:
             kwargs["tools"] = tools
-        messages = [_with_parsed_arguments(m) for m in messages]
         kwargs.update(_field(body, "chat_template_kwargs", dict, {}))
         effort = _field(body, "reasoning_effort", str, None)
         if effort is not None:

@@ -86,12 +86,9 @@ class Session:
         res = generate(self.model, prompts, max_new_tokens, sampling,
                        () if ignore_eos else self.stop_ids,
                        lambda b, tok: rows[b].on_token(tok))
-        cfg = sampling or SamplingConfig()
-        keep = cfg.logprobs is not None
         out = [Completion(ids, rows[b].finish(), res.finish_reasons[b], len(prompts[b]),
-                          rows[b].reasoning, rows[b].tool_calls,
-                          res.logprobs[b] if keep else None,
-                          res.prompt_logprobs[b] if cfg.prompt_logprobs else None)
+                          rows[b].reasoning, rows[b].tool_calls, res.logprobs[b],
+                          res.prompt_logprobs[b])
                for b, ids in enumerate(res.token_ids)]
         return out, res
 

@@ -51,8 +51,11 @@ def _as_templates_read(message: dict) -> dict:
     """A chat message as transformers hands it to a template: keys whose value is None
     dropped (OpenAI clients send "content": null beside tool calls), and an earlier answer's
     reasoning under both names templates read ("reasoning_content"; "thinking": GPT-OSS).
-    Content given as OpenAI's text parts is joined into one string (lines)."""
+    Content given as OpenAI's text parts is joined into one string (lines); tool calls'
+    arguments given as JSON text (OpenAI's form) are parsed, as templates expect them."""
     m = {k: v for k, v in message.items() if v is not None}
+    if isinstance(m.get("tool_calls"), list):
+        m["tool_calls"] = [_with_parsed_arguments(c) for c in m["tool_calls"]]
     parts = m.get("content")
     if isinstance(parts, list):  # OpenAI's content parts: text only for a text model
         if not all(isinstance(p, dict) and p.get("type") == "text"
@@ -64,6 +67,18 @@ def _as_templates_read(message: dict) -> dict:
     if reasoning is not None:
         m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
     return m
+
+
+def _with_parsed_arguments(call):
+    """A tool call whose function's arguments are JSON text -> the same with them parsed
+    (left as they are when they do not read)."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+        try:
+            return dict(call, function=dict(fn, arguments=json.loads(fn["arguments"])))
+        except json.JSONDecodeError:
+            pass
+    return call
 
 
 class TextCodec:
@@ -98,7 +113,8 @@ class TextCodec:
         think = (self.tok.token_to_id("<think>"), self.tok.token_to_id("</think>"))
         self.think = think if self.harmony is None and None not in think else None
         tags = (self.tok.token_to_id("<tool_call>"), self.tok.token_to_id("</tool_call>"))
-        self.tool_tags = tags if None not in tags else None  # Qwen3 / Hermes tool calls
+        # Qwen3 / Hermes tool calls (a harmony model calls tools in its own framing)
+        self.tool_tags = tags if self.harmony is None and None not in tags else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
