@@ -26,7 +26,10 @@ class Request:
     """One prompt to complete. on_text(text) is called from the worker thread as text is
     decided; set `cancelled` to end the row at its next token (its client has gone).
     channels: a chat answer, split into reasoning (streamed to on_reasoning), tool calls (each
-    to on_tool_call) and text when the model answers in a format serve/answer.py knows."""
+    to on_tool_call) and text when the model answers in a format serve/answer.py knows.
+    on_logprob(id, (log-prob, alternatives)): each new token's, before its text (the sampling
+    asks for logprobs); on_prompt_logprobs(entries): the prompt's (sampling.prompt_logprobs),
+    before the first new token's."""
 
     ids: list[int]
     max_tokens: int
@@ -36,6 +39,8 @@ class Request:
     channels: bool = False
     on_reasoning: Callable[[str], None] | None = None
     on_tool_call: Callable[[dict], None] | None = None
+    on_logprob: Callable[[int, tuple], None] | None = None
+    on_prompt_logprobs: Callable[[list], None] | None = None
     cancelled: bool = False
     completion: Completion | None = None
     stats: dict | None = None
@@ -156,14 +161,19 @@ class Batcher:
                                        prompt=r.ids,
                                        on_tool_call=self._streamer(r, r.on_tool_call))
                  for r in reqs]
+        hooks = [_TokenHook(t.on_token, self._streamer(r, r.on_logprob),
+                            self._streamer(r, r.on_prompt_logprobs))
+                 for r, t in zip(reqs, texts, strict=True)]
         try:
             rows = self._batch.add([r.ids for r in reqs], [r.max_tokens for r in reqs],
-                                   [t.on_token for t in texts], [r.sampling for r in reqs])
+                                   hooks, [r.sampling for r in reqs])
         except BaseException as e:
             for r in reqs:
                 r.error = e
                 r.done.set()
             raise
+        for row, h in zip(rows, hooks, strict=True):
+            h.row = row
         self._rows.update({row: (r, t) for row, r, t in zip(rows, reqs, texts, strict=True)})
         self.batches.append(len(reqs))
         for row in rows:
@@ -174,11 +184,11 @@ class Batcher:
         if to is None:
             return None
 
-        def send(item) -> None:
+        def send(*item) -> None:
             if req.cancelled:
                 return
             try:
-                to(item)
+                to(*item)
             except Exception:  # noqa: BLE001 - a client that went away ends its row only
                 req.cancelled = True
 
@@ -210,3 +220,23 @@ class Batcher:
         self._batch = DecodeBatch(self.session.model, self.session.stop_ids,
                                   capacity=self.max_batch)
 
+
+
+class _TokenHook:
+    """A row's on_token: its log-probabilities to the client (the prompt's before the first
+    new token's), then the token to its TextRow -> True when the row must end."""
+
+    def __init__(self, on_token: Callable[[int], bool], on_logprob: Callable | None,
+                 on_prompt_logprobs: Callable | None):
+        self.on_token, self.on_logprob = on_token, on_logprob
+        self.on_prompt_logprobs = on_prompt_logprobs
+        self.row: Row | None = None  # set once DecodeBatch.add has made it
+
+    def __call__(self, tok: int) -> bool:
+        row = self.row
+        if (self.on_prompt_logprobs is not None and row.prompt_logprobs is not None
+                and len(row.out) == 1):
+            self.on_prompt_logprobs(row.prompt_logprobs)
+        if self.on_logprob is not None and row.logprobs is not None:
+            self.on_logprob(tok, row.logprobs[-1])
+        return self.on_token(tok)

@@ -4,7 +4,8 @@
 One model, one device: a `Batcher` runs the requests, continuously batched: one that arrives
 while others decode joins them (up to max_batch rows). "n" > 1 asks for n choices, each a
 request of its own (with a seed s, choice i draws with s + i). Completions take several
-prompts in one request (not streamed); "echo" and "logprobs" score prompts and answers.
+prompts in one request (not streamed); "echo" and "logprobs" score prompts and answers (in a
+stream, each chunk carries the log-probabilities of its tokens; an echoed prompt comes first).
 
 Chat: "chat_template_kwargs" (an object), "reasoning_effort" and "tools" reach the chat
 template (over the server's defaults); a reasoning model's answer comes back split
@@ -88,10 +89,12 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     return _field(body, "logprobs", int, 0, lambda v: 0 <= v <= MAX_LOGPROBS)
 
 
-def _logprob_doc(session: Session, ids: list[int], logprobs: list, chat: bool) -> dict:
+def _logprob_doc(session: Session, ids: list[int], logprobs: list, chat: bool,
+                 offset: int = 0) -> dict:
     """The new tokens' log-probabilities in OpenAI's form: chat {"content": [{"token",
     "logprob", "bytes", "top_logprobs"}]}; completions {"tokens", "token_logprobs",
-    "top_logprobs", "text_offset"}. Every new token counts, a final stop token too."""
+    "top_logprobs", "text_offset"} (offset: where the first token's text starts). Every new
+    token counts, a final stop token too."""
     codec = session.codec
 
     def text(t: int) -> str:
@@ -111,7 +114,7 @@ def _logprob_doc(session: Session, ids: list[int], logprobs: list, chat: bool) -
         return d
 
     tokens = [text(t) for t in ids]
-    offsets = list(accumulate((len(x) for x in tokens[:-1]), initial=0)) if tokens else []
+    offsets = list(accumulate((len(x) for x in tokens[:-1]), initial=offset)) if tokens else []
     return {"tokens": tokens,  # an echoed prompt's first token has no log-probability
             "token_logprobs": [None if e is None else e[0] for e in logprobs],
             "top_logprobs": [None if e is None else top(e[1]) for e in logprobs],
@@ -142,9 +145,6 @@ def _params(body: dict, chat: bool
     n = _field(body, "n", int, 1, lambda v: 1 <= v <= MAX_N)
     _refuse_unsupported(body)
     stream = _field(body, "stream", bool, False)
-    if stream and (sampling.logprobs is not None or echo):
-        raise BadRequest(f"'{'echo' if echo else 'logprobs'}' is not supported with "
-                         "\"stream\": true")
     sampling.prompt_logprobs = echo and sampling.logprobs is not None
     return max_tokens, sampling, stop or [], stream, n, echo
 
@@ -296,15 +296,22 @@ class Handler(BaseHTTPRequestHandler):
                 "total_tokens": read + new}, stats=stats))
             return
         ids = prompts[0]
-        # one queue per choice of (delta field, item): "content" or "reasoning_content" (text),
-        # "tool_calls" (a call)
-        texts: list[queue.Queue[tuple[str, object]]] = [queue.Queue() for _ in configs]
+        want_lp = sampling.logprobs is not None
+        # one queue per choice of (kind, item): "content" or "reasoning_content" (text),
+        # "tool_calls" (a call), "logprob" ((id, entry): before its token's text), "prompt"
+        # (the prompt's entries, echo: before the first new token's)
+        items: list[queue.Queue[tuple[str, object]]] = [queue.Queue() for _ in configs]
         reqs = [self.batcher.submit(Request(
-            ids, max_tokens, c, stop, lambda t, q=texts[i]: q.put(("content", t)), channels=chat,
-            on_reasoning=lambda t, q=texts[i]: q.put(("reasoning_content", t)),
-            on_tool_call=lambda t, q=texts[i]: q.put(("tool_calls", t))))
-            for i, c in enumerate(configs)]
+            ids, max(1, max_tokens), c, stop, lambda t, q=q: q.put(("content", t)),
+            channels=chat, on_reasoning=lambda t, q=q: q.put(("reasoning_content", t)),
+            on_tool_call=lambda t, q=q: q.put(("tool_calls", t)),
+            on_logprob=(lambda t, e, q=q: q.put(("logprob", (t, e)))) if want_lp else None,
+            on_prompt_logprobs=(lambda es, q=q: q.put(("prompt", es)))
+            if echo and want_lp else None))
+            for q, c in zip(items, configs, strict=True)]
         calls = [0] * n  # tool calls streamed per choice
+        pending: list[list[tuple[int, object]]] = [[] for _ in configs]  # logprobs not sent
+        offsets = [0] * n  # completions: where the next token's text starts in the choice
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -313,16 +320,37 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         obj = "chat.completion.chunk" if chat else "text_completion"
 
+        def logprobs(i: int, toks: list[int], entries: list) -> dict | None:
+            """The logprobs of choice i's next tokens in a chunk (None: not asked)."""
+            if not want_lp:
+                return None
+            doc = _logprob_doc(s, toks, entries, chat, offsets[i])
+            offsets[i] += sum(map(len, doc.get("tokens", ())))
+            return doc
+
         def event(i: int, delta_text, finish: str | None,
                   first: bool = False, key: str = "content") -> None:
+            """A chunk of choice i, with the logprobs of its tokens since the last one."""
+            got, pending[i] = pending[i], []
+            lp = None if first else logprobs(i, [t for t, _ in got], [e for _, e in got])
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else (
                     {key: delta_text} if delta_text is not None else {})
                 choice = {"index": i, "delta": delta, "finish_reason": finish}
+                if want_lp:
+                    choice["logprobs"] = lp
             else:
-                choice = {"index": i, "text": delta_text or "", "logprobs": None,
+                choice = {"index": i, "text": delta_text or "", "logprobs": lp,
                           "finish_reason": finish}
             send(dict(head, object=obj, choices=[choice]))
+
+        def echo_prompt(i: int, entries: list | None) -> None:
+            """Completions "echo": the prompt first (with its logprobs when asked)."""
+            text = texts_in[0] if texts_in[0] is not None else (
+                s.codec.decode(ids) if s.codec else " ".join(map(str, ids)))
+            send(dict(head, object=obj, choices=[{
+                "index": i, "text": text, "logprobs": logprobs(i, ids, entries),
+                "finish_reason": None}]))
 
         def send(doc: dict | str) -> None:
             data = doc if isinstance(doc, str) else json.dumps(doc)
@@ -330,9 +358,11 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
         try:
-            if chat:
-                for i in range(n):
+            for i in range(n):
+                if chat:
                     event(i, None, None, first=True)
+                elif echo and not want_lp:
+                    echo_prompt(i, None)
             finished = [False] * n
             while not all(finished):
                 idle = True
@@ -340,12 +370,19 @@ class Handler(BaseHTTPRequestHandler):
                     if finished[i]:
                         continue
                     done = r.done.is_set()  # then all its text is already queued
-                    while not texts[i].empty():
-                        key, item = texts[i].get()
-                        if key == "tool_calls":
-                            item, calls[i] = [_tool_call(item, calls[i])], calls[i] + 1
-                        event(i, item, None, key=key)
+                    while not items[i].empty():
+                        key, item = items[i].get()
                         idle = False
+                        if key == "prompt":
+                            echo_prompt(i, item)
+                        elif max_tokens == 0:  # echo only: the token drawn is dropped
+                            continue
+                        elif key == "logprob":
+                            pending[i].append(item)
+                        else:
+                            if key == "tool_calls":
+                                item, calls[i] = [_tool_call(item, calls[i])], calls[i] + 1
+                            event(i, item, None, key=key)
                     if not done:
                         continue
                     finished[i] = True
@@ -353,12 +390,13 @@ class Handler(BaseHTTPRequestHandler):
                         send({"error": {"message": f"{type(r.error).__name__}: {r.error}",
                                         "type": "server_error", "code": 500}})
                     else:
-                        event(i, None, "tool_calls" if r.completion.tool_calls
-                              else r.completion.finish_reason)
+                        o = r.completion
+                        event(i, None, "length" if max_tokens == 0 else
+                              "tool_calls" if o.tool_calls else o.finish_reason)
                 if idle:
                     time.sleep(0.02)
             if usage and all(r.error is None for r in reqs):
-                new = sum(len(r.completion.token_ids) for r in reqs)
+                new = 0 if max_tokens == 0 else sum(len(r.completion.token_ids) for r in reqs)
                 send(dict(head, object=obj, choices=[], usage={
                     "prompt_tokens": len(ids), "completion_tokens": new,
                     "total_tokens": len(ids) + new}))

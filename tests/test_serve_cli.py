@@ -217,10 +217,6 @@ def test_http_chat_completion_and_stream(server):
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], '
      b'"echo": true}', "'echo' is a completions field"),
     ("/v1/completions", b'{"prompt": "x", "max_tokens": 0}', "0 only with"),
-    ("/v1/completions", b'{"prompt": "x", "echo": true, "stream": true}',
-     "'echo' is not supported with"),
-    ("/v1/completions", b'{"prompt": "x", "logprobs": 2, "stream": true}',
-     "'logprobs' is not supported with"),
     ("/v1/completions", b'{"prompt": "x", "logprobs": 99}', "'logprobs'"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], '
      b'"top_logprobs": 2}', "needs"),
@@ -347,6 +343,68 @@ def test_http_echo_scores_a_prompt_as_transformers_does(server):
     want, _ = session.complete([ids], 3)
     assert choice["text"] == prompt + want[0].text
     assert len(choice["logprobs"]["tokens"]) == len(ids) + len(want[0].token_ids)
+
+
+def _chunks(streamed: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in streamed.splitlines()
+            if line.startswith("data: {")]
+
+
+def test_http_streams_logprobs_beside_their_tokens(server):
+    """"logprobs" with "stream": each chunk carries the log-probabilities of the tokens since
+    the last one (a token's before or with its text); together they are the non-streamed
+    answer's, text offsets running across chunks, in both OpenAI forms."""
+    base, _, _ = server
+    body = {"prompt": "def f", "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    code, plain = request(base + "/v1/completions", body)
+    assert code == 200, plain
+    want = json.loads(plain)["choices"][0]
+    code, streamed = request(base + "/v1/completions", dict(body, stream=True))
+    assert code == 200, streamed
+    choices = [c["choices"][0] for c in _chunks(streamed)]
+    assert "".join(c["text"] for c in choices) == want["text"]
+    got = {k: [x for c in choices for x in c["logprobs"][k]] for k in want["logprobs"]}
+    assert got == want["logprobs"]
+    first = next(c for c in choices if c["text"])
+    assert first["logprobs"]["tokens"]  # the text came with its token's log-probability
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 5,
+            "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    code, plain = request(base + "/v1/chat/completions", chat)
+    want = json.loads(plain)["choices"][0]["logprobs"]["content"]
+    code, streamed = request(base + "/v1/chat/completions", dict(chat, stream=True))
+    choices = [c["choices"][0] for c in _chunks(streamed)]
+    assert choices[0]["logprobs"] is None  # the role chunk: no token yet
+    assert [x for c in choices[1:] for x in c["logprobs"]["content"]] == want
+    code, streamed = request(base + "/v1/chat/completions",
+                             dict(chat, stream=True, logprobs=False, top_logprobs=None))
+    assert all("logprobs" not in c["choices"][0] for c in _chunks(streamed))
+
+
+def test_http_streamed_echo_sends_the_prompt_first(server):
+    """"echo" with "stream": the first chunk is the prompt (with its log-probabilities when
+    asked), then the completion; "max_tokens": 0 streams the prompt's scores alone."""
+    base, _, _ = server
+    prompt = "def add(a, b):"
+    for extra in ({"max_tokens": 3}, {"max_tokens": 3, "logprobs": 1}, {"max_tokens": 0,
+                                                                      "logprobs": 1}):
+        body = dict({"prompt": prompt, "echo": True, "temperature": 0}, **extra)
+        code, plain = request(base + "/v1/completions", body)
+        assert code == 200, plain
+        want = json.loads(plain)
+        code, streamed = request(base + "/v1/completions",
+                                 dict(body, stream=True, stream_options={"include_usage": True}))
+        assert code == 200, streamed
+        chunks = _chunks(streamed)
+        choices = [c["choices"][0] for c in chunks[:-1]]
+        assert choices[0]["text"] == prompt
+        assert "".join(c["text"] for c in choices) == want["choices"][0]["text"]
+        assert choices[-1]["finish_reason"] == want["choices"][0]["finish_reason"]
+        assert chunks[-1]["usage"] == want["usage"]
+        lp = want["choices"][0]["logprobs"]
+        if lp is None:
+            assert all(c["logprobs"] is None for c in choices)
+        else:
+            assert {k: [x for c in choices for x in c["logprobs"][k]] for k in lp} == lp
 
 
 def test_http_completions_take_several_prompts(server):
