@@ -60,7 +60,7 @@ def decode_counts(model: OffloadedModel, prompts: list[list[int]], new_tokens: i
     """Greedy decode of each prompt in turn on one warm cache -> the counters of the decode
     steps only, summed over the prompts."""
     total: dict[str, int] = {}
-    decoder = DecodeBatch(model, capacity=1)
+    decoder = DecodeBatch(model, capacity=1, reuse_prefix=False)  # prompts read whole
     model.reset_stats()
     for ids in prompts:
         (row,) = decoder.add([ids], [new_tokens + 1])

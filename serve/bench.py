@@ -53,7 +53,8 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
                          f"context of {model.max_context}")
     gen = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, m.vocab_size, (batch, prompt_len), generator=gen).tolist()
-    decoder = DecodeBatch(model, capacity=batch)  # greedy, no stop tokens
+    # greedy, no stop tokens; every prompt read whole (a warm-up may have read the same one)
+    decoder = DecodeBatch(model, capacity=batch, reuse_prefix=False)
     model.reset_stats()
     model.synchronize()
     t0 = time.perf_counter()

@@ -88,6 +88,9 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    "of KV cache (generate: default one per prompt, more prompts take "
                    "turns; http: concurrent requests decode together)")
     p.add_argument("--offload-dir", default=None, help="where quantized disk-tier experts go")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
+                   help="read every prompt whole, even where a KV-cache row holds its start "
+                   "(the chat so far, a shared system prompt)")
     p.add_argument("--quiet", action="store_true", help="no loading messages on stderr")
 
 
@@ -111,7 +114,7 @@ def _sampling(a) -> SamplingConfig:
 
 FLAG_FIELDS = ("model", "device", "dtype", "memory_budget", "host_budget", "cache_policy",
                "prefetch", "prefetch_min_weight", "quant", "max_batch", "max_context",
-               "offload_dir")
+               "offload_dir", "prefix_cache")
 
 
 def _config(a, batch: int = 1) -> ServeConfig:
@@ -160,7 +163,8 @@ def cmd_generate(a) -> None:
             print((prompts_text[i] + o.text) if o.text is not None and prompts_text
                   else o.text if o.text is not None else " ".join(map(str, o.token_ids)))
     st = res.stats
-    print(f"[{st['new_tokens']} tokens, {st['tokens_per_s']:.1f} tok/s decode, ttft "
+    cached = f", {st['cached_tokens']} prompt tokens cached" if st["cached_tokens"] else ""
+    print(f"[{st['new_tokens']} tokens{cached}, {st['tokens_per_s']:.1f} tok/s decode, ttft "
           f"{st['ttft_s'] * 1e3:.0f} ms, expert hit rate {st['expert_hit_rate']:.2f}, "
           f"prefetch precision {st['prefetch_precision']:.2f} recall "
           f"{st['prefetch_recall']:.2f}, {st['bytes_to_device'] / 2**20:.1f} MiB to device]",

@@ -21,6 +21,7 @@ _FIELD_TYPES = {
     "max_batch": ("an integer", (int,)), "prefill_chunk": ("an integer", (int,)),
     "max_context": ("an integer", (int, _NONE)),
 }
+_BOOL_FIELDS = ("prefix_cache",)
 
 
 @dataclass
@@ -42,6 +43,8 @@ class ServeConfig:
     stored) or "auto" (mxfp4 for MXFP4 checkpoints, else none).
     max_batch x max_context tokens of KV cache are reserved (max_context: None = the model's
     context, at most 4096). prefill_chunk: prompt tokens per forward (bounds activations).
+    prefix_cache: a prompt that begins with tokens a KV-cache row still holds (the chat so far,
+    a shared system prompt) reads only the rest (serve.generate.DecodeBatch).
     """
 
     model: str = ""
@@ -58,6 +61,7 @@ class ServeConfig:
     prefill_chunk: int = 512
     kernel_backend: str = "auto"
     offload_dir: str | None = None
+    prefix_cache: bool = True
 
     def check(self) -> None:
         choices = {"device": ("auto", "cuda", "cpu"),
@@ -72,6 +76,9 @@ class ServeConfig:
             value = getattr(self, name)
             if not isinstance(value, types) or isinstance(value, bool):
                 raise ValueError(f"{name} must be {what}, got {value!r}")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.prefetch_min_weight < 0:
             raise ValueError(f"prefetch_min_weight must be a number >= 0, got "
                              f"{self.prefetch_min_weight!r}")

@@ -137,6 +137,7 @@ class Row:
     out: list[int] = field(default_factory=list)  # new tokens so far
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet in its KV row
     length: int = 0  # positions held in its KV-cache row
+    cached: int = 0  # leading prompt tokens its KV row held already (not read again)
     done: bool = False
     finish_reason: str = "length"
     peak_batch: int = 1  # most rows that ran a decode step together with this one
@@ -169,12 +170,21 @@ class DecodeBatch:
     steps (continuous batching), so a request need not wait for a running batch to end, and a
     long prompt delays the running rows by one chunk per token, not by its whole prefill.
     Each row samples with its own config and generator.
+
+    Prefix reuse (model.scfg.prefix_cache): the KV cache remembers which tokens each row holds
+    (KVCache.held), across batches. A new prompt takes the free row that holds the longest
+    prefix of it, or has the longest prefix any row holds copied into a free one (a shared
+    system prompt), and reads only the rest: a chat's next turn reads the new message, not
+    the whole conversation, and its experts are not moved again for the old tokens.
     """
 
     def __init__(self, model: OffloadedModel, stop_ids: Sequence[int] = (),
-                 capacity: int | None = None, keep_logits: bool = False):
-        """capacity: most rows at once (default and at most: the model's max_batch)."""
+                 capacity: int | None = None, keep_logits: bool = False,
+                 reuse_prefix: bool | None = None):
+        """capacity: most rows at once (default and at most: the model's max_batch);
+        reuse_prefix: None = model.scfg.prefix_cache (benchmarks of prefill turn it off)."""
         self.model = model
+        self.reuse = model.scfg.prefix_cache if reuse_prefix is None else reuse_prefix
         self.capacity = capacity or model.max_batch
         if not 1 <= self.capacity <= model.max_batch:
             raise ValueError(f"capacity {self.capacity} is outside [1, max_batch="
@@ -210,11 +220,38 @@ class DecodeBatch:
             raise ValueError(f"max_new_tokens must be >= 1, got {min(limits)}")
         calls = list(on_token) if on_token is not None else [None] * len(prompts)
         t0, since, dev = time.perf_counter(), self.model.counters(), self.model.device
-        rows = [Row(len(p), lim, self._free.pop(0), c, c.generator(dev), cb, pending=list(p),
-                    t_added=t0, since=since)
-                for p, lim, cb, c in zip(prompts, limits, calls, cfgs, strict=True)]
+        rows = []
+        for p, lim, cb, c in zip(prompts, limits, calls, cfgs, strict=True):
+            kv_row, cached = self._take_row(p, c)
+            rows.append(Row(len(p), lim, kv_row, c, c.generator(dev), cb, pending=list(p[cached:]),
+                            length=cached, cached=cached, t_added=t0, since=since))
         self.live = sorted(self.live + rows, key=lambda r: r.kv_row)
         return rows
+
+    def _take_row(self, prompt: Sequence[int], sampling: SamplingConfig) -> tuple[int, int]:
+        """A free KV row for `prompt` -> (row, how many leading prompt tokens it holds): the
+        free row holding the longest prefix of it, else the longest prefix any row holds copied
+        into the free row holding the fewest tokens. The last prompt token is always read (its
+        logits choose the first new token). With prefix reuse off or prompt log-probabilities
+        asked (every prompt token is scored) none is reused: the lowest free row."""
+        kv = self.model.kv
+        spare = min(self._free, key=lambda r: (len(kv.held[r]), r))  # the least to lose
+        if not self.reuse or sampling.prompt_logprobs:
+            row, cached = min(self._free), 0
+        else:
+            want = prompt[:-1]
+            match = {r: kv.common(r, want) for r in range(len(kv.held))}
+            row = max(self._free, key=lambda r: (match[r], -r))
+            src = max(match, key=lambda r: (match[r], r in self._free))
+            cached = match[src]
+            if cached == 0:
+                row = spare
+            elif match[row] < cached:  # held by a busy row (or one outside this batch): copy
+                row = spare
+                kv.copy_prefix(src, row, cached)
+        self._free.remove(row)
+        kv.forget(row, cached)
+        return row, cached
 
     def step(self) -> list[Row]:
         """One prefill chunk of the rows reading their prompts, one decode step of the others
@@ -230,6 +267,7 @@ class DecodeBatch:
             logits = self.model.step(ids, [r.kv_row for r in decoding],
                                      [r.length for r in decoding], [1] * len(decoding))
             for r in decoding:
+                self.model.kv.record(r.kv_row, r.length, r.out[-1:])
                 r.length += 1
                 r.peak_batch = max(r.peak_batch, len(decoding))
             ended += self._choose(decoding, logits)  # its sampling waits for the device
@@ -244,8 +282,9 @@ class DecodeBatch:
         ids = torch.zeros(len(rows), max(n), dtype=torch.long)
         want = [r.prompt_logprobs is not None for r in rows]
         targets = torch.full(ids.shape, -1, dtype=torch.long) if any(want) else None
+        chunks = [r.pending[:c] for r, c in zip(rows, n, strict=True)]
         for j, r in enumerate(rows):
-            ids[j, :n[j]] = torch.tensor(r.pending[:n[j]])
+            ids[j, :n[j]] = torch.tensor(chunks[j])
             if want[j]:  # each position's next prompt token, into the next chunk too
                 nxt = r.pending[1:n[j] + 1]
                 targets[j, :len(nxt)] = torch.tensor(nxt, dtype=torch.long)
@@ -258,6 +297,7 @@ class DecodeBatch:
                               [r.length for r in rows], n, targets, top)
         logits = out if targets is None else out[0]
         for j, (r, c) in enumerate(zip(rows, n, strict=True)):
+            self.model.kv.record(r.kv_row, r.length, chunks[j])
             r.length += c
             if want[j]:
                 has, k = (c if r.pending else c - 1), r.sampling.logprobs or 0
@@ -318,7 +358,8 @@ def _row_stats(r: Row, model_stats: dict) -> dict:
     life, so they include the rows it ran with."""
     decode_s = r.t_done - r.t_first
     n = len(r.out)
-    return {"prompt_tokens": r.prompt_len, "new_tokens": n, "ttft_s": r.t_first - r.t_added,
+    return {"prompt_tokens": r.prompt_len, "cached_tokens": r.cached, "new_tokens": n,
+            "ttft_s": r.t_first - r.t_added,
             "decode_s": decode_s,
             "tokens_per_s": (n - 1) / decode_s if decode_s > 0 and n > 1 else 0.0,
             "batch_size": r.peak_batch, **model_stats}
@@ -360,12 +401,13 @@ def generate(model: OffloadedModel, prompts: Sequence[Sequence[int]],
         batch.step()
     model.synchronize()
     n_new, n_prompt = sum(len(r.out) for r in rows), sum(len(p) for p in prompts)
+    cached = sum(r.cached for r in rows)
     decode_tokens = n_new - len(rows)  # each first token comes from its prefill
-    stats = {"prompt_tokens": n_prompt, "new_tokens": n_new,
+    stats = {"prompt_tokens": n_prompt, "cached_tokens": cached, "new_tokens": n_new,
              "ttft_s": sum(r.t_first - t0 for r in rows) / len(rows),
              "decode_s": batch.decode_s,
              "tokens_per_s": decode_tokens / batch.decode_s if batch.decode_s > 0 else 0.0,
-             "prefill_tokens_per_s": n_prompt / batch.prefill_s, **model.stats()}
+             "prefill_tokens_per_s": (n_prompt - cached) / batch.prefill_s, **model.stats()}
     return GenerationResult([r.out for r in rows], [r.finish_reason for r in rows], stats,
                             [torch.stack(r.logits) for r in rows] if keep_logits else [],
                             [r.logprobs for r in rows], [r.prompt_logprobs for r in rows])

@@ -149,6 +149,15 @@ def _params(body: dict, chat: bool
     return max_tokens, sampling, stop or [], stream, n, echo
 
 
+def _usage(prompts: list[list[int]], firsts: list[Request], new: int) -> dict:
+    """OpenAI's usage: prompt tokens counted once per prompt (firsts: its first choice's
+    request), with those its KV-cache row held already (not read again) as cached_tokens."""
+    read = sum(map(len, prompts))
+    return {"prompt_tokens": read, "completion_tokens": new, "total_tokens": read + new,
+            "prompt_tokens_details": {"cached_tokens": sum(r.stats["cached_tokens"]
+                                                           for r in firsts)}}
+
+
 # OpenAI request fields this server does not implement, with the value that asks for nothing
 # (clients send those by default): any other value is refused rather than ignored
 UNSUPPORTED = {"best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
@@ -289,11 +298,9 @@ class Handler(BaseHTTPRequestHandler):
                                {"index": i, "text": text, "logprobs": lp,
                                 "finish_reason": o.finish_reason})
             new = sum(len(r.completion.token_ids) for r in reqs)
-            read = sum(len(p) for p in prompts)
             stats = reqs[0].stats if len(reqs) == 1 else [r.stats for r in reqs]
-            self._send(200, dict(head, object=kind, choices=choices, usage={
-                "prompt_tokens": read, "completion_tokens": new,
-                "total_tokens": read + new}, stats=stats))
+            self._send(200, dict(head, object=kind, choices=choices, stats=stats,
+                                 usage=_usage(prompts, reqs[::n], new)))
             return
         ids = prompts[0]
         want_lp = sampling.logprobs is not None
@@ -397,9 +404,7 @@ class Handler(BaseHTTPRequestHandler):
                     time.sleep(0.02)
             if usage and all(r.error is None for r in reqs):
                 new = 0 if max_tokens == 0 else sum(len(r.completion.token_ids) for r in reqs)
-                send(dict(head, object=obj, choices=[], usage={
-                    "prompt_tokens": len(ids), "completion_tokens": new,
-                    "total_tokens": len(ids) + new}))
+                send(dict(head, object=obj, choices=[], usage=_usage(prompts, reqs[:1], new)))
             send("[DONE]")
         except OSError:  # the client went away: its rows end at the next token
             for r in reqs:

@@ -50,7 +50,11 @@ class KVCache:
     rope_dim] holds each token's latent and RoPE key (the expanded keys and values of every
     head are never stored: 1 / 9 of their bytes at DeepSeek-V2-Lite's shapes) and v is None.
     With attention sinks (GPT-OSS) position p sits at index p + 1 (`offset`), and index 0
-    holds a zero key and value, the sink's."""
+    holds a zero key and value, the sink's.
+
+    held[row]: the tokens whose entries row holds at positions 0, 1, ... (what a later prompt
+    with the same prefix need not read again; see serve.generate.DecodeBatch). Every write
+    forgets the row's tokens from where it starts; the writer then `records` what it wrote."""
 
     def __init__(self, cfg, max_batch, max_context, dtype, device):
         heads, k_dim, v_dim = self.dims(cfg)
@@ -58,6 +62,33 @@ class KVCache:
         shape = (cfg.n_layers, max_batch, heads, max_context + self.offset)
         self.k = torch.zeros(*shape, k_dim, dtype=dtype, device=device)
         self.v = torch.zeros(*shape, v_dim, dtype=dtype, device=device) if v_dim else None
+        self.held: list[list[int]] = [[] for _ in range(max_batch)]
+
+    def forget(self, row: int, start: int) -> None:
+        """Row `row` is written from position `start` on: its tokens from there are unknown."""
+        del self.held[row][start:]
+
+    def record(self, row: int, start: int, tokens: Sequence[int]) -> None:
+        """Positions [start, start + len(tokens)) of `row` now hold `tokens`' entries (kept
+        only when the row's tokens before `start` are known)."""
+        held = self.held[row]
+        if len(held) == start:
+            held.extend(tokens)
+
+    def common(self, row: int, ids: Sequence[int]) -> int:
+        """How many leading tokens of ids row holds."""
+        held, n = self.held[row], min(len(self.held[row]), len(ids))
+        if held[:n] == list(ids[:n]):
+            return n
+        return next(i for i in range(n) if held[i] != ids[i])
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Row dst takes row src's first n positions (and their tokens)."""
+        end = n + self.offset
+        self.k[:, dst, :, :end] = self.k[:, src, :, :end]
+        if self.v is not None:
+            self.v[:, dst, :, :end] = self.v[:, src, :, :end]
+        self.held[dst] = self.held[src][:n]
 
     @staticmethod
     def dims(cfg) -> tuple[int, int, int]:
@@ -215,6 +246,8 @@ class OffloadedModel:
         end = max(a + c for a, c in zip(start, n, strict=True))
         if end > self.max_context:
             raise ValueError(f"{end} tokens exceed the context of {self.max_context}")
+        for r, a in zip(rows, start, strict=True):
+            self.kv.forget(r, a)  # the caller records the tokens once they are written
         first = torch.tensor(start, device=dev)
         count = torch.tensor(n, device=dev)
         s_idx = torch.arange(S, device=dev)

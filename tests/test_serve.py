@@ -449,7 +449,7 @@ def test_rows_joining_and_leaving_a_running_batch_match_running_alone(refs):
     """Continuous batching: sequences that start at different steps, in KV-cache rows that are
     not contiguous (a middle row ended), each give the tokens and logits they give alone; a
     long prompt is read a chunk per step while the running row goes on decoding; a freed row
-    is reused."""
+    is reused (prompts read whole: their runs alone left them in the KV cache)."""
     family, d, _, _, _ = refs("qwen2_moe")
     kw = dict(max_batch=3, prefill_chunk=4)
     m = serve(d, memory_budget=budget_for(d, 6, **kw), **kw)
@@ -457,7 +457,7 @@ def test_rows_joining_and_leaving_a_running_batch_match_running_alone(refs):
     prompts = [torch.randint(1, 300, (n,), generator=gen).tolist() for n in (7, 3, 11, 5)]
     limits = [12, 2, 6, 5]
     alone = [generate(m, [p], n, keep_logits=True) for p, n in zip(prompts, limits, strict=True)]
-    batch = DecodeBatch(m, keep_logits=True)
+    batch = DecodeBatch(m, keep_logits=True, reuse_prefix=False)
     rows = batch.add(prompts[:1], limits[:1])
     batch.step()
     assert not rows[0].out and rows[0].length == 4  # the first chunk of 7 tokens

@@ -248,7 +248,9 @@ def test_http_accepts_neutral_values_of_unsupported_fields_and_streams_usage(ser
                              dict(body, stream=True, stream_options={"include_usage": True}))
     chunks = [json.loads(line[6:]) for line in streamed.splitlines()
               if line.startswith("data: {")]
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == usage
+    # the same prompt again: its KV row holds all of it but the last token
+    cached = {"prompt_tokens_details": {"cached_tokens": usage["prompt_tokens"] - 1}}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == dict(usage, **cached)
     assert all("usage" not in c for c in chunks[:-1])
 
 
@@ -399,12 +401,37 @@ def test_http_streamed_echo_sends_the_prompt_first(server):
         assert choices[0]["text"] == prompt
         assert "".join(c["text"] for c in choices) == want["choices"][0]["text"]
         assert choices[-1]["finish_reason"] == want["choices"][0]["finish_reason"]
-        assert chunks[-1]["usage"] == want["usage"]
+        counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+        assert [chunks[-1]["usage"][k] for k in counts] == [want["usage"][k] for k in counts]
         lp = want["choices"][0]["logprobs"]
         if lp is None:
             assert all(c["logprobs"] is None for c in choices)
         else:
             assert {k: [x for c in choices for x in c["logprobs"][k]] for k in lp} == lp
+
+
+def test_http_next_chat_turn_reads_only_what_is_new(server):
+    """The next turn's prompt begins with the last turn's (the template renders the answer
+    after it): the KV row holds that, so usage counts it as cached_tokens, and the answer
+    is still transformers' greedy one."""
+    base, session, hf = server
+    msgs = [{"role": "user", "content": "print"}]
+    body = {"messages": msgs, "max_tokens": 5, "temperature": 0}
+    code, plain = request(base + "/v1/chat/completions", body)
+    assert code == 200, plain
+    answer = json.loads(plain)["choices"][0]["message"]["content"]
+    msgs = msgs + [{"role": "assistant", "content": answer}, {"role": "user", "content": "x"}]
+    code, plain = request(base + "/v1/chat/completions", dict(body, messages=msgs))
+    assert code == 200, plain
+    doc = json.loads(plain)
+    first = session.codec.encode_chat(msgs[:1])
+    ids = session.codec.encode_chat(msgs)
+    assert ids[:len(first)] == first
+    assert len(first) <= doc["usage"]["prompt_tokens_details"]["cached_tokens"] < len(ids)
+    want = hf_greedy(hf, ids, 5)
+    eos = session.codec.stop_ids
+    want = want[:next((i for i, t in enumerate(want) if t in eos), len(want))]
+    assert doc["choices"][0]["message"]["content"] == session.codec.decode(want)
 
 
 def test_http_completions_take_several_prompts(server):
@@ -499,10 +526,16 @@ def test_chat_templates_render_as_transformers_renders_them(model_dir, tmp_path)
 
 
 def test_chat_reads_stdin_and_answers_through_the_template(model_dir):
+    """Two turns (the second reads only what is new: prefix reuse); the same answers with
+    --no-prefix-cache."""
     d, _ = model_dir
-    p = subprocess.run([sys.executable, "-m", "serve", "chat", "--model", str(d),
-                        "--max-new-tokens", "4", "--quiet", "--dtype", "float32"],
-                       input="hello\nhow are you\n\n", capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.count("> ") == 3  # two answered turns, then the empty line ends it
+    outs = []
+    for extra in ([], ["--no-prefix-cache"]):
+        p = subprocess.run([sys.executable, "-m", "serve", "chat", "--model", str(d),
+                            "--max-new-tokens", "4", "--quiet", "--dtype", "float32", *extra],
+                           input="hello\nhow are you\n\n", capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.count("> ") == 3  # two answered turns, then the empty line ends it
+        outs.append(p.stdout)
+    assert outs[0] == outs[1]

@@ -1,0 +1,118 @@
+"""Prefix reuse: a prompt that begins with tokens a KV-cache row still holds reads only the
+rest, and its tokens and logits are still transformers' greedy ones: a chat's next turn in
+the same row, a shared start copied from a busy row, across model families (sliding windows,
+latent attention, attention sinks); what must read everything does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from serve.config import ServeConfig  # noqa: E402
+from serve.generate import DecodeBatch, SamplingConfig, generate  # noqa: E402
+from serve.runtime import OffloadedModel  # noqa: E402
+from tests.hf_models import build_hf  # noqa: E402
+
+
+def serve(d, **kw) -> OffloadedModel:
+    kw = {"max_context": 64, "max_batch": 2, "dtype": "float32", "prefill_chunk": 4, **kw}
+    return OffloadedModel(ServeConfig(model=str(d), **kw))
+
+
+def hf_generate(hf, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                          output_logits=True, return_dict_in_generate=True)
+    return ref.sequences[0, len(prompt):].tolist(), torch.cat(ref.logits)
+
+
+def assert_like_hf(hf, res, b: int, prompt: list[int], n: int) -> None:
+    toks, logits = hf_generate(hf, prompt, n)
+    assert res.token_ids[b] == toks
+    torch.testing.assert_close(res.logits[b], logits, rtol=1e-4, atol=1e-4)
+
+
+def random_ids(n: int, seed: int) -> list[int]:
+    return torch.randint(1, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("mixtral", {"sliding_window": 6}), ("deepseek_v2", {}), ("gpt_oss", {})])
+def test_the_next_turn_reads_only_what_is_new(tmp_path, family, overrides):
+    """Turn two = turn one's prompt + its answer + a new message: the row holds all but the
+    answer's last token, so only that token and the message are read (under a budget of 4
+    expert slots, chunks of 4)."""
+    hf = build_hf(family, **overrides)
+    hf.save_pretrained(tmp_path)
+    probe = serve(tmp_path)
+    m = serve(tmp_path, memory_budget=probe.fixed_bytes + 4 * probe.slot_bytes)
+    first = random_ids(9, 1)
+    one = generate(m, [first], 5)
+    assert one.stats["cached_tokens"] == 0
+    second = first + one.token_ids[0] + random_ids(6, 2)
+    two = generate(m, [second], 6, keep_logits=True)
+    assert two.stats["cached_tokens"] == len(first) + 4
+    assert two.stats["prompt_tokens"] == len(second)
+    assert_like_hf(hf, two, 0, second, 6)
+
+
+def test_a_shared_start_is_copied_from_a_busy_row(tmp_path):
+    """While one row decodes, a prompt that shares its first tokens (a system prompt) takes
+    another row, copies those tokens' entries and reads the rest; both answer as alone."""
+    hf = build_hf("qwen3_moe")
+    hf.save_pretrained(tmp_path)
+    m = serve(tmp_path)
+    system = random_ids(10, 3)
+    a, b = system + random_ids(3, 4), system + random_ids(5, 5)
+    batch = DecodeBatch(m, keep_logits=True)
+    (ra,) = batch.add([a], [8])
+    while ra.pending:
+        batch.step()
+    batch.step()  # ra decodes: its row holds its prompt and its first token
+    (rb,) = batch.add([b], [6])
+    assert rb.kv_row != ra.kv_row and rb.cached == len(system)
+    while batch.live:
+        batch.step()
+    for r, p in ((ra, a), (rb, b)):
+        toks, logits = hf_generate(hf, p, len(r.out))
+        assert r.out == toks
+        torch.testing.assert_close(torch.stack(r.logits), logits, rtol=1e-4, atol=1e-4)
+    assert m.kv.held[rb.kv_row] == b + rb.out[:-1]  # what it wrote, recorded
+
+
+def test_what_must_read_the_whole_prompt_does(tmp_path):
+    """Prompt log-probabilities score every prompt token, and prefix_cache=False reads every
+    prompt whole: neither takes tokens a row holds."""
+    hf = build_hf("olmoe")
+    hf.save_pretrained(tmp_path)
+    prompt = random_ids(12, 6)
+    m = serve(tmp_path)
+    generate(m, [prompt], 3)
+    res = generate(m, [prompt], 3, SamplingConfig(prompt_logprobs=True))
+    assert res.stats["cached_tokens"] == 0 and len(res.prompt_logprobs[0]) == len(prompt)
+    again = generate(m, [prompt], 3, keep_logits=True)
+    assert again.stats["cached_tokens"] == len(prompt) - 1  # the last one is always read
+    assert_like_hf(hf, again, 0, prompt, 3)
+    off = serve(tmp_path, prefix_cache=False)
+    generate(off, [prompt], 3)
+    assert generate(off, [prompt], 3).stats["cached_tokens"] == 0
+
+
+def test_a_write_the_cache_was_not_told_of_is_not_reused(tmp_path):
+    """A forward straight into a row (not through DecodeBatch) leaves it holding only the
+    tokens before the write: a later prompt equal to the old one reuses those alone and
+    still answers as transformers does."""
+    hf = build_hf("mixtral")
+    hf.save_pretrained(tmp_path)
+    m = serve(tmp_path, max_batch=1)
+    prompt = random_ids(10, 7)
+    generate(m, [prompt], 4)
+    assert m.kv.held[0][:10] == prompt
+    other = torch.tensor([random_ids(5, 8)])
+    m.step(other, [0], [3], [5])  # positions 3..7 now hold other tokens
+    assert m.kv.held[0] == prompt[:3]
+    res = generate(m, [prompt], 4, keep_logits=True)
+    assert res.stats["cached_tokens"] == 3
+    assert_like_hf(hf, res, 0, prompt, 4)
