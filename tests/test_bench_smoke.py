@@ -90,6 +90,21 @@ def test_serve_load_bench_smoke(tmp_path):
     assert float(rows["continuous"][8]) > 1.0 and float(rows["static"][8]) > 1.0
 
 
+def test_serve_turns_bench_smoke(tmp_path):
+    """Later turns reuse the conversation so far with prefix reuse and read it whole without;
+    the same prompts both ways."""
+    from bench.serve_turns import main
+
+    out = tmp_path / "results.md"
+    main(["--smoke", "--layers", "2", "--turns", "3", "--first-tokens", "12",
+          "--message-tokens", "5", "--answer-tokens", "3", "--out", str(out),
+          "--dir", str(tmp_path / "model")])
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines()
+            if line[:4] in ("| 1 ", "| 2 ", "| 3 ")]
+    assert [int(r[1]) for r in rows] == [12, 20, 28]  # + 3 answer + 5 message tokens a turn
+    assert [int(r[2]) for r in rows] == [0, 14, 22]  # all but the last answer token and message
+
+
 def test_kernels_bench_writes_its_rows_when_a_timeout_stops_it(tmp_path):
     """`timeout` sends SIGTERM: the rows measured so far still land in the results file."""
     import signal
