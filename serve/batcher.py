@@ -79,7 +79,7 @@ class Batcher:
         check_prompts(self.session.model, [req.ids])
         if req.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {req.max_tokens}")
-        req.sampling.check()
+        req.sampling.check(self.session.model.cfg.vocab_size)
         if req.stop:
             self.session.need_codec()
         req.submitted = time.perf_counter()
@@ -219,7 +219,6 @@ class Batcher:
         self._rows.clear()
         self._batch = DecodeBatch(self.session.model, self.session.stop_ids,
                                   capacity=self.max_batch)
-
 
 
 class _TokenHook:

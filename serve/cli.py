@@ -102,6 +102,13 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None,
                    help="sampling seed; prompt i of a batch uses seed + i")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="P",
+                   help="divide (multiply, when negative) the logits of tokens already in the "
+                   "prompt or answer by P, as transformers does (1: off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, metavar="A",
+                   help="OpenAI's: a token already in the answer loses A (in [-2, 2])")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, metavar="F",
+                   help="OpenAI's: a token the answer holds c times loses F c (in [-2, 2])")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
 
@@ -109,7 +116,10 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _sampling(a) -> SamplingConfig:
     sampled = a.top_k > 0 or a.top_p < 1
     temp = a.temperature if a.temperature is not None else (1.0 if sampled else 0.0)
-    return SamplingConfig(temperature=temp, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    return SamplingConfig(temperature=temp, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+                          repetition_penalty=a.repetition_penalty,
+                          presence_penalty=a.presence_penalty,
+                          frequency_penalty=a.frequency_penalty)
 
 
 FLAG_FIELDS = ("model", "device", "dtype", "memory_budget", "host_budget", "cache_policy",

@@ -20,8 +20,15 @@ MAX_LOGPROBS = 20  # most alternatives a row may ask for
 class SamplingConfig:
     """temperature 0: greedy. top_k 0 and top_p 1: off. seed: None draws a fresh one.
     logprobs: None, or keep each chosen token's log-probability and the `logprobs` most
-    likely tokens' (of the model's distribution, before temperature, top-k and top-p).
-    prompt_logprobs: also keep each prompt token's log-probability after those before it."""
+    likely tokens' (of the model's distribution, before penalties, biases, temperature, top-k
+    and top-p). prompt_logprobs: also keep each prompt token's log-probability after those
+    before it.
+
+    Before temperature (greedy too), the logits are adjusted (`adjust_logits`):
+    repetition_penalty p (transformers' / CTRL's): a token of the prompt or of the answer so
+    far has its logit divided by p when positive, multiplied by p when negative (1: off);
+    presence_penalty a and frequency_penalty f (OpenAI's, in [-2, 2]): a token the answer
+    holds c > 0 times loses a + f c; logit_bias {id: b} (OpenAI's, b in [-100, 100]) adds b."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -29,6 +36,16 @@ class SamplingConfig:
     seed: int | None = None
     logprobs: int | None = None
     prompt_logprobs: bool = False  # keep each prompt token's log-probability (Row)
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether any penalty or bias changes the logits."""
+        return (self.repetition_penalty != 1 or self.presence_penalty != 0
+                or self.frequency_penalty != 0 or bool(self.logit_bias))
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """A generator seeded with `seed` (a fresh seed when None); None when greedy."""
@@ -39,7 +56,9 @@ class SamplingConfig:
                         int(torch.randint(0, 2**62, ()).item()))
         return gen
 
-    def check(self) -> None:
+    def check(self, vocab_size: int | None = None) -> None:
+        """ValueError naming the first setting out of range (logit_bias ids: in the
+        vocabulary, when vocab_size is given)."""
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -48,6 +67,18 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        for t, b in (self.logit_bias or {}).items():
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0 or (
+                    vocab_size is not None and t >= vocab_size):
+                raise ValueError(f"logit_bias token id {t!r} is not in the vocabulary"
+                                 + (f" [0, {vocab_size})" if vocab_size else ""))
+            if not -100 <= b <= 100:
+                raise ValueError(f"logit_bias of token {t} must be in [-100, 100], got {b}")
 
 
 @dataclass
@@ -107,6 +138,27 @@ def sample_rows(logits: torch.Tensor, cfgs: Sequence[SamplingConfig],
     return out
 
 
+def adjust_logits(logits: torch.Tensor, cfg: SamplingConfig, prompt: Sequence[int],
+                  out: Sequence[int]) -> torch.Tensor:
+    """One row's logits [V] after cfg's repetition / presence / frequency penalties (over
+    the prompt and the answer so far `out`) and logit biases (a new tensor)."""
+    logits = logits.clone()
+    dev = logits.device
+    if cfg.repetition_penalty != 1:
+        seen = torch.tensor(sorted(set(prompt) | set(out)), dtype=torch.long, device=dev)
+        x = logits[seen]
+        logits[seen] = torch.where(x > 0, x / cfg.repetition_penalty,
+                                   x * cfg.repetition_penalty)
+    if (cfg.presence_penalty or cfg.frequency_penalty) and out:
+        ids, counts = torch.tensor(list(out), device=dev).unique(return_counts=True)
+        logits[ids] -= cfg.presence_penalty + cfg.frequency_penalty * counts.to(logits.dtype)
+    if cfg.logit_bias:
+        ids = torch.tensor(list(cfg.logit_bias), dtype=torch.long, device=dev)
+        logits[ids] += torch.tensor(list(cfg.logit_bias.values()), dtype=logits.dtype,
+                                    device=dev)
+    return logits
+
+
 def check_prompts(model: OffloadedModel, prompts: Sequence[Sequence[int]]) -> None:
     """Each prompt is a non-empty list of in-vocabulary ids that fits the context."""
     if not prompts:
@@ -145,6 +197,7 @@ class Row:
     t_first: float = 0.0  # when its first token was chosen
     t_done: float = 0.0
     since: dict = field(default_factory=dict)  # the model's counters when it joined
+    prompt: Sequence[int] = ()  # its prompt (a repetition penalty reads it)
     stats: dict = field(default_factory=dict)  # set when it ends
     logits: list[torch.Tensor] = field(default_factory=list)  # [V] per token, when kept
     # per new token, when sampling.logprobs is set (else None): (its log-probability,
@@ -210,7 +263,7 @@ class DecodeBatch:
         if len(cfgs) != len(prompts):
             raise ValueError(f"{len(cfgs)} sampling configs for {len(prompts)} prompts")
         for c in cfgs:
-            c.check()
+            c.check(self.model.cfg.vocab_size)
         if len(prompts) > self.free:
             raise ValueError(f"{len(prompts)} prompts but {self.free} free rows of "
                              f"{self.capacity}")
@@ -224,7 +277,7 @@ class DecodeBatch:
         for p, lim, cb, c in zip(prompts, limits, calls, cfgs, strict=True):
             kv_row, cached = self._take_row(p, c)
             rows.append(Row(len(p), lim, kv_row, c, c.generator(dev), cb, pending=list(p[cached:]),
-                            length=cached, cached=cached, t_added=t0, since=since))
+                            length=cached, cached=cached, t_added=t0, since=since, prompt=p))
         self.live = sorted(self.live + rows, key=lambda r: r.kv_row)
         return rows
 
@@ -310,8 +363,14 @@ class DecodeBatch:
         return self._choose([rows[j] for j in read], logits[read]) if read else []
 
     def _choose(self, rows: list[Row], logits: torch.Tensor) -> list[Row]:
-        """Sample each row's next token from logits [len(rows), V]; end rows that stop."""
-        nxt = sample_rows(logits, [r.sampling for r in rows],  # waits for the device
+        """Sample each row's next token from logits [len(rows), V] (after its penalties and
+        biases); end rows that stop."""
+        adjusted = logits
+        if any(r.sampling.adjusts for r in rows):
+            adjusted = torch.stack([adjust_logits(logits[j], r.sampling, r.prompt, r.out)
+                                    if r.sampling.adjusts else logits[j]
+                                    for j, r in enumerate(rows)])
+        nxt = sample_rows(adjusted, [r.sampling for r in rows],  # waits for the device
                           [r.gen for r in rows])
         now = time.perf_counter()
         ended = []

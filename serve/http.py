@@ -121,6 +121,20 @@ def _logprob_doc(session: Session, ids: list[int], logprobs: list, chat: bool,
             "text_offset": offsets}
 
 
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    """OpenAI's "logit_bias": {"token id": bias in [-100, 100]} -> {id: bias}."""
+    bias = _field(body, "logit_bias", dict, {})
+    out = {}
+    for k, v in bias.items():
+        if not (isinstance(k, str) and k.strip().isdigit()):
+            raise BadRequest(f"'logit_bias' keys must be token ids, got {k!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+            raise BadRequest(f"'logit_bias' of token {k} must be a number in [-100, 100], "
+                             f"got {v!r}")
+        out[int(k)] = float(v)
+    return out or None
+
+
 def _params(body: dict, chat: bool
             ) -> tuple[int, SamplingConfig, list[str], bool, int, bool]:
     """-> max_tokens, sampling, stop strings, stream, n, echo."""
@@ -135,7 +149,12 @@ def _params(body: dict, chat: bool
         temperature=_field(body, "temperature", float, 1.0, lambda v: 0 <= v <= 2),
         top_p=_field(body, "top_p", float, 1.0, lambda v: 0 < v <= 1),
         top_k=_field(body, "top_k", int, 0, lambda v: v >= 0),
-        seed=_field(body, "seed", int, None), logprobs=_logprobs(body, chat))
+        seed=_field(body, "seed", int, None), logprobs=_logprobs(body, chat),
+        repetition_penalty=_field(body, "repetition_penalty", float, 1.0, lambda v: v > 0),
+        presence_penalty=_field(body, "presence_penalty", float, 0.0, lambda v: -2 <= v <= 2),
+        frequency_penalty=_field(body, "frequency_penalty", float, 0.0,
+                                 lambda v: -2 <= v <= 2),
+        logit_bias=_logit_bias(body))
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -160,8 +179,7 @@ def _usage(prompts: list[list[int]], firsts: list[Request], new: int) -> dict:
 
 # OpenAI request fields this server does not implement, with the value that asks for nothing
 # (clients send those by default): any other value is refused rather than ignored
-UNSUPPORTED = {"best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-               "logit_bias": (None, {}), "response_format": (None, {"type": "text"}),
+UNSUPPORTED = {"best_of": (None, 1), "response_format": (None, {"type": "text"}),
                "suffix": (None, "")}
 
 

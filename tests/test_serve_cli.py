@@ -221,7 +221,12 @@ def test_http_chat_completion_and_stream(server):
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], '
      b'"top_logprobs": 2}', "needs"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], '
-     b'"presence_penalty": 0.5}', "'presence_penalty' is not supported"),
+     b'"presence_penalty": 2.5}', "'presence_penalty' has an invalid value"),
+    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"a": 1}}', "'logit_bias' keys"),
+    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"3": 200}}', "in [-100, 100]"),
+    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"999999": 1}}',
+     "not in the vocabulary"),
+    ("/v1/completions", b'{"prompt": "x", "best_of": 3}', "'best_of' is not supported"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], '
      b'"response_format": {"type": "json_object"}}', "'response_format' is not supported"),
     ("/v1/chat/completions", b'{"messages": "hi"}', "'messages'"),
@@ -432,6 +437,26 @@ def test_http_next_chat_turn_reads_only_what_is_new(server):
     eos = session.codec.stop_ids
     want = want[:next((i for i, t in enumerate(want) if t in eos), len(want))]
     assert doc["choices"][0]["message"]["content"] == session.codec.decode(want)
+
+
+def test_http_penalties_and_logit_bias_reach_the_sampler(server):
+    """OpenAI's presence / frequency penalties and logit_bias (and the repetition_penalty
+    extension) sample as the runtime does with the same settings."""
+    base, session, _ = server
+    ids = session.codec.encode("def f")
+    body = {"prompt": "def f", "max_tokens": 6, "temperature": 0, "presence_penalty": 1.0,
+            "frequency_penalty": 0.5, "repetition_penalty": 1.3}
+    code, plain = request(base + "/v1/completions", body)
+    assert code == 200, plain
+    want, _ = session.complete([ids], 6, SamplingConfig(presence_penalty=1.0,
+                                                        frequency_penalty=0.5,
+                                                        repetition_penalty=1.3))
+    assert json.loads(plain)["choices"][0]["text"] == want[0].text
+    code, plain = request(base + "/v1/completions", {"prompt": "def f", "max_tokens": 3,
+                                                     "temperature": 0,
+                                                     "logit_bias": {"65": 100}})
+    assert code == 200, plain
+    assert json.loads(plain)["choices"][0]["text"] == session.codec.decode([65] * 3)
 
 
 def test_http_completions_take_several_prompts(server):
