@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from serve.config import CACHE_POLICIES, QUANT_CHOICES, ServeConfig, read_serve_config
 from serve.generate import SamplingConfig
@@ -111,15 +112,35 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    help="OpenAI's: a token the answer holds c times loses F c (in [-2, 2])")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    p.add_argument("--response-format", default=None, metavar="json|SCHEMA.json",
+                   help="hold the answer to JSON: 'json' (any JSON value the grammar of "
+                   "OpenAI's json_object allows) or a JSON-schema file (needs xgrammar)")
 
 
-def _sampling(a) -> SamplingConfig:
+def _sampling(a, session) -> SamplingConfig:
     sampled = a.top_k > 0 or a.top_p < 1
     temp = a.temperature if a.temperature is not None else (1.0 if sampled else 0.0)
+    grammar = None
+    if a.response_format is not None:
+        grammar = session.grammar(_response_format(a.response_format))
     return SamplingConfig(temperature=temp, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
                           repetition_penalty=a.repetition_penalty,
                           presence_penalty=a.presence_penalty,
-                          frequency_penalty=a.frequency_penalty)
+                          frequency_penalty=a.frequency_penalty, grammar=grammar)
+
+
+def _response_format(value: str) -> dict:
+    """--response-format: 'json', or a JSON-schema file -> OpenAI's response_format."""
+    if value == "json":
+        return {"type": "json_object"}
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"--response-format {value!r} is neither 'json' nor a JSON-schema file")
+    try:
+        schema = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--response-format {value}: not JSON ({e})") from e
+    return {"type": "json_schema", "json_schema": {"name": path.stem, "schema": schema}}
 
 
 FLAG_FIELDS = ("model", "device", "dtype", "memory_budget", "host_budget", "cache_policy",
@@ -153,7 +174,7 @@ def cmd_generate(a) -> None:
     prompts = [s.encode(p) for p in prompts_text] if prompts_text else a.prompt_ids
     stream = not a.json and batch == 1
     on_text = (lambda row, text: print(text, end="", flush=True)) if stream else None
-    outs, res = s.complete(prompts, a.max_new_tokens, _sampling(a), a.stop, on_text,
+    outs, res = s.complete(prompts, a.max_new_tokens, _sampling(a, s), a.stop, on_text,
                            a.ignore_eos)
     if a.json:
         if batch == 1:
@@ -184,6 +205,7 @@ def cmd_generate(a) -> None:
 def cmd_chat(a) -> None:
     s = _session(a)
     codec = s.need_codec()
+    sampling = _sampling(a, s)
     messages: list[dict] = []
     if a.system:
         messages.append({"role": "system", "content": a.system})
@@ -197,7 +219,7 @@ def cmd_chat(a) -> None:
             break
         messages.append({"role": "user", "content": line})
         ids = codec.encode_chat(messages, **a.chat_template_kwargs)
-        outs, _ = s.complete([ids], a.max_new_tokens, _sampling(a), a.stop,
+        outs, _ = s.complete([ids], a.max_new_tokens, sampling, a.stop,
                              lambda row, text: print(text, end="", flush=True), channels=True,
                              on_reasoning=_show_reasoning if a.show_reasoning else None)
         print()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from serve.grammar import Constraint
 from serve.runtime import OffloadedModel
 
 MAX_LOGPROBS = 20  # most alternatives a row may ask for
@@ -28,7 +29,9 @@ class SamplingConfig:
     repetition_penalty p (transformers' / CTRL's): a token of the prompt or of the answer so
     far has its logit divided by p when positive, multiplied by p when negative (1: off);
     presence_penalty a and frequency_penalty f (OpenAI's, in [-2, 2]): a token the answer
-    holds c > 0 times loses a + f c; logit_bias {id: b} (OpenAI's, b in [-100, 100]) adds b."""
+    holds c > 0 times loses a + f c; logit_bias {id: b} (OpenAI's, b in [-100, 100]) adds b.
+    grammar: a compiled grammar (serve.grammar.Grammars.compile) the answer must follow: the
+    tokens it cannot take next are masked out, after the penalties."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -40,6 +43,7 @@ class SamplingConfig:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
+    grammar: object | None = None
 
     @property
     def adjusts(self) -> bool:
@@ -198,6 +202,7 @@ class Row:
     t_done: float = 0.0
     since: dict = field(default_factory=dict)  # the model's counters when it joined
     prompt: Sequence[int] = ()  # its prompt (a repetition penalty reads it)
+    constraint: Constraint | None = None  # its place in sampling.grammar
     stats: dict = field(default_factory=dict)  # set when it ends
     logits: list[torch.Tensor] = field(default_factory=list)  # [V] per token, when kept
     # per new token, when sampling.logprobs is set (else None): (its log-probability,
@@ -277,7 +282,9 @@ class DecodeBatch:
         for p, lim, cb, c in zip(prompts, limits, calls, cfgs, strict=True):
             kv_row, cached = self._take_row(p, c)
             rows.append(Row(len(p), lim, kv_row, c, c.generator(dev), cb, pending=list(p[cached:]),
-                            length=cached, cached=cached, t_added=t0, since=since, prompt=p))
+                            length=cached, cached=cached, t_added=t0, since=since, prompt=p,
+                            constraint=None if c.grammar is None else
+                            Constraint(c.grammar, self.model.cfg.vocab_size)))
         self.live = sorted(self.live + rows, key=lambda r: r.kv_row)
         return rows
 
@@ -366,10 +373,8 @@ class DecodeBatch:
         """Sample each row's next token from logits [len(rows), V] (after its penalties and
         biases); end rows that stop."""
         adjusted = logits
-        if any(r.sampling.adjusts for r in rows):
-            adjusted = torch.stack([adjust_logits(logits[j], r.sampling, r.prompt, r.out)
-                                    if r.sampling.adjusts else logits[j]
-                                    for j, r in enumerate(rows)])
+        if any(r.sampling.adjusts or r.constraint is not None for r in rows):
+            adjusted = torch.stack([_adjusted(r, logits[j]) for j, r in enumerate(rows)])
         nxt = sample_rows(adjusted, [r.sampling for r in rows],  # waits for the device
                           [r.gen for r in rows])
         now = time.perf_counter()
@@ -382,9 +387,11 @@ class DecodeBatch:
             if not r.out:
                 r.t_first = now
             r.out.append(t)
+            if r.constraint is not None:
+                r.constraint.accept(t)
             if r.on_token is not None and r.on_token(t):  # e.g. the caller saw a stop string
                 r.done, r.finish_reason = True, "stop"
-            elif t in self.stops:
+            elif t in self.stops or r.constraint is not None and r.constraint.done:
                 r.done, r.finish_reason = True, "stop"
             elif len(r.out) >= r.limit or r.length >= self.model.max_context:
                 r.done = True
@@ -400,6 +407,13 @@ class DecodeBatch:
             self._free.sort()
             self.live = [r for r in self.live if not r.done]
         return ended
+
+
+def _adjusted(r: Row, logits: torch.Tensor) -> torch.Tensor:
+    """Row r's logits [V] for sampling: after its penalties and biases, then its grammar."""
+    if r.sampling.adjusts:
+        logits = adjust_logits(logits, r.sampling, r.prompt, r.out)
+    return logits if r.constraint is None else r.constraint.mask(logits)
 
 
 def token_logprobs(logits: torch.Tensor, tok: int, k: int

@@ -12,6 +12,9 @@ template (over the server's defaults); a reasoning model's answer comes back spl
 (serve/answer.py): its reasoning (GPT-OSS's analysis channel, <think>...</think>) as the
 message's "reasoning_content", its tool calls as "tool_calls" (finish_reason "tool_calls"),
 the rest as "content"; in stream deltas too.
+
+Sampling: temperature, top_p, top_k, seed, presence / frequency / repetition penalties,
+logit_bias, and "response_format" (JSON object or JSON schema, serve/grammar.py).
 """
 
 from __future__ import annotations
@@ -179,8 +182,7 @@ def _usage(prompts: list[list[int]], firsts: list[Request], new: int) -> dict:
 
 # OpenAI request fields this server does not implement, with the value that asks for nothing
 # (clients send those by default): any other value is refused rather than ignored
-UNSUPPORTED = {"best_of": (None, 1), "response_format": (None, {"type": "text"}),
-               "suffix": (None, "")}
+UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, "")}
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -272,6 +274,9 @@ class Handler(BaseHTTPRequestHandler):
         """prompts: one (chat) or more (completions), n choices each, numbered prompt by
         prompt; prompt_texts: the prompts as given, for "echo" (completions)."""
         max_tokens, sampling, stop, stream, n, echo = _params(body, chat)
+        fmt = body.get("response_format")
+        if fmt is not None:
+            sampling.grammar = self.session.grammar(fmt)
         if stream and len(prompts) > 1:
             raise BadRequest("several prompts are not supported with \"stream\": true")
         texts_in = prompt_texts or [None] * len(prompts)

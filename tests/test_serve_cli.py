@@ -228,7 +228,7 @@ def test_http_chat_completion_and_stream(server):
      "not in the vocabulary"),
     ("/v1/completions", b'{"prompt": "x", "best_of": 3}', "'best_of' is not supported"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], '
-     b'"response_format": {"type": "json_object"}}', "'response_format' is not supported"),
+     b'"response_format": {"type": "regex"}}', "type 'regex' is not supported"),
     ("/v1/chat/completions", b'{"messages": "hi"}', "'messages'"),
     ("/v1/chat/completions", b'{"messages": [{"text": "hi"}]}', "'role'"),
 ])

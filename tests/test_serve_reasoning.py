@@ -249,7 +249,8 @@ def test_http_chat_answers_with_reasoning_content_apart(harmony_server):
     for bad, fragment in (({"chat_template_kwargs": [1]}, "'chat_template_kwargs'"),
                           ({"chat_template_kwargs": {"messages": []}}, "may not set"),
                           ({"tools": [{"type": "function"}]}, "'tools' must be"),
-                          ({"tools": [], "tool_choice": "required"}, "'tool_choice'")):
+                          ({"tools": [], "tool_choice": "required"}, "'tool_choice'"),
+                          ({"response_format": {"type": "json_object"}}, "harmony")):
         code, plain = request(url, dict(body, **bad))
         assert code == 400 and fragment in json.loads(plain)["error"]["message"], plain
 

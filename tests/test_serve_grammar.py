@@ -1,0 +1,138 @@
+"""Structured output: answers held to a JSON schema or to a JSON object (xgrammar) parse and
+validate, greedy and sampled, batched, streamed, over HTTP and from the CLI; bad formats are
+refused by name."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("xgrammar")
+
+from serve.config import ServeConfig  # noqa: E402
+from serve.generate import SamplingConfig  # noqa: E402
+from serve.http import make_server  # noqa: E402
+from serve.session import Session  # noqa: E402
+from tests.hf_models import save_served_model  # noqa: E402
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["lang", "ok", "n"],
+          "properties": {"lang": {"enum": ["py", "c", "go"]}, "ok": {"type": "boolean"},
+                         "n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+FORMAT = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+
+
+def valid(text: str) -> bool:
+    doc = json.loads(text)
+    return (set(doc) == {"lang", "ok", "n"} and doc["lang"] in ("py", "c", "go")
+            and isinstance(doc["ok"], bool) and doc["n"] in range(10))
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    d = tmp_path_factory.mktemp("grammar")
+    save_served_model(d, seed=3)
+    return Session(ServeConfig(model=str(d), max_context=96, max_batch=3, dtype="float32"))
+
+
+def test_answers_follow_the_schema_greedy_and_sampled(session):
+    ids = [session.codec.encode(p) for p in ("def f", "import os", "class A")]
+    plain, _ = session.complete(ids, 40)
+    assert not any(o.text.startswith("{") for o in plain)  # unconstrained: not JSON
+    grammar = session.grammar(FORMAT)
+    for cfg in (SamplingConfig(grammar=grammar),
+                SamplingConfig(temperature=1.0, seed=4, grammar=grammar, frequency_penalty=0.5)):
+        outs, _ = session.complete(ids, 40, cfg)
+        for o in outs:
+            assert o.finish_reason == "stop" and valid(o.text), o.text
+            assert list(json.loads(o.text)) == ["lang", "ok", "n"]  # in the schema's order
+            assert o.token_ids[-1] in session.stop_ids  # whole, then the stop token
+    assert session.grammar(FORMAT) is grammar  # compiled once
+
+
+def test_json_object_is_one_compact_object(session):
+    outs, _ = session.complete([session.codec.encode("def f")], 60,
+                               SamplingConfig(grammar=session.grammar(
+                                   {"type": "json_object"})))
+    o = outs[0]
+    assert o.text.startswith("{")
+    if o.finish_reason == "stop":
+        assert isinstance(json.loads(o.text), dict)
+    assert session.grammar({"type": "text"}) is None
+
+
+@pytest.mark.parametrize("fmt,fragment", [
+    ({"type": "yaml"}, "type 'yaml' is not supported"),
+    ({"type": "json_schema"}, "needs \"json_schema\""),
+    ("json", "must be an object"),
+    ({"type": "json_schema", "json_schema": {"schema": {"type": "no-such-type"}}},
+     "cannot be compiled"),
+])
+def test_bad_formats_are_refused_by_name(session, fmt, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        session.grammar(fmt)
+
+
+def request(url, body):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_http_response_format_plain_and_streamed(session):
+    srv = make_server(session, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_port}/v1/chat/completions"
+    try:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 40,
+                "temperature": 0, "response_format": FORMAT}
+        code, plain = request(base, body)
+        assert code == 200, plain
+        choice = json.loads(plain)["choices"][0]
+        assert choice["finish_reason"] == "stop" and valid(choice["message"]["content"])
+        code, streamed = request(base, dict(body, stream=True))
+        chunks = [json.loads(line[6:]) for line in streamed.splitlines()
+                  if line.startswith("data: {")]
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        assert text == choice["message"]["content"]
+        code, bad = request(base, dict(body, response_format={"type": "json_schema"}))
+        assert code == 400 and "json_schema" in json.loads(bad)["error"]["message"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_cli_response_format_takes_a_schema_file(session, tmp_path):
+    schema = tmp_path / "answer.json"
+    schema.write_text(json.dumps(SCHEMA))
+    d = session.model.scfg.model
+    p = subprocess.run([sys.executable, "-m", "serve", "generate", "--model", d, "--quiet",
+                        "--dtype", "float32", "--prompt", "def f", "--max-new-tokens", "40",
+                        "--response-format", str(schema), "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert valid(json.loads(p.stdout)["text"])
+    p = subprocess.run([sys.executable, "-m", "serve", "generate", "--model", d, "--quiet",
+                        "--prompt", "x", "--response-format", "xml"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "neither 'json' nor a JSON-schema file" in p.stderr
+
+
+def test_without_xgrammar_a_format_is_refused_by_name(session, monkeypatch):
+    from serve.grammar import Grammars
+
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # as if not installed
+    grammars = Grammars(session.codec.tok, session.model.cfg.vocab_size, session.stop_ids)
+    with pytest.raises(ValueError, match=r"needs xgrammar: pip install 'moe-framework\[struc"):
+        grammars.compile({"type": "json_object"})
+    assert grammars.compile({"type": "text"}) is None  # plain text needs nothing
