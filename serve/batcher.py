@@ -156,6 +156,7 @@ class Batcher:
         if not reqs:
             return
         texts = [self.session.text_row(r.stop, self._streamer(r, r.on_text),
+                                       ignore_eos=r.sampling.ignore_eos,
                                        cancelled=lambda r=r: r.cancelled, channels=r.channels,
                                        on_reasoning=self._streamer(r, r.on_reasoning),
                                        prompt=r.ids,

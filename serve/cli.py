@@ -126,7 +126,8 @@ def _sampling(a, session) -> SamplingConfig:
     return SamplingConfig(temperature=temp, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
                           repetition_penalty=a.repetition_penalty,
                           presence_penalty=a.presence_penalty,
-                          frequency_penalty=a.frequency_penalty, grammar=grammar)
+                          frequency_penalty=a.frequency_penalty, grammar=grammar,
+                          ignore_eos=a.ignore_eos)
 
 
 def _response_format(value: str) -> dict:
@@ -174,8 +175,7 @@ def cmd_generate(a) -> None:
     prompts = [s.encode(p) for p in prompts_text] if prompts_text else a.prompt_ids
     stream = not a.json and batch == 1
     on_text = (lambda row, text: print(text, end="", flush=True)) if stream else None
-    outs, res = s.complete(prompts, a.max_new_tokens, _sampling(a, s), a.stop, on_text,
-                           a.ignore_eos)
+    outs, res = s.complete(prompts, a.max_new_tokens, _sampling(a, s), a.stop, on_text)
     if a.json:
         if batch == 1:
             o = outs[0]

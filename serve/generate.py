@@ -31,7 +31,9 @@ class SamplingConfig:
     presence_penalty a and frequency_penalty f (OpenAI's, in [-2, 2]): a token the answer
     holds c > 0 times loses a + f c; logit_bias {id: b} (OpenAI's, b in [-100, 100]) adds b.
     grammar: a compiled grammar (serve.grammar.Grammars.compile) the answer must follow: the
-    tokens it cannot take next are masked out, after the penalties."""
+    tokens it cannot take next are masked out, after the penalties.
+    min_tokens: stop tokens cannot be drawn before the answer has this many tokens;
+    ignore_eos: a stop token does not end the answer (fixed-length benchmarks)."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -44,6 +46,8 @@ class SamplingConfig:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
     grammar: object | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
     @property
     def adjusts(self) -> bool:
@@ -71,6 +75,11 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.min_tokens and self.grammar is not None:
+            raise ValueError("min_tokens cannot be combined with a response format: the "
+                             "grammar may need a stop token sooner")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -373,8 +382,9 @@ class DecodeBatch:
         """Sample each row's next token from logits [len(rows), V] (after its penalties and
         biases); end rows that stop."""
         adjusted = logits
-        if any(r.sampling.adjusts or r.constraint is not None for r in rows):
-            adjusted = torch.stack([_adjusted(r, logits[j]) for j, r in enumerate(rows)])
+        if any(_adjusts(r) for r in rows):
+            adjusted = torch.stack([_adjusted(r, logits[j], self.stops)
+                                    for j, r in enumerate(rows)])
         nxt = sample_rows(adjusted, [r.sampling for r in rows],  # waits for the device
                           [r.gen for r in rows])
         now = time.perf_counter()
@@ -391,7 +401,8 @@ class DecodeBatch:
                 r.constraint.accept(t)
             if r.on_token is not None and r.on_token(t):  # e.g. the caller saw a stop string
                 r.done, r.finish_reason = True, "stop"
-            elif t in self.stops or r.constraint is not None and r.constraint.done:
+            elif (t in self.stops and not r.sampling.ignore_eos
+                  or r.constraint is not None and r.constraint.done):
                 r.done, r.finish_reason = True, "stop"
             elif len(r.out) >= r.limit or r.length >= self.model.max_context:
                 r.done = True
@@ -409,10 +420,20 @@ class DecodeBatch:
         return ended
 
 
-def _adjusted(r: Row, logits: torch.Tensor) -> torch.Tensor:
-    """Row r's logits [V] for sampling: after its penalties and biases, then its grammar."""
+def _adjusts(r: Row) -> bool:
+    """Whether row r samples from other logits than the model's."""
+    return (r.sampling.adjusts or r.constraint is not None
+            or len(r.out) < r.sampling.min_tokens)
+
+
+def _adjusted(r: Row, logits: torch.Tensor, stops: set[int]) -> torch.Tensor:
+    """Row r's logits [V] for sampling: after its penalties and biases, without stop tokens
+    before min_tokens, then under its grammar."""
     if r.sampling.adjusts:
         logits = adjust_logits(logits, r.sampling, r.prompt, r.out)
+    if len(r.out) < r.sampling.min_tokens and stops:
+        logits = logits.index_fill(0, torch.tensor(sorted(stops), device=logits.device),
+                                   float("-inf"))
     return logits if r.constraint is None else r.constraint.mask(logits)
 
 

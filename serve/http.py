@@ -14,7 +14,8 @@ message's "reasoning_content", its tool calls as "tool_calls" (finish_reason "to
 the rest as "content"; in stream deltas too.
 
 Sampling: temperature, top_p, top_k, seed, presence / frequency / repetition penalties,
-logit_bias, and "response_format" (JSON object or JSON schema, serve/grammar.py).
+logit_bias, min_tokens, ignore_eos, "response_format" (JSON object or JSON schema,
+serve/grammar.py), and for completions best_of.
 """
 
 from __future__ import annotations
@@ -139,8 +140,8 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
 
 
 def _params(body: dict, chat: bool
-            ) -> tuple[int, SamplingConfig, list[str], bool, int, bool]:
-    """-> max_tokens, sampling, stop strings, stream, n, echo."""
+            ) -> tuple[int, SamplingConfig, list[str], bool, int, bool, int]:
+    """-> max_tokens, sampling, stop strings, stream, n, echo, best_of."""
     max_tokens = _field(body, "max_tokens", int, 16, lambda v: v >= 0)
     max_tokens = _field(body, "max_completion_tokens", int, max_tokens, lambda v: v >= 0)
     echo = _field(body, "echo", bool, False)
@@ -157,7 +158,8 @@ def _params(body: dict, chat: bool
         presence_penalty=_field(body, "presence_penalty", float, 0.0, lambda v: -2 <= v <= 2),
         frequency_penalty=_field(body, "frequency_penalty", float, 0.0,
                                  lambda v: -2 <= v <= 2),
-        logit_bias=_logit_bias(body))
+        logit_bias=_logit_bias(body), ignore_eos=_field(body, "ignore_eos", bool, False),
+        min_tokens=_field(body, "min_tokens", int, 0, lambda v: 0 <= v <= max(max_tokens, 1)))
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -167,8 +169,26 @@ def _params(body: dict, chat: bool
     n = _field(body, "n", int, 1, lambda v: 1 <= v <= MAX_N)
     _refuse_unsupported(body)
     stream = _field(body, "stream", bool, False)
+    best_of = _field(body, "best_of", int, n, lambda v: n <= v <= MAX_N)
+    if best_of > n and (chat or stream):
+        raise BadRequest("'best_of' > n is a completions field and cannot stream")
     sampling.prompt_logprobs = echo and sampling.logprobs is not None
-    return max_tokens, sampling, stop or [], stream, n, echo
+    return max_tokens, sampling, stop or [], stream, n, echo, best_of
+
+
+def _best(cands: list[tuple[Request, int]], n: int, drop_logprobs: bool
+          ) -> list[tuple[Request, int]]:
+    """The n candidates (request, prompt index) of the highest mean log-probability per new
+    token, best first; drop_logprobs: the client did not ask for them (ranking did)."""
+    def mean(r: Request) -> float:
+        lps = [lp for lp, _ in r.completion.logprobs]
+        return sum(lps) / len(lps) if lps else 0.0
+
+    best = sorted(cands, key=lambda x: mean(x[0]), reverse=True)[:n]
+    if drop_logprobs:
+        for r, _ in best:
+            r.completion = replace(r.completion, logprobs=None)
+    return best
 
 
 def _usage(prompts: list[list[int]], firsts: list[Request], new: int) -> dict:
@@ -182,7 +202,7 @@ def _usage(prompts: list[list[int]], firsts: list[Request], new: int) -> dict:
 
 # OpenAI request fields this server does not implement, with the value that asks for nothing
 # (clients send those by default): any other value is refused rather than ignored
-UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, "")}
+UNSUPPORTED = {"suffix": (None, "")}
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -273,7 +293,7 @@ class Handler(BaseHTTPRequestHandler):
              prompt_texts: list[str | None] | None = None) -> None:
         """prompts: one (chat) or more (completions), n choices each, numbered prompt by
         prompt; prompt_texts: the prompts as given, for "echo" (completions)."""
-        max_tokens, sampling, stop, stream, n, echo = _params(body, chat)
+        max_tokens, sampling, stop, stream, n, echo, best_of = _params(body, chat)
         fmt = body.get("response_format")
         if fmt is not None:
             sampling.grammar = self.session.grammar(fmt)
@@ -290,11 +310,20 @@ class Handler(BaseHTTPRequestHandler):
         if not stream:
             # max_tokens 0 (echo: the prompt's log-probabilities only) reads the prompt and
             # drops the token it then draws
-            jobs = [(p, c) for p in range(len(prompts)) for c in configs]
+            # best_of > n: best_of candidates per prompt, the n likeliest kept (the highest
+            # mean log-probability per token, as OpenAI ranks them)
+            cands = configs if best_of == n else seeded_rows(
+                replace(sampling, logprobs=sampling.logprobs or 0), best_of)
+            jobs = [(p, c) for p in range(len(prompts)) for c in cands]
             reqs = self.batcher.run_all([Request(prompts[p], max(1, max_tokens), c, stop,
                                                  channels=chat) for p, c in jobs])
+            kept = list(zip(reqs, (p for p, _ in jobs), strict=True))
+            if best_of > n:
+                kept = [x for p in range(len(prompts))
+                        for x in _best(kept[p * best_of:(p + 1) * best_of], n,
+                                       sampling.logprobs is None)]
             choices = []
-            for i, (r, (p, _)) in enumerate(zip(reqs, jobs, strict=True)):
+            for i, (r, p) in enumerate(kept):
                 ids, o = prompts[p], r.completion
                 if max_tokens == 0:
                     o = replace(o, token_ids=[], text="" if o.text is not None else None,
@@ -323,7 +352,7 @@ class Handler(BaseHTTPRequestHandler):
             new = sum(len(r.completion.token_ids) for r in reqs)
             stats = reqs[0].stats if len(reqs) == 1 else [r.stats for r in reqs]
             self._send(200, dict(head, object=kind, choices=choices, stats=stats,
-                                 usage=_usage(prompts, reqs[::n], new)))
+                                 usage=_usage(prompts, reqs[::best_of], new)))
             return
         ids = prompts[0]
         want_lp = sampling.logprobs is not None

@@ -88,20 +88,20 @@ class Session:
     def complete(self, prompts: list[list[int]], max_new_tokens: int | list[int],
                  sampling: SamplingConfig | None = None, stop: list[str] | None = None,
                  on_text: Callable[[int, str], None] | None = None,
-                 ignore_eos: bool = False, channels: bool = False,
+                 channels: bool = False,
                  on_reasoning: Callable[[int, str], None] | None = None,
                  ) -> tuple[list[Completion], GenerationResult]:
         """Generate for each prompt; on_text(row, new_text) streams text as it is decided
         (ids as text when there is no tokenizer). Stop strings end a row and are cut.
         max_new_tokens: one limit, or one per row. channels: split a reasoning model's chat
         answer into its reasoning, streamed to on_reasoning(row, new_text), and its text."""
+        ignore_eos = sampling is not None and sampling.ignore_eos
         rows = [self.text_row(stop, None if on_text is None else (lambda t, b=b: on_text(b, t)),
                               ignore_eos, channels=channels, on_reasoning=None
                               if on_reasoning is None else (lambda t, b=b: on_reasoning(b, t)),
                               prompt=prompts[b])
                 for b in range(len(prompts))]
-        res = generate(self.model, prompts, max_new_tokens, sampling,
-                       () if ignore_eos else self.stop_ids,
+        res = generate(self.model, prompts, max_new_tokens, sampling, self.stop_ids,
                        lambda b, tok: rows[b].on_token(tok))
         out = [Completion(ids, rows[b].finish(), res.finish_reasons[b], len(prompts[b]),
                           rows[b].reasoning, rows[b].tool_calls, res.logprobs[b],

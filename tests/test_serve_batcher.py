@@ -110,7 +110,7 @@ def test_static_batching_waits_for_the_running_batch_to_drain(served, monkeypatc
 def test_per_request_stop_strings_and_seeds_share_a_batch(served, batcher, monkeypatch):
     session, _ = served
     ids = session.codec.encode("def add")
-    full, _ = session.complete([ids], 12, ignore_eos=True)
+    full, _ = session.complete([ids], 12, SamplingConfig(ignore_eos=True))
     text = full[0].text
     stop = text[3:5]
     seeded = SamplingConfig(temperature=0.8, seed=7)

@@ -226,7 +226,8 @@ def test_http_chat_completion_and_stream(server):
     ("/v1/completions", b'{"prompt": "x", "logit_bias": {"3": 200}}', "in [-100, 100]"),
     ("/v1/completions", b'{"prompt": "x", "logit_bias": {"999999": 1}}',
      "not in the vocabulary"),
-    ("/v1/completions", b'{"prompt": "x", "best_of": 3}', "'best_of' is not supported"),
+    ("/v1/completions", b'{"prompt": "x", "best_of": 3, "stream": true}', "cannot stream"),
+    ("/v1/completions", b'{"prompt": "x", "min_tokens": 99}', "'min_tokens'"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], '
      b'"response_format": {"type": "regex"}}', "type 'regex' is not supported"),
     ("/v1/chat/completions", b'{"messages": "hi"}', "'messages'"),
@@ -459,6 +460,37 @@ def test_http_penalties_and_logit_bias_reach_the_sampler(server):
     assert json.loads(plain)["choices"][0]["text"] == session.codec.decode([65] * 3)
 
 
+def test_http_min_tokens_ignore_eos_and_best_of(server):
+    """With the stop token biased to be drawn at once: min_tokens holds it back that many
+    tokens, ignore_eos runs to max_tokens. best_of 3 keeps the candidate of the highest mean
+    log-probability per token (usage counts all three)."""
+    base, session, _ = server
+    eos = min(session.codec.stop_ids)
+    body = {"prompt": "def f", "max_tokens": 6, "temperature": 0,
+            "logit_bias": {str(eos): 100}}
+    for extra, tokens, finish in (({}, 1, "stop"), ({"min_tokens": 3}, 4, "stop"),
+                                  ({"ignore_eos": True}, 6, "length")):
+        code, plain = request(base + "/v1/completions", dict(body, **extra))
+        assert code == 200, plain
+        doc = json.loads(plain)
+        assert doc["usage"]["completion_tokens"] == tokens, extra
+        assert doc["choices"][0]["finish_reason"] == finish
+    ids = session.codec.encode("def f")
+    body = {"prompt": "def f", "max_tokens": 5, "temperature": 1.0, "seed": 5, "best_of": 3}
+    code, plain = request(base + "/v1/completions", body)
+    assert code == 200, plain
+    doc = json.loads(plain)
+    # candidate i draws with seed 5 + i, as prompt i of a batch seeded 5 does
+    cands, _ = session.complete([ids] * 3, 5, SamplingConfig(temperature=1.0, seed=5,
+                                                             logprobs=0))
+    best = max(cands, key=lambda o: sum(lp for lp, _ in o.logprobs) / len(o.logprobs))
+    assert [c["text"] for c in doc["choices"]] == [best.text]
+    assert doc["choices"][0]["logprobs"] is None  # not asked: only the ranking used them
+    assert doc["usage"]["completion_tokens"] == sum(len(o.token_ids) for o in cands)
+    code, plain = request(base + "/v1/completions", dict(body, n=4))
+    assert code == 400 and "'best_of'" in json.loads(plain)["error"]["message"]
+
+
 def test_http_completions_take_several_prompts(server):
     """A list of prompts (texts or id lists): n choices each, numbered prompt by prompt."""
     base, session, _ = server
@@ -509,13 +541,13 @@ def test_http_unknown_route_is_404(server):
 def test_stop_strings_cut_the_text_and_end_the_row(server):
     _, session, _ = server
     ids = session.codec.encode("class Point")
-    full, _ = session.complete([ids], 12, ignore_eos=True)
+    full, _ = session.complete([ids], 12, SamplingConfig(ignore_eos=True))
     text = full[0].text
     assert len(text) >= 4
     stop = text[2:4]
     cut = text[:text.index(stop)]
     streamed = []
-    out, _ = session.complete([ids], 12, stop=[stop], ignore_eos=True,
+    out, _ = session.complete([ids], 12, SamplingConfig(ignore_eos=True), stop=[stop],
                               on_text=lambda row, t: streamed.append(t))
     assert out[0].text == cut and out[0].finish_reason == "stop"
     assert "".join(streamed) == cut
