@@ -235,8 +235,11 @@ class DecodeBatch:
     tokens) of the rows still reading their prompts, choosing a row's first token when its
     prompt is in, then one decode step of the rows that have one. Rows join and leave between
     steps (continuous batching), so a request need not wait for a running batch to end, and a
-    long prompt delays the running rows by one chunk per token, not by its whole prefill.
-    Each row samples with its own config and generator.
+    long prompt delays the running rows by one chunk per step, not by its whole prefill. With
+    no row decoding, a step reads the prompts whole instead, their chunks layer by layer
+    (OffloadedModel.prefill), so each expert crosses to the device once per layer for the
+    whole prompt rather than once per chunk. Each row samples with its own config and
+    generator.
 
     Prefix reuse (model.scfg.prefix_cache): the KV cache remembers which tokens each row holds
     (KVCache.held), across batches. A new prompt takes the free row that holds the longest
@@ -328,7 +331,9 @@ class DecodeBatch:
         filling = [r for r in self.live if r.pending]
         decoding = [r for r in self.live if r.out]
         t0 = time.perf_counter()
-        ended = self._prefill(filling) if filling else []
+        # with no row decoding, a long prompt is read whole, layer by layer; else a chunk
+        # a step, so the decoding rows wait one chunk, not a whole prefill
+        ended = self._prefill(filling, whole=not decoding) if filling else []
         t1 = time.perf_counter()
         self.prefill_s += t1 - t0
         if decoding:
@@ -343,40 +348,63 @@ class DecodeBatch:
             self.decode_s += time.perf_counter() - t1
         return ended
 
-    def _prefill(self, rows: list[Row]) -> list[Row]:
-        """The next chunk of each row's prompt into its KV row; rows whose prompt is then all
-        in choose their first token -> the rows that ended at once."""
+    def _prefill(self, rows: list[Row], whole: bool) -> list[Row]:
+        """The next chunk of each row's prompt into its KV row, or (whole) all the chunks
+        left, read layer by layer (OffloadedModel.prefill: each expert moved once per layer,
+        not once per chunk); rows whose prompt is then all in choose their first token ->
+        the rows that ended at once."""
+        want = {id(r) for r in rows if r.prompt_logprobs is not None}
+        top = max((r.sampling.logprobs or 0 for r in rows if id(r) in want), default=0)
+        start = {id(r): r.length for r in rows}
+        rounds = []  # (rows, tokens of each, where each goes, targets or None)
+        while (not rounds or whole) and any(r.pending for r in rows):
+            rounds.append(self._next_chunks([r for r in rows if r.pending], want, start))
+        specs = []
+        for rr, toks, at, targets in rounds:
+            ids = torch.zeros(len(rr), max(map(len, toks)), dtype=torch.long)
+            for j, t in enumerate(toks):
+                ids[j, :len(t)] = torch.tensor(t)
+            specs.append((ids.to(self.model.device), [r.kv_row for r in rr], at,
+                          list(map(len, toks)), targets))
+        outs = self.model.prefill(specs, top)
+        last: dict[int, torch.Tensor] = {}  # each row's logits after its last chunk
+        for (rr, toks, _, targets), out in zip(rounds, outs, strict=True):
+            logits = out if targets is None else out[0]
+            for j, (r, t) in enumerate(zip(rr, toks, strict=True)):
+                self.model.kv.record(r.kv_row, r.length, t)
+                r.length += len(t)
+                last[id(r)] = logits[j]
+                if id(r) in want:  # each position's next token: the last one's follows on
+                    has = len(t) if r.length < start[id(r)] or r.pending else len(t) - 1
+                    k = r.sampling.logprobs or 0
+                    r.prompt_logprobs.extend(
+                        (lp, list(zip(a, v, strict=True))) for lp, a, v in zip(
+                            out[1][j, :has].tolist(), out[2][j, :has, :k].tolist(),
+                            out[3][j, :has, :k].tolist(), strict=True))
+        read = [r for r in rows if not r.pending]
+        return self._choose(read, torch.stack([last[id(r)] for r in read])) if read else []
+
+    def _next_chunks(self, rows: list[Row], want: set[int], start: dict[int, int]
+                     ) -> tuple[list[Row], list[list[int]], list[int], torch.Tensor | None]:
+        """Take the next prefill chunk of each row's pending prompt (start: where each
+        row's next chunk goes, advanced) -> (rows, their tokens, where they go, the
+        next-token targets of the rows that score their prompt (-1 elsewhere), None when
+        none does)."""
         chunk = self.model.scfg.prefill_chunk
-        n = [min(chunk, len(r.pending)) for r in rows]
-        ids = torch.zeros(len(rows), max(n), dtype=torch.long)
-        want = [r.prompt_logprobs is not None for r in rows]
-        targets = torch.full(ids.shape, -1, dtype=torch.long) if any(want) else None
-        chunks = [r.pending[:c] for r, c in zip(rows, n, strict=True)]
-        for j, r in enumerate(rows):
-            ids[j, :n[j]] = torch.tensor(chunks[j])
-            if want[j]:  # each position's next prompt token, into the next chunk too
-                nxt = r.pending[1:n[j] + 1]
+        toks = [r.pending[:chunk] for r in rows]
+        at = [start[id(r)] for r in rows]
+        targets = None
+        if any(id(r) in want for r in rows):
+            targets = torch.full((len(rows), max(map(len, toks))), -1, dtype=torch.long)
+        for j, (r, t) in enumerate(zip(rows, toks, strict=True)):
+            if id(r) in want:  # each position's next prompt token, into the next chunk too
+                nxt = r.pending[1:len(t) + 1]
                 targets[j, :len(nxt)] = torch.tensor(nxt, dtype=torch.long)
-                if r.length == 0:
+                if start[id(r)] == 0:
                     r.prompt_logprobs.append(None)  # the first token follows nothing
-            del r.pending[:n[j]]
-        top = max((r.sampling.logprobs or 0 for r, w in zip(rows, want, strict=True) if w),
-                  default=0)
-        out = self.model.step(ids.to(self.model.device), [r.kv_row for r in rows],
-                              [r.length for r in rows], n, targets, top)
-        logits = out if targets is None else out[0]
-        for j, (r, c) in enumerate(zip(rows, n, strict=True)):
-            self.model.kv.record(r.kv_row, r.length, chunks[j])
-            r.length += c
-            if want[j]:
-                has, k = (c if r.pending else c - 1), r.sampling.logprobs or 0
-                lps, alt_ids, alt_lps = (out[1][j, :has].tolist(), out[2][j, :has, :k].tolist(),
-                                         out[3][j, :has, :k].tolist())
-                r.prompt_logprobs.extend(
-                    (lp, list(zip(a, v, strict=True)))
-                    for lp, a, v in zip(lps, alt_ids, alt_lps, strict=True))
-        read = [j for j, r in enumerate(rows) if not r.pending]
-        return self._choose([rows[j] for j in read], logits[read]) if read else []
+            del r.pending[:len(t)]
+            start[id(r)] += len(t)
+        return rows, toks, at, targets
 
     def _choose(self, rows: list[Row], logits: torch.Tensor) -> list[Row]:
         """Sample each row's next token from logits [len(rows), V] (after its penalties and

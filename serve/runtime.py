@@ -113,7 +113,8 @@ class KVCache:
 def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_batch: int,
                 max_context: int) -> tuple[int, int, str]:
     """(bytes kept on the device besides expert slots, bytes of one slot, a description):
-    non-expert weights, KV cache and an estimate of the activations of one prefill chunk."""
+    non-expert weights, KV cache and an estimate of the activations of one prefill chunk
+    (with the residual streams of a whole prompt's other chunks)."""
     m, el = store.cfg, torch.finfo(dtype).bits // 8
     dense = store.dense_nbytes()
     kv = KVCache.nbytes(m, max_batch, max_context, dtype)
@@ -126,6 +127,8 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
         hd_all = (m.n_heads + 2 * m.n_kv_heads) * m.resolved_head_dim
     act = chunk * el * (4 * d + hd_all + k * (3 * Fe + d)) \
         + chunk * max_context * 4 * m.n_heads + max_batch * m.vocab_size * 4
+    # a prompt read layer by layer (OffloadedModel.prefill) holds its other chunks' residuals
+    act += max_batch * max(0, max_context - chunk // max_batch) * d * el
     if m.attn_sinks:  # the float mask that carries the sinks
         act += chunk * (max_context + 1) * el * m.n_heads
     if store.bits is not None and get_backend(cfg.kernel_backend, resolve_device(cfg.device)) \
@@ -143,6 +146,40 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError("--device cuda was asked for but no CUDA device is available; "
                          "use --device cpu")
     return torch.device(name)
+
+
+@dataclass
+class _Chunk:
+    """One step's tokens (OffloadedModel._context): B rows of S positions (count valid each),
+    their positions, RoPE, the cache rows and positions they write (w_rows, w_pos: one per
+    valid token), the keys they read (n_keys), and their attention masks by window."""
+
+    B: int
+    S: int
+    end: int
+    count: torch.Tensor
+    q_pos: torch.Tensor
+    q_valid: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    b_idx: torch.Tensor
+    s_at: torch.Tensor
+    kv_rows: torch.Tensor
+    w_rows: torch.Tensor
+    w_pos: torch.Tensor
+    n_keys: int
+    r0: int
+    dense: bool  # the rows are consecutive: the cache is read as a view, not gathered
+    masks: dict
+
+    def mask_for(self, window: int | None) -> torch.Tensor:
+        """[B, 1, S, end]: a query sees its row's keys up to its own position (the last
+        `window` of them with a sliding window); a padding query sees key 0."""
+        if window not in self.masks:
+            m = causal_mask(self.q_pos, self.end, window)
+            m[:, :, 0] |= ~self.q_valid
+            self.masks[window] = m[:, None]
+        return self.masks[window]
 
 
 class OffloadedModel:
@@ -241,7 +278,33 @@ class OffloadedModel:
         targets [B, S] (token ids, -1: none): also return the log-probability of targets[b, s]
         after position s, and of the `top` likeliest tokens there -> (logits, log-probs [B, S]
         (NaN where there is no target), top ids [B, S, top], top log-probs [B, S, top])."""
-        model, cfg, dev = self.model, self.cfg, self.device
+        return self.prefill([(ids, rows, start, n, targets)], top)[0]
+
+    @torch.no_grad()
+    def prefill(self, chunks: Sequence[tuple], top: int = 0) -> list:
+        """Several `step`s, (ids, rows, start, n, targets) each, run layer by layer: every
+        chunk passes layer i before any passes layer i + 1, so a long prompt read in chunks
+        needs each expert of a layer on the device once, not once per chunk (each chunk's
+        keys and values of a layer are written before the next chunk's queries read them).
+        -> one step result per chunk. The residual streams of all chunks are held at once."""
+        ctxs = [self._context(ids, rows, start, n) for ids, rows, start, n, _ in chunks]
+        xs = [self.model.embed(ids) for ids, *_ in chunks]
+        many = len(chunks) > 1
+        for i in range(len(self.model.layers)):
+            seen: set[int] | None = set() if many else None  # experts the layer used
+            for c, ctx in enumerate(ctxs):
+                # prefetch for the next layer from the last chunk only: earlier chunks still
+                # need this layer's experts
+                xs[c] = self._layer(i, xs[c], ctx, seen, c == len(ctxs) - 1)
+            if many:
+                self._account(i, seen)
+        return [self._head(x, ctx, t, top)
+                for x, ctx, (*_, t) in zip(xs, ctxs, chunks, strict=True)]
+
+    def _context(self, ids: torch.Tensor, rows: Sequence[int], start: Sequence[int],
+                 n: Sequence[int]) -> _Chunk:
+        """Positions, RoPE, masks and cache indices of one step's tokens (see step)."""
+        cfg, dev = self.cfg, self.device
         B, S = ids.shape
         end = max(a + c for a, c in zip(start, n, strict=True))
         if end > self.max_context:
@@ -255,58 +318,55 @@ class OffloadedModel:
         q_valid = s_idx[None] < count[:, None]
         cos, sin = rope_cos_sin(q_pos.reshape(-1), cfg.rope_dim, cfg.rope_theta,
                                 self.dtype, cfg.rope_scaling)
-        cos, sin = cos.view(B, S, -1), sin.view(B, S, -1)
-        masks: dict[int | None, torch.Tensor] = {}
-
-        def mask_for(window: int | None) -> torch.Tensor:
-            """[B, 1, S, end]: a query sees its row's keys up to its own position (the last
-            `window` of them with a sliding window); a padding query sees key 0."""
-            if window not in masks:
-                m = causal_mask(q_pos, end, window)
-                m[:, :, 0] |= ~q_valid
-                masks[window] = m[:, None]
-            return masks[window]
-
         b_idx = torch.tensor([b for b, c in enumerate(n) for _ in range(c)], device=dev)
         s_at = torch.tensor([s for c in n for s in range(c)], device=dev)  # no device sync
         kv_rows = torch.tensor(list(rows), device=dev)
-        w_rows, w_pos = kv_rows[b_idx], q_pos[b_idx, s_at] + self.kv.offset
-        n_keys = end + self.kv.offset
         r0 = rows[0]
-        dense = list(rows) == list(range(r0, r0 + B))  # a view of the cache, no gather
-        x = model.embed(ids)
-        mla = cfg.mla is not None
-        for i, block in enumerate(model.layers):
-            attn = block.attn
-            K = self.kv.k[i]  # [max_batch, Hkv, max_context, hd]
-            if mla:  # queries in latent space against the cached latents
-                q, k = attn.project_latent(block.attn_norm(x), cos, sin)
-            else:
-                q, k, v = attn.project(block.attn_norm(x), cos, sin)
-                V = self.kv.v[i]
-                V[w_rows, :, w_pos] = v.transpose(1, 2)[b_idx, s_at]
-            K[w_rows, :, w_pos] = k.transpose(1, 2)[b_idx, s_at]
-            keys = K[r0:r0 + B, :, :n_keys] if dense else K[kv_rows, :, :n_keys]
-            if mla:
-                values = keys[..., :attn.kv_rank]
-            else:
-                values = V[r0:r0 + B, :, :n_keys] if dense else V[kv_rows, :, :n_keys]
-            mask = mask_for(block.window)
-            if self.sinks:  # GPT-OSS: cache position 0 is a zero key / value, the sink's
-                mask = sink_mask(mask, attn.sinks, self.dtype)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                               scale=attn.scale,
-                                               enable_gqa=keys.shape[1] != q.shape[1])
-            x = x + (attn.latent_out(o) if mla
-                     else attn.o_proj(o.transpose(1, 2).reshape(B, S, -1)))
-            h = block.mlp_norm(x)
-            if block.is_moe:
-                x = x + self._moe(i, h, x, q_valid)
-            else:
-                if self.prefetch and i in self.next_moe:  # copies overlap the dense MLP
-                    self._prefetch_next(i, x[q_valid], set())
-                x = x + block.mlp(h)
-        last = x[torch.arange(B, device=dev), (count - 1).clamp(min=0)]
+        return _Chunk(B, S, end, count, q_pos, q_valid, cos.view(B, S, -1), sin.view(B, S, -1),
+                      b_idx, s_at, kv_rows, kv_rows[b_idx], q_pos[b_idx, s_at] + self.kv.offset,
+                      end + self.kv.offset, r0, list(rows) == list(range(r0, r0 + B)), {})
+
+    def _layer(self, i: int, x: torch.Tensor, ctx: _Chunk, seen: set[int] | None,
+               prefetch: bool) -> torch.Tensor:
+        """Layer i over one step's residual stream x [B, S, d]: attention (writing the step's
+        keys and values to the cache), then the MLP -> x. seen: collect the experts used
+        (their prediction is accounted for by the caller) instead of accounting here;
+        prefetch: predict and start copying the next MoE layer's experts."""
+        block = self.model.layers[i]
+        attn, mla, c = block.attn, self.cfg.mla is not None, ctx
+        K = self.kv.k[i]  # [max_batch, Hkv, max_context, hd]
+        if mla:  # queries in latent space against the cached latents
+            q, k = attn.project_latent(block.attn_norm(x), c.cos, c.sin)
+        else:
+            q, k, v = attn.project(block.attn_norm(x), c.cos, c.sin)
+            V = self.kv.v[i]
+            V[c.w_rows, :, c.w_pos] = v.transpose(1, 2)[c.b_idx, c.s_at]
+        K[c.w_rows, :, c.w_pos] = k.transpose(1, 2)[c.b_idx, c.s_at]
+        r0, B = c.r0, c.B
+        keys = K[r0:r0 + B, :, :c.n_keys] if c.dense else K[c.kv_rows, :, :c.n_keys]
+        if mla:
+            values = keys[..., :attn.kv_rank]
+        else:
+            values = V[r0:r0 + B, :, :c.n_keys] if c.dense else V[c.kv_rows, :, :c.n_keys]
+        mask = c.mask_for(block.window)
+        if self.sinks:  # GPT-OSS: cache position 0 is a zero key / value, the sink's
+            mask = sink_mask(mask, attn.sinks, self.dtype)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale,
+                                           enable_gqa=keys.shape[1] != q.shape[1])
+        x = x + (attn.latent_out(o) if mla
+                 else attn.o_proj(o.transpose(1, 2).reshape(B, c.S, -1)))
+        h = block.mlp_norm(x)
+        prefetch = prefetch and self.prefetch and i in self.next_moe
+        if block.is_moe:
+            return x + self._moe(i, h, x, c.q_valid, seen, prefetch)
+        if prefetch:  # copies overlap the dense MLP
+            self._prefetch_next(i, x[c.q_valid], set())
+        return x + block.mlp(h)
+
+    def _head(self, x: torch.Tensor, ctx: _Chunk, targets: torch.Tensor | None, top: int):
+        """The step's result from its final residual stream x [B, S, d] (see step)."""
+        model, dev, B = self.model, self.device, ctx.B
+        last = x[torch.arange(B, device=dev), (ctx.count - 1).clamp(min=0)]
         logits = model.lm_head(model.norm(last)).float()
         if targets is None:
             return logits
@@ -315,7 +375,7 @@ class OffloadedModel:
         top_ids = torch.zeros(*t.shape, top, dtype=torch.long, device=dev)
         top_lp = torch.full((*t.shape, top), float("nan"), device=dev)
         for b in range(B):  # one row's positions at a time: [S, V] logits, not [B, S, V]
-            has = (t[b] >= 0) & q_valid[b]
+            has = (t[b] >= 0) & ctx.q_valid[b]
             if has.any():
                 row = model.lm_head(model.norm(x[b][has])).float().log_softmax(-1)
                 lp[b, has] = row.gather(1, t[b][has, None])[:, 0]
@@ -329,18 +389,19 @@ class OffloadedModel:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _moe(self, i: int, h: torch.Tensor, x: torch.Tensor, q_valid: torch.Tensor
-             ) -> torch.Tensor:
-        """h [B, S, d] (normed) -> MoE output [B, S, d]; padded positions get zeros."""
+    def _moe(self, i: int, h: torch.Tensor, x: torch.Tensor, q_valid: torch.Tensor,
+             seen: set[int] | None = None, prefetch: bool = True) -> torch.Tensor:
+        """h [B, S, d] (normed) -> MoE output [B, S, d]; padded positions get zeros.
+        seen: add the experts used to it (else account for the layer's prediction here);
+        prefetch: start copying the next MoE layer's predicted experts."""
         layer = self.model.layers[i].mlp
         flat = h[q_valid]
         ids, w = layer.router.select(flat)
         needed = ids.unique().tolist()
-        pred = self._predicted.pop(i, None)
-        if pred is not None:
-            st = self.prefetch_stats
-            st.predicted, st.actual = st.predicted + len(pred), st.actual + len(needed)
-            st.correct += len(pred.intersection(needed))
+        if seen is None:
+            self._account(i, needed)
+        else:
+            seen.update(needed)
         cache = self.cache
         needed.sort(key=lambda e: not cache.resident((i, e)))  # hits first
         out = torch.zeros_like(flat)
@@ -348,7 +409,7 @@ class OffloadedModel:
         for c, chunk in enumerate(chunks):
             keys = {(i, e) for e in chunk}
             slots = {e: cache.acquire((i, e), keys) for e in chunk}
-            if c == len(chunks) - 1 and self.prefetch and i in self.next_moe:
+            if c == len(chunks) - 1 and prefetch:
                 self._prefetch_next(i, x[q_valid], keys)
             out += self._experts(flat, ids, w, slots)
         if layer.shared is not None:
@@ -356,6 +417,14 @@ class OffloadedModel:
         y = torch.zeros_like(h)
         y[q_valid] = out
         return y
+
+    def _account(self, i: int, needed) -> None:
+        """Prefetch precision / recall: layer i used the experts `needed`."""
+        pred = self._predicted.pop(i, None)
+        if pred is not None:
+            st = self.prefetch_stats
+            st.predicted, st.actual = st.predicted + len(pred), st.actual + len(needed)
+            st.correct += len(pred.intersection(needed))
 
     def _prefetch_next(self, i: int, x_flat: torch.Tensor, protected) -> None:
         """Apply the next MoE layer's norm and gate to layer i's residual stream (the

@@ -268,6 +268,31 @@ def test_a_dense_layer_before_the_first_moe_layer_prefetches_for_it(tmp_path):
             assert st["experts_prefetched"] > 0 and st["prefetch_recall"] > 0
 
 
+def test_a_long_prompt_is_read_layer_by_layer(refs):
+    """Read in chunks of 4 with no row decoding, a prompt's chunks pass each layer before the
+    next: under a budget of one layer's experts every expert moves once per layer, as when
+    the prompt is one chunk, where chunk after chunk through all layers moves them again for
+    every chunk; the first token and its logits are transformers'."""
+    family, d, *_ = refs("mixtral")
+    prompt = torch.randint(1, 300, (24,), generator=torch.Generator().manual_seed(8)).tolist()
+    misses = {}
+    for name, chunk in (("layer by layer", 4), ("one chunk", 64), ("chunk by chunk", 4)):
+        m = serve(d, memory_budget=budget_for(d, 8, prefetch="none", prefill_chunk=chunk),
+                  prefetch="none", prefill_chunk=chunk, max_batch=1)
+        if name == "chunk by chunk":  # each chunk through every layer, as a step reads it
+            for a in range(0, len(prompt), chunk):
+                m.step(torch.tensor([prompt[a:a + chunk]]), [0], [a], [chunk])
+            misses[name] = m.stats()["expert_misses"]
+            continue
+        res = generate(m, [prompt], 1, keep_logits=True)
+        misses[name] = res.stats["expert_misses"]
+        hf = build_hf(family)
+        with torch.no_grad():
+            want = hf(torch.tensor([prompt])).logits[0, -1]
+        torch.testing.assert_close(res.logits[0][0], want, rtol=1e-4, atol=1e-4)
+    assert misses["layer by layer"] == misses["one chunk"] < misses["chunk by chunk"] / 2
+
+
 def test_prefetch_raises_the_hit_rate_and_counts_bytes(tmp_path):
     build_hf("mixtral").save_pretrained(tmp_path)
     budget = budget_for(tmp_path, 12)
@@ -448,8 +473,9 @@ def test_stop_token_ends_a_row(refs):
 def test_rows_joining_and_leaving_a_running_batch_match_running_alone(refs):
     """Continuous batching: sequences that start at different steps, in KV-cache rows that are
     not contiguous (a middle row ended), each give the tokens and logits they give alone; a
-    long prompt is read a chunk per step while the running row goes on decoding; a freed row
-    is reused (prompts read whole: their runs alone left them in the KV cache)."""
+    long prompt is read whole (chunk by chunk, layer by layer) when no row decodes, and a
+    chunk per step while a running row goes on decoding; a freed row is reused (no prefix
+    reuse: their runs alone left the prompts in the KV cache)."""
     family, d, _, _, _ = refs("qwen2_moe")
     kw = dict(max_batch=3, prefill_chunk=4)
     m = serve(d, memory_budget=budget_for(d, 6, **kw), **kw)
@@ -460,9 +486,7 @@ def test_rows_joining_and_leaving_a_running_batch_match_running_alone(refs):
     batch = DecodeBatch(m, keep_logits=True, reuse_prefix=False)
     rows = batch.add(prompts[:1], limits[:1])
     batch.step()
-    assert not rows[0].out and rows[0].length == 4  # the first chunk of 7 tokens
-    batch.step()
-    assert len(rows[0].out) == 1
+    assert len(rows[0].out) == 1 and rows[0].length == 7  # both chunks of 7 tokens at once
     rows += batch.add(prompts[1:3], limits[1:3])
     for _ in range(3):  # row 2 reads its 11 tokens in 3 chunks; row 0 gains a token a step
         batch.step()

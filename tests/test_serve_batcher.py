@@ -50,7 +50,7 @@ class Gate:
     def __init__(self, batcher: Batcher, monkeypatch):
         self.entered, self.go = threading.Event(), threading.Event()
         model = batcher.session.model
-        real = model.step
+        real = model.prefill  # every forward (step too) goes through it
 
         def held(*args, **kwargs):
             if not self.go.is_set():
@@ -58,7 +58,7 @@ class Gate:
                 self.go.wait(timeout=60)
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(model, "step", held)
+        monkeypatch.setattr(model, "prefill", held)
         self.req = batcher.submit(Request([5, 6, 7], 3, GREEDY))
         assert self.entered.wait(timeout=60), "the worker never started the first request"
 
@@ -155,7 +155,7 @@ def test_a_failing_step_reaches_every_request_of_the_batch_and_the_worker_lives_
     session, _ = served
     gate = Gate(batcher, monkeypatch)
     joiners = [batcher.submit(Request([1, 2, 3], 4, GREEDY)) for _ in range(2)]
-    monkeypatch.setattr(session.model, "step", lambda *a, **k: 1 / 0)  # their prefill fails
+    monkeypatch.setattr(session.model, "prefill", lambda *a, **k: 1 / 0)  # their prefill fails
     gate.go.set()
     for r in (gate.req, *joiners):
         assert r.done.wait(timeout=60)
