@@ -283,21 +283,17 @@ class OffloadedModel:
     @torch.no_grad()
     def prefill(self, chunks: Sequence[tuple], top: int = 0) -> list:
         """Several `step`s, (ids, rows, start, n, targets) each, run layer by layer: every
-        chunk passes layer i before any passes layer i + 1, so a long prompt read in chunks
-        needs each expert of a layer on the device once, not once per chunk (each chunk's
-        keys and values of a layer are written before the next chunk's queries read them).
-        -> one step result per chunk. The residual streams of all chunks are held at once."""
+        chunk passes layer i's attention (each chunk's keys and values are written before
+        the next chunk's queries read them), then layer i's MoE runs for all their tokens at
+        once, a group of experts that fits the slots at a time, each group over every chunk
+        in turn. So a long prompt read in chunks moves each expert of a layer to the device
+        once, not once per chunk, and activations stay those of one chunk (besides the
+        chunks' residual streams, held at once) -> one step result per chunk."""
         ctxs = [self._context(ids, rows, start, n) for ids, rows, start, n, _ in chunks]
         xs = [self.model.embed(ids) for ids, *_ in chunks]
-        many = len(chunks) > 1
         for i in range(len(self.model.layers)):
-            seen: set[int] | None = set() if many else None  # experts the layer used
-            for c, ctx in enumerate(ctxs):
-                # prefetch for the next layer from the last chunk only: earlier chunks still
-                # need this layer's experts
-                xs[c] = self._layer(i, xs[c], ctx, seen, c == len(ctxs) - 1)
-            if many:
-                self._account(i, seen)
+            xs = [self._attend(i, x, ctx) for x, ctx in zip(xs, ctxs, strict=True)]
+            xs = self._mlp(i, xs, [ctx.q_valid for ctx in ctxs])
         return [self._head(x, ctx, t, top)
                 for x, ctx, (*_, t) in zip(xs, ctxs, chunks, strict=True)]
 
@@ -326,12 +322,9 @@ class OffloadedModel:
                       b_idx, s_at, kv_rows, kv_rows[b_idx], q_pos[b_idx, s_at] + self.kv.offset,
                       end + self.kv.offset, r0, list(rows) == list(range(r0, r0 + B)), {})
 
-    def _layer(self, i: int, x: torch.Tensor, ctx: _Chunk, seen: set[int] | None,
-               prefetch: bool) -> torch.Tensor:
-        """Layer i over one step's residual stream x [B, S, d]: attention (writing the step's
-        keys and values to the cache), then the MLP -> x. seen: collect the experts used
-        (their prediction is accounted for by the caller) instead of accounting here;
-        prefetch: predict and start copying the next MoE layer's experts."""
+    def _attend(self, i: int, x: torch.Tensor, ctx: _Chunk) -> torch.Tensor:
+        """Layer i's attention over one step's residual stream x [B, S, d], writing the
+        step's keys and values to the cache -> x."""
         block = self.model.layers[i]
         attn, mla, c = block.attn, self.cfg.mla is not None, ctx
         K = self.kv.k[i]  # [max_batch, Hkv, max_context, hd]
@@ -353,15 +346,24 @@ class OffloadedModel:
             mask = sink_mask(mask, attn.sinks, self.dtype)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale,
                                            enable_gqa=keys.shape[1] != q.shape[1])
-        x = x + (attn.latent_out(o) if mla
-                 else attn.o_proj(o.transpose(1, 2).reshape(B, c.S, -1)))
-        h = block.mlp_norm(x)
-        prefetch = prefetch and self.prefetch and i in self.next_moe
+        return x + (attn.latent_out(o) if mla
+                    else attn.o_proj(o.transpose(1, 2).reshape(B, c.S, -1)))
+
+    def _mlp(self, i: int, xs: list[torch.Tensor], valid: list[torch.Tensor]
+             ) -> list[torch.Tensor]:
+        """Layer i's MLP over the residual streams xs ([B, S, d] each; valid: their real
+        positions) of one or more chunks -> xs; for the next MoE layer it predicts and
+        starts copying experts from all of them."""
+        block = self.model.layers[i]
+        hs = [block.mlp_norm(x) for x in xs]
+        prefetch = self.prefetch and i in self.next_moe
         if block.is_moe:
-            return x + self._moe(i, h, x, c.q_valid, seen, prefetch)
+            return [x + y for x, y in zip(xs, self._moe(i, hs, xs, valid, prefetch),
+                                          strict=True)]
         if prefetch:  # copies overlap the dense MLP
-            self._prefetch_next(i, x[c.q_valid], set())
-        return x + block.mlp(h)
+            self._prefetch_next(i, torch.cat([x[v] for x, v in zip(xs, valid, strict=True)]),
+                                set())
+        return [x + block.mlp(h) for x, h in zip(xs, hs, strict=True)]
 
     def _head(self, x: torch.Tensor, ctx: _Chunk, targets: torch.Tensor | None, top: int):
         """The step's result from its final residual stream x [B, S, d] (see step)."""
@@ -389,34 +391,38 @@ class OffloadedModel:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _moe(self, i: int, h: torch.Tensor, x: torch.Tensor, q_valid: torch.Tensor,
-             seen: set[int] | None = None, prefetch: bool = True) -> torch.Tensor:
-        """h [B, S, d] (normed) -> MoE output [B, S, d]; padded positions get zeros.
-        seen: add the experts used to it (else account for the layer's prediction here);
-        prefetch: start copying the next MoE layer's predicted experts."""
+    def _moe(self, i: int, hs: list[torch.Tensor], xs: list[torch.Tensor],
+             valid: list[torch.Tensor], prefetch: bool) -> list[torch.Tensor]:
+        """hs [B, S, d] (normed) of one or more chunks -> their MoE outputs (zeros at padded
+        positions). The experts any chunk needs are made resident a group of slots at a
+        time (hits first), each group serving every chunk before the next is fetched;
+        prefetch: with the last group, start copying the next MoE layer's predicted
+        experts."""
         layer = self.model.layers[i].mlp
-        flat = h[q_valid]
-        ids, w = layer.router.select(flat)
-        needed = ids.unique().tolist()
-        if seen is None:
-            self._account(i, needed)
-        else:
-            seen.update(needed)
+        flats = [h[v] for h, v in zip(hs, valid, strict=True)]
+        routes = [layer.router.select(f) for f in flats]
+        needed = torch.cat([ids.reshape(-1) for ids, _ in routes]).unique().tolist()
+        self._account(i, needed)
         cache = self.cache
         needed.sort(key=lambda e: not cache.resident((i, e)))  # hits first
-        out = torch.zeros_like(flat)
-        chunks = [needed[a:a + cache.n_slots] for a in range(0, len(needed), cache.n_slots)]
-        for c, chunk in enumerate(chunks):
-            keys = {(i, e) for e in chunk}
-            slots = {e: cache.acquire((i, e), keys) for e in chunk}
-            if c == len(chunks) - 1 and prefetch:
-                self._prefetch_next(i, x[q_valid], keys)
-            out += self._experts(flat, ids, w, slots)
-        if layer.shared is not None:
-            out += layer.shared(flat)
-        y = torch.zeros_like(h)
-        y[q_valid] = out
-        return y
+        outs = [torch.zeros_like(f) for f in flats]
+        groups = [needed[a:a + cache.n_slots] for a in range(0, len(needed), cache.n_slots)]
+        for g, group in enumerate(groups):
+            keys = {(i, e) for e in group}
+            slots = {e: cache.acquire((i, e), keys) for e in group}
+            if g == len(groups) - 1 and prefetch:
+                self._prefetch_next(i, torch.cat([x[v] for x, v in zip(xs, valid,
+                                                                         strict=True)]), keys)
+            for out, flat, (ids, w) in zip(outs, flats, routes, strict=True):
+                out += self._experts(flat, ids, w, slots)
+        ys = []
+        for h, v, flat, out in zip(hs, valid, flats, outs, strict=True):
+            if layer.shared is not None:
+                out += layer.shared(flat)
+            y = torch.zeros_like(h)
+            y[v] = out
+            ys.append(y)
+        return ys
 
     def _account(self, i: int, needed) -> None:
         """Prefetch precision / recall: layer i used the experts `needed`."""

@@ -268,16 +268,18 @@ def test_a_dense_layer_before_the_first_moe_layer_prefetches_for_it(tmp_path):
             assert st["experts_prefetched"] > 0 and st["prefetch_recall"] > 0
 
 
-def test_a_long_prompt_is_read_layer_by_layer(refs):
+@pytest.mark.parametrize("slots", [8, 3])
+def test_a_long_prompt_is_read_layer_by_layer(refs, slots):
     """Read in chunks of 4 with no row decoding, a prompt's chunks pass each layer before the
-    next: under a budget of one layer's experts every expert moves once per layer, as when
-    the prompt is one chunk, where chunk after chunk through all layers moves them again for
-    every chunk; the first token and its logits are transformers'."""
+    next, and the layer's experts serve all of them a group of slots at a time: under a
+    budget of one layer's experts (8) or fewer (3), every expert moves once per layer, as
+    when the prompt is one chunk, where chunk after chunk through all layers moves them again
+    for every chunk; the first token and its logits are transformers'."""
     family, d, *_ = refs("mixtral")
     prompt = torch.randint(1, 300, (24,), generator=torch.Generator().manual_seed(8)).tolist()
     misses = {}
     for name, chunk in (("layer by layer", 4), ("one chunk", 64), ("chunk by chunk", 4)):
-        m = serve(d, memory_budget=budget_for(d, 8, prefetch="none", prefill_chunk=chunk),
+        m = serve(d, memory_budget=budget_for(d, slots, prefetch="none", prefill_chunk=chunk),
                   prefetch="none", prefill_chunk=chunk, max_batch=1)
         if name == "chunk by chunk":  # each chunk through every layer, as a step reads it
             for a in range(0, len(prompt), chunk):
