@@ -1,7 +1,8 @@
 """A multi-turn chat on the offloaded runtime: each turn's time to first token and the expert
 bytes its prefill moves, with prefix reuse (the KV row holds the conversation so far; the turn
-reads only the new message) against reading every prompt whole, same model, same budget,
-same conversation.
+reads only the new message) against reading every prompt whole, layer by layer (each
+expert once per layer) and chunk after chunk through every layer (the experts again for every
+chunk), same model, same budget, same conversation.
 
     python -m bench.serve_turns --smoke            # CPU: tiny shapes, checks the script
     python -m bench.serve_turns                    # GPU: Mixtral-8x7B layer shapes, 4 layers
@@ -10,7 +11,7 @@ same conversation.
 Turn t's prompt is turn t-1's prompt, its answer and a new message of --message-tokens
 random tokens (a chat template adds a few tokens around each message; random ids stand for
 them). Answers are greedy, --answer-tokens long (no stop token), and come from the run with
-prefix reuse; the run without it reads the same prompts. Appends a table to bench/RESULTS.md.
+prefix reuse; the runs without it read the same prompts. Appends a table to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -32,13 +33,16 @@ from serve.store import WeightStore
 
 
 def run_turns(model: OffloadedModel, prompts: list[list[int]] | None, first: list[int],
-              messages: list[list[int]], answer_tokens: int) -> tuple[list[dict], list[list[int]]]:
+              messages: list[list[int]], answer_tokens: int, layerwise: bool = True
+              ) -> tuple[list[dict], list[list[int]]]:
     """The conversation's turns on `model` -> (per turn: prompt and cached tokens, time to
     first token, expert bytes its prefill moved; the prompts read). prompts: the turns'
-    prompts to read (None: build them from first, messages and the answers)."""
+    prompts to read (None: build them from first, messages and the answers); layerwise:
+    a prompt's chunks go layer by layer (False: chunk after chunk through every layer)."""
     turns, read = [], []
     prompt = first
-    batch = DecodeBatch(model)  # greedy, no stop token; prefix reuse as model.scfg says
+    # greedy, no stop token; prefix reuse as model.scfg says
+    batch = DecodeBatch(model, layerwise=layerwise)
     for t in range(len(messages) + 1):
         if prompts is not None:
             prompt = prompts[t]
@@ -116,41 +120,46 @@ def main(argv=None) -> None:
         return torch.randint(1, vocab, (n,), generator=gen).tolist()
 
     first, messages = ids(a.first_tokens), [ids(a.message_tokens) for _ in range(a.turns - 1)]
-    runs = {}
-    prompts = None
-    for reuse in (True, False):
+    modes = {"reuse": (True, True), "whole": (False, True), "chunks": (False, False)}
+    runs, prompts = {}, None
+    for mode, (reuse, layerwise) in modes.items():
         cfg = ServeConfig(**{**base.__dict__, "memory_budget": fixed + slots * slot,
                              "prefix_cache": reuse})
         model = OffloadedModel(cfg, store=store)
         generate(model, [ids(8)], 2)  # warm-up (kernels); its row is overwritten
-        print(f"prefix reuse {'on' if reuse else 'off'}:", file=sys.stderr)
-        runs[reuse], prompts = run_turns(model, prompts, first, messages, a.answer_tokens)
+        print(f"{mode}:", file=sys.stderr)
+        runs[mode], prompts = run_turns(model, prompts, first, messages, a.answer_tokens,
+                                        layerwise)
         del model
-    on, off = runs[True], runs[False]
+    on, off, old = runs["reuse"], runs["whole"], runs["chunks"]
     rows = []
-    for t, (x, y) in enumerate(zip(on, off, strict=True)):
-        rows.append([str(t + 1), str(x["prompt_tokens"]), str(x["cached_tokens"]),
-                     f"{x['ttft_s'] * 1e3:.1f}", f"{y['ttft_s'] * 1e3:.1f}",
-                     f"{y['ttft_s'] / x['ttft_s']:.2f}",
-                     f"{x['prefill_bytes'] / 2**20:.1f}", f"{y['prefill_bytes'] / 2**20:.1f}"])
+    for t, (x, y, z) in enumerate(zip(on, off, old, strict=True)):
+        rows.append([str(t + 1), str(x["prompt_tokens"]), str(x["cached_tokens"])]
+                    + [f"{r['ttft_s'] * 1e3:.1f}" for r in (x, y, z)]
+                    + [f"{r['prefill_bytes'] / 2**20:.1f}" for r in (x, y, z)])
     later = slice(1, None)  # the turns that have something to reuse
-    ttft_gain = sum(y["ttft_s"] for y in off[later]) / sum(x["ttft_s"] for x in on[later])
-    moved_on = sum(x["prefill_bytes"] for x in on[later])
-    moved_off = sum(y["prefill_bytes"] for y in off[later])
-    header = ["turn", "prompt tokens", "cached", "ttft ms (reuse)", "ttft ms (whole)",
-              "ttft whole / reuse", "prefill MiB moved (reuse)", "prefill MiB moved (whole)"]
+
+    def summed(run: list[dict], key: str) -> float:
+        return sum(r[key] for r in run[later])
+
+    header = ["turn", "prompt tokens", "cached"] + [
+        f"{what} ({mode})" for what in ("ttft ms", "prefill MiB moved")
+        for mode in ("reuse", "whole, layer by layer", "whole, chunk after chunk")]
     table = markdown_table(header, rows)
     dev = torch.cuda.get_device_name(device) if cuda else "CPU"
     body = (f"Shapes: {a.shape}{' (smoke sizes)' if a.smoke else ''}, {a.layers} layers, "
             f"{str(dtype)[6:]}, random weights; budget holds {slots}/{total} experts "
             f"({a.cache_policy}, cross-layer prefetch); first prompt {a.first_tokens} tokens, "
             f"then {a.turns - 1} turns of a {a.message_tokens}-token message; answers "
-            f"{a.answer_tokens} greedy tokens; prefill chunk {a.prefill_chunk} (a prompt read "
-            "whole goes layer by layer). Prefill MiB moved: expert bytes copied to the device "
-            "from the turn's start to its first token.\n\n"
-            f"{table}\n\nTurns 2-{a.turns}: time to first token {ttft_gain:.2f}x shorter with "
-            f"reuse; prefills moved {moved_on / 2**20:.1f} MiB with it, "
-            f"{moved_off / 2**20:.1f} MiB without ({dev}).\n")
+            f"{a.answer_tokens} greedy tokens; prefill chunk {a.prefill_chunk}. Prefill MiB "
+            "moved: expert bytes copied to the device from the turn's start to its first "
+            "token.\n\n"
+            f"{table}\n\nTurns 2-{a.turns}, time to first token: {summed(on, 'ttft_s'):.2f} s "
+            f"with reuse, {summed(off, 'ttft_s'):.2f} s reading whole prompts layer by layer, "
+            f"{summed(old, 'ttft_s'):.2f} s chunk after chunk; expert bytes their prefills "
+            f"moved: {summed(on, 'prefill_bytes') / 2**20:.0f}, "
+            f"{summed(off, 'prefill_bytes') / 2**20:.0f} and "
+            f"{summed(old, 'prefill_bytes') / 2**20:.0f} MiB ({dev}).\n")
     print(body)
     append_results(a.out, "Multi-turn chat: prefix reuse (bench/serve_turns.py)",
                    command_line("bench.serve_turns", argv), device, body)

@@ -250,10 +250,13 @@ class DecodeBatch:
 
     def __init__(self, model: OffloadedModel, stop_ids: Sequence[int] = (),
                  capacity: int | None = None, keep_logits: bool = False,
-                 reuse_prefix: bool | None = None):
+                 reuse_prefix: bool | None = None, layerwise: bool = True):
         """capacity: most rows at once (default and at most: the model's max_batch);
-        reuse_prefix: None = model.scfg.prefix_cache (benchmarks of prefill turn it off)."""
+        reuse_prefix: None = model.scfg.prefix_cache (benchmarks of prefill turn it off);
+        layerwise=False: prompts are read a chunk per step even with no row decoding (for
+        comparison)."""
         self.model = model
+        self.layerwise = layerwise
         self.reuse = model.scfg.prefix_cache if reuse_prefix is None else reuse_prefix
         self.capacity = capacity or model.max_batch
         if not 1 <= self.capacity <= model.max_batch:
@@ -333,7 +336,7 @@ class DecodeBatch:
         t0 = time.perf_counter()
         # with no row decoding, a long prompt is read whole, layer by layer; else a chunk
         # a step, so the decoding rows wait one chunk, not a whole prefill
-        ended = self._prefill(filling, whole=not decoding) if filling else []
+        ended = self._prefill(filling, whole=self.layerwise and not decoding) if filling else []
         t1 = time.perf_counter()
         self.prefill_s += t1 - t0
         if decoding:
