@@ -8,8 +8,6 @@ import json
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -21,6 +19,7 @@ from serve.generate import SamplingConfig  # noqa: E402
 from serve.http import make_server  # noqa: E402
 from serve.session import Session  # noqa: E402
 from tests.hf_models import save_served_model  # noqa: E402
+from tests.test_serve_cli import request  # noqa: E402
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["lang", "ok", "n"],
           "properties": {"lang": {"enum": ["py", "c", "go"]}, "ok": {"type": "boolean"},
@@ -77,16 +76,6 @@ def test_json_object_is_one_compact_object(session):
 def test_bad_formats_are_refused_by_name(session, fmt, fragment):
     with pytest.raises(ValueError, match=fragment):
         session.grammar(fmt)
-
-
-def request(url, body):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 def test_http_response_format_plain_and_streamed(session):
