@@ -37,8 +37,8 @@ from bench.common import (
 from bench.serve import SHAPES, bench_model, write_model
 from serve.batcher import Batcher, Request
 from serve.config import CACHE_POLICIES, ServeConfig
-from serve.generate import SamplingConfig
 from serve.runtime import memory_plan
+from serve.sampling import SamplingConfig
 from serve.session import Session
 from serve.store import WeightStore
 

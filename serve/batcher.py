@@ -17,7 +17,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from serve.generate import DecodeBatch, Row, SamplingConfig, check_prompts
+from serve.generate import DecodeBatch, Row, check_prompts
+from serve.sampling import SamplingConfig
 from serve.session import Completion, Session, TextRow
 
 

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from serve.config import CACHE_POLICIES, QUANT_CHOICES, ServeConfig, read_serve_config
-from serve.generate import SamplingConfig
+from serve.sampling import SamplingConfig
 from serve.units import parse_size
 
 

@@ -30,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import accumulate
 
 from serve.batcher import Batcher, Request
-from serve.generate import MAX_LOGPROBS, SamplingConfig, seeded_rows
+from serve.sampling import MAX_LOGPROBS, SamplingConfig, seeded_rows
 from serve.session import Session
 
 

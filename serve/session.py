@@ -9,8 +9,9 @@ from pathlib import Path
 
 from serve.answer import AnswerParts
 from serve.config import ServeConfig
-from serve.generate import GenerationResult, SamplingConfig, generate
+from serve.generate import GenerationResult, generate
 from serve.runtime import OffloadedModel
+from serve.sampling import SamplingConfig
 from serve.text import StreamDecoder, TextCodec, stop_token_ids
 
 

@@ -15,8 +15,9 @@ transformers = pytest.importorskip("transformers")
 
 from kernels.quant import dequantize, quantize  # noqa: E402
 from serve.config import ServeConfig  # noqa: E402
-from serve.generate import DecodeBatch, SamplingConfig, generate  # noqa: E402
+from serve.generate import DecodeBatch, generate  # noqa: E402
 from serve.runtime import BudgetError, OffloadedModel  # noqa: E402
+from serve.sampling import SamplingConfig  # noqa: E402
 from serve.store import ModelDirError  # noqa: E402
 from serve.units import parse_size  # noqa: E402
 from tests.hf_models import build_hf, hf_greedy, save_gpt_oss_mxfp4  # noqa: E402

@@ -15,8 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 from serve.batcher import Batcher, Request  # noqa: E402
 from serve.config import ServeConfig  # noqa: E402
-from serve.generate import SamplingConfig  # noqa: E402
 from serve.http import make_server  # noqa: E402
+from serve.sampling import SamplingConfig  # noqa: E402
 from serve.session import Session  # noqa: E402
 from tests.hf_models import hf_greedy, save_served_model  # noqa: E402
 

@@ -15,8 +15,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("xgrammar")
 
 from serve.config import ServeConfig  # noqa: E402
-from serve.generate import SamplingConfig  # noqa: E402
 from serve.http import make_server  # noqa: E402
+from serve.sampling import SamplingConfig  # noqa: E402
 from serve.session import Session  # noqa: E402
 from tests.hf_models import save_served_model  # noqa: E402
 from tests.test_serve_cli import request  # noqa: E402

@@ -11,8 +11,9 @@ import torch
 pytest.importorskip("transformers")
 
 from serve.config import ServeConfig  # noqa: E402
-from serve.generate import DecodeBatch, SamplingConfig, generate  # noqa: E402
+from serve.generate import DecodeBatch, generate  # noqa: E402
 from serve.runtime import OffloadedModel  # noqa: E402
+from serve.sampling import SamplingConfig  # noqa: E402
 from tests.hf_models import build_hf  # noqa: E402
 
 
