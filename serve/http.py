@@ -297,6 +297,9 @@ class Handler(BaseHTTPRequestHandler):
         fmt = body.get("response_format")
         if fmt is not None:
             sampling.grammar = self.session.grammar(fmt)
+        # a held answer is all content: a template that opens the thought (DeepSeek-R1's)
+        # must not turn the JSON into reasoning
+        split = chat and sampling.grammar is None
         if stream and len(prompts) > 1:
             raise BadRequest("several prompts are not supported with \"stream\": true")
         texts_in = prompt_texts or [None] * len(prompts)
@@ -316,7 +319,7 @@ class Handler(BaseHTTPRequestHandler):
                 replace(sampling, logprobs=sampling.logprobs or 0), best_of)
             jobs = [(p, c) for p in range(len(prompts)) for c in cands]
             reqs = self.batcher.run_all([Request(prompts[p], max(1, max_tokens), c, stop,
-                                                 channels=chat) for p, c in jobs])
+                                                 channels=split) for p, c in jobs])
             kept = list(zip(reqs, (p for p, _ in jobs), strict=True))
             if best_of > n:
                 kept = [x for p in range(len(prompts))
@@ -362,7 +365,7 @@ class Handler(BaseHTTPRequestHandler):
         items: list[queue.Queue[tuple[str, object]]] = [queue.Queue() for _ in configs]
         reqs = [self.batcher.submit(Request(
             ids, max(1, max_tokens), c, stop, lambda t, q=q: q.put(("content", t)),
-            channels=chat, on_reasoning=lambda t, q=q: q.put(("reasoning_content", t)),
+            channels=split, on_reasoning=lambda t, q=q: q.put(("reasoning_content", t)),
             on_tool_call=lambda t, q=q: q.put(("tool_calls", t)),
             on_logprob=(lambda t, e, q=q: q.put(("logprob", (t, e)))) if want_lp else None,
             on_prompt_logprobs=(lambda es, q=q: q.put(("prompt", es)))

@@ -78,7 +78,7 @@ def test_bad_formats_are_refused_by_name(session, fmt, fragment):
         session.grammar(fmt)
 
 
-def test_http_response_format_plain_and_streamed(session):
+def test_http_response_format_plain_and_streamed(session, monkeypatch):
     srv = make_server(session, "127.0.0.1", 0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{srv.server_port}/v1/chat/completions"
@@ -96,6 +96,13 @@ def test_http_response_format_plain_and_streamed(session):
         assert text == choice["message"]["content"]
         code, bad = request(base, dict(body, response_format={"type": "json_schema"}))
         assert code == 400 and "json_schema" in json.loads(bad)["error"]["message"]
+        # a template that opens the thought (DeepSeek-R1's): the held answer stays content
+        prompt = session.codec.encode_chat(body["messages"])
+        monkeypatch.setattr(session.codec, "think", (prompt[-1], min(session.stop_ids)))
+        code, plain = request(base, body)
+        monkeypatch.undo()
+        message = json.loads(plain)["choices"][0]["message"]
+        assert valid(message["content"]) and not message.get("reasoning_content")
     finally:
         srv.shutdown()
         srv.server_close()
