@@ -220,7 +220,8 @@ def cmd_chat(a) -> None:
         messages.append({"role": "user", "content": line})
         ids = codec.encode_chat(messages, **a.chat_template_kwargs)
         outs, _ = s.complete([ids], a.max_new_tokens, sampling, a.stop,
-                             lambda row, text: print(text, end="", flush=True), channels=True,
+                             lambda row, text: print(text, end="", flush=True),
+                             channels=sampling.grammar is None,  # a held answer: content
                              on_reasoning=_show_reasoning if a.show_reasoning else None)
         print()
         for c in outs[0].tool_calls:  # the model asked for a tool this chat does not run

@@ -118,6 +118,12 @@ def test_cli_response_format_takes_a_schema_file(session, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert valid(json.loads(p.stdout)["text"])
+    p = subprocess.run([sys.executable, "-m", "serve", "chat", "--model", d, "--quiet",
+                        "--dtype", "float32", "--max-new-tokens", "40",
+                        "--response-format", str(schema)],
+                       input="hi\n\n", capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert valid(p.stdout.split("> ")[1].strip())  # the answer to the one turn
     p = subprocess.run([sys.executable, "-m", "serve", "generate", "--model", d, "--quiet",
                         "--prompt", "x", "--response-format", "xml"],
                        capture_output=True, text=True, timeout=300)
