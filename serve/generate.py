@@ -75,6 +75,9 @@ class Row:
     t_done: float = 0.0
     since: dict = field(default_factory=dict)  # the model's counters when it joined
     prompt: Sequence[int] = ()  # its prompt (a repetition penalty reads it)
+    # a row of the same prompt added with it, which reads it for both: this row waits, then
+    # copies it (DecodeBatch._follow)
+    leader: Row | None = None
     constraint: Constraint | None = None  # its place in sampling.grammar
     stats: dict = field(default_factory=dict)  # set when it ends
     logits: list[torch.Tensor] = field(default_factory=list)  # [V] per token, when kept
@@ -109,7 +112,9 @@ class DecodeBatch:
     (KVCache.held), across batches. A new prompt takes the free row that holds the longest
     prefix of it, or has the longest prefix any row holds copied into a free one (a shared
     system prompt), and reads only the rest: a chat's next turn reads the new message, not
-    the whole conversation, and its experts are not moved again for the old tokens.
+    the whole conversation, and its experts are not moved again for the old tokens. A prompt
+    added twice at once (n choices, best_of) is read by its first row; the others wait,
+    then copy it.
     """
 
     def __init__(self, model: OffloadedModel, stop_ids: Sequence[int] = (),
@@ -157,15 +162,44 @@ class DecodeBatch:
             raise ValueError(f"max_new_tokens must be >= 1, got {min(limits)}")
         calls = list(on_token) if on_token is not None else [None] * len(prompts)
         t0, since, dev = time.perf_counter(), self.model.counters(), self.model.device
-        rows = []
+        rows: list[Row] = []
+        leaders: dict[tuple[int, ...], Row] = {}  # the first row of each prompt given twice
         for p, lim, cb, c in zip(prompts, limits, calls, cfgs, strict=True):
-            kv_row, cached = self._take_row(p, c)
-            rows.append(Row(len(p), lim, kv_row, c, c.generator(dev), cb, pending=list(p[cached:]),
-                            length=cached, cached=cached, t_added=t0, since=since, prompt=p,
-                            constraint=None if c.grammar is None else
-                            Constraint(c.grammar, self.model.cfg.vocab_size)))
+            shares = self.reuse and not c.prompt_logprobs and len(p) > 1
+            lead = leaders.get(tuple(p)) if shares else None
+            if lead is None:
+                kv_row, cached = self._take_row(p, c)
+            else:  # the same prompt again (n choices): its leader reads it for both
+                kv_row, cached = self._take_spare(), 0
+            row = Row(len(p), lim, kv_row, c, c.generator(dev), cb, pending=list(p[cached:]),
+                      length=cached, cached=cached, t_added=t0, since=since, prompt=p,
+                      constraint=None if c.grammar is None else
+                      Constraint(c.grammar, self.model.cfg.vocab_size), leader=lead)
+            if shares and lead is None:
+                leaders[tuple(p)] = row
+            rows.append(row)
         self.live = sorted(self.live + rows, key=lambda r: r.kv_row)
         return rows
+
+    def _spare(self) -> int:
+        """The free KV row holding the fewest tokens (the least to lose)."""
+        return min(self._free, key=lambda r: (len(self.model.kv.held[r]), r))
+
+    def _take_spare(self) -> int:
+        """_spare(), taken and emptied."""
+        row = self._spare()
+        self._free.remove(row)
+        self.model.kv.forget(row, 0)
+        return row
+
+    def _follow(self, r: Row) -> None:
+        """Row r's leader has read their prompt: r takes all of it but the last token from
+        the leader's KV row and reads only that one (its own first token's logits)."""
+        n = r.prompt_len - 1
+        self.model.kv.copy_prefix(r.leader.kv_row, r.kv_row, n)
+        r.length = r.cached = n
+        del r.pending[:n]
+        r.leader = None
 
     def _take_row(self, prompt: Sequence[int], sampling: SamplingConfig) -> tuple[int, int]:
         """A free KV row for `prompt` -> (row, how many leading prompt tokens it holds): the
@@ -174,7 +208,7 @@ class DecodeBatch:
         logits choose the first new token). With prefix reuse off or prompt log-probabilities
         asked (every prompt token is scored) none is reused: the lowest free row."""
         kv = self.model.kv
-        spare = min(self._free, key=lambda r: (len(kv.held[r]), r))  # the least to lose
+        spare = self._spare()
         if not self.reuse or sampling.prompt_logprobs:
             row, cached = min(self._free), 0
         else:
@@ -195,7 +229,7 @@ class DecodeBatch:
     def step(self) -> list[Row]:
         """One prefill chunk of the rows reading their prompts, one decode step of the others
         -> the rows that ended in it."""
-        filling = [r for r in self.live if r.pending]
+        filling = [r for r in self.live if r.pending and r.leader is None]
         decoding = [r for r in self.live if r.out]
         t0 = time.perf_counter()
         # with no row decoding, a long prompt is read whole, layer by layer; else a chunk
@@ -248,6 +282,9 @@ class DecodeBatch:
                         (lp, list(zip(a, v, strict=True))) for lp, a, v in zip(
                             out[1][j, :has].tolist(), out[2][j, :has, :k].tolist(),
                             out[3][j, :has, :k].tolist(), strict=True))
+        for f in self.live:  # rows whose leader has now read their prompt
+            if f.leader is not None and not f.leader.pending:
+                self._follow(f)
         read = [r for r in rows if not r.pending]
         return self._choose(read, torch.stack([last[id(r)] for r in read])) if read else []
 

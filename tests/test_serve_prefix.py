@@ -117,3 +117,22 @@ def test_a_write_the_cache_was_not_told_of_is_not_reused(tmp_path):
     res = generate(m, [prompt], 4, keep_logits=True)
     assert res.stats["cached_tokens"] == 3
     assert_like_hf(hf, res, 0, prompt, 4)
+
+
+def test_the_same_prompt_added_together_is_read_once(tmp_path):
+    """n choices of one prompt: the first row reads it, the others copy it and read only its
+    last token; each draws what it draws alone with its seed, and greedy rows give
+    transformers' tokens and logits."""
+    hf = build_hf("qwen2_moe")
+    hf.save_pretrained(tmp_path)
+    m = serve(tmp_path, max_batch=3)
+    prompt = random_ids(11, 9)
+    res = generate(m, [prompt] * 3, 5, keep_logits=True)
+    assert res.stats["cached_tokens"] == 2 * (len(prompt) - 1)
+    for b in range(3):
+        assert_like_hf(hf, res, b, prompt, 5)
+    sampled = SamplingConfig(temperature=1.0, seed=4)
+    together = generate(m, [prompt] * 3, 6, sampled).token_ids
+    fresh = serve(tmp_path, max_batch=3, prefix_cache=False)
+    assert together == generate(fresh, [prompt] * 3, 6, sampled).token_ids
+    assert generate(fresh, [prompt] * 3, 6, sampled).stats["cached_tokens"] == 0
