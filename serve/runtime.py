@@ -128,7 +128,8 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
     act = chunk * el * (4 * d + hd_all + k * (3 * Fe + d)) \
         + chunk * max_context * 4 * m.n_heads + max_batch * m.vocab_size * 4
     # a prompt read layer by layer (OffloadedModel.prefill) holds its other chunks' residuals
-    act += max_batch * max(0, max_context - chunk // max_batch) * d * el
+    # and attention masks (bool, one per window size: full and sliding at most)
+    act += max_batch * max(0, max_context - chunk // max_batch) * (d * el + 2 * max_context)
     if m.attn_sinks:  # the float mask that carries the sinks
         act += chunk * (max_context + 1) * el * m.n_heads
     if store.bits is not None and get_backend(cfg.kernel_backend, resolve_device(cfg.device)) \
