@@ -4,8 +4,9 @@
 One model, one device: a `Batcher` runs the requests, continuously batched: one that arrives
 while others decode joins them (up to max_batch rows). "n" > 1 asks for n choices, each a
 request of its own (with a seed s, choice i draws with s + i). Completions take several
-prompts in one request (not streamed); "echo" and "logprobs" score prompts and answers (in a
-stream, each chunk carries the log-probabilities of its tokens; an echoed prompt comes first).
+prompts in one request (n choices each, numbered prompt by prompt, streamed too); "echo" and
+"logprobs" score prompts and answers (in a stream, each chunk carries the log-probabilities
+of its tokens; an echoed prompt comes first).
 
 Chat: "chat_template_kwargs" (an object), "reasoning_effort" and "tools" reach the chat
 template (over the server's defaults); a reasoning model's answer comes back split
@@ -300,8 +301,6 @@ class Handler(BaseHTTPRequestHandler):
         # a held answer is all content: a template that opens the thought (DeepSeek-R1's)
         # must not turn the JSON into reasoning
         split = chat and sampling.grammar is None
-        if stream and len(prompts) > 1:
-            raise BadRequest("several prompts are not supported with \"stream\": true")
         texts_in = prompt_texts or [None] * len(prompts)
         # stream_options.include_usage: a last chunk with the usage and no choices
         usage = _field(_field(body, "stream_options", dict, {}), "include_usage", bool, False)
@@ -357,23 +356,25 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, dict(head, object=kind, choices=choices, stats=stats,
                                  usage=_usage(prompts, reqs[::best_of], new)))
             return
-        ids = prompts[0]
+        # choice i: prompt of[i] with configs[i % n] (n choices each, numbered prompt by prompt)
+        of = [p for p in range(len(prompts)) for _ in configs]
         want_lp = sampling.logprobs is not None
         # one queue per choice of (kind, item): "content" or "reasoning_content" (text),
         # "tool_calls" (a call), "logprob" ((id, entry): before its token's text), "prompt"
         # (the prompt's entries, echo: before the first new token's)
-        items: list[queue.Queue[tuple[str, object]]] = [queue.Queue() for _ in configs]
+        items: list[queue.Queue[tuple[str, object]]] = [queue.Queue() for _ in of]
         reqs = [self.batcher.submit(Request(
-            ids, max(1, max_tokens), c, stop, lambda t, q=q: q.put(("content", t)),
+            prompts[of[i]], max(1, max_tokens), configs[i % n], stop,
+            lambda t, q=q: q.put(("content", t)),
             channels=split, on_reasoning=lambda t, q=q: q.put(("reasoning_content", t)),
             on_tool_call=lambda t, q=q: q.put(("tool_calls", t)),
             on_logprob=(lambda t, e, q=q: q.put(("logprob", (t, e)))) if want_lp else None,
             on_prompt_logprobs=(lambda es, q=q: q.put(("prompt", es)))
             if echo and want_lp else None))
-            for q, c in zip(items, configs, strict=True)]
-        calls = [0] * n  # tool calls streamed per choice
-        pending: list[list[tuple[int, object]]] = [[] for _ in configs]  # logprobs not sent
-        offsets = [0] * n  # completions: where the next token's text starts in the choice
+            for i, q in enumerate(items)]
+        calls = [0] * len(of)  # tool calls streamed per choice
+        pending: list[list[tuple[int, object]]] = [[] for _ in of]  # logprobs not sent
+        offsets = [0] * len(of)  # completions: where the next token's text starts in a choice
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -408,7 +409,8 @@ class Handler(BaseHTTPRequestHandler):
 
         def echo_prompt(i: int, entries: list | None) -> None:
             """Completions "echo": the prompt first (with its logprobs when asked)."""
-            text = texts_in[0] if texts_in[0] is not None else (
+            ids, given = prompts[of[i]], texts_in[of[i]]
+            text = given if given is not None else (
                 s.codec.decode(ids) if s.codec else " ".join(map(str, ids)))
             send(dict(head, object=obj, choices=[{
                 "index": i, "text": text, "logprobs": logprobs(i, ids, entries),
@@ -420,12 +422,12 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
         try:
-            for i in range(n):
+            for i in range(len(of)):
                 if chat:
                     event(i, None, None, first=True)
                 elif echo and not want_lp:
                     echo_prompt(i, None)
-            finished = [False] * n
+            finished = [False] * len(of)
             while not all(finished):
                 idle = True
                 for i, r in enumerate(reqs):
@@ -459,7 +461,7 @@ class Handler(BaseHTTPRequestHandler):
                     time.sleep(0.02)
             if usage and all(r.error is None for r in reqs):
                 new = 0 if max_tokens == 0 else sum(len(r.completion.token_ids) for r in reqs)
-                send(dict(head, object=obj, choices=[], usage=_usage(prompts, reqs[:1], new)))
+                send(dict(head, object=obj, choices=[], usage=_usage(prompts, reqs[::n], new)))
             send("[DONE]")
         except OSError:  # the client went away: its rows end at the next token
             for r in reqs:

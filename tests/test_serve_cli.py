@@ -505,8 +505,15 @@ def test_http_completions_take_several_prompts(server):
         assert [c["index"] for c in doc["choices"]] == [0, 1, 2, 3]
         assert [c["text"] for c in doc["choices"]] == [want[0].text] * 2 + [want[1].text] * 2
         assert doc["usage"]["prompt_tokens"] == sum(map(len, ids))
-    code, plain = request(base + "/v1/completions", {"prompt": texts, "stream": True})
-    assert code == 400 and "several prompts" in json.loads(plain)["error"]["message"]
+    # streamed: the same choices, chunks of each by its index, echoed prompts first
+    code, streamed = request(base + "/v1/completions", {"prompt": texts, "max_tokens": 4,
+                                                        "temperature": 0, "n": 2,
+                                                        "echo": True, "stream": True})
+    assert code == 200, streamed
+    choices = [c["choices"][0] for c in _chunks(streamed)]
+    assert ["".join(c["text"] for c in choices if c["index"] == i) for i in range(4)] == [
+        texts[0] + want[0].text] * 2 + [texts[1] + want[1].text] * 2
+    assert [c["text"] for c in choices[:4]] == [texts[0]] * 2 + [texts[1]] * 2
 
 
 def test_http_n_choices_draw_each_with_its_own_seed(server):
