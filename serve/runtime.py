@@ -127,9 +127,10 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
         hd_all = (m.n_heads + 2 * m.n_kv_heads) * m.resolved_head_dim
     act = chunk * el * (4 * d + hd_all + k * (3 * Fe + d)) \
         + chunk * max_context * 4 * m.n_heads + max_batch * m.vocab_size * 4
-    # a prompt read layer by layer (OffloadedModel.prefill) holds its other chunks' residuals
-    # and attention masks (bool, one per window size: full and sliding at most)
-    act += max_batch * max(0, max_context - chunk // max_batch) * (d * el + 2 * max_context)
+    # a prompt read layer by layer (OffloadedModel.prefill) holds, for its other chunks, the
+    # residual streams, the MoE's normed inputs (and their valid rows) and outputs, and the
+    # attention masks (bool, one per window size: full and sliding at most)
+    act += max_batch * max(0, max_context - chunk // max_batch) * (4 * d * el + 2 * max_context)
     if m.attn_sinks:  # the float mask that carries the sinks
         act += chunk * (max_context + 1) * el * m.n_heads
     if store.bits is not None and get_backend(cfg.kernel_backend, resolve_device(cfg.device)) \
