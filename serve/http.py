@@ -16,7 +16,8 @@ the rest as "content"; in stream deltas too.
 
 Sampling: temperature, top_p, top_k, seed, presence / frequency / repetition penalties,
 logit_bias, min_tokens, ignore_eos, "response_format" (JSON object or JSON schema,
-serve/grammar.py), and for completions best_of.
+serve/grammar.py), and for completions best_of and "suffix" (fill in the middle, with the
+model's FIM tokens).
 """
 
 from __future__ import annotations
@@ -168,7 +169,6 @@ def _params(body: dict, chat: bool
                                                                  for s in stop)):
         raise BadRequest("'stop' must be a string or a list of strings")
     n = _field(body, "n", int, 1, lambda v: 1 <= v <= MAX_N)
-    _refuse_unsupported(body)
     stream = _field(body, "stream", bool, False)
     best_of = _field(body, "best_of", int, n, lambda v: n <= v <= MAX_N)
     if best_of > n and (chat or stream):
@@ -199,18 +199,6 @@ def _usage(prompts: list[list[int]], firsts: list[Request], new: int) -> dict:
     return {"prompt_tokens": read, "completion_tokens": new, "total_tokens": read + new,
             "prompt_tokens_details": {"cached_tokens": sum(r.stats["cached_tokens"]
                                                            for r in firsts)}}
-
-
-# OpenAI request fields this server does not implement, with the value that asks for nothing
-# (clients send those by default): any other value is refused rather than ignored
-UNSUPPORTED = {"suffix": (None, "")}
-
-
-def _refuse_unsupported(body: dict) -> None:
-    for name, neutral in UNSUPPORTED.items():
-        v = body.get(name)
-        if not any(v == x and isinstance(v, bool) == isinstance(x, bool) for x in neutral):
-            raise BadRequest(f"'{name}' is not supported by this server (got {v!r})")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -272,8 +260,16 @@ class Handler(BaseHTTPRequestHandler):
         if not all(isinstance(p, (str, list)) and p for p in prompts):
             raise BadRequest("'prompt' must be a string, a list of token ids, or a list of "
                              "either (non-empty)")
-        self._run(body, [self.session.encode(p) for p in prompts], "text_completion",
-                  chat=False, prompt_texts=[p if isinstance(p, str) else None for p in prompts])
+        suffix = _field(body, "suffix", str, "")
+        if suffix:  # fill in the middle: the prompt is the text before, suffix the text after
+            if not all(isinstance(p, str) for p in prompts) or body.get("echo"):
+                raise BadRequest("'suffix' takes text prompts, without \"echo\"")
+            codec = self.session.need_codec()
+            ids = [codec.fill_in_middle(p, suffix) for p in prompts]
+        else:
+            ids = [self.session.encode(p) for p in prompts]
+        self._run(body, ids, "text_completion", chat=False,
+                  prompt_texts=[p if isinstance(p, str) else None for p in prompts])
 
     def _chat(self, body: dict) -> None:
         messages = body.get("messages")

@@ -40,6 +40,12 @@ class HarmonyTokens(NamedTuple):
     end: int
 
 
+# fill-in-the-middle tokens (begin, hole, end), by model family; the prompt is
+# begin + prefix + hole + suffix + end, and the model writes the middle
+FIM_STYLES = (("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5 / Qwen3 coders
+              ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),  # DeepSeek-Coder (V2: MoE)
+              ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"))  # StarCoder
+
 # names a chat template reads that callers may not set through template kwargs
 _RESERVED = {"messages", "add_generation_prompt", "bos_token", "eos_token"}
 
@@ -115,6 +121,17 @@ class TextCodec:
         tags = (self.tok.token_to_id("<tool_call>"), self.tok.token_to_id("</tool_call>"))
         # Qwen3 / Hermes tool calls (a harmony model calls tools in its own framing)
         self.tool_tags = tags if self.harmony is None and None not in tags else None
+
+    def fill_in_middle(self, prefix: str, suffix: str) -> list[int]:
+        """The prompt ids asking the model for the text between prefix and suffix, in its
+        family's fill-in-the-middle format (FIM_STYLES); ValueError when it has none."""
+        style = next((s for s in FIM_STYLES
+                      if all(self.tok.token_to_id(t) is not None for t in s)), None)
+        if style is None:
+            raise ValueError("'suffix' needs fill-in-the-middle tokens, and this model's "
+                             "tokenizer has none (" + ", ".join(s[0] for s in FIM_STYLES) + ")")
+        begin, hole, end = style
+        return self.encode(f"{begin}{prefix}{hole}{suffix}{end}")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids

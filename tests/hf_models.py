@@ -93,15 +93,16 @@ def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def save_tokenizer(model_dir: Path, texts: list[str]) -> None:
-    """A byte-level BPE of VOCAB tokens trained on texts, with an eos token and a chat
-    template, written as tokenizer.json + tokenizer_config.json."""
+def save_tokenizer(model_dir: Path, texts: list[str], special: tuple[str, ...] = ()) -> None:
+    """A byte-level BPE of VOCAB tokens trained on texts, with an eos token (id 0), the
+    `special` tokens after it and a chat template, written as tokenizer.json +
+    tokenizer_config.json."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>", *special],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     tok.save(str(model_dir / "tokenizer.json"))

@@ -21,7 +21,7 @@ from serve.http import make_server  # noqa: E402
 from serve.sampling import SamplingConfig  # noqa: E402
 from serve.session import Session  # noqa: E402
 from serve.text import TextCodec  # noqa: E402
-from tests.hf_models import hf_greedy, save_served_model  # noqa: E402
+from tests.hf_models import CODE_TEXTS, hf_greedy, save_served_model, save_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -489,6 +489,35 @@ def test_http_min_tokens_ignore_eos_and_best_of(server):
     assert doc["usage"]["completion_tokens"] == sum(len(o.token_ids) for o in cands)
     code, plain = request(base + "/v1/completions", dict(body, n=4))
     assert code == 400 and "'best_of'" in json.loads(plain)["error"]["message"]
+
+
+def test_http_suffix_fills_in_the_middle(server, model_dir, tmp_path):
+    """"suffix": the prompt becomes the model's fill-in-the-middle form (prefix, hole,
+    suffix, middle tokens), answered as that prompt is; a model without such tokens is a
+    400 that says so."""
+    base, _, _ = server
+    code, plain = request(base + "/v1/completions", {"prompt": "def f", "suffix": "\n"})
+    assert code == 400 and "fill-in-the-middle" in json.loads(plain)["error"]["message"]
+    fim = tmp_path / "fim"
+    shutil.copytree(model_dir[0], fim)
+    marks = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
+    save_tokenizer(fim, CODE_TEXTS, special=marks)
+    session = Session(ServeConfig(model=str(fim), max_context=64, dtype="float32"))
+    ids = session.codec.fill_in_middle("def add(a, b):\n    ", "\n")
+    begin, hole, middle = (session.codec.tok.token_to_id(m) for m in marks)
+    assert ids[0] == begin and ids[-1] == middle and ids.count(hole) == 1
+    want, _ = session.complete([ids], 4)
+    srv = make_server(session, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        code, plain = request(f"http://127.0.0.1:{srv.server_port}/v1/completions",
+                              {"prompt": "def add(a, b):\n    ", "suffix": "\n",
+                               "max_tokens": 4, "temperature": 0})
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert code == 200, plain
+    assert json.loads(plain)["choices"][0]["text"] == want[0].text
 
 
 def test_http_completions_take_several_prompts(server):
