@@ -1,5 +1,6 @@
 """OpenAI-compatible HTTP server over a `Session`: POST /v1/completions and
-/v1/chat/completions (server-sent events when "stream": true), GET /v1/models and /health.
+/v1/chat/completions (server-sent events when "stream": true), GET /v1/models and /health;
+POST /tokenize and /detokenize as vLLM has them.
 
 One model, one device: a `Batcher` runs the requests, continuously batched: one that arrives
 while others decode joins them (up to max_batch rows). "n" > 1 asks for n choices, each a
@@ -233,7 +234,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         routes = {"/v1/completions": self._completions,
-                  "/v1/chat/completions": self._chat}
+                  "/v1/chat/completions": self._chat,
+                  "/tokenize": self._tokenize, "/detokenize": self._detokenize}
         if self.path not in routes:
             self._error(404, f"no route POST {self.path}", "not_found")
             return
@@ -270,6 +272,31 @@ class Handler(BaseHTTPRequestHandler):
             ids = [self.session.encode(p) for p in prompts]
         self._run(body, ids, "text_completion", chat=False,
                   prompt_texts=[p if isinstance(p, str) else None for p in prompts])
+
+    def _tokenize(self, body: dict) -> None:
+        """vLLM's /tokenize: {"prompt": text} or {"messages": [...]} (through the chat
+        template) -> {"tokens", "count", "max_model_len"}."""
+        codec = self.session.need_codec()
+        if "messages" in body:
+            messages = body["messages"]
+            if not isinstance(messages, list) or not messages:
+                raise BadRequest("'messages' must be a non-empty list")
+            ids = codec.encode_chat(messages, add_generation_prompt=_field(
+                body, "add_generation_prompt", bool, True), **self.template_kwargs)
+        elif isinstance(body.get("prompt"), str):
+            ids = codec.encode(body["prompt"],
+                               add_special_tokens=_field(body, "add_special_tokens", bool, True))
+        else:
+            raise BadRequest("give 'prompt' (a string) or 'messages' (a chat) to tokenize")
+        self._send(200, {"tokens": ids, "count": len(ids),
+                         "max_model_len": self.session.model.max_context})
+
+    def _detokenize(self, body: dict) -> None:
+        """vLLM's /detokenize: {"tokens": [ids]} -> {"prompt": text}."""
+        ids = body.get("tokens")
+        if not isinstance(ids, list):
+            raise BadRequest("'tokens' must be a list of token ids")
+        self._send(200, {"prompt": self.session.need_codec().decode(self.session.encode(ids))})
 
     def _chat(self, body: dict) -> None:
         messages = body.get("messages")

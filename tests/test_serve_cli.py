@@ -569,6 +569,24 @@ def test_http_n_choices_draw_each_with_its_own_seed(server):
     assert code == 400 and "'n'" in json.loads(body)["error"]["message"]
 
 
+def test_http_tokenize_and_detokenize(server):
+    """vLLM's /tokenize (text, or a chat through its template) and /detokenize."""
+    base, session, _ = server
+    code, plain = request(base + "/tokenize", {"prompt": "def f"})
+    assert code == 200, plain
+    doc = json.loads(plain)
+    assert doc["tokens"] == session.codec.encode("def f") and doc["count"] == len(doc["tokens"])
+    assert doc["max_model_len"] == session.model.max_context
+    msgs = [{"role": "user", "content": "hi"}]
+    code, plain = request(base + "/tokenize", {"messages": msgs})
+    assert json.loads(plain)["tokens"] == session.codec.encode_chat(msgs)
+    code, plain = request(base + "/detokenize", {"tokens": doc["tokens"]})
+    assert code == 200 and json.loads(plain) == {"prompt": "def f"}
+    for path, body in (("/detokenize", {"tokens": "x"}), ("/tokenize", {"text": "x"})):
+        code, plain = request(base + path, body)
+        assert code == 400, plain
+
+
 def test_http_unknown_route_is_404(server):
     base, _, _ = server
     assert request(base + "/v2/nothing")[0] == 404
