@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from serve.grammar import Constraint
-from serve.runtime import OffloadedModel
+from serve.runtime import OffloadedModel, common_prefix
 from serve.sampling import (
     SamplingConfig,
     adjust_logits,
@@ -75,9 +75,10 @@ class Row:
     t_done: float = 0.0
     since: dict = field(default_factory=dict)  # the model's counters when it joined
     prompt: Sequence[int] = ()  # its prompt (a repetition penalty reads it)
-    # a row of the same prompt added with it, which reads it for both: this row waits, then
-    # copies it (DecodeBatch._follow)
+    # a row added with it whose prompt starts as this one's does: it reads their first
+    # `share` tokens for both; this row waits, then copies them (DecodeBatch._follow)
     leader: Row | None = None
+    share: int = 0
     constraint: Constraint | None = None  # its place in sampling.grammar
     stats: dict = field(default_factory=dict)  # set when it ends
     logits: list[torch.Tensor] = field(default_factory=list)  # [V] per token, when kept
@@ -114,7 +115,7 @@ class DecodeBatch:
     system prompt), and reads only the rest: a chat's next turn reads the new message, not
     the whole conversation, and its experts are not moved again for the old tokens. A prompt
     added twice at once (n choices, best_of) is read by its first row; the others wait,
-    then copy it.
+    then copy it; so do prompts added together that start alike (a system prompt).
     """
 
     def __init__(self, model: OffloadedModel, stop_ids: Sequence[int] = (),
@@ -163,23 +164,43 @@ class DecodeBatch:
         calls = list(on_token) if on_token is not None else [None] * len(prompts)
         t0, since, dev = time.perf_counter(), self.model.counters(), self.model.device
         rows: list[Row] = []
-        leaders: dict[tuple[int, ...], Row] = {}  # the first row of each prompt given twice
         for p, lim, cb, c in zip(prompts, limits, calls, cfgs, strict=True):
-            shares = self.reuse and not c.prompt_logprobs and len(p) > 1
-            lead = leaders.get(tuple(p)) if shares else None
+            lead, share = self._leader(p, c, rows)
             if lead is None:
                 kv_row, cached = self._take_row(p, c)
-            else:  # the same prompt again (n choices): its leader reads it for both
+            else:  # a row added with it reads their shared start for both
                 kv_row, cached = self._take_spare(), 0
-            row = Row(len(p), lim, kv_row, c, c.generator(dev), cb, pending=list(p[cached:]),
-                      length=cached, cached=cached, t_added=t0, since=since, prompt=p,
-                      constraint=None if c.grammar is None else
-                      Constraint(c.grammar, self.model.cfg.vocab_size), leader=lead)
-            if shares and lead is None:
-                leaders[tuple(p)] = row
-            rows.append(row)
+            rows.append(Row(len(p), lim, kv_row, c, c.generator(dev), cb,
+                            pending=list(p[cached:]), length=cached, cached=cached,
+                            t_added=t0, since=since, prompt=p, leader=lead, share=share,
+                            constraint=None if c.grammar is None else
+                            Constraint(c.grammar, self.model.cfg.vocab_size)))
         self.live = sorted(self.live + rows, key=lambda r: r.kv_row)
         return rows
+
+    # a start shared with a row added together is worth waiting for from this many tokens on
+    # (or the whole prompt but its last token, when shorter): a system prompt, n choices
+    SHARE_MIN = 16
+
+    def _leader(self, prompt: Sequence[int], sampling: SamplingConfig, added: list[Row]
+                ) -> tuple[Row | None, int]:
+        """The row among `added` (this call's, not themselves waiting) whose prompt shares
+        the longest start with `prompt` -> (it, that many tokens), when that start is long
+        enough and longer than any KV row holds; (None, 0) otherwise, or with prefix reuse
+        off or prompt scores asked."""
+        if not self.reuse or sampling.prompt_logprobs or len(prompt) < 2:
+            return None, 0
+        want = prompt[:-1]
+        best, n = None, 0
+        for r in added:
+            if r.leader is None:
+                m = common_prefix(want, r.prompt)
+                if m > n:
+                    best, n = r, m
+        held = max(self.model.kv.common(r, want) for r in range(len(self.model.kv.held)))
+        if best is None or n <= held or n < min(self.SHARE_MIN, len(want)):
+            return None, 0
+        return best, n
 
     def _spare(self) -> int:
         """The free KV row holding the fewest tokens (the least to lose)."""
@@ -193,9 +214,10 @@ class DecodeBatch:
         return row
 
     def _follow(self, r: Row) -> None:
-        """Row r's leader has read their prompt: r takes all of it but the last token from
-        the leader's KV row and reads only that one (its own first token's logits)."""
-        n = r.prompt_len - 1
+        """Row r's leader has read their shared start: r copies it from the leader's KV row
+        and reads only the rest of its prompt (at least its last token, whose logits
+        choose its first new token)."""
+        n = r.share
         self.model.kv.copy_prefix(r.leader.kv_row, r.kv_row, n)
         r.length = r.cached = n
         del r.pending[:n]
@@ -282,8 +304,9 @@ class DecodeBatch:
                         (lp, list(zip(a, v, strict=True))) for lp, a, v in zip(
                             out[1][j, :has].tolist(), out[2][j, :has, :k].tolist(),
                             out[3][j, :has, :k].tolist(), strict=True))
-        for f in self.live:  # rows whose leader has now read their prompt
-            if f.leader is not None and not f.leader.pending:
+        held = self.model.kv.held
+        for f in self.live:  # rows whose leader has now read their shared start
+            if f.leader is not None and len(held[f.leader.kv_row]) >= f.share:
                 self._follow(f)
         read = [r for r in rows if not r.pending]
         return self._choose(read, torch.stack([last[id(r)] for r in read])) if read else []

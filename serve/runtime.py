@@ -44,6 +44,14 @@ class PrefetchStats:
         return self.correct / self.actual if self.actual else 0.0
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = min(len(a), len(b))
+    if list(a[:n]) == list(b[:n]):
+        return n
+    return next(i for i in range(n) if a[i] != b[i])
+
+
 class KVCache:
     """k, v [n_layers, max_batch, n_kv_heads, max_context, head_dim], allocated once. With
     multi-head latent attention, k [n_layers, max_batch, 1, max_context, kv_lora_rank +
@@ -77,10 +85,7 @@ class KVCache:
 
     def common(self, row: int, ids: Sequence[int]) -> int:
         """How many leading tokens of ids row holds."""
-        held, n = self.held[row], min(len(self.held[row]), len(ids))
-        if held[:n] == list(ids[:n]):
-            return n
-        return next(i for i in range(n) if held[i] != ids[i])
+        return common_prefix(self.held[row], ids)
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Row dst takes row src's first n positions (and their tokens)."""

@@ -136,3 +136,22 @@ def test_the_same_prompt_added_together_is_read_once(tmp_path):
     fresh = serve(tmp_path, max_batch=3, prefix_cache=False)
     assert together == generate(fresh, [prompt] * 3, 6, sampled).token_ids
     assert generate(fresh, [prompt] * 3, 6, sampled).stats["cached_tokens"] == 0
+
+
+def test_prompts_added_together_share_their_common_start(tmp_path):
+    """Prompts that start alike (a 20-token system prompt, then different questions), added
+    at once: the first reads the start for all, the others copy it and read their own rest;
+    a start shorter than DecodeBatch.SHARE_MIN is read by each. All answer as transformers
+    does."""
+    hf = build_hf("olmoe")
+    hf.save_pretrained(tmp_path)
+    m = serve(tmp_path, max_batch=3)
+    system = random_ids(20, 10)
+    prompts = [system + random_ids(n, 11 + n) for n in (4, 7, 2)]
+    res = generate(m, prompts, 4, keep_logits=True)
+    assert res.stats["cached_tokens"] == 2 * len(system)
+    for b, p in enumerate(prompts):
+        assert_like_hf(hf, res, b, p, 4)
+    short = [system[:5] + random_ids(6, 20 + i) for i in range(2)]
+    m = serve(tmp_path, max_batch=3)
+    assert generate(m, short, 2).stats["cached_tokens"] == 0
