@@ -20,8 +20,8 @@ _FIELD_TYPES = {
     "prefetch_min_weight": ("a number", (int, float)),
     "max_batch": ("an integer", (int,)), "prefill_chunk": ("an integer", (int,)),
     "max_context": ("an integer", (int, _NONE)),
+    "prefix_cache": ("true or false", (bool,)),
 }
-_BOOL_FIELDS = ("prefix_cache",)
 
 
 @dataclass
@@ -74,11 +74,9 @@ class ServeConfig:
                                  f"got {getattr(self, name)!r}")
         for name, (what, types) in _FIELD_TYPES.items():
             value = getattr(self, name)
-            if not isinstance(value, types) or isinstance(value, bool):
+            # a bool is an int to isinstance: only fields that take one accept it
+            if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
                 raise ValueError(f"{name} must be {what}, got {value!r}")
-        for name in _BOOL_FIELDS:
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.prefetch_min_weight < 0:
             raise ValueError(f"prefetch_min_weight must be a number >= 0, got "
                              f"{self.prefetch_min_weight!r}")

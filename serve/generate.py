@@ -165,9 +165,10 @@ class DecodeBatch:
         t0, since, dev = time.perf_counter(), self.model.counters(), self.model.device
         rows: list[Row] = []
         for p, lim, cb, c in zip(prompts, limits, calls, cfgs, strict=True):
-            lead, share = self._leader(p, c, rows)
+            match = self._held_starts(p, c)
+            lead, share = self._leader(p, rows, match)
             if lead is None:
-                kv_row, cached = self._take_row(p, c)
+                kv_row, cached = self._take_row(match)
             else:  # a row added with it reads their shared start for both
                 kv_row, cached = self._take_spare(), 0
             rows.append(Row(len(p), lim, kv_row, c, c.generator(dev), cb,
@@ -182,13 +183,23 @@ class DecodeBatch:
     # (or the whole prompt but its last token, when shorter): a system prompt, n choices
     SHARE_MIN = 16
 
-    def _leader(self, prompt: Sequence[int], sampling: SamplingConfig, added: list[Row]
+    def _held_starts(self, prompt: Sequence[int], sampling: SamplingConfig
+                     ) -> dict[int, int] | None:
+        """{KV row: how many leading tokens of prompt it holds, all but the last prompt
+        token at most (its logits choose the first new token)}; None when no prompt token
+        may be taken from elsewhere (prefix reuse off, or prompt scores asked: every prompt
+        token is scored)."""
+        if not self.reuse or sampling.prompt_logprobs:
+            return None
+        kv = self.model.kv
+        return {r: kv.common(r, prompt[:-1]) for r in range(len(kv.held))}
+
+    def _leader(self, prompt: Sequence[int], added: list[Row], match: dict[int, int] | None
                 ) -> tuple[Row | None, int]:
         """The row among `added` (this call's, not themselves waiting) whose prompt shares
         the longest start with `prompt` -> (it, that many tokens), when that start is long
-        enough and longer than any KV row holds; (None, 0) otherwise, or with prefix reuse
-        off or prompt scores asked."""
-        if not self.reuse or sampling.prompt_logprobs or len(prompt) < 2:
+        enough and longer than any KV row holds (match: _held_starts); (None, 0) otherwise."""
+        if match is None:
             return None, 0
         want = prompt[:-1]
         best, n = None, 0
@@ -197,8 +208,7 @@ class DecodeBatch:
                 m = common_prefix(want, r.prompt)
                 if m > n:
                     best, n = r, m
-        held = max(self.model.kv.common(r, want) for r in range(len(self.model.kv.held)))
-        if best is None or n <= held or n < min(self.SHARE_MIN, len(want)):
+        if best is None or n <= max(match.values()) or n < min(self.SHARE_MIN, len(want)):
             return None, 0
         return best, n
 
@@ -223,19 +233,16 @@ class DecodeBatch:
         del r.pending[:n]
         r.leader = None
 
-    def _take_row(self, prompt: Sequence[int], sampling: SamplingConfig) -> tuple[int, int]:
-        """A free KV row for `prompt` -> (row, how many leading prompt tokens it holds): the
-        free row holding the longest prefix of it, else the longest prefix any row holds copied
-        into the free row holding the fewest tokens. The last prompt token is always read (its
-        logits choose the first new token). With prefix reuse off or prompt log-probabilities
-        asked (every prompt token is scored) none is reused: the lowest free row."""
+    def _take_row(self, match: dict[int, int] | None) -> tuple[int, int]:
+        """A free KV row for a prompt whose starts the rows hold as `match` says
+        (_held_starts) -> (row, how many leading prompt tokens it holds): the free row
+        holding the longest start, else the longest start any row holds copied into the free
+        row holding the fewest tokens. With match None none is reused: the lowest free row."""
         kv = self.model.kv
         spare = self._spare()
-        if not self.reuse or sampling.prompt_logprobs:
+        if match is None:
             row, cached = min(self._free), 0
         else:
-            want = prompt[:-1]
-            match = {r: kv.common(r, want) for r in range(len(kv.held))}
             row = max(self._free, key=lambda r: (match[r], -r))
             src = max(match, key=lambda r: (match[r], r in self._free))
             cached = match[src]

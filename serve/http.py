@@ -325,6 +325,14 @@ class Handler(BaseHTTPRequestHandler):
         # must not turn the JSON into reasoning
         split = chat and sampling.grammar is None
         texts_in = prompt_texts or [None] * len(prompts)
+
+        def prompt_text(p: int) -> str:
+            """Prompt p as echoed: as given, else decoded (ids as text without a tokenizer)."""
+            ids = prompts[p]
+            return texts_in[p] if texts_in[p] is not None else (
+                self.session.codec.decode(ids) if self.session.codec
+                else " ".join(map(str, ids)))
+
         # stream_options.include_usage: a last chunk with the usage and no choices
         usage = _field(_field(body, "stream_options", dict, {}), "include_usage", bool, False)
         s = self.session
@@ -368,8 +376,7 @@ class Handler(BaseHTTPRequestHandler):
                     self.session, ids + o.token_ids if echo else o.token_ids,
                     o.prompt_logprobs + o.logprobs if echo else o.logprobs, chat)
                 if echo:
-                    text = (texts_in[p] if texts_in[p] is not None else
-                            s.codec.decode(ids) if s.codec else " ".join(map(str, ids))) + text
+                    text = prompt_text(p) + text
                 choices.append({"index": i, "message": message, "logprobs": lp,
                                 "finish_reason": finish} if chat else
                                {"index": i, "text": text, "logprobs": lp,
@@ -432,11 +439,9 @@ class Handler(BaseHTTPRequestHandler):
 
         def echo_prompt(i: int, entries: list | None) -> None:
             """Completions "echo": the prompt first (with its logprobs when asked)."""
-            ids, given = prompts[of[i]], texts_in[of[i]]
-            text = given if given is not None else (
-                s.codec.decode(ids) if s.codec else " ".join(map(str, ids)))
             send(dict(head, object=obj, choices=[{
-                "index": i, "text": text, "logprobs": logprobs(i, ids, entries),
+                "index": i, "text": prompt_text(of[i]),
+                "logprobs": logprobs(i, prompts[of[i]], entries),
                 "finish_reason": None}]))
 
         def send(doc: dict | str) -> None:

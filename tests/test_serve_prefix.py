@@ -155,3 +155,9 @@ def test_prompts_added_together_share_their_common_start(tmp_path):
     short = [system[:5] + random_ids(6, 20 + i) for i in range(2)]
     m = serve(tmp_path, max_batch=3)
     assert generate(m, short, 2).stats["cached_tokens"] == 0
+
+
+@pytest.mark.parametrize("value", ["yes", 1])
+def test_prefix_cache_takes_true_or_false(value):
+    with pytest.raises(ValueError, match="prefix_cache must be true or false"):
+        ServeConfig(model="m", prefix_cache=value).check()
