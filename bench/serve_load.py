@@ -1,6 +1,8 @@
 """Serving under load: requests arriving at random (Poisson) times through the server's
 `Batcher`, served one at a time, with static batching (a batch starts when the last one has
-drained) and with continuous batching (a request joins the running batch at the next step).
+drained) and with continuous batching (a request joins the running batch at the next step:
+its prompt read in the running rows' decode forward, or, "continuous-split", as steps did
+before, a chunk a step in a forward of its own beside theirs).
 Same model, same expert slots, same arrivals; prompts and answer lengths vary, as a server's
 do. Reports throughput, latency and time to first token (mean and p90) side by side.
 
@@ -42,7 +44,9 @@ from serve.sampling import SamplingConfig
 from serve.session import Session
 from serve.store import WeightStore
 
-MODES = {"sequential": (1, True), "static": (None, False), "continuous": (None, True)}
+# mode -> (max batch (None: --max-batch), continuous, joint)
+MODES = {"sequential": (1, True, True), "static": (None, False, True),
+         "continuous-split": (None, True, False), "continuous": (None, True, True)}
 
 
 def workload(n: int, rate: float, vocab: int, prompt: tuple[int, int], new: tuple[int, int],
@@ -62,10 +66,10 @@ def p90(xs: list[float]) -> float:
     return statistics.quantiles(xs, n=10)[-1] if len(xs) > 1 else xs[0]
 
 
-def run_mode(session: Session, max_batch: int, continuous: bool,
+def run_mode(session: Session, max_batch: int, continuous: bool, joint: bool,
              jobs: list[tuple[float, list[int], int]]) -> dict:
     """Submit `jobs` at their arrival times to a Batcher; wait for all -> the figures."""
-    batcher = Batcher(session, max_batch, continuous=continuous)
+    batcher = Batcher(session, max_batch, continuous=continuous, joint=joint)
     greedy = SamplingConfig()
     try:
         batcher.run(Request(jobs[0][1], 2, greedy))  # warm-up
@@ -137,7 +141,7 @@ def main(argv=None) -> None:
     try:
         with stop_on_sigterm():
             for mode in modes:
-                size, continuous = MODES[mode]
+                size, continuous, joint = MODES[mode]
                 size = size or a.max_batch
                 cfg = ServeConfig(model=str(root), device=device.type, dtype=str(dtype)[6:],
                                   max_context=max_context, max_batch=size,
@@ -145,7 +149,7 @@ def main(argv=None) -> None:
                 fixed, slot, _ = memory_plan(store, cfg, dtype, size, max_context)
                 cfg.memory_budget = fixed + slots * slot  # the same slots in every mode
                 print(f"{mode}: {a.requests} requests at {rate}/s", file=sys.stderr, flush=True)
-                r = run_mode(Session(cfg), size, continuous, jobs)
+                r = run_mode(Session(cfg), size, continuous, joint, jobs)
                 rows.append([mode, str(size), f"{r['tokens_per_s']:.1f}",
                              f"{r['latency_mean']:.2f}", f"{r['latency_p90']:.2f}",
                              f"{r['ttft_mean']:.3f}", f"{r['ttft_p90']:.3f}",

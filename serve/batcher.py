@@ -1,7 +1,8 @@
 """Continuous batching for the server: one worker thread runs a `DecodeBatch` on the session's
 model; a request that arrives while others decode takes a free row (up to max_batch), reads
-its prompt a chunk per step beside their decode steps, then decodes with them, and leaves as
-soon as it ends. Requests start in arrival order.
+its prompt in the forward of their next decode step (or a bounded part a step:
+prefill_step_tokens), then decodes with them, and leaves as soon as it ends. Requests start
+in arrival order.
 
 Every row samples with its own config and generator, so greedy, sampled and seeded requests
 share a batch, and a seeded request draws the tokens it draws alone. Offloaded serving gains
@@ -54,13 +55,15 @@ class Batcher:
     """Runs requests on `session` from one worker thread, continuously batched (see module)."""
 
     def __init__(self, session: Session, max_batch: int | None = None,
-                 log: Callable[[str], None] | None = None, continuous: bool = True):
+                 log: Callable[[str], None] | None = None, continuous: bool = True,
+                 joint: bool = True):
         """log: called with one line per finished request (tokens, speed, batch), e.g. print.
-        continuous=False: static batching, requests start only when the batch has drained
-        (for comparison)."""
+        For comparison: continuous=False is static batching, requests start only when the
+        batch has drained; joint=False reads prompts in forwards of their own
+        (DecodeBatch)."""
         self.session = session
         self.log = log
-        self.continuous = continuous
+        self.continuous, self.joint = continuous, joint
         self.max_batch = max_batch or session.model.max_batch
         if self.max_batch > session.model.max_batch:
             raise ValueError(f"max_batch {self.max_batch} exceeds the model's KV cache rows "
@@ -68,7 +71,7 @@ class Batcher:
         self._queue: queue.Queue[Request | None] = queue.Queue()
         self._waiting: list[Request] = []  # taken off the queue, not yet started (FIFO)
         self._closing = False
-        self._batch = DecodeBatch(session.model, session.stop_ids, capacity=self.max_batch)
+        self._batch = self._new_batch()
         self._rows: dict[Row, tuple[Request, TextRow]] = {}
         self.batches: deque[int] = deque(maxlen=1024)  # sizes of the last groups started
         self._worker = threading.Thread(target=self._loop, name="moe-serve-batcher",
@@ -219,8 +222,11 @@ class Batcher:
             req.error = e
             req.done.set()
         self._rows.clear()
-        self._batch = DecodeBatch(self.session.model, self.session.stop_ids,
-                                  capacity=self.max_batch)
+        self._batch = self._new_batch()
+
+    def _new_batch(self) -> DecodeBatch:
+        return DecodeBatch(self.session.model, self.session.stop_ids, capacity=self.max_batch,
+                           joint=self.joint)
 
 
 class _TokenHook:

@@ -88,6 +88,11 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    help="sequences decoded at once, each row reserving max-context tokens "
                    "of KV cache (generate: default one per prompt, more prompts take "
                    "turns; http: concurrent requests decode together)")
+    p.add_argument("--prefill-step-tokens", type=int, default=None, metavar="N",
+                   help="while rows decode, a step reads at most N prompt tokens (at least a "
+                   "chunk of each new prompt), so the running rows wait less a step; default: "
+                   "new prompts are read whole in one step, their experts moved once with the "
+                   "decode's")
     p.add_argument("--offload-dir", default=None, help="where quantized disk-tier experts go")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
                    help="read every prompt whole, even where a KV-cache row holds its start "
@@ -146,7 +151,7 @@ def _response_format(value: str) -> dict:
 
 FLAG_FIELDS = ("model", "device", "dtype", "memory_budget", "host_budget", "cache_policy",
                "prefetch", "prefetch_min_weight", "quant", "max_batch", "max_context",
-               "offload_dir", "prefix_cache")
+               "offload_dir", "prefix_cache", "prefill_step_tokens")
 
 
 def _config(a, batch: int = 1) -> ServeConfig:

@@ -21,6 +21,7 @@ _FIELD_TYPES = {
     "max_batch": ("an integer", (int,)), "prefill_chunk": ("an integer", (int,)),
     "max_context": ("an integer", (int, _NONE)),
     "prefix_cache": ("true or false", (bool,)),
+    "prefill_step_tokens": ("an integer", (int, _NONE)),
 }
 
 
@@ -42,7 +43,10 @@ class ServeConfig:
     dequantized inside the expert GEMMs), "mxfp4" (an MXFP4 checkpoint's experts, packed as
     stored) or "auto" (mxfp4 for MXFP4 checkpoints, else none).
     max_batch x max_context tokens of KV cache are reserved (max_context: None = the model's
-    context, at most 4096). prefill_chunk: prompt tokens per forward (bounds activations).
+    context, at most 4096). prefill_chunk: prompt tokens of a row that pass a layer at once
+    (bounds activations). prefill_step_tokens: most prompt tokens a step reads while other rows
+    decode, at least a chunk of each reading row (bounds how long they wait; None: prompts are
+    read whole, in the same forward as the decode, so experts cross once for both).
     prefix_cache: a prompt that begins with tokens a KV-cache row still holds (the chat so far,
     a shared system prompt) reads only the rest (serve.generate.DecodeBatch).
     """
@@ -62,6 +66,7 @@ class ServeConfig:
     kernel_backend: str = "auto"
     offload_dir: str | None = None
     prefix_cache: bool = True
+    prefill_step_tokens: int | None = None
 
     def check(self) -> None:
         choices = {"device": ("auto", "cuda", "cpu"),
@@ -80,8 +85,8 @@ class ServeConfig:
         if self.prefetch_min_weight < 0:
             raise ValueError(f"prefetch_min_weight must be a number >= 0, got "
                              f"{self.prefetch_min_weight!r}")
-        for name in ("max_batch", "prefill_chunk"):
-            if getattr(self, name) < 1:
+        for name in ("max_batch", "prefill_chunk", "prefill_step_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_context is not None and self.max_context < 2:
             raise ValueError(f"max_context must be >= 2, got {self.max_context}")

@@ -96,18 +96,34 @@ class Row:
             self.prompt_logprobs = []
 
 
+@dataclass
+class _Read:
+    """What one step reads of the prompts of `rows` (DecodeBatch._plan_read): rounds of one
+    chunk per row (rows, tokens of each, where each goes, next-token targets or None), their
+    OffloadedModel.step arguments (specs), the rows that score their prompt (want, by id) and
+    how many alternatives (top), and where each row's reading ends (start, by id)."""
+
+    rows: list[Row]
+    rounds: list[tuple]
+    specs: list[tuple]
+    want: set[int]
+    top: int
+    start: dict[int, int]
+
+
 class DecodeBatch:
     """Sequences that decode together on one OffloadedModel, each in its own KV-cache row.
 
-    `add` gives new prompts free rows; each `step` runs one prefill chunk (prefill_chunk
-    tokens) of the rows still reading their prompts, choosing a row's first token when its
-    prompt is in, then one decode step of the rows that have one. Rows join and leave between
-    steps (continuous batching), so a request need not wait for a running batch to end, and a
-    long prompt delays the running rows by one chunk per step, not by its whole prefill. With
-    no row decoding, a step reads the prompts whole instead, their chunks layer by layer
-    (OffloadedModel.prefill), so each expert crosses to the device once per layer for the
-    whole prompt rather than once per chunk. Each row samples with its own config and
-    generator.
+    `add` gives new prompts free rows; each `step` is one forward of the model: a decode token
+    of each row that has one and, beside them, the prompts of the rows still reading theirs,
+    in chunks of prefill_chunk tokens that pass each layer in turn (OffloadedModel.prefill),
+    so each expert a layer needs crosses to the device once for the whole step, not once per
+    chunk and again for the decode. A row whose prompt is then all in chooses its first
+    token. Rows join and leave between steps (continuous batching), so a request need not
+    wait for a running batch to end. A prompt is read whole in one step unless
+    scfg.prefill_step_tokens bounds what a step reads while rows decode (then the running
+    rows wait that much a step, and the prompt takes several steps). Each row samples with
+    its own config and generator.
 
     Prefix reuse (model.scfg.prefix_cache): the KV cache remembers which tokens each row holds
     (KVCache.held), across batches. A new prompt takes the free row that holds the longest
@@ -120,13 +136,15 @@ class DecodeBatch:
 
     def __init__(self, model: OffloadedModel, stop_ids: Sequence[int] = (),
                  capacity: int | None = None, keep_logits: bool = False,
-                 reuse_prefix: bool | None = None, layerwise: bool = True):
+                 reuse_prefix: bool | None = None, layerwise: bool = True,
+                 joint: bool = True):
         """capacity: most rows at once (default and at most: the model's max_batch);
         reuse_prefix: None = model.scfg.prefix_cache (benchmarks of prefill turn it off);
-        layerwise=False: prompts are read a chunk per step even with no row decoding (for
-        comparison)."""
+        for comparison: layerwise=False reads prompts a chunk per step; joint=False runs a
+        step's decode as a forward of its own, after the prompts', and reads them a chunk per
+        step while rows decode (what steps did before they were one forward)."""
         self.model = model
-        self.layerwise = layerwise
+        self.layerwise, self.joint = layerwise, joint
         self.reuse = model.scfg.prefix_cache if reuse_prefix is None else reuse_prefix
         self.capacity = capacity or model.max_batch
         if not 1 <= self.capacity <= model.max_batch:
@@ -256,39 +274,61 @@ class DecodeBatch:
         return row, cached
 
     def step(self) -> list[Row]:
-        """One prefill chunk of the rows reading their prompts, one decode step of the others
-        -> the rows that ended in it."""
+        """One forward: the decode token of each row that has one and, beside them, the
+        prompts of the rows still reading theirs, layer by layer (OffloadedModel.prefill), so
+        each expert a layer needs crosses to the device once for all of them; rows whose
+        prompt is then all in choose their first token -> the rows that ended in it."""
         filling = [r for r in self.live if r.pending and r.leader is None]
         decoding = [r for r in self.live if r.out]
         t0 = time.perf_counter()
-        # with no row decoding, a long prompt is read whole, layer by layer; else a chunk
-        # a step, so the decoding rows wait one chunk, not a whole prefill
-        ended = self._prefill(filling, whole=self.layerwise and not decoding) if filling else []
-        t1 = time.perf_counter()
-        self.prefill_s += t1 - t0
+        read = self._plan_read(filling, self._read_limit(bool(decoding))) if filling else None
+        jobs = read.specs if read is not None else []
+        top = read.top if read is not None else 0
+        dec = None
         if decoding:
             ids = torch.tensor([[r.out[-1]] for r in decoding], device=self.model.device)
-            logits = self.model.step(ids, [r.kv_row for r in decoding],
-                                     [r.length for r in decoding], [1] * len(decoding))
+            dec = (ids, [r.kv_row for r in decoding], [r.length for r in decoding],
+                   [1] * len(decoding), None)
+        if self.joint:
+            outs = self.model.prefill(jobs + [dec] * (dec is not None), top)
+        else:  # the prompts' forward, then the decode's (for comparison)
+            outs = (self.model.prefill(jobs, top) if jobs else []) + (
+                self.model.prefill([dec]) if dec is not None else [])
+        rows, logits = [], []
+        if read is not None:
+            rows, last = self._record_read(read, outs[:len(jobs)])
+            logits = [last] if rows else []
+        if decoding:
             for r in decoding:
                 self.model.kv.record(r.kv_row, r.length, r.out[-1:])
                 r.length += 1
                 r.peak_batch = max(r.peak_batch, len(decoding))
-            ended += self._choose(decoding, logits)  # its sampling waits for the device
-            self.decode_s += time.perf_counter() - t1
+            rows, logits = rows + decoding, logits + [outs[-1]]
+        ended = self._choose(rows, torch.cat(logits)) if rows else []  # waits for the device
+        dt = time.perf_counter() - t0  # a step that reads and decodes counts in both
+        self.prefill_s += dt if filling else 0.0
+        self.decode_s += dt if decoding else 0.0
         return ended
 
-    def _prefill(self, rows: list[Row], whole: bool) -> list[Row]:
-        """The next chunk of each row's prompt into its KV row, or (whole) all the chunks
-        left, read layer by layer (OffloadedModel.prefill: each expert moved once per layer,
-        not once per chunk); rows whose prompt is then all in choose their first token ->
-        the rows that ended at once."""
+    def _read_limit(self, decoding: bool) -> int | None:
+        """Most prompt tokens a step reads (it reads at least a chunk of each row's; None:
+        the prompts whole): while rows decode, model.scfg.prefill_step_tokens, which bounds
+        how long they wait (one chunk a step when not joint, as before); else whole, unless
+        not layerwise."""
+        if not self.layerwise or decoding and not self.joint:
+            return 0
+        return self.model.scfg.prefill_step_tokens if decoding else None
+
+    def _plan_read(self, rows: list[Row], limit: int | None) -> _Read:
+        """Take the next prefill chunks of rows' prompts, a round of one chunk per row at a
+        time, until the prompts are in or the rounds hold `limit` tokens (_read_limit)."""
         want = {id(r) for r in rows if r.prompt_logprobs is not None}
         top = max((r.sampling.logprobs or 0 for r in rows if id(r) in want), default=0)
         start = {id(r): r.length for r in rows}
-        rounds = []  # (rows, tokens of each, where each goes, targets or None)
-        while (not rounds or whole) and any(r.pending for r in rows):
+        rounds, n = [], 0  # (rows, tokens of each, where each goes, targets or None)
+        while any(r.pending for r in rows) and (not rounds or limit is None or n < limit):
             rounds.append(self._next_chunks([r for r in rows if r.pending], want, start))
+            n += sum(map(len, rounds[-1][1]))
         specs = []
         for rr, toks, at, targets in rounds:
             ids = torch.zeros(len(rr), max(map(len, toks)), dtype=torch.long)
@@ -296,16 +336,22 @@ class DecodeBatch:
                 ids[j, :len(t)] = torch.tensor(t)
             specs.append((ids.to(self.model.device), [r.kv_row for r in rr], at,
                           list(map(len, toks)), targets))
-        outs = self.model.prefill(specs, top)
+        return _Read(rows, rounds, specs, want, top, start)
+
+    def _record_read(self, read: _Read, outs: list) -> tuple[list[Row], torch.Tensor | None]:
+        """Book what the forward of read's chunks wrote (outs: one step result each): the
+        rows' KV tokens and lengths, prompt scores, waiting rows that can now copy their
+        shared start -> (the rows whose prompt is all in, the logits [n, V] of their last
+        prompt token)."""
         last: dict[int, torch.Tensor] = {}  # each row's logits after its last chunk
-        for (rr, toks, _, targets), out in zip(rounds, outs, strict=True):
+        for (rr, toks, _, targets), out in zip(read.rounds, outs, strict=True):
             logits = out if targets is None else out[0]
             for j, (r, t) in enumerate(zip(rr, toks, strict=True)):
                 self.model.kv.record(r.kv_row, r.length, t)
                 r.length += len(t)
                 last[id(r)] = logits[j]
-                if id(r) in want:  # each position's next token: the last one's follows on
-                    has = len(t) if r.length < start[id(r)] or r.pending else len(t) - 1
+                if id(r) in read.want:  # each position's next token: the last one's follows on
+                    has = len(t) if r.length < read.start[id(r)] or r.pending else len(t) - 1
                     k = r.sampling.logprobs or 0
                     r.prompt_logprobs.extend(
                         (lp, list(zip(a, v, strict=True))) for lp, a, v in zip(
@@ -315,8 +361,8 @@ class DecodeBatch:
         for f in self.live:  # rows whose leader has now read their shared start
             if f.leader is not None and len(held[f.leader.kv_row]) >= f.share:
                 self._follow(f)
-        read = [r for r in rows if not r.pending]
-        return self._choose(read, torch.stack([last[id(r)] for r in read])) if read else []
+        done = [r for r in read.rows if not r.pending]
+        return done, torch.stack([last[id(r)] for r in done]) if done else None
 
     def _next_chunks(self, rows: list[Row], want: set[int], start: dict[int, int]
                      ) -> tuple[list[Row], list[list[int]], list[int], torch.Tensor | None]:

@@ -296,6 +296,37 @@ def test_a_long_prompt_is_read_layer_by_layer(refs, slots):
     assert misses["layer by layer"] == misses["one chunk"] < misses["chunk by chunk"] / 2
 
 
+def test_a_prompt_joining_running_rows_is_read_in_their_decode_forward(refs):
+    """A prompt that arrives while a row decodes is read whole in the step that decodes it,
+    one forward for both: under a budget of one layer's experts (8 of 3 x 8; prefetch off)
+    every expert crosses once per layer for the prompt's six chunks and the decode token
+    (24 copies at most), where a chunk a step, each beside a decode forward of its own, moves
+    them again and again; both give the tokens they give alone."""
+    family, d, *_ = refs("mixtral")
+    gen = torch.Generator().manual_seed(9)
+    first, second = (torch.randint(1, 300, (n,), generator=gen).tolist() for n in (5, 24))
+    kw = dict(prefetch="none", prefill_chunk=4, max_batch=2)
+    m = serve(d, memory_budget=budget_for(d, 8, **kw), **kw)
+    alone = [generate(m, [p], 6).token_ids[0] for p in (first, second)]
+    misses = {}
+    for joint in (True, False):
+        batch = DecodeBatch(m, reuse_prefix=False, joint=joint)
+        rows = batch.add([first], [6])
+        batch.step()
+        rows += batch.add([second], [6])
+        before = m.counters()["misses"]
+        steps = 0
+        while rows[1].pending:
+            batch.step()
+            steps += 1
+        misses[joint] = m.counters()["misses"] - before
+        assert steps == (1 if joint else 6)
+        while batch.live:
+            batch.step()
+        assert [r.out for r in rows] == alone
+    assert misses[True] <= 24 < misses[False] / 2
+
+
 def test_prefetch_raises_the_hit_rate_and_counts_bytes(tmp_path):
     build_hf("mixtral").save_pretrained(tmp_path)
     budget = budget_for(tmp_path, 12)
@@ -473,14 +504,15 @@ def test_stop_token_ends_a_row(refs):
         assert res.token_ids[1] == ref_ids[1] and res.finish_reasons[1] == "length"
 
 
-def test_rows_joining_and_leaving_a_running_batch_match_running_alone(refs):
+@pytest.mark.parametrize("step_tokens", [None, 4])
+def test_rows_joining_and_leaving_a_running_batch_match_running_alone(refs, step_tokens):
     """Continuous batching: sequences that start at different steps, in KV-cache rows that are
     not contiguous (a middle row ended), each give the tokens and logits they give alone; a
-    long prompt is read whole (chunk by chunk, layer by layer) when no row decodes, and a
-    chunk per step while a running row goes on decoding; a freed row is reused (no prefix
-    reuse: their runs alone left the prompts in the KV cache)."""
+    long prompt is read whole (chunk by chunk, layer by layer) in the forward that decodes
+    the running rows, or, with prefill_step_tokens, a chunk per step beside them; a freed row
+    is reused (no prefix reuse: their runs alone left the prompts in the KV cache)."""
     family, d, _, _, _ = refs("qwen2_moe")
-    kw = dict(max_batch=3, prefill_chunk=4)
+    kw = dict(max_batch=3, prefill_chunk=4, prefill_step_tokens=step_tokens)
     m = serve(d, memory_budget=budget_for(d, 6, **kw), **kw)
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(1, 300, (n,), generator=gen).tolist() for n in (7, 3, 11, 5)]
@@ -491,9 +523,11 @@ def test_rows_joining_and_leaving_a_running_batch_match_running_alone(refs):
     batch.step()
     assert len(rows[0].out) == 1 and rows[0].length == 7  # both chunks of 7 tokens at once
     rows += batch.add(prompts[1:3], limits[1:3])
-    for _ in range(3):  # row 2 reads its 11 tokens in 3 chunks; row 0 gains a token a step
+    batch.step()  # row 0 gains a token a step; row 2 reads its 11 tokens whole or 4 of them
+    assert rows[0].length == 8 and rows[2].length == (11 if step_tokens is None else 4)
+    for _ in range(2):
         batch.step()
-    assert len(rows[0].out) == 4 and len(rows[2].out) == 1
+    assert len(rows[0].out) == 4 and len(rows[2].out) == (3 if step_tokens is None else 1)
     assert rows[1].done and rows[1].out and [r.kv_row for r in batch.live] == [0, 2]
     rows += batch.add(prompts[3:], limits[3:])
     assert rows[3].kv_row == 1

@@ -105,6 +105,8 @@ def test_a_serve_config_preset_under_the_flags(model_dir, tmp_path):
     ("cache_polcy: lru\n", "unknown key 'cache_polcy'"),
     ("max_batch: four\n", "max_batch must be an integer"),
     ("prefetch_min_weight: high\n", "prefetch_min_weight must be a number"),
+    ("prefill_step_tokens: 0\n", "prefill_step_tokens must be >= 1"),
+    ("prefill_step_tokens: all\n", "prefill_step_tokens must be an integer"),
     ("memory_budget: [1, 2]\n", "memory_budget must be a string"),
     ("- device\n", "a mapping of ServeConfig fields"),
     ("device: [\n", "not a readable YAML"),
