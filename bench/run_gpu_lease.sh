@@ -5,8 +5,9 @@
 # limit stops still write the rows they finished. Run from the repository root with OUT set;
 # before the lease: bash bench/prepare_gpu_carry.sh, then carry [".whl", ".peers"].
 #   1) offloaded decode at Mixtral-8x7B layer shapes (issue 6): budgets holding 25% / 50% of
-#      the experts, ours with prefetch, with prefetch gated at 0.5 and without, vs transformers
-#      + accelerate vs the PCIe bound, bf16 experts, batch 1
+#      the experts, ours with prefetch, with prefetch gated at 0.5, with misses of <= 2 tokens
+#      run on the host CPU, and without prefetch, vs transformers + accelerate vs the PCIe
+#      bound, bf16 experts, batch 1
 #   2) one MoE layer's forward+backward at 16k tokens (issue 3): ours vs the same-FLOPs dense
 #      GEMM (the ceiling) vs MegaBlocks and megatron-core's GroupedMLP (neither timed yet),
 #      transformers' grouped_mm block, ScatterMoE, DeepSpeed; 240 s, as Triton compiles and
@@ -29,7 +30,7 @@ fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
   | tee -a "$OUT/gpu.txt"
 limited "${SERVE_TIMEOUT:-250}" python3 -m bench.serve "${smoke[@]}" --layers "${LAYERS:-4}" \
-  --batches 1 --quants none --prefetch-min-weights 0.5 --dir /tmp/mserve \
+  --batches 1 --quants none --prefetch-min-weights 0.5 --host-compute-tokens 2 --dir /tmp/mserve \
   --out "$OUT/RESULTS.md" --json-out "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log"
 limited "${KERNEL_TIMEOUT:-240}" python3 -m bench.kernels "${smoke[@]}" \
   --shapes mixtral,olmoe,qwen3 "${tokens[@]}" \

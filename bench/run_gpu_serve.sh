@@ -20,7 +20,8 @@ limited "${SERVE_TIMEOUT:-420}" python3 -m bench.serve --layers "${LAYERS:-4}" -
 limited "${TEST_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider tests/test_serve.py \
   -k "not (qwen2_moe or qwen3_moe or olmoe or deepseek_v2 or glm4_moe or (gpt_oss and not mxfp4))" \
   2>&1 | tail -20 | tee "$OUT/pytest_gpu.log"
-# Opt-in (LOAD_TIMEOUT=300): sequential vs static vs continuous batching under Poisson load.
+# Opt-in (LOAD_TIMEOUT=300): sequential vs static vs continuous batching under Poisson load
+# (prompts read in the decode forward, or in forwards of their own: continuous-split).
 limited "${LOAD_TIMEOUT:-0}" python3 -m bench.serve_load --layers "${LAYERS:-4}" --requests 24 \
   --dir /tmp/mserve_load --out "$OUT/RESULTS.md" 2>&1 | tail -8 | tee "$OUT/serve_load.log"
 # Opt-in (DEEPSEEK_TIMEOUT=300): the same table at DeepSeek-V2-Lite layer shapes (MLA with its

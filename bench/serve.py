@@ -203,12 +203,11 @@ def hf_decode_tokens_per_s(model_dir: Path, budget: int, prompt_len: int, new_to
 
 
 def _measure_ours(base: ServeConfig, budget: int, quant: str, store: WeightStore,
-                  prefetch: str, a, batch: int = 1, min_weight: float = 0.0) -> dict:
-    """One warmed-up bench.measure of our runtime under `budget`, `batch` sequences at once,
-    prefetching experts predicted with weight >= min_weight -> its report."""
+                  prefetch: str, a, batch: int = 1, **over) -> dict:
+    """One warmed-up bench.measure of our runtime under `budget`, `batch` sequences at once
+    (over: other ServeConfig fields, e.g. prefetch_min_weight) -> its report."""
     cfg = ServeConfig(**{**base.__dict__, "memory_budget": budget, "prefetch": prefetch,
-                         "quant": quant, "max_batch": batch,
-                         "prefetch_min_weight": min_weight})
+                         "quant": quant, "max_batch": batch, **over})
     model = OffloadedModel(cfg, store=store)
     measure(model, a.prompt_len, 2, batch)  # warm-up (kernels, caches)
     report = measure(model, a.prompt_len, a.new_tokens, batch)
@@ -226,7 +225,7 @@ def _bound(r: dict, total: int, h2d: float | None) -> float | None:
 
 
 def _row(f, slots, total, budget, quant, r, base_run, hf_tps, hf_label, h2d,
-         gated: list[dict]) -> list[str]:
+         variants: list[dict]) -> list[str]:
     bound, ours = _bound(r, total, h2d), r["decode_tokens_per_s"]
     return [f"{slots}/{total} ({f:.0%})", f"{budget / 2**30:.2f}", quant,
             f"{r['expert_slots']}/{total}", f"{ours:.2f}",
@@ -240,7 +239,9 @@ def _row(f, slots, total, budget, quant, r, base_run, hf_tps, hf_label, h2d,
             f"{r['bytes_to_device_per_token'] / 2**20:.2f} / "
             f"{base_run['bytes_to_device_per_token'] / 2**20:.2f}"] + [
         f"{g['decode_tokens_per_s']:.2f} / {g['expert_hit_rate']:.2f} / "
-        f"{g['bytes_to_device_per_token'] / 2**20:.2f}" for g in gated]
+        f"{g['bytes_to_device_per_token'] / 2**20:.2f}"
+        + (f" ({g['experts_on_host_per_token']:.2f} experts on the host / token)"
+           if g["experts_on_host_per_token"] else "") for g in variants]
 
 
 def _batch_row(f: float, quant: str, r: dict, one: dict) -> list[str]:
@@ -274,6 +275,10 @@ def main(argv=None) -> None:
     p.add_argument("--prefetch-min-weights", default="",
                    help="comma-separated confidence bars W: a column each for ours with "
                    "prefetch gated at W (--prefetch-min-weight)")
+    p.add_argument("--host-compute-tokens", default="",
+                   help="comma-separated counts N: a column each for ours with the misses "
+                   "that at most N of a step's tokens use run on the host CPU "
+                   "(--host-compute-tokens)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--dir", default=None, help="where the random model is written")
@@ -299,7 +304,11 @@ def main(argv=None) -> None:
     h2d = h2d_bandwidth(device)
     rows, records, batch_rows = [], [], []
     batches = sorted({int(b) for b in a.batches.split(",") if b} - {1})
-    gates = [float(w) for w in a.prefetch_min_weights.split(",") if w]
+    # columns of ours with other settings: (label, ServeConfig fields)
+    variants = [(f"prefetch gated at {float(w):g}", {"prefetch_min_weight": float(w)})
+                for w in a.prefetch_min_weights.split(",") if w] + [
+        (f"misses of <= {int(n)} tokens on the host", {"host_compute_tokens": int(n)})
+        for n in a.host_compute_tokens.split(",") if n]
     stopped = None
     try:
         with stop_on_sigterm():
@@ -310,7 +319,7 @@ def main(argv=None) -> None:
                 ours_runs = {q: [_measure_ours(base, budget, q, stores[q], prefetch, a)
                                  for prefetch in ("cross-layer", "none")]
                              + [_measure_ours(base, budget, q, stores[q], "cross-layer", a,
-                                              min_weight=w) for w in gates]
+                                              **over) for _, over in variants]
                              for q in quants}
                 hf_tps, hf_label, stop = None, "skipped", None
                 if not a.skip_hf:
@@ -322,13 +331,14 @@ def main(argv=None) -> None:
                     except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported
                         hf_label = f"failed: {type(e).__name__}: {str(e)[:80]}"
                 for q in quants:
-                    ours, base_run, *gated = ours_runs[q]
+                    ours, base_run, *others = ours_runs[q]
                     rows.append(_row(f, slots, total, budget, q, ours, base_run, hf_tps,
-                                     hf_label, h2d, gated))
+                                     hf_label, h2d, others))
                     records.append({"fraction": f, "quant": q, "ours": ours,
                                     "no_prefetch": base_run, "hf": hf_tps, "hf_label": hf_label,
                                     "pcie_bound": _bound(ours, total, h2d),
-                                    "gated": dict(zip(gates, gated, strict=True))})
+                                    "variants": dict(zip([v for v, _ in variants], others,
+                                                         strict=True))})
                     # batched: the same slots, the budget grown by b rows of KV cache
                     for b in batches if stop is None else ():
                         grown = budget + memory_plan(store, base, dtype, b, max_context)[0] \
@@ -347,7 +357,7 @@ def main(argv=None) -> None:
               else "transformers (CPU, no offload) tok/s", "PCIe bound tok/s", "bound / ours",
               "ours / transformers", "hit rate (pf / no pf)", "prefetch prec / recall",
               "MiB moved / token (pf / no pf)"] + [
-        f"prefetch gated at {w:g}: tok/s / hit rate / MiB per token" for w in gates]
+        f"{v}: tok/s / hit rate / MiB per token" for v, _ in variants]
     table = markdown_table(header, rows)
     if batch_rows:
         table += "\n\nBatched decode (ours, cross-layer prefetch; the expert slots of the " \

@@ -72,7 +72,9 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
     decode_s = time.perf_counter() - t0
     dec = model.stats()
     el = torch.finfo(model.dtype).bits // 8
-    activated = dec["expert_hits"] + dec["expert_misses"]  # (layer, expert) uses in decode
+    # (layer, expert) uses in decode: on the device (hits, misses), and all (with the host's)
+    on_device = dec["expert_hits"] + dec["expert_misses"]
+    activated = on_device + dec["experts_on_host"]
     expert_params = 3 * m.moe.expert_ffn * m.d_model
     dense_params = model.store.dense_nbytes() // el
     mean_ctx = prompt_len + (new_tokens + 1) / 2
@@ -80,8 +82,9 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
     kv_bytes = kv_token * batch * mean_ctx  # (MLA: latents; others: every KV head's k, v)
     step_s = decode_s / new_tokens
     # an expert read is its slot's bytes (packed when quantized)
-    bytes_step = dense_params * el + activated / new_tokens * model.slot_bytes + kv_bytes
-    flops_step = 2 * batch * (dense_params + activated / new_tokens / batch * expert_params) \
+    # the device's reads and FLOPs (S-MBU and S-MFU are the device's; the host's are apart)
+    bytes_step = dense_params * el + on_device / new_tokens * model.slot_bytes + kv_bytes
+    flops_step = 2 * batch * (dense_params + on_device / new_tokens / batch * expert_params) \
         + 4 * batch * m.n_layers * m.n_heads * m.resolved_head_dim * mean_ctx
     peak_flops, peak_bw, peak_src = device_peaks(dev)
     h2d = h2d_bandwidth(dev)
@@ -100,6 +103,7 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
         "prefetch_precision": dec["prefetch_precision"],
         "prefetch_recall": dec["prefetch_recall"],
         "experts_used_per_token": activated / (new_tokens * batch),
+        "experts_on_host_per_token": dec["experts_on_host"] / (new_tokens * batch),
         "expert_bytes": model.store.expert_nbytes, "kv_cache_bytes_per_token": kv_token,
         "bytes_to_device_per_token": moved_per_token,
         "bytes_to_device": pre["bytes_to_device"] + dec["bytes_to_device"],
@@ -117,6 +121,7 @@ def format_report(r: dict) -> str:
             ("prefetch precision / recall",
              f"{r['prefetch_precision']:.3f} / {r['prefetch_recall']:.3f}"),
             ("bytes to device per token", f"{r['bytes_to_device_per_token'] / 2**20:.2f} MiB"),
+            ("experts run on the host per token", f"{r['experts_on_host_per_token']:.2f}"),
             ("S-MBU", f"{r['s_mbu']:.4f}"), ("S-MFU", f"{r['s_mfu']:.5f}"),
             ("expert slots", f"{r['expert_slots']}/{r['total_experts']}"),
             ("KV cache per token", f"{r['kv_cache_bytes_per_token'] / 2**10:.1f} KiB")]

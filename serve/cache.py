@@ -90,6 +90,7 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     prefetched: int = 0  # experts copied ahead of their layer
+    on_host: int = 0  # expert uses run on the host CPU (neither hits nor misses)
     bytes_to_device: int = 0
 
     @property
@@ -146,6 +147,11 @@ class ExpertCache:
 
     def resident(self, key: Key) -> bool:
         return key in self.slot_of
+
+    @property
+    def empty(self) -> int:
+        """Slots holding no expert (a miss takes one without evicting)."""
+        return self.n_slots - len(self.slot_of)
 
     def _free_slot(self, protected: set[Key]) -> int | None:
         for s, k in enumerate(self.key_of):

@@ -93,6 +93,10 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    "chunk of each new prompt), so the running rows wait less a step; default: "
                    "new prompts are read whole in one step, their experts moved once with the "
                    "decode's")
+    p.add_argument("--host-compute-tokens", type=int, default=None, metavar="N",
+                   help="a missing expert that at most N of a step's tokens use runs on the "
+                   "host CPU instead of crossing to the device (decode: N of 1-4 pays when "
+                   "the CPU reads memory faster than PCIe moves it); default 0: off")
     p.add_argument("--offload-dir", default=None, help="where quantized disk-tier experts go")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
                    help="read every prompt whole, even where a KV-cache row holds its start "
@@ -151,7 +155,7 @@ def _response_format(value: str) -> dict:
 
 FLAG_FIELDS = ("model", "device", "dtype", "memory_budget", "host_budget", "cache_policy",
                "prefetch", "prefetch_min_weight", "quant", "max_batch", "max_context",
-               "offload_dir", "prefix_cache", "prefill_step_tokens")
+               "offload_dir", "prefix_cache", "prefill_step_tokens", "host_compute_tokens")
 
 
 def _config(a, batch: int = 1) -> ServeConfig:

@@ -22,6 +22,7 @@ _FIELD_TYPES = {
     "max_context": ("an integer", (int, _NONE)),
     "prefix_cache": ("true or false", (bool,)),
     "prefill_step_tokens": ("an integer", (int, _NONE)),
+    "host_compute_tokens": ("an integer", (int,)),
 }
 
 
@@ -47,6 +48,10 @@ class ServeConfig:
     (bounds activations). prefill_step_tokens: most prompt tokens a step reads while other rows
     decode, at least a chunk of each reading row (bounds how long they wait; None: prompts are
     read whole, in the same forward as the decode, so experts cross once for both).
+    host_compute_tokens: a missing expert that at most this many of a step's (token, expert)
+    pairs use runs on the host CPU from its host copy, beside the device's work, instead of
+    evicting a resident expert to be copied in (as Fiddler does: a CPU reads an expert for a
+    few tokens faster than PCIe moves it); 0: every expert runs on the device.
     prefix_cache: a prompt that begins with tokens a KV-cache row still holds (the chat so far,
     a shared system prompt) reads only the rest (serve.generate.DecodeBatch).
     """
@@ -67,6 +72,7 @@ class ServeConfig:
     offload_dir: str | None = None
     prefix_cache: bool = True
     prefill_step_tokens: int | None = None
+    host_compute_tokens: int = 0
 
     def check(self) -> None:
         choices = {"device": ("auto", "cuda", "cpu"),
@@ -82,6 +88,8 @@ class ServeConfig:
             # a bool is an int to isinstance: only fields that take one accept it
             if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
                 raise ValueError(f"{name} must be {what}, got {value!r}")
+        if self.host_compute_tokens < 0:
+            raise ValueError(f"host_compute_tokens must be >= 0, got {self.host_compute_tokens}")
         if self.prefetch_min_weight < 0:
             raise ValueError(f"prefetch_min_weight must be a number >= 0, got "
                              f"{self.prefetch_min_weight!r}")

@@ -14,6 +14,7 @@ from torch import nn
 
 from kernels import reference, sort_by_expert, weighted_combine
 from kernels.backend import get_backend
+from kernels.quant import QuantWeight
 from moe.attention import causal_mask, rope_cos_sin, sink_mask
 from moe.experts import expert_mlp
 from moe.model import MoETransformer
@@ -144,6 +145,13 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
     parts = (f"non-expert weights {format_size(dense)}, KV cache {format_size(kv)} "
              f"({max_batch} x {max_context} tokens), activations ~{format_size(act)}")
     return dense + kv + act, ExpertCache.slot_nbytes(store, dtype), parts
+
+
+def _one(w):
+    """An expert's weight (tensor or QuantWeight) as a stack of one expert."""
+    if isinstance(w, QuantWeight):
+        return QuantWeight(w.data[None], w.scale[None], w.bits, w.group, w.cols, w.fp4)
+    return w[None]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -404,13 +412,20 @@ class OffloadedModel:
         positions). The experts any chunk needs are made resident a group of slots at a
         time (hits first), each group serving every chunk before the next is fetched;
         prefetch: with the last group, start copying the next MoE layer's predicted
-        experts."""
+        experts. A missing expert that few of the step's tokens use (scfg.
+        host_compute_tokens) runs on the host CPU instead, while the device runs the rest."""
         layer = self.model.layers[i].mlp
         flats = [h[v] for h, v in zip(hs, valid, strict=True)]
         routes = [layer.router.select(f) for f in flats]
-        needed = torch.cat([ids.reshape(-1) for ids, _ in routes]).unique().tolist()
+        all_ids = torch.cat([ids.reshape(-1) for ids, _ in routes])
+        needed = all_ids.unique().tolist()
         self._account(i, needed)
         cache = self.cache
+        host = self._host_set(i, all_ids, needed)
+        if host:  # their tokens go to the host before the device work is queued behind them
+            taken = [self._host_inputs(flat, ids, w, host)
+                     for flat, (ids, w) in zip(flats, routes, strict=True)]
+            needed = [e for e in needed if e not in host]
         needed.sort(key=lambda e: not cache.resident((i, e)))  # hits first
         outs = [torch.zeros_like(f) for f in flats]
         groups = [needed[a:a + cache.n_slots] for a in range(0, len(needed), cache.n_slots)]
@@ -422,6 +437,13 @@ class OffloadedModel:
                                                                          strict=True)]), keys)
             for out, flat, (ids, w) in zip(outs, flats, routes, strict=True):
                 out += self._experts(flat, ids, w, slots)
+        if prefetch and not groups:
+            self._prefetch_next(i, torch.cat([x[v] for x, v in zip(xs, valid, strict=True)]),
+                                set())
+        if host:  # the host computes while the device runs the groups queued above
+            for out, t in zip(outs, taken, strict=True):
+                out += self._host_experts(i, *t).to(self.device, non_blocking=True)
+            cache.stats.on_host += len(host)
         ys = []
         for h, v, flat, out in zip(hs, valid, flats, outs, strict=True):
             if layer.shared is not None:
@@ -430,6 +452,47 @@ class OffloadedModel:
             y[v] = out
             ys.append(y)
         return ys
+
+    def _host_set(self, i: int, all_ids: torch.Tensor, needed: list[int]) -> set[int]:
+        """The experts of layer i (of `needed`, used by the (token, k) pairs all_ids) to run
+        on the host: those not resident that at most scfg.host_compute_tokens pairs use,
+        but for as many as empty slots take without evicting (the most used first)."""
+        most = self.scfg.host_compute_tokens
+        if not most:
+            return set()
+        counts = torch.bincount(all_ids, minlength=self.cfg.moe.num_experts).tolist()
+        missing = [e for e in needed if not self.cache.resident((i, e))]
+        few = sorted((e for e in missing if counts[e] <= most), key=lambda e: -counts[e])
+        empty = max(0, self.cache.empty - (len(missing) - len(few)))  # the others take first
+        return set(few[empty:])
+
+    @staticmethod
+    def _host_inputs(flat: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, host: set[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The pairs of one chunk (flat [T, d], ids / w [T, k]) whose expert is in host, on
+        the host -> (their tokens' rows [P, d], token index [P], expert [P], weight [P], T)."""
+        sel = torch.isin(ids, torch.tensor(sorted(host), device=ids.device))
+        tok, kk = sel.nonzero(as_tuple=True)
+        return (flat[tok].cpu(), tok.cpu(), ids[tok, kk].cpu(), w[tok, kk].cpu(),
+                flat.shape[0])
+
+    def _host_experts(self, i: int, x: torch.Tensor, tok: torch.Tensor, expert: torch.Tensor,
+                      w: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        """Layer i's experts run on the host CPU from their host copies (RAM or the memory-
+        mapped files; nothing crosses to the device but the outputs) for the pairs
+        _host_inputs took -> the weighted sum per token [n_tokens, d], on the host."""
+        out = torch.zeros(n_tokens, x.shape[1], dtype=x.dtype)
+        m = self.cfg.moe
+        for e in expert.unique().tolist():
+            at = (expert == e).nonzero()[:, 0]
+            src = self.store.expert(i, e)
+            d = sort_by_expert(torch.zeros(len(at), 1, dtype=torch.long), 1)
+            y = expert_mlp(x[at], *(_one(t) for t in (src.w_in, src.w_out)), d,
+                           m.expert_type, "torch", True, *(None if b is None else b[None]
+                                                           for b in (src.b_in, src.b_out)),
+                           m.swiglu_alpha, m.swiglu_limit)
+            out.index_add_(0, tok[at], y * w[at, None].to(y.dtype))
+        return out
 
     def _account(self, i: int, needed) -> None:
         """Prefetch precision / recall: layer i used the experts `needed`."""
@@ -481,7 +544,8 @@ class OffloadedModel:
         c = CacheStats(**{k: now[k] for k in asdict(self.cache.stats)})
         p = PrefetchStats(**{k: now[k] for k in asdict(self.prefetch_stats)})
         return {"expert_hit_rate": c.hit_rate, "expert_hits": c.hits, "expert_misses": c.misses,
-                "experts_prefetched": c.prefetched, "bytes_to_device": c.bytes_to_device,
+                "experts_prefetched": c.prefetched, "experts_on_host": c.on_host,
+                "bytes_to_device": c.bytes_to_device,
                 "prefetch_precision": p.precision, "prefetch_recall": p.recall}
 
     def reset_stats(self) -> None:

@@ -42,21 +42,26 @@ def test_serve_bench_smoke(tmp_path):
 
 def test_serve_bench_smoke_at_deepseek_shapes(tmp_path):
     """The DeepSeek-V2-Lite-shaped model (MLA, shared experts, a dense first layer) is written
-    in a layout transformers loads (its baseline runs) and served."""
+    in a layout transformers loads (its baseline runs) and served; columns for gated prefetch
+    and for misses run on the host."""
     from bench.serve import main
 
     out, js = tmp_path / "results.md", tmp_path / "r.json"
     main(["--smoke", "--shape", "deepseek-v2-lite", "--layers", "2", "--new-tokens", "4",
           "--batches", "1", "--quants", "none", "--prefetch-min-weights", "0.5,2",
-          "--out", str(out), "--dir", str(tmp_path / "m"), "--json-out", str(js)])
+          "--host-compute-tokens", "4", "--out", str(out), "--dir", str(tmp_path / "m"),
+          "--json-out", str(js)])
     text = out.read_text()
     assert "deepseek-v2-lite (deepseek_v3 layout)" in text and "4/16 (25%)" in text
     assert "failed" not in text
     assert "prefetch gated at 0.5" in text and "prefetch gated at 2:" in text
+    assert "misses of <= 4 tokens on the host:" in text
     for r in json.loads(js.read_text()):  # a bar above 1 prefetches nothing: no-prefetch bytes
-        gated = r["gated"]["2.0"]
+        gated = r["variants"]["prefetch gated at 2"]
         assert gated["bytes_to_device_per_token"] == r["no_prefetch"]["bytes_to_device_per_token"]
         assert gated["expert_hit_rate"] == r["no_prefetch"]["expert_hit_rate"]
+        host = r["variants"]["misses of <= 4 tokens on the host"]
+        assert host["bytes_to_device_per_token"] < r["ours"]["bytes_to_device_per_token"]
 
 
 def test_serve_bench_smoke_at_gpt_oss_shapes(tmp_path):

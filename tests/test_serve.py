@@ -196,6 +196,49 @@ def test_greedy_tokens_and_logits_equal_transformers(family_ref, fraction, polic
         assert 0 < st["prefetch_precision"] <= 1 and 0 < st["prefetch_recall"] <= 1
 
 
+@pytest.mark.parametrize("prefetch", ["none", "cross-layer"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2", "gpt_oss"])
+def test_missing_experts_of_few_tokens_run_on_the_host(refs, family, prefetch):
+    """host_compute_tokens: a missing expert that at most 2 of a step's (token, expert)
+    pairs use runs on the host from its host copy instead of crossing to the device (shared
+    experts, GPT-OSS's biases and clamped SwiGLU too) rather than evict a resident one:
+    transformers' tokens and logits, with fewer bytes moved than copying every miss in."""
+    family, d, prompts, ref_ids, ref_logits = refs(family)
+    budget = budget_for(d, 4, prefetch=prefetch)
+    got = {}
+    for most in (0, 2):
+        m = serve(d, memory_budget=budget, prefetch=prefetch, host_compute_tokens=most)
+        res = generate(m, prompts, NEW, keep_logits=True)
+        assert res.token_ids == ref_ids
+        torch.testing.assert_close(torch.stack(res.logits), ref_logits, rtol=1e-4, atol=1e-4)
+        got[most] = res.stats
+    assert got[0]["experts_on_host"] == 0 < got[2]["experts_on_host"]
+    assert got[2]["bytes_to_device"] < got[0]["bytes_to_device"]
+    assert got[2]["expert_misses"] < got[0]["expert_misses"]
+    # with a slot for every expert a miss evicts nothing: it is copied in, never run on the host
+    roomy = generate(serve(d, prefetch=prefetch, host_compute_tokens=2), prompts, NEW)
+    assert roomy.token_ids == ref_ids and roomy.stats["experts_on_host"] == 0
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_packed_experts_run_on_the_host_as_on_the_device(refs, quant):
+    """Quantized experts that run on the host are dequantized there: the tokens and logits of
+    a run whose misses all cross to the device."""
+    family, d, prompts, *_ = refs("olmoe")
+    budget = budget_for(d, 4, quant=quant)
+    runs = [generate(serve(d, memory_budget=budget, quant=quant, host_compute_tokens=most),
+                     prompts, NEW, keep_logits=True) for most in (0, 4)]
+    assert runs[1].stats["experts_on_host"] > 0
+    assert runs[0].token_ids == runs[1].token_ids
+    torch.testing.assert_close(torch.stack(runs[1].logits), torch.stack(runs[0].logits),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_host_compute_tokens_is_a_count():
+    with pytest.raises(ValueError, match="host_compute_tokens must be >= 0"):
+        ServeConfig(model="m", host_compute_tokens=-1).check()
+
+
 def test_gpt_oss_mxfp4_checkpoint_serves_as_transformers_dequantizes_it(tmp_path):
     """A GPT-OSS directory as on the Hub (MXFP4 experts, quantization_config) gives the
     greedy tokens and logits of transformers loading it dequantized, under a budget with
