@@ -33,6 +33,7 @@ class AnswerParts:
         self.on_tool_call = on_tool_call
         self._part = "text"
         self._where = "text"  # harmony: "text" (a message), "role" or "channel" (headers)
+        self._channel: str | None = None  # harmony: the open message's channel
         self._role: list[int] = []
         self._chan: list[int] = []
         self._call: tuple[str, list[int]] | None = None  # (tool name, argument ids)
@@ -41,6 +42,14 @@ class AnswerParts:
             tags = [t for t in prompt or () if t in self.think]
             if tags and tags[-1] == self.think[0]:
                 self._part = "reasoning"
+
+    @property
+    def in_answer(self) -> bool:
+        """Whether the next token is the answer's text: in harmony, of a final-channel
+        message; with <think> tags, outside the thought (and any tool call)."""
+        if self._call is not None or self._tag_call is not None or self._part != "text":
+            return False
+        return self.harmony is None or self._channel == "final"
 
     @staticmethod
     def knows(codec: TextCodec | None) -> bool:
@@ -73,7 +82,7 @@ class AnswerParts:
         h = self.harmony
         if tok == h.start:
             self._end_call()
-            self._where, self._role, self._chan = "role", [], []
+            self._where, self._role, self._chan, self._channel = "role", [], [], None
         elif tok == h.channel:
             self._where = "channel"
         elif tok == h.message:
@@ -83,10 +92,10 @@ class AnswerParts:
             if to.startswith("functions."):
                 self._call = (to[len("functions."):], [])
             self._part = "reasoning" if chan[:1] == ["analysis"] else "text"
-            self._where = "text"
+            self._where, self._channel = "text", (chan[:1] or [""])[0]
         elif tok == h.end:
             self._end_call()
-            self._where, self._part = "text", "text"
+            self._where, self._part, self._channel = "text", "text", None
         elif self._where == "channel":
             self._chan.append(tok)
         elif self._where == "role":

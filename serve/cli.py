@@ -230,7 +230,7 @@ def cmd_chat(a) -> None:
         ids = codec.encode_chat(messages, **a.chat_template_kwargs)
         outs, _ = s.complete([ids], a.max_new_tokens, sampling, a.stop,
                              lambda row, text: print(text, end="", flush=True),
-                             channels=sampling.grammar is None,  # a held answer: content
+                             channels=True,
                              on_reasoning=_show_reasoning if a.show_reasoning else None)
         print()
         for c in outs[0].tool_calls:  # the model asked for a tool this chat does not run

@@ -193,7 +193,7 @@ class DecodeBatch:
                             pending=list(p[cached:]), length=cached, cached=cached,
                             t_added=t0, since=since, prompt=p, leader=lead, share=share,
                             constraint=None if c.grammar is None else
-                            Constraint(c.grammar, self.model.cfg.vocab_size)))
+                            c.grammar.constraint(p, self.model.cfg.vocab_size)))
         self.live = sorted(self.live + rows, key=lambda r: r.kv_row)
         return rows
 

@@ -321,9 +321,7 @@ class Handler(BaseHTTPRequestHandler):
         fmt = body.get("response_format")
         if fmt is not None:
             sampling.grammar = self.session.grammar(fmt)
-        # a held answer is all content: a template that opens the thought (DeepSeek-R1's)
-        # must not turn the JSON into reasoning
-        split = chat and sampling.grammar is None
+        split = chat  # a reasoning model's grammar holds its answer, after its reasoning
         texts_in = prompt_texts or [None] * len(prompts)
 
         def prompt_text(p: int) -> str:

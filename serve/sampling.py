@@ -25,7 +25,7 @@ class SamplingConfig:
     far has its logit divided by p when positive, multiplied by p when negative (1: off);
     presence_penalty a and frequency_penalty f (OpenAI's, in [-2, 2]): a token the answer
     holds c > 0 times loses a + f c; logit_bias {id: b} (OpenAI's, b in [-100, 100]) adds b.
-    grammar: a compiled grammar (serve.grammar.Grammars.compile) the answer must follow: the
+    grammar: a serve.grammar.AnswerGrammar (Session.grammar) the answer must follow: the
     tokens it cannot take next are masked out, after the penalties.
     min_tokens: stop tokens cannot be drawn before the answer has this many tokens;
     ignore_eos: a stop token does not end the answer (fixed-length benchmarks)."""

@@ -45,20 +45,18 @@ class Session:
         self._grammars = None  # serve.grammar.Grammars, made on first use
 
     def grammar(self, response_format: dict):
-        """OpenAI's response_format -> the compiled grammar for SamplingConfig.grammar (None:
-        plain text); ValueError names a bad format, a model without a tokenizer, a harmony
-        model (its channels frame the answer) or a missing xgrammar."""
-        from serve.grammar import Grammars, format_key
+        """OpenAI's response_format -> the AnswerGrammar for SamplingConfig.grammar (None:
+        plain text), which holds a reasoning model's answer only (serve/grammar.py);
+        ValueError names a bad format, a model without a tokenizer or a missing xgrammar."""
+        from serve.grammar import AnswerGrammar, Grammars, format_key
 
         if format_key(response_format) is None:
             return None
         codec = self.need_codec()
-        if codec.harmony is not None:
-            raise ValueError("'response_format' is not supported for harmony-format models "
-                             "(GPT-OSS): their channels frame the answer")
         if self._grammars is None:
             self._grammars = Grammars(codec.tok, self.model.cfg.vocab_size, self.stop_ids)
-        return self._grammars.compile(response_format)
+        reasons = codec.harmony is not None or codec.think is not None
+        return AnswerGrammar(self._grammars.compile(response_format), codec if reasons else None)
 
     def need_codec(self) -> TextCodec:
         if self.codec is None:

@@ -52,7 +52,7 @@ def test_answers_follow_the_schema_greedy_and_sampled(session):
             assert o.finish_reason == "stop" and valid(o.text), o.text
             assert list(json.loads(o.text)) == ["lang", "ok", "n"]  # in the schema's order
             assert o.token_ids[-1] in session.stop_ids  # whole, then the stop token
-    assert session.grammar(FORMAT) is grammar  # compiled once
+    assert session.grammar(FORMAT).compiled is grammar.compiled  # compiled once
 
 
 def test_json_object_is_one_compact_object(session):
@@ -78,7 +78,7 @@ def test_bad_formats_are_refused_by_name(session, fmt, fragment):
         session.grammar(fmt)
 
 
-def test_http_response_format_plain_and_streamed(session, monkeypatch):
+def test_http_response_format_plain_and_streamed(session):
     srv = make_server(session, "127.0.0.1", 0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{srv.server_port}/v1/chat/completions"
@@ -96,13 +96,6 @@ def test_http_response_format_plain_and_streamed(session, monkeypatch):
         assert text == choice["message"]["content"]
         code, bad = request(base, dict(body, response_format={"type": "json_schema"}))
         assert code == 400 and "json_schema" in json.loads(bad)["error"]["message"]
-        # a template that opens the thought (DeepSeek-R1's): the held answer stays content
-        prompt = session.codec.encode_chat(body["messages"])
-        monkeypatch.setattr(session.codec, "think", (prompt[-1], min(session.stop_ids)))
-        code, plain = request(base, body)
-        monkeypatch.undo()
-        message = json.loads(plain)["choices"][0]["message"]
-        assert valid(message["content"]) and not message.get("reasoning_content")
     finally:
         srv.shutdown()
         srv.server_close()
@@ -138,3 +131,89 @@ def test_without_xgrammar_a_format_is_refused_by_name(session, monkeypatch):
     with pytest.raises(ValueError, match=r"needs xgrammar: pip install 'moe-framework\[struc"):
         grammars.compile({"type": "json_object"})
     assert grammars.compile({"type": "text"}) is None  # plain text needs nothing
+
+
+# -- reasoning models: the grammar holds the answer, not the reasoning ----------------------
+# the scripted models of test_serve_reasoning (greedy decoding walks a fixed chain of words),
+# with "{}" (an empty JSON object, the only JSON their words can spell) in their vocabulary
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory):
+    """(harmony session, <think> session) of scripted models that know "{}"."""
+    from tests import test_serve_reasoning as r
+
+    h, t = tmp_path_factory.mktemp("harmony_g"), tmp_path_factory.mktemp("think_g")
+    r.save_scripted(h, r.WORDS + ["{}"], r.CHAIN, r.TEMPLATE, "<|return|>", r.SPECIAL)
+    r.save_scripted(t, r.THINK_WORDS + ["{}"], r.THINK_CHAIN, r.THINK_TEMPLATE, "<eos>",
+                    ["<eos>"], ["<think>", "</think>"])
+    return tuple(Session(ServeConfig(model=str(d), max_context=48, dtype="float32"))
+                 for d in (h, t))
+
+
+def words(session, ids: list[int]) -> list[str]:
+    return [session.codec.tok.id_to_token(i) for i in ids]
+
+
+def answer(session, prompt: str, **sampling):
+    cfg = SamplingConfig(grammar=session.grammar({"type": "json_object"}), **sampling)
+    ids = session.codec.tok.encode(prompt).ids
+    return session.complete([ids], 12, cfg, channels=True)[0][0]
+
+
+def test_harmony_reasoning_is_free_and_the_final_message_is_held(scripted):
+    """GPT-OSS: the analysis channel and what lies outside a message are not held (the
+    answer is the model's own); a final-channel message is: "{}", then the stop token."""
+    harmony, _ = scripted
+    free = answer(harmony, "hi <|start|> assistant")
+    plain = harmony.complete([harmony.codec.tok.encode("hi <|start|> assistant").ids], 12,
+                             channels=True)[0][0]
+    assert free.token_ids == plain.token_ids  # analysis, then words after <|end|>
+    assert words(harmony, free.token_ids)[:4] == ["<|channel|>", "analysis", "<|message|>",
+                                                  "think"]
+    held = answer(harmony, "hi <|start|> assistant <|channel|> final <|message|>")
+    assert words(harmony, held.token_ids) == ["{}", "<|return|>"]
+    assert held.text == "{}" and held.finish_reason == "stop"
+
+
+def test_a_think_model_thinks_then_answers_in_json(scripted):
+    """<think> tags: a thought the template opened runs free to </think>, then the answer is
+    held; with no thought open, the first token may open one (then the same) or start the
+    JSON at once."""
+    _, think = scripted
+    opened = answer(think, "hi <think>")  # the template's thought: "hmm ok </think>", then "{}"
+    assert words(think, opened.token_ids) == ["hmm", "ok", "</think>", "{}", "<eos>"]
+    assert opened.reasoning.split() == ["hmm", "ok"] and opened.text == "{}"
+    # no thought open: greedy picks <think> (all logits 0 after "x": the lowest allowed id)
+    thought = answer(think, "hi x")
+    assert words(think, thought.token_ids) == ["<think>", "hmm", "ok", "</think>", "{}",
+                                               "<eos>"]
+    brace = think.codec.tok.token_to_id("{}")
+    direct = answer(think, "hi x", logit_bias={brace: 5.0})
+    assert words(think, direct.token_ids) == ["{}", "<eos>"] and direct.reasoning == ""
+
+
+def test_http_chat_gives_the_reasoning_apart_and_the_json_as_content(scripted):
+    """Over HTTP a <think> model's held answer is its content, its thought reasoning_content,
+    plain and streamed."""
+    _, think = scripted
+    srv = make_server(think, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_port}/v1/chat/completions"
+    try:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12,
+                "temperature": 0, "response_format": {"type": "json_object"}}
+        code, plain = request(base, body)
+        assert code == 200, plain
+        message = json.loads(plain)["choices"][0]["message"]
+        assert message["content"] == "{}" and message["reasoning_content"].split() == [
+            "hmm", "ok"]
+        code, streamed = request(base, dict(body, stream=True))
+        deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in streamed.splitlines()
+                  if line.startswith("data: {")]
+        assert "".join(d.get("content") or "" for d in deltas) == "{}"
+        assert "".join(d.get("reasoning_content") or "" for d in deltas).split() == [
+            "hmm", "ok"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
