@@ -63,7 +63,7 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                         "--config names it")
     p.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
                    help="bytes the runtime may keep on the device (e.g. 300KiB, 8GiB); "
-                        "default: no limit")
+                        "default: 90%% of the device's free memory")
     p.add_argument("--host-budget", type=_size, default=None, metavar="SIZE",
                    help="expert bytes kept in host RAM; the rest stays on disk")
     p.add_argument("--cache-policy", choices=CACHE_POLICIES, default=None,

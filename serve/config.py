@@ -33,8 +33,9 @@ class ServeConfig:
     device: "auto" (cuda when present, else cpu), "cuda" or "cpu". dtype: "auto" (bfloat16 on
     cuda, float32 on cpu), "float32", "bfloat16" or "float16".
     memory_budget: bytes (or "8GiB") the runtime may keep on the device: non-expert weights,
-    KV cache, expert slots and an activation estimate. None: every expert
-    gets a slot. host_budget: expert bytes kept in host RAM (None: all that fit on cuda, none
+    KV cache, expert slots and an activation estimate. None: 90% of what the device has free
+    (CUDA's free memory; on cpu the RAM the system can give), a slot for every expert when
+    they all fit. host_budget: expert bytes kept in host RAM (None: all that fit on cuda, none
     on cpu, where the memory-mapped files are the offload tier).
     cache_policy: "lru", "lfu", "layer" or "next-use". prefetch: "cross-layer" or "none".
     prefetch_min_weight: copy ahead only the predicted experts whose predicted combine weight

@@ -20,7 +20,7 @@ from moe.experts import expert_mlp
 from moe.model import MoETransformer
 from serve.cache import CacheStats, ExpertCache
 from serve.config import ServeConfig
-from serve.store import WeightStore
+from serve.store import WeightStore, available_ram
 from serve.units import format_size, parse_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -147,6 +147,17 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
     return dense + kv + act, ExpertCache.slot_nbytes(store, dtype), parts
 
 
+# with no budget given, the runtime takes this share of the device's free memory
+FREE_SHARE = 0.9
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on device: CUDA's free memory, or the RAM the system can give (cpu)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_ram()
+
+
 def _one(w):
     """An expert's weight (tensor or QuantWeight) as a stack of one expert."""
     if isinstance(w, QuantWeight):
@@ -247,9 +258,23 @@ class OffloadedModel:
         self.fixed_bytes, self.slot_bytes, parts = memory_plan(
             self.store, cfg, self.dtype, self.max_batch, self.max_context)
         total_experts = self.store.total_experts
-        if cfg.memory_budget is None:
-            n = max(total_experts, 1)
-            return n, f"no budget: {n} expert slots; {parts}"
+        if cfg.memory_budget is None:  # what the device has free, less a margin
+            free = free_memory(self.device)
+            budget = int(free * FREE_SHARE)
+            n = (budget - self.fixed_bytes) // self.slot_bytes
+            if n >= total_experts:
+                n = max(total_experts, 1)
+                return n, f"no budget given: all {n} expert slots fit; {parts}"
+            if n < 1:
+                raise BudgetError(
+                    f"the model does not fit the {format_size(free)} free on {self.device}: "
+                    f"{parts} and one expert slot ({format_size(self.slot_bytes)}) need "
+                    f"{format_size(self.fixed_bytes + self.slot_bytes)} (with a "
+                    f"{1 - FREE_SHARE:.0%} margin); lower --max-context / --max-batch, or "
+                    "free memory on the device")
+            return n, (f"no budget given: {n}/{total_experts} expert slots "
+                       f"({format_size(n * self.slot_bytes)}) in {FREE_SHARE:.0%} of the "
+                       f"{format_size(free)} free on {self.device}; {parts}")
         budget = parse_size(cfg.memory_budget)
         n = (budget - self.fixed_bytes) // self.slot_bytes
         if n < 1:

@@ -76,7 +76,16 @@ def _tensor_files(model_dir: Path) -> dict[str, Path]:
     return out
 
 
-def _available_ram() -> int:
+def available_ram() -> int:
+    """Bytes of RAM the system can give without swapping (Linux's MemAvailable: free memory
+    and the page cache it may reclaim), else the free pages; 0 when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -209,7 +218,7 @@ class WeightStore:
     def _fill_host_tier(self, host_budget, pin, offload_dir, verbose) -> None:
         total = self.total_experts
         if host_budget is None:
-            host_budget = max(0, _available_ram() - 4 * 2**30)
+            host_budget = max(0, available_ram() - 4 * 2**30)
         n_host = min(total, host_budget // max(self.expert_nbytes, 1))
         self.n_host, self.n_disk = n_host, total - n_host
         keys = [(i, e) for i in self.moe_layers for e in range(self.num_experts)]

@@ -585,6 +585,25 @@ def test_rows_joining_and_leaving_a_running_batch_match_running_alone(refs, step
         batch.add(prompts[:2], limits[:2])
 
 
+def test_without_a_budget_the_free_device_memory_is_the_budget(refs, monkeypatch):
+    """No --memory-budget: 90% of what the device has free; every expert gets a slot when all
+    fit, as many as fit otherwise (same tokens), and a model that cannot fit is refused by
+    name."""
+    import serve.runtime as rt
+
+    family, d, prompts, ref_ids, _ = refs("mixtral")
+    probe = serve(d)
+    assert probe.n_slots == 24  # this machine has room for all
+    for free, slots in ((probe.fixed_bytes + 5.5 * probe.slot_bytes) / 0.9, 5), (2**40, 24):
+        monkeypatch.setattr(rt, "free_memory", lambda dev, f=free: int(f))
+        m = serve(d)
+        assert m.n_slots == slots and "no budget given" in m.budget_report
+        assert generate(m, prompts, NEW).token_ids == ref_ids
+    monkeypatch.setattr(rt, "free_memory", lambda dev: probe.fixed_bytes)
+    with pytest.raises(BudgetError, match="does not fit the .* free on cpu"):
+        serve(d)
+
+
 def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ModelDirError, match="does not exist"):
         serve(tmp_path / "nope")
