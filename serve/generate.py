@@ -184,16 +184,21 @@ class DecodeBatch:
         rows: list[Row] = []
         for p, lim, cb, c in zip(prompts, limits, calls, cfgs, strict=True):
             match = self._held_starts(p, c)
-            lead, share = self._leader(p, rows, match)
+            # a row that scores its prompt reads what it does not take from a KV row
+            lead, share = (None, 0) if c.prompt_logprobs else self._leader(p, rows, match)
             if lead is None:
-                kv_row, cached = self._take_row(match)
+                kv_row, cached, scores = self._take_row(match)
             else:  # a row added with it reads their shared start for both
-                kv_row, cached = self._take_spare(), 0
-            rows.append(Row(len(p), lim, kv_row, c, c.generator(dev), cb,
-                            pending=list(p[cached:]), length=cached, cached=cached,
-                            t_added=t0, since=since, prompt=p, leader=lead, share=share,
-                            constraint=None if c.grammar is None else
-                            c.grammar.constraint(p, self.model.cfg.vocab_size)))
+                kv_row, cached, scores = self._take_spare(), 0, []
+            row = Row(len(p), lim, kv_row, c, c.generator(dev), cb,
+                      pending=list(p[cached:]), length=cached, cached=cached,
+                      t_added=t0, since=since, prompt=p, leader=lead, share=share,
+                      constraint=None if c.grammar is None else
+                      c.grammar.constraint(p, self.model.cfg.vocab_size))
+            if cached and row.prompt_logprobs is not None:  # the scores of what it took
+                k = c.logprobs or 0
+                row.prompt_logprobs = [None] + [(lp, alts[:k]) for lp, alts in scores]
+            rows.append(row)
         self.live = sorted(self.live + rows, key=lambda r: r.kv_row)
         return rows
 
@@ -204,12 +209,16 @@ class DecodeBatch:
     def _held_starts(self, prompt: Sequence[int], sampling: SamplingConfig
                      ) -> dict[int, int] | None:
         """{KV row: how many leading tokens of prompt it holds, all but the last prompt
-        token at most (its logits choose the first new token)}; None when no prompt token
-        may be taken from elsewhere (prefix reuse off, or prompt scores asked: every prompt
-        token is scored)."""
-        if not self.reuse or sampling.prompt_logprobs:
+        token at most (its logits choose the first new token)}; None when prefix reuse is
+        off. A prompt whose tokens are all scored (prompt_logprobs) takes only a scored
+        prefix, less its last token, whose logits score the first token read."""
+        if not self.reuse:
             return None
         kv = self.model.kv
+        if sampling.prompt_logprobs:
+            top = sampling.logprobs or 0
+            return {r: max(0, min(kv.common(r, prompt[:-1]) - 1, kv.scored(r, top) - 1))
+                    for r in range(len(kv.held))}
         return {r: kv.common(r, prompt[:-1]) for r in range(len(kv.held))}
 
     def _leader(self, prompt: Sequence[int], added: list[Row], match: dict[int, int] | None
@@ -251,19 +260,23 @@ class DecodeBatch:
         del r.pending[:n]
         r.leader = None
 
-    def _take_row(self, match: dict[int, int] | None) -> tuple[int, int]:
+    def _take_row(self, match: dict[int, int] | None) -> tuple[int, int, list]:
         """A free KV row for a prompt whose starts the rows hold as `match` says
-        (_held_starts) -> (row, how many leading prompt tokens it holds): the free row
-        holding the longest start, else the longest start any row holds copied into the free
-        row holding the fewest tokens. With match None none is reused: the lowest free row."""
+        (_held_starts) -> (row, how many leading prompt tokens it holds, the scores of prompt
+        tokens 1..that many where they were kept): the free row holding the longest start,
+        else the longest start any row holds copied into the free row holding the fewest
+        tokens. With match None none is reused: the lowest free row."""
         kv = self.model.kv
         spare = self._spare()
+        scores: list = []
         if match is None:
             row, cached = min(self._free), 0
         else:
             row = max(self._free, key=lambda r: (match[r], -r))
             src = max(match, key=lambda r: (match[r], r in self._free))
             cached = match[src]
+            # the last token taken is scored by the logits before it, which are not read again
+            scores = kv.scores[src][1:cached + 1]
             if cached == 0:
                 row = spare
             elif match[row] < cached:  # held by a busy row (or one outside this batch): copy
@@ -271,7 +284,7 @@ class DecodeBatch:
                 kv.copy_prefix(src, row, cached)
         self._free.remove(row)
         kv.forget(row, cached)
-        return row, cached
+        return row, cached, scores
 
     def step(self) -> list[Row]:
         """One forward: the decode token of each row that has one and, beside them, the
@@ -362,6 +375,9 @@ class DecodeBatch:
             if f.leader is not None and len(held[f.leader.kv_row]) >= f.share:
                 self._follow(f)
         done = [r for r in read.rows if not r.pending]
+        for r in done:  # a scored prompt's scores stay with its KV row, for a later prompt
+            if r.prompt_logprobs is not None:
+                self.model.kv.score(r.kv_row, r.prompt_logprobs)
         return done, torch.stack([last[id(r)] for r in done]) if done else None
 
     def _next_chunks(self, rows: list[Row], want: set[int], start: dict[int, int]

@@ -63,7 +63,10 @@ class KVCache:
 
     held[row]: the tokens whose entries row holds at positions 0, 1, ... (what a later prompt
     with the same prefix need not read again; see serve.generate.DecodeBatch). Every write
-    forgets the row's tokens from where it starts; the writer then `records` what it wrote."""
+    forgets the row's tokens from where it starts; the writer then `records` what it wrote.
+    scores[row]: beside held, each token's log-probability entry after those before it (as
+    Row.prompt_logprobs has them), or None where none was computed, so that a prompt whose
+    tokens must all be scored can still take the scored prefix a row holds."""
 
     def __init__(self, cfg, max_batch, max_context, dtype, device):
         heads, k_dim, v_dim = self.dims(cfg)
@@ -72,10 +75,12 @@ class KVCache:
         self.k = torch.zeros(*shape, k_dim, dtype=dtype, device=device)
         self.v = torch.zeros(*shape, v_dim, dtype=dtype, device=device) if v_dim else None
         self.held: list[list[int]] = [[] for _ in range(max_batch)]
+        self.scores: list[list] = [[] for _ in range(max_batch)]
 
     def forget(self, row: int, start: int) -> None:
         """Row `row` is written from position `start` on: its tokens from there are unknown."""
         del self.held[row][start:]
+        del self.scores[row][start:]
 
     def record(self, row: int, start: int, tokens: Sequence[int]) -> None:
         """Positions [start, start + len(tokens)) of `row` now hold `tokens`' entries (kept
@@ -83,6 +88,22 @@ class KVCache:
         held = self.held[row]
         if len(held) == start:
             held.extend(tokens)
+            self.scores[row].extend([None] * len(tokens))
+
+    def score(self, row: int, entries: Sequence) -> None:
+        """The log-probability entries of the tokens row holds from position 0 (as many as
+        it holds)."""
+        n = min(len(entries), len(self.held[row]))
+        self.scores[row][:n] = entries[:n]
+
+    def scored(self, row: int, top: int) -> int:
+        """How many leading positions of row have a score with at least `top` alternatives
+        (position 0 needs none: nothing comes before it)."""
+        s = self.scores[row]
+        n = 1 if s else 0
+        while n < len(s) and s[n] is not None and len(s[n][1]) >= top:
+            n += 1
+        return n
 
     def common(self, row: int, ids: Sequence[int]) -> int:
         """How many leading tokens of ids row holds."""
@@ -95,6 +116,7 @@ class KVCache:
         if self.v is not None:
             self.v[:, dst, :, :end] = self.v[:, src, :, :end]
         self.held[dst] = self.held[src][:n]
+        self.scores[dst] = self.scores[src][:n]
 
     @staticmethod
     def dims(cfg) -> tuple[int, int, int]:

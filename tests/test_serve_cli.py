@@ -345,6 +345,16 @@ def test_http_echo_scores_a_prompt_as_transformers_does(server):
                                ref[range(len(ids) - 1), ids[1:]], rtol=1e-4, atol=1e-4)
     for top, row in zip(lp["top_logprobs"][1:], ref, strict=True):
         assert list(top.values())[0] == pytest.approx(row.max().item(), abs=1e-4)
+    # another continuation of the context takes its scored tokens from the row it left
+    longer = session.codec.encode(prompt + " return a")
+    code, plain = request(base + "/v1/completions", {"prompt": longer, "max_tokens": 0,
+                                                     "echo": True, "logprobs": 1})
+    doc = json.loads(plain)
+    assert doc["usage"]["prompt_tokens_details"]["cached_tokens"] == len(ids) - 1
+    with torch.no_grad():
+        ref = hf(torch.tensor([longer])).logits[0, :-1].float().log_softmax(-1)
+    torch.testing.assert_close(torch.tensor(doc["choices"][0]["logprobs"]["token_logprobs"][1:]),
+                               ref[range(len(longer) - 1), longer[1:]], rtol=1e-4, atol=1e-4)
     # echo with new tokens: the prompt, then the completion; logprobs run on into it
     code, plain = request(base + "/v1/completions", {"prompt": prompt, "max_tokens": 3,
                                                      "echo": True, "logprobs": 0,
@@ -414,8 +424,12 @@ def test_http_streamed_echo_sends_the_prompt_first(server):
         lp = want["choices"][0]["logprobs"]
         if lp is None:
             assert all(c["logprobs"] is None for c in choices)
-        else:
-            assert {k: [x for c in choices for x in c["logprobs"][k]] for k in lp} == lp
+        else:  # the stream takes the scored prompt the first request left (float noise)
+            got = {k: [x for c in choices for x in c["logprobs"][k]] for k in lp}
+            assert got["tokens"] == lp["tokens"] and got["text_offset"] == lp["text_offset"]
+            assert got["token_logprobs"] == pytest.approx(lp["token_logprobs"], abs=1e-5)
+            for g, w in zip(got["top_logprobs"], lp["top_logprobs"], strict=True):
+                assert g == w if w is None else g == pytest.approx(w, abs=1e-5)
 
 
 def test_http_next_chat_turn_reads_only_what_is_new(server):

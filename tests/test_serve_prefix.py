@@ -84,8 +84,8 @@ def test_a_shared_start_is_copied_from_a_busy_row(tmp_path):
 
 
 def test_what_must_read_the_whole_prompt_does(tmp_path):
-    """Prompt log-probabilities score every prompt token, and prefix_cache=False reads every
-    prompt whole: neither takes tokens a row holds."""
+    """Prompt log-probabilities score every prompt token: a prompt that asks for them takes no
+    tokens a row holds unscored; prefix_cache=False reads every prompt whole."""
     hf = build_hf("olmoe")
     hf.save_pretrained(tmp_path)
     prompt = random_ids(12, 6)
@@ -99,6 +99,38 @@ def test_what_must_read_the_whole_prompt_does(tmp_path):
     off = serve(tmp_path, prefix_cache=False)
     generate(off, [prompt], 3)
     assert generate(off, [prompt], 3).stats["cached_tokens"] == 0
+
+
+@pytest.mark.parametrize("chunk", [4, 64])
+def test_scored_prompts_take_a_scored_prefix(tmp_path, chunk):
+    """lm-evaluation-harness's multiple choice: one context, a continuation per choice, every
+    token scored. The second prompt takes the context (less its last token) with its scores
+    from the row the first left, and reads only the rest: its scores are those of a fresh
+    read. A prompt asking for more alternatives than were kept reads everything."""
+    hf = build_hf("qwen3_moe")
+    hf.save_pretrained(tmp_path)
+    context, a, b = random_ids(14, 11), random_ids(3, 12), random_ids(4, 13)
+    scored = SamplingConfig(logprobs=2, prompt_logprobs=True)
+    m = serve(tmp_path, prefill_chunk=chunk)
+    first = generate(m, [context + a], 1, scored)
+    second = generate(m, [context + b], 1, scored)
+    assert first.stats["cached_tokens"] == 0
+    assert second.stats["cached_tokens"] == len(context) - 1
+    fresh = generate(serve(tmp_path, prefix_cache=False, prefill_chunk=chunk),
+                     [context + b], 1, scored)
+    got, want = second.prompt_logprobs[0], fresh.prompt_logprobs[0]
+    assert len(got) == len(want) == len(context + b) and got[0] is None is want[0]
+    for g, w in zip(got[1:], want[1:], strict=True):
+        assert [t for t, _ in g[1]] == [t for t, _ in w[1]]
+        torch.testing.assert_close(torch.tensor([g[0]] + [v for _, v in g[1]]),
+                                   torch.tensor([w[0]] + [v for _, v in w[1]]),
+                                   rtol=1e-4, atol=1e-4)
+    assert second.token_ids == fresh.token_ids
+    more = generate(m, [context + a], 1, SamplingConfig(logprobs=3, prompt_logprobs=True))
+    assert more.stats["cached_tokens"] == 0  # 2 alternatives kept, 3 asked
+    fewer = generate(m, [context + a], 1, SamplingConfig(logprobs=1, prompt_logprobs=True))
+    assert fewer.stats["cached_tokens"] == len(context + a) - 2
+    assert all(len(e[1]) == 1 for e in fewer.prompt_logprobs[0][1:])
 
 
 def test_a_write_the_cache_was_not_told_of_is_not_reused(tmp_path):
