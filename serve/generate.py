@@ -184,8 +184,7 @@ class DecodeBatch:
         rows: list[Row] = []
         for p, lim, cb, c in zip(prompts, limits, calls, cfgs, strict=True):
             match = self._held_starts(p, c)
-            # a row that scores its prompt reads what it does not take from a KV row
-            lead, share = (None, 0) if c.prompt_logprobs else self._leader(p, rows, match)
+            lead, share = self._leader(p, c, rows, match)
             if lead is None:
                 kv_row, cached, scores = self._take_row(match)
             else:  # a row added with it reads their shared start for both
@@ -221,18 +220,22 @@ class DecodeBatch:
                     for r in range(len(kv.held))}
         return {r: kv.common(r, prompt[:-1]) for r in range(len(kv.held))}
 
-    def _leader(self, prompt: Sequence[int], added: list[Row], match: dict[int, int] | None
-                ) -> tuple[Row | None, int]:
+    def _leader(self, prompt: Sequence[int], sampling: SamplingConfig, added: list[Row],
+                match: dict[int, int] | None) -> tuple[Row | None, int]:
         """The row among `added` (this call's, not themselves waiting) whose prompt shares
         the longest start with `prompt` -> (it, that many tokens), when that start is long
-        enough and longer than any KV row holds (match: _held_starts); (None, 0) otherwise."""
+        enough and longer than any KV row holds (match: _held_starts); (None, 0) otherwise.
+        A prompt scored whole (prompt_logprobs) follows only a row that scores its own with
+        as many alternatives, and takes its start less the last token (_held_starts)."""
         if match is None:
             return None, 0
         want = prompt[:-1]
+        top = sampling.logprobs or 0
         best, n = None, 0
         for r in added:
-            if r.leader is None:
-                m = common_prefix(want, r.prompt)
+            if r.leader is None and (not sampling.prompt_logprobs or r.prompt_logprobs
+                                     is not None and (r.sampling.logprobs or 0) >= top):
+                m = common_prefix(want, r.prompt) - bool(sampling.prompt_logprobs)
                 if m > n:
                     best, n = r, m
         if best is None or n <= max(match.values()) or n < min(self.SHARE_MIN, len(want)):
@@ -258,6 +261,10 @@ class DecodeBatch:
         self.model.kv.copy_prefix(r.leader.kv_row, r.kv_row, n)
         r.length = r.cached = n
         del r.pending[:n]
+        if r.prompt_logprobs is not None:  # the leader's scores of tokens 1..n
+            k = r.sampling.logprobs or 0
+            r.prompt_logprobs = [None] + [(lp, alts[:k]) for lp, alts
+                                          in r.leader.prompt_logprobs[1:n + 1]]
         r.leader = None
 
     def _take_row(self, match: dict[int, int] | None) -> tuple[int, int, list]:

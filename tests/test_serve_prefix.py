@@ -133,6 +133,36 @@ def test_scored_prompts_take_a_scored_prefix(tmp_path, chunk):
     assert all(len(e[1]) == 1 for e in fewer.prompt_logprobs[0][1:])
 
 
+def test_scored_prompts_added_together_read_their_context_once(tmp_path):
+    """The continuations of one context sent in one request (lm-evaluation-harness batches
+    them): the first reads the context, the others copy it with its scores and read their
+    own tokens; every score is a fresh read's. A prompt that wants more alternatives than
+    its would-be leader scores reads alone."""
+    hf = build_hf("mixtral")
+    hf.save_pretrained(tmp_path)
+    context = random_ids(20, 21)
+    ends = [random_ids(3, 22 + i) for i in range(3)]
+    prompts = [context + e for e in ends]
+    scored = SamplingConfig(logprobs=2, prompt_logprobs=True)
+    m = serve(tmp_path, max_batch=3)
+    res = generate(m, prompts, 1, scored)
+    assert res.stats["cached_tokens"] == 2 * (len(context) - 1)
+    fresh = generate(serve(tmp_path, max_batch=3, prefix_cache=False), prompts, 1, scored)
+    for got, want in zip(res.prompt_logprobs, fresh.prompt_logprobs, strict=True):
+        assert len(got) == len(want) and got[0] is None
+        torch.testing.assert_close(torch.tensor([e[0] for e in got[1:]]),
+                                   torch.tensor([e[0] for e in want[1:]]), rtol=1e-4, atol=1e-4)
+        assert [[t for t, _ in e[1]] for e in got[1:]] == [[t for t, _ in e[1]]
+                                                          for e in want[1:]]
+    assert res.token_ids == fresh.token_ids
+    batch = DecodeBatch(serve(tmp_path, max_batch=3))
+    rows = batch.add(prompts[:2], [1, 1], sampling=[
+        scored, SamplingConfig(logprobs=3, prompt_logprobs=True)])
+    while batch.live:
+        batch.step()
+    assert [r.cached for r in rows] == [0, 0]
+
+
 def test_a_write_the_cache_was_not_told_of_is_not_reused(tmp_path):
     """A forward straight into a row (not through DecodeBatch) leaves it holding only the
     tokens before the write: a later prompt equal to the old one reuses those alone and
