@@ -101,7 +101,9 @@ class _Read:
     """What one step reads of the prompts of `rows` (DecodeBatch._plan_read): rounds of one
     chunk per row (rows, tokens of each, where each goes, next-token targets or None), their
     OffloadedModel.step arguments (specs), the rows that score their prompt (want, by id) and
-    how many alternatives (top), and where each row's reading ends (start, by id)."""
+    how many alternatives (top), where each row's reading ends (start, by id), the waiting
+    rows that join each round (joins) and the KV copies that take them their leader's start
+    (copies: OffloadedModel.prefill's)."""
 
     rows: list[Row]
     rounds: list[tuple]
@@ -109,6 +111,8 @@ class _Read:
     want: set[int]
     top: int
     start: dict[int, int]
+    joins: dict[int, list[Row]]
+    copies: dict[int, list[tuple[int, int, int]]]
 
 
 class DecodeBatch:
@@ -254,14 +258,21 @@ class DecodeBatch:
         return row
 
     def _follow(self, r: Row) -> None:
-        """Row r's leader has read their shared start: r copies it from the leader's KV row
-        and reads only the rest of its prompt (at least its last token, whose logits
-        choose its first new token)."""
+        """Row r's leader has read their shared start in an earlier step: r copies it from
+        the leader's KV row and reads only the rest of its prompt (at least its last token,
+        whose logits choose its first new token)."""
         n = r.share
         self.model.kv.copy_prefix(r.leader.kv_row, r.kv_row, n)
         r.length = r.cached = n
         del r.pending[:n]
-        if r.prompt_logprobs is not None:  # the leader's scores of tokens 1..n
+        self._took(r)
+
+    def _took(self, r: Row) -> None:
+        """Row r holds its leader's first r.share positions now: the tokens (and scores)
+        they hold, and the leader's scores of tokens 1..share when r scores its prompt."""
+        kv, n, src = self.model.kv, r.share, r.leader.kv_row
+        kv.held[r.kv_row], kv.scores[r.kv_row] = kv.held[src][:n], kv.scores[src][:n]
+        if r.prompt_logprobs is not None:
             k = r.sampling.logprobs or 0
             r.prompt_logprobs = [None] + [(lp, alts[:k]) for lp, alts
                                           in r.leader.prompt_logprobs[1:n + 1]]
@@ -298,21 +309,21 @@ class DecodeBatch:
         prompts of the rows still reading theirs, layer by layer (OffloadedModel.prefill), so
         each expert a layer needs crosses to the device once for all of them; rows whose
         prompt is then all in choose their first token -> the rows that ended in it."""
-        filling = [r for r in self.live if r.pending and r.leader is None]
+        filling = [r for r in self.live if r.pending]  # with rows waiting for a leader
         decoding = [r for r in self.live if r.out]
         t0 = time.perf_counter()
         read = self._plan_read(filling, self._read_limit(bool(decoding))) if filling else None
         jobs = read.specs if read is not None else []
-        top = read.top if read is not None else 0
+        top, copies = (read.top, read.copies) if read is not None else (0, {})
         dec = None
         if decoding:
             ids = torch.tensor([[r.out[-1]] for r in decoding], device=self.model.device)
             dec = (ids, [r.kv_row for r in decoding], [r.length for r in decoding],
                    [1] * len(decoding), None)
         if self.joint:
-            outs = self.model.prefill(jobs + [dec] * (dec is not None), top)
+            outs = self.model.prefill(jobs + [dec] * (dec is not None), top, copies)
         else:  # the prompts' forward, then the decode's (for comparison)
-            outs = (self.model.prefill(jobs, top) if jobs else []) + (
+            outs = (self.model.prefill(jobs, top, copies) if jobs else []) + (
                 self.model.prefill([dec]) if dec is not None else [])
         rows, logits = [], []
         if read is not None:
@@ -326,7 +337,7 @@ class DecodeBatch:
             rows, logits = rows + decoding, logits + [outs[-1]]
         ended = self._choose(rows, torch.cat(logits)) if rows else []  # waits for the device
         dt = time.perf_counter() - t0  # a step that reads and decodes counts in both
-        self.prefill_s += dt if filling else 0.0
+        self.prefill_s += dt if read is not None else 0.0
         self.decode_s += dt if decoding else 0.0
         return ended
 
@@ -339,15 +350,37 @@ class DecodeBatch:
             return 0
         return self.model.scfg.prefill_step_tokens if decoding else None
 
-    def _plan_read(self, rows: list[Row], limit: int | None) -> _Read:
+    def _plan_read(self, rows: list[Row], limit: int | None) -> _Read | None:
         """Take the next prefill chunks of rows' prompts, a round of one chunk per row at a
-        time, until the prompts are in or the rounds hold `limit` tokens (_read_limit)."""
-        want = {id(r) for r in rows if r.prompt_logprobs is not None}
-        top = max((r.sampling.logprobs or 0 for r in rows if id(r) in want), default=0)
-        start = {id(r): r.length for r in rows}
+        time, until the prompts are in or the rounds hold `limit` tokens (_read_limit). A
+        row waiting for its leader joins the first round after the leader's rounds cover
+        their shared start: in each layer it takes the leader's keys and values of that start
+        just before its own chunk (OffloadedModel.prefill's copies), so the start is read
+        once and the whole group still passes the experts once. None: nothing to read (only
+        rows whose leader reads later)."""
+        readers = [r for r in rows if r.leader is None]
+        if not readers:
+            return None
+        ids_ = {id(r) for r in readers}
+        waiting = [r for r in rows if r.leader is not None and id(r.leader) in ids_]
+        want = {id(r) for r in readers + waiting if r.prompt_logprobs is not None}
+        top = max((r.sampling.logprobs or 0 for r in readers + waiting if id(r) in want),
+                  default=0)
+        start = {id(r): r.length for r in readers}
         rounds, n = [], 0  # (rows, tokens of each, where each goes, targets or None)
-        while any(r.pending for r in rows) and (not rounds or limit is None or n < limit):
-            rounds.append(self._next_chunks([r for r in rows if r.pending], want, start))
+        joins: dict[int, list[Row]] = {}  # round -> the waiting rows that join in it
+        while not rounds or limit is None or n < limit:
+            for f in [f for f in waiting if start[id(f.leader)] >= f.share]:
+                waiting.remove(f)
+                joins.setdefault(len(rounds), []).append(f)
+                f.length = f.cached = f.share
+                del f.pending[:f.share]
+                start[id(f)] = f.share
+                readers.append(f)
+            active = [r for r in readers if r.pending]
+            if not active:
+                break
+            rounds.append(self._next_chunks(active, want, start))
             n += sum(map(len, rounds[-1][1]))
         specs = []
         for rr, toks, at, targets in rounds:
@@ -356,7 +389,9 @@ class DecodeBatch:
                 ids[j, :len(t)] = torch.tensor(t)
             specs.append((ids.to(self.model.device), [r.kv_row for r in rr], at,
                           list(map(len, toks)), targets))
-        return _Read(rows, rounds, specs, want, top, start)
+        copies = {k: [(f.leader.kv_row, f.kv_row, f.share) for f in fs]
+                  for k, fs in joins.items()}
+        return _Read(readers, rounds, specs, want, top, start, joins, copies)
 
     def _record_read(self, read: _Read, outs: list) -> tuple[list[Row], torch.Tensor | None]:
         """Book what the forward of read's chunks wrote (outs: one step result each): the
@@ -364,7 +399,9 @@ class DecodeBatch:
         shared start -> (the rows whose prompt is all in, the logits [n, V] of their last
         prompt token)."""
         last: dict[int, torch.Tensor] = {}  # each row's logits after its last chunk
-        for (rr, toks, _, targets), out in zip(read.rounds, outs, strict=True):
+        for k, ((rr, toks, _, targets), out) in enumerate(zip(read.rounds, outs, strict=True)):
+            for f in read.joins.get(k, ()):  # the start it took from its leader, in every layer
+                self._took(f)
             logits = out if targets is None else out[0]
             for j, (r, t) in enumerate(zip(rr, toks, strict=True)):
                 self.model.kv.record(r.kv_row, r.length, t)

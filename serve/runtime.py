@@ -111,12 +111,17 @@ class KVCache:
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Row dst takes row src's first n positions (and their tokens)."""
-        end = n + self.offset
-        self.k[:, dst, :, :end] = self.k[:, src, :, :end]
-        if self.v is not None:
-            self.v[:, dst, :, :end] = self.v[:, src, :, :end]
+        self.copy_entries(src, dst, n)
         self.held[dst] = self.held[src][:n]
         self.scores[dst] = self.scores[src][:n]
+
+    def copy_entries(self, src: int, dst: int, n: int, layer: int | None = None) -> None:
+        """Row dst takes row src's keys and values of positions [0, n), in every layer or
+        in one (the caller keeps held and scores)."""
+        end, at = n + self.offset, slice(None) if layer is None else layer
+        self.k[at, dst, :, :end] = self.k[at, src, :, :end]
+        if self.v is not None:
+            self.v[at, dst, :, :end] = self.v[at, src, :, :end]
 
     @staticmethod
     def dims(cfg) -> tuple[int, int, int]:
@@ -343,18 +348,26 @@ class OffloadedModel:
         return self.prefill([(ids, rows, start, n, targets)], top)[0]
 
     @torch.no_grad()
-    def prefill(self, chunks: Sequence[tuple], top: int = 0) -> list:
+    def prefill(self, chunks: Sequence[tuple], top: int = 0,
+                copies: dict[int, list[tuple[int, int, int]]] | None = None) -> list:
         """Several `step`s, (ids, rows, start, n, targets) each, run layer by layer: every
         chunk passes layer i's attention (each chunk's keys and values are written before
         the next chunk's queries read them), then layer i's MoE runs for all their tokens at
         once, a group of experts that fits the slots at a time, each group over every chunk
         in turn. So a long prompt read in chunks moves each expert of a layer to the device
         once, not once per chunk, and activations stay those of one chunk (besides the
-        chunks' residual streams, held at once) -> one step result per chunk."""
+        chunks' residual streams, held at once) -> one step result per chunk.
+        copies {chunk k: [(src row, dst row, n)]}: in each layer, just before chunk k's
+        attention, row dst takes row src's keys and values of positions [0, n) (written by
+        earlier chunks of this pass: a start shared by prompts read together is read once)."""
         ctxs = [self._context(ids, rows, start, n) for ids, rows, start, n, _ in chunks]
         xs = [self.model.embed(ids) for ids, *_ in chunks]
+        copies = copies or {}
         for i in range(len(self.model.layers)):
-            xs = [self._attend(i, x, ctx) for x, ctx in zip(xs, ctxs, strict=True)]
+            for k, ctx in enumerate(ctxs):
+                for src, dst, n in copies.get(k, ()):
+                    self.kv.copy_entries(src, dst, n, layer=i)
+                xs[k] = self._attend(i, xs[k], ctx)
             xs = self._mlp(i, xs, [ctx.q_valid for ctx in ctxs])
         return [self._head(x, ctx, t, top)
                 for x, ctx, (*_, t) in zip(xs, ctxs, chunks, strict=True)]

@@ -187,3 +187,21 @@ def test_serve_bench_keeps_our_rows_when_a_time_limit_stops_the_baseline(tmp_pat
     assert "**Partial**" in text and "stopped by the time limit" in text
     assert "4/16 (25%)" in text and "8/16 (50%)" not in text  # the next budget never ran
     assert "Batched decode" not in text
+
+
+def test_serve_score_bench_smoke(tmp_path):
+    """Scoring continuations of shared contexts: reuse reads fewer prompt tokens and gives
+    the scores of whole reads."""
+    from bench.serve_score import main
+
+    out = tmp_path / "results.md"
+    main(["--smoke", "--layers", "2", "--questions", "2", "--choices", "3",
+          "--context-tokens", "20", "--continuation-tokens", "4", "--out", str(out),
+          "--dir", str(tmp_path / "model")])
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.read_text().splitlines()
+            if line.startswith("| whole") or line.startswith("| reuse")}
+    assert set(rows) == {"whole", "reuse, one at a time", "reuse, together"}
+    assert int(rows["whole"][4]) == 2 * 3 * 24
+    for mode in ("reuse, one at a time", "reuse, together"):
+        assert int(rows[mode][4]) == 2 * (24 + 2 * 5)  # the context less one token taken
+        assert float(rows[mode][7]) < 1e-4

@@ -202,7 +202,7 @@ def test_the_same_prompt_added_together_is_read_once(tmp_path):
 
 def test_prompts_added_together_share_their_common_start(tmp_path):
     """Prompts that start alike (a 20-token system prompt, then different questions), added
-    at once: the first reads the start for all, the others copy it and read their own rest;
+    at once: the first reads the start for all, the others take it and read their own rest;
     a start shorter than DecodeBatch.SHARE_MIN is read by each. All answer as transformers
     does."""
     hf = build_hf("olmoe")
@@ -214,6 +214,23 @@ def test_prompts_added_together_share_their_common_start(tmp_path):
     assert res.stats["cached_tokens"] == 2 * len(system)
     for b, p in enumerate(prompts):
         assert_like_hf(hf, res, b, p, 4)
+    # in one step (one pass over the experts): in each layer the others take the start
+    # just after the first row's chunks wrote it; a chunk a step (layerwise=False), they
+    # copy it once the first row has read it
+    for layerwise, steps in ((True, 1), (False, 7)):  # 5 chunks of start, then 2 rounds
+        batch = DecodeBatch(serve(tmp_path, max_batch=3), keep_logits=True,
+                            layerwise=layerwise)
+        rows = batch.add(prompts, [4] * 3)
+        for _ in range(steps):
+            assert not all(r.out for r in rows)
+            batch.step()
+        assert all(r.out for r in rows) and [r.cached for r in rows] == [0, 20, 20]
+        while batch.live:
+            batch.step()
+        for r, want in zip(rows, res.token_ids, strict=True):
+            assert r.out == want
+            torch.testing.assert_close(torch.stack(r.logits), res.logits[rows.index(r)],
+                                       rtol=1e-5, atol=1e-5)
     short = [system[:5] + random_ids(6, 20 + i) for i in range(2)]
     m = serve(tmp_path, max_batch=3)
     assert generate(m, short, 2).stats["cached_tokens"] == 0
