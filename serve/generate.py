@@ -313,6 +313,9 @@ class DecodeBatch:
         decoding = [r for r in self.live if r.out]
         t0 = time.perf_counter()
         read = self._plan_read(filling, self._read_limit(bool(decoding))) if filling else None
+        if read is None and not decoding and self.live:  # never spin: name it instead
+            raise RuntimeError(f"no row of {len(self.live)} can advance (each waits for a "
+                               "leader that reads nothing); this is a bug")
         jobs = read.specs if read is not None else []
         top, copies = (read.top, read.copies) if read is not None else (0, {})
         dec = None
