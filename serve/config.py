@@ -23,6 +23,7 @@ _FIELD_TYPES = {
     "prefix_cache": ("true or false", (bool,)),
     "prefill_step_tokens": ("an integer", (int, _NONE)),
     "host_compute_tokens": ("an integer", (int,)),
+    "speculate": ("an integer", (int,)),
 }
 
 
@@ -53,6 +54,10 @@ class ServeConfig:
     pairs use runs on the host CPU from its host copy, beside the device's work, instead of
     evicting a resident expert to be copied in (as Fiddler does: a CPU reads an expert for a
     few tokens faster than PCIe moves it); 0: every expert runs on the device.
+    speculate: greedy rows draft up to this many tokens a step by prompt lookup (the tokens
+    that followed the latest earlier occurrence of their last few) and verify them in the
+    same forward, keeping those that are the model's own argmax: the same tokens, in fewer
+    steps where the answer repeats its prompt (code edits, quotes, summaries); 0: off.
     prefix_cache: a prompt that begins with tokens a KV-cache row still holds (the chat so far,
     a shared system prompt) reads only the rest (serve.generate.DecodeBatch).
     """
@@ -74,6 +79,7 @@ class ServeConfig:
     prefix_cache: bool = True
     prefill_step_tokens: int | None = None
     host_compute_tokens: int = 0
+    speculate: int = 0
 
     def check(self) -> None:
         choices = {"device": ("auto", "cuda", "cpu"),
@@ -89,6 +95,8 @@ class ServeConfig:
             # a bool is an int to isinstance: only fields that take one accept it
             if not isinstance(value, types) or isinstance(value, bool) and bool not in types:
                 raise ValueError(f"{name} must be {what}, got {value!r}")
+        if self.speculate < 0:
+            raise ValueError(f"speculate must be >= 0, got {self.speculate}")
         if self.host_compute_tokens < 0:
             raise ValueError(f"host_compute_tokens must be >= 0, got {self.host_compute_tokens}")
         if self.prefetch_min_weight < 0:

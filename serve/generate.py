@@ -80,6 +80,8 @@ class Row:
     leader: Row | None = None
     share: int = 0
     constraint: Constraint | None = None  # its place in sampling.grammar
+    drafted: int = 0  # tokens drafted for it by prompt lookup (DecodeBatch._draft)
+    accepted: int = 0  # of those, the ones verified
     stats: dict = field(default_factory=dict)  # set when it ends
     logits: list[torch.Tensor] = field(default_factory=list)  # [V] per token, when kept
     # per new token, when sampling.logprobs is set (else None): (its log-probability,
@@ -149,6 +151,7 @@ class DecodeBatch:
         step while rows decode (what steps did before they were one forward)."""
         self.model = model
         self.layerwise, self.joint = layerwise, joint
+        self.speculate = model.scfg.speculate
         self.reuse = model.scfg.prefix_cache if reuse_prefix is None else reuse_prefix
         self.capacity = capacity or model.max_batch
         if not 1 <= self.capacity <= model.max_batch:
@@ -159,6 +162,7 @@ class DecodeBatch:
         self.live: list[Row] = []
         self._free = list(range(self.capacity))  # KV-cache rows, lowest first
         self.prefill_s = self.decode_s = 0.0  # seconds in prefill / decode forwards so far
+        self.steps = 0  # forwards so far
 
     @property
     def free(self) -> int:
@@ -318,27 +322,46 @@ class DecodeBatch:
                                "leader that reads nothing); this is a bug")
         jobs = read.specs if read is not None else []
         top, copies = (read.top, read.copies) if read is not None else (0, {})
-        dec = None
-        if decoding:
-            ids = torch.tensor([[r.out[-1]] for r in decoding], device=self.model.device)
-            dec = (ids, [r.kv_row for r in decoding], [r.length for r in decoding],
-                   [1] * len(decoding), None)
+        dec, drafts = None, [self._draft(r) for r in decoding]
+        if decoding:  # each row's last token, and the tokens drafted to follow it
+            ids = torch.zeros(len(decoding), 1 + max(map(len, drafts)), dtype=torch.long)
+            targets = None
+            if any(drafts):  # scored against the drafts: each position's argmax
+                targets = torch.full(ids.shape, -1, dtype=torch.long)
+                top = max(top, 1)
+            for j, (r, d) in enumerate(zip(decoding, drafts, strict=True)):
+                ids[j, :1 + len(d)] = torch.tensor([r.out[-1]] + d)
+                if d:
+                    targets[j, :len(d)] = torch.tensor(d)
+            dec = (ids.to(self.model.device), [r.kv_row for r in decoding],
+                   [r.length for r in decoding], [1 + len(d) for d in drafts], targets)
         if self.joint:
             outs = self.model.prefill(jobs + [dec] * (dec is not None), top, copies)
         else:  # the prompts' forward, then the decode's (for comparison)
             outs = (self.model.prefill(jobs, top, copies) if jobs else []) + (
-                self.model.prefill([dec]) if dec is not None else [])
+                self.model.prefill([dec], top) if dec is not None else [])
         rows, logits = [], []
         if read is not None:
             rows, last = self._record_read(read, outs[:len(jobs)])
             logits = [last] if rows else []
+        ended = []
         if decoding:
-            for r in decoding:
+            out = outs[-1]
+            plain = [j for j, d in enumerate(drafts) if not d]
+            for j in plain:
+                r = decoding[j]
                 self.model.kv.record(r.kv_row, r.length, r.out[-1:])
                 r.length += 1
+            for r in decoding:
                 r.peak_batch = max(r.peak_batch, len(decoding))
-            rows, logits = rows + decoding, logits + [outs[-1]]
-        ended = self._choose(rows, torch.cat(logits)) if rows else []  # waits for the device
+            rows += [decoding[j] for j in plain]
+            logits += [(out if dec[4] is None else out[0])[plain]]
+            spec = [j for j, d in enumerate(drafts) if d]
+            if spec:
+                ended += self._verify([decoding[j] for j in spec], [drafts[j] for j in spec],
+                                      [x[spec] for x in out])
+        ended += self._choose(rows, torch.cat(logits)) if rows else []  # waits for the device
+        self.steps += 1
         dt = time.perf_counter() - t0  # a step that reads and decodes counts in both
         self.prefill_s += dt if read is not None else 0.0
         self.decode_s += dt if decoding else 0.0
@@ -459,26 +482,33 @@ class DecodeBatch:
         nxt = sample_rows(adjusted, [r.sampling for r in rows],  # waits for the device
                           [r.gen for r in rows])
         now = time.perf_counter()
-        ended = []
-        for j, (r, t) in enumerate(zip(rows, nxt, strict=True)):
-            if self.keep_logits:
-                r.logits.append(logits[j].cpu())
-            if r.logprobs is not None:
-                r.logprobs.append(token_logprobs(logits[j], t, r.sampling.logprobs))
-            if not r.out:
-                r.t_first = now
-            r.out.append(t)
-            if r.constraint is not None:
-                r.constraint.accept(t)
-            if r.on_token is not None and r.on_token(t):  # e.g. the caller saw a stop string
-                r.done, r.finish_reason = True, "stop"
-            elif (t in self.stops and not r.sampling.ignore_eos
-                  or r.constraint is not None and r.constraint.done):
-                r.done, r.finish_reason = True, "stop"
-            elif len(r.out) >= r.limit or r.length >= self.model.max_context:
-                r.done = True
-            if r.done:
-                ended.append(r)
+        ended = [r for j, (r, t) in enumerate(zip(rows, nxt, strict=True))
+                 if self._emit(r, t, logits[j], now)]
+        return self._end(ended)
+
+    def _emit(self, r: Row, t: int, logits: torch.Tensor | None, now: float) -> bool:
+        """Row r's next token is t (its logits [V], kept or scored when asked) -> whether r
+        ends with it (a stop token, the caller's stop, its grammar's end, its limit)."""
+        if self.keep_logits:
+            r.logits.append(logits.cpu())
+        if r.logprobs is not None:
+            r.logprobs.append(token_logprobs(logits, t, r.sampling.logprobs))
+        if not r.out:
+            r.t_first = now
+        r.out.append(t)
+        if r.constraint is not None:
+            r.constraint.accept(t)
+        if r.on_token is not None and r.on_token(t):  # e.g. the caller saw a stop string
+            r.done, r.finish_reason = True, "stop"
+        elif (t in self.stops and not r.sampling.ignore_eos
+              or r.constraint is not None and r.constraint.done):
+            r.done, r.finish_reason = True, "stop"
+        elif len(r.out) >= r.limit or r.length >= self.model.max_context:
+            r.done = True
+        return r.done
+
+    def _end(self, ended: list[Row]) -> list[Row]:
+        """Rows that ended: their stats, their KV rows freed -> ended."""
         if ended:
             self.model.synchronize()
             now = time.perf_counter()
@@ -489,6 +519,55 @@ class DecodeBatch:
             self._free.sort()
             self.live = [r for r in self.live if not r.done]
         return ended
+
+    # -- speculation (prompt lookup) ---------------------------------------------------------
+    def _speculates(self, r: Row) -> bool:
+        """Whether row r verifies drafted tokens: greedy, its logits neither adjusted, kept
+        nor scored (a draft is accepted where it is the argmax)."""
+        return (self.speculate > 0 and not self.keep_logits and r.sampling.temperature == 0
+                and not _adjusts(r) and r.logprobs is None)
+
+    def _draft(self, r: Row) -> list[int]:
+        """The tokens that followed the latest earlier occurrence of the last (3, else 2, 1)
+        tokens of row r's prompt and answer (prompt lookup), as many as the row may take."""
+        room = min(self.speculate, r.limit - len(r.out) - 1,
+                   self.model.max_context - r.length - 1)
+        if room <= 0 or not self._speculates(r):
+            return []
+        return lookup(list(r.prompt) + r.out, room)
+
+    def _verify(self, rows: list[Row], drafts: list[list[int]], out) -> list[Row]:
+        """Rows that wrote their last token and drafts in one forward (out: its step result
+        with per-position top ids): each takes its drafts up to the first that is not the
+        argmax after what precedes it, then the argmax there (or after the last draft) ->
+        the rows that ended."""
+        logits, _, top_ids, _ = out
+        greedy = top_ids[..., 0].tolist()
+        last = logits.argmax(-1).tolist()
+        now = time.perf_counter()
+        ended = []
+        for j, (r, d) in enumerate(zip(rows, drafts, strict=True)):
+            a = next((s for s, t in enumerate(d) if greedy[j][s] != t), len(d))
+            self.model.kv.record(r.kv_row, r.length, [r.out[-1]] + d[:a])
+            r.drafted, r.accepted = r.drafted + len(d), r.accepted + a
+            for t in d[:a] + [greedy[j][a] if a < len(d) else last[j]]:
+                r.length += 1  # as a step a token would be: what precedes t is written
+                if self._emit(r, t, None, now):
+                    ended.append(r)
+                    break
+        return self._end(ended)
+
+
+def lookup(context: Sequence[int], k: int, longest: int = 3) -> list[int]:
+    """Prompt lookup: the (up to) k tokens that followed the latest earlier occurrence of the
+    last n tokens of context, for n = longest down to 1 -> [] where there is none."""
+    end = len(context)
+    for n in range(min(longest, end - 1), 0, -1):
+        tail = list(context[end - n:])
+        for at in range(end - n - 1, -1, -1):
+            if list(context[at:at + n]) == tail:
+                return list(context[at + n:at + n + k])
+    return []
 
 
 def _adjusts(r: Row) -> bool:
@@ -514,6 +593,7 @@ def _row_stats(r: Row, model_stats: dict) -> dict:
     decode_s = r.t_done - r.t_first
     n = len(r.out)
     return {"prompt_tokens": r.prompt_len, "cached_tokens": r.cached, "new_tokens": n,
+            "drafted_tokens": r.drafted, "accepted_tokens": r.accepted,
             "ttft_s": r.t_first - r.t_added,
             "decode_s": decode_s,
             "tokens_per_s": (n - 1) / decode_s if decode_s > 0 and n > 1 else 0.0,
@@ -559,6 +639,8 @@ def generate(model: OffloadedModel, prompts: Sequence[Sequence[int]],
     cached = sum(r.cached for r in rows)
     decode_tokens = n_new - len(rows)  # each first token comes from its prefill
     stats = {"prompt_tokens": n_prompt, "cached_tokens": cached, "new_tokens": n_new,
+             "drafted_tokens": sum(r.drafted for r in rows),
+             "accepted_tokens": sum(r.accepted for r in rows), "steps": batch.steps,
              "ttft_s": sum(r.t_first - t0 for r in rows) / len(rows),
              "decode_s": batch.decode_s,
              "tokens_per_s": decode_tokens / batch.decode_s if batch.decode_s > 0 else 0.0,

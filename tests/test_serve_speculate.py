@@ -1,0 +1,105 @@
+"""Speculation by prompt lookup (ServeConfig.speculate): greedy rows draft the tokens that
+followed the latest earlier occurrence of their last few and verify them in the step's one
+forward, keeping those the model's argmax confirms. The tokens are those of decoding one at
+a time (transformers' greedy ones), in fewer steps where the answer repeats its context; stop
+tokens, limits and rows that do not speculate (sampled, seeded) behave as without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from serve.config import ServeConfig  # noqa: E402
+from serve.generate import DecodeBatch, generate, lookup  # noqa: E402
+from serve.runtime import OffloadedModel  # noqa: E402
+from serve.sampling import SamplingConfig  # noqa: E402
+from tests.hf_models import build_hf, hf_greedy  # noqa: E402
+from tests.test_serve_reasoning import save_scripted  # noqa: E402
+
+CYCLE = ["a", "b", "c", "d", "e"]
+WORDS = ["[UNK]", "<eos>"] + CYCLE
+
+
+def serve(d, **kw) -> OffloadedModel:
+    kw = {"max_context": 64, "dtype": "float32", **kw}
+    return OffloadedModel(ServeConfig(model=str(d), **kw))
+
+
+def test_lookup_drafts_what_followed_the_latest_match():
+    assert lookup([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 3) == [7, 5, 1]  # the latest of two
+    assert lookup([4, 2, 3, 8, 6, 2, 3], 2) == [8, 6]  # 3 tokens unseen: the last 2
+    assert lookup([5, 6, 7], 4) == [] and lookup([5], 4) == []
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_greedy_tokens_are_transformers_with_fewer_steps(tmp_path, family):
+    hf = build_hf(family)
+    hf.save_pretrained(tmp_path)
+    pattern = torch.randint(1, 300, (6,), generator=torch.Generator().manual_seed(3)).tolist()
+    prompts = [pattern * 4, pattern[:4] * 3 + [7]]
+    want = [hf_greedy(hf, p, 16) for p in prompts]
+    runs = {k: generate(serve(tmp_path, speculate=k, max_batch=2), prompts, 16)
+            for k in (0, 4)}
+    for r in runs.values():
+        assert r.token_ids == want
+    assert runs[0].stats["drafted_tokens"] == 0
+    assert runs[4].stats["accepted_tokens"] > 0
+    one = {k: generate(serve(tmp_path, speculate=k), prompts[:1], 16).stats for k in (0, 4)}
+    assert one[4]["steps"] < one[0]["steps"] == 16
+
+
+@pytest.fixture(scope="module")
+def cycle_dir(tmp_path_factory):
+    """A scripted model whose greedy answer walks a b c d e a b ... (after "d", "e"; with
+    eos "d", it stops there)."""
+    d = tmp_path_factory.mktemp("cycle")
+    save_scripted(d, WORDS, CYCLE + ["a"], "{{ messages }}", "<eos>", ["<eos>"])
+    return d
+
+
+def ids(*words: str) -> list[int]:
+    return [WORDS.index(w) for w in words]
+
+
+def test_a_repeating_answer_takes_k_plus_one_tokens_a_step(cycle_dir):
+    prompt = ids(*CYCLE, *CYCLE, "a")
+    plain = generate(serve(cycle_dir), [prompt], 21)
+    fast = generate(serve(cycle_dir, speculate=4), [prompt], 21)
+    assert fast.token_ids == plain.token_ids == [ids(*(CYCLE * 5)[1:22])]
+    assert plain.stats["steps"] == 21  # one prefill, then a token a step
+    assert fast.stats["steps"] == 5  # the prefill's token, then 5 a step
+    assert fast.stats["accepted_tokens"] == fast.stats["drafted_tokens"] == 16
+    short = generate(serve(cycle_dir, speculate=4), [prompt], 3)  # the limit holds
+    assert short.token_ids == [ids("b", "c", "d")] and short.finish_reasons == ["length"]
+
+
+def test_a_stop_token_among_the_drafts_ends_the_row_there(cycle_dir, monkeypatch):
+    prompt = ids(*CYCLE, *CYCLE, "a")
+    m = serve(cycle_dir, speculate=4)
+    res = generate(m, [prompt], 20, stop_ids=ids("d"))
+    assert res.token_ids == [ids("b", "c", "d")] and res.finish_reasons == ["stop"]
+    assert res.stats["accepted_tokens"] >= 1  # "c" and "d" came from drafts
+
+
+def test_rows_that_do_not_speculate_draw_as_alone(cycle_dir):
+    """A sampled, seeded row beside a speculating greedy one draws the tokens it draws alone;
+    a row with a penalty does not speculate."""
+    prompt = ids(*CYCLE, *CYCLE, "a")
+    sampled = SamplingConfig(temperature=20.0, seed=9)  # hot enough to leave the cycle
+    alone = generate(serve(cycle_dir), [prompt], 12, sampled).token_ids[0]
+    batch = DecodeBatch(serve(cycle_dir, speculate=3, max_batch=3))
+    rows = batch.add([prompt] * 3, [12] * 3, sampling=[
+        SamplingConfig(), sampled, SamplingConfig(repetition_penalty=1.3)])
+    while batch.live:
+        batch.step()
+    assert rows[0].out == ids(*(CYCLE * 3)[1:13]) and rows[0].accepted > 0
+    assert rows[1].out == alone and rows[1].drafted == 0
+    assert alone != rows[0].out  # the sampled row left the cycle somewhere
+    assert rows[2].drafted == 0
+
+
+def test_speculate_is_a_count():
+    with pytest.raises(ValueError, match="speculate must be >= 0"):
+        ServeConfig(model="m", speculate=-1).check()
