@@ -241,7 +241,9 @@ def _row(f, slots, total, budget, quant, r, base_run, hf_tps, hf_label, h2d,
         f"{g['decode_tokens_per_s']:.2f} / {g['expert_hit_rate']:.2f} / "
         f"{g['bytes_to_device_per_token'] / 2**20:.2f}"
         + (f" ({g['experts_on_host_per_token']:.2f} experts on the host / token)"
-           if g["experts_on_host_per_token"] else "") for g in variants]
+           if g["experts_on_host_per_token"] else "")
+        + (f" ({g['tokens_per_step']:.2f} tokens / step)" if g["tokens_per_step"] != 1 else "")
+        for g in variants]
 
 
 def _batch_row(f: float, quant: str, r: dict, one: dict) -> list[str]:
@@ -279,6 +281,9 @@ def main(argv=None) -> None:
                    help="comma-separated counts N: a column each for ours with the misses "
                    "that at most N of a step's tokens use run on the host CPU "
                    "(--host-compute-tokens)")
+    p.add_argument("--speculate", default="",
+                   help="comma-separated K: a column each for ours drafting up to K tokens "
+                   "a step by prompt lookup (--speculate)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--dir", default=None, help="where the random model is written")
@@ -308,7 +313,8 @@ def main(argv=None) -> None:
     variants = [(f"prefetch gated at {float(w):g}", {"prefetch_min_weight": float(w)})
                 for w in a.prefetch_min_weights.split(",") if w] + [
         (f"misses of <= {int(n)} tokens on the host", {"host_compute_tokens": int(n)})
-        for n in a.host_compute_tokens.split(",") if n]
+        for n in a.host_compute_tokens.split(",") if n] + [
+        (f"speculating {int(k)}", {"speculate": int(k)}) for k in a.speculate.split(",") if k]
     stopped = None
     try:
         with stop_on_sigterm():

@@ -66,8 +66,10 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
     pre = model.stats()
     model.reset_stats()
     t0 = time.perf_counter()
-    for _ in range(new_tokens):
+    steps = 0  # new_tokens each, one a step (more with speculation)
+    while decoder.live:
         decoder.step()
+        steps += 1
     model.synchronize()
     decode_s = time.perf_counter() - t0
     dec = model.stats()
@@ -80,11 +82,13 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
     mean_ctx = prompt_len + (new_tokens + 1) / 2
     kv_token = KVCache.token_nbytes(m, model.dtype)  # one token's entry, all layers
     kv_bytes = kv_token * batch * mean_ctx  # (MLA: latents; others: every KV head's k, v)
-    step_s = decode_s / new_tokens
-    # an expert read is its slot's bytes (packed when quantized)
-    # the device's reads and FLOPs (S-MBU and S-MFU are the device's; the host's are apart)
-    bytes_step = dense_params * el + on_device / new_tokens * model.slot_bytes + kv_bytes
-    flops_step = 2 * batch * (dense_params + on_device / new_tokens / batch * expert_params) \
+    step_s = decode_s / steps
+    # the device's reads and FLOPs a step (S-MBU and S-MFU are the device's; the host's
+    # apart); an expert read is its slot's bytes (packed when quantized)
+    per_step = new_tokens / steps  # tokens a row gains a step
+    bytes_step = dense_params * el + on_device / steps * model.slot_bytes + kv_bytes
+    flops_step = 2 * batch * per_step * (dense_params + on_device / new_tokens / batch
+                                         * expert_params) \
         + 4 * batch * m.n_layers * m.n_heads * m.resolved_head_dim * mean_ctx
     peak_flops, peak_bw, peak_src = device_peaks(dev)
     h2d = h2d_bandwidth(dev)
@@ -104,6 +108,7 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
         "prefetch_recall": dec["prefetch_recall"],
         "experts_used_per_token": activated / (new_tokens * batch),
         "experts_on_host_per_token": dec["experts_on_host"] / (new_tokens * batch),
+        "decode_steps": steps, "tokens_per_step": per_step,
         "expert_bytes": model.store.expert_nbytes, "kv_cache_bytes_per_token": kv_token,
         "bytes_to_device_per_token": moved_per_token,
         "bytes_to_device": pre["bytes_to_device"] + dec["bytes_to_device"],
