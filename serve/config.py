@@ -55,7 +55,7 @@ class ServeConfig:
     evicting a resident expert to be copied in (as Fiddler does: a CPU reads an expert for a
     few tokens faster than PCIe moves it); 0: every expert runs on the device.
     speculate: greedy rows draft up to this many tokens a step by prompt lookup (the tokens
-    that followed the latest earlier occurrence of their last few) and verify them in the
+    that followed the latest earlier occurrence of their last 3) and verify them in the
     same forward, keeping those that are the model's own argmax: the same tokens, in fewer
     steps where the answer repeats its prompt (code edits, quotes, summaries); 0: off.
     prefix_cache: a prompt that begins with tokens a KV-cache row still holds (the chat so far,

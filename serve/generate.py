@@ -528,8 +528,8 @@ class DecodeBatch:
                 and not _adjusts(r) and r.logprobs is None)
 
     def _draft(self, r: Row) -> list[int]:
-        """The tokens that followed the latest earlier occurrence of the last (3, else 2, 1)
-        tokens of row r's prompt and answer (prompt lookup), as many as the row may take."""
+        """The tokens that followed the latest earlier occurrence of the last 3 tokens of row
+        r's prompt and answer (prompt lookup), as many as the row may take."""
         room = min(self.speculate, r.limit - len(r.out) - 1,
                    self.model.max_context - r.length - 1)
         if room <= 0 or not self._speculates(r):
@@ -558,15 +558,15 @@ class DecodeBatch:
         return self._end(ended)
 
 
-def lookup(context: Sequence[int], k: int, longest: int = 3) -> list[int]:
+def lookup(context: Sequence[int], k: int, n: int = 3) -> list[int]:
     """Prompt lookup: the (up to) k tokens that followed the latest earlier occurrence of the
-    last n tokens of context, for n = longest down to 1 -> [] where there is none."""
+    last n tokens of context -> [] where there is none. Shorter matches draft more and are
+    right less often: a draft the model rejects still costs its experts' bytes."""
     end = len(context)
-    for n in range(min(longest, end - 1), 0, -1):
-        tail = list(context[end - n:])
-        for at in range(end - n - 1, -1, -1):
-            if list(context[at:at + n]) == tail:
-                return list(context[at + n:at + n + k])
+    tail = list(context[end - n:])
+    for at in range(end - n - 1, -1, -1) if end > n else ():
+        if list(context[at:at + n]) == tail:
+            return list(context[at + n:at + n + k])
     return []
 
 
