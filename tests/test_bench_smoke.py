@@ -206,3 +206,18 @@ def test_serve_score_bench_smoke(tmp_path):
     for mode in ("reuse, one at a time", "reuse, together"):
         assert int(rows[mode][4]) == 2 * (24 + 2 * 5)  # the context less one token taken
         assert float(rows[mode][7]) < 1e-4
+
+
+def test_serve_speculate_bench_smoke(tmp_path):
+    """Speculation compared with decoding a token a step: the same tokens, a row per K."""
+    from bench.serve_speculate import main
+    from tests.hf_models import save_served_model
+
+    save_served_model(tmp_path / "m", seed=2)
+    out, prompts = tmp_path / "results.md", tmp_path / "prompts.txt"
+    prompts.write_text("def f(a):\n    return a\ndef f(a):\n---\nimport os\nimport os\n")
+    main(["--model", str(tmp_path / "m"), "--device", "cpu", "--speculate", "2",
+          "--prompts", str(prompts), "--new-tokens", "12", "--out", str(out)])
+    rows = [line.split("|") for line in out.read_text().splitlines()
+            if line.startswith("| 0 ") or line.startswith("| 2 ")]
+    assert len(rows) == 2 and all(r[2].strip() == "yes" for r in rows)
