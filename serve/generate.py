@@ -563,10 +563,12 @@ def lookup(context: Sequence[int], k: int, n: int = 3) -> list[int]:
     last n tokens of context -> [] where there is none. Shorter matches draft more and are
     right less often: a draft the model rejects still costs its experts' bytes."""
     end = len(context)
-    tail = list(context[end - n:])
-    for at in range(end - n - 1, -1, -1) if end > n else ():
-        if list(context[at:at + n]) == tail:
-            return list(context[at + n:at + n + k])
+    if end <= n:
+        return []
+    tail, last = list(context[end - n:]), context[-1]
+    for stop in range(end - 2, n - 2, -1):  # where an earlier occurrence would end
+        if context[stop] == last and list(context[stop - n + 1:stop + 1]) == tail:
+            return list(context[stop + 1:stop + 1 + k])
     return []
 
 
