@@ -20,6 +20,7 @@ from serve.sampling import (
     seeded_rows,
     token_logprobs,
 )
+from serve.speculate import lookup
 
 
 @dataclass
@@ -322,50 +323,57 @@ class DecodeBatch:
                                "leader that reads nothing); this is a bug")
         jobs = read.specs if read is not None else []
         top, copies = (read.top, read.copies) if read is not None else (0, {})
-        dec, drafts = None, [self._draft(r) for r in decoding]
-        if decoding:  # each row's last token, and the tokens drafted to follow it
-            ids = torch.zeros(len(decoding), 1 + max(map(len, drafts)), dtype=torch.long)
-            targets = None
-            if any(drafts):  # scored against the drafts: each position's argmax
-                targets = torch.full(ids.shape, -1, dtype=torch.long)
-                top = max(top, 1)
-            for j, (r, d) in enumerate(zip(decoding, drafts, strict=True)):
-                ids[j, :1 + len(d)] = torch.tensor([r.out[-1]] + d)
-                if d:
-                    targets[j, :len(d)] = torch.tensor(d)
-            dec = (ids.to(self.model.device), [r.kv_row for r in decoding],
-                   [r.length for r in decoding], [1 + len(d) for d in drafts], targets)
+        drafts = [self._draft(r) for r in decoding]
+        dec = self._decode_job(decoding, drafts) if decoding else None
+        top = max(top, int(any(drafts)))  # drafts are checked against each position's argmax
         if self.joint:
             outs = self.model.prefill(jobs + [dec] * (dec is not None), top, copies)
         else:  # the prompts' forward, then the decode's (for comparison)
             outs = (self.model.prefill(jobs, top, copies) if jobs else []) + (
                 self.model.prefill([dec], top) if dec is not None else [])
-        rows, logits = [], []
+        rows, logits, ended = [], [], []
         if read is not None:
             rows, last = self._record_read(read, outs[:len(jobs)])
             logits = [last] if rows else []
-        ended = []
         if decoding:
-            out = outs[-1]
-            plain = [j for j, d in enumerate(drafts) if not d]
-            for j in plain:
-                r = decoding[j]
-                self.model.kv.record(r.kv_row, r.length, r.out[-1:])
-                r.length += 1
-            for r in decoding:
-                r.peak_batch = max(r.peak_batch, len(decoding))
-            rows += [decoding[j] for j in plain]
-            logits += [(out if dec[4] is None else out[0])[plain]]
-            spec = [j for j, d in enumerate(drafts) if d]
-            if spec:
-                ended += self._verify([decoding[j] for j in spec], [drafts[j] for j in spec],
-                                      [x[spec] for x in out])
+            plain, plain_logits, ended = self._decoded(decoding, drafts, outs[-1])
+            rows, logits = rows + plain, logits + [plain_logits]
         ended += self._choose(rows, torch.cat(logits)) if rows else []  # waits for the device
         self.steps += 1
         dt = time.perf_counter() - t0  # a step that reads and decodes counts in both
         self.prefill_s += dt if read is not None else 0.0
         self.decode_s += dt if decoding else 0.0
         return ended
+
+    def _decode_job(self, rows: list[Row], drafts: list[list[int]]) -> tuple:
+        """The decode chunk (OffloadedModel.step's arguments) of rows: each row's last token
+        and the tokens drafted to follow it, scored against the drafts (targets) when any."""
+        ids = torch.zeros(len(rows), 1 + max(map(len, drafts)), dtype=torch.long)
+        targets = torch.full(ids.shape, -1, dtype=torch.long) if any(drafts) else None
+        for j, (r, d) in enumerate(zip(rows, drafts, strict=True)):
+            ids[j, :1 + len(d)] = torch.tensor([r.out[-1]] + d)
+            if d:
+                targets[j, :len(d)] = torch.tensor(d)
+        return (ids.to(self.model.device), [r.kv_row for r in rows],
+                [r.length for r in rows], [1 + len(d) for d in drafts], targets)
+
+    def _decoded(self, rows: list[Row], drafts: list[list[int]], out
+                 ) -> tuple[list[Row], torch.Tensor, list[Row]]:
+        """Book the decode chunk's forward (out: its step result): rows without drafts wrote
+        their last token (-> them and their logits, to sample from); rows with drafts keep
+        the drafts the model confirms (-> the rows that ended)."""
+        logits = out if isinstance(out, torch.Tensor) else out[0]
+        plain = [j for j, d in enumerate(drafts) if not d]
+        for j in plain:
+            r = rows[j]
+            self.model.kv.record(r.kv_row, r.length, r.out[-1:])
+            r.length += 1
+        for r in rows:
+            r.peak_batch = max(r.peak_batch, len(rows))
+        spec = [j for j, d in enumerate(drafts) if d]
+        ended = self._verify([rows[j] for j in spec], [drafts[j] for j in spec],
+                             [x[spec] for x in out]) if spec else []
+        return [rows[j] for j in plain], logits[plain], ended
 
     def _read_limit(self, decoding: bool) -> int | None:
         """Most prompt tokens a step reads (it reads at least a chunk of each row's; None:
@@ -556,20 +564,6 @@ class DecodeBatch:
                     ended.append(r)
                     break
         return self._end(ended)
-
-
-def lookup(context: Sequence[int], k: int, n: int = 3) -> list[int]:
-    """Prompt lookup: the (up to) k tokens that followed the latest earlier occurrence of the
-    last n tokens of context -> [] where there is none. Shorter matches draft more and are
-    right less often: a draft the model rejects still costs its experts' bytes."""
-    end = len(context)
-    if end <= n:
-        return []
-    tail, last = list(context[end - n:]), context[-1]
-    for stop in range(end - 2, n - 2, -1):  # where an earlier occurrence would end
-        if context[stop] == last and list(context[stop - n + 1:stop + 1]) == tail:
-            return list(context[stop + 1:stop + 1 + k])
-    return []
 
 
 def _adjusts(r: Row) -> bool:

@@ -12,9 +12,10 @@ import torch
 pytest.importorskip("transformers")
 
 from serve.config import ServeConfig  # noqa: E402
-from serve.generate import DecodeBatch, generate, lookup  # noqa: E402
+from serve.generate import DecodeBatch, generate  # noqa: E402
 from serve.runtime import OffloadedModel  # noqa: E402
 from serve.sampling import SamplingConfig  # noqa: E402
+from serve.speculate import lookup  # noqa: E402
 from tests.hf_models import build_hf, hf_greedy  # noqa: E402
 from tests.test_serve_reasoning import save_scripted  # noqa: E402
 
