@@ -87,7 +87,7 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=None,
                    help="sequences decoded at once, each row reserving max-context tokens "
                    "of KV cache (generate: default one per prompt, more prompts take "
-                   "turns; http: concurrent requests decode together)")
+                   "turns; http: default 4, concurrent requests decode together)")
     p.add_argument("--prefill-step-tokens", type=int, default=None, metavar="N",
                    help="while rows decode, a step reads at most N prompt tokens (at least a "
                    "chunk of each new prompt), so the running rows wait less a step; default: "
@@ -258,10 +258,15 @@ def cmd_bench(a) -> None:
     print(json.dumps(report) if a.json else format_report(report))
 
 
+# rows the HTTP server decodes at once unless --max-batch or the preset says: concurrent
+# requests share each step's pass over the experts
+HTTP_BATCH = 4
+
+
 def cmd_http(a) -> None:
     from serve.http import serve_forever
 
-    serve_forever(_session(a, a.max_batch or 1), a.host, a.port, a.chat_template_kwargs)
+    serve_forever(_session(a, HTTP_BATCH), a.host, a.port, a.chat_template_kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:

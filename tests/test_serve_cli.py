@@ -666,3 +666,18 @@ def test_chat_reads_stdin_and_answers_through_the_template(model_dir):
         assert p.stdout.count("> ") == 3  # two answered turns, then the empty line ends it
         outs.append(p.stdout)
     assert outs[0] == outs[1]
+
+
+def test_http_decodes_four_rows_unless_told(model_dir, monkeypatch):
+    """`moe-serve http` batches 4 concurrent requests by default; --max-batch sets it."""
+    import serve.cli as cli
+    import serve.http as http
+
+    d, _ = model_dir
+    seen = []
+    monkeypatch.setattr(http, "serve_forever", lambda s, *a: seen.append(s.model.max_batch))
+    for extra in ([], ["--max-batch", "2"]):
+        args = cli.build_parser().parse_args(["http", "--model", str(d), "--quiet",
+                                              "--dtype", "float32", *extra])
+        args.func(args)
+    assert seen == [cli.HTTP_BATCH, 2] == [4, 2]
