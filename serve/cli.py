@@ -98,10 +98,11 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    "host CPU instead of crossing to the device (decode: N of 1-4 pays when "
                    "the CPU reads memory faster than PCIe moves it); default 0: off")
     p.add_argument("--speculate", type=int, default=None, metavar="K",
-                   help="greedy answers draft up to K tokens a step from the prompt and "
-                   "answer so far (prompt lookup) and keep those the model confirms in the "
-                   "same forward: the same tokens in fewer steps when the answer repeats "
-                   "its prompt; default 0: off")
+                   help="answers draft up to K tokens a step from the prompt and answer so "
+                   "far (prompt lookup) and keep those the model confirms in the same "
+                   "forward (greedy: its argmax; sampled: speculative sampling): what a "
+                   "token a step gives, in fewer steps when the answer repeats its prompt; "
+                   "default 0: off")
     p.add_argument("--offload-dir", default=None, help="where quantized disk-tier experts go")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
                    help="read every prompt whole, even where a KV-cache row holds its start "

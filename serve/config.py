@@ -54,10 +54,13 @@ class ServeConfig:
     pairs use runs on the host CPU from its host copy, beside the device's work, instead of
     evicting a resident expert to be copied in (as Fiddler does: a CPU reads an expert for a
     few tokens faster than PCIe moves it); 0: every expert runs on the device.
-    speculate: greedy rows draft up to this many tokens a step by prompt lookup (the tokens
-    that followed the latest earlier occurrence of their last 3) and verify them in the
-    same forward, keeping those that are the model's own argmax: the same tokens, in fewer
-    steps where the answer repeats its prompt (code edits, quotes, summaries); 0: off.
+    speculate: rows draft up to this many tokens a step by prompt lookup (the tokens that
+    followed the latest earlier occurrence of their last 3) and verify them in the same
+    forward (serve/speculate.py): greedy rows keep the drafts that are the model's argmax,
+    sampled rows draw by speculative sampling; the tokens (greedy) or their distribution
+    (sampled) as a token a step gives, in fewer steps where the answer repeats its prompt
+    (code edits, quotes, summaries). Rows with penalties, biases or a grammar do not
+    draft. 0: off.
     prefix_cache: a prompt that begins with tokens a KV-cache row still holds (the chat so far,
     a shared system prompt) reads only the rest (serve.generate.DecodeBatch).
     """

@@ -16,11 +16,12 @@ from serve.runtime import OffloadedModel, common_prefix
 from serve.sampling import (
     SamplingConfig,
     adjust_logits,
+    sample_probs,
     sample_rows,
     seeded_rows,
     token_logprobs,
 )
-from serve.speculate import lookup
+from serve.speculate import accept, lookup
 
 
 @dataclass
@@ -326,11 +327,12 @@ class DecodeBatch:
         drafts = [self._draft(r) for r in decoding]
         dec = self._decode_job(decoding, drafts) if decoding else None
         top = max(top, int(any(drafts)))  # drafts are checked against each position's argmax
+        keep = [len(jobs)] if any(drafts) else []  # the decode chunk's logits per position
         if self.joint:
-            outs = self.model.prefill(jobs + [dec] * (dec is not None), top, copies)
+            outs = self.model.prefill(jobs + [dec] * (dec is not None), top, copies, keep)
         else:  # the prompts' forward, then the decode's (for comparison)
             outs = (self.model.prefill(jobs, top, copies) if jobs else []) + (
-                self.model.prefill([dec], top) if dec is not None else [])
+                self.model.prefill([dec], top, keep=[0] * bool(keep)) if dec else [])
         rows, logits, ended = [], [], []
         if read is not None:
             rows, last = self._record_read(read, outs[:len(jobs)])
@@ -372,7 +374,8 @@ class DecodeBatch:
             r.peak_batch = max(r.peak_batch, len(rows))
         spec = [j for j, d in enumerate(drafts) if d]
         ended = self._verify([rows[j] for j in spec], [drafts[j] for j in spec],
-                             [x[spec] for x in out]) if spec else []
+                             [torch.cat([out[4][j], logits[j, None]]) for j in spec]
+                             ) if spec else []
         return [rows[j] for j in plain], logits[plain], ended
 
     def _read_limit(self, decoding: bool) -> int | None:
@@ -530,10 +533,9 @@ class DecodeBatch:
 
     # -- speculation (prompt lookup) ---------------------------------------------------------
     def _speculates(self, r: Row) -> bool:
-        """Whether row r verifies drafted tokens: greedy, its logits neither adjusted, kept
-        nor scored (a draft is accepted where it is the argmax)."""
-        return (self.speculate > 0 and not self.keep_logits and r.sampling.temperature == 0
-                and not _adjusts(r) and r.logprobs is None)
+        """Whether row r verifies drafted tokens: its logits not adjusted (penalties, biases,
+        a grammar, min_tokens: they would depend on the drafts before them)."""
+        return self.speculate > 0 and not _adjusts(r)
 
     def _draft(self, r: Row) -> list[int]:
         """The tokens that followed the latest earlier occurrence of the last 3 tokens of row
@@ -544,23 +546,22 @@ class DecodeBatch:
             return []
         return lookup(list(r.prompt) + r.out, room)
 
-    def _verify(self, rows: list[Row], drafts: list[list[int]], out) -> list[Row]:
-        """Rows that wrote their last token and drafts in one forward (out: its step result
-        with per-position top ids): each takes its drafts up to the first that is not the
-        argmax after what precedes it, then the argmax there (or after the last draft) ->
-        the rows that ended."""
-        logits, _, top_ids, _ = out
-        greedy = top_ids[..., 0].tolist()
-        last = logits.argmax(-1).tolist()
+    def _verify(self, rows: list[Row], drafts: list[list[int]], logits: list[torch.Tensor]
+                ) -> list[Row]:
+        """Rows that wrote their last token and drafts in one forward (logits: per row
+        [len(draft) + 1, V], after each of those): each takes what speculate.accept keeps
+        of its drafts and one token more -> the rows that ended."""
         now = time.perf_counter()
         ended = []
-        for j, (r, d) in enumerate(zip(rows, drafts, strict=True)):
-            a = next((s for s, t in enumerate(d) if greedy[j][s] != t), len(d))
+        for r, d, lg in zip(rows, drafts, logits, strict=True):
+            probs = None if r.sampling.temperature == 0 else sample_probs(lg, r.sampling)
+            took = accept(probs, lg, d, r.gen)  # waits for the device
+            a = len(took) - 1
             self.model.kv.record(r.kv_row, r.length, [r.out[-1]] + d[:a])
             r.drafted, r.accepted = r.drafted + len(d), r.accepted + a
-            for t in d[:a] + [greedy[j][a] if a < len(d) else last[j]]:
+            for s, t in enumerate(took):
                 r.length += 1  # as a step a token would be: what precedes t is written
-                if self._emit(r, t, None, now):
+                if self._emit(r, t, lg[s], now):
                     ended.append(r)
                     break
         return self._end(ended)

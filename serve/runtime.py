@@ -349,7 +349,8 @@ class OffloadedModel:
 
     @torch.no_grad()
     def prefill(self, chunks: Sequence[tuple], top: int = 0,
-                copies: dict[int, list[tuple[int, int, int]]] | None = None) -> list:
+                copies: dict[int, list[tuple[int, int, int]]] | None = None,
+                keep: Sequence[int] = ()) -> list:
         """Several `step`s, (ids, rows, start, n, targets) each, run layer by layer: every
         chunk passes layer i's attention (each chunk's keys and values are written before
         the next chunk's queries read them), then layer i's MoE runs for all their tokens at
@@ -359,7 +360,9 @@ class OffloadedModel:
         chunks' residual streams, held at once) -> one step result per chunk.
         copies {chunk k: [(src row, dst row, n)]}: in each layer, just before chunk k's
         attention, row dst takes row src's keys and values of positions [0, n) (written by
-        earlier chunks of this pass: a start shared by prompts read together is read once)."""
+        earlier chunks of this pass: a start shared by prompts read together is read once).
+        keep: chunks (with targets) whose result also holds the logits of every scored
+        position: a fifth item, per row a [positions, V] float32 tensor (or None)."""
         ctxs = [self._context(ids, rows, start, n) for ids, rows, start, n, _ in chunks]
         xs = [self.model.embed(ids) for ids, *_ in chunks]
         copies = copies or {}
@@ -369,8 +372,8 @@ class OffloadedModel:
                     self.kv.copy_entries(src, dst, n, layer=i)
                 xs[k] = self._attend(i, xs[k], ctx)
             xs = self._mlp(i, xs, [ctx.q_valid for ctx in ctxs])
-        return [self._head(x, ctx, t, top)
-                for x, ctx, (*_, t) in zip(xs, ctxs, chunks, strict=True)]
+        return [self._head(x, ctx, t, top, k in keep)
+                for k, (x, ctx, (*_, t)) in enumerate(zip(xs, ctxs, chunks, strict=True))]
 
     def _context(self, ids: torch.Tensor, rows: Sequence[int], start: Sequence[int],
                  n: Sequence[int]) -> _Chunk:
@@ -440,8 +443,10 @@ class OffloadedModel:
                                 set())
         return [x + block.mlp(h) for x, h in zip(xs, hs, strict=True)]
 
-    def _head(self, x: torch.Tensor, ctx: _Chunk, targets: torch.Tensor | None, top: int):
-        """The step's result from its final residual stream x [B, S, d] (see step)."""
+    def _head(self, x: torch.Tensor, ctx: _Chunk, targets: torch.Tensor | None, top: int,
+              keep: bool = False):
+        """The step's result from its final residual stream x [B, S, d] (see step; keep:
+        with the scored positions' logits, see prefill)."""
         model, dev, B = self.model, self.device, ctx.B
         last = x[torch.arange(B, device=dev), (ctx.count - 1).clamp(min=0)]
         logits = model.lm_head(model.norm(last)).float()
@@ -451,15 +456,19 @@ class OffloadedModel:
         lp = torch.full(t.shape, float("nan"), device=dev)
         top_ids = torch.zeros(*t.shape, top, dtype=torch.long, device=dev)
         top_lp = torch.full((*t.shape, top), float("nan"), device=dev)
+        kept: list[torch.Tensor | None] = [None] * B
         for b in range(B):  # one row's positions at a time: [S, V] logits, not [B, S, V]
             has = (t[b] >= 0) & ctx.q_valid[b]
             if has.any():
-                row = model.lm_head(model.norm(x[b][has])).float().log_softmax(-1)
+                raw = model.lm_head(model.norm(x[b][has])).float()
+                row = raw.log_softmax(-1)
                 lp[b, has] = row.gather(1, t[b][has, None])[:, 0]
                 if top:
                     best = row.topk(top, dim=-1)
                     top_ids[b, has], top_lp[b, has] = best.indices, best.values
-        return logits, lp, top_ids, top_lp
+                if keep:
+                    kept[b] = raw
+        return (logits, lp, top_ids, top_lp) + ((kept,) if keep else ())
 
     def synchronize(self) -> None:
         """Wait for the device (timings); nothing to wait for on the CPU."""

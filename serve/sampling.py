@@ -102,6 +102,12 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig,
     (applied in that order, as transformers does)."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
+    return torch.multinomial(sample_probs(logits, cfg), 1, generator=gen).squeeze(-1)
+
+
+def sample_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """logits [B, V] -> the distribution [B, V] a sampled row draws from: after temperature
+    (> 0), top-k, top-p."""
     logits = logits / cfg.temperature
     if cfg.top_k:
         kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -111,8 +117,7 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig,
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= cfg.top_p  # keep the first token past p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    return logits.softmax(-1)
 
 
 def sample_rows(logits: torch.Tensor, cfgs: Sequence[SamplingConfig],

@@ -1,8 +1,10 @@
-"""Speculation by prompt lookup (ServeConfig.speculate): greedy rows draft the tokens that
+"""Speculation by prompt lookup (ServeConfig.speculate): rows draft the tokens that
 followed the latest earlier occurrence of their last 3 and verify them in the step's one
-forward, keeping those the model's argmax confirms. The tokens are those of decoding one at
-a time (transformers' greedy ones), in fewer steps where the answer repeats its context; stop
-tokens, limits and rows that do not speculate (sampled, seeded) behave as without it."""
+forward. Greedy rows keep the drafts the model's argmax confirms: the tokens of decoding one
+at a time (transformers' greedy ones), in fewer steps where the answer repeats its context.
+Sampled rows draw by speculative sampling: the distribution of a token a step, a seeded row
+the same tokens in any batch. Stop tokens and limits hold among the drafts; penalized rows
+do not draft."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from serve.config import ServeConfig  # noqa: E402
 from serve.generate import DecodeBatch, generate  # noqa: E402
 from serve.runtime import OffloadedModel  # noqa: E402
 from serve.sampling import SamplingConfig  # noqa: E402
-from serve.speculate import lookup  # noqa: E402
+from serve.speculate import accept, lookup  # noqa: E402
 from tests.hf_models import build_hf, hf_greedy  # noqa: E402
 from tests.test_serve_reasoning import save_scripted  # noqa: E402
 
@@ -35,6 +37,25 @@ def test_lookup_drafts_what_followed_the_latest_match():
     assert lookup([5, 6, 7], 4) == [] and lookup([5], 4) == []
 
 
+def test_accept_keeps_the_distribution_of_drawing_a_token_a_step():
+    """Speculative sampling with a point-mass draft: over 20000 draws the first token taken
+    follows p0 and, after a kept draft, the next follows p1, whatever the drafts are;
+    greedy keeps the drafts that are the argmax."""
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.15, 0.25], [0.4, 0.05, 0.05, 0.2, 0.3],
+                          [0.2, 0.2, 0.2, 0.2, 0.2]])
+    gen = torch.Generator().manual_seed(0)
+    for draft in ([2, 4], [1, 1]):  # a likely draft, an unlikely one
+        taken = [accept(probs, probs.log(), draft, gen) for _ in range(20000)]
+        first = torch.bincount(torch.tensor([t[0] for t in taken]), minlength=5) / len(taken)
+        torch.testing.assert_close(first, probs[0], atol=0.015, rtol=0)
+        after = [t[1] for t in taken if t[0] == draft[0]]
+        second = torch.bincount(torch.tensor(after), minlength=5) / len(after)
+        torch.testing.assert_close(second, probs[1], atol=0.03, rtol=0)
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0], [0.0, 0.0, 5.0]])
+    assert accept(None, logits, [1, 0], None) == [1, 0, 2]
+    assert accept(None, logits, [1, 2], None) == [1, 0]
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])  # answers that repeat
 def test_greedy_tokens_are_transformers_with_fewer_steps(tmp_path, family):
     hf = build_hf(family)
@@ -48,8 +69,13 @@ def test_greedy_tokens_are_transformers_with_fewer_steps(tmp_path, family):
         assert r.token_ids == want
     assert runs[0].stats["drafted_tokens"] == 0
     assert runs[4].stats["accepted_tokens"] > 0
-    one = {k: generate(serve(tmp_path, speculate=k), prompts[:1], 16).stats for k in (0, 4)}
-    assert one[4]["steps"] < one[0]["steps"] == 16
+    one = {k: generate(serve(tmp_path, speculate=k), prompts[:1], 16, keep_logits=True)
+           for k in (0, 4)}
+    assert one[4].stats["steps"] < one[0].stats["steps"] == 16
+    with torch.no_grad():  # each kept token's logits, drafted or not, are transformers'
+        ref = hf.generate(torch.tensor(prompts[:1]), max_new_tokens=16, do_sample=False,
+                          output_logits=True, return_dict_in_generate=True)
+    torch.testing.assert_close(one[4].logits[0], torch.cat(ref.logits), rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -85,20 +111,21 @@ def test_a_stop_token_among_the_drafts_ends_the_row_there(cycle_dir, monkeypatch
     assert res.stats["accepted_tokens"] >= 1  # "c" and "d" came from drafts
 
 
-def test_rows_that_do_not_speculate_draw_as_alone(cycle_dir):
-    """A sampled, seeded row beside a speculating greedy one draws the tokens it draws alone;
-    a row with a penalty does not speculate."""
+def test_a_seeded_sampled_row_draws_as_alone_and_penalized_rows_do_not_speculate(cycle_dir):
+    """A sampled, seeded row that speculates beside a greedy one draws the tokens it draws
+    alone (its drafts and draws use its own generator only); a row with a penalty decodes a
+    token a step."""
     prompt = ids(*CYCLE, *CYCLE, "a")
     sampled = SamplingConfig(temperature=20.0, seed=9)  # hot enough to leave the cycle
-    alone = generate(serve(cycle_dir), [prompt], 12, sampled).token_ids[0]
+    alone = generate(serve(cycle_dir, speculate=3), [prompt], 12, sampled)
+    assert alone.stats["drafted_tokens"] > 0
     batch = DecodeBatch(serve(cycle_dir, speculate=3, max_batch=3))
     rows = batch.add([prompt] * 3, [12] * 3, sampling=[
         SamplingConfig(), sampled, SamplingConfig(repetition_penalty=1.3)])
     while batch.live:
         batch.step()
     assert rows[0].out == ids(*(CYCLE * 3)[1:13]) and rows[0].accepted > 0
-    assert rows[1].out == alone and rows[1].drafted == 0
-    assert alone != rows[0].out  # the sampled row left the cycle somewhere
+    assert rows[1].out == alone.token_ids[0] != rows[0].out
     assert rows[2].drafted == 0
 
 
