@@ -164,6 +164,8 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
     # residual streams, the MoE's normed inputs (and their valid rows) and outputs, and the
     # attention masks (bool, one per window size: full and sliding at most)
     act += max_batch * max(0, max_context - chunk // max_batch) * (4 * d * el + 2 * max_context)
+    if cfg.speculate:  # the drafted positions' logits and log-probabilities (float32)
+        act += 2 * max_batch * cfg.speculate * m.vocab_size * 4
     if m.attn_sinks:  # the float mask that carries the sinks
         act += chunk * (max_context + 1) * el * m.n_heads
     if store.bits is not None and get_backend(cfg.kernel_backend, resolve_device(cfg.device)) \
