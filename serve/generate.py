@@ -1,7 +1,8 @@
 """Token generation over an `OffloadedModel`: a `DecodeBatch` of sequences, each in its own
 KV-cache row, that new sequences may join between decode steps (continuous batching);
-chunked prefill, greedy or temperature / top-k / top-p sampling with a seed, stop tokens,
-streaming through a callback. `generate` runs a fixed set of prompts to the end."""
+prompts read layer by layer in the decode's forward, prefix reuse, speculation by prompt
+lookup, greedy or temperature / top-k / top-p sampling with a seed, stop tokens, streaming
+through a callback. `generate` runs a fixed set of prompts to the end."""
 
 from __future__ import annotations
 
@@ -138,8 +139,14 @@ class DecodeBatch:
     prefix of it, or has the longest prefix any row holds copied into a free one (a shared
     system prompt), and reads only the rest: a chat's next turn reads the new message, not
     the whole conversation, and its experts are not moved again for the old tokens. A prompt
-    added twice at once (n choices, best_of) is read by its first row; the others wait,
-    then copy it; so do prompts added together that start alike (a system prompt).
+    added twice at once (n choices, best_of) is read by its first row; the others take it
+    in the same pass, layer by layer, and read only its last token; so do prompts added
+    together that start alike (a system prompt). A prompt whose tokens are all scored
+    (prompt_logprobs) takes only a start whose scores a row kept (KVCache.scores).
+
+    Speculation (model.scfg.speculate): a decoding row drafts tokens by prompt lookup and
+    the step's forward verifies them (serve/speculate.py), so a row may gain several tokens
+    a step.
     """
 
     def __init__(self, model: OffloadedModel, stop_ids: Sequence[int] = (),
