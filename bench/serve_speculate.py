@@ -1,8 +1,9 @@
-"""Speculation by prompt lookup on a served model: greedy answers to prompts whose answers
-repeat their context (code written again, a quote, a field copied out), decoded one token a
-step and with up to K drafted tokens a step (--speculate K). Same model, same budget, same
-prompts; the answers must be the same tokens. Reports steps per token, the drafts kept,
-expert bytes moved per token and decode speed, side by side.
+"""Speculation by prompt lookup on a served model: answers to prompts whose answers repeat
+their context (code written again, a quote, a field copied out), decoded one token a step
+and with up to K drafted tokens a step (--speculate K). Same model, same budget, same
+prompts; greedy answers must be the same tokens (sampled ones, --temperature T with fixed
+seeds, only the same distribution). Reports steps per token, the drafts kept, expert bytes
+moved per token and decode speed, side by side.
 
     make demo && python -m bench.serve_speculate --model runs/demo/hf --memory-budget 8.5MiB
     python -m bench.serve_speculate --model DIR --prompts prompts.txt --speculate 2,4,8
@@ -25,6 +26,7 @@ from bench.common import append_results, command_line, markdown_table
 from serve.config import ServeConfig
 from serve.generate import generate
 from serve.runtime import OffloadedModel
+from serve.sampling import SamplingConfig
 from serve.text import TextCodec
 
 PROMPTS = [
@@ -37,14 +39,16 @@ PROMPTS = [
 ]
 
 
-def run(model: OffloadedModel, prompts: list[list[int]], new_tokens: int) -> dict:
-    """Greedy answers, one prompt at a time -> tokens, steps, drafts, bytes, seconds."""
+def run(model: OffloadedModel, prompts: list[list[int]], new_tokens: int,
+        temperature: float = 0.0) -> dict:
+    """Answers (greedy, or sampled with seed i for prompt i), one prompt at a time ->
+    tokens, steps, drafts, bytes, seconds."""
     out = {"tokens": [], "steps": 0, "new": 0, "drafted": 0, "accepted": 0, "bytes": 0,
            "s": 0.0}
-    for p in prompts:
+    for i, p in enumerate(prompts):
         model.synchronize()
         t0 = time.perf_counter()
-        res = generate(model, [p], new_tokens)
+        res = generate(model, [p], new_tokens, SamplingConfig(temperature=temperature, seed=i))
         model.synchronize()
         st = res.stats
         out["s"] += time.perf_counter() - t0
@@ -63,6 +67,8 @@ def main(argv=None) -> None:
     p.add_argument("--prompts", default=None, help='prompts separated by "---" lines')
     p.add_argument("--speculate", default="2,4,8", help="comma-separated K to compare with 0")
     p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy (the same tokens checked); > 0: sampled, seeded")
     p.add_argument("--memory-budget", default=None)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--out", default="bench/RESULTS.md")
@@ -79,21 +85,23 @@ def main(argv=None) -> None:
         model = OffloadedModel(cfg)
         generate(model, [prompts[0][:4]], 2)  # warm-up
         print(f"speculate {k}:", file=sys.stderr, flush=True)
-        runs[k] = run(model, prompts, a.new_tokens)
+        runs[k] = run(model, prompts, a.new_tokens, a.temperature)
         device = model.device
         del model
     base = runs[0]
     rows = []
     for k, r in runs.items():
-        rows.append([str(k), "yes" if r["tokens"] == base["tokens"] else "NO",
+        same = "yes" if r["tokens"] == base["tokens"] else "NO"
+        rows.append([str(k), same if a.temperature == 0 else "n/a (sampled)",
                      f"{r['steps'] / r['new']:.2f}", f"{r['accepted']}/{r['drafted']}",
                      f"{r['bytes'] / r['new'] / 2**20:.3f}", f"{r['new'] / r['s']:.1f}",
                      f"{base['s'] / r['s']:.2f}"])
     table = markdown_table(["speculate K", "same tokens as K=0", "steps / token",
                             "drafts kept", "expert MiB moved / token", "tokens / s",
                             "speed-up"], rows)
+    how = "greedy" if a.temperature == 0 else f"sampled at temperature {a.temperature:g}"
     body = (f"Model: {a.model}; {len(prompts)} prompts whose answers restate their context, "
-            f"{a.new_tokens} greedy tokens each, one prompt at a time; memory budget "
+            f"{a.new_tokens} tokens each ({how}), one prompt at a time; memory budget "
             f"{a.memory_budget or 'default (90% of free)'}; prompt lookup of the last 3 "
             "tokens. Tokens / s: new tokens over the time of the whole generate call "
             f"(prefill included).\n\n{table}\n")
