@@ -57,10 +57,10 @@ class ServeConfig:
     speculate: rows draft up to this many tokens a step by prompt lookup (the tokens that
     followed the latest earlier occurrence of their last 3) and verify them in the same
     forward (serve/speculate.py): greedy rows keep the drafts that are the model's argmax,
-    sampled rows draw by speculative sampling; the tokens (greedy) or their distribution
-    (sampled) as a token a step gives, in fewer steps where the answer repeats its prompt
-    (code edits, quotes, summaries). Rows with penalties, biases or a grammar do not
-    draft. 0: off.
+    sampled rows draw by speculative sampling, each position judged on the logits as the
+    row samples from them there (penalties, biases, grammar); the tokens (greedy) or their
+    distribution (sampled) as a token a step gives, in fewer steps where the answer
+    repeats its prompt (code edits, quotes, summaries). 0: off.
     prefix_cache: a prompt that begins with tokens a KV-cache row still holds (the chat so far,
     a shared system prompt) reads only the rest (serve.generate.DecodeBatch).
     """

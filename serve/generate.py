@@ -22,7 +22,7 @@ from serve.sampling import (
     seeded_rows,
     token_logprobs,
 )
-from serve.speculate import accept, lookup
+from serve.speculate import judge, lookup
 
 
 @dataclass
@@ -539,38 +539,43 @@ class DecodeBatch:
         return ended
 
     # -- speculation (prompt lookup) ---------------------------------------------------------
-    def _speculates(self, r: Row) -> bool:
-        """Whether row r verifies drafted tokens: its logits not adjusted (penalties, biases,
-        a grammar, min_tokens: they would depend on the drafts before them)."""
-        return self.speculate > 0 and not _adjusts(r)
+
 
     def _draft(self, r: Row) -> list[int]:
         """The tokens that followed the latest earlier occurrence of the last 3 tokens of row
         r's prompt and answer (prompt lookup), as many as the row may take."""
         room = min(self.speculate, r.limit - len(r.out) - 1,
                    self.model.max_context - r.length - 1)
-        if room <= 0 or not self._speculates(r):
+        if room <= 0:
             return []
         return lookup(list(r.prompt) + r.out, room)
 
     def _verify(self, rows: list[Row], drafts: list[list[int]], logits: list[torch.Tensor]
                 ) -> list[Row]:
         """Rows that wrote their last token and drafts in one forward (logits: per row
-        [len(draft) + 1, V], after each of those): each takes what speculate.accept keeps
-        of its drafts and one token more -> the rows that ended."""
+        [len(draft) + 1, V], after each of those): position by position, each row judges
+        its draft there (speculate.judge) on its logits as it samples from them (after its
+        penalties and biases, under its grammar: each token taken advances them as a step
+        would), takes the token judged, and goes on while drafts are kept -> the rows that
+        ended."""
         now = time.perf_counter()
         ended = []
         for r, d, lg in zip(rows, drafts, logits, strict=True):
-            probs = None if r.sampling.temperature == 0 else sample_probs(lg, r.sampling)
-            took = accept(probs, lg, d, r.gen)  # waits for the device
-            a = len(took) - 1
-            self.model.kv.record(r.kv_row, r.length, [r.out[-1]] + d[:a])
-            r.drafted, r.accepted = r.drafted + len(d), r.accepted + a
-            for s, t in enumerate(took):
+            start, last, kept = r.length, r.out[-1], 0
+            for s in range(len(d) + 1):
+                row = _adjusted(r, lg[s], self.stops) if _adjusts(r) else lg[s]
+                probs = None if r.sampling.temperature == 0 else sample_probs(
+                    row[None], r.sampling)[0]
+                keep, t = judge(probs, row, d[s] if s < len(d) else None, r.gen)
+                kept += keep
                 r.length += 1  # as a step a token would be: what precedes t is written
                 if self._emit(r, t, lg[s], now):
                     ended.append(r)
                     break
+                if not keep:
+                    break
+            self.model.kv.record(r.kv_row, start, [last] + d[:kept])
+            r.drafted, r.accepted = r.drafted + len(d), r.accepted + kept
         return self._end(ended)
 
 

@@ -1,7 +1,7 @@
 """Drafts for speculation by prompt lookup (serve.generate.DecodeBatch, ServeConfig.speculate):
 the tokens that followed an earlier occurrence of the answer's last few in the prompt and
 answer so far. No draft model: answers that restate their context (code written again,
-quotes, fields copied out) get whole runs of tokens verified in one forward. `accept` keeps
+quotes, fields copied out) get whole runs of tokens verified in one forward. `judge` keeps
 what a row would have drawn: for greedy rows the drafts that are the argmax, for sampled
 rows speculative sampling with a point-mass draft (the same distribution as drawing one
 token a step)."""
@@ -27,24 +27,37 @@ def lookup(context: Sequence[int], k: int, n: int = 3) -> list[int]:
     return []
 
 
+def judge(probs: torch.Tensor | None, logits: torch.Tensor, draft: int | None,
+          gen: torch.Generator | None) -> tuple[bool, int]:
+    """One position of a verified draft: logits [V] the model's there (as the row samples
+    from them), probs its distribution (None: greedy), draft the token drafted there (None:
+    past the drafts) -> (whether the draft is kept, the token taken). Greedy keeps the draft
+    if it is the argmax, else takes the argmax. Sampled keeps draft x with probability
+    p(x) (a draft is certain of its token: min(1, p / q) = p) and at a rejection draws from
+    p without x, renormalized; past the drafts it draws from p. Either way the token is
+    distributed as drawing one a step would give."""
+    if probs is None:
+        best = int(logits.argmax())
+        return best == draft, best
+    if draft is None:
+        return False, int(torch.multinomial(probs, 1, generator=gen))
+    if torch.rand((), generator=gen, device=probs.device) < probs[draft]:
+        return True, draft
+    rest = probs.clone()
+    rest[draft] = 0
+    return False, int(torch.multinomial(rest / rest.sum(), 1, generator=gen))
+
+
 def accept(probs: torch.Tensor | None, logits: torch.Tensor, draft: list[int],
            gen: torch.Generator | None) -> list[int]:
-    """The tokens a row takes after verifying its draft: logits [len(draft) + 1, V] are the
-    model's after each of its last token and drafts; probs the distributions it samples
-    from there (None: greedy). Greedy: the drafts up to the first that is not the argmax,
-    then the argmax there. Sampled: draft x is kept with probability p(x) (a draft is
-    certain of its token: min(1, p / q) = p), and at the first rejection a token is drawn
-    from p without x, renormalized; after every draft kept, one more is drawn. Either way
-    the tokens are distributed as drawing one a step would give."""
-    if probs is None:
-        best = logits.argmax(-1).tolist()
-        a = next((s for s, t in enumerate(draft) if best[s] != t), len(draft))
-        return draft[:a] + [best[a]]
-    for s, x in enumerate(draft):
-        p = probs[s]
-        if torch.rand((), generator=gen, device=p.device) < p[x]:
-            continue
-        rest = p.clone()
-        rest[x] = 0
-        return draft[:s] + [int(torch.multinomial(rest / rest.sum(), 1, generator=gen))]
-    return draft + [int(torch.multinomial(probs[len(draft)], 1, generator=gen))]
+    """The tokens a row takes after verifying its whole draft at once (logits, probs:
+    [len(draft) + 1, V], after its last token and each draft): `judge` position by position
+    up to the first draft not kept, whose replacement ends them, or one past the drafts."""
+    took = []
+    for s in range(len(draft) + 1):
+        kept, t = judge(None if probs is None else probs[s], logits[s],
+                        draft[s] if s < len(draft) else None, gen)
+        took.append(t)
+        if not kept:
+            return took
+    return took

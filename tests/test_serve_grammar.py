@@ -217,3 +217,21 @@ def test_http_chat_gives_the_reasoning_apart_and_the_json_as_content(scripted):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_speculating_rows_follow_the_grammar_as_a_token_a_step(session, scripted):
+    """Drafts are judged under the grammar at each position (its state advanced by each
+    token taken): a schema's answers, and a <think> model's thought then JSON, are the
+    tokens of a token a step."""
+    fast = Session(ServeConfig(model=session.model.scfg.model, max_context=96, max_batch=3,
+                               dtype="float32", speculate=4))
+    ids = [session.codec.encode(p) for p in ("def f", "import os", "class A")]
+    plain, quick = ([o.token_ids for o in s.complete(
+        ids, 40, SamplingConfig(grammar=s.grammar(FORMAT)))[0]] for s in (session, fast))
+    assert quick == plain
+    _, think = scripted
+    quick = Session(ServeConfig(model=think.model.scfg.model, max_context=48,
+                                dtype="float32", speculate=4))
+    for prompt in ("hi <think>", "hi x"):
+        a, b = (answer(s, prompt) for s in (think, quick))
+        assert (a.token_ids, a.text, a.reasoning) == (b.token_ids, b.text, b.reasoning)

@@ -3,8 +3,8 @@ followed the latest earlier occurrence of their last 3 and verify them in the st
 forward. Greedy rows keep the drafts the model's argmax confirms: the tokens of decoding one
 at a time (transformers' greedy ones), in fewer steps where the answer repeats its context.
 Sampled rows draw by speculative sampling: the distribution of a token a step, a seeded row
-the same tokens in any batch. Stop tokens and limits hold among the drafts; penalized rows
-do not draft."""
+the same tokens in any batch. Stop tokens, limits, penalties and min_tokens hold at every
+drafted position."""
 
 from __future__ import annotations
 
@@ -111,10 +111,10 @@ def test_a_stop_token_among_the_drafts_ends_the_row_there(cycle_dir, monkeypatch
     assert res.stats["accepted_tokens"] >= 1  # "c" and "d" came from drafts
 
 
-def test_a_seeded_sampled_row_draws_as_alone_and_penalized_rows_do_not_speculate(cycle_dir):
+def test_a_seeded_sampled_row_draws_as_alone_beside_others(cycle_dir):
     """A sampled, seeded row that speculates beside a greedy one draws the tokens it draws
-    alone (its drafts and draws use its own generator only); a row with a penalty decodes a
-    token a step."""
+    alone (its drafts and draws use its own generator only); a penalized row beside them
+    gives its tokens of a token a step."""
     prompt = ids(*CYCLE, *CYCLE, "a")
     sampled = SamplingConfig(temperature=20.0, seed=9)  # hot enough to leave the cycle
     alone = generate(serve(cycle_dir, speculate=3), [prompt], 12, sampled)
@@ -126,7 +126,22 @@ def test_a_seeded_sampled_row_draws_as_alone_and_penalized_rows_do_not_speculate
         batch.step()
     assert rows[0].out == ids(*(CYCLE * 3)[1:13]) and rows[0].accepted > 0
     assert rows[1].out == alone.token_ids[0] != rows[0].out
-    assert rows[2].drafted == 0
+    penalized = generate(serve(cycle_dir), [prompt], 12,
+                         SamplingConfig(repetition_penalty=1.3)).token_ids[0]
+    assert rows[2].out == penalized and rows[2].accepted > 0
+
+
+def test_penalties_and_min_tokens_hold_at_every_drafted_position(cycle_dir):
+    """Logits adjusted by what came before (penalties, stop tokens held back until
+    min_tokens) are adjusted at each drafted position as that many tokens would see them:
+    the tokens of a token a step."""
+    prompt = ids(*CYCLE, *CYCLE, "a")
+    for cfg, stops in ((SamplingConfig(frequency_penalty=2.0, presence_penalty=2.0), ()),
+                       (SamplingConfig(min_tokens=6), ids("d"))):
+        plain, fast = (generate(serve(cycle_dir, speculate=k), [prompt], 10, cfg, stops)
+                       for k in (0, 4))
+        assert fast.token_ids == plain.token_ids
+        assert fast.stats["drafted_tokens"] > 0
 
 
 def test_speculate_is_a_count():
