@@ -22,7 +22,7 @@ from serve.sampling import (
     seeded_rows,
     token_logprobs,
 )
-from serve.speculate import judge, lookup
+from serve.speculate import judge, lookup, next_length
 
 
 @dataclass
@@ -85,6 +85,7 @@ class Row:
     constraint: Constraint | None = None  # its place in sampling.grammar
     drafted: int = 0  # tokens drafted for it by prompt lookup (DecodeBatch._draft)
     accepted: int = 0  # of those, the ones verified
+    draft_length: int | None = None  # most it drafts next (None: scfg.speculate)
     stats: dict = field(default_factory=dict)  # set when it ends
     logits: list[torch.Tensor] = field(default_factory=list)  # [V] per token, when kept
     # per new token, when sampling.logprobs is set (else None): (its log-probability,
@@ -544,7 +545,8 @@ class DecodeBatch:
     def _draft(self, r: Row) -> list[int]:
         """The tokens that followed the latest earlier occurrence of the last 3 tokens of row
         r's prompt and answer (prompt lookup), as many as the row may take."""
-        room = min(self.speculate, r.limit - len(r.out) - 1,
+        room = min(self.speculate if r.draft_length is None else r.draft_length,
+                   r.limit - len(r.out) - 1,
                    self.model.max_context - r.length - 1)
         if room <= 0:
             return []
@@ -576,6 +578,8 @@ class DecodeBatch:
                     break
             self.model.kv.record(r.kv_row, start, [last] + d[:kept])
             r.drafted, r.accepted = r.drafted + len(d), r.accepted + kept
+            r.draft_length = next_length(self.speculate, r.draft_length or self.speculate,
+                                         len(d), kept)
         return self._end(ended)
 
 

@@ -27,6 +27,14 @@ def lookup(context: Sequence[int], k: int, n: int = 3) -> list[int]:
     return []
 
 
+def next_length(most: int, length: int, drafted: int, kept: int) -> int:
+    """How many tokens a row may draft next (at most `most`), having been allowed `length`
+    and kept `kept` of the `drafted` it drafted: one more when all were kept, else one more
+    than were kept (a row whose drafts miss drafts few, so that their rejected experts cost
+    little; one whose drafts hold drafts more)."""
+    return min(most, length + 1 if kept == drafted else kept + 1)
+
+
 def judge(probs: torch.Tensor | None, logits: torch.Tensor, draft: int | None,
           gen: torch.Generator | None) -> tuple[bool, int]:
     """One position of a verified draft: logits [V] the model's there (as the row samples

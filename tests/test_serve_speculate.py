@@ -17,7 +17,7 @@ from serve.config import ServeConfig  # noqa: E402
 from serve.generate import DecodeBatch, generate  # noqa: E402
 from serve.runtime import OffloadedModel  # noqa: E402
 from serve.sampling import SamplingConfig  # noqa: E402
-from serve.speculate import accept, lookup  # noqa: E402
+from serve.speculate import accept, lookup, next_length  # noqa: E402
 from tests.hf_models import build_hf, hf_greedy  # noqa: E402
 from tests.test_serve_reasoning import save_scripted  # noqa: E402
 
@@ -35,6 +35,12 @@ def test_lookup_drafts_what_followed_the_latest_match():
     assert lookup([1, 2, 3, 9, 1, 2, 3], 4) == [9, 1, 2, 3]
     assert lookup([4, 2, 3, 8, 6, 2, 3], 2) == []  # a match of 2 tokens drafts nothing
     assert lookup([5, 6, 7], 4) == [] and lookup([5], 4) == []
+
+
+def test_a_row_drafts_fewer_after_misses_and_more_after_hits():
+    assert next_length(8, 8, 8, 8) == 8  # all kept, at the most already
+    assert next_length(8, 3, 2, 2) == 4  # all kept: one more than allowed
+    assert next_length(8, 8, 8, 0) == 1 and next_length(8, 8, 5, 2) == 3  # misses: kept + 1
 
 
 def test_accept_keeps_the_distribution_of_drawing_a_token_a_step():
