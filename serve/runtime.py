@@ -14,7 +14,6 @@ from torch import nn
 
 from kernels import reference, sort_by_expert, weighted_combine
 from kernels.backend import get_backend
-from kernels.quant import QuantWeight
 from moe.attention import causal_mask, rope_cos_sin, sink_mask
 from moe.experts import expert_mlp
 from moe.model import MoETransformer
@@ -187,13 +186,6 @@ def free_memory(device: torch.device) -> int:
     return available_ram()
 
 
-def _one(w):
-    """An expert's weight (tensor or QuantWeight) as a stack of one expert."""
-    if isinstance(w, QuantWeight):
-        return QuantWeight(w.data[None], w.scale[None], w.bits, w.group, w.cols, w.fp4)
-    return w[None]
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -287,33 +279,26 @@ class OffloadedModel:
         self.fixed_bytes, self.slot_bytes, parts = memory_plan(
             self.store, cfg, self.dtype, self.max_batch, self.max_context)
         total_experts = self.store.total_experts
+        need = (f"{parts} and one expert slot ({format_size(self.slot_bytes)}) need "
+                f"{format_size(self.fixed_bytes + self.slot_bytes)}")
         if cfg.memory_budget is None:  # what the device has free, less a margin
             free = free_memory(self.device)
             budget = int(free * FREE_SHARE)
-            n = (budget - self.fixed_bytes) // self.slot_bytes
-            if n >= total_experts:
-                n = max(total_experts, 1)
-                return n, f"no budget given: all {n} expert slots fit; {parts}"
-            if n < 1:
-                raise BudgetError(
-                    f"the model does not fit the {format_size(free)} free on {self.device}: "
-                    f"{parts} and one expert slot ({format_size(self.slot_bytes)}) need "
-                    f"{format_size(self.fixed_bytes + self.slot_bytes)} (with a "
-                    f"{1 - FREE_SHARE:.0%} margin); lower --max-context / --max-batch, or "
-                    "free memory on the device")
-            return n, (f"no budget given: {n}/{total_experts} expert slots "
-                       f"({format_size(n * self.slot_bytes)}) in {FREE_SHARE:.0%} of the "
-                       f"{format_size(free)} free on {self.device}; {parts}")
-        budget = parse_size(cfg.memory_budget)
+            source = (f"no budget given, {FREE_SHARE:.0%} of the {format_size(free)} free "
+                      f"on {self.device}")
+            short = (f"the model does not fit the {format_size(free)} free on {self.device}: "
+                     f"{need} (with a {1 - FREE_SHARE:.0%} margin); lower --max-context / "
+                     "--max-batch, or free memory on the device")
+        else:
+            budget = parse_size(cfg.memory_budget)
+            source = f"budget {format_size(budget)}"
+            short = (f"memory budget {format_size(budget)} is too small: {need}; raise "
+                     "--memory-budget or lower --max-context / --max-batch")
         n = (budget - self.fixed_bytes) // self.slot_bytes
         if n < 1:
-            raise BudgetError(
-                f"memory budget {format_size(budget)} is too small: {parts} and one expert slot "
-                f"({format_size(self.slot_bytes)}) need "
-                f"{format_size(self.fixed_bytes + self.slot_bytes)}; raise "
-                "--memory-budget or lower --max-context / --max-batch")
+            raise BudgetError(short)
         n = min(n, max(total_experts, 1))
-        return n, (f"budget {format_size(budget)}: {n}/{total_experts} expert slots "
+        return n, (f"{source}: {n}/{total_experts} expert slots "
                    f"({format_size(n * self.slot_bytes)}); {parts}")
 
     def _build_model(self) -> MoETransformer:
@@ -500,17 +485,16 @@ class OffloadedModel:
         needed.sort(key=lambda e: not cache.resident((i, e)))  # hits first
         outs = [torch.zeros_like(f) for f in flats]
         groups = [needed[a:a + cache.n_slots] for a in range(0, len(needed), cache.n_slots)]
+        x_flat = torch.cat([x[v] for x, v in zip(xs, valid, strict=True)]) if prefetch else None
         for g, group in enumerate(groups):
             keys = {(i, e) for e in group}
             slots = {e: cache.acquire((i, e), keys) for e in group}
             if g == len(groups) - 1 and prefetch:
-                self._prefetch_next(i, torch.cat([x[v] for x, v in zip(xs, valid,
-                                                                         strict=True)]), keys)
+                self._prefetch_next(i, x_flat, keys)
             for out, flat, (ids, w) in zip(outs, flats, routes, strict=True):
                 out += self._experts(flat, ids, w, slots)
-        if prefetch and not groups:
-            self._prefetch_next(i, torch.cat([x[v] for x, v in zip(xs, valid, strict=True)]),
-                                set())
+        if prefetch and not groups:  # every expert ran on the host
+            self._prefetch_next(i, x_flat, set())
         if host:  # the host computes while the device runs the groups queued above
             for out, t in zip(outs, taken, strict=True):
                 out += self._host_experts(i, *t).to(self.device, non_blocking=True)
@@ -558,7 +542,7 @@ class OffloadedModel:
             at = (expert == e).nonzero()[:, 0]
             src = self.store.expert(i, e)
             d = sort_by_expert(torch.zeros(len(at), 1, dtype=torch.long), 1)
-            y = expert_mlp(x[at], *(_one(t) for t in (src.w_in, src.w_out)), d,
+            y = expert_mlp(x[at], src.w_in[None], src.w_out[None], d,  # a stack of one
                            m.expert_type, "torch", True, *(None if b is None else b[None]
                                                            for b in (src.b_in, src.b_out)),
                            m.swiglu_alpha, m.swiglu_limit)
