@@ -79,13 +79,13 @@ class Row:
     since: dict = field(default_factory=dict)  # the model's counters when it joined
     prompt: Sequence[int] = ()  # its prompt (a repetition penalty reads it)
     # a row added with it whose prompt starts as this one's does: it reads their first
-    # `share` tokens for both; this row waits, then copies them (DecodeBatch._follow)
+    # `share` tokens for both; this row takes them from it (DecodeBatch._plan_read, _follow)
     leader: Row | None = None
     share: int = 0
     constraint: Constraint | None = None  # its place in sampling.grammar
     drafted: int = 0  # tokens drafted for it by prompt lookup (DecodeBatch._draft)
     accepted: int = 0  # of those, the ones verified
-    draft_length: int | None = None  # most it drafts next (None: scfg.speculate)
+    draft_length: int = 0  # most it drafts next (speculate.next_length)
     stats: dict = field(default_factory=dict)  # set when it ends
     logits: list[torch.Tensor] = field(default_factory=list)  # [V] per token, when kept
     # per new token, when sampling.logprobs is set (else None): (its log-probability,
@@ -107,9 +107,8 @@ class _Read:
     """What one step reads of the prompts of `rows` (DecodeBatch._plan_read): rounds of one
     chunk per row (rows, tokens of each, where each goes, next-token targets or None), their
     OffloadedModel.step arguments (specs), the rows that score their prompt (want, by id) and
-    how many alternatives (top), where each row's reading ends (start, by id), the waiting
-    rows that join each round (joins) and the KV copies that take them their leader's start
-    (copies: OffloadedModel.prefill's)."""
+    how many alternatives (top), where each row's reading ends (start, by id) and the
+    waiting rows that join each round (joins)."""
 
     rows: list[Row]
     rounds: list[tuple]
@@ -118,7 +117,13 @@ class _Read:
     top: int
     start: dict[int, int]
     joins: dict[int, list[Row]]
-    copies: dict[int, list[tuple[int, int, int]]]
+
+    @property
+    def copies(self) -> dict[int, list[tuple[int, int, int]]]:
+        """The KV copies that take the joining rows their leader's start, before the forward
+        (OffloadedModel.prefill's copies: round -> [(leader's row, its row, share)])."""
+        return {k: [(f.leader.kv_row, f.kv_row, f.share) for f in fs]
+                for k, fs in self.joins.items()}
 
 
 class DecodeBatch:
@@ -211,10 +216,10 @@ class DecodeBatch:
                       pending=list(p[cached:]), length=cached, cached=cached,
                       t_added=t0, since=since, prompt=p, leader=lead, share=share,
                       constraint=None if c.grammar is None else
-                      c.grammar.constraint(p, self.model.cfg.vocab_size))
-            if cached and row.prompt_logprobs is not None:  # the scores of what it took
-                k = c.logprobs or 0
-                row.prompt_logprobs = [None] + [(lp, alts[:k]) for lp, alts in scores]
+                      c.grammar.constraint(p, self.model.cfg.vocab_size),
+                      draft_length=self.speculate)
+            if cached and row.prompt_logprobs is not None:
+                _take_scores(row, scores)
             rows.append(row)
         self.live = sorted(self.live + rows, key=lambda r: r.kv_row)
         return rows
@@ -276,7 +281,7 @@ class DecodeBatch:
         the leader's KV row and reads only the rest of its prompt (at least its last token,
         whose logits choose its first new token)."""
         n = r.share
-        self.model.kv.copy_prefix(r.leader.kv_row, r.kv_row, n)
+        self.model.kv.copy_entries(r.leader.kv_row, r.kv_row, n)
         r.length = r.cached = n
         del r.pending[:n]
         self._took(r)
@@ -287,9 +292,7 @@ class DecodeBatch:
         kv, n, src = self.model.kv, r.share, r.leader.kv_row
         kv.held[r.kv_row], kv.scores[r.kv_row] = kv.held[src][:n], kv.scores[src][:n]
         if r.prompt_logprobs is not None:
-            k = r.sampling.logprobs or 0
-            r.prompt_logprobs = [None] + [(lp, alts[:k]) for lp, alts
-                                          in r.leader.prompt_logprobs[1:n + 1]]
+            _take_scores(r, r.leader.prompt_logprobs[1:n + 1])
         r.leader = None
 
     def _take_row(self, match: dict[int, int] | None) -> tuple[int, int, list]:
@@ -334,7 +337,6 @@ class DecodeBatch:
         top, copies = (read.top, read.copies) if read is not None else (0, {})
         drafts = [self._draft(r) for r in decoding]
         dec = self._decode_job(decoding, drafts) if decoding else None
-        top = max(top, int(any(drafts)))  # drafts are checked against each position's argmax
         keep = [len(jobs)] if any(drafts) else []  # the decode chunk's logits per position
         if self.joint:
             outs = self.model.prefill(jobs + [dec] * (dec is not None), top, copies, keep)
@@ -434,9 +436,7 @@ class DecodeBatch:
                 ids[j, :len(t)] = torch.tensor(t)
             specs.append((ids.to(self.model.device), [r.kv_row for r in rr], at,
                           list(map(len, toks)), targets))
-        copies = {k: [(f.leader.kv_row, f.kv_row, f.share) for f in fs]
-                  for k, fs in joins.items()}
-        return _Read(readers, rounds, specs, want, top, start, joins, copies)
+        return _Read(readers, rounds, specs, want, top, start, joins)
 
     def _record_read(self, read: _Read, outs: list) -> tuple[list[Row], torch.Tensor | None]:
         """Book what the forward of read's chunks wrote (outs: one step result each): the
@@ -540,13 +540,10 @@ class DecodeBatch:
         return ended
 
     # -- speculation (prompt lookup) ---------------------------------------------------------
-
-
     def _draft(self, r: Row) -> list[int]:
         """The tokens that followed the latest earlier occurrence of the last 3 tokens of row
         r's prompt and answer (prompt lookup), as many as the row may take."""
-        room = min(self.speculate if r.draft_length is None else r.draft_length,
-                   r.limit - len(r.out) - 1,
+        room = min(r.draft_length, r.limit - len(r.out) - 1,
                    self.model.max_context - r.length - 1)
         if room <= 0:
             return []
@@ -578,9 +575,15 @@ class DecodeBatch:
                     break
             self.model.kv.record(r.kv_row, start, [last] + d[:kept])
             r.drafted, r.accepted = r.drafted + len(d), r.accepted + kept
-            r.draft_length = next_length(self.speculate, r.draft_length or self.speculate,
-                                         len(d), kept)
+            r.draft_length = next_length(self.speculate, r.draft_length, len(d), kept)
         return self._end(ended)
+
+
+def _take_scores(r: Row, entries: Sequence) -> None:
+    """Row r scores its prompt and took its first tokens' scores (entries for tokens 1..)
+    from elsewhere: they open its prompt_logprobs, with as many alternatives as it asks."""
+    k = r.sampling.logprobs or 0
+    r.prompt_logprobs = [None] + [(lp, alts[:k]) for lp, alts in entries]
 
 
 def _adjusts(r: Row) -> bool:

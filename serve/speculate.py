@@ -54,18 +54,3 @@ def judge(probs: torch.Tensor | None, logits: torch.Tensor, draft: int | None,
     rest = probs.clone()
     rest[draft] = 0
     return False, int(torch.multinomial(rest / rest.sum(), 1, generator=gen))
-
-
-def accept(probs: torch.Tensor | None, logits: torch.Tensor, draft: list[int],
-           gen: torch.Generator | None) -> list[int]:
-    """The tokens a row takes after verifying its whole draft at once (logits, probs:
-    [len(draft) + 1, V], after its last token and each draft): `judge` position by position
-    up to the first draft not kept, whose replacement ends them, or one past the drafts."""
-    took = []
-    for s in range(len(draft) + 1):
-        kept, t = judge(None if probs is None else probs[s], logits[s],
-                        draft[s] if s < len(draft) else None, gen)
-        took.append(t)
-        if not kept:
-            return took
-    return took

@@ -17,7 +17,7 @@ from serve.config import ServeConfig  # noqa: E402
 from serve.generate import DecodeBatch, generate  # noqa: E402
 from serve.runtime import OffloadedModel  # noqa: E402
 from serve.sampling import SamplingConfig  # noqa: E402
-from serve.speculate import accept, lookup, next_length  # noqa: E402
+from serve.speculate import judge, lookup, next_length  # noqa: E402
 from tests.hf_models import build_hf, hf_greedy  # noqa: E402
 from tests.test_serve_reasoning import save_scripted  # noqa: E402
 
@@ -41,6 +41,19 @@ def test_a_row_drafts_fewer_after_misses_and_more_after_hits():
     assert next_length(8, 8, 8, 8) == 8  # all kept, at the most already
     assert next_length(8, 3, 2, 2) == 4  # all kept: one more than allowed
     assert next_length(8, 8, 8, 0) == 1 and next_length(8, 8, 5, 2) == 3  # misses: kept + 1
+
+
+def accept(probs, logits, draft: list[int], gen) -> list[int]:
+    """The tokens a row takes after verifying its whole draft (probs, logits: [len(draft)
+    + 1, V]): judge position by position until a draft is not kept, as DecodeBatch does."""
+    took = []
+    for s in range(len(draft) + 1):
+        kept, t = judge(None if probs is None else probs[s], logits[s],
+                        draft[s] if s < len(draft) else None, gen)
+        took.append(t)
+        if not kept:
+            break
+    return took
 
 
 def test_accept_keeps_the_distribution_of_drawing_a_token_a_step():
