@@ -1,12 +1,14 @@
-"""Speculation by prompt lookup on a served model: answers to prompts whose answers repeat
-their context (code written again, a quote, a field copied out), decoded one token a step
-and with up to K drafted tokens a step (--speculate K). Same model, same budget, same
-prompts; greedy answers must be the same tokens (sampled ones, --temperature T with fixed
-seeds, only the same distribution). Reports steps per token, the drafts kept, expert bytes
-moved per token and decode speed, side by side.
+"""Speculation on a served model, by prompt lookup or with a draft model (--draft-model
+DIR): answers to prompts whose answers repeat their context (code written again, a quote, a
+field copied out), decoded one token a step and with up to K drafted tokens a step
+(--speculate K). Same model, same budget, same prompts; greedy answers must be the same
+tokens (sampled ones, --temperature T with fixed seeds, only the same distribution). Reports
+steps per token, the drafts kept, expert bytes moved per token and decode speed, side by
+side.
 
     make demo && python -m bench.serve_speculate --model runs/demo/hf --memory-budget 8.5MiB
     python -m bench.serve_speculate --model DIR --prompts prompts.txt --speculate 2,4,8
+    python -m bench.serve_speculate --model DIR --draft-model SMALL_DIR --speculate 2,4
 
 Random weights make answers that rarely repeat anything: use a trained model. --prompts: a
 file of prompts separated by lines holding only "---" (default: a few code prompts that
@@ -24,10 +26,12 @@ import torch
 
 from bench.common import append_results, command_line, markdown_table
 from serve.config import ServeConfig
+from serve.draft import draft_nbytes
 from serve.generate import generate
-from serve.runtime import OffloadedModel
+from serve.runtime import OffloadedModel, resolve_device, resolve_dtype
 from serve.sampling import SamplingConfig
 from serve.text import TextCodec
+from serve.units import parse_size
 
 PROMPTS = [
     "def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n    return",
@@ -67,6 +71,16 @@ def main(argv=None) -> None:
     p.add_argument("--prompts", default=None, help='prompts separated by "---" lines')
     p.add_argument("--speculate", default="2,4,8", help="comma-separated K to compare with 0")
     p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--draft-model", default=None, metavar="DIR",
+                   help="draft with this causal LM (sharing the model's tokenizer) instead of "
+                   "prompt lookup; the model's own directory gives the ceiling, every draft "
+                   "kept")
+    p.add_argument("--draft-min-prob", type=float, default=0.4,
+                   help="a draft stops before a token the draft model gives less than P")
+    p.add_argument("--draft-beside", action="store_true",
+                   help="the draft's weights and KV cache come on top of --memory-budget, so "
+                   "every row has the same expert slots (a 0.6B draft beside a 30B MoE is 2%% "
+                   "of its bytes; the tiny demo's draft is a third of them)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0: greedy (the same tokens checked); > 0: sampled, seeded")
     p.add_argument("--memory-budget", default=None)
@@ -79,34 +93,46 @@ def main(argv=None) -> None:
     prompts = [codec.encode(t) for t in texts]
     ks = [0] + [int(k) for k in a.speculate.split(",") if k]
     runs = {}
+    context = max(map(len, prompts)) + a.new_tokens + 8
     for k in ks:
-        cfg = ServeConfig(model=a.model, device=a.device, memory_budget=a.memory_budget,
-                          max_context=max(map(len, prompts)) + a.new_tokens + 8, speculate=k)
+        budget = a.memory_budget
+        draft = a.draft_model if k else None
+        if draft and a.draft_beside and budget is not None:  # the draft's bytes on top
+            dtype = resolve_dtype("auto", resolve_device(a.device))
+            budget = parse_size(budget) + draft_nbytes(draft, dtype, 1, context)
+        cfg = ServeConfig(model=a.model, device=a.device, memory_budget=budget,
+                          max_context=context, speculate=k, draft_model=draft,
+                          draft_min_prob=a.draft_min_prob)
         model = OffloadedModel(cfg)
         generate(model, [prompts[0][:4]], 2)  # warm-up
         print(f"speculate {k}:", file=sys.stderr, flush=True)
         runs[k] = run(model, prompts, a.new_tokens, a.temperature)
+        runs[k]["slots"] = f"{model.n_slots}/{model.store.total_experts}"
         device = model.device
         del model
     base = runs[0]
     rows = []
     for k, r in runs.items():
         same = "yes" if r["tokens"] == base["tokens"] else "NO"
-        rows.append([str(k), same if a.temperature == 0 else "n/a (sampled)",
+        rows.append([str(k), r["slots"], same if a.temperature == 0 else "n/a (sampled)",
                      f"{r['steps'] / r['new']:.2f}", f"{r['accepted']}/{r['drafted']}",
                      f"{r['bytes'] / r['new'] / 2**20:.3f}", f"{r['new'] / r['s']:.1f}",
                      f"{base['s'] / r['s']:.2f}"])
-    table = markdown_table(["speculate K", "same tokens as K=0", "steps / token",
+    table = markdown_table(["speculate K", "expert slots", "same tokens as K=0", "steps / token",
                             "drafts kept", "expert MiB moved / token", "tokens / s",
                             "speed-up"], rows)
     how = "greedy" if a.temperature == 0 else f"sampled at temperature {a.temperature:g}"
+    drafts = ("prompt lookup of the last 3 tokens" if a.draft_model is None else
+              f"drafts by the draft model {a.draft_model} (greedy, stopping before a token it "
+              f"gives less than {a.draft_min_prob:g}; loaded whole on the device, "
+              + ("its bytes on top of the budget)" if a.draft_beside else "within the budget)"))
     body = (f"Model: {a.model}; {len(prompts)} prompts whose answers restate their context, "
             f"{a.new_tokens} tokens each ({how}), one prompt at a time; memory budget "
-            f"{a.memory_budget or 'default (90% of free)'}; prompt lookup of the last 3 "
-            "tokens. Tokens / s: new tokens over the time of the whole generate call "
-            f"(prefill included).\n\n{table}\n")
+            f"{a.memory_budget or 'default (90% of free)'}; {drafts}. Tokens / s: new tokens "
+            f"over the time of the whole generate call (prefill included).\n\n{table}\n")
     print(body)
-    append_results(a.out, "Speculation by prompt lookup (bench/serve_speculate.py)",
+    title = "prompt lookup" if a.draft_model is None else "a draft model"
+    append_results(a.out, f"Speculation by {title} (bench/serve_speculate.py)",
                    command_line("bench.serve_speculate", argv), torch.device(device), body)
 
 

@@ -102,7 +102,15 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    "far (prompt lookup) and keep those the model confirms in the same "
                    "forward (greedy: its argmax; sampled: speculative sampling): what a "
                    "token a step gives, in fewer steps when the answer repeats its prompt; "
-                   "default 0: off")
+                   f"default 0: off ({DRAFT_SPECULATE} with --draft-model)")
+    p.add_argument("--draft-model", default=None, metavar="DIR",
+                   help="a small causal LM sharing the model's tokenizer (a Hugging Face "
+                   "directory, e.g. Qwen3-0.6B for Qwen3-30B-A3B), loaded whole on the device "
+                   "within the budget, drafts the --speculate tokens where prompt lookup "
+                   "finds none")
+    p.add_argument("--draft-min-prob", type=float, default=None, metavar="P",
+                   help="a draft stops before a token the draft model gives less than P "
+                   "(default 0.4): a rejected draft still moves its experts")
     p.add_argument("--offload-dir", default=None, help="where quantized disk-tier experts go")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
                    help="read every prompt whole, even where a KV-cache row holds its start "
@@ -162,7 +170,9 @@ def _response_format(value: str) -> dict:
 FLAG_FIELDS = ("model", "device", "dtype", "memory_budget", "host_budget", "cache_policy",
                "prefetch", "prefetch_min_weight", "quant", "max_batch", "max_context",
                "offload_dir", "prefix_cache", "prefill_step_tokens", "host_compute_tokens",
-               "speculate")
+               "speculate", "draft_model", "draft_min_prob")
+# tokens drafted a step with a draft model when neither a flag nor the preset says
+DRAFT_SPECULATE = 4
 
 
 def _config(a, batch: int = 1) -> ServeConfig:
@@ -173,6 +183,8 @@ def _config(a, batch: int = 1) -> ServeConfig:
     if not fields.get("model"):
         raise ValueError("no model directory: give --model DIR (or model: in the --config)")
     fields.setdefault("max_batch", batch)
+    if fields.get("draft_model"):
+        fields.setdefault("speculate", DRAFT_SPECULATE)
     return ServeConfig(**fields)
 
 

@@ -24,6 +24,8 @@ _FIELD_TYPES = {
     "prefill_step_tokens": ("an integer", (int, _NONE)),
     "host_compute_tokens": ("an integer", (int,)),
     "speculate": ("an integer", (int,)),
+    "draft_model": ("a path", (str, os.PathLike, _NONE)),
+    "draft_min_prob": ("a number", (int, float)),
 }
 
 
@@ -61,6 +63,12 @@ class ServeConfig:
     row samples from them there (penalties, biases, grammar); the tokens (greedy) or their
     distribution (sampled) as a token a step gives, in fewer steps where the answer
     repeats its prompt (code edits, quotes, summaries). 0: off.
+    draft_model: a small causal LM (a Hugging Face directory; transformers loads it whole on
+    the device, inside the budget) sharing the model's tokenizer, which drafts a row's next
+    `speculate` tokens greedily where prompt lookup finds nothing (serve/draft.py); None:
+    prompt lookup only. draft_min_prob: a draft stops before a token the draft model gives less than
+    this probability (transformers' assistant_confidence_threshold is 0.4 too): a draft
+    the model likely rejects would still move its experts' bytes.
     prefix_cache: a prompt that begins with tokens a KV-cache row still holds (the chat so far,
     a shared system prompt) reads only the rest (serve.generate.DecodeBatch).
     """
@@ -83,6 +91,8 @@ class ServeConfig:
     prefill_step_tokens: int | None = None
     host_compute_tokens: int = 0
     speculate: int = 0
+    draft_model: str | None = None
+    draft_min_prob: float = 0.4
 
     def check(self) -> None:
         choices = {"device": ("auto", "cuda", "cpu"),
@@ -100,6 +110,12 @@ class ServeConfig:
                 raise ValueError(f"{name} must be {what}, got {value!r}")
         if self.speculate < 0:
             raise ValueError(f"speculate must be >= 0, got {self.speculate}")
+        if self.draft_model is not None and self.speculate < 1:
+            raise ValueError("draft_model drafts tokens for speculation: speculate (the most "
+                             f"tokens drafted a step) must be >= 1, got {self.speculate}")
+        if not 0 <= self.draft_min_prob <= 1:
+            raise ValueError(f"draft_min_prob must be a probability in [0, 1], got "
+                             f"{self.draft_min_prob!r}")
         if self.host_compute_tokens < 0:
             raise ValueError(f"host_compute_tokens must be >= 0, got {self.host_compute_tokens}")
         if self.prefetch_min_weight < 0:

@@ -1,8 +1,8 @@
 """Token generation over an `OffloadedModel`: a `DecodeBatch` of sequences, each in its own
 KV-cache row, that new sequences may join between decode steps (continuous batching);
-prompts read layer by layer in the decode's forward, prefix reuse, speculation by prompt
-lookup, greedy or temperature / top-k / top-p sampling with a seed, stop tokens, streaming
-through a callback. `generate` runs a fixed set of prompts to the end."""
+prompts read layer by layer in the decode's forward, prefix reuse, speculation (prompt
+lookup or a draft model), greedy or temperature / top-k / top-p sampling with a seed, stop
+tokens, streaming through a callback. `generate` runs a fixed set of prompts to the end."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ class Row:
     leader: Row | None = None
     share: int = 0
     constraint: Constraint | None = None  # its place in sampling.grammar
-    drafted: int = 0  # tokens drafted for it by prompt lookup (DecodeBatch._draft)
+    drafted: int = 0  # tokens drafted for it (DecodeBatch._draft)
     accepted: int = 0  # of those, the ones verified
     draft_length: int = 0  # most it drafts next (speculate.next_length)
     stats: dict = field(default_factory=dict)  # set when it ends
@@ -150,9 +150,9 @@ class DecodeBatch:
     together that start alike (a system prompt). A prompt whose tokens are all scored
     (prompt_logprobs) takes only a start whose scores a row kept (KVCache.scores).
 
-    Speculation (model.scfg.speculate): a decoding row drafts tokens by prompt lookup and
-    the step's forward verifies them (serve/speculate.py), so a row may gain several tokens
-    a step.
+    Speculation (model.scfg.speculate): a decoding row drafts tokens by prompt lookup or
+    with the model's draft model, and the step's forward verifies them (serve/speculate.py),
+    so a row may gain several tokens a step.
     """
 
     def __init__(self, model: OffloadedModel, stop_ids: Sequence[int] = (),
@@ -539,15 +539,21 @@ class DecodeBatch:
             self.live = [r for r in self.live if not r.done]
         return ended
 
-    # -- speculation (prompt lookup) ---------------------------------------------------------
+    # -- speculation (prompt lookup or a draft model) ----------------------------------------
     def _draft(self, r: Row) -> list[int]:
-        """The tokens that followed the latest earlier occurrence of the last 3 tokens of row
-        r's prompt and answer (prompt lookup), as many as the row may take."""
+        """As many tokens as row r may take: those that followed the latest earlier
+        occurrence of the last 3 of its prompt and answer (prompt lookup: no forward, and
+        right where they repeat), else, when the model has one, the draft model's greedy
+        continuation (serve/draft.py)."""
         room = min(r.draft_length, r.limit - len(r.out) - 1,
                    self.model.max_context - r.length - 1)
         if room <= 0:
             return []
-        return lookup(list(r.prompt) + r.out, room)
+        context = list(r.prompt) + r.out
+        drafts = lookup(context, room)
+        if not drafts and self.model.drafter is not None:
+            return self.model.drafter.draft(r.kv_row, context, room)
+        return drafts
 
     def _verify(self, rows: list[Row], drafts: list[list[int]], logits: list[torch.Tensor]
                 ) -> list[Row]:

@@ -146,7 +146,8 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
                 max_context: int) -> tuple[int, int, str]:
     """(bytes kept on the device besides expert slots, bytes of one slot, a description):
     non-expert weights, KV cache and an estimate of the activations of one prefill chunk
-    (with the residual streams of a whole prompt's other chunks)."""
+    (with the residual streams of a whole prompt's other chunks), and the draft model with
+    its KV caches when there is one."""
     m, el = store.cfg, torch.finfo(dtype).bits // 8
     dense = store.dense_nbytes()
     kv = KVCache.nbytes(m, max_batch, max_context, dtype)
@@ -172,7 +173,13 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
         act += 2 * Fe * d * (4 + el)
     parts = (f"non-expert weights {format_size(dense)}, KV cache {format_size(kv)} "
              f"({max_batch} x {max_context} tokens), activations ~{format_size(act)}")
-    return dense + kv + act, ExpertCache.slot_nbytes(store, dtype), parts
+    draft = 0
+    if cfg.draft_model is not None:
+        from serve.draft import draft_nbytes
+
+        draft = draft_nbytes(cfg.draft_model, dtype, max_batch, max_context)
+        parts += f", draft model {format_size(draft)}"
+    return dense + kv + act + draft, ExpertCache.slot_nbytes(store, dtype), parts
 
 
 # with no budget given, the runtime takes this share of the device's free memory
@@ -193,6 +200,13 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError("--device cuda was asked for but no CUDA device is available; "
                          "use --device cpu")
     return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A ServeConfig dtype on device: "auto" is bfloat16 on cuda, float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
 
 
 @dataclass
@@ -241,8 +255,7 @@ class OffloadedModel:
         self.scfg = cfg
         self.device = resolve_device(cfg.device)
         on_cuda = self.device.type == "cuda"
-        self.dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (
-            torch.bfloat16 if on_cuda else torch.float32)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
         host_budget = None if cfg.host_budget is None else parse_size(cfg.host_budget)
         if host_budget is None and not on_cuda:
             host_budget = 0  # cpu: the memory-mapped files are the offload tier
@@ -265,6 +278,12 @@ class OffloadedModel:
                                  self.dtype, side)
         self.prefetch_stats = PrefetchStats()
         self._predicted: dict[int, set[int]] = {}
+        self.drafter = None  # the draft model of speculation, if any (serve/draft.py)
+        if cfg.draft_model is not None:
+            from serve.draft import Drafter
+
+            self.drafter = Drafter(cfg.draft_model, cfg.model, mcfg.vocab_size, self.device,
+                                   self.dtype, self.max_batch, cfg.draft_min_prob)
         layers = self.store.moe_layers
         # layer i -> the MoE layer whose experts it predicts: each MoE layer the next one, and
         # a dense layer right before the first MoE layer (DeepSeek's, GLM's) that first one

@@ -1,10 +1,10 @@
-"""Drafts for speculation by prompt lookup (serve.generate.DecodeBatch, ServeConfig.speculate):
+"""Speculation (serve.generate.DecodeBatch, ServeConfig.speculate): drafts by prompt lookup,
 the tokens that followed an earlier occurrence of the answer's last few in the prompt and
-answer so far. No draft model: answers that restate their context (code written again,
-quotes, fields copied out) get whole runs of tokens verified in one forward. `judge` keeps
-what a row would have drawn: for greedy rows the drafts that are the argmax, for sampled
-rows speculative sampling with a point-mass draft (the same distribution as drawing one
-token a step)."""
+answer so far (answers that restate their context, code written again, quotes, fields
+copied out, get whole runs of tokens verified in one forward), or from a draft model
+(serve/draft.py). `judge` keeps what a row would have drawn: for greedy rows the drafts
+that are the argmax, for sampled rows speculative sampling with a point-mass draft (both
+draft sources are deterministic; the same distribution as drawing one token a step)."""
 
 from __future__ import annotations
 

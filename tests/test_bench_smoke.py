@@ -220,4 +220,16 @@ def test_serve_speculate_bench_smoke(tmp_path):
           "--prompts", str(prompts), "--new-tokens", "12", "--out", str(out)])
     rows = [line.split("|") for line in out.read_text().splitlines()
             if line.startswith("| 0 ") or line.startswith("| 2 ")]
-    assert len(rows) == 2 and all(r[2].strip() == "yes" for r in rows)
+    assert len(rows) == 2 and all(r[3].strip() == "yes" for r in rows)
+    # the model as its own draft, its bytes beside the budget: the same expert slots
+    out.unlink()
+    main(["--model", str(tmp_path / "m"), "--device", "cpu", "--speculate", "2",
+          "--prompts", str(prompts), "--new-tokens", "12", "--out", str(out),
+          "--draft-model", str(tmp_path / "m"), "--draft-min-prob", "0", "--draft-beside",
+          "--memory-budget", "600KiB"])
+    text = out.read_text()
+    rows = [line.split("|") for line in text.splitlines()
+            if line.startswith("| 0 ") or line.startswith("| 2 ")]
+    assert "Speculation by a draft model" in text and "on top of the budget" in text
+    assert len(rows) == 2 and rows[0][2] == rows[1][2] and all(r[3].strip() == "yes"
+                                                             for r in rows)

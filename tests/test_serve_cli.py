@@ -54,6 +54,22 @@ def test_generate_json_with_a_budget_matches_transformers(model_dir):
     assert "600.00 KiB" in p.stderr and "expert slots" in p.stderr
 
 
+def test_generate_with_a_draft_model_speculates_four_unless_told(model_dir):
+    """--draft-model (here the served model itself, a draft that never misses; every token
+    drafted, however unsure) drafts 4 tokens a step when --speculate is not given:
+    transformers' tokens in 3 steps for 10."""
+    d, hf = model_dir
+    p = cli("generate", "--model", d, "--prompt-ids", "3,14,15,92,65", "--max-new-tokens", 10,
+            "--draft-model", d, "--draft-min-prob", 0, "--device", "cpu", "--json", "--quiet")
+    doc = json.loads(p.stdout)
+    assert doc["token_ids"] == hf_greedy(hf, [3, 14, 15, 92, 65], 10)
+    assert doc["stats"]["drafted_tokens"] == doc["stats"]["accepted_tokens"] == 4 + 3
+    assert doc["stats"]["steps"] == 3  # the prefill's token, then 5, then 4 (the limit)
+    p = cli("generate", "--model", d, "--prompt-ids", "3,14", "--draft-model", d,
+            "--speculate", "0", "--device", "cpu", check=False)
+    assert p.returncode != 0 and "speculate" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_generate_text_streams_the_decoded_completion(model_dir):
     d, hf = model_dir
     codec = TextCodec(d)
