@@ -13,7 +13,9 @@ Chat: "chat_template_kwargs" (an object), "reasoning_effort" and "tools" reach t
 template (over the server's defaults); a reasoning model's answer comes back split
 (serve/answer.py): its reasoning (GPT-OSS's analysis channel, <think>...</think>) as the
 message's "reasoning_content", its tool calls as "tool_calls" (finish_reason "tool_calls"),
-the rest as "content"; in stream deltas too.
+the rest as "content"; in stream deltas too. "tool_choice": "required" or a named function
+forces a call (as vLLM does): the answer is held to JSON (the function's arguments, or a list
+of {"name", "parameters"}) and comes back as "tool_calls" (streamed once whole).
 
 Sampling: temperature, top_p, top_k, seed, presence / frequency / repetition penalties,
 logit_bias, min_tokens, ignore_eos, "response_format" (JSON object or JSON schema,
@@ -31,7 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from serve.batcher import Batcher
 from serve.http_answer import Job, Stream, answer
-from serve.http_params import BadRequest, field, params, tools
+from serve.http_params import BadRequest, call_format, field, params, tools
 from serve.session import Session
 
 
@@ -136,7 +138,7 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(messages, list) or not messages:
             raise BadRequest("'messages' must be a non-empty list")
         kwargs = dict(self.template_kwargs)
-        funcs = tools(body)
+        funcs, forced = tools(body)
         if funcs:
             kwargs["tools"] = funcs
         kwargs.update(field(body, "chat_template_kwargs", dict, {}))
@@ -144,14 +146,22 @@ class Handler(BaseHTTPRequestHandler):
         if effort is not None:
             kwargs["reasoning_effort"] = effort
         ids = self.session.need_codec().encode_chat(messages, **kwargs)
-        self._run(body, [ids], "chat.completion", chat=True)
+        self._run(body, [ids], "chat.completion", chat=True,
+                  forced=None if forced is None else (funcs, forced))
 
     def _run(self, body: dict, prompts: list[list[int]], kind: str, chat: bool,
-             prompt_texts: list[str | None] | None = None) -> None:
+             prompt_texts: list[str | None] | None = None,
+             forced: tuple[list[dict], str] | None = None) -> None:
         """prompts: one (chat) or more (completions), n choices each, numbered prompt by
-        prompt; prompt_texts: the prompts as given, for "echo" (completions)."""
+        prompt; prompt_texts: the prompts as given, for "echo" (completions); forced: the
+        tools and the call a chat's tool_choice forces (its answer held to call_format)."""
         ask = params(body, chat)
         fmt = body.get("response_format")
+        if forced is not None:
+            if fmt is not None:
+                raise BadRequest("'response_format' and a 'tool_choice' that forces a call "
+                                 "both set the answer's form; give one")
+            fmt, ask.forced_call = call_format(*forced), forced[1]
         if fmt is not None:  # a reasoning model's grammar holds its answer, not its reasoning
             ask.sampling.grammar = self.session.grammar(fmt)
         job = Job(self.session, prompts, chat, ask, prompt_texts or [])

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from itertools import accumulate
 
 from serve.batcher import Batcher, Request
-from serve.http_params import Params
+from serve.http_params import Params, forced_calls
 from serve.sampling import seeded_rows
 from serve.session import Session
 
@@ -92,9 +92,10 @@ def _choice(job: Job, i: int, r: Request, p: int) -> dict:
     if o.reasoning:
         message["reasoning_content"] = o.reasoning
     finish = o.finish_reason
-    if o.tool_calls:
-        message["tool_calls"] = [_tool_call(c) for c in o.tool_calls]
-        message["content"] = text or None
+    forced = _forced(a, o.text)  # then the text is the calls' JSON
+    if forced or o.tool_calls:
+        message["tool_calls"] = [_tool_call(c) for c in forced or o.tool_calls]
+        message["content"] = None if forced else text or None
         finish = "tool_calls"
     return {"index": i, "message": message, "logprobs": lp, "finish_reason": finish}
 
@@ -122,6 +123,7 @@ class Stream:
         self.calls = [0] * len(self.of)  # tool calls streamed per choice
         self.pending: list[list[tuple[int, object]]] = [[] for _ in self.of]  # logprobs unsent
         self.offsets = [0] * len(self.of)  # completions: where a choice's next text starts
+        self.held = [""] * len(self.of)  # the text of a forced call, held until it is whole
         self.obj = "chat.completion.chunk" if job.chat else "text_completion"
 
     def _hooks(self, q: queue.Queue) -> dict:
@@ -179,11 +181,16 @@ class Stream:
                 continue
             elif key == "logprob":
                 self.pending[i].append(item)
+            elif key == "content" and self.job.ask.forced_call is not None:
+                self.held[i] += item  # a forced call: sent once whole (_end)
             else:
-                if key == "tool_calls":
-                    item, self.calls[i] = [_tool_call(item, self.calls[i])], self.calls[i] + 1
-                self._event(i, item, None, key=key)
+                self._send_item(i, key, item)
         return got
+
+    def _send_item(self, i: int, key: str, item) -> None:
+        if key == "tool_calls":
+            item, self.calls[i] = [_tool_call(item, self.calls[i])], self.calls[i] + 1
+        self._event(i, item, None, key=key)
 
     def _end(self, i: int, r: Request) -> None:
         """Choice i has ended: its last event, or an error event (the status line has gone)."""
@@ -192,8 +199,11 @@ class Stream:
                                  "type": "server_error", "code": 500}})
             return
         o = r.completion
+        forced = _forced(self.job.ask, self.held[i])
+        for item in forced or ([self.held[i]] if self.held[i] else []):
+            self._send_item(i, "tool_calls" if forced else "content", item)
         self._event(i, None, "length" if self.job.ask.max_tokens == 0 else
-                    "tool_calls" if o.tool_calls else o.finish_reason)
+                    "tool_calls" if o.tool_calls or forced else o.finish_reason)
 
     def _logprobs(self, i: int, toks: list[int], entries: list) -> dict | None:
         """The logprobs of choice i's next tokens in a chunk (None: not asked)."""
@@ -226,6 +236,14 @@ class Stream:
             "index": i, "text": self.job.prompt_text(p),
             "logprobs": self._logprobs(i, self.job.prompts[p], entries),
             "finish_reason": None}]))
+
+
+def _forced(a: Params, text: str | None) -> list[dict] | None:
+    """The tool calls of an answer that tool_choice forced (None: not forced, or cut short
+    before its JSON was whole: then it stays text)."""
+    if a.forced_call is None or text is None:
+        return None
+    return forced_calls(a.forced_call, text)
 
 
 def _tool_call(call: dict, index: int | None = None) -> dict:

@@ -1,9 +1,11 @@
 """What an OpenAI completions or chat request asks, read from its JSON body: typed fields
 (a wrong type or value is a `BadRequest`, answered with HTTP 400 naming the field), the
-sampling settings, stop strings, n, best_of, echo, streaming, tools."""
+sampling settings, stop strings, n, best_of, echo, streaming, tools and the calls a
+tool_choice forces."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from serve.sampling import MAX_LOGPROBS, SamplingConfig
@@ -32,8 +34,9 @@ def field(body: dict, name: str, kind, default, check=None):
 @dataclass
 class Params:
     """What a request asks besides its prompts: max_tokens (0: echo only), the sampling, stop
-    strings, stream, n choices per prompt, echo, best_of candidates per prompt (>= n), and
-    include_usage (a stream's last chunk carries the usage)."""
+    strings, stream, n choices per prompt, echo, best_of candidates per prompt (>= n),
+    include_usage (a stream's last chunk carries the usage), and the tool call a chat's
+    tool_choice forces (http_params.tools)."""
 
     max_tokens: int
     sampling: SamplingConfig
@@ -43,6 +46,7 @@ class Params:
     echo: bool
     best_of: int
     include_usage: bool
+    forced_call: str | None = None  # a chat's tool_choice: "required" or a tool's name
 
 
 def params(body: dict, chat: bool) -> Params:
@@ -82,22 +86,67 @@ def params(body: dict, chat: bool) -> Params:
     return Params(max_tokens, sampling, stop or [], stream, n, echo, best_of, usage)
 
 
-def tools(body: dict) -> list[dict] | None:
-    """The request's function tools for the chat template (None with tool_choice "none")."""
+def tools(body: dict) -> tuple[list[dict] | None, str | None]:
+    """The request's function tools for the chat template (None with tool_choice "none"),
+    and the call tool_choice forces: "required" (one call or more, of any tool), a tool's
+    name ({"type": "function", "function": {"name": ...}}), or None ("auto", "none")."""
     tools = body.get("tools")
-    if tools is None:
-        return None
-    if not isinstance(tools, list) or not all(
+    choice = body.get("tool_choice", "auto")
+    if tools is not None and (not isinstance(tools, list) or not all(
             isinstance(t, dict) and t.get("type") == "function"
             and isinstance(t.get("function"), dict)
-            and isinstance(t["function"].get("name"), str) for t in tools):
+            and isinstance(t["function"].get("name"), str) for t in tools)):
         raise BadRequest("'tools' must be a list of {\"type\": \"function\", \"function\": "
                          "{\"name\": ..., ...}}")
-    choice = body.get("tool_choice", "auto")
-    if choice not in ("auto", "none"):
-        raise BadRequest(f"'tool_choice' {choice!r} is not supported: \"auto\" or \"none\"")
-    return tools if choice == "auto" else None
+    if choice in ("auto", "none"):
+        return (tools if choice == "auto" else None), None
+    names = [t["function"]["name"] for t in tools or []]
+    if choice == "required":
+        forced = "required"
+    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(
+            choice.get("function"), dict) and isinstance(choice["function"].get("name"), str):
+        forced = choice["function"]["name"]
+        if forced not in names:
+            raise BadRequest(f"'tool_choice' names {forced!r}, which is not among the 'tools' "
+                             f"({', '.join(names) or 'none given'})")
+    else:
+        raise BadRequest(f"'tool_choice' must be \"auto\", \"none\", \"required\" or "
+                         f"{{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, got "
+                         f"{choice!r}")
+    if not names:
+        raise BadRequest("'tool_choice' forces a call, but no 'tools' were given")
+    return tools, forced
 
+
+def call_format(tools: list[dict], forced: str) -> dict:
+    """The response_format an answer forced to call tools follows (as vLLM asks): the named
+    tool's arguments (its "parameters" schema), or for "required" a non-empty JSON list of
+    {"name": a tool's, "parameters": its arguments}."""
+    def params_of(t: dict) -> dict:
+        schema = t["function"].get("parameters")
+        return schema if isinstance(schema, dict) and schema else {"type": "object"}
+
+    if forced != "required":
+        schema = params_of(next(t for t in tools if t["function"]["name"] == forced))
+    else:
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": [
+            {"type": "object", "additionalProperties": False,
+             "required": ["name", "parameters"],
+             "properties": {"name": {"const": t["function"]["name"]},
+                            "parameters": params_of(t)}} for t in tools]}}
+    return {"type": "json_schema", "json_schema": {"name": "tool_call", "schema": schema}}
+
+
+def forced_calls(forced: str, text: str) -> list[dict] | None:
+    """A forced answer's text (call_format's JSON) -> its tool calls, {"name", "arguments"
+    (JSON text)} each; None when it does not read (an answer cut by max_tokens)."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    if forced != "required":
+        return [{"name": forced, "arguments": json.dumps(doc)}]
+    return [{"name": c["name"], "arguments": json.dumps(c["parameters"])} for c in doc]
 
 
 def _logprobs(body: dict, chat: bool) -> int | None:

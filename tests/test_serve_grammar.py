@@ -18,7 +18,7 @@ from serve.config import ServeConfig  # noqa: E402
 from serve.http import make_server  # noqa: E402
 from serve.sampling import SamplingConfig  # noqa: E402
 from serve.session import Session  # noqa: E402
-from tests.hf_models import save_served_model  # noqa: E402
+from tests.hf_models import CODE_TEXTS, build_hf, save_served_model, save_tokenizer  # noqa: E402
 from tests.test_serve_cli import request  # noqa: E402
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["lang", "ok", "n"],
@@ -96,6 +96,86 @@ def test_http_response_format_plain_and_streamed(session):
         assert text == choice["message"]["content"]
         code, bad = request(base, dict(body, response_format={"type": "json_schema"}))
         assert code == 400 and "json_schema" in json.loads(bad)["error"]["message"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _tool(name: str, properties: dict) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": {
+        "type": "object", "additionalProperties": False, "required": list(properties),
+        "properties": properties}}}
+
+
+TOOLS = [_tool("weather", {"city": {"enum": ["Paris", "Rome"]}}),
+         _tool("add", {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                       "b": {"type": "integer", "minimum": 0, "maximum": 9}})]
+
+
+def _valid_call(call: dict) -> bool:
+    args = json.loads(call["function"]["arguments"])
+    if call["function"]["name"] == "weather":
+        return args in ({"city": "Paris"}, {"city": "Rome"})
+    return set(args) == {"a", "b"} and all(args[k] in range(10) for k in args)
+
+
+@pytest.fixture(scope="module")
+def roomy(tmp_path_factory):
+    """The session's model, with room for a list of calls (~60 tokens of characters)."""
+    d = tmp_path_factory.mktemp("roomy")
+    build_hf("mixtral", seed=3, max_position_embeddings=256).save_pretrained(d)
+    save_tokenizer(d, CODE_TEXTS)
+    return Session(ServeConfig(model=str(d), max_context=256, dtype="float32"))
+
+
+def test_http_tool_choice_forces_a_call(roomy):
+    """tool_choice "required" or a named function holds the answer to the calls' JSON (as
+    vLLM does), answered as tool_calls, plain and streamed; an answer cut short stays text;
+    bad choices are 400s."""
+    session = roomy
+    srv = make_server(session, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_port}/v1/chat/completions"
+    try:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100,
+                "temperature": 0, "tools": TOOLS}
+        code, plain = request(base, body)  # auto: this model answers in text
+        assert code == 200 and "tool_calls" not in json.loads(plain)["choices"][0]["message"]
+        named = dict(body, tool_choice={"type": "function", "function": {"name": "add"}})
+        # this random model would list calls without end: "]" wherever the grammar allows it
+        end = {str(session.codec.tok.token_to_id("]")): 100}
+        for choice in (named["tool_choice"], "required"):
+            code, plain = request(base, dict(body, tool_choice=choice, logit_bias=end))
+            assert code == 200, plain
+            c = json.loads(plain)["choices"][0]
+            assert c["finish_reason"] == "tool_calls", c
+            assert c["message"]["content"] is None
+            calls = c["message"]["tool_calls"]
+            assert calls and all(_valid_call(x) for x in calls), calls
+            if choice != "required":
+                assert [x["function"]["name"] for x in calls] == ["add"]
+        code, plain = request(base, named)
+        want = json.loads(plain)["choices"][0]["message"]["tool_calls"][0]["function"]
+        code, streamed = request(base, dict(named, stream=True))
+        chunks = [json.loads(line[6:]) for line in streamed.splitlines()
+                  if line.startswith("data: {")]
+        deltas = [c["choices"][0]["delta"] for c in chunks]
+        calls = [t for d in deltas for t in d.get("tool_calls", [])]
+        assert [t["function"] for t in calls] == [want] and calls[0]["index"] == 0
+        assert not any(d.get("content") for d in deltas)
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        code, plain = request(base, dict(named, max_tokens=3))  # cut short: text
+        c = json.loads(plain)["choices"][0]
+        assert c["finish_reason"] == "length" and c["message"]["content"].startswith("{")
+        assert "tool_calls" not in c["message"]
+        for bad, fragment in (
+                ({"tool_choice": {"type": "function", "function": {"name": "x"}}},
+                 "not among"),
+                ({"tools": None, "tool_choice": "required"}, "no 'tools'"),
+                ({"tool_choice": "always"}, "'tool_choice' must be"),
+                ({"tool_choice": "required", "response_format": FORMAT}, "give one")):
+            code, plain = request(base, dict(body, **bad))
+            assert code == 400 and fragment in json.loads(plain)["error"]["message"], plain
     finally:
         srv.shutdown()
         srv.server_close()
