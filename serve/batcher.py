@@ -56,13 +56,14 @@ class Batcher:
 
     def __init__(self, session: Session, max_batch: int | None = None,
                  log: Callable[[str], None] | None = None, continuous: bool = True,
-                 joint: bool = True):
-        """log: called with one line per finished request (tokens, speed, batch), e.g. print.
-        For comparison: continuous=False is static batching, requests start only when the
+                 joint: bool = True, on_done: Callable[[Request], None] | None = None):
+        """log: called with one line per finished request (tokens, speed, batch), e.g. print;
+        on_done: called with each request that ends, served or failed (metrics). For
+        comparison: continuous=False is static batching, requests start only when the
         batch has drained; joint=False reads prompts in forwards of their own
         (DecodeBatch)."""
         self.session = session
-        self.log = log
+        self.log, self.on_done = log, on_done
         self.continuous, self.joint = continuous, joint
         self.max_batch = max_batch or session.model.max_batch
         if self.max_batch > session.model.max_batch:
@@ -116,6 +117,16 @@ class Batcher:
         """Rows decoding now."""
         return len(self._rows)
 
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not started yet."""
+        return len(self._waiting) + self._queue.qsize()
+
+    def _ended(self, req: Request) -> None:
+        req.done.set()
+        if self.on_done is not None:
+            self.on_done(req)
+
     # -- worker ----------------------------------------------------------------------------
     def _loop(self) -> None:
         while self._take_arrivals():
@@ -147,7 +158,7 @@ class Batcher:
         none until the running batch has drained)."""
         for r in self._waiting:
             if r.cancelled:  # its client left while it waited
-                r.done.set()
+                self._ended(r)
         self._waiting = [r for r in self._waiting if not r.cancelled]
         if self._rows and not self.continuous:
             return []
@@ -175,7 +186,7 @@ class Batcher:
         except BaseException as e:
             for r in reqs:
                 r.error = e
-                r.done.set()
+                self._ended(r)
             raise
         for row, h in zip(rows, hooks, strict=True):
             h.row = row
@@ -207,7 +218,7 @@ class Batcher:
         req.stats = dict(row.stats, ttft_s=row.t_first - req.submitted,
                          queue_s=row.t_added - req.submitted,
                          latency_s=row.t_done - req.submitted)
-        req.done.set()
+        self._ended(req)
         if self.log is not None:
             st = req.stats
             self.log(f"request done: {st['prompt_tokens']} prompt + {st['new_tokens']} new "
@@ -220,7 +231,7 @@ class Batcher:
         """Every request in the running batch gets `e`; the batch starts afresh."""
         for req, _ in self._rows.values():
             req.error = e
-            req.done.set()
+            self._ended(req)
         self._rows.clear()
         self._batch = self._new_batch()
 

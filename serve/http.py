@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP server over a `Session`: POST /v1/completions and
 /v1/chat/completions (server-sent events when "stream": true), GET /v1/models and /health;
-POST /tokenize and /detokenize as vLLM has them.
+POST /tokenize and /detokenize as vLLM has them; GET /metrics for Prometheus
+(serve/metrics.py).
 
 One model, one device: a `Batcher` runs the requests, continuously batched: one that arrives
 while others decode joins them (up to max_batch rows). "n" > 1 asks for n choices, each a
@@ -34,12 +35,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from serve.batcher import Batcher
 from serve.http_answer import Job, Stream, answer
 from serve.http_params import BadRequest, call_format, field, params, tools
+from serve.metrics import Metrics
 from serve.session import Session
 
 
 class Handler(BaseHTTPRequestHandler):
     session: Session
     batcher: Batcher
+    metrics: Metrics
     template_kwargs: dict  # the server's defaults for chat templates
     protocol_version = "HTTP/1.1"
 
@@ -47,9 +50,11 @@ class Handler(BaseHTTPRequestHandler):
         sys.stderr.write(f"moe-serve http: {self.address_string()} {fmt % args}\n")
 
     def _send(self, code: int, doc: dict) -> None:
-        data = json.dumps(doc).encode()
+        self._send_bytes(code, json.dumps(doc).encode(), "application/json")
+
+    def _send_bytes(self, code: int, data: bytes, kind: str) -> None:
         self.send_response(code)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -64,6 +69,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, {"object": "list", "data": [
                 {"id": self.session.name, "object": "model", "created": 0,
                  "owned_by": "moe-serve"}]})
+        elif self.path == "/metrics":
+            self._send_bytes(200, *self.metrics.render())
         else:
             self._error(404, f"no route GET {self.path}", "not_found")
 
@@ -191,9 +198,13 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, session: Session, host: str, port: int, max_batch: int | None = None,
                  log: bool = False, template_kwargs: dict | None = None):
-        self.batcher = Batcher(session, max_batch, log=_log_line if log else None)
+        self.metrics = Metrics(session.model, lambda: self.batcher.running,
+                               lambda: self.batcher.waiting)
+        self.batcher = Batcher(session, max_batch, log=_log_line if log else None,
+                               on_done=self.metrics.done)
         handler = type("BoundHandler", (Handler,), {"session": session,
                                                     "batcher": self.batcher,
+                                                    "metrics": self.metrics,
                                                     "template_kwargs": template_kwargs or {}})
         super().__init__((host, port), handler)
 
@@ -218,7 +229,8 @@ def serve_forever(session: Session, host: str, port: int,
                   template_kwargs: dict | None = None) -> None:
     server = make_server(session, host, port, log=True, template_kwargs=template_kwargs)
     print(f"moe-serve http: serving {session.name} on http://{host}:{server.server_port} "
-          "(/v1/completions, /v1/chat/completions, /v1/models, /health), batching up to "
+          "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics), batching "
+          "up to "
           f"{server.batcher.max_batch} concurrent requests", file=sys.stderr, flush=True)
     try:
         server.serve_forever()

@@ -277,6 +277,7 @@ class OffloadedModel:
         self.cache = ExpertCache(self.store, self.n_slots, cfg.cache_policy, self.device,
                                  self.dtype, side)
         self.prefetch_stats = PrefetchStats()
+        self._before_reset: dict[str, int] = {}  # counts up to the last reset_stats
         self._predicted: dict[int, set[int]] = {}
         self.drafter = None  # the draft model of speculation, if any (serve/draft.py)
         if cfg.draft_model is not None:
@@ -622,7 +623,14 @@ class OffloadedModel:
                 "bytes_to_device": c.bytes_to_device,
                 "prefetch_precision": p.precision, "prefetch_recall": p.recall}
 
+    def total_counters(self) -> dict[str, int]:
+        """The raw cache and prefetch counts since the model was loaded (monitoring: they
+        only grow, whatever reset_stats does)."""
+        now = self.counters()
+        return {k: v + self._before_reset.get(k, 0) for k, v in now.items()}
+
     def reset_stats(self) -> None:
+        self._before_reset = self.total_counters()
         self.cache.stats = CacheStats()
         self.prefetch_stats = PrefetchStats()
         self._predicted.clear()

@@ -624,6 +624,53 @@ def test_http_unknown_route_is_404(server):
     assert request(base + "/v2/nothing")[0] == 404
 
 
+def test_http_metrics_count_requests_tokens_and_expert_traffic(model_dir):
+    """GET /metrics (Prometheus text): requests by finish reason, tokens, time histograms,
+    and the runtime's counts since load, which reset_stats (a benchmark's) does not lower."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    d, _ = model_dir
+    session = Session(ServeConfig(model=str(d), memory_budget="600KiB", max_context=64,
+                                  dtype="float32"))
+    srv = make_server(session, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_port}"
+
+    def scrape() -> dict:
+        code, text = request(base + "/metrics")
+        assert code == 200
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}
+
+    try:
+        m = scrape()
+        assert m[("moe_serve_expert_slots", ())] == session.model.n_slots
+        assert m[("moe_serve_bytes_to_device_total", ())] == 0
+        usage = []
+        for body in ({"prompt": "import os", "max_tokens": 5, "temperature": 0,
+                      "ignore_eos": True},
+                     {"prompt": "def f", "max_tokens": 3, "temperature": 0, "ignore_eos": True}):
+            code, doc = request(base + "/v1/completions", body)
+            assert code == 200, doc
+            usage.append(json.loads(doc)["usage"])
+        m = scrape()
+        assert m[("moe_serve_requests_total", (("finish_reason", "length"),))] == 2
+        assert m[("moe_serve_generation_tokens_total", ())] == 5 + 3
+        assert m[("moe_serve_prompt_tokens_total", ())] == sum(u["prompt_tokens"]
+                                                               for u in usage)
+        assert m[("moe_serve_time_to_first_token_seconds_count", ())] == 2
+        assert m[("moe_serve_requests_running", ())] == 0
+        moved = session.model.total_counters()["bytes_to_device"]
+        assert m[("moe_serve_bytes_to_device_total", ())] == moved > 0
+        assert m[("moe_serve_expert_hits_total", ())] + m[
+            ("moe_serve_expert_misses_total", ())] > 0
+        session.model.reset_stats()
+        assert scrape()[("moe_serve_bytes_to_device_total", ())] == moved
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_stop_strings_cut_the_text_and_end_the_row(server):
     _, session, _ = server
     ids = session.codec.encode("class Point")
