@@ -124,17 +124,17 @@ class Drafter:
                 cache = None
         if cache is None:
             cache, keep = self._cache_cls(), 0
-        ids = torch.tensor([context[keep:]], device=self.device)
+        feed, fed = context[keep:], context[:keep]
         out: list[int] = []
-        fed = context[:keep]
         for _ in range(k):
+            ids = torch.tensor([feed], device=self.device)
             logits = self.model(input_ids=ids, use_cache=True, **{self._cache_arg: cache},
                                 **self._last).logits[0, -1]
-            fed += ids[0].tolist()
+            fed += feed
             p, t = torch.softmax(logits.float(), -1).max(-1)
             if p < self.min_prob:  # unsure: a draft likely rejected costs its experts' bytes
                 break
             out.append(int(t))
-            ids = t.view(1, 1)
+            feed = out[-1:]
         self.caches[row], self.held[row] = cache, fed
         return out
