@@ -45,10 +45,12 @@ class Job:
 
     def request(self, p: int, sampling, **hooks) -> Request:
         """The Batcher request of prompt p with one choice's sampling (max_tokens 0, echo
-        only, reads the prompt and draws one token that is dropped)."""
-        a = self.ask
-        return Request(self.prompts[p], max(1, a.max_tokens), sampling, a.stop,
-                       channels=self.chat, **hooks)
+        only, reads the prompt and draws one token that is dropped; None: up to the
+        context)."""
+        a, prompt = self.ask, self.prompts[p]
+        room = self.session.model.max_context - len(prompt)
+        return Request(prompt, max(1, room if a.max_tokens is None else a.max_tokens),
+                       sampling, a.stop, channels=self.chat, **hooks)
 
 
 def answer(job: Job, batcher: Batcher) -> dict:

@@ -33,12 +33,13 @@ def field(body: dict, name: str, kind, default, check=None):
 
 @dataclass
 class Params:
-    """What a request asks besides its prompts: max_tokens (0: echo only), the sampling, stop
+    """What a request asks besides its prompts: max_tokens (0: echo only; None: up to the
+    context), the sampling, stop
     strings, stream, n choices per prompt, echo, best_of candidates per prompt (>= n),
     include_usage (a stream's last chunk carries the usage), and the tool call a chat's
     tool_choice forces (http_params.tools)."""
 
-    max_tokens: int
+    max_tokens: int | None  # None: up to the context
     sampling: SamplingConfig
     stop: list[str]
     stream: bool
@@ -51,7 +52,8 @@ class Params:
 
 def params(body: dict, chat: bool) -> Params:
     """The Params of a completions (chat=False) or chat request body."""
-    max_tokens = field(body, "max_tokens", int, 16, lambda v: v >= 0)
+    # OpenAI's defaults: 16 new tokens for completions, up to the context for a chat (None)
+    max_tokens = field(body, "max_tokens", int, None if chat else 16, lambda v: v >= 0)
     max_tokens = field(body, "max_completion_tokens", int, max_tokens, lambda v: v >= 0)
     echo = field(body, "echo", bool, False)
     if echo and chat:
@@ -68,7 +70,8 @@ def params(body: dict, chat: bool) -> Params:
         frequency_penalty=field(body, "frequency_penalty", float, 0.0,
                                  lambda v: -2 <= v <= 2),
         logit_bias=_logit_bias(body), ignore_eos=field(body, "ignore_eos", bool, False),
-        min_tokens=field(body, "min_tokens", int, 0, lambda v: 0 <= v <= max(max_tokens, 1)))
+        min_tokens=field(body, "min_tokens", int, 0,
+                         lambda v: 0 <= v and (max_tokens is None or v <= max(max_tokens, 1))))
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]

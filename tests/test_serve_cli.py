@@ -492,6 +492,22 @@ def test_http_penalties_and_logit_bias_reach_the_sampler(server):
     assert json.loads(plain)["choices"][0]["text"] == session.codec.decode([65] * 3)
 
 
+def test_http_default_max_tokens_16_for_completions_the_context_for_chat(server):
+    """OpenAI's defaults: a completion without max_tokens takes 16 new tokens, a chat answer
+    runs to the end of the context."""
+    base, session, _ = server
+    code, doc = request(base + "/v1/completions", {"prompt": "def f", "temperature": 0,
+                                                   "ignore_eos": True})
+    assert code == 200 and json.loads(doc)["usage"]["completion_tokens"] == 16
+    code, doc = request(base + "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}], "temperature": 0,
+        "ignore_eos": True})
+    assert code == 200, doc
+    doc = json.loads(doc)
+    assert doc["choices"][0]["finish_reason"] == "length"
+    assert doc["usage"]["total_tokens"] == session.model.max_context
+
+
 def test_http_min_tokens_ignore_eos_and_best_of(server):
     """With the stop token biased to be drawn at once: min_tokens holds it back that many
     tokens, ignore_eos runs to max_tokens. best_of 3 keeps the candidate of the highest mean
