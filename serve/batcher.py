@@ -123,9 +123,9 @@ class Batcher:
         return len(self._waiting) + self._queue.qsize()
 
     def _ended(self, req: Request) -> None:
-        req.done.set()
-        if self.on_done is not None:
+        if self.on_done is not None:  # counted before its client hears of it
             self.on_done(req)
+        req.done.set()
 
     # -- worker ----------------------------------------------------------------------------
     def _loop(self) -> None:

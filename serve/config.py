@@ -66,9 +66,9 @@ class ServeConfig:
     draft_model: a small causal LM (a Hugging Face directory; transformers loads it whole on
     the device, inside the budget) sharing the model's tokenizer, which drafts a row's next
     `speculate` tokens greedily where prompt lookup finds nothing (serve/draft.py); None:
-    prompt lookup only. draft_min_prob: a draft stops before a token the draft model gives less than
-    this probability (transformers' assistant_confidence_threshold is 0.4 too): a draft
-    the model likely rejects would still move its experts' bytes.
+    prompt lookup only. draft_min_prob: a draft stops before a token the draft model gives
+    less than this probability (transformers' assistant_confidence_threshold is 0.4 too):
+    a draft the model likely rejects would still move its experts' bytes.
     prefix_cache: a prompt that begins with tokens a KV-cache row still holds (the chat so far,
     a shared system prompt) reads only the rest (serve.generate.DecodeBatch).
     """
