@@ -26,6 +26,19 @@ def test_kernels_bench_smoke(tmp_path):
     assert "max rel err" in proc.stdout
 
 
+def test_kernels_breakdown_times_every_stage():
+    """--breakdown times each primitive of ours alone (the GEMM candidates forced), none of
+    them failing (a cuBLAS GEMM per expert writes with out=, so no graph may be built)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "bench.kernels", "--breakdown", "--smoke"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| stage |")]
+    assert len(rows) >= 20 and not any("failed" in r for r in rows), proc.stdout
+    assert any(r.startswith("| bwd dW_in, a cuBLAS GEMM per expert |") for r in rows)
+
+
 def test_serve_bench_smoke(tmp_path):
     out = tmp_path / "results.md"
     env = dict(os.environ, PYTHONPATH=ROOT)
