@@ -43,6 +43,13 @@ PROMPTS = [
 ]
 
 
+def prompt_texts(path: str | None) -> list[str]:
+    """The prompts of a file, separated by lines holding only "---" (None: PROMPTS)."""
+    if path is None:
+        return PROMPTS
+    return [t.strip("\n") for t in Path(path).read_text().split("\n---\n") if t.strip()]
+
+
 def run(model: OffloadedModel, prompts: list[list[int]], new_tokens: int,
         temperature: float = 0.0) -> dict:
     """Answers (greedy, or sampled with seed i for prompt i), one prompt at a time ->
@@ -87,8 +94,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--out", default="bench/RESULTS.md")
     a = p.parse_args(argv)
-    texts = PROMPTS if a.prompts is None else [
-        t.strip("\n") for t in Path(a.prompts).read_text().split("\n---\n") if t.strip()]
+    texts = prompt_texts(a.prompts)
     codec = TextCodec(a.model)
     prompts = [codec.encode(t) for t in texts]
     ks = [0] + [int(k) for k in a.speculate.split(",") if k]

@@ -91,6 +91,7 @@ class CacheStats:
     misses: int = 0
     prefetched: int = 0  # experts copied ahead of their layer
     on_host: int = 0  # expert uses run on the host CPU (neither hits nor misses)
+    skipped: int = 0  # missing experts of low weight left out (serve/skip.py)
     bytes_to_device: int = 0
 
     @property

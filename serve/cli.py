@@ -97,6 +97,10 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    help="a missing expert that at most N of a step's tokens use runs on the "
                    "host CPU instead of crossing to the device (decode: N of 1-4 pays when "
                    "the CPU reads memory faster than PCIe moves it); default 0: off")
+    p.add_argument("--skip-miss-weight", type=float, default=None, metavar="W",
+                   help="approximate: a missing expert that every token using it weighs below "
+                   "W (not as its first choice) is skipped, not copied in; its tokens' other "
+                   "experts take its weight (e.g. 0.2 for Mixtral's top-2); default 0: exact")
     p.add_argument("--speculate", type=int, default=None, metavar="K",
                    help="answers draft up to K tokens a step from the prompt and answer so "
                    "far (prompt lookup) and keep those the model confirms in the same "
@@ -170,7 +174,7 @@ def _response_format(value: str) -> dict:
 FLAG_FIELDS = ("model", "device", "dtype", "memory_budget", "host_budget", "cache_policy",
                "prefetch", "prefetch_min_weight", "quant", "max_batch", "max_context",
                "offload_dir", "prefix_cache", "prefill_step_tokens", "host_compute_tokens",
-               "speculate", "draft_model", "draft_min_prob")
+               "skip_miss_weight", "speculate", "draft_model", "draft_min_prob")
 # tokens drafted a step with a draft model when neither a flag nor the preset says
 DRAFT_SPECULATE = 4
 

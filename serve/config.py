@@ -23,6 +23,7 @@ _FIELD_TYPES = {
     "prefix_cache": ("true or false", (bool,)),
     "prefill_step_tokens": ("an integer", (int, _NONE)),
     "host_compute_tokens": ("an integer", (int,)),
+    "skip_miss_weight": ("a number", (int, float)),
     "speculate": ("an integer", (int,)),
     "draft_model": ("a path", (str, os.PathLike, _NONE)),
     "draft_min_prob": ("a number", (int, float)),
@@ -56,6 +57,10 @@ class ServeConfig:
     pairs use runs on the host CPU from its host copy, beside the device's work, instead of
     evicting a resident expert to be copied in (as Fiddler does: a CPU reads an expert for a
     few tokens faster than PCIe moves it); 0: every expert runs on the device.
+    skip_miss_weight: an expert that is not on the device and that every token using it in
+    the step weighs below this (and not as its first choice) is skipped instead of copied
+    in, its tokens' other experts scaled up to the same total weight (serve/skip.py): fewer
+    PCIe bytes for answers that are no longer exactly the model's (0: off, exact).
     speculate: rows draft up to this many tokens a step by prompt lookup (the tokens that
     followed the latest earlier occurrence of their last 3) and verify them in the same
     forward (serve/speculate.py): greedy rows keep the drafts that are the model's argmax,
@@ -90,6 +95,7 @@ class ServeConfig:
     prefix_cache: bool = True
     prefill_step_tokens: int | None = None
     host_compute_tokens: int = 0
+    skip_miss_weight: float = 0.0
     speculate: int = 0
     draft_model: str | None = None
     draft_min_prob: float = 0.4
@@ -113,6 +119,9 @@ class ServeConfig:
         if self.draft_model is not None and self.speculate < 1:
             raise ValueError("draft_model drafts tokens for speculation: speculate (the most "
                              f"tokens drafted a step) must be >= 1, got {self.speculate}")
+        if not 0 <= self.skip_miss_weight <= 1:
+            raise ValueError(f"skip_miss_weight must be a weight in [0, 1], got "
+                             f"{self.skip_miss_weight!r}")
         if not 0 <= self.draft_min_prob <= 1:
             raise ValueError(f"draft_min_prob must be a probability in [0, 1], got "
                              f"{self.draft_min_prob!r}")

@@ -19,6 +19,7 @@ from moe.experts import expert_mlp
 from moe.model import MoETransformer
 from serve.cache import CacheStats, ExpertCache
 from serve.config import ServeConfig
+from serve.skip import kept_pairs, skip_missing
 from serve.store import WeightStore, available_ram
 from serve.units import format_size, parse_size
 
@@ -489,7 +490,9 @@ class OffloadedModel:
         time (hits first), each group serving every chunk before the next is fetched;
         prefetch: with the last group, start copying the next MoE layer's predicted
         experts. A missing expert that few of the step's tokens use (scfg.
-        host_compute_tokens) runs on the host CPU instead, while the device runs the rest."""
+        host_compute_tokens) runs on the host CPU instead, while the device runs the rest;
+        one that only pairs of low weight use (scfg.skip_miss_weight) is skipped
+        (serve/skip.py)."""
         layer = self.model.layers[i].mlp
         flats = [h[v] for h, v in zip(hs, valid, strict=True)]
         routes = [layer.router.select(f) for f in flats]
@@ -497,6 +500,12 @@ class OffloadedModel:
         needed = all_ids.unique().tolist()
         self._account(i, needed)
         cache = self.cache
+        if self.scfg.skip_miss_weight > 0:
+            missing = [e for e in needed if not cache.resident((i, e))]
+            routes, skipped = skip_missing(routes, missing, self.scfg.skip_miss_weight,
+                                           self.cfg.moe.num_experts)
+            needed = [e for e in needed if e not in skipped]
+            cache.stats.skipped += len(skipped)
         host = self._host_set(i, all_ids, needed)
         if host:  # their tokens go to the host before the device work is queued behind them
             taken = [self._host_inputs(flat, ids, w, host)
@@ -580,13 +589,16 @@ class OffloadedModel:
     def _prefetch_next(self, i: int, x_flat: torch.Tensor, protected) -> None:
         """Apply the next MoE layer's norm and gate to layer i's residual stream (the
         cross-layer gate) and start copying the experts it names (those whose predicted
-        weight reaches prefetch_min_weight for some token), evicting nothing in protected
-        (the experts layer i is using)."""
+        weight reaches prefetch_min_weight for some token, and that skip_miss_weight would
+        not skip), evicting nothing in protected (the experts layer i is using)."""
         j = self.next_moe[i]
         nxt = self.model.layers[j]
         ids, w = nxt.mlp.router.select(nxt.mlp_norm(x_flat))
-        bar = self.scfg.prefetch_min_weight
-        pred = (ids[w >= bar] if bar > 0 else ids).unique().tolist()
+        bar, skip = self.scfg.prefetch_min_weight, self.scfg.skip_miss_weight
+        want = w >= bar
+        if skip > 0:  # a copy ahead of an expert the layer would skip if it were missing
+            want &= kept_pairs(w, skip)
+        pred = ids[want].unique().tolist()
         self._predicted[j] = set(pred)
         self.cache.prefetch([(j, e) for e in pred], protected)
 
@@ -620,6 +632,7 @@ class OffloadedModel:
         p = PrefetchStats(**{k: now[k] for k in asdict(self.prefetch_stats)})
         return {"expert_hit_rate": c.hit_rate, "expert_hits": c.hits, "expert_misses": c.misses,
                 "experts_prefetched": c.prefetched, "experts_on_host": c.on_host,
+                "experts_skipped": c.skipped,
                 "bytes_to_device": c.bytes_to_device,
                 "prefetch_precision": p.precision, "prefetch_recall": p.recall}
 

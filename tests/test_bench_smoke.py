@@ -246,3 +246,20 @@ def test_serve_speculate_bench_smoke(tmp_path):
     assert "Speculation by a draft model" in text and "on top of the budget" in text
     assert len(rows) == 2 and rows[0][2] == rows[1][2] and all(r[3].strip() == "yes"
                                                              for r in rows)
+
+
+def test_serve_skip_bench_smoke(tmp_path):
+    """Skipping beside exact serving: a row per bar, exact agreeing with itself."""
+    from bench.serve_skip import main
+    from tests.hf_models import save_served_model
+
+    save_served_model(tmp_path / "m", seed=2)
+    out, prompts = tmp_path / "results.md", tmp_path / "prompts.txt"
+    prompts.write_text("def f(a):\n    return a\n---\nimport os\n")
+    main(["--model", str(tmp_path / "m"), "--device", "cpu", "--weights", "0.5",
+          "--new-tokens", "6", "--memory-budget", "600KiB", "--prompts", str(prompts),
+          "--out", str(out)])
+    rows = [line.split("|") for line in out.read_text().splitlines()
+            if line.startswith("| 0")]
+    assert [r[1].strip() for r in rows] == ["0 (exact)", "0.5"]
+    assert rows[0][8].strip() == "1.000" and float(rows[1][3]) > 0  # agreement; skipped

@@ -1,0 +1,121 @@
+"""Skipping missing experts of low weight (--skip-miss-weight W, serve/skip.py) on a served
+model: what it saves (expert bytes moved per token, decode speed) against what it costs (how
+far the answers move from the exact ones), side by side with exact serving under the same
+budget.
+
+    make demo && python -m bench.serve_skip --model runs/demo/hf --memory-budget 8.5MiB
+
+Quality, two ways: greedy answers decoded freely (how many tokens each keeps before it first
+differs from the exact answer), and the exact answer fed back token by token (teacher
+forcing, decode steps as serving runs them): how often the next-token argmax agrees with
+exact serving's and the mean KL divergence from its distribution. A trained model is needed
+for the quality figures to mean anything (random weights route at random).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from bench.common import append_results, command_line, markdown_table
+from bench.serve_speculate import prompt_texts
+from serve.config import ServeConfig
+from serve.generate import generate
+from serve.runtime import OffloadedModel
+from serve.text import TextCodec
+
+
+@torch.no_grad()
+def forced(model: OffloadedModel, prompt: list[int], answer: list[int]) -> torch.Tensor:
+    """The log-probabilities [len(answer), V] before each answer token, the prompt read in
+    one step and the answer fed a token a step (KV-cache row 0)."""
+    dev = model.device
+    logits = [model.step(torch.tensor([prompt], device=dev), [0], [0], [len(prompt)])]
+    for j, t in enumerate(answer[:-1]):
+        logits.append(model.step(torch.tensor([[t]], device=dev), [0], [len(prompt) + j], [1]))
+    return torch.cat(logits).float().log_softmax(-1).cpu()
+
+
+def run(model: OffloadedModel, prompts: list[list[int]], new_tokens: int,
+        exact: dict | None) -> dict:
+    """Free greedy answers (tokens, bytes, seconds, skipped experts) and, given the exact
+    run's answers and log-probabilities, the teacher-forced agreement and KL."""
+    out = {"tokens": [], "bytes": 0, "s": 0.0, "new": 0, "skipped": 0, "logp": []}
+    for p in prompts:
+        model.synchronize()
+        t0 = time.perf_counter()
+        res = generate(model, [p], new_tokens)
+        model.synchronize()
+        out["s"] += time.perf_counter() - t0
+        out["tokens"].append(res.token_ids[0])
+        out["new"] += res.stats["new_tokens"]
+        out["bytes"] += res.stats["bytes_to_device"]
+        out["skipped"] += res.stats["experts_skipped"]
+    answers = out["tokens"] if exact is None else exact["tokens"]
+    out["logp"] = [forced(model, p, a) for p, a in zip(prompts, answers, strict=True)]
+    return out
+
+
+def _kept_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a served model directory (with tokenizer)")
+    p.add_argument("--prompts", default=None, help='prompts separated by "---" lines '
+                   "(default: bench/serve_speculate.py's code prompts)")
+    p.add_argument("--weights", default="0.1,0.2,0.3,0.5",
+                   help="comma-separated skip_miss_weight bars to compare with exact serving")
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--memory-budget", default=None)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--out", default="bench/RESULTS.md")
+    a = p.parse_args(argv)
+    codec = TextCodec(a.model)
+    prompts = [codec.encode(t) for t in prompt_texts(a.prompts)]
+    bars = [0.0] + [float(w) for w in a.weights.split(",") if w]
+    runs: dict[float, dict] = {}
+    for bar in bars:
+        cfg = ServeConfig(model=a.model, device=a.device, memory_budget=a.memory_budget,
+                          max_context=max(map(len, prompts)) + a.new_tokens + 8,
+                          skip_miss_weight=bar)
+        model = OffloadedModel(cfg)
+        generate(model, [prompts[0][:4]], 2)  # warm-up
+        print(f"skip_miss_weight {bar:g}:", file=sys.stderr, flush=True)
+        runs[bar] = run(model, prompts, a.new_tokens, runs.get(0.0))
+        slots, device = f"{model.n_slots}/{model.store.total_experts}", model.device
+        del model
+    base = runs[0.0]
+    rows = []
+    for bar, r in runs.items():
+        kept = [_kept_prefix(x, y) for x, y in zip(r["tokens"], base["tokens"], strict=True)]
+        ref, got = torch.cat(base["logp"]), torch.cat(r["logp"])
+        agree = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+        kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
+        rows.append([f"{bar:g}" + (" (exact)" if bar == 0 else ""), slots,
+                     f"{r['skipped'] / r['new']:.2f}", f"{r['bytes'] / r['new'] / 2**20:.3f}",
+                     f"{r['new'] / r['s']:.1f}", f"{base['s'] / r['s']:.2f}",
+                     f"{sum(kept) / len(kept):.1f} / {a.new_tokens}", f"{agree:.3f}",
+                     f"{kl:.4f}"])
+    table = markdown_table(["skip_miss_weight", "expert slots", "experts skipped / token",
+                            "expert MiB moved / token", "tokens / s", "speed-up",
+                            "greedy tokens kept before the first difference (mean)",
+                            "teacher-forced argmax agreement", "teacher-forced KL (nats)"],
+                           rows)
+    body = (f"Model: {a.model}; {len(prompts)} prompts ({a.prompts or 'code prompts'}), "
+            f"{a.new_tokens} greedy tokens each, one prompt at a time; memory budget "
+            f"{a.memory_budget or 'default (90% of free)'}, cross-layer prefetch. Tokens / s: "
+            "new tokens over the time of the whole generate call (prefill included). "
+            f"Teacher forcing feeds the exact answers back a token a step.\n\n{table}\n")
+    print(body)
+    append_results(a.out, "Skipping missing experts of low weight (bench/serve_skip.py)",
+                   command_line("bench.serve_skip", argv), torch.device(device), body)
+
+
+if __name__ == "__main__":
+    main()
