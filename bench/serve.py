@@ -281,6 +281,11 @@ def main(argv=None) -> None:
                    help="comma-separated counts N: a column each for ours with the misses "
                    "that at most N of a step's tokens use run on the host CPU "
                    "(--host-compute-tokens)")
+    p.add_argument("--skip-miss-weights", default="",
+                   help="comma-separated bars W: a column each for ours skipping missing "
+                   "experts that every token using them weighs below W (--skip-miss-weight; "
+                   "approximate: random weights say nothing of the answers' fidelity, "
+                   "bench/serve_skip.py does on a trained model)")
     p.add_argument("--speculate", default="",
                    help="comma-separated K: a column each for ours drafting up to K tokens "
                    "a step by prompt lookup (--speculate)")
@@ -314,7 +319,9 @@ def main(argv=None) -> None:
                 for w in a.prefetch_min_weights.split(",") if w] + [
         (f"misses of <= {int(n)} tokens on the host", {"host_compute_tokens": int(n)})
         for n in a.host_compute_tokens.split(",") if n] + [
-        (f"speculating {int(k)}", {"speculate": int(k)}) for k in a.speculate.split(",") if k]
+        (f"speculating {int(k)}", {"speculate": int(k)}) for k in a.speculate.split(",") if k] + [
+        (f"skipping misses below {float(w):g} (approx.)", {"skip_miss_weight": float(w)})
+        for w in a.skip_miss_weights.split(",") if w]
     stopped = None
     try:
         with stop_on_sigterm():

@@ -62,7 +62,8 @@ def test_serve_bench_smoke_at_deepseek_shapes(tmp_path):
     out, js = tmp_path / "results.md", tmp_path / "r.json"
     main(["--smoke", "--shape", "deepseek-v2-lite", "--layers", "2", "--new-tokens", "4",
           "--batches", "1", "--quants", "none", "--prefetch-min-weights", "0.5,2",
-          "--host-compute-tokens", "4", "--speculate", "2", "--out", str(out),
+          "--host-compute-tokens", "4", "--speculate", "2", "--skip-miss-weights", "0.5",
+          "--out", str(out),
           "--dir", str(tmp_path / "m"),
           "--json-out", str(js)])
     text = out.read_text()
@@ -70,6 +71,7 @@ def test_serve_bench_smoke_at_deepseek_shapes(tmp_path):
     assert "failed" not in text
     assert "prefetch gated at 0.5" in text and "prefetch gated at 2:" in text
     assert "misses of <= 4 tokens on the host:" in text and "speculating 2:" in text
+    assert "skipping misses below 0.5 (approx.):" in text
     for r in json.loads(js.read_text()):  # a bar above 1 prefetches nothing: no-prefetch bytes
         gated = r["variants"]["prefetch gated at 2"]
         assert gated["bytes_to_device_per_token"] == r["no_prefetch"]["bytes_to_device_per_token"]
