@@ -227,11 +227,15 @@ def cmd_generate(a) -> None:
                   else o.text if o.text is not None else " ".join(map(str, o.token_ids)))
     st = res.stats
     cached = f", {st['cached_tokens']} prompt tokens cached" if st["cached_tokens"] else ""
+    extra = "".join(f", {text}" for text, on in (
+        (f"{st['accepted_tokens']}/{st['drafted_tokens']} drafts kept", st["drafted_tokens"]),
+        (f"{st['experts_on_host']} experts run on the host", st["experts_on_host"]),
+        (f"{st['experts_skipped']} missing experts skipped", st["experts_skipped"])) if on)
     print(f"[{st['new_tokens']} tokens{cached}, {st['tokens_per_s']:.1f} tok/s decode, ttft "
           f"{st['ttft_s'] * 1e3:.0f} ms, expert hit rate {st['expert_hit_rate']:.2f}, "
           f"prefetch precision {st['prefetch_precision']:.2f} recall "
-          f"{st['prefetch_recall']:.2f}, {st['bytes_to_device'] / 2**20:.1f} MiB to device]",
-          file=sys.stderr)
+          f"{st['prefetch_recall']:.2f}, {st['bytes_to_device'] / 2**20:.1f} MiB to device"
+          f"{extra}]", file=sys.stderr)
 
 
 def cmd_chat(a) -> None:

@@ -94,8 +94,15 @@ class Drafter:
                              "other ids than the served model's; a draft must share its "
                              "tokenizer")
         tf = _transformers()
-        self.model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        bars = tf.utils.logging.is_progress_bar_enabled()
+        tf.utils.logging.disable_progress_bar()  # its loading bar; the runtime says it loaded
+        try:
+            self.model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        finally:
+            if bars:
+                tf.utils.logging.enable_progress_bar()
         self.model.eval()
+        self.nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.device, self.min_prob = device, min_prob
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self._cache_cls = tf.DynamicCache

@@ -294,6 +294,9 @@ class OffloadedModel:
             self.next_moe[layers[0] - 1] = layers[0]
         if verbose:
             print(f"moe-serve: {self.store.describe()}; {self.budget_report}", file=sys.stderr)
+            if self.drafter is not None:
+                print(f"moe-serve: draft model {cfg.draft_model} "
+                      f"({format_size(self.drafter.nbytes)} of weights)", file=sys.stderr)
 
     # -- set-up ----------------------------------------------------------------------------
     def _plan_memory(self, cfg: ServeConfig) -> tuple[int, str]:
