@@ -208,6 +208,12 @@ class Server(ThreadingHTTPServer):
                                                     "template_kwargs": template_kwargs or {}})
         super().__init__((host, port), handler)
 
+    @property
+    def url(self) -> str:
+        """http://host:port of the server."""
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
     def server_close(self) -> None:
         super().server_close()
         self.batcher.close()

@@ -73,6 +73,13 @@ def build_hf(family: str, seed: int = 0, **overrides):
     return m.eval()
 
 
+def saved_hf(family: str, model_dir: Path, seed: int = 0, **overrides):
+    """build_hf(family, seed, **overrides), saved in model_dir -> the model (the reference)."""
+    hf = build_hf(family, seed, **overrides)
+    hf.save_pretrained(model_dir)
+    return hf
+
+
 CODE_TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n",
               "class Point:\n    x: int\n    y: int\n", "for i in range(10):\n    print(i)\n"] * 20
 

@@ -15,10 +15,10 @@ transformers = pytest.importorskip("transformers")
 
 from serve.batcher import Batcher, Request  # noqa: E402
 from serve.config import ServeConfig  # noqa: E402
-from serve.http import make_server  # noqa: E402
 from serve.sampling import SamplingConfig  # noqa: E402
 from serve.session import Session  # noqa: E402
 from tests.hf_models import hf_greedy, save_served_model  # noqa: E402
+from tests.http_helpers import serving  # noqa: E402
 
 GREEDY = SamplingConfig(temperature=0.0)
 
@@ -168,10 +168,8 @@ def test_a_failing_step_reaches_every_request_of_the_batch_and_the_worker_lives_
 
 def test_http_concurrent_requests_are_batched_and_each_answered(served, monkeypatch):
     session, hf = served
-    srv = make_server(session, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{srv.server_port}"
-    try:
+    with serving(session) as srv:
+        base = srv.url
         gate = Gate(srv.batcher, monkeypatch)
         prompts = [[3, 14, 15], [20, 21, 22, 23], [50, 51]]
         answers: dict[int, dict] = {}
@@ -203,6 +201,3 @@ def test_http_concurrent_requests_are_batched_and_each_answered(served, monkeypa
         assert events[-1] == "[DONE]"
         text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
         assert text == codec.decode(hf_greedy(hf, prompts[1], 5))
-    finally:
-        srv.shutdown()
-        srv.server_close()

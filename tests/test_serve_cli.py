@@ -7,9 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
@@ -17,11 +14,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from serve.config import ServeConfig  # noqa: E402
-from serve.http import make_server  # noqa: E402
 from serve.sampling import SamplingConfig  # noqa: E402
 from serve.session import Session  # noqa: E402
 from serve.text import TextCodec  # noqa: E402
 from tests.hf_models import CODE_TEXTS, hf_greedy, save_served_model, save_tokenizer  # noqa: E402
+from tests.http_helpers import request, serving  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -168,22 +165,8 @@ def server(model_dir):
     d, hf = model_dir
     session = Session(ServeConfig(model=str(d), memory_budget="600KiB", max_context=64,
                                   dtype="float32"))
-    srv = make_server(session, "127.0.0.1", 0)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_port}", session, hf
-    srv.shutdown()
-    srv.server_close()
-
-
-def request(url, body=None, raw=None):
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+    with serving(session) as srv:
+        yield srv.url, session, hf
 
 
 def test_http_health_models_and_completions(server):
@@ -555,15 +538,10 @@ def test_http_suffix_fills_in_the_middle(server, model_dir, tmp_path):
     begin, hole, middle = (session.codec.tok.token_to_id(m) for m in marks)
     assert ids[0] == begin and ids[-1] == middle and ids.count(hole) == 1
     want, _ = session.complete([ids], 4)
-    srv = make_server(session, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        code, plain = request(f"http://127.0.0.1:{srv.server_port}/v1/completions",
+    with serving(session) as srv:
+        code, plain = request(srv.url + "/v1/completions",
                               {"prompt": "def add(a, b):\n    ", "suffix": "\n",
                                "max_tokens": 4, "temperature": 0})
-    finally:
-        srv.shutdown()
-        srv.server_close()
     assert code == 200, plain
     assert json.loads(plain)["choices"][0]["text"] == want[0].text
 
@@ -648,17 +626,13 @@ def test_http_metrics_count_requests_tokens_and_expert_traffic(model_dir):
     d, _ = model_dir
     session = Session(ServeConfig(model=str(d), memory_budget="600KiB", max_context=64,
                                   dtype="float32"))
-    srv = make_server(session, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{srv.server_port}"
+    with serving(session) as srv:
+        def scrape() -> dict:
+            code, text = request(srv.url + "/metrics")
+            assert code == 200
+            return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                    for f in text_string_to_metric_families(text) for s in f.samples}
 
-    def scrape() -> dict:
-        code, text = request(base + "/metrics")
-        assert code == 200
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for f in text_string_to_metric_families(text) for s in f.samples}
-
-    try:
         m = scrape()
         assert m[("moe_serve_expert_slots", ())] == session.model.n_slots
         assert m[("moe_serve_bytes_to_device_total", ())] == 0
@@ -666,7 +640,7 @@ def test_http_metrics_count_requests_tokens_and_expert_traffic(model_dir):
         for body in ({"prompt": "import os", "max_tokens": 5, "temperature": 0,
                       "ignore_eos": True},
                      {"prompt": "def f", "max_tokens": 3, "temperature": 0, "ignore_eos": True}):
-            code, doc = request(base + "/v1/completions", body)
+            code, doc = request(srv.url + "/v1/completions", body)
             assert code == 200, doc
             usage.append(json.loads(doc)["usage"])
         m = scrape()
@@ -682,9 +656,6 @@ def test_http_metrics_count_requests_tokens_and_expert_traffic(model_dir):
             ("moe_serve_expert_misses_total", ())] > 0
         session.model.reset_stats()
         assert scrape()[("moe_serve_bytes_to_device_total", ())] == moved
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 def test_stop_strings_cut_the_text_and_end_the_row(server):

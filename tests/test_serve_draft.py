@@ -19,7 +19,7 @@ from serve.draft import Drafter, draft_nbytes  # noqa: E402
 from serve.generate import DecodeBatch, generate  # noqa: E402
 from serve.runtime import OffloadedModel  # noqa: E402
 from serve.sampling import SamplingConfig  # noqa: E402
-from tests.hf_models import VOCAB, build_hf, hf_greedy  # noqa: E402
+from tests.hf_models import VOCAB, hf_greedy, saved_hf  # noqa: E402
 
 
 def serve(d, **kw) -> OffloadedModel:
@@ -31,9 +31,7 @@ def serve(d, **kw) -> OffloadedModel:
 def served(tmp_path_factory):
     """A tiny random Mixtral (the served model) and its directory."""
     d = tmp_path_factory.mktemp("target")
-    hf = build_hf("mixtral", seed=1)
-    hf.save_pretrained(d)
-    return hf, d
+    return saved_hf("mixtral", d, seed=1), d
 
 
 def save_dense_draft(d, vocab: int = VOCAB, seed: int = 5):

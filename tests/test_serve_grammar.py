@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 
 import pytest
 
@@ -15,11 +14,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("xgrammar")
 
 from serve.config import ServeConfig  # noqa: E402
-from serve.http import make_server  # noqa: E402
 from serve.sampling import SamplingConfig  # noqa: E402
 from serve.session import Session  # noqa: E402
-from tests.hf_models import CODE_TEXTS, build_hf, save_served_model, save_tokenizer  # noqa: E402
-from tests.test_serve_cli import request  # noqa: E402
+from tests.hf_models import CODE_TEXTS, save_served_model, save_tokenizer, saved_hf  # noqa: E402
+from tests.http_helpers import request, serving  # noqa: E402
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["lang", "ok", "n"],
           "properties": {"lang": {"enum": ["py", "c", "go"]}, "ok": {"type": "boolean"},
@@ -79,10 +77,8 @@ def test_bad_formats_are_refused_by_name(session, fmt, fragment):
 
 
 def test_http_response_format_plain_and_streamed(session):
-    srv = make_server(session, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{srv.server_port}/v1/chat/completions"
-    try:
+    with serving(session) as srv:
+        base = srv.url + "/v1/chat/completions"
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 40,
                 "temperature": 0, "response_format": FORMAT}
         code, plain = request(base, body)
@@ -96,9 +92,6 @@ def test_http_response_format_plain_and_streamed(session):
         assert text == choice["message"]["content"]
         code, bad = request(base, dict(body, response_format={"type": "json_schema"}))
         assert code == 400 and "json_schema" in json.loads(bad)["error"]["message"]
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 def _tool(name: str, properties: dict) -> dict:
@@ -123,7 +116,7 @@ def _valid_call(call: dict) -> bool:
 def roomy(tmp_path_factory):
     """The session's model, with room for a list of calls (~60 tokens of characters)."""
     d = tmp_path_factory.mktemp("roomy")
-    build_hf("mixtral", seed=3, max_position_embeddings=256).save_pretrained(d)
+    saved_hf("mixtral", d, seed=3, max_position_embeddings=256)
     save_tokenizer(d, CODE_TEXTS)
     return Session(ServeConfig(model=str(d), max_context=256, dtype="float32"))
 
@@ -133,10 +126,8 @@ def test_http_tool_choice_forces_a_call(roomy):
     vLLM does), answered as tool_calls, plain and streamed; an answer cut short stays text;
     bad choices are 400s."""
     session = roomy
-    srv = make_server(session, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{srv.server_port}/v1/chat/completions"
-    try:
+    with serving(session) as srv:
+        base = srv.url + "/v1/chat/completions"
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100,
                 "temperature": 0, "tools": TOOLS}
         code, plain = request(base, body)  # auto: this model answers in text
@@ -176,9 +167,6 @@ def test_http_tool_choice_forces_a_call(roomy):
                 ({"tool_choice": "required", "response_format": FORMAT}, "give one")):
             code, plain = request(base, dict(body, **bad))
             assert code == 400 and fragment in json.loads(plain)["error"]["message"], plain
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 def test_cli_response_format_takes_a_schema_file(session, tmp_path):
@@ -277,10 +265,8 @@ def test_http_chat_gives_the_reasoning_apart_and_the_json_as_content(scripted):
     """Over HTTP a <think> model's held answer is its content, its thought reasoning_content,
     plain and streamed."""
     _, think = scripted
-    srv = make_server(think, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{srv.server_port}/v1/chat/completions"
-    try:
+    with serving(think) as srv:
+        base = srv.url + "/v1/chat/completions"
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12,
                 "temperature": 0, "response_format": {"type": "json_object"}}
         code, plain = request(base, body)
@@ -294,9 +280,6 @@ def test_http_chat_gives_the_reasoning_apart_and_the_json_as_content(scripted):
         assert "".join(d.get("content") or "" for d in deltas) == "{}"
         assert "".join(d.get("reasoning_content") or "" for d in deltas).split() == [
             "hmm", "ok"]
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 def test_speculating_rows_follow_the_grammar_as_a_token_a_step(session, scripted):

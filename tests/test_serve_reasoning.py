@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
@@ -22,11 +21,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from serve.config import ServeConfig  # noqa: E402
-from serve.http import make_server  # noqa: E402
 from serve.session import Session, TextRow  # noqa: E402
 from serve.text import TextCodec  # noqa: E402
 from tests.hf_models import build_hf  # noqa: E402
-from tests.test_serve_cli import request  # noqa: E402
+from tests.http_helpers import request, serving  # noqa: E402
 
 WORDS = ["[UNK]", "<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>",
          "assistant", "analysis", "final", "think", "hard", "so", "yes", "hi", "x",
@@ -199,15 +197,10 @@ def test_a_think_model_answers_http_chat_with_its_reasoning_apart(think_dir):
     """The prompt the template writes ends in <think>: the server starts the answer inside
     the thought."""
     session = Session(ServeConfig(model=str(think_dir), max_context=64, dtype="float32"))
-    srv = make_server(session, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        code, plain = request(f"http://127.0.0.1:{srv.server_port}/v1/chat/completions",
+    with serving(session) as srv:
+        code, plain = request(srv.url + "/v1/chat/completions",
                            {"messages": [{"role": "user", "content": "hi"}],
                             "max_tokens": 20, "temperature": 0})
-    finally:
-        srv.shutdown()
-        srv.server_close()
     assert code == 200, plain
     msg = json.loads(plain)["choices"][0]["message"]
     assert (msg["content"], msg["reasoning_content"]) == ("so yes", "hmm ok")
@@ -216,11 +209,8 @@ def test_a_think_model_answers_http_chat_with_its_reasoning_apart(think_dir):
 @pytest.fixture(scope="module")
 def harmony_server(harmony_dir):
     session = Session(ServeConfig(model=str(harmony_dir), max_context=64, dtype="float32"))
-    srv = make_server(session, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_port}"
-    srv.shutdown()
-    srv.server_close()
+    with serving(session) as srv:
+        yield srv.url
 
 
 def test_http_chat_answers_with_reasoning_content_apart(harmony_server):
@@ -321,16 +311,14 @@ def test_tool_call_tags_hold_a_call_or_stay_text(tmp_path):
 
 def test_http_chat_returns_a_tool_call_with_the_tools_in_the_prompt(call_dir):
     session = Session(ServeConfig(model=str(call_dir), max_context=64, dtype="float32"))
-    srv = make_server(session, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{srv.server_port}/v1/chat/completions"
     tools = [{"type": "function", "function": {"name": "get", "parameters": {}}}]
     earlier = {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c1", "type": "function",
          "function": {"name": "get", "arguments": '{"city": "Paris"}'}}]}
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20,
             "temperature": 0, "tools": tools}
-    try:
+    with serving(session) as srv:
+        url = srv.url + "/v1/chat/completions"
         code, plain = request(url, body)
         assert code == 200, plain
         doc = json.loads(plain)
@@ -351,9 +339,6 @@ def test_http_chat_returns_a_tool_call_with_the_tools_in_the_prompt(call_dir):
         deltas = [c["delta"]["tool_calls"] for c in chunks if "tool_calls" in c["delta"]]
         assert [d[0]["function"] for d in deltas] == [call["function"]]
         assert deltas[0][0]["index"] == 0 and chunks[-1]["finish_reason"] == "tool_calls"
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 def test_messages_reach_the_template_as_transformers_hands_them(harmony_dir, tmp_path):

@@ -14,7 +14,7 @@ from serve.config import ServeConfig  # noqa: E402
 from serve.generate import generate  # noqa: E402
 from serve.runtime import OffloadedModel  # noqa: E402
 from serve.skip import skip_missing  # noqa: E402
-from tests.hf_models import build_hf, hf_greedy  # noqa: E402
+from tests.hf_models import hf_greedy, saved_hf  # noqa: E402
 
 
 def test_a_missing_expert_goes_only_when_every_pair_weighs_little():
@@ -40,9 +40,7 @@ def test_a_missing_expert_goes_only_when_every_pair_weighs_little():
 @pytest.fixture(scope="module")
 def mixtral(tmp_path_factory):
     d = tmp_path_factory.mktemp("skip")
-    hf = build_hf("mixtral", seed=2)
-    hf.save_pretrained(d)
-    return hf, d
+    return saved_hf("mixtral", d, seed=2), d
 
 
 def serve(d, **kw) -> OffloadedModel:
