@@ -3,11 +3,16 @@ eviction policy (LRU, LFU, layer-aware favouring shallow layers as Fate does, or
 Belady's rule over the cyclic layer order).
 
 Copies run on a side CUDA stream when one is given (prefetch) and on the compute stream
-otherwise; a slot's ready event orders its use after its copy.
+otherwise; a slot's ready event orders its use after its copy. Experts of the disk tier (the
+memory-mapped files) are read by reader threads when there are any: the page faults of
+several experts overlap each other and the device's work, each staged in pinned memory and
+copied on a stream of its own (CUDA) or straight into its slot (CPU); the serving thread
+waits only for the expert it is about to use.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -107,7 +112,9 @@ class ExpertCache:
     budget holds 2-4x more experts."""
 
     def __init__(self, store: WeightStore, n_slots: int, policy: str, device: torch.device,
-                 dtype: torch.dtype, side_stream: torch.cuda.Stream | None = None):
+                 dtype: torch.dtype, side_stream: torch.cuda.Stream | None = None,
+                 readers: int = 0):
+        """readers: threads that read the disk tier's experts (0: the serving thread)."""
         if policy not in POLICIES:
             raise ValueError(f"cache policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if n_slots < 1:
@@ -135,6 +142,12 @@ class ExpertCache:
         self.stats = CacheStats()
         self.side = side_stream
         self.ready: list[torch.cuda.Event | None] = [None] * n_slots
+        self._pool = (ThreadPoolExecutor(readers, thread_name_prefix="moe-serve-reader")
+                      if readers and store.n_disk else None)
+        # demand reads copy on a stream of their own (not behind the prefetches)
+        self._reader = (torch.cuda.Stream(device) if self._pool is not None
+                        and device.type == "cuda" else None)
+        self.pending: list[Future | None] = [None] * n_slots  # a reader filling the slot
 
     @staticmethod
     def slot_nbytes(store: WeightStore, dtype: torch.dtype) -> int:
@@ -157,28 +170,64 @@ class ExpertCache:
     def _free_slot(self, protected: set[Key]) -> int | None:
         for s, k in enumerate(self.key_of):
             if k is None:
-                return s
+                return self._settled(s)
         candidates = [k for k in self.slot_of if k not in protected]
         if not candidates:
             return None
         victim = self.policy.victim(candidates)
         s = self.slot_of.pop(victim)
         self.key_of[s] = None
+        return self._settled(s)
+
+    def _settled(self, s: int) -> int:
+        """Slot s, once a reader filling it is done (its copy ordered by ready[s])."""
+        f = self.pending[s]
+        if f is not None:
+            self.pending[s] = None
+            self.ready[s] = f.result()  # a reader's error surfaces here
         return s
 
-    def _copy_in(self, key: Key, s: int, stream: torch.cuda.Stream | None) -> None:
-        src = self.store.expert(*key)
+    def _write(self, src, s: int, stream: torch.cuda.Stream | None):
+        """Copy expert src into slot s (on stream, else the current one) -> its event."""
         nb = self.device.type == "cuda"
         self.w_in[s].copy_(src.w_in, non_blocking=nb)
         self.w_out[s].copy_(src.w_out, non_blocking=nb)
         if self.b_in is not None:
             self.b_in[s].copy_(src.b_in, non_blocking=nb)
             self.b_out[s].copy_(src.b_out, non_blocking=nb)
-        self.stats.bytes_to_device += src.nbytes
+        if not nb:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(stream or torch.cuda.current_stream(self.device))
+        return ev
+
+    def _copy_in(self, key: Key, s: int, stream: torch.cuda.Stream | None) -> None:
+        """Fill slot s with key's expert: on stream (a prefetch), else on the current stream,
+        or, from the disk tier with readers, by a reader on stream or the readers' own. The
+        copy waits for the slot's last one (they may run on different streams)."""
+        disk = self._pool is not None and not self.store.in_ram(key)
         if self.device.type == "cuda":
-            ev = torch.cuda.Event()
-            ev.record(stream or torch.cuda.current_stream(self.device))
-            self.ready[s] = ev
+            to = stream or (self._reader if disk else torch.cuda.current_stream(self.device))
+            if self.ready[s] is not None:
+                to.wait_event(self.ready[s])
+            stream = to
+        if disk:
+            self.pending[s] = self._pool.submit(self._read, key, s, stream)
+            self.stats.bytes_to_device += self.store.expert_nbytes  # counted as it starts
+            return
+        src = self.store.expert(*key)
+        self.ready[s] = self._write(src, s, stream)
+        self.stats.bytes_to_device += src.nbytes
+
+    def _read(self, key: Key, s: int, stream: torch.cuda.Stream | None):
+        """A reader thread: key's expert from the disk tier into slot s -> its event. On
+        CUDA the pages are read into pinned memory here, then copied on stream."""
+        src = self.store.expert(*key)
+        if self.device.type != "cuda":
+            return self._write(src, s, None)
+        src = src.pin_memory()
+        with torch.cuda.stream(stream):
+            return self._write(src, s, stream)
 
     def prefetch(self, keys: list[Key], protected: set[Key]) -> None:
         """Copy the keys that are not resident, on the side stream, evicting nothing in
@@ -201,23 +250,36 @@ class ExpertCache:
             self.slot_of[key], self.key_of[s] = s, key
             self.stats.prefetched += 1
 
-    def acquire(self, key: Key, protected: set[Key]) -> int:
-        """The slot holding key, copying it in now on a miss (evicting nothing in
-        protected); counts the hit or miss and touches the policy."""
-        s = self.slot_of.get(key)
-        if s is None:
-            self.stats.misses += 1
-            s = self._free_slot(protected | {key})
+    def acquire(self, keys: list[Key]) -> dict[Key, int]:
+        """The slots holding keys (a group that fits the slots), copying in the missing ones
+        now (evicting none of keys): those of the disk tier by the readers, side by side;
+        counts each hit or miss and touches the policy. The current stream waits for the
+        copies."""
+        protected, slots = set(keys), {}
+        current = torch.cuda.current_stream(self.device) if self.device.type == "cuda" \
+            else None
+        if self._reader is not None:
+            self._reader.wait_stream(current)  # a slot is reused after its last use
+        for key in keys:
+            s = self.slot_of.get(key)
             if s is None:
-                raise RuntimeError("expert cache: every slot is protected; this is a bug")
-            if self.ready[s] is not None:  # a prefetch into this slot may still be in flight
-                torch.cuda.current_stream(self.device).wait_event(self.ready[s])
-            self._copy_in(key, s, None)
-            self.slot_of[key], self.key_of[s] = s, key
-        else:
-            self.stats.hits += 1
-            ev = self.ready[s]
+                self.stats.misses += 1
+                s = self._free_slot(protected)
+                if s is None:
+                    raise RuntimeError("expert cache: every slot is protected; this is a bug")
+                self._copy_in(key, s, None)
+                self.slot_of[key], self.key_of[s] = s, key
+            else:
+                self.stats.hits += 1
+            self.policy.touch(key)
+            slots[key] = s
+        for s in slots.values():
+            ev = self.ready[self._settled(s)]
             if ev is not None:
-                torch.cuda.current_stream(self.device).wait_event(ev)
-        self.policy.touch(key)
-        return s
+                current.wait_event(ev)
+        return slots
+
+    def close(self) -> None:
+        """Stop the reader threads (after the reads under way)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)

@@ -66,6 +66,10 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                         "default: 90%% of the device's free memory")
     p.add_argument("--host-budget", type=_size, default=None, metavar="SIZE",
                    help="expert bytes kept in host RAM; the rest stays on disk")
+    p.add_argument("--disk-readers", type=int, default=None, metavar="N",
+                   help="threads reading the experts that stay on disk, several at once and "
+                   "beside the device's work (default: 4 on cuda, 0 on cpu; 0: each is "
+                   "read when it is needed)")
     p.add_argument("--cache-policy", choices=CACHE_POLICIES, default=None,
                    help="default: lru")
     p.add_argument("--prefetch", choices=["none", "cross-layer"], default=None,
@@ -171,8 +175,9 @@ def _response_format(value: str) -> dict:
     return {"type": "json_schema", "json_schema": {"name": path.stem, "schema": schema}}
 
 
-FLAG_FIELDS = ("model", "device", "dtype", "memory_budget", "host_budget", "cache_policy",
-               "prefetch", "prefetch_min_weight", "quant", "max_batch", "max_context",
+FLAG_FIELDS = ("model", "device", "dtype", "memory_budget", "host_budget", "disk_readers",
+               "cache_policy", "prefetch", "prefetch_min_weight", "quant", "max_batch",
+               "max_context",
                "offload_dir", "prefix_cache", "prefill_step_tokens", "host_compute_tokens",
                "skip_miss_weight", "speculate", "draft_model", "draft_min_prob")
 # tokens drafted a step with a draft model when neither a flag nor the preset says

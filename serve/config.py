@@ -23,6 +23,7 @@ _FIELD_TYPES = {
     "prefix_cache": ("true or false", (bool,)),
     "prefill_step_tokens": ("an integer", (int, _NONE)),
     "host_compute_tokens": ("an integer", (int,)),
+    "disk_readers": ("an integer", (int, _NONE)),
     "skip_miss_weight": ("a number", (int, float)),
     "speculate": ("an integer", (int,)),
     "draft_model": ("a path", (str, os.PathLike, _NONE)),
@@ -41,6 +42,10 @@ class ServeConfig:
     (CUDA's free memory; on cpu the RAM the system can give), a slot for every expert when
     they all fit. host_budget: expert bytes kept in host RAM (None: all that fit on cuda, none
     on cpu, where the memory-mapped files are the offload tier).
+    disk_readers: threads that read the experts of the disk tier (the memory-mapped files
+    beyond host_budget), several at a time and beside the device's work (0: the serving
+    thread reads each when it is needed; None: 4 on cuda, 0 on cpu, where every expert is
+    read from the page cache and a thread's hand-off costs more than the copy).
     cache_policy: "lru", "lfu", "layer" or "next-use". prefetch: "cross-layer" or "none".
     prefetch_min_weight: copy ahead only the predicted experts whose predicted combine weight
     reaches it for some token (0: every top-k prediction). A wrong prediction is a copy a
@@ -83,6 +88,7 @@ class ServeConfig:
     dtype: str = "auto"
     memory_budget: str | int | None = None
     host_budget: str | int | None = None
+    disk_readers: int | None = None
     cache_policy: str = "lru"
     prefetch: str = "cross-layer"
     prefetch_min_weight: float = 0.0
@@ -125,6 +131,8 @@ class ServeConfig:
         if not 0 <= self.draft_min_prob <= 1:
             raise ValueError(f"draft_min_prob must be a probability in [0, 1], got "
                              f"{self.draft_min_prob!r}")
+        if self.disk_readers is not None and self.disk_readers < 0:
+            raise ValueError(f"disk_readers must be >= 0, got {self.disk_readers}")
         if self.host_compute_tokens < 0:
             raise ValueError(f"host_compute_tokens must be >= 0, got {self.host_compute_tokens}")
         if self.prefetch_min_weight < 0:

@@ -275,8 +275,9 @@ class OffloadedModel:
         self.sinks = mcfg.attn_sinks
         self.prefetch = cfg.prefetch == "cross-layer"
         side = torch.cuda.Stream(self.device) if on_cuda and self.prefetch else None
+        readers = cfg.disk_readers if cfg.disk_readers is not None else 4 * on_cuda
         self.cache = ExpertCache(self.store, self.n_slots, cfg.cache_policy, self.device,
-                                 self.dtype, side)
+                                 self.dtype, side, readers)
         self.prefetch_stats = PrefetchStats()
         self._before_reset: dict[str, int] = {}  # counts up to the last reset_stats
         self._predicted: dict[int, set[int]] = {}
@@ -520,7 +521,8 @@ class OffloadedModel:
         x_flat = torch.cat([x[v] for x, v in zip(xs, valid, strict=True)]) if prefetch else None
         for g, group in enumerate(groups):
             keys = {(i, e) for e in group}
-            slots = {e: cache.acquire((i, e), keys) for e in group}
+            got = cache.acquire([(i, e) for e in group])
+            slots = {e: got[(i, e)] for e in group}
             if g == len(groups) - 1 and prefetch:
                 self._prefetch_next(i, x_flat, keys)
             for out, flat, (ids, w) in zip(outs, flats, routes, strict=True):

@@ -199,6 +199,10 @@ class WeightStore:
                 w_in, w_out = quantize(w_in, self.bits), quantize(w_out, self.bits)
         return ExpertWeights(w_in, w_out, b_in, b_out)
 
+    def in_ram(self, key: tuple[int, int]) -> bool:
+        """Whether expert key = (layer, e) is in the RAM tier (else read from disk)."""
+        return key in self.host
+
     def expert(self, layer: int, e: int) -> ExpertWeights:
         """One expert's weights from the RAM tier, or read from the disk tier."""
         hit = self.host.get((layer, e))

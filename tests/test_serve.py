@@ -197,6 +197,36 @@ def test_greedy_tokens_and_logits_equal_transformers(family_ref, fraction, polic
 
 
 @pytest.mark.parametrize("prefetch", ["none", "cross-layer"])
+def test_reader_threads_read_the_disk_tier_to_the_same_answers(family_ref, prefetch):
+    """disk_readers: the experts read from the memory-mapped files (every one, on the CPU)
+    by reader threads, several at once: transformers' tokens and logits, and the same
+    copies as reading each in the serving thread."""
+    family, d, prompts, ref_ids, ref_logits = family_ref
+    budget = budget_for(d, 4, prefetch=prefetch)
+    runs = {}
+    for n in (0, 3):
+        m = serve(d, memory_budget=budget, prefetch=prefetch, disk_readers=n)
+        assert (m.cache._pool is not None) == (n > 0)
+        runs[n] = generate(m, prompts, NEW, keep_logits=True)
+        assert runs[n].token_ids == ref_ids
+        torch.testing.assert_close(torch.stack(runs[n].logits), ref_logits,
+                                   rtol=1e-4, atol=1e-4)
+    for key in ("bytes_to_device", "expert_misses", "experts_prefetched"):
+        assert runs[3].stats[key] == runs[0].stats[key], key
+
+
+def test_reader_threads_read_quantized_experts_from_their_file(refs):
+    """int4 experts beyond RAM live in a file written at load; readers copy them packed."""
+    family, d, prompts, _, _ = refs("mixtral")
+    budget = budget_for(d, 3, quant="int4")
+    runs = {n: generate(serve(d, quant="int4", memory_budget=budget, disk_readers=n),
+                        prompts, NEW, keep_logits=True) for n in (0, 3)}
+    assert runs[3].token_ids == runs[0].token_ids
+    torch.testing.assert_close(torch.stack(runs[3].logits), torch.stack(runs[0].logits))
+    assert runs[3].stats["bytes_to_device"] == runs[0].stats["bytes_to_device"]
+
+
+@pytest.mark.parametrize("prefetch", ["none", "cross-layer"])
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v2", "gpt_oss"])
 def test_missing_experts_of_few_tokens_run_on_the_host(refs, family, prefetch):
     """host_compute_tokens: a missing expert that at most 2 of a step's (token, expert)
