@@ -1,7 +1,9 @@
 """A draft model for speculation (ServeConfig.draft_model): a small causal LM that shares the
 served model's vocabulary (Qwen3-0.6B for Qwen3-30B-A3B, Mistral-7B for Mixtral), loaded
-whole on the device by transformers, drafts a row's next tokens greedily where prompt lookup
-finds none (serve.generate.DecodeBatch._draft), and stops before a token it is unsure of
+whole on the device by transformers, drafts a row's next tokens where prompt lookup finds
+none (serve.generate.DecodeBatch._draft): greedily for a greedy row, drawn from its own
+distribution under the row's temperature, top-k and top-p for a sampled one (which then
+judges them by speculative sampling against it), stopping before a token it is unsure of
 (ServeConfig.draft_min_prob). The served model verifies them in its step's one forward
 (serve/speculate.py judges them), so an offloaded step that moves experts yields several
 tokens where the drafts hold.
@@ -16,11 +18,13 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from serve.runtime import common_prefix
+from serve.sampling import sample_probs
 
 
 def _transformers():
@@ -75,6 +79,15 @@ def _vocab(path: Path) -> dict | None:
     return json.loads(f.read_text()).get("model", {}).get("vocab")
 
 
+@dataclass
+class Drafted:
+    """A draft: its tokens and, when they were drawn (a sampled row), the distribution [V]
+    each was drawn from (None: taken greedily)."""
+
+    tokens: list[int]
+    q: list[torch.Tensor] | None
+
+
 class Drafter:
     """The draft model at `path` on device in dtype, with a KV cache for each of `rows`
     rows; drafting stops at a token the draft gives less than min_prob. ValueError when its
@@ -115,13 +128,17 @@ class Drafter:
         self.held: list[list[int]] = [[] for _ in range(rows)]  # the tokens each cache holds
 
     @torch.no_grad()
-    def draft(self, row: int, context: Sequence[int], k: int) -> list[int]:
-        """Up to k tokens the draft model takes greedily after context (row's prompt and
-        answer so far), up to the first it gives less than min_prob; row's cache kept for
-        its next draft -> [] where k < 1 or the draft's context would pass its positions."""
+    def draft(self, row: int, context: Sequence[int], k: int, sampling=None,
+              gen: torch.Generator | None = None) -> Drafted:
+        """Up to k tokens the draft model takes after context (row's prompt and answer so
+        far): greedily, or drawn with gen from its distribution under sampling (a
+        serve.sampling.SamplingConfig with a temperature; the distributions come back for
+        speculative sampling), up to the first it gives less than min_prob; row's cache
+        kept for its next draft. None where k < 1 or the draft's context would pass its
+        positions."""
         context = list(context)
         if k < 1 or self.max_positions and len(context) + k > self.max_positions:
-            return []
+            return Drafted([], None)
         cache, held = self.caches[row], self.held[row]
         keep = min(common_prefix(held, context), len(context) - 1)  # feed one token at least
         if cache is not None and keep < len(held):
@@ -132,16 +149,23 @@ class Drafter:
         if cache is None:
             cache, keep = self._cache_cls(), 0
         feed, fed = context[keep:], context[:keep]
-        out: list[int] = []
+        out = Drafted([], None if sampling is None else [])
         for _ in range(k):
             ids = torch.tensor([feed], device=self.device)
             logits = self.model(input_ids=ids, use_cache=True, **{self._cache_arg: cache},
-                                **self._last).logits[0, -1]
+                                **self._last).logits[0, -1].float()
             fed += feed
-            p, t = torch.softmax(logits.float(), -1).max(-1)
+            if sampling is None:
+                p, t = torch.softmax(logits, -1).max(-1)
+            else:
+                q = sample_probs(logits[None], sampling)[0]
+                t = torch.multinomial(q, 1, generator=gen)[0]
+                p = q[t]
             if p < self.min_prob:  # unsure: a draft likely rejected costs its experts' bytes
                 break
-            out.append(int(t))
-            feed = out[-1:]
+            out.tokens.append(int(t))
+            if out.q is not None:
+                out.q.append(q)
+            feed = out.tokens[-1:]
         self.caches[row], self.held[row] = cache, fed
         return out

@@ -86,6 +86,7 @@ class Row:
     drafted: int = 0  # tokens drafted for it (DecodeBatch._draft)
     accepted: int = 0  # of those, the ones verified
     draft_length: int = 0  # most it drafts next (speculate.next_length)
+    draft_q: list | None = None  # the distributions its last drafts were drawn from
     stats: dict = field(default_factory=dict)  # set when it ends
     logits: list[torch.Tensor] = field(default_factory=list)  # [V] per token, when kept
     # per new token, when sampling.logprobs is set (else None): (its log-probability,
@@ -544,15 +545,19 @@ class DecodeBatch:
         """As many tokens as row r may take: those that followed the latest earlier
         occurrence of the last 3 of its prompt and answer (prompt lookup: no forward, and
         right where they repeat), else, when the model has one, the draft model's greedy
-        continuation (serve/draft.py)."""
+        continuation (serve/draft.py; a sampled row's drawn from the draft's distribution,
+        kept in r.draft_q for judging)."""
         room = min(r.draft_length, r.limit - len(r.out) - 1,
                    self.model.max_context - r.length - 1)
+        r.draft_q = None
         if room <= 0:
             return []
         context = list(r.prompt) + r.out
         drafts = lookup(context, room)
         if not drafts and self.model.drafter is not None:
-            return self.model.drafter.draft(r.kv_row, context, room)
+            sampled = r.sampling if r.sampling.temperature > 0 else None
+            d = self.model.drafter.draft(r.kv_row, context, room, sampled, r.gen)
+            drafts, r.draft_q = d.tokens, d.q
         return drafts
 
     def _verify(self, rows: list[Row], drafts: list[list[int]], logits: list[torch.Tensor]
@@ -567,11 +572,13 @@ class DecodeBatch:
         ended = []
         for r, d, lg in zip(rows, drafts, logits, strict=True):
             start, last, kept = r.length, r.out[-1], 0
+            qs, r.draft_q = r.draft_q, None
             for s in range(len(d) + 1):
                 row = _adjusted(r, lg[s], self.stops) if _adjusts(r) else lg[s]
                 probs = None if r.sampling.temperature == 0 else sample_probs(
                     row[None], r.sampling)[0]
-                keep, t = judge(probs, row, d[s] if s < len(d) else None, r.gen)
+                keep, t = judge(probs, row, d[s] if s < len(d) else None, r.gen,
+                                qs[s] if qs is not None and s < len(d) else None)
                 kept += keep
                 r.length += 1  # as a step a token would be: what precedes t is written
                 if self._emit(r, t, lg[s], now):

@@ -3,8 +3,9 @@ the tokens that followed an earlier occurrence of the answer's last few in the p
 answer so far (answers that restate their context, code written again, quotes, fields
 copied out, get whole runs of tokens verified in one forward), or from a draft model
 (serve/draft.py). `judge` keeps what a row would have drawn: for greedy rows the drafts
-that are the argmax, for sampled rows speculative sampling with a point-mass draft (both
-draft sources are deterministic; the same distribution as drawing one token a step)."""
+that are the argmax, for sampled rows speculative sampling (Leviathan et al.), against the
+draft model's distribution when it drew the draft, else a point-mass draft; the same
+distribution as drawing one token a step."""
 
 from __future__ import annotations
 
@@ -36,21 +37,28 @@ def next_length(most: int, length: int, drafted: int, kept: int) -> int:
 
 
 def judge(probs: torch.Tensor | None, logits: torch.Tensor, draft: int | None,
-          gen: torch.Generator | None) -> tuple[bool, int]:
+          gen: torch.Generator | None, q: torch.Tensor | None = None) -> tuple[bool, int]:
     """One position of a verified draft: logits [V] the model's there (as the row samples
     from them), probs its distribution (None: greedy), draft the token drafted there (None:
-    past the drafts) -> (whether the draft is kept, the token taken). Greedy keeps the draft
-    if it is the argmax, else takes the argmax. Sampled keeps draft x with probability
-    p(x) (a draft is certain of its token: min(1, p / q) = p) and at a rejection draws from
-    p without x, renormalized; past the drafts it draws from p. Either way the token is
-    distributed as drawing one a step would give."""
+    past the drafts), q [V] the distribution the draft was drawn from (None: a draft
+    certain of its token) -> (whether the draft is kept, the token taken). Greedy keeps the
+    draft if it is the argmax, else takes the argmax. Sampled keeps draft x with
+    probability min(1, p(x) / q(x)) (p(x) for a certain draft) and at a rejection draws
+    from max(0, p - q) renormalized (p without x for a certain draft); past the drafts it
+    draws from p. Either way the token is distributed as drawing one a step would give."""
     if probs is None:
         best = int(logits.argmax())
         return best == draft, best
     if draft is None:
         return False, int(torch.multinomial(probs, 1, generator=gen))
-    if torch.rand((), generator=gen, device=probs.device) < probs[draft]:
+    keep = probs[draft] if q is None else (probs[draft] / q[draft]).clamp(max=1.0)
+    if torch.rand((), generator=gen, device=probs.device) < keep:
         return True, draft
-    rest = probs.clone()
-    rest[draft] = 0
+    if q is None:
+        rest = probs.clone()
+        rest[draft] = 0
+    else:
+        rest = (probs - q).clamp(min=0)
+    if not rest.sum() > 0:  # p = q up to rounding: any draw from p will do
+        rest = probs
     return False, int(torch.multinomial(rest / rest.sum(), 1, generator=gen))

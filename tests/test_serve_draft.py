@@ -15,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from serve.config import ServeConfig  # noqa: E402
-from serve.draft import Drafter, draft_nbytes  # noqa: E402
+from serve.draft import Drafted, Drafter, draft_nbytes  # noqa: E402
 from serve.generate import DecodeBatch, generate  # noqa: E402
 from serve.runtime import OffloadedModel  # noqa: E402
 from serve.sampling import SamplingConfig  # noqa: E402
@@ -84,13 +84,13 @@ def test_the_draft_cache_follows_what_each_row_kept(served, tmp_path):
     dr.model.forward = counting
     for context in (PROMPTS[0], PROMPTS[0] + [11, 12], PROMPTS[0] + [11, 99, 3], PROMPTS[1]):
         fed.clear()
-        got = dr.draft(0, context, 3)
+        got = dr.draft(0, context, 3).tokens
         assert got == hf_greedy(ref, context, 3)
         held = dr.held[0]
         assert held == context + got[:-1]
         if context == PROMPTS[0] + [11, 12]:  # it held the prompt and 2 drafts: 2 new tokens
             assert fed[0] == 2
-    assert dr.draft(1, PROMPTS[1], 0) == [] and dr.draft(1, list(range(1, 63)), 4) == []
+    assert dr.draft(1, PROMPTS[1], 0).tokens == [] == dr.draft(1, list(range(1, 63)), 4).tokens
 
 
 def test_drafts_stop_before_an_unsure_token_and_lookup_comes_first(served, tmp_path):
@@ -107,13 +107,13 @@ def test_drafts_stop_before_an_unsure_token_and_lookup_comes_first(served, tmp_p
                            output_scores=True, return_dict_in_generate=True)
     probs = [float(torch.softmax(sc[0], -1).max()) for sc in out.scores]
     sure = next((i for i, p in enumerate(probs) if p < 0.02), 4)
-    assert dr.draft(0, PROMPTS[0], 4) == out.sequences[0, len(PROMPTS[0]):][:sure].tolist()
+    assert dr.draft(0, PROMPTS[0], 4).tokens == out.sequences[0, len(PROMPTS[0]):][:sure].tolist()
     none = generate(serve(d, speculate=3, draft_model=str(draft_dir), draft_min_prob=1.0),
                     PROMPTS[:1], 8)
     assert none.stats["drafted_tokens"] == 0 and none.stats["steps"] == 8
     m = serve(d, speculate=3, draft_model=str(draft_dir))
     asked = []
-    m.drafter.draft = lambda row, context, k: asked.append(k) or []
+    m.drafter.draft = lambda row, context, k, *a: asked.append(k) or Drafted([], None)
     pattern = PROMPTS[0][:4]
     generate(m, [pattern * 3], 4)  # its answers' last 3 tokens rarely occur before
     n_asked = len(asked)
@@ -137,6 +137,23 @@ def test_a_sampled_row_with_a_draft_draws_as_alone_beside_others(served, tmp_pat
     while batch.live:
         batch.step()
     assert rows[1].out == alone.token_ids[0] and rows[1].drafted > 0
+
+
+def test_a_sampled_row_keeps_the_drafts_drawn_from_its_own_distribution(served):
+    """A sampled row's drafts are drawn from the draft model's distribution under the row's
+    temperature and top-k, and judged against it (min(1, p / q)): the served model as its
+    own draft has nearly every draft kept, where a certain (greedy) draft of the same model
+    is kept only as often as the row would draw it."""
+    _, d = served
+    cfg = SamplingConfig(temperature=0.9, top_k=50, seed=3)
+    res = generate(serve(d, speculate=3, draft_model=str(d)), PROMPTS, 16, cfg)
+    st = res.stats
+    assert st["drafted_tokens"] >= 20 and st["accepted_tokens"] >= 0.9 * st["drafted_tokens"]
+    m = serve(d, speculate=3, draft_model=str(d))
+    real = m.drafter.draft
+    m.drafter.draft = lambda row, ctx, k, sampling, gen: real(row, ctx, k)  # greedy drafts
+    st = generate(m, PROMPTS, 16, cfg).stats
+    assert st["accepted_tokens"] < 0.7 * st["drafted_tokens"]
 
 
 def test_the_draft_counts_in_the_budget(served, tmp_path):

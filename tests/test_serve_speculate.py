@@ -75,6 +75,24 @@ def test_accept_keeps_the_distribution_of_drawing_a_token_a_step():
     assert accept(None, logits, [1, 2], None) == [1, 0]
 
 
+def test_judging_a_drawn_draft_keeps_the_distribution():
+    """Speculative sampling against the draft's distribution q: the draft x ~ q is kept
+    with probability min(1, p(x) / q(x)), a rejection redrawn from max(0, p - q): over
+    20000 draws the token taken follows p, for a q close to p and one far from it."""
+    p = torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25])
+    gen = torch.Generator().manual_seed(1)
+    for q in (torch.tensor([0.15, 0.15, 0.3, 0.1, 0.3]), torch.tensor([0.6, 0.1, 0.1, 0.1, 0.1])):
+        took, kept = [], 0
+        for _ in range(20000):
+            x = int(torch.multinomial(q, 1, generator=gen))
+            keep, t = judge(p, p.log(), x, gen, q)
+            kept += keep
+            took.append(t)
+        freq = torch.bincount(torch.tensor(took), minlength=5) / len(took)
+        torch.testing.assert_close(freq, p, atol=0.015, rtol=0)
+        assert abs(kept / 20000 - float(torch.minimum(p, q).sum())) < 0.015  # the overlap
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])  # answers that repeat
 def test_greedy_tokens_are_transformers_with_fewer_steps(tmp_path, family):
     hf = build_hf(family)
