@@ -22,7 +22,7 @@ from serve.sampling import (
     seeded_rows,
     token_logprobs,
 )
-from serve.speculate import judge, lookup, next_length
+from serve.speculate import PREDICTED_DRAFT, judge, lookup, next_length, predicted
 
 
 @dataclass
@@ -86,7 +86,11 @@ class Row:
     drafted: int = 0  # tokens drafted for it (DecodeBatch._draft)
     accepted: int = 0  # of those, the ones verified
     draft_length: int = 0  # most it drafts next (speculate.next_length)
+    draft_max: int = 0  # most it ever drafts a step
     draft_q: list | None = None  # the distributions its last drafts were drawn from
+    from_prediction: bool = False  # its last drafts came from sampling.prediction
+    pred_drafted: int = 0  # of its drafts, those from the prediction
+    pred_accepted: int = 0  # and of those, the ones verified
     stats: dict = field(default_factory=dict)  # set when it ends
     logits: list[torch.Tensor] = field(default_factory=list)  # [V] per token, when kept
     # per new token, when sampling.logprobs is set (else None): (its log-probability,
@@ -207,6 +211,7 @@ class DecodeBatch:
         t0, since, dev = time.perf_counter(), self.model.counters(), self.model.device
         rows: list[Row] = []
         for p, lim, cb, c in zip(prompts, limits, calls, cfgs, strict=True):
+            most = max(self.speculate, PREDICTED_DRAFT) if c.prediction else self.speculate
             match = self._held_starts(p, c)
             lead, share = self._leader(p, c, rows, match)
             if lead is None:
@@ -218,7 +223,7 @@ class DecodeBatch:
                       t_added=t0, since=since, prompt=p, leader=lead, share=share,
                       constraint=None if c.grammar is None else
                       c.grammar.constraint(p, self.model.cfg.vocab_size),
-                      draft_length=self.speculate)
+                      draft_length=most, draft_max=most)
             if cached and row.prompt_logprobs is not None:
                 _take_scores(row, scores)
             rows.append(row)
@@ -542,16 +547,22 @@ class DecodeBatch:
 
     # -- speculation (prompt lookup or a draft model) ----------------------------------------
     def _draft(self, r: Row) -> list[int]:
-        """As many tokens as row r may take: those that followed the latest earlier
-        occurrence of the last 3 of its prompt and answer (prompt lookup: no forward, and
-        right where they repeat), else, when the model has one, the draft model's greedy
+        """As many tokens as row r may take: those its predicted answer has next
+        (sampling.prediction, speculate.predicted), else those that followed the latest
+        earlier occurrence of the last 3 of its prompt and answer (prompt lookup: no forward,
+        and right where they repeat), else, when the model has one, the draft model's greedy
         continuation (serve/draft.py; a sampled row's drawn from the draft's distribution,
         kept in r.draft_q for judging)."""
         room = min(r.draft_length, r.limit - len(r.out) - 1,
                    self.model.max_context - r.length - 1)
-        r.draft_q = None
+        r.draft_q, r.from_prediction = None, False
         if room <= 0:
             return []
+        if r.sampling.prediction:
+            drafts = predicted(r.sampling.prediction, r.out, room)
+            if drafts:
+                r.from_prediction = True
+                return drafts
         context = list(r.prompt) + r.out
         drafts = lookup(context, room)
         if not drafts and self.model.drafter is not None:
@@ -588,7 +599,9 @@ class DecodeBatch:
                     break
             self.model.kv.record(r.kv_row, start, [last] + d[:kept])
             r.drafted, r.accepted = r.drafted + len(d), r.accepted + kept
-            r.draft_length = next_length(self.speculate, r.draft_length, len(d), kept)
+            if r.from_prediction:
+                r.pred_drafted, r.pred_accepted = r.pred_drafted + len(d), r.pred_accepted + kept
+            r.draft_length = next_length(r.draft_max, r.draft_length, len(d), kept)
         return self._end(ended)
 
 
@@ -623,6 +636,8 @@ def _row_stats(r: Row, model_stats: dict) -> dict:
     n = len(r.out)
     return {"prompt_tokens": r.prompt_len, "cached_tokens": r.cached, "new_tokens": n,
             "drafted_tokens": r.drafted, "accepted_tokens": r.accepted,
+            "prediction_accepted_tokens": r.pred_accepted,
+            "prediction_rejected_tokens": r.pred_drafted - r.pred_accepted,
             "ttft_s": r.t_first - r.t_added,
             "decode_s": decode_s,
             "tokens_per_s": (n - 1) / decode_s if decode_s > 0 and n > 1 else 0.0,

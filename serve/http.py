@@ -20,8 +20,9 @@ of {"name", "parameters"}) and comes back as "tool_calls" (streamed once whole).
 
 Sampling: temperature, top_p, top_k, seed, presence / frequency / repetition penalties,
 logit_bias, min_tokens, ignore_eos, "response_format" (JSON object or JSON schema,
-serve/grammar.py), and for completions best_of and "suffix" (fill in the middle, with the
-model's FIM tokens).
+serve/grammar.py), "prediction" (OpenAI's predicted outputs: the text the answer is expected
+to be much like, drafted for speculation; usage counts its accepted and rejected tokens), and
+for completions best_of and "suffix" (fill in the middle, with the model's FIM tokens).
 
 Requests are read by serve/http_params.py and answered by serve/http_answer.py.
 """
@@ -171,6 +172,9 @@ class Handler(BaseHTTPRequestHandler):
             fmt, ask.forced_call = call_format(*forced), forced[1]
         if fmt is not None:  # a reasoning model's grammar holds its answer, not its reasoning
             ask.sampling.grammar = self.session.grammar(fmt)
+        if ask.prediction is not None:  # drafted for speculation
+            ask.sampling.prediction = tuple(self.session.need_codec().encode(
+                ask.prediction, add_special_tokens=False))
         job = Job(self.session, prompts, chat, ask, prompt_texts or [])
         if not ask.stream:
             self._send(200, answer(job, self.batcher))

@@ -72,7 +72,7 @@ def answer(job: Job, batcher: Batcher) -> dict:
     stats = reqs[0].stats if len(reqs) == 1 else [r.stats for r in reqs]
     return dict(job.head, object="chat.completion" if chat else "text_completion",
                 choices=choices, stats=stats,
-                usage=_usage(job.prompts, reqs[::a.best_of], new))
+                usage=_usage(job.prompts, reqs[::a.best_of], new, reqs))
 
 
 def _choice(job: Job, i: int, r: Request, p: int) -> dict:
@@ -165,7 +165,8 @@ class Stream:
                 new = 0 if a.max_tokens == 0 else sum(len(r.completion.token_ids)
                                                       for r in self.reqs)
                 self.send(dict(job.head, object=self.obj, choices=[],
-                               usage=_usage(job.prompts, self.reqs[::a.n], new)))
+                               usage=_usage(job.prompts, self.reqs[::a.n], new,
+                                            self.reqs)))
             self.send("[DONE]")
         except OSError:  # the client went away: its rows end at the next token
             for r in self.reqs:
@@ -302,10 +303,17 @@ def _best(cands: list[tuple[Request, int]], n: int, drop_logprobs: bool
     return best
 
 
-def _usage(prompts: list[list[int]], firsts: list[Request], new: int) -> dict:
+def _usage(prompts: list[list[int]], firsts: list[Request], new: int,
+           reqs: list[Request]) -> dict:
     """OpenAI's usage: prompt tokens counted once per prompt (firsts: its first choice's
-    request), with those its KV-cache row held already (not read again) as cached_tokens."""
+    request), with those its KV-cache row held already (not read again) as cached_tokens;
+    with a "prediction", the drafts from it that every request (reqs) kept and rejected."""
     read = sum(map(len, prompts))
-    return {"prompt_tokens": read, "completion_tokens": new, "total_tokens": read + new,
-            "prompt_tokens_details": {"cached_tokens": sum(r.stats["cached_tokens"]
-                                                           for r in firsts)}}
+    usage = {"prompt_tokens": read, "completion_tokens": new, "total_tokens": read + new,
+             "prompt_tokens_details": {"cached_tokens": sum(r.stats["cached_tokens"]
+                                                            for r in firsts)}}
+    if reqs and reqs[0].sampling.prediction is not None:
+        usage["completion_tokens_details"] = {
+            f"{kind}_prediction_tokens": sum(r.stats[f"prediction_{kind}_tokens"]
+                                             for r in reqs) for kind in ("accepted", "rejected")}
+    return usage

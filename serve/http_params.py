@@ -48,6 +48,7 @@ class Params:
     best_of: int
     include_usage: bool
     forced_call: str | None = None  # a chat's tool_choice: "required" or a tool's name
+    prediction: str | None = None  # the predicted answer's text (OpenAI's "prediction")
 
 
 def params(body: dict, chat: bool) -> Params:
@@ -86,7 +87,25 @@ def params(body: dict, chat: bool) -> Params:
     sampling.prompt_logprobs = echo and sampling.logprobs is not None
     # stream_options.include_usage: a last chunk with the usage and no choices
     usage = field(field(body, "stream_options", dict, {}), "include_usage", bool, False)
-    return Params(max_tokens, sampling, stop or [], stream, n, echo, best_of, usage)
+    return Params(max_tokens, sampling, stop or [], stream, n, echo, best_of, usage,
+                  prediction=_prediction(body))
+
+
+def _prediction(body: dict) -> str | None:
+    """OpenAI's "prediction": {"type": "content", "content": text or [text parts]} -> the
+    text."""
+    pred = body.get("prediction")
+    if pred is None:
+        return None
+    content = pred.get("content") if isinstance(pred, dict) and pred.get(
+        "type") == "content" else None
+    if isinstance(content, list) and all(isinstance(c, dict) and isinstance(
+            c.get("text"), str) for c in content):
+        content = "".join(c["text"] for c in content)
+    if not isinstance(content, str):
+        raise BadRequest("'prediction' must be {\"type\": \"content\", \"content\": a string "
+                         "or a list of text parts}")
+    return content
 
 
 def tools(body: dict) -> tuple[list[dict] | None, str | None]:

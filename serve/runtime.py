@@ -20,6 +20,7 @@ from moe.model import MoETransformer
 from serve.cache import CacheStats, ExpertCache
 from serve.config import ServeConfig
 from serve.skip import kept_pairs, skip_missing
+from serve.speculate import PREDICTED_DRAFT
 from serve.store import WeightStore, available_ram
 from serve.units import format_size, parse_size
 
@@ -165,8 +166,9 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
     # residual streams, the MoE's normed inputs (and their valid rows) and outputs, and the
     # attention masks (bool, one per window size: full and sliding at most)
     act += max_batch * max(0, max_context - chunk // max_batch) * (4 * d * el + 2 * max_context)
-    if cfg.speculate:  # the drafted positions' logits and log-probabilities (float32)
-        act += 2 * max_batch * cfg.speculate * m.vocab_size * 4
+    # the drafted positions' logits and log-probabilities (float32): speculate's, or a
+    # predicted answer's (a request may give one)
+    act += 2 * max_batch * max(cfg.speculate, PREDICTED_DRAFT) * m.vocab_size * 4
     if m.attn_sinks:  # the float mask that carries the sinks
         act += chunk * (max_context + 1) * el * m.n_heads
     if store.bits is not None and get_backend(cfg.kernel_backend, resolve_device(cfg.device)) \

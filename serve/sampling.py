@@ -28,7 +28,10 @@ class SamplingConfig:
     grammar: a serve.grammar.AnswerGrammar (Session.grammar) the answer must follow: the
     tokens it cannot take next are masked out, after the penalties.
     min_tokens: stop tokens cannot be drawn before the answer has this many tokens;
-    ignore_eos: a stop token does not end the answer (fixed-length benchmarks)."""
+    ignore_eos: a stop token does not end the answer (fixed-length benchmarks).
+    prediction: token ids the answer is expected to be much like (OpenAI's predicted
+    outputs: the file an edit rewrites), drafted for speculation (serve.speculate.predicted);
+    the answer is the model's whatever they are."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -43,6 +46,7 @@ class SamplingConfig:
     grammar: object | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
+    prediction: tuple[int, ...] | None = None
 
     @property
     def adjusts(self) -> bool:
@@ -80,6 +84,10 @@ class SamplingConfig:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.prediction is not None and vocab_size is not None and any(
+                not 0 <= t < vocab_size for t in self.prediction):
+            raise ValueError(f"prediction holds token ids outside the vocabulary "
+                             f"[0, {vocab_size})")
         for t, b in (self.logit_bias or {}).items():
             if not isinstance(t, int) or isinstance(t, bool) or t < 0 or (
                     vocab_size is not None and t >= vocab_size):

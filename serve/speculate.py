@@ -1,17 +1,21 @@
 """Speculation (serve.generate.DecodeBatch, ServeConfig.speculate): drafts by prompt lookup,
 the tokens that followed an earlier occurrence of the answer's last few in the prompt and
 answer so far (answers that restate their context, code written again, quotes, fields
-copied out, get whole runs of tokens verified in one forward), or from a draft model
-(serve/draft.py). `judge` keeps what a row would have drawn: for greedy rows the drafts
-that are the argmax, for sampled rows speculative sampling (Leviathan et al.), against the
-draft model's distribution when it drew the draft, else a point-mass draft; the same
-distribution as drawing one token a step."""
+copied out, get whole runs of tokens verified in one forward), from a predicted answer a
+request gives (OpenAI's predicted outputs), or from a draft model (serve/draft.py). `judge`
+keeps what a row would have drawn: for greedy rows the drafts that are the argmax, for
+sampled rows speculative sampling (Leviathan et al.), against the draft model's
+distribution when it drew the draft, else a point-mass draft; the same distribution as
+drawing one token a step."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+
+# most tokens a row drafts a step from a predicted answer (beside speculate's own K)
+PREDICTED_DRAFT = 8
 
 
 def lookup(context: Sequence[int], k: int, n: int = 3) -> list[int]:
@@ -26,6 +30,26 @@ def lookup(context: Sequence[int], k: int, n: int = 3) -> list[int]:
         if context[stop] == last and list(context[stop - n + 1:stop + 1]) == tail:
             return list(context[stop + 1:stop + 1 + k])
     return []
+
+
+def predicted(prediction: Sequence[int], answer: Sequence[int], k: int, n: int = 3
+              ) -> list[int]:
+    """Drafts from a predicted answer (SamplingConfig.prediction): the (up to) k tokens that
+    follow the answer so far in it while the answer is its start; after they part, those
+    that follow the occurrence of the answer's last n tokens in it nearest the answer's own
+    length (an edit shifts the rest a little) -> [] where there is none."""
+    m = len(answer)
+    if list(prediction[:m]) == list(answer):
+        return list(prediction[m:m + k])
+    if m < n:
+        return []
+    tail = list(answer[-n:])
+    ends = [i + n for i in range(len(prediction) - n + 1)
+            if list(prediction[i:i + n]) == tail and i + n < len(prediction)]
+    if not ends:
+        return []
+    end = min(ends, key=lambda e: abs(e - m))
+    return list(prediction[end:end + k])
 
 
 def next_length(most: int, length: int, drafted: int, kept: int) -> int:

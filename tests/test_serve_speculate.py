@@ -8,6 +8,8 @@ drafted position."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -17,8 +19,10 @@ from serve.config import ServeConfig  # noqa: E402
 from serve.generate import DecodeBatch, generate  # noqa: E402
 from serve.runtime import OffloadedModel  # noqa: E402
 from serve.sampling import SamplingConfig  # noqa: E402
-from serve.speculate import judge, lookup, next_length  # noqa: E402
+from serve.session import Session  # noqa: E402
+from serve.speculate import PREDICTED_DRAFT, judge, lookup, next_length, predicted  # noqa: E402
 from tests.hf_models import build_hf, hf_greedy  # noqa: E402
+from tests.http_helpers import request, serving  # noqa: E402
 from tests.test_serve_reasoning import save_scripted  # noqa: E402
 
 CYCLE = ["a", "b", "c", "d", "e"]
@@ -35,6 +39,19 @@ def test_lookup_drafts_what_followed_the_latest_match():
     assert lookup([1, 2, 3, 9, 1, 2, 3], 4) == [9, 1, 2, 3]
     assert lookup([4, 2, 3, 8, 6, 2, 3], 2) == []  # a match of 2 tokens drafts nothing
     assert lookup([5, 6, 7], 4) == [] and lookup([5], 4) == []
+
+
+def test_a_prediction_drafts_its_continuation_where_the_answer_is():
+    pred = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert predicted(pred, [], 3) == [1, 2, 3] and predicted(pred, [1, 2], 4) == [3, 4, 5, 6]
+    assert predicted(pred, pred, 3) == []  # all of it said
+    # an edit: after the answer parts from it, the occurrence of its last 3 tokens nearest
+    # the answer's own length
+    assert predicted(pred, [1, 2, 0, 0, 5, 6, 7], 2) == [8, 9]
+    twice = [7, 8, 9, 1, 2, 3, 7, 8, 9, 4, 5]
+    assert predicted(twice, [0, 0, 0, 0, 0, 0, 7, 8, 9], 2) == [4, 5]
+    assert predicted(twice, [0, 7, 8, 9], 2) == [1, 2]
+    assert predicted(pred, [0, 1], 2) == [] and predicted(pred, [0, 0, 0], 2) == []
 
 
 def test_a_row_drafts_fewer_after_misses_and_more_after_hits():
@@ -115,6 +132,35 @@ def test_greedy_tokens_are_transformers_with_fewer_steps(tmp_path, family):
     torch.testing.assert_close(one[4].logits[0], torch.cat(ref.logits), rtol=1e-4, atol=1e-4)
 
 
+def test_a_predicted_answer_is_drafted_without_speculate(tmp_path):
+    """SamplingConfig.prediction (OpenAI's predicted outputs) drafts up to PREDICTED_DRAFT
+    tokens a step even with speculate off: transformers' greedy tokens either way; the
+    answer itself as the prediction is kept whole, in far fewer steps; a wrong one is
+    rejected and counted so."""
+    hf = build_hf("mixtral", seed=4)
+    hf.save_pretrained(tmp_path)
+    prompt = [5, 17, 99, 3, 250, 41]
+    want = hf_greedy(hf, prompt, 20)
+    plain = generate(serve(tmp_path), [prompt], 20)
+    assert plain.token_ids == [want] and plain.stats["steps"] == 20
+    batch = DecodeBatch(serve(tmp_path))
+    (row,) = batch.add([prompt], [20], sampling=[SamplingConfig(prediction=tuple(want))])
+    while batch.live:
+        batch.step()
+    # the prompt's step gives token 1, two steps 9 each (8 drafts kept and the token after
+    # them), the last token a step of its own (the limit leaves no room for a draft)
+    assert PREDICTED_DRAFT == 8 and batch.steps == 4
+    assert row.out == want and row.pred_accepted == row.pred_drafted == 16
+    assert row.stats["prediction_accepted_tokens"] == 16
+    assert row.stats["prediction_rejected_tokens"] == 0
+    wrong = tuple(want[:10] + [t + 1 for t in want[10:]])  # right, then wrong
+    res = generate(serve(tmp_path), [prompt], 20, SamplingConfig(prediction=wrong))
+    assert res.token_ids == [want]
+    assert res.stats["accepted_tokens"] == 8 < res.stats["drafted_tokens"]  # the right part
+    with pytest.raises(ValueError, match="prediction holds token ids outside"):
+        SamplingConfig(prediction=(5, 10**6)).check(300)
+
+
 @pytest.fixture(scope="module")
 def cycle_dir(tmp_path_factory):
     """A scripted model whose greedy answer walks a b c d e a b ... (after "d", "e"; with
@@ -184,3 +230,32 @@ def test_penalties_and_min_tokens_hold_at_every_drafted_position(cycle_dir):
 def test_speculate_is_a_count():
     with pytest.raises(ValueError, match="speculate must be >= 0"):
         ServeConfig(model="m", speculate=-1).check()
+
+
+def test_http_prediction_is_drafted_and_counted_in_the_usage(cycle_dir):
+    """OpenAI's "prediction" over HTTP: the same answer whatever is predicted, with the
+    predicted tokens the model kept and rejected in usage.completion_tokens_details; a
+    malformed one is a 400."""
+    session = Session(ServeConfig(model=str(cycle_dir), max_context=64, dtype="float32"))
+    body = {"prompt": " ".join(CYCLE * 2 + ["a"]), "max_tokens": 12, "temperature": 0,
+            "ignore_eos": True}
+    with serving(session) as srv:
+        url = srv.url + "/v1/completions"
+        plain = json.loads(request(url, body)[1])
+        text = plain["choices"][0]["text"]
+        assert "completion_tokens_details" not in plain["usage"]
+        # right: 8 drafts kept in the second step, 1 in the third (the limit leaves room for
+        # one); right, then wrong ("b" where the answer has "a")
+        for pred, kept, rejected in ((text, 9, 0), ([{"type": "text", "text": text}], 9, 0),
+                                     ("b c d e b", 3, 1)):
+            code, doc = request(url, dict(body, prediction={"type": "content",
+                                                            "content": pred}))
+            assert code == 200, doc
+            doc = json.loads(doc)
+            assert doc["choices"][0]["text"] == text
+            details = doc["usage"]["completion_tokens_details"]
+            assert (details["accepted_prediction_tokens"],
+                    details["rejected_prediction_tokens"]) == (kept, rejected)
+        for bad in ({"content": "x"}, {"type": "content", "content": 3}, "x"):
+            code, doc = request(url, dict(body, prediction=bad))
+            assert code == 400 and "'prediction'" in json.loads(doc)["error"]["message"]
