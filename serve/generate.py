@@ -1,8 +1,9 @@
 """Token generation over an `OffloadedModel`: a `DecodeBatch` of sequences, each in its own
 KV-cache row, that new sequences may join between decode steps (continuous batching);
-prompts read layer by layer in the decode's forward, prefix reuse, speculation (prompt
-lookup or a draft model), greedy or temperature / top-k / top-p sampling with a seed, stop
-tokens, streaming through a callback. `generate` runs a fixed set of prompts to the end."""
+prompts read layer by layer in the decode's forward, prefix reuse, speculation (a predicted
+answer, prompt lookup or a draft model), greedy or temperature / top-k / top-p sampling with
+a seed, stop tokens, streaming through a callback. `generate` runs a fixed set of prompts to
+the end."""
 
 from __future__ import annotations
 
@@ -155,9 +156,10 @@ class DecodeBatch:
     together that start alike (a system prompt). A prompt whose tokens are all scored
     (prompt_logprobs) takes only a start whose scores a row kept (KVCache.scores).
 
-    Speculation (model.scfg.speculate): a decoding row drafts tokens by prompt lookup or
-    with the model's draft model, and the step's forward verifies them (serve/speculate.py),
-    so a row may gain several tokens a step.
+    Speculation (model.scfg.speculate, or a row's sampling.prediction): a decoding row
+    drafts tokens from its predicted answer, by prompt lookup or with the model's draft
+    model, and the step's forward verifies them (serve/speculate.py), so a row may gain
+    several tokens a step.
     """
 
     def __init__(self, model: OffloadedModel, stop_ids: Sequence[int] = (),
@@ -545,7 +547,7 @@ class DecodeBatch:
             self.live = [r for r in self.live if not r.done]
         return ended
 
-    # -- speculation (prompt lookup or a draft model) ----------------------------------------
+    # -- speculation (a predicted answer, prompt lookup or a draft model) --------------------
     def _draft(self, r: Row) -> list[int]:
         """As many tokens as row r may take: those its predicted answer has next
         (sampling.prediction, speculate.predicted), else those that followed the latest
