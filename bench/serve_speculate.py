@@ -51,15 +51,17 @@ def prompt_texts(path: str | None) -> list[str]:
 
 
 def run(model: OffloadedModel, prompts: list[list[int]], new_tokens: int,
-        temperature: float = 0.0) -> dict:
-    """Answers (greedy, or sampled with seed i for prompt i), one prompt at a time ->
-    tokens, steps, drafts, bytes, seconds."""
+        temperature: float = 0.0, predictions: list[list[int]] | None = None) -> dict:
+    """Answers (greedy, or sampled with seed i for prompt i; predictions: each prompt's
+    predicted answer), one prompt at a time -> tokens, steps, drafts, bytes, seconds."""
     out = {"tokens": [], "steps": 0, "new": 0, "drafted": 0, "accepted": 0, "bytes": 0,
            "s": 0.0}
     for i, p in enumerate(prompts):
+        pred = None if predictions is None else tuple(predictions[i])
         model.synchronize()
         t0 = time.perf_counter()
-        res = generate(model, [p], new_tokens, SamplingConfig(temperature=temperature, seed=i))
+        res = generate(model, [p], new_tokens, SamplingConfig(temperature=temperature, seed=i,
+                                                              prediction=pred))
         model.synchronize()
         st = res.stats
         out["s"] += time.perf_counter() - t0
@@ -70,6 +72,13 @@ def run(model: OffloadedModel, prompts: list[list[int]], new_tokens: int,
         out["accepted"] += st["accepted_tokens"]
         out["bytes"] += st["bytes_to_device"]
     return out
+
+
+def edited(answer: list[int], vocab: int, n: int = 3) -> list[int]:
+    """answer with n tokens a third of the way in changed (a small edit the prediction
+    misses)."""
+    at = len(answer) // 3
+    return answer[:at] + [(t + 1) % vocab for t in answer[at:at + n]] + answer[at + n:]
 
 
 def main(argv=None) -> None:
@@ -88,6 +97,10 @@ def main(argv=None) -> None:
                    help="the draft's weights and KV cache come on top of --memory-budget, so "
                    "every row has the same expert slots (a 0.6B draft beside a 30B MoE is 2%% "
                    "of its bytes; the tiny demo's draft is a third of them)")
+    p.add_argument("--predict", action="store_true",
+                   help="also answer with each greedy answer given as the request's predicted "
+                   "output (OpenAI's \"prediction\"), whole and with 3 tokens edited, "
+                   "speculate off")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0: greedy (the same tokens checked); > 0: sampled, seeded")
     p.add_argument("--memory-budget", default=None)
@@ -98,7 +111,7 @@ def main(argv=None) -> None:
     codec = TextCodec(a.model)
     prompts = [codec.encode(t) for t in texts]
     ks = [0] + [int(k) for k in a.speculate.split(",") if k]
-    runs = {}
+    runs: dict[str, dict] = {}
     context = max(map(len, prompts)) + a.new_tokens + 8
     for k in ks:
         budget = a.memory_budget
@@ -112,15 +125,23 @@ def main(argv=None) -> None:
         model = OffloadedModel(cfg)
         generate(model, [prompts[0][:4]], 2)  # warm-up
         print(f"speculate {k}:", file=sys.stderr, flush=True)
-        runs[k] = run(model, prompts, a.new_tokens, a.temperature)
-        runs[k]["slots"] = f"{model.n_slots}/{model.store.total_experts}"
+        runs[str(k)] = run(model, prompts, a.new_tokens, a.temperature)
+        runs[str(k)]["slots"] = slots = f"{model.n_slots}/{model.store.total_experts}"
         device = model.device
+        if k == 0 and a.predict:  # the answers themselves as predictions, whole and edited
+            answers, vocab = runs["0"]["tokens"], model.cfg.vocab_size
+            for label, preds in (("0, the answer predicted", answers),
+                                 ("0, the answer predicted, 3 tokens edited",
+                                  [edited(t, vocab) for t in answers])):
+                print(f"{label}:", file=sys.stderr, flush=True)
+                runs[label] = dict(run(model, prompts, a.new_tokens, a.temperature, preds),
+                                   slots=slots)
         del model
-    base = runs[0]
+    base = runs["0"]
     rows = []
     for k, r in runs.items():
         same = "yes" if r["tokens"] == base["tokens"] else "NO"
-        rows.append([str(k), r["slots"], same if a.temperature == 0 else "n/a (sampled)",
+        rows.append([k, r["slots"], same if a.temperature == 0 else "n/a (sampled)",
                      f"{r['steps'] / r['new']:.2f}", f"{r['accepted']}/{r['drafted']}",
                      f"{r['bytes'] / r['new'] / 2**20:.3f}", f"{r['new'] / r['s']:.1f}",
                      f"{base['s'] / r['s']:.2f}"])
@@ -136,6 +157,9 @@ def main(argv=None) -> None:
             f"{a.new_tokens} tokens each ({how}), one prompt at a time; memory budget "
             f"{a.memory_budget or 'default (90% of free)'}; {drafts}. Tokens / s: new tokens "
             f"over the time of the whole generate call (prefill included).\n\n{table}\n")
+    if a.predict:
+        body = body.replace("\n\n|", " Predicted rows: speculate 0, each prompt's greedy answer "
+                            "given as its prediction (up to 8 drafts a step).\n\n|", 1)
     print(body)
     title = "prompt lookup" if a.draft_model is None else "a draft model"
     append_results(a.out, f"Speculation by {title} (bench/serve_speculate.py)",

@@ -232,10 +232,13 @@ def test_serve_speculate_bench_smoke(tmp_path):
     out, prompts = tmp_path / "results.md", tmp_path / "prompts.txt"
     prompts.write_text("def f(a):\n    return a\ndef f(a):\n---\nimport os\nimport os\n")
     main(["--model", str(tmp_path / "m"), "--device", "cpu", "--speculate", "2",
-          "--prompts", str(prompts), "--new-tokens", "12", "--out", str(out)])
+          "--prompts", str(prompts), "--new-tokens", "12", "--out", str(out), "--predict"])
     rows = [line.split("|") for line in out.read_text().splitlines()
-            if line.startswith("| 0 ") or line.startswith("| 2 ")]
-    assert len(rows) == 2 and all(r[3].strip() == "yes" for r in rows)
+            if line.startswith("| 0") or line.startswith("| 2 ")]
+    assert len(rows) == 4 and all(r[3].strip() == "yes" for r in rows)
+    whole = next(r for r in rows if r[1].strip() == "0, the answer predicted")
+    kept, drafted = map(int, whole[5].split("/"))
+    assert kept == drafted > 0 and float(whole[4]) < 0.5  # every predicted token kept
     # the model as its own draft, its bytes beside the budget: the same expert slots
     out.unlink()
     main(["--model", str(tmp_path / "m"), "--device", "cpu", "--speculate", "2",
