@@ -87,6 +87,7 @@ def test_bench_reports_speed_hits_and_utilisation(model_dir):
     assert 0 < r["s_mbu"] and 0 < r["s_mfu"]
     assert 0 <= r["expert_hit_rate"] <= 1 and r["expert_slots"] < r["total_experts"]
     assert r["quant"] == "none"  # --quant auto on a float checkpoint
+    assert r["experts_skipped_per_token"] == 0  # exact unless --skip-miss-weight
     # 3 layers x 2 KV heads x (key 8 + value 8) float32 values
     assert r["kv_cache_bytes_per_token"] == 3 * 2 * (8 + 8) * 4
 
