@@ -69,7 +69,7 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/v1/models":
             self._send(200, {"object": "list", "data": [
                 {"id": self.session.name, "object": "model", "created": 0,
-                 "owned_by": "moe-serve"}]})
+                 "owned_by": "moe-serve", "max_model_len": self.session.model.max_context}]})
         elif self.path == "/metrics":
             self._send_bytes(200, *self.metrics.render())
         else:

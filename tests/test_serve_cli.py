@@ -175,6 +175,7 @@ def test_http_health_models_and_completions(server):
     assert request(base + "/health") == (200, '{"status": "ok"}')
     code, body = request(base + "/v1/models")
     assert code == 200 and json.loads(body)["data"][0]["id"] == session.name
+    assert json.loads(body)["data"][0]["max_model_len"] == 64  # as vLLM gives it
     ids = session.codec.encode("import os")
     code, body = request(base + "/v1/completions", {"prompt": "import os", "max_tokens": 8,
                                                     "temperature": 0})
