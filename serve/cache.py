@@ -184,7 +184,12 @@ class ExpertCache:
         f = self.pending[s]
         if f is not None:
             self.pending[s] = None
-            self.ready[s] = f.result()  # a reader's error surfaces here
+            try:
+                self.ready[s] = f.result()  # a reader's error surfaces here
+            except BaseException:
+                key, self.key_of[s], self.ready[s] = self.key_of[s], None, None
+                self.slot_of.pop(key, None)  # the slot holds no expert it can serve
+                raise
         return s
 
     def _write(self, src, s: int, stream: torch.cuda.Stream | None):
@@ -278,8 +283,3 @@ class ExpertCache:
             if ev is not None:
                 current.wait_event(ev)
         return slots
-
-    def close(self) -> None:
-        """Stop the reader threads (after the reads under way)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)

@@ -215,6 +215,27 @@ def test_reader_threads_read_the_disk_tier_to_the_same_answers(family_ref, prefe
         assert runs[3].stats[key] == runs[0].stats[key], key
 
 
+def test_a_failed_disk_read_is_raised_and_its_slot_not_served(refs, monkeypatch):
+    """A reader's error surfaces in the step that needs the expert; the slot it was filling
+    is not taken for that expert afterwards, so the next answer is right."""
+    family, d, prompts, ref_ids, _ = refs("mixtral")
+    m = serve(d, memory_budget=budget_for(d, 4), prefetch="none", disk_readers=2)
+    real, calls = m.store.expert, []
+
+    def flaky(i, e):
+        calls.append((i, e))
+        if len(calls) == 3:
+            raise OSError("disk gone")
+        return real(i, e)
+
+    monkeypatch.setattr(m.store, "expert", flaky)
+    with pytest.raises(OSError, match="disk gone"):
+        generate(m, prompts, NEW)
+    assert calls[2] not in m.cache.slot_of
+    monkeypatch.setattr(m.store, "expert", real)
+    assert generate(m, prompts, NEW).token_ids == ref_ids
+
+
 def test_reader_threads_read_quantized_experts_from_their_file(refs):
     """int4 experts beyond RAM live in a file written at load; readers copy them packed."""
     family, d, prompts, _, _ = refs("mixtral")
