@@ -143,6 +143,10 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    help="OpenAI's: a token the answer holds c times loses F c (in [-2, 2])")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    p.add_argument("--prediction-file", default=None, metavar="FILE",
+                   help="text the answer is expected to be much like (OpenAI's predicted "
+                   "outputs: the file an edit rewrites), drafted for speculation; the answer "
+                   "is the model's whatever it holds")
     p.add_argument("--response-format", default=None, metavar="json|SCHEMA.json",
                    help="hold the answer to JSON: 'json' (any JSON value the grammar of "
                    "OpenAI's json_object allows) or a JSON-schema file (needs xgrammar)")
@@ -154,11 +158,18 @@ def _sampling(a, session) -> SamplingConfig:
     grammar = None
     if a.response_format is not None:
         grammar = session.grammar(_response_format(a.response_format))
+    prediction = None
+    if a.prediction_file is not None:
+        path = Path(a.prediction_file)
+        if not path.is_file():
+            raise ValueError(f"--prediction-file {a.prediction_file}: no such file")
+        prediction = tuple(session.need_codec().encode(path.read_text(),
+                                                       add_special_tokens=False))
     return SamplingConfig(temperature=temp, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
                           repetition_penalty=a.repetition_penalty,
                           presence_penalty=a.presence_penalty,
                           frequency_penalty=a.frequency_penalty, grammar=grammar,
-                          ignore_eos=a.ignore_eos)
+                          ignore_eos=a.ignore_eos, prediction=prediction)
 
 
 def _response_format(value: str) -> dict:

@@ -23,6 +23,7 @@ from serve.session import Session  # noqa: E402
 from serve.speculate import PREDICTED_DRAFT, judge, lookup, next_length, predicted  # noqa: E402
 from tests.hf_models import build_hf, hf_greedy  # noqa: E402
 from tests.http_helpers import request, serving  # noqa: E402
+from tests.test_serve_cli import cli  # noqa: E402
 from tests.test_serve_reasoning import save_scripted  # noqa: E402
 
 CYCLE = ["a", "b", "c", "d", "e"]
@@ -259,3 +260,19 @@ def test_http_prediction_is_drafted_and_counted_in_the_usage(cycle_dir):
         for bad in ({"content": "x"}, {"type": "content", "content": 3}, "x"):
             code, doc = request(url, dict(body, prediction=bad))
             assert code == 400 and "'prediction'" in json.loads(doc)["error"]["message"]
+
+
+def test_cli_prediction_file_drafts_the_predicted_text(cycle_dir, tmp_path):
+    """moe-serve generate --prediction-file: the answer as before, in far fewer steps when
+    the file holds it; a missing file is named."""
+    pred = tmp_path / "pred.txt"
+    pred.write_text(" ".join((CYCLE * 3)[1:11]))
+    args = ["generate", "--model", str(cycle_dir), "--prompt", " ".join(CYCLE * 2 + ["a"]),
+            "--max-new-tokens", "10", "--ignore-eos", "--device", "cpu", "--json", "--quiet"]
+    plain, fast = (cli(*args, *extra) for extra in ([], ["--prediction-file", str(pred)]))
+    plain, fast = json.loads(plain.stdout), json.loads(fast.stdout)
+    assert fast["token_ids"] == plain["token_ids"] and plain["stats"]["steps"] == 10
+    assert fast["stats"]["accepted_tokens"] == fast["stats"]["drafted_tokens"] == 8
+    assert fast["stats"]["steps"] == 2  # the prompt's token, then 8 drafts and one more
+    p = cli(*args, "--prediction-file", str(tmp_path / "none.txt"), check=False)
+    assert p.returncode != 0 and "no such file" in p.stderr and "Traceback" not in p.stderr
