@@ -18,13 +18,13 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from serve.runtime import common_prefix
 from serve.sampling import sample_probs
+from serve.speculate import Drafted
 
 
 def _transformers():
@@ -79,15 +79,6 @@ def _vocab(path: Path) -> dict | None:
     return json.loads(f.read_text()).get("model", {}).get("vocab")
 
 
-@dataclass
-class Drafted:
-    """A draft: its tokens and, when they were drawn (a sampled row), the distribution [V]
-    each was drawn from (None: taken greedily)."""
-
-    tokens: list[int]
-    q: list[torch.Tensor] | None
-
-
 class Drafter:
     """The draft model at `path` on device in dtype, with a KV cache for each of `rows`
     rows; drafting stops at a token the draft gives less than min_prob. ValueError when its
@@ -138,7 +129,7 @@ class Drafter:
         positions."""
         context = list(context)
         if k < 1 or self.max_positions and len(context) + k > self.max_positions:
-            return Drafted([], None)
+            return Drafted([])
         cache, held = self.caches[row], self.held[row]
         keep = min(common_prefix(held, context), len(context) - 1)  # feed one token at least
         if cache is not None and keep < len(held):

@@ -23,7 +23,14 @@ from serve.sampling import (
     seeded_rows,
     token_logprobs,
 )
-from serve.speculate import PREDICTED_DRAFT, judge, lookup, next_length, predicted
+from serve.speculate import (
+    PREDICTED_DRAFT,
+    Drafted,
+    judge,
+    lookup,
+    next_length,
+    predicted,
+)
 
 
 @dataclass
@@ -88,8 +95,6 @@ class Row:
     accepted: int = 0  # of those, the ones verified
     draft_length: int = 0  # most it drafts next (speculate.next_length)
     draft_max: int = 0  # most it ever drafts a step
-    draft_q: list | None = None  # the distributions its last drafts were drawn from
-    from_prediction: bool = False  # its last drafts came from sampling.prediction
     pred_drafted: int = 0  # of its drafts, those from the prediction
     pred_accepted: int = 0  # and of those, the ones verified
     stats: dict = field(default_factory=dict)  # set when it ends
@@ -345,7 +350,7 @@ class DecodeBatch:
         top, copies = (read.top, read.copies) if read is not None else (0, {})
         drafts = [self._draft(r) for r in decoding]
         dec = self._decode_job(decoding, drafts) if decoding else None
-        keep = [len(jobs)] if any(drafts) else []  # the decode chunk's logits per position
+        keep = [len(jobs)] if any(d.tokens for d in drafts) else []  # per-position logits
         if self.joint:
             outs = self.model.prefill(jobs + [dec] * (dec is not None), top, copies, keep)
         else:  # the prompts' forward, then the decode's (for comparison)
@@ -365,9 +370,10 @@ class DecodeBatch:
         self.decode_s += dt if decoding else 0.0
         return ended
 
-    def _decode_job(self, rows: list[Row], drafts: list[list[int]]) -> tuple:
+    def _decode_job(self, rows: list[Row], drafted: list[Drafted]) -> tuple:
         """The decode chunk (OffloadedModel.step's arguments) of rows: each row's last token
         and the tokens drafted to follow it, scored against the drafts (targets) when any."""
+        drafts = [d.tokens for d in drafted]
         ids = torch.zeros(len(rows), 1 + max(map(len, drafts)), dtype=torch.long)
         targets = torch.full(ids.shape, -1, dtype=torch.long) if any(drafts) else None
         for j, (r, d) in enumerate(zip(rows, drafts, strict=True)):
@@ -377,20 +383,20 @@ class DecodeBatch:
         return (ids.to(self.model.device), [r.kv_row for r in rows],
                 [r.length for r in rows], [1 + len(d) for d in drafts], targets)
 
-    def _decoded(self, rows: list[Row], drafts: list[list[int]], out
+    def _decoded(self, rows: list[Row], drafts: list[Drafted], out
                  ) -> tuple[list[Row], torch.Tensor, list[Row]]:
         """Book the decode chunk's forward (out: its step result): rows without drafts wrote
         their last token (-> them and their logits, to sample from); rows with drafts keep
         the drafts the model confirms (-> the rows that ended)."""
         logits = out if isinstance(out, torch.Tensor) else out[0]
-        plain = [j for j, d in enumerate(drafts) if not d]
+        plain = [j for j, d in enumerate(drafts) if not d.tokens]
         for j in plain:
             r = rows[j]
             self.model.kv.record(r.kv_row, r.length, r.out[-1:])
             r.length += 1
         for r in rows:
             r.peak_batch = max(r.peak_batch, len(rows))
-        spec = [j for j, d in enumerate(drafts) if d]
+        spec = [j for j, d in enumerate(drafts) if d.tokens]
         ended = self._verify([rows[j] for j in spec], [drafts[j] for j in spec],
                              [torch.cat([out[4][j], logits[j, None]]) for j in spec]
                              ) if spec else []
@@ -548,32 +554,29 @@ class DecodeBatch:
         return ended
 
     # -- speculation (a predicted answer, prompt lookup or a draft model) --------------------
-    def _draft(self, r: Row) -> list[int]:
+    def _draft(self, r: Row) -> Drafted:
         """As many tokens as row r may take: those its predicted answer has next
         (sampling.prediction, speculate.predicted), else those that followed the latest
         earlier occurrence of the last 3 of its prompt and answer (prompt lookup: no forward,
         and right where they repeat), else, when the model has one, the draft model's greedy
         continuation (serve/draft.py; a sampled row's drawn from the draft's distribution,
-        kept in r.draft_q for judging)."""
+        which comes with them for judging)."""
         room = min(r.draft_length, r.limit - len(r.out) - 1,
                    self.model.max_context - r.length - 1)
-        r.draft_q, r.from_prediction = None, False
         if room <= 0:
-            return []
+            return Drafted([])
         if r.sampling.prediction:
             drafts = predicted(r.sampling.prediction, r.out, room)
             if drafts:
-                r.from_prediction = True
-                return drafts
+                return Drafted(drafts, predicted=True)
         context = list(r.prompt) + r.out
         drafts = lookup(context, room)
         if not drafts and self.model.drafter is not None:
             sampled = r.sampling if r.sampling.temperature > 0 else None
-            d = self.model.drafter.draft(r.kv_row, context, room, sampled, r.gen)
-            drafts, r.draft_q = d.tokens, d.q
-        return drafts
+            return self.model.drafter.draft(r.kv_row, context, room, sampled, r.gen)
+        return Drafted(drafts)
 
-    def _verify(self, rows: list[Row], drafts: list[list[int]], logits: list[torch.Tensor]
+    def _verify(self, rows: list[Row], drafts: list[Drafted], logits: list[torch.Tensor]
                 ) -> list[Row]:
         """Rows that wrote their last token and drafts in one forward (logits: per row
         [len(draft) + 1, V], after each of those): position by position, each row judges
@@ -583,9 +586,9 @@ class DecodeBatch:
         ended."""
         now = time.perf_counter()
         ended = []
-        for r, d, lg in zip(rows, drafts, logits, strict=True):
+        for r, drafted, lg in zip(rows, drafts, logits, strict=True):
+            d, qs = drafted.tokens, drafted.q
             start, last, kept = r.length, r.out[-1], 0
-            qs, r.draft_q = r.draft_q, None
             for s in range(len(d) + 1):
                 row = _adjusted(r, lg[s], self.stops) if _adjusts(r) else lg[s]
                 probs = None if r.sampling.temperature == 0 else sample_probs(
@@ -601,7 +604,7 @@ class DecodeBatch:
                     break
             self.model.kv.record(r.kv_row, start, [last] + d[:kept])
             r.drafted, r.accepted = r.drafted + len(d), r.accepted + kept
-            if r.from_prediction:
+            if drafted.predicted:
                 r.pred_drafted, r.pred_accepted = r.pred_drafted + len(d), r.pred_accepted + kept
             r.draft_length = next_length(r.draft_max, r.draft_length, len(d), kept)
         return self._end(ended)

@@ -11,11 +11,23 @@ drawing one token a step."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 # most tokens a row drafts a step from a predicted answer (beside speculate's own K)
 PREDICTED_DRAFT = 8
+
+
+@dataclass
+class Drafted:
+    """A row's draft for a step: its tokens; when a draft model drew them (a sampled row),
+    the distribution [V] each was drawn from (None: certain of them, as taken greedily or
+    looked up); whether they came from the row's predicted answer."""
+
+    tokens: list[int]
+    q: list[torch.Tensor] | None = None
+    predicted: bool = False
 
 
 def lookup(context: Sequence[int], k: int, n: int = 3) -> list[int]:
