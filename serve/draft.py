@@ -106,7 +106,6 @@ class Drafter:
             if bars:
                 tf.utils.logging.enable_progress_bar()
         self.model.eval()
-        self.nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.device, self.min_prob = device, min_prob
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self._cache_cls = tf.DynamicCache

@@ -181,7 +181,7 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
         from serve.draft import draft_nbytes
 
         draft = draft_nbytes(cfg.draft_model, dtype, max_batch, max_context)
-        parts += f", draft model {format_size(draft)}"
+        parts += f", draft model {format_size(draft)} ({cfg.draft_model})"
     return dense + kv + act + draft, ExpertCache.slot_nbytes(store, dtype), parts
 
 
@@ -297,9 +297,6 @@ class OffloadedModel:
             self.next_moe[layers[0] - 1] = layers[0]
         if verbose:
             print(f"moe-serve: {self.store.describe()}; {self.budget_report}", file=sys.stderr)
-            if self.drafter is not None:
-                print(f"moe-serve: draft model {cfg.draft_model} "
-                      f"({format_size(self.drafter.nbytes)} of weights)", file=sys.stderr)
 
     # -- set-up ----------------------------------------------------------------------------
     def _plan_memory(self, cfg: ServeConfig) -> tuple[int, str]:
