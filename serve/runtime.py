@@ -519,11 +519,11 @@ class OffloadedModel:
         groups = [needed[a:a + cache.n_slots] for a in range(0, len(needed), cache.n_slots)]
         x_flat = torch.cat([x[v] for x, v in zip(xs, valid, strict=True)]) if prefetch else None
         for g, group in enumerate(groups):
-            keys = {(i, e) for e in group}
-            got = cache.acquire([(i, e) for e in group])
-            slots = {e: got[(i, e)] for e in group}
+            keys = [(i, e) for e in group]
+            got = cache.acquire(keys)
+            slots = {e: got[k] for e, k in zip(group, keys, strict=True)}
             if g == len(groups) - 1 and prefetch:
-                self._prefetch_next(i, x_flat, keys)
+                self._prefetch_next(i, x_flat, set(keys))
             for out, flat, (ids, w) in zip(outs, flats, routes, strict=True):
                 out += self._experts(flat, ids, w, slots)
         if prefetch and not groups:  # every expert ran on the host
