@@ -125,7 +125,6 @@ class Stream:
         self.calls = [0] * len(self.of)  # tool calls streamed per choice
         self.pending: list[list[tuple[int, object]]] = [[] for _ in self.of]  # logprobs unsent
         self.offsets = [0] * len(self.of)  # completions: where a choice's next text starts
-        self.held = [""] * len(self.of)  # the text of a forced call, held until it is whole
         self.obj = "chat.completion.chunk" if job.chat else "text_completion"
 
     def _hooks(self, q: queue.Queue) -> dict:
@@ -185,7 +184,7 @@ class Stream:
             elif key == "logprob":
                 self.pending[i].append(item)
             elif key == "content" and self.job.ask.forced_call is not None:
-                self.held[i] += item  # a forced call: sent once whole (_end)
+                continue  # a forced call: sent once whole, from the completion (_end)
             else:
                 self._send_item(i, key, item)
         return got
@@ -202,8 +201,9 @@ class Stream:
                                  "type": "server_error", "code": 500}})
             return
         o = r.completion
-        forced = _forced(self.job.ask, self.held[i])
-        for item in forced or ([self.held[i]] if self.held[i] else []):
+        forced = _forced(self.job.ask, o.text)
+        for item in forced or ([o.text] if self.job.ask.forced_call is not None and o.text
+                               else []):  # a forced answer cut short stays text
             self._send_item(i, "tool_calls" if forced else "content", item)
         self._event(i, None, "length" if self.job.ask.max_tokens == 0 else
                     "tool_calls" if o.tool_calls or forced else o.finish_reason)
