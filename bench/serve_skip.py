@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 
 from bench.common import append_results, command_line, markdown_table
 from bench.serve_speculate import prompt_texts
+from bench.serve_speculate import run as answers_of
 from serve.config import ServeConfig
 from serve.generate import generate
 from serve.runtime import OffloadedModel
@@ -41,19 +41,10 @@ def forced(model: OffloadedModel, prompt: list[int], answer: list[int]) -> torch
 
 def run(model: OffloadedModel, prompts: list[list[int]], new_tokens: int,
         exact: dict | None) -> dict:
-    """Free greedy answers (tokens, bytes, seconds, skipped experts) and, given the exact
-    run's answers and log-probabilities, the teacher-forced agreement and KL."""
-    out = {"tokens": [], "bytes": 0, "s": 0.0, "new": 0, "skipped": 0, "logp": []}
-    for p in prompts:
-        model.synchronize()
-        t0 = time.perf_counter()
-        res = generate(model, [p], new_tokens)
-        model.synchronize()
-        out["s"] += time.perf_counter() - t0
-        out["tokens"].append(res.token_ids[0])
-        out["new"] += res.stats["new_tokens"]
-        out["bytes"] += res.stats["bytes_to_device"]
-        out["skipped"] += res.stats["experts_skipped"]
+    """Free greedy answers (bench.serve_speculate.run: tokens, bytes, seconds, skipped
+    experts) and the log-probabilities of teacher forcing along the exact run's answers
+    (this run's, without one)."""
+    out = answers_of(model, prompts, new_tokens)
     answers = out["tokens"] if exact is None else exact["tokens"]
     out["logp"] = [forced(model, p, a) for p, a in zip(prompts, answers, strict=True)]
     return out

@@ -53,9 +53,10 @@ def prompt_texts(path: str | None) -> list[str]:
 def run(model: OffloadedModel, prompts: list[list[int]], new_tokens: int,
         temperature: float = 0.0, predictions: list[list[int]] | None = None) -> dict:
     """Answers (greedy, or sampled with seed i for prompt i; predictions: each prompt's
-    predicted answer), one prompt at a time -> tokens, steps, drafts, bytes, seconds."""
+    predicted answer), one prompt at a time -> tokens, steps, drafts, bytes, skipped
+    experts, seconds."""
     out = {"tokens": [], "steps": 0, "new": 0, "drafted": 0, "accepted": 0, "bytes": 0,
-           "s": 0.0}
+           "skipped": 0, "s": 0.0}
     for i, p in enumerate(prompts):
         pred = None if predictions is None else tuple(predictions[i])
         model.synchronize()
@@ -71,6 +72,7 @@ def run(model: OffloadedModel, prompts: list[list[int]], new_tokens: int,
         out["drafted"] += st["drafted_tokens"]
         out["accepted"] += st["accepted_tokens"]
         out["bytes"] += st["bytes_to_device"]
+        out["skipped"] += st["experts_skipped"]
     return out
 
 
