@@ -188,9 +188,9 @@ def _response_format(value: str) -> dict:
 
 FLAG_FIELDS = ("model", "device", "dtype", "memory_budget", "host_budget", "disk_readers",
                "cache_policy", "prefetch", "prefetch_min_weight", "quant", "max_batch",
-               "max_context",
-               "offload_dir", "prefix_cache", "prefill_step_tokens", "host_compute_tokens",
-               "skip_miss_weight", "speculate", "draft_model", "draft_min_prob")
+               "max_context", "offload_dir", "prefix_cache", "prefill_step_tokens",
+               "host_compute_tokens", "skip_miss_weight", "speculate", "draft_model",
+               "draft_min_prob")
 # tokens drafted a step with a draft model when neither a flag nor the preset says
 DRAFT_SPECULATE = 4
 

@@ -67,7 +67,8 @@ class ServeConfig:
     in, its tokens' other experts scaled up to the same total weight (serve/skip.py): fewer
     PCIe bytes for answers that are no longer exactly the model's (0: off, exact).
     speculate: rows draft up to this many tokens a step by prompt lookup (the tokens that
-    followed the latest earlier occurrence of their last 3) and verify them in the same
+    followed the latest earlier occurrence of their last 3), or with draft_model, and
+    verify them in the same
     forward (serve/speculate.py): greedy rows keep the drafts that are the model's argmax,
     sampled rows draw by speculative sampling, each position judged on the logits as the
     row samples from them there (penalties, biases, grammar); the tokens (greedy) or their

@@ -34,10 +34,10 @@ def field(body: dict, name: str, kind, default, check=None):
 @dataclass
 class Params:
     """What a request asks besides its prompts: max_tokens (0: echo only; None: up to the
-    context), the sampling, stop
-    strings, stream, n choices per prompt, echo, best_of candidates per prompt (>= n),
-    include_usage (a stream's last chunk carries the usage), and the tool call a chat's
-    tool_choice forces (http_params.tools)."""
+    context), the sampling, stop strings, stream, n choices per prompt, echo, best_of
+    candidates per prompt (>= n), include_usage (a stream's last chunk carries the usage),
+    the tool call a chat's tool_choice forces (http_params.tools) and the predicted
+    answer's text."""
 
     max_tokens: int | None  # None: up to the context
     sampling: SamplingConfig
