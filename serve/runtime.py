@@ -503,13 +503,14 @@ class OffloadedModel:
         needed = all_ids.unique().tolist()
         self._account(i, needed)
         cache = self.cache
+        missing = [e for e in needed if not cache.resident((i, e))]
         if self.scfg.skip_miss_weight > 0:
-            missing = [e for e in needed if not cache.resident((i, e))]
             routes, skipped = skip_missing(routes, missing, self.scfg.skip_miss_weight,
                                            self.cfg.moe.num_experts)
             needed = [e for e in needed if e not in skipped]
+            missing = [e for e in missing if e not in skipped]
             cache.stats.skipped += len(skipped)
-        host = self._host_set(i, all_ids, needed)
+        host = self._host_set(all_ids, missing)
         if host:  # their tokens go to the host before the device work is queued behind them
             taken = [self._host_inputs(flat, ids, w, host)
                      for flat, (ids, w) in zip(flats, routes, strict=True)]
@@ -541,15 +542,15 @@ class OffloadedModel:
             ys.append(y)
         return ys
 
-    def _host_set(self, i: int, all_ids: torch.Tensor, needed: list[int]) -> set[int]:
-        """The experts of layer i (of `needed`, used by the (token, k) pairs all_ids) to run
-        on the host: those not resident that at most scfg.host_compute_tokens pairs use,
-        but for as many as empty slots take without evicting (the most used first)."""
+    def _host_set(self, all_ids: torch.Tensor, missing: list[int]) -> set[int]:
+        """The experts of a layer to run on the host (of `missing`, those it needs that are
+        not resident; all_ids: its (token, k) pairs' experts): those that at most
+        scfg.host_compute_tokens pairs use, but for as many as empty slots take without
+        evicting (the most used first)."""
         most = self.scfg.host_compute_tokens
         if not most:
             return set()
         counts = torch.bincount(all_ids, minlength=self.cfg.moe.num_experts).tolist()
-        missing = [e for e in needed if not self.cache.resident((i, e))]
         few = sorted((e for e in missing if counts[e] <= most), key=lambda e: -counts[e])
         empty = max(0, self.cache.empty - (len(missing) - len(few)))  # the others take first
         return set(few[empty:])
