@@ -4,11 +4,13 @@ field copied out), decoded one token a step and with up to K drafted tokens a st
 (--speculate K). Same model, same budget, same prompts; greedy answers must be the same
 tokens (sampled ones, --temperature T with fixed seeds, only the same distribution). Reports
 steps per token, the drafts kept, expert bytes moved per token and decode speed, side by
-side.
+side. --batch N answers N prompts at a time, so a draft model drafts for N rows in each of
+its forwards (the table counts them beside the forwards drafting row by row would take).
 
     make demo && python -m bench.serve_speculate --model runs/demo/hf --memory-budget 8.5MiB
     python -m bench.serve_speculate --model DIR --prompts prompts.txt --speculate 2,4,8
     python -m bench.serve_speculate --model DIR --draft-model SMALL_DIR --speculate 2,4
+    python -m bench.serve_speculate --model DIR --draft-model SMALL_DIR --batch 4
 
 Random weights make answers that rarely repeat anything: use a trained model. --prompts: a
 file of prompts separated by lines holding only "---" (default: a few code prompts that
@@ -51,28 +53,37 @@ def prompt_texts(path: str | None) -> list[str]:
 
 
 def run(model: OffloadedModel, prompts: list[list[int]], new_tokens: int,
-        temperature: float = 0.0, predictions: list[list[int]] | None = None) -> dict:
+        temperature: float = 0.0, predictions: list[list[int]] | None = None,
+        batch: int = 1) -> dict:
     """Answers (greedy, or sampled with seed i for prompt i; predictions: each prompt's
-    predicted answer), one prompt at a time -> tokens, steps, drafts, bytes, skipped
-    experts, seconds."""
+    predicted answer, with batch 1), `batch` prompts at a time -> tokens, steps, drafts,
+    bytes, skipped experts, seconds, and the draft model's forwards (batched, and row by
+    row) where it has one."""
+    if predictions is not None and batch != 1:
+        raise ValueError("predictions are given one prompt at a time (batch 1)")
     out = {"tokens": [], "steps": 0, "new": 0, "drafted": 0, "accepted": 0, "bytes": 0,
            "skipped": 0, "s": 0.0}
-    for i, p in enumerate(prompts):
+    drafter = model.drafter
+    forwards = (drafter.forwards, drafter.row_forwards) if drafter is not None else None
+    for i in range(0, len(prompts), batch):
         pred = None if predictions is None else tuple(predictions[i])
         model.synchronize()
         t0 = time.perf_counter()
-        res = generate(model, [p], new_tokens, SamplingConfig(temperature=temperature, seed=i,
-                                                              prediction=pred))
+        res = generate(model, prompts[i:i + batch], new_tokens,
+                       SamplingConfig(temperature=temperature, seed=i, prediction=pred))
         model.synchronize()
         st = res.stats
         out["s"] += time.perf_counter() - t0
-        out["tokens"].append(res.token_ids[0])
+        out["tokens"] += res.token_ids
         out["steps"] += st["steps"]
         out["new"] += st["new_tokens"]
         out["drafted"] += st["drafted_tokens"]
         out["accepted"] += st["accepted_tokens"]
         out["bytes"] += st["bytes_to_device"]
         out["skipped"] += st["experts_skipped"]
+    if forwards is not None:
+        out["draft_forwards"] = (drafter.forwards - forwards[0],
+                                 drafter.row_forwards - forwards[1])
     return out
 
 
@@ -103,12 +114,16 @@ def main(argv=None) -> None:
                    help="also answer with each greedy answer given as the request's predicted "
                    "output (OpenAI's \"prediction\"), whole and with 3 tokens edited, "
                    "speculate off")
+    p.add_argument("--batch", type=int, default=1,
+                   help="prompts answered at a time (the model's max_batch)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0: greedy (the same tokens checked); > 0: sampled, seeded")
     p.add_argument("--memory-budget", default=None)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--out", default="bench/RESULTS.md")
     a = p.parse_args(argv)
+    if a.batch < 1 or a.predict and a.batch != 1:
+        p.error("--batch must be >= 1, and 1 with --predict (a prediction is per prompt)")
     texts = prompt_texts(a.prompts)
     codec = TextCodec(a.model)
     prompts = [codec.encode(t) for t in texts]
@@ -120,14 +135,14 @@ def main(argv=None) -> None:
         draft = a.draft_model if k else None
         if draft and a.draft_beside and budget is not None:  # the draft's bytes on top
             dtype = resolve_dtype("auto", resolve_device(a.device))
-            budget = parse_size(budget) + draft_nbytes(draft, dtype, 1, context)
+            budget = parse_size(budget) + draft_nbytes(draft, dtype, a.batch, context)
         cfg = ServeConfig(model=a.model, device=a.device, memory_budget=budget,
                           max_context=context, speculate=k, draft_model=draft,
-                          draft_min_prob=a.draft_min_prob)
+                          draft_min_prob=a.draft_min_prob, max_batch=a.batch)
         model = OffloadedModel(cfg)
         generate(model, [prompts[0][:4]], 2)  # warm-up
         print(f"speculate {k}:", file=sys.stderr, flush=True)
-        runs[str(k)] = run(model, prompts, a.new_tokens, a.temperature)
+        runs[str(k)] = run(model, prompts, a.new_tokens, a.temperature, batch=a.batch)
         runs[str(k)]["slots"] = slots = f"{model.n_slots}/{model.store.total_experts}"
         device = model.device
         if k == 0 and a.predict:  # the answers themselves as predictions, whole and edited
@@ -147,16 +162,22 @@ def main(argv=None) -> None:
                      f"{r['steps'] / r['new']:.2f}", f"{r['accepted']}/{r['drafted']}",
                      f"{r['bytes'] / r['new'] / 2**20:.3f}", f"{r['new'] / r['s']:.1f}",
                      f"{base['s'] / r['s']:.2f}"])
-    table = markdown_table(["speculate K", "expert slots", "same tokens as K=0", "steps / token",
-                            "drafts kept", "expert MiB moved / token", "tokens / s",
-                            "speed-up"], rows)
+        if a.draft_model is not None:  # the draft's forwards, and drafting row by row's
+            fw = r.get("draft_forwards")
+            rows[-1].insert(5, f"{fw[0]} ({fw[1]})" if fw else "-")
+    head = ["speculate K", "expert slots", "same tokens as K=0", "steps / token",
+            "drafts kept", "expert MiB moved / token", "tokens / s", "speed-up"]
+    if a.draft_model is not None:
+        head.insert(5, "draft forwards (row by row)")
+    table = markdown_table(head, rows)
     how = "greedy" if a.temperature == 0 else f"sampled at temperature {a.temperature:g}"
     drafts = ("prompt lookup of the last 3 tokens" if a.draft_model is None else
               f"drafts by the draft model {a.draft_model} (greedy, stopping before a token it "
               f"gives less than {a.draft_min_prob:g}; loaded whole on the device, "
               + ("its bytes on top of the budget)" if a.draft_beside else "within the budget)"))
+    at_a_time = "one prompt at a time" if a.batch == 1 else f"{a.batch} prompts at a time"
     body = (f"Model: {a.model}; {len(prompts)} prompts whose answers restate their context, "
-            f"{a.new_tokens} tokens each ({how}), one prompt at a time; memory budget "
+            f"{a.new_tokens} tokens each ({how}), {at_a_time}; memory budget "
             f"{a.memory_budget or 'default (90% of free)'}; {drafts}. Tokens / s: new tokens "
             f"over the time of the whole generate call (prefill included).\n\n{table}\n")
     if a.predict:

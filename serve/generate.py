@@ -25,6 +25,7 @@ from serve.sampling import (
 )
 from serve.speculate import (
     PREDICTED_DRAFT,
+    DraftAsk,
     Drafted,
     judge,
     lookup,
@@ -348,7 +349,7 @@ class DecodeBatch:
                                "leader that reads nothing); this is a bug")
         jobs = read.specs if read is not None else []
         top, copies = (read.top, read.copies) if read is not None else (0, {})
-        drafts = [self._draft(r) for r in decoding]
+        drafts = self._drafts(decoding)
         dec = self._decode_job(decoding, drafts) if decoding else None
         keep = [len(jobs)] if any(d.tokens for d in drafts) else []  # per-position logits
         if self.joint:
@@ -554,13 +555,24 @@ class DecodeBatch:
         return ended
 
     # -- speculation (a predicted answer, prompt lookup or a draft model) --------------------
-    def _draft(self, r: Row) -> Drafted:
+    def _drafts(self, rows: list[Row]) -> list[Drafted]:
+        """Each row's drafts for this step (_draft), those of the draft model drawn for all
+        rows that ask it at once."""
+        drafts = [self._draft(r) for r in rows]
+        asks = [j for j, d in enumerate(drafts) if isinstance(d, DraftAsk)]
+        if asks:
+            for j, d in zip(asks, self.model.drafter.draft([drafts[j] for j in asks]),
+                            strict=True):
+                drafts[j] = d
+        return drafts
+
+    def _draft(self, r: Row) -> Drafted | DraftAsk:
         """As many tokens as row r may take: those its predicted answer has next
         (sampling.prediction, speculate.predicted), else those that followed the latest
         earlier occurrence of the last 3 of its prompt and answer (prompt lookup: no forward,
-        and right where they repeat), else, when the model has one, the draft model's greedy
-        continuation (serve/draft.py; a sampled row's drawn from the draft's distribution,
-        which comes with them for judging)."""
+        and right where they repeat), else, when the model has one, what to ask its draft
+        model for (serve/draft.py: its greedy continuation; a sampled row's drawn from the
+        draft's distribution, which comes with them for judging)."""
         room = min(r.draft_length, r.limit - len(r.out) - 1,
                    self.model.max_context - r.length - 1)
         if room <= 0:
@@ -573,7 +585,7 @@ class DecodeBatch:
         drafts = lookup(context, room)
         if not drafts and self.model.drafter is not None:
             sampled = r.sampling if r.sampling.temperature > 0 else None
-            return self.model.drafter.draft(r.kv_row, context, room, sampled, r.gen)
+            return DraftAsk(r.kv_row, context, room, sampled, r.gen)
         return Drafted(drafts)
 
     def _verify(self, rows: list[Row], drafts: list[Drafted], logits: list[torch.Tensor]

@@ -30,6 +30,19 @@ class Drafted:
     predicted: bool = False
 
 
+@dataclass
+class DraftAsk:
+    """A row's request for drafts in a step: its KV-cache row, its context (prompt and answer
+    so far), the most tokens it takes, and for a sampled row its sampling (a
+    serve.sampling.SamplingConfig with a temperature; None: greedy) and generator."""
+
+    row: int
+    context: Sequence[int]
+    k: int
+    sampling: object = None
+    gen: torch.Generator | None = None
+
+
 def lookup(context: Sequence[int], k: int, n: int = 3) -> list[int]:
     """Prompt lookup: the (up to) k tokens that followed the latest earlier occurrence of the
     last n tokens of context -> [] where there is none. Shorter matches draft more and are

@@ -244,13 +244,15 @@ def test_serve_speculate_bench_smoke(tmp_path):
     main(["--model", str(tmp_path / "m"), "--device", "cpu", "--speculate", "2",
           "--prompts", str(prompts), "--new-tokens", "12", "--out", str(out),
           "--draft-model", str(tmp_path / "m"), "--draft-min-prob", "0", "--draft-beside",
-          "--memory-budget", "600KiB"])
+          "--memory-budget", "600KiB", "--batch", "2"])
     text = out.read_text()
     rows = [line.split("|") for line in text.splitlines()
             if line.startswith("| 0 ") or line.startswith("| 2 ")]
     assert "Speculation by a draft model" in text and "on top of the budget" in text
     assert len(rows) == 2 and rows[0][2] == rows[1][2] and all(r[3].strip() == "yes"
                                                              for r in rows)
+    batched, one_by_one = map(int, rows[1][6].replace("(", "").replace(")", "").split())
+    assert 0 < batched < one_by_one  # the two prompts' drafts in shared forwards
 
 
 def test_serve_skip_bench_smoke(tmp_path):

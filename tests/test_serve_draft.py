@@ -8,6 +8,7 @@ step; its weights and KV caches count in the budget; bad drafts are refused by n
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,10 +16,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from serve.config import ServeConfig  # noqa: E402
-from serve.draft import Drafted, Drafter, draft_nbytes  # noqa: E402
+from serve.draft import Drafter, draft_nbytes  # noqa: E402
 from serve.generate import DecodeBatch, generate  # noqa: E402
 from serve.runtime import OffloadedModel  # noqa: E402
 from serve.sampling import SamplingConfig  # noqa: E402
+from serve.speculate import DraftAsk, Drafted  # noqa: E402
 from tests.hf_models import VOCAB, hf_greedy, saved_hf  # noqa: E402
 
 
@@ -34,12 +36,14 @@ def served(tmp_path_factory):
     return saved_hf("mixtral", d, seed=1), d
 
 
-def save_dense_draft(d, vocab: int = VOCAB, seed: int = 5):
-    """A tiny random Llama (a dense draft) with `vocab` tokens, saved in d."""
+def save_dense_draft(d, vocab: int = VOCAB, seed: int = 5, init: float = 0.02):
+    """A tiny random Llama (a dense draft) with `vocab` tokens, saved in d; init: its weights'
+    std (0.5 makes its attention, so its logits, depend on each token and position)."""
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
                                    num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=1, max_position_embeddings=64)
+                                   num_key_value_heads=1, max_position_embeddings=64,
+                                   initializer_range=init)
     transformers.LlamaForCausalLM(cfg).eval().save_pretrained(d)
     return d
 
@@ -54,9 +58,11 @@ def test_greedy_tokens_are_transformers_whatever_the_draft(served, tmp_path):
     want = [hf_greedy(hf, p, 12) for p in PROMPTS]
     dense = save_dense_draft(tmp_path / "draft")
     for draft in (dense, d):
-        res = generate(serve(d, speculate=3, draft_model=str(draft), max_batch=2), PROMPTS, 12)
+        m = serve(d, speculate=3, draft_model=str(draft), max_batch=2)
+        res = generate(m, PROMPTS, 12)
         assert res.token_ids == want
         assert res.stats["drafted_tokens"] > 0
+        assert m.drafter.forwards < m.drafter.row_forwards  # both rows' drafts in one forward
     assert res.stats["accepted_tokens"] == res.stats["drafted_tokens"]  # the model itself
     one = generate(serve(d, speculate=3, draft_model=str(d)), PROMPTS[:1], 12)
     assert one.token_ids == want[:1]
@@ -84,13 +90,15 @@ def test_the_draft_cache_follows_what_each_row_kept(served, tmp_path):
     dr.model.forward = counting
     for context in (PROMPTS[0], PROMPTS[0] + [11, 12], PROMPTS[0] + [11, 99, 3], PROMPTS[1]):
         fed.clear()
-        got = dr.draft(0, context, 3).tokens
+        (got,) = (d.tokens for d in dr.draft([DraftAsk(0, context, 3)]))
         assert got == hf_greedy(ref, context, 3)
         held = dr.held[0]
         assert held == context + got[:-1]
+        assert dr.live.shape == (1, len(held))  # a lone row: no hidden slot kept
         if context == PROMPTS[0] + [11, 12]:  # it held the prompt and 2 drafts: 2 new tokens
             assert fed[0] == 2
-    assert dr.draft(1, PROMPTS[1], 0).tokens == [] == dr.draft(1, list(range(1, 63)), 4).tokens
+    assert [d.tokens for d in dr.draft([DraftAsk(1, PROMPTS[1], 0)])] == [[]]
+    assert [d.tokens for d in dr.draft([DraftAsk(1, list(range(1, 63)), 4)])] == [[]]
 
 
 def test_drafts_stop_before_an_unsure_token_and_lookup_comes_first(served, tmp_path):
@@ -107,13 +115,14 @@ def test_drafts_stop_before_an_unsure_token_and_lookup_comes_first(served, tmp_p
                            output_scores=True, return_dict_in_generate=True)
     probs = [float(torch.softmax(sc[0], -1).max()) for sc in out.scores]
     sure = next((i for i, p in enumerate(probs) if p < 0.02), 4)
-    assert dr.draft(0, PROMPTS[0], 4).tokens == out.sequences[0, len(PROMPTS[0]):][:sure].tolist()
+    (got,) = dr.draft([DraftAsk(0, PROMPTS[0], 4)])
+    assert got.tokens == out.sequences[0, len(PROMPTS[0]):][:sure].tolist()
     none = generate(serve(d, speculate=3, draft_model=str(draft_dir), draft_min_prob=1.0),
                     PROMPTS[:1], 8)
     assert none.stats["drafted_tokens"] == 0 and none.stats["steps"] == 8
     m = serve(d, speculate=3, draft_model=str(draft_dir))
     asked = []
-    m.drafter.draft = lambda row, context, k, *a: asked.append(k) or Drafted([], None)
+    m.drafter.draft = lambda asks: asked.extend(a.k for a in asks) or [Drafted([]) for _ in asks]
     pattern = PROMPTS[0][:4]
     generate(m, [pattern * 3], 4)  # its answers' last 3 tokens rarely occur before
     n_asked = len(asked)
@@ -151,7 +160,7 @@ def test_a_sampled_row_keeps_the_drafts_drawn_from_its_own_distribution(served):
     assert st["drafted_tokens"] >= 20 and st["accepted_tokens"] >= 0.9 * st["drafted_tokens"]
     m = serve(d, speculate=3, draft_model=str(d))
     real = m.drafter.draft
-    m.drafter.draft = lambda row, ctx, k, sampling, gen: real(row, ctx, k)  # greedy drafts
+    m.drafter.draft = lambda asks: real([replace(a, sampling=None) for a in asks])  # greedy
     st = generate(m, PROMPTS, 16, cfg).stats
     assert st["accepted_tokens"] < 0.7 * st["drafted_tokens"]
 
@@ -162,7 +171,9 @@ def test_the_draft_counts_in_the_budget(served, tmp_path):
     size = draft_nbytes(draft, torch.float32, 2, 64)
     params = sum(p.numel() for p in
                  transformers.AutoModelForCausalLM.from_pretrained(draft).parameters())
-    assert size == params * 4 + 2 * 2 * 1 * 8 * 4 * 2 * 64  # K and V: layers, heads, dims
+    # K and V: layers, heads, dims, bytes, rows, slots (twice the context and 64 hidden)
+    assert size == params * 4 + 2 * 2 * 1 * 8 * 4 * 2 * (2 * 64 + 64)
+    assert draft_nbytes(draft, torch.float32, 1, 64) == params * 4 + 2 * 2 * 1 * 8 * 4 * 64
     plain = serve(d, max_batch=2, speculate=2)
     with_draft = serve(d, max_batch=2, speculate=2, draft_model=str(draft))
     assert with_draft.fixed_bytes == plain.fixed_bytes + size
@@ -191,3 +202,95 @@ def test_bad_drafts_are_refused_by_name(served, tmp_path):
         serve(served_dir, speculate=2, draft_model=str(same))
     with pytest.raises(ValueError, match="speculate .* must be >= 1"):
         ServeConfig(model=str(d), draft_model=str(same)).check()
+
+
+def _is_continuation(ref, context: list[int], got: Drafted, tol: float = 1e-4) -> bool:
+    """Whether drafts are the draft model's after context and the drafts before each (a fresh
+    forward each, no cache): its argmax (within tol of the max, for near ties), or for
+    sampled drafts drawn from its distribution (q within tol of its softmax)."""
+    with torch.no_grad():
+        for i, t in enumerate(got.tokens):
+            logits = ref(input_ids=torch.tensor([context + got.tokens[:i]])).logits[0, -1]
+            if got.q is not None:
+                if not torch.allclose(got.q[i], torch.softmax(logits, -1), atol=tol, rtol=0):
+                    return False
+            elif logits[t] < logits.max() - tol:
+                return False
+    return True
+
+
+def test_batched_drafts_are_each_rows_greedy_continuation(served, tmp_path):
+    """Rows drafting together share forwards: a step takes as many as its longest draft.
+    Through rounds where rows keep some drafts, take a new prompt, or sit idle, each row's
+    drafts are still the draft model's continuation of its own context (greedy, or drawn
+    from its distribution at temperature 1), and the hidden slots start the cache over
+    before they pass twice the longest row (and 64)."""
+    import random
+
+    from tests.seeds import fresh_seed
+
+    _, d = served
+    draft_dir = save_dense_draft(tmp_path / "draft", init=0.5)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(draft_dir).eval()
+    dr = Drafter(draft_dir, d, VOCAB, torch.device("cpu"), torch.float32, rows=3)
+    (a,) = dr.draft([DraftAsk(0, PROMPTS[0], 2)])
+    assert dr.live.shape[0] == 1  # row 0 alone: a batch of one
+    (b,) = dr.draft([DraftAsk(2, PROMPTS[1], 2)])
+    assert dr.forwards == 4 and dr.live.shape[0] == 3  # then rows 0 to 2
+    assert _is_continuation(ref, PROMPTS[0], a) and _is_continuation(ref, PROMPTS[1], b)
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    contexts: list[list[int] | None] = [None] * 3
+    widest, restarted = 0, False
+    for rnd in range(30):
+        asks = []
+        for row in range(3):
+            c = contexts[row]
+            if c is None or len(c) > 50 or rng.random() < 0.1:  # a new prompt
+                c = [rng.randrange(VOCAB) for _ in range(rng.choice([1, 3, 20]))]
+            elif rng.random() < 0.25:  # idle this round
+                contexts[row] = c
+                continue
+            contexts[row] = c
+            sampled = rng.random() < 0.5
+            asks.append(DraftAsk(row, c, rng.randint(1, 4),
+                                 SamplingConfig(temperature=1.0) if sampled else None,
+                                 torch.Generator().manual_seed(rnd) if sampled else None))
+        if not asks:
+            continue
+        before, width = dr.forwards, dr.live.shape[1]
+        got = dr.draft(asks)
+        restarted |= dr.live.shape[1] < width
+        assert dr.forwards - before == max(len(g.tokens) for g in got)  # k, unless at the edge
+        widest = max(widest, dr.live.shape[1])
+        for a, g in zip(asks, got, strict=True):
+            assert len(g.tokens) == a.k, seed
+            assert _is_continuation(ref, list(a.context), g), (seed, rnd, a.row)
+            kept = rng.randint(0, len(g.tokens))  # the served model keeps some, adds one
+            contexts[a.row] = list(a.context) + g.tokens[:kept] + [rng.randrange(VOCAB)]
+        assert widest <= 2 * 60 + 64
+    assert restarted, seed
+    assert dr.row_forwards > dr.forwards
+
+
+def test_a_sliding_window_draft_drafts_within_its_window(served, tmp_path):
+    """A draft with a sliding window (Mistral's) drafts nothing that would pass it, and its
+    cache starts over before its slots would; within the window its drafts are its greedy
+    continuation."""
+    _, d = served
+    torch.manual_seed(2)
+    cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                                     num_hidden_layers=2, num_attention_heads=2,
+                                     num_key_value_heads=1, max_position_embeddings=64,
+                                     sliding_window=12, initializer_range=0.5)
+    transformers.MistralForCausalLM(cfg).eval().save_pretrained(tmp_path / "mistral")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mistral").eval()
+    dr = Drafter(tmp_path / "mistral", d, VOCAB, torch.device("cpu"), torch.float32, rows=2)
+    assert dr.limit == 12
+    context = [5, 6, 7]
+    for _ in range(4):
+        a, _ = dr.draft([DraftAsk(0, context, 3), DraftAsk(1, [9] * len(context), 2)])
+        assert dr.live.shape[1] <= 12
+        assert _is_continuation(ref, context, a)
+        context = context + a.tokens[:1] + [3]
+    assert [g.tokens for g in dr.draft([DraftAsk(0, list(range(10)), 3)])] == [[]]
