@@ -1,5 +1,5 @@
 """Export our models as Hugging Face directories (safetensors + config.json) of the family
-that can hold them: Mixtral, Qwen3-MoE, GLM-4.5, DeepSeek-V3 or GPT-OSS, which
+that can hold them: Mixtral, Qwen3-MoE, GLM-4.5, DeepSeek-V3, GPT-OSS or ERNIE-4.5, which
 `transformers` loads with its own classes."""
 
 from __future__ import annotations
@@ -11,7 +11,37 @@ import torch
 from safetensors.torch import save_file
 
 from moe.config import ModelConfig
-from moe.hf_names import EXPERT_NAMES, V3_ROUTED, shared_names
+from moe.hf_names import EXPERT_NAMES, UNGATED_SHARED, V3_ROUTED, shared_names
+
+
+def _shared_problems(cfg: ModelConfig) -> list[str]:
+    """What keeps shared experts from the ungated ones of num_shared_experts * expert_ffn
+    that DeepSeek, GLM and ERNIE have."""
+    m = cfg.moe
+    problems = ["gated shared experts"] if m.shared_expert_gate else []
+    if m.num_shared_experts and (m.shared_expert_ffn or 0) not in (
+            0, m.num_shared_experts * m.expert_ffn):
+        problems.append("shared_expert_ffn != num_shared_experts * expert_ffn")
+    return problems
+
+
+def _ernie_problems(cfg: ModelConfig) -> list[str]:
+    """What keeps a softmax-routed model with a selection bias from the ERNIE-4.5 layout:
+    renormalised top-k weights, SwiGLU experts, ungated shared experts, plain GQA with
+    RoPE on every dimension."""
+    r, m = cfg.moe.router, cfg.moe
+    problems = _shared_problems(cfg)
+    if not r.renormalize or r.routed_scaling_factor != 1.0 or r.n_group > 1:
+        problems.append("weights not renormalised, scaled or group-limited routing (it "
+                        "renormalises the top-k scores)")
+    if m.expert_type != "swiglu":
+        problems.append(f"expert_type={m.expert_type} (it uses SwiGLU experts)")
+    if cfg.qkv_bias or cfg.qk_norm or cfg.clip_qkv is not None \
+            or cfg.partial_rotary_factor != 1.0:
+        problems.append("q/k/v biases, q/k norms, clip_qkv or partial RoPE")
+    if cfg.sliding_window is not None:
+        problems.append("a sliding window")
+    return problems
 
 
 def _v3_moe_problems(cfg: ModelConfig) -> list[str]:
@@ -26,11 +56,7 @@ def _v3_moe_problems(cfg: ModelConfig) -> list[str]:
         problems.append("groups scored by their best expert (they sum the two best)")
     if m.expert_type != "swiglu":
         problems.append(f"expert_type={m.expert_type} (they use SwiGLU experts)")
-    if m.shared_expert_gate:
-        problems.append("gated shared experts")
-    if m.num_shared_experts and (m.shared_expert_ffn or 0) not in (
-            0, m.num_shared_experts * m.expert_ffn):
-        problems.append("shared_expert_ffn != num_shared_experts * expert_ffn")
+    problems += _shared_problems(cfg)
     if cfg.moe_layer_freq != 1:
         problems.append("MoE layers that are not all the layers after the first dense ones")
     if cfg.clip_qkv is not None:
@@ -65,6 +91,8 @@ def _gpt_oss_problems(cfg: ModelConfig) -> list[str]:
     if r.kind != "topk" or r.score != "softmax" or not r.renormalize or r.n_group > 1 \
             or r.routed_scaling_factor != 1.0:
         problems.append("a router other than softmax top-k with renormalised weights")
+    if r.expert_bias:
+        problems.append("a router selection bias")
     if m.expert_type != "clamped_swiglu":
         problems.append(f"expert_type={m.expert_type} (it uses clamped_swiglu)")
     if m.num_shared_experts or any(not cfg.is_moe_layer(i) for i in range(cfg.n_layers)):
@@ -81,8 +109,8 @@ def _gpt_oss_problems(cfg: ModelConfig) -> list[str]:
 def choose_family(cfg: ModelConfig) -> str:
     """The Hub family that can hold this model: 'deepseek_v3' for multi-head latent
     attention, 'gpt_oss' for attention sinks / clamped SwiGLU / o, expert or gate biases,
-    'glm4_moe' for sigmoid routing behind GQA, else 'mixtral' or 'qwen3_moe'; ValueError
-    says why none can."""
+    'glm4_moe' for sigmoid routing behind GQA, 'ernie4_5_moe' for softmax routing with a
+    selection bias, else 'mixtral' or 'qwen3_moe'; ValueError says why none can."""
     r, m = cfg.moe.router, cfg.moe
     if cfg.mla is not None:
         problems = _deepseek_v3_problems(cfg)
@@ -102,6 +130,12 @@ def choose_family(cfg: ModelConfig) -> str:
             raise ValueError("this sigmoid-routed model has no GLM-4.5 (glm4_moe) equivalent: "
                              + "; ".join(problems))
         return "glm4_moe"
+    if r.kind == "topk" and r.expert_bias:
+        problems = _ernie_problems(cfg)
+        if problems:
+            raise ValueError("this softmax-routed model with a selection bias has no "
+                             "ERNIE-4.5 (ernie4_5_moe) equivalent: " + "; ".join(problems))
+        return "ernie4_5_moe"
     problems = []
     if r.kind != "topk" or r.score != "softmax":
         problems.append(f"router {r.kind}/{r.score} (both families use softmax top-k)")
@@ -193,6 +227,19 @@ def hf_config_json(cfg: ModelConfig, family: str) -> dict:
                     first_k_dense_replace=cfg.first_dense_layers, n_group=r.n_group,
                     topk_group=r.topk_group, norm_topk_prob=r.renormalize,
                     routed_scaling_factor=r.routed_scaling_factor, num_mtp_layers=0)
+    if family == "ernie4_5_moe":
+        m = cfg.moe
+        common.pop("num_experts_per_tok")
+        common.setdefault("rope_parameters", {"rope_type": "default",
+                                              "rope_theta": cfg.rope_theta})
+        return dict(common, architectures=["Ernie4_5_MoeForCausalLM"],
+                    model_type="ernie4_5_moe", moe_k=m.router.top_k,
+                    moe_num_experts=m.num_experts, moe_intermediate_size=m.expert_ffn,
+                    intermediate_size=cfg.dense_ffn,
+                    moe_num_shared_experts=m.num_shared_experts,
+                    moe_layer_start_index=cfg.first_dense_layers,
+                    moe_layer_end_index=cfg.n_layers - 1,
+                    moe_layer_interval=cfg.moe_layer_freq, use_bias=False)
     if family == "mixtral":
         return dict(common, architectures=["MixtralForCausalLM"], model_type="mixtral",
                     intermediate_size=cfg.moe.expert_ffn, num_local_experts=cfg.moe.num_experts,
@@ -206,13 +253,20 @@ def hf_config_json(cfg: ModelConfig, family: str) -> dict:
                 sliding_window=cfg.sliding_window)
 
 
-EXPORT_FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3", "glm4_moe", "gpt_oss")
+EXPORT_FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3", "glm4_moe", "gpt_oss", "ernie4_5_moe")
 
 
 def to_hf_state(cfg: ModelConfig, state: dict[str, torch.Tensor],
                 family: str) -> dict[str, torch.Tensor]:
     """Our single-process state dict -> the family's Hub tensor names."""
     out = {hub: state[ours] for ours, hub in shared_names(cfg)}
+    if family == "ernie4_5_moe":  # its RoPE rotates interleaved pairs: ours rotate halves
+        hd = cfg.resolved_head_dim
+        back = torch.stack([torch.arange(hd // 2), torch.arange(hd // 2, hd)], 1).flatten()
+        for hub in [h for h in out if h.endswith(("self_attn.q_proj.weight",
+                                                  "self_attn.k_proj.weight"))]:
+            t = out[hub]
+            out[hub] = t.view(-1, hd, t.shape[-1])[:, back].reshape(t.shape)
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
     gate_name, expert_prefix, parts = EXPERT_NAMES[family]
@@ -230,15 +284,18 @@ def to_hf_state(cfg: ModelConfig, state: dict[str, torch.Tensor],
         if family == "gpt_oss":
             out.update(_gpt_oss_experts(cfg, state, src, dst))
             continue
-        if family in V3_ROUTED:
+        if family in (*V3_ROUTED, "ernie4_5_moe"):
             bias = state.get(src + "mlp.router.expert_bias")
-            out[dst + gate_name + ".e_score_correction_bias"] = (
-                bias if bias is not None else torch.zeros(cfg.moe.num_experts))
-            if cfg.moe.num_shared_experts:
-                sh = dst + "mlp.shared_experts."
-                gate, up = state[src + "mlp.shared.mlp.w_in.weight"].chunk(2, dim=0)
-                out[sh + "gate_proj.weight"], out[sh + "up_proj.weight"] = gate, up
-                out[sh + "down_proj.weight"] = state[src + "mlp.shared.mlp.w_out.weight"]
+            bias = bias if bias is not None else torch.zeros(cfg.moe.num_experts)
+            if family == "ernie4_5_moe":
+                out[dst + "mlp.moe_statics.e_score_correction_bias"] = bias[None]
+            else:
+                out[dst + gate_name + ".e_score_correction_bias"] = bias
+        if family in UNGATED_SHARED and cfg.moe.num_shared_experts:
+            sh = dst + "mlp.shared_experts."
+            gate, up = state[src + "mlp.shared.mlp.w_in.weight"].chunk(2, dim=0)
+            out[sh + "gate_proj.weight"], out[sh + "up_proj.weight"] = gate, up
+            out[sh + "down_proj.weight"] = state[src + "mlp.shared.mlp.w_out.weight"]
         g, u, dn = parts
         for e in range(cfg.moe.num_experts):
             base = dst + expert_prefix.format(e=e)

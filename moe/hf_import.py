@@ -1,5 +1,6 @@
 """Import Hugging Face MoE directories (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2 / V3,
-GLM-4.5 (glm4_moe), GPT-OSS with bf16 or MXFP4 experts; sharded safetensors or not) as our
+GLM-4.5 (glm4_moe), GPT-OSS with bf16 or MXFP4 experts, ERNIE-4.5 (ernie4_5_moe); sharded
+safetensors or not) as our
 ModelConfig and state dict, and read dense Llama / Qwen3 directories for upcycling. Options
 that would be served wrong are refused by name."""
 
@@ -117,6 +118,10 @@ def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
     if family not in EXPERT_NAMES:
         raise ValueError(f"unsupported architecture model_type={family!r}; supported: "
                          f"{', '.join(EXPERT_NAMES)}")
+    if family == "ernie4_5_moe":  # its name for top-k, and its RoPE base, as transformers has
+        hf = {"num_experts_per_tok": hf.get("moe_k"), **hf}
+        if "rope_theta" not in hf and "rope_theta" not in (hf.get("rope_parameters") or {}):
+            hf["rope_theta"] = 500000.0
     missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
                            "vocab_size", "num_experts_per_tok") if k not in hf]
     if missing:
@@ -135,6 +140,8 @@ def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
                         expert_bias=True, swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
                         swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
                         router=RouterConfig(top_k=hf["num_experts_per_tok"], gate_bias=True))
+    elif family == "ernie4_5_moe":
+        moe, dense_layers = _ernie_moe(hf)
     elif family in ("mixtral", "olmoe"):
         n_exp = hf.get("num_local_experts") or hf.get("num_experts")
         moe = MoEConfig(num_experts=n_exp, expert_ffn=hf["intermediate_size"],
@@ -153,16 +160,16 @@ def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
         step = hf.get("decoder_sparse_step", 1)
         dense_layers = [i for i in range(n_layers) if i in (hf.get("mlp_only_layers") or [])
                         or (i + 1) % step != 0]
-    if dense_layers and dense_layers != list(range(len(dense_layers))):
-        raise ValueError(f"dense layers {dense_layers} are not a leading block; "
-                         "this layer pattern is not supported")
+    first, freq = _layer_pattern(dense_layers, n_layers, hf.get(
+        "moe_layer_interval" if family == "ernie4_5_moe" else "decoder_sparse_step", 1) or 1)
     quant = hf.get("quantization_config")
     if quant and not is_mxfp4(hf):
         raise ValueError(f"config.json: a quantized checkpoint (quant_method="
                          f"{quant.get('quant_method')!r}) is not supported; serve its bf16 "
                          "weights (--quant int8 / int4 quantizes them at load)")
-    if hf.get("mlp_bias"):
-        raise ValueError("config.json: mlp_bias=true is not supported")
+    if hf.get("mlp_bias") or hf.get("use_bias"):
+        raise ValueError(f"config.json: {'mlp_bias' if hf.get('mlp_bias') else 'use_bias'}"
+                         "=true is not supported")
     if hf.get("attention_bias") and family not in ("qwen2_moe", "glm4_moe", "gpt_oss"):
         raise ValueError(f"config.json: attention_bias=true in a {family} model is not "
                          "supported")
@@ -182,12 +189,50 @@ def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
         o_bias=family == "gpt_oss" and bool(hf.get("attention_bias", True)),
         attn_sinks=family == "gpt_oss",
         dense_ffn=hf.get("intermediate_size", 0) if family in (
-            "qwen2_moe", "qwen3_moe", *DEEPSEEK, "glm4_moe") else 1,
-        moe=moe, first_dense_layers=len(dense_layers), sliding_window=window,
+            "qwen2_moe", "qwen3_moe", *DEEPSEEK, "glm4_moe", "ernie4_5_moe") else 1,
+        moe=moe, first_dense_layers=first, moe_layer_freq=freq, sliding_window=window,
         sliding_window_layers=window_layers,
         clip_qkv=hf.get("clip_qkv") if family == "olmoe" else None)
     cfg.check()
     return cfg, family, dense_layers
+
+
+def _layer_pattern(dense_layers: list[int], n_layers: int, step: int) -> tuple[int, int]:
+    """(first_dense_layers, moe_layer_freq) that make ModelConfig.is_moe_layer's dense layers
+    these: a leading block, then MoE every `step` layers (ERNIE's moe_layer_interval,
+    Qwen-MoE's decoder_sparse_step) or every layer; ValueError for another pattern."""
+    first = next((i for i in range(n_layers) if i not in dense_layers), n_layers)
+    for freq in dict.fromkeys((step, 1)):
+        if dense_layers == [i for i in range(n_layers) if i < first or (i + 1) % freq]:
+            return first, freq
+    raise ValueError(f"dense layers {dense_layers} are not a leading block, then every "
+                     f"{step} layers; this layer pattern is not supported")
+
+
+def _ernie_moe(hf: dict):
+    """ERNIE-4.5 config.json -> (MoEConfig, dense layer indices), as transformers builds it:
+    softmax scores, top-k selection by scores + the correction bias (moe_statics), weights
+    the selected scores renormalised, moe_num_shared_experts ungated shared experts; MoE
+    layers from moe_layer_start_index to moe_layer_end_index (-1: the last) every
+    moe_layer_interval."""
+    from moe.config import MoEConfig
+    from routing.config import RouterConfig
+
+    n_layers = hf["num_hidden_layers"]
+    n_exp, ffn = hf.get("moe_num_experts"), hf.get("moe_intermediate_size")
+    start, end = hf.get("moe_layer_start_index", 1), hf.get("moe_layer_end_index", -1)
+    if not all(isinstance(v, int) for v in (n_exp, ffn, start, end)):
+        raise ValueError("config.json of an ernie4_5_moe model: moe_num_experts, "
+                         "moe_intermediate_size and moe_layer_start/end_index must be single "
+                         "integers (the multimodal variants' lists are not supported)")
+    end = n_layers - 1 if end == -1 else end
+    step = hf.get("moe_layer_interval", 1)
+    n_shared = hf.get("moe_num_shared_experts") or 0
+    moe = MoEConfig(num_experts=n_exp, expert_ffn=ffn, num_shared_experts=n_shared,
+                    shared_expert_ffn=n_shared * ffn or None,  # a zero bias without aux-free
+                    router=RouterConfig(top_k=hf["num_experts_per_tok"],
+                                        expert_bias=bool(hf.get("moe_use_aux_free", True))))
+    return moe, [i for i in range(n_layers) if not (start <= i <= end and (i + 1) % step == 0)]
 
 
 def _deepseek_moe(hf: dict, family: str):
@@ -234,9 +279,9 @@ def hf_sliding_window(hf: dict, family: str, n_layers: int) -> tuple[int | None,
     Mixtral's sliding_window for every layer; Qwen-MoE's only with use_sliding_window, on
     every layer (Qwen3) or on the layers its layer_types (or max_window_layers) name
     (Qwen2); GPT-OSS's on the layers its layer_types name (the even ones by default);
-    OLMoE, DeepSeek and GLM have none."""
+    OLMoE, DeepSeek, GLM and ERNIE have none."""
     window = hf.get("sliding_window")
-    if family in ("olmoe", "glm4_moe", *DEEPSEEK) or not window:
+    if family in ("olmoe", "glm4_moe", "ernie4_5_moe", *DEEPSEEK) or not window:
         return None, None
     if family == "mixtral":
         return int(window), None
@@ -262,10 +307,19 @@ def dense_tensor(hf: dict, cfg: ModelConfig, name: str,
                  parts: list[torch.Tensor]) -> torch.Tensor:
     """Our non-expert tensor `name` from the Hub tensors it is made of (dense_tensor_names:
     concatenated by rows), in our layout. DeepSeek's RoPE acts on interleaved pairs (x0, x1),
-    (x2, x3), ... (always in V2; in V3 unless rope_interleave is false); the rows that make the
-    rotated query / key parts are reordered to the rotate-half layout (evens, then odds):
-    q . k is unchanged, and one RoPE serves every family."""
+    (x2, x3), ... (always in V2; in V3 unless rope_interleave is false), ERNIE's on every
+    head dimension so; the rows that make the rotated query / key parts are reordered to the
+    rotate-half layout (evens, then odds): q . k is unchanged, and one RoPE serves every
+    family."""
     t = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if hf.get("model_type") == "ernie4_5_moe":
+        if name.endswith("router.expert_bias"):
+            return t.reshape(-1)
+        if name.endswith(("attn.q_proj.weight", "attn.k_proj.weight")):
+            hd = cfg.resolved_head_dim
+            perm = torch.cat([torch.arange(0, hd, 2), torch.arange(1, hd, 2)])
+            return t.view(-1, hd, t.shape[-1])[:, perm].reshape(t.shape)
+        return t
     m = cfg.mla
     if m is None or (hf.get("model_type") == "deepseek_v3"
                      and not hf.get("rope_interleave", True)):

@@ -16,6 +16,7 @@ EXPERT_NAMES = {
     "deepseek_v3": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
     "glm4_moe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
     "gpt_oss": ("mlp.router", "mlp.experts.", ("gate_up_proj", "down_proj")),  # stacked
+    "ernie4_5_moe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
 }
 DEEPSEEK = ("deepseek_v2", "deepseek_v3")
 GPT_OSS_MXFP4 = {"quant_method": "mxfp4", "modules_to_not_convert": [  # as on the Hub
@@ -24,6 +25,7 @@ GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_sl
                 "truncate": False, "original_max_position_embeddings": 4096,
                 "rope_theta": 150000.0}  # GptOssConfig's default
 V3_ROUTED = ("deepseek_v3", "glm4_moe")  # sigmoid, selection bias, groups, shared experts
+UNGATED_SHARED = (*DEEPSEEK, "glm4_moe", "ernie4_5_moe")  # shared experts without a gate
 
 
 MLA_NAMES = {  # ours -> DeepSeek's, under attn. / self_attn.
@@ -77,7 +79,10 @@ def dense_tensor_names(cfg: ModelConfig, family: str) -> dict[str, list[str]]:
             names[dst + "mlp.router.bias"] = [src + gate_name + ".bias"]
         if family in V3_ROUTED:
             names[dst + "mlp.router.expert_bias"] = [src + gate_name + ".e_score_correction_bias"]
-        if family in (*DEEPSEEK, "glm4_moe") and cfg.moe.num_shared_experts:  # ungated
+        elif family == "ernie4_5_moe":  # [1, E]
+            names[dst + "mlp.router.expert_bias"] = [src + "mlp.moe_statics."
+                                                     "e_score_correction_bias"]
+        if family in UNGATED_SHARED and cfg.moe.num_shared_experts:
             sh = src + "mlp.shared_experts."
             names[dst + "mlp.shared.mlp.w_in.weight"] = [sh + "gate_proj.weight",
                                                          sh + "up_proj.weight"]

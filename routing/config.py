@@ -26,8 +26,9 @@ class RouterConfig:
     drop_policy: which slots survive an over-full expert: "position" (first choices before
         second choices, then token order, as GShard / Switch) or "probs" (highest weight first).
     aux_loss_type: "micro_batch" or "sequence" (Switch loss averaged over sequences).
-    expert_bias_update_rate: DeepSeek-V3 aux-loss-free balancing step gamma (sigmoid router);
-        the bias only changes selection, never the combine weights.
+    expert_bias: a per-expert bias added to the scores for selection only, never to the
+        combine weights: DeepSeek-V3's on sigmoid scores, ERNIE-4.5's on softmax ones.
+    expert_bias_update_rate: the aux-loss-free balancing step gamma of that bias;
     routed_scaling_factor: multiplies combine weights (DeepSeek-V3).
     n_group, topk_group: group-limited routing (DeepSeek-V2 / V3): the experts form n_group
         equal groups, each token picks its topk_group best groups and its k experts among
@@ -134,5 +135,5 @@ class RouterConfig:
                 self.topk_group * (num_experts // self.n_group):
             raise ValueError(f"top_k_start={self.top_k_start} exceeds the experts of "
                              f"topk_group={self.topk_group} groups")
-        if self.expert_bias and (self.kind != "topk" or self.score != "sigmoid"):
-            raise ValueError("expert_bias (aux-loss-free balancing) needs kind=topk, score=sigmoid")
+        if self.expert_bias and self.kind != "topk":
+            raise ValueError("expert_bias (a selection bias) needs kind=topk")

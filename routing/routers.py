@@ -105,9 +105,10 @@ class Router(nn.Module):
 class TopKRouter(Router):
     """Token choice: each token picks its k best experts.
 
-    softmax: probs = softmax(logits); weights = top-k probs (renormalised if configured).
-    sigmoid: scores = sigmoid(logits); selection by scores + expert_bias (aux-loss-free,
-    DeepSeek-V3), weights = selected scores (renormalised if configured) * routed_scaling.
+    softmax: scores = softmax(logits); sigmoid: scores = sigmoid(logits). Selection by
+    scores (+ expert_bias where configured: DeepSeek-V3 on sigmoid, ERNIE-4.5 on softmax;
+    aux-loss-free balancing moves it), weights = the selected scores (renormalised if
+    configured) * routed_scaling.
     top_k (and, for threshold routing, threshold) are live values that a k / sparsity
     schedule moves (set_step); they start at the config's.
     """
@@ -218,7 +219,7 @@ class TopKRouter(Router):
     def update_expert_bias(self, tokens_per_expert: torch.Tensor) -> None:
         """tokens_per_expert [E] (summed over the step, all ranks) -> bias moved in place."""
         if self.expert_bias is None:
-            raise ValueError("this router has no expert_bias (set expert_bias=true, score=sigmoid)")
+            raise ValueError("this router has no expert_bias (set expert_bias=true)")
         self.expert_bias.copy_(
             aux_free_bias_update(
                 self.expert_bias, tokens_per_expert, self.cfg.expert_bias_update_rate

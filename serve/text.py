@@ -95,8 +95,12 @@ class TextCodec:
 
         d = Path(model_dir)
         if not (d / "tokenizer.json").exists():
+            how = ("; it has a sentencepiece tokenizer.model, which transformers converts: "
+                   f"python -c \"from transformers import AutoTokenizer; AutoTokenizer."
+                   f"from_pretrained('{d}').save_pretrained('{d}')\""
+                   if (d / "tokenizer.model").exists() else "")
             raise FileNotFoundError(f"{d} has no tokenizer.json: pass token ids "
-                                    "(--prompt-ids) or add the tokenizer files")
+                                    f"(--prompt-ids) or add the tokenizer files{how}")
         self.tok = Tokenizer.from_file(str(d / "tokenizer.json"))
         cfg = _read_json(d / "tokenizer_config.json")
         template = cfg.get("chat_template")

@@ -1,4 +1,4 @@
-"""Tiny random-weight Hugging Face MoE models of eight families (import and serving tests)."""
+"""Tiny random-weight Hugging Face MoE models of nine families (import and serving tests)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,11 @@ FAMILIES = {  # family -> (model class, config class, family-specific config fie
         rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
                          "beta_slow": 1.0, "truncate": False, "rope_theta": 150000.0,
                          "original_max_position_embeddings": 16})),
+    # softmax routing with a selection bias, ungated shared experts, a leading dense layer,
+    # RoPE on interleaved pairs, tied embeddings
+    "ernie4_5_moe": ("Ernie4_5_MoeForCausalLM", "Ernie4_5_MoeConfig", dict(
+        intermediate_size=48, moe_intermediate_size=16, moe_num_experts=8,
+        moe_num_shared_experts=2, moe_layer_start_index=1, tie_word_embeddings=True)),
 }
 
 
@@ -67,6 +72,8 @@ def build_hf(family: str, seed: int = 0, **overrides):
                 p.normal_(0, 0.5)
             elif family == "gpt_oss" and name.endswith("experts.gate_up_proj"):  # reach 7
                 p.normal_(0, 1.0)
+            elif name.endswith("e_score_correction_bias"):  # ERNIE's, on softmax scores
+                p.normal_(0, 0.05)
         for name, b in m.named_buffers():  # DeepSeek-V3's selection bias
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0, 0.3)

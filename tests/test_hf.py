@@ -44,6 +44,10 @@ DEEPSEEK_V3 = dict(n_kv_heads=4, shared=2, first_dense_layers=1, router=RouterCo
     (dict(DEEPSEEK_V3, n_kv_heads=2, qkv_bias=True, qk_norm=True, partial_rotary_factor=0.5),
      "glm4_moe"),
     ({"router": RouterConfig(top_k=2, score="sigmoid", expert_bias=True)}, "glm4_moe"),
+    ({"router": RouterConfig(top_k=2, expert_bias=True), "shared": 2, "first_dense_layers": 1,
+      "tie_embeddings": True}, "ernie4_5_moe"),
+    ({"router": RouterConfig(top_k=2, expert_bias=True), "moe_layer_freq": 2,
+      "rope_scaling": RopeScaling("linear", factor=2.0)}, "ernie4_5_moe"),
     (dict(DEEPSEEK_V3, mla=MLAConfig(12, 16, 8, 4, 6), shared=0, first_dense_layers=0,
           rope_scaling=RopeScaling("yarn", factor=4.0, original_max_seq_len=16, mscale=1.0,
                                    mscale_all_dim=0.8)), "deepseek_v3"),
@@ -72,6 +76,8 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, kw, family):
 
 
 def test_models_without_an_hf_family_are_refused():
+    with pytest.raises(ValueError, match="no ERNIE-4.5 .* equivalent: weights not renormal"):
+        choose_family(tiny(router=RouterConfig(top_k=2, expert_bias=True, renormalize=False)))
     assert choose_family(tiny(router=RouterConfig(top_k=2, score="sigmoid"))) == "glm4_moe"
     with pytest.raises(ValueError, match="no GLM-4.5 .* equivalent: a sliding window"):
         choose_family(tiny(router=RouterConfig(top_k=2, score="sigmoid"), sliding_window=8))
@@ -220,13 +226,14 @@ def test_import_hf_errors(tmp_path):
     ("qwen2_moe", "no Mixtral or Qwen3-MoE equivalent"),
     ("olmoe", "no Mixtral or Qwen3-MoE equivalent"),
     ("deepseek_v2", "no DeepSeek-V3 equivalent: router topk/softmax"),
+    ("ernie4_5_moe", None),
     ("glm4_moe", None),
     ("deepseek_v3", None),
     ("gpt_oss", None)])
 def test_import_families_match_transformers_and_export_back(tmp_path, family, refusal):
     """Import equals transformers; a family export cannot write is refused by name, and a
-    DeepSeek-V3, GLM-4.5 or GPT-OSS import exports back to a directory transformers loads
-    with equal logits."""
+    DeepSeek-V3, GLM-4.5, GPT-OSS or ERNIE-4.5 import exports back to a directory
+    transformers loads with equal logits."""
     from moe.hf_import import import_hf
 
     hf = build_hf(family)  # q/k/v biases, norms and V3's selection bias randomised

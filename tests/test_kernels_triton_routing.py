@@ -72,6 +72,7 @@ CASES = [  # (T, E, k, sigmoid, renormalize, scale, bias)
     (0, 8, 2, False, True, 1.0, False),
     (5, 1, 1, True, False, 1.0, False),
     (7, 16, 16, False, True, 1.0, False),  # k = E: a dense-to-sparse schedule's first steps
+    (15, 64, 6, False, True, 1.0, True),  # softmax with a selection bias (ERNIE-4.5's)
 ]
 
 

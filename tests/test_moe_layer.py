@@ -15,6 +15,7 @@ ROUTERS = {
     "sigmoid_bias": dict(kind="topk", score="sigmoid", renormalize=True, expert_bias=True,
                          routed_scaling_factor=2.5),
     "sigmoid_plain": dict(kind="topk", score="sigmoid", renormalize=False),
+    "softmax_bias": dict(kind="topk", score="softmax", renormalize=True, expert_bias=True),
     "threshold_renorm": dict(kind="threshold", threshold=0.5, renormalize=True,
                              entropy_loss_coef=0.1),
     "threshold_plain": dict(kind="threshold", threshold=0.3, renormalize=False,

@@ -23,7 +23,7 @@ from serve.units import parse_size  # noqa: E402
 from tests.hf_models import build_hf, hf_greedy, save_gpt_oss_mxfp4  # noqa: E402
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
-            "glm4_moe", "gpt_oss"]
+            "glm4_moe", "gpt_oss", "ernie4_5_moe"]
 NEW = 8
 
 
@@ -162,6 +162,15 @@ def test_unsupported_config_options_are_refused(tmp_path):
         path.write_text(json.dumps({**base, **extra}))
         with pytest.raises(ModelDirError, match=match):
             serve(tmp_path)
+    build_hf("ernie4_5_moe").save_pretrained(tmp_path)  # ERNIE-4.5's own options
+    base = json.loads(path.read_text())
+    for extra, match in [
+            ({"use_bias": True}, "use_bias=true"),
+            ({"moe_layer_start_index": [1, 1]}, "single integers"),
+            ({"moe_layer_end_index": 1}, r"dense layers \[0, 2\] are not a leading block")]:
+        path.write_text(json.dumps({**base, **extra}))
+        with pytest.raises(ModelDirError, match=match):
+            serve(tmp_path)
 
 
 # Without a budget nothing is evicted, so the policies differ only under one.
@@ -269,6 +278,23 @@ def test_missing_experts_of_few_tokens_run_on_the_host(refs, family, prefetch):
     # with a slot for every expert a miss evicts nothing: it is copied in, never run on the host
     roomy = generate(serve(d, prefetch=prefetch, host_compute_tokens=2), prompts, NEW)
     assert roomy.token_ids == ref_ids and roomy.stats["experts_on_host"] == 0
+
+
+@pytest.mark.parametrize("family,every", [
+    ("ernie4_5_moe", {"moe_layer_interval": 2}),
+    ("qwen2_moe", {"decoder_sparse_step": 2, "mlp_only_layers": []})])
+def test_moe_every_other_layer_serves_as_transformers(tmp_path, family, every):
+    """MoE layers every second layer (ERNIE's moe_layer_interval, Qwen-MoE's
+    decoder_sparse_step): transformers' greedy tokens, under a budget, with each MoE layer's
+    experts predicted from the MoE layer before it."""
+    hf = build_hf(family, num_hidden_layers=4, **every)
+    hf.save_pretrained(tmp_path)
+    prompt = [5, 17, 99, 3, 250, 41, 8]
+    m = serve(tmp_path, memory_budget=budget_for(tmp_path, 4), prefetch="cross-layer")
+    assert m.store.moe_layers == [1, 3]
+    res = generate(m, [prompt], NEW)
+    assert res.token_ids == [hf_greedy(hf, prompt, NEW)]
+    assert res.stats["experts_prefetched"] > 0
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])

@@ -733,3 +733,13 @@ def test_http_decodes_four_rows_unless_told(model_dir, monkeypatch):
                                               "--dtype", "float32", *extra])
         args.func(args)
     assert seen == [cli.HTTP_BATCH, 2] == [4, 2]
+
+
+def test_a_directory_without_tokenizer_json_says_how_to_write_one(tmp_path):
+    """A sentencepiece-only directory (ERNIE-4.5's, Mixtral's oldest) is told how
+    transformers writes its tokenizer.json; another is told to pass token ids."""
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer.json: pass token ids \("):
+        TextCodec(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(b"\0")
+    with pytest.raises(FileNotFoundError, match="AutoTokenizer.from_pretrained"):
+        TextCodec(tmp_path)

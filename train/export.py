@@ -1,6 +1,7 @@
 """`python -m train.export CHECKPOINT OUT_DIR`: a training checkpoint -> a Hugging Face model
 directory (config.json, model.safetensors, tokenizer) in the Mixtral, Qwen3-MoE, GLM-4.5
-(sigmoid routing) or DeepSeek-V3 (latent attention) layout."""
+(sigmoid routing), DeepSeek-V3 (latent attention), GPT-OSS or ERNIE-4.5 (softmax routing
+with a selection bias) layout."""
 
 from __future__ import annotations
 
