@@ -1,9 +1,12 @@
-"""Skipping missing experts of low weight (--skip-miss-weight W, serve/skip.py) on a served
-model: what it saves (expert bytes moved per token, decode speed) against what it costs (how
-far the answers move from the exact ones), side by side with exact serving under the same
-budget.
+"""Light missing experts on a served model, skipped (--skip-miss-weight W) or run from
+low-precision stand-ins (--miss-quant int4 --miss-quant-weight W, serve/skip.py), and every
+expert quantized (--quant int4): what each saves (expert bytes moved per token, decode
+speed) against what it costs (how far the answers move from the exact ones), side by side
+with exact serving under the same budget.
 
     make demo && python -m bench.serve_skip --model runs/demo/hf --memory-budget 8.5MiB
+    python -m bench.serve_skip --model DIR --weights 0.3 --stand-in-weights 0.3,0.5 \
+        --stand-in-quant int4 --quant-everywhere int4
 
 Quality, two ways: greedy answers decoded freely (how many tokens each keeps before it first
 differs from the exact answer), and the exact answer fed back token by token (teacher
@@ -62,6 +65,12 @@ def main(argv=None) -> None:
                    "(default: bench/serve_speculate.py's code prompts)")
     p.add_argument("--weights", default="0.1,0.2,0.3,0.5",
                    help="comma-separated skip_miss_weight bars to compare with exact serving")
+    p.add_argument("--stand-in-weights", default="",
+                   help="comma-separated miss_quant_weight bars: light missing experts run "
+                   "from --stand-in-quant copies instead")
+    p.add_argument("--stand-in-quant", choices=["int8", "int4"], default="int4")
+    p.add_argument("--quant-everywhere", choices=["", "int8", "int4"], default="",
+                   help="also a row with every expert quantized (--quant)")
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--memory-budget", default=None)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
@@ -69,31 +78,39 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     codec = TextCodec(a.model)
     prompts = [codec.encode(t) for t in prompt_texts(a.prompts)]
-    bars = [0.0] + [float(w) for w in a.weights.split(",") if w]
-    runs: dict[float, dict] = {}
-    for bar in bars:
+    variants = {"exact": {}}
+    variants.update({f"skip below {float(w):g}": {"skip_miss_weight": float(w)}
+                     for w in a.weights.split(",") if w})
+    variants.update({f"{a.stand_in_quant} stand-ins below {float(w):g}": {
+        "miss_quant": a.stand_in_quant, "miss_quant_weight": float(w)}
+        for w in a.stand_in_weights.split(",") if w})
+    if a.quant_everywhere:
+        variants[f"every expert {a.quant_everywhere}"] = {"quant": a.quant_everywhere}
+    runs: dict[str, dict] = {}
+    for label, kw in variants.items():
         cfg = ServeConfig(model=a.model, device=a.device, memory_budget=a.memory_budget,
-                          max_context=max(map(len, prompts)) + a.new_tokens + 8,
-                          skip_miss_weight=bar)
+                          max_context=max(map(len, prompts)) + a.new_tokens + 8, **kw)
         model = OffloadedModel(cfg)
         generate(model, [prompts[0][:4]], 2)  # warm-up
-        print(f"skip_miss_weight {bar:g}:", file=sys.stderr, flush=True)
-        runs[bar] = run(model, prompts, a.new_tokens, runs.get(0.0))
-        slots, device = f"{model.n_slots}/{model.store.total_experts}", model.device
+        print(f"{label}:", file=sys.stderr, flush=True)
+        runs[label] = run(model, prompts, a.new_tokens, runs.get("exact"))
+        runs[label]["slots"] = f"{model.n_slots}/{model.store.total_experts}"
+        device = model.device
         del model
-    base = runs[0.0]
+    base = runs["exact"]
     rows = []
-    for bar, r in runs.items():
+    for label, r in runs.items():
         kept = [_kept_prefix(x, y) for x, y in zip(r["tokens"], base["tokens"], strict=True)]
         ref, got = torch.cat(base["logp"]), torch.cat(r["logp"])
         agree = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
         kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
-        rows.append([f"{bar:g}" + (" (exact)" if bar == 0 else ""), slots,
-                     f"{r['skipped'] / r['new']:.2f}", f"{r['bytes'] / r['new'] / 2**20:.3f}",
+        rows.append([label, r["slots"], f"{r['skipped'] / r['new']:.2f}",
+                     f"{r['low'] / r['new']:.2f}", f"{r['bytes'] / r['new'] / 2**20:.3f}",
                      f"{r['new'] / r['s']:.1f}", f"{base['s'] / r['s']:.2f}",
                      f"{sum(kept) / len(kept):.1f} / {a.new_tokens}", f"{agree:.3f}",
                      f"{kl:.4f}"])
-    table = markdown_table(["skip_miss_weight", "expert slots", "experts skipped / token",
+    table = markdown_table(["serving", "expert slots", "experts skipped / token",
+                            "stand-ins / token",
                             "expert MiB moved / token", "tokens / s", "speed-up",
                             "greedy tokens kept before the first difference (mean)",
                             "teacher-forced argmax agreement", "teacher-forced KL (nats)"],
@@ -104,7 +121,8 @@ def main(argv=None) -> None:
             "new tokens over the time of the whole generate call (prefill included). "
             f"Teacher forcing feeds the exact answers back a token a step.\n\n{table}\n")
     print(body)
-    append_results(a.out, "Skipping missing experts of low weight (bench/serve_skip.py)",
+    append_results(a.out, "Light missing experts: skipped, stood in for, or every expert "
+                   "quantized (bench/serve_skip.py)",
                    command_line("bench.serve_skip", argv), torch.device(device), body)
 
 

@@ -57,12 +57,12 @@ def run(model: OffloadedModel, prompts: list[list[int]], new_tokens: int,
         batch: int = 1) -> dict:
     """Answers (greedy, or sampled with seed i for prompt i; predictions: each prompt's
     predicted answer, with batch 1), `batch` prompts at a time -> tokens, steps, drafts,
-    bytes, skipped experts, seconds, and the draft model's forwards (batched, and row by
-    row) where it has one."""
+    bytes, skipped experts, low-precision stand-ins, seconds, and the draft model's
+    forwards (batched, and row by row) where it has one."""
     if predictions is not None and batch != 1:
         raise ValueError("predictions are given one prompt at a time (batch 1)")
     out = {"tokens": [], "steps": 0, "new": 0, "drafted": 0, "accepted": 0, "bytes": 0,
-           "skipped": 0, "s": 0.0}
+           "skipped": 0, "low": 0, "s": 0.0}
     drafter = model.drafter
     forwards = (drafter.forwards, drafter.row_forwards) if drafter is not None else None
     for i in range(0, len(prompts), batch):
@@ -81,6 +81,7 @@ def run(model: OffloadedModel, prompts: list[list[int]], new_tokens: int,
         out["accepted"] += st["accepted_tokens"]
         out["bytes"] += st["bytes_to_device"]
         out["skipped"] += st["experts_skipped"]
+        out["low"] += st["experts_low_precision"]
     if forwards is not None:
         out["draft_forwards"] = (drafter.forwards - forwards[0],
                                  drafter.row_forwards - forwards[1])

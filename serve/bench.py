@@ -109,6 +109,7 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
         "experts_used_per_token": activated / (new_tokens * batch),
         "experts_on_host_per_token": dec["experts_on_host"] / (new_tokens * batch),
         "experts_skipped_per_token": dec["experts_skipped"] / (new_tokens * batch),
+        "experts_low_precision_per_token": dec["experts_low_precision"] / (new_tokens * batch),
         "decode_steps": steps, "tokens_per_step": per_step,
         "expert_bytes": model.store.expert_nbytes, "kv_cache_bytes_per_token": kv_token,
         "bytes_to_device_per_token": moved_per_token,
@@ -129,6 +130,8 @@ def format_report(r: dict) -> str:
             ("bytes to device per token", f"{r['bytes_to_device_per_token'] / 2**20:.2f} MiB"),
             ("experts run on the host per token", f"{r['experts_on_host_per_token']:.2f}"),
             ("missing experts skipped per token", f"{r['experts_skipped_per_token']:.2f}"),
+            ("low-precision stand-ins per token",
+             f"{r['experts_low_precision_per_token']:.2f}"),
             ("S-MBU", f"{r['s_mbu']:.4f}"), ("S-MFU", f"{r['s_mfu']:.5f}"),
             ("expert slots", f"{r['expert_slots']}/{r['total_experts']}"),
             ("KV cache per token", f"{r['kv_cache_bytes_per_token'] / 2**10:.1f} KiB")]

@@ -105,6 +105,13 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    help="approximate: a missing expert that every token using it weighs below "
                    "W (not as its first choice) is skipped, not copied in; its tokens' other "
                    "experts take its weight (e.g. 0.2 for Mixtral's top-2); default 0: exact")
+    p.add_argument("--miss-quant", choices=["none", "int8", "int4"], default=None,
+                   help="approximate, with --miss-quant-weight W: a missing expert that every "
+                   "token using it weighs below W (not as its first choice) runs from a copy "
+                   "quantized to this precision (2-4x fewer bytes to move) in a pool of its "
+                   "own; default none: exact")
+    p.add_argument("--miss-quant-weight", type=float, default=None, metavar="W",
+                   help="the weight below which --miss-quant stands in for a missing expert")
     p.add_argument("--speculate", type=int, default=None, metavar="K",
                    help="answers draft up to K tokens a step from the prompt and answer so "
                    "far (prompt lookup) and keep those the model confirms in the same "
@@ -189,8 +196,8 @@ def _response_format(value: str) -> dict:
 FLAG_FIELDS = ("model", "device", "dtype", "memory_budget", "host_budget", "disk_readers",
                "cache_policy", "prefetch", "prefetch_min_weight", "quant", "max_batch",
                "max_context", "offload_dir", "prefix_cache", "prefill_step_tokens",
-               "host_compute_tokens", "skip_miss_weight", "speculate", "draft_model",
-               "draft_min_prob")
+               "host_compute_tokens", "skip_miss_weight", "miss_quant", "miss_quant_weight",
+               "speculate", "draft_model", "draft_min_prob")
 # tokens drafted a step with a draft model when neither a flag nor the preset says
 DRAFT_SPECULATE = 4
 
@@ -246,7 +253,9 @@ def cmd_generate(a) -> None:
     extra = "".join(f", {text}" for text, on in (
         (f"{st['accepted_tokens']}/{st['drafted_tokens']} drafts kept", st["drafted_tokens"]),
         (f"{st['experts_on_host']} experts run on the host", st["experts_on_host"]),
-        (f"{st['experts_skipped']} missing experts skipped", st["experts_skipped"])) if on)
+        (f"{st['experts_skipped']} missing experts skipped", st["experts_skipped"]),
+        (f"{st['experts_low_precision']} low-precision stand-ins",
+         st["experts_low_precision"])) if on)
     print(f"[{st['new_tokens']} tokens{cached}, {st['tokens_per_s']:.1f} tok/s decode, ttft "
           f"{st['ttft_s'] * 1e3:.0f} ms, expert hit rate {st['expert_hit_rate']:.2f}, "
           f"prefetch precision {st['prefetch_precision']:.2f} recall "

@@ -25,6 +25,9 @@ _FIELD_TYPES = {
     "host_compute_tokens": ("an integer", (int,)),
     "disk_readers": ("an integer", (int, _NONE)),
     "skip_miss_weight": ("a number", (int, float)),
+    "miss_quant": ("a string", (str,)),
+    "miss_quant_weight": ("a number", (int, float)),
+    "miss_quant_slots": ("an integer", (int, _NONE)),
     "speculate": ("an integer", (int,)),
     "draft_model": ("a path", (str, os.PathLike, _NONE)),
     "draft_min_prob": ("a number", (int, float)),
@@ -66,6 +69,13 @@ class ServeConfig:
     the step weighs below this (and not as its first choice) is skipped instead of copied
     in, its tokens' other experts scaled up to the same total weight (serve/skip.py): fewer
     PCIe bytes for answers that are no longer exactly the model's (0: off, exact).
+    miss_quant, miss_quant_weight: a missing expert that every token using it in the step
+    weighs below miss_quant_weight (and not as its first choice) runs from a copy quantized
+    to miss_quant ("int8" or "int4", quantized once at load) in a pool of its own
+    (miss_quant_slots slots; None: top_k x max_batch, at most a layer's experts) instead of
+    being copied in whole, as HOBBIT does: 2-4x fewer PCIe bytes for those experts, at their
+    quantization error (serve/skip.py; off by default, exact). Needs full-precision experts
+    (quant none).
     speculate: rows draft up to this many tokens a step by prompt lookup (the tokens that
     followed the latest earlier occurrence of their last 3), or with draft_model, and
     verify them in the same
@@ -103,9 +113,30 @@ class ServeConfig:
     prefill_step_tokens: int | None = None
     host_compute_tokens: int = 0
     skip_miss_weight: float = 0.0
+    miss_quant: str = "none"
+    miss_quant_weight: float = 0.0
+    miss_quant_slots: int | None = None
     speculate: int = 0
     draft_model: str | None = None
     draft_min_prob: float = 0.4
+
+    def _check_miss_quant(self) -> None:
+        if self.miss_quant not in ("none", "int8", "int4"):
+            raise ValueError(f"miss_quant must be one of none, int8, int4, got "
+                             f"{self.miss_quant!r}")
+        if not 0 <= self.miss_quant_weight <= 1:
+            raise ValueError(f"miss_quant_weight must be a weight in [0, 1], got "
+                             f"{self.miss_quant_weight!r}")
+        if (self.miss_quant == "none") != (self.miss_quant_weight == 0):
+            raise ValueError("miss_quant and miss_quant_weight go together: a precision "
+                             "(int8 or int4) for the missing experts lighter than a weight "
+                             f"above 0; got miss_quant={self.miss_quant!r}, "
+                             f"miss_quant_weight={self.miss_quant_weight!r}")
+        if self.miss_quant != "none" and self.quant not in ("none", "auto"):
+            raise ValueError(f"miss_quant stands in for full-precision experts; with "
+                             f"quant={self.quant!r} every expert is packed already")
+        if self.miss_quant_slots is not None and self.miss_quant_slots < 1:
+            raise ValueError(f"miss_quant_slots must be >= 1, got {self.miss_quant_slots}")
 
     def check(self) -> None:
         choices = {"device": ("auto", "cuda", "cpu"),
@@ -129,6 +160,7 @@ class ServeConfig:
         if not 0 <= self.skip_miss_weight <= 1:
             raise ValueError(f"skip_miss_weight must be a weight in [0, 1], got "
                              f"{self.skip_miss_weight!r}")
+        self._check_miss_quant()
         if not 0 <= self.draft_min_prob <= 1:
             raise ValueError(f"draft_min_prob must be a probability in [0, 1], got "
                              f"{self.draft_min_prob!r}")

@@ -29,6 +29,8 @@ MODEL_COUNTS = {
     "prefetched": ("experts_prefetched", "experts copied ahead of their layer"),
     "on_host": ("experts_on_host", "expert uses run on the host CPU"),
     "skipped": ("experts_skipped", "missing experts of low weight left out"),
+    "low_precision": ("experts_low_precision", "expert uses run from a low-precision "
+                      "stand-in"),
     "bytes_to_device": ("bytes_to_device", "expert bytes copied to the device"),
     "predicted": ("prefetch_predicted", "experts the cross-layer predictor named"),
     "correct": ("prefetch_correct", "predicted experts the layer then used"),

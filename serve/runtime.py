@@ -19,9 +19,9 @@ from moe.experts import expert_mlp
 from moe.model import MoETransformer
 from serve.cache import CacheStats, ExpertCache
 from serve.config import ServeConfig
-from serve.skip import kept_pairs, skip_missing
+from serve.skip import kept_pairs, light_missing, skip_missing
 from serve.speculate import PREDICTED_DRAFT
-from serve.store import WeightStore, available_ram
+from serve.store import QUANT_BITS, WeightStore, available_ram
 from serve.units import format_size, parse_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -182,7 +182,24 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
 
         draft = draft_nbytes(cfg.draft_model, dtype, max_batch, max_context)
         parts += f", draft model {format_size(draft)} ({cfg.draft_model})"
-    return dense + kv + act + draft, ExpertCache.slot_nbytes(store, dtype), parts
+    low = 0
+    if cfg.miss_quant != "none" and store.moe_layers:  # the stand-ins' pool
+        from kernels.quant import quantize
+
+        probe, bits = store.expert(store.moe_layers[0], 0), QUANT_BITS[cfg.miss_quant]
+        n = miss_quant_slots(cfg, m, max_batch)
+        low = n * (sum(quantize(w, bits).nbytes for w in (probe.w_in, probe.w_out))
+                   + sum(b.nbytes for b in (probe.b_in, probe.b_out) if b is not None))
+        parts += f", {n} {cfg.miss_quant} stand-in slots {format_size(low)}"
+    return dense + kv + act + draft + low, ExpertCache.slot_nbytes(store, dtype), parts
+
+
+def miss_quant_slots(cfg: ServeConfig, m, max_batch: int) -> int:
+    """Slots of the low-precision stand-ins' pool (ServeConfig.miss_quant_slots, else
+    top_k x max_batch, at most a layer's experts)."""
+    if cfg.miss_quant_slots is not None:
+        return cfg.miss_quant_slots
+    return min(m.moe.router.top_k * max_batch, m.moe.num_experts)
 
 
 # with no budget given, the runtime takes this share of the device's free memory
@@ -266,6 +283,9 @@ class OffloadedModel:
                                           pin=on_cuda, offload_dir=cfg.offload_dir,
                                           verbose=verbose)
         mcfg = self.store.cfg
+        if cfg.miss_quant != "none" and self.store.bits is not None:
+            raise ValueError(f"miss_quant stands in for full-precision experts; this model's "
+                             f"experts are {self.store.quant} already")
         mcfg.moe.kernel_backend = cfg.kernel_backend
         mcfg.moe.router.validate = False
         self.cfg = mcfg
@@ -280,6 +300,12 @@ class OffloadedModel:
         readers = cfg.disk_readers if cfg.disk_readers is not None else 4 * on_cuda
         self.cache = ExpertCache(self.store, self.n_slots, cfg.cache_policy, self.device,
                                  self.dtype, side, readers)
+        self.low_cache = None  # the low-precision stand-ins of light missing experts
+        if cfg.miss_quant != "none":
+            low = WeightStore(cfg.model, self.dtype, cfg.miss_quant, host_budget, pin=on_cuda,
+                              offload_dir=cfg.offload_dir, verbose=verbose)
+            self.low_cache = ExpertCache(low, miss_quant_slots(cfg, mcfg, self.max_batch),
+                                         "lru", self.device, self.dtype, None, readers)
         self.prefetch_stats = PrefetchStats()
         self._before_reset: dict[str, int] = {}  # counts up to the last reset_stats
         self._predicted: dict[int, set[int]] = {}
@@ -494,7 +520,8 @@ class OffloadedModel:
         prefetch: with the last group, start copying the next MoE layer's predicted
         experts. A missing expert that few of the step's tokens use (scfg.
         host_compute_tokens) runs on the host CPU instead, while the device runs the rest;
-        one that only pairs of low weight use (scfg.skip_miss_weight) is skipped
+        one that only pairs of low weight use (scfg.skip_miss_weight) is skipped, or
+        (scfg.miss_quant_weight) runs from its low-precision copy in a pool of its own
         (serve/skip.py)."""
         layer = self.model.layers[i].mlp
         flats = [h[v] for h, v in zip(hs, valid, strict=True)]
@@ -510,6 +537,12 @@ class OffloadedModel:
             needed = [e for e in needed if e not in skipped]
             missing = [e for e in missing if e not in skipped]
             cache.stats.skipped += len(skipped)
+        low = set()
+        if self.low_cache is not None:
+            low = light_missing(routes, missing, self.scfg.miss_quant_weight,
+                                self.cfg.moe.num_experts)
+            needed = [e for e in needed if e not in low]
+            missing = [e for e in missing if e not in low]
         host = self._host_set(all_ids, missing)
         if host:  # their tokens go to the host before the device work is queued behind them
             taken = [self._host_inputs(flat, ids, w, host)
@@ -527,8 +560,10 @@ class OffloadedModel:
                 self._prefetch_next(i, x_flat, set(keys))
             for out, flat, (ids, w) in zip(outs, flats, routes, strict=True):
                 out += self._experts(flat, ids, w, slots)
-        if prefetch and not groups:  # every expert ran on the host
+        if prefetch and not groups:  # every expert ran on the host or as a stand-in
             self._prefetch_next(i, x_flat, set())
+        if low:
+            self._stand_ins(i, sorted(low), outs, flats, routes)
         if host:  # the host computes while the device runs the groups queued above
             for out, t in zip(outs, taken, strict=True):
                 out += self._host_experts(i, *t).to(self.device, non_blocking=True)
@@ -541,6 +576,18 @@ class OffloadedModel:
             y[v] = out
             ys.append(y)
         return ys
+
+    def _stand_ins(self, i: int, low: list[int], outs: list[torch.Tensor],
+                   flats: list[torch.Tensor], routes: list) -> None:
+        """Add to each chunk's output (outs, beside flats and routes) the pairs of layer i's
+        experts in low, run from their low-precision copies, a pool's worth at a time."""
+        pool = self.low_cache
+        for a in range(0, len(low), pool.n_slots):
+            keys = [(i, e) for e in low[a:a + pool.n_slots]]
+            got = pool.acquire(keys)
+            slots = {e: got[(i, e)] for _, e in keys}
+            for out, flat, (ids, w) in zip(outs, flats, routes, strict=True):
+                out += self._experts(flat, ids, w, slots, pool)
 
     def _host_set(self, all_ids: torch.Tensor, missing: list[int]) -> set[int]:
         """The experts of a layer to run on the host (of `missing`, those it needs that are
@@ -595,29 +642,32 @@ class OffloadedModel:
         """Apply the next MoE layer's norm and gate to layer i's residual stream (the
         cross-layer gate) and start copying the experts it names (those whose predicted
         weight reaches prefetch_min_weight for some token, and that skip_miss_weight would
-        not skip), evicting nothing in protected (the experts layer i is using)."""
+        not skip nor miss_quant_weight stand in for), evicting nothing in protected (the
+        experts layer i is using)."""
         j = self.next_moe[i]
         nxt = self.model.layers[j]
         ids, w = nxt.mlp.router.select(nxt.mlp_norm(x_flat))
-        bar, skip = self.scfg.prefetch_min_weight, self.scfg.skip_miss_weight
+        bar = self.scfg.prefetch_min_weight
+        light = max(self.scfg.skip_miss_weight, self.scfg.miss_quant_weight)
         want = w >= bar
-        if skip > 0:  # a copy ahead of an expert the layer would skip if it were missing
-            want &= kept_pairs(w, skip)
+        if light > 0:  # no copy ahead of an expert the layer would skip or stand in for
+            want &= kept_pairs(w, light)
         pred = ids[want].unique().tolist()
         self._predicted[j] = set(pred)
         self.cache.prefetch([(j, e) for e in pred], protected)
 
-    def _experts(self, flat, ids, w, slots: dict[int, int]) -> torch.Tensor:
+    def _experts(self, flat, ids, w, slots: dict[int, int],
+                 cache: ExpertCache | None = None) -> torch.Tensor:
         """Sum over the (token, expert) pairs whose expert sits in `slots` of weight * expert
-        output, by the grouped kernels over the slot pool."""
+        output, by the grouped kernels over the slot pool of cache (the expert cache)."""
         table = torch.full((self.cfg.moe.num_experts,), -1, dtype=torch.long)
         for e, s in slots.items():
             table[e] = s
         sid = table.to(self.device, non_blocking=True)[ids]
         dropped = sid < 0
-        d = sort_by_expert(sid.clamp(min=0), self.cache.n_slots, dropped)
-        backend = self.cfg.moe.kernel_backend
-        c, m = self.cache, self.cfg.moe
+        c, m = cache or self.cache, self.cfg.moe
+        d = sort_by_expert(sid.clamp(min=0), c.n_slots, dropped)
+        backend = m.kernel_backend
         y = expert_mlp(flat, c.w_in, c.w_out, d, m.expert_type, backend, True, c.b_in, c.b_out,
                        m.swiglu_alpha, m.swiglu_limit)
         return weighted_combine(y, w.masked_fill(dropped, 0).to(flat.dtype), d,
@@ -625,7 +675,12 @@ class OffloadedModel:
 
     def counters(self) -> dict[str, int]:
         """The raw cache and prefetch counts since reset_stats (stats(since=) takes them)."""
-        return {**asdict(self.cache.stats), **asdict(self.prefetch_stats)}
+        now = {**asdict(self.cache.stats), **asdict(self.prefetch_stats), "low_precision": 0}
+        if self.low_cache is not None:  # its copies count with the expert cache's
+            low = self.low_cache.stats
+            now["bytes_to_device"] += low.bytes_to_device
+            now["low_precision"] = low.hits + low.misses
+        return now
 
     def stats(self, since: dict[str, int] | None = None) -> dict:
         """Hit rate, bytes moved, prefetch precision / recall since reset_stats, or since the
@@ -638,6 +693,7 @@ class OffloadedModel:
         return {"expert_hit_rate": c.hit_rate, "expert_hits": c.hits, "expert_misses": c.misses,
                 "experts_prefetched": c.prefetched, "experts_on_host": c.on_host,
                 "experts_skipped": c.skipped,
+                "experts_low_precision": now["low_precision"],
                 "bytes_to_device": c.bytes_to_device,
                 "prefetch_precision": p.precision, "prefetch_recall": p.recall}
 
@@ -650,5 +706,7 @@ class OffloadedModel:
     def reset_stats(self) -> None:
         self._before_reset = self.total_counters()
         self.cache.stats = CacheStats()
+        if self.low_cache is not None:
+            self.low_cache.stats = CacheStats()
         self.prefetch_stats = PrefetchStats()
         self._predicted.clear()

@@ -256,7 +256,8 @@ def test_serve_speculate_bench_smoke(tmp_path):
 
 
 def test_serve_skip_bench_smoke(tmp_path):
-    """Skipping beside exact serving: a row per bar, exact agreeing with itself."""
+    """Skipping, stand-ins and every expert quantized beside exact serving: a row each,
+    exact agreeing with itself."""
     from bench.serve_skip import main
     from tests.hf_models import save_served_model
 
@@ -264,9 +265,13 @@ def test_serve_skip_bench_smoke(tmp_path):
     out, prompts = tmp_path / "results.md", tmp_path / "prompts.txt"
     prompts.write_text("def f(a):\n    return a\n---\nimport os\n")
     main(["--model", str(tmp_path / "m"), "--device", "cpu", "--weights", "0.5",
+          "--stand-in-weights", "0.5", "--quant-everywhere", "int4",
           "--new-tokens", "6", "--memory-budget", "600KiB", "--prompts", str(prompts),
           "--out", str(out)])
-    rows = [line.split("|") for line in out.read_text().splitlines()
-            if line.startswith("| 0")]
-    assert [r[1].strip() for r in rows] == ["0 (exact)", "0.5"]
-    assert rows[0][8].strip() == "1.000" and float(rows[1][3]) > 0  # agreement; skipped
+    rows = {r[1].strip(): r for r in (line.split("|") for line in out.read_text().splitlines())
+            if len(r) > 10 and r[1].strip() not in ("serving", "---")}
+    assert list(rows) == ["exact", "skip below 0.5", "int4 stand-ins below 0.5",
+                          "every expert int4"]
+    assert rows["exact"][9].strip() == "1.000"  # argmax agreement with itself
+    assert float(rows["skip below 0.5"][3]) > 0 and float(rows["skip below 0.5"][4]) == 0
+    assert float(rows["int4 stand-ins below 0.5"][4]) > 0

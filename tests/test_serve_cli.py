@@ -67,6 +67,21 @@ def test_generate_with_a_draft_model_speculates_four_unless_told(model_dir):
     assert p.returncode != 0 and "speculate" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_generate_with_low_precision_stand_ins(model_dir):
+    """--miss-quant int4 --miss-quant-weight 1: light missing experts run from int4 copies
+    (counted in the JSON stats, named on the summary line); without the weight, an error
+    that names the pair."""
+    d, _ = model_dir
+    args = ("generate", "--model", d, "--prompt-ids", "3,14,15,92,65", "--max-new-tokens", 6,
+            "--memory-budget", "600KiB", "--device", "cpu", "--miss-quant", "int4")
+    doc = json.loads(cli(*args, "--miss-quant-weight", 1, "--json", "--quiet").stdout)
+    assert len(doc["token_ids"]) == 6 and doc["stats"]["experts_low_precision"] > 0
+    p = cli(*args, "--miss-quant-weight", 1)
+    assert "low-precision stand-ins" in p.stdout + p.stderr
+    p = cli(*args, check=False)
+    assert p.returncode != 0 and "go together" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_generate_text_streams_the_decoded_completion(model_dir):
     d, hf = model_dir
     codec = TextCodec(d)

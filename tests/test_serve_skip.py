@@ -102,3 +102,70 @@ def test_the_prefetcher_copies_only_what_would_be_kept(mixtral):
 def test_skip_miss_weight_is_a_weight():
     with pytest.raises(ValueError, match="skip_miss_weight must be a weight"):
         ServeConfig(model="m", skip_miss_weight=1.5).check()
+
+
+def _round_trip_experts(hf, bits: int):
+    """hf with each expert matrix replaced by its int<bits> round trip (kernels.quant: one
+    scale per row and group, as a stand-in is quantized): quantizing it again changes
+    nothing, so its low-precision stand-ins compute its own experts."""
+    from kernels.quant import dequantize, quantize
+
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if ".experts." in name:
+                mats = p if p.dim() == 3 else p[None]
+                for m in mats:  # [out, in] rows (transformers 5 stacks experts)
+                    m.copy_(dequantize(quantize(m, bits), torch.float32))
+    return hf
+
+
+def test_stand_ins_run_the_light_missing_experts_from_their_quantized_copies(tmp_path):
+    """miss_quant int8, bar 1 (every missing expert but a token's first choice): on a model
+    whose experts survive an int8 round trip unchanged, the logits of exact serving, from
+    fewer bytes; stand-ins counted, their pool in the memory plan."""
+    hf = _round_trip_experts(saved_hf("mixtral", tmp_path / "a", seed=2), 8)
+    hf.save_pretrained(tmp_path / "rt")
+    d, prompt = tmp_path / "rt", [5, 17, 99, 3, 250, 41]
+    base = serve(d)
+    budget = base.fixed_bytes + 4 * base.slot_bytes
+    exact = generate(serve(d, memory_budget=budget), [prompt], 8, keep_logits=True)
+    assert exact.token_ids == [hf_greedy(hf, prompt, 8)]
+    m = serve(d, memory_budget=budget, miss_quant="int8", miss_quant_weight=1.0)
+    assert m.n_slots < 4 and "int8 stand-in slots" in m.budget_report  # its pool's room
+    low = generate(m, [prompt], 8, keep_logits=True)
+    assert low.stats["experts_low_precision"] > 0
+    assert low.token_ids == exact.token_ids
+    torch.testing.assert_close(low.logits[0], exact.logits[0], rtol=1e-4, atol=1e-4)
+    per_expert = {m.slot_bytes, m.low_cache.store.expert_nbytes}
+    assert len(per_expert) == 2 and m.low_cache.n_slots == 2  # top-2 x one row
+    assert low.stats["bytes_to_device"] < exact.stats["bytes_to_device"]
+
+
+def test_int4_stand_ins_move_fewer_bytes_and_stay_close(mixtral):
+    """On a random model (not round-tripped) int4 stand-ins change the logits a little
+    and move fewer bytes than exact serving; a bar no pair falls under changes nothing."""
+    _, d = mixtral
+    prompt = [5, 17, 99, 3, 250, 41]
+    budget = serve(d).fixed_bytes + 6 * serve(d).slot_bytes
+    exact = generate(serve(d, memory_budget=budget), [prompt], 8, keep_logits=True)
+    low = generate(serve(d, memory_budget=budget, miss_quant="int4", miss_quant_weight=0.5),
+                   [prompt], 8, keep_logits=True)
+    assert low.stats["experts_low_precision"] > 0
+    assert low.stats["bytes_to_device"] < exact.stats["bytes_to_device"]
+    first = low.logits[0][0], exact.logits[0][0]  # the prompt's: the same routes before it
+    assert 0 < (first[0] - first[1]).abs().max() < 0.1 * first[1].abs().max()
+    none = generate(serve(d, memory_budget=budget, miss_quant="int4", miss_quant_weight=1e-6),
+                    [prompt], 8, keep_logits=True)
+    assert none.stats["experts_low_precision"] == 0 and none.token_ids == exact.token_ids
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"miss_quant": "int4"}, "go together"),
+    ({"miss_quant_weight": 0.3}, "go together"),
+    ({"miss_quant": "int2", "miss_quant_weight": 0.3}, "miss_quant must be one of"),
+    ({"miss_quant": "int4", "miss_quant_weight": 2.0}, "must be a weight"),
+    ({"miss_quant": "int4", "miss_quant_weight": 0.3, "quant": "int8"}, "packed already"),
+    ({"miss_quant": "int4", "miss_quant_weight": 0.3, "miss_quant_slots": 0}, ">= 1")])
+def test_bad_stand_in_settings_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ServeConfig(model="m", **kw).check()
