@@ -286,6 +286,10 @@ def main(argv=None) -> None:
                    "experts that every token using them weighs below W (--skip-miss-weight; "
                    "approximate: random weights say nothing of the answers' fidelity, "
                    "bench/serve_skip.py does on a trained model)")
+    p.add_argument("--stand-in-weights", default="",
+                   help="comma-separated bars W: a column each for ours running missing "
+                   "experts that every token using them weighs below W from int4 copies "
+                   "(--miss-quant int4 --miss-quant-weight W; approximate)")
     p.add_argument("--speculate", default="",
                    help="comma-separated K: a column each for ours drafting up to K tokens "
                    "a step by prompt lookup (--speculate)")
@@ -321,7 +325,10 @@ def main(argv=None) -> None:
         for n in a.host_compute_tokens.split(",") if n] + [
         (f"speculating {int(k)}", {"speculate": int(k)}) for k in a.speculate.split(",") if k] + [
         (f"skipping misses below {float(w):g} (approx.)", {"skip_miss_weight": float(w)})
-        for w in a.skip_miss_weights.split(",") if w]
+        for w in a.skip_miss_weights.split(",") if w] + [
+        (f"int4 stand-ins below {float(w):g} (approx.)",
+         {"miss_quant": "int4", "miss_quant_weight": float(w)})
+        for w in a.stand_in_weights.split(",") if w]
     stopped = None
     try:
         with stop_on_sigterm():

@@ -63,7 +63,7 @@ def test_serve_bench_smoke_at_deepseek_shapes(tmp_path):
     main(["--smoke", "--shape", "deepseek-v2-lite", "--layers", "2", "--new-tokens", "4",
           "--batches", "1", "--quants", "none", "--prefetch-min-weights", "0.5,2",
           "--host-compute-tokens", "4", "--speculate", "2", "--skip-miss-weights", "0.5",
-          "--out", str(out),
+          "--stand-in-weights", "0.5", "--out", str(out),
           "--dir", str(tmp_path / "m"),
           "--json-out", str(js)])
     text = out.read_text()
@@ -72,6 +72,7 @@ def test_serve_bench_smoke_at_deepseek_shapes(tmp_path):
     assert "prefetch gated at 0.5" in text and "prefetch gated at 2:" in text
     assert "misses of <= 4 tokens on the host:" in text and "speculating 2:" in text
     assert "skipping misses below 0.5 (approx.):" in text
+    assert "int4 stand-ins below 0.5 (approx.):" in text
     for r in json.loads(js.read_text()):  # a bar above 1 prefetches nothing: no-prefetch bytes
         gated = r["variants"]["prefetch gated at 2"]
         assert gated["bytes_to_device_per_token"] == r["no_prefetch"]["bytes_to_device_per_token"]
