@@ -1,8 +1,8 @@
 """Import Hugging Face MoE directories (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2 / V3,
-GLM-4.5 (glm4_moe), GPT-OSS with bf16 or MXFP4 experts, ERNIE-4.5 (ernie4_5_moe); sharded
-safetensors or not) as our
-ModelConfig and state dict, and read dense Llama / Qwen3 directories for upcycling. Options
-that would be served wrong are refused by name."""
+GLM-4.5 (glm4_moe), GLM-4.7-Flash (glm4_moe_lite), GPT-OSS with bf16 or MXFP4 experts,
+ERNIE-4.5 (ernie4_5_moe); sharded safetensors or not) as our ModelConfig and state dict, and
+read dense Llama / Qwen3 directories for upcycling. Options that would be served wrong are
+refused by name."""
 
 from __future__ import annotations
 
@@ -236,12 +236,13 @@ def _ernie_moe(hf: dict):
 
 
 def _deepseek_moe(hf: dict, family: str):
-    """DeepSeek-V2 / V3 config.json -> (MoEConfig, MLAConfig, dense layer indices); for
-    GLM-4.5 (V3's MoE, no MLA) the MLAConfig is None. As transformers builds them: V2
-    softmax top-k (greedy or group-limited by the best expert of a group), weights not
-    renormalised; V3 sigmoid scores with the correction bias for selection, groups scored by
-    their two best experts, renormalised as norm_topk_prob says; both scaled by
-    routed_scaling_factor, with n_shared_experts ungated shared experts."""
+    """DeepSeek-V2 / V3 (and GLM-4.7-Flash, V3's MLA and MoE) config.json -> (MoEConfig,
+    MLAConfig, dense layer indices); for GLM-4.5 (V3's MoE, no MLA) the MLAConfig is None.
+    As transformers builds them: V2 softmax top-k (greedy or group-limited by the best
+    expert of a group), weights not renormalised; V3 sigmoid scores with the correction bias
+    for selection, groups scored by their two best experts, renormalised as norm_topk_prob
+    says; both scaled by routed_scaling_factor, with n_shared_experts ungated shared
+    experts."""
     from moe.config import MoEConfig
     from routing.config import RouterConfig
 
@@ -266,12 +267,17 @@ def _deepseek_moe(hf: dict, family: str):
     moe = MoEConfig(num_experts=n_exp, expert_ffn=ffn, router=router,
                     num_shared_experts=n_shared, shared_expert_ffn=n_shared * ffn or None)
     first_dense = min(hf.get("first_k_dense_replace") or 0, hf["num_hidden_layers"])
+    dense = list(range(first_dense))
+    if family == "glm4_moe_lite":  # mlp_layer_types, by default dense then sparse
+        types = hf.get("mlp_layer_types") or ["dense"] + ["sparse"] * (hf["num_hidden_layers"]
+                                                                      - 1)
+        dense = [i for i, t in enumerate(types) if t == "dense"]
     if family == "glm4_moe":
-        return moe, None, list(range(first_dense))
+        return moe, None, dense
     mla = MLAConfig(q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=hf["kv_lora_rank"],
                     qk_nope_head_dim=hf["qk_nope_head_dim"],
                     qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"])
-    return moe, mla, list(range(first_dense))
+    return moe, mla, dense
 
 
 def hf_sliding_window(hf: dict, family: str, n_layers: int) -> tuple[int | None, list[int] | None]:
@@ -321,7 +327,7 @@ def dense_tensor(hf: dict, cfg: ModelConfig, name: str,
             return t.view(-1, hd, t.shape[-1])[:, perm].reshape(t.shape)
         return t
     m = cfg.mla
-    if m is None or (hf.get("model_type") == "deepseek_v3"
+    if m is None or (hf.get("model_type") in ("deepseek_v3", "glm4_moe_lite")
                      and not hf.get("rope_interleave", True)):
         return t
     r = m.qk_rope_head_dim

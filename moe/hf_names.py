@@ -14,17 +14,19 @@ EXPERT_NAMES = {
     "olmoe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
     "deepseek_v2": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
     "deepseek_v3": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
+    # GLM-4.7-Flash: DeepSeek-V3's latent attention and MoE, its dense layers listed
+    "glm4_moe_lite": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
     "glm4_moe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
     "gpt_oss": ("mlp.router", "mlp.experts.", ("gate_up_proj", "down_proj")),  # stacked
     "ernie4_5_moe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
 }
-DEEPSEEK = ("deepseek_v2", "deepseek_v3")
+DEEPSEEK = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")  # latent attention (MLA)
 GPT_OSS_MXFP4 = {"quant_method": "mxfp4", "modules_to_not_convert": [  # as on the Hub
     "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
 GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                 "truncate": False, "original_max_position_embeddings": 4096,
                 "rope_theta": 150000.0}  # GptOssConfig's default
-V3_ROUTED = ("deepseek_v3", "glm4_moe")  # sigmoid, selection bias, groups, shared experts
+V3_ROUTED = ("deepseek_v3", "glm4_moe", "glm4_moe_lite")  # sigmoid, selection bias, groups
 UNGATED_SHARED = (*DEEPSEEK, "glm4_moe", "ernie4_5_moe")  # shared experts without a gate
 
 

@@ -36,7 +36,9 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if cfg.mla is not None:
-            self.attn = MLAttention(cfg.d_model, cfg.n_heads, cfg.mla, cfg.norm_eps,
+            # the latent norms' eps is DeepSeek's 1e-6 whatever rms_norm_eps says (as
+            # transformers builds them; GLM-4.7-Flash's layer norms take 1e-5)
+            self.attn = MLAttention(cfg.d_model, cfg.n_heads, cfg.mla, 1e-6,
                                     mla_softmax_scale(cfg))
         else:
             self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads,

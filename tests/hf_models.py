@@ -1,4 +1,4 @@
-"""Tiny random-weight Hugging Face MoE models of nine families (import and serving tests)."""
+"""Tiny random-weight Hugging Face MoE models of ten families (import and serving tests)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ FAMILIES = {  # family -> (model class, config class, family-specific config fie
     "deepseek_v3": ("DeepseekV3ForCausalLM", "DeepseekV3Config", dict(
         **MLA, q_lora_rank=12, n_shared_experts=1, routed_scaling_factor=2.5,
         norm_topk_prob=True)),
+    # GLM-4.7-Flash: V3's latent attention and MoE, dense layers listed by mlp_layer_types
+    "glm4_moe_lite": ("Glm4MoeLiteForCausalLM", "Glm4MoeLiteConfig", dict(
+        **MLA, q_lora_rank=12, n_shared_experts=1, routed_scaling_factor=1.8,
+        norm_topk_prob=True, mlp_layer_types=["dense", "sparse", "sparse"])),
     # DeepSeek-V3's MoE behind grouped-query attention with biases, q/k norms, partial RoPE
     "glm4_moe": ("Glm4MoeForCausalLM", "Glm4MoeConfig", dict(
         intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
