@@ -1,8 +1,8 @@
 """Import Hugging Face MoE directories (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2 / V3,
-GLM-4.5 (glm4_moe), GLM-4.7-Flash (glm4_moe_lite), GPT-OSS with bf16 or MXFP4 experts,
-ERNIE-4.5 (ernie4_5_moe); sharded safetensors or not) as our ModelConfig and state dict, and
-read dense Llama / Qwen3 directories for upcycling. Options that would be served wrong are
-refused by name."""
+GLM-4.5 (glm4_moe), GLM-4.7-Flash (glm4_moe_lite), dots.llm1 (dots1), GPT-OSS with bf16 or
+MXFP4 experts, ERNIE-4.5 (ernie4_5_moe); sharded safetensors or not) as our ModelConfig and
+state dict, and read dense Llama / Qwen3 directories for upcycling. Options that would be
+served wrong are refused by name."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
     mla = None
     if family in DEEPSEEK:
         moe, mla, dense_layers = _deepseek_moe(hf, family)
-    elif family == "glm4_moe":  # DeepSeek-V3's MoE behind grouped-query attention
+    elif family in ("glm4_moe", "dots1"):  # DeepSeek-V3's MoE behind grouped-query attention
         moe, _, dense_layers = _deepseek_moe(hf, family)
     elif family == "gpt_oss":
         moe = MoEConfig(num_experts=hf.get("num_local_experts") or hf["num_experts"],
@@ -181,7 +181,7 @@ def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
         fields.update(n_kv_heads=fields["n_heads"],
                       head_dim=mla.qk_nope_head_dim + mla.qk_rope_head_dim)
     cfg = ModelConfig(
-        **fields, mla=mla, qk_norm=family in ("qwen3_moe", "olmoe") or (
+        **fields, mla=mla, qk_norm=family in ("qwen3_moe", "olmoe", "dots1") or (
             family == "glm4_moe" and bool(hf.get("use_qk_norm"))),
         qk_norm_type="full" if family == "olmoe" else "head",
         qkv_bias=(family == "qwen2_moe" and hf.get("qkv_bias", True))
@@ -189,7 +189,7 @@ def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
         o_bias=family == "gpt_oss" and bool(hf.get("attention_bias", True)),
         attn_sinks=family == "gpt_oss",
         dense_ffn=hf.get("intermediate_size", 0) if family in (
-            "qwen2_moe", "qwen3_moe", *DEEPSEEK, "glm4_moe", "ernie4_5_moe") else 1,
+            "qwen2_moe", "qwen3_moe", *DEEPSEEK, "glm4_moe", "dots1", "ernie4_5_moe") else 1,
         moe=moe, first_dense_layers=first, moe_layer_freq=freq, sliding_window=window,
         sliding_window_layers=window_layers,
         clip_qkv=hf.get("clip_qkv") if family == "olmoe" else None)
@@ -272,7 +272,7 @@ def _deepseek_moe(hf: dict, family: str):
         types = hf.get("mlp_layer_types") or ["dense"] + ["sparse"] * (hf["num_hidden_layers"]
                                                                       - 1)
         dense = [i for i, t in enumerate(types) if t == "dense"]
-    if family == "glm4_moe":
+    if family in ("glm4_moe", "dots1"):
         return moe, None, dense
     mla = MLAConfig(q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=hf["kv_lora_rank"],
                     qk_nope_head_dim=hf["qk_nope_head_dim"],
@@ -284,7 +284,8 @@ def hf_sliding_window(hf: dict, family: str, n_layers: int) -> tuple[int | None,
     """(window, the layers it applies to or None for all) as transformers reads config.json:
     Mixtral's sliding_window for every layer; Qwen-MoE's only with use_sliding_window, on
     every layer (Qwen3) or on the layers its layer_types (or max_window_layers) name
-    (Qwen2); GPT-OSS's on the layers its layer_types name (the even ones by default);
+    (Qwen2); GPT-OSS's on the layers its layer_types name (the even ones by default), dots1's
+    likewise (those from max_window_layers on by default);
     OLMoE, DeepSeek, GLM and ERNIE have none."""
     window = hf.get("sliding_window")
     if family in ("olmoe", "glm4_moe", "ernie4_5_moe", *DEEPSEEK) or not window:
@@ -292,7 +293,11 @@ def hf_sliding_window(hf: dict, family: str, n_layers: int) -> tuple[int | None,
     if family == "mixtral":
         return int(window), None
     types = hf.get("layer_types")
-    if family == "gpt_oss":  # layer_types, by default sliding on the even layers
+    if family == "dots1":  # layer_types, by default sliding from max_window_layers on
+        top = hf.get("max_window_layers", n_layers)
+        types = types or ["sliding_attention" if i >= top else "full_attention"
+                          for i in range(n_layers)]
+    if family in ("gpt_oss", "dots1"):  # layer_types, GPT-OSS's by default the even layers
         types = types or ["sliding_attention" if i % 2 == 0 else "full_attention"
                           for i in range(n_layers)]
         layers = [i for i, t in enumerate(types) if t == "sliding_attention"]

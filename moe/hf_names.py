@@ -17,6 +17,8 @@ EXPERT_NAMES = {
     # GLM-4.7-Flash: DeepSeek-V3's latent attention and MoE, its dense layers listed
     "glm4_moe_lite": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
     "glm4_moe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
+    # dots.llm1: DeepSeek-V3's MoE behind Qwen3's attention
+    "dots1": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
     "gpt_oss": ("mlp.router", "mlp.experts.", ("gate_up_proj", "down_proj")),  # stacked
     "ernie4_5_moe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
 }
@@ -26,8 +28,9 @@ GPT_OSS_MXFP4 = {"quant_method": "mxfp4", "modules_to_not_convert": [  # as on t
 GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                 "truncate": False, "original_max_position_embeddings": 4096,
                 "rope_theta": 150000.0}  # GptOssConfig's default
-V3_ROUTED = ("deepseek_v3", "glm4_moe", "glm4_moe_lite")  # sigmoid, selection bias, groups
-UNGATED_SHARED = (*DEEPSEEK, "glm4_moe", "ernie4_5_moe")  # shared experts without a gate
+# sigmoid scores, a selection bias, groups
+V3_ROUTED = ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1")
+UNGATED_SHARED = (*DEEPSEEK, "glm4_moe", "dots1", "ernie4_5_moe")  # shared, no gate
 
 
 MLA_NAMES = {  # ours -> DeepSeek's, under attn. / self_attn.

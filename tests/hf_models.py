@@ -1,4 +1,5 @@
-"""Tiny random-weight Hugging Face MoE models of ten families (import and serving tests)."""
+"""Tiny random-weight Hugging Face MoE models of eleven families (import and serving
+tests)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ FAMILIES = {  # family -> (model class, config class, family-specific config fie
     "deepseek_v3": ("DeepseekV3ForCausalLM", "DeepseekV3Config", dict(
         **MLA, q_lora_rank=12, n_shared_experts=1, routed_scaling_factor=2.5,
         norm_topk_prob=True)),
+    # dots.llm1: V3's MoE behind Qwen3's attention (q/k norms), a window on the last layer
+    "dots1": ("Dots1ForCausalLM", "Dots1Config", dict(
+        intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+        norm_topk_prob=True, head_dim=8, sliding_window=4, max_window_layers=2)),
     # GLM-4.7-Flash: V3's latent attention and MoE, dense layers listed by mlp_layer_types
     "glm4_moe_lite": ("Glm4MoeLiteForCausalLM", "Glm4MoeLiteConfig", dict(
         **MLA, q_lora_rank=12, n_shared_experts=1, routed_scaling_factor=1.8,

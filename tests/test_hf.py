@@ -230,6 +230,7 @@ def test_import_hf_errors(tmp_path):
     ("glm4_moe", None),
     ("deepseek_v3", None),
     ("glm4_moe_lite", None),  # exported as DeepSeek-V3, the same maths
+    ("dots1", "GLM-4.5 .* equivalent: a sliding window"),  # GLM has no window
     ("gpt_oss", None)])
 def test_import_families_match_transformers_and_export_back(tmp_path, family, refusal):
     """Import equals transformers; a family export cannot write is refused by name, and a
