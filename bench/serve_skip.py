@@ -69,6 +69,9 @@ def main(argv=None) -> None:
                    help="comma-separated miss_quant_weight bars: light missing experts run "
                    "from --stand-in-quant copies instead")
     p.add_argument("--stand-in-quant", choices=["int8", "int4"], default="int4")
+    p.add_argument("--stand-in-slots", default="",
+                   help="comma-separated pool sizes for the stand-in rows (default: the "
+                   "runtime's, top-k x 1)")
     p.add_argument("--quant-everywhere", choices=["", "int8", "int4"], default="",
                    help="also a row with every expert quantized (--quant)")
     p.add_argument("--new-tokens", type=int, default=48)
@@ -81,9 +84,12 @@ def main(argv=None) -> None:
     variants = {"exact": {}}
     variants.update({f"skip below {float(w):g}": {"skip_miss_weight": float(w)}
                      for w in a.weights.split(",") if w})
-    variants.update({f"{a.stand_in_quant} stand-ins below {float(w):g}": {
-        "miss_quant": a.stand_in_quant, "miss_quant_weight": float(w)}
-        for w in a.stand_in_weights.split(",") if w})
+    pools = [int(n) for n in a.stand_in_slots.split(",") if n] or [None]
+    variants.update({f"{a.stand_in_quant} stand-ins below {float(w):g}"
+                     + ("" if n is None else f", {n} slots"): {
+                         "miss_quant": a.stand_in_quant, "miss_quant_weight": float(w),
+                         "miss_quant_slots": n}
+                     for w in a.stand_in_weights.split(",") if w for n in pools})
     if a.quant_everywhere:
         variants[f"every expert {a.quant_everywhere}"] = {"quant": a.quant_everywhere}
     runs: dict[str, dict] = {}

@@ -112,6 +112,9 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    "own; default none: exact")
     p.add_argument("--miss-quant-weight", type=float, default=None, metavar="W",
                    help="the weight below which --miss-quant stands in for a missing expert")
+    p.add_argument("--miss-quant-slots", type=int, default=None, metavar="N",
+                   help="slots of the stand-ins' pool, in the budget (default: top-k x "
+                   "max batch; more keep stand-ins from step to step)")
     p.add_argument("--speculate", type=int, default=None, metavar="K",
                    help="answers draft up to K tokens a step from the prompt and answer so "
                    "far (prompt lookup) and keep those the model confirms in the same "
@@ -197,7 +200,7 @@ FLAG_FIELDS = ("model", "device", "dtype", "memory_budget", "host_budget", "disk
                "cache_policy", "prefetch", "prefetch_min_weight", "quant", "max_batch",
                "max_context", "offload_dir", "prefix_cache", "prefill_step_tokens",
                "host_compute_tokens", "skip_miss_weight", "miss_quant", "miss_quant_weight",
-               "speculate", "draft_model", "draft_min_prob")
+               "miss_quant_slots", "speculate", "draft_model", "draft_min_prob")
 # tokens drafted a step with a draft model when neither a flag nor the preset says
 DRAFT_SPECULATE = 4
 

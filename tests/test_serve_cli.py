@@ -76,6 +76,8 @@ def test_generate_with_low_precision_stand_ins(model_dir):
             "--memory-budget", "600KiB", "--device", "cpu", "--miss-quant", "int4")
     doc = json.loads(cli(*args, "--miss-quant-weight", 1, "--json", "--quiet").stdout)
     assert len(doc["token_ids"]) == 6 and doc["stats"]["experts_low_precision"] > 0
+    p = cli(*args, "--miss-quant-weight", 1, "--miss-quant-slots", 5)
+    assert "5 int4 stand-in slots" in p.stderr
     p = cli(*args, "--miss-quant-weight", 1)
     assert "low-precision stand-ins" in p.stdout + p.stderr
     p = cli(*args, check=False)
