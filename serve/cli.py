@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -312,10 +313,21 @@ def cmd_bench(a) -> None:
 HTTP_BATCH = 4
 
 
+def http_access(api_key: str | None, allowed_origins: str | None
+                ) -> tuple[str | None, tuple[str, ...]]:
+    """(the API key: --api-key, else $MOE_SERVE_API_KEY, None when empty; the allowed
+    origins of --allowed-origins)."""
+    key = api_key if api_key is not None else os.environ.get("MOE_SERVE_API_KEY")
+    origins = tuple(o.strip() for o in (allowed_origins or "").split(",") if o.strip())
+    return key or None, origins
+
+
 def cmd_http(a) -> None:
     from serve.http import serve_forever
 
-    serve_forever(_session(a, HTTP_BATCH), a.host, a.port, a.chat_template_kwargs)
+    key, origins = http_access(a.api_key, a.allowed_origins)
+    serve_forever(_session(a, HTTP_BATCH), a.host, a.port, a.chat_template_kwargs, key,
+                  origins)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(h)
     h.add_argument("--host", default="127.0.0.1")
     h.add_argument("--port", type=int, default=8000)
+    h.add_argument("--api-key", default=None, metavar="KEY",
+                   help="requests to /v1/* must send \"Authorization: Bearer KEY\" (default: "
+                   "$MOE_SERVE_API_KEY; unset: open)")
+    h.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
+                   help="comma-separated origins browsers may call from (CORS), or * for any; "
+                   "default none")
     _template_args(h)
     h.set_defaults(func=cmd_http)
     return p

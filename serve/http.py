@@ -24,11 +24,18 @@ serve/grammar.py), "prediction" (OpenAI's predicted outputs: the text the answer
 to be much like, drafted for speculation; usage counts its accepted and rejected tokens), and
 for completions best_of and "suffix" (fill in the middle, with the model's FIM tokens).
 
+Access: with an API key (moe-serve http --api-key, or MOE_SERVE_API_KEY), the /v1 routes and
+/tokenize, /detokenize answer only requests that carry "Authorization: Bearer KEY" (401
+otherwise; /health and /metrics stay open, as vLLM has them). With allowed origins
+(--allowed-origins), browsers on those origins may call the server (CORS: the
+Access-Control-Allow-* headers, and OPTIONS preflights); none by default.
+
 Requests are read by serve/http_params.py and answered by serve/http_answer.py.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -45,6 +52,8 @@ class Handler(BaseHTTPRequestHandler):
     batcher: Batcher
     metrics: Metrics
     template_kwargs: dict  # the server's defaults for chat templates
+    api_key: str | None  # required of the guarded routes as a bearer token
+    origins: tuple[str, ...]  # the origins browsers may call from ("*": any)
     protocol_version = "HTTP/1.1"
 
     def log_message(self, fmt, *args):  # one line per request on stderr
@@ -63,7 +72,60 @@ class Handler(BaseHTTPRequestHandler):
     def _error(self, code: int, message: str, kind: str = "invalid_request_error") -> None:
         self._send(code, {"error": {"message": message, "type": kind, "code": code}})
 
+    def end_headers(self) -> None:
+        """Every response says which origin may read it, when the server allows it."""
+        origin = self._allowed_origin()
+        if origin is not None:
+            self.send_header("Access-Control-Allow-Origin", origin)
+            if origin != "*":
+                self.send_header("Vary", "Origin")
+        super().end_headers()
+
+    def _allowed_origin(self) -> str | None:
+        """The Access-Control-Allow-Origin value for this request's Origin, if allowed."""
+        origin = self.headers.get("Origin")
+        if "*" in self.origins:
+            return "*"
+        return origin if origin in self.origins else None
+
+    def _authorized(self) -> bool:
+        """Whether the request may use the route it asks for: /health and /metrics, or a
+        bearer token equal to the API key (401 sent otherwise)."""
+        if self.api_key is None or self.path in ("/health", "/metrics"):
+            return True
+        got = self.headers.get("Authorization", "")
+        scheme, _, token = got.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                              self.api_key.encode()):
+            return True
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", "Bearer")
+        data = json.dumps({"error": {
+            "message": "a valid API key is needed: send \"Authorization: Bearer KEY\"" if not
+            got else "the API key in the Authorization header is not this server's",
+            "type": "authentication_error", "code": 401}}).encode()
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        return False
+
+    def do_OPTIONS(self):
+        """A CORS preflight: the methods and headers allowed, for an allowed origin."""
+        if self._allowed_origin() is None:
+            self._error(405, f"no route OPTIONS {self.path} (no cross-origin access allowed; "
+                        "moe-serve http --allowed-origins)", "not_found")
+            return
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def do_GET(self):
+        if not self._authorized():
+            return
         if self.path == "/health":
             self._send(200, {"status": "ok"})
         elif self.path == "/v1/models":
@@ -81,6 +143,8 @@ class Handler(BaseHTTPRequestHandler):
                   "/tokenize": self._tokenize, "/detokenize": self._detokenize}
         if self.path not in routes:
             self._error(404, f"no route POST {self.path}", "not_found")
+            return
+        if not self._authorized():
             return
         try:
             length = int(self.headers.get("Content-Length") or 0)
@@ -201,7 +265,8 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, session: Session, host: str, port: int, max_batch: int | None = None,
-                 log: bool = False, template_kwargs: dict | None = None):
+                 log: bool = False, template_kwargs: dict | None = None,
+                 api_key: str | None = None, origins: tuple[str, ...] = ()):
         self.metrics = Metrics(session.model, lambda: self.batcher.running,
                                lambda: self.batcher.waiting)
         self.batcher = Batcher(session, max_batch, log=_log_line if log else None,
@@ -209,7 +274,9 @@ class Server(ThreadingHTTPServer):
         handler = type("BoundHandler", (Handler,), {"session": session,
                                                     "batcher": self.batcher,
                                                     "metrics": self.metrics,
-                                                    "template_kwargs": template_kwargs or {}})
+                                                    "template_kwargs": template_kwargs or {},
+                                                    "api_key": api_key or None,
+                                                    "origins": tuple(origins)})
         super().__init__((host, port), handler)
 
     @property
@@ -228,20 +295,27 @@ def _log_line(text: str) -> None:
 
 
 def make_server(session: Session, host: str, port: int, max_batch: int | None = None,
-                log: bool = False, template_kwargs: dict | None = None) -> Server:
+                log: bool = False, template_kwargs: dict | None = None,
+                api_key: str | None = None, origins: tuple[str, ...] = ()) -> Server:
     """An OpenAI-compatible server on host:port (0: any free port) batching up to max_batch
     requests (None: the model's max_batch); log: a stderr line per batch; template_kwargs:
-    the chat template's variables unless a request sets them."""
-    return Server(session, host, port, max_batch, log, template_kwargs)
+    the chat template's variables unless a request sets them; api_key: the bearer token the
+    guarded routes need (None: open); origins: those browsers may call from ("*": any)."""
+    return Server(session, host, port, max_batch, log, template_kwargs, api_key, origins)
 
 
 def serve_forever(session: Session, host: str, port: int,
-                  template_kwargs: dict | None = None) -> None:
-    server = make_server(session, host, port, log=True, template_kwargs=template_kwargs)
+                  template_kwargs: dict | None = None, api_key: str | None = None,
+                  origins: tuple[str, ...] = ()) -> None:
+    server = make_server(session, host, port, log=True, template_kwargs=template_kwargs,
+                         api_key=api_key, origins=origins)
     print(f"moe-serve http: serving {session.name} on http://{host}:{server.server_port} "
           "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics), batching "
           "up to "
-          f"{server.batcher.max_batch} concurrent requests", file=sys.stderr, flush=True)
+          f"{server.batcher.max_batch} concurrent requests"
+          + ("; an API key is required" if api_key else "")
+          + (f"; browsers may call from {', '.join(origins)}" if origins else ""),
+          file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     finally:

@@ -760,3 +760,60 @@ def test_a_directory_without_tokenizer_json_says_how_to_write_one(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"\0")
     with pytest.raises(FileNotFoundError, match="AutoTokenizer.from_pretrained"):
         TextCodec(tmp_path)
+
+
+def _call(url: str, method: str = "GET", body: dict | None = None, **headers):
+    """(status, headers, body text) of a request with these headers."""
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.headers, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read().decode()
+
+
+def test_http_api_key_guards_the_v1_routes_and_cors_is_opt_in(model_dir):
+    """With an API key the /v1 routes answer 401 (an OpenAI error, WWW-Authenticate) unless
+    the request carries it as a bearer token; /health stays open. Allowed origins get the
+    CORS headers and preflights; a server without them sends none and refuses OPTIONS."""
+    d, _ = model_dir
+    session = Session(ServeConfig(model=str(d), memory_budget="600KiB", max_context=64,
+                                  dtype="float32"))
+    body = {"prompt": [3, 14, 15], "max_tokens": 2}
+    with serving(session, api_key="sekret", origins=("http://ui.example",)) as srv:
+        code, head, text = _call(srv.url + "/v1/completions", "POST", body)
+        assert code == 401 and head["WWW-Authenticate"] == "Bearer"
+        assert json.loads(text)["error"]["type"] == "authentication_error"
+        code, _, text = _call(srv.url + "/v1/models", Authorization="Bearer wrong")
+        assert code == 401 and "not this server's" in text
+        code, _, text = _call(srv.url + "/v1/completions", "POST", body,
+                              Authorization="Bearer sekret")
+        assert code == 200 and len(json.loads(text)["choices"]) == 1
+        assert _call(srv.url + "/health")[0] == 200
+        code, head, _ = _call(srv.url + "/health", Origin="http://ui.example")
+        assert head["Access-Control-Allow-Origin"] == "http://ui.example"
+        assert "Access-Control-Allow-Origin" not in _call(srv.url + "/health",
+                                                          Origin="http://evil.example")[1]
+        code, head, _ = _call(srv.url + "/v1/chat/completions", "OPTIONS",
+                              Origin="http://ui.example")
+        assert code == 204 and "POST" in head["Access-Control-Allow-Methods"]
+        assert "Authorization" in head["Access-Control-Allow-Headers"]
+    with serving(session) as srv:  # the defaults: open, no cross-origin access
+        code, head, _ = _call(srv.url + "/v1/models", Origin="http://ui.example")
+        assert code == 200 and "Access-Control-Allow-Origin" not in head
+        assert _call(srv.url + "/v1/models", "OPTIONS", Origin="http://ui.example")[0] == 405
+
+
+def test_http_access_flags_and_environment(monkeypatch):
+    from serve.cli import http_access
+
+    monkeypatch.delenv("MOE_SERVE_API_KEY", raising=False)
+    assert http_access(None, None) == (None, ())
+    monkeypatch.setenv("MOE_SERVE_API_KEY", "from-env")
+    assert http_access(None, "http://a.example, *") == ("from-env", ("http://a.example", "*"))
+    assert http_access("flag", "")[0] == "flag" and http_access("", None)[0] is None
