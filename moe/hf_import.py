@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from moe.config import ROPE_TYPES, MLAConfig, ModelConfig, RopeScaling
 from moe.experts import EXPERT_PARAMS
+from moe.hf_fp8 import FP8_DTYPES, fp8_block, fp8_dequantize
 from moe.hf_names import (
     DEEPSEEK,
     EXPERT_NAMES,
@@ -40,6 +41,23 @@ def _read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     for f in files:
         tensors.update(load_file(str(f)))
     return tensors
+
+
+def dequantize_fp8_tensors(tensors: dict[str, torch.Tensor], block: tuple[int, int]
+                           ) -> dict[str, torch.Tensor]:
+    """An FP8 block-scaled checkpoint's tensors with each float8 weight dequantized (float32)
+    and its `_scale_inv` gone; ValueError names a float8 weight without its scales."""
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("_scale_inv") and name[:-len("_scale_inv")] in tensors:
+            continue
+        if t.dtype in FP8_DTYPES:
+            scale = tensors.get(name + "_scale_inv")
+            if scale is None:
+                raise ValueError(f"fp8 tensor {name} has no {name}_scale_inv")
+            t = fp8_dequantize(t, scale, block)
+        out[name] = t
+    return out
 
 
 def load_hf_dense(model_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -163,10 +181,11 @@ def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
     first, freq = _layer_pattern(dense_layers, n_layers, hf.get(
         "moe_layer_interval" if family == "ernie4_5_moe" else "decoder_sparse_step", 1) or 1)
     quant = hf.get("quantization_config")
-    if quant and not is_mxfp4(hf):
+    if quant and not is_mxfp4(hf) and fp8_block(hf) is None:
         raise ValueError(f"config.json: a quantized checkpoint (quant_method="
-                         f"{quant.get('quant_method')!r}) is not supported; serve its bf16 "
-                         "weights (--quant int8 / int4 quantizes them at load)")
+                         f"{quant.get('quant_method')!r}) is not supported (MXFP4 and FP8 "
+                         "block-scaled ones are); serve its bf16 weights (--quant int8 / int4 "
+                         "quantizes them at load)")
     if hf.get("mlp_bias") or hf.get("use_bias"):
         raise ValueError(f"config.json: {'mlp_bias' if hf.get('mlp_bias') else 'use_bias'}"
                          "=true is not supported")
@@ -376,6 +395,9 @@ def import_hf(model_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     hf = _read_config(model_dir)
     cfg, family, _ = hf_model_config(hf)
     tensors = _read_tensors(model_dir)
+    block = fp8_block(hf)
+    if block is not None:
+        tensors = dequantize_fp8_tensors(tensors, block)
     tensors.setdefault("lm_head.weight", tensors["model.embed_tokens.weight"])
     state = {ours: dense_tensor(hf, cfg, ours, [tensors[h] for h in hubs])
              for ours, hubs in dense_tensor_names(cfg, family).items()}

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from kernels.quant import QuantWeight, quantize
 from moe.config import ModelConfig
+from moe.hf_fp8 import FP8_DTYPES, fp8_block, fp8_dequantize
 from moe.hf_import import dense_tensor, hf_model_config, read_expert
 from moe.hf_names import dense_tensor_names, expert_sources, is_mxfp4
 from serve.config import QUANT_CHOICES
@@ -127,6 +128,7 @@ class WeightStore:
                                 f"and {self.dir} is not one; use int4 or int8 to quantize "
                                 "its experts at load")
         self.quant, self.bits = quant, QUANT_BITS[quant]
+        self.fp8_block = fp8_block(self.hf_config)  # weights dequantized as they are read
         self.files = _tensor_files(self.dir)
         self._handles: dict[Path, object] = {}
         self.moe_layers = [i for i in range(self.cfg.n_layers) if self.cfg.is_moe_layer(i)]
@@ -146,9 +148,16 @@ class WeightStore:
         return self._handles[path]
 
     def _get(self, name: str, e: int | None = None) -> torch.Tensor:
-        """Tensor `name`, or its e-th slice (stacked experts: only that expert is read)."""
+        """Tensor `name`, or its e-th slice (stacked experts: only that expert is read); an
+        FP8 block-scaled weight dequantized to self.dtype."""
         h = self._handle(self.files[name])
-        return h.get_tensor(name) if e is None else h.get_slice(name)[e:e + 1][0]
+        t = h.get_tensor(name) if e is None else h.get_slice(name)[e:e + 1][0]
+        if t.dtype in FP8_DTYPES and self.fp8_block is not None:
+            scale = name + "_scale_inv"
+            if scale not in self.files:
+                raise ModelDirError(f"{self.dir}: fp8 tensor {name} has no {scale}")
+            t = fp8_dequantize(t, self._get(scale, e), self.fp8_block, self.dtype)
+        return t
 
     def _dense_names(self) -> dict[str, list[str]]:
         """Our non-expert names -> the Hub tensors they are made of. A tied LM head is left

@@ -155,3 +155,40 @@ def save_gpt_oss_mxfp4(hf, model_dir: Path) -> None:
     cfg = json.loads((model_dir / "config.json").read_text())
     cfg["quantization_config"] = GPT_OSS_MXFP4
     (model_dir / "config.json").write_text(json.dumps(cfg))
+
+
+def save_fp8(hf, model_dir: Path, block: tuple[int, int] = (16, 16)):
+    """Save hf as an FP8 block-scaled checkpoint (DeepSeek-V3's layout: float8 e4m3 linear
+    weights beside `<name>_scale_inv`, routers, norms, embeddings and the LM head as they
+    are) -> the checkpoint's reference: transformers' model of its dequantized weights."""
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    from moe.hf_fp8 import fp8_dequantize, fp8_quantize
+
+    hf.save_pretrained(model_dir)
+    path = model_dir / "model.safetensors"
+    tensors = load_file(str(path))
+    plain = dict(tensors)  # the dequantized weights, for the reference
+    for name, t in list(tensors.items()):
+        if t.dim() != 2 or not name.endswith(".weight") or "norm" in name \
+                or "embed" in name or "lm_head" in name \
+                or name.endswith(("mlp.gate.weight", "router.weight")):
+            continue
+        codes, scale = fp8_quantize(t, block)
+        tensors[name], tensors[name + "_scale_inv"] = codes, scale
+        plain[name] = fp8_dequantize(codes, scale, block)
+    with tempfile.TemporaryDirectory() as ref_dir:
+        for f in model_dir.iterdir():
+            if f.name != "model.safetensors":
+                (Path(ref_dir) / f.name).write_bytes(f.read_bytes())
+        save_file(plain, str(Path(ref_dir) / "model.safetensors"), metadata={"format": "pt"})
+        ref = transformers.AutoModelForCausalLM.from_pretrained(ref_dir).eval()
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                                  "activation_scheme": "dynamic",
+                                  "weight_block_size": list(block)}
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    return ref

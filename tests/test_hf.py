@@ -252,3 +252,33 @@ def test_import_families_match_transformers_and_export_back(tmp_path, family, re
     ids = torch.randint(0, 96, (2, 15))
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_fp8_block_checkpoints_import_as_their_dequantized_weights(tmp_path, family):
+    """An FP8 block-scaled directory (float8 weights and their _scale_inv, blocks that do
+    not divide the shapes) imports as the model of its dequantized weights."""
+    from tests.hf_models import save_fp8
+
+    ref = save_fp8(build_hf(family), tmp_path, block=(16, 16))
+    assert_import_matches(ref, tmp_path)
+
+
+def test_fp8_blocks_round_trip_and_bad_schemes_are_named():
+    from moe.hf_fp8 import fp8_block, fp8_dequantize, fp8_quantize
+
+    w = torch.randn(40, 23) * torch.logspace(-3, 1, 23)  # columns of very different scales
+    codes, scale = fp8_quantize(w, (16, 8))
+    assert codes.dtype == torch.float8_e4m3fn and scale.shape == (3, 3)
+    back = fp8_dequantize(codes, scale, (16, 8))
+    assert ((back - w).abs() <= 0.07 * w.abs() + 1e-6 * scale.max()).all()  # e4m3: 3 bits
+    assert torch.equal(fp8_dequantize(*fp8_quantize(back, (16, 8)), (16, 8)), back)
+    with pytest.raises(ValueError, match="scales of shape"):
+        fp8_dequantize(codes, scale[:2], (16, 8))
+    assert fp8_block({}) is None and fp8_block({"quantization_config": {
+        "quant_method": "fp8", "weight_block_size": [128, 128]}}) == (128, 128)
+    with pytest.raises(ValueError, match="per-tensor FP8"):
+        fp8_block({"quantization_config": {"quant_method": "fp8"}})
+    with pytest.raises(ValueError, match="fmt='e3m4'"):
+        fp8_block({"quantization_config": {"quant_method": "fp8", "fmt": "e3m4",
+                                           "weight_block_size": [128, 128]}})

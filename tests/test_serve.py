@@ -157,7 +157,8 @@ def test_unsupported_config_options_are_refused(tmp_path):
             ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
             ({"attention_bias": True}, "attention_bias"),
             ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
-            ({"quantization_config": {"quant_method": "fp8"}}, "quantized checkpoint.*'fp8'"),
+            ({"quantization_config": {"quant_method": "gptq"}}, "quantized checkpoint.*'gptq'"),
+            ({"quantization_config": {"quant_method": "fp8"}}, "per-tensor FP8"),
             ({"mlp_bias": True}, "mlp_bias")]:
         path.write_text(json.dumps({**base, **extra}))
         with pytest.raises(ModelDirError, match=match):
@@ -278,6 +279,28 @@ def test_missing_experts_of_few_tokens_run_on_the_host(refs, family, prefetch):
     # with a slot for every expert a miss evicts nothing: it is copied in, never run on the host
     roomy = generate(serve(d, prefetch=prefetch, host_compute_tokens=2), prompts, NEW)
     assert roomy.token_ids == ref_ids and roomy.stats["experts_on_host"] == 0
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_fp8_checkpoints_serve_as_their_dequantized_weights(tmp_path, family):
+    """An FP8 block-scaled directory (as DeepSeek-V3 and Qwen3-FP8 ship) is served from its
+    float8 weights, dequantized as they are read: transformers' tokens and logits for the
+    dequantized model, under a budget, with the prefetcher; int8 experts on top work too."""
+    from tests.hf_models import save_fp8
+
+    ref = save_fp8(build_hf(family), tmp_path)
+    prompt = [5, 17, 99, 3, 250, 41, 8]
+    m = serve(tmp_path, memory_budget=budget_for(tmp_path, 4), prefetch="cross-layer")
+    res = generate(m, [prompt], NEW, keep_logits=True)
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False,
+                            output_logits=True, return_dict_in_generate=True)
+    assert res.token_ids == [want.sequences[0, len(prompt):].tolist()]
+    torch.testing.assert_close(res.logits[0], torch.cat(want.logits), rtol=1e-4, atol=1e-4)
+    assert "(none)" in m.store.describe() and m.store.fp8_block == (16, 16)
+    packed = generate(serve(tmp_path, quant="int8", memory_budget=budget_for(tmp_path, 4)),
+                      [prompt], NEW)
+    assert packed.stats["new_tokens"] == NEW
 
 
 @pytest.mark.parametrize("family,every", [
