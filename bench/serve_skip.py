@@ -1,8 +1,8 @@
 """Light missing experts on a served model, skipped (--skip-miss-weight W) or run from
-low-precision stand-ins (--miss-quant int4 --miss-quant-weight W, serve/skip.py), and every
-expert quantized (--quant int4): what each saves (expert bytes moved per token, decode
-speed) against what it costs (how far the answers move from the exact ones), side by side
-with exact serving under the same budget.
+low-precision stand-ins (--miss-quant int4 --miss-quant-weight W, serve/skip.py), every
+expert quantized (--quant int4), and an int8 KV cache (more expert slots): what each saves
+(expert bytes moved per token, decode speed) against what it costs (how far the answers move
+from the exact ones), side by side with exact serving under the same budget.
 
     make demo && python -m bench.serve_skip --model runs/demo/hf --memory-budget 8.5MiB
     python -m bench.serve_skip --model DIR --weights 0.3 --stand-in-weights 0.3,0.5 \
@@ -74,8 +74,14 @@ def main(argv=None) -> None:
                    "runtime's, top-k x 1)")
     p.add_argument("--quant-everywhere", choices=["", "int8", "int4"], default="",
                    help="also a row with every expert quantized (--quant)")
+    p.add_argument("--kv-int8", action="store_true",
+                   help="also a row with an int8 KV cache (--kv-cache-dtype int8: more expert "
+                   "slots in the same budget)")
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--memory-budget", default=None)
+    p.add_argument("--max-context", type=int, default=None,
+                   help="KV-cache tokens reserved (default: what the prompts and answers "
+                   "need; a server reserves its whole context)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--out", default="bench/RESULTS.md")
     a = p.parse_args(argv)
@@ -92,10 +98,13 @@ def main(argv=None) -> None:
                      for w in a.stand_in_weights.split(",") if w for n in pools})
     if a.quant_everywhere:
         variants[f"every expert {a.quant_everywhere}"] = {"quant": a.quant_everywhere}
+    if a.kv_int8:
+        variants["int8 KV cache"] = {"kv_cache_dtype": "int8"}
     runs: dict[str, dict] = {}
     for label, kw in variants.items():
+        need = max(map(len, prompts)) + a.new_tokens + 8
         cfg = ServeConfig(model=a.model, device=a.device, memory_budget=a.memory_budget,
-                          max_context=max(map(len, prompts)) + a.new_tokens + 8, **kw)
+                          max_context=max(need, a.max_context or 0), **kw)
         model = OffloadedModel(cfg)
         generate(model, [prompts[0][:4]], 2)  # warm-up
         print(f"{label}:", file=sys.stderr, flush=True)

@@ -12,7 +12,8 @@ import torch
 from kernels.device import peak_bandwidth, peak_flops
 from serve.config import ServeConfig
 from serve.generate import DecodeBatch
-from serve.runtime import KVCache, OffloadedModel
+from serve.kvcache import KVCache
+from serve.runtime import OffloadedModel
 
 
 def device_peaks(device: torch.device) -> tuple[float, float, str]:
@@ -80,7 +81,7 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
     expert_params = 3 * m.moe.expert_ffn * m.d_model
     dense_params = model.store.dense_nbytes() // el
     mean_ctx = prompt_len + (new_tokens + 1) / 2
-    kv_token = KVCache.token_nbytes(m, model.dtype)  # one token's entry, all layers
+    kv_token = KVCache.token_nbytes(m, model.dtype, model.scfg.kv_cache_dtype)  # all layers
     kv_bytes = kv_token * batch * mean_ctx  # (MLA: latents; others: every KV head's k, v)
     step_s = decode_s / steps
     # the device's reads and FLOPs a step (S-MBU and S-MFU are the device's; the host's

@@ -113,6 +113,10 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    "own; default none: exact")
     p.add_argument("--miss-quant-weight", type=float, default=None, metavar="W",
                    help="the weight below which --miss-quant stands in for a missing expert")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default=None,
+                   help="int8: KV entries as int8 codes with a scale per token, head and 64 "
+                   "channels, about half the bytes, so more expert slots fit (approximate); "
+                   "default auto: the compute dtype")
     p.add_argument("--miss-quant-slots", type=int, default=None, metavar="N",
                    help="slots of the stand-ins' pool, in the budget (default: top-k x "
                    "max batch; more keep stand-ins from step to step)")
@@ -201,7 +205,8 @@ FLAG_FIELDS = ("model", "device", "dtype", "memory_budget", "host_budget", "disk
                "cache_policy", "prefetch", "prefetch_min_weight", "quant", "max_batch",
                "max_context", "offload_dir", "prefix_cache", "prefill_step_tokens",
                "host_compute_tokens", "skip_miss_weight", "miss_quant", "miss_quant_weight",
-               "miss_quant_slots", "speculate", "draft_model", "draft_min_prob")
+               "miss_quant_slots", "kv_cache_dtype", "speculate", "draft_model",
+               "draft_min_prob")
 # tokens drafted a step with a draft model when neither a flag nor the preset says
 DRAFT_SPECULATE = 4
 

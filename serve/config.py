@@ -28,6 +28,7 @@ _FIELD_TYPES = {
     "miss_quant": ("a string", (str,)),
     "miss_quant_weight": ("a number", (int, float)),
     "miss_quant_slots": ("an integer", (int, _NONE)),
+    "kv_cache_dtype": ("a string", (str,)),
     "speculate": ("an integer", (int,)),
     "draft_model": ("a path", (str, os.PathLike, _NONE)),
     "draft_min_prob": ("a number", (int, float)),
@@ -57,10 +58,13 @@ class ServeConfig:
     dequantized inside the expert GEMMs), "mxfp4" (an MXFP4 checkpoint's experts, packed as
     stored) or "auto" (mxfp4 for MXFP4 checkpoints, else none).
     max_batch x max_context tokens of KV cache are reserved (max_context: None = the model's
-    context, at most 4096). prefill_chunk: prompt tokens of a row that pass a layer at once
-    (bounds activations). prefill_step_tokens: most prompt tokens a step reads while other rows
-    decode, at least a chunk of each reading row (bounds how long they wait; None: prompts are
-    read whole, in the same forward as the decode, so experts cross once for both).
+    context, at most 4096), in the compute dtype, or with kv_cache_dtype "int8" as int8 codes
+    with a scale per token, head and 64 channels (serve/kvcache.py: about half the bytes of
+    bf16, so more expert slots fit; approximate). prefill_chunk: prompt tokens of a row that
+    pass a layer at once (bounds activations). prefill_step_tokens: most prompt tokens a step
+    reads while other rows decode, at least a chunk of each reading row (bounds how long they
+    wait; None: prompts are read whole, in the same forward as the decode, so experts cross
+    once for both).
     host_compute_tokens: a missing expert that at most this many of a step's (token, expert)
     pairs use runs on the host CPU from its host copy, beside the device's work, instead of
     evicting a resident expert to be copied in (as Fiddler does: a CPU reads an expert for a
@@ -116,6 +120,7 @@ class ServeConfig:
     miss_quant: str = "none"
     miss_quant_weight: float = 0.0
     miss_quant_slots: int | None = None
+    kv_cache_dtype: str = "auto"
     speculate: int = 0
     draft_model: str | None = None
     draft_min_prob: float = 0.4
@@ -142,7 +147,8 @@ class ServeConfig:
         choices = {"device": ("auto", "cuda", "cpu"),
                    "dtype": ("auto", "float32", "bfloat16", "float16"),
                    "cache_policy": CACHE_POLICIES,
-                   "prefetch": ("none", "cross-layer"), "quant": QUANT_CHOICES}
+                   "prefetch": ("none", "cross-layer"), "quant": QUANT_CHOICES,
+                   "kv_cache_dtype": ("auto", "int8")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, "

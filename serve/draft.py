@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from serve.runtime import common_prefix
+from serve.kvcache import common_prefix
 from serve.sampling import sample_probs
 from serve.speculate import DraftAsk, Drafted
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from serve.grammar import Constraint
-from serve.runtime import OffloadedModel, common_prefix
+from serve.kvcache import common_prefix
+from serve.runtime import OffloadedModel
 from serve.sampling import (
     SamplingConfig,
     adjust_logits,

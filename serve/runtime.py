@@ -19,6 +19,7 @@ from moe.experts import expert_mlp
 from moe.model import MoETransformer
 from serve.cache import CacheStats, ExpertCache
 from serve.config import ServeConfig
+from serve.kvcache import KVCache
 from serve.skip import kept_pairs, light_missing, skip_missing
 from serve.speculate import PREDICTED_DRAFT
 from serve.store import QUANT_BITS, WeightStore, available_ram
@@ -46,104 +47,6 @@ class PrefetchStats:
         return self.correct / self.actual if self.actual else 0.0
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens a and b share."""
-    n = min(len(a), len(b))
-    if list(a[:n]) == list(b[:n]):
-        return n
-    return next(i for i in range(n) if a[i] != b[i])
-
-
-class KVCache:
-    """k, v [n_layers, max_batch, n_kv_heads, max_context, head_dim], allocated once. With
-    multi-head latent attention, k [n_layers, max_batch, 1, max_context, kv_lora_rank +
-    rope_dim] holds each token's latent and RoPE key (the expanded keys and values of every
-    head are never stored: 1 / 9 of their bytes at DeepSeek-V2-Lite's shapes) and v is None.
-    With attention sinks (GPT-OSS) position p sits at index p + 1 (`offset`), and index 0
-    holds a zero key and value, the sink's.
-
-    held[row]: the tokens whose entries row holds at positions 0, 1, ... (what a later prompt
-    with the same prefix need not read again; see serve.generate.DecodeBatch). Every write
-    forgets the row's tokens from where it starts; the writer then `records` what it wrote.
-    scores[row]: beside held, each token's log-probability entry after those before it (as
-    Row.prompt_logprobs has them), or None where none was computed, so that a prompt whose
-    tokens must all be scored can still take the scored prefix a row holds."""
-
-    def __init__(self, cfg, max_batch, max_context, dtype, device):
-        heads, k_dim, v_dim = self.dims(cfg)
-        self.offset = int(cfg.attn_sinks)
-        shape = (cfg.n_layers, max_batch, heads, max_context + self.offset)
-        self.k = torch.zeros(*shape, k_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(*shape, v_dim, dtype=dtype, device=device) if v_dim else None
-        self.held: list[list[int]] = [[] for _ in range(max_batch)]
-        self.scores: list[list] = [[] for _ in range(max_batch)]
-
-    def forget(self, row: int, start: int) -> None:
-        """Row `row` is written from position `start` on: its tokens from there are unknown."""
-        del self.held[row][start:]
-        del self.scores[row][start:]
-
-    def record(self, row: int, start: int, tokens: Sequence[int]) -> None:
-        """Positions [start, start + len(tokens)) of `row` now hold `tokens`' entries (kept
-        only when the row's tokens before `start` are known)."""
-        held = self.held[row]
-        if len(held) == start:
-            held.extend(tokens)
-            self.scores[row].extend([None] * len(tokens))
-
-    def score(self, row: int, entries: Sequence) -> None:
-        """The log-probability entries of the tokens row holds from position 0 (as many as
-        it holds)."""
-        n = min(len(entries), len(self.held[row]))
-        self.scores[row][:n] = entries[:n]
-
-    def scored(self, row: int, top: int) -> int:
-        """How many leading positions of row have a score with at least `top` alternatives
-        (position 0 needs none: nothing comes before it)."""
-        s = self.scores[row]
-        n = 1 if s else 0
-        while n < len(s) and s[n] is not None and len(s[n][1]) >= top:
-            n += 1
-        return n
-
-    def common(self, row: int, ids: Sequence[int]) -> int:
-        """How many leading tokens of ids row holds."""
-        return common_prefix(self.held[row], ids)
-
-    def copy_prefix(self, src: int, dst: int, n: int) -> None:
-        """Row dst takes row src's first n positions (and their tokens)."""
-        self.copy_entries(src, dst, n)
-        self.held[dst] = self.held[src][:n]
-        self.scores[dst] = self.scores[src][:n]
-
-    def copy_entries(self, src: int, dst: int, n: int, layer: int | None = None) -> None:
-        """Row dst takes row src's keys and values of positions [0, n), in every layer or
-        in one (the caller keeps held and scores)."""
-        end, at = n + self.offset, slice(None) if layer is None else layer
-        self.k[at, dst, :, :end] = self.k[at, src, :, :end]
-        if self.v is not None:
-            self.v[at, dst, :, :end] = self.v[at, src, :, :end]
-
-    @staticmethod
-    def dims(cfg) -> tuple[int, int, int]:
-        """(heads, key width, value width; 0: values are the keys' latent part)."""
-        if cfg.mla is not None:
-            return 1, cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim, 0
-        return cfg.n_kv_heads, cfg.resolved_head_dim, cfg.resolved_head_dim
-
-    @staticmethod
-    def token_nbytes(cfg, dtype: torch.dtype) -> int:
-        """Bytes one position takes over all layers (one token's entry)."""
-        heads, k_dim, v_dim = KVCache.dims(cfg)
-        return cfg.n_layers * heads * (k_dim + v_dim) * (torch.finfo(dtype).bits // 8)
-
-    @staticmethod
-    def nbytes(cfg, max_batch: int, max_context: int, dtype: torch.dtype) -> int:
-        """Bytes of the whole cache (with the sink's position when there is one)."""
-        return KVCache.token_nbytes(cfg, dtype) * max_batch * (max_context
-                                                               + int(cfg.attn_sinks))
-
-
 def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_batch: int,
                 max_context: int) -> tuple[int, int, str]:
     """(bytes kept on the device besides expert slots, bytes of one slot, a description):
@@ -152,7 +55,7 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
     its KV caches when there is one."""
     m, el = store.cfg, torch.finfo(dtype).bits // 8
     dense = store.dense_nbytes()
-    kv = KVCache.nbytes(m, max_batch, max_context, dtype)
+    kv = KVCache.nbytes(m, max_batch, max_context, dtype, cfg.kv_cache_dtype)
     chunk = max_batch * min(cfg.prefill_chunk, max_context)
     k, Fe, d = m.moe.router.top_k, m.moe.expert_ffn, m.d_model
     if m.mla is not None:  # expanded q, its latent form, the cache entry
@@ -175,7 +78,9 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
             is reference:  # packed experts are dequantized one at a time
         act += 2 * Fe * d * (4 + el)
     parts = (f"non-expert weights {format_size(dense)}, KV cache {format_size(kv)} "
-             f"({max_batch} x {max_context} tokens), activations ~{format_size(act)}")
+             f"({max_batch} x {max_context} tokens"
+             + (", int8" if cfg.kv_cache_dtype == "int8" else "")
+             + f"), activations ~{format_size(act)}")
     draft = 0
     if cfg.draft_model is not None:
         from serve.draft import draft_nbytes
@@ -293,7 +198,8 @@ class OffloadedModel:
         self.max_batch = cfg.max_batch
         self.n_slots, self.budget_report = self._plan_memory(cfg)
         self.model = self._build_model()
-        self.kv = KVCache(mcfg, self.max_batch, self.max_context, self.dtype, self.device)
+        self.kv = KVCache(mcfg, self.max_batch, self.max_context, self.dtype, self.device,
+                          cfg.kv_cache_dtype)
         self.sinks = mcfg.attn_sinks
         self.prefetch = cfg.prefetch == "cross-layer"
         side = torch.cuda.Stream(self.device) if on_cuda and self.prefetch else None
@@ -441,21 +347,17 @@ class OffloadedModel:
         """Layer i's attention over one step's residual stream x [B, S, d], writing the
         step's keys and values to the cache -> x."""
         block = self.model.layers[i]
-        attn, mla, c = block.attn, self.cfg.mla is not None, ctx
-        K = self.kv.k[i]  # [max_batch, Hkv, max_context, hd]
+        attn, mla, c, kv = block.attn, self.cfg.mla is not None, ctx, self.kv
         if mla:  # queries in latent space against the cached latents
             q, k = attn.project_latent(block.attn_norm(x), c.cos, c.sin)
         else:
             q, k, v = attn.project(block.attn_norm(x), c.cos, c.sin)
-            V = self.kv.v[i]
-            V[c.w_rows, :, c.w_pos] = v.transpose(1, 2)[c.b_idx, c.s_at]
-        K[c.w_rows, :, c.w_pos] = k.transpose(1, 2)[c.b_idx, c.s_at]
+            kv.put(i, "v", c.w_rows, c.w_pos, v.transpose(1, 2)[c.b_idx, c.s_at])
+        kv.put(i, "k", c.w_rows, c.w_pos, k.transpose(1, 2)[c.b_idx, c.s_at])
         r0, B = c.r0, c.B
-        keys = K[r0:r0 + B, :, :c.n_keys] if c.dense else K[c.kv_rows, :, :c.n_keys]
-        if mla:
-            values = keys[..., :attn.kv_rank]
-        else:
-            values = V[r0:r0 + B, :, :c.n_keys] if c.dense else V[c.kv_rows, :, :c.n_keys]
+        rows = slice(r0, r0 + B) if c.dense else c.kv_rows
+        keys = kv.get(i, "k", rows, c.n_keys)  # [B, Hkv, keys, hd]
+        values = keys[..., :attn.kv_rank] if mla else kv.get(i, "v", rows, c.n_keys)
         mask = c.mask_for(block.window)
         if self.sinks:  # GPT-OSS: cache position 0 is a zero key / value, the sink's
             mask = sink_mask(mask, attn.sinks, self.dtype)

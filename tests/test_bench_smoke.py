@@ -266,13 +266,13 @@ def test_serve_skip_bench_smoke(tmp_path):
     out, prompts = tmp_path / "results.md", tmp_path / "prompts.txt"
     prompts.write_text("def f(a):\n    return a\n---\nimport os\n")
     main(["--model", str(tmp_path / "m"), "--device", "cpu", "--weights", "0.5",
-          "--stand-in-weights", "0.5", "--quant-everywhere", "int4",
+          "--stand-in-weights", "0.5", "--quant-everywhere", "int4", "--kv-int8",
           "--new-tokens", "6", "--memory-budget", "600KiB", "--prompts", str(prompts),
           "--out", str(out)])
     rows = {r[1].strip(): r for r in (line.split("|") for line in out.read_text().splitlines())
             if len(r) > 10 and r[1].strip() not in ("serving", "---")}
     assert list(rows) == ["exact", "skip below 0.5", "int4 stand-ins below 0.5",
-                          "every expert int4"]
+                          "every expert int4", "int8 KV cache"]
     assert rows["exact"][9].strip() == "1.000"  # argmax agreement with itself
     assert float(rows["skip below 0.5"][3]) > 0 and float(rows["skip below 0.5"][4]) == 0
     assert float(rows["int4 stand-ins below 0.5"][4]) > 0
