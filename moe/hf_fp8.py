@@ -1,5 +1,5 @@
 """FP8 block-scaled checkpoints (quantization_config quant_method "fp8" with a
-weight_block_size, as DeepSeek-V3 / R1 and Qwen3-*-FP8 ship): a linear
+weight_block_size, as DeepSeek-V3 / R1, Qwen3-*-FP8 and MiniMax-M2 ship): a linear
 weight W [out, in] is stored as float8 codes beside `<name>_scale_inv` [ceil(out / bo),
 ceil(in / bi)], one scale per (bo x bi) block, W = codes * scale. Read, the weights are
 dequantized to the compute dtype (weight-only: activations are not quantized, so answers

@@ -1,8 +1,8 @@
 """Import Hugging Face MoE directories (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2 / V3,
 GLM-4.5 (glm4_moe), GLM-4.7-Flash (glm4_moe_lite), dots.llm1 (dots1), GPT-OSS with bf16 or
-MXFP4 experts, ERNIE-4.5 (ernie4_5_moe); sharded safetensors or not) as our ModelConfig and
-state dict, and read dense Llama / Qwen3 directories for upcycling. Options that would be
-served wrong are refused by name."""
+MXFP4 experts, ERNIE-4.5 (ernie4_5_moe), MiniMax-M2 (minimax_m2); sharded safetensors or
+not) as our ModelConfig and state dict, and read dense Llama / Qwen3 directories for
+upcycling. Options that would be served wrong are refused by name."""
 
 from __future__ import annotations
 
@@ -136,6 +136,11 @@ def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
     if family not in EXPERT_NAMES:
         raise ValueError(f"unsupported architecture model_type={family!r}; supported: "
                          f"{', '.join(EXPERT_NAMES)}")
+    if family == "minimax_m2" and hf.get("rotary_dim") and hf.get("head_dim"):
+        # the released checkpoints give partial RoPE as rotary_dim, as transformers reads it
+        rope = dict(hf.get("rope_parameters") or {})
+        rope.setdefault("partial_rotary_factor", hf["rotary_dim"] / hf["head_dim"])
+        hf = {**hf, "rope_parameters": {"rope_theta": hf.get("rope_theta", 5e6), **rope}}
     if family == "ernie4_5_moe":  # its name for top-k, and its RoPE base, as transformers has
         hf = {"num_experts_per_tok": hf.get("moe_k"), **hf}
         if "rope_theta" not in hf and "rope_theta" not in (hf.get("rope_parameters") or {}):
@@ -160,6 +165,11 @@ def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
                         router=RouterConfig(top_k=hf["num_experts_per_tok"], gate_bias=True))
     elif family == "ernie4_5_moe":
         moe, dense_layers = _ernie_moe(hf)
+    elif family == "minimax_m2":  # Mixtral's layout, sigmoid routing with a selection bias
+        moe = MoEConfig(num_experts=hf.get("num_local_experts") or hf["num_experts"],
+                        expert_ffn=hf["intermediate_size"],
+                        router=RouterConfig(top_k=hf["num_experts_per_tok"], score="sigmoid",
+                                            expert_bias=True))
     elif family in ("mixtral", "olmoe"):
         n_exp = hf.get("num_local_experts") or hf.get("num_experts")
         moe = MoEConfig(num_experts=n_exp, expert_ffn=hf["intermediate_size"],
@@ -195,14 +205,15 @@ def hf_model_config(hf: dict) -> tuple[ModelConfig, str, list[int]]:
     if family == "gpt_oss" and not (hf.get("rope_scaling") or hf.get("rope_parameters")):
         hf = dict(hf, rope_parameters=GPT_OSS_ROPE)  # what transformers gives it then
     window, window_layers = hf_sliding_window(hf, family, n_layers)
-    fields = llama_fields(hf, default_context=4096, partial_rotary=family == "glm4_moe")
+    fields = llama_fields(hf, default_context=4096,
+                          partial_rotary=family in ("glm4_moe", "minimax_m2"))
     if mla is not None:
         fields.update(n_kv_heads=fields["n_heads"],
                       head_dim=mla.qk_nope_head_dim + mla.qk_rope_head_dim)
     cfg = ModelConfig(
-        **fields, mla=mla, qk_norm=family in ("qwen3_moe", "olmoe", "dots1") or (
+        **fields, mla=mla, qk_norm=family in ("qwen3_moe", "olmoe", "dots1", "minimax_m2") or (
             family == "glm4_moe" and bool(hf.get("use_qk_norm"))),
-        qk_norm_type="full" if family == "olmoe" else "head",
+        qk_norm_type="full" if family in ("olmoe", "minimax_m2") else "head",
         qkv_bias=(family == "qwen2_moe" and hf.get("qkv_bias", True))
         or (family in ("glm4_moe", "gpt_oss") and bool(hf.get("attention_bias", True))),
         o_bias=family == "gpt_oss" and bool(hf.get("attention_bias", True)),
@@ -305,9 +316,9 @@ def hf_sliding_window(hf: dict, family: str, n_layers: int) -> tuple[int | None,
     every layer (Qwen3) or on the layers its layer_types (or max_window_layers) name
     (Qwen2); GPT-OSS's on the layers its layer_types name (the even ones by default), dots1's
     likewise (those from max_window_layers on by default);
-    OLMoE, DeepSeek, GLM and ERNIE have none."""
+    OLMoE, DeepSeek, GLM, ERNIE and MiniMax-M2 have none."""
     window = hf.get("sliding_window")
-    if family in ("olmoe", "glm4_moe", "ernie4_5_moe", *DEEPSEEK) or not window:
+    if family in ("olmoe", "glm4_moe", "ernie4_5_moe", "minimax_m2", *DEEPSEEK) or not window:
         return None, None
     if family == "mixtral":
         return int(window), None

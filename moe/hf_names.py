@@ -21,6 +21,7 @@ EXPERT_NAMES = {
     "dots1": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
     "gpt_oss": ("mlp.router", "mlp.experts.", ("gate_up_proj", "down_proj")),  # stacked
     "ernie4_5_moe": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj")),
+    "minimax_m2": ("block_sparse_moe.gate", "block_sparse_moe.experts.{e}.", ("w1", "w3", "w2")),
 }
 DEEPSEEK = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")  # latent attention (MLA)
 GPT_OSS_MXFP4 = {"quant_method": "mxfp4", "modules_to_not_convert": [  # as on the Hub
@@ -86,6 +87,9 @@ def dense_tensor_names(cfg: ModelConfig, family: str) -> dict[str, list[str]]:
             names[dst + "mlp.router.expert_bias"] = [src + gate_name + ".e_score_correction_bias"]
         elif family == "ernie4_5_moe":  # [1, E]
             names[dst + "mlp.router.expert_bias"] = [src + "mlp.moe_statics."
+                                                     "e_score_correction_bias"]
+        elif family == "minimax_m2":
+            names[dst + "mlp.router.expert_bias"] = [src + "block_sparse_moe."
                                                      "e_score_correction_bias"]
         if family in UNGATED_SHARED and cfg.moe.num_shared_experts:
             sh = src + "mlp.shared_experts."

@@ -1,6 +1,6 @@
 """`moe-serve`: generate, chat, bench and an OpenAI-compatible HTTP server for an offloaded
 MoE model directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2 / V3, GLM-4.5,
-GLM-4.7-Flash, dots.llm1, GPT-OSS, ERNIE-4.5, or our own exports).
+GLM-4.7-Flash, dots.llm1, GPT-OSS, ERNIE-4.5, MiniMax-M2, or our own exports).
 
     moe-serve generate --model DIR --prompt "def f(" --max-new-tokens 32 --memory-budget 8GiB
     moe-serve generate --model DIR --prompt-ids 1,2,3 --json

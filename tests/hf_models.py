@@ -1,4 +1,4 @@
-"""Tiny random-weight Hugging Face MoE models of eleven families (import and serving
+"""Tiny random-weight Hugging Face MoE models of twelve families (import and serving
 tests)."""
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ FAMILIES = {  # family -> (model class, config class, family-specific config fie
                          "original_max_position_embeddings": 16})),
     # softmax routing with a selection bias, ungated shared experts, a leading dense layer,
     # RoPE on interleaved pairs, tied embeddings
+    # full-width q/k norms, partial RoPE (rotary_dim), sigmoid routing with a selection bias
+    "minimax_m2": ("MiniMaxM2ForCausalLM", "MiniMaxM2Config", dict(
+        intermediate_size=16, num_local_experts=8, head_dim=8, rotary_dim=4)),
     "ernie4_5_moe": ("Ernie4_5_MoeForCausalLM", "Ernie4_5_MoeConfig", dict(
         intermediate_size=48, moe_intermediate_size=16, moe_num_experts=8,
         moe_num_shared_experts=2, moe_layer_start_index=1, tie_word_embeddings=True)),

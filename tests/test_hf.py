@@ -231,6 +231,7 @@ def test_import_hf_errors(tmp_path):
     ("deepseek_v3", None),
     ("glm4_moe_lite", None),  # exported as DeepSeek-V3, the same maths
     ("dots1", "GLM-4.5 .* equivalent: a sliding window"),  # GLM has no window
+    ("minimax_m2", "GLM-4.5 .* equivalent: full-width q/k norms"),
     ("gpt_oss", None)])
 def test_import_families_match_transformers_and_export_back(tmp_path, family, refusal):
     """Import equals transformers; a family export cannot write is refused by name, and a
@@ -282,3 +283,18 @@ def test_fp8_blocks_round_trip_and_bad_schemes_are_named():
     with pytest.raises(ValueError, match="fmt='e3m4'"):
         fp8_block({"quantization_config": {"quant_method": "fp8", "fmt": "e3m4",
                                            "weight_block_size": [128, 128]}})
+
+
+def test_minimax_m2_as_released_gives_partial_rope_as_rotary_dim(tmp_path):
+    """MiniMax-M2's released config.json says rotary_dim (and rope_theta at the top), not
+    rope_parameters: read as transformers reads it, the same logits."""
+    import json
+
+    hf = build_hf("minimax_m2")
+    hf.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    cfg = json.loads(path.read_text())
+    theta = cfg.pop("rope_parameters")["rope_theta"]
+    path.write_text(json.dumps({**cfg, "rope_theta": theta, "rotary_dim": 4}))
+    imported = assert_import_matches(hf, tmp_path)
+    assert imported.partial_rotary_factor == 0.5 and imported.rope_theta == theta

@@ -23,7 +23,7 @@ from serve.units import parse_size  # noqa: E402
 from tests.hf_models import build_hf, hf_greedy, save_gpt_oss_mxfp4  # noqa: E402
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
-            "glm4_moe", "glm4_moe_lite", "dots1", "gpt_oss", "ernie4_5_moe"]
+            "glm4_moe", "glm4_moe_lite", "dots1", "gpt_oss", "ernie4_5_moe", "minimax_m2"]
 NEW = 8
 
 
