@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.quant import QuantWeight
+from moe.hf_fp8 import Fp8Weight
 from serve.store import WeightStore
 
 Key = tuple[int, int]  # (layer, expert)
@@ -195,8 +196,11 @@ class ExpertCache:
     def _write(self, src, s: int, stream: torch.cuda.Stream | None):
         """Copy expert src into slot s (on stream, else the current one) -> its event."""
         nb = self.device.type == "cuda"
-        self.w_in[s].copy_(src.w_in, non_blocking=nb)
-        self.w_out[s].copy_(src.w_out, non_blocking=nb)
+        for dst, w in ((self.w_in[s], src.w_in), (self.w_out[s], src.w_out)):
+            if isinstance(w, Fp8Weight):  # its codes cross, the slot is dequantized here
+                w.into_(dst, non_blocking=nb)
+            else:
+                dst.copy_(w, non_blocking=nb)
         if self.b_in is not None:
             self.b_in[s].copy_(src.b_in, non_blocking=nb)
             self.b_out[s].copy_(src.b_out, non_blocking=nb)

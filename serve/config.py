@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 CACHE_POLICIES = ("lru", "lfu", "layer", "next-use")  # serve.cache.POLICIES
-QUANT_CHOICES = ("auto", "none", "int8", "int4", "mxfp4")
+QUANT_CHOICES = ("auto", "none", "int8", "int4", "mxfp4", "fp8")
 
 _NONE = type(None)
 # ServeConfig fields without a list of choices: what each takes (check() names it)
@@ -56,7 +56,9 @@ class ServeConfig:
     miss would not have made (bench/policies.py), so a higher bar trades hits for bytes.
     quant: "none", "int8" or "int4" (weight-only experts, kept packed on the device and
     dequantized inside the expert GEMMs), "mxfp4" (an MXFP4 checkpoint's experts, packed as
-    stored) or "auto" (mxfp4 for MXFP4 checkpoints, else none).
+    stored), "fp8" (an FP8 block-scaled checkpoint's experts as stored in RAM and on the
+    wire, dequantized in their device slots: half bf16's bytes) or "auto" (mxfp4 / fp8 for
+    such checkpoints, else none).
     max_batch x max_context tokens of KV cache are reserved (max_context: None = the model's
     context, at most 4096), in the compute dtype, or with kv_cache_dtype "int8" as int8 codes
     with a scale per token, head and 64 channels (serve/kvcache.py: about half the bytes of
@@ -137,7 +139,7 @@ class ServeConfig:
                              "(int8 or int4) for the missing experts lighter than a weight "
                              f"above 0; got miss_quant={self.miss_quant!r}, "
                              f"miss_quant_weight={self.miss_quant_weight!r}")
-        if self.miss_quant != "none" and self.quant not in ("none", "auto"):
+        if self.miss_quant != "none" and self.quant not in ("none", "auto", "fp8"):
             raise ValueError(f"miss_quant stands in for full-precision experts; with "
                              f"quant={self.quant!r} every expert is packed already")
         if self.miss_quant_slots is not None and self.miss_quant_slots < 1:

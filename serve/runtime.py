@@ -74,6 +74,8 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
     act += 2 * max_batch * max(cfg.speculate, PREDICTED_DRAFT) * m.vocab_size * 4
     if m.attn_sinks:  # the float mask that carries the sinks
         act += chunk * (max_context + 1) * el * m.n_heads
+    if store.quant == "fp8":  # an expert's codes and scales on the device while it widens
+        act += 2 * store.expert_nbytes
     if store.bits is not None and get_backend(cfg.kernel_backend, resolve_device(cfg.device)) \
             is reference:  # packed experts are dequantized one at a time
         act += 2 * Fe * d * (4 + el)
@@ -91,7 +93,8 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
     if cfg.miss_quant != "none" and store.moe_layers:  # the stand-ins' pool
         from kernels.quant import quantize
 
-        probe, bits = store.expert(store.moe_layers[0], 0), QUANT_BITS[cfg.miss_quant]
+        probe = store.expert(store.moe_layers[0], 0).dense(dtype)
+        bits = QUANT_BITS[cfg.miss_quant]
         n = miss_quant_slots(cfg, m, max_batch)
         low = n * (sum(quantize(w, bits).nbytes for w in (probe.w_in, probe.w_out))
                    + sum(b.nbytes for b in (probe.b_in, probe.b_out) if b is not None))
@@ -523,7 +526,7 @@ class OffloadedModel:
         m = self.cfg.moe
         for e in expert.unique().tolist():
             at = (expert == e).nonzero()[:, 0]
-            src = self.store.expert(i, e)
+            src = self.store.expert(i, e).dense(self.dtype)
             d = sort_by_expert(torch.zeros(len(at), 1, dtype=torch.long), 1)
             y = expert_mlp(x[at], src.w_in[None], src.w_out[None], d,  # a stack of one
                            m.expert_type, "torch", True, *(None if b is None else b[None]

@@ -20,13 +20,13 @@ from safetensors.torch import save_file
 
 from kernels.quant import QuantWeight, quantize
 from moe.config import ModelConfig
-from moe.hf_fp8 import FP8_DTYPES, fp8_block, fp8_dequantize
+from moe.hf_fp8 import FP8_DTYPES, Fp8Weight, fp8_block, fp8_dequantize
 from moe.hf_import import dense_tensor, hf_model_config, read_expert
-from moe.hf_names import dense_tensor_names, expert_sources, is_mxfp4
+from moe.hf_names import dense_tensor_names, expert_sources, expert_tensor_names, is_mxfp4
 from serve.config import QUANT_CHOICES
 from serve.units import format_size
 
-QUANT_BITS = {"none": None, "int8": 8, "int4": 4, "mxfp4": 4}
+QUANT_BITS = {"none": None, "int8": 8, "int4": 4, "mxfp4": 4, "fp8": None}  # fp8: dense slots
 
 
 class ModelDirError(ValueError):
@@ -46,6 +46,17 @@ class ExpertWeights:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.parts())
+
+    def dense(self, dtype: torch.dtype) -> ExpertWeights:
+        """The expert with FP8 weights kept as stored (Fp8Weight) dequantized to dtype."""
+        def widen(w):
+            if not isinstance(w, Fp8Weight):
+                return w
+            out = torch.empty(w.codes.shape, dtype=dtype)
+            w.into_(out)
+            return out
+
+        return ExpertWeights(widen(self.w_in), widen(self.w_out), self.b_in, self.b_out)
 
     def parts(self) -> list:
         return [t for t in (self.w_in, self.w_out, self.b_in, self.b_out) if t is not None]
@@ -121,14 +132,17 @@ class WeightStore:
             raise ModelDirError(str(e)) from e
         self.cfg: ModelConfig
         mxfp4 = is_mxfp4(self.hf_config)
-        if quant == "auto":  # an MXFP4 checkpoint stays packed; others as they are
-            quant = "mxfp4" if mxfp4 else "none"
+        self.fp8_block = fp8_block(self.hf_config)  # weights dequantized as they are read
+        if quant == "auto":  # MXFP4 / FP8 checkpoints' experts as stored; others as they are
+            quant = "mxfp4" if mxfp4 else "fp8" if self._fp8_keeps() is None else "none"
         if quant == "mxfp4" and not mxfp4:
             raise ModelDirError(f"--quant mxfp4 keeps an MXFP4 checkpoint's experts packed, "
                                 f"and {self.dir} is not one; use int4 or int8 to quantize "
                                 "its experts at load")
+        if quant == "fp8" and self._fp8_keeps() is not None:
+            raise ModelDirError(f"--quant fp8 keeps an FP8 checkpoint's experts as stored, "
+                                f"and {self.dir} {self._fp8_keeps()}")
         self.quant, self.bits = quant, QUANT_BITS[quant]
-        self.fp8_block = fp8_block(self.hf_config)  # weights dequantized as they are read
         self.files = _tensor_files(self.dir)
         self._handles: dict[Path, object] = {}
         self.moe_layers = [i for i in range(self.cfg.n_layers) if self.cfg.is_moe_layer(i)]
@@ -140,6 +154,19 @@ class WeightStore:
         self.expert_nbytes = self._read_expert(self.moe_layers[0], 0).nbytes \
             if self.moe_layers else 0
         self._fill_host_tier(host_budget, pin, offload_dir, verbose)
+
+    def _fp8_keeps(self) -> str | None:
+        """None when the experts can stay FP8 as stored (an FP8 block-scaled checkpoint,
+        experts apart, sizes multiples of the block), else why not."""
+        if self.fp8_block is None:
+            return "is not one (quant_method fp8 with a weight_block_size)"
+        if self.family == "gpt_oss":
+            return "stacks its experts"
+        (bo, bi), m = self.fp8_block, self.cfg
+        if any(n % b for n in (m.moe.expert_ffn, m.d_model) for b in (bo, bi)):
+            return (f"has expert sizes ({m.moe.expert_ffn}, {m.d_model}) that are not "
+                    f"multiples of its block {self.fp8_block}")
+        return None
 
     # -- reading -------------------------------------------------------------------------
     def _handle(self, path: Path):
@@ -158,6 +185,16 @@ class WeightStore:
                 raise ModelDirError(f"{self.dir}: fp8 tensor {name} has no {scale}")
             t = fp8_dequantize(t, self._get(scale, e), self.fp8_block, self.dtype)
         return t
+
+    def _fp8(self, name: str) -> Fp8Weight:
+        """FP8 weight `name` as stored (codes and block scales)."""
+        h = self._handle(self.files[name])
+        codes = h.get_tensor(name)
+        if codes.dtype not in FP8_DTYPES or name + "_scale_inv" not in self.files:
+            raise ModelDirError(f"{self.dir}: expert weight {name} is not FP8 with scales "
+                                "(--quant none dequantizes what is)")
+        return Fp8Weight(codes, self._handle(self.files[name + "_scale_inv"]).get_tensor(
+            name + "_scale_inv").float(), self.fp8_block)
 
     def _dense_names(self) -> dict[str, list[str]]:
         """Our non-expert names -> the Hub tensors they are made of. A tied LM head is left
@@ -198,6 +235,9 @@ class WeightStore:
         return total
 
     def _read_expert(self, layer: int, e: int) -> ExpertWeights:
+        if self.quant == "fp8":  # the codes and block scales as stored (gate; up rows)
+            g, u, dn = (self._fp8(n) for n in expert_tensor_names(self.family, layer, e))
+            return ExpertWeights(Fp8Weight.cat([g, u]), dn)
         packed = self.quant == "mxfp4"  # the checkpoint's codes as they are
         w_in, w_out, b_in, b_out = read_expert(self.hf_config, self.family, layer, e,
                                                self._get, packed)

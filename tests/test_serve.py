@@ -281,26 +281,45 @@ def test_missing_experts_of_few_tokens_run_on_the_host(refs, family, prefetch):
     assert roomy.token_ids == ref_ids and roomy.stats["experts_on_host"] == 0
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
-def test_fp8_checkpoints_serve_as_their_dequantized_weights(tmp_path, family):
-    """An FP8 block-scaled directory (as DeepSeek-V3 and Qwen3-FP8 ship) is served from its
-    float8 weights, dequantized as they are read: transformers' tokens and logits for the
-    dequantized model, under a budget, with the prefetcher; int8 experts on top work too."""
+@pytest.mark.parametrize("family,block,kept", [("qwen3_moe", (16, 16), False),
+                                              ("qwen3_moe", (8, 8), True),
+                                              ("deepseek_v3", (16, 16), True)])
+def test_fp8_checkpoints_serve_as_their_dequantized_weights(tmp_path, family, block, kept):
+    """An FP8 block-scaled directory (as DeepSeek-V3 and Qwen3-FP8 ship) gives transformers'
+    tokens and logits for its dequantized weights, under a budget, with the prefetcher. By
+    default its experts stay FP8 in RAM and on the wire, dequantized in their slots (the
+    same answers as dequantizing them when read, half the bytes moved), unless their sizes
+    are not multiples of the block (then --quant fp8 is refused by name)."""
     from tests.hf_models import save_fp8
 
-    ref = save_fp8(build_hf(family), tmp_path)
+    ref = save_fp8(build_hf(family), tmp_path, block)
     prompt = [5, 17, 99, 3, 250, 41, 8]
-    m = serve(tmp_path, memory_budget=budget_for(tmp_path, 4), prefetch="cross-layer")
+    budget = budget_for(tmp_path, 4)
+    m = serve(tmp_path, memory_budget=budget, prefetch="cross-layer")
+    assert m.store.quant == ("fp8" if kept else "none") and m.store.fp8_block == block
     res = generate(m, [prompt], NEW, keep_logits=True)
     with torch.no_grad():
         want = ref.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False,
                             output_logits=True, return_dict_in_generate=True)
     assert res.token_ids == [want.sequences[0, len(prompt):].tolist()]
     torch.testing.assert_close(res.logits[0], torch.cat(want.logits), rtol=1e-4, atol=1e-4)
-    assert "(none)" in m.store.describe() and m.store.fp8_block == (16, 16)
-    packed = generate(serve(tmp_path, quant="int8", memory_budget=budget_for(tmp_path, 4)),
-                      [prompt], NEW)
-    assert packed.stats["new_tokens"] == NEW
+    if not kept:
+        with pytest.raises(ModelDirError, match="not multiples of its block"):
+            serve(tmp_path, quant="fp8")
+        return
+    wide = generate(serve(tmp_path, memory_budget=budget, prefetch="cross-layer",
+                          quant="none"), [prompt], NEW, keep_logits=True)
+    assert wide.token_ids == res.token_ids
+    torch.testing.assert_close(wide.logits[0], res.logits[0], rtol=1e-6, atol=1e-6)
+    moved = [r.stats["bytes_to_device"] / (r.stats["expert_misses"]
+                                           + r.stats["experts_prefetched"]) for r in (res, wide)]
+    assert moved[0] < 0.3 * moved[1]  # an fp8 byte and its scales against float32's 4
+    host = generate(serve(tmp_path, memory_budget=budget, host_compute_tokens=2), [prompt],
+                    NEW, keep_logits=True)  # the host widens its own copies
+    assert host.stats["experts_on_host"] > 0 and host.token_ids == res.token_ids
+    low = serve(tmp_path, memory_budget=budget_for(tmp_path, 6), miss_quant="int4",
+                miss_quant_weight=1.0)
+    assert generate(low, [prompt], NEW).stats["experts_low_precision"] > 0
 
 
 @pytest.mark.parametrize("family,every", [
