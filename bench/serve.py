@@ -42,6 +42,7 @@ from bench.common import (
 )
 from moe.config import MLAConfig, ModelConfig, MoEConfig
 from moe.hf_export import hf_config_json
+from moe.hf_fp8 import fp8_quantize
 from moe.hf_names import EXPERT_NAMES, GPT_OSS_MXFP4, dense_tensor_names, expert_tensor_names
 from moe.model import MoETransformer
 from routing.config import RouterConfig
@@ -67,6 +68,7 @@ GPT_OSS_20B = dict(vocab_size=201088, d_model=2880, n_heads=64, n_kv_heads=8, he
                    expert_ffn=2880, num_experts=32, top_k=4, max_seq_len=4096, window=128)
 GPT_OSS_SMOKE = dict(vocab_size=256, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16,
                      expert_ffn=64, num_experts=8, top_k=2, max_seq_len=256, window=8)
+FP8_BLOCK = (128, 128)  # --fp8: DeepSeek-V3's block (32 x 32 at the smoke shapes)
 SHAPES = ("mixtral", "deepseek-v2-lite", "gpt-oss-20b")
 
 
@@ -106,9 +108,11 @@ def bench_model(shape: str, n_layers: int, smoke: bool) -> tuple[ModelConfig, st
     return cfg, "deepseek_v3", s
 
 
-def write_model(out: Path, cfg: ModelConfig, family: str, dtype: torch.dtype) -> None:
+def write_model(out: Path, cfg: ModelConfig, family: str, dtype: torch.dtype,
+                fp8: tuple[int, int] | None = None) -> None:
     """A random directory of cfg in the family's Hub layout: one safetensors shard per layer
-    (written one at a time, so memory holds one layer) + index + config.json."""
+    (written one at a time, so memory holds one layer) + index + config.json; fp8: the
+    experts as an FP8 block-scaled checkpoint stores them, in blocks of this size."""
     out.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
         shapes = {n: t.shape for n, t in MoETransformer(cfg).state_dict().items()}
@@ -145,10 +149,14 @@ def write_model(out: Path, cfg: ModelConfig, family: str, dtype: torch.dtype) ->
             for e in range(cfg.moe.num_experts):
                 g, u, dn = expert_tensor_names(family, i, e)
                 parts[str(i)] += [(g, (F, d)), (u, (F, d)), (dn, (d, F))]
+    experts = {n for i in range(n_layers) if cfg.is_moe_layer(i) and family != "gpt_oss"
+               for e in range(E) for n in expert_tensor_names(family, i, e)}
     weight_map, total = {}, 0
     for key, names in parts.items():
         fname = f"model-{'top' if key == 'top' else 'layer' + key}.safetensors"
         tensors = {hub: make(hub, shape) for hub, shape in names}
+        for hub in [h for h in tensors if fp8 and h in experts]:
+            tensors[hub], tensors[hub + "_scale_inv"] = fp8_quantize(tensors[hub], fp8)
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         weight_map.update({k: fname for k in tensors})
         total += sum(t.nbytes for t in tensors.values())
@@ -160,6 +168,10 @@ def write_model(out: Path, cfg: ModelConfig, family: str, dtype: torch.dtype) ->
     hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
     if family == "gpt_oss":
         hf_cfg["quantization_config"] = GPT_OSS_MXFP4
+    if fp8:
+        hf_cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                                         "activation_scheme": "dynamic",
+                                         "weight_block_size": list(fp8)}
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
 
 
@@ -293,6 +305,10 @@ def main(argv=None) -> None:
     p.add_argument("--speculate", default="",
                    help="comma-separated K: a column each for ours drafting up to K tokens "
                    "a step by prompt lookup (--speculate)")
+    p.add_argument("--fp8", action="store_true",
+                   help="write the experts as an FP8 block-scaled checkpoint (DeepSeek-V3's "
+                   "layout): --quants fp8 keeps them FP8 on the wire, none widens them at "
+                   "read; the transformers baseline is skipped (its FP8 path needs kernels)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--dir", default=None, help="where the random model is written")
@@ -304,7 +320,10 @@ def main(argv=None) -> None:
     mcfg, family, shape = bench_model(a.shape, a.layers, a.smoke)
     root = Path(a.dir or tempfile.mkdtemp(prefix="moe-serve-bench-"))
     print(f"writing a {a.layers}-layer random model to {root}", file=sys.stderr)
-    write_model(root, mcfg, family, dtype)
+    if a.fp8 and family == "gpt_oss":
+        p.error("--fp8 writes per-expert FP8 weights; gpt-oss-20b stores MXFP4")
+    write_model(root, mcfg, family, dtype,
+                fp8=((32, 32) if a.smoke else FP8_BLOCK) if a.fp8 else None)
     max_context = a.prompt_len + a.new_tokens + 8
     base = ServeConfig(model=str(root), device=device.type, dtype=str(dtype)[6:],
                        max_context=max_context, cache_policy=a.cache_policy)
@@ -342,7 +361,7 @@ def main(argv=None) -> None:
                                               **over) for _, over in variants]
                              for q in quants}
                 hf_tps, hf_label, stop = None, "skipped", None
-                if not a.skip_hf:
+                if not (a.skip_hf or a.fp8):
                     try:
                         hf_tps, hf_label = hf_decode_tokens_per_s(
                             root, budget, a.prompt_len, a.new_tokens, device, dtype)

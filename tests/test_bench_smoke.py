@@ -276,3 +276,18 @@ def test_serve_skip_bench_smoke(tmp_path):
     assert rows["exact"][9].strip() == "1.000"  # argmax agreement with itself
     assert float(rows["skip below 0.5"][3]) > 0 and float(rows["skip below 0.5"][4]) == 0
     assert float(rows["int4 stand-ins below 0.5"][4]) > 0
+
+
+def test_serve_bench_smoke_with_fp8_experts(tmp_path):
+    """--fp8 writes the experts as an FP8 block-scaled checkpoint: ours with them kept FP8 on
+    the wire (fp8) beside them widened at read (none), the first moving fewer bytes."""
+    from bench.serve import main
+
+    out = tmp_path / "results.md"
+    main(["--smoke", "--layers", "2", "--new-tokens", "4", "--batches", "1", "--fp8",
+          "--quants", "fp8,none", "--fractions", "0.5", "--out", str(out),
+          "--dir", str(tmp_path / "m")])
+    rows = {r[3].strip(): r for r in (line.split("|") for line in out.read_text().splitlines())
+            if len(r) > 13 and r[3].strip() in ("fp8", "none")}
+    moved = {q: float(r[13].split("/")[0]) for q, r in rows.items()}
+    assert set(moved) == {"fp8", "none"} and moved["fp8"] < 0.5 * moved["none"]
