@@ -4,6 +4,7 @@ GLM-4.7-Flash, dots.llm1, GPT-OSS, ERNIE-4.5, MiniMax-M2, or our own exports).
 
     moe-serve generate --model DIR --prompt "def f(" --max-new-tokens 32 --memory-budget 8GiB
     moe-serve generate --model DIR --prompt-ids 1,2,3 --json
+    moe-serve plan --model DIR --memory-budget 24GiB
     moe-serve chat --model DIR   [--chat-template-kwargs '{"reasoning_effort": "low"}']
     moe-serve bench --model DIR --memory-budget 24GiB --json
     moe-serve http --model DIR --port 8000
@@ -306,6 +307,13 @@ def _show_reasoning(row: int, text: str) -> None:
     print(text, end="", file=sys.stderr, flush=True)
 
 
+def cmd_plan(a) -> None:
+    from serve.plan import format_plan, plan
+
+    p = plan(_config(a), None if a.pcie_gbps is None else a.pcie_gbps * 1e9)
+    print(json.dumps(p) if a.json else format_plan(p))
+
+
 def cmd_bench(a) -> None:
     from serve.bench import format_report, run_bench
 
@@ -367,6 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
+    pl = sub.add_parser("plan", help="what a budget buys, before loading: expert slots, "
+                        "host RAM, bytes per token, the PCIe bound")
+    _runtime_args(pl)
+    pl.add_argument("--pcie-gbps", type=float, default=None,
+                    help="host-to-device GB/s (default: measured on a GPU, else 25)")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
     h = sub.add_parser("http", help="OpenAI-compatible server: /v1/completions, "
                        "/v1/chat/completions, /v1/models, /health")
     _runtime_args(h)

@@ -110,6 +110,39 @@ def miss_quant_slots(cfg: ServeConfig, m, max_batch: int) -> int:
     return min(m.moe.router.top_k * max_batch, m.moe.num_experts)
 
 
+def context_of(cfg: ServeConfig, m) -> int:
+    """KV-cache tokens a row reserves: cfg.max_context, else the model's context up to
+    4096, never past the model's."""
+    return min(cfg.max_context or min(m.max_seq_len, 4096), m.max_seq_len)
+
+
+def plan_slots(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_batch: int,
+               max_context: int, device: torch.device) -> tuple[int, int, int, str]:
+    """(expert slots, fixed bytes, bytes a slot, the budget report) of cfg's budget (or
+    FREE_SHARE of what device has free); BudgetError when not one slot fits."""
+    fixed, slot, parts = memory_plan(store, cfg, dtype, max_batch, max_context)
+    need = f"{parts} and one expert slot ({format_size(slot)}) need {format_size(fixed + slot)}"
+    if cfg.memory_budget is None:  # what the device has free, less a margin
+        free = free_memory(device)
+        budget = int(free * FREE_SHARE)
+        source = f"no budget given, {FREE_SHARE:.0%} of the {format_size(free)} free on {device}"
+        short = (f"the model does not fit the {format_size(free)} free on {device}: "
+                 f"{need} (with a {1 - FREE_SHARE:.0%} margin); lower --max-context / "
+                 "--max-batch, or free memory on the device")
+    else:
+        budget = parse_size(cfg.memory_budget)
+        source = f"budget {format_size(budget)}"
+        short = (f"memory budget {format_size(budget)} is too small: {need}; raise "
+                 "--memory-budget or lower --max-context / --max-batch")
+    n = (budget - fixed) // slot
+    if n < 1:
+        raise BudgetError(short)
+    total = store.total_experts
+    n = min(n, max(total, 1))
+    return n, fixed, slot, (f"{source}: {n}/{total} expert slots ({format_size(n * slot)}); "
+                            f"{parts}")
+
+
 # with no budget given, the runtime takes this share of the device's free memory
 FREE_SHARE = 0.9
 
@@ -197,7 +230,7 @@ class OffloadedModel:
         mcfg.moe.kernel_backend = cfg.kernel_backend
         mcfg.moe.router.validate = False
         self.cfg = mcfg
-        self.max_context = min(cfg.max_context or min(mcfg.max_seq_len, 4096), mcfg.max_seq_len)
+        self.max_context = context_of(cfg, mcfg)
         self.max_batch = cfg.max_batch
         self.n_slots, self.budget_report = self._plan_memory(cfg)
         self.model = self._build_model()
@@ -235,30 +268,9 @@ class OffloadedModel:
 
     # -- set-up ----------------------------------------------------------------------------
     def _plan_memory(self, cfg: ServeConfig) -> tuple[int, str]:
-        self.fixed_bytes, self.slot_bytes, parts = memory_plan(
-            self.store, cfg, self.dtype, self.max_batch, self.max_context)
-        total_experts = self.store.total_experts
-        need = (f"{parts} and one expert slot ({format_size(self.slot_bytes)}) need "
-                f"{format_size(self.fixed_bytes + self.slot_bytes)}")
-        if cfg.memory_budget is None:  # what the device has free, less a margin
-            free = free_memory(self.device)
-            budget = int(free * FREE_SHARE)
-            source = (f"no budget given, {FREE_SHARE:.0%} of the {format_size(free)} free "
-                      f"on {self.device}")
-            short = (f"the model does not fit the {format_size(free)} free on {self.device}: "
-                     f"{need} (with a {1 - FREE_SHARE:.0%} margin); lower --max-context / "
-                     "--max-batch, or free memory on the device")
-        else:
-            budget = parse_size(cfg.memory_budget)
-            source = f"budget {format_size(budget)}"
-            short = (f"memory budget {format_size(budget)} is too small: {need}; raise "
-                     "--memory-budget or lower --max-context / --max-batch")
-        n = (budget - self.fixed_bytes) // self.slot_bytes
-        if n < 1:
-            raise BudgetError(short)
-        n = min(n, max(total_experts, 1))
-        return n, (f"{source}: {n}/{total_experts} expert slots "
-                   f"({format_size(n * self.slot_bytes)}); {parts}")
+        n, self.fixed_bytes, self.slot_bytes, report = plan_slots(
+            self.store, cfg, self.dtype, self.max_batch, self.max_context, self.device)
+        return n, report
 
     def _build_model(self) -> MoETransformer:
         with torch.device("meta"):

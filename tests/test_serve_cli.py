@@ -817,3 +817,26 @@ def test_http_access_flags_and_environment(monkeypatch):
     monkeypatch.setenv("MOE_SERVE_API_KEY", "from-env")
     assert http_access(None, "http://a.example, *") == ("from-env", ("http://a.example", "*"))
     assert http_access("flag", "")[0] == "flag" and http_access("", None)[0] is None
+
+
+def test_plan_says_what_a_budget_buys_before_loading(model_dir):
+    """moe-serve plan: the runtime's own slots and fixed bytes, a token's expert bytes cold
+    and with the cached share, the PCIe bound at the bandwidth given; a budget too small is
+    refused by name."""
+    from serve.runtime import OffloadedModel
+
+    d, _ = model_dir
+    args = ("plan", "--model", d, "--memory-budget", "600KiB", "--device", "cpu")
+    doc = json.loads(cli(*args, "--pcie-gbps", 10, "--json").stdout)
+    m = OffloadedModel(ServeConfig(model=str(d), memory_budget="600KiB", device="cpu"))
+    assert (doc["expert_slots"], doc["fixed_bytes"]) == (m.n_slots, m.fixed_bytes)
+    cold = doc["top_k"] * doc["moe_layers"] * m.store.expert_nbytes
+    assert doc["bytes_per_token_cold"] == cold
+    expected = cold * (1 - m.n_slots / m.store.total_experts)
+    assert doc["bytes_per_token_expected"] == pytest.approx(expected)
+    assert doc["pcie_bound_tokens_per_s"] == pytest.approx(10e9 / expected)
+    text = cli(*args).stdout
+    assert f"{m.n_slots}/{m.store.total_experts} expert slots" in text
+    assert "PCIe bound at 25.0 GB/s (assumed)" in text
+    bad = cli("plan", "--model", d, "--memory-budget", "1KiB", "--device", "cpu", check=False)
+    assert bad.returncode != 0 and "too small" in bad.stderr and "Traceback" not in bad.stderr

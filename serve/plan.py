@@ -1,0 +1,71 @@
+"""`moe-serve plan`: what a budget buys before anything is loaded. From a model directory's
+config and one expert read, the memory plan the runtime would make (non-expert weights, KV
+cache, activations, expert slots), the RAM its experts need, and what decode would move per
+token over PCIe: every expert a token routes to in each MoE layer, times the share not
+cached (routing taken as uniform, so a trained model's skewed routing does better), over
+the host-to-device bandwidth (measured on a GPU, or --pcie-gbps).
+"""
+
+from __future__ import annotations
+
+from serve.config import ServeConfig
+from serve.runtime import context_of, plan_slots, resolve_device, resolve_dtype
+from serve.store import WeightStore, available_ram
+from serve.units import format_size
+
+# host-to-device bytes/s assumed without a GPU to measure (PCIe 4.0 x16 in practice)
+DEFAULT_PCIE = 25e9
+
+
+def plan(cfg: ServeConfig, pcie_bytes_per_s: float | None = None) -> dict:
+    """The plan for cfg as a dict (see the module docstring); BudgetError when no expert
+    slot fits, ModelDirError for a directory that cannot be served."""
+    cfg.check()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    store = WeightStore(cfg.model, dtype, cfg.quant, host_budget=0)  # reads one expert
+    m = store.cfg
+    max_context = context_of(cfg, m)
+    n, fixed, slot, report = plan_slots(store, cfg, dtype, cfg.max_batch, max_context, device)
+    total, k = store.total_experts, m.moe.router.top_k
+    cold = k * len(store.moe_layers) * store.expert_nbytes  # a token's experts, none cached
+    moved = cold * (1 - n / total) if total else 0
+    source = "--pcie-gbps" if pcie_bytes_per_s else "assumed"
+    if pcie_bytes_per_s is None and device.type == "cuda":
+        from serve.bench import h2d_bandwidth
+
+        pcie_bytes_per_s, source = h2d_bandwidth(device), "measured"
+    bw = pcie_bytes_per_s or DEFAULT_PCIE
+    return {
+        "model": str(cfg.model), "family": store.family, "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""), "quant": store.quant,
+        "moe_layers": len(store.moe_layers), "experts": total, "top_k": k,
+        "expert_bytes": store.expert_nbytes, "expert_slots": n,
+        "fixed_bytes": fixed, "slot_bytes": slot, "max_batch": cfg.max_batch,
+        "max_context": max_context, "budget_report": report,
+        "host_expert_bytes": total * store.expert_nbytes, "host_ram_available": available_ram(),
+        "bytes_per_token_cold": cold, "bytes_per_token_expected": moved,
+        "pcie_bytes_per_s": bw, "pcie_source": source,
+        "pcie_bound_tokens_per_s": bw / moved if moved else None,
+    }
+
+
+def format_plan(p: dict) -> str:
+    """The plan as lines of text."""
+    ram = p["host_expert_bytes"]
+    fits = ("fit" if ram <= p["host_ram_available"] else
+            "do not fit: the rest is read from the files (the disk tier)")
+    bound = (f"{p['pcie_bound_tokens_per_s']:.2f} tokens/s" if p["pcie_bound_tokens_per_s"]
+             else "none: every expert is resident")
+    return "\n".join([
+        f"model: {p['model']}: {p['family']}, {p['moe_layers']} MoE layers x "
+        f"{p['experts'] // max(p['moe_layers'], 1)} experts, top-{p['top_k']}; "
+        f"{format_size(p['expert_bytes'])} an expert as it crosses (quant {p['quant']})",
+        f"device {p['device']}, {p['dtype']}: {p['budget_report']}",
+        f"host RAM: the experts take {format_size(ram)}, "
+        f"{format_size(p['host_ram_available'])} available: they {fits}",
+        f"decode moves per token: {format_size(p['bytes_per_token_cold'])} with nothing "
+        f"cached, ~{format_size(p['bytes_per_token_expected'])} with "
+        f"{p['expert_slots']}/{p['experts']} cached (uniform routing)",
+        f"PCIe bound at {p['pcie_bytes_per_s'] / 1e9:.1f} GB/s ({p['pcie_source']}): {bound}",
+    ])
