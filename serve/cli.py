@@ -1,4 +1,4 @@
-"""`moe-serve`: generate, chat, bench and an OpenAI-compatible HTTP server for an offloaded
+"""`moe-serve`: generate, chat, bench, plan and an OpenAI-compatible HTTP server for an offloaded
 MoE model directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2 / V3, GLM-4.5,
 GLM-4.7-Flash, dots.llm1, GPT-OSS, ERNIE-4.5, MiniMax-M2, or our own exports).
 
