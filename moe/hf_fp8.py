@@ -4,7 +4,8 @@ weight W [out, in] is stored as float8 codes beside `<name>_scale_inv` [ceil(out
 ceil(in / bi)], one scale per (bo x bi) block, W = codes * scale. Read, the weights are
 dequantized to the compute dtype (weight-only: activations are not quantized, so answers
 are the dequantized model's); tensors without a scale (norms, embeddings, routers, the LM
-head) are read as stored.
+head) are read as stored. The serve store may keep experts as stored instead (Fp8Weight):
+their codes and scales cross to the device, where each is widened in its slot.
 """
 
 from __future__ import annotations
