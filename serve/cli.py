@@ -342,7 +342,7 @@ def cmd_http(a) -> None:
 
     key, origins = http_access(a.api_key, a.allowed_origins)
     serve_forever(_session(a, HTTP_BATCH), a.host, a.port, a.chat_template_kwargs, key,
-                  origins)
+                  origins, a.drain_timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -390,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--api-key", default=None, metavar="KEY",
                    help="requests to /v1/* must send \"Authorization: Bearer KEY\" (default: "
                    "$MOE_SERVE_API_KEY; unset: open)")
+    h.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, seconds the requests in flight may take to finish "
+                   "before the server exits (default 30)")
     h.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
                    help="comma-separated origins browsers may call from (CORS), or * for any; "
                    "default none")

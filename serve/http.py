@@ -30,6 +30,10 @@ otherwise; /health and /metrics stay open, as vLLM has them). With allowed origi
 (--allowed-origins), browsers on those origins may call the server (CORS: the
 Access-Control-Allow-* headers, and OPTIONS preflights); none by default.
 
+Stopping: SIGTERM stops taking connections and lets the requests in flight finish (up to
+--drain-timeout seconds; a request that comes meanwhile on an open connection gets 503), then
+exits; Ctrl-C stops at once.
+
 Requests are read by serve/http_params.py and answered by serve/http_answer.py.
 """
 
@@ -37,7 +41,10 @@ from __future__ import annotations
 
 import hmac
 import json
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from serve.batcher import Batcher
@@ -124,7 +131,23 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def do_GET(self):
-        if not self._authorized():
+        with self.server.busy():
+            self._get()
+
+    def do_POST(self):
+        with self.server.busy():
+            self._post()
+
+    def _refuse_while_draining(self) -> bool:
+        """503 (and close) once the server drains: it serves only what was in flight."""
+        if not self.server.draining:
+            return False
+        self.close_connection = True
+        self._error(503, "the server is shutting down", "server_error")
+        return True
+
+    def _get(self):
+        if self._refuse_while_draining() or not self._authorized():
             return
         if self.path == "/health":
             self._send(200, {"status": "ok"})
@@ -137,7 +160,9 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._error(404, f"no route GET {self.path}", "not_found")
 
-    def do_POST(self):
+    def _post(self):
+        if self._refuse_while_draining():
+            return
         routes = {"/v1/completions": self._completions,
                   "/v1/chat/completions": self._chat,
                   "/tokenize": self._tokenize, "/detokenize": self._detokenize}
@@ -278,6 +303,33 @@ class Server(ThreadingHTTPServer):
                                                     "api_key": api_key or None,
                                                     "origins": tuple(origins)})
         super().__init__((host, port), handler)
+        self.draining = False  # refusing new requests, finishing those in flight
+        self._active = 0  # requests being answered
+        self._idle = threading.Condition()
+
+    @contextmanager
+    def busy(self):
+        """A request being answered, for drain()."""
+        with self._idle:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being answered now."""
+        return self._active
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new requests (503) and wait up to timeout seconds for those in flight ->
+        whether they all finished."""
+        self.draining = True
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout)
 
     @property
     def url(self) -> str:
@@ -306,9 +358,18 @@ def make_server(session: Session, host: str, port: int, max_batch: int | None = 
 
 def serve_forever(session: Session, host: str, port: int,
                   template_kwargs: dict | None = None, api_key: str | None = None,
-                  origins: tuple[str, ...] = ()) -> None:
+                  origins: tuple[str, ...] = (), drain_timeout: float = 30.0) -> None:
+    """Serve until SIGTERM (then drain: the requests in flight finish, up to drain_timeout
+    seconds) or Ctrl-C (at once)."""
     server = make_server(session, host, port, log=True, template_kwargs=template_kwargs,
                          api_key=api_key, origins=origins)
+    stopped = threading.Event()
+
+    def on_term(signum, frame):  # serve_forever returns once shutdown() is called elsewhere
+        stopped.set()
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     print(f"moe-serve http: serving {session.name} on http://{host}:{server.server_port} "
           "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics), batching "
           "up to "
@@ -318,5 +379,11 @@ def serve_forever(session: Session, host: str, port: int,
           file=sys.stderr, flush=True)
     try:
         server.serve_forever()
+        if stopped.is_set():
+            _log_line(f"SIGTERM: finishing {server.in_flight} request(s) in flight (up to "
+                      f"{drain_timeout:g} s)")
+            done = server.drain(drain_timeout)
+            _log_line("stopped" if done else "stopped with requests still in flight")
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.server_close()

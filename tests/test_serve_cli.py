@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -840,3 +841,84 @@ def test_plan_says_what_a_budget_buys_before_loading(model_dir):
     assert "PCIe bound at 25.0 GB/s (assumed)" in text
     bad = cli("plan", "--model", d, "--memory-budget", "1KiB", "--device", "cpu", check=False)
     assert bad.returncode != 0 and "too small" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _stream_events(url: str, body: dict, first: threading.Event, events: list) -> None:
+    """POST body (streamed) and keep each server-sent event's data; set first at the first."""
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        for line in r:
+            if line.startswith(b"data: "):
+                events.append(line[6:].strip().decode())
+                first.set()
+
+
+def test_a_draining_server_finishes_what_is_in_flight_and_refuses_the_rest(model_dir,
+                                                                          monkeypatch):
+    """drain(): a stream still running (each step slowed to 20 ms) ends whole ([DONE],
+    finish_reason length) before drain returns, and a request that comes while draining
+    gets 503."""
+    import time
+
+    d, _ = model_dir
+    session = Session(ServeConfig(model=str(d), memory_budget="600KiB", max_context=64,
+                                  dtype="float32"))
+    real = session.model.prefill
+    monkeypatch.setattr(session.model, "prefill",
+                        lambda *a, **kw: time.sleep(0.02) or real(*a, **kw))
+    with serving(session) as srv:
+        first, events = threading.Event(), []
+        body = {"prompt": [3, 14, 15], "max_tokens": 50, "stream": True, "ignore_eos": True}
+        t = threading.Thread(target=_stream_events,
+                             args=(srv.url + "/v1/completions", body, first, events))
+        t.start()
+        assert first.wait(60)
+        srv.shutdown()  # no new connections
+        assert srv.in_flight == 1
+        assert srv.drain(60) and srv.in_flight == 0  # the server wrote it all
+        t.join(60)
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+    with serving(session) as srv:
+        srv.draining = True
+        code, _, text = _call(srv.url + "/v1/models")
+        assert code == 503 and "shutting down" in text
+
+
+def test_http_sigterm_lets_the_running_request_finish(model_dir):
+    """moe-serve http on SIGTERM: the stream in flight ends whole, the process exits 0."""
+    import re
+    import signal
+
+    d, _ = model_dir
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "http", "--model", str(d),
+                             "--port", "0", "--device", "cpu", "--dtype", "float32",
+                             "--memory-budget", "600KiB", "--max-context", "64",
+                             "--max-batch", "1"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        for line in proc.stderr:
+            m = re.search(r"on (http://\S+) ", line)
+            if m:
+                url = m.group(1)
+                break
+        assert url is not None
+        first, events = threading.Event(), []
+        body = {"prompt": [3, 14, 15], "max_tokens": 50, "stream": True, "ignore_eos": True}
+        t = threading.Thread(target=_stream_events,
+                             args=(url + "/v1/completions", body, first, events))
+        t.start()
+        assert first.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        t.join(60)
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(60) == 0
+        assert "SIGTERM: finishing" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
