@@ -308,9 +308,14 @@ def _show_reasoning(row: int, text: str) -> None:
 
 
 def cmd_plan(a) -> None:
-    from serve.plan import format_plan, plan
+    from serve.plan import compare, format_comparison, format_plan, plan
 
-    p = plan(_config(a), None if a.pcie_gbps is None else a.pcie_gbps * 1e9)
+    bw = None if a.pcie_gbps is None else a.pcie_gbps * 1e9
+    if a.compare:
+        plans = compare(_config(a), bw)
+        print(json.dumps(plans) if a.json else format_comparison(plans))
+        return
+    p = plan(_config(a), bw)
     print(json.dumps(p) if a.json else format_plan(p))
 
 
@@ -380,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(pl)
     pl.add_argument("--pcie-gbps", type=float, default=None,
                     help="host-to-device GB/s (default: measured on a GPU, else 25)")
+    pl.add_argument("--compare", action="store_true",
+                    help="a row for each expert format (none, int8, int4, and the "
+                    "checkpoint's own), over --quant")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
     h = sub.add_parser("http", help="OpenAI-compatible server: /v1/completions, "

@@ -50,6 +50,42 @@ def plan(cfg: ServeConfig, pcie_bytes_per_s: float | None = None) -> dict:
     }
 
 
+def compare(cfg: ServeConfig, pcie_bytes_per_s: float | None = None) -> list[dict]:
+    """The plan for each expert format the checkpoint can be served in (none, int8, int4,
+    and mxfp4 / fp8 where it stores them so), one bandwidth for all; a format whose budget
+    fits no slot is left out."""
+    from dataclasses import replace
+
+    from serve.runtime import BudgetError
+
+    first = plan(replace(cfg, quant="auto"), pcie_bytes_per_s)
+    quants = dict.fromkeys([first["quant"], "none", "int8", "int4"])
+    out = []
+    for q in quants:
+        try:
+            out.append(first if q == first["quant"] else
+                       plan(replace(cfg, quant=q), first["pcie_bytes_per_s"]))
+        except BudgetError:
+            continue
+    return out
+
+
+def format_comparison(plans: list[dict]) -> str:
+    """The plans side by side, a row each."""
+    head = "| experts | an expert | slots | MiB / token (cold / cached share) | PCIe bound tok/s |"
+    rows = [head, "|---|---|---|---|---|"]
+    for p in plans:
+        bound = p["pcie_bound_tokens_per_s"]
+        rows.append(f"| {p['quant']} | {format_size(p['expert_bytes'])} | "
+                    f"{p['expert_slots']}/{p['experts']} | "
+                    f"{p['bytes_per_token_cold'] / 2**20:.2f} / "
+                    f"{p['bytes_per_token_expected'] / 2**20:.2f} | "
+                    + (f"{bound:.2f} |" if bound else "all resident |"))
+    p = plans[0]
+    return (f"{p['model']} on {p['device']} ({p['dtype']}), PCIe "
+            f"{p['pcie_bytes_per_s'] / 1e9:.1f} GB/s ({p['pcie_source']}):\n" + "\n".join(rows))
+
+
 def format_plan(p: dict) -> str:
     """The plan as lines of text."""
     ram = p["host_expert_bytes"]

@@ -841,6 +841,11 @@ def test_plan_says_what_a_budget_buys_before_loading(model_dir):
     assert "PCIe bound at 25.0 GB/s (assumed)" in text
     bad = cli("plan", "--model", d, "--memory-budget", "1KiB", "--device", "cpu", check=False)
     assert bad.returncode != 0 and "too small" in bad.stderr and "Traceback" not in bad.stderr
+    rows = json.loads(cli(*args, "--compare", "--json").stdout)  # packed experts: more slots
+    assert [r["quant"] for r in rows] == ["none", "int8", "int4"]
+    assert rows[0]["expert_slots"] < rows[1]["expert_slots"] <= rows[2]["expert_slots"]
+    assert rows[0]["expert_slots"] == m.n_slots
+    assert "| int8 |" in cli(*args, "--compare").stdout
 
 
 def _stream_events(url: str, body: dict, first: threading.Event, events: list) -> None:
