@@ -23,7 +23,7 @@ def plan(cfg: ServeConfig, pcie_bytes_per_s: float | None = None) -> dict:
     cfg.check()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    store = WeightStore(cfg.model, dtype, cfg.quant, host_budget=0)  # reads one expert
+    store = WeightStore(cfg.model, dtype, cfg.quant, tiers=False)  # reads one expert
     m = store.cfg
     max_context = context_of(cfg, m)
     n, fixed, slot, report = plan_slots(store, cfg, dtype, cfg.max_batch, max_context, device)

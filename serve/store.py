@@ -116,7 +116,10 @@ class WeightStore:
 
     def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32,
                  quant: str = "none", host_budget: int | None = None, pin: bool = False,
-                 offload_dir: str | Path | None = None, verbose: bool = False):
+                 offload_dir: str | Path | None = None, verbose: bool = False,
+                 tiers: bool = True):
+        """tiers=False: only the first expert is read (its size); no RAM tier, nothing
+        quantized to disk (moe-serve plan)."""
         self.dir = Path(model_dir)
         if quant not in QUANT_CHOICES:
             raise ValueError(f"quant must be one of {', '.join(QUANT_CHOICES)}, got {quant!r}")
@@ -153,7 +156,10 @@ class WeightStore:
         self._offload: dict[int, Path] = {}
         self.expert_nbytes = self._read_expert(self.moe_layers[0], 0).nbytes \
             if self.moe_layers else 0
-        self._fill_host_tier(host_budget, pin, offload_dir, verbose)
+        if tiers:
+            self._fill_host_tier(host_budget, pin, offload_dir, verbose)
+        else:
+            self.n_host, self.n_disk = 0, self.total_experts
 
     def _fp8_keeps(self) -> str | None:
         """None when the experts can stay FP8 as stored (an FP8 block-scaled checkpoint,

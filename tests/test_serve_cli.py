@@ -846,6 +846,11 @@ def test_plan_says_what_a_budget_buys_before_loading(model_dir):
     assert rows[0]["expert_slots"] < rows[1]["expert_slots"] <= rows[2]["expert_slots"]
     assert rows[0]["expert_slots"] == m.n_slots
     assert "| int8 |" in cli(*args, "--compare").stdout
+    from serve.store import WeightStore  # what plan opens: one expert read, none quantized
+
+    probe = WeightStore(d, quant="int8", host_budget=0, tiers=False)
+    assert not probe.host and not probe._offload and probe.n_disk == probe.total_experts
+    assert probe.expert(probe.moe_layers[-1], 1).w_in.bits == 8  # read when asked
 
 
 def _stream_events(url: str, body: dict, first: threading.Event, events: list) -> None:
