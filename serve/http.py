@@ -1,5 +1,6 @@
 """OpenAI-compatible HTTP server over a `Session`: POST /v1/completions and
-/v1/chat/completions (server-sent events when "stream": true), GET /v1/models and /health;
+/v1/chat/completions (server-sent events when "stream": true), /v1/responses (OpenAI's
+Responses API, stateless, over chat: serve/http_responses.py), GET /v1/models and /health;
 POST /tokenize and /detokenize as vLLM has them; GET /metrics for Prometheus
 (serve/metrics.py).
 
@@ -50,6 +51,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from serve.batcher import Batcher
 from serve.http_answer import Job, Stream, answer
 from serve.http_params import BadRequest, call_format, field, params, tools
+from serve.http_responses import ResponseEvents, chat_body, response_doc
 from serve.metrics import Metrics
 from serve.session import Session
 
@@ -164,7 +166,7 @@ class Handler(BaseHTTPRequestHandler):
         if self._refuse_while_draining():
             return
         routes = {"/v1/completions": self._completions,
-                  "/v1/chat/completions": self._chat,
+                  "/v1/chat/completions": self._chat, "/v1/responses": self._responses,
                   "/tokenize": self._tokenize, "/detokenize": self._detokenize}
         if self.path not in routes:
             self._error(404, f"no route POST {self.path}", "not_found")
@@ -230,7 +232,17 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest("'tokens' must be a list of token ids")
         self._send(200, {"prompt": self.session.need_codec().decode(self.session.encode(ids))})
 
-    def _chat(self, body: dict) -> None:
+    def _responses(self, body: dict) -> None:
+        """OpenAI's Responses API, as the chat request it means (serve/http_responses.py)."""
+        chat = chat_body(body)
+        if chat.get("stream"):
+            self._chat(chat, event=ResponseEvents(body, self._named_event))
+        else:
+            self._chat(chat, reply=lambda doc: self._send(200, response_doc(body, doc)))
+
+    def _chat(self, body: dict, reply=None, event=None) -> None:
+        """reply(doc) / event(chunk): where the answer / a stream's chunks go (the client,
+        unless a Responses request translates them)."""
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequest("'messages' must be a non-empty list")
@@ -244,11 +256,11 @@ class Handler(BaseHTTPRequestHandler):
             kwargs["reasoning_effort"] = effort
         ids = self.session.need_codec().encode_chat(messages, **kwargs)
         self._run(body, [ids], "chat.completion", chat=True,
-                  forced=None if forced is None else (funcs, forced))
+                  forced=None if forced is None else (funcs, forced), reply=reply, event=event)
 
     def _run(self, body: dict, prompts: list[list[int]], kind: str, chat: bool,
              prompt_texts: list[str | None] | None = None,
-             forced: tuple[list[dict], str] | None = None) -> None:
+             forced: tuple[list[dict], str] | None = None, reply=None, event=None) -> None:
         """prompts: one (chat) or more (completions), n choices each, numbered prompt by
         prompt; prompt_texts: the prompts as given, for "echo" (completions); forced: the
         tools and the call a chat's tool_choice forces (its answer held to call_format)."""
@@ -266,9 +278,13 @@ class Handler(BaseHTTPRequestHandler):
                 ask.prediction, add_special_tokens=False))
         job = Job(self.session, prompts, chat, ask, prompt_texts or [])
         if not ask.stream:
-            self._send(200, answer(job, self.batcher))
+            doc = answer(job, self.batcher)
+            if reply is not None:
+                reply(doc)
+            else:
+                self._send(200, doc)
             return
-        stream = Stream(job, self.batcher, self._event)  # submitted: a bad prompt is a 400
+        stream = Stream(job, self.batcher, event or self._event)  # a bad prompt: a 400 here
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -281,6 +297,11 @@ class Handler(BaseHTTPRequestHandler):
         """One server-sent event: a JSON document, or "[DONE]"."""
         data = doc if isinstance(doc, str) else json.dumps(doc)
         self.wfile.write(f"data: {data}\n\n".encode())
+        self.wfile.flush()
+
+    def _named_event(self, kind: str, doc: dict) -> None:
+        """One server-sent event with its name (the Responses API's)."""
+        self.wfile.write(f"event: {kind}\ndata: {json.dumps(doc)}\n\n".encode())
         self.wfile.flush()
 
 
@@ -371,7 +392,8 @@ def serve_forever(session: Session, host: str, port: int,
 
     previous = signal.signal(signal.SIGTERM, on_term)
     print(f"moe-serve http: serving {session.name} on http://{host}:{server.server_port} "
-          "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics), batching "
+          "(/v1/completions, /v1/chat/completions, /v1/responses, /v1/models, /health, "
+          "/metrics), batching "
           "up to "
           f"{server.batcher.max_batch} concurrent requests"
           + ("; an API key is required" if api_key else "")

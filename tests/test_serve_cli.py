@@ -932,3 +932,60 @@ def test_http_sigterm_lets_the_running_request_finish(model_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _responses_events(text: str) -> list[tuple[str, dict]]:
+    """(event name, data) of each server-sent event of a Responses stream."""
+    out, name = [], None
+    for line in text.splitlines():
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            out.append((name, json.loads(line[6:])))
+    return out
+
+
+def test_http_responses_api_answers_as_chat_completions_do(server):
+    """POST /v1/responses: instructions and input (a string, or message items with a
+    developer role and input_text parts) answer as the chat request they mean; output an
+    assistant message of output_text, usage in the Responses' names, "incomplete" when
+    max_output_tokens cut it; streamed, the Responses events whose deltas make the text;
+    what needs stored state or other tools is a 400."""
+    url, _, _ = server
+    chat = json.loads(request(url + "/v1/chat/completions", {
+        "messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": "def add("}],
+        "max_tokens": 6, "temperature": 0})[1])
+    want, finish = chat["choices"][0]["message"]["content"], chat["choices"][0]["finish_reason"]
+    base = {"instructions": "Be brief.", "input": "def add(", "max_output_tokens": 6,
+            "temperature": 0}
+    items = {"input": [{"role": "developer", "content": "Be brief."},
+                       {"type": "message", "role": "user",
+                        "content": [{"type": "input_text", "text": "def add("}]}],
+             "max_output_tokens": 6, "temperature": 0}
+    for body in (base, items):
+        code, text = request(url + "/v1/responses", body)
+        r = json.loads(text)
+        assert code == 200 and r["object"] == "response" and r["id"].startswith("resp_")
+        assert [o["type"] for o in r["output"]] == ["message"]
+        assert r["output"][0]["content"][0] == {"type": "output_text", "text": want,
+                                                "annotations": []}
+        assert r["status"] == ("incomplete" if finish == "length" else "completed")
+        assert r["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"]
+        assert r["usage"]["output_tokens"] == chat["usage"]["completion_tokens"]
+    code, text = request(url + "/v1/responses", dict(base, stream=True))
+    events = _responses_events(text)
+    names = [n for n, _ in events]
+    assert code == 200 and names[0] == "response.created" and all(
+        d["type"] == n and d["sequence_number"] == i for i, (n, d) in enumerate(events))
+    deltas = "".join(d["delta"] for n, d in events if n == "response.output_text.delta")
+    last = events[-1][1]
+    assert deltas == want and last["type"] in ("response.completed", "response.incomplete")
+    assert last["response"]["output"][0]["content"][0]["text"] == want
+    assert last["response"]["usage"]["output_tokens"] == chat["usage"]["completion_tokens"]
+    for bad, fragment in (({"previous_response_id": "resp_1"}, "keeps no responses"),
+                          ({"tools": [{"type": "web_search"}]}, "only function tools"),
+                          ({"input": []}, "'input' must be"),
+                          ({"text": {"format": {"type": "xml"}}}, "not supported")):
+        code, text = request(url + "/v1/responses", dict(base, **bad))
+        assert code == 400 and fragment in json.loads(text)["error"]["message"], text

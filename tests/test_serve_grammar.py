@@ -298,3 +298,39 @@ def test_speculating_rows_follow_the_grammar_as_a_token_a_step(session, scripted
     for prompt in ("hi <think>", "hi x"):
         a, b = (answer(s, prompt) for s in (think, quick))
         assert (a.token_ids, a.text, a.reasoning) == (b.token_ids, b.text, b.reasoning)
+
+
+def test_http_responses_api_forced_function_calls_and_their_results(roomy):
+    """/v1/responses with flat function tools and a named tool_choice answers with a
+    function_call item (plain and streamed); the call and its function_call_output fed back
+    as input items read as the assistant's tool call and the tool's result."""
+    session = roomy
+    flat = [{"type": "function", **t["function"]} for t in TOOLS]
+    end = {str(session.codec.tok.token_to_id("]")): 100}
+    body = {"input": "hi", "max_output_tokens": 100, "temperature": 0, "tools": flat,
+            "tool_choice": {"type": "function", "name": "add"}, "logit_bias": end}
+    with serving(session) as srv:
+        code, text = request(srv.url + "/v1/responses", body)
+        assert code == 200, text
+        calls = [o for o in json.loads(text)["output"] if o["type"] == "function_call"]
+        assert calls and calls[0]["name"] == "add" and calls[0]["call_id"]
+        assert _valid_call({"function": {"name": "add", "arguments": calls[0]["arguments"]}})
+        code, streamed = request(srv.url + "/v1/responses", dict(body, stream=True))
+        done = [json.loads(line[6:]) for line in streamed.splitlines()
+                if line.startswith("data: ")]
+        args = [d["arguments"] for d in done
+                if d["type"] == "response.function_call_arguments.done"]
+        assert args == [calls[0]["arguments"]]
+        turn = [{"role": "user", "content": "hi"},
+                {"type": "function_call", "call_id": calls[0]["call_id"], "name": "add",
+                 "arguments": calls[0]["arguments"]},
+                {"type": "function_call_output", "call_id": calls[0]["call_id"],
+                 "output": "7"}]
+        read = []
+        for items in (turn[:2], turn):  # the result adds the tool's message to the prompt
+            code, text = request(srv.url + "/v1/responses", {
+                "input": items, "max_output_tokens": 4, "temperature": 0, "tools": flat})
+            r = json.loads(text)
+            assert code == 200 and r["output"][-1]["type"] == "message", text
+            read.append(r["usage"]["input_tokens"])
+        assert read[1] > read[0]
