@@ -393,9 +393,7 @@ def serve_forever(session: Session, host: str, port: int,
     previous = signal.signal(signal.SIGTERM, on_term)
     print(f"moe-serve http: serving {session.name} on http://{host}:{server.server_port} "
           "(/v1/completions, /v1/chat/completions, /v1/responses, /v1/models, /health, "
-          "/metrics), batching "
-          "up to "
-          f"{server.batcher.max_batch} concurrent requests"
+          f"/metrics), batching up to {server.batcher.max_batch} concurrent requests"
           + ("; an API key is required" if api_key else "")
           + (f"; browsers may call from {', '.join(origins)}" if origins else ""),
           file=sys.stderr, flush=True)
