@@ -467,20 +467,12 @@ class OffloadedModel:
             needed = [e for e in needed if e not in host]
         needed.sort(key=lambda e: not cache.resident((i, e)))  # hits first
         outs = [torch.zeros_like(f) for f in flats]
-        groups = [needed[a:a + cache.n_slots] for a in range(0, len(needed), cache.n_slots)]
         x_flat = torch.cat([x[v] for x, v in zip(xs, valid, strict=True)]) if prefetch else None
-        for g, group in enumerate(groups):
-            keys = [(i, e) for e in group]
-            got = cache.acquire(keys)
-            slots = {e: got[k] for e, k in zip(group, keys, strict=True)}
-            if g == len(groups) - 1 and prefetch:
-                self._prefetch_next(i, x_flat, set(keys))
-            for out, flat, (ids, w) in zip(outs, flats, routes, strict=True):
-                out += self._experts(flat, ids, w, slots)
-        if prefetch and not groups:  # every expert ran on the host or as a stand-in
-            self._prefetch_next(i, x_flat, set())
-        if low:
-            self._stand_ins(i, sorted(low), outs, flats, routes)
+        ahead = (lambda keys: self._prefetch_next(i, x_flat, keys)) if prefetch else None
+        if not self._in_groups(i, needed, cache, outs, flats, routes, ahead) and prefetch:
+            self._prefetch_next(i, x_flat, set())  # every expert ran on the host or stood in
+        if low:  # from their low-precision copies
+            self._in_groups(i, sorted(low), self.low_cache, outs, flats, routes)
         if host:  # the host computes while the device runs the groups queued above
             for out, t in zip(outs, taken, strict=True):
                 out += self._host_experts(i, *t).to(self.device, non_blocking=True)
@@ -494,17 +486,24 @@ class OffloadedModel:
             ys.append(y)
         return ys
 
-    def _stand_ins(self, i: int, low: list[int], outs: list[torch.Tensor],
-                   flats: list[torch.Tensor], routes: list) -> None:
+    def _in_groups(self, i: int, experts: list[int], cache: ExpertCache,
+                   outs: list[torch.Tensor], flats: list[torch.Tensor], routes: list,
+                   before_last=None) -> int:
         """Add to each chunk's output (outs, beside flats and routes) the pairs of layer i's
-        experts in low, run from their low-precision copies, a pool's worth at a time."""
-        pool = self.low_cache
-        for a in range(0, len(low), pool.n_slots):
-            keys = [(i, e) for e in low[a:a + pool.n_slots]]
-            got = pool.acquire(keys)
-            slots = {e: got[(i, e)] for _, e in keys}
+        experts, made resident in cache a group of its slots at a time, each group serving
+        every chunk before the next is fetched; before_last(keys) runs once the last group
+        is resident -> the number of groups."""
+        n = cache.n_slots
+        groups = [experts[a:a + n] for a in range(0, len(experts), n)]
+        for g, group in enumerate(groups):
+            keys = [(i, e) for e in group]
+            got = cache.acquire(keys)
+            slots = {e: got[k] for e, k in zip(group, keys, strict=True)}
+            if g == len(groups) - 1 and before_last is not None:
+                before_last(set(keys))
             for out, flat, (ids, w) in zip(outs, flats, routes, strict=True):
-                out += self._experts(flat, ids, w, slots, pool)
+                out += self._experts(flat, ids, w, slots, cache)
+        return len(groups)
 
     def _host_set(self, all_ids: torch.Tensor, missing: list[int]) -> set[int]:
         """The experts of a layer to run on the host (of `missing`, those it needs that are
