@@ -222,14 +222,14 @@ class Drafter:
         end, n = max((sl[-1] + 1 for sl in self.slots if sl), default=0), self.live.shape[1]
         if self.cache is None or end == n:
             return
-        try:  # a negative crop removes that many
-            if end:
+        if end:
+            try:  # a negative crop removes that many
                 self.cache.crop(end - n)
                 self.live = self.live[:, :end]
                 return
-        except (RuntimeError, ValueError):  # a cache that cannot roll back
-            pass
-        self._restart(len(self.live))  # (or none held)
+            except (RuntimeError, ValueError):  # a cache that cannot roll back
+                pass
+        self._restart(len(self.live))  # none held, or no crop
 
     def _crowded(self, feeds: dict[int, list[int]], k: int) -> bool:
         """Whether feeding feeds and then up to k - 1 drafts a row would pass the window, or

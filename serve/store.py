@@ -136,15 +136,16 @@ class WeightStore:
         self.cfg: ModelConfig
         mxfp4 = is_mxfp4(self.hf_config)
         self.fp8_block = fp8_block(self.hf_config)  # weights dequantized as they are read
+        fp8_not = self._fp8_keeps()  # why the experts cannot stay FP8 (None: they can)
         if quant == "auto":  # MXFP4 / FP8 checkpoints' experts as stored; others as they are
-            quant = "mxfp4" if mxfp4 else "fp8" if self._fp8_keeps() is None else "none"
+            quant = "mxfp4" if mxfp4 else "fp8" if fp8_not is None else "none"
         if quant == "mxfp4" and not mxfp4:
             raise ModelDirError(f"--quant mxfp4 keeps an MXFP4 checkpoint's experts packed, "
                                 f"and {self.dir} is not one; use int4 or int8 to quantize "
                                 "its experts at load")
-        if quant == "fp8" and self._fp8_keeps() is not None:
+        if quant == "fp8" and fp8_not is not None:
             raise ModelDirError(f"--quant fp8 keeps an FP8 checkpoint's experts as stored, "
-                                f"and {self.dir} {self._fp8_keeps()}")
+                                f"and {self.dir} {fp8_not}")
         self.quant, self.bits = quant, QUANT_BITS[quant]
         self.files = _tensor_files(self.dir)
         self._handles: dict[Path, object] = {}
