@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from moe.config import ModelConfig
-from moe.hf_names import EXPERT_NAMES, UNGATED_SHARED, V3_ROUTED, shared_names
+from moe.hf_names import EXPERT_NAMES, UNGATED_SHARED, V3_ROUTED, evens_then_odds, shared_names
 
 
 def _shared_problems(cfg: ModelConfig) -> list[str]:
@@ -262,7 +262,7 @@ def to_hf_state(cfg: ModelConfig, state: dict[str, torch.Tensor],
     out = {hub: state[ours] for ours, hub in shared_names(cfg)}
     if family == "ernie4_5_moe":  # its RoPE rotates interleaved pairs: ours rotate halves
         hd = cfg.resolved_head_dim
-        back = torch.stack([torch.arange(hd // 2), torch.arange(hd // 2, hd)], 1).flatten()
+        back = evens_then_odds(hd).argsort()
         for hub in [h for h in out if h.endswith(("self_attn.q_proj.weight",
                                                   "self_attn.k_proj.weight"))]:
             t = out[hub]

@@ -20,6 +20,7 @@ from moe.hf_names import (
     EXPERT_NAMES,
     GPT_OSS_ROPE,
     dense_tensor_names,
+    evens_then_odds,
     expert_tensor_names,
     is_mxfp4,
 )
@@ -323,12 +324,10 @@ def hf_sliding_window(hf: dict, family: str, n_layers: int) -> tuple[int | None,
     if family == "mixtral":
         return int(window), None
     types = hf.get("layer_types")
-    if family == "dots1":  # layer_types, by default sliding from max_window_layers on
-        top = hf.get("max_window_layers", n_layers)
-        types = types or ["sliding_attention" if i >= top else "full_attention"
-                          for i in range(n_layers)]
-    if family in ("gpt_oss", "dots1"):  # layer_types, GPT-OSS's by default the even layers
-        types = types or ["sliding_attention" if i % 2 == 0 else "full_attention"
+    if family in ("gpt_oss", "dots1"):  # layer_types; by default GPT-OSS's even layers,
+        top = hf.get("max_window_layers", n_layers)  # dots1's from max_window_layers on
+        types = types or ["sliding_attention" if (i % 2 == 0 if family == "gpt_oss"
+                                                  else i >= top) else "full_attention"
                           for i in range(n_layers)]
         layers = [i for i, t in enumerate(types) if t == "sliding_attention"]
         return (int(window), layers) if layers else (None, None)
@@ -358,15 +357,14 @@ def dense_tensor(hf: dict, cfg: ModelConfig, name: str,
             return t.reshape(-1)
         if name.endswith(("attn.q_proj.weight", "attn.k_proj.weight")):
             hd = cfg.resolved_head_dim
-            perm = torch.cat([torch.arange(0, hd, 2), torch.arange(1, hd, 2)])
-            return t.view(-1, hd, t.shape[-1])[:, perm].reshape(t.shape)
+            return t.view(-1, hd, t.shape[-1])[:, evens_then_odds(hd)].reshape(t.shape)
         return t
     m = cfg.mla
     if m is None or (hf.get("model_type") in ("deepseek_v3", "glm4_moe_lite")
                      and not hf.get("rope_interleave", True)):
         return t
     r = m.qk_rope_head_dim
-    perm = torch.cat([torch.arange(0, r, 2), torch.arange(1, r, 2)])
+    perm = evens_then_odds(r)
     if name.endswith(("attn.q_proj.weight", "attn.q_b_proj.weight")):
         head = m.qk_nope_head_dim + r
         v = t.view(cfg.n_heads, head, -1)
@@ -396,7 +394,7 @@ def read_expert(hf: dict, family: str, layer: int, e: int, get, packed: bool = F
         gu, dn = get(base + "gate_up_proj", e).T, get(base + "down_proj", e).T
     b_in = get(base + "gate_up_proj_bias", e)
     # GPT-OSS interleaves gate and up features (gate even, up odd): ours are [gate; up]
-    rows = torch.cat([torch.arange(0, b_in.shape[0], 2), torch.arange(1, b_in.shape[0], 2)])
+    rows = evens_then_odds(b_in.shape[0])
     return gu[rows], dn, b_in[rows], get(base + "down_proj_bias", e)
 
 

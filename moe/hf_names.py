@@ -4,6 +4,8 @@ GPT-OSS), shared by import (moe.hf_import) and export (moe.hf_export)."""
 
 from __future__ import annotations
 
+import torch
+
 from moe.config import ModelConfig
 
 # Per-family names of the router and of one expert's (gate, up, down) projections.
@@ -38,6 +40,13 @@ MLA_NAMES = {  # ours -> DeepSeek's, under attn. / self_attn.
     "q_proj": "q_proj", "q_a_proj": "q_a_proj", "q_a_norm": "q_a_layernorm",
     "q_b_proj": "q_b_proj", "kv_a_proj": "kv_a_proj_with_mqa", "kv_a_norm": "kv_a_layernorm",
     "kv_b_proj": "kv_b_proj", "o_proj": "o_proj"}
+
+
+def evens_then_odds(n: int) -> torch.Tensor:
+    """[n] indices that reorder features interleaved in pairs (x0, x1), (x2, x3), ... to
+    their halves (evens, then odds): DeepSeek's and ERNIE's RoPE pairs to rotate-half,
+    GPT-OSS's gate / up features to [gate; up]. argsort() gives the way back."""
+    return torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)])
 
 
 def shared_names(cfg: ModelConfig) -> list[tuple[str, str]]:
