@@ -19,7 +19,14 @@ import os
 import sys
 from pathlib import Path
 
-from serve.config import CACHE_POLICIES, QUANT_CHOICES, ServeConfig, read_serve_config
+from serve.config import (
+    CACHE_POLICIES,
+    KV_CACHE_DTYPES,
+    MISS_QUANTS,
+    QUANT_CHOICES,
+    ServeConfig,
+    read_serve_config,
+)
 from serve.sampling import SamplingConfig
 from serve.units import parse_size
 
@@ -109,14 +116,14 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    help="approximate: a missing expert that every token using it weighs below "
                    "W (not as its first choice) is skipped, not copied in; its tokens' other "
                    "experts take its weight (e.g. 0.2 for Mixtral's top-2); default 0: exact")
-    p.add_argument("--miss-quant", choices=["none", "int8", "int4"], default=None,
+    p.add_argument("--miss-quant", choices=MISS_QUANTS, default=None,
                    help="approximate, with --miss-quant-weight W: a missing expert that every "
                    "token using it weighs below W (not as its first choice) runs from a copy "
                    "quantized to this precision (2-4x fewer bytes to move) in a pool of its "
                    "own; default none: exact")
     p.add_argument("--miss-quant-weight", type=float, default=None, metavar="W",
                    help="the weight below which --miss-quant stands in for a missing expert")
-    p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default=None,
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
                    help="int8: KV entries as int8 codes with a scale per token, head and 64 "
                    "channels, about half the bytes, so more expert slots fit (approximate); "
                    "default auto: the compute dtype")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 CACHE_POLICIES = ("lru", "lfu", "layer", "next-use")  # serve.cache.POLICIES
 QUANT_CHOICES = ("auto", "none", "int8", "int4", "mxfp4", "fp8")
+MISS_QUANTS = ("none", "int8", "int4")  # the stand-ins' precision (ServeConfig.miss_quant)
+KV_CACHE_DTYPES = ("auto", "int8")  # serve.kvcache
 
 _NONE = type(None)
 # ServeConfig fields without a list of choices: what each takes (check() names it)
@@ -25,10 +27,8 @@ _FIELD_TYPES = {
     "host_compute_tokens": ("an integer", (int,)),
     "disk_readers": ("an integer", (int, _NONE)),
     "skip_miss_weight": ("a number", (int, float)),
-    "miss_quant": ("a string", (str,)),
     "miss_quant_weight": ("a number", (int, float)),
     "miss_quant_slots": ("an integer", (int, _NONE)),
-    "kv_cache_dtype": ("a string", (str,)),
     "speculate": ("an integer", (int,)),
     "draft_model": ("a path", (str, os.PathLike, _NONE)),
     "draft_min_prob": ("a number", (int, float)),
@@ -128,9 +128,6 @@ class ServeConfig:
     draft_min_prob: float = 0.4
 
     def _check_miss_quant(self) -> None:
-        if self.miss_quant not in ("none", "int8", "int4"):
-            raise ValueError(f"miss_quant must be one of none, int8, int4, got "
-                             f"{self.miss_quant!r}")
         if not 0 <= self.miss_quant_weight <= 1:
             raise ValueError(f"miss_quant_weight must be a weight in [0, 1], got "
                              f"{self.miss_quant_weight!r}")
@@ -150,7 +147,7 @@ class ServeConfig:
                    "dtype": ("auto", "float32", "bfloat16", "float16"),
                    "cache_policy": CACHE_POLICIES,
                    "prefetch": ("none", "cross-layer"), "quant": QUANT_CHOICES,
-                   "kv_cache_dtype": ("auto", "int8")}
+                   "miss_quant": MISS_QUANTS, "kv_cache_dtype": KV_CACHE_DTYPES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, "

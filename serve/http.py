@@ -68,18 +68,22 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # one line per request on stderr
         sys.stderr.write(f"moe-serve http: {self.address_string()} {fmt % args}\n")
 
-    def _send(self, code: int, doc: dict) -> None:
-        self._send_bytes(code, json.dumps(doc).encode(), "application/json")
+    def _send(self, code: int, doc: dict, headers: dict | None = None) -> None:
+        self._send_bytes(code, json.dumps(doc).encode(), "application/json", headers)
 
-    def _send_bytes(self, code: int, data: bytes, kind: str) -> None:
+    def _send_bytes(self, code: int, data: bytes, kind: str,
+                    headers: dict | None = None) -> None:
         self.send_response(code)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
-    def _error(self, code: int, message: str, kind: str = "invalid_request_error") -> None:
-        self._send(code, {"error": {"message": message, "type": kind, "code": code}})
+    def _error(self, code: int, message: str, kind: str = "invalid_request_error",
+               headers: dict | None = None) -> None:
+        self._send(code, {"error": {"message": message, "type": kind, "code": code}}, headers)
 
     def end_headers(self) -> None:
         """Every response says which origin may read it, when the server allows it."""
@@ -107,16 +111,9 @@ class Handler(BaseHTTPRequestHandler):
         if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
                                                               self.api_key.encode()):
             return True
-        self.send_response(401)
-        self.send_header("WWW-Authenticate", "Bearer")
-        data = json.dumps({"error": {
-            "message": "a valid API key is needed: send \"Authorization: Bearer KEY\"" if not
-            got else "the API key in the Authorization header is not this server's",
-            "type": "authentication_error", "code": 401}}).encode()
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self._error(401, "the API key in the Authorization header is not this server's" if got
+                    else "a valid API key is needed: send \"Authorization: Bearer KEY\"",
+                    "authentication_error", {"WWW-Authenticate": "Bearer"})
         return False
 
     def do_OPTIONS(self):
@@ -134,11 +131,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         with self.server.busy():
-            self._get()
+            if not self._refuse_while_draining():
+                self._get()
 
     def do_POST(self):
         with self.server.busy():
-            self._post()
+            if not self._refuse_while_draining():
+                self._post()
 
     def _refuse_while_draining(self) -> bool:
         """503 (and close) once the server drains: it serves only what was in flight."""
@@ -149,7 +148,7 @@ class Handler(BaseHTTPRequestHandler):
         return True
 
     def _get(self):
-        if self._refuse_while_draining() or not self._authorized():
+        if not self._authorized():
             return
         if self.path == "/health":
             self._send(200, {"status": "ok"})
@@ -163,8 +162,6 @@ class Handler(BaseHTTPRequestHandler):
             self._error(404, f"no route GET {self.path}", "not_found")
 
     def _post(self):
-        if self._refuse_while_draining():
-            return
         routes = {"/v1/completions": self._completions,
                   "/v1/chat/completions": self._chat, "/v1/responses": self._responses,
                   "/tokenize": self._tokenize, "/detokenize": self._detokenize}

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 import torch
 
+from serve.config import KV_CACHE_DTYPES
+
 GROUP = 64  # channels per int8 scale (a whole head or latent when smaller or not divisible)
-KV_DTYPES = ("auto", "int8")
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -41,9 +42,9 @@ class KVCache:
     tokens must all be scored can still take the scored prefix a row holds."""
 
     def __init__(self, cfg, max_batch, max_context, dtype, device, quant: str = "auto"):
-        if quant not in KV_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_DTYPES)}, got "
-                             f"{quant!r}")
+        if quant not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {quant!r}")
         heads, k_dim, v_dim = self.dims(cfg)
         self.offset, self.dtype, self.quant = int(cfg.attn_sinks), dtype, quant == "int8"
         shape = (cfg.n_layers, max_batch, heads, max_context + self.offset)
