@@ -307,8 +307,9 @@ def main(argv=None) -> None:
                    "a step by prompt lookup (--speculate)")
     p.add_argument("--fp8", action="store_true",
                    help="write the experts as an FP8 block-scaled checkpoint (DeepSeek-V3's "
-                   "layout): --quants fp8 keeps them FP8 on the wire, none widens them at "
-                   "read; the transformers baseline is skipped (its FP8 path needs kernels)")
+                   "layout): --quants fp8 keeps them FP8 on the wire and in their slots, "
+                   "none widens them at read; the transformers baseline is skipped (its FP8 "
+                   "path needs kernels)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--dir", default=None, help="where the random model is written")

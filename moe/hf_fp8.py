@@ -4,17 +4,18 @@ weight W [out, in] is stored as float8 codes beside `<name>_scale_inv` [ceil(out
 ceil(in / bi)], one scale per (bo x bi) block, W = codes * scale. Read, the weights are
 dequantized to the compute dtype (weight-only: activations are not quantized, so answers
 are the dequantized model's); tensors without a scale (norms, embeddings, routers, the LM
-head) are read as stored. The serve store may keep experts as stored instead (Fp8Weight):
-their codes and scales cross to the device, where each is widened in its slot.
+head) are read as stored. The serve store may keep experts as stored instead
+(kernels.quant.fp8_weight): codes and scales cross to the device and stay so in the expert
+slots, dequantized inside the expert GEMMs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+from kernels.quant import FP8_FORMATS
+
+FP8_DTYPES = tuple(FP8_FORMATS.values())
 
 
 def fp8_block(hf: dict) -> tuple[int, int] | None:
@@ -65,36 +66,3 @@ def fp8_quantize(w: torch.Tensor, block: tuple[int, int],
     codes = (blocks / scale[:, None, :, None]).view(rows * bo, cols * bi)[:out, :inp]
     return codes.to(dtype), scale
 
-
-@dataclass
-class Fp8Weight:
-    """An FP8 block-scaled weight kept as stored, for the wire: codes [out, in] float8 and
-    scale [out / bo, in / bi] float32 (sizes multiples of the block). Copied into a slot of
-    the compute dtype (into_), only the codes and scales cross to the device; the slot is
-    dequantized there."""
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    block: tuple[int, int]
-
-    @property
-    def nbytes(self) -> int:
-        return self.codes.nbytes + self.scale.nbytes
-
-    def pin_memory(self) -> Fp8Weight:
-        return Fp8Weight(self.codes.pin_memory(), self.scale.pin_memory(), self.block)
-
-    @staticmethod
-    def cat(parts: list[Fp8Weight]) -> Fp8Weight:
-        """Weights stacked by rows (gate; up), their scales likewise."""
-        return Fp8Weight(torch.cat([p.codes for p in parts]),
-                         torch.cat([p.scale for p in parts]), parts[0].block)
-
-    def into_(self, dst: torch.Tensor, non_blocking: bool = False) -> None:
-        """dst [out, in] (any device, the compute dtype) = the dequantized weight: the codes
-        and scales are copied to dst's device as they are, then widened and scaled there."""
-        codes = self.codes.to(dst.device, non_blocking=non_blocking)
-        scale = self.scale.to(dst.device, non_blocking=non_blocking)
-        dst.copy_(codes)  # e4m3 / e5m2 values are exact in bf16 and wider
-        (bo, bi), (out, inp) = self.block, dst.shape
-        dst.view(out // bo, bo, inp // bi, bi).mul_(scale[:, None, :, None])

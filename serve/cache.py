@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from kernels.quant import QuantWeight
-from moe.hf_fp8 import Fp8Weight
 from serve.store import WeightStore
 
 Key = tuple[int, int]  # (layer, expert)
@@ -108,9 +107,9 @@ class CacheStats:
 
 class ExpertCache:
     """n_slots experts on `device`: w_in [S, 2F, d], w_out [S, d, F] (and b_in [S, 2F],
-    b_out [S, d] for experts with biases) in dtype, or, for int8 / int4 / MXFP4 experts, as
-    QuantWeight stacks that stay packed on the device (the GEMMs dequantize them), so a
-    budget holds 2-4x more experts."""
+    b_out [S, d] for experts with biases) in dtype, or, for int8 / int4 / MXFP4 / FP8
+    experts, as QuantWeight stacks that stay packed on the device (the GEMMs dequantize
+    them), so a budget holds 2-4x more experts than bf16 slots."""
 
     def __init__(self, store: WeightStore, n_slots: int, policy: str, device: torch.device,
                  dtype: torch.dtype, side_stream: torch.cuda.Stream | None = None,
@@ -197,10 +196,7 @@ class ExpertCache:
         """Copy expert src into slot s (on stream, else the current one) -> its event."""
         nb = self.device.type == "cuda"
         for dst, w in ((self.w_in[s], src.w_in), (self.w_out[s], src.w_out)):
-            if isinstance(w, Fp8Weight):  # its codes cross, the slot is dequantized here
-                w.into_(dst, non_blocking=nb)
-            else:
-                dst.copy_(w, non_blocking=nb)
+            dst.copy_(w, non_blocking=nb)
         if self.b_in is not None:
             self.b_in[s].copy_(src.b_in, non_blocking=nb)
             self.b_out[s].copy_(src.b_out, non_blocking=nb)

@@ -89,10 +89,9 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                         "predictions cost PCIe bytes")
     p.add_argument("--quant", choices=QUANT_CHOICES, default=None,
                    help="experts kept packed: int8 / int4 quantized at load, mxfp4 as an "
-                        "MXFP4 checkpoint (GPT-OSS) stores them; fp8: an FP8 block-scaled "
-                        "checkpoint's experts as stored in RAM and on the wire, dequantized "
-                        "in their slots; auto (default): mxfp4 / fp8 for such checkpoints, "
-                        "else none")
+                        "MXFP4 checkpoint (GPT-OSS) stores them, fp8 as an FP8 block-scaled "
+                        "checkpoint stores them (half bf16's bytes a slot); auto (default): "
+                        "mxfp4 / fp8 for such checkpoints, else none")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None,
                    help="default: auto (cuda when present)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],

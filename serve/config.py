@@ -56,9 +56,9 @@ class ServeConfig:
     miss would not have made (bench/policies.py), so a higher bar trades hits for bytes.
     quant: "none", "int8" or "int4" (weight-only experts, kept packed on the device and
     dequantized inside the expert GEMMs), "mxfp4" (an MXFP4 checkpoint's experts, packed as
-    stored), "fp8" (an FP8 block-scaled checkpoint's experts as stored in RAM and on the
-    wire, dequantized in their device slots: half bf16's bytes) or "auto" (mxfp4 / fp8 for
-    such checkpoints, else none).
+    stored), "fp8" (an FP8 block-scaled checkpoint's experts as stored, in RAM, on the wire
+    and in their device slots, dequantized inside the expert GEMMs: half bf16's bytes, so
+    twice the slots) or "auto" (mxfp4 / fp8 for such checkpoints, else none).
     max_batch x max_context tokens of KV cache are reserved (max_context: None = the model's
     context, at most 4096), in the compute dtype, or with kv_cache_dtype "int8" as int8 codes
     with a scale per token, head and 64 channels (serve/kvcache.py: about half the bytes of

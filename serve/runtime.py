@@ -74,8 +74,6 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
     act += 2 * max_batch * max(cfg.speculate, PREDICTED_DRAFT) * m.vocab_size * 4
     if m.attn_sinks:  # the float mask that carries the sinks
         act += chunk * (max_context + 1) * el * m.n_heads
-    if store.quant == "fp8":  # an expert's codes and scales on the device while it widens
-        act += 2 * store.expert_nbytes
     if store.bits is not None and get_backend(cfg.kernel_backend, resolve_device(cfg.device)) \
             is reference:  # packed experts are dequantized one at a time
         act += 2 * Fe * d * (4 + el)
@@ -224,7 +222,7 @@ class OffloadedModel:
                                           pin=on_cuda, offload_dir=cfg.offload_dir,
                                           verbose=verbose)
         mcfg = self.store.cfg
-        if cfg.miss_quant != "none" and self.store.bits is not None:
+        if cfg.miss_quant != "none" and self.store.quant not in ("none", "fp8"):
             raise ValueError(f"miss_quant stands in for full-precision experts; this model's "
                              f"experts are {self.store.quant} already")
         mcfg.moe.kernel_backend = cfg.kernel_backend

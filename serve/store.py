@@ -18,15 +18,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kernels.quant import QuantWeight, quantize
+from kernels.quant import QuantWeight, dequantize, fp8_weight, quantize
 from moe.config import ModelConfig
-from moe.hf_fp8 import FP8_DTYPES, Fp8Weight, fp8_block, fp8_dequantize
+from moe.hf_fp8 import FP8_DTYPES, fp8_block, fp8_dequantize
 from moe.hf_import import dense_tensor, hf_model_config, read_expert
 from moe.hf_names import dense_tensor_names, expert_sources, expert_tensor_names, is_mxfp4
 from serve.config import QUANT_CHOICES
 from serve.units import format_size
 
-QUANT_BITS = {"none": None, "int8": 8, "int4": 4, "mxfp4": 4, "fp8": None}  # fp8: dense slots
+QUANT_BITS = {"none": None, "int8": 8, "int4": 4, "mxfp4": 4, "fp8": 8}
 
 
 class ModelDirError(ValueError):
@@ -48,13 +48,10 @@ class ExpertWeights:
         return sum(t.nbytes for t in self.parts())
 
     def dense(self, dtype: torch.dtype) -> ExpertWeights:
-        """The expert with FP8 weights kept as stored (Fp8Weight) dequantized to dtype."""
+        """The expert with FP8 weights kept as stored dequantized to dtype (int8 / int4 /
+        MXFP4 ones stay packed: the GEMMs take them)."""
         def widen(w):
-            if not isinstance(w, Fp8Weight):
-                return w
-            out = torch.empty(w.codes.shape, dtype=dtype)
-            w.into_(out)
-            return out
+            return dequantize(w, dtype) if isinstance(w, QuantWeight) and w.fp8 else w
 
         return ExpertWeights(widen(self.w_in), widen(self.w_out), self.b_in, self.b_out)
 
@@ -193,15 +190,15 @@ class WeightStore:
             t = fp8_dequantize(t, self._get(scale, e), self.fp8_block, self.dtype)
         return t
 
-    def _fp8(self, name: str) -> Fp8Weight:
-        """FP8 weight `name` as stored (codes and block scales)."""
+    def _fp8(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """FP8 weight `name` as stored: codes [out, in], block scales [out / bo, in / bi]."""
         h = self._handle(self.files[name])
         codes = h.get_tensor(name)
         if codes.dtype not in FP8_DTYPES or name + "_scale_inv" not in self.files:
             raise ModelDirError(f"{self.dir}: expert weight {name} is not FP8 with scales "
                                 "(--quant none dequantizes what is)")
-        return Fp8Weight(codes, self._handle(self.files[name + "_scale_inv"]).get_tensor(
-            name + "_scale_inv").float(), self.fp8_block)
+        return codes, self._handle(self.files[name + "_scale_inv"]).get_tensor(
+            name + "_scale_inv").float()
 
     def _dense_names(self) -> dict[str, list[str]]:
         """Our non-expert names -> the Hub tensors they are made of. A tied LM head is left
@@ -244,7 +241,8 @@ class WeightStore:
     def _read_expert(self, layer: int, e: int) -> ExpertWeights:
         if self.quant == "fp8":  # the codes and block scales as stored (gate; up rows)
             g, u, dn = (self._fp8(n) for n in expert_tensor_names(self.family, layer, e))
-            return ExpertWeights(Fp8Weight.cat([g, u]), dn)
+            return ExpertWeights(fp8_weight(torch.cat([g[0], u[0]]), torch.cat([g[1], u[1]]),
+                                            self.fp8_block), fp8_weight(*dn, self.fp8_block))
         packed = self.quant == "mxfp4"  # the checkpoint's codes as they are
         w_in, w_out, b_in, b_out = read_expert(self.hf_config, self.family, layer, e,
                                                self._get, packed)
@@ -287,8 +285,8 @@ class WeightStore:
             self.host[key] = w.pin_memory() if pin else w
             if verbose and (n + 1) % self.num_experts == 0:
                 print(f"  experts in RAM: {n + 1}/{total}", file=sys.stderr, flush=True)
-        if self.bits is None or self.quant == "mxfp4" or not self.n_disk:
-            return  # read from the checkpoint's memory-mapped files (MXFP4: packed there)
+        if self.bits is None or self.quant in ("mxfp4", "fp8") or not self.n_disk:
+            return  # read from the checkpoint's memory-mapped files (MXFP4 / FP8: as stored)
         # quantized experts that miss RAM: quantize once, keep in a memory-mapped file
         import tempfile
 

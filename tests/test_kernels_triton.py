@@ -159,6 +159,74 @@ def test_scatter2scatter_mxfp4_dequantizes_in_the_kernel(shape, x_grouped, y_gro
     assert rel_err(torch_path, ref) < 1e-12, f"seed {seed}"
 
 
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_grouped,y_grouped", [(False, True), (True, False)])
+@pytest.mark.parametrize("shape,block", [((13, 2, 4, 64, 24, False), (8, 32)),
+                                         ((9, 8, 16, 32, 16, False), (16, 16)),
+                                         ((11, 3, 8, 96, 40, True), (8, 32)),
+                                         ((0, 2, 4, 32, 16, False), (16, 32))])
+def test_scatter2scatter_fp8_dequantizes_in_the_kernel(shape, block, x_grouped, y_grouped,
+                                                       dtype, fmt):
+    """Block-scaled FP8 experts (DeepSeek-V3 / Qwen3-FP8 checkpoints), codes as read, against
+    the float64 reference of torch's own float8 decoding: every finite code (subnormals
+    included), a scale per (rows x cols) block from 2^-12 to 2^3, blocks narrower than a
+    K-tile (a scale per element) and as wide (one per tile row)."""
+    from kernels.quant import FP8_FORMATS, dequantize, fp8_weight
+
+    seed, g, d, x, _, fan = s2s_case(shape, x_grouped, dtype)
+    E, N, K = shape[2], shape[4], shape[3]
+    f8 = FP8_FORMATS[fmt]
+    codes = torch.randint(0, 256, (E, N, K), generator=g, dtype=torch.uint8)
+    codes[codes.view(f8).float().isnan() | codes.view(f8).float().isinf()] = 0
+    scale = torch.exp2(torch.randint(-12, 4, (E, N // block[0], K // block[1]), generator=g)
+                       .float()) * (1 + torch.rand(E, N // block[0], K // block[1],
+                                                   generator=g))
+    wq = fp8_weight(codes.view(f8), scale, block).to(DEVICE)
+    dense = (codes.view(f8).double() * scale.double().repeat_interleave(block[0], 1)
+             .repeat_interleave(block[1], 2))
+    torch.testing.assert_close(dequantize(wq, torch.float64).cpu(), dense, rtol=1e-7, atol=0)
+    out = tri.scatter2scatter_quant(x, wq, d, x_grouped, y_grouped, fan)
+    ref = ref_ops.scatter2scatter(x.double(), dense.to(DEVICE), d, x_grouped, y_grouped, fan)
+    torch_path = ref_ops.scatter2scatter_quant(x.double(), wq, d, x_grouped, y_grouped, fan)
+    n = kept_rows(d)
+    if y_grouped:
+        out, ref, torch_path = out[:n], ref[:n], torch_path[:n]
+    assert rel_err(out, ref) < TOL[dtype], f"seed {seed}"
+    assert rel_err(torch_path, ref) < 1e-6, f"seed {seed}"
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_fp8_codes_decode_in_the_kernel_as_torch_decodes_them(fmt):
+    """Every finite code (subnormals, zeros of both signs), read back through the kernel by
+    identity input rows, equals torch's float8 value exactly."""
+    from kernels.quant import FP8_FORMATS, fp8_weight
+
+    K, N = 32, 16
+    codes = torch.arange(256, dtype=torch.int32).view(1, K, 8).transpose(1, 2)  # [1, 8, 32]
+    codes = torch.cat([codes, codes.flip(-1)], 1).to(torch.uint8)
+    codes[~codes.view(FP8_FORMATS[fmt]).float().isfinite()] = 0  # NaN / inf: no weight has one
+    codes = codes.view(FP8_FORMATS[fmt])
+    wq = fp8_weight(codes[0], torch.ones(1, 1), (N, K))
+    wq = type(wq)(wq.data[None], wq.scale[None], 8, K, K, fp8=fmt, row_group=N).to(DEVICE)
+    d = sort_by_expert(torch.zeros(K, 1, dtype=torch.long, device=DEVICE), 1)
+    eye = torch.eye(K, dtype=torch.float32, device=DEVICE)
+    out = tri.scatter2scatter_quant(eye, wq, d, False, False, 1)  # [K, N] = w^T
+    torch.testing.assert_close(out.T.cpu(), codes[0].float(), rtol=0, atol=0)
+
+
+def test_fp8_weight_refuses_what_it_cannot_hold():
+    from kernels.quant import fp8_weight
+
+    codes = torch.zeros(16, 32, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="multiples of the block"):
+        fp8_weight(codes, torch.ones(2, 1), (8, 24))
+    with pytest.raises(ValueError, match="scale per block"):
+        fp8_weight(codes, torch.ones(1, 1), (8, 32))
+    with pytest.raises(ValueError, match="float8 codes"):
+        fp8_weight(torch.zeros(16, 32), torch.ones(2, 1), (8, 32))
+
+
 # (T, k, E, d_in, d_out, drop) with rows 16-byte aligned, as torch._grouped_mm needs
 ALIGNED = [(13, 2, 4, 40, 24, False), (9, 8, 16, 32, 16, False), (20, 1, 64, 16, 48, False),
            (11, 3, 8, 24, 40, True), (0, 2, 4, 16, 16, False)]

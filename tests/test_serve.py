@@ -287,9 +287,10 @@ def test_missing_experts_of_few_tokens_run_on_the_host(refs, family, prefetch):
 def test_fp8_checkpoints_serve_as_their_dequantized_weights(tmp_path, family, block, kept):
     """An FP8 block-scaled directory (as DeepSeek-V3 and Qwen3-FP8 ship) gives transformers'
     tokens and logits for its dequantized weights, under a budget, with the prefetcher. By
-    default its experts stay FP8 in RAM and on the wire, dequantized in their slots (the
-    same answers as dequantizing them when read, half the bytes moved), unless their sizes
-    are not multiples of the block (then --quant fp8 is refused by name)."""
+    default its experts stay FP8 in RAM, on the wire and in their slots, dequantized in the
+    expert GEMMs (the same answers as dequantizing them when read; fewer bytes moved, more
+    slots in the same budget), unless their sizes are not multiples of the block (then
+    --quant fp8 is refused by name)."""
     from tests.hf_models import save_fp8
 
     ref = save_fp8(build_hf(family), tmp_path, block)
@@ -307,8 +308,10 @@ def test_fp8_checkpoints_serve_as_their_dequantized_weights(tmp_path, family, bl
         with pytest.raises(ModelDirError, match="not multiples of its block"):
             serve(tmp_path, quant="fp8")
         return
-    wide = generate(serve(tmp_path, memory_budget=budget, prefetch="cross-layer",
-                          quant="none"), [prompt], NEW, keep_logits=True)
+    assert m.n_slots == 4 and m.cache.w_in.fp8 == "e4m3"
+    wide_m = serve(tmp_path, memory_budget=budget, prefetch="cross-layer", quant="none")
+    assert wide_m.n_slots < m.n_slots  # float32 slots: four bytes a weight against one
+    wide = generate(wide_m, [prompt], NEW, keep_logits=True)
     assert wide.token_ids == res.token_ids
     torch.testing.assert_close(wide.logits[0], res.logits[0], rtol=1e-6, atol=1e-6)
     moved = [r.stats["bytes_to_device"] / (r.stats["expert_misses"]

@@ -54,17 +54,40 @@ def _s2s_configs():
 
 
 @triton.jit
+def _fp8_value(byte, FP8: tl.constexpr):
+    """uint8 codes (as int32) -> their float32 values. FP8 1: E4M3 (fn: bias 7, 3 mantissa
+    bits, subnormals m 2^-9), 2: E5M2 (bias 15, 2 mantissa bits, subnormals m 2^-16). Built
+    from the bits, so any GPU (and the interpreter) decodes it. NaN and infinity codes,
+    which no weight holds, are not singled out."""
+    sign = (byte & 0x80) != 0
+    if FP8 == 1:
+        ex, m = (byte >> 3) & 0xF, byte & 7
+        normal = ((ex + 120) << 23) | (m << 20)  # float32 exponent field: ex - 7 + 127
+        sub = m.to(tl.float32) * 0.001953125  # 2^-9
+    else:
+        ex, m = (byte >> 2) & 0x1F, byte & 3
+        normal = ((ex + 112) << 23) | (m << 21)  # ex - 15 + 127
+        sub = m.to(tl.float32) * 0.0000152587890625  # 2^-16
+    mag = tl.where(ex == 0, sub, normal.to(tl.float32, bitcast=True))
+    return tl.where(sign, -mag, mag)
+
+
+@triton.jit
 def _load_quant_tile(W, S, e, k0, ks, cols, k_ok, n_ok, stride_we, stride_wn, stride_wk,
                      stride_se, stride_sn, stride_sg, BITS: tl.constexpr, QGROUP: tl.constexpr,
-                     FP4: tl.constexpr, BLOCK_K: tl.constexpr, dtype: tl.constexpr):
+                     FP4: tl.constexpr, FP8: tl.constexpr, QROWS: tl.constexpr,
+                     BLOCK_K: tl.constexpr, dtype: tl.constexpr):
     """The [BLOCK_K, BLOCK_N] tile of expert e's weight at columns k0 + ks, rows cols,
-    dequantized to dtype: int8 values, or 4-bit ones two to a byte (even column low), offset
-    by 8 or (FP4) E2M1 codes; times the scale of their QGROUP-column group (FP4: a uint8
-    E8M0 exponent)."""
+    dequantized to dtype: int8 values, FP8 codes (FP8 1: E4M3, 2: E5M2, as uint8), or 4-bit
+    ones two to a byte (even column low), offset by 8 or (FP4) E2M1 codes; times the scale
+    of their QGROUP-column group in their QROWS-row block (FP4: a uint8 E8M0 exponent)."""
     kk = k0 + ks
     mask = k_ok[:, None] & n_ok[None, :]
     base = W + e.to(tl.int64) * stride_we + cols[None, :] * stride_wn
-    if BITS == 8:
+    if FP8 != 0:
+        byte = tl.load(base + kk[:, None] * stride_wk, mask=mask, other=0).to(tl.int32)
+        q = _fp8_value(byte, FP8)
+    elif BITS == 8:
         q = tl.load(base + kk[:, None] * stride_wk, mask=mask, other=0).to(tl.float32)
     else:
         byte = tl.load(base + (kk // 2)[:, None] * stride_wk, mask=mask, other=0).to(tl.int32)
@@ -76,7 +99,7 @@ def _load_quant_tile(W, S, e, k0, ks, cols, k_ok, n_ok, stride_we, stride_wn, st
             q = tl.where((nib & 8) != 0, -mag, mag)
         else:
             q = nib.to(tl.float32) - 8.0
-    s_base = S + e.to(tl.int64) * stride_se + cols * stride_sn
+    s_base = S + e.to(tl.int64) * stride_se + (cols // QROWS) * stride_sn
     if QGROUP % BLOCK_K == 0:  # the tile lies in one group: one scale per row of w
         scale = tl.load(s_base + (k0 // QGROUP) * stride_sg, mask=n_ok, other=0)[None, :]
     else:
@@ -88,7 +111,7 @@ def _load_quant_tile(W, S, e, k0, ks, cols, k_ok, n_ok, stride_we, stride_wn, st
 
 
 @triton.autotune(configs=_s2s_configs(),
-                 key=["N", "K", "BLOCK_M", "X_GROUPED", "Y_GROUPED", "BITS", "FP4"])
+                 key=["N", "K", "BLOCK_M", "X_GROUPED", "Y_GROUPED", "BITS", "FP4", "FP8"])
 @triton.jit
 def _scatter2scatter_kernel(
     X, W, S, Y, pair_idx, block_expert, block_row, offsets,
@@ -97,11 +120,13 @@ def _scatter2scatter_kernel(
     stride_ym, stride_yn,
     FAN_OUT: tl.constexpr, X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, GROUP_M: tl.constexpr,
-    BITS: tl.constexpr, QGROUP: tl.constexpr, FP4: tl.constexpr,
+    BITS: tl.constexpr, QGROUP: tl.constexpr, FP4: tl.constexpr, FP8: tl.constexpr,
+    QROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """BITS 0: W holds the weights (any float dtype); 8 or 4: W holds the packed integers and
-    S their float32 scales (see kernels/quant.py), dequantized here, tile by tile."""
+    """BITS 0: W holds the weights (any float dtype); 8 or 4: W holds the packed integers or
+    FP8 codes and S their float32 scales (see kernels/quant.py), dequantized here, tile by
+    tile."""
     pid_m, pid_n = _swizzle(tl.program_id(0), GRID_M, tl.cdiv(N, BLOCK_N), GROUP_M)
     e = tl.load(block_expert + pid_m)
     if e < E:
@@ -126,7 +151,8 @@ def _scatter2scatter_kernel(
             else:
                 w = _load_quant_tile(W, S, e, k0, ks, cols, k_mask, n_mask,
                                      stride_we, stride_wn, stride_wk, stride_se, stride_sn,
-                                     stride_sg, BITS, QGROUP, FP4, BLOCK_K, X.dtype.element_ty)
+                                     stride_sg, BITS, QGROUP, FP4, FP8, QROWS, BLOCK_K,
+                                     X.dtype.element_ty)
             if UPCAST:  # the CPU interpreter's dot mishandles 16-bit floats
                 x, w = x.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
@@ -175,8 +201,8 @@ def scatter2scatter(x, w, d: Dispatch, x_grouped: bool, y_grouped: bool, fan_out
 
 def scatter2scatter_quant(x, wq: QuantWeight, d: Dispatch, x_grouped: bool, y_grouped: bool,
                           fan_out: int):
-    """scatter2scatter with int8 / int4 weights wq [E, N, K], dequantized inside the GEMM
-    (inference; no gradient)."""
+    """scatter2scatter with int8 / int4 / MXFP4 / FP8 weights wq [E, N, K], dequantized
+    inside the GEMM (inference; no gradient)."""
     return _launch(x, wq.data, wq, d, x_grouped, y_grouped, fan_out)
 
 
@@ -205,7 +231,8 @@ def _launch(x, w, q: QuantWeight | None, d: Dispatch, x_grouped, y_grouped, fan_
         FAN_OUT=fan_out, X_GROUPED=x_grouped, Y_GROUPED=y_grouped,
         PRECISION=dot_precision(x.dtype), UPCAST=interpreting(), GROUP_M=GROUP,
         BITS=0 if q is None else q.bits, QGROUP=1 if q is None else q.group,
-        FP4=q is not None and q.fp4, BLOCK_M=block_m,
+        FP4=q is not None and q.fp4, FP8=0 if q is None else ("", "e4m3", "e5m2").index(q.fp8),
+        QROWS=1 if q is None else q.row_group, BLOCK_M=block_m,
     )
     return y
 
