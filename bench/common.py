@@ -6,6 +6,7 @@ import datetime
 import platform
 import signal
 import statistics
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -109,8 +110,9 @@ def results_block(title: str, command: str, device: torch.device, body: str) -> 
 
 
 def command_line(module: str, argv: list[str] | None) -> str:
-    """The command that ran `module` with argv (None: this process's arguments)."""
-    return f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:])
+    """The command that ran `module` with argv (None: this process's arguments), quoted as a
+    shell would need it."""
+    return f"python -m {module} " + shlex.join(argv if argv is not None else sys.argv[1:])
 
 
 def append_results(path: str | None, title: str, command: str, device: torch.device,

@@ -1,12 +1,15 @@
 """Light missing experts on a served model, skipped (--skip-miss-weight W) or run from
 low-precision stand-ins (--miss-quant int4 --miss-quant-weight W, serve/skip.py), every
-expert quantized (--quant int4), and an int8 KV cache (more expert slots): what each saves
+expert quantized (--quant int4), an int8 KV cache (more expert slots) and an FP8 copy of the
+model (moe-serve convert; experts FP8 in their slots or widened at read): what each saves
 (expert bytes moved per token, decode speed) against what it costs (how far the answers move
 from the exact ones), side by side with exact serving under the same budget.
 
     make demo && python -m bench.serve_skip --model runs/demo/hf --memory-budget 8.5MiB
     python -m bench.serve_skip --model DIR --weights 0.3 --stand-in-weights 0.3,0.5 \
         --stand-in-quant int4 --quant-everywhere int4
+    moe-serve convert --model DIR --out DIR-fp8 --block 32,32 && \
+        python -m bench.serve_skip --model DIR --weights "" --fp8-model DIR-fp8
 
 Quality, two ways: greedy answers decoded freely (how many tokens each keeps before it first
 differs from the exact answer), and the exact answer fed back token by token (teacher
@@ -74,6 +77,9 @@ def main(argv=None) -> None:
                    "runtime's, top-k x 1)")
     p.add_argument("--quant-everywhere", choices=["", "int8", "int4"], default="",
                    help="also a row with every expert quantized (--quant)")
+    p.add_argument("--fp8-model", default=None, metavar="DIR",
+                   help="also rows for this FP8 copy of --model (moe-serve convert): its "
+                   "experts FP8 in their slots (--quant fp8), and widened at read (none)")
     p.add_argument("--kv-int8", action="store_true",
                    help="also a row with an int8 KV cache (--kv-cache-dtype int8: more expert "
                    "slots in the same budget)")
@@ -100,11 +106,15 @@ def main(argv=None) -> None:
         variants[f"every expert {a.quant_everywhere}"] = {"quant": a.quant_everywhere}
     if a.kv_int8:
         variants["int8 KV cache"] = {"kv_cache_dtype": "int8"}
+    if a.fp8_model:
+        variants["FP8 copy, FP8 slots"] = {"model": a.fp8_model, "quant": "fp8"}
+        variants["FP8 copy, widened at read"] = {"model": a.fp8_model, "quant": "none"}
     runs: dict[str, dict] = {}
     for label, kw in variants.items():
         need = max(map(len, prompts)) + a.new_tokens + 8
-        cfg = ServeConfig(model=a.model, device=a.device, memory_budget=a.memory_budget,
-                          max_context=max(need, a.max_context or 0), **kw)
+        cfg = ServeConfig(**{"model": a.model, "device": a.device,
+                             "memory_budget": a.memory_budget,
+                             "max_context": max(need, a.max_context or 0), **kw})
         model = OffloadedModel(cfg)
         generate(model, [prompts[0][:4]], 2)  # warm-up
         print(f"{label}:", file=sys.stderr, flush=True)

@@ -11,6 +11,8 @@ slots, dequantized inside the expert GEMMs.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from kernels.quant import FP8_FORMATS
@@ -66,3 +68,85 @@ def fp8_quantize(w: torch.Tensor, block: tuple[int, int],
     codes = (blocks / scale[:, None, :, None]).view(rows * bo, cols * bi)[:out, :inp]
     return codes.to(dtype), scale
 
+
+
+ROUTER_MODULES = ("gate", "router", "shared_expert_gate")  # [E or 1, d] scores: kept as they are
+
+
+def fp8_quantizable(name: str, t: torch.Tensor) -> bool:
+    """Whether checkpoint tensor `name` is a linear weight an FP8 block-scaled checkpoint
+    stores as codes (DeepSeek-V3's choice): 2-D floating `.weight`s, apart from embeddings,
+    the LM head, norms and routers."""
+    if t.dim() != 2 or not t.is_floating_point() or t.dtype in FP8_DTYPES \
+            or not name.endswith(".weight"):
+        return False
+    module = name[:-len(".weight")]
+    last = module.rsplit(".", 1)[-1]
+    return not ("embed" in module or "lm_head" in module or "norm" in last
+                or last in ROUTER_MODULES)
+
+
+def write_fp8_checkpoint(src: Path, dst: Path, block: tuple[int, int] = (128, 128),
+                         fmt: str = "e4m3", verbose: bool = True) -> dict:
+    """Copy the Hugging Face checkpoint directory src to dst as an FP8 block-scaled one:
+    its linear weights (fp8_quantizable) as `fmt` codes beside `<name>_scale_inv`, shard by
+    shard (memory holds one), its other files as they are, config.json with the
+    quantization_config that transformers and this project read. -> counts and bytes."""
+    import json
+    import shutil
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    if fmt not in FP8_FORMATS:
+        raise ValueError(f"fp8 fmt must be one of {', '.join(FP8_FORMATS)}, got {fmt!r}")
+    if len(block) != 2 or min(block) < 1:
+        raise ValueError(f"an fp8 block is two positive sizes (rows, cols), got {block!r}")
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} is not a model directory (no config.json)")
+    config = json.loads((src / "config.json").read_text())
+    if config.get("quantization_config"):
+        raise ValueError(f"{src} is quantized already (quantization_config "
+                         f"{config['quantization_config'].get('quant_method')!r})")
+    if dst.resolve() == src.resolve():
+        raise ValueError("the FP8 copy needs a directory of its own (--out is the source)")
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} exists and is not empty")
+    index = src / "model.safetensors.index.json"
+    shards = (sorted(set(json.loads(index.read_text())["weight_map"].values()))
+              if index.exists() else sorted(p.name for p in src.glob("*.safetensors")))
+    if not shards:
+        raise FileNotFoundError(f"{src} holds no safetensors weights")
+    dst.mkdir(parents=True, exist_ok=True)
+    weight_map, n_fp8, before, after = {}, 0, 0, 0
+    for n, shard in enumerate(shards):
+        tensors = load_file(str(src / shard))
+        before += sum(t.nbytes for t in tensors.values())
+        out = {}
+        for name, t in tensors.items():
+            if fp8_quantizable(name, t):
+                out[name], out[name + "_scale_inv"] = fp8_quantize(t, block, FP8_FORMATS[fmt])
+                n_fp8 += 1
+            else:
+                out[name] = t
+        del tensors
+        save_file(out, str(dst / shard), metadata={"format": "pt"})
+        after += sum(t.nbytes for t in out.values())
+        weight_map.update(dict.fromkeys(out, shard))
+        if verbose:
+            print(f"  shard {n + 1}/{len(shards)} {shard}: {n_fp8} weights in fp8 so far",
+                  file=sys.stderr, flush=True)
+    if index.exists():
+        (dst / index.name).write_text(json.dumps(
+            {"metadata": {"total_size": after}, "weight_map": weight_map}, indent=2))
+    for f in src.iterdir():  # tokenizer, generation config, chat template, ...
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in (index.name,
+                                                                          "config.json"):
+            shutil.copy2(f, dst / f.name)
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": fmt,
+                                     "activation_scheme": "dynamic",
+                                     "weight_block_size": list(block)}
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return {"weights_fp8": n_fp8, "bytes_before": before, "bytes_after": after,
+            "block": list(block), "fmt": fmt}

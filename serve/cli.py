@@ -1,10 +1,11 @@
-"""`moe-serve`: generate, chat, bench, plan and an OpenAI-compatible HTTP server for an offloaded
-MoE model directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2 / V3, GLM-4.5,
+"""`moe-serve`: generate, chat, bench, plan, convert and an OpenAI-compatible HTTP server for
+an offloaded MoE model directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2 / V3, GLM-4.5,
 GLM-4.7-Flash, dots.llm1, GPT-OSS, ERNIE-4.5, MiniMax-M2, or our own exports).
 
     moe-serve generate --model DIR --prompt "def f(" --max-new-tokens 32 --memory-budget 8GiB
     moe-serve generate --model DIR --prompt-ids 1,2,3 --json
     moe-serve plan --model DIR --memory-budget 24GiB
+    moe-serve convert --model DIR --out DIR-FP8   (FP8 block-scaled copy: half bf16's bytes)
     moe-serve chat --model DIR   [--chat-template-kwargs '{"reasoning_effort": "low"}']
     moe-serve bench --model DIR --memory-budget 24GiB --json
     moe-serve http --model DIR --port 8000
@@ -325,6 +326,31 @@ def cmd_plan(a) -> None:
     print(json.dumps(p) if a.json else format_plan(p))
 
 
+def cmd_convert(a) -> None:
+    from moe.hf_fp8 import write_fp8_checkpoint
+    from serve.store import WeightStore
+    from serve.units import format_size
+
+    done = write_fp8_checkpoint(Path(a.model), Path(a.out), a.block, a.fmt, not a.quiet)
+    print(f"{a.out}: {done['weights_fp8']} linear weights as {a.fmt} in "
+          f"{a.block[0]}x{a.block[1]} blocks, {format_size(done['bytes_before'])} -> "
+          f"{format_size(done['bytes_after'])}")
+    why = WeightStore(a.out, tiers=False).why_not_fp8()
+    print("its experts stay FP8 in RAM, on the wire and in their slots (--quant fp8, the "
+          "default)" if why is None else f"its experts are widened when read: {a.out} {why}")
+
+
+def _block(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in text.lower().replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a block is ROWS,COLS, e.g. 128,128; got "
+                                         f"{text!r}") from None
+    if rows < 1 or cols < 1:
+        raise argparse.ArgumentTypeError(f"block sizes must be positive, got {text!r}")
+    return rows, cols
+
+
 def cmd_bench(a) -> None:
     from serve.bench import format_report, run_bench
 
@@ -396,6 +422,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoint's own), over --quant")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
+    cv = sub.add_parser("convert", help="write a checkpoint's linear weights as FP8 "
+                        "block-scaled codes (DeepSeek-V3's layout): half bf16's bytes on "
+                        "disk, in RAM, on the wire and in the expert slots")
+    cv.add_argument("--model", required=True, help="the Hugging Face model directory to read")
+    cv.add_argument("--out", required=True, help="the new directory (absent or empty)")
+    cv.add_argument("--block", type=_block, default=(128, 128), metavar="ROWS,COLS",
+                    help="weights sharing a scale (default 128,128; the expert sizes must be "
+                    "multiples of it for their slots to stay FP8)")
+    cv.add_argument("--fmt", choices=["e4m3", "e5m2"], default="e4m3")
+    cv.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    cv.set_defaults(func=cmd_convert)
     h = sub.add_parser("http", help="OpenAI-compatible server: /v1/completions, "
                        "/v1/chat/completions, /v1/models, /health")
     _runtime_args(h)
@@ -421,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
         a.func(a)
     except KeyboardInterrupt:
         sys.exit(130)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         print(f"moe-serve: error: {e}", file=sys.stderr)
         sys.exit(2)
 

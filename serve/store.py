@@ -133,7 +133,7 @@ class WeightStore:
         self.cfg: ModelConfig
         mxfp4 = is_mxfp4(self.hf_config)
         self.fp8_block = fp8_block(self.hf_config)  # weights dequantized as they are read
-        fp8_not = self._fp8_keeps()  # why the experts cannot stay FP8 (None: they can)
+        fp8_not = self.why_not_fp8()  # why the experts cannot stay FP8 (None: they can)
         if quant == "auto":  # MXFP4 / FP8 checkpoints' experts as stored; others as they are
             quant = "mxfp4" if mxfp4 else "fp8" if fp8_not is None else "none"
         if quant == "mxfp4" and not mxfp4:
@@ -159,7 +159,7 @@ class WeightStore:
         else:
             self.n_host, self.n_disk = 0, self.total_experts
 
-    def _fp8_keeps(self) -> str | None:
+    def why_not_fp8(self) -> str | None:
         """None when the experts can stay FP8 as stored (an FP8 block-scaled checkpoint,
         experts apart, sizes multiples of the block), else why not."""
         if self.fp8_block is None:

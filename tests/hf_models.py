@@ -161,37 +161,25 @@ def save_gpt_oss_mxfp4(hf, model_dir: Path) -> None:
 
 
 def save_fp8(hf, model_dir: Path, block: tuple[int, int] = (16, 16)):
-    """Save hf as an FP8 block-scaled checkpoint (DeepSeek-V3's layout: float8 e4m3 linear
-    weights beside `<name>_scale_inv`, routers, norms, embeddings and the LM head as they
-    are) -> the checkpoint's reference: transformers' model of its dequantized weights."""
+    """Save hf as an FP8 block-scaled checkpoint (moe.hf_fp8.write_fp8_checkpoint:
+    DeepSeek-V3's layout, float8 e4m3 linear weights beside `<name>_scale_inv`; routers,
+    norms, embeddings and the LM head as they are) -> the checkpoint's reference:
+    transformers' model of its dequantized weights."""
     import tempfile
 
     from safetensors.torch import load_file, save_file
 
-    from moe.hf_fp8 import fp8_dequantize, fp8_quantize
+    from moe.hf_fp8 import fp8_dequantize, write_fp8_checkpoint
 
-    hf.save_pretrained(model_dir)
-    path = model_dir / "model.safetensors"
-    tensors = load_file(str(path))
-    plain = dict(tensors)  # the dequantized weights, for the reference
-    for name, t in list(tensors.items()):
-        if t.dim() != 2 or not name.endswith(".weight") or "norm" in name \
-                or "embed" in name or "lm_head" in name \
-                or name.endswith(("mlp.gate.weight", "router.weight")):
-            continue
-        codes, scale = fp8_quantize(t, block)
-        tensors[name], tensors[name + "_scale_inv"] = codes, scale
-        plain[name] = fp8_dequantize(codes, scale, block)
-    with tempfile.TemporaryDirectory() as ref_dir:
-        for f in model_dir.iterdir():
-            if f.name != "model.safetensors":
-                (Path(ref_dir) / f.name).write_bytes(f.read_bytes())
+    with tempfile.TemporaryDirectory() as src, tempfile.TemporaryDirectory() as ref_dir:
+        hf.save_pretrained(src)
+        write_fp8_checkpoint(Path(src), model_dir, block, verbose=False)
+        tensors = load_file(str(model_dir / "model.safetensors"))
+        plain = {n: fp8_dequantize(t, tensors[n + "_scale_inv"], block)
+                 if n + "_scale_inv" in tensors else t
+                 for n, t in tensors.items() if not n.endswith("_scale_inv")}
         save_file(plain, str(Path(ref_dir) / "model.safetensors"), metadata={"format": "pt"})
-        ref = transformers.AutoModelForCausalLM.from_pretrained(ref_dir).eval()
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    cfg = json.loads((model_dir / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
-                                  "activation_scheme": "dynamic",
-                                  "weight_block_size": list(block)}
-    (model_dir / "config.json").write_text(json.dumps(cfg))
-    return ref
+        for f in Path(src).iterdir():
+            if f.suffix != ".safetensors":
+                (Path(ref_dir) / f.name).write_bytes(f.read_bytes())
+        return transformers.AutoModelForCausalLM.from_pretrained(ref_dir).eval()

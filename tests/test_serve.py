@@ -325,6 +325,46 @@ def test_fp8_checkpoints_serve_as_their_dequantized_weights(tmp_path, family, bl
     assert generate(low, [prompt], NEW).stats["experts_low_precision"] > 0
 
 
+def test_an_fp8_copy_of_a_sharded_checkpoint_keeps_its_layout_and_serves(tmp_path):
+    """write_fp8_checkpoint (moe-serve convert) over a sharded Mixtral: each linear weight
+    becomes e4m3 codes with its scales in the same shard (the index says so), routers, norms
+    and embeddings stay as they were, the tokenizer files come along, and the copy serves with
+    its experts FP8 in their slots the answers of dequantizing it at read."""
+    from safetensors import safe_open
+
+    from moe.hf_fp8 import fp8_quantizable, write_fp8_checkpoint
+
+    src, dst = tmp_path / "src", tmp_path / "fp8"
+    build_hf("mixtral").save_pretrained(src, max_shard_size="100KB")
+    (src / "tokenizer_config.json").write_text("{}")
+    done = write_fp8_checkpoint(src, dst, (8, 8), verbose=False)
+    assert done["bytes_after"] < 0.5 * done["bytes_before"] and done["weights_fp8"] > 0
+    assert (dst / "tokenizer_config.json").exists()
+    where = json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"]
+    was = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(where) == set(was) | {n + "_scale_inv" for n in where if n + "_scale_inv"
+                                     in where}
+    for name, shard in was.items():
+        with safe_open(str(src / shard), "pt") as f, safe_open(str(dst / where[name]), "pt") as g:
+            t, u = f.get_tensor(name), g.get_tensor(name)
+            if fp8_quantizable(name, t):
+                assert u.dtype == torch.float8_e4m3fn and where[name + "_scale_inv"] == shard
+            else:
+                assert torch.equal(t, u) and "_scale_inv" not in name, name
+    assert any("gate.weight" in n and n + "_scale_inv" not in where for n in where)  # routers
+    prompt = [5, 17, 99, 3, 250, 41, 8]
+    m = serve(dst, memory_budget=budget_for(dst, 6), prefetch="cross-layer")
+    assert m.store.quant == "fp8"
+    got = generate(m, [prompt], NEW, keep_logits=True)
+    wide = generate(serve(dst, quant="none"), [prompt], NEW, keep_logits=True)
+    assert got.token_ids == wide.token_ids
+    torch.testing.assert_close(got.logits[0], wide.logits[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="quantized already"):
+        write_fp8_checkpoint(dst, tmp_path / "again")
+    with pytest.raises(FileExistsError, match="not empty"):
+        write_fp8_checkpoint(src, dst)
+
+
 @pytest.mark.parametrize("family,every", [
     ("ernie4_5_moe", {"moe_layer_interval": 2}),
     ("qwen2_moe", {"decoder_sparse_step": 2, "mlp_only_layers": []})])

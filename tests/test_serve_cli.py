@@ -853,6 +853,36 @@ def test_plan_says_what_a_budget_buys_before_loading(model_dir):
     assert probe.expert(probe.moe_layers[-1], 1).w_in.bits == 8  # read when asked
 
 
+def test_convert_writes_an_fp8_copy_that_a_budget_holds_more_of(model_dir, tmp_path):
+    """moe-serve convert: an FP8 block-scaled copy with progress and a summary, which plan
+    and generate take with its experts FP8 (more slots in the same budget); a quantized
+    source, an occupied --out, a missing model and a bad block are refused by name."""
+    d, _ = model_dir
+    out = tmp_path / "fp8"
+    p = cli("convert", "--model", d, "--out", out, "--block", "8x8")
+    assert "linear weights as e4m3 in 8x8 blocks" in p.stdout and "shard 1/1" in p.stderr
+    assert "stay FP8 in RAM, on the wire and in their slots" in p.stdout
+    assert json.loads((out / "config.json").read_text())["quantization_config"][
+        "weight_block_size"] == [8, 8]
+    wide = cli("convert", "--model", d, "--out", tmp_path / "wide", "--block", "16,16")
+    assert "widened when read" in wide.stdout and "not multiples of its block" in wide.stdout
+    assert (out / "tokenizer.json").exists()
+    plans = [json.loads(cli("plan", "--model", m, "--memory-budget", "600KiB", "--device",
+                            "cpu", "--json").stdout) for m in (d, out)]
+    assert plans[1]["quant"] == "fp8" and plans[1]["expert_slots"] > plans[0]["expert_slots"]
+    gen = json.loads(cli("generate", "--model", out, "--prompt-ids", "3,14,15,92,65",
+                         "--max-new-tokens", 6, "--memory-budget", "600KiB", "--device", "cpu",
+                         "--json").stdout)
+    assert len(gen["token_ids"]) == 6 and gen["stats"]["bytes_to_device"] > 0
+    for args, says in [(("--model", out, "--out", tmp_path / "x"), "quantized already"),
+                       (("--model", d, "--out", out), "not empty"),
+                       (("--model", tmp_path / "none", "--out", tmp_path / "y"), "no config"),
+                       (("--model", d, "--out", tmp_path / "z", "--block", "0,16"),
+                        "must be positive")]:
+        bad = cli("convert", *args, check=False)
+        assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr
+
+
 def _stream_events(url: str, body: dict, first: threading.Event, events: list) -> None:
     """POST body (streamed) and keep each server-sent event's data; set first at the first."""
     import urllib.request
