@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import datetime
 import platform
+import shlex
 import signal
 import statistics
-import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
