@@ -475,7 +475,7 @@ def breakdown(shape, T, dtype, device) -> str:
 
     def sort_and_schedule():
         dd = sort_by_expert(r.expert_ids, E)
-        block_schedule(dd, pick_block_m(dd))
+        block_schedule(dd, pick_block_m(dd, x.element_size()))
         inverse_permutation(dd)
 
     from kernels import reference as ref_ops

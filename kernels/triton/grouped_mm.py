@@ -53,6 +53,15 @@ def _s2s_configs():
     return configs if autotuning() else configs[:1]
 
 
+def _s2s_fitting(configs, named_args, **kwargs):
+    """The configs whose tiles fit the registers: with 4-byte inputs (float32 dots, no tensor
+    cores) the 256-column tile spills (bench/kernels_offline.py: 13 KiB a thread at 128 rows
+    on sm_90), so it is not tried."""
+    if named_args["X"].element_size() < 4:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_N"] <= 128] or configs
+
+
 @triton.jit
 def _fp8_value(byte, FP8: tl.constexpr):
     """uint8 codes (as int32) -> their float32 values. FP8 1: E4M3 (fn: bias 7, 3 mantissa
@@ -111,7 +120,8 @@ def _load_quant_tile(W, S, e, k0, ks, cols, k_ok, n_ok, stride_we, stride_wn, st
 
 
 @triton.autotune(configs=_s2s_configs(),
-                 key=["N", "K", "BLOCK_M", "X_GROUPED", "Y_GROUPED", "BITS", "FP4", "FP8"])
+                 key=["N", "K", "BLOCK_M", "X_GROUPED", "Y_GROUPED", "BITS", "FP4", "FP8"],
+                 prune_configs_by={"early_config_prune": _s2s_fitting})
 @triton.jit
 def _scatter2scatter_kernel(
     X, W, S, Y, pair_idx, block_expert, block_row, offsets,
@@ -166,12 +176,13 @@ def _scatter2scatter_kernel(
 GROUP = 8
 
 
-def pick_block_m(d: Dispatch) -> int:
-    """Rows per program: smaller blocks when experts get few rows (fine-grained MoE)."""
+def pick_block_m(d: Dispatch, elem_bytes: int = 2) -> int:
+    """Rows per program: smaller blocks when experts get few rows (fine-grained MoE) or the
+    inputs take 4 bytes (float32 dots keep their operands in registers: 128 rows spill)."""
     if interpreting():
         return 16
     avg = d.num_pairs / max(d.num_experts, 1)
-    return 64 if avg < 256 else 128
+    return 64 if avg < 256 or elem_bytes >= 4 else 128
 
 
 def _fastest(op: str, x: torch.Tensor, d: Dispatch, n: int, k: int, flags: tuple,
@@ -216,7 +227,7 @@ def _launch(x, w, q: QuantWeight | None, d: Dispatch, x_grouped, y_grouped, fan_
         y = common.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y
-    block_m = pick_block_m(d)
+    block_m = pick_block_m(d, x.element_size())
     block_expert, block_row, grid_m = block_schedule(d, block_m)
 
     def grid(meta):

@@ -1,0 +1,74 @@
+"""Every Triton kernel builds for Hopper (sm_90), on this CPU-only machine: Triton's compiler
+and ptxas, through the launches the MoE path makes (bench/kernels_offline.py), each
+autotuned kernel at its first config. What the builds use is checked where a change would
+cost the GPU dearly and no CPU test would see it: tensor-core dots (wgmma) in the bf16 and
+packed-weight GEMMs, no register spills, shared memory within what a block may have."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+GEMMS = ("_scatter2scatter_kernel", "_group_weight_grad_kernel")
+
+
+def offline(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-m", "bench.kernels_offline", "--arch", "90",
+                        "--first-config", *args], capture_output=True, text=True,
+                       timeout=900, env=env)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def builds() -> list[dict]:
+    return json.loads(offline("--json").stdout)
+
+
+def test_every_launch_builds_for_hopper_within_its_shared_memory(builds):
+    launches = {b["launch"] for b in builds}
+    for kind in ("s2s bfloat16", "s2s float32", "wgrad bfloat16", "wgrad float32", "swiglu",
+                 "combine", "router", "sort", "int8", "int4", "mxfp4", "fp8 e4m3",
+                 "fp8 e5m2", "128-row blocks"):
+        assert any(kind in name for name in launches), kind
+    assert {b["kernel"] for b in builds} >= {
+        *GEMMS, "_swiglu_fwd_kernel", "_swiglu_bwd_kernel", "_combine_kernel",
+        "_combine_bwd_kernel", "_topk_route_kernel", "_topk_route_bwd_kernel",
+        "_block_hist_kernel", "_place_kernel"}
+    for b in builds:
+        assert 0 < b["regs"] <= 255 and b["shared_bytes"] <= b["shared_limit"], b
+
+
+def test_bf16_and_packed_weight_gemms_use_wgmma_without_spilling(builds):
+    """A 16-bit or packed-weight GEMM that falls back from wgmma to mma.sync, or spills,
+    loses much of Hopper's throughput."""
+    gemms = [b for b in builds if b["kernel"] in GEMMS and "float32" not in b["launch"]]
+    assert len(gemms) >= 12
+    for b in gemms:
+        assert b["mma"] == "wgmma" and b["spill_bytes"] == 0, b
+    assert any(b["meta"].get("BLOCK_M") == 128 for b in gemms)  # coarse experts' blocks
+
+
+def test_float32_and_elementwise_kernels_keep_their_registers(builds):
+    """float32 dots run without tensor cores and hold their tiles in registers: at 128 rows
+    a block spilled up to 13 KiB a thread; pick_block_m keeps them to 64 rows."""
+    for b in builds:
+        if b["kernel"] in GEMMS and "float32" in b["launch"]:
+            assert b["mma"] == "" and b["spill_bytes"] <= 64, b
+            assert b["meta"].get("BLOCK_M", 64) == 64, b
+        elif b["kernel"] not in GEMMS:
+            assert b["spill_bytes"] == 0, b
+
+
+def test_the_bench_records_its_table(builds, tmp_path):
+    """The table and its record (the builds come from Triton's cache by now)."""
+    out = tmp_path / "RESULTS.md"
+    text = offline("--out", str(out)).stdout
+    assert "Builds for sm_90 made on this machine" in text and "| wgmma |" in text
+    assert "kernels built offline for sm_90" in out.read_text()
+    assert text.count("\n| ") == len(builds) + 1  # a row a build, after the header
