@@ -132,6 +132,7 @@ def compile_all(arch: int) -> list[dict]:
                              "num_warps": b.num_warps, "num_stages": b.num_stages,
                              "regs": b.regs, "spill_bytes": b.spill_bytes,
                              "shared_bytes": b.shared_bytes, "mma": b.mma,
+                             "mma_overlap": b.mma_overlap, "loads": b.loads,
                              "shared_limit": SHARED_LIMIT.get(arch)})
             print(f"  {label}: {len(builds) - start} build(s)", file=sys.stderr, flush=True)
     return rows
@@ -158,10 +159,12 @@ def main(argv=None) -> None:
         return
     table = markdown_table(
         ["launch", "kernel", "blocks", "warps", "stages", "registers", "spilled bytes",
-         "shared KiB", "tensor-core dot"],
+         "shared KiB", "tensor-core dot", "tile loads"],
         [[r["launch"], r["kernel"].lstrip("_"), _blocks(r["meta"]), str(r["num_warps"]),
           str(r["num_stages"]), str(r["regs"]), str(r["spill_bytes"]),
-          f"{r['shared_bytes'] / 1024:.1f}", r["mma"] or "-"] for r in rows])
+          f"{r['shared_bytes'] / 1024:.1f}",
+          (r["mma"] + (" (overlapped)" if r["mma_overlap"] else "")) or "-",
+          r["loads"] or "-"] for r in rows])
     limit = rows[0]["shared_limit"] if rows else None
     body = (f"Builds for sm_{a.arch} made on this machine (Triton's compiler and ptxas; no GPU "
             f"ran them), {len(rows)} in all: {sum(r['spill_bytes'] > 0 for r in rows)} spill, "

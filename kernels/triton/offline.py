@@ -39,7 +39,9 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 class Build:
     """One compiled kernel: its name, the meta-parameters it was built with, and what the
     build uses. regs / spill_bytes / shared_bytes from the cubin; mma: "wgmma", "mma" or ""
-    (no tensor-core dot)."""
+    (no tensor-core dot); mma_overlap: a wgmma stays in flight while the next is issued
+    (wgmma.wait_group N > 0); loads: how tiles reach shared memory, "tma" (bulk tensor
+    copies), "cp.async" (asynchronous copies, software-pipelined) or "" (through registers)."""
 
     kernel: str
     meta: dict
@@ -49,8 +51,10 @@ class Build:
     regs: int
     spill_bytes: int
     mma: str
+    mma_overlap: bool = False
+    loads: str = ""
     arch: int = 90
-    ptx_lines: int = field(default=0, repr=False)
+    ptx: str = field(default="", repr=False)
 
 
 class _OfflineDriver:
@@ -92,9 +96,13 @@ def usage(kernel, name: str, meta: dict, arch: int) -> Build:
         raise RuntimeError(f"cuobjdump gave no resource usage for {name}:\n{out}")
     regs, stack, static_shared, local = (int(v) for v in res.groups())
     mma = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else ""
+    overlap = any(int(n) > 0 for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)",
+                                                    ptx))
+    loads = ("tma" if "cp.async.bulk.tensor" in ptx else "cp.async" if "cp.async." in ptx
+             else "")
     md = kernel.metadata
     return Build(name, meta, md.num_warps, md.num_stages, md.shared + static_shared, regs,
-                 stack + local, mma, arch, ptx.count("\n"))
+                 stack + local, mma, overlap, loads, arch, ptx)
 
 
 @contextmanager
