@@ -50,16 +50,17 @@ def _s2s_configs():
             (128, 64, 8, 4), (256, 64, 8, 3), (64, 64, 4, 4),
         ]
     ]
-    return configs if autotuning() else configs[:1]
+    # untuned (tests): one config, the tile every input dtype builds without spilling
+    return configs if autotuning() else configs[2:]
 
 
 def _s2s_fitting(configs, named_args, **kwargs):
-    """The configs whose tiles fit the registers: with 4-byte inputs (float32 dots, no tensor
-    cores) the 256-column tile spills (bench/kernels_offline.py: 13 KiB a thread at 128 rows
-    on sm_90), so it is not tried."""
-    if named_args["X"].element_size() < 4:
-        return configs
-    return [c for c in configs if c.kwargs["BLOCK_N"] <= 128] or configs
+    """The configs whose tiles fit the registers (bench/kernels_offline.py, sm_90): 4-byte
+    inputs (float32 dots, no tensor cores: operands and accumulator in registers) take the
+    64-column tile (128 columns spilled, 13 KiB a thread at 256 and 128 rows), MXFP4 weights
+    at most 128 columns (256 spilled 272 bytes with Triton 3.6)."""
+    widest = 64 if named_args["X"].element_size() >= 4 else 128 if kwargs.get("FP4") else 256
+    return [c for c in configs if c.kwargs["BLOCK_N"] <= widest] or configs
 
 
 @triton.jit
@@ -82,7 +83,7 @@ def _fp8_value(byte, FP8: tl.constexpr):
 
 
 @triton.jit
-def _load_quant_tile(W, S, e, k0, ks, cols, k_ok, n_ok, stride_we, stride_wn, stride_wk,
+def _load_quant_tile(W, S, e, k0, ks, cols, k_ok, k_left, n_ok, stride_we, stride_wn, stride_wk,
                      stride_se, stride_sn, stride_sg, BITS: tl.constexpr, QGROUP: tl.constexpr,
                      FP4: tl.constexpr, FP8: tl.constexpr, QROWS: tl.constexpr,
                      BLOCK_K: tl.constexpr, dtype: tl.constexpr):
@@ -98,14 +99,18 @@ def _load_quant_tile(W, S, e, k0, ks, cols, k_ok, n_ok, stride_we, stride_wn, st
         q = _fp8_value(byte, FP8)
     elif BITS == 8:
         q = tl.load(base + kk[:, None] * stride_wk, mask=mask, other=0).to(tl.float32)
-    else:
-        byte = tl.load(base + (kk // 2)[:, None] * stride_wk, mask=mask, other=0).to(tl.int32)
-        nib = (byte >> ((kk % 2) * 4)[:, None]) & 0xF
-        if FP4:  # E2M1: 0.5 m when the exponent is 0, else (1 + 0.5 m) 2^(exp - 1)
-            ex = (nib >> 1) & 3
-            m = (nib & 1).to(tl.float32)
-            mag = tl.where(ex == 0, 0.5 * m, (1.0 + 0.5 * m) * ((1 << ex) >> 1).to(tl.float32))
-            q = tl.where((nib & 8) != 0, -mag, mag)
+    else:  # each byte once: the even columns' nibbles (low) joined to the odd ones' (high)
+        half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        byte = tl.load(base + half[:, None] * stride_wk,
+                       mask=(half * 2 < k0 + k_left)[:, None] & n_ok[None, :],
+                       other=0).to(tl.int32)
+        nib = tl.reshape(tl.permute(tl.join(byte & 0xF, byte >> 4), (0, 2, 1)),
+                         (BLOCK_K, byte.shape[1]))
+        if FP4:  # E2M1 as float32 bits: 0.5 m when the exponent is 0, else (1 + 0.5 m)
+            # 2^(exp - 1), i.e. exponent field exp + 126 and the mantissa's top bit m
+            ex, m = (nib >> 1) & 3, nib & 1
+            bits = tl.where(ex == 0, m * (126 << 23), ((ex + 126) << 23) | (m << 22))
+            q = (bits | ((nib & 8) << 28)).to(tl.float32, bitcast=True)
         else:
             q = nib.to(tl.float32) - 8.0
     s_base = S + e.to(tl.int64) * stride_se + (cols // QROWS) * stride_sn
@@ -159,7 +164,7 @@ def _scatter2scatter_kernel(
             if BITS == 0:
                 w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             else:
-                w = _load_quant_tile(W, S, e, k0, ks, cols, k_mask, n_mask,
+                w = _load_quant_tile(W, S, e, k0, ks, cols, k_mask, K - k0, n_mask,
                                      stride_we, stride_wn, stride_wk, stride_se, stride_sn,
                                      stride_sg, BITS, QGROUP, FP4, FP8, QROWS, BLOCK_K,
                                      X.dtype.element_ty)
@@ -258,11 +263,22 @@ def _wgrad_configs():
             (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (128, 256, 32, 8, 3),
         ]
     ]
-    return configs if autotuning() else configs[:1]
+    # float32 (no tensor cores: the dot's operands and its accumulator in registers)
+    wide = [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_M": 32}, num_warps=4,
+                          num_stages=3)]
+    return configs + wide if autotuning() else wide  # untuned (tests): builds for any dtype
+
+
+def _wgrad_fitting(configs, named_args, **kwargs):
+    """16-bit inputs take the tensor-core tiles, 4-byte ones the 64 x 64 tile: the larger
+    ones spilled up to 128 bytes a thread on sm_90 (bench/kernels_offline.py)."""
+    small = named_args["X"].element_size() >= 4
+    return [c for c in configs
+            if (c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 64) == small] or configs
 
 
 @triton.autotune(configs=_wgrad_configs(), key=["N", "K", "X_GROUPED", "DY_GROUPED"],
-                 reset_to_zero=[])
+                 reset_to_zero=[], prune_configs_by={"early_config_prune": _wgrad_fitting})
 @triton.jit
 def _group_weight_grad_kernel(
     X, DY, DW, pair_idx, offsets,
