@@ -112,7 +112,7 @@ def results_block(title: str, command: str, device: torch.device, body: str) -> 
 def command_line(module: str, argv: list[str] | None) -> str:
     """The command that ran `module` with argv (None: this process's arguments), quoted as a
     shell would need it."""
-    return f"python -m {module} " + shlex.join(argv if argv is not None else sys.argv[1:])
+    return f"python -m {module} {shlex.join(argv if argv is not None else sys.argv[1:])}".rstrip()
 
 
 def append_results(path: str | None, title: str, command: str, device: torch.device,
