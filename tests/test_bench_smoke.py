@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests.seeds import fresh_seed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -171,7 +173,13 @@ def test_policies_bench_counts_decode_steps_on_a_warm_cache(tmp_path):
         for bar in ("0", "0.5"):
             assert f"| 12/24 (50%) | none | 12 | {policy} | {bar} |" in text
     int8 = [line.split(" | ") for line in text.splitlines() if "| int8 |" in line]
-    assert len(int8) == 4 and all(int(r[2]) > 12 for r in int8)  # packed: more slots
+    assert len(int8) == 5 and all(int(r[2]) > 12 for r in int8)  # packed: more slots
+    for q in ("none", "int8"):  # the offline floor: no policy hits more often
+        rows = [line.split(" | ") for line in text.splitlines() if f"| {q} |" in line]
+        best = [r for r in rows if r[3] == "fewest possible (offline)"]
+        assert len(best) == 1
+        floor = float(best[0][5].split(" / ")[1])
+        assert all(float(r[5].split(" / ")[1]) <= floor for r in rows)
     prompts = held_out_prompts(TextCodec(tmp_path / "m"), 2, 8)
     assert len({tuple(p) for p in prompts}) == 2 and all(len(p) == 8 for p in prompts)
     cfg = ServeConfig(model=str(tmp_path / "m"), device="cpu", dtype="float32",
@@ -182,6 +190,38 @@ def test_policies_bench_counts_decode_steps_on_a_warm_cache(tmp_path):
     # one token a step uses k distinct experts a layer; prefill (8 tokens) would add more
     assert c["hits"] + c["misses"] == 2 * 5 * layers * k
     assert c["misses"] > 0 and c["bytes_to_device"] == c["misses"] * model.slot_bytes
+
+
+def _fewest_misses(trace, slots: int) -> int:
+    """An exhaustive search over every eviction choice: the fewest counted misses."""
+    import functools
+
+    @functools.cache
+    def fewest(i: int, resident: frozenset) -> int:
+        if i == len(trace):
+            return 0
+        key, counted = trace[i]
+        if key in resident:
+            return fewest(i + 1, resident)
+        if len(resident) < slots:
+            return counted + fewest(i + 1, resident | {key})
+        return counted + min(fewest(i + 1, (resident - {v}) | {key}) for v in resident)
+
+    return fewest(0, frozenset())
+
+
+def test_fewest_misses_are_the_fewest_any_eviction_choice_gives():
+    """fewest_misses against an exhaustive search over every eviction choice, on random
+    short access sequences (only the marked accesses count)."""
+    import random
+
+    from bench.policies import fewest_misses
+
+    rng = random.Random(fresh_seed())
+    for _ in range(40):
+        n, slots = rng.randint(4, 12), rng.randint(1, 3)
+        trace = [((0, rng.randint(0, 4)), rng.random() < 0.7) for _ in range(n)]
+        assert fewest_misses(trace, slots) == _fewest_misses(trace, slots), (trace, slots)
 
 
 def test_serve_bench_keeps_our_rows_when_a_time_limit_stops_the_baseline(tmp_path,
