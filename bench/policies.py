@@ -168,7 +168,7 @@ def _counts(run: ServeConfig, store: WeightStore, prompts: list[list[int]], new_
                 expert_bytes=model.store.expert_nbytes)
 
 
-def _belady_row(f: float, slots: int, total: int, quant: str, run: dict,
+def _floor_row(f: float, slots: int, total: int, quant: str, run: dict,
                 trace: list[tuple[Key, bool]], n_tok: int) -> list[str]:
     """The table's row of the offline optimum for run's slots and access sequence."""
     misses = fewest_misses(trace, run["n_slots"])
@@ -227,9 +227,8 @@ def main(argv=None) -> None:
                                          + slots * slot, "cache_policy": policy, "quant": q})
                     trace: list[tuple[Key, bool]] = []
                     none = _counts(run, stores[q], prompts, a.new_tokens, "none", trace=trace)
-                    if policy == policies[-1]:  # the answers, so the accesses, are the same
-                        rows.append(_belady_row(f, slots, total, q, none, trace,
-                                                a.prompts * a.new_tokens))
+                    floor = _floor_row(f, slots, total, q, none, trace,
+                                       a.prompts * a.new_tokens)
                     for bar in bars:
                         pf = _counts(run, stores[q], prompts, a.new_tokens, "cross-layer", bar)
                         n_tok = a.prompts * a.new_tokens
@@ -240,6 +239,8 @@ def main(argv=None) -> None:
                                      f"{none['bytes_to_device'] / n_tok / 2**10:.1f}",
                                      f"{prec:.2f} / {rec:.2f}"])
                         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+                    if policy == policies[-1]:  # the answers, so the accesses, are the same
+                        rows.append(floor)
     except Stopped:
         stopped = "stopped by SIGTERM (timeout); the rows are those measured before it"
     m = store.cfg

@@ -147,16 +147,21 @@ def test_scatter2scatter_mxfp4_dequantizes_in_the_kernel(shape, x_grouped, y_gro
     blocks = torch.randint(0, 256, (E, N, K // 32, 16), generator=g, dtype=torch.uint8)
     scales = torch.randint(107, 132, (E, N, K // 32), generator=g, dtype=torch.uint8)
     wq = mxfp4_weight(blocks, scales)
-    wq = type(wq)(wq.data.to(DEVICE), wq.scale.to(DEVICE), 4, wq.group, wq.cols, True)
+    check_packed(x, wq.to(DEVICE), mxfp4_dequantize(blocks, scales).double(), d, x_grouped,
+                 y_grouped, fan, dtype, seed, 1e-12)
+
+
+def check_packed(x, wq, dense, d, x_grouped, y_grouped, fan, dtype, seed, torch_tol):
+    """The Triton kernel on packed weights wq against the float64 reference on their decoded
+    values dense [E, N, K] (dtype's tolerance), and the torch path against it (torch_tol)."""
     out = tri.scatter2scatter_quant(x, wq, d, x_grouped, y_grouped, fan)
-    ref = ref_ops.scatter2scatter(x.double(), mxfp4_dequantize(blocks, scales).double()
-                                  .to(DEVICE), d, x_grouped, y_grouped, fan)
+    ref = ref_ops.scatter2scatter(x.double(), dense.to(DEVICE), d, x_grouped, y_grouped, fan)
     torch_path = ref_ops.scatter2scatter_quant(x.double(), wq, d, x_grouped, y_grouped, fan)
     n = kept_rows(d)
     if y_grouped:
         out, ref, torch_path = out[:n], ref[:n], torch_path[:n]
     assert rel_err(out, ref) < TOL[dtype], f"seed {seed}"
-    assert rel_err(torch_path, ref) < 1e-12, f"seed {seed}"
+    assert rel_err(torch_path, ref) < torch_tol, f"seed {seed}"
 
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
@@ -186,14 +191,7 @@ def test_scatter2scatter_fp8_dequantizes_in_the_kernel(shape, block, x_grouped, 
     dense = (codes.view(f8).double() * scale.double().repeat_interleave(block[0], 1)
              .repeat_interleave(block[1], 2))
     torch.testing.assert_close(dequantize(wq, torch.float64).cpu(), dense, rtol=1e-7, atol=0)
-    out = tri.scatter2scatter_quant(x, wq, d, x_grouped, y_grouped, fan)
-    ref = ref_ops.scatter2scatter(x.double(), dense.to(DEVICE), d, x_grouped, y_grouped, fan)
-    torch_path = ref_ops.scatter2scatter_quant(x.double(), wq, d, x_grouped, y_grouped, fan)
-    n = kept_rows(d)
-    if y_grouped:
-        out, ref, torch_path = out[:n], ref[:n], torch_path[:n]
-    assert rel_err(out, ref) < TOL[dtype], f"seed {seed}"
-    assert rel_err(torch_path, ref) < 1e-6, f"seed {seed}"
+    check_packed(x, wq, dense, d, x_grouped, y_grouped, fan, dtype, seed, 1e-6)
 
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
