@@ -4,6 +4,8 @@
 # the device tool's `carry` (".whl", and ".peers" for ScatterMoE and MegaBlocks). Both folders
 # are ignored by git: peer code is brought beside the project for a run, never committed.
 #   bash bench/prepare_gpu_carry.sh            # then: run ... carry [".whl", ".peers"]
+# It also builds every Triton kernel for sm_90 with the device's Triton version, offline
+# (DEVICE_TRITON=none skips that).
 # ScatterMoE has no wheel: fetch github:shawntan/scattermoe with the search tool's `fetch`
 # and copy its scattermoe/ package to .peers/scattermoe (bench/kernels.py imports it there).
 set -euo pipefail
@@ -34,5 +36,20 @@ if [ ! -d .peers/megablocks ] || [ ! -d .peers/stk ]; then
 fi
 if [ ! -d .peers/scattermoe ]; then
   echo "note: .peers/scattermoe is missing (see the comment at the top of this script)" >&2
+fi
+# pre-flight: every Triton kernel must build for sm_90 with the device's Triton (3.6.0 on the
+# lent H200, bench/kernels_offline.py), before any of the lease is spent on finding out
+DEVICE_TRITON=${DEVICE_TRITON:-3.6.0}
+if [ "$DEVICE_TRITON" != none ]; then
+  venv=/tmp/triton-$DEVICE_TRITON
+  if [ ! -x "$venv/bin/python" ]; then
+    $PY -m venv "$venv"
+    "$venv/bin/pip" install -q torch==2.13.0 "triton==$DEVICE_TRITON" numpy safetensors
+  fi
+  env -u TRITON_INTERPRET PYTHONPATH="$PWD" "$venv/bin/python" -m bench.kernels_offline \
+    --json > /tmp/kernels_offline_device.json
+  echo "kernels build for sm_90 with triton $DEVICE_TRITON: $(python3 -c "
+import json; rows = json.load(open('/tmp/kernels_offline_device.json'))
+print(len(rows), 'builds,', sum(r['spill_bytes'] > 0 for r in rows), 'spilling')")"
 fi
 du -sh .whl
