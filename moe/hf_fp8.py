@@ -91,12 +91,12 @@ def write_fp8_checkpoint(src: Path, dst: Path, block: tuple[int, int] = (128, 12
     """Copy the Hugging Face checkpoint directory src to dst as an FP8 block-scaled one:
     its linear weights (fp8_quantizable) as `fmt` codes beside `<name>_scale_inv`, shard by
     shard (memory holds one), its other files as they are, config.json with the
-    quantization_config that transformers and this project read. -> counts and bytes."""
+    quantization_config that transformers and this project read. -> counts and bytes. It is
+    written beside dst (`<dst>.partial`) and renamed to dst when whole: a failed or stopped
+    copy leaves no dst behind."""
     import json
+    import os
     import shutil
-    import sys
-
-    from safetensors.torch import load_file, save_file
 
     src, dst = Path(src), Path(dst)
     if fmt not in FP8_FORMATS:
@@ -111,14 +111,35 @@ def write_fp8_checkpoint(src: Path, dst: Path, block: tuple[int, int] = (128, 12
                          f"{config['quantization_config'].get('quant_method')!r})")
     if dst.resolve() == src.resolve():
         raise ValueError("the FP8 copy needs a directory of its own (--out is the source)")
-    if dst.exists() and any(dst.iterdir()):
-        raise FileExistsError(f"{dst} exists and is not empty")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} exists and is not an empty directory")
     index = src / "model.safetensors.index.json"
     shards = (sorted(set(json.loads(index.read_text())["weight_map"].values()))
               if index.exists() else sorted(p.name for p in src.glob("*.safetensors")))
     if not shards:
         raise FileNotFoundError(f"{src} holds no safetensors weights")
-    dst.mkdir(parents=True, exist_ok=True)
+    final, dst = dst, dst.with_name(dst.name + ".partial")  # renamed when whole
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    try:
+        done = _write_fp8(src, dst, shards, config, block, fmt, verbose)
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise
+    os.replace(dst, final)
+    return done
+
+
+def _write_fp8(src: Path, dst: Path, shards: list[str], config: dict, block: tuple[int, int],
+               fmt: str, verbose: bool) -> dict:
+    """write_fp8_checkpoint's copy, into dst."""
+    import json
+    import shutil
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    index = src / "model.safetensors.index.json"
     weight_map, n_fp8, before, after = {}, 0, 0, 0
     for n, shard in enumerate(shards):
         tensors = load_file(str(src / shard))

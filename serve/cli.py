@@ -328,14 +328,18 @@ def cmd_plan(a) -> None:
 
 def cmd_convert(a) -> None:
     from moe.hf_fp8 import write_fp8_checkpoint
-    from serve.store import WeightStore
+    from serve.store import ModelDirError, WeightStore
     from serve.units import format_size
 
     done = write_fp8_checkpoint(Path(a.model), Path(a.out), a.block, a.fmt, not a.quiet)
     print(f"{a.out}: {done['weights_fp8']} linear weights as {a.fmt} in "
           f"{a.block[0]}x{a.block[1]} blocks, {format_size(done['bytes_before'])} -> "
           f"{format_size(done['bytes_after'])}")
-    why = WeightStore(a.out, tiers=False).why_not_fp8()
+    try:
+        why = WeightStore(a.out, tiers=False).why_not_fp8()
+    except ModelDirError as e:
+        print(f"moe-serve cannot serve it: {e}")
+        return
     print("its experts stay FP8 in RAM, on the wire and in their slots (--quant fp8, the "
           "default)" if why is None else f"its experts are widened when read: {a.out} {why}")
 

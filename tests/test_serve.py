@@ -325,14 +325,17 @@ def test_fp8_checkpoints_serve_as_their_dequantized_weights(tmp_path, family, bl
     assert generate(low, [prompt], NEW).stats["experts_low_precision"] > 0
 
 
-def test_an_fp8_copy_of_a_sharded_checkpoint_keeps_its_layout_and_serves(tmp_path):
+def test_an_fp8_copy_of_a_sharded_checkpoint_keeps_its_layout_and_serves(tmp_path,
+                                                                        monkeypatch):
     """write_fp8_checkpoint (moe-serve convert) over a sharded Mixtral: each linear weight
     becomes e4m3 codes with its scales in the same shard (the index says so), routers, norms
     and embeddings stay as they were, the tokenizer files come along, and the copy serves with
-    its experts FP8 in their slots the answers of dequantizing it at read."""
+    its experts FP8 in their slots the answers of dequantizing it at read. A copy that fails
+    half way leaves nothing behind."""
     from safetensors import safe_open
 
-    from moe.hf_fp8 import fp8_quantizable, write_fp8_checkpoint
+    from moe import hf_fp8
+    from moe.hf_fp8 import fp8_quantizable, fp8_quantize, write_fp8_checkpoint
 
     src, dst = tmp_path / "src", tmp_path / "fp8"
     build_hf("mixtral").save_pretrained(src, max_shard_size="100KB")
@@ -361,8 +364,20 @@ def test_an_fp8_copy_of_a_sharded_checkpoint_keeps_its_layout_and_serves(tmp_pat
     torch.testing.assert_close(got.logits[0], wide.logits[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="quantized already"):
         write_fp8_checkpoint(dst, tmp_path / "again")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(FileExistsError, match="not an empty directory"):
         write_fp8_checkpoint(src, dst)
+    calls = []
+
+    def failing(*args):  # the third weight fails: nothing half-written is left
+        calls.append(args)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return fp8_quantize(*args)
+
+    monkeypatch.setattr(hf_fp8, "fp8_quantize", failing)
+    with pytest.raises(OSError, match="disk full"):
+        write_fp8_checkpoint(src, tmp_path / "cut", verbose=False)
+    assert not (tmp_path / "cut").exists() and not (tmp_path / "cut.partial").exists()
 
 
 @pytest.mark.parametrize("family,every", [

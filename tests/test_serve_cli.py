@@ -875,7 +875,7 @@ def test_convert_writes_an_fp8_copy_that_a_budget_holds_more_of(model_dir, tmp_p
                          "--json").stdout)
     assert len(gen["token_ids"]) == 6 and gen["stats"]["bytes_to_device"] > 0
     for args, says in [(("--model", out, "--out", tmp_path / "x"), "quantized already"),
-                       (("--model", d, "--out", out), "not empty"),
+                       (("--model", d, "--out", out), "not an empty directory"),
                        (("--model", tmp_path / "none", "--out", tmp_path / "y"), "no config"),
                        (("--model", d, "--out", tmp_path / "z", "--block", "0,16"),
                         "must be positive")]:
