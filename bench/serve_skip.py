@@ -77,9 +77,10 @@ def main(argv=None) -> None:
                    "runtime's, top-k x 1)")
     p.add_argument("--quant-everywhere", choices=["", "int8", "int4"], default="",
                    help="also a row with every expert quantized (--quant)")
-    p.add_argument("--fp8-model", default=None, metavar="DIR",
-                   help="also rows for this FP8 copy of --model (moe-serve convert): its "
-                   "experts FP8 in their slots (--quant fp8), and widened at read (none)")
+    p.add_argument("--fp8-model", action="append", default=[], metavar="DIR",
+                   help="also rows for this FP8 copy of --model (moe-serve convert; "
+                   "repeatable): its experts FP8 in their slots (--quant fp8), and, for the "
+                   "first, widened at read (none)")
     p.add_argument("--kv-int8", action="store_true",
                    help="also a row with an int8 KV cache (--kv-cache-dtype int8: more expert "
                    "slots in the same budget)")
@@ -106,9 +107,10 @@ def main(argv=None) -> None:
         variants[f"every expert {a.quant_everywhere}"] = {"quant": a.quant_everywhere}
     if a.kv_int8:
         variants["int8 KV cache"] = {"kv_cache_dtype": "int8"}
-    if a.fp8_model:
-        variants["FP8 copy, FP8 slots"] = {"model": a.fp8_model, "quant": "fp8"}
-        variants["FP8 copy, widened at read"] = {"model": a.fp8_model, "quant": "none"}
+    for n, fp8 in enumerate(a.fp8_model):
+        variants[f"FP8 copy {fp8}, FP8 slots"] = {"model": fp8, "quant": "fp8"}
+        if n == 0:
+            variants[f"FP8 copy {fp8}, widened at read"] = {"model": fp8, "quant": "none"}
     runs: dict[str, dict] = {}
     for label, kw in variants.items():
         need = max(map(len, prompts)) + a.new_tokens + 8

@@ -73,12 +73,13 @@ def fp8_quantize(w: torch.Tensor, block: tuple[int, int],
 ROUTER_MODULES = ("gate", "router", "shared_expert_gate")  # [E or 1, d] scores: kept as they are
 
 
-def fp8_quantizable(name: str, t: torch.Tensor) -> bool:
+def fp8_quantizable(name: str, t: torch.Tensor, experts_only: bool = False) -> bool:
     """Whether checkpoint tensor `name` is a linear weight an FP8 block-scaled checkpoint
     stores as codes (DeepSeek-V3's choice): 2-D floating `.weight`s, apart from embeddings,
-    the LM head, norms and routers."""
+    the LM head, norms and routers; with experts_only, only the routed experts' (`.experts.`
+    in the name)."""
     if t.dim() != 2 or not t.is_floating_point() or t.dtype in FP8_DTYPES \
-            or not name.endswith(".weight"):
+            or not name.endswith(".weight") or (experts_only and ".experts." not in name):
         return False
     module = name[:-len(".weight")]
     last = module.rsplit(".", 1)[-1]
@@ -87,11 +88,13 @@ def fp8_quantizable(name: str, t: torch.Tensor) -> bool:
 
 
 def write_fp8_checkpoint(src: Path, dst: Path, block: tuple[int, int] = (128, 128),
-                         fmt: str = "e4m3", verbose: bool = True) -> dict:
+                         fmt: str = "e4m3", verbose: bool = True,
+                         experts_only: bool = False) -> dict:
     """Copy the Hugging Face checkpoint directory src to dst as an FP8 block-scaled one:
     its linear weights (fp8_quantizable) as `fmt` codes beside `<name>_scale_inv`, shard by
     shard (memory holds one), its other files as they are, config.json with the
-    quantization_config that transformers and this project read. -> counts and bytes. It is
+    quantization_config that transformers and this project read (experts_only: the routed
+    experts' weights alone; attention and the rest stay as they are). -> counts and bytes. It is
     written beside dst (`<dst>.partial`) and renamed to dst when whole: a failed or stopped
     copy leaves no dst behind."""
     import json
@@ -122,7 +125,7 @@ def write_fp8_checkpoint(src: Path, dst: Path, block: tuple[int, int] = (128, 12
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
     try:
-        done = _write_fp8(src, dst, shards, config, block, fmt, verbose)
+        done = _write_fp8(src, dst, shards, config, block, fmt, verbose, experts_only)
     except BaseException:
         shutil.rmtree(dst, ignore_errors=True)
         raise
@@ -131,7 +134,7 @@ def write_fp8_checkpoint(src: Path, dst: Path, block: tuple[int, int] = (128, 12
 
 
 def _write_fp8(src: Path, dst: Path, shards: list[str], config: dict, block: tuple[int, int],
-               fmt: str, verbose: bool) -> dict:
+               fmt: str, verbose: bool, experts_only: bool) -> dict:
     """write_fp8_checkpoint's copy, into dst."""
     import json
     import shutil
@@ -146,7 +149,7 @@ def _write_fp8(src: Path, dst: Path, shards: list[str], config: dict, block: tup
         before += sum(t.nbytes for t in tensors.values())
         out = {}
         for name, t in tensors.items():
-            if fp8_quantizable(name, t):
+            if fp8_quantizable(name, t, experts_only):
                 out[name], out[name + "_scale_inv"] = fp8_quantize(t, block, FP8_FORMATS[fmt])
                 n_fp8 += 1
             else:

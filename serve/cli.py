@@ -331,8 +331,10 @@ def cmd_convert(a) -> None:
     from serve.store import ModelDirError, WeightStore
     from serve.units import format_size
 
-    done = write_fp8_checkpoint(Path(a.model), Path(a.out), a.block, a.fmt, not a.quiet)
-    print(f"{a.out}: {done['weights_fp8']} linear weights as {a.fmt} in "
+    done = write_fp8_checkpoint(Path(a.model), Path(a.out), a.block, a.fmt, not a.quiet,
+                                a.experts_only)
+    print(f"{a.out}: {done['weights_fp8']} {'expert' if a.experts_only else 'linear'} "
+          f"weights as {a.fmt} in "
           f"{a.block[0]}x{a.block[1]} blocks, {format_size(done['bytes_before'])} -> "
           f"{format_size(done['bytes_after'])}")
     try:
@@ -435,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weights sharing a scale (default 128,128; the expert sizes must be "
                     "multiples of it for their slots to stay FP8)")
     cv.add_argument("--fmt", choices=["e4m3", "e5m2"], default="e4m3")
+    cv.add_argument("--experts-only", action="store_true",
+                    help="only the routed experts' weights (what offloading moves); attention "
+                    "and the rest stay as they are, for closer answers")
     cv.add_argument("--quiet", action="store_true", help="no progress on stderr")
     cv.set_defaults(func=cmd_convert)
     h = sub.add_parser("http", help="OpenAI-compatible server: /v1/completions, "

@@ -362,6 +362,13 @@ def test_an_fp8_copy_of_a_sharded_checkpoint_keeps_its_layout_and_serves(tmp_pat
     wide = generate(serve(dst, quant="none"), [prompt], NEW, keep_logits=True)
     assert got.token_ids == wide.token_ids
     torch.testing.assert_close(got.logits[0], wide.logits[0], rtol=1e-5, atol=1e-5)
+    only = tmp_path / "experts-fp8"  # attention and the rest as they were
+    write_fp8_checkpoint(src, only, (8, 8), verbose=False, experts_only=True)
+    where = json.loads((only / "model.safetensors.index.json").read_text())["weight_map"]
+    scaled = {n[:-len("_scale_inv")] for n in where if n.endswith("_scale_inv")}
+    assert scaled and all(".experts." in n for n in scaled)
+    assert scaled == {n for n in was if ".experts." in n and n.endswith(".weight")}
+    assert serve(only).store.quant == "fp8"
     with pytest.raises(ValueError, match="quantized already"):
         write_fp8_checkpoint(dst, tmp_path / "again")
     with pytest.raises(FileExistsError, match="not an empty directory"):
