@@ -16,10 +16,9 @@ warm from one prompt to the next, as in a server. Counts are of the decode steps
 from __future__ import annotations
 
 import argparse
-import heapq
-import math
 import signal
 import sys
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -36,9 +35,11 @@ from bench.common import (
 from serve.cache import CacheStats, Key
 from serve.config import CACHE_POLICIES, ServeConfig
 from serve.generate import DecodeBatch
+from serve.replay import fewest_misses, flat
 from serve.runtime import OffloadedModel, PrefetchStats, memory_plan
 from serve.store import WeightStore
 from serve.text import TextCodec
+from serve.trace import accesses, read_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,98 +59,23 @@ def held_out_prompts(codec: TextCodec, n: int, tokens: int) -> list[list[int]]:
     return prompts
 
 
-def decode_counts(model: OffloadedModel, prompts: list[list[int]], new_tokens: int,
-                  trace: list[tuple[Key, bool]] | None = None) -> dict:
+def decode_counts(model: OffloadedModel, prompts: list[list[int]], new_tokens: int) -> dict:
     """Greedy decode of each prompt in turn on one warm cache -> the counters of the decode
-    steps only, summed over the prompts. trace: gets every (layer, expert) the runtime asks
-    its cache for, in order, each with whether a decode step asked (prefills too)."""
+    steps only, summed over the prompts."""
     total: dict[str, int] = {}
     decoder = DecodeBatch(model, capacity=1, reuse_prefix=False)  # prompts read whole
     model.reset_stats()
-    decoding = False
-    if trace is not None:
-        acquire = model.cache.acquire
-
-        def recording(keys):
-            trace.extend((k, decoding) for k in keys)
-            return acquire(keys)
-
-        model.cache.acquire = recording
     for ids in prompts:
         (row,) = decoder.add([ids], [new_tokens + 1])
         while row.pending:  # prefill, then the first token
             decoder.step()
-        before, decoding = model.counters(), True
+        before = model.counters()
         while not row.done:
             decoder.step()
-        after, decoding = model.counters(), False
+        after = model.counters()
         for k, v in after.items():
             total[k] = total.get(k, 0) + v - before[k]
     return total
-
-
-def fewest_misses(trace: list[tuple[Key, bool]], slots: int) -> int:
-    """The fewest misses any eviction choice gives `slots` slots on this access sequence,
-    counting only the accesses marked True (the others warm the cache, free): the floor
-    under every policy's misses, so under the expert bytes a token must move with this
-    cache. Belady's rule is optimal only when every miss counts; with free accesses this is
-    weighted paging, solved exactly as a min-cost flow: keeping an expert resident from one
-    access to its next saves that next access's miss and holds a slot in between, and at
-    most slots - 1 experts besides the one in use can be held at once."""
-    n = len(trace)
-    graph: list[list[list[int]]] = [[] for _ in range(n + 1)]  # [to, capacity, cost, back]
-
-    def edge(u: int, v: int, cap: int, cost: int) -> None:
-        graph[u].append([v, cap, cost, len(graph[v])])
-        graph[v].append([u, 0, -cost, len(graph[u]) - 1])
-
-    for t in range(n):  # spare slots between accesses
-        edge(t, t + 1, slots - 1, 0)
-    last: dict[Key, int] = {}
-    misses = sum(counted for _, counted in trace)
-    for j, (key, counted) in enumerate(trace):
-        i, last[key] = last.get(key), j
-        if i is None or not counted:
-            continue
-        if j == i + 1:
-            misses -= 1  # used again at once: nothing evicts it
-        else:  # resident over accesses i + 1 .. j - 1
-            edge(i + 1, j, 1, -1)
-    potential = [0.0] * (n + 1)  # edges point forward: shortest paths in order
-    for u in range(n + 1):
-        for v, cap, cost, _ in graph[u]:
-            if cap > 0 and v > u:
-                potential[v] = min(potential[v], potential[u] + cost)
-    flow = slots - 1
-    while flow > 0:  # successive shortest paths (Dijkstra on reduced costs)
-        dist, prev = [math.inf] * (n + 1), [(-1, -1)] * (n + 1)
-        dist[0], heap = 0.0, [(0.0, 0)]
-        while heap:
-            d, u = heapq.heappop(heap)
-            if d > dist[u]:
-                continue
-            for at, (v, cap, cost, _) in enumerate(graph[u]):
-                nd = d + cost + potential[u] - potential[v]
-                if cap > 0 and nd < dist[v] - 1e-9:
-                    dist[v], prev[v] = nd, (u, at)
-                    heapq.heappush(heap, (nd, v))
-        if dist[n] == math.inf:
-            break
-        potential = [p + d if d < math.inf else p for p, d in zip(potential, dist, strict=True)]
-        push, v = flow, n
-        while v:
-            u, at = prev[v]
-            push, v = min(push, graph[u][at][1]), u
-        v = n
-        while v:
-            u, at = prev[v]
-            e = graph[u][at]
-            e[1] -= push
-            graph[v][e[3]][1] += push
-            misses += push * e[2]
-            v = u
-        flow -= push
-    return misses
 
 
 def _rates(c: dict) -> tuple[float, float, float]:
@@ -161,11 +87,18 @@ def _rates(c: dict) -> tuple[float, float, float]:
 
 def _counts(run: ServeConfig, store: WeightStore, prompts: list[list[int]], new_tokens: int,
             prefetch: str, bar: float = 0.0, trace: list | None = None) -> dict:
-    """decode_counts of a fresh runtime of `run` with this prefetch setting, and its slots."""
-    cfg = ServeConfig(**{**run.__dict__, "prefetch": prefetch, "prefetch_min_weight": bar})
-    model = OffloadedModel(cfg, store=store)
-    return dict(decode_counts(model, prompts, new_tokens, trace), n_slots=model.n_slots,
-                expert_bytes=model.store.expert_nbytes)
+    """decode_counts of a fresh runtime of `run` with this prefetch setting, and its slots;
+    trace: gets the run's expert accesses, each marked whether a decode step made it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = ServeConfig(**{**run.__dict__, "prefetch": prefetch, "prefetch_min_weight": bar,
+                             "trace_experts": None if trace is None else f"{tmp}/trace"})
+        model = OffloadedModel(cfg, store=store)
+        out = dict(decode_counts(model, prompts, new_tokens), n_slots=model.n_slots,
+                   expert_bytes=model.store.expert_nbytes)
+        if trace is not None:
+            model.trace.close()
+            trace.extend(flat(accesses(read_trace(f"{tmp}/trace")[1])))
+    return out
 
 
 def _floor_row(f: float, slots: int, total: int, quant: str, run: dict,

@@ -145,6 +145,9 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    help="a draft stops before a token the draft model gives less than P "
                    "(default 0.4): a rejected draft still moves its experts")
     p.add_argument("--offload-dir", default=None, help="where quantized disk-tier experts go")
+    p.add_argument("--trace-experts", default=None, metavar="FILE",
+                   help="write the experts each forward pass runs from the device cache to "
+                   "FILE (JSON lines), for `moe-serve plan --trace FILE`")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
                    help="read every prompt whole, even where a KV-cache row holds its start "
                    "(the chat so far, a shared system prompt)")
@@ -216,7 +219,7 @@ FLAG_FIELDS = ("model", "device", "dtype", "memory_budget", "host_budget", "disk
                "max_context", "offload_dir", "prefix_cache", "prefill_step_tokens",
                "host_compute_tokens", "skip_miss_weight", "miss_quant", "miss_quant_weight",
                "miss_quant_slots", "kv_cache_dtype", "speculate", "draft_model",
-               "draft_min_prob")
+               "draft_min_prob", "trace_experts")
 # tokens drafted a step with a draft model when neither a flag nor the preset says
 DRAFT_SPECULATE = 4
 
@@ -318,11 +321,19 @@ def cmd_plan(a) -> None:
     from serve.plan import compare, format_comparison, format_plan, plan
 
     bw = None if a.pcie_gbps is None else a.pcie_gbps * 1e9
+    if a.compare and a.trace:
+        raise ValueError("--trace replays the trace at one expert format; drop --compare")
     if a.compare:
         plans = compare(_config(a), bw)
         print(json.dumps(plans) if a.json else format_comparison(plans))
         return
     p = plan(_config(a), bw)
+    if a.trace:
+        from serve.plan import format_trace, with_trace
+
+        p = with_trace(p, a.trace, verbose=not a.quiet)
+        print(json.dumps(p) if a.json else format_plan(p) + "\n" + format_trace(p))
+        return
     print(json.dumps(p) if a.json else format_plan(p))
 
 
@@ -426,6 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--compare", action="store_true",
                     help="a row for each expert format (none, int8, int4, and the "
                     "checkpoint's own), over --quant")
+    pl.add_argument("--trace", default=None, metavar="FILE",
+                    help="replay an expert trace (--trace-experts FILE of a run of this "
+                    "model): each cache policy's decode hit rate and bytes at this budget "
+                    "and others, beside the fewest possible")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
     cv = sub.add_parser("convert", help="write a checkpoint's linear weights as FP8 "

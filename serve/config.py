@@ -98,6 +98,8 @@ class ServeConfig:
     a draft the model likely rejects would still move its experts' bytes.
     prefix_cache: a prompt that begins with tokens a KV-cache row still holds (the chat so far,
     a shared system prompt) reads only the rest (serve.generate.DecodeBatch).
+    trace_experts: a file the runtime writes the experts each forward pass ran from the
+    device cache to (serve/trace.py), for `moe-serve plan --trace` to replay.
     """
 
     model: str = ""
@@ -123,6 +125,7 @@ class ServeConfig:
     miss_quant_weight: float = 0.0
     miss_quant_slots: int | None = None
     kv_cache_dtype: str = "auto"
+    trace_experts: str | None = None
     speculate: int = 0
     draft_model: str | None = None
     draft_min_prob: float = 0.4

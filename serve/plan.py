@@ -39,7 +39,8 @@ def plan(cfg: ServeConfig, pcie_bytes_per_s: float | None = None) -> dict:
     return {
         "model": str(cfg.model), "family": store.family, "device": str(device),
         "dtype": str(dtype).replace("torch.", ""), "quant": store.quant,
-        "moe_layers": len(store.moe_layers), "experts": total, "top_k": k,
+        "moe_layers": len(store.moe_layers), "moe_layer_ids": store.moe_layers,
+        "n_layers": m.n_layers, "experts": total, "top_k": k,
         "expert_bytes": store.expert_nbytes, "expert_slots": n,
         "fixed_bytes": fixed, "slot_bytes": slot, "max_batch": cfg.max_batch,
         "max_context": max_context, "budget_report": report,
@@ -48,6 +49,49 @@ def plan(cfg: ServeConfig, pcie_bytes_per_s: float | None = None) -> dict:
         "pcie_bytes_per_s": bw, "pcie_source": source,
         "pcie_bound_tokens_per_s": bw / moved if moved else None,
     }
+
+
+def with_trace(p: dict, path: str, verbose: bool = False) -> dict:
+    """The plan p with "trace": the decode hit rate and expert bytes per token each cache
+    policy would have replaying the expert trace at path (serve/trace.py) at p's slots and
+    at a quarter, half and three quarters of the experts, and the fewest possible there."""
+    from serve.replay import sweep
+    from serve.trace import accesses, read_trace
+
+    head, passes = read_trace(path)
+    layers, experts = head["moe_layers"], head["num_experts"]
+    if layers != p["moe_layer_ids"] or experts * len(layers) != p["experts"]:
+        raise ValueError(f"{path} is the trace of another model ({len(layers)} MoE layers x "
+                         f"{experts} experts; {p['model']} has {p['moe_layers']} x "
+                         f"{p['experts'] // max(p['moe_layers'], 1)})")
+    decode = [q for q in passes if q["tokens"] == q["rows"]]
+    if not decode:
+        raise ValueError(f"{path} holds no decode step (a pass of one token a row)")
+    total = p["experts"]
+    counts = sorted({p["expert_slots"], *(max(1, round(f * total)) for f in (.25, .5, .75))})
+    tokens = sum(q["tokens"] for q in decode)
+    rows = sweep(accesses(passes), counts, p["n_layers"], p["expert_bytes"], tokens, verbose)
+    return {**p, "trace": {"path": str(path), "passes": len(passes),
+                           "decode_tokens": tokens, "rows": rows}}
+
+
+def format_trace(p: dict) -> str:
+    """The replay table of with_trace."""
+    t = p["trace"]
+    names = list(t["rows"][0]["policies"])
+    lines = [f"replaying {t['path']} ({t['passes']} passes, {t['decode_tokens']} decode "
+             "tokens): decode hit rate, and MiB of experts moved a decode token",
+             "| slots | " + " | ".join(names) + " | fewest possible |",
+             "|---|" + "---|" * (len(names) + 1)]
+    for r in t["rows"]:
+        cells = [f"{r['policies'][n]['hit_rate']:.2f}, "
+                 f"{r['policies'][n]['bytes_per_token'] / 2**20:.2f}" for n in names]
+        floor = r["fewest"]
+        cells.append("(trace too long)" if floor is None else
+                     f"{floor['hit_rate']:.2f}, {floor['bytes_per_token'] / 2**20:.2f}")
+        mark = " (this budget)" if r["slots"] == p["expert_slots"] else ""
+        lines.append(f"| {r['slots']}/{p['experts']}{mark} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def compare(cfg: ServeConfig, pcie_bytes_per_s: float | None = None) -> list[dict]:

@@ -240,6 +240,12 @@ class OffloadedModel:
         readers = cfg.disk_readers if cfg.disk_readers is not None else 4 * on_cuda
         self.cache = ExpertCache(self.store, self.n_slots, cfg.cache_policy, self.device,
                                  self.dtype, side, readers)
+        self.trace = None  # the expert-access trace (serve/trace.py), if asked for
+        if cfg.trace_experts:
+            from serve.trace import ExpertTrace
+
+            self.trace = ExpertTrace(cfg.trace_experts, self.store.moe_layers,
+                                     mcfg.moe.num_experts, mcfg.moe.router.top_k)
         self.low_cache = None  # the low-precision stand-ins of light missing experts
         if cfg.miss_quant != "none":
             low = WeightStore(cfg.model, self.dtype, cfg.miss_quant, host_budget, pin=on_cuda,
@@ -320,6 +326,8 @@ class OffloadedModel:
         keep: chunks (with targets) whose result also holds the logits of every scored
         position: a fifth item, per row a [positions, V] float32 tensor (or None)."""
         ctxs = [self._context(ids, rows, start, n) for ids, rows, start, n, _ in chunks]
+        if self.trace is not None:
+            self.trace.begin(sum(sum(c[3]) for c in chunks), sum(len(c[1]) for c in chunks))
         xs = [self.model.embed(ids) for ids, *_ in chunks]
         copies = copies or {}
         for i in range(len(self.model.layers)):
@@ -328,6 +336,8 @@ class OffloadedModel:
                     self.kv.copy_entries(src, dst, n, layer=i)
                 xs[k] = self._attend(i, xs[k], ctx)
             xs = self._mlp(i, xs, [ctx.q_valid for ctx in ctxs])
+        if self.trace is not None:
+            self.trace.end()
         return [self._head(x, ctx, t, top, k in keep)
                 for k, (x, ctx, (*_, t)) in enumerate(zip(xs, ctxs, chunks, strict=True))]
 
@@ -491,6 +501,8 @@ class OffloadedModel:
         experts, made resident in cache a group of its slots at a time, each group serving
         every chunk before the next is fetched; before_last(keys) runs once the last group
         is resident -> the number of groups."""
+        if self.trace is not None and cache is self.cache:
+            self.trace.add(i, experts)
         n = cache.n_slots
         groups = [experts[a:a + n] for a in range(0, len(experts), n)]
         for g, group in enumerate(groups):

@@ -215,7 +215,7 @@ def test_fewest_misses_are_the_fewest_any_eviction_choice_gives():
     short access sequences (only the marked accesses count)."""
     import random
 
-    from bench.policies import fewest_misses
+    from serve.replay import fewest_misses
 
     rng = random.Random(fresh_seed())
     for _ in range(40):

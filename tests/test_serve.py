@@ -387,6 +387,34 @@ def test_an_fp8_copy_of_a_sharded_checkpoint_keeps_its_layout_and_serves(tmp_pat
     assert not (tmp_path / "cut").exists() and not (tmp_path / "cut.partial").exists()
 
 
+@pytest.mark.parametrize("policy", ["lru", "lfu", "layer", "next-use"])
+def test_the_expert_trace_replays_to_the_caches_own_counts(tmp_path, policy):
+    """--trace-experts: replaying the trace (serve/replay.py) at the run's slots and policy
+    gives the device cache's own hits and misses, prefill and decode, for every policy; the
+    fewest possible misses are no more than any policy's."""
+    from serve.replay import fewest_misses, flat, replay
+    from serve.trace import accesses, read_trace
+
+    d = tmp_path / "m"
+    build_hf("qwen3_moe").save_pretrained(d)
+    trace = tmp_path / "trace.jsonl"
+    m = serve(d, memory_budget=budget_for(d, 5), prefetch="none", cache_policy=policy,
+              trace_experts=str(trace))
+    generate(m, [[5, 17, 99, 3, 250, 41, 8], [7, 7, 1, 2]], NEW)
+    m.trace.close()
+    head, passes = read_trace(trace)
+    assert head["moe_layers"] == m.store.moe_layers and len(passes) == 1 + NEW - 1
+    assert [q["tokens"] for q in passes[1:]] == [2] * (NEW - 1)  # both rows, a token each
+    everything = [(keys, True) for keys, _ in accesses(passes)]
+    hits, misses = replay(everything, m.n_slots, policy, m.cfg.n_layers)
+    st = m.cache.stats
+    assert (hits, misses) == (st.hits, st.misses) and misses > 0
+    assert fewest_misses(flat(everything), m.n_slots) <= misses
+    with pytest.raises(ValueError, match="not an expert trace"):
+        (tmp_path / "bad").write_text("{}\n")
+        read_trace(tmp_path / "bad")
+
+
 @pytest.mark.parametrize("family,every", [
     ("ernie4_5_moe", {"moe_layer_interval": 2}),
     ("qwen2_moe", {"decoder_sparse_step": 2, "mlp_only_layers": []})])

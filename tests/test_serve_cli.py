@@ -883,6 +883,37 @@ def test_convert_writes_an_fp8_copy_that_a_budget_holds_more_of(model_dir, tmp_p
         assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_plan_replays_an_expert_trace_at_other_budgets(model_dir, tmp_path):
+    """generate --trace-experts, then plan --trace: each policy's decode hit rate and bytes
+    at the budget's slots and at 25 / 50 / 75% of the experts, beside the fewest possible
+    (never more misses than a policy); another model's trace, or a file that is not a
+    trace, is refused by name."""
+    d, _ = model_dir
+    trace = tmp_path / "trace.jsonl"
+    cli("generate", "--model", d, "--prompt-ids", "3,14,15,92,65", "--max-new-tokens", 8,
+        "--memory-budget", "600KiB", "--device", "cpu", "--prefetch", "none",
+        "--trace-experts", trace)
+    args = ("plan", "--model", d, "--memory-budget", "600KiB", "--device", "cpu")
+    doc = json.loads(cli(*args, "--trace", trace, "--json").stdout)
+    rows = doc["trace"]["rows"]
+    assert doc["trace"]["decode_tokens"] == 7
+    assert [r["slots"] for r in rows] == sorted({doc["expert_slots"], 6, 12, 18})
+    for r in rows:
+        floor = r["fewest"]["misses"]
+        assert all(floor <= p["misses"] for p in r["policies"].values())
+        assert set(r["policies"]) == {"lru", "lfu", "layer", "next-use"}
+    assert rows[-1]["fewest"]["hit_rate"] >= rows[0]["fewest"]["hit_rate"]
+    text = cli(*args, "--trace", trace).stdout
+    assert "fewest possible" in text and "(this budget)" in text
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"moe_layers": [0], "num_experts": 3, "top_k": 1}) + "\n")
+    bad = cli(*args, "--trace", other, check=False)
+    assert bad.returncode == 2 and "another model" in bad.stderr
+    (tmp_path / "junk").write_text("not json\n")
+    bad = cli(*args, "--trace", tmp_path / "junk", check=False)
+    assert bad.returncode == 2 and "not an expert trace" in bad.stderr
+
+
 def _stream_events(url: str, body: dict, first: threading.Event, events: list) -> None:
     """POST body (streamed) and keep each server-sent event's data; set first at the first."""
     import urllib.request
