@@ -75,3 +75,12 @@ def test_the_bench_records_its_table(builds, tmp_path):
     assert "Builds for sm_90 made on this machine" in text and "| wgmma |" in text
     assert "kernels built offline for sm_90" in out.read_text()
     assert text.count("\n| ") == len(builds) + 1  # a row a build, after the header
+
+
+def test_compile_only_says_what_the_interpreter_stops():
+    """In this (interpreted) test process there is nothing to compile: the error says so."""
+    from kernels.triton.offline import compile_only
+
+    with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
+        with compile_only():
+            pass
