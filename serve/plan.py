@@ -91,6 +91,10 @@ def format_trace(p: dict) -> str:
                      f"{floor['hit_rate']:.2f}, {floor['bytes_per_token'] / 2**20:.2f}")
         mark = " (this budget)" if r["slots"] == p["expert_slots"] else ""
         lines.append(f"| {r['slots']}/{p['experts']}{mark} | " + " | ".join(cells) + " |")
+    here = next(r for r in t["rows"] if r["slots"] == p["expert_slots"])
+    best = min(names, key=lambda n: here["policies"][n]["misses"])
+    lines.append(f"at this budget {best} moves the fewest bytes (--cache-policy {best}, on "
+                 "this trace, without prefetch)")
     return "\n".join(lines)
 
 

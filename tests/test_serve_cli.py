@@ -905,6 +905,7 @@ def test_plan_replays_an_expert_trace_at_other_budgets(model_dir, tmp_path):
     assert rows[-1]["fewest"]["hit_rate"] >= rows[0]["fewest"]["hit_rate"]
     text = cli(*args, "--trace", trace).stdout
     assert "fewest possible" in text and "(this budget)" in text
+    assert "moves the fewest bytes (--cache-policy " in text
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"moe_layers": [0], "num_experts": 3, "top_k": 1}) + "\n")
     bad = cli(*args, "--trace", other, check=False)
