@@ -242,7 +242,9 @@ def test_batched_drafts_are_each_rows_greedy_continuation(served, tmp_path):
     rng = random.Random(seed)
     contexts: list[list[int] | None] = [None] * 3
     widest, restarted = 0, False
-    for rnd in range(30):
+    rnd = 0
+    while rnd < 30 or not restarted and rnd < 400:  # until a restart, if 30 rounds had none
+        rnd += 1
         asks = []
         for row in range(3):
             c = contexts[row]
