@@ -195,8 +195,8 @@ class ExpertCache:
     def _write(self, src, s: int, stream: torch.cuda.Stream | None):
         """Copy expert src into slot s (on stream, else the current one) -> its event."""
         nb = self.device.type == "cuda"
-        for dst, w in ((self.w_in[s], src.w_in), (self.w_out[s], src.w_out)):
-            dst.copy_(w, non_blocking=nb)
+        self.w_in[s].copy_(src.w_in, non_blocking=nb)
+        self.w_out[s].copy_(src.w_out, non_blocking=nb)
         if self.b_in is not None:
             self.b_in[s].copy_(src.b_in, non_blocking=nb)
             self.b_out[s].copy_(src.b_out, non_blocking=nb)

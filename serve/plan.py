@@ -56,7 +56,7 @@ def with_trace(p: dict, path: str, verbose: bool = False) -> dict:
     policy would have replaying the expert trace at path (serve/trace.py) at p's slots and
     at a quarter, half and three quarters of the experts, and the fewest possible there."""
     from serve.replay import sweep
-    from serve.trace import accesses, read_trace
+    from serve.trace import accesses, is_decode, read_trace
 
     head, passes = read_trace(path)
     layers, experts = head["moe_layers"], head["num_experts"]
@@ -64,7 +64,7 @@ def with_trace(p: dict, path: str, verbose: bool = False) -> dict:
         raise ValueError(f"{path} is the trace of another model ({len(layers)} MoE layers x "
                          f"{experts} experts; {p['model']} has {p['moe_layers']} x "
                          f"{p['experts'] // max(p['moe_layers'], 1)})")
-    decode = [q for q in passes if q["tokens"] == q["rows"]]
+    decode = [q for q in passes if is_decode(q)]
     if not decode:
         raise ValueError(f"{path} holds no decode step (a pass of one token a row)")
     total = p["experts"]

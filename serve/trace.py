@@ -59,8 +59,12 @@ def read_trace(path: str | Path) -> tuple[dict, list[dict]]:
     return head, passes
 
 
+def is_decode(p: dict) -> bool:
+    """Whether pass p is a decode step: one token a row."""
+    return p["tokens"] == p["rows"]
+
+
 def accesses(passes: list[dict]) -> list[tuple[list[Key], bool]]:
-    """Each pass's layers' experts in order, each with whether a decode step (one token a
-    row) asked."""
-    return [([(layer, e) for e in experts], p["tokens"] == p["rows"])
+    """Each pass's layers' experts in order, each with whether a decode step asked."""
+    return [([(layer, e) for e in experts], is_decode(p))
             for p in passes for layer, experts in p["groups"]]

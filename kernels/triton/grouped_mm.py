@@ -83,16 +83,17 @@ def _fp8_value(byte, FP8: tl.constexpr):
 
 
 @triton.jit
-def _load_quant_tile(W, S, e, k0, ks, cols, k_ok, k_left, n_ok, stride_we, stride_wn, stride_wk,
+def _load_quant_tile(W, S, e, k0, ks, cols, k_left, n_ok, stride_we, stride_wn, stride_wk,
                      stride_se, stride_sn, stride_sg, BITS: tl.constexpr, QGROUP: tl.constexpr,
                      FP4: tl.constexpr, FP8: tl.constexpr, QROWS: tl.constexpr,
                      BLOCK_K: tl.constexpr, dtype: tl.constexpr):
-    """The [BLOCK_K, BLOCK_N] tile of expert e's weight at columns k0 + ks, rows cols,
-    dequantized to dtype: int8 values, FP8 codes (FP8 1: E4M3, 2: E5M2, as uint8), or 4-bit
-    ones two to a byte (even column low), offset by 8 or (FP4) E2M1 codes; times the scale
-    of their QGROUP-column group in their QROWS-row block (FP4: a uint8 E8M0 exponent)."""
+    """The [BLOCK_K, BLOCK_N] tile of expert e's weight at columns k0 + ks (k_left of them
+    left before K), rows cols, dequantized to dtype: int8 values, FP8 codes (FP8 1: E4M3,
+    2: E5M2, as uint8), or 4-bit ones two to a byte (even column low), offset by 8 or (FP4)
+    E2M1 codes; times the scale of their QGROUP-column group in their QROWS-row block (FP4:
+    a uint8 E8M0 exponent)."""
     kk = k0 + ks
-    mask = k_ok[:, None] & n_ok[None, :]
+    mask = (ks < k_left)[:, None] & n_ok[None, :]
     base = W + e.to(tl.int64) * stride_we + cols[None, :] * stride_wn
     if FP8 != 0:
         byte = tl.load(base + kk[:, None] * stride_wk, mask=mask, other=0).to(tl.int32)
@@ -100,10 +101,9 @@ def _load_quant_tile(W, S, e, k0, ks, cols, k_ok, k_left, n_ok, stride_we, strid
     elif BITS == 8:
         q = tl.load(base + kk[:, None] * stride_wk, mask=mask, other=0).to(tl.float32)
     else:  # each byte once: the even columns' nibbles (low) joined to the odd ones' (high)
-        half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        byte = tl.load(base + half[:, None] * stride_wk,
-                       mask=(half * 2 < k0 + k_left)[:, None] & n_ok[None, :],
-                       other=0).to(tl.int32)
+        pair = tl.arange(0, BLOCK_K // 2)
+        byte = tl.load(base + (k0 // 2 + pair)[:, None] * stride_wk,
+                       mask=(2 * pair < k_left)[:, None] & n_ok[None, :], other=0).to(tl.int32)
         nib = tl.reshape(tl.permute(tl.join(byte & 0xF, byte >> 4), (0, 2, 1)),
                          (BLOCK_K, byte.shape[1]))
         if FP4:  # E2M1 as float32 bits: 0.5 m when the exponent is 0, else (1 + 0.5 m)
@@ -164,7 +164,7 @@ def _scatter2scatter_kernel(
             if BITS == 0:
                 w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             else:
-                w = _load_quant_tile(W, S, e, k0, ks, cols, k_mask, K - k0, n_mask,
+                w = _load_quant_tile(W, S, e, k0, ks, cols, K - k0, n_mask,
                                      stride_we, stride_wn, stride_wk, stride_se, stride_sn,
                                      stride_sg, BITS, QGROUP, FP4, FP8, QROWS, BLOCK_K,
                                      X.dtype.element_ty)

@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,7 +54,6 @@ class Build:
     mma_overlap: bool = False
     loads: str = ""
     arch: int = 90
-    ptx: str = field(default="", repr=False)
 
 
 class _OfflineDriver:
@@ -102,7 +101,7 @@ def usage(kernel, name: str, meta: dict, arch: int) -> Build:
              else "")
     md = kernel.metadata
     return Build(name, meta, md.num_warps, md.num_stages, md.shared + static_shared, regs,
-                 stack + local, mma, overlap, loads, arch, ptx)
+                 stack + local, mma, overlap, loads, arch)
 
 
 @contextmanager
