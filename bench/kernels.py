@@ -74,9 +74,9 @@ def _torch_route(x, wg, k, renorm):
 
 
 def build_ours(shape, T, dtype, device, backend="triton", gemm="auto") -> Step:
-    """gemm: "auto" (the Triton backend times its kernels against torch._grouped_mm and a
-    cuBLAS GEMM per expert, per shape, and keeps the fastest), or "triton" / "torch" / "loop"
-    forced."""
+    """gemm: "auto" (the Triton backend times its kernels, with cp.async and with TMA tiles,
+    against torch._grouped_mm and a cuBLAS GEMM per expert, per shape, and keeps the
+    fastest), or "triton" / "tma" / "torch" / "loop" forced."""
     from kernels.triton import pick
     from moe import MoEConfig, MoELayer
     from routing import RouterConfig
@@ -372,6 +372,8 @@ def build_dense(shape, T, dtype, device) -> Step:
 IMPLS: dict[str, tuple[str, Callable]] = {
     "ours": ("ours (triton backend)", build_ours),
     "ours-triton": ("ours, Triton GEMMs only", lambda *a: build_ours(*a, gemm="triton")),
+    "ours-tma-gemm": ("ours, Triton GEMMs with TMA tiles where they apply",
+                      lambda *a: build_ours(*a, gemm="tma")),
     "ours-torch-gemm": ("ours, torch._grouped_mm GEMMs",
                         lambda *a: build_ours(*a, gemm="torch")),
     "ours-loop-gemm": ("ours, a cuBLAS GEMM per expert", lambda *a: build_ours(*a, gemm="loop")),
@@ -430,7 +432,7 @@ def check_ours(shape, dtype, device, tokens: int = 512) -> str:
 
 def _forced_gemm(impl: str, fn, *args):
     """fn(*args) with the grouped GEMMs forced to one implementation (kernels/triton/pick.py:
-    "triton", "torch" or "loop")."""
+    "triton", "tma", "torch" or "loop")."""
     from kernels.triton import pick
 
     with pick.forced(impl):
@@ -522,6 +524,14 @@ def breakdown(shape, T, dtype, device) -> str:
             "loop", tri.scatter2scatter, x, w_in, disp, False, True, k), 4 * M * d * f),
         ("bwd dW_in, a cuBLAS GEMM per expert", lambda: _forced_gemm(
             "loop", tri.group_weight_grad, x, h, disp, False, k, True), 4 * M * d * f),
+        ("fwd x -> h, Triton with TMA weight tiles", lambda: _forced_gemm(
+            "tma", tri.scatter2scatter, x, w_in, disp, False, True, k), 4 * M * d * f),
+        ("bwd dy -> da, Triton with TMA tiles", lambda: _forced_gemm(
+            "tma", tri.scatter2scatter, y, w_out.transpose(1, 2), disp, True, True, 1),
+         2 * M * d * f),
+        ("bwd dy -> da, Triton with cp.async tiles", lambda: _forced_gemm(
+            "triton", tri.scatter2scatter, y, w_out.transpose(1, 2), disp, True, True, 1),
+         2 * M * d * f),
         ("dense mm [M,d]x[d,2F] (reference rate)", lambda: A @ B, 4 * M * d * f),
     ]
     rows = []

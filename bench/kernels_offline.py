@@ -35,7 +35,7 @@ def launches() -> Iterator[tuple[str, Callable[[], object]]]:
     from kernels import sort_by_expert
     from kernels.mxfp4 import mxfp4_quantize, mxfp4_weight
     from kernels.quant import fp8_weight, quantize
-    from kernels.triton import combine, grouped_mm, routing, swiglu
+    from kernels.triton import combine, grouped_mm, grouped_tma, routing, swiglu
     from moe.hf_fp8 import fp8_quantize
 
     g = torch.Generator().manual_seed(0)
@@ -79,7 +79,29 @@ def launches() -> Iterator[tuple[str, Callable[[], object]]]:
             (f"combine {name} bwd",
              partial(combine.weighted_combine_backward, y[:TOKENS], y, wts, fine, True)),
         ]
-    xb = torch.randn(TOKENS, D, generator=g).bfloat16()
+    # the TMA variant (sm_90+: bf16 / fp16 only), as the backend's "tma" candidate calls it
+    tma = grouped_tma.scatter2scatter
+    xb, ab = torch.randn(TOKENS, D, generator=g).bfloat16(), rand(M, FFN).bfloat16()
+    hb, yb = rand(M, 2 * FFN).bfloat16(), rand(M, D).bfloat16()
+    wib, wob = w_in.bfloat16(), w_out.bfloat16()
+    yield from [
+        ("tma s2s bfloat16 up (tokens -> grouped)", partial(tma, xb, wib, fine, False, True,
+                                                             TOP_K)),
+        ("tma s2s bfloat16 down (grouped -> tokens)", partial(tma, ab, wob, fine, True, False,
+                                                               1)),
+        ("tma s2s bfloat16 up, 128-row blocks",
+         partial(tma, rand(COARSE, D).bfloat16(), wib, coarse, False, True, TOP_K)),
+        ("tma s2s bfloat16 dx (grouped, W^T)",
+         partial(tma, yb, wob.transpose(1, 2), fine, True, True, 1)),
+        ("tma s2s bfloat16 dx (grouped -> tokens, W^T)",
+         partial(tma, hb, wib.transpose(1, 2), fine, True, False, 1)),
+        ("tma wgrad bfloat16 (tokens x grouped)",
+         partial(grouped_tma.group_weight_grad, xb, hb, fine, False, TOP_K, True)),
+        ("tma wgrad bfloat16 (grouped x grouped)",
+         partial(grouped_tma.group_weight_grad, ab, yb, fine, True, 1, True)),
+        ("tma wgrad bfloat16 (grouped x tokens)",
+         partial(grouped_tma.group_weight_grad, ab, yb[:TOKENS], fine, True, 1, False)),
+    ]
     w = torch.randn(EXPERTS, 2 * FFN, D, generator=g)
     block = (128, 128)
     packed = {
@@ -178,8 +200,9 @@ def main(argv=None) -> None:
 
 
 def _mma_summary(rows: list[dict]) -> str:
-    gemms = [r for r in rows if r["kernel"] in ("_scatter2scatter_kernel",
-                                                "_group_weight_grad_kernel")]
+    gemms = [r for r in rows if r["kernel"] in ("_scatter2scatter_kernel", "_s2s_tma_kernel",
+                                                "_group_weight_grad_kernel",
+                                                "_wgrad_tma_kernel")]
     kinds: dict[str, int] = {}
     for r in gemms:
         kinds[r["mma"] or "none"] = kinds.get(r["mma"] or "none", 0) + 1

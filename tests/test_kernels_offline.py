@@ -2,8 +2,8 @@
 and ptxas, through the launches the MoE path makes (bench/kernels_offline.py), each
 autotuned kernel at every config its autotuner may try. What the builds use is checked
 where a change would cost the GPU dearly and no CPU test would see it: tensor-core dots
-(wgmma) in the bf16 and packed-weight GEMMs, no register spills, shared memory within what
-a block may have."""
+(wgmma) in the bf16 and packed-weight GEMMs, tiles by TMA in the TMA variant, no register
+spills, shared memory within what a block may have."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import sys
 
 import pytest
 
-GEMMS = ("_scatter2scatter_kernel", "_group_weight_grad_kernel")
+GEMMS = ("_scatter2scatter_kernel", "_s2s_tma_kernel", "_group_weight_grad_kernel",
+         "_wgrad_tma_kernel")
 
 
 def offline(*args: str) -> subprocess.CompletedProcess:
@@ -34,7 +35,7 @@ def test_every_launch_builds_for_hopper_within_its_shared_memory(builds):
     launches = {b["launch"] for b in builds}
     for kind in ("s2s bfloat16", "s2s float32", "wgrad bfloat16", "wgrad float32", "swiglu",
                  "combine", "router", "sort", "int8", "int4", "mxfp4", "fp8 e4m3",
-                 "fp8 e5m2", "128-row blocks"):
+                 "fp8 e5m2", "128-row blocks", "tma s2s", "tma wgrad"):
         assert any(kind in name for name in launches), kind
     assert {b["kernel"] for b in builds} >= {
         *GEMMS, "_swiglu_fwd_kernel", "_swiglu_bwd_kernel", "_combine_kernel",
@@ -50,7 +51,8 @@ def test_bf16_and_packed_weight_gemms_use_wgmma_without_spilling(builds):
     gemms = [b for b in builds if b["kernel"] in GEMMS and "float32" not in b["launch"]]
     assert len(gemms) >= 12
     for b in gemms:
-        assert b["mma"] == "wgmma" and b["spill_bytes"] == 0 and b["loads"] == "cp.async", b
+        tiles = "tma" if "tma" in b["kernel"] else "cp.async"
+        assert b["mma"] == "wgmma" and b["spill_bytes"] == 0 and b["loads"] == tiles, b
         # one wgmma in flight while the next issues; a packed weight tile is dequantized
         # in registers and stored to shared memory first, which ends each wgmma's flight
         assert b["mma_overlap"] == ("serving" not in b["launch"]), b

@@ -85,6 +85,85 @@ def test_scatter2scatter(shape, x_grouped, y_grouped, dtype):
     assert rel_err(out, ref) < TOL[dtype], f"seed {seed}"
 
 
+# TMA needs 16-byte aligned rows: bf16 sizes that are multiples of 8 (and not of the tile)
+TMA_SHAPES = [(13, 2, 4, 40, 24, False), (9, 8, 16, 48, 72, False), (20, 1, 256, 16, 48, False),
+              (11, 3, 8, 24, 40, True), (0, 2, 4, 16, 16, False)]
+
+
+@pytest.mark.parametrize("w_transposed", [False, True])
+@pytest.mark.parametrize("x_grouped,y_grouped", [(False, True), (True, True), (False, False),
+                                                 (True, False)])
+@pytest.mark.parametrize("shape", TMA_SHAPES)
+def test_scatter2scatter_with_tma_tiles(shape, x_grouped, y_grouped, w_transposed):
+    """The TMA variant (grouped_tma) against float64, as the forward (w [E, N, K], K
+    contiguous) and the input gradient (w^T, N contiguous) call it; rows of a block past its
+    expert's end that TMA brings in (the next expert's, or dropped rows) are poisoned."""
+    from kernels.triton import grouped_tma
+
+    seed, g, d, x, w, fan = s2s_case(shape, x_grouped, torch.bfloat16)
+    if w_transposed:
+        w = w.transpose(1, 2).contiguous().transpose(1, 2)
+    n = kept_rows(d)
+    if x_grouped:
+        x[n:] = float("nan")  # dropped rows: never stored, whatever they hold
+    assert grouped_tma.supports(x, w, x_grouped)
+    out = grouped_tma.scatter2scatter(x, w, d, x_grouped, y_grouped, fan)
+    ref = ref_ops.scatter2scatter(x.double(), w.double(), d, x_grouped, y_grouped, fan)
+    if y_grouped:
+        out, ref = out[:n], ref[:n]
+    else:
+        out, ref = out[d.sorted_pair_idx[:n]], ref[d.sorted_pair_idx[:n]]
+    assert rel_err(out, ref) < TOL[torch.bfloat16], f"seed {seed}"
+
+
+@pytest.mark.parametrize("x_grouped,dy_grouped", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("shape", TMA_SHAPES + [(300, 2, 4, 32, 40, False)])
+def test_group_weight_grad_with_tma_tiles(shape, x_grouped, dy_grouped):
+    """The TMA weight gradient against float64: whole blocks of rows by TMA, the last partial
+    block masked (several whole blocks an expert in the 300-token case). Rows past the kept
+    ones are NaN: one that entered a sum (0 * NaN) would show."""
+    from kernels.triton import grouped_tma
+
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    T, k, E, K, N, drop = shape
+    d = make_dispatch(T, k, E, drop, g)
+    n = kept_rows(d)
+    x = randn(T * k if x_grouped else T, K, g=g, dtype=torch.bfloat16)
+    dy = randn(T * k, N, g=g, dtype=torch.bfloat16)
+    if x_grouped:
+        x[n:] = float("nan")
+    dy[n:] = float("nan") if dy_grouped else 0.0
+    if not dy_grouped:
+        dy[d.sorted_pair_idx[n:]] = float("nan")
+    assert grouped_tma.supports_wgrad(x, dy, x_grouped, dy_grouped)
+    fan = 1 if x_grouped else k
+    out = grouped_tma.group_weight_grad(x, dy, d, x_grouped, fan, dy_grouped)
+    ref = ref_ops.group_weight_grad(x.double(), dy.double(), d, x_grouped, fan, dy_grouped)
+    assert rel_err(out, ref) < TOL[torch.bfloat16], f"seed {seed}"
+
+
+def test_tma_variant_takes_only_what_tma_can_load():
+    """16-bit floats with 16-byte aligned rows and a contiguous last dimension of w or w^T."""
+    from kernels.triton import grouped_tma
+
+    x, w = torch.zeros(4, 16, dtype=torch.bfloat16), torch.zeros(2, 24, 16, dtype=torch.bfloat16)
+    assert grouped_tma.supports(x, w, True) and grouped_tma.supports(x, w.transpose(1, 2), True)
+    assert not grouped_tma.supports(x.float(), w.float(), True)  # float32: the other kernels
+    assert not grouped_tma.supports(torch.zeros(4, 12, dtype=torch.bfloat16),
+                                    torch.zeros(2, 24, 12, dtype=torch.bfloat16), True)
+    assert not grouped_tma.supports(x, w[:, ::2, ::2], True)  # no contiguous dimension
+    assert not grouped_tma.supports(x[:, 1:9], w[:, :, :8], True)  # grouped rows misaligned
+    assert grouped_tma.supports(x[:, 1:9], w[:, :, :8], False)  # gathered rows: by pointer
+    with pytest.raises(ValueError, match="no contiguous"):
+        grouped_tma.scatter2scatter(x, w[:, ::2, ::2], None, True, True, 1)
+    dy = torch.zeros(4, 24, dtype=torch.bfloat16)
+    assert grouped_tma.supports_wgrad(x, dy, True, True)
+    assert not grouped_tma.supports_wgrad(x.float(), dy.float(), True, True)
+    assert not grouped_tma.supports_wgrad(x, dy[:, 1:9], True, True)  # misaligned rows
+    assert grouped_tma.supports_wgrad(x, dy[:, 1:9], True, False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("x_grouped,dy_grouped", [(False, True), (True, True), (True, False)])
 @pytest.mark.parametrize("shape", SHAPES)
@@ -380,6 +459,44 @@ def test_expert_mlp_autograd(shape, dtype):
     want = run(ref_ops, x.double(), w_in.double(), w_out.double(), wts.double())
     for name, a, b in zip(["out", "dx", "dw_in", "dw_out", "dweights"], got, want, strict=False):
         assert rel_err(a, b) < TOL[dtype], f"{name}, seed {seed}"
+
+
+@pytest.mark.parametrize("cap", [None, 0.7])
+def test_moe_layer_on_tma_gemms_matches_the_cp_async_kernels(cap, monkeypatch):
+    """The bf16 MoE layer with every grouped GEMM run on the TMA variants
+    (MOE_GROUPED_GEMM=tma): the forward, both input gradients (through w^T) and both weight
+    gradients give what the cp.async kernels (tested against float64 above) give on the same
+    routing."""
+    from kernels.triton import grouped_tma, pick
+    from moe import MoEConfig, MoELayer
+    from routing import RouterConfig
+
+    calls = []
+    run, wgrad = grouped_tma.scatter2scatter, grouped_tma.group_weight_grad
+    monkeypatch.setattr(grouped_tma, "scatter2scatter",
+                        lambda *a: calls.append(a[3:5]) or run(*a))
+    monkeypatch.setattr(grouped_tma, "group_weight_grad",
+                        lambda *a: calls.append(("dw", a[3], a[5])) or wgrad(*a))
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    cfg = MoEConfig(num_experts=6, expert_ffn=24, kernel_backend="triton",
+                    router=RouterConfig(top_k=2, capacity_factor=cap))
+    layer = MoELayer(32, cfg).to(DEVICE, torch.bfloat16)
+    x0 = torch.randn(2, 9, 32, device=DEVICE, dtype=torch.bfloat16)
+    got = {}
+    for gemm in ("tma", "triton"):
+        layer.zero_grad()
+        x = x0.clone().requires_grad_(True)
+        with pick.forced(gemm):
+            out, _ = layer(x)
+            out.float().square().sum().backward()
+        got[gemm] = [out, x.grad] + [p.grad for p in layer.parameters()]
+        if gemm == "tma":  # up (tokens -> grouped), down, their input and weight gradients
+            want = [(False, True), (True, False), (True, True), (True, True),
+                    ("dw", False, True), ("dw", True, True)]
+            assert sorted(calls, key=str) == sorted(want, key=str), calls
+    for a, b in zip(got["tma"], got["triton"], strict=True):
+        assert rel_err(a, b.double()) < 1e-2, f"seed {seed}"
 
 
 @pytest.mark.parametrize("gemm", ["triton", "torch", "loop"])

@@ -68,3 +68,26 @@ def cast_out(x, dtype: tl.constexpr):
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
+
+
+@triton.jit
+def row_index(pair_idx, rows, mask, GROUPED: tl.constexpr, FAN_OUT: tl.constexpr):
+    """Rows of an operand for sorted rows `rows`: themselves when the operand is grouped,
+    else row sorted_pair_idx // FAN_OUT (token order: FAN_OUT = k; slot order: 1)."""
+    if GROUPED:
+        return rows
+    else:
+        return tl.load(pair_idx + rows, mask=mask, other=0) // FAN_OUT
+
+
+@triton.jit
+def swizzle(pid, num_a, num_b, GROUP: tl.constexpr):
+    """Linear program id -> (a, b) tile, walking GROUP rows of a at a time down b, so that the
+    programs resident at once share their a- and b-operand tiles in L2 (the grouped order of
+    Triton's matmul tutorial). num_a, num_b: tile counts along a and b."""
+    width = GROUP * num_b
+    first_a = (pid // width) * GROUP
+    size_a = tl.minimum(num_a - first_a, GROUP)
+    a = first_a + (pid % width) % size_a
+    b = (pid % width) // size_a
+    return a, b

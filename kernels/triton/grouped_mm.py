@@ -14,31 +14,15 @@ from kernels import reference, torch_grouped
 from kernels.dispatch import Dispatch
 from kernels.quant import QuantWeight
 from kernels.triton import common, pick
-from kernels.triton.common import autotuning, cast_out, dot_precision, interpreting
+from kernels.triton.common import (
+    autotuning,
+    cast_out,
+    dot_precision,
+    interpreting,
+    row_index,
+    swizzle,
+)
 from kernels.triton.schedule import block_schedule
-
-
-@triton.jit
-def _row_index(pair_idx, rows, mask, GROUPED: tl.constexpr, FAN_OUT: tl.constexpr):
-    """Rows of an operand for sorted rows `rows`: themselves when the operand is grouped,
-    else row sorted_pair_idx // FAN_OUT (token order: FAN_OUT = k; slot order: 1)."""
-    if GROUPED:
-        return rows
-    else:
-        return tl.load(pair_idx + rows, mask=mask, other=0) // FAN_OUT
-
-
-@triton.jit
-def _swizzle(pid, num_a, num_b, GROUP: tl.constexpr):
-    """Linear program id -> (a, b) tile, walking GROUP rows of a at a time down b, so that the
-    programs resident at once share their a- and b-operand tiles in L2 (the grouped order of
-    Triton's matmul tutorial). num_a, num_b: tile counts along a and b."""
-    width = GROUP * num_b
-    first_a = (pid // width) * GROUP
-    size_a = tl.minimum(num_a - first_a, GROUP)
-    a = first_a + (pid % width) % size_a
-    b = (pid % width) // size_a
-    return a, b
 
 
 def _s2s_configs():
@@ -142,15 +126,15 @@ def _scatter2scatter_kernel(
     """BITS 0: W holds the weights (any float dtype); 8 or 4: W holds the packed integers or
     FP8 codes and S their float32 scales (see kernels/quant.py), dequantized here, tile by
     tile."""
-    pid_m, pid_n = _swizzle(tl.program_id(0), GRID_M, tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = swizzle(tl.program_id(0), GRID_M, tl.cdiv(N, BLOCK_N), GROUP_M)
     e = tl.load(block_expert + pid_m)
     if e < E:
         row0 = tl.load(block_row + pid_m)
         row_end = tl.load(offsets + e + 1)
         rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
         m_mask = rows < row_end
-        x_rows = _row_index(pair_idx, rows, m_mask, X_GROUPED, FAN_OUT)
-        y_rows = _row_index(pair_idx, rows, m_mask, Y_GROUPED, 1)
+        x_rows = row_index(pair_idx, rows, m_mask, X_GROUPED, FAN_OUT)
+        y_rows = row_index(pair_idx, rows, m_mask, Y_GROUPED, 1)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = cols < N
         ks = tl.arange(0, BLOCK_K)
@@ -177,7 +161,7 @@ def _scatter2scatter_kernel(
         tl.store(y_ptrs, cast_out(acc, Y.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-# Tile rows walked together by the grouped launch order (see _swizzle); 1 = row-major order.
+# Tile rows walked together by the grouped launch order (see common.swizzle); 1 = row-major order.
 GROUP = 8
 
 
@@ -191,12 +175,15 @@ def pick_block_m(d: Dispatch, elem_bytes: int = 2) -> int:
 
 
 def _fastest(op: str, x: torch.Tensor, d: Dispatch, n: int, k: int, flags: tuple,
-             ours, theirs, loop) -> torch.Tensor:
-    """ours() (our kernel), theirs() (PyTorch's grouped matmul, where it takes these sizes) or
-    loop() (one cuBLAS GEMM per expert over gathered rows, the reference path: coarse experts
-    with thousands of rows each), whichever times fastest for this shape key
+             ours, theirs, loop, tma=None) -> torch.Tensor:
+    """ours() (our kernel), tma() (ours with TMA tiles, kernels/triton/grouped_tma.py, where
+    given), theirs() (PyTorch's grouped matmul, where it takes these sizes) or loop() (one
+    cuBLAS GEMM per expert over gathered rows, the reference path: coarse experts with
+    thousands of rows each), whichever times fastest for this shape key
     (kernels/triton/pick.py): sizes, dtype, rows per expert (power of 2), flags."""
     candidates = {"triton": ours}
+    if tma is not None:
+        candidates["tma"] = tma
     if torch_grouped.supports(x, n, k):
         candidates["torch"] = theirs
     candidates["loop"] = loop
@@ -207,12 +194,19 @@ def _fastest(op: str, x: torch.Tensor, d: Dispatch, n: int, k: int, flags: tuple
 
 def scatter2scatter(x, w, d: Dispatch, x_grouped: bool, y_grouped: bool, fan_out: int):
     """x [T or M, K], w [E, N, K] (any strides) -> y [M, N]; see kernels/reference.py.
-    Our kernel, or PyTorch's grouped matmul or a GEMM per expert where one times faster."""
+    Our kernel (cp.async or TMA tiles), or PyTorch's grouped matmul or a GEMM per expert where
+    one times faster."""
+    from kernels.triton import grouped_tma
+
+    tma = None
+    if grouped_tma.supports(x, w, x_grouped):
+        def tma():
+            return grouped_tma.scatter2scatter(x, w, d, x_grouped, y_grouped, fan_out)
     return _fastest(
         "s2s", x, d, w.shape[1], w.shape[2], (x_grouped, y_grouped),
         lambda: _launch(x, w, None, d, x_grouped, y_grouped, fan_out),
         lambda: torch_grouped.scatter2scatter(x, w, d, x_grouped, y_grouped, fan_out),
-        lambda: reference.scatter2scatter(x, w, d, x_grouped, y_grouped, fan_out))
+        lambda: reference.scatter2scatter(x, w, d, x_grouped, y_grouped, fan_out), tma)
 
 
 def scatter2scatter_quant(x, wq: QuantWeight, d: Dispatch, x_grouped: bool, y_grouped: bool,
@@ -290,7 +284,7 @@ def _group_weight_grad_kernel(
 ):
     # expert-major launch order (axis 0 varies fastest): resident programs share one expert's rows
     e = tl.program_id(1)
-    pid_n, pid_k = _swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_N)
+    pid_n, pid_k = swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_N)
     start = tl.load(offsets + e)
     end = tl.load(offsets + e + 1)
     cols_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -301,8 +295,8 @@ def _group_weight_grad_kernel(
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         m_mask = rows < end
-        x_rows = _row_index(pair_idx, rows, m_mask, X_GROUPED, FAN_OUT)
-        dy_rows = _row_index(pair_idx, rows, m_mask, DY_GROUPED, 1)
+        x_rows = row_index(pair_idx, rows, m_mask, X_GROUPED, FAN_OUT)
+        dy_rows = row_index(pair_idx, rows, m_mask, DY_GROUPED, 1)
         dy_t = tl.load(DY + dy_rows[None, :] * stride_dym + cols_n[:, None] * stride_dyn,
                        mask=m_mask[None, :] & n_mask[:, None], other=0.0)
         x = tl.load(X + x_rows[:, None] * stride_xm + cols_k[None, :] * stride_xk,
@@ -317,12 +311,19 @@ def _group_weight_grad_kernel(
 
 def group_weight_grad(x, dy, d: Dispatch, x_grouped: bool, x_fan_out: int, dy_grouped: bool):
     """x rows [., K], dy rows [., N] -> dw [E, N, K]; every expert written (zeros if no rows).
-    Our kernel, or PyTorch's grouped matmul or a GEMM per expert where one times faster."""
+    Our kernel (cp.async or TMA tiles), or PyTorch's grouped matmul or a GEMM per expert where
+    one times faster."""
+    from kernels.triton import grouped_tma
+
+    tma = None
+    if grouped_tma.supports_wgrad(x, dy, x_grouped, dy_grouped):
+        def tma():
+            return grouped_tma.group_weight_grad(x, dy, d, x_grouped, x_fan_out, dy_grouped)
     return _fastest(
         "wgrad", x, d, dy.shape[1], x.shape[1], (x_grouped, dy_grouped),
         lambda: _weight_grad(x, dy, d, x_grouped, x_fan_out, dy_grouped),
         lambda: torch_grouped.group_weight_grad(x, dy, d, x_grouped, x_fan_out, dy_grouped),
-        lambda: reference.group_weight_grad(x, dy, d, x_grouped, x_fan_out, dy_grouped))
+        lambda: reference.group_weight_grad(x, dy, d, x_grouped, x_fan_out, dy_grouped), tma)
 
 
 def _weight_grad(x, dy, d: Dispatch, x_grouped: bool, x_fan_out: int, dy_grouped: bool):

@@ -125,6 +125,8 @@ def compile_only(arch: int = 90) -> Iterator[list[Build]]:
         kwargs.pop("warmup", None)
         self.nargs = dict(zip(self.arg_names, args, strict=False))
         for config in self.prune_configs(kwargs):
+            if config.pre_hook is not None:  # e.g. a TMA descriptor's box is the config's tile
+                config.pre_hook({**self.nargs, **kwargs, **config.all_kwargs()})
             self.fn.run(*args, **kwargs, **config.all_kwargs(), grid=None, warmup=True)
         self.nargs = None
 

@@ -1,9 +1,10 @@
 """Per-shape choice between interchangeable grouped-GEMM implementations (our Triton kernels,
-PyTorch's grouped matmul, one cuBLAS GEMM per expert): on a GPU each is timed once per shape
-key and the fastest kept.
+with cp.async or, on sm_90+, TMA tiles; PyTorch's grouped matmul; one cuBLAS GEMM per
+expert): on a GPU each is timed once per shape key and the fastest kept.
 
-MOE_GROUPED_GEMM=triton|torch|loop forces one (auto by default); `forced(name)` does the same
-in code (benchmarks). Under the interpreter and on the CPU the first candidate (Triton) runs.
+MOE_GROUPED_GEMM=triton|tma|torch|loop forces one (auto by default; one that does not take a
+call's operands falls back to the first, triton); `forced(name)` does the same in code
+(benchmarks). Under the interpreter and on the CPU the first candidate (Triton) runs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from kernels.triton.common import interpreting
 
-MODES = ("auto", "triton", "torch", "loop")
+MODES = ("auto", "triton", "tma", "torch", "loop")
 _choices: dict[tuple, str] = {}
 _forced: str | None = None
 
