@@ -12,6 +12,16 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
 
 
+def count_per_expert(expert_ids: torch.Tensor, num_experts: int,
+                     keep: torch.Tensor | None = None) -> torch.Tensor:
+    """expert_ids [...] in [0, num_experts), keep [...] bool (None: all) -> [num_experts]
+    int64 slots per expert. A scatter-add: unlike torch.bincount (which reads the largest id
+    back to the host on CUDA) or boolean indexing, it never waits for the device."""
+    ones = torch.ones_like(expert_ids, dtype=torch.int64) if keep is None else keep.long()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_ids.device)
+    return counts.scatter_add_(0, expert_ids.reshape(-1), ones.reshape(-1))
+
+
 def capacity_drop_mask(
     expert_ids: torch.Tensor,
     weights: torch.Tensor,
@@ -39,7 +49,7 @@ def capacity_drop_mask(
     else:
         raise ValueError(f"drop_policy must be position or probs, got {policy!r}")
     by_expert = order[torch.argsort(flat_e[order], stable=True)]  # expert-major, priority within
-    counts = torch.bincount(flat_e, minlength=num_experts + 1)
+    counts = count_per_expert(flat_e, num_experts + 1)
     starts = torch.cumsum(counts, 0) - counts
     e_sorted = flat_e[by_expert]
     rank = torch.arange(n, device=flat_e.device) - starts[e_sorted]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import topk_route
-from routing.capacity import capacity_drop_mask, expert_capacity
+from routing.capacity import capacity_drop_mask, count_per_expert, expert_capacity
 from routing.config import TOKEN_CHOICE, RouterConfig
 from routing.losses import (
     aux_free_bias_update,
@@ -85,7 +85,7 @@ class Router(nn.Module):
                                       skip=~used)
         dropped = lost | ~used
         weights = weights.masked_fill(dropped, 0.0)
-        tokens_per_expert = torch.bincount(expert_ids[~dropped], minlength=E)
+        tokens_per_expert = count_per_expert(expert_ids, E, ~dropped)
         frac = (lost.sum() / used.sum().clamp(min=1)).float() if T > 0 else \
             weights.new_zeros(())
         return Routing(

@@ -153,3 +153,30 @@ def test_low_precision_close_to_float64(dtype):
     assert torch.equal(r.expert_ids, r_ref.expert_ids) or dtype == torch.bfloat16
     rel = (out.double() - ref).norm() / ref.norm()
     assert rel < (1e-6 if dtype == torch.float32 else 2e-2), rel
+
+
+@pytest.mark.parametrize("router,cap", [
+    ("softmax_renorm", "dropfree"), ("softmax_plain", "cap_position"),
+    ("softmax_bias", "cap_probs"), ("sigmoid_bias", "dropfree"),
+    ("threshold_renorm", "dropfree")])
+def test_token_choice_layer_step_never_waits_for_the_device(router, cap):
+    """Forward and backward of a token-choice layer on the Triton backend (the GPU default)
+    read nothing back to the host (no bincount, boolean indexing or item), so the host keeps
+    queueing kernels ahead of the GPU. validate=False: the NaN check on the logits is the one
+    read the router makes by default, and it is caught as one."""
+    from tests.host_sync import HostSync, no_host_sync
+
+    torch.manual_seed(0)
+    group = dict(n_group=2, topk_group=1, group_score="top2") if "sigmoid" in router else {}
+    rc = RouterConfig(top_k=2, validate=False, **ROUTERS[router], **CAPACITY[cap], **group)
+    layer = MoELayer(16, MoEConfig(num_experts=4, expert_ffn=8, router=rc,
+                                   kernel_backend="triton"))
+    x = torch.randn(12, 16, requires_grad=True)
+    out, _ = layer(x)  # warm-up: on a GPU the backend times its GEMM candidates once
+    out.square().sum().backward()
+    with no_host_sync():
+        out, routing = layer(x)
+        (out.square().sum() + routing.aux_loss).backward()
+    rc.validate = True
+    with pytest.raises(HostSync, match="_local_scalar_dense .*routers.py"), no_host_sync():
+        layer(x)
