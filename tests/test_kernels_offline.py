@@ -86,3 +86,30 @@ def test_compile_only_says_what_the_interpreter_stops():
     with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
         with compile_only():
             pass
+
+
+def test_grouped_gemms_build_once_for_any_expert_count_and_dispatch():
+    """A new expert count or dispatch (blocks in the grid divisible by 16 or not) reuses the
+    build: on a fresh GPU each build costs seconds of the first step."""
+    script = """
+import torch
+from kernels import sort_by_expert
+from kernels.triton import grouped_mm, grouped_tma
+from kernels.triton.offline import compile_only
+g = torch.Generator().manual_seed(0)
+w = torch.randn(16, 256, 128).bfloat16()
+with compile_only(90):
+    for T, E in ((40, 8), (256, 8), (40, 16)):  # 10, 16 and 18 row blocks in the grid
+        d = sort_by_expert(torch.randint(0, E, (T, 2), generator=g), E)
+        x = torch.randn(T, 128).bfloat16()
+        grouped_mm._launch(x, w[:E], None, d, False, True, 2)
+        grouped_tma.scatter2scatter(x, w[:E], d, False, True, 2)
+for k in (grouped_mm._scatter2scatter_kernel, grouped_tma._s2s_tma_kernel):
+    print(sum(len(c[0]) for c in k.fn.device_caches.values()))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MOE_TRITON_AUTOTUNE"] = "0"
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert p.stdout.split() == ["1", "1"], p.stdout

@@ -111,7 +111,9 @@ def _load_quant_tile(W, S, e, k0, ks, cols, k_left, n_ok, stride_we, stride_wn, 
 @triton.autotune(configs=_s2s_configs(),
                  key=["N", "K", "BLOCK_M", "X_GROUPED", "Y_GROUPED", "BITS", "FP4", "FP8"],
                  prune_configs_by={"early_config_prune": _s2s_fitting})
-@triton.jit
+# E and GRID_M take any value: specialising on them (divisible by 16 or not) would only
+# recompile the kernel per expert count and per dispatch
+@triton.jit(do_not_specialize=["E", "GRID_M"])
 def _scatter2scatter_kernel(
     X, W, S, Y, pair_idx, block_expert, block_row, offsets,
     N, K, E, GRID_M,

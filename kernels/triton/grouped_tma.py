@@ -83,7 +83,9 @@ def _configs():
 
 @triton.autotune(configs=_configs(),
                  key=["N", "K", "BLOCK_M", "X_GROUPED", "Y_GROUPED", "W_NK"])
-@triton.jit
+# E and GRID_M take any value: specialising on them (divisible by 16 or not) would only
+# recompile the kernel per expert count and per dispatch
+@triton.jit(do_not_specialize=["E", "GRID_M"])
 def _s2s_tma_kernel(
     X, x_desc, w_desc, Y, pair_idx, block_expert, block_row, offsets,
     N, K, E, GRID_M, stride_xm, stride_ym, stride_yn,
