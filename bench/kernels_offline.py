@@ -99,8 +99,8 @@ def launches() -> Iterator[tuple[str, Callable[[], object]]]:
          partial(grouped_tma.group_weight_grad, xb, hb, fine, False, TOP_K, True)),
         ("tma wgrad bfloat16 (grouped x grouped)",
          partial(grouped_tma.group_weight_grad, ab, yb, fine, True, 1, True)),
-        ("tma wgrad bfloat16 (grouped x tokens)",
-         partial(grouped_tma.group_weight_grad, ab, yb[:TOKENS], fine, True, 1, False)),
+        ("tma wgrad bfloat16 (grouped x slots)",
+         partial(grouped_tma.group_weight_grad, ab, yb, fine, True, 1, False)),
     ]
     w = torch.randn(EXPERTS, 2 * FFN, D, generator=g)
     block = (128, 128)

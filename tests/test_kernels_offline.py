@@ -59,6 +59,27 @@ def test_bf16_and_packed_weight_gemms_use_wgmma_without_spilling(builds):
     assert any(b["meta"].get("BLOCK_M") == 128 for b in gemms)  # coarse experts' blocks
 
 
+def test_bf16_gemms_keep_a_tile_of_each_operand_per_pipeline_stage(builds):
+    """Software pipelining holds num_stages tiles of both operands in shared memory, so the
+    loads of later K-steps overlap the dots of earlier ones. The cp.async weight gradient's
+    gathered operand (token or slot order, its row indices loaded inside the loop) is not
+    pipelined, which is why the TMA variant gathers such rows first: that one is left out."""
+    checked = 0
+    for b in builds:
+        m = b["meta"]
+        if b["kernel"] not in GEMMS or "bfloat16" not in b["launch"]:
+            continue
+        if b["kernel"] == "_group_weight_grad_kernel" and "grouped x grouped" not in b["launch"]:
+            continue
+        if "wgrad" in b["kernel"] or "weight_grad" in b["kernel"]:
+            tiles = m["BLOCK_M"] * (m["BLOCK_N"] + m["BLOCK_K"])
+        else:
+            tiles = m["BLOCK_K"] * (m["BLOCK_M"] + m["BLOCK_N"])
+        assert b["shared_bytes"] >= b["num_stages"] * tiles * 2, b
+        checked += 1
+    assert checked >= 30
+
+
 def test_float32_and_elementwise_kernels_keep_their_registers(builds):
     """float32 dots run without tensor cores and hold their tiles in registers: 128-row and
     256-column blocks spilled up to 13 KiB a thread, so float32 takes 64 rows (pick_block_m)

@@ -11,9 +11,9 @@ rows through a 2-D descriptor over [M, K]; a block's rows past its expert's end 
 next expert and are computed but never stored. Rows in token or slot order are gathered by
 pointer.
 
-group_weight_grad: an expert's whole blocks of grouped rows by TMA; its partial last block
-(and rows in token or slot order) by masked pointer loads, so no row of another expert, or
-a dropped one, enters its sum.
+group_weight_grad: rows in token or slot order are gathered into expert order first; an
+expert's whole blocks of rows come by TMA, its partial last block by masked pointer loads, so
+no row of another expert, or a dropped one, enters its sum.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.dispatch import Dispatch
+from kernels.reference import sorted_rows
 from kernels.triton import common, grouped_mm
 from kernels.triton.common import autotuning, cast_out, interpreting, row_index, swizzle
 from kernels.triton.grouped_mm import pick_block_m
@@ -165,23 +166,23 @@ def scatter2scatter(x: torch.Tensor, w: torch.Tensor, d: Dispatch, x_grouped: bo
 
 def supports_wgrad(x: torch.Tensor, dy: torch.Tensor, x_grouped: bool, dy_grouped: bool
                    ) -> bool:
-    """group_weight_grad_tma takes these operands (as supports: 16-bit floats, contiguous
-    rows, TMA-aligned where grouped, sm_90+ or the interpreter)."""
+    """group_weight_grad takes these operands: as supports, 16-bit floats on sm_90+ (or the
+    interpreter), rows whose size TMA can stride over, grouped ones TMA-aligned as given."""
     if x.dtype not in (torch.bfloat16, torch.float16) or dy.dtype != x.dtype:
         return False
     if not interpreting() and (x.device.type != "cuda"
                                or torch.cuda.get_device_capability(x.device)[0] < 9):
         return False
-    return all(t.stride(1) == 1 and (not grouped or _aligned(t, (0,)))
+    size = x.element_size()
+    return all(t.stride(1) == 1 and t.shape[1] * size % 16 == 0
+               and (not grouped or _aligned(t, (0,)))
                for t, grouped in ((x, x_grouped), (dy, dy_grouped)))
 
 
 def _set_wgrad_block_shapes(nargs: dict) -> None:
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    if nargs["x_desc"] is not None:
-        nargs["x_desc"].block_shape = [bm, bk]
-    if nargs["dy_desc"] is not None:
-        nargs["dy_desc"].block_shape = [bm, bn]
+    nargs["x_desc"].block_shape = [bm, bk]
+    nargs["dy_desc"].block_shape = [bm, bn]
 
 
 def _wgrad_configs():
@@ -196,44 +197,18 @@ def _wgrad_configs():
     return configs if autotuning() else configs[-1:]
 
 
-@triton.jit
-def _wgrad_rows(X, x_desc, DY, dy_desc, pair_idx, m0, end, n0, k0, N, K, stride_xm,
-                stride_dym, FAN_OUT: tl.constexpr, X_GROUPED: tl.constexpr,
-                DY_GROUPED: tl.constexpr, FULL: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Rows m0 .. m0 + BLOCK_M of one expert: (dy [BLOCK_M, BLOCK_N], x [BLOCK_M, BLOCK_K]).
-    FULL: all rows are the expert's, and grouped operands come by TMA; else (the last,
-    partial block) rows from end on are loaded as zeros, by pointer."""
-    rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-    m_mask = rows < end
-    if FULL and DY_GROUPED:
-        dy = dy_desc.load([m0, n0])
-    else:
-        cols_n = n0 + tl.arange(0, BLOCK_N)
-        dy_rows = row_index(pair_idx, rows, m_mask, DY_GROUPED, 1)
-        dy = tl.load(DY + dy_rows[:, None] * stride_dym + cols_n[None, :],
-                     mask=m_mask[:, None] & (cols_n < N)[None, :], other=0.0)
-    if FULL and X_GROUPED:
-        x = x_desc.load([m0, k0])
-    else:
-        cols_k = k0 + tl.arange(0, BLOCK_K)
-        x_rows = row_index(pair_idx, rows, m_mask, X_GROUPED, FAN_OUT)
-        x = tl.load(X + x_rows[:, None] * stride_xm + cols_k[None, :],
-                    mask=m_mask[:, None] & (cols_k < K)[None, :], other=0.0)
-    return dy, x
-
-
-@triton.autotune(configs=_wgrad_configs(), key=["N", "K", "X_GROUPED", "DY_GROUPED"])
+@triton.autotune(configs=_wgrad_configs(), key=["N", "K"])
 @triton.jit
 def _wgrad_tma_kernel(
-    X, x_desc, DY, dy_desc, DW, pair_idx, offsets,
+    X, x_desc, DY, dy_desc, DW, offsets,
     N, K, stride_xm, stride_dym, stride_we, stride_wn, stride_wk,
-    FAN_OUT: tl.constexpr, X_GROUPED: tl.constexpr, DY_GROUPED: tl.constexpr,
     UPCAST: tl.constexpr, GROUP_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dw[e] tile [BLOCK_N, BLOCK_K] = sum over expert e's rows of dy^T x: its whole blocks
-    of rows by TMA (where grouped), then its partial last block by masked loads."""
+    """dw[e] tile [BLOCK_N, BLOCK_K] = sum over expert e's rows of dy^T x, both grouped
+    ([M, K] and [M, N]): the expert's whole blocks of rows by TMA, software-pipelined; its
+    partial last block by loads masked at the expert's end (the rows after it are another
+    expert's, or dropped ones that may hold anything)."""
     e = tl.program_id(1)  # expert-major launch order: resident programs share e's rows
     pid_n, pid_k = swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_N)
     start = tl.load(offsets + e).to(tl.int32)  # TMA coordinates are 32-bit
@@ -242,21 +217,23 @@ def _wgrad_tma_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     full_end = start + (end - start) // BLOCK_M * BLOCK_M
     for m0 in range(start, full_end, BLOCK_M):
-        dy, x = _wgrad_rows(X, x_desc, DY, dy_desc, pair_idx, m0, end, n0, k0, N, K,
-                            stride_xm, stride_dym, FAN_OUT, X_GROUPED, DY_GROUPED, True,
-                            BLOCK_M, BLOCK_N, BLOCK_K)
+        dy = dy_desc.load([m0, n0])
+        x = x_desc.load([m0, k0])
         if UPCAST:  # the CPU interpreter's dot mishandles 16-bit floats
-            dy, x = dy.to(tl.float32), x.to(tl.float32)
-        acc = tl.dot(dy.T, x, acc)
-    if full_end < end:
-        dy, x = _wgrad_rows(X, x_desc, DY, dy_desc, pair_idx, full_end, end, n0, k0, N, K,
-                            stride_xm, stride_dym, FAN_OUT, X_GROUPED, DY_GROUPED, False,
-                            BLOCK_M, BLOCK_N, BLOCK_K)
-        if UPCAST:
             dy, x = dy.to(tl.float32), x.to(tl.float32)
         acc = tl.dot(dy.T, x, acc)
     cols_n = n0 + tl.arange(0, BLOCK_N)
     cols_k = k0 + tl.arange(0, BLOCK_K)
+    if full_end < end:
+        rows = full_end + tl.arange(0, BLOCK_M).to(tl.int64)
+        m_ok = (rows < end)[:, None]
+        dy = tl.load(DY + rows[:, None] * stride_dym + cols_n[None, :],
+                     mask=m_ok & (cols_n < N)[None, :], other=0.0)
+        x = tl.load(X + rows[:, None] * stride_xm + cols_k[None, :],
+                    mask=m_ok & (cols_k < K)[None, :], other=0.0)
+        if UPCAST:
+            dy, x = dy.to(tl.float32), x.to(tl.float32)
+        acc = tl.dot(dy.T, x, acc)
     dw_ptrs = (DW + e.to(tl.int64) * stride_we + cols_n[:, None] * stride_wn
                + cols_k[None, :] * stride_wk)
     tl.store(dw_ptrs, cast_out(acc, DW.dtype.element_ty),
@@ -266,22 +243,26 @@ def _wgrad_tma_kernel(
 def group_weight_grad(x: torch.Tensor, dy: torch.Tensor, d: Dispatch, x_grouped: bool,
                       x_fan_out: int, dy_grouped: bool) -> torch.Tensor:
     """x rows [., K], dy rows [., N] -> dw [E, N, K] (zeros for experts without rows); see
-    kernels/reference.py. The caller checks supports_wgrad."""
-    N, K, E = dy.shape[1], x.shape[1], d.num_experts
-    if d.num_pairs == 0:
+    kernels/reference.py. An operand in token or slot order is gathered into expert order
+    first (one copy of its rows): a row gather inside the loop would not be
+    software-pipelined (bench/kernels_offline.py: the cp.async kernel's gathered operand is
+    single-buffered). The caller checks supports_wgrad."""
+    N, K, E, M = dy.shape[1], x.shape[1], d.num_experts, d.num_pairs
+    if M == 0:
         return torch.zeros(E, N, K, dtype=x.dtype, device=x.device)
+    x = x if x_grouped else sorted_rows(x, d, False, x_fan_out, M)
+    dy = dy if dy_grouped else sorted_rows(dy, d, False, 1, M)
     dw = common.empty(E, N, K, dtype=x.dtype, device=x.device)
     # boxes are set per config by _set_wgrad_block_shapes; these are placeholders
-    x_desc = TensorDescriptor.from_tensor(x, [16, 16]) if x_grouped else None
-    dy_desc = TensorDescriptor.from_tensor(dy, [16, 16]) if dy_grouped else None
+    x_desc = TensorDescriptor.from_tensor(x, [16, 16])
+    dy_desc = TensorDescriptor.from_tensor(dy, [16, 16])
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), E)
 
     _wgrad_tma_kernel[grid](
-        x, x_desc, dy, dy_desc, dw, d.sorted_pair_idx, d.expert_offsets,
+        x, x_desc, dy, dy_desc, dw, d.expert_offsets,
         N, K, x.stride(0), dy.stride(0), dw.stride(0), dw.stride(1), dw.stride(2),
-        FAN_OUT=x_fan_out, X_GROUPED=x_grouped, DY_GROUPED=dy_grouped,
         UPCAST=interpreting(), GROUP_N=grouped_mm.GROUP,
     )
     return dw
