@@ -273,17 +273,17 @@ def _wgrad_fitting(configs, named_args, **kwargs):
             if (c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 64) == small] or configs
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["N", "K", "X_GROUPED", "DY_GROUPED"],
-                 reset_to_zero=[], prune_configs_by={"early_config_prune": _wgrad_fitting})
+@triton.autotune(configs=_wgrad_configs(), key=["N", "K"], reset_to_zero=[],
+                 prune_configs_by={"early_config_prune": _wgrad_fitting})
 @triton.jit
 def _group_weight_grad_kernel(
-    X, DY, DW, pair_idx, offsets,
+    X, DY, DW, offsets,
     N, K,
     stride_xm, stride_xk, stride_dym, stride_dyn, stride_we, stride_wn, stride_wk,
-    FAN_OUT: tl.constexpr, X_GROUPED: tl.constexpr, DY_GROUPED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, GROUP_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """dw[e] tile [BLOCK_N, BLOCK_K] = sum over expert e's rows of dy^T x, both grouped."""
     # expert-major launch order (axis 0 varies fastest): resident programs share one expert's rows
     e = tl.program_id(1)
     pid_n, pid_k = swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_N)
@@ -297,11 +297,9 @@ def _group_weight_grad_kernel(
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         m_mask = rows < end
-        x_rows = row_index(pair_idx, rows, m_mask, X_GROUPED, FAN_OUT)
-        dy_rows = row_index(pair_idx, rows, m_mask, DY_GROUPED, 1)
-        dy_t = tl.load(DY + dy_rows[None, :] * stride_dym + cols_n[:, None] * stride_dyn,
+        dy_t = tl.load(DY + rows[None, :] * stride_dym + cols_n[:, None] * stride_dyn,
                        mask=m_mask[None, :] & n_mask[:, None], other=0.0)
-        x = tl.load(X + x_rows[:, None] * stride_xm + cols_k[None, :] * stride_xk,
+        x = tl.load(X + rows[:, None] * stride_xm + cols_k[None, :] * stride_xk,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if UPCAST:
             dy_t, x = dy_t.to(tl.float32), x.to(tl.float32)
@@ -329,18 +327,23 @@ def group_weight_grad(x, dy, d: Dispatch, x_grouped: bool, x_fan_out: int, dy_gr
 
 
 def _weight_grad(x, dy, d: Dispatch, x_grouped: bool, x_fan_out: int, dy_grouped: bool):
-    N, K, E = dy.shape[1], x.shape[1], d.num_experts
+    """An operand in token or slot order is gathered into expert order first (one copy of its
+    rows, as ScatterMoE groups x for its weight gradient): gathered inside the loop, its row
+    indices loaded there, it was single-buffered (bench/kernels_offline.py: 65.5 against
+    97 KiB of shared memory at 3 stages), its loads no longer overlapping the dots."""
+    N, K, E, M = dy.shape[1], x.shape[1], d.num_experts, d.num_pairs
+    x = x if x_grouped else reference.sorted_rows(x, d, False, x_fan_out, M)
+    dy = dy if dy_grouped else reference.sorted_rows(dy, d, False, 1, M)
     dw = common.empty(E, N, K, dtype=x.dtype, device=x.device)
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), E)
 
     _group_weight_grad_kernel[grid](
-        x, dy, dw, d.sorted_pair_idx, d.expert_offsets,
+        x, dy, dw, d.expert_offsets,
         N, K,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
         dw.stride(0), dw.stride(1), dw.stride(2),
-        FAN_OUT=x_fan_out, X_GROUPED=x_grouped, DY_GROUPED=dy_grouped,
         PRECISION=dot_precision(x.dtype), UPCAST=interpreting(), GROUP_N=GROUP,
     )
     return dw
