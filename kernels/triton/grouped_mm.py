@@ -218,15 +218,19 @@ def scatter2scatter_quant(x, wq: QuantWeight, d: Dispatch, x_grouped: bool, y_gr
     return _launch(x, wq.data, wq, d, x_grouped, y_grouped, fan_out)
 
 
+def s2s_output(x: torch.Tensor, d: Dispatch, n: int, y_grouped: bool) -> torch.Tensor:
+    """The [M, n] output of a scatter2scatter: zeros where slot-order rows of dropped pairs
+    are read as zeros (no kernel writes them), else uninitialised."""
+    if not y_grouped and d.may_drop:
+        return torch.zeros(d.num_pairs, n, dtype=x.dtype, device=x.device)
+    return common.empty(d.num_pairs, n, dtype=x.dtype, device=x.device)
+
+
 def _launch(x, w, q: QuantWeight | None, d: Dispatch, x_grouped, y_grouped, fan_out):
     """w: the weights, or q's packed integers (then N, K and the scales come from q)."""
     N, K = (w.shape[1], w.shape[2]) if q is None else (q.shape[1], q.shape[2])
-    M = d.num_pairs
-    if not y_grouped and d.may_drop:  # rows of dropped slots are read as zeros
-        y = torch.zeros(M, N, dtype=x.dtype, device=x.device)
-    else:
-        y = common.empty(M, N, dtype=x.dtype, device=x.device)
-    if M == 0:
+    y = s2s_output(x, d, N, y_grouped)
+    if d.num_pairs == 0:
         return y
     block_m = pick_block_m(d, x.element_size())
     block_expert, block_row, grid_m = block_schedule(d, block_m)

@@ -49,13 +49,19 @@ def _weight_view(w: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     return None
 
 
-def supports(x: torch.Tensor, w: torch.Tensor, x_grouped: bool) -> bool:
-    """This kernel takes these operands: 16-bit floats, TMA-aligned weights (and grouped input
-    rows), on a GPU with TMA (sm_90+), or anywhere under the interpreter (tests)."""
-    if x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype:
+def _tma_operands(x: torch.Tensor, other: torch.Tensor) -> bool:
+    """16-bit floats, both of one dtype, on a GPU with TMA (sm_90+), or anywhere under the
+    interpreter (tests)."""
+    if x.dtype not in (torch.bfloat16, torch.float16) or other.dtype != x.dtype:
         return False
-    if not interpreting() and (x.device.type != "cuda"
-                               or torch.cuda.get_device_capability(x.device)[0] < 9):
+    return interpreting() or (x.device.type == "cuda"
+                              and torch.cuda.get_device_capability(x.device)[0] >= 9)
+
+
+def supports(x: torch.Tensor, w: torch.Tensor, x_grouped: bool) -> bool:
+    """scatter2scatter takes these operands: _tma_operands, TMA-aligned weights (and grouped
+    input rows)."""
+    if not _tma_operands(x, w):
         return False
     if x.stride(1) != 1 or (x_grouped and not _aligned(x, (0,))):
         return False
@@ -139,12 +145,8 @@ def scatter2scatter(x: torch.Tensor, w: torch.Tensor, d: Dispatch, x_grouped: bo
                          "contiguous, 16-byte aligned layout")
     wv, w_nk = view
     N, K = w.shape[1], w.shape[2]
-    M = d.num_pairs
-    if not y_grouped and d.may_drop:  # rows of dropped slots are read as zeros
-        y = torch.zeros(M, N, dtype=x.dtype, device=x.device)
-    else:
-        y = common.empty(M, N, dtype=x.dtype, device=x.device)
-    if M == 0:
+    y = grouped_mm.s2s_output(x, d, N, y_grouped)
+    if d.num_pairs == 0:
         return y
     block_m = pick_block_m(d, x.element_size())
     block_expert, block_row, grid_m = block_schedule(d, block_m)
@@ -166,12 +168,9 @@ def scatter2scatter(x: torch.Tensor, w: torch.Tensor, d: Dispatch, x_grouped: bo
 
 def supports_wgrad(x: torch.Tensor, dy: torch.Tensor, x_grouped: bool, dy_grouped: bool
                    ) -> bool:
-    """group_weight_grad takes these operands: as supports, 16-bit floats on sm_90+ (or the
-    interpreter), rows whose size TMA can stride over, grouped ones TMA-aligned as given."""
-    if x.dtype not in (torch.bfloat16, torch.float16) or dy.dtype != x.dtype:
-        return False
-    if not interpreting() and (x.device.type != "cuda"
-                               or torch.cuda.get_device_capability(x.device)[0] < 9):
+    """group_weight_grad takes these operands: _tma_operands, rows whose size TMA can stride
+    over, grouped ones TMA-aligned as given."""
+    if not _tma_operands(x, dy):
         return False
     size = x.element_size()
     return all(t.stride(1) == 1 and t.shape[1] * size % 16 == 0
