@@ -656,8 +656,9 @@ def run(shapes, tokens, impls, dtype, device, out_path, command) -> str:
             "expert GEMMs only (18·T·k·d·ffn for fwd+bwd); 'x dense' is the same-FLOPs dense "
             "GEMM chain's time over this row's; ours' note is its max relative error vs a "
             "float64 reference and which implementation the Triton backend picked for each "
-            "grouped GEMM (its kernel, torch._grouped_mm, or loop: a cuBLAS GEMM per expert; "
-            "timed once per shape).\n\n"
+            "grouped GEMM (triton: its kernel with cp.async tiles, tma: with TMA tiles, "
+            "torch: torch._grouped_mm, or loop: a cuBLAS GEMM per expert; timed once per "
+            "shape).\n\n"
             + (f" **Partial**: {stopped}; the rows are those measured before it.\n\n"
                if stopped else "") + markdown_table(header, rows))
     block = results_block("MoE layer forward+backward (bench/kernels.py)", command, device,
