@@ -147,17 +147,19 @@ def test_tma_variant_takes_only_what_tma_can_load():
     """16-bit floats with 16-byte aligned rows and a contiguous last dimension of w or w^T."""
     from kernels.triton import grouped_tma
 
-    x, w = torch.zeros(4, 16, dtype=torch.bfloat16), torch.zeros(2, 24, 16, dtype=torch.bfloat16)
+    def zeros(*shape):
+        return torch.zeros(*shape, dtype=torch.bfloat16, device=DEVICE)
+
+    x, w = zeros(4, 16), zeros(2, 24, 16)
     assert grouped_tma.supports(x, w, True) and grouped_tma.supports(x, w.transpose(1, 2), True)
     assert not grouped_tma.supports(x.float(), w.float(), True)  # float32: the other kernels
-    assert not grouped_tma.supports(torch.zeros(4, 12, dtype=torch.bfloat16),
-                                    torch.zeros(2, 24, 12, dtype=torch.bfloat16), True)
+    assert not grouped_tma.supports(zeros(4, 12), zeros(2, 24, 12), True)
     assert not grouped_tma.supports(x, w[:, ::2, ::2], True)  # no contiguous dimension
     assert not grouped_tma.supports(x[:, 1:9], w[:, :, :8], True)  # grouped rows misaligned
     assert grouped_tma.supports(x[:, 1:9], w[:, :, :8], False)  # gathered rows: by pointer
     with pytest.raises(ValueError, match="no contiguous"):
         grouped_tma.scatter2scatter(x, w[:, ::2, ::2], None, True, True, 1)
-    dy = torch.zeros(4, 24, dtype=torch.bfloat16)
+    dy = zeros(4, 24)
     assert grouped_tma.supports_wgrad(x, dy, True, True)
     assert not grouped_tma.supports_wgrad(x.float(), dy.float(), True, True)
     assert not grouped_tma.supports_wgrad(x, dy[:, 1:9], True, True)  # misaligned rows

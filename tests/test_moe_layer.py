@@ -167,11 +167,12 @@ def test_token_choice_layer_step_never_waits_for_the_device(router, cap):
     from tests.host_sync import HostSync, no_host_sync
 
     torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter
     group = dict(n_group=2, topk_group=1, group_score="top2") if "sigmoid" in router else {}
     rc = RouterConfig(top_k=2, validate=False, **ROUTERS[router], **CAPACITY[cap], **group)
     layer = MoELayer(16, MoEConfig(num_experts=4, expert_ffn=8, router=rc,
-                                   kernel_backend="triton"))
-    x = torch.randn(12, 16, requires_grad=True)
+                                   kernel_backend="triton")).to(device)
+    x = torch.randn(12, 16, device=device, requires_grad=True)
     out, _ = layer(x)  # warm-up: on a GPU the backend times its GEMM candidates once
     out.square().sum().backward()
     with no_host_sync():
