@@ -35,7 +35,7 @@ def launches() -> Iterator[tuple[str, Callable[[], object]]]:
     from kernels import sort_by_expert
     from kernels.mxfp4 import mxfp4_quantize, mxfp4_weight
     from kernels.quant import fp8_weight, quantize
-    from kernels.triton import combine, grouped_mm, grouped_tma, routing, swiglu
+    from kernels.triton import combine, grouped_mm, grouped_tma, routing, schedule, swiglu
     from moe.hf_fp8 import fp8_quantize
 
     g = torch.Generator().manual_seed(0)
@@ -128,6 +128,9 @@ def launches() -> Iterator[tuple[str, Callable[[], object]]]:
                      torch.randn(TOKENS, k, generator=g), sigmoid, True, 1.0)),
             (f"sort E={E} k={k}", partial(routing.sort_pairs, torch.randint(
                 0, E, (TOKENS * k,), generator=g), E, k)),
+            (f"block schedule E={E} k={k}", partial(
+                schedule.block_schedule, sort_by_expert(torch.randint(
+                    0, E, (TOKENS, k), generator=g), E), 128)),
         ]
 
 

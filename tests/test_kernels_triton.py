@@ -529,3 +529,27 @@ def test_moe_layer_triton_backend_matches_reference(cap, gemm):
     assert rel_err(x.grad, xr.grad) < 1e-5, f"seed {seed}"
     for (name, p), (_, pr) in zip(layer.named_parameters(), ref.named_parameters(), strict=True):
         assert rel_err(p.grad, pr.grad) < 1e-5, f"{name}, seed {seed}"
+
+
+@pytest.mark.parametrize("block_m", [16, 64, 128])
+@pytest.mark.parametrize("T,k,E", [(13, 2, 4), (300, 8, 128), (20, 1, 256), (0, 2, 4),
+                                   (1000, 2, 8), (5, 1, 1)])
+def test_block_schedule_kernel_matches_a_searchsorted(T, k, E, block_m):
+    """The schedule kernel: each expert ceil(rows / BLOCK_M) blocks in expert order, each
+    block's first row; entries past the last block get expert E (their rows unused)."""
+    from kernels.triton.schedule import block_schedule
+
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    d = make_dispatch(T, k, E, False, g)
+    expert, row, grid = block_schedule(d, block_m)
+    counts = d.tokens_per_expert.cpu()
+    blocks = (counts + block_m - 1) // block_m
+    block_end = torch.cumsum(blocks, 0)
+    pid = torch.arange(T * k // block_m + (T * k % block_m > 0) + E)
+    want_e = torch.searchsorted(block_end, pid, right=True)
+    real = want_e < E
+    e = want_e[real]
+    want_row = d.expert_offsets.cpu()[e] + (pid[real] - (block_end[e] - blocks[e])) * block_m
+    assert grid == len(pid) and torch.equal(expert.cpu(), want_e), f"seed {seed}"
+    assert torch.equal(row.cpu()[real], want_row), f"seed {seed}"

@@ -4,9 +4,10 @@ topk_route: router logits [T, E] -> softmax or sigmoid scores, (biased) top-k se
 gathered, renormalised and scaled combine weights, in one pass over each row; its backward
 turns d(weights) into d(logits) in one more.
 
-sort_pairs: the (token, slot) pairs' expert ids [M] -> stable counting sort by expert: a
-per-block histogram kernel, a scan over blocks, and a scatter kernel that places every pair
-(no comparison sort, no separate bincount / cumsum / gather launches per op).
+sort_pairs: the (token, slot) pairs' expert ids [M] -> stable counting sort by expert, in
+three kernels: a per-block histogram, a scan of each expert's column over the blocks, and a
+scatter that places every pair (and writes the expert offsets). No comparison sort, no
+separate bincount / cumsum / gather launches.
 """
 
 from __future__ import annotations
@@ -173,18 +174,40 @@ def _block_hist_kernel(IDS, HIST, M, E1, BLOCK: tl.constexpr, E_PAD: tl.constexp
 
 
 @triton.jit
-def _place_kernel(IDS, START, OUT_PAIR, OUT_TOKEN, OUT_EXPERT, M, E1, top_k,
+def _scan_kernel(HIST, START, TOTAL, NB, E1, CHUNK: tl.constexpr):
+    """Column e of HIST [NB, E1]: START[b, e] = pairs of expert e in the blocks before b,
+    TOTAL[e] = all of expert e's pairs."""
+    e = tl.program_id(0)
+    carry = tl.full([], 0, tl.int32)
+    for b0 in range(0, NB, CHUNK):
+        b = b0 + tl.arange(0, CHUNK)
+        ok = b < NB
+        h = tl.load(HIST + b * E1 + e, mask=ok, other=0)
+        tl.store(START + b * E1 + e, carry + tl.cumsum(h, 0) - h, mask=ok)
+        carry += tl.sum(h, 0)
+    tl.store(TOTAL + e, carry)
+
+
+@triton.jit
+def _place_kernel(IDS, START, TOTAL, OFFSETS, OUT_PAIR, OUT_TOKEN, OUT_EXPERT, M, E1, top_k,
                   BLOCK: tl.constexpr, E_PAD: tl.constexpr):
-    """Each pair to START[b, e] + (pairs of expert e before it in block b): a stable sort."""
+    """Each pair to offsets[e] + START[b, e] + (pairs of expert e before it in block b): a
+    stable sort. offsets[e] = pairs of the experts before e (from TOTAL; program 0 writes
+    them out)."""
     b = tl.program_id(0)
+    cols = tl.arange(0, E_PAD)
+    total = tl.load(TOTAL + cols, mask=cols < E1, other=0).to(tl.int64)
+    offsets = tl.cumsum(total, 0) - total
+    if b == 0:
+        tl.store(OFFSETS + cols, offsets, mask=cols < E1)
     i = b * BLOCK + tl.arange(0, BLOCK)
     ok = i < M
     e = tl.load(IDS + i, mask=ok, other=E_PAD)
-    cols = tl.arange(0, E_PAD)
     onehot = (e[:, None] == cols[None, :]).to(tl.int32)
     before = tl.sum((tl.cumsum(onehot, 0) - onehot) * onehot, 1)
+    first = tl.sum(tl.where(onehot != 0, offsets[None, :], 0), 1)
     start = tl.load(START + b * E1 + e, mask=ok, other=0)
-    pos = start + before
+    pos = first + start + before
     tl.store(OUT_PAIR + pos, i.to(tl.int64), mask=ok)
     tl.store(OUT_TOKEN + pos, (i // top_k).to(tl.int64), mask=ok)
     tl.store(OUT_EXPERT + pos, e.to(tl.int64), mask=ok)
@@ -196,20 +219,19 @@ def sort_pairs(flat_ids: torch.Tensor, num_experts: int, top_k: int
     [M] int64 (stable: slot order within an expert), expert_offsets [E + 1] int64."""
     M, E1 = flat_ids.numel(), num_experts + 1
     dev = flat_ids.device
+    outs = [common.empty_index(M, device=dev) for _ in range(3)]
+    if M == 0:
+        return (*outs, torch.zeros(E1, dtype=torch.int64, device=dev))
     ids = flat_ids.to(torch.int32).contiguous()
     e_pad = triton.next_power_of_2(E1)
     block = max(16, min(256, 8192 // e_pad))
-    nb = max(1, common.cdiv(M, block))
-    hist = torch.zeros(nb, E1, dtype=torch.int32, device=dev)
-    outs = [common.empty_index(M, device=dev) for _ in range(3)]
-    offsets = torch.zeros(E1, dtype=torch.int64, device=dev)
-    if M == 0:
-        return (*outs, offsets)
+    nb = common.cdiv(M, block)
+    hist = torch.empty(nb, E1, dtype=torch.int32, device=dev)  # every entry written
+    start = torch.empty(nb, E1, dtype=torch.int32, device=dev)
+    total = torch.empty(E1, dtype=torch.int32, device=dev)
+    offsets = torch.empty(E1, dtype=torch.int64, device=dev)
     _block_hist_kernel[(nb,)](ids, hist, M, E1, BLOCK=block, E_PAD=e_pad)
-    # exclusive scan: experts in order, and blocks in order within an expert
-    per_expert = hist.sum(0, dtype=torch.int64)
-    torch.cumsum(per_expert[:-1], 0, out=offsets[1:])
-    start = offsets[None, :] + hist.cumsum(0) - hist  # [blocks, E + 1]
-    _place_kernel[(nb,)](ids, start.to(torch.int32).contiguous(), *outs, M, E1, top_k,
-                         BLOCK=block, E_PAD=e_pad)
+    _scan_kernel[(E1,)](hist, start, total, nb, E1, CHUNK=1024)
+    _place_kernel[(nb,)](ids, start, total, offsets, *outs, M, E1, top_k, BLOCK=block,
+                         E_PAD=e_pad)
     return (*outs, offsets)
