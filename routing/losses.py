@@ -21,6 +21,11 @@ def switch_aux_loss(
     T, k = expert_ids.shape
     if T == 0:
         return probs.sum() * 0.0
+    if used is None and (seq_len is None or seq_len == T):  # one batch of T * k slots
+        counts = torch.zeros(num_experts, dtype=probs.dtype, device=probs.device)
+        counts.scatter_add_(0, expert_ids.reshape(-1),
+                            torch.ones(T * k, dtype=probs.dtype, device=probs.device))
+        return (counts * probs.mean(0)).sum() * (num_experts / (T * k))
     if used is None:
         used = torch.ones_like(expert_ids, dtype=torch.bool)
     selected = torch.zeros(T, num_experts, dtype=probs.dtype, device=probs.device)

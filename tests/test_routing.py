@@ -51,6 +51,22 @@ def test_switch_aux_loss_per_sequence_by_hand():
         switch_aux_loss(PROBS, ids, 2, seq_len=3)
 
 
+def test_switch_aux_loss_one_batch_equals_the_per_sequence_path():
+    """The one-batch path (all slots used, one sequence) and the general one agree, value and
+    gradient, on random probabilities."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(12, 6, generator=g, dtype=torch.float64), -1)
+    ids = torch.rand(12, 6, generator=g).topk(3, dim=-1).indices
+    a = probs.clone().requires_grad_(True)
+    b = probs.clone().requires_grad_(True)
+    fast = switch_aux_loss(a, ids, 6)
+    general = switch_aux_loss(b, ids, 6, used=torch.ones(12, 3, dtype=torch.bool))
+    fast.backward()
+    general.backward()
+    assert fast.item() == pytest.approx(general.item(), abs=1e-12)
+    assert torch.allclose(a.grad, b.grad, atol=1e-12)
+
+
 def test_z_loss_by_hand():
     logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]], dtype=torch.float64)
     expected = (math.log(2.0) ** 2 + math.log(4.0) ** 2) / 2
