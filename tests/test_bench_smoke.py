@@ -331,3 +331,16 @@ def test_serve_bench_smoke_with_fp8_experts(tmp_path):
             if len(r) > 13 and r[3].strip() in ("fp8", "none")}
     moved = {q: float(r[13].split("/")[0]) for q, r in rows.items()}
     assert set(moved) == {"fp8", "none"} and moved["fp8"] < 0.5 * moved["none"]
+
+
+def test_layer_launches_bench_counts_no_host_waits(tmp_path):
+    """bench/layer_launches.py counts launches and host waits per layer step; no case waits."""
+    out = tmp_path / "results.md"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "bench.layer_launches", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split(" | ") for line in out.read_text().splitlines()
+            if line.startswith("| this commit |")]
+    assert len(rows) == 4 and all(r[-1] == "0 |" for r in rows), rows
+    assert all(int(r[2]) > int(r[4]) > 0 for r in rows), rows  # launches > Triton kernels
