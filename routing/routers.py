@@ -77,17 +77,22 @@ class Router(nn.Module):
         are not counted as dropped."""
         T, k = expert_ids.shape
         E = self.num_experts
-        used = torch.ones_like(expert_ids, dtype=torch.bool) if unused is None else ~unused
-        lost = torch.zeros_like(used)
-        if self.cfg.capacity_factor is not None and T > 0:
-            cap = expert_capacity(T, k, E, self.cfg.capacity_factor)
-            lost = capacity_drop_mask(expert_ids, weights, E, cap, self.cfg.drop_policy,
-                                      skip=~used)
-        dropped = lost | ~used
-        weights = weights.masked_fill(dropped, 0.0)
-        tokens_per_expert = count_per_expert(expert_ids, E, ~dropped)
-        frac = (lost.sum() / used.sum().clamp(min=1)).float() if T > 0 else \
-            weights.new_zeros(())
+        if unused is None and self.cfg.capacity_factor is None:  # drop-free: nothing to mask
+            dropped = torch.zeros_like(expert_ids, dtype=torch.bool)
+            tokens_per_expert = count_per_expert(expert_ids, E)
+            frac = torch.zeros((), device=weights.device)
+        else:
+            used = torch.ones_like(expert_ids, dtype=torch.bool) if unused is None else ~unused
+            lost = torch.zeros_like(used)
+            if self.cfg.capacity_factor is not None and T > 0:
+                cap = expert_capacity(T, k, E, self.cfg.capacity_factor)
+                lost = capacity_drop_mask(expert_ids, weights, E, cap, self.cfg.drop_policy,
+                                          skip=~used)
+            dropped = lost | ~used
+            weights = weights.masked_fill(dropped, 0.0)
+            tokens_per_expert = count_per_expert(expert_ids, E, ~dropped)
+            frac = (lost.sum() / used.sum().clamp(min=1)).float() if T > 0 else \
+                torch.zeros((), device=weights.device)
         return Routing(
             expert_ids=expert_ids,
             combine_weights=weights,
