@@ -123,6 +123,9 @@ def launches() -> Iterator[tuple[str, Callable[[], object]]]:
         yield from [
             (f"router E={E} k={k} {'sigmoid+bias' if sigmoid else 'softmax'} fwd",
              partial(routing.topk_route_fwd, logits, bias, k, sigmoid, True, 1.0)),
+            *([(f"router E={E} k={k} sigmoid+bias, 8 groups (top-2 scored), 4 kept fwd",
+                partial(routing.topk_route_fwd, logits, bias, k, True, True, 2.5,
+                        (8, 4, True)))] if sigmoid else []),
             (f"router E={E} k={k} bwd",
              partial(routing.topk_route_bwd, logits, sel, torch.rand(TOKENS, k, generator=g),
                      torch.randn(TOKENS, k, generator=g), sigmoid, True, 1.0)),

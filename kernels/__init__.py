@@ -62,19 +62,29 @@ def swiglu(h: torch.Tensor, backend: str = "auto") -> torch.Tensor:
 
 
 def topk_route(logits: torch.Tensor, k: int, score: str = "softmax", renormalize: bool = True,
-               scale: float = 1.0, bias: torch.Tensor | None = None, backend: str = "auto"
+               scale: float = 1.0, bias: torch.Tensor | None = None, backend: str = "auto",
+               groups: tuple[int, int, bool] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] -> expert_ids [T, k] int64 (best first), weights [T, k] float32.
 
     score "softmax" or "sigmoid"; bias [E] shifts only the selection; renormalize divides the
-    k weights by their sum; scale multiplies them. Differentiable in the logits.
+    k weights by their sum; scale multiplies them. groups (n_group, topk_group, top2):
+    group-limited selection (DeepSeek-V2 / V3): the E experts form n_group equal groups, and
+    the k come from each token's topk_group best groups, a group scored by its best biased
+    score (or, top2, the sum of its two best). Differentiable in the logits.
     """
     if score not in ("softmax", "sigmoid"):
         raise ValueError(f"score must be softmax or sigmoid, got {score!r}")
     if logits.dim() != 2 or not 1 <= k <= logits.shape[1]:
         raise ValueError(f"need logits [T, E] and 1 <= k <= E, got {tuple(logits.shape)}, k={k}")
+    if groups is not None:
+        n_group, topk_group, top2 = groups
+        per = logits.shape[1] // n_group if n_group > 0 else 0
+        if n_group < 1 or logits.shape[1] % n_group or not 1 <= topk_group <= n_group \
+                or k > topk_group * per or (top2 and per < 2):
+            raise ValueError(f"groups {groups} do not fit E={logits.shape[1]} experts and k={k}")
     return TopKRoute.apply(logits, bias, k, score == "sigmoid", renormalize, scale,
-                           get_backend(backend, logits.device))
+                           get_backend(backend, logits.device), groups)
 
 
 __all__ = ["Dispatch", "grouped_linear", "sort_by_expert", "swiglu", "topk_route",

@@ -76,12 +76,12 @@ class SwiGLU(torch.autograd.Function):
 
 class TopKRoute(torch.autograd.Function):
     """logits [T, E] -> (expert_ids [T, k], weights [T, k]); gradients flow to the logits
-    through the weights (the selection is piecewise constant)."""
+    through the weights (the selection, group-limited or not, is piecewise constant)."""
 
     @staticmethod
     def forward(ctx, logits, bias, k: int, sigmoid: bool, renormalize: bool, scale: float,
-                backend: ModuleType):
-        ids, w = backend.topk_route_fwd(logits, bias, k, sigmoid, renormalize, scale)
+                backend: ModuleType, groups: tuple[int, int, bool] | None = None):
+        ids, w = backend.topk_route_fwd(logits, bias, k, sigmoid, renormalize, scale, groups)
         ctx.save_for_backward(logits, ids, w)
         ctx.meta = (sigmoid, renormalize, scale, backend)
         ctx.mark_non_differentiable(ids)
@@ -92,4 +92,4 @@ class TopKRoute(torch.autograd.Function):
         logits, ids, w = ctx.saved_tensors
         sigmoid, renormalize, scale, backend = ctx.meta
         dl = backend.topk_route_bwd(logits, ids, w, dw, sigmoid, renormalize, scale)
-        return dl, None, None, None, None, None, None
+        return dl, None, None, None, None, None, None, None

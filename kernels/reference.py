@@ -172,13 +172,30 @@ def _route_weights(logits: torch.Tensor, ids: torch.Tensor, sigmoid: bool, renor
 
 
 def topk_route_fwd(logits: torch.Tensor, bias: torch.Tensor | None, k: int, sigmoid: bool,
-                   renormalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   renormalize: bool, scale: float,
+                   groups: tuple[int, int, bool] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] -> expert_ids [T, k] (best first), weights [T, k] float32; the bias only
-    shifts the selection (DeepSeek-V3's aux-free balancing)."""
+    shifts the selection (DeepSeek-V3's aux-free balancing); groups: see kernels.topk_route."""
     scores = _scores(logits, sigmoid)
     select = scores if bias is None else scores + bias.to(scores.dtype)
+    if groups is not None:
+        select = _best_groups_only(select, *groups)
     ids = torch.topk(select, k, dim=-1).indices
     return ids, _route_weights(logits, ids, sigmoid, renormalize, scale)
+
+
+def _best_groups_only(select: torch.Tensor, n_group: int, topk_group: int, top2: bool
+                      ) -> torch.Tensor:
+    """select [T, E] -> -inf outside each token's topk_group best of n_group equal groups
+    (a group's score: its best entry, or the sum of its two best)."""
+    T, E = select.shape
+    grouped = select.view(T, n_group, E // n_group)
+    score = grouped.topk(2, dim=-1).values.sum(-1) if top2 else grouped.max(-1).values
+    keep = torch.zeros_like(score, dtype=torch.bool)
+    keep.scatter_(1, score.topk(topk_group, dim=-1).indices, True)
+    keep = keep[:, :, None].expand(T, n_group, E // n_group).reshape(T, E)
+    return select.masked_fill(~keep, float("-inf"))
 
 
 def topk_route_bwd(logits: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,

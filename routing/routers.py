@@ -176,14 +176,13 @@ class TopKRouter(Router):
         the Triton backend), the probabilities [T, E] the aux loss reads, and (threshold
         routing) the unused slots [T, k] bool, whose weights are 0."""
         cfg = self.cfg
-        if cfg.n_group > 1:
-            expert_ids, weights = self._group_limited(logits)
-        else:  # threshold routing renormalises after dropping the slots past its threshold
-            plain = cfg.kind == "threshold"
-            expert_ids, weights = topk_route(logits, self.top_k, cfg.score,
-                                             cfg.renormalize and not plain,
-                                             1.0 if plain else cfg.routed_scaling_factor,
-                                             self.expert_bias, self.backend)
+        plain = cfg.kind == "threshold"  # renormalised after dropping the slots past its threshold
+        groups = (cfg.n_group, cfg.topk_group, cfg.group_score == "top2") \
+            if cfg.n_group > 1 else None
+        expert_ids, weights = topk_route(logits, self.top_k, cfg.score,
+                                         cfg.renormalize and not plain,
+                                         1.0 if plain else cfg.routed_scaling_factor,
+                                         self.expert_bias, self.backend, groups)
         probs = None
         if with_probs:
             if cfg.score == "softmax":
@@ -196,21 +195,6 @@ class TopKRouter(Router):
             unused = self._unused(weights)
             weights = self._renormalize(weights.masked_fill(unused, 0.0))
         return expert_ids, weights, probs, unused
-
-    def _group_limited(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [T, E] -> expert_ids, weights [T, k]: the k best experts (scores + bias)
-        within each token's topk_group best groups; weights are their unbiased scores."""
-        cfg, T, E = self.cfg, logits.shape[0], self.num_experts
-        scores = logits.softmax(-1) if cfg.score == "softmax" else logits.sigmoid()
-        choice = scores if self.expert_bias is None else scores + self.expert_bias
-        grouped = choice.view(T, cfg.n_group, E // cfg.n_group)
-        group = (grouped.max(-1).values if cfg.group_score == "max"
-                 else grouped.topk(2, dim=-1).values.sum(-1))
-        keep = torch.zeros_like(group, dtype=torch.bool)
-        keep.scatter_(1, group.topk(cfg.topk_group, dim=-1).indices, True)
-        keep = keep[:, :, None].expand_as(grouped).reshape(T, E)
-        expert_ids = choice.masked_fill(~keep, float("-inf")).topk(self.top_k, dim=-1).indices
-        return expert_ids, self._renormalize(scores.gather(1, expert_ids))
 
     @torch.no_grad()
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

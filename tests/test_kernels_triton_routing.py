@@ -108,6 +108,70 @@ def test_fused_topk_router_forward_and_backward(T, E, k, sigmoid, renorm, scale,
     assert err < tol, f"seed {seed}: logit grad rel. error {err:.2e}"
 
 
+GROUP_CASES = [  # (T, E, k, n_group, topk_group, top2, sigmoid, bias)
+    (13, 8, 2, 2, 1, True, True, True),  # DeepSeek-V3's rule, small
+    (21, 64, 6, 8, 3, True, True, True),  # V3-like: 8 groups, top-2 group scores, bias
+    (17, 64, 6, 8, 3, False, False, False),  # V2-like: softmax, best-expert group scores
+    (9, 48, 4, 3, 2, False, True, False),  # 3 groups: not a power of 2
+    (0, 16, 2, 4, 2, True, True, True),
+]
+
+
+def route64_groups(logits, k, n_group, topk_group, top2, sigmoid, bias):
+    """Group-limited top-k written out token by token in float64: expert ids [T, k] (sorted)
+    and unnormalised weights."""
+    x = logits.double()
+    s = torch.sigmoid(x) if sigmoid else torch.softmax(x, -1)
+    sel = s + (bias.double() if bias is not None else 0)
+    T, E = sel.shape
+    per = E // n_group
+    ids = torch.zeros(T, k, dtype=torch.int64)
+    for t in range(T):
+        scores = []
+        for g in range(n_group):
+            best = sorted(sel[t, g * per:(g + 1) * per].tolist(), reverse=True)
+            scores.append(best[0] + best[1] if top2 else best[0])
+        groups = sorted(range(n_group), key=lambda g: -scores[g])[:topk_group]
+        allowed = [e for g in groups for e in range(g * per, (g + 1) * per)]
+        ids[t] = torch.tensor(sorted(sorted(allowed, key=lambda e: -sel[t, e].item())[:k]))
+    return ids, s
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("T,E,k,n_group,topk_group,top2,sigmoid,use_bias", GROUP_CASES)
+def test_group_limited_topk_router(T, E, k, n_group, topk_group, top2, sigmoid, use_bias,
+                                   backend):
+    """The fused kernel (and the torch ops) choose each token's k experts within its
+    topk_group best groups, as a token-by-token float64 loop does; weights and logit
+    gradients are those of the chosen experts' scores (the selection held fixed)."""
+    seed, g = seeded()
+    logits = torch.randn(T, E, generator=g)
+    bias = torch.randn(E, generator=g) * 0.1 if use_bias else None
+    want, s = route64_groups(logits, k, n_group, topk_group, top2, sigmoid, bias)
+    x = logits.to(DEVICE).clone().requires_grad_(True)
+    ids, w = topk_route(x, k, "sigmoid" if sigmoid else "softmax", True, 2.5,
+                        None if bias is None else bias.to(DEVICE), backend=backend,
+                        groups=(n_group, topk_group, top2))
+    assert torch.equal(ids.cpu().sort(-1).values, want), f"seed {seed}: selection differs"
+    w_ref = s.gather(1, ids.cpu())
+    w_ref = 2.5 * w_ref / w_ref.sum(-1, keepdim=True)
+    assert torch.allclose(w.double().cpu(), w_ref, rtol=1e-5, atol=1e-7), f"seed {seed}"
+    dw = torch.randn(T, k, generator=g)
+    (w * dw.to(DEVICE)).sum().backward()
+    x64 = logits.double().requires_grad_(True)
+    s64 = torch.sigmoid(x64) if sigmoid else torch.softmax(x64, -1)
+    w64 = s64.gather(1, ids.cpu())
+    (2.5 * w64 / w64.sum(-1, keepdim=True) * dw.double()).sum().backward()
+    assert torch.allclose(x.grad.double().cpu(), x64.grad, rtol=1e-4, atol=1e-6), f"seed {seed}"
+
+
+def test_group_limited_routing_refuses_groups_that_do_not_fit():
+    x = torch.zeros(2, 8)
+    for groups in [(3, 1, False), (2, 3, False), (4, 1, False), (8, 2, True)]:
+        with pytest.raises(ValueError, match="do not fit"):
+            topk_route(x, 4 if groups == (4, 1, False) else 2, groups=groups, backend="torch")
+
+
 def test_reference_and_triton_routers_agree_inside_the_layer():
     from moe import MoEConfig, MoELayer
     from routing import RouterConfig

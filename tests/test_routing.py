@@ -192,28 +192,32 @@ def test_sigmoid_bias_changes_selection_not_weights():
     torch.testing.assert_close(routing.combine_weights, expect / expect.sum(-1, keepdim=True))
 
 
-def test_group_limited_routing_by_hand():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_group_limited_routing_by_hand(backend):
     """4 experts in 2 groups, one group kept: V2 scores a group by its best expert, V3 by its
-    two best (with the bias); the weights are the unbiased scores of the chosen experts."""
+    two best (with the bias); the weights are the unbiased scores of the chosen experts. The
+    torch ops and the fused Triton kernel alike."""
     logits = torch.tensor([[3.0, -3.0, 1.0, 1.0]], dtype=torch.float64)
+    if backend == "triton":
+        logits = logits.float()  # Triton kernels take 32-bit logits
     v2 = RouterConfig(top_k=2, renormalize=False, n_group=2, topk_group=1, group_score="max",
                       routed_scaling_factor=2.0)
-    r = build_router(v2, 4, 4).double()
-    ids, w = r._group_limited(logits)
+    r = build_router(v2, 4, 4, backend=backend).to(logits.dtype)
+    ids, w = r._select(logits)[:2]
     probs = logits.softmax(-1)
     assert sorted(ids[0].tolist()) == [0, 1]  # group 0 holds the best expert
-    torch.testing.assert_close(w, 2.0 * probs.gather(1, ids))
+    torch.testing.assert_close(w, (2.0 * probs.gather(1, ids)).to(w.dtype))
     v3 = RouterConfig(top_k=2, score="sigmoid", expert_bias=True, n_group=2, topk_group=1,
                       group_score="top2")
-    r = build_router(v3, 4, 4).double()
-    ids, w = r._group_limited(logits)
+    r = build_router(v3, 4, 4, backend=backend).to(logits.dtype)
+    ids, w = r._select(logits)[:2]
     assert sorted(ids[0].tolist()) == [2, 3]  # 0.73 + 0.73 beats 0.95 + 0.05
     with torch.no_grad():
         r.expert_bias[1] = 1.0  # 0.95 + 1.05 now wins: selection moves, weights unbiased
-    ids, w = r._group_limited(logits)
+    ids, w = r._select(logits)[:2]
     assert sorted(ids[0].tolist()) == [0, 1]
     s = logits.sigmoid().gather(1, ids)
-    torch.testing.assert_close(w, s / s.sum(-1, keepdim=True))
+    torch.testing.assert_close(w, (s / s.sum(-1, keepdim=True)).to(w.dtype))
 
 
 @pytest.mark.parametrize("kw,message", [

@@ -1,8 +1,8 @@
-"""Routing in two fused kernels each way.
+"""Routing in fused kernels.
 
-topk_route: router logits [T, E] -> softmax or sigmoid scores, (biased) top-k selection,
-gathered, renormalised and scaled combine weights, in one pass over each row; its backward
-turns d(weights) into d(logits) in one more.
+topk_route: router logits [T, E] -> softmax or sigmoid scores, (biased, group-limited) top-k
+selection, gathered, renormalised and scaled combine weights, in one pass over each row; its
+backward turns d(weights) into d(logits) in one more.
 
 sort_pairs: the (token, slot) pairs' expert ids [M] -> stable counting sort by expert, in
 three kernels: a per-block histogram, a scan of each expert's column over the blocks, and a
@@ -39,11 +39,42 @@ def _row_scores(L, rows, cols, T, E, stride_l, SIGMOID: tl.constexpr):
 
 
 @triton.jit
+def _best_of(x, cols, E_PAD: tl.constexpr):
+    """Per row of x [BT, E_PAD]: (its largest value, the lowest column holding it)."""
+    best = tl.max(x, 1)
+    return best, tl.min(tl.where(x == best[:, None], cols[None, :], E_PAD), 1)
+
+
+@triton.jit
+def _best_groups_only(sel, cols, per_group, N_GROUP: tl.constexpr, G_PAD: tl.constexpr,
+                      TOPK_GROUP: tl.constexpr, TOP2: tl.constexpr, E_PAD: tl.constexpr):
+    """sel [BT, E_PAD] -> -inf outside each row's TOPK_GROUP best of N_GROUP groups of
+    per_group columns; a group's score is its best entry, or (TOP2) its two best summed."""
+    group = cols // per_group
+    gcols = tl.arange(0, G_PAD)
+    scores = tl.full((sel.shape[0], G_PAD), float("-inf"), dtype=tl.float32)
+    for g in tl.static_range(N_GROUP):
+        x = tl.where((group == g)[None, :], sel, float("-inf"))
+        best, at = _best_of(x, cols, E_PAD)
+        if TOP2:
+            best += tl.max(tl.where(cols[None, :] == at[:, None], float("-inf"), x), 1)
+        scores = tl.where(gcols[None, :] == g, best[:, None], scores)
+    keep = tl.zeros_like(sel) != 0  # all False
+    for _ in tl.static_range(TOPK_GROUP):
+        _, g = _best_of(scores, gcols, G_PAD)
+        keep = keep | (group[None, :] == g[:, None])
+        scores = tl.where(gcols[None, :] == g[:, None], float("-inf"), scores)
+    return tl.where(keep, sel, float("-inf"))
+
+
+@triton.jit
 def _topk_route_kernel(
-    L, BIAS, IDS, W, T, E, stride_l, scale,
+    L, BIAS, IDS, W, T, E, stride_l, scale, per_group,
     K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     SIGMOID: tl.constexpr, RENORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    N_GROUP: tl.constexpr, G_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP2: tl.constexpr,
 ):
+    """N_GROUP > 1: group-limited selection (see kernels.topk_route)."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, E_PAD)
     kcols = tl.arange(0, K_PAD)
@@ -53,11 +84,12 @@ def _topk_route_kernel(
     if HAS_BIAS:
         sel = sel + tl.load(BIAS + cols, mask=cols < E, other=0.0)[None, :]
     sel = tl.where(valid, sel, float("-inf"))
+    if N_GROUP > 1:
+        sel = _best_groups_only(sel, cols, per_group, N_GROUP, G_PAD, TOPK_GROUP, TOP2, E_PAD)
     ids = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int64)
     w = tl.zeros((BLOCK_T, K_PAD), dtype=tl.float32)
     for j in tl.static_range(K):
-        best = tl.max(sel, 1)
-        idx = tl.min(tl.where(sel == best[:, None], cols[None, :], E_PAD), 1)  # lowest index
+        _, idx = _best_of(sel, cols, E_PAD)  # ties: the lowest index
         hit = cols[None, :] == idx[:, None]
         wj = tl.sum(tl.where(hit, s, 0.0), 1)
         ids = tl.where(kcols[None, :] == j, idx[:, None].to(tl.int64), ids)
@@ -127,8 +159,11 @@ def _meta(E: int, k: int) -> dict:
 
 
 def topk_route_fwd(logits: torch.Tensor, bias: torch.Tensor | None, k: int, sigmoid: bool,
-                   renormalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T, E] -> expert_ids [T, k] int64 (best first), weights [T, k] float32."""
+                   renormalize: bool, scale: float,
+                   groups: tuple[int, int, bool] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] -> expert_ids [T, k] int64 (best first), weights [T, k] float32; groups
+    (n_group, topk_group, top2): group-limited selection (kernels.topk_route)."""
     logits = logits.contiguous()
     T, E = logits.shape
     ids = common.empty_index(T, k, device=logits.device)
@@ -138,9 +173,12 @@ def topk_route_fwd(logits: torch.Tensor, bias: torch.Tensor | None, k: int, sigm
     meta = _meta(E, k)
     grid = (common.cdiv(T, meta["BLOCK_T"]),)
     b = bias.float().contiguous() if bias is not None else logits
+    n_group, topk_group, top2 = groups if groups is not None else (1, 1, False)
     _topk_route_kernel[grid](logits, b, ids, w, T, E, logits.stride(0), float(scale),
-                             SIGMOID=sigmoid, RENORM=renormalize, HAS_BIAS=bias is not None,
-                             **meta)
+                             E // n_group, SIGMOID=sigmoid, RENORM=renormalize,
+                             HAS_BIAS=bias is not None, N_GROUP=n_group,
+                             G_PAD=max(2, triton.next_power_of_2(n_group)),
+                             TOPK_GROUP=topk_group, TOP2=top2, **meta)
     return ids, w
 
 
