@@ -13,15 +13,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU kernels
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from bench.common import append_results, command_line, markdown_table  # noqa: E402
+from bench.common import append_results, command_line, markdown_table
 
 # ops that only make a view or allocate: no kernel
 NO_KERNEL = {"view", "_unsafe_view", "slice", "t", "transpose", "unsqueeze", "squeeze",
@@ -42,11 +42,16 @@ CASES = {  # name: (d, E, ffn, router config)
 }
 
 
-class _Count(TorchDispatchMode):
-    def __init__(self):
+class HostWait(AssertionError):
+    """An op waited for the device (raised by counting(raise_on_wait=True))."""
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self, raise_on_wait: bool):
         super().__init__()
         self.ops: Counter = Counter()
         self.in_kernel = 0
+        self.raise_on_wait = raise_on_wait
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not self.in_kernel:
@@ -56,17 +61,51 @@ class _Count(TorchDispatchMode):
                 for t in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple))
                           else ()))
             if name in WAITS or bool_index:
+                if self.raise_on_wait:
+                    raise HostWait(f"{name} waits for the device, at {_caller()}")
                 self.ops["wait"] += 1
             if name not in NO_KERNEL:
                 self.ops["torch"] += 1
         return func(*args, **(kwargs or {}))
 
 
+def _caller() -> str:
+    """The innermost frame of this project's code (not torch's, not this module's)."""
+    ours = [f for f in traceback.extract_stack()[:-2]
+            if "site-packages" not in f.filename and not f.filename.endswith(__file__)]
+    return f"{ours[-1].filename}:{ours[-1].lineno}: {ours[-1].line}" if ours else "?"
+
+
+@contextmanager
+def counting(raise_on_wait: bool = False) -> Iterator[Counter]:
+    """Within it, count device launches: the yielded Counter's "torch" (torch ops that run a
+    kernel), "triton" (Triton launches; the ops Triton's CPU interpreter runs inside one are
+    not counted) and "wait" (ops that wait for the device; raise_on_wait: raise HostWait
+    naming where, instead)."""
+    from triton.runtime import interpreter
+
+    counter = _Counter(raise_on_wait)
+    call = interpreter.GridExecutor.__call__
+
+    def kernel(self, *args, **kwargs):
+        counter.ops["triton"] += 1
+        counter.in_kernel += 1
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            counter.in_kernel -= 1
+
+    interpreter.GridExecutor.__call__ = kernel
+    try:
+        with counter:
+            yield counter.ops
+    finally:
+        interpreter.GridExecutor.__call__ = call
+
+
 def count(d: int, E: int, ffn: int, router: dict, tokens: int = 64) -> Counter:
     """One forward + backward of a layer (after a warm-up one) -> Counter(torch=, triton=,
     wait=)."""
-    from triton.runtime import interpreter
-
     from moe import MoEConfig, MoELayer
     from routing import RouterConfig
 
@@ -81,24 +120,9 @@ def count(d: int, E: int, ffn: int, router: dict, tokens: int = 64) -> Counter:
         ((out * dy).sum() + routing.aux_loss + routing.z_loss).backward()
 
     step()
-    counter = _Count()
-    call = interpreter.GridExecutor.__call__
-
-    def kernel(self, *args, **kwargs):  # a Triton launch; its interpreter's ops are not ours
-        counter.ops["triton"] += 1
-        counter.in_kernel += 1
-        try:
-            return call(self, *args, **kwargs)
-        finally:
-            counter.in_kernel -= 1
-
-    interpreter.GridExecutor.__call__ = kernel
-    try:
-        with counter:
-            step()
-    finally:
-        interpreter.GridExecutor.__call__ = call
-    return counter.ops
+    with counting() as ops:
+        step()
+    return ops
 
 
 def main(argv=None) -> None:
@@ -106,6 +130,11 @@ def main(argv=None) -> None:
     p.add_argument("--label", default="this commit", help="names the code measured")
     p.add_argument("--out", default="bench/RESULTS.md")
     a = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        if "triton" in sys.modules:
+            sys.exit("bench.layer_launches runs the kernels under Triton's interpreter: set "
+                     "TRITON_INTERPRET=1")
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU kernels
     rows = []
     for name, (d, E, ffn, router) in CASES.items():
         c = count(d, E, ffn, router)
