@@ -69,9 +69,10 @@ def launches() -> Iterator[tuple[str, Callable[[], object]]]:
              partial(s2s, y, w_out.transpose(1, 2), None, fine, True, True, 1)),
             (f"s2s {name} dx (grouped -> tokens, W^T)",
              partial(s2s, h, w_in.transpose(1, 2), None, fine, True, False, 1)),
-            (f"wgrad {name} (tokens x grouped)", partial(wgrad, x, h, fine, False, TOP_K, True)),
-            (f"wgrad {name} (grouped x grouped)", partial(wgrad, a, y, fine, True, 1, True)),
-            (f"wgrad {name} (grouped x slots)", partial(wgrad, a, y, fine, True, 1, False)),
+            # weight gradients read expert-ordered rows (grouped_mm.group_weight_grad
+            # gathers others first): dW_in, dW_out
+            (f"wgrad {name} in", partial(wgrad, rand(M, D), h, fine)),
+            (f"wgrad {name} out", partial(wgrad, a, y, fine)),
             (f"swiglu {name} fwd", partial(swiglu.swiglu_fwd, h)),
             (f"swiglu {name} bwd", partial(swiglu.swiglu_bwd, h, a)),
             (f"combine {name} fwd", partial(combine.weighted_combine, y, wts, fine, True)),
@@ -94,12 +95,9 @@ def launches() -> Iterator[tuple[str, Callable[[], object]]]:
          partial(tma, yb, wob.transpose(1, 2), fine, True, True, 1)),
         ("tma s2s bfloat16 dx (grouped -> tokens, W^T)",
          partial(tma, hb, wib.transpose(1, 2), fine, True, False, 1)),
-        ("tma wgrad bfloat16 (tokens x grouped)",
-         partial(grouped_tma.group_weight_grad, xb, hb, fine, False, TOP_K, True)),
-        ("tma wgrad bfloat16 (grouped x grouped)",
-         partial(grouped_tma.group_weight_grad, ab, yb, fine, True, 1, True)),
-        ("tma wgrad bfloat16 (grouped x slots)",
-         partial(grouped_tma.group_weight_grad, ab, yb, fine, True, 1, False)),
+        ("tma wgrad bfloat16 in",
+         partial(grouped_tma.group_weight_grad, rand(M, D).bfloat16(), hb, fine)),
+        ("tma wgrad bfloat16 out", partial(grouped_tma.group_weight_grad, ab, yb, fine)),
     ]
     w = torch.randn(EXPERTS, 2 * FFN, D, generator=g)
     block = (128, 128)

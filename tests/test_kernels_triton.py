@@ -125,9 +125,10 @@ def test_scatter2scatter_with_tma_tiles(shape, x_grouped, y_grouped, w_transpose
 @pytest.mark.parametrize("x_grouped,dy_grouped", [(False, True), (True, True), (True, False)])
 @pytest.mark.parametrize("shape", TMA_SHAPES + [(300, 2, 4, 32, 40, False)])
 def test_group_weight_grad_with_tma_tiles(shape, x_grouped, dy_grouped):
-    """The TMA weight gradient against float64: whole blocks of rows by TMA, the last partial
-    block masked (several whole blocks an expert in the 300-token case). Rows past the kept
-    ones are NaN: one that entered a sum (0 * NaN) would show."""
+    """The TMA weight gradient against float64, on rows put in expert order as the backend
+    puts them: whole blocks of rows by TMA, the last partial block masked (several whole
+    blocks an expert in the 300-token case). Rows past the kept ones are NaN: one that
+    entered a sum (0 * NaN) would show."""
     from kernels.triton import grouped_tma
 
     seed = fresh_seed()
@@ -142,9 +143,11 @@ def test_group_weight_grad_with_tma_tiles(shape, x_grouped, dy_grouped):
     dy[n:] = float("nan") if dy_grouped else 0.0
     if not dy_grouped:
         dy[d.sorted_pair_idx[n:]] = float("nan")
-    assert grouped_tma.supports_wgrad(x, dy, x_grouped, dy_grouped)
     fan = 1 if x_grouped else k
-    out = grouped_tma.group_weight_grad(x, dy, d, x_grouped, fan, dy_grouped)
+    xs = ref_ops.sorted_rows(x, d, x_grouped, fan, T * k)  # as grouped_mm.group_weight_grad
+    dys = ref_ops.sorted_rows(dy, d, dy_grouped, 1, T * k)
+    assert grouped_tma.supports_wgrad(xs, dys)
+    out = grouped_tma.group_weight_grad(xs, dys, d)
     ref = ref_ops.group_weight_grad(x.double(), dy.double(), d, x_grouped, fan, dy_grouped)
     assert rel_err(out, ref) < TOL[torch.bfloat16], f"seed {seed}"
 
@@ -167,10 +170,10 @@ def test_tma_variant_takes_only_what_tma_can_load():
     with pytest.raises(ValueError, match="no contiguous"):
         grouped_tma.scatter2scatter(x, w[:, ::2, ::2], None, True, True, 1)
     dy = zeros(4, 24)
-    assert grouped_tma.supports_wgrad(x, dy, True, True)
-    assert not grouped_tma.supports_wgrad(x.float(), dy.float(), True, True)
-    assert not grouped_tma.supports_wgrad(x, dy[:, 1:9], True, True)  # misaligned rows
-    assert grouped_tma.supports_wgrad(x, dy[:, 1:9], True, False)
+    assert grouped_tma.supports_wgrad(x, dy)
+    assert not grouped_tma.supports_wgrad(x.float(), dy.float())
+    assert not grouped_tma.supports_wgrad(x, dy[:, 1:9])  # misaligned rows
+    assert grouped_tma.supports_wgrad(x, dy[:, 1:9].contiguous())  # gathered: a fresh copy
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -486,7 +489,7 @@ def test_moe_layer_on_tma_gemms_matches_the_cp_async_kernels(cap, monkeypatch):
     monkeypatch.setattr(grouped_tma, "scatter2scatter",
                         lambda *a: calls.append(a[3:5]) or run(*a))
     monkeypatch.setattr(grouped_tma, "group_weight_grad",
-                        lambda *a: calls.append(("dw", a[3], a[5])) or wgrad(*a))
+                        lambda *a: calls.append(("dw",)) or wgrad(*a))
     seed = fresh_seed()
     torch.manual_seed(seed)
     cfg = MoEConfig(num_experts=6, expert_ffn=24, kernel_backend="triton",
@@ -503,7 +506,7 @@ def test_moe_layer_on_tma_gemms_matches_the_cp_async_kernels(cap, monkeypatch):
         got[gemm] = [out, x.grad] + [p.grad for p in layer.parameters()]
         if gemm == "tma":  # up (tokens -> grouped), down, their input and weight gradients
             want = [(False, True), (True, False), (True, True), (True, True),
-                    ("dw", False, True), ("dw", True, True)]
+                    ("dw",), ("dw",)]
             assert sorted(calls, key=str) == sorted(want, key=str), calls
     for a, b in zip(got["tma"], got["triton"], strict=True):
         assert rel_err(a, b.double()) < 1e-2, f"seed {seed}"

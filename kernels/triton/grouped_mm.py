@@ -315,29 +315,30 @@ def _group_weight_grad_kernel(
 
 def group_weight_grad(x, dy, d: Dispatch, x_grouped: bool, x_fan_out: int, dy_grouped: bool):
     """x rows [., K], dy rows [., N] -> dw [E, N, K]; every expert written (zeros if no rows).
-    Our kernel (cp.async or TMA tiles), or PyTorch's grouped matmul or a GEMM per expert where
-    one times faster."""
+    Rows in token or slot order are gathered into expert order first, once for whichever
+    implementation runs (one copy of them, as ScatterMoE groups x for its weight gradient):
+    our kernels read expert-ordered rows only, since a gather inside their loop (its row
+    indices loaded there) left that operand single-buffered (bench/kernels_offline.py: 65.5
+    against 97 KiB of shared memory at 3 stages). Then our kernel (cp.async or TMA tiles), or
+    PyTorch's grouped matmul or a GEMM per expert where one times faster."""
     from kernels.triton import grouped_tma
 
+    x = reference.sorted_rows(x, d, x_grouped, x_fan_out, d.num_pairs)
+    dy = reference.sorted_rows(dy, d, dy_grouped, 1, d.num_pairs)
     tma = None
-    if grouped_tma.supports_wgrad(x, dy, x_grouped, dy_grouped):
+    if grouped_tma.supports_wgrad(x, dy):
         def tma():
-            return grouped_tma.group_weight_grad(x, dy, d, x_grouped, x_fan_out, dy_grouped)
+            return grouped_tma.group_weight_grad(x, dy, d)
     return _fastest(
-        "wgrad", x, d, dy.shape[1], x.shape[1], (x_grouped, dy_grouped),
-        lambda: _weight_grad(x, dy, d, x_grouped, x_fan_out, dy_grouped),
-        lambda: torch_grouped.group_weight_grad(x, dy, d, x_grouped, x_fan_out, dy_grouped),
-        lambda: reference.group_weight_grad(x, dy, d, x_grouped, x_fan_out, dy_grouped), tma)
+        "wgrad", x, d, dy.shape[1], x.shape[1], (),
+        lambda: _weight_grad(x, dy, d),
+        lambda: torch_grouped.group_weight_grad(x, dy, d, True, 1, True),
+        lambda: reference.group_weight_grad(x, dy, d, True, 1, True), tma)
 
 
-def _weight_grad(x, dy, d: Dispatch, x_grouped: bool, x_fan_out: int, dy_grouped: bool):
-    """An operand in token or slot order is gathered into expert order first (one copy of its
-    rows, as ScatterMoE groups x for its weight gradient): gathered inside the loop, its row
-    indices loaded there, it was single-buffered (bench/kernels_offline.py: 65.5 against
-    97 KiB of shared memory at 3 stages), its loads no longer overlapping the dots."""
-    N, K, E, M = dy.shape[1], x.shape[1], d.num_experts, d.num_pairs
-    x = x if x_grouped else reference.sorted_rows(x, d, False, x_fan_out, M)
-    dy = dy if dy_grouped else reference.sorted_rows(dy, d, False, 1, M)
+def _weight_grad(x, dy, d: Dispatch):
+    """Expert-ordered rows x [M, K], dy [M, N] -> dw [E, N, K] (our cp.async kernel)."""
+    N, K, E = dy.shape[1], x.shape[1], d.num_experts
     dw = common.empty(E, N, K, dtype=x.dtype, device=x.device)
 
     def grid(meta):

@@ -11,9 +11,9 @@ rows through a 2-D descriptor over [M, K]; a block's rows past its expert's end 
 next expert and are computed but never stored. Rows in token or slot order are gathered by
 pointer.
 
-group_weight_grad: rows in token or slot order are gathered into expert order first; an
-expert's whole blocks of rows come by TMA, its partial last block by masked pointer loads, so
-no row of another expert, or a dropped one, enters its sum.
+group_weight_grad: on expert-ordered rows (the backend gathers others first), an expert's
+whole blocks of rows come by TMA, its partial last block by masked pointer loads, so no row
+of another expert, or a dropped one, enters its sum.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.dispatch import Dispatch
-from kernels.reference import sorted_rows
 from kernels.triton import common, grouped_mm
 from kernels.triton.common import autotuning, cast_out, interpreting, row_index, swizzle
 from kernels.triton.grouped_mm import pick_block_m
@@ -166,16 +165,10 @@ def scatter2scatter(x: torch.Tensor, w: torch.Tensor, d: Dispatch, x_grouped: bo
     return y
 
 
-def supports_wgrad(x: torch.Tensor, dy: torch.Tensor, x_grouped: bool, dy_grouped: bool
-                   ) -> bool:
-    """group_weight_grad takes these operands: _tma_operands, rows whose size TMA can stride
-    over, grouped ones TMA-aligned as given."""
-    if not _tma_operands(x, dy):
-        return False
-    size = x.element_size()
-    return all(t.stride(1) == 1 and t.shape[1] * size % 16 == 0
-               and (not grouped or _aligned(t, (0,)))
-               for t, grouped in ((x, x_grouped), (dy, dy_grouped)))
+def supports_wgrad(x: torch.Tensor, dy: torch.Tensor) -> bool:
+    """group_weight_grad takes these expert-ordered rows: _tma_operands, contiguous and
+    TMA-aligned."""
+    return _tma_operands(x, dy) and all(t.stride(1) == 1 and _aligned(t, (0,)) for t in (x, dy))
 
 
 def _set_wgrad_block_shapes(nargs: dict) -> None:
@@ -239,18 +232,13 @@ def _wgrad_tma_kernel(
              mask=(cols_n < N)[:, None] & (cols_k < K)[None, :])
 
 
-def group_weight_grad(x: torch.Tensor, dy: torch.Tensor, d: Dispatch, x_grouped: bool,
-                      x_fan_out: int, dy_grouped: bool) -> torch.Tensor:
-    """x rows [., K], dy rows [., N] -> dw [E, N, K] (zeros for experts without rows); see
-    kernels/reference.py. An operand in token or slot order is gathered into expert order
-    first (one copy of its rows): a row gather inside the loop would not be
-    software-pipelined (bench/kernels_offline.py: the cp.async kernel's gathered operand is
-    single-buffered). The caller checks supports_wgrad."""
-    N, K, E, M = dy.shape[1], x.shape[1], d.num_experts, d.num_pairs
-    if M == 0:
+def group_weight_grad(x: torch.Tensor, dy: torch.Tensor, d: Dispatch) -> torch.Tensor:
+    """Expert-ordered rows x [M, K], dy [M, N] -> dw [E, N, K] (zeros for experts without
+    rows); see kernels/reference.py (grouped_mm.group_weight_grad gathers rows in token or
+    slot order first). The caller checks supports_wgrad."""
+    N, K, E = dy.shape[1], x.shape[1], d.num_experts
+    if d.num_pairs == 0:
         return torch.zeros(E, N, K, dtype=x.dtype, device=x.device)
-    x = x if x_grouped else sorted_rows(x, d, False, x_fan_out, M)
-    dy = dy if dy_grouped else sorted_rows(dy, d, False, 1, M)
     dw = common.empty(E, N, K, dtype=x.dtype, device=x.device)
     # boxes are set per config by _set_wgrad_block_shapes; these are placeholders
     x_desc = TensorDescriptor.from_tensor(x, [16, 16])
