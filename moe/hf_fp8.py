@@ -11,6 +11,10 @@ slots, dequantized inside the expert GEMMs.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -33,8 +37,9 @@ def fp8_block(hf: dict) -> tuple[int, int] | None:
                          f"positive integers (got {block!r}; per-tensor FP8 scales are not "
                          "supported)")
     fmt = quant.get("fmt", "e4m3")
-    if fmt not in ("e4m3", "e5m2"):
-        raise ValueError(f"config.json: fp8 fmt={fmt!r} is not supported (e4m3, e5m2)")
+    if fmt not in FP8_FORMATS:
+        raise ValueError(f"config.json: fp8 fmt={fmt!r} is not supported "
+                         f"({', '.join(FP8_FORMATS)})")
     return int(block[0]), int(block[1])
 
 
@@ -97,10 +102,6 @@ def write_fp8_checkpoint(src: Path, dst: Path, block: tuple[int, int] = (128, 12
     experts' weights alone; attention and the rest stay as they are). -> counts and bytes. It is
     written beside dst (`<dst>.partial`) and renamed to dst when whole: a failed or stopped
     copy leaves no dst behind."""
-    import json
-    import os
-    import shutil
-
     src, dst = Path(src), Path(dst)
     if fmt not in FP8_FORMATS:
         raise ValueError(f"fp8 fmt must be one of {', '.join(FP8_FORMATS)}, got {fmt!r}")
@@ -136,10 +137,6 @@ def write_fp8_checkpoint(src: Path, dst: Path, block: tuple[int, int] = (128, 12
 def _write_fp8(src: Path, dst: Path, shards: list[str], config: dict, block: tuple[int, int],
                fmt: str, verbose: bool, experts_only: bool) -> dict:
     """write_fp8_checkpoint's copy, into dst."""
-    import json
-    import shutil
-    import sys
-
     from safetensors.torch import load_file, save_file
 
     index = src / "model.safetensors.index.json"

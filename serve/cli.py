@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from kernels.quant import FP8_FORMATS
 from serve.config import (
     CACHE_POLICIES,
     KV_CACHE_DTYPES,
@@ -451,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--block", type=_block, default=(128, 128), metavar="ROWS,COLS",
                     help="weights sharing a scale (default 128,128; the expert sizes must be "
                     "multiples of it for their slots to stay FP8)")
-    cv.add_argument("--fmt", choices=["e4m3", "e5m2"], default="e4m3")
+    cv.add_argument("--fmt", choices=list(FP8_FORMATS), default="e4m3")
     cv.add_argument("--experts-only", action="store_true",
                     help="only the routed experts' weights (what offloading moves); attention "
                     "and the rest stay as they are, for closer answers")

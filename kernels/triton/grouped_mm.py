@@ -12,7 +12,7 @@ import triton.language as tl
 
 from kernels import reference, torch_grouped
 from kernels.dispatch import Dispatch
-from kernels.quant import QuantWeight
+from kernels.quant import FP8_FORMATS, QuantWeight
 from kernels.triton import common, pick
 from kernels.triton.common import (
     autotuning,
@@ -247,7 +247,7 @@ def _launch(x, w, q: QuantWeight | None, d: Dispatch, x_grouped, y_grouped, fan_
         FAN_OUT=fan_out, X_GROUPED=x_grouped, Y_GROUPED=y_grouped,
         PRECISION=dot_precision(x.dtype), UPCAST=interpreting(), GROUP_M=GROUP,
         BITS=0 if q is None else q.bits, QGROUP=1 if q is None else q.group,
-        FP4=q is not None and q.fp4, FP8=0 if q is None else ("", "e4m3", "e5m2").index(q.fp8),
+        FP4=q is not None and q.fp4, FP8=0 if q is None else ("", *FP8_FORMATS).index(q.fp8),
         QROWS=1 if q is None else q.row_group, BLOCK_M=block_m,
     )
     return y
