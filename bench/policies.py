@@ -35,7 +35,7 @@ from bench.common import (
 from serve.cache import CacheStats, Key
 from serve.config import CACHE_POLICIES, ServeConfig
 from serve.generate import DecodeBatch
-from serve.replay import fewest_misses, flat
+from serve.replay import fewest_misses, flat, rates
 from serve.runtime import OffloadedModel, PrefetchStats, memory_plan
 from serve.store import WeightStore
 from serve.text import TextCodec
@@ -104,14 +104,14 @@ def _counts(run: ServeConfig, store: WeightStore, prompts: list[list[int]], new_
 def _floor_row(f: float, slots: int, total: int, quant: str, run: dict,
                 trace: list[tuple[Key, bool]], n_tok: int) -> list[str]:
     """The table's row of the offline optimum for run's slots and access sequence."""
-    misses = fewest_misses(trace, run["n_slots"])
     asked = sum(counted for _, counted in trace)
     if asked != run["hits"] + run["misses"]:
         raise RuntimeError(f"the trace has {asked} decode accesses, the cache counted "
                            f"{run['hits'] + run['misses']}")
+    r = rates(fewest_misses(trace, run["n_slots"]), asked, run["expert_bytes"], n_tok)
     return [f"{slots}/{total} ({f:.0%})", quant, str(run["n_slots"]),
-            "fewest possible (offline)", "-", f"- / {1 - misses / max(asked, 1):.2f}",
-            f"- / {misses * run['expert_bytes'] / n_tok / 2**10:.1f}", "-"]
+            "fewest possible (offline)", "-", f"- / {r['hit_rate']:.2f}",
+            f"- / {r['bytes_per_token'] / 2**10:.1f}", "-"]
 
 
 def main(argv=None) -> None:

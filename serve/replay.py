@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import sys
 
 from serve.cache import POLICIES, Key
 
@@ -118,8 +119,6 @@ def sweep(layers: list[tuple[list[Key], bool]], slot_counts: list[int], n_layers
           expert_bytes: int, decode_tokens: int, verbose: bool = False) -> list[dict]:
     """For each slot count: every policy's decode hit rate and expert bytes per decode token
     on this access sequence, and the floor's (None for sequences over FLOOR_MOST accesses)."""
-    import sys
-
     accesses = flat(layers)
     asked = sum(counted for _, counted in accesses)
     rows = []
@@ -127,8 +126,8 @@ def sweep(layers: list[tuple[list[Key], bool]], slot_counts: list[int], n_layers
         row: dict = {"slots": slots, "policies": {}}
         for policy in POLICIES:
             _, misses = replay(layers, slots, policy, n_layers)
-            row["policies"][policy] = _rates(misses, asked, expert_bytes, decode_tokens)
-        row["fewest"] = (_rates(fewest_misses(accesses, slots), asked, expert_bytes,
+            row["policies"][policy] = rates(misses, asked, expert_bytes, decode_tokens)
+        row["fewest"] = (rates(fewest_misses(accesses, slots), asked, expert_bytes,
                                 decode_tokens) if len(accesses) <= FLOOR_MOST else None)
         rows.append(row)
         if verbose:
@@ -136,6 +135,8 @@ def sweep(layers: list[tuple[list[Key], bool]], slot_counts: list[int], n_layers
     return rows
 
 
-def _rates(misses: int, asked: int, expert_bytes: int, tokens: int) -> dict:
+def rates(misses: int, asked: int, expert_bytes: int, tokens: int) -> dict:
+    """misses of `asked` accesses over `tokens` decode tokens -> hit rate, misses and expert
+    bytes moved a token."""
     return {"hit_rate": 1 - misses / asked if asked else 1.0, "misses": misses,
             "bytes_per_token": misses * expert_bytes / tokens if tokens else 0.0}
