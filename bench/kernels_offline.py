@@ -35,7 +35,15 @@ def launches() -> Iterator[tuple[str, Callable[[], object]]]:
     from kernels import sort_by_expert
     from kernels.mxfp4 import mxfp4_quantize, mxfp4_weight
     from kernels.quant import fp8_weight, quantize
-    from kernels.triton import combine, grouped_mm, grouped_tma, routing, schedule, swiglu
+    from kernels.triton import (
+        combine,
+        grouped_mm,
+        grouped_tma,
+        router_loss,
+        routing,
+        schedule,
+        swiglu,
+    )
     from moe.hf_fp8 import fp8_quantize
 
     g = torch.Generator().manual_seed(0)
@@ -127,6 +135,11 @@ def launches() -> Iterator[tuple[str, Callable[[], object]]]:
             (f"router E={E} k={k} bwd",
              partial(routing.topk_route_bwd, logits, sel, torch.rand(TOKENS, k, generator=g),
                      torch.randn(TOKENS, k, generator=g), sigmoid, True, 1.0)),
+            (f"router losses E={E} k={k} fwd", partial(
+                router_loss.router_losses_fwd, logits, sel, sigmoid, not sigmoid)),
+            (f"router losses E={E} k={k} bwd", partial(
+                router_loss.router_losses_bwd, logits, torch.rand(E, generator=g), k,
+                *torch.rand(3, generator=g).unbind(), sigmoid, not sigmoid)),
             (f"sort E={E} k={k}", partial(routing.sort_pairs, torch.randint(
                 0, E, (TOKENS * k,), generator=g), E, k)),
             (f"block schedule E={E} k={k}", partial(

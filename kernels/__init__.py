@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.autograd import GroupedLinear, SwiGLU, TopKRoute, WeightedCombine
+from kernels.autograd import GroupedLinear, RouterLosses, SwiGLU, TopKRoute, WeightedCombine
 from kernels.backend import get_backend
 from kernels.dispatch import Dispatch, sort_by_expert
 from kernels.quant import QuantWeight
@@ -87,5 +87,26 @@ def topk_route(logits: torch.Tensor, k: int, score: str = "softmax", renormalize
                            get_backend(backend, logits.device), groups)
 
 
-__all__ = ["Dispatch", "grouped_linear", "sort_by_expert", "swiglu", "topk_route",
-           "weighted_combine"]
+def router_losses(logits: torch.Tensor, expert_ids: torch.Tensor, score: str = "softmax",
+                  entropy: bool = False, backend: str = "auto"
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [T, E], expert_ids [T, k] -> (aux, z, entropy): 0-dim losses of a token-choice
+    router (float32; float64 for float64 logits), differentiable in the logits.
+
+    aux: the Switch load-balancing loss over the batch, E * sum_e f_e P_e with f_e the share
+    of the T * k slots that chose e and P_e the mean probability of e (softmax, or for score
+    "sigmoid" the sigmoid scores over their row sum); z: mean logsumexp(logits)^2; entropy:
+    the mean entropy of the softmax (0 unless asked). The same values as routing.losses'
+    switch_aux_loss, router_z_loss and router_entropy, in three kernels on the Triton backend.
+    """
+    if score not in ("softmax", "sigmoid"):
+        raise ValueError(f"score must be softmax or sigmoid, got {score!r}")
+    if logits.dim() != 2 or expert_ids.dim() != 2 or expert_ids.shape[0] != logits.shape[0]:
+        raise ValueError(f"need logits [T, E] and expert_ids [T, k], got {tuple(logits.shape)} "
+                         f"and {tuple(expert_ids.shape)}")
+    return RouterLosses.apply(logits, expert_ids, score == "sigmoid", entropy,
+                              get_backend(backend, logits.device))
+
+
+__all__ = ["Dispatch", "grouped_linear", "router_losses", "sort_by_expert", "swiglu",
+           "topk_route", "weighted_combine"]

@@ -93,3 +93,22 @@ class TopKRoute(torch.autograd.Function):
         sigmoid, renormalize, scale, backend = ctx.meta
         dl = backend.topk_route_bwd(logits, ids, w, dw, sigmoid, renormalize, scale)
         return dl, None, None, None, None, None, None, None
+
+
+class RouterLosses(torch.autograd.Function):
+    """logits [T, E], expert_ids [T, k] -> (aux, z, entropy) scalars, differentiable in the
+    logits (the selection counts held fixed); saves the logits and the counts [E]."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, sigmoid: bool, entropy: bool, backend: ModuleType):
+        aux, z, ent, counts = backend.router_losses_fwd(logits, ids, sigmoid, entropy)
+        ctx.save_for_backward(logits, counts)
+        ctx.meta = (ids.shape[1], sigmoid, entropy, backend)
+        return aux, z, ent
+
+    @staticmethod
+    def backward(ctx, daux, dz, dent):
+        logits, counts = ctx.saved_tensors
+        k, sigmoid, entropy, backend = ctx.meta
+        dl = backend.router_losses_bwd(logits, counts, k, daux, dz, dent, sigmoid, entropy)
+        return dl, None, None, None, None

@@ -207,3 +207,49 @@ def topk_route_bwd(logits: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
         out = _route_weights(x, ids, sigmoid, renormalize, scale)
         (dl,) = torch.autograd.grad(out, x, dw.to(out.dtype))
     return dl.to(logits.dtype)
+
+
+def _loss_dtype(logits: torch.Tensor) -> torch.dtype:
+    """The router losses' dtype: float64 for float64 logits, else float32."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _router_losses(logits: torch.Tensor, counts: torch.Tensor, k: int, sigmoid: bool,
+                   entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """aux, z, entropy of logits [T, E] (T > 0) given each expert's selection counts [E]."""
+    x = logits.to(_loss_dtype(logits))
+    T, E = x.shape
+    p = torch.softmax(x, dim=-1)
+    q = p if not sigmoid else torch.sigmoid(x) / torch.sigmoid(x).sum(-1, keepdim=True)
+    aux = (counts.to(x.dtype) * q.mean(0)).sum() * (E / (T * k))
+    z = torch.logsumexp(x, dim=-1).square().mean()
+    ent = -(p * torch.log(p.clamp(min=1e-20))).sum(-1).mean() if entropy else x.new_zeros(())
+    return aux, z, ent
+
+
+def router_losses_fwd(logits: torch.Tensor, ids: torch.Tensor, sigmoid: bool, entropy: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [T, E], ids [T, k] -> aux (Switch, batch-wise), z, entropy (0 unless asked),
+    the per-expert selection counts [E] float32; see kernels.router_losses (float64 logits:
+    float64 losses)."""
+    T, E = logits.shape
+    counts = torch.zeros(E, dtype=torch.float32, device=logits.device)
+    counts.scatter_add_(0, ids.reshape(-1), torch.ones(ids.numel(), device=logits.device))
+    if T == 0:
+        zero = torch.zeros((), dtype=_loss_dtype(logits), device=logits.device)
+        return zero, zero.clone(), zero.clone(), counts
+    return (*_router_losses(logits, counts, ids.shape[1], sigmoid, entropy), counts)
+
+
+def router_losses_bwd(logits: torch.Tensor, counts: torch.Tensor, k: int, daux: torch.Tensor,
+                      dz: torch.Tensor, dent: torch.Tensor, sigmoid: bool, entropy: bool
+                      ) -> torch.Tensor:
+    """The losses' gradients (0-dim) -> d(logits) [T, E]."""
+    if logits.shape[0] == 0:
+        return torch.zeros_like(logits)
+    with torch.enable_grad():
+        x = logits.detach().requires_grad_(True)
+        losses = _router_losses(x, counts, k, sigmoid, entropy)[:3 if entropy else 2]
+        (dl,) = torch.autograd.grad(losses, x, [g.to(x.dtype) for g in (daux, dz, dent)][
+            :len(losses)])
+    return dl.to(logits.dtype)

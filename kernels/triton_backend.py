@@ -2,11 +2,14 @@
 
 from kernels.triton.combine import weighted_combine, weighted_combine_backward
 from kernels.triton.grouped_mm import group_weight_grad, scatter2scatter, scatter2scatter_quant
+from kernels.triton.router_loss import router_losses_bwd, router_losses_fwd
 from kernels.triton.routing import sort_pairs, topk_route_bwd, topk_route_fwd
 from kernels.triton.swiglu import swiglu_bwd, swiglu_fwd
 
 __all__ = [
     "group_weight_grad",
+    "router_losses_bwd",
+    "router_losses_fwd",
     "scatter2scatter",
     "scatter2scatter_quant",
     "sort_pairs",

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import topk_route
+from kernels import router_losses, topk_route
 from routing.capacity import capacity_drop_mask, count_per_expert, expert_capacity
 from routing.config import TOKEN_CHOICE, RouterConfig
 from routing.losses import (
@@ -143,16 +143,24 @@ class TopKRouter(Router):
         past a token's threshold are dropped)."""
         _check_input(x, self.d_model)
         cfg = self.cfg
-        logits = self._gate_logits(x)
-        expert_ids, weights, probs, unused = self._select(logits)
-        seq = seq_len if cfg.aux_loss_type == "sequence" else None
         if cfg.aux_loss_type == "sequence" and seq_len is None:
             raise ValueError(
                 "aux_loss_type='sequence' needs the sequence length (pass x as [B, S, d])"
             )
+        logits = self._gate_logits(x)
+        softmax = cfg.score == "softmax"
+        if cfg.kind == "topk" and cfg.aux_loss_type == "micro_batch":
+            # the batch-wise losses of every slot: fused (three kernels on Triton)
+            expert_ids, weights, _, unused = self._select(logits, with_probs=False)
+            aux, z, entropy = router_losses(logits, expert_ids, cfg.score, softmax,
+                                            self.backend)
+            return self._finish(expert_ids, weights, aux, z, logits, unused,
+                                entropy if softmax else None)
+        expert_ids, weights, probs, unused = self._select(logits)
+        seq = seq_len if cfg.aux_loss_type == "sequence" else None
         aux = switch_aux_loss(probs, expert_ids, self.num_experts, seq,
                               None if unused is None else ~unused)
-        entropy = router_entropy(probs) if cfg.score == "softmax" else None
+        entropy = router_entropy(probs) if softmax else None
         return self._finish(expert_ids, weights, aux, router_z_loss(logits), logits, unused,
                             entropy)
 

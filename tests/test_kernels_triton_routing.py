@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("triton")
 
 from kernels import reference as ref_ops  # noqa: E402
-from kernels import sort_by_expert, topk_route  # noqa: E402
+from kernels import router_losses, sort_by_expert, topk_route  # noqa: E402
 from kernels import triton_backend as tri  # noqa: E402
 from kernels.triton import common  # noqa: E402
 from tests.seeds import fresh_seed  # noqa: E402
@@ -193,3 +193,74 @@ def test_reference_and_triton_routers_agree_inside_the_layer():
     for name, a, b in zip(("out", "dx", "d router"), outs[0][:3], outs[1][:3], strict=False):
         err = ((a.double() - b.double()).norm() / b.double().norm()).item()
         assert err < 1e-5, f"seed {seed}: {name} rel. error {err:.2e}"
+
+
+LOSS_CASES = [  # (T, E, k, sigmoid, logit scale)
+    (13, 4, 2, False, 1.0),
+    (37, 8, 2, False, 3.0),
+    (300, 256, 8, False, 1.0),  # 19 blocks of rows: the finishing program loops twice
+    (70, 128, 8, True, 2.0),
+    (21, 64, 6, True, 1.0),
+    (9, 16, 4, False, 100.0),  # probabilities that underflow to 0: entropy's clamp
+    (5, 1, 1, True, 1.0),
+    (0, 8, 2, False, 1.0),
+]
+
+
+def losses64(logits, ids, sigmoid):
+    """Switch aux (batch-wise), z and softmax entropy written out in float64."""
+    T, E = logits.shape
+    k = ids.shape[1]
+    p = torch.softmax(logits, -1)
+    q = torch.sigmoid(logits) / torch.sigmoid(logits).sum(-1, keepdim=True) if sigmoid else p
+    f = torch.stack([(ids == e).sum() for e in range(E)]).double() / (T * k)
+    aux = E * (f * q.mean(0)).sum()
+    z = torch.logsumexp(logits, -1).pow(2).mean()
+    ent = -(p * p.clamp(min=1e-20).log()).sum(-1).mean()
+    return aux, z, ent
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("T,E,k,sigmoid,scale", LOSS_CASES)
+def test_fused_router_losses_forward_and_backward(T, E, k, sigmoid, scale, backend):
+    """kernels.router_losses: the aux, z and entropy losses and their logit gradient (the
+    selection held fixed) against float64 formulas; also equal to routing.losses."""
+    from routing.losses import router_entropy, router_z_loss, switch_aux_loss
+
+    seed, g = seeded()
+    logits = (torch.randn(T, E, generator=g) * scale).double()  # exact in float32
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else \
+        torch.zeros(0, k, dtype=torch.int64)
+    x = logits.float().to(DEVICE).requires_grad_(True)
+    got = router_losses(x, ids.to(DEVICE), "sigmoid" if sigmoid else "softmax", True,
+                        backend=backend)
+    dl = torch.randn(3, generator=g, dtype=torch.float64)
+    (sum(v * c for v, c in zip(got, dl.float().to(DEVICE), strict=True))).backward()
+    if T == 0:
+        assert [v.item() for v in got] == [0.0, 0.0, 0.0] and x.grad.shape == (0, E)
+        return
+    x64 = logits.clone().requires_grad_(True)
+    want = losses64(x64, ids, sigmoid)
+    (sum(v * c for v, c in zip(want, dl, strict=True))).backward()
+    for name, a, b in zip(("aux", "z", "entropy"), got, want, strict=True):
+        # relative, or absolute below 0.01: a near one-hot softmax's entropy (scale 100)
+        # is a sum of float32 rounding-sized terms
+        err = abs(a.item() - b.item()) / max(abs(b.item()), 1e-2)
+        assert err < 1e-5, f"seed {seed}: {name} {a.item()} vs {b.item()} ({err:.1e})"
+    grad = x.grad.double().cpu()
+    assert torch.isfinite(grad).all(), f"seed {seed}: unwritten logit gradients"
+    err = ((grad - x64.grad).norm() / x64.grad.norm()).item()
+    assert err < 1e-5, f"seed {seed}: logit grad rel. error {err:.2e}"
+    s = torch.sigmoid(logits) if sigmoid else None
+    probs = s / s.sum(-1, keepdim=True) if sigmoid else torch.softmax(logits, -1)
+    oracle = (switch_aux_loss(probs, ids, E), router_z_loss(logits),
+              router_entropy(torch.softmax(logits, -1)))
+    for a, b in zip(want, oracle, strict=True):
+        assert abs(a.item() - b.item()) <= 1e-12 * max(1.0, abs(b.item()))
+
+
+def test_router_losses_refuse_bad_shapes():
+    with pytest.raises(ValueError, match="score"):
+        router_losses(torch.zeros(2, 4), torch.zeros(2, 1, dtype=torch.int64), "tanh")
+    with pytest.raises(ValueError, match=r"expert_ids \[T, k\]"):
+        router_losses(torch.zeros(2, 4), torch.zeros(3, 1, dtype=torch.int64))
