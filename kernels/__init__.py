@@ -89,9 +89,10 @@ def topk_route(logits: torch.Tensor, k: int, score: str = "softmax", renormalize
 
 def router_losses(logits: torch.Tensor, expert_ids: torch.Tensor, score: str = "softmax",
                   entropy: bool = False, backend: str = "auto"
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [T, E], expert_ids [T, k] -> (aux, z, entropy): 0-dim losses of a token-choice
-    router (float32; float64 for float64 logits), differentiable in the logits.
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [T, E], expert_ids [T, k] -> (aux, z, entropy, counts): 0-dim losses of a
+    token-choice router (float32; float64 for float64 logits), differentiable in the logits,
+    and each expert's selected slots [E] int64.
 
     aux: the Switch load-balancing loss over the batch, E * sum_e f_e P_e with f_e the share
     of the T * k slots that chose e and P_e the mean probability of e (softmax, or for score

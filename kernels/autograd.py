@@ -85,10 +85,13 @@ class TopKRoute(torch.autograd.Function):
         ctx.save_for_backward(logits, ids, w)
         ctx.meta = (sigmoid, renormalize, scale, backend)
         ctx.mark_non_differentiable(ids)
+        ctx.set_materialize_grads(False)  # no zeros launched for the ids' gradient
         return ids, w
 
     @staticmethod
     def backward(ctx, _dids, dw):
+        if dw is None:
+            return (None,) * 8
         logits, ids, w = ctx.saved_tensors
         sigmoid, renormalize, scale, backend = ctx.meta
         dl = backend.topk_route_bwd(logits, ids, w, dw, sigmoid, renormalize, scale)
@@ -97,18 +100,29 @@ class TopKRoute(torch.autograd.Function):
 
 class RouterLosses(torch.autograd.Function):
     """logits [T, E], expert_ids [T, k] -> (aux, z, entropy) scalars, differentiable in the
-    logits (the selection counts held fixed); saves the logits and the counts [E]."""
+    logits (the selection counts held fixed), and the counts [E] int64; saves the logits and
+    the counts."""
 
     @staticmethod
     def forward(ctx, logits, ids, sigmoid: bool, entropy: bool, backend: ModuleType):
         aux, z, ent, counts = backend.router_losses_fwd(logits, ids, sigmoid, entropy)
         ctx.save_for_backward(logits, counts)
         ctx.meta = (ids.shape[1], sigmoid, entropy, backend)
-        return aux, z, ent
+        ctx.mark_non_differentiable(counts)
+        ctx.set_materialize_grads(False)  # a loss left out of the objective costs no zeros
+        return aux, z, ent, counts
 
     @staticmethod
-    def backward(ctx, daux, dz, dent):
+    def backward(ctx, daux, dz, dent, _dcounts):
         logits, counts = ctx.saved_tensors
         k, sigmoid, entropy, backend = ctx.meta
+        used = [g for g in (daux, dz, dent) if g is not None]
+        if not used:
+            return None, None, None, None, None
+        if daux is None or dz is None:
+            zero = torch.zeros_like(used[0])
+            daux, dz = (zero if g is None else g for g in (daux, dz))
+        if dent is None:  # its term is left out (and dent not read)
+            dent, entropy = daux, False
         dl = backend.router_losses_bwd(logits, counts, k, daux, dz, dent, sigmoid, entropy)
         return dl, None, None, None, None

@@ -23,6 +23,7 @@ class Dispatch:
     top_k: int
     num_experts: int
     may_drop: bool = False  # built with a dropped mask: slot-order outputs must be zero-filled
+    slot_rows: torch.Tensor | None = None  # [M] int64: sorted row of each slot t * k + j
     cache: dict = field(default_factory=dict, repr=False)  # backend schedules keyed by kind
 
     @property
@@ -46,8 +47,8 @@ def sort_by_expert(
     flat = expert_ids.reshape(-1)
     if dropped is not None:
         flat = torch.where(dropped.reshape(-1), num_experts, flat)
-    pair_idx, token_idx, sorted_expert, offsets = get_backend(backend, flat.device).sort_pairs(
-        flat, num_experts, k)
+    pair_idx, token_idx, sorted_expert, offsets, slot_rows = get_backend(
+        backend, flat.device).sort_pairs(flat, num_experts, k)
     return Dispatch(
         sorted_pair_idx=pair_idx,
         sorted_token_idx=token_idx,
@@ -57,4 +58,5 @@ def sort_by_expert(
         top_k=k,
         num_experts=num_experts,
         may_drop=dropped is not None,
+        slot_rows=slot_rows,
     )

@@ -31,6 +31,8 @@ def sorted_rows(x: torch.Tensor, d: Dispatch, grouped: bool, fan_out: int, n: in
     """The first n sorted rows of x, in Dispatch order."""
     if grouped:
         return x[:n]
+    if fan_out == d.top_k:  # token order
+        return x.index_select(0, d.sorted_token_idx[:n])
     return x.index_select(0, d.sorted_pair_idx[:n] // fan_out)
 
 
@@ -148,12 +150,15 @@ def swiglu_bwd(h: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
 def sort_pairs(flat_ids: torch.Tensor, num_experts: int, top_k: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """flat_ids [M] (E = dropped) -> sorted_pair_idx, sorted_token_idx, sorted_expert_idx
-    [M] int64 (stable), expert_offsets [E + 1] int64 (offsets[E] = kept pairs)."""
+    [M] int64 (stable), expert_offsets [E + 1] int64 (offsets[E] = kept pairs), slot_rows
+    [M] int64 (the sorted row of each pair: the inverse permutation)."""
     sorted_expert, pair_idx = torch.sort(flat_ids, stable=True)
     counts = torch.bincount(flat_ids, minlength=num_experts + 1)[:num_experts]
     offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat_ids.device)
     torch.cumsum(counts, 0, out=offsets[1:])
-    return pair_idx, pair_idx // top_k, sorted_expert, offsets
+    slot_rows = torch.empty_like(pair_idx)
+    slot_rows[pair_idx] = torch.arange(pair_idx.numel(), device=pair_idx.device)
+    return pair_idx, pair_idx // top_k, sorted_expert, offsets, slot_rows
 
 
 def _scores(logits: torch.Tensor, sigmoid: bool) -> torch.Tensor:
@@ -230,11 +235,11 @@ def _router_losses(logits: torch.Tensor, counts: torch.Tensor, k: int, sigmoid: 
 def router_losses_fwd(logits: torch.Tensor, ids: torch.Tensor, sigmoid: bool, entropy: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [T, E], ids [T, k] -> aux (Switch, batch-wise), z, entropy (0 unless asked),
-    the per-expert selection counts [E] float32; see kernels.router_losses (float64 logits:
+    the per-expert selection counts [E] int64; see kernels.router_losses (float64 logits:
     float64 losses)."""
     T, E = logits.shape
-    counts = torch.zeros(E, dtype=torch.float32, device=logits.device)
-    counts.scatter_add_(0, ids.reshape(-1), torch.ones(ids.numel(), device=logits.device))
+    counts = torch.zeros(E, dtype=torch.int64, device=logits.device)
+    counts.scatter_add_(0, ids.reshape(-1), torch.ones_like(ids.reshape(-1)))
     if T == 0:
         zero = torch.zeros((), dtype=_loss_dtype(logits), device=logits.device)
         return zero, zero.clone(), zero.clone(), counts

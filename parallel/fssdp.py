@@ -109,7 +109,7 @@ def _compact_dispatch(d: Dispatch, idx: torch.Tensor) -> Dispatch:
     return Dispatch(sorted_pair_idx=d.sorted_pair_idx, sorted_token_idx=d.sorted_token_idx,
                     sorted_expert_idx=remap[d.sorted_expert_idx], expert_offsets=offsets,
                     num_tokens=d.num_tokens, top_k=d.top_k, num_experts=idx.numel(),
-                    may_drop=d.may_drop)
+                    may_drop=d.may_drop, slot_rows=d.slot_rows)
 
 
 def apply_fssdp(model: nn.Module, group: dist.ProcessGroup, counters: CommCounters,

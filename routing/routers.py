@@ -71,15 +71,16 @@ class Router(nn.Module):
         logits: torch.Tensor | None,
         unused: torch.Tensor | None = None,
         entropy: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
     ) -> Routing:
         """Apply capacity dropping (if configured) and count the kept slots. unused [T, k]:
         slots the router itself left empty (threshold routing); they take no capacity and
-        are not counted as dropped."""
+        are not counted as dropped. counts [E] int64: every slot's expert counted already."""
         T, k = expert_ids.shape
         E = self.num_experts
         if unused is None and self.cfg.capacity_factor is None:  # drop-free: nothing to mask
             dropped = torch.zeros_like(expert_ids, dtype=torch.bool)
-            tokens_per_expert = count_per_expert(expert_ids, E)
+            tokens_per_expert = count_per_expert(expert_ids, E) if counts is None else counts
             frac = torch.zeros((), device=weights.device)
         else:
             used = torch.ones_like(expert_ids, dtype=torch.bool) if unused is None else ~unused
@@ -152,10 +153,10 @@ class TopKRouter(Router):
         if cfg.kind == "topk" and cfg.aux_loss_type == "micro_batch":
             # the batch-wise losses of every slot: fused (three kernels on Triton)
             expert_ids, weights, _, unused = self._select(logits, with_probs=False)
-            aux, z, entropy = router_losses(logits, expert_ids, cfg.score, softmax,
-                                            self.backend)
+            aux, z, entropy, counts = router_losses(logits, expert_ids, cfg.score, softmax,
+                                                    self.backend)
             return self._finish(expert_ids, weights, aux, z, logits, unused,
-                                entropy if softmax else None)
+                                entropy if softmax else None, counts)
         expert_ids, weights, probs, unused = self._select(logits)
         seq = seq_len if cfg.aux_loss_type == "sequence" else None
         aux = switch_aux_loss(probs, expert_ids, self.num_experts, seq,

@@ -44,7 +44,8 @@ def test_counting_sort_equals_torch_stable_sort(T, k, E, drop):
         flat = torch.where(torch.rand(T * k, generator=g) < 0.3, E, flat)
     got = tri.sort_pairs(flat.to(DEVICE), E, k)
     want = ref_ops.sort_pairs(flat, E, k)
-    for name, a, b in zip(("pair", "token", "expert", "offsets"), got, want, strict=True):
+    for name, a, b in zip(("pair", "token", "expert", "offsets", "slot rows"), got, want,
+                          strict=True):
         assert torch.equal(a.cpu(), b), f"seed {seed}: {name} differs"
     d = sort_by_expert(ids.to(DEVICE), E, backend="triton")
     assert torch.equal(d.expert_offsets.cpu(), ref_ops.sort_pairs(ids.reshape(-1), E, k)[3])
@@ -232,8 +233,9 @@ def test_fused_router_losses_forward_and_backward(T, E, k, sigmoid, scale, backe
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else \
         torch.zeros(0, k, dtype=torch.int64)
     x = logits.float().to(DEVICE).requires_grad_(True)
-    got = router_losses(x, ids.to(DEVICE), "sigmoid" if sigmoid else "softmax", True,
-                        backend=backend)
+    *got, counts = router_losses(x, ids.to(DEVICE), "sigmoid" if sigmoid else "softmax", True,
+                                 backend=backend)
+    assert torch.equal(counts.cpu(), torch.bincount(ids.reshape(-1), minlength=E))
     dl = torch.randn(3, generator=g, dtype=torch.float64)
     (sum(v * c for v, c in zip(got, dl.float().to(DEVICE), strict=True))).backward()
     if T == 0:
@@ -257,6 +259,25 @@ def test_fused_router_losses_forward_and_backward(T, E, k, sigmoid, scale, backe
               router_entropy(torch.softmax(logits, -1)))
     for a, b in zip(want, oracle, strict=True):
         assert abs(a.item() - b.item()) <= 1e-12 * max(1.0, abs(b.item()))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("used", [(0,), (1,), (2,), (0, 1), (1, 2)])
+def test_router_losses_left_out_of_the_objective(used, backend):
+    """A loss left out of the objective gets no gradient (autograd passes None, not zeros):
+    the logit gradient is the other losses' alone."""
+    seed, g = seeded()
+    T, E, k = 19, 16, 4
+    logits = torch.randn(T, E, generator=g).double()
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    x = logits.float().to(DEVICE).requires_grad_(True)
+    got = router_losses(x, ids.to(DEVICE), "softmax", True, backend=backend)
+    sum(got[i] for i in used).backward()
+    x64 = logits.clone().requires_grad_(True)
+    want = losses64(x64, ids, False)
+    sum(want[i] for i in used).backward()
+    err = ((x.grad.double().cpu() - x64.grad).norm() / x64.grad.norm()).item()
+    assert err < 1e-5, f"seed {seed}: losses {used}: logit grad rel. error {err:.2e}"
 
 
 def test_router_losses_refuse_bad_shapes():

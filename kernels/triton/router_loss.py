@@ -74,7 +74,7 @@ def _partials_kernel(L, IDS, PSUM, CNT, ROWS, T, E, stride_l,
 @triton.jit
 def _finish_kernel(PSUM, CNT, ROWS, AUX, Z, ENT, COUNTS, NB, E, aux_scale, inv_t,
                    E_PAD: tl.constexpr, CHUNK: tl.constexpr):
-    """One program: the blocks' partial sums -> AUX, Z, ENT (scalars) and COUNTS [E]."""
+    """One program: the blocks' partial sums -> AUX, Z, ENT (scalars) and COUNTS [E] int64."""
     cols = tl.arange(0, E_PAD)
     col_ok = cols < E
     mass = tl.zeros((E_PAD,), dtype=tl.float32)
@@ -93,7 +93,7 @@ def _finish_kernel(PSUM, CNT, ROWS, AUX, Z, ENT, COUNTS, NB, E, aux_scale, inv_t
     tl.store(AUX, tl.sum(cnt * mass, 0) * aux_scale)
     tl.store(Z, tl.sum(z, 0) * inv_t)
     tl.store(ENT, tl.sum(ent, 0) * inv_t)
-    tl.store(COUNTS + cols, cnt, mask=col_ok)
+    tl.store(COUNTS + cols, cnt.to(tl.int64), mask=col_ok)
 
 
 @triton.jit
@@ -105,7 +105,8 @@ def _bwd_kernel(L, COUNTS, DAUX, DZ, DENT, DL, T, E, stride_l, stride_dl, aux_sc
     cols = tl.arange(0, E_PAD)
     p, lse, q, s, ssum, valid = _row_stats(L, rows, cols, T, E, stride_l, SIGMOID)
     # aux = aux_scale * sum_e counts_e * sum_t q_te: d(aux)/d(q_te) = g_e for every row
-    g = tl.load(COUNTS + cols, mask=cols < E, other=0.0) * (aux_scale * tl.load(DAUX))
+    g = tl.load(COUNTS + cols, mask=cols < E, other=0).to(tl.float32) * (aux_scale *
+                                                                          tl.load(DAUX))
     dl = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32)
     gp = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32)  # d(loss)/d(p) of the softmax terms
     if SIGMOID:  # q = s / sum(s), s = sigmoid(x)
@@ -130,15 +131,15 @@ def _meta(E: int) -> tuple[int, int]:
 def router_losses_fwd(logits: torch.Tensor, ids: torch.Tensor, sigmoid: bool, entropy: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [T, E], ids [T, k] -> aux, z, entropy (0-dim float32, float64 for float64
-    logits; entropy 0 unless asked) and the per-expert selection counts [E] float32 the
-    backward reads."""
+    logits; entropy 0 unless asked) and the per-expert selection counts [E] int64 (the
+    backward reads them too)."""
     logits = logits.contiguous()
     T, E = logits.shape
     k = ids.shape[1]
     dev = logits.device
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     aux, z, ent = (common.empty((), dtype=dtype, device=dev) for _ in range(3))
-    counts = common.empty(E, dtype=torch.float32, device=dev)
+    counts = common.empty_index(E, device=dev)
     if T == 0:
         return aux.zero_(), z.zero_(), ent.zero_(), counts.zero_()
     e_pad, block = _meta(E)

@@ -227,11 +227,11 @@ def _scan_kernel(HIST, START, TOTAL, NB, E1, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _place_kernel(IDS, START, TOTAL, OFFSETS, OUT_PAIR, OUT_TOKEN, OUT_EXPERT, M, E1, top_k,
-                  BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+def _place_kernel(IDS, START, TOTAL, OFFSETS, OUT_PAIR, OUT_TOKEN, OUT_EXPERT, OUT_ROW, M, E1,
+                  top_k, BLOCK: tl.constexpr, E_PAD: tl.constexpr):
     """Each pair to offsets[e] + START[b, e] + (pairs of expert e before it in block b): a
     stable sort. offsets[e] = pairs of the experts before e (from TOTAL; program 0 writes
-    them out)."""
+    them out). OUT_ROW[pair] = its sorted row (the inverse permutation)."""
     b = tl.program_id(0)
     cols = tl.arange(0, E_PAD)
     total = tl.load(TOTAL + cols, mask=cols < E1, other=0).to(tl.int64)
@@ -249,18 +249,21 @@ def _place_kernel(IDS, START, TOTAL, OFFSETS, OUT_PAIR, OUT_TOKEN, OUT_EXPERT, M
     tl.store(OUT_PAIR + pos, i.to(tl.int64), mask=ok)
     tl.store(OUT_TOKEN + pos, (i // top_k).to(tl.int64), mask=ok)
     tl.store(OUT_EXPERT + pos, e.to(tl.int64), mask=ok)
+    tl.store(OUT_ROW + i, pos, mask=ok)
 
 
 def sort_pairs(flat_ids: torch.Tensor, num_experts: int, top_k: int
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """flat_ids [M] (E = dropped) -> sorted_pair_idx, sorted_token_idx, sorted_expert_idx
-    [M] int64 (stable: slot order within an expert), expert_offsets [E + 1] int64."""
+    [M] int64 (stable: slot order within an expert), expert_offsets [E + 1] int64, slot_rows
+    [M] int64 (each pair's sorted row)."""
     M, E1 = flat_ids.numel(), num_experts + 1
     dev = flat_ids.device
     outs = [common.empty_index(M, device=dev) for _ in range(3)]
+    rows = common.empty_index(M, device=dev)
     if M == 0:
-        return (*outs, torch.zeros(E1, dtype=torch.int64, device=dev))
-    ids = flat_ids.to(torch.int32).contiguous()
+        return (*outs, torch.zeros(E1, dtype=torch.int64, device=dev), rows)
+    ids = flat_ids.contiguous()  # int32 or int64: read as they are
     e_pad = triton.next_power_of_2(E1)
     block = max(16, min(256, 8192 // e_pad))
     nb = common.cdiv(M, block)
@@ -270,6 +273,6 @@ def sort_pairs(flat_ids: torch.Tensor, num_experts: int, top_k: int
     offsets = torch.empty(E1, dtype=torch.int64, device=dev)
     _block_hist_kernel[(nb,)](ids, hist, M, E1, BLOCK=block, E_PAD=e_pad)
     _scan_kernel[(E1,)](hist, start, total, nb, E1, CHUNK=1024)
-    _place_kernel[(nb,)](ids, start, total, offsets, *outs, M, E1, top_k, BLOCK=block,
+    _place_kernel[(nb,)](ids, start, total, offsets, *outs, rows, M, E1, top_k, BLOCK=block,
                          E_PAD=e_pad)
-    return (*outs, offsets)
+    return (*outs, offsets, rows)

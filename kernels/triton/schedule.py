@@ -57,7 +57,10 @@ def block_schedule(d: Dispatch, block_m: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def inverse_permutation(d: Dispatch) -> torch.Tensor:
-    """[M] int64: sorted row of each slot t * k + j (rows >= expert_offsets[E] are dropped)."""
+    """[M] int64: sorted row of each slot t * k + j (rows >= expert_offsets[E] are dropped);
+    the sort's own when it wrote them."""
+    if d.slot_rows is not None:
+        return d.slot_rows
     cache = d.cache
     if "inv" not in cache:
         inv = torch.empty_like(d.sorted_pair_idx)
