@@ -43,9 +43,13 @@ def sync(device: torch.device) -> None:
 
 
 def time_fn(fn: Callable[[], None], device: torch.device, budget_s: float = 1.0,
-            max_iters: int = 20, min_iters: int = 3, warmup: bool = True) -> float:
+            max_iters: int = 20, min_iters: int = 3, warmup: bool = True,
+            host_times: list[float] | None = None) -> float:
     """Median seconds of fn() after one warm-up call (unless warmup=False: CPU smoke runs,
-    whose times mean nothing); fewer repeats for slow functions."""
+    whose times mean nothing); fewer repeats for slow functions. host_times: gets each
+    call's host seconds, from its start until fn returns (on CUDA, before the device is
+    waited for: the time to issue its work; close to the device time, the device waited for
+    the host)."""
     if warmup:
         fn()
         sync(device)
@@ -55,7 +59,10 @@ def time_fn(fn: Callable[[], None], device: torch.device, budget_s: float = 1.0,
         if device.type == "cuda":
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t0 = time.perf_counter()
             fn()
+            if host_times is not None:
+                host_times.append(time.perf_counter() - t0)
             stop.record()
             stop.synchronize()
             times.append(start.elapsed_time(stop) / 1e3)
@@ -63,6 +70,8 @@ def time_fn(fn: Callable[[], None], device: torch.device, budget_s: float = 1.0,
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
+            if host_times is not None:
+                host_times.append(times[-1])
         if times[-1] > budget_s:  # one slow call is enough of a sample
             break
     return statistics.median(times)

@@ -16,6 +16,7 @@ import argparse
 import gc
 import os
 import signal
+import statistics
 import sys
 import traceback
 from collections.abc import Callable
@@ -566,7 +567,8 @@ def _gemm_choices(shape, T) -> str:
 
 
 def _time_impl(key, shape, T, dtype, device, results: dict) -> None:
-    """Build and time implementation `key`; results[name] = (s, peak GiB, note or reason)."""
+    """Build and time implementation `key`; results[name] = (s, peak GiB, note or reason,
+    host s)."""
     name, build = IMPLS[key]
     gc.collect()
     if device.type == "cuda":
@@ -575,24 +577,25 @@ def _time_impl(key, shape, T, dtype, device, results: dict) -> None:
     try:
         step = build(shape, T, dtype, device)
         gpu = device.type == "cuda"
-        t = time_fn(step, device, min_iters=3 if gpu else 1, warmup=gpu)
+        host: list[float] = []
+        t = time_fn(step, device, min_iters=3 if gpu else 1, warmup=gpu, host_times=host)
         mem = peak_memory(step, device)
-        results[name] = (t, mem, None)
+        results[name] = (t, mem, None, statistics.median(host))
     except Unavailable as e:
-        results[name] = (None, None, str(e))
+        results[name] = (None, None, str(e), None)
     except Exception as e:  # noqa: BLE001 - a peer failing must not end the run
         msg = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-        results[name] = (None, None, msg)
+        results[name] = (None, None, msg, None)
         traceback.print_exc(limit=2)
     finally:
         step = None
     r = results[name]
-    status = f"{r[0] * 1e3:.2f} ms" if r[0] else f"n/a ({r[2]})"
+    status = f"{r[0] * 1e3:.2f} ms (host {r[3] * 1e3:.2f} ms)" if r[0] else f"n/a ({r[2]})"
     print(f"  {shape_name(shape)} T={T} {name}: {status}", flush=True)
     if key == "ours" and r[0]:
         gemms = _gemm_choices(shape, T)
         print(f"    grouped GEMMs picked: {gemms}", flush=True)
-        results[name] = (*r[:2], gemms)
+        results[name] = (r[0], r[1], gemms, r[3])
 
 
 def shape_name(shape) -> str:
@@ -603,16 +606,17 @@ def _table_rows(sname, T, shape, results, check) -> list[list[str]]:
     flops = expert_flops(T, shape)
     dense_t = results.get(IMPLS["dense"][0], (None,))[0]
     rows = []
-    for name, (t, mem, why) in results.items():
+    for name, (t, mem, why, host) in results.items():
         if t is None:
-            rows.append([sname, str(T), name, "-", "-", "-", "-", f"not run: {why}"])
+            rows.append([sname, str(T), name, "-", "-", "-", "-", "-", f"not run: {why}"])
             continue
         ratio = f"{dense_t / t:.2f}" if dense_t else "-"
         note = f"{check}; {why}" if name == IMPLS["ours"][0] else ""
-        rows.append([sname, str(T), name, f"{t * 1e3:.2f}", f"{flops / t / 1e12:.1f}",
-                     "-" if mem is None else f"{mem:.2f}", ratio, note])
+        rows.append([sname, str(T), name, f"{t * 1e3:.2f}", f"{host * 1e3:.2f}",
+                     f"{flops / t / 1e12:.1f}", "-" if mem is None else f"{mem:.2f}", ratio,
+                     note])
     for name, why in NOT_RUN.items():
-        rows.append([sname, str(T), name, "-", "-", "-", "-", f"not run: {why}"])
+        rows.append([sname, str(T), name, "-", "-", "-", "-", "-", f"not run: {why}"])
     return rows
 
 
@@ -648,17 +652,19 @@ def run(shapes, tokens, impls, dtype, device, out_path, command) -> str:
         if current and current[0][3]:
             rows += _table_rows(*current[0])
 
-    header = ["shape", "tokens", "implementation", "fwd+bwd ms", "TFLOP/s", "peak GiB",
-              "x dense", "note"]
+    header = ["shape", "tokens", "implementation", "fwd+bwd ms", "host ms", "TFLOP/s",
+              "peak GiB", "x dense", "note"]
     shapes_desc = "; ".join(f"{s}: d={SHAPES[s][0]}, ffn={SHAPES[s][1]}, E={SHAPES[s][2]}, "
                             f"k={SHAPES[s][3]}" for s in shapes)
     body = (f"Shapes ({str(dtype).replace('torch.', '')}): {shapes_desc}. TFLOP/s counts the "
             "expert GEMMs only (18·T·k·d·ffn for fwd+bwd); 'x dense' is the same-FLOPs dense "
-            "GEMM chain's time over this row's; ours' note is its max relative error vs a "
-            "float64 reference and which implementation the Triton backend picked for each "
-            "grouped GEMM (triton: its kernel with cp.async tiles, tma: with TMA tiles, "
-            "torch: torch._grouped_mm, or loop: a cuBLAS GEMM per expert; timed once per "
-            "shape).\n\n"
+            "GEMM chain's time over this row's; 'host ms' is the time the host took to issue "
+            "the step (until its last launch returned, before waiting for the device): near "
+            "'fwd+bwd ms', the device waited for the host; ours' note is its max relative "
+            "error vs a float64 reference and which implementation the Triton backend "
+            "picked for each grouped GEMM (triton: its kernel with cp.async tiles, tma: with "
+            "TMA tiles, torch: torch._grouped_mm, or loop: a cuBLAS GEMM per expert; timed "
+            "once per shape).\n\n"
             + (f" **Partial**: {stopped}; the rows are those measured before it.\n\n"
                if stopped else "") + markdown_table(header, rows))
     block = results_block("MoE layer forward+backward (bench/kernels.py)", command, device,

@@ -26,6 +26,9 @@ def test_kernels_bench_smoke(tmp_path):
                  "ours, torch reference", "loop over experts", "dense GEMM"):
         assert name in text
     assert "max rel err" in proc.stdout
+    assert "| fwd+bwd ms | host ms |" in text  # how long the host took to issue each step
+    row = next(line for line in text.splitlines() if "| ours (triton backend) |" in line)
+    assert float(row.split("|")[5]) > 0, row
 
 
 def test_kernels_breakdown_times_every_stage():
