@@ -12,8 +12,9 @@
 #      GEMM (the ceiling) vs MegaBlocks and megatron-core's GroupedMLP (neither timed yet),
 #      transformers' grouped_mm block, ScatterMoE, DeepSpeed; 230 s, as Triton compiles and
 #      autotunes on a fresh machine
-#   3) where ours spends its time at Mixtral shape, 16k tokens: each primitive alone, with
-#      the grouped-GEMM candidates side by side (bench.kernels --breakdown), 45 s, rows
+#   3) where ours spends its time at 16k tokens, Qwen3-30B-A3B shape first (the furthest
+#      from its target: 0.41 of dense on 2026-11-28), then Mixtral: each primitive alone,
+#      with the grouped-GEMM candidates side by side (bench.kernels --breakdown), 45 s, rows
 #      printed as they are timed
 #   4) the Triton kernel tests on the GPU, as far as 40 s takes them (-x: the first failure
 #      ends them; bench.kernels checks ours against float64 at each shape as well)
@@ -40,6 +41,6 @@ limited "${KERNEL_TIMEOUT:-230}" python3 -m bench.kernels "${smoke[@]}" \
   --impls ours,dense,megablocks,megatron-grouped,hf-grouped,scattermoe,deepspeed --out "$OUT/RESULTS.md" 2>&1 \
   | tee "$OUT/kernels.log"
 limited "${BREAKDOWN_TIMEOUT:-45}" python3 -m bench.kernels "${smoke[@]}" --breakdown \
-  --shapes "${BREAKDOWN_SHAPE:-mixtral}" "${tokens[@]}" 2>&1 | tee "$OUT/breakdown.log"
+  --shapes "${BREAKDOWN_SHAPE:-qwen3,mixtral}" "${tokens[@]}" 2>&1 | tee "$OUT/breakdown.log"
 MOE_TRITON_AUTOTUNE=0 limited "${TEST_TIMEOUT:-40}" python3 -m pytest -q -x -p no:cacheprovider \
   tests/test_kernels_triton.py 2>&1 | tail -5 | tee "$OUT/pytest_gpu.log"
