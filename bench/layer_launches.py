@@ -80,8 +80,8 @@ def _caller() -> str:
 def counting(raise_on_wait: bool = False) -> Iterator[Counter]:
     """Within it, count device launches: the yielded Counter's "torch" (torch ops that run a
     kernel), "triton" (Triton launches; the ops Triton's CPU interpreter runs inside one are
-    not counted) and "wait" (ops that wait for the device; raise_on_wait: raise HostWait
-    naming where, instead)."""
+    not counted; "triton:<name>" per kernel) and "wait" (ops that wait for the device;
+    raise_on_wait: raise HostWait naming where, instead)."""
     from triton.runtime import interpreter
 
     counter = _Counter(raise_on_wait)
@@ -89,6 +89,7 @@ def counting(raise_on_wait: bool = False) -> Iterator[Counter]:
 
     def kernel(self, *args, **kwargs):
         counter.ops["triton"] += 1
+        counter.ops[f"triton:{getattr(self.fn, '__name__', self.fn)}"] += 1
         counter.in_kernel += 1
         try:
             return call(self, *args, **kwargs)

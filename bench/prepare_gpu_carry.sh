@@ -3,9 +3,11 @@
 # packages as wheels in .whl/ (for its Python 3.12; bench/gpu_env.sh installs them there) for
 # the device tool's `carry` (".whl", and ".peers" for ScatterMoE and MegaBlocks). Both folders
 # are ignored by git: peer code is brought beside the project for a run, never committed.
-#   bash bench/prepare_gpu_carry.sh            # then: run ... carry [".whl", ".peers"]
-# It also builds every Triton kernel for sm_90 with the device's Triton version, offline
-# (DEVICE_TRITON=none skips that).
+#   bash bench/prepare_gpu_carry.sh
+#   then: run ... carry [".whl", ".peers", ".triton-cache.tgz"]
+# It also builds every Triton kernel for sm_90 with the device's Triton version, offline, and
+# packs the builds the benchmark's layer steps need into .triton-cache.tgz, a Triton cache
+# (DEVICE_TRITON=none skips both).
 # ScatterMoE has no wheel: fetch github:shawntan/scattermoe with the search tool's `fetch`
 # and copy its scattermoe/ package to .peers/scattermoe (bench/kernels.py imports it there).
 set -euo pipefail
@@ -51,5 +53,12 @@ if [ "$DEVICE_TRITON" != none ]; then
   echo "kernels build for sm_90 with triton $DEVICE_TRITON: $(python3 -c "
 import json; rows = json.load(open('/tmp/kernels_offline_device.json'))
 print(len(rows), 'builds,', sum(r['spill_bytes'] > 0 for r in rows), 'spilling')")"
+  # the builds the benchmark's layer steps will need, in a Triton cache carried to the device
+  # (bench/gpu_env.sh unpacks it): the lease compiles none of them
+  cache=$(mktemp -d)
+  TRITON_CACHE_DIR=$cache env -u TRITON_INTERPRET PYTHONPATH="$PWD" "$venv/bin/python" \
+    -m bench.prebuild --shapes mixtral,olmoe,qwen3 --tokens 16384
+  tar -czf .triton-cache.tgz -C "$cache" . && rm -rf "$cache"
+  du -sh .triton-cache.tgz
 fi
 du -sh .whl

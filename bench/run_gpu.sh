@@ -2,7 +2,8 @@
 # One GPU lease, one prepared script: install the carried peer wheels, time the MoE layer
 # against its peers (bench/kernels.py), then run the Triton kernel tests on the real GPU.
 # Run from the repository root with OUT set (the device tool sets it); results land in $OUT.
-# Before the lease: bash bench/prepare_gpu_carry.sh, then carry [".whl", ".peers"].
+# Before the lease: bash bench/prepare_gpu_carry.sh, then carry [".whl", ".peers",
+# ".triton-cache.tgz"].
 set -uo pipefail
 source bench/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \

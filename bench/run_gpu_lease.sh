@@ -3,7 +3,8 @@
 # for, the most wanted first, each step under its own limit (the defaults add up to 550 s, so
 # the call fits a 580 s timeout_s and the lease keeps a margin for its start). Steps that a
 # limit stops still write the rows they finished. Run from the repository root with OUT set;
-# before the lease: bash bench/prepare_gpu_carry.sh, then carry [".whl", ".peers"].
+# before the lease: bash bench/prepare_gpu_carry.sh, then carry [".whl", ".peers",
+# ".triton-cache.tgz"] (prebuilt Triton kernels: bench/prebuild.py).
 #   1) offloaded decode at Mixtral-8x7B layer shapes (issue 6): budgets holding 25% / 50% of
 #      the experts, ours with prefetch, with prefetch gated at 0.5, with misses of <= 2 tokens
 #      run on the host CPU, and without prefetch, vs transformers + accelerate vs the PCIe

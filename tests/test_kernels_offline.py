@@ -131,3 +131,24 @@ for k in (grouped_mm._scatter2scatter_kernel, grouped_tma._s2s_tma_kernel):
                        timeout=600, env=env)
     assert p.returncode == 0, p.stderr[-4000:]
     assert p.stdout.split() == ["1", "1"], p.stdout
+
+
+def test_prebuilt_cache_holds_every_kernel_of_a_layer_step(tmp_path):
+    """bench/prebuild.py fills a Triton cache with one layer step's builds (carried to a GPU
+    lease so that it compiles nothing): every kernel the step launches is among them, and a
+    second run finds all of its builds in the cache (the same launches, the same keys)."""
+    from bench.layer_launches import count
+
+    step = {k.split(":", 1)[1] for k in count(96, 8, 64, dict(top_k=2)) if ":" in k}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    runs = []
+    for _ in range(2):
+        p = subprocess.run([sys.executable, "-m", "bench.prebuild", "--shapes", "smoke",
+                            "--tokens", "64", "--json"], capture_output=True, text=True,
+                           timeout=600, env=env)
+        assert p.returncode == 0, p.stderr[-4000:]
+        runs.append(json.loads(p.stdout))
+    built = {k for row in runs[0] for k in row["kernels"]}
+    assert step and step <= built, step - built
+    assert sum(r["new"] for r in runs[0]) > 20 and sum(r["new"] for r in runs[1]) == 0

@@ -46,7 +46,7 @@ def _row_stats(L, rows, cols, T, E, stride_l, SIGMOID: tl.constexpr):
 
 
 @triton.jit
-def _partials_kernel(L, IDS, PSUM, CNT, ROWS, T, E, stride_l,
+def _loss_partials_kernel(L, IDS, PSUM, CNT, ROWS, T, E, stride_l,
                      K: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                      SIGMOID: tl.constexpr, ENTROPY: tl.constexpr):
     """Block b of rows: PSUM[b, e] = its probability mass on expert e, CNT[b, e] = its slots
@@ -72,7 +72,7 @@ def _partials_kernel(L, IDS, PSUM, CNT, ROWS, T, E, stride_l,
 
 
 @triton.jit
-def _finish_kernel(PSUM, CNT, ROWS, AUX, Z, ENT, COUNTS, NB, E, aux_scale, inv_t,
+def _loss_finish_kernel(PSUM, CNT, ROWS, AUX, Z, ENT, COUNTS, NB, E, aux_scale, inv_t,
                    E_PAD: tl.constexpr, CHUNK: tl.constexpr):
     """One program: the blocks' partial sums -> AUX, Z, ENT (scalars) and COUNTS [E] int64."""
     cols = tl.arange(0, E_PAD)
@@ -97,7 +97,7 @@ def _finish_kernel(PSUM, CNT, ROWS, AUX, Z, ENT, COUNTS, NB, E, aux_scale, inv_t
 
 
 @triton.jit
-def _bwd_kernel(L, COUNTS, DAUX, DZ, DENT, DL, T, E, stride_l, stride_dl, aux_scale, inv_t,
+def _loss_bwd_kernel(L, COUNTS, DAUX, DZ, DENT, DL, T, E, stride_l, stride_dl, aux_scale, inv_t,
                 E_PAD: tl.constexpr, BLOCK_T: tl.constexpr, SIGMOID: tl.constexpr,
                 ENTROPY: tl.constexpr):
     """d(aux), d(z), d(entropy) (scalars on the device) -> DL [T, E]."""
@@ -147,10 +147,10 @@ def router_losses_fwd(logits: torch.Tensor, ids: torch.Tensor, sigmoid: bool, en
     psum = torch.empty(nb, E, dtype=torch.float32, device=dev)  # every entry written
     cnt = torch.empty(nb, E, dtype=torch.float32, device=dev)
     rows = torch.empty(nb, 2, dtype=torch.float32, device=dev)
-    _partials_kernel[(nb,)](logits, ids.contiguous(), psum, cnt, rows, T, E, logits.stride(0),
+    _loss_partials_kernel[(nb,)](logits, ids.contiguous(), psum, cnt, rows, T, E, logits.stride(0),
                             K=k, E_PAD=e_pad, BLOCK_T=block, SIGMOID=sigmoid,
                             ENTROPY=entropy, num_warps=8)
-    _finish_kernel[(1,)](psum, cnt, rows, aux, z, ent, counts, nb, E, E / (T * k * T), 1.0 / T,
+    _loss_finish_kernel[(1,)](psum, cnt, rows, aux, z, ent, counts, nb, E, E / (T * k * T), 1.0 / T,
                          E_PAD=e_pad, CHUNK=max(1, 4096 // e_pad))
     return aux, z, ent, counts
 
@@ -165,7 +165,7 @@ def router_losses_bwd(logits: torch.Tensor, counts: torch.Tensor, k: int, daux: 
     if T == 0:
         return dl
     e_pad, block = _meta(E)
-    _bwd_kernel[(common.cdiv(T, block),)](
+    _loss_bwd_kernel[(common.cdiv(T, block),)](
         logits, counts, daux.float(), dz.float(), dent.float(), dl, T, E, logits.stride(0),
         dl.stride(0), E / (T * k * T), 1.0 / T, E_PAD=e_pad, BLOCK_T=block, SIGMOID=sigmoid,
         ENTROPY=entropy, num_warps=8)
