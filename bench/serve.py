@@ -28,6 +28,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -229,6 +230,32 @@ def _measure_ours(base: ServeConfig, budget: int, quant: str, store: WeightStore
     return report
 
 
+def _measure_variant(base: ServeConfig, budget: int, quant: str, store: WeightStore, a,
+                     **over) -> dict:
+    """_measure_ours with cross-layer prefetch and other settings; a setting that fails
+    gives {"failed": reason} (its cell says so) instead of ending the run."""
+    try:
+        return _measure_ours(base, budget, quant, store, "cross-layer", a, **over)
+    except Stopped:
+        raise
+    except Exception as e:  # noqa: BLE001 - one setting failing must not lose the others' rows
+        traceback.print_exc(limit=3)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {"failed": f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"}
+
+
+def _variant_cell(g: dict) -> str:
+    if "failed" in g:
+        return f"failed: {g['failed']}"
+    return (f"{g['decode_tokens_per_s']:.2f} / {g['expert_hit_rate']:.2f} / "
+            f"{g['bytes_to_device_per_token'] / 2**20:.2f}"
+            + (f" ({g['experts_on_host_per_token']:.2f} experts on the host / token)"
+               if g["experts_on_host_per_token"] else "")
+            + (f" ({g['tokens_per_step']:.2f} tokens / step)" if g["tokens_per_step"] != 1
+               else ""))
+
+
 def _bound(r: dict, total: int, h2d: float | None) -> float | None:
     """PCIe bound tok/s: the uncached share of the experts a token uses, over the link."""
     must_move = r["experts_used_per_token"] * max(0.0, 1 - r["expert_slots"] / total) \
@@ -250,12 +277,7 @@ def _row(f, slots, total, budget, quant, r, base_run, hf_tps, hf_label, h2d,
             f"{r['prefetch_precision']:.2f} / {r['prefetch_recall']:.2f}",
             f"{r['bytes_to_device_per_token'] / 2**20:.2f} / "
             f"{base_run['bytes_to_device_per_token'] / 2**20:.2f}"] + [
-        f"{g['decode_tokens_per_s']:.2f} / {g['expert_hit_rate']:.2f} / "
-        f"{g['bytes_to_device_per_token'] / 2**20:.2f}"
-        + (f" ({g['experts_on_host_per_token']:.2f} experts on the host / token)"
-           if g["experts_on_host_per_token"] else "")
-        + (f" ({g['tokens_per_step']:.2f} tokens / step)" if g["tokens_per_step"] != 1 else "")
-        for g in variants]
+        _variant_cell(g) for g in variants]
 
 
 def _batch_row(f: float, quant: str, r: dict, one: dict) -> list[str]:
@@ -358,8 +380,8 @@ def main(argv=None) -> None:
                 # ours first: a time limit that stops the (slow) baseline keeps our rows
                 ours_runs = {q: [_measure_ours(base, budget, q, stores[q], prefetch, a)
                                  for prefetch in ("cross-layer", "none")]
-                             + [_measure_ours(base, budget, q, stores[q], "cross-layer", a,
-                                              **over) for _, over in variants]
+                             + [_measure_variant(base, budget, q, stores[q], a, **over)
+                                for _, over in variants]
                              for q in quants}
                 hf_tps, hf_label, stop = None, "skipped", None
                 if not (a.skip_hf or a.fp8):

@@ -86,6 +86,29 @@ def test_serve_bench_smoke_at_deepseek_shapes(tmp_path):
         assert host["bytes_to_device_per_token"] < r["ours"]["bytes_to_device_per_token"]
 
 
+def test_serve_bench_keeps_its_rows_when_one_setting_fails(tmp_path, monkeypatch):
+    """A setting that raises (a path never run on this device, say) fills its own cells with
+    the reason; the other columns and the table are still written."""
+    import bench.serve as bs
+
+    measure = bs._measure_ours
+
+    def failing(base, budget, quant, store, prefetch, a, batch=1, **over):
+        if over.get("host_compute_tokens"):
+            raise RuntimeError("boom on this device")
+        return measure(base, budget, quant, store, prefetch, a, batch, **over)
+
+    monkeypatch.setattr(bs, "_measure_ours", failing)
+    out = tmp_path / "results.md"
+    bs.main(["--smoke", "--layers", "2", "--new-tokens", "3", "--batches", "1", "--quants",
+             "none", "--prefetch-min-weights", "0.5", "--host-compute-tokens", "2",
+             "--skip-hf", "--out", str(out), "--dir", str(tmp_path / "m")])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 4/16")]
+    assert len(rows) == 1 and "failed: RuntimeError: boom on this device" in rows[0], rows
+    gated = rows[0].split("|")[-3]  # the gated-prefetch column, measured
+    assert "failed" not in gated and gated.count("/") == 2, rows[0]
+
+
 def test_serve_bench_smoke_at_gpt_oss_shapes(tmp_path):
     """The GPT-OSS-shaped model is written as the Hub stores it (MXFP4 experts), transformers
     loads it (its baseline runs), and our packed MXFP4 slots fit every expert in the budget
