@@ -46,7 +46,7 @@ def sort_by_expert(
     T, k = expert_ids.shape
     flat = expert_ids.reshape(-1)
     if dropped is not None:
-        flat = torch.where(dropped.reshape(-1), num_experts, flat)
+        flat = flat.masked_fill(dropped.reshape(-1), num_experts)
     pair_idx, token_idx, sorted_expert, offsets, slot_rows = get_backend(
         backend, flat.device).sort_pairs(flat, num_experts, k)
     return Dispatch(

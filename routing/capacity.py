@@ -29,6 +29,7 @@ def capacity_drop_mask(
     capacity: int,
     policy: str = "position",
     skip: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """expert_ids [T, k], weights [T, k] -> dropped [T, k] bool.
 
@@ -36,23 +37,28 @@ def capacity_drop_mask(
     "position": every token's first choice outranks any second choice, then earlier tokens
     outrank later ones (GShard / Switch). "probs": higher weight first, ties by position.
     skip [T, k] bool: slots that take no capacity (left empty by the router); never dropped.
+    The ranks come from the stable counting sort by expert that dispatch uses (the kernels'
+    backend: Triton kernels on CUDA): a slot's rank is its sorted row less its expert's first.
     """
-    T, k = expert_ids.shape
-    # Slot (t, j) in slot-major order: index j * T + t; skipped slots go to a bucket E of their own
-    flat_e = expert_ids if skip is None else expert_ids.masked_fill(skip, num_experts)
-    flat_e = flat_e.t().reshape(-1)
-    n = flat_e.numel()
-    if policy == "position":
-        order = torch.arange(n, device=flat_e.device)
-    elif policy == "probs":
-        order = torch.argsort(-weights.detach().t().reshape(-1), stable=True)
-    else:
+    from kernels import sort_by_expert
+
+    if policy not in ("position", "probs"):
         raise ValueError(f"drop_policy must be position or probs, got {policy!r}")
-    by_expert = order[torch.argsort(flat_e[order], stable=True)]  # expert-major, priority within
-    counts = count_per_expert(flat_e, num_experts + 1)
-    starts = torch.cumsum(counts, 0) - counts
-    e_sorted = flat_e[by_expert]
-    rank = torch.arange(n, device=flat_e.device) - starts[e_sorted]
-    dropped_flat = torch.empty(n, dtype=torch.bool, device=flat_e.device)
-    dropped_flat[by_expert] = (rank >= capacity) & (e_sorted < num_experts)
-    return dropped_flat.view(k, T).t()
+    T, k = expert_ids.shape
+    # Slot (t, j) in slot-major order: index j * T + t
+    flat_e = expert_ids.t().reshape(-1, 1)
+    flat_skip = None if skip is None else skip.t().reshape(-1, 1)
+    order = None
+    if policy == "probs":  # priority order: higher weight first, ties by position
+        order = torch.argsort(-weights.detach().t().reshape(-1), stable=True)
+        flat_e = flat_e[order]
+        flat_skip = None if flat_skip is None else flat_skip[order]
+    # skipped slots are sorted into bucket E, after every expert's: they rank nowhere
+    d = sort_by_expert(flat_e, num_experts, flat_skip, backend)
+    rank = d.slot_rows - d.expert_offsets[flat_e[:, 0]]
+    lost = rank >= capacity
+    if flat_skip is not None:
+        lost &= ~flat_skip[:, 0]
+    if order is not None:
+        lost = torch.empty_like(lost).scatter_(0, order, lost)
+    return lost.view(k, T).t()

@@ -82,13 +82,20 @@ class Router(nn.Module):
             dropped = torch.zeros_like(expert_ids, dtype=torch.bool)
             tokens_per_expert = count_per_expert(expert_ids, E) if counts is None else counts
             frac = torch.zeros((), device=weights.device)
+        elif unused is None and counts is not None and T > 0:  # capacity over every slot
+            cap = expert_capacity(T, k, E, self.cfg.capacity_factor)
+            dropped = capacity_drop_mask(expert_ids, weights, E, cap, self.cfg.drop_policy,
+                                         backend=getattr(self, "backend", "auto"))
+            weights = weights.masked_fill(dropped, 0.0)
+            tokens_per_expert = counts.clamp(max=cap)  # an expert keeps its first cap slots
+            frac = (counts - tokens_per_expert).sum() / (T * k)
         else:
             used = torch.ones_like(expert_ids, dtype=torch.bool) if unused is None else ~unused
             lost = torch.zeros_like(used)
             if self.cfg.capacity_factor is not None and T > 0:
                 cap = expert_capacity(T, k, E, self.cfg.capacity_factor)
                 lost = capacity_drop_mask(expert_ids, weights, E, cap, self.cfg.drop_policy,
-                                          skip=~used)
+                                          skip=unused, backend=getattr(self, "backend", "auto"))
             dropped = lost | ~used
             weights = weights.masked_fill(dropped, 0.0)
             tokens_per_expert = count_per_expert(expert_ids, E, ~dropped)

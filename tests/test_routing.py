@@ -113,6 +113,41 @@ def test_capacity_skips_slots_the_router_left_empty():
     assert dropped.tolist() == [[False, False], [False, False], [False, True], [True, False]]
 
 
+def naive_capacity_drop(ids, w, E, cap, policy, skip):
+    """Slot by slot in priority order (position: slot-major; probs: weight, then position),
+    each expert keeping its first cap slots that are not skipped."""
+    T, k = ids.shape
+    slots = [(j * T + t, t, j) for j in range(k) for t in range(T)]
+    if policy == "probs":
+        slots.sort(key=lambda s: (-w[s[1], s[2]].item(), s[0]))
+    taken, dropped = [0] * E, torch.zeros(T, k, dtype=torch.bool)
+    for _, t, j in slots:
+        if skip is not None and skip[t, j]:
+            continue
+        e = ids[t, j].item()
+        dropped[t, j] = taken[e] >= cap
+        taken[e] += 1
+    return dropped
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("policy", ["position", "probs"])
+@pytest.mark.parametrize("T,E,k,with_skip", [(37, 8, 2, False), (50, 16, 4, True),
+                                              (9, 4, 1, False), (0, 4, 2, False)])
+def test_capacity_drop_mask_matches_a_slot_by_slot_loop(T, E, k, with_skip, policy, backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(T * 100 + E + k)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else \
+        torch.zeros(0, k, dtype=torch.int64)
+    ids = torch.where(torch.rand(T, k, generator=g) < 0.5, ids % 2, ids)  # skewed: 0 and 1
+    w = torch.rand(T, k, generator=g)
+    skip = torch.rand(T, k, generator=g) < 0.3 if with_skip else None
+    cap = expert_capacity(max(T, 1), k, E, 0.7)
+    got = capacity_drop_mask(ids, w, E, cap, policy, skip, backend=backend)
+    assert torch.equal(got, naive_capacity_drop(ids, w, E, cap, policy, skip))
+
+
 def test_threshold_routing_by_hand():
     """Each token takes its best experts until their probability reaches the threshold."""
     r = build_router(RouterConfig(kind="threshold", top_k=3, threshold=0.6), 3, 4).double()
