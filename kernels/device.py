@@ -4,6 +4,7 @@ not make the peak look low). MFU in training and S-MFU / S-MBU in serving divide
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -39,8 +40,10 @@ def _best_rate(work: float, fn: Callable[[], None], device: torch.device,
     return best
 
 
+@functools.cache
 def peak_flops(device: torch.device) -> tuple[float, str]:
-    """(peak FLOP/s, where it comes from): datasheet, or a measured fp32 1024^3 matmul."""
+    """(peak FLOP/s, where it comes from): datasheet, or a measured fp32 1024^3 matmul
+    (measured once a process)."""
     known = _datasheet(device)
     if known is not None:
         return known[0][0], known[1]
@@ -48,8 +51,10 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
     return _best_rate(2 * 1024**3, lambda: a @ a, device), "measured (fp32 matmul)"
 
 
+@functools.cache
 def peak_bandwidth(device: torch.device) -> tuple[float, str]:
-    """(peak memory bytes/s, where it comes from): datasheet, or a measured 64 MiB copy."""
+    """(peak memory bytes/s, where it comes from): datasheet, or a measured 64 MiB copy
+    (measured once a process)."""
     known = _datasheet(device)
     if known is not None:
         return known[0][1], known[1]
