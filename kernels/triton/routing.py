@@ -205,7 +205,7 @@ def _block_hist_kernel(IDS, HIST, M, E1, BLOCK: tl.constexpr, E_PAD: tl.constexp
     """HIST[b, e] = pairs of block b with expert e (e in [0, E], E = dropped)."""
     b = tl.program_id(0)
     i = b * BLOCK + tl.arange(0, BLOCK)
-    e = tl.load(IDS + i, mask=i < M, other=E_PAD)
+    e = tl.load(IDS + i, mask=i < M, other=E_PAD).to(tl.int32)
     cols = tl.arange(0, E_PAD)
     counts = tl.sum((e[:, None] == cols[None, :]).to(tl.int32), 0)
     tl.store(HIST + b * E1 + cols, counts, mask=cols < E1)
@@ -240,7 +240,7 @@ def _place_kernel(IDS, START, TOTAL, OFFSETS, OUT_PAIR, OUT_TOKEN, OUT_EXPERT, O
         tl.store(OFFSETS + cols, offsets, mask=cols < E1)
     i = b * BLOCK + tl.arange(0, BLOCK)
     ok = i < M
-    e = tl.load(IDS + i, mask=ok, other=E_PAD)
+    e = tl.load(IDS + i, mask=ok, other=E_PAD).to(tl.int32)
     onehot = (e[:, None] == cols[None, :]).to(tl.int32)
     before = tl.sum((tl.cumsum(onehot, 0) - onehot) * onehot, 1)
     first = tl.sum(tl.where(onehot != 0, offsets[None, :], 0), 1)
