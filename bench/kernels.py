@@ -493,6 +493,10 @@ def breakdown(shape, T, dtype, device) -> str:
                                                                     renorm, 1.0), None),
         ("top-k routing: torch ops", lambda: ref_ops.topk_route_fwd(logits, None, k, False,
                                                                      renorm, 1.0), None),
+        ("router losses: fused kernels", lambda: tri.router_losses_fwd(
+            logits, r.expert_ids, False, True), None),
+        ("router losses: torch ops", lambda: ref_ops.router_losses_fwd(
+            logits, r.expert_ids, False, True), None),
         ("sort by expert: counting-sort kernels", lambda: tri.sort_pairs(flat, E, k), None),
         ("sort by expert: torch.sort + bincount", lambda: ref_ops.sort_pairs(flat, E, k),
          None),
