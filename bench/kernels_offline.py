@@ -138,7 +138,8 @@ def launches() -> Iterator[tuple[str, Callable[[], object]]]:
             (f"router losses E={E} k={k} fwd", partial(
                 router_loss.router_losses_fwd, logits, sel, sigmoid, not sigmoid)),
             (f"router losses E={E} k={k} bwd", partial(
-                router_loss.router_losses_bwd, logits, torch.rand(E, generator=g), k,
+                router_loss.router_losses_bwd, logits,
+                torch.randint(0, TOKENS, (1, E), generator=g), k,
                 *torch.rand(3, generator=g).unbind(), sigmoid, not sigmoid)),
             (f"sort E={E} k={k}", partial(routing.sort_pairs, torch.randint(
                 0, E, (TOKENS * k,), generator=g), E, k)),

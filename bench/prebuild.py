@@ -47,7 +47,7 @@ def layer_launches(shape: tuple, tokens: int) -> Iterator[tuple[str, Callable[[]
     xg, y = torch.empty(M, d, dtype=bf), torch.empty(M, d, dtype=bf)
     h, a = torch.empty(M, 2 * f, dtype=bf), torch.empty(M, f, dtype=bf)
     w_in, w_out = torch.empty(E, 2 * f, d, dtype=bf), torch.empty(E, d, f, dtype=bf)
-    counts = torch.bincount(ids.reshape(-1), minlength=E)
+    counts = torch.bincount(ids.reshape(-1), minlength=E)[None]  # one sequence: the batch
     grad = torch.ones(())
     s2s, tma = grouped_mm._launch, grouped_tma.scatter2scatter
     yield from [

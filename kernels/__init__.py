@@ -88,7 +88,7 @@ def topk_route(logits: torch.Tensor, k: int, score: str = "softmax", renormalize
 
 
 def router_losses(logits: torch.Tensor, expert_ids: torch.Tensor, score: str = "softmax",
-                  entropy: bool = False, backend: str = "auto"
+                  entropy: bool = False, backend: str = "auto", seq_len: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [T, E], expert_ids [T, k] -> (aux, z, entropy, counts): 0-dim losses of a
     token-choice router (float32; float64 for float64 logits), differentiable in the logits,
@@ -96,7 +96,9 @@ def router_losses(logits: torch.Tensor, expert_ids: torch.Tensor, score: str = "
 
     aux: the Switch load-balancing loss over the batch, E * sum_e f_e P_e with f_e the share
     of the T * k slots that chose e and P_e the mean probability of e (softmax, or for score
-    "sigmoid" the sigmoid scores over their row sum); z: mean logsumexp(logits)^2; entropy:
+    "sigmoid" the sigmoid scores over their row sum); with seq_len, f and P are taken per
+    sequence of seq_len consecutive tokens and the loss averaged over sequences (DeepSeek-V3's
+    sequence-wise balance loss); z: mean logsumexp(logits)^2; entropy:
     the mean entropy of the softmax (0 unless asked). The same values as routing.losses'
     switch_aux_loss, router_z_loss and router_entropy, in three kernels on the Triton backend.
     """
@@ -105,7 +107,11 @@ def router_losses(logits: torch.Tensor, expert_ids: torch.Tensor, score: str = "
     if logits.dim() != 2 or expert_ids.dim() != 2 or expert_ids.shape[0] != logits.shape[0]:
         raise ValueError(f"need logits [T, E] and expert_ids [T, k], got {tuple(logits.shape)} "
                          f"and {tuple(expert_ids.shape)}")
+    T = logits.shape[0]
+    if seq_len is not None and (seq_len < 1 or T % seq_len):
+        raise ValueError(f"{T} tokens do not split into sequences of length {seq_len}")
     return RouterLosses.apply(logits, expert_ids, score == "sigmoid", entropy,
+                              None if seq_len == T else seq_len,
                               get_backend(backend, logits.device))
 
 

@@ -101,12 +101,14 @@ class TopKRoute(torch.autograd.Function):
 class RouterLosses(torch.autograd.Function):
     """logits [T, E], expert_ids [T, k] -> (aux, z, entropy) scalars, differentiable in the
     logits (the selection counts held fixed), and the counts [E] int64; saves the logits and
-    the counts."""
+    each sequence's counts."""
 
     @staticmethod
-    def forward(ctx, logits, ids, sigmoid: bool, entropy: bool, backend: ModuleType):
-        aux, z, ent, counts = backend.router_losses_fwd(logits, ids, sigmoid, entropy)
-        ctx.save_for_backward(logits, counts)
+    def forward(ctx, logits, ids, sigmoid: bool, entropy: bool, seq_len: int | None,
+                backend: ModuleType):
+        aux, z, ent, counts, seq_counts = backend.router_losses_fwd(logits, ids, sigmoid,
+                                                                    entropy, seq_len)
+        ctx.save_for_backward(logits, seq_counts)
         ctx.meta = (ids.shape[1], sigmoid, entropy, backend)
         ctx.mark_non_differentiable(counts)
         ctx.set_materialize_grads(False)  # a loss left out of the objective costs no zeros
@@ -114,15 +116,16 @@ class RouterLosses(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, daux, dz, dent, _dcounts):
-        logits, counts = ctx.saved_tensors
+        logits, seq_counts = ctx.saved_tensors
         k, sigmoid, entropy, backend = ctx.meta
         used = [g for g in (daux, dz, dent) if g is not None]
         if not used:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         if daux is None or dz is None:
             zero = torch.zeros_like(used[0])
             daux, dz = (zero if g is None else g for g in (daux, dz))
         if dent is None:  # its term is left out (and dent not read)
             dent, entropy = daux, False
-        dl = backend.router_losses_bwd(logits, counts, k, daux, dz, dent, sigmoid, entropy)
-        return dl, None, None, None, None
+        dl = backend.router_losses_bwd(logits, seq_counts, k, daux, dz, dent, sigmoid,
+                                       entropy)
+        return dl, None, None, None, None, None

@@ -219,42 +219,53 @@ def _loss_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _router_losses(logits: torch.Tensor, counts: torch.Tensor, k: int, sigmoid: bool,
+def _router_losses(logits: torch.Tensor, seq_counts: torch.Tensor, k: int, sigmoid: bool,
                    entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """aux, z, entropy of logits [T, E] (T > 0) given each expert's selection counts [E]."""
+    """aux, z, entropy of logits [T, E] (T > 0) given each sequence's selection counts
+    [T / seq_len, E] (one row: the batch)."""
     x = logits.to(_loss_dtype(logits))
     T, E = x.shape
+    n = seq_counts.shape[0]
     p = torch.softmax(x, dim=-1)
     q = p if not sigmoid else torch.sigmoid(x) / torch.sigmoid(x).sum(-1, keepdim=True)
-    aux = (counts.to(x.dtype) * q.mean(0)).sum() * (E / (T * k))
+    mass = q.view(n, T // n, E).mean(1)  # [n, E]: mean probability per sequence
+    aux = (seq_counts.to(x.dtype) * mass).sum() * (E / (T // n * k)) / n
     z = torch.logsumexp(x, dim=-1).square().mean()
     ent = -(p * torch.log(p.clamp(min=1e-20))).sum(-1).mean() if entropy else x.new_zeros(())
     return aux, z, ent
 
 
-def router_losses_fwd(logits: torch.Tensor, ids: torch.Tensor, sigmoid: bool, entropy: bool
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [T, E], ids [T, k] -> aux (Switch, batch-wise), z, entropy (0 unless asked),
-    the per-expert selection counts [E] int64; see kernels.router_losses (float64 logits:
+def router_losses_fwd(logits: torch.Tensor, ids: torch.Tensor, sigmoid: bool, entropy: bool,
+                      seq_len: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                 torch.Tensor]:
+    """logits [T, E], ids [T, k] -> aux (Switch: over the batch, or per sequence of seq_len
+    tokens and averaged), z, entropy (0 unless asked), the per-expert selection counts [E]
+    int64 and each sequence's [T / seq_len, E]; see kernels.router_losses (float64 logits:
     float64 losses)."""
     T, E = logits.shape
-    counts = torch.zeros(E, dtype=torch.int64, device=logits.device)
-    counts.scatter_add_(0, ids.reshape(-1), torch.ones_like(ids.reshape(-1)))
+    n = T // (seq_len or max(T, 1))
+    seq_counts = torch.zeros(n, E, dtype=torch.int64, device=logits.device)
+    seq = torch.arange(T, device=logits.device) // (seq_len or max(T, 1))
+    seq_counts.view(-1).scatter_add_(0, (seq[:, None] * E + ids).reshape(-1),
+                                     torch.ones_like(ids.reshape(-1)))
+    counts = seq_counts.sum(0)
     if T == 0:
         zero = torch.zeros((), dtype=_loss_dtype(logits), device=logits.device)
-        return zero, zero.clone(), zero.clone(), counts
-    return (*_router_losses(logits, counts, ids.shape[1], sigmoid, entropy), counts)
+        return zero, zero.clone(), zero.clone(), counts, seq_counts
+    return (*_router_losses(logits, seq_counts, ids.shape[1], sigmoid, entropy), counts,
+            seq_counts)
 
 
-def router_losses_bwd(logits: torch.Tensor, counts: torch.Tensor, k: int, daux: torch.Tensor,
-                      dz: torch.Tensor, dent: torch.Tensor, sigmoid: bool, entropy: bool
-                      ) -> torch.Tensor:
+def router_losses_bwd(logits: torch.Tensor, seq_counts: torch.Tensor, k: int,
+                      daux: torch.Tensor, dz: torch.Tensor, dent: torch.Tensor, sigmoid: bool,
+                      entropy: bool) -> torch.Tensor:
     """The losses' gradients (0-dim) -> d(logits) [T, E]."""
     if logits.shape[0] == 0:
         return torch.zeros_like(logits)
     with torch.enable_grad():
         x = logits.detach().requires_grad_(True)
-        losses = _router_losses(x, counts, k, sigmoid, entropy)[:3 if entropy else 2]
+        losses = _router_losses(x, seq_counts, k, sigmoid, entropy)[:3 if entropy else 2]
         (dl,) = torch.autograd.grad(losses, x, [g.to(x.dtype) for g in (daux, dz, dent)][
             :len(losses)])
     return dl.to(logits.dtype)

@@ -157,15 +157,14 @@ class TopKRouter(Router):
             )
         logits = self._gate_logits(x)
         softmax = cfg.score == "softmax"
-        if cfg.kind == "topk" and cfg.aux_loss_type == "micro_batch":
-            # the batch-wise losses of every slot: fused (three kernels on Triton)
+        seq = seq_len if cfg.aux_loss_type == "sequence" else None
+        if cfg.kind == "topk":  # the losses of every slot: fused (three kernels on Triton)
             expert_ids, weights, _, unused = self._select(logits, with_probs=False)
             aux, z, entropy, counts = router_losses(logits, expert_ids, cfg.score, softmax,
-                                                    self.backend)
+                                                    self.backend, seq)
             return self._finish(expert_ids, weights, aux, z, logits, unused,
                                 entropy if softmax else None, counts)
         expert_ids, weights, probs, unused = self._select(logits)
-        seq = seq_len if cfg.aux_loss_type == "sequence" else None
         aux = switch_aux_loss(probs, expert_ids, self.num_experts, seq,
                               None if unused is None else ~unused)
         entropy = router_entropy(probs) if softmax else None

@@ -196,36 +196,46 @@ def test_reference_and_triton_routers_agree_inside_the_layer():
         assert err < 1e-5, f"seed {seed}: {name} rel. error {err:.2e}"
 
 
-LOSS_CASES = [  # (T, E, k, sigmoid, logit scale)
-    (13, 4, 2, False, 1.0),
-    (37, 8, 2, False, 3.0),
-    (300, 256, 8, False, 1.0),  # 19 blocks of rows: the finishing program loops twice
-    (70, 128, 8, True, 2.0),
-    (21, 64, 6, True, 1.0),
-    (9, 16, 4, False, 100.0),  # probabilities that underflow to 0: entropy's clamp
-    (5, 1, 1, True, 1.0),
-    (0, 8, 2, False, 1.0),
+LOSS_CASES = [  # (T, E, k, sigmoid, logit scale, sequence length or None: the batch)
+    (13, 4, 2, False, 1.0, None),
+    (37, 8, 2, False, 3.0, None),
+    (300, 256, 8, False, 1.0, None),  # 19 blocks of rows: the finishing program loops twice
+    (70, 128, 8, True, 2.0, None),
+    (21, 64, 6, True, 1.0, None),
+    (9, 16, 4, False, 100.0, None),  # probabilities that underflow to 0: entropy's clamp
+    (5, 1, 1, True, 1.0, None),
+    (0, 8, 2, False, 1.0, None),
+    (40, 8, 2, False, 1.0, 8),  # sequence-wise aux loss: 5 sequences of 8
+    (300, 256, 8, False, 1.0, 100),  # 7 blocks a sequence, the last one partial
+    (70, 128, 8, True, 2.0, 35),
+    (12, 4, 2, False, 1.0, 12),  # one sequence: the batch
+    (0, 8, 2, True, 1.0, 4),
 ]
 
 
-def losses64(logits, ids, sigmoid):
-    """Switch aux (batch-wise), z and softmax entropy written out in float64."""
+def losses64(logits, ids, sigmoid, seq=None):
+    """Switch aux (over the batch, or per sequence of seq tokens and averaged), z and softmax
+    entropy, written out in float64."""
     T, E = logits.shape
     k = ids.shape[1]
     p = torch.softmax(logits, -1)
     q = torch.sigmoid(logits) / torch.sigmoid(logits).sum(-1, keepdim=True) if sigmoid else p
-    f = torch.stack([(ids == e).sum() for e in range(E)]).double() / (T * k)
-    aux = E * (f * q.mean(0)).sum()
+    seq = seq or T
+    aux = 0.0
+    for a in range(0, T, seq):
+        f = torch.stack([(ids[a:a + seq] == e).sum() for e in range(E)]).double() / (seq * k)
+        aux = aux + E * (f * q[a:a + seq].mean(0)).sum() / (T // seq)
     z = torch.logsumexp(logits, -1).pow(2).mean()
     ent = -(p * p.clamp(min=1e-20).log()).sum(-1).mean()
     return aux, z, ent
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("T,E,k,sigmoid,scale", LOSS_CASES)
-def test_fused_router_losses_forward_and_backward(T, E, k, sigmoid, scale, backend):
-    """kernels.router_losses: the aux, z and entropy losses and their logit gradient (the
-    selection held fixed) against float64 formulas; also equal to routing.losses."""
+@pytest.mark.parametrize("T,E,k,sigmoid,scale,seq", LOSS_CASES)
+def test_fused_router_losses_forward_and_backward(T, E, k, sigmoid, scale, seq, backend):
+    """kernels.router_losses: the aux (batch- or sequence-wise), z and entropy losses and
+    their logit gradient (the selection held fixed) against float64 formulas; also equal to
+    routing.losses."""
     from routing.losses import router_entropy, router_z_loss, switch_aux_loss
 
     seed, g = seeded()
@@ -234,7 +244,7 @@ def test_fused_router_losses_forward_and_backward(T, E, k, sigmoid, scale, backe
         torch.zeros(0, k, dtype=torch.int64)
     x = logits.float().to(DEVICE).requires_grad_(True)
     *got, counts = router_losses(x, ids.to(DEVICE), "sigmoid" if sigmoid else "softmax", True,
-                                 backend=backend)
+                                 backend=backend, seq_len=seq)
     assert torch.equal(counts.cpu(), torch.bincount(ids.reshape(-1), minlength=E))
     dl = torch.randn(3, generator=g, dtype=torch.float64)
     (sum(v * c for v, c in zip(got, dl.float().to(DEVICE), strict=True))).backward()
@@ -242,7 +252,7 @@ def test_fused_router_losses_forward_and_backward(T, E, k, sigmoid, scale, backe
         assert [v.item() for v in got] == [0.0, 0.0, 0.0] and x.grad.shape == (0, E)
         return
     x64 = logits.clone().requires_grad_(True)
-    want = losses64(x64, ids, sigmoid)
+    want = losses64(x64, ids, sigmoid, seq)
     (sum(v * c for v, c in zip(want, dl, strict=True))).backward()
     for name, a, b in zip(("aux", "z", "entropy"), got, want, strict=True):
         # relative, or absolute below 0.01: a near one-hot softmax's entropy (scale 100)
@@ -255,7 +265,7 @@ def test_fused_router_losses_forward_and_backward(T, E, k, sigmoid, scale, backe
     assert err < 1e-5, f"seed {seed}: logit grad rel. error {err:.2e}"
     s = torch.sigmoid(logits) if sigmoid else None
     probs = s / s.sum(-1, keepdim=True) if sigmoid else torch.softmax(logits, -1)
-    oracle = (switch_aux_loss(probs, ids, E), router_z_loss(logits),
+    oracle = (switch_aux_loss(probs, ids, E, seq), router_z_loss(logits),
               router_entropy(torch.softmax(logits, -1)))
     for a, b in zip(want, oracle, strict=True):
         assert abs(a.item() - b.item()) <= 1e-12 * max(1.0, abs(b.item()))
@@ -285,3 +295,5 @@ def test_router_losses_refuse_bad_shapes():
         router_losses(torch.zeros(2, 4), torch.zeros(2, 1, dtype=torch.int64), "tanh")
     with pytest.raises(ValueError, match=r"expert_ids \[T, k\]"):
         router_losses(torch.zeros(2, 4), torch.zeros(3, 1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="sequences of length 4"):
+        router_losses(torch.zeros(6, 4), torch.zeros(6, 1, dtype=torch.int64), seq_len=4)
