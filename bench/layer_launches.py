@@ -129,6 +129,8 @@ def count(d: int, E: int, ffn: int, router: dict, tokens: int = 64) -> Counter:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--label", default="this commit", help="names the code measured")
+    p.add_argument("--tokens", type=int, default=64,
+                   help="tokens a step (the counts do not depend on it; fewer run faster)")
     p.add_argument("--out", default="bench/RESULTS.md")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -138,13 +140,13 @@ def main(argv=None) -> None:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU kernels
     rows = []
     for name, (d, E, ffn, router) in CASES.items():
-        c = count(d, E, ffn, router)
+        c = count(d, E, ffn, router, a.tokens)
         rows.append([a.label, name, str(c["torch"] + c["triton"]), str(c["torch"]),
                      str(c["triton"]), str(c["wait"])])
         print(f"| {' | '.join(rows[-1])} |", file=sys.stderr, flush=True)
     body = ("One MoE layer's forward and backward (aux and z losses included, validate=False, "
-            "64 tokens, after a warm-up step) on the Triton backend: device kernels the host "
-            "launches, and ops that wait for the device.\n\n" + markdown_table(
+            f"{a.tokens} tokens, after a warm-up step) on the Triton backend: device kernels "
+            "the host launches, and ops that wait for the device.\n\n" + markdown_table(
                 ["code", "layer", "launches", "torch ops", "Triton kernels", "host waits"],
                 rows) + "\n")
     print(body)
