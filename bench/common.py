@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import platform
 import shlex
+import shutil
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -130,3 +134,13 @@ def append_results(path: str | None, title: str, command: str, device: torch.dev
     if path:
         with open(path, "a") as fh:
             fh.write(results_block(title, command, device, body))
+
+
+def scratch_dir(path: str | None, prefix: str) -> Path:
+    """`path` (kept), or a new temporary folder that is deleted when the process exits, also
+    after an error or a time limit's SIGTERM: a benchmark's random model can take gigabytes."""
+    if path:
+        return Path(path)
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import signal
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -39,6 +37,7 @@ from bench.common import (
     append_results,
     command_line,
     markdown_table,
+    scratch_dir,
     stop_on_sigterm,
 )
 from moe.config import MLAConfig, ModelConfig, MoEConfig
@@ -341,7 +340,7 @@ def main(argv=None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     mcfg, family, shape = bench_model(a.shape, a.layers, a.smoke)
-    root = Path(a.dir or tempfile.mkdtemp(prefix="moe-serve-bench-"))
+    root = scratch_dir(a.dir, "moe-serve-bench-")
     print(f"writing a {a.layers}-layer random model to {root}", file=sys.stderr)
     if a.fp8 and family == "gpt_oss":
         p.error("--fp8 writes per-expert FP8 weights; gpt-oss-20b stores MXFP4")
@@ -446,8 +445,6 @@ def main(argv=None) -> None:
                    command_line("bench.serve", argv), device, body)
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(records, indent=1))
-    if not a.dir:
-        shutil.rmtree(root, ignore_errors=True)
     if stopped:
         raise SystemExit(128 + signal.SIGTERM)
 

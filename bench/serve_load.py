@@ -19,13 +19,10 @@ from __future__ import annotations
 
 import argparse
 import random
-import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -34,6 +31,7 @@ from bench.common import (
     append_results,
     command_line,
     markdown_table,
+    scratch_dir,
     stop_on_sigterm,
 )
 from bench.serve import SHAPES, bench_model, write_model
@@ -129,7 +127,7 @@ def main(argv=None) -> None:
     rate = a.rate or (8.0 if device.type == "cpu" else 2.0)
     prompt = tuple(int(x) for x in a.prompt_len.split(","))
     new = tuple(int(x) for x in a.new_tokens.split(","))
-    root = Path(a.dir or tempfile.mkdtemp(prefix="moe-serve-load-"))
+    root = scratch_dir(a.dir, "moe-serve-load-")
     print(f"writing a {a.layers}-layer random model to {root}", file=sys.stderr)
     write_model(root, mcfg, family, dtype)
     jobs = workload(a.requests, rate, shape["vocab_size"], prompt, new)
@@ -171,8 +169,6 @@ def main(argv=None) -> None:
             + (f"**Partial**: {stopped}.\n\n" if stopped else "") + table)
     append_results(a.out, "Serving under load (bench/serve_load.py)",
                    command_line("bench.serve_load", argv), device, body)
-    if not a.dir:
-        shutil.rmtree(root, ignore_errors=True)
     if stopped:
         raise SystemExit(128 + signal.SIGTERM)
 

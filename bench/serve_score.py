@@ -17,15 +17,12 @@ largest score difference from the whole reads.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from bench.common import append_results, command_line, markdown_table
+from bench.common import append_results, command_line, markdown_table, scratch_dir
 from bench.serve import SHAPES, bench_model, write_model
 from serve.config import CACHE_POLICIES, ServeConfig
 from serve.generate import generate
@@ -88,7 +85,7 @@ def main(argv=None) -> None:
     if max_context > mcfg.max_seq_len:
         raise SystemExit(f"a prompt needs {max_context} tokens of context; the model has "
                          f"{mcfg.max_seq_len}")
-    root = Path(a.dir or tempfile.mkdtemp(prefix="moe-serve-score-"))
+    root = scratch_dir(a.dir, "moe-serve-score-")
     print(f"writing a {a.layers}-layer random model to {root}", file=sys.stderr)
     write_model(root, mcfg, family, dtype)
     store = WeightStore(root, dtype, "none", pin=cuda, host_budget=None if cuda else 0,
@@ -137,8 +134,6 @@ def main(argv=None) -> None:
     print(body)
     append_results(a.out, "Scoring continuations: scored prefix reuse (bench/serve_score.py)",
                    command_line("bench.serve_score", argv), device, body)
-    if not a.dir:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

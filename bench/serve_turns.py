@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from bench.common import append_results, command_line, markdown_table
+from bench.common import append_results, command_line, markdown_table, scratch_dir
 from bench.serve import SHAPES, bench_model, write_model
 from serve.config import CACHE_POLICIES, ServeConfig
 from serve.generate import DecodeBatch, generate
@@ -97,7 +95,7 @@ def main(argv=None) -> None:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     mcfg, family, _ = bench_model(a.shape, a.layers, a.smoke)
-    root = Path(a.dir or tempfile.mkdtemp(prefix="moe-serve-turns-"))
+    root = scratch_dir(a.dir, "moe-serve-turns-")
     print(f"writing a {a.layers}-layer random model to {root}", file=sys.stderr)
     write_model(root, mcfg, family, dtype)
     length = a.first_tokens + (a.turns - 1) * (a.answer_tokens + a.message_tokens)

@@ -371,3 +371,22 @@ def test_layer_launches_bench_counts_no_host_waits(tmp_path):
             if line.startswith("| this commit |")]
     assert len(rows) == 4 and all(r[-1] == "0 |" for r in rows), rows
     assert all(int(r[2]) > int(r[4]) > 0 for r in rows), rows  # launches > Triton kernels
+
+
+def test_scratch_dir_is_removed_when_the_process_exits(tmp_path):
+    """A benchmark's temporary model folder (gigabytes at real shapes) goes when its process
+    ends, also after an error; a folder the user named stays."""
+    script = ("import sys\nfrom bench.common import scratch_dir\n"
+              "r = scratch_dir(None, 'moe-test-')\n(r / 'w').write_text('x')\nprint(r)\n"
+              "kept = scratch_dir(sys.argv[1], 'moe-test-')\n(kept / 'w').write_text('x')\n"
+              "if sys.argv[2] == 'fail':\n    raise RuntimeError('boom')\n")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    for how in ("ok", "fail"):
+        kept = tmp_path / how
+        kept.mkdir()
+        p = subprocess.run([sys.executable, "-c", script, str(kept), how], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == (1 if how == "fail" else 0), p.stderr[-2000:]
+        made = p.stdout.strip().splitlines()[-1]
+        assert made.startswith("/") and not os.path.exists(made), made
+        assert (kept / "w").exists()
