@@ -214,8 +214,9 @@ def topk_route_bwd(logits: torch.Tensor, ids: torch.Tensor, w: torch.Tensor,
     return dl.to(logits.dtype)
 
 
-def _loss_dtype(logits: torch.Tensor) -> torch.dtype:
-    """The router losses' dtype: float64 for float64 logits, else float32."""
+def loss_dtype(logits: torch.Tensor) -> torch.dtype:
+    """The router losses' dtype, on every backend: float64 for float64 logits, else
+    float32."""
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
@@ -223,7 +224,7 @@ def _router_losses(logits: torch.Tensor, seq_counts: torch.Tensor, k: int, sigmo
                    entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """aux, z, entropy of logits [T, E] (T > 0) given each sequence's selection counts
     [T / seq_len, E] (one row: the batch)."""
-    x = logits.to(_loss_dtype(logits))
+    x = logits.to(loss_dtype(logits))
     T, E = x.shape
     n = seq_counts.shape[0]
     p = torch.softmax(x, dim=-1)
@@ -251,7 +252,7 @@ def router_losses_fwd(logits: torch.Tensor, ids: torch.Tensor, sigmoid: bool, en
                                      torch.ones_like(ids.reshape(-1)))
     counts = seq_counts.sum(0)
     if T == 0:
-        zero = torch.zeros((), dtype=_loss_dtype(logits), device=logits.device)
+        zero = torch.zeros((), dtype=loss_dtype(logits), device=logits.device)
         return zero, zero.clone(), zero.clone(), counts, seq_counts
     return (*_router_losses(logits, seq_counts, ids.shape[1], sigmoid, entropy), counts,
             seq_counts)

@@ -17,7 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.reference import loss_dtype
 from kernels.triton import common
+from kernels.triton.routing import row_blocks
 
 
 @triton.jit
@@ -139,11 +141,6 @@ def _loss_bwd_kernel(L, SEQ_COUNTS, DAUX, DZ, DENT, DL, T, S, E, stride_l, strid
              dl.to(DL.dtype.element_ty), mask=valid)
 
 
-def _meta(E: int) -> tuple[int, int]:
-    e_pad = max(2, triton.next_power_of_2(E))
-    return e_pad, max(1, min(64, 4096 // e_pad))
-
-
 def _aux_scale(T: int, S: int, k: int, E: int) -> float:
     """aux = E / (S k S) * sum_e counts_ne mass_ne, averaged over the T / S sequences."""
     return E / (S * k * S) / (T // S)
@@ -162,13 +159,12 @@ def router_losses_fwd(logits: torch.Tensor, ids: torch.Tensor, sigmoid: bool, en
     k = ids.shape[1]
     S = seq_len or max(T, 1)
     dev = logits.device
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    aux, z, ent = (common.empty((), dtype=dtype, device=dev) for _ in range(3))
+    aux, z, ent = (common.empty((), dtype=loss_dtype(logits), device=dev) for _ in range(3))
     counts = common.empty_index(E, device=dev)
     seq_counts = common.empty_index(T // S, E, device=dev)
     if T == 0:
         return aux.zero_(), z.zero_(), ent.zero_(), counts.zero_(), seq_counts
-    e_pad, block = _meta(E)
+    e_pad, block = row_blocks(E)
     nbs, nseq = common.cdiv(S, block), T // S
     psum = torch.empty(nseq * nbs, E, dtype=torch.float32, device=dev)  # every entry written
     cnt = torch.empty(nseq * nbs, E, dtype=torch.float32, device=dev)
@@ -193,7 +189,7 @@ def router_losses_bwd(logits: torch.Tensor, seq_counts: torch.Tensor, k: int,
     if T == 0:
         return dl
     S = T // seq_counts.shape[0]
-    e_pad, block = _meta(E)
+    e_pad, block = row_blocks(E)
     _loss_bwd_kernel[(common.cdiv(T, block),)](
         logits, seq_counts, daux.float(), dz.float(), dent.float(), dl, T, S, E,
         logits.stride(0), dl.stride(0), _aux_scale(T, S, k, E), 1.0 / T, E_PAD=e_pad,

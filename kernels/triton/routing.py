@@ -152,10 +152,16 @@ def _topk_route_bwd_kernel(
              dl.to(DL.dtype.element_ty), mask=valid)
 
 
-def _meta(E: int, k: int) -> dict:
+def row_blocks(E: int) -> tuple[int, int]:
+    """A kernel over [rows, E] logits: (E padded to a power of 2, rows a program takes, at
+    most 4096 elements a block)."""
     e_pad = max(2, triton.next_power_of_2(E))  # no size-1 blocks (k = 1, E = 1)
-    return dict(K=k, K_PAD=max(2, triton.next_power_of_2(k)), E_PAD=e_pad,
-                BLOCK_T=max(1, min(64, 4096 // e_pad)))
+    return e_pad, max(1, min(64, 4096 // e_pad))
+
+
+def _meta(E: int, k: int) -> dict:
+    e_pad, block_t = row_blocks(E)
+    return dict(K=k, K_PAD=max(2, triton.next_power_of_2(k)), E_PAD=e_pad, BLOCK_T=block_t)
 
 
 def topk_route_fwd(logits: torch.Tensor, bias: torch.Tensor | None, k: int, sigmoid: bool,
