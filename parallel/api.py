@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -341,4 +342,7 @@ def _deepspeed_engine(model, dense_params, dense_optimizer, zero_stage: int):
     }
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=dense_params,
                                            optimizer=dense_optimizer, config=config)
+    # ZeRO calls torch's old collective names, which torch 2.13 warns of at every step.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated")
     return engine

@@ -10,6 +10,11 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed the flat-tensor collectives (the old names warn on every call); older
+# torch (e.g. 2.11 on a GPU machine) has only the old ones.
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 class CommCounters:
     """Bytes this rank moved per collective since the last reset (one step, for logging).
@@ -98,7 +103,7 @@ class _SparseAllGather(torch.autograd.Function):
         send = shard.index_select(0, idx).contiguous()
         out = shard.new_empty(W * m, s)
         t0 = time.perf_counter()
-        dist.all_gather_into_tensor(out, send, group=group)
+        all_gather_flat(out, send, group=group)
         if counters is not None:
             counters.add(name + ".all_gather", _nbytes(out), time.perf_counter() - t0)
         return out.view(W, m, s).transpose(0, 1).reshape(m, W * s)
@@ -114,7 +119,7 @@ class _SparseAllGather(torch.autograd.Function):
         send = grad.reshape(m, W, s).transpose(0, 1).contiguous()  # [W, m, s]: block r to rank r
         out = grad.new_empty(m, s)
         t0 = time.perf_counter()
-        dist.reduce_scatter_tensor(out, send.view(W * m, s), op=dist.ReduceOp.SUM, group=group)
+        reduce_scatter_flat(out, send.view(W * m, s), op=dist.ReduceOp.SUM, group=group)
         if counters is not None:
             counters.add(name + ".reduce_scatter", _nbytes(send), time.perf_counter() - t0)
         dshard.index_copy_(0, idx, out)

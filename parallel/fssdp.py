@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from kernels import Dispatch
 from moe.experts import EXPERT_PARAMS, Experts, expert_mlp
 from moe.layer import MoELayer
-from parallel.comm import CommCounters, sparse_all_gather
+from parallel.comm import CommCounters, all_gather_flat, sparse_all_gather
 
 
 class FSSDPExperts(nn.Module):
@@ -79,7 +79,7 @@ class FSSDPExperts(nn.Module):
         the whole experts' parameters by name (w_in-like, w_out-like, ...), on every rank."""
         W = dist.get_world_size(self.group)
         out = t.new_empty(W * self.num_experts, self.shard_len)
-        dist.all_gather_into_tensor(out, t.contiguous(), group=self.group)
+        all_gather_flat(out, t.contiguous(), group=self.group)
         flat = out.view(W, self.num_experts, self.shard_len).transpose(0, 1).reshape(
             self.num_experts, -1)
         return self._split(flat)

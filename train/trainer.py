@@ -226,7 +226,8 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
             log(f"resume: loaded {path} (step {start})")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters on this rank, {world} rank(s), "
-        f"parallel={cfg.parallel.mode if mesh else 'none'}, device={device}")
+        f"parallel={cfg.parallel.mode if mesh else 'none'}"
+        f"{f' (dense: {cfg.parallel.dense})' if mesh else ''}, device={device}")
     if main and start == 0 and (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()  # a fresh run: its own metrics, not appended
     metrics = MetricsLogger(run_dir, cfg.trainer.max_steps, cfg.trainer.log_every,
