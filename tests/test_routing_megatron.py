@@ -1,8 +1,9 @@
 """Our routers against megatron-core's (0.16.1), the router most MoE training runs use:
 top-k selection and weights (softmax before or after the top-k, sigmoid with an expert bias,
 group-limited, scaled), the Switch aux loss per micro-batch and per sequence, the z-loss,
-capacity dropping by probability, the logit gradients of all of these together, and the
-aux-loss-free bias update. Both of our kernel backends (the torch reference and the Triton
+capacity dropping by probability, the logit gradients of all of these together, the
+aux-loss-free bias update, and the dispatch order and weighted combine (its permute and
+unpermute). Both of our kernel backends (the torch reference and the Triton
 kernels, under the interpreter on the CPU), fresh random inputs each run.
 
 Where the two define a thing differently, the cases here stay where the definitions agree:
@@ -25,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import topk_route
+from kernels import sort_by_expert, topk_route, weighted_combine
 from routing import RouterConfig, build_router
 from tests.dist_utils import run_ranks
 from tests.seeds import fresh_seed
@@ -88,6 +89,39 @@ def test_topk_selection_and_weights_match_megatron(case, backend):
     assert torch.equal(ours != 0, routing_map), "a token went to other experts"
     torch.testing.assert_close(ours, probs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(mine.grad, theirs_in.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("drops", [False, True], ids=["drop-free", "with dropped slots"])
+def test_dispatch_order_and_combine_match_megatron_permute(backend, drops):
+    """sort_by_expert's rows are megatron-core's permute order (expert by expert, tokens in
+    order within one), and weighted_combine of expert rows is its unpermute with probs, also
+    with dropped slots (absent from its routing map)."""
+    mu = _moe_utils()
+    g = torch.Generator().manual_seed(fresh_seed())
+    T, E, k, d = 29, 8, 3, 12
+    ids = torch.rand(T, E, generator=g).argsort(-1)[:, :k]  # k distinct experts a token
+    w = torch.rand(T, k, generator=g)
+    dropped = torch.rand(T, k, generator=g) < 0.3 if drops else None
+    x = torch.randn(T, d, generator=g)
+    kept = torch.ones(T, k) if dropped is None else (~dropped).float()
+    routing_map = _dense(ids, kept, E).bool()
+    probs = _dense(ids, w * kept, E)
+
+    disp = sort_by_expert(ids, E, dropped, backend)
+    n = int(disp.expert_offsets[E])
+    permuted, permuted_probs, order = mu.permute(x, routing_map, probs)
+    assert torch.equal(disp.sorted_token_idx[:n], order)
+    assert torch.equal(disp.tokens_per_expert, routing_map.sum(0))
+
+    y = torch.randn(n, d, generator=g)  # expert outputs, in that row order
+    rows = torch.cat([y, torch.full((T * k - n, d), float("nan"))])  # dropped rows unread
+    want = mu.unpermute(y, order, x.shape, probs=probs, routing_map=routing_map)
+    got = weighted_combine(rows, w if dropped is None else w.masked_fill(dropped, 0.0), disp,
+                           backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(permuted, x[disp.sorted_token_idx[:n]])
+    torch.testing.assert_close(permuted_probs, (w * kept).reshape(-1)[disp.sorted_pair_idx[:n]])
 
 
 # Megatron's whole TopKRouter.routing (z-loss, selection, capacity, aux losses attached to
