@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +24,15 @@ from parallel.mesh import Mesh
 class Parallelized:
     """module: call it for forward (wrapped); model: the underlying `moe` model (its MoE layers
     now hold local experts or shards). backward(loss) then step() train one step; or call
-    loss.backward() and after_backward() yourself and step your own optimizer (ddp, fsdp2)."""
+    loss.backward() and after_backward() yourself and step your own optimizer (ddp, fsdp2).
+
+    With grad_accum = A > 1, a step is A micro-batches, each run forward and backward inside
+    `with par.micro_batch(i):` (i = 0 .. A-1), then one step(): the gradients are the mean of
+    the micro-batches' (each loss counts 1/A), and the dense gradients cross ranks once, in
+    the last micro-batch's backward (DDP's no_sync, FSDP2's deferred reduce-scatter,
+    DeepSpeed's accumulation boundary). FSSDP's expert gradients cross in every backward (its
+    sparse reduce-scatter sums only the experts that micro-batch used).
+    """
 
     module: nn.Module
     model: nn.Module
@@ -33,14 +42,40 @@ class Parallelized:
     optimizers: list[torch.optim.Optimizer] = field(default_factory=list)
     engine: object | None = None  # the DeepSpeed engine when dense="deepspeed"
     layouts: dict[str, Layout] = field(default_factory=dict)  # non-identity params only
+    grad_accum: int = 1  # micro-batches per step
+    _last: bool = field(default=True, init=False, repr=False)  # this micro-batch ends a step
+
+    @contextlib.contextmanager
+    def micro_batch(self, i: int) -> Iterator[None]:
+        """Run micro-batch i (0-based) of grad_accum, forward and backward, inside this."""
+        if not 0 <= i < self.grad_accum:
+            raise ValueError(f"micro-batch {i} outside 0 .. {self.grad_accum - 1}")
+        self._last = i == self.grad_accum - 1
+        sync = contextlib.nullcontext()
+        fsdp2 = hasattr(self.model, "set_requires_gradient_sync")
+        if isinstance(self.module, DistributedDataParallel) and not self._last:
+            sync = self.module.no_sync()
+        elif fsdp2:
+            self.model.set_requires_gradient_sync(self._last)
+        try:
+            with sync:
+                yield
+        finally:
+            self._last = True
+            if fsdp2:
+                self.model.set_requires_gradient_sync(True)
 
     def backward(self, loss: torch.Tensor) -> None:
-        """loss.backward() (through the DeepSpeed engine if any), then after_backward()."""
+        """loss.backward() (through the DeepSpeed engine if any; with grad_accum, loss counts
+        1 / grad_accum), then after_backward() once the step's last micro-batch is in."""
         if self.engine is not None:
-            self.engine.backward(loss)
+            self.engine.backward(loss)  # divides by its gradient_accumulation_steps
+            if not self._last:
+                self.engine.step()  # not a boundary: counts the micro-step, steps nothing
         else:
-            loss.backward()
-        self.after_backward()
+            (loss / self.grad_accum if self.grad_accum > 1 else loss).backward()
+        if self._last:
+            self.after_backward()
 
     def step(self) -> None:
         """Step every optimizer (and the engine), then clear the gradients."""
@@ -259,18 +294,22 @@ OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
 def parallelize(model: nn.Module, mesh: Mesh | None,
-                optimizer: OptimizerFactory | None = None) -> Parallelized:
+                optimizer: OptimizerFactory | None = None, grad_accum: int = 1
+                ) -> Parallelized:
     """Wrap a model built by `moe/` for mesh.cfg.mode ("dp", "ep", "fssdp") and mesh.cfg.dense.
 
     optimizer(params) builds the optimizer(s) once the parameters are final (local experts,
     shards, FSDP2 DTensors); needed for dense="deepspeed", which gets its own over the dense
     parameters (ZeRO-partitioned) while the experts get another. mesh=None: one process,
-    nothing wrapped (the same interface for single-device runs).
+    nothing wrapped (the same interface for single-device runs). grad_accum: micro-batches
+    per step (Parallelized.micro_batch).
     """
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
     if mesh is None:
         opts = [optimizer(list(model.parameters()))] if optimizer is not None else []
         return Parallelized(module=model, model=model, mesh=None, counters=CommCounters(),
-                            optimizers=opts)
+                            optimizers=opts, grad_accum=grad_accum)
     cfg = mesh.cfg
     counters = CommCounters()
     model = model.to(mesh.device)
@@ -289,7 +328,8 @@ def parallelize(model: nn.Module, mesh: Mesh | None,
         # DeepSpeed broadcasts every module parameter from rank 0 at start-up; local experts
         # and FSSDP shards differ per rank by design, so they are put back afterwards.
         saved = [p.detach().clone() for p in expert_params]
-        engine = _deepspeed_engine(model, dense_params, optimizer(dense_params), cfg.zero_stage)
+        engine = _deepspeed_engine(model, dense_params, optimizer(dense_params), cfg.zero_stage,
+                                   grad_accum)
         with torch.no_grad():
             for p, v in zip(expert_params, saved, strict=True):
                 p.copy_(v)
@@ -321,18 +361,20 @@ def parallelize(model: nn.Module, mesh: Mesh | None,
         optimizers.append(optimizer(list(model.parameters())))
     return Parallelized(module=module, model=model, mesh=mesh, counters=counters,
                         expert_params=expert_params, optimizers=optimizers, engine=engine,
-                        layouts=_layouts(model, cfg.mode, mesh))
+                        layouts=_layouts(model, cfg.mode, mesh), grad_accum=grad_accum)
 
 
-def _deepspeed_engine(model, dense_params, dense_optimizer, zero_stage: int):
-    """A DeepSpeed engine that owns the dense parameters' optimizer (ZeRO stage 1 or 2)."""
+def _deepspeed_engine(model, dense_params, dense_optimizer, zero_stage: int,
+                      grad_accum: int = 1):
+    """A DeepSpeed engine that owns the dense parameters' optimizer (ZeRO stage 1 or 2),
+    accumulating grad_accum micro-batches a step."""
     try:
         import deepspeed
     except ImportError as e:
         raise ValueError("dense='deepspeed' needs the deepspeed package installed") from e
     config = {
         "train_micro_batch_size_per_gpu": 1,  # we call the engine per micro-batch ourselves
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": grad_accum,
         "zero_optimization": {"stage": zero_stage},
         # DeepSpeed clips at norm 1.0 unless told otherwise; clipping is the trainer's choice.
         "gradient_clipping": 0.0,

@@ -200,3 +200,81 @@ def test_deepspeed_optimizer_state_is_canonical_and_reshards(tmp_path, mode, sta
         assert set(back["optim"]) == set(two["optim"])
         for key, v in two["optim"].items():
             torch.testing.assert_close(back["optim"][key], v, msg=lambda m, k=key: f"{k}: {m}")
+
+
+ACCUM = 2  # micro-batches a step in the gradient-accumulation tests (B // ACCUM rows each)
+
+
+def _accum_worker(rank, world, pcfg, scenarios, out_path):
+    """STEPS steps of ACCUM micro-batches each; DDP's all-reduces counted per micro-batch."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    mesh = init_distributed(pcfg)
+    results = {}
+    for skewed, capacity in scenarios:
+        par = parallelize(build_model(skewed, capacity), mesh,
+                          optimizer=lambda ps: torch.optim.SGD(ps, lr=LR), grad_accum=ACCUM)
+        syncs = [0] * ACCUM
+        micro = [0]
+        if isinstance(par.module, torch.nn.parallel.DistributedDataParallel):
+            def counting(state, bucket, syncs=syncs, micro=micro):
+                syncs[micro[0]] += 1
+                return allreduce_hook(state, bucket)
+
+            par.module.register_comm_hook(None, counting)
+        losses = []
+        for ids in batches(world):
+            local = ids[rank * B:(rank + 1) * B]
+            step = []
+            with mesh.guard():
+                for m in range(ACCUM):
+                    micro[0] = m
+                    rows = local[m * B // ACCUM:(m + 1) * B // ACCUM]
+                    with par.micro_batch(m):
+                        out = par.module(rows[:, :-1], labels=rows[:, 1:])
+                        par.backward(out.loss)
+                    step.append(out.loss.item())
+                par.step()
+            losses.append(step)
+        all_losses = [None] * world
+        dist.all_gather_object(all_losses, losses)
+        state = par.full_state_dict()
+        if rank == 0:
+            results[(skewed, capacity)] = dict(losses=all_losses, state=state, syncs=syncs)
+    if rank == 0:
+        torch.save(results, out_path)
+    mesh.close()
+
+
+@pytest.mark.parametrize("case", ["ep-2", "fssdp-fsdp2-2", "fssdp-deepspeed-2"])
+def test_gradient_accumulation_matches_one_process_over_every_micro_batch(case, tmp_path):
+    """ACCUM micro-batches a step on each rank (Parallelized.micro_batch) give one process's
+    update over all of them (each loss counted 1 / (ranks x ACCUM)), with DDP, FSDP2 or
+    DeepSpeed ZeRO-2 for the dense weights and EP or FSSDP for the experts, capacity
+    dropping included; DDP all-reduces in the last micro-batch's backward only."""
+    world, kw = CASES[case]
+    scenarios = [(False, None), (False, 0.75)]
+    out = tmp_path / "result.pt"
+    run_ranks(_accum_worker, world, ParallelConfig(timeout_s=60, **kw), scenarios, str(out))
+    results = torch.load(out, weights_only=False)
+    n = B // ACCUM
+    for skewed, capacity in scenarios:
+        got, what = results[(skewed, capacity)], f"{case}, capacity={capacity}"
+        model = build_model(skewed, capacity)
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        for step, ids in enumerate(batches(world)):
+            per = [[model(ids[r * B + m * n:r * B + (m + 1) * n, :-1],
+                          labels=ids[r * B + m * n:r * B + (m + 1) * n, 1:]).loss
+                    for m in range(ACCUM)] for r in range(world)]
+            torch.stack([x for r in per for x in r]).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            want = torch.tensor([[x.item() for x in r] for r in per])
+            have = torch.tensor([got["losses"][r][step] for r in range(world)])
+            torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, w=what: f"{w}: losses {m}")
+        for name, ref in model.state_dict().items():
+            torch.testing.assert_close(got["state"][name].cpu(), ref, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, nm=name, w=what: f"{w}: {nm} {m}")
+        if case == "ep-2":
+            assert got["syncs"][0] == 0 and got["syncs"][-1] > 0, got["syncs"]

@@ -108,6 +108,7 @@ def test_threshold_routing_trains_on_fewer_experts(tmp_path, data_cache):
     ("trainer.max_steps=abc", "max_steps"),
     ("data.path=/nonexistent/corpus", "/nonexistent/corpus"),
     ("model.moe.router.top_k=9", "top_k=9"),
+    ("trainer.grad_accum=0", "grad_accum"),
 ])
 def test_bad_config_stops_with_a_message(tmp_path, data_cache, override, message):
     proc = train(tmp_path / "run", data_cache, override, "trainer.max_steps=2", check=False)
@@ -146,9 +147,53 @@ def _load_and_run(ckpt: str, mesh) -> torch.Tensor:
         return par.model(ids).logits
 
 
+VAL = ["data.val_fraction=0.05", "trainer.eval_every=2", "trainer.eval_batches=3"]
+
+
+def test_validation_loss_on_held_out_windows(tmp_path, data_cache):
+    """trainer.eval_every: the mean loss over held-out windows, the same on 1 rank and split
+    over 2, equal to the saved model's loss recomputed on those windows, which the
+    training batches never read."""
+    from moe import MoETransformer
+    from parallel import parallelize
+    from train import checkpoint
+    from train.data import DataConfig, TokenBatches, prepare
+
+    common = [*VAL, "trainer.max_steps=4", "trainer.ckpt_every=4"]
+    proc = train(tmp_path / "one", data_cache, *common)
+    assert "validation loss" in proc.stdout
+    train(tmp_path / "two", data_cache, *common, "data.batch_size=4", "parallel=fssdp",
+          "parallel.timeout_s=60", nproc=2)
+    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    assert ["val_loss" in r for r in one] == [False, True, False, True]
+    for x, y in zip(one, two, strict=True):
+        assert y.get("val_loss", 0) == pytest.approx(x.get("val_loss", 0), rel=1e-5, abs=1e-6)
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=1e-6)
+
+    cfg = DataConfig(cache_dir=data_cache, vocab_size=512, max_bytes=400000, seq_len=64,
+                     batch_size=8, val_fraction=0.05)
+    batches = TokenBatches(prepare(cfg, log=lambda *a: None), cfg)
+    ckpt = tmp_path / "one" / "checkpoints" / "step_00000004"
+    model = MoETransformer(checkpoint.model_config(ckpt))
+    checkpoint.load(ckpt, parallelize(model, None), load_optimizer=False)
+    with torch.no_grad():
+        want = sum(model(b[:, :-1], labels=b[:, 1:]).ce_loss.item()
+                   for b in map(batches.val_batch, range(3))) / 3
+    assert one[-1]["val_loss"] == pytest.approx(want, rel=1e-5)
+    held = set(batches.val_windows.tolist())
+    trained = {int(w) for w in batches._order(0)}
+    assert len(held) == round(0.05 * (len(held) + len(trained))) and not held & trained
+
+
+def test_validation_needs_held_out_data(tmp_path, data_cache):
+    proc = train(tmp_path / "run", data_cache, "trainer.eval_every=2", "trainer.max_steps=2",
+                 check=False)
+    assert proc.returncode != 0 and "data.val_fraction" in proc.stderr
+
+
 def test_sweep_and_report(tmp_path, data_cache):
     sweep = tmp_path / "sweep"
-    args = ["-m", *TINY, f"data.cache_dir={data_cache}", "trainer.max_steps=4",
+    args = ["-m", *TINY, f"data.cache_dir={data_cache}", "trainer.max_steps=4", *VAL,
             f"hydra.sweep.dir={sweep}", "model.moe.router.top_k=1,2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=env,
@@ -160,6 +205,9 @@ def test_sweep_and_report(tmp_path, data_cache):
     table = (sweep / "sweep.md").read_text()
     assert "model.moe.router.top_k=1" in table and "model.moe.router.top_k=2" in table
     assert "| experts/token |" in table and "| 1.00 |" in table and "| 2.00 |" in table
+    assert "| validation loss |" in table
+    for line in table.splitlines()[2:]:  # each run's validation loss, a number
+        float(line.split("|")[5])
     assert (sweep / "sweep.png").stat().st_size > 1000
 
 
@@ -326,6 +374,25 @@ def test_deepspeed_run_resumes_on_two_ranks_and_on_one_with_its_optimizer_state(
     for step in (3, 4):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-5), step
         assert c[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
+
+
+def test_gradient_accumulation_trains_like_one_batch_and_resumes_with_another_split(
+        tmp_path, data_cache):
+    """trainer.grad_accum=2 of 4 rows = one batch of 8 (aux loss off: it is per micro-batch),
+    and a run resumed with batches of 8 continues after the rows its checkpoint read."""
+    common = ["trainer.max_steps=4", "model.moe.router.aux_loss_coef=0"]
+    train(tmp_path / "a", data_cache, *common)
+    proc = train(tmp_path / "b", data_cache, "model.moe.router.aux_loss_coef=0",
+                 "trainer.max_steps=2", "trainer.grad_accum=2", "data.batch_size=4")
+    assert "2 micro-batches a step" in proc.stdout
+    proc = train(tmp_path / "b", data_cache, *common, "trainer.resume=true")
+    assert "continues after the 16 rows read" in proc.stdout
+    a, b = records(tmp_path / "a"), records(tmp_path / "b")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "grad_norm", "z_loss"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (x["step"], key)
+        torch.testing.assert_close(torch.tensor(y["expert_load"]), torch.tensor(x["expert_load"]))
 
 
 def test_deepspeed_dense_trains_like_ddp(tmp_path, data_cache):

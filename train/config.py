@@ -29,7 +29,11 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 200
+    grad_accum: int = 1  # micro-batches a step: global batch = grad_accum x batch_size x ranks
     log_every: int = 10
+    eval_every: int = 0  # validation loss every n steps and at the end (0: never); needs
+    # data.val_fraction > 0
+    eval_batches: int = 8  # held-out global batches a validation reads (at most all of them)
     ckpt_every: int = 50  # 0: only at the end
     resume: bool = False
     seed: int = 0

@@ -23,7 +23,9 @@ TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".jsonl", ".c", ".h", ".
 @dataclass
 class DataConfig:
     """path: a text file or a folder of text files (None: the Python standard library).
-    max_bytes: read at most this much of the corpus. cache_dir: tokenizer and token files."""
+    max_bytes: read at most this much of the corpus. cache_dir: tokenizer and token files.
+    val_fraction: share of the corpus's windows held out from training for the validation
+    loss (trainer.eval_every), picked by a seeded shuffle: the same windows every run."""
 
     path: str | None = None
     tokenizer: str | None = None  # a tokenizer.json (or a folder holding one) to use as is
@@ -33,6 +35,7 @@ class DataConfig:
     max_bytes: int = 8_000_000
     cache_dir: str = ".cache/data"
     seed: int = 0
+    val_fraction: float = 0.0
 
 
 def corpus_files(cfg: DataConfig) -> list[Path]:
@@ -126,7 +129,8 @@ class TokenBatches:
     """Deterministic, resumable batches: step s reads the global batch s (world * batch_size
     windows of seq_len + 1 tokens, from a seeded shuffle of non-overlapping windows, reshuffled
     each epoch); rank r takes its batch_size rows. The global batch does not depend on how
-    many ranks share it, so a run resumes on another number of ranks."""
+    many ranks share it, so a run resumes on another number of ranks. With cfg.val_fraction,
+    that share of the windows (a seeded choice) is never trained on: val_batch reads them."""
 
     def __init__(self, folder: Path, cfg: DataConfig, rank: int = 0, world: int = 1):
         meta = json.loads((folder / "meta.json").read_text())
@@ -134,19 +138,43 @@ class TokenBatches:
         self.vocab_size = meta["vocab_size"]
         self.seq_len, self.batch_size = cfg.seq_len, cfg.batch_size
         self.rank, self.world, self.seed = rank, world, cfg.seed
-        self.windows = (self.tokens.size - 1) // self.seq_len
         self.global_batch = self.batch_size * world
+        windows = (self.tokens.size - 1) // self.seq_len
+        if not 0 <= cfg.val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
+        n_val = int(round(windows * cfg.val_fraction))
+        if cfg.val_fraction and n_val < self.global_batch:
+            raise ValueError(f"data.val_fraction={cfg.val_fraction} holds out {n_val} windows, "
+                             f"fewer than one global batch ({self.global_batch}): raise it")
+        if n_val:
+            held = np.random.default_rng([self.seed, 1 << 30]).permutation(windows)
+            self.val_windows, self.train_windows = np.sort(held[:n_val]), np.sort(held[n_val:])
+        else:
+            self.val_windows, self.train_windows = np.zeros(0, np.int64), None  # all of them
+        self.windows = windows - n_val
         if self.windows < self.global_batch:
-            raise ValueError(f"corpus has {self.windows} windows of {self.seq_len} tokens, fewer "
-                             f"than one global batch ({self.global_batch}); use more data or a "
-                             "smaller data.seq_len / data.batch_size")
+            raise ValueError(f"corpus has {self.windows} training windows of {self.seq_len} "
+                             f"tokens, fewer than one global batch ({self.global_batch}); use "
+                             "more data or a smaller data.seq_len / data.batch_size")
         self._perm_epoch, self._perm = -1, None
+
+    @property
+    def val_batches(self) -> int:
+        """Global batches the held-out windows fill (0 without val_fraction)."""
+        return len(self.val_windows) // self.global_batch
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
             rng = np.random.default_rng([self.seed, epoch])
-            self._perm, self._perm_epoch = rng.permutation(self.windows), epoch
+            perm = rng.permutation(self.windows)
+            self._perm = perm if self.train_windows is None else self.train_windows[perm]
+            self._perm_epoch = epoch
         return self._perm
+
+    def _rows(self, windows: np.ndarray) -> torch.Tensor:
+        rows = [self.tokens[w * self.seq_len:w * self.seq_len + self.seq_len + 1]
+                for w in windows]
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
 
     def batch(self, step: int) -> torch.Tensor:
         """[batch_size, seq_len + 1] int64 token ids of this rank for global step `step`."""
@@ -154,6 +182,12 @@ class TokenBatches:
         epoch, i = divmod(step, per_epoch)
         order = self._order(epoch)
         start = i * self.global_batch + self.rank * self.batch_size
-        rows = [self.tokens[w * self.seq_len:w * self.seq_len + self.seq_len + 1]
-                for w in order[start:start + self.batch_size]]
-        return torch.from_numpy(np.stack(rows).astype(np.int64))
+        return self._rows(order[start:start + self.batch_size])
+
+    def val_batch(self, i: int) -> torch.Tensor:
+        """[batch_size, seq_len + 1] int64: this rank's rows of held-out global batch i
+        (0 <= i < val_batches)."""
+        if not 0 <= i < self.val_batches:
+            raise IndexError(f"validation batch {i} outside 0 .. {self.val_batches - 1}")
+        start = i * self.global_batch + self.rank * self.batch_size
+        return self._rows(self.val_windows[start:start + self.batch_size])

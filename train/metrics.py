@@ -54,6 +54,9 @@ class MetricsLogger:
                   f"mfu {record['mfu'] * 100:.2f}%  drop {record['dropped_fraction']:.3f}  "
                   f"k {record.get('experts_per_token', 0):.2f}  "
                   f"eta {eta:5.0f}s", flush=True)
+        if "val_loss" in record:
+            print(f"step {step:5d}/{self.max_steps}  validation loss {record['val_loss']:.4f}",
+                  flush=True)
 
     def heatmap(self, path: Path) -> None:
         """PNG: expert load share per layer (rows: layer x expert) over training steps."""

@@ -14,8 +14,9 @@ from pathlib import Path
 
 
 def collect(sweep_dir: Path) -> list[dict]:
-    """One row per finished run: its overrides, final loss, median tokens/s, and the mean
-    experts a token went to over the last 10% of steps (None for runs that did not log it)."""
+    """One row per finished run: its overrides, final loss, its last validation loss (None
+    without one), median tokens/s, and the mean experts a token went to over the last 10% of
+    steps (None for runs that did not log it)."""
     rows = []
     for metrics in sorted(sweep_dir.glob("*/metrics.jsonl"), key=lambda p: p.parent.name):
         run = metrics.parent
@@ -31,6 +32,8 @@ def collect(sweep_dir: Path) -> list[dict]:
         rows.append(dict(run=run.name, setting=" ".join(overrides) or run.name,
                          steps=records[-1]["step"],
                          final_loss=statistics.mean(r["loss"] for r in tail),
+                         val_loss=next((r["val_loss"] for r in reversed(records)
+                                        if "val_loss" in r), None),
                          tokens_per_s=statistics.median(r["tokens_per_s"] for r in records),
                          experts_per_token=statistics.mean(r["experts_per_token"] for r in tail)
                          if all("experts_per_token" in r for r in tail) else None))
@@ -38,12 +41,14 @@ def collect(sweep_dir: Path) -> list[dict]:
 
 
 def write(rows: list[dict], sweep_dir: Path) -> tuple[Path, Path]:
-    table = ["| run | setting | steps | final loss | tokens/s | experts/token |",
-             "|---|---|---|---|---|---|"]
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    table = ["| run | setting | steps | final loss | validation loss | tokens/s | "
+             "experts/token |", "|---|---|---|---|---|---|---|"]
     table += [f"| {r['run']} | {r['setting']} | {r['steps']} | {r['final_loss']:.4f} | "
-              f"{r['tokens_per_s']:,.0f} | "
-              + ("-" if r["experts_per_token"] is None else f"{r['experts_per_token']:.2f}")
-              + " |" for r in rows]
+              f"{num(r['val_loss'], '.4f')} | {r['tokens_per_s']:,.0f} | "
+              f"{num(r['experts_per_token'], '.2f')} |" for r in rows]
     md = sweep_dir / "sweep.md"
     md.write_text("\n".join(table) + "\n")
 

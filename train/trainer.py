@@ -105,16 +105,80 @@ def clip_grad_norm(par: Parallelized, max_norm: float) -> float:
     return norm
 
 
-def update_expert_biases(model: MoETransformer, routings, mesh) -> None:
-    """DeepSeek-V3 aux-loss-free balancing: move each router's bias by the step's global load."""
+def update_expert_biases(model: MoETransformer, loads: list[torch.Tensor], mesh) -> None:
+    """DeepSeek-V3 aux-loss-free balancing: move each router's bias by the step's global load.
+    loads: per MoE layer, [E] slots its experts kept this step on this rank."""
     layers = [b.mlp for b in model.layers if b.is_moe]
-    for layer, r in zip(layers, routings, strict=True):
+    for layer, load in zip(layers, loads, strict=True):
         if getattr(layer.router, "expert_bias", None) is None:
             continue
-        load = r.tokens_per_expert.detach().clone()
+        load = load.clone()
         if mesh is not None:
             dist.all_reduce(load)
         layer.router.update_expert_bias(load)
+
+
+def resumed_data_offset(state: dict, start: int, accum: int, rows: int, log) -> int:
+    """Where a resumed run's data continues: the offset o such that step s (1-based) reads
+    global micro-batches o + (s - 1) * accum + m. The checkpoint says how many micro-batches
+    its run read, of how many rows (older checkpoints: one a step, of this run's rows); a
+    run that resumes with other micro-batches (grad_accum, batch_size or ranks changed)
+    continues after the rows read."""
+    read = int(state.get("micro_batches", state.get("data_step", start)))
+    saved_rows = int(state.get("micro_batch_rows", rows))
+    if saved_rows != rows:
+        done = read * saved_rows
+        read = -(-done // rows)
+        log(f"data: the checkpoint's run read micro-batches of {saved_rows} rows, this one "
+            f"reads {rows}: it continues after the {done} rows read (the same order within "
+            "an epoch; the next epoch may start a batch earlier or later)")
+    return read - start * accum
+
+
+@torch.no_grad()
+def validation_loss(par: Parallelized, batches: TokenBatches, n: int, device, mesh) -> float:
+    """Mean cross-entropy over the first n held-out global batches (every rank its rows);
+    collective under a mesh, so every rank calls it at the same steps."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i in range(n):
+        ids = batches.val_batch(i).to(device)
+        total += par.module(ids[:, :-1], labels=ids[:, 1:]).ce_loss.double()
+    if mesh is not None:
+        dist.all_reduce(total)
+        total /= mesh.world_size
+    return float(total) / n
+
+
+class StepTotals:
+    """One optimizer step's micro-batches, added up as they run (detached values only, so no
+    micro-batch's graph outlives its backward)."""
+
+    def __init__(self, rc, top_k: int):
+        self.rc, self.top_k, self.n = rc, top_k, 0
+        self.ce = self.aux = self.z = 0.0
+        self.entropy: float | None = None
+        self.dropped = self.per_token = self.routed = 0.0
+        self.loads: list[torch.Tensor] = []  # per MoE layer: [E] kept slots
+
+    def add(self, out) -> None:
+        self.n += 1
+        self.ce += out.ce_loss.detach()
+        self.aux += out.aux_loss.item()
+        self.z += out.z_loss.item()
+        if out.entropy_loss is not None:
+            self.entropy = (self.entropy or 0.0) + out.entropy_loss.item()
+        rs = out.routings
+        if rs:
+            self.dropped += float(torch.stack([r.dropped_fraction.float() for r in rs]).mean())
+            self.per_token += float(torch.stack([r.experts_per_token.float()
+                                                 for r in rs]).mean())
+        self.routed += routed_experts_per_token(rs, self.rc, self.top_k)
+        loads = [r.tokens_per_expert.detach() for r in rs]
+        self.loads = loads if not self.loads else [a + b for a, b in zip(self.loads, loads,
+                                                                         strict=True)]
+
+    def mean(self, x: float) -> float:
+        return x / max(self.n, 1)
 
 
 def upcycle(source: Path, moe) -> MoETransformer:
@@ -211,10 +275,22 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
         model = model.to(device=device, dtype=dtype)
     else:
         model = MoETransformer(cfg.model).to(device=device, dtype=dtype)
-    par = parallelize(model, mesh, optimizer=build_optimizer_factory(cfg))
+    accum = cfg.trainer.grad_accum
+    if accum < 1:
+        raise ValueError(f"trainer.grad_accum must be >= 1, got {accum}")
+    eval_every = cfg.trainer.eval_every
+    if eval_every < 0 or cfg.trainer.eval_batches < 1:
+        raise ValueError("trainer.eval_every must be >= 0 and trainer.eval_batches >= 1, got "
+                         f"{eval_every} and {cfg.trainer.eval_batches}")
+    if eval_every and not batches.val_batches:
+        raise ValueError("trainer.eval_every needs held-out data: set data.val_fraction "
+                         "(e.g. 0.01)")
+    n_eval = min(cfg.trainer.eval_batches, batches.val_batches)
+    par = parallelize(model, mesh, optimizer=build_optimizer_factory(cfg), grad_accum=accum)
     model_config = dataclasses.asdict(cfg.model)
     ckpt_root = run_dir / "checkpoints"
-    start = 0
+    start = data_offset = 0  # batches.batch(data_offset + (step - 1) * accum + micro-batch)
+    rows = cfg.data.batch_size * world  # rows of one global micro-batch
     if cfg.trainer.resume:
         path = checkpoint.latest(ckpt_root)
         if path is None:
@@ -223,11 +299,13 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
             checkpoint.check_model_config(path, model_config)
             state = checkpoint.load(path, par)
             start = state["step"]
+            data_offset = resumed_data_offset(state, start, accum, rows, log)
             log(f"resume: loaded {path} (step {start})")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters on this rank, {world} rank(s), "
         f"parallel={cfg.parallel.mode if mesh else 'none'}"
-        f"{f' (dense: {cfg.parallel.dense})' if mesh else ''}, device={device}")
+        f"{f' (dense: {cfg.parallel.dense})' if mesh else ''}, device={device}"
+        f"{f', {accum} micro-batches a step' if accum > 1 else ''}")
     if main and start == 0 and (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()  # a fresh run: its own metrics, not appended
     metrics = MetricsLogger(run_dir, cfg.trainer.max_steps, cfg.trainer.log_every,
@@ -247,45 +325,47 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
             lr = lr_at(step - 1, cfg)
             top_k, threshold = scheduled(rc, step - 1)
             par.set_lr(lr)
-            ids = batches.batch(step - 1).to(device)
             set_routing_step(model, step - 1)  # the k / sparsity schedule, if any
             par.counters.reset()
-            out = par.module(ids[:, :-1], labels=ids[:, 1:])
-            par.backward(out.loss)
+            tot = StepTotals(rc, top_k)
+            for m in range(accum):
+                ids = batches.batch(data_offset + (step - 1) * accum + m).to(device)
+                with par.micro_batch(m):
+                    out = par.module(ids[:, :-1], labels=ids[:, 1:])
+                    par.backward(out.loss)
+                tot.add(out)
+                del out
             gnorm = clip_grad_norm(par, cfg.optim.grad_clip)
             par.step()
-            update_expert_biases(model, out.routings, mesh)
-            loss = out.ce_loss.detach()
+            update_expert_biases(model, tot.loads, mesh)
+            loss = tot.ce / accum
             if mesh:
                 dist.all_reduce(loss)
                 loss /= world
             dt = time.perf_counter() - t0
-            tokens = ids[:, :-1].numel() * world
-            flops_tok = flops_0 + flops_per_expert * routed_experts_per_token(
-                out.routings, rc, top_k)
+            tokens = ids[:, :-1].numel() * world * accum
+            flops_tok = flops_0 + flops_per_expert * tot.mean(tot.routed)
             record = dict(
                 step=step, loss=loss.item(), lr=lr, grad_norm=gnorm,
                 tokens_per_s=tokens / dt, mfu=flops_tok * tokens / world / dt / peak,
-                aux_loss=out.aux_loss.item(), z_loss=out.z_loss.item(),
-                dropped_fraction=float(torch.stack([r.dropped_fraction.float()
-                                                    for r in out.routings]).mean())
-                if out.routings else 0.0,
-                experts_per_token=float(torch.stack([r.experts_per_token.float()
-                                                     for r in out.routings]).mean())
-                if out.routings else 0.0,
+                aux_loss=tot.mean(tot.aux), z_loss=tot.mean(tot.z),
+                dropped_fraction=tot.mean(tot.dropped),
+                experts_per_token=tot.mean(tot.per_token),
                 top_k=top_k, **({"threshold": threshold} if rc.kind == "threshold" else {}),
-                **({"entropy_loss": out.entropy_loss.item()}
-                   if out.entropy_loss is not None else {}),
-                expert_load=[(r.tokens_per_expert.float()
-                              / r.tokens_per_expert.sum().clamp(min=1)).tolist()
-                             for r in out.routings],
+                **({"entropy_loss": tot.mean(tot.entropy)} if tot.entropy is not None else {}),
+                expert_load=[(load.float() / load.sum().clamp(min=1)).tolist()
+                             for load in tot.loads],
                 comm_bytes=par.counters.snapshot(),
             )
+            if eval_every and (step % eval_every == 0 or step == cfg.trainer.max_steps):
+                record["val_loss"] = validation_loss(par, batches, n_eval, device, mesh)
             metrics.log(record)
             losses.append(record["loss"])
             every = cfg.trainer.ckpt_every
             if (every and step % every == 0) or step == cfg.trainer.max_steps:
-                checkpoint.save(ckpt_root, step, par, {"data_step": step}, model_config)
+                checkpoint.save(ckpt_root, step, par, {
+                    "data_step": step, "micro_batches": data_offset + step * accum,
+                    "micro_batch_rows": rows}, model_config)
             if cfg.trainer.heatmap_every and step % cfg.trainer.heatmap_every == 0:
                 metrics.heatmap(run_dir / "expert_load.png")
             if step == kill_after:
