@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moe.attention import Attention, RMSNorm, rope_cos_sin
 from moe.config import ModelConfig
@@ -14,6 +15,8 @@ from moe.layer import MoELayer
 from moe.mla import MLAttention, mla_softmax_scale
 from moe.mlp import MLP
 from routing import Routing
+
+RECOMPUTE = ("none", "mlp", "block")
 
 
 @dataclass
@@ -53,8 +56,23 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(cfg.d_model, cfg.dense_ffn, cfg.moe.expert_type)
 
+    recompute = "none"  # activation checkpointing: "none", "mlp" or "block"
+
     def forward(self, x, cos, sin, token_ids):
-        x = x + self.attn(self.attn_norm(x), cos, sin, self.window)
+        """x [B, S, d] -> (x [B, S, d], the MoE layer's Routing or None)."""
+        if self.recompute == "none" or not torch.is_grad_enabled():
+            return self._mlp(self._attn(x, cos, sin), token_ids)
+        if self.recompute == "block":
+            return checkpoint(self._block, x, cos, sin, token_ids, use_reentrant=False)
+        return checkpoint(self._mlp, self._attn(x, cos, sin), token_ids, use_reentrant=False)
+
+    def _block(self, x, cos, sin, token_ids):
+        return self._mlp(self._attn(x, cos, sin), token_ids)
+
+    def _attn(self, x, cos, sin):
+        return x + self.attn(self.attn_norm(x), cos, sin, self.window)
+
+    def _mlp(self, x, token_ids):
         h = self.mlp_norm(x)
         if self.is_moe:
             y, routing = self.mlp(h, token_ids)
@@ -87,6 +105,17 @@ class MoETransformer(nn.Module):
                 p.zero_()
             else:
                 p.normal_(0.0, std)
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """Keep fewer activations for backward and recompute them there: "mlp" recomputes
+        each block's MLP (an MoE layer's router, expert rows and SwiGLU, its largest
+        activations; also its collectives under EP / FSSDP), "block" whole blocks, "none"
+        keeps everything. Gradients are unchanged (routing is deterministic)."""
+        if mode not in RECOMPUTE:
+            raise ValueError(f"activation checkpointing must be one of {', '.join(RECOMPUTE)}, "
+                             f"got {mode!r}")
+        for layer in self.layers:
+            layer.recompute = mode
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> LMOutput:
         cfg = self.cfg

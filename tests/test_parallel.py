@@ -20,7 +20,8 @@ def build_model(skewed: bool | str, capacity: float | None, num_experts: int = 4
     """Identical on every rank (seeded). skewed: expert 0 is in every token's top-2;
     "gpt_oss": GPT-OSS's parts (attention sinks, biases on attention, gate and experts,
     clamped SwiGLU experts), every bias random; "threshold": threshold routing (1 or 2
-    experts a token) with its entropy loss."""
+    experts a token) with its entropy loss; "recompute-mlp" / "recompute-block": the plain
+    model with that activation checkpointing."""
     torch.manual_seed(0)
     gpt_oss = skewed == "gpt_oss"
     if skewed is True:
@@ -39,6 +40,8 @@ def build_model(skewed: bool | str, capacity: float | None, num_experts: int = 4
                       max_seq_len=16, dense_ffn=48, moe=moe, qkv_bias=gpt_oss, o_bias=gpt_oss,
                       attn_sinks=gpt_oss)
     model = MoETransformer(cfg)
+    if isinstance(skewed, str) and skewed.startswith("recompute-"):
+        model.set_activation_checkpointing(skewed.split("-")[1])
     with torch.no_grad():
         for name, p in model.named_parameters():
             if gpt_oss and name.endswith(("bias", "b_in", "b_out", "sinks")):
@@ -59,6 +62,7 @@ def batches(world: int) -> list[torch.Tensor]:
 def reference(world: int, skewed: bool, capacity: float | None):
     """One process, the same global batch as `world` micro-batches: losses and final state."""
     model = build_model(skewed, capacity)
+    model.set_activation_checkpointing("none")  # the reference keeps every activation
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     losses = []
     for ids in batches(world):
@@ -126,6 +130,15 @@ def test_gpt_oss_parts_and_threshold_routing_train_alike_under_ep_and_fssdp(case
     sent, with and without a capacity."""
     check_against_one_process(case, [("gpt_oss", None), ("threshold", None),
                                      ("threshold", 0.5)], tmp_path)
+
+
+@pytest.mark.parametrize("case", ["ep-2", "fssdp-fsdp2-2"])
+def test_activation_checkpointing_trains_alike_under_ep_and_fssdp(case, tmp_path):
+    """Recomputed MLPs or blocks re-run their collectives in backward (EP's all-to-alls,
+    FSSDP's sparse all-gather; FSDP2 gathers the block again): same update as one process
+    that keeps every activation, with and without capacity drops."""
+    check_against_one_process(case, [("recompute-block", None), ("recompute-mlp", 0.75)],
+                              tmp_path)
 
 
 def check_against_one_process(case, scenarios, tmp_path):

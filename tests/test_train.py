@@ -109,6 +109,7 @@ def test_threshold_routing_trains_on_fewer_experts(tmp_path, data_cache):
     ("data.path=/nonexistent/corpus", "/nonexistent/corpus"),
     ("model.moe.router.top_k=9", "top_k=9"),
     ("trainer.grad_accum=0", "grad_accum"),
+    ("trainer.activation_checkpointing=all", "activation checkpointing"),
 ])
 def test_bad_config_stops_with_a_message(tmp_path, data_cache, override, message):
     proc = train(tmp_path / "run", data_cache, override, "trainer.max_steps=2", check=False)
@@ -379,12 +380,14 @@ def test_deepspeed_run_resumes_on_two_ranks_and_on_one_with_its_optimizer_state(
 def test_gradient_accumulation_trains_like_one_batch_and_resumes_with_another_split(
         tmp_path, data_cache):
     """trainer.grad_accum=2 of 4 rows = one batch of 8 (aux loss off: it is per micro-batch),
-    and a run resumed with batches of 8 continues after the rows its checkpoint read."""
+    also with each MLP recomputed in backward, and a run resumed with batches of 8 continues
+    after the rows its checkpoint read."""
     common = ["trainer.max_steps=4", "model.moe.router.aux_loss_coef=0"]
     train(tmp_path / "a", data_cache, *common)
     proc = train(tmp_path / "b", data_cache, "model.moe.router.aux_loss_coef=0",
-                 "trainer.max_steps=2", "trainer.grad_accum=2", "data.batch_size=4")
-    assert "2 micro-batches a step" in proc.stdout
+                 "trainer.max_steps=2", "trainer.grad_accum=2", "data.batch_size=4",
+                 "trainer.activation_checkpointing=mlp")
+    assert "2 micro-batches a step, recomputing each mlp in backward" in proc.stdout
     proc = train(tmp_path / "b", data_cache, *common, "trainer.resume=true")
     assert "continues after the 16 rows read" in proc.stdout
     a, b = records(tmp_path / "a"), records(tmp_path / "b")

@@ -275,6 +275,8 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
         model = model.to(device=device, dtype=dtype)
     else:
         model = MoETransformer(cfg.model).to(device=device, dtype=dtype)
+    ac = cfg.trainer.activation_checkpointing
+    model.set_activation_checkpointing(ac)
     accum = cfg.trainer.grad_accum
     if accum < 1:
         raise ValueError(f"trainer.grad_accum must be >= 1, got {accum}")
@@ -305,7 +307,8 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
     log(f"model: {n_params / 1e6:.2f}M parameters on this rank, {world} rank(s), "
         f"parallel={cfg.parallel.mode if mesh else 'none'}"
         f"{f' (dense: {cfg.parallel.dense})' if mesh else ''}, device={device}"
-        f"{f', {accum} micro-batches a step' if accum > 1 else ''}")
+        f"{f', {accum} micro-batches a step' if accum > 1 else ''}"
+        f"{f', recomputing each {ac} in backward' if ac != 'none' else ''}")
     if main and start == 0 and (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()  # a fresh run: its own metrics, not appended
     metrics = MetricsLogger(run_dir, cfg.trainer.max_steps, cfg.trainer.log_every,
