@@ -61,3 +61,12 @@ def peak_bandwidth(device: torch.device) -> tuple[float, str]:
     src = torch.empty(64 * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
     return _best_rate(2 * src.nbytes, lambda: dst.copy_(src), device), "measured (copy)"
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype torch.autocast computes matmuls in on x's device, or None outside autocast
+    (mixed precision: float32 weights, bf16 compute)."""
+    kind = x.device.type
+    if kind not in ("cuda", "cpu") or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)

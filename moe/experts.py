@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import Dispatch, grouped_linear, swiglu
+from kernels.device import autocast_dtype
 from moe.mlp import ACTIVATIONS, clamped_swiglu, input_width
 
 EXPERT_PARAMS = ("w_in", "w_out", "b_in", "b_out")  # the stacked [E, ...] parameters
@@ -62,7 +63,14 @@ def expert_mlp(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, d: Disp
                b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None,
                alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
     """x [T, d], w_in [E, 2F | F, d], w_out [E, d, F] (biases b_in [E, 2F | F], b_out
-    [E, d] or None) -> y [M, d] (Dispatch or slot order); alpha / limit: clamped_swiglu's."""
+    [E, d] or None) -> y [M, d] (Dispatch or slot order); alpha / limit: clamped_swiglu's.
+    Under torch.autocast, x and the weights are cast to its dtype first (the casts are in
+    the graph: float32 weights get float32 gradients)."""
+    amp = autocast_dtype(x)
+    if amp is not None:
+        x, w_in, w_out, b_in, b_out = (
+            t.to(amp) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in (x, w_in, w_out, b_in, b_out))
     h = grouped_linear(x, w_in, d, x_grouped=False, y_grouped=True, backend=backend)
     if b_in is not None:
         h = h + _row_bias(b_in, d).to(h.dtype)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from kernels import sort_by_expert, weighted_combine
+from kernels.device import autocast_dtype
 from moe.config import MoEConfig
 from moe.experts import Experts
 from moe.mlp import MLP
@@ -72,12 +73,15 @@ class MoELayer(nn.Module):
             raise ValueError(
                 f"hidden size {x.shape[-1]} does not match the layer's d_model={self.d_model}"
             )
-        if x.dtype != self.experts.dtype:
+        amp = autocast_dtype(x)
+        if x.dtype != self.experts.dtype and amp is None:
             raise ValueError(
                 f"input dtype {x.dtype} does not match the expert weights' {self.experts.dtype}"
             )
         seq_len = x.shape[-2] if x.dim() == 3 else None
         flat = x.reshape(-1, self.d_model)
+        if amp is not None:  # mixed precision: tokens travel and meet the experts in amp
+            flat = flat.to(amp)
         routing = self.router(flat, token_ids, seq_len)
         out = self.dispatch(flat, routing, self.experts, self.router.may_drop,
                             self.cfg.kernel_backend)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import router_losses, topk_route
+from kernels.device import autocast_dtype
 from routing.capacity import capacity_drop_mask, count_per_expert, expert_capacity
 from routing.config import TOKEN_CHOICE, RouterConfig
 from routing.losses import (
@@ -55,7 +56,15 @@ class Router(nn.Module):
             self.cfg.capacity_factor is not None
 
     def _gate_logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x, self.weight, getattr(self, "bias", None)).to(_compute_dtype(x))
+        """x [T, d] -> logits [T, E] in at least float32; under torch.autocast the gate runs
+        in its weight's dtype all the same (float32 weights: float32 logits)."""
+        if autocast_dtype(x) is None:
+            logits = F.linear(x, self.weight, getattr(self, "bias", None))
+        else:
+            with torch.autocast(x.device.type, enabled=False):
+                logits = F.linear(x.to(self.weight.dtype), self.weight,
+                                  getattr(self, "bias", None))
+        logits = logits.to(_compute_dtype(x))
         if self.cfg.validate and bool(torch.isnan(logits).any()):
             raise ValueError(
                 "router logits contain NaN: the hidden states or the gate weight hold NaN/inf"

@@ -216,3 +216,30 @@ def test_activation_checkpointing_keeps_less_and_changes_no_gradient(backend):
                                                                    got.items()}
     with pytest.raises(ValueError, match="activation checkpointing"):
         model.set_activation_checkpointing("selective")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bf16_autocast_over_float32_weights(backend):
+    """Mixed precision (torch.autocast to bf16, float32 parameters): the experts' GEMMs run
+    in bf16 on cast weights, the router in float32; the loss and the float32 gradients stay
+    within bf16 rounding of the float32 model's."""
+    torch.manual_seed(0)
+    cfg = tiny_config(first_dense_layers=1, moe=MoEConfig(
+        num_experts=4, expert_ffn=32, kernel_backend=backend, num_shared_experts=1,
+        router=RouterConfig(top_k=2)))
+    model = MoETransformer(cfg)
+    ids = torch.randint(0, 64, (2, 13))
+    ref = model(ids[:, :-1], labels=ids[:, 1:])
+    ref.loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids[:, :-1], labels=ids[:, 1:])
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16
+    assert all(r.router_logits.dtype == torch.float32 for r in out.routings)
+    assert abs(out.loss.item() - ref.loss.item()) < 2e-2 * ref.loss.item()
+    for name, p in model.named_parameters():
+        assert p.dtype == p.grad.dtype == torch.float32, name
+        rel = ((p.grad - want[name]).norm() / want[name].norm()).item()
+        assert rel < 5e-2, (name, rel)

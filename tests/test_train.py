@@ -186,6 +186,35 @@ def test_validation_loss_on_held_out_windows(tmp_path, data_cache):
     assert len(held) == round(0.05 * (len(held) + len(trained))) and not held & trained
 
 
+def test_bf16_mixed_precision_trains_like_float32(tmp_path, data_cache):
+    """trainer.mixed_precision=bf16: float32 weights and AdamW state, bf16 compute; losses
+    within bf16 rounding of the float32 run's, on one rank and under 2-rank EP, and the
+    checkpoint holds float32 weights."""
+    from moe import MoETransformer
+    from parallel import parallelize
+    from train import checkpoint
+
+    common = ["trainer.max_steps=4", "trainer.ckpt_every=4"]
+    train(tmp_path / "fp32", data_cache, *common)
+    proc = train(tmp_path / "bf16", data_cache, *common, "trainer.mixed_precision=bf16")
+    assert "bf16 autocast over float32 weights" in proc.stdout
+    train(tmp_path / "ep", data_cache, *common, "trainer.mixed_precision=bf16",
+          "data.batch_size=4", "parallel=ep", "parallel.timeout_s=60", nproc=2)
+    a, b, c = (losses(tmp_path / r) for r in ("fp32", "bf16", "ep"))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-2), step
+        assert c[step] == pytest.approx(b[step], rel=5e-3), step
+    assert b != a  # it did compute in bf16
+    ckpt = tmp_path / "bf16" / "checkpoints" / "step_00000004"
+    par = parallelize(MoETransformer(checkpoint.model_config(ckpt)), None)
+    checkpoint.load(ckpt, par, load_optimizer=False)
+    state = par.full_state_dict()
+    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float32}
+    proc = train(tmp_path / "bad", data_cache, "trainer.max_steps=1",
+                 "trainer.mixed_precision=bf16", "trainer.dtype=bfloat16", check=False)
+    assert proc.returncode != 0 and "leave trainer.dtype=float32" in proc.stderr
+
+
 def test_validation_needs_held_out_data(tmp_path, data_cache):
     proc = train(tmp_path / "run", data_cache, "trainer.eval_every=2", "trainer.max_steps=2",
                  check=False)

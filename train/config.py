@@ -40,7 +40,10 @@ class TrainerConfig:
     resume: bool = False
     seed: int = 0
     device: str = "auto"  # auto: cuda if present, else cpu
-    dtype: str = "float32"  # float32 | bfloat16
+    dtype: str = "float32"  # float32 | bfloat16: the weights' (and optimizer state's) dtype
+    # bf16: float32 weights, gradients and AdamW state, the forward's matmuls in bf16
+    # (torch.autocast; the router in float32); none: everything in trainer.dtype
+    mixed_precision: str = "none"
     peak_tflops: float | None = None  # for MFU; None: looked up (GPU) or measured (CPU)
     heatmap_every: int = 0  # write expert_load.png every n steps (0: at the end)
     upcycle_from: str | None = None  # a dense HF Llama/Mistral/Qwen3 folder: experts = its MLPs

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -118,6 +119,19 @@ def update_expert_biases(model: MoETransformer, loads: list[torch.Tensor], mesh)
         layer.router.update_expert_bias(load)
 
 
+def mixed_precision(mode: str, dtype: torch.dtype, device: torch.device):
+    """trainer.mixed_precision -> a context factory for the forward: torch.autocast to bf16
+    on the device ("bf16"), or nothing ("none")."""
+    if mode not in ("none", "bf16"):
+        raise ValueError(f"trainer.mixed_precision must be none or bf16, got {mode!r}")
+    if mode == "none":
+        return contextlib.nullcontext
+    if dtype != torch.float32:
+        raise ValueError("trainer.mixed_precision=bf16 keeps float32 weights and computes in "
+                         f"bf16: leave trainer.dtype=float32 (got {dtype})")
+    return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+
+
 def resumed_data_offset(state: dict, start: int, accum: int, rows: int, log) -> int:
     """Where a resumed run's data continues: the offset o such that step s (1-based) reads
     global micro-batches o + (s - 1) * accum + m. The checkpoint says how many micro-batches
@@ -136,13 +150,16 @@ def resumed_data_offset(state: dict, start: int, accum: int, rows: int, log) -> 
 
 
 @torch.no_grad()
-def validation_loss(par: Parallelized, batches: TokenBatches, n: int, device, mesh) -> float:
+def validation_loss(par: Parallelized, batches: TokenBatches, n: int, device, mesh,
+                    amp=contextlib.nullcontext) -> float:
     """Mean cross-entropy over the first n held-out global batches (every rank its rows);
-    collective under a mesh, so every rank calls it at the same steps."""
+    collective under a mesh, so every rank calls it at the same steps. amp(): the forward's
+    autocast context."""
     total = torch.zeros((), dtype=torch.float64, device=device)
     for i in range(n):
         ids = batches.val_batch(i).to(device)
-        total += par.module(ids[:, :-1], labels=ids[:, 1:]).ce_loss.double()
+        with amp():
+            total += par.module(ids[:, :-1], labels=ids[:, 1:]).ce_loss.double()
     if mesh is not None:
         dist.all_reduce(total)
         total /= mesh.world_size
@@ -256,6 +273,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
                          f"{batches.vocab_size} tokens (set model.vocab_size=${{data.vocab_size}})")
     torch.manual_seed(cfg.trainer.seed)
     dtype = getattr(torch, cfg.trainer.dtype)
+    amp = mixed_precision(cfg.trainer.mixed_precision, dtype, device)
     if cfg.trainer.upcycle_from:
         model = upcycle(Path(cfg.trainer.upcycle_from), cfg.model.moe)
         cfg.model = model.cfg  # the dense model decides the shape
@@ -304,11 +322,16 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
             data_offset = resumed_data_offset(state, start, accum, rows, log)
             log(f"resume: loaded {path} (step {start})")
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params / 1e6:.2f}M parameters on this rank, {world} rank(s), "
-        f"parallel={cfg.parallel.mode if mesh else 'none'}"
-        f"{f' (dense: {cfg.parallel.dense})' if mesh else ''}, device={device}"
-        f"{f', {accum} micro-batches a step' if accum > 1 else ''}"
-        f"{f', recomputing each {ac} in backward' if ac != 'none' else ''}")
+    notes = [f"{n_params / 1e6:.2f}M parameters on this rank", f"{world} rank(s)",
+             f"parallel={cfg.parallel.mode} (dense: {cfg.parallel.dense})" if mesh
+             else "parallel=none", f"device={device}"]
+    if accum > 1:
+        notes.append(f"{accum} micro-batches a step")
+    if ac != "none":
+        notes.append(f"recomputing each {ac} in backward")
+    if cfg.trainer.mixed_precision == "bf16":
+        notes.append("bf16 autocast over float32 weights")
+    log("model: " + ", ".join(notes))
     if main and start == 0 and (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()  # a fresh run: its own metrics, not appended
     metrics = MetricsLogger(run_dir, cfg.trainer.max_steps, cfg.trainer.log_every,
@@ -334,7 +357,8 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
             for m in range(accum):
                 ids = batches.batch(data_offset + (step - 1) * accum + m).to(device)
                 with par.micro_batch(m):
-                    out = par.module(ids[:, :-1], labels=ids[:, 1:])
+                    with amp():
+                        out = par.module(ids[:, :-1], labels=ids[:, 1:])
                     par.backward(out.loss)
                 tot.add(out)
                 del out
@@ -361,7 +385,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
                 comm_bytes=par.counters.snapshot(),
             )
             if eval_every and (step % eval_every == 0 or step == cfg.trainer.max_steps):
-                record["val_loss"] = validation_loss(par, batches, n_eval, device, mesh)
+                record["val_loss"] = validation_loss(par, batches, n_eval, device, mesh, amp)
             metrics.log(record)
             losses.append(record["loss"])
             every = cfg.trainer.ckpt_every
