@@ -85,23 +85,27 @@ def _a2a(x, send_splits, recv_splits, group, counters, name):
 
 
 def sparse_all_gather(shard: torch.Tensor, idx: torch.Tensor, group: dist.ProcessGroup,
-                      counters: CommCounters | None, name: str) -> torch.Tensor:
+                      counters: CommCounters | None, name: str,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
     """shard [E, s] (this rank's slice of every expert), idx [m] active experts ->
     full [m, W * s]: the m experts' whole flattened weights. Backward: reduce-scatter of their
-    gradients to the shard owners (summed over ranks); inactive experts get zero, move nothing."""
-    return _SparseAllGather.apply(shard, idx, group, counters, name)
+    gradients to the shard owners (summed over ranks); inactive experts get zero, move nothing.
+    dtype (mixed precision): the weights are gathered in it (bf16: half float32's bytes), and
+    their gradients are reduced in the shard's dtype."""
+    return _SparseAllGather.apply(shard, idx, group, counters, name, dtype or shard.dtype)
 
 
 class _SparseAllGather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, shard, idx, group, counters, name):
+    def forward(ctx, shard, idx, group, counters, name, dtype):
         W = dist.get_world_size(group)
         m, s = idx.numel(), shard.shape[1]
         ctx.meta = (idx, shard.shape, group, counters, name)
+        ctx.shard_dtype = shard.dtype
         if m == 0:
-            return shard.new_zeros(0, W * s)
-        send = shard.index_select(0, idx).contiguous()
-        out = shard.new_empty(W * m, s)
+            return shard.new_zeros(0, W * s, dtype=dtype)
+        send = shard.index_select(0, idx).to(dtype).contiguous()
+        out = send.new_empty(W * m, s)
         t0 = time.perf_counter()
         all_gather_flat(out, send, group=group)
         if counters is not None:
@@ -113,9 +117,10 @@ class _SparseAllGather(torch.autograd.Function):
         idx, shape, group, counters, name = ctx.meta
         W = dist.get_world_size(group)
         m, s = idx.numel(), shape[1]
-        dshard = grad.new_zeros(shape)
+        dshard = grad.new_zeros(shape, dtype=ctx.shard_dtype)
         if m == 0:
-            return dshard, None, None, None, None
+            return dshard, None, None, None, None, None
+        grad = grad.to(ctx.shard_dtype)  # summed over ranks in the shard's precision
         send = grad.reshape(m, W, s).transpose(0, 1).contiguous()  # [W, m, s]: block r to rank r
         out = grad.new_empty(m, s)
         t0 = time.perf_counter()
@@ -123,4 +128,4 @@ class _SparseAllGather(torch.autograd.Function):
         if counters is not None:
             counters.add(name + ".reduce_scatter", _nbytes(send), time.perf_counter() - t0)
         dshard.index_copy_(0, idx, out)
-        return dshard, None, None, None, None
+        return dshard, None, None, None, None, None

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels import Dispatch
+from kernels.device import autocast_dtype
 from moe.experts import EXPERT_PARAMS, Experts, expert_mlp
 from moe.layer import MoELayer
 from parallel.comm import CommCounters, all_gather_flat, sparse_all_gather
@@ -70,7 +71,8 @@ class FSSDPExperts(nn.Module):
         return out
 
     def _gather_and_run(self, shard, x, idx, compact, y_grouped):
-        w = self._split(sparse_all_gather(shard, idx, self.group, self.counters, self.name))
+        w = self._split(sparse_all_gather(shard, idx, self.group, self.counters, self.name,
+                                          autocast_dtype(x)))
         return expert_mlp(x, w["w_in"], w["w_out"], compact, self.kind, self.backend,
                           y_grouped, w.get("b_in"), w.get("b_out"), self.alpha, self.limit)
 
