@@ -117,6 +117,19 @@ def test_bad_config_stops_with_a_message(tmp_path, data_cache, override, message
     assert message in proc.stdout + proc.stderr
 
 
+def test_divergence_stops_with_a_message_before_the_step(tmp_path, data_cache):
+    """A non-finite gradient norm ends the run (exit 2, every rank) before the optimizer
+    steps on it, naming the step and what to change; no checkpoint of it is written."""
+    proc = train(tmp_path / "run", data_cache, "optim.lr=1e6", "optim.warmup_steps=1",
+                 "optim.grad_clip=0", "trainer.max_steps=6", "trainer.ckpt_every=1",
+                 check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "training diverged" in proc.stderr and "lower optim.lr" in proc.stderr
+    step = int(proc.stderr.split("error: step ")[1].split(":")[0])
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert saved and saved[-1] == f"step_{step - 1:08d}", (step, saved)
+
+
 def test_checkpoint_of_another_shape_is_refused(tmp_path, data_cache):
     train(tmp_path / "run", data_cache, "trainer.max_steps=2")
     proc = train(tmp_path / "run", data_cache, "trainer.max_steps=4", "trainer.resume=true",

@@ -25,7 +25,9 @@ class DataConfig:
     """path: a text file or a folder of text files (None: the Python standard library).
     max_bytes: read at most this much of the corpus. cache_dir: tokenizer and token files.
     val_fraction: share of the corpus's windows held out from training for the validation
-    loss (trainer.eval_every), picked by a seeded shuffle: the same windows every run."""
+    loss (trainer.eval_every), picked by a seeded shuffle: the same windows every run.
+    text_field: a .jsonl file holds one document a line, the text under this key (as
+    pretraining corpora ship); None reads .jsonl files as plain text."""
 
     path: str | None = None
     tokenizer: str | None = None  # a tokenizer.json (or a folder holding one) to use as is
@@ -36,6 +38,7 @@ class DataConfig:
     cache_dir: str = ".cache/data"
     seed: int = 0
     val_fraction: float = 0.0
+    text_field: str | None = "text"
 
 
 def corpus_files(cfg: DataConfig) -> list[Path]:
@@ -66,7 +69,7 @@ def corpus_files(cfg: DataConfig) -> list[Path]:
 
 
 def _fingerprint(files: list[Path], cfg: DataConfig) -> str:
-    h = hashlib.sha256(f"{cfg.vocab_size}:{cfg.tokenizer}".encode())
+    h = hashlib.sha256(f"{cfg.vocab_size}:{cfg.tokenizer}:{cfg.text_field}".encode())
     for p in files:
         st = p.stat()
         h.update(f"{p}:{st.st_size}:{int(st.st_mtime)}".encode())
@@ -75,6 +78,28 @@ def _fingerprint(files: list[Path], cfg: DataConfig) -> str:
 
 def _read(p: Path) -> str:
     return p.read_text(encoding="utf-8", errors="replace")
+
+
+def documents(p: Path, text_field: str | None) -> list[str]:
+    """A corpus file's documents: a .jsonl file's records' text_field, one a line (blank
+    lines skipped), or the whole file as one."""
+    if p.suffix.lower() != ".jsonl" or text_field is None:
+        return [_read(p)]
+    docs = []
+    for n, line in enumerate(_read(p).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{n}: not a JSON line ({e.msg}); set data.text_field=null "
+                             "to read .jsonl files as plain text") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+            raise ValueError(f"{p}:{n}: no string field {text_field!r} (data.text_field); "
+                             "set it to the key that holds the text, or to null to read "
+                             ".jsonl files as plain text")
+        docs.append(rec[text_field])
+    return docs
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -106,7 +131,8 @@ def prepare(cfg: DataConfig, log=print) -> Path:
         log(f"data: training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on "
             f"{len(files)} files, {sum(p.stat().st_size for p in files) / 1e6:.1f} MB")
         tok = ByteLevelBPETokenizer()
-        tok.train_from_iterator((_read(p) for p in files), vocab_size=cfg.vocab_size,
+        tok.train_from_iterator((doc for p in files for doc in documents(p, cfg.text_field)),
+                                vocab_size=cfg.vocab_size,
                                 min_frequency=2, special_tokens=[EOS], show_progress=False)
         tok = tok._tokenizer
     _atomic_write(out / "tokenizer.json", tok.to_str().encode())
@@ -114,7 +140,8 @@ def prepare(cfg: DataConfig, log=print) -> Path:
     dtype = np.uint16 if tok.get_vocab_size() < 2**16 else np.uint32
     ids: list[np.ndarray] = []
     for i in range(0, len(files), 64):
-        for enc in tok.encode_batch([_read(p) for p in files[i:i + 64]]):
+        docs = [doc for p in files[i:i + 64] for doc in documents(p, cfg.text_field)]
+        for enc in tok.encode_batch(docs):
             ids.append(np.asarray(enc.ids + ([eos] if eos is not None else []), dtype=dtype))
     tokens = np.concatenate(ids)
     _atomic_write(out / "tokens.bin", tokens.tobytes())

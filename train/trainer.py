@@ -363,6 +363,12 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
                 tot.add(out)
                 del out
             gnorm = clip_grad_norm(par, cfg.optim.grad_clip)
+            if not math.isfinite(gnorm):  # global: every rank stops here, nothing is stepped
+                raise ValueError(
+                    f"step {step}: the gradient norm is {gnorm} (loss "
+                    f"{float(tot.ce) / accum:.4g} on this rank): training diverged; lower "
+                    "optim.lr or raise optim.warmup_steps / optim.grad_clip, and resume from "
+                    "the last checkpoint (trainer.resume=true)")
             par.step()
             update_expert_biases(model, tot.loads, mesh)
             loss = tot.ce / accum
