@@ -44,13 +44,14 @@ class Parallelized:
     layouts: dict[str, Layout] = field(default_factory=dict)  # non-identity params only
     grad_accum: int = 1  # micro-batches per step
     _last: bool = field(default=True, init=False, repr=False)  # this micro-batch ends a step
+    _inside: bool = field(default=False, init=False, repr=False)  # in a micro_batch block
 
     @contextlib.contextmanager
     def micro_batch(self, i: int) -> Iterator[None]:
         """Run micro-batch i (0-based) of grad_accum, forward and backward, inside this."""
         if not 0 <= i < self.grad_accum:
             raise ValueError(f"micro-batch {i} outside 0 .. {self.grad_accum - 1}")
-        self._last = i == self.grad_accum - 1
+        self._last, self._inside = i == self.grad_accum - 1, True
         sync = contextlib.nullcontext()
         fsdp2 = hasattr(self.model, "set_requires_gradient_sync")
         if isinstance(self.module, DistributedDataParallel) and not self._last:
@@ -61,13 +62,16 @@ class Parallelized:
             with sync:
                 yield
         finally:
-            self._last = True
+            self._last, self._inside = True, False
             if fsdp2:
                 self.model.set_requires_gradient_sync(True)
 
     def backward(self, loss: torch.Tensor) -> None:
         """loss.backward() (through the DeepSpeed engine if any; with grad_accum, loss counts
         1 / grad_accum), then after_backward() once the step's last micro-batch is in."""
+        if self.grad_accum > 1 and not self._inside:
+            raise ValueError(f"grad_accum={self.grad_accum}: run each micro-batch's forward "
+                             "and backward inside `with par.micro_batch(i):`")
         if self.engine is not None:
             self.engine.backward(loss)  # divides by its gradient_accumulation_steps
             if not self._last:

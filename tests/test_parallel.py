@@ -336,3 +336,19 @@ def test_bf16_autocast_halves_what_crosses_and_keeps_float32_gradients(case, tmp
         g = torch.cat([t.reshape(-1) for t in fp32["grads"].values()])
         h = torch.cat([bf16["grads"][n].reshape(-1) for n in fp32["grads"]])
         assert ((h - g).norm() / g.norm()).item() < 5e-2  # a few tokens may route otherwise
+
+
+def test_accumulation_outside_micro_batch_blocks_is_refused():
+    """With grad_accum > 1 a backward outside `micro_batch` would sync and average as if
+    each were a whole step: it is refused by name, as is a micro-batch index past the step."""
+    model = build_model(False, None)
+    par = parallelize(model, None, optimizer=lambda ps: torch.optim.SGD(ps, lr=LR),
+                      grad_accum=2)
+    ids = batches(1)[0]
+    out = par.module(ids[:, :-1], labels=ids[:, 1:])
+    with pytest.raises(ValueError, match="micro_batch"):
+        par.backward(out.loss)
+    with pytest.raises(ValueError, match="micro-batch 2 outside"), par.micro_batch(2):
+        pass
+    with pytest.raises(ValueError, match="grad_accum must be >= 1"):
+        parallelize(model, None, grad_accum=0)
