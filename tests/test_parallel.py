@@ -91,14 +91,19 @@ def _worker(rank, world, pcfg, scenarios, out_path):
                 par.step()
             losses.append(out.loss.item())
             moved.append(par.counters.snapshot())
-        all_losses = [None] * world
-        dist.all_gather_object(all_losses, losses)
-        state = par.full_state_dict()
-        if rank == 0:
-            results[(skewed, capacity)] = dict(losses=all_losses, state=state, moved=moved)
+        _collect(results, (skewed, capacity), par, losses, world, rank, moved=moved)
     if rank == 0:
         torch.save(results, out_path)
     mesh.close()
+
+
+def _collect(results, key, par, losses, world, rank, **extra):
+    """Rank 0 files every rank's losses, the canonical state and extra under key."""
+    all_losses = [None] * world
+    dist.all_gather_object(all_losses, losses)
+    state = par.full_state_dict()  # collective: every rank takes part
+    if rank == 0:
+        results[key] = dict(losses=all_losses, state=state, **extra)
 
 
 CASES = {
@@ -249,11 +254,7 @@ def _accum_worker(rank, world, pcfg, scenarios, out_path):
                     step.append(out.loss.item())
                 par.step()
             losses.append(step)
-        all_losses = [None] * world
-        dist.all_gather_object(all_losses, losses)
-        state = par.full_state_dict()
-        if rank == 0:
-            results[(skewed, capacity)] = dict(losses=all_losses, state=state, syncs=syncs)
+        _collect(results, (skewed, capacity), par, losses, world, rank, syncs=syncs)
     if rank == 0:
         torch.save(results, out_path)
     mesh.close()
