@@ -234,6 +234,26 @@ def test_validation_needs_held_out_data(tmp_path, data_cache):
     assert proc.returncode != 0 and "data.val_fraction" in proc.stderr
 
 
+def test_gpu_experiment_preset_composes():
+    """configs/experiment/small_gpu.yaml fills the typed config (Hydra's own checks) with
+    the settings its comment promises."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from train.config import TrainConfig, register
+
+    register()
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("train", overrides=["experiment=small_gpu"]))
+    assert isinstance(cfg, TrainConfig)
+    t = cfg.trainer
+    assert (t.mixed_precision, t.activation_checkpointing, t.grad_accum) == ("bf16", "mlp", 4)
+    assert t.eval_every == 250 and cfg.data.val_fraction == 0.005
+    assert cfg.model.n_layers == 8 and cfg.model.moe.num_experts == 16
+    assert cfg.model.vocab_size == 32000 and cfg.model.max_seq_len == 1024
+    assert cfg.parallel.mode == "fssdp"
+
+
 def test_sweep_and_report(tmp_path, data_cache):
     sweep = tmp_path / "sweep"
     args = ["-m", *TINY, f"data.cache_dir={data_cache}", "trainer.max_steps=4", *VAL,
