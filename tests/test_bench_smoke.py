@@ -390,3 +390,21 @@ def test_scratch_dir_is_removed_when_the_process_exits(tmp_path):
         made = p.stdout.strip().splitlines()[-1]
         assert made.startswith("/") and not os.path.exists(made), made
         assert (kept / "w").exists()
+
+
+def test_train_memory_bench_smoke(tmp_path):
+    """bench.train_memory at tiny shapes: a row per precision and recompute mode, each
+    recompute mode keeping less than the one before it, appended to its results file."""
+    from bench.train_memory import main
+
+    out = tmp_path / "RESULTS.md"
+    main(["--smoke", "--out", str(out)])
+    text = out.read_text()
+    assert "Activation memory and step time by recompute mode" in text
+    rows = [ln.split("|")[1:-1] for ln in text.splitlines() if ln.startswith("| float32")
+            or ln.startswith("| bf16")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [
+        (p, m) for p in ("float32", "bf16 autocast") for m in ("none", "mlp", "block")]
+    for i in (0, 3):
+        kept = [float(rows[i + j][2]) for j in range(3)]
+        assert kept[0] > kept[1] > kept[2], kept
