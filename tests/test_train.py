@@ -110,6 +110,7 @@ def test_threshold_routing_trains_on_fewer_experts(tmp_path, data_cache):
     ("model.moe.router.top_k=9", "top_k=9"),
     ("trainer.grad_accum=0", "grad_accum"),
     ("trainer.activation_checkpointing=all", "activation checkpointing"),
+    ("optim.schedule=linear", "optim.schedule"),
 ])
 def test_bad_config_stops_with_a_message(tmp_path, data_cache, override, message):
     proc = train(tmp_path / "run", data_cache, override, "trainer.max_steps=2", check=False)
@@ -525,3 +526,31 @@ def test_mfu_counts_the_experts_a_token_was_routed_to():
     assert routed_experts_per_token(out.routings, rc, 3) == pytest.approx(used, rel=1e-5)
     assert 1 <= used < 3
     assert routed_experts_per_token(out.routings, RouterConfig(top_k=2), 2) == 2.0
+
+
+def test_learning_rate_schedules():
+    """Warm-up to lr, then cosine to min_lr_ratio * lr at the last step, WSD's plateau and
+    linear decay over the last decay_fraction of the steps, or constant; bad names refused."""
+    from types import SimpleNamespace
+
+    from train.config import OptimConfig
+    from train.trainer import lr_at
+
+    def lrs(schedule, **kw):
+        cfg = SimpleNamespace(trainer=SimpleNamespace(max_steps=20), optim=OptimConfig(
+            lr=1.0, warmup_steps=4, min_lr_ratio=0.1, schedule=schedule, **kw))
+        return [lr_at(s, cfg) for s in range(20)]
+
+    for name in ("cosine", "wsd", "constant"):
+        assert lrs(name)[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    cos = lrs("cosine")
+    assert all(a >= b for a, b in zip(cos[3:], cos[4:], strict=False)) and cos[-1] > 0.1
+    assert cos[4 + 8] == pytest.approx(0.55)  # halfway through the decay: the mean
+    wsd = lrs("wsd", decay_fraction=0.25)  # steps 15..19 decay
+    assert wsd[4:15] == [1.0] * 11 and wsd[-1] == pytest.approx(0.1)
+    assert wsd[15:] == pytest.approx([0.82, 0.64, 0.46, 0.28, 0.1])
+    assert lrs("constant")[4:] == [1.0] * 16
+    with pytest.raises(ValueError, match="optim.schedule"):
+        lrs("linear")
+    with pytest.raises(ValueError, match="decay_fraction"):
+        lrs("wsd", decay_fraction=0.0)

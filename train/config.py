@@ -14,7 +14,10 @@ from train.data import DataConfig
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up then cosine decay to min_lr_ratio * lr."""
+    """AdamW with linear warm-up to lr, then the schedule: "cosine" decays to min_lr_ratio *
+    lr at the last step; "wsd" (warm-up, stable, decay) holds lr until the last
+    decay_fraction of the steps, then decays linearly to min_lr_ratio * lr; "constant"
+    holds lr."""
 
     lr: float = 3e-3
     weight_decay: float = 0.1
@@ -24,6 +27,8 @@ class OptimConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # global norm; 0 turns clipping off
+    schedule: str = "cosine"  # cosine | wsd | constant
+    decay_fraction: float = 0.2  # wsd: the share of the steps spent decaying
 
 
 @dataclass

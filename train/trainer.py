@@ -1,5 +1,5 @@
 """The training loop: data -> model (parallelized when launched on several ranks) -> AdamW
-with warm-up and cosine decay -> metrics and checkpoints."""
+with warm-up and a cosine, WSD or constant schedule -> metrics and checkpoints."""
 
 from __future__ import annotations
 
@@ -25,14 +25,32 @@ from train.config import TrainConfig
 from train.data import TokenBatches, prepare
 from train.metrics import MetricsLogger
 
+SCHEDULES = ("cosine", "wsd", "constant")
+
 
 def lr_at(step: int, cfg) -> float:
-    """Linear warm-up to optim.lr, then cosine decay to min_lr_ratio * lr at max_steps."""
+    """The learning rate of 0-based step `step`: linear warm-up to optim.lr, then
+    optim.schedule (OptimConfig) until trainer.max_steps."""
     o, total = cfg.optim, cfg.trainer.max_steps
+    if o.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, "
+                         f"got {o.schedule!r}")
+    if o.schedule == "wsd" and not 0 < o.decay_fraction <= 1:
+        raise ValueError(f"optim.decay_fraction must be in (0, 1], got {o.decay_fraction}")
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
+    floor = o.lr * o.min_lr_ratio
+    if o.schedule == "constant":
+        return o.lr
+    if o.schedule == "wsd":
+        decay = max(1, round(total * o.decay_fraction))
+        start = max(o.warmup_steps, total - decay)
+        if step < start:
+            return o.lr
+        t = (step - start + 1) / max(1, total - start)
+        return o.lr + (floor - o.lr) * min(t, 1.0)
     t = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
-    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def active_flops_per_token(model: MoETransformer, seq_len: int,
@@ -248,6 +266,7 @@ def build_optimizer_factory(cfg: TrainConfig):
 
 def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
     """Train as cfg says, writing into run_dir; returns the losses of the steps run here."""
+    lr_at(0, cfg)  # a bad schedule stops the run before any work
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     mesh = init_distributed(cfg.parallel) if distributed else None
     rank, world = (mesh.rank, mesh.world_size) if mesh else (0, 1)
