@@ -54,11 +54,14 @@ def weighted_combine(
     return WeightedCombine.apply(y, weights, d, y_grouped, get_backend(backend, y.device))
 
 
-def swiglu(h: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """h [M, 2F] (gate; up) -> [M, F] = silu(gate) * up."""
+def swiglu(h: torch.Tensor, backend: str = "auto", rows: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """h [M, 2F] (gate; up) -> [M, F] = silu(gate) * up. rows ([1] int64, on h's device,
+    e.g. a Dispatch's expert_offsets[-1:]): only the first rows[0] rows matter; the Triton
+    kernels skip the others (dropped pairs), whose values are then undefined."""
     if h.shape[-1] % 2:
         raise ValueError(f"swiglu needs an even last dimension (gate; up), got {h.shape[-1]}")
-    return SwiGLU.apply(h, get_backend(backend, h.device))
+    return SwiGLU.apply(h, get_backend(backend, h.device), rows)
 
 
 def topk_route(logits: torch.Tensor, k: int, score: str = "softmax", renormalize: bool = True,

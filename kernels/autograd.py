@@ -63,15 +63,15 @@ class SwiGLU(torch.autograd.Function):
     """h [M, 2F] (gate; up) -> silu(gate) * up [M, F]; saves h only."""
 
     @staticmethod
-    def forward(ctx, h, backend: ModuleType):
+    def forward(ctx, h, backend: ModuleType, rows: torch.Tensor | None = None):
         ctx.save_for_backward(h)
-        ctx.backend = backend
-        return backend.swiglu_fwd(h)
+        ctx.backend, ctx.rows = backend, rows
+        return backend.swiglu_fwd(h, rows)
 
     @staticmethod
     def backward(ctx, da):
         (h,) = ctx.saved_tensors
-        return ctx.backend.swiglu_bwd(h, da.contiguous()), None
+        return ctx.backend.swiglu_bwd(h, da.contiguous(), ctx.rows), None, None
 
 
 class TopKRoute(torch.autograd.Function):

@@ -134,14 +134,16 @@ def weighted_combine_backward(
     return dy, dw.view_as(weights)
 
 
-def swiglu_fwd(h: torch.Tensor) -> torch.Tensor:
-    """h [M, 2F] (gate; up) -> a [M, F] = silu(gate) * up."""
+def swiglu_fwd(h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """h [M, 2F] (gate; up) -> a [M, F] = silu(gate) * up (every row; rows, the kept ones'
+    bound, is the Triton kernels' to skip work)."""
     gate, up = h.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
 
 
-def swiglu_bwd(h: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
-    """h [M, 2F], da [M, F] -> dh [M, 2F]."""
+def swiglu_bwd(h: torch.Tensor, da: torch.Tensor, rows: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """h [M, 2F], da [M, F] -> dh [M, 2F] (every row, as swiglu_fwd)."""
     gate, up = h.chunk(2, dim=-1)
     s = torch.sigmoid(gate)
     return torch.cat([da * up * s * (1 + gate * (1 - s)), da * gate * s], dim=-1)

@@ -74,8 +74,8 @@ def expert_mlp(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, d: Disp
     h = grouped_linear(x, w_in, d, x_grouped=False, y_grouped=True, backend=backend)
     if b_in is not None:
         h = h + _row_bias(b_in, d).to(h.dtype)
-    if kind == "swiglu":
-        a = swiglu(h, backend)
+    if kind == "swiglu":  # the dropped pairs' rows (after the kept ones) are skipped
+        a = swiglu(h, backend, d.expert_offsets[-1:] if d.may_drop else None)
     elif kind == "clamped_swiglu":
         a = clamped_swiglu(h, alpha, limit)
     else:

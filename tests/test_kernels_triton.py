@@ -436,9 +436,16 @@ def test_swiglu(dtype):
     g = torch.Generator().manual_seed(seed)
     h = randn(37, 2 * 45, g=g, dtype=dtype)
     da = randn(37, 45, g=g, dtype=dtype)
-    assert rel_err(tri.swiglu_fwd(h), ref_ops.swiglu_fwd(h.double())) < TOL[dtype], seed
+    ref_a = ref_ops.swiglu_fwd(h.double())
+    assert rel_err(tri.swiglu_fwd(h), ref_a) < TOL[dtype], seed
     ref_dh = ref_ops.swiglu_bwd(h.double(), da.double())
     assert rel_err(tri.swiglu_bwd(h, da), ref_dh) < TOL[dtype], seed
+    # a row bound (the kept pairs of a dispatch with drops): the rows past it are skipped
+    n = int(torch.randint(1, 37, (1,), generator=g))
+    rows = torch.tensor([n], device=DEVICE)
+    a, dh = tri.swiglu_fwd(h, rows), tri.swiglu_bwd(h, da, rows)
+    assert rel_err(a[:n], ref_a[:n]) < TOL[dtype] and rel_err(dh[:n], ref_dh[:n]) < TOL[dtype]
+    assert a[n:].isnan().all() and dh[n:].isnan().all(), "rows past the bound were written"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -461,7 +468,7 @@ def test_expert_mlp_autograd(shape, dtype):
         leaves = [a.detach().clone().requires_grad_(True) for a in args]
         xx, wi, wo, ww = leaves
         h = GroupedLinear.apply(xx, wi, d, False, True, backend)
-        a = SwiGLU.apply(h, backend)
+        a = SwiGLU.apply(h, backend, d.expert_offsets[-1:] if d.may_drop else None)
         y = GroupedLinear.apply(a, wo, d, True, True, backend)
         out = WeightedCombine.apply(y, ww, d, True, backend)
         out.backward(dout.to(out.dtype))
