@@ -72,16 +72,20 @@ def test_tiny_run_loss_falls_and_writes_its_outputs(tmp_path, data_cache):
 
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path, data_cache):
     """... under a k schedule (4 experts per token at step 1, 1 from step 9 on), which the
-    resumed run picks up at its step."""
+    resumed run picks up at its step; trainer.keep_checkpoints=1 leaves the newest only."""
     common = ["trainer.max_steps=12", "trainer.ckpt_every=4", "router=dense_to_sparse",
               "model.moe.router.top_k=1", "model.moe.router.top_k_start=4",
               "model.moe.router.schedule_steps=8"]
     train(tmp_path / "a", data_cache, *common)
-    killed = train(tmp_path / "b", data_cache, *common, env={"MOE_KILL_AFTER_STEP": "6"},
-                   check=False)
+    killed = train(tmp_path / "b", data_cache, *common, "trainer.keep_checkpoints=1",
+                   env={"MOE_KILL_AFTER_STEP": "6"}, check=False)
     assert killed.returncode == -9
     assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step_00000004"
-    train(tmp_path / "b", data_cache, *common, "trainer.resume=true")
+    train(tmp_path / "b", data_cache, *common, "trainer.resume=true",
+          "trainer.keep_checkpoints=1")
+    assert [p.name for p in (tmp_path / "b" / "checkpoints").glob("step_*")] == [
+        "step_00000012"]
+    assert len(list((tmp_path / "a" / "checkpoints").glob("step_*"))) == 3  # 0: keeps all
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     for step in range(5, 13):
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-6), step

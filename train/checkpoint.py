@@ -33,8 +33,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save(ckpt_root: Path, step: int, par: Parallelized, extra: dict, model_config: dict) -> Path:
-    """Write step `step` and point `latest` at it once every file is in place."""
+def save(ckpt_root: Path, step: int, par: Parallelized, extra: dict, model_config: dict,
+         keep: int = 0) -> Path:
+    """Write step `step` and point `latest` at it once every file is in place; keep > 0:
+    then delete all but the newest `keep` checkpoints."""
     final = ckpt_root / f"step_{step:08d}"
     tmp = ckpt_root / f".tmp_step_{step:08d}"
     if _is_main():
@@ -59,6 +61,10 @@ def save(ckpt_root: Path, step: int, par: Parallelized, extra: dict, model_confi
         latest_tmp = ckpt_root / ".latest.tmp"
         latest_tmp.write_text(final.name)
         os.replace(latest_tmp, ckpt_root / "latest")
+        if keep > 0:
+            for old in sorted(ckpt_root.glob("step_*"))[:-keep]:
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 

@@ -42,6 +42,7 @@ class TrainerConfig:
     # data.val_fraction > 0
     eval_batches: int = 8  # held-out global batches a validation reads (at most all of them)
     ckpt_every: int = 50  # 0: only at the end
+    keep_checkpoints: int = 0  # the newest n checkpoints stay, older ones are deleted (0: all)
     resume: bool = False
     seed: int = 0
     device: str = "auto"  # auto: cuda if present, else cpu

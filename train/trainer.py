@@ -417,7 +417,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
             if (every and step % every == 0) or step == cfg.trainer.max_steps:
                 checkpoint.save(ckpt_root, step, par, {
                     "data_step": step, "micro_batches": data_offset + step * accum,
-                    "micro_batch_rows": rows}, model_config)
+                    "micro_batch_rows": rows}, model_config, cfg.trainer.keep_checkpoints)
             if cfg.trainer.heatmap_every and step % cfg.trainer.heatmap_every == 0:
                 metrics.heatmap(run_dir / "expert_load.png")
             if step == kill_after:
