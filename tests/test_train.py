@@ -61,7 +61,8 @@ def test_tiny_run_loss_falls_and_writes_its_outputs(tmp_path, data_cache):
     assert last < first - 1.0, (first, last)
     rec = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("step", "loss", "lr", "tokens_per_s", "mfu", "aux_loss", "z_loss",
-                "dropped_fraction", "expert_load", "experts_per_token", "top_k"):
+                "dropped_fraction", "expert_load", "experts_per_token", "top_k",
+                "load_max_violation"):
         assert key in rec, key
     assert rec["top_k"] == 2 and rec["experts_per_token"] == 2.0
     assert len(rec["expert_load"]) == 2 and len(rec["expert_load"][0]) == 4
@@ -188,6 +189,11 @@ def test_validation_loss_on_held_out_windows(tmp_path, data_cache):
     for x, y in zip(one, two, strict=True):
         assert y.get("val_loss", 0) == pytest.approx(x.get("val_loss", 0), rel=1e-5, abs=1e-6)
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=1e-6)
+        # the expert loads logged are the global batch's, whatever the ranks (a rounding
+        # difference may flip a near-tied token or two of the 1024 slots a layer)
+        torch.testing.assert_close(torch.tensor(y["expert_load"]),
+                                   torch.tensor(x["expert_load"]), rtol=0, atol=5e-3)
+        assert y["load_max_violation"] == pytest.approx(x["load_max_violation"], abs=3e-2)
 
     cfg = DataConfig(cache_dir=data_cache, vocab_size=512, max_bytes=400000, seq_len=64,
                      batch_size=8, val_fraction=0.05)
@@ -558,3 +564,11 @@ def test_learning_rate_schedules():
         lrs("linear")
     with pytest.raises(ValueError, match="decay_fraction"):
         lrs("wsd", decay_fraction=0.0)
+
+
+def test_load_max_violation():
+    from train.trainer import max_violation
+
+    assert max_violation(torch.tensor([[10, 10, 10, 10]])) == 0.0
+    assert max_violation(torch.tensor([[20, 10, 10, 0], [10, 10, 10, 10]])) == 0.5
+    assert max_violation(torch.zeros(0, 0, dtype=torch.int64)) == 0.0

@@ -53,6 +53,7 @@ class MetricsLogger:
                   f"lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s  "
                   f"mfu {record['mfu'] * 100:.2f}%  drop {record['dropped_fraction']:.3f}  "
                   f"k {record.get('experts_per_token', 0):.2f}  "
+                  f"maxvio {record.get('load_max_violation', 0):.2f}  "
                   f"eta {eta:5.0f}s", flush=True)
         if "val_loss" in record:
             print(f"step {step:5d}/{self.max_steps}  validation loss {record['val_loss']:.4f}",

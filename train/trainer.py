@@ -124,17 +124,34 @@ def clip_grad_norm(par: Parallelized, max_norm: float) -> float:
     return norm
 
 
-def update_expert_biases(model: MoETransformer, loads: list[torch.Tensor], mesh) -> None:
-    """DeepSeek-V3 aux-loss-free balancing: move each router's bias by the step's global load.
-    loads: per MoE layer, [E] slots its experts kept this step on this rank."""
+def global_loads(loads: list[torch.Tensor], mesh) -> torch.Tensor:
+    """Per MoE layer [E] slots kept this step on this rank -> [L, E] summed over the ranks
+    (one all-reduce), int64."""
+    if not loads:
+        return torch.zeros(0, 0, dtype=torch.int64)
+    total = torch.stack(loads)
+    if mesh is not None:
+        dist.all_reduce(total)
+    return total
+
+
+def max_violation(loads: torch.Tensor) -> float:
+    """[L, E] slots per expert -> the mean over layers of (max load - mean load) / mean load:
+    MaxVio (Wang et al. 2024), 0 when every expert takes the same share."""
+    if loads.numel() == 0:
+        return 0.0
+    f = loads.double()
+    mean = f.mean(1).clamp(min=1e-9)
+    return float(((f.max(1).values - mean) / mean).mean())
+
+
+def update_expert_biases(model: MoETransformer, loads: torch.Tensor) -> None:
+    """DeepSeek-V3 aux-loss-free balancing: move each router's bias by the step's global load
+    (loads [L, E]: every rank's, summed)."""
     layers = [b.mlp for b in model.layers if b.is_moe]
     for layer, load in zip(layers, loads, strict=True):
-        if getattr(layer.router, "expert_bias", None) is None:
-            continue
-        load = load.clone()
-        if mesh is not None:
-            dist.all_reduce(load)
-        layer.router.update_expert_bias(load)
+        if getattr(layer.router, "expert_bias", None) is not None:
+            layer.router.update_expert_bias(load)
 
 
 def mixed_precision(mode: str, dtype: torch.dtype, device: torch.device):
@@ -389,7 +406,8 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
                     "optim.lr or raise optim.warmup_steps / optim.grad_clip, and resume from "
                     "the last checkpoint (trainer.resume=true)")
             par.step()
-            update_expert_biases(model, tot.loads, mesh)
+            loads = global_loads(tot.loads, mesh)
+            update_expert_biases(model, loads)
             loss = tot.ce / accum
             if mesh:
                 dist.all_reduce(loss)
@@ -406,7 +424,8 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
                 top_k=top_k, **({"threshold": threshold} if rc.kind == "threshold" else {}),
                 **({"entropy_loss": tot.mean(tot.entropy)} if tot.entropy is not None else {}),
                 expert_load=[(load.float() / load.sum().clamp(min=1)).tolist()
-                             for load in tot.loads],
+                             for load in loads],
+                load_max_violation=max_violation(loads),
                 comm_bytes=par.counters.snapshot(),
             )
             if eval_every and (step % eval_every == 0 or step == cfg.trainer.max_steps):
