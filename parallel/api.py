@@ -13,11 +13,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from parallel.comm import CommCounters
+from parallel.comm import CommCounters, SumOverRanks
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.fssdp import apply_fssdp
 from parallel.layout import EPLayout, FSSDPLayout, Layout
 from parallel.mesh import Mesh
+from routing.routers import TopKRouter
 
 
 @dataclass
@@ -322,6 +323,9 @@ def parallelize(model: nn.Module, mesh: Mesh | None,
         expert_params = apply_expert_parallel(model, mesh.ep_group, counters)
     elif cfg.mode == "fssdp":
         expert_params = apply_fssdp(model, mesh.expert_group, counters, cfg.rematerialize)
+    for name, module in model.named_modules():  # global-batch aux losses: every rank's counts
+        if isinstance(module, TopKRouter) and module.cfg.aux_loss_type == "global_batch":
+            module.count_reducer = SumOverRanks(None, counters, f"{name}.expert_counts")
     ignored = {id(p) for p in expert_params}
     dense_params = [p for p in model.parameters() if id(p) not in ignored]
     engine, optimizers = None, []

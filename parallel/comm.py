@@ -46,6 +46,20 @@ class CommCounters:
         return dict(self.bytes)
 
 
+class SumOverRanks:
+    """t -> t summed over the group's ranks (an all-reduce on a copy), its bytes counted under
+    name: what a router's global-batch aux loss sums its expert counts with."""
+
+    def __init__(self, group: dist.ProcessGroup | None, counters: CommCounters, name: str):
+        self.group, self.counters, self.name = group, counters, name
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().clone()
+        dist.all_reduce(t, group=self.group)
+        self.counters.add(self.name, _nbytes(t))
+        return t
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 

@@ -25,7 +25,10 @@ class RouterConfig:
         ceil(capacity_factor * T / E) tokens (None there means capacity_factor = top_k).
     drop_policy: which slots survive an over-full expert: "position" (first choices before
         second choices, then token order, as GShard / Switch) or "probs" (highest weight first).
-    aux_loss_type: "micro_batch" or "sequence" (Switch loss averaged over sequences).
+    aux_loss_type: "micro_batch", "sequence" (Switch loss averaged over sequences) or
+        "global_batch" (the expert frequencies f_i over every data-parallel rank's tokens,
+        the probabilities P_i this rank's: global-batch balancing, Qiu et al. 2025, as
+        Qwen3-MoE trains; one process: the same as micro_batch).
     expert_bias: a per-expert bias added to the scores for selection only, never to the
         combine weights: DeepSeek-V3's on sigmoid scores, ERNIE-4.5's on softmax ones.
     expert_bias_update_rate: the aux-loss-free balancing step gamma of that bias;
@@ -82,9 +85,9 @@ class RouterConfig:
             raise ValueError(f"capacity_factor must be > 0 or None, got {self.capacity_factor}")
         if self.drop_policy not in ("position", "probs"):
             raise ValueError(f"drop_policy must be position or probs, got {self.drop_policy!r}")
-        if self.aux_loss_type not in ("micro_batch", "sequence"):
-            raise ValueError(
-                f"aux_loss_type must be micro_batch or sequence, got {self.aux_loss_type!r}"
+        if self.aux_loss_type not in ("micro_batch", "sequence", "global_batch"):
+            raise ValueError("aux_loss_type must be micro_batch, sequence or global_batch, got "
+                             f"{self.aux_loss_type!r}"
             )
         if self.n_group > 1:
             if self.kind != "topk" or num_experts % self.n_group:

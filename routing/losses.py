@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -39,6 +41,29 @@ def switch_aux_loss(
     f = selected.sum(1) / n_used  # [B, E]
     p = probs.view(-1, seq_len, num_experts).mean(1)  # [B, E]
     return (num_experts * (f * p).sum(-1)).mean()
+
+
+def global_batch_aux_loss(
+    probs: torch.Tensor, expert_ids: torch.Tensor, num_experts: int,
+    used: torch.Tensor | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """probs [T, E], expert_ids [T, k] -> scalar E * sum_i f_i * P_i with f_i the share of
+    the global batch's slots that chose expert i and P_i this rank's mean probability of i
+    (global-batch balancing, Qiu et al. 2025). reduce(counts [E] float32) sums the slot
+    counts over the data-parallel ranks (None: this process holds the whole batch); it is a
+    collective, so it runs even for 0 tokens. used [T, k] bool: only these slots count.
+    Averaged over equal-sized ranks, the losses equal the micro-batch loss of their union."""
+    ones = torch.ones_like(expert_ids, dtype=torch.float32) if used is None \
+        else used.to(torch.float32)
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=probs.device)
+    counts.scatter_add_(0, expert_ids.reshape(-1), ones.reshape(-1))
+    if reduce is not None:
+        counts = reduce(counts)
+    if probs.shape[0] == 0:
+        return probs.sum() * 0.0
+    f = (counts / counts.sum().clamp(min=1)).to(probs.dtype)
+    return num_experts * (f * probs.mean(0)).sum()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ hash."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from routing.capacity import capacity_drop_mask, count_per_expert, expert_capaci
 from routing.config import TOKEN_CHOICE, RouterConfig
 from routing.losses import (
     aux_free_bias_update,
+    global_batch_aux_loss,
     router_entropy,
     router_z_loss,
     switch_aux_loss,
@@ -147,6 +149,9 @@ class TopKRouter(Router):
         else:
             self.expert_bias = None
         self.top_k, self.threshold = cfg.top_k, cfg.threshold
+        # aux_loss_type="global_batch": sums [E] slot counts over the data-parallel ranks;
+        # parallel/ sets it (the router itself never holds a process group)
+        self.count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def set_step(self, step: int) -> None:
         """Move top_k / threshold to their values at training step `step` (0-based) of the
@@ -167,15 +172,20 @@ class TopKRouter(Router):
         logits = self._gate_logits(x)
         softmax = cfg.score == "softmax"
         seq = seq_len if cfg.aux_loss_type == "sequence" else None
-        if cfg.kind == "topk":  # the losses of every slot: fused (three kernels on Triton)
+        if cfg.kind == "topk" and cfg.aux_loss_type != "global_batch":
+            # the losses of every slot: fused (three kernels on Triton)
             expert_ids, weights, _, unused = self._select(logits, with_probs=False)
             aux, z, entropy, counts = router_losses(logits, expert_ids, cfg.score, softmax,
                                                     self.backend, seq)
             return self._finish(expert_ids, weights, aux, z, logits, unused,
                                 entropy if softmax else None, counts)
         expert_ids, weights, probs, unused = self._select(logits)
-        aux = switch_aux_loss(probs, expert_ids, self.num_experts, seq,
-                              None if unused is None else ~unused)
+        used = None if unused is None else ~unused
+        if cfg.aux_loss_type == "global_batch":
+            aux = global_batch_aux_loss(probs, expert_ids, self.num_experts, used,
+                                        self.count_reducer)
+        else:
+            aux = switch_aux_loss(probs, expert_ids, self.num_experts, seq, used)
         entropy = router_entropy(probs) if softmax else None
         return self._finish(expert_ids, weights, aux, router_z_loss(logits), logits, unused,
                             entropy)

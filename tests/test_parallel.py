@@ -27,6 +27,9 @@ def build_model(skewed: bool | str, capacity: float | None, num_experts: int = 4
     if skewed is True:
         router = RouterConfig(top_k=2, score="sigmoid", expert_bias=True,
                               capacity_factor=capacity)
+    elif skewed == "global":
+        router = RouterConfig(top_k=2, aux_loss_type="global_batch", aux_loss_coef=0.5,
+                              capacity_factor=capacity)
     elif skewed == "threshold":
         router = RouterConfig(kind="threshold", top_k=3, threshold=0.5, entropy_loss_coef=0.5,
                               capacity_factor=capacity)
@@ -353,3 +356,48 @@ def test_accumulation_outside_micro_batch_blocks_is_refused():
         pass
     with pytest.raises(ValueError, match="grad_accum must be >= 1"):
         parallelize(model, None, grad_accum=0)
+
+
+def _global_aux_worker(rank, world, pcfg, out_path):
+    mesh = init_distributed(pcfg)
+    par = parallelize(build_model("global", None), mesh,
+                      optimizer=lambda ps: torch.optim.SGD(ps, lr=LR))
+    aux, results = [], {}
+    for ids in batches(world):
+        local = ids[rank * B:(rank + 1) * B]
+        with mesh.guard():
+            out = par.module(local[:, :-1], labels=local[:, 1:])
+            par.backward(out.loss)
+            par.step()
+        aux.append(out.aux_loss.item())
+    _collect(results, "global", par, aux, world, rank, moved=par.counters.snapshot())
+    if rank == 0:
+        torch.save(results, out_path)
+    mesh.close()
+
+
+@pytest.mark.parametrize("case", ["dp-2", "fssdp-2"])
+def test_global_batch_aux_loss_is_the_whole_batch_loss_split_over_ranks(case, tmp_path):
+    """aux_loss_type=global_batch: each rank's loss takes the expert frequencies of every
+    rank's tokens (its routers' counts summed by one all-reduce, set up by parallelize) and
+    its own probabilities, so the ranks' mean loss and update equal one process's
+    micro-batch loss over the whole batch."""
+    world, kw = CASES[case]
+    out = tmp_path / "global.pt"
+    run_ranks(_global_aux_worker, world, ParallelConfig(timeout_s=60, **kw), str(out))
+    got = torch.load(out, weights_only=False)["global"]
+    model = build_model("global", None)
+    model.cfg.moe.router.aux_loss_type = "micro_batch"  # the same routers, one batch
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for step, ids in enumerate(batches(world)):
+        out = model(ids[:, :-1], labels=ids[:, 1:])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ranks = torch.tensor([got["losses"][r][step] for r in range(world)])
+        assert ranks.mean().item() == pytest.approx(out.aux_loss.item(), rel=1e-5)
+        assert ranks.std() > 0  # each rank's own probabilities
+    for name, ref in model.state_dict().items():
+        torch.testing.assert_close(got["state"][name].cpu(), ref, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, n=name: f"{case}: {n} {m}")
+    assert got["moved"]["layers.0.mlp.router.expert_counts"] == STEPS * 4 * 4  # [E] float32

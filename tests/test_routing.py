@@ -316,3 +316,39 @@ def test_layer_bad_input_errors():
     seq = MoELayer(4, MoEConfig(num_experts=4, router=RouterConfig(aux_loss_type="sequence")))
     with pytest.raises(ValueError, match="sequence length"):
         seq(torch.randn(6, 4))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["topk", "threshold"])
+def test_global_batch_aux_loss_in_one_process_is_the_micro_batch_loss(kind, backend):
+    """aux_loss_type=global_batch without a count reducer (one process holds the batch)
+    gives the micro-batch loss and gradient; a reducer gets the [E] counts (also with 0
+    tokens: it is a collective) and its sums set the frequencies."""
+    from routing.losses import global_batch_aux_loss
+
+    torch.manual_seed(0)
+    x = torch.randn(23, 16)
+    got = {}
+    for aux_type in ("micro_batch", "global_batch"):
+        torch.manual_seed(1)
+        r = build_router(RouterConfig(kind=kind, top_k=3, aux_loss_type=aux_type), 16, 8,
+                         backend=backend)
+        routing = r(x)
+        routing.aux_loss.backward()
+        got[aux_type] = (routing.aux_loss.detach(), r.weight.grad.clone())
+    torch.testing.assert_close(got["global_batch"][0], got["micro_batch"][0])
+    torch.testing.assert_close(got["global_batch"][1], got["micro_batch"][1])
+
+    seen = []
+
+    def double(c):  # as if a second rank had routed the same
+        seen.append(c.clone())
+        return 2 * c
+
+    probs = torch.softmax(torch.randn(5, 4), -1)
+    ids = torch.tensor([[0, 1]] * 5)
+    assert global_batch_aux_loss(probs, ids, 4, reduce=double).item() == pytest.approx(
+        4 * 0.5 * (probs[:, 0].mean() + probs[:, 1].mean()).item())
+    assert seen[0].tolist() == [5.0, 5.0, 0.0, 0.0]
+    empty = global_batch_aux_loss(probs[:0], ids[:0], 4, reduce=double)
+    assert empty.item() == 0.0 and len(seen) == 2
