@@ -26,9 +26,9 @@ class RouterConfig:
     drop_policy: which slots survive an over-full expert: "position" (first choices before
         second choices, then token order, as GShard / Switch) or "probs" (highest weight first).
     aux_loss_type: "micro_batch", "sequence" (Switch loss averaged over sequences) or
-        "global_batch" (the expert frequencies f_i over every data-parallel rank's tokens,
-        the probabilities P_i this rank's: global-batch balancing, Qiu et al. 2025, as
-        Qwen3-MoE trains; one process: the same as micro_batch).
+        "global_batch" (the expert frequencies f_i over every data-parallel rank's tokens of
+        this micro-batch, the probabilities P_i this rank's: global-batch balancing, Qiu et
+        al. 2025, as Qwen3-MoE trains; one process: the same as micro_batch).
     expert_bias: a per-expert bias added to the scores for selection only, never to the
         combine weights: DeepSeek-V3's on sigmoid scores, ERNIE-4.5's on softmax ones.
     expert_bias_update_rate: the aux-loss-free balancing step gamma of that bias;
