@@ -101,6 +101,18 @@ def available_ram() -> int:
         return 0
 
 
+def _not_a_model_dir(path: Path) -> str:
+    """Why `path` cannot be served, and, for one of our training runs or checkpoints, how
+    to make it servable."""
+    if not path.is_dir():
+        return f"model directory {path} does not exist"
+    if any((path / marker).exists() for marker in
+           ("model_config.json", "latest", "checkpoints/latest")):
+        return (f"{path} is a training run or checkpoint, not a model directory: export it "
+                f"first (python -m train.export {path} OUT) and serve OUT")
+    return f"{path} is not a model directory (no config.json)"
+
+
 class WeightStore:
     """model_dir -> config (ours), dense tensors on request, experts by (layer, expert).
 
@@ -122,9 +134,7 @@ class WeightStore:
             raise ValueError(f"quant must be one of {', '.join(QUANT_CHOICES)}, got {quant!r}")
         self.dtype = dtype
         if not (self.dir / "config.json").exists():
-            raise ModelDirError(f"{self.dir} is not a model directory (no config.json)"
-                                if self.dir.is_dir() else
-                                f"model directory {self.dir} does not exist")
+            raise ModelDirError(_not_a_model_dir(self.dir))
         self.hf_config = json.loads((self.dir / "config.json").read_text())
         try:
             self.cfg, self.family, _ = hf_model_config(self.hf_config)

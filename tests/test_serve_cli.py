@@ -1051,3 +1051,19 @@ def test_http_responses_api_answers_as_chat_completions_do(server):
                           ({"text": {"format": {"type": "xml"}}}, "not supported")):
         code, text = request(url + "/v1/responses", dict(base, **bad))
         assert code == 400 and fragment in json.loads(text)["error"]["message"], text
+
+
+def test_a_training_run_is_told_how_to_become_servable(tmp_path):
+    """Our training runs and checkpoints hold no config.json: the error says to export."""
+    from serve.store import ModelDirError, WeightStore
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_00000004")
+    (run / "checkpoints" / "step_00000004" / "model_config.json").write_text("{}")
+    for path in (run, run / "checkpoints", run / "checkpoints" / "step_00000004"):
+        with pytest.raises(ModelDirError, match="training run or checkpoint") as e:
+            WeightStore(path)
+        assert f"python -m train.export {path} OUT" in str(e.value)
+    with pytest.raises(ModelDirError, match=r"no config\.json"):
+        WeightStore(tmp_path)
