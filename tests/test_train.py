@@ -247,7 +247,7 @@ def test_validation_needs_held_out_data(tmp_path, data_cache):
 
 def test_gpu_experiment_preset_composes():
     """configs/experiment/small_gpu.yaml fills the typed config (Hydra's own checks) with
-    the settings its comment promises."""
+    the settings its comment promises; so does router=global_batch."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -263,6 +263,11 @@ def test_gpu_experiment_preset_composes():
     assert cfg.model.n_layers == 8 and cfg.model.moe.num_experts == 16
     assert cfg.model.vocab_size == 32000 and cfg.model.max_seq_len == 1024
     assert cfg.parallel.mode == "fssdp"
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("train", overrides=["experiment=tiny",
+                                                              "router=global_batch"]))
+    assert cfg.model.moe.router.aux_loss_type == "global_batch"
+    cfg.model.moe.router.check(cfg.model.moe.num_experts)
 
 
 def test_sweep_and_report(tmp_path, data_cache):
