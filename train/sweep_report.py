@@ -57,13 +57,19 @@ def write(rows: list[dict], sweep_dir: Path) -> tuple[Path, Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 1.5 + 0.45 * len(rows)))
+    val = any(r["val_loss"] is not None for r in rows)
+    fig, axes = plt.subplots(1, 3 if val else 2, figsize=(18 if val else 12,
+                                                          1.5 + 0.45 * len(rows)))
     labels = [r["setting"] for r in rows]
-    a.barh(labels, [r["final_loss"] for r in rows], color="tab:blue")
-    a.set_xlabel("final loss (mean of the last 10% of steps)")
-    b.barh(labels, [r["tokens_per_s"] for r in rows], color="tab:green")
-    b.set_xlabel("tokens / s (median)")
-    b.set_yticks([])
+    axes[0].barh(labels, [r["final_loss"] for r in rows], color="tab:blue")
+    axes[0].set_xlabel("final loss (mean of the last 10% of steps)")
+    if val:  # runs without a validation loss get no bar
+        axes[1].barh(labels, [r["val_loss"] or 0.0 for r in rows], color="tab:orange")
+        axes[1].set_xlabel("validation loss (last)")
+        axes[1].set_yticks([])
+    axes[-1].barh(labels, [r["tokens_per_s"] for r in rows], color="tab:green")
+    axes[-1].set_xlabel("tokens / s (median)")
+    axes[-1].set_yticks([])
     fig.tight_layout()
     png = sweep_dir / "sweep.png"
     fig.savefig(png, dpi=100)
