@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import torch
 
+from routing.capacity import count_per_expert
+
 
 def switch_aux_loss(
     probs: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, seq_len: int | None = None,
@@ -54,10 +56,7 @@ def global_batch_aux_loss(
     counts over the data-parallel ranks (None: this process holds the whole batch); it is a
     collective, so it runs even for 0 tokens. used [T, k] bool: only these slots count.
     Averaged over equal-sized ranks, the losses equal the micro-batch loss of their union."""
-    ones = torch.ones_like(expert_ids, dtype=torch.float32) if used is None \
-        else used.to(torch.float32)
-    counts = torch.zeros(num_experts, dtype=torch.float32, device=probs.device)
-    counts.scatter_add_(0, expert_ids.reshape(-1), ones.reshape(-1))
+    counts = count_per_expert(expert_ids, num_experts, used).to(torch.float32)
     if reduce is not None:
         counts = reduce(counts)
     if probs.shape[0] == 0:
