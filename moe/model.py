@@ -61,7 +61,7 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, token_ids):
         """x [B, S, d] -> (x [B, S, d], the MoE layer's Routing or None)."""
         if self.recompute == "none" or not torch.is_grad_enabled():
-            return self._mlp(self._attn(x, cos, sin), token_ids)
+            return self._block(x, cos, sin, token_ids)
         if self.recompute == "block":
             return checkpoint(self._block, x, cos, sin, token_ids, use_reentrant=False)
         return checkpoint(self._mlp, self._attn(x, cos, sin), token_ids, use_reentrant=False)
