@@ -255,6 +255,7 @@ def megatron_layer(shape, dtype, grouped: bool = False,
         from megatron.core.transformer.transformer_config import TransformerConfig
     except Exception as e:  # noqa: BLE001 - import errors of an optional peer
         raise Unavailable(f"megatron-core not importable: {type(e).__name__}: {e}") from e
+    peer_shims.patch_megatron_router_gemm()  # its gate GEMM without Transformer Engine
     if grouped:
         if not hasattr(mc_experts, "GroupedMLP"):
             raise Unavailable("this megatron-core has no legacy GroupedMLP (removed after "

@@ -9,6 +9,10 @@ megatron-core uses):
   GEMM, here `torch._grouped_mm` (CUTLASS on Hopper; a reference loop on the CPU). The same
   package is what megatron-core's legacy `GroupedMLP` calls (`install_grouped_gemm()` alone).
 
+`patch_megatron_router_gemm()` mends one megatron-core 0.16.1 bug that only a GPU without
+Transformer Engine meets: its router's gating GEMM reads `te_general_gemm`, a name bound only
+when Transformer Engine imports (NameError otherwise, seen on the lent H200 on 2026-11-30).
+
 MegaBlocks' routing, permutation (its Triton gather / scatter) and expert MLP are its own
 code. Each function keeps the extension's signature and writes into `out` the same way.
 Its sparse path (stk's block-sparse Triton kernels) refuses Triton >= 3.2, so the grouped path
@@ -141,6 +145,16 @@ def install_grouped_gemm() -> None:
     gg.ops.gmm = gmm_op
     sys.modules.update({"grouped_gemm": gg, "grouped_gemm.backend": gg.backend,
                         "grouped_gemm.ops": gg.ops})
+
+
+def patch_megatron_router_gemm() -> None:
+    """Bind megatron-core's `moe_utils.te_general_gemm` to None where Transformer Engine did
+    not import: its RouterGatingLinearFunction then takes its own torch.mm path (it tests
+    `te_general_gemm is not None`) instead of raising NameError."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def install() -> None:

@@ -170,6 +170,22 @@ def _megatron_grouped_mlp_matches_float64(rank, world_size, seed):
         assert rel(experts.weight1.grad.view(E, d, 2 * f), w1.grad) < 1e-2
         assert rel(experts.weight2.grad.view(E, f, d), w2.grad) < 1e-2
         assert torch.count_nonzero(experts.weight1.grad.view(E, d, 2 * f)[1]) == 0
+
+        # its router's gate GEMM, which reads te_general_gemm (unbound without Transformer
+        # Engine: NameError before megatron_layer's patch), in float32 from bf16
+        from megatron.core.transformer.moe.moe_utils import router_gating_linear
+
+        xg = torch.randn(T, d, generator=g).bfloat16().requires_grad_(True)
+        wg = torch.randn(E, d, generator=g).bfloat16().requires_grad_(True)
+        logits = router_gating_linear(xg, wg, None, torch.float32)
+        assert logits.dtype == torch.float32
+        dl = torch.randn(T, E, generator=g)
+        logits.backward(dl)
+        xr, wr = (t.detach().double().requires_grad_(True) for t in (xg, wg))
+        ref = xr @ wr.T
+        ref.backward(dl.double())
+        assert rel(logits, ref) < 1e-5
+        assert rel(xg.grad, xr.grad) < 1e-2 and rel(wg.grad, wr.grad) < 1e-2
     finally:
         dist.destroy_process_group()
 
