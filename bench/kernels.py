@@ -59,6 +59,24 @@ def _inputs(T, d, dtype, device, seed=0):
     return x, dy
 
 
+def _fresh(step: Step, *owners) -> Step:
+    """step, each call starting as a training step does after optimizer.zero_grad() (set to
+    None, PyTorch's default): its backward writes the gradients of owners (modules' parameters
+    and leaf tensors) rather than adding them to the last call's, a read and a write of every
+    weight gradient more that no training step without accumulation pays. `.leaves` holds
+    them."""
+    leaves = [p for o in owners
+              for p in (o.parameters() if isinstance(o, nn.Module) else (o,))]
+
+    def fresh_step():
+        for t in leaves:
+            t.grad = None
+        step()
+
+    fresh_step.leaves = leaves
+    return fresh_step
+
+
 def _init_(module: nn.Module, std: float = 0.02) -> nn.Module:
     with torch.no_grad():
         for p in module.parameters():
@@ -93,7 +111,7 @@ def build_ours(shape, T, dtype, device, backend="triton", gemm="auto") -> Step:
             out, _ = layer(x)
             out.backward(dy)
 
-    return step
+    return _fresh(step, layer, x)
 
 
 def build_loop(shape, T, dtype, device) -> Step:
@@ -116,7 +134,7 @@ def build_loop(shape, T, dtype, device) -> Step:
             out = out.index_add(0, tok, y * w[tok, slot, None])
         out.backward(dy)
 
-    return step
+    return _fresh(step, wg, w_in, w_out, x)
 
 
 def build_hf(shape, T, dtype, device, impl="eager") -> Step:
@@ -154,7 +172,7 @@ def build_hf(shape, T, dtype, device, impl="eager") -> Step:
         out.backward(dy.view(1, T, d))
 
     step()  # fail here, not in the timing loop, if this implementation cannot run
-    return step
+    return _fresh(step, block, x)
 
 
 PEERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".peers")
@@ -187,7 +205,7 @@ def build_scattermoe(shape, T, dtype, device) -> Step:
         out = mlp(x, w, ids)
         out.backward(dy)
 
-    return step
+    return _fresh(step, mlp, wg, x)
 
 
 class _SwiGLUExpert(nn.Module):
@@ -232,7 +250,7 @@ def build_deepspeed(shape, T, dtype, device) -> Step:
         out.backward(dy.view(1, T, d))
 
     step()
-    return step
+    return _fresh(step, moe, x)
 
 
 def megatron_layer(shape, dtype, grouped: bool = False,
@@ -304,7 +322,7 @@ def build_megatron(shape, T, dtype, device, grouped: bool = False) -> Step:
         out.backward(dy3)
 
     step()
-    return step
+    return _fresh(step, layer, x)
 
 
 def megablocks_layer(shape, dtype, device) -> nn.Module:
@@ -347,7 +365,7 @@ def build_megablocks(shape, T, dtype, device) -> Step:
         out.backward(dy.view(1, T, d))
         clear_load_balancing_loss()  # dMoE keeps each forward's loss in a global list
 
-    return step
+    return _fresh(step, layer, x)
 
 
 def build_dense(shape, T, dtype, device) -> Step:
@@ -663,7 +681,9 @@ def run(shapes, tokens, impls, dtype, device, out_path, command) -> str:
                             f"k={SHAPES[s][3]}" for s in shapes)
     body = (f"Shapes ({str(dtype).replace('torch.', '')}): {shapes_desc}. TFLOP/s counts the "
             "expert GEMMs only (18·T·k·d·ffn for fwd+bwd); 'x dense' is the same-FLOPs dense "
-            "GEMM chain's time over this row's; 'host ms' is the time the host took to issue "
+            "GEMM chain's time over this row's; every row's step starts with its gradients "
+            "set to None, as after optimizer.zero_grad() (a step writes them, adding to "
+            "none); 'host ms' is the time the host took to issue "
             "the step (until its last launch returned, before waiting for the device): near "
             "'fwd+bwd ms', the device waited for the host; ours' note is its max relative "
             "error vs a float64 reference and which implementation the Triton backend "

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.seeds import fresh_seed
 
@@ -408,3 +409,19 @@ def test_train_memory_bench_smoke(tmp_path):
     for i in (0, 3):
         kept = [float(rows[i + j][2]) for j in range(3)]
         assert kept[0] > kept[1] > kept[2], kept
+
+
+@pytest.mark.parametrize("key", ["reference", "loop", "hf"])
+def test_kernel_bench_steps_start_from_no_gradients(key):
+    """Each timed step of bench.kernels writes its gradients as a training step after
+    optimizer.zero_grad() does: a second call's gradients equal the first's, not twice them
+    (an accumulation would add a read and write of every weight gradient to each row)."""
+    from bench.kernels import IMPLS, SHAPES
+
+    step = IMPLS[key][1](SHAPES["smoke"], 16, torch.float32, torch.device("cpu"))
+    assert len(step.leaves) >= 3
+    step()
+    first = [t.grad.clone() for t in step.leaves]
+    step()
+    for t, g in zip(step.leaves, first, strict=True):
+        torch.testing.assert_close(t.grad, g)
