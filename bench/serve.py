@@ -273,7 +273,8 @@ def _row(f, slots, total, budget, quant, r, base_run, hf_tps, hf_label, h2d,
             f"{bound / ours:.2f}" if bound else "n/a",
             f"{ours / hf_tps:.1f}" if hf_tps else "n/a",
             f"{r['expert_hit_rate']:.2f} / {base_run['expert_hit_rate']:.2f}",
-            f"{r['prefetch_precision']:.2f} / {r['prefetch_recall']:.2f}",
+            f"{r['prefetch_precision']:.2f} / {r['prefetch_recall']:.2f} / "
+            f"{r['prefetch_withheld']:.2f}",
             f"{r['bytes_to_device_per_token'] / 2**20:.2f} / "
             f"{base_run['bytes_to_device_per_token'] / 2**20:.2f}"] + [
         _variant_cell(g) for g in variants]
@@ -310,6 +311,10 @@ def main(argv=None) -> None:
     p.add_argument("--prefetch-min-weights", default="",
                    help="comma-separated confidence bars W: a column each for ours with "
                    "prefetch gated at W (--prefetch-min-weight)")
+    p.add_argument("--prefetch-min-precisions", default="",
+                   help="comma-separated precision bars P: a column each for ours with the "
+                   "prefetch's copies gated at P (--prefetch-min-precision; 0: every "
+                   "prediction copied, no gate)")
     p.add_argument("--host-compute-tokens", default="",
                    help="comma-separated counts N: a column each for ours with the misses "
                    "that at most N of a step's tokens use run on the host CPU "
@@ -362,6 +367,9 @@ def main(argv=None) -> None:
     # columns of ours with other settings: (label, ServeConfig fields)
     variants = [(f"prefetch gated at {float(w):g}", {"prefetch_min_weight": float(w)})
                 for w in a.prefetch_min_weights.split(",") if w] + [
+        ("prefetch, no precision gate" if float(pr) == 0 else
+         f"prefetch gated at precision {float(pr):g}", {"prefetch_min_precision": float(pr)})
+        for pr in a.prefetch_min_precisions.split(",") if pr] + [
         (f"misses of <= {int(n)} tokens on the host", {"host_compute_tokens": int(n)})
         for n in a.host_compute_tokens.split(",") if n] + [
         (f"speculating {int(k)}", {"speculate": int(k)}) for k in a.speculate.split(",") if k] + [
@@ -416,7 +424,7 @@ def main(argv=None) -> None:
               "ours tok/s", "ours no-prefetch tok/s",
               "transformers+accelerate tok/s" if device.type == "cuda"
               else "transformers (CPU, no offload) tok/s", "PCIe bound tok/s", "bound / ours",
-              "ours / transformers", "hit rate (pf / no pf)", "prefetch prec / recall",
+              "ours / transformers", "hit rate (pf / no pf)", "prefetch prec / recall / withheld",
               "MiB moved / token (pf / no pf)"] + [
         f"{v}: tok/s / hit rate / MiB per token" for v, _ in variants]
     table = markdown_table(header, rows)
@@ -435,7 +443,9 @@ def main(argv=None) -> None:
         shape_txt += f"; KV cache {kv / 2**10:.1f} KiB per token"
     body = (f"Shapes: {shape_txt}, {a.layers} layers, {dtype}; prompt {a.prompt_len}, "
             f"{a.new_tokens} greedy new tokens, cache policy {a.cache_policy}, batch 1 in the "
-            f"first table. Measured "
+            f"first table. Ours prefetches across layers, copying a layer's predictions while "
+            f"their precision reaches {base.prefetch_min_precision:g} (serve/prefetch_gate.py;"
+            f" 'withheld': the share of layer predictions scored without copies). Measured "
             f"pinned H2D: {h2d / 1e9:.1f} GB/s.\n\n" if h2d else
             f"Shapes: {shape_txt}, {a.layers} layers, {dtype}; prompt {a.prompt_len}, "
             f"{a.new_tokens} new tokens, cache policy {a.cache_policy} (CPU smoke run: no "

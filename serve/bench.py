@@ -100,13 +100,17 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
         "memory_budget": cfg.memory_budget, "expert_slots": model.n_slots,
         "total_experts": model.store.total_experts,
         "cache_policy": cfg.cache_policy, "prefetch": cfg.prefetch,
-        "prefetch_min_weight": cfg.prefetch_min_weight, "quant": model.store.quant,
+        "prefetch_min_weight": cfg.prefetch_min_weight,
+        "prefetch_min_precision": cfg.prefetch_min_precision, "quant": model.store.quant,
         "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "prefill_tokens_per_s": batch * prompt_len / prefill_s,
         "decode_tokens_per_s": batch * new_tokens / decode_s,
         "expert_hit_rate": dec["expert_hit_rate"], "prefill_hit_rate": pre["expert_hit_rate"],
         "prefetch_precision": dec["prefetch_precision"],
         "prefetch_recall": dec["prefetch_recall"],
+        # the share of layer predictions the precision gate scored without copying
+        "prefetch_withheld": dec["prefetch_withheld"] / max(1, dec["prefetch_withheld"]
+                                                          + dec["prefetch_copied"]),
         "experts_used_per_token": activated / (new_tokens * batch),
         "experts_on_host_per_token": dec["experts_on_host"] / (new_tokens * batch),
         "experts_skipped_per_token": dec["experts_skipped"] / (new_tokens * batch),

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from serve.prefetch_gate import MIN_PRECISION
+
 CACHE_POLICIES = ("lru", "lfu", "layer", "next-use")  # serve.cache.POLICIES
 QUANT_CHOICES = ("auto", "none", "int8", "int4", "mxfp4", "fp8")
 MISS_QUANTS = ("none", "int8", "int4")  # the stand-ins' precision (ServeConfig.miss_quant)
@@ -20,6 +22,7 @@ _FIELD_TYPES = {
     "memory_budget": ("a string or an integer", (str, int, _NONE)),
     "host_budget": ("a string or an integer", (str, int, _NONE)),
     "prefetch_min_weight": ("a number", (int, float)),
+    "prefetch_min_precision": ("a number", (int, float)),
     "max_batch": ("an integer", (int,)), "prefill_chunk": ("an integer", (int,)),
     "max_context": ("an integer", (int, _NONE)),
     "prefix_cache": ("true or false", (bool,)),
@@ -54,6 +57,9 @@ class ServeConfig:
     prefetch_min_weight: copy ahead only the predicted experts whose predicted combine weight
     reaches it for some token (0: every top-k prediction). A wrong prediction is a copy a
     miss would not have made (bench/policies.py), so a higher bar trades hits for bytes.
+    prefetch_min_precision: a layer's predicted experts are copied only while the share of
+    its recently predicted experts that it then used reaches this (serve/prefetch_gate.py;
+    they are scored without copies until then); 0: always copy.
     quant: "none", "int8" or "int4" (weight-only experts, kept packed on the device and
     dequantized inside the expert GEMMs), "mxfp4" (an MXFP4 checkpoint's experts, packed as
     stored), "fp8" (an FP8 block-scaled checkpoint's experts as stored, in RAM, on the wire
@@ -111,6 +117,7 @@ class ServeConfig:
     cache_policy: str = "lru"
     prefetch: str = "cross-layer"
     prefetch_min_weight: float = 0.0
+    prefetch_min_precision: float = MIN_PRECISION
     quant: str = "auto"
     max_batch: int = 1
     max_context: int | None = None
@@ -176,6 +183,10 @@ class ServeConfig:
             raise ValueError(f"disk_readers must be >= 0, got {self.disk_readers}")
         if self.host_compute_tokens < 0:
             raise ValueError(f"host_compute_tokens must be >= 0, got {self.host_compute_tokens}")
+        if not (isinstance(self.prefetch_min_precision, (int, float))
+                and 0 <= self.prefetch_min_precision <= 1):
+            raise ValueError(f"prefetch_min_precision must be a number in [0, 1], got "
+                             f"{self.prefetch_min_precision!r}")
         if self.prefetch_min_weight < 0:
             raise ValueError(f"prefetch_min_weight must be a number >= 0, got "
                              f"{self.prefetch_min_weight!r}")

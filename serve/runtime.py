@@ -20,6 +20,7 @@ from moe.model import MoETransformer
 from serve.cache import CacheStats, ExpertCache
 from serve.config import ServeConfig
 from serve.kvcache import KVCache
+from serve.prefetch_gate import PrefetchGate
 from serve.skip import kept_pairs, light_missing, skip_missing
 from serve.speculate import PREDICTED_DRAFT
 from serve.store import QUANT_BITS, WeightStore, available_ram
@@ -37,6 +38,8 @@ class PrefetchStats:
     predicted: int = 0  # experts named by the predictor
     actual: int = 0  # experts the layers then used (for layers that had a prediction)
     correct: int = 0
+    copied: int = 0  # layer predictions whose experts were copied ahead
+    withheld: int = 0  # layer predictions scored but not copied (serve/prefetch_gate.py)
 
     @property
     def precision(self) -> float:
@@ -254,7 +257,10 @@ class OffloadedModel:
                                          "lru", self.device, self.dtype, None, readers)
         self.prefetch_stats = PrefetchStats()
         self._before_reset: dict[str, int] = {}  # counts up to the last reset_stats
-        self._predicted: dict[int, set[int]] = {}
+        # layer -> its predicted experts: a set (copied), or a [E] bool mask on the device
+        # (withheld by the gate: scored when the layer runs, no host wait before)
+        self._predicted: dict[int, set[int] | torch.Tensor] = {}
+        self.gate = PrefetchGate(cfg.prefetch_min_precision)
         self.drafter = None  # the draft model of speculation, if any (serve/draft.py)
         if cfg.draft_model is not None:
             from serve.draft import Drafter
@@ -560,16 +566,22 @@ class OffloadedModel:
         """Prefetch precision / recall: layer i used the experts `needed`."""
         pred = self._predicted.pop(i, None)
         if pred is not None:
+            if isinstance(pred, torch.Tensor):
+                pred = set(pred.nonzero().flatten().tolist())
             st = self.prefetch_stats
+            correct = len(pred.intersection(needed))
             st.predicted, st.actual = st.predicted + len(pred), st.actual + len(needed)
-            st.correct += len(pred.intersection(needed))
+            st.correct += correct
+            self.gate.record(i, len(pred), correct)
 
     def _prefetch_next(self, i: int, x_flat: torch.Tensor, protected) -> None:
         """Apply the next MoE layer's norm and gate to layer i's residual stream (the
         cross-layer gate) and start copying the experts it names (those whose predicted
         weight reaches prefetch_min_weight for some token, and that skip_miss_weight would
         not skip nor miss_quant_weight stand in for), evicting nothing in protected (the
-        experts layer i is using)."""
+        experts layer i is using). While the gate withholds the next layer's copies (its
+        recent precision under prefetch_min_precision) the prediction is only kept, as a
+        mask on the device, to be scored when that layer runs."""
         j = self.next_moe[i]
         nxt = self.model.layers[j]
         ids, w = nxt.mlp.router.select(nxt.mlp_norm(x_flat))
@@ -578,8 +590,15 @@ class OffloadedModel:
         want = w >= bar
         if light > 0:  # no copy ahead of an expert the layer would skip or stand in for
             want &= kept_pairs(w, light)
+        if not self.gate.allow(j):  # scored later; nothing here waits for the device
+            named = torch.zeros(self.cfg.moe.num_experts, dtype=torch.int32, device=ids.device)
+            self._predicted[j] = named.index_add_(0, ids.flatten(),
+                                                  want.flatten().to(torch.int32)) > 0
+            self.prefetch_stats.withheld += 1
+            return
         pred = ids[want].unique().tolist()
         self._predicted[j] = set(pred)
+        self.prefetch_stats.copied += 1
         self.cache.prefetch([(j, e) for e in pred], protected)
 
     def _experts(self, flat, ids, w, slots: dict[int, int],
@@ -621,7 +640,8 @@ class OffloadedModel:
                 "experts_skipped": c.skipped,
                 "experts_low_precision": now["low_precision"],
                 "bytes_to_device": c.bytes_to_device,
-                "prefetch_precision": p.precision, "prefetch_recall": p.recall}
+                "prefetch_precision": p.precision, "prefetch_recall": p.recall,
+                "prefetch_copied": p.copied, "prefetch_withheld": p.withheld}
 
     def total_counters(self) -> dict[str, int]:
         """The raw cache and prefetch counts since the model was loaded (monitoring: they

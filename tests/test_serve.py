@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 from kernels.quant import dequantize, quantize  # noqa: E402
 from serve.config import ServeConfig  # noqa: E402
 from serve.generate import DecodeBatch, generate  # noqa: E402
+from serve.prefetch_gate import PrefetchGate  # noqa: E402
 from serve.runtime import BudgetError, OffloadedModel  # noqa: E402
 from serve.sampling import SamplingConfig  # noqa: E402
 from serve.store import ModelDirError  # noqa: E402
@@ -63,6 +64,9 @@ def serve(model_dir, **kw) -> OffloadedModel:
     kw.setdefault("max_context", 64)
     kw.setdefault("max_batch", 2)
     kw.setdefault("dtype", "float32")  # parity at float32 tolerance, on cuda too
+    # prefetch copies whatever it predicts: the copy path is what these tests check (the
+    # precision gate, serve/prefetch_gate.py, has tests of its own)
+    kw.setdefault("prefetch_min_precision", 0.0)
     return OffloadedModel(ServeConfig(model=str(model_dir), **kw))
 
 
@@ -956,3 +960,48 @@ def test_device_memory_stays_under_the_budget(refs, quant):
         assert out == ref_ids
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base <= budget
+
+
+def test_the_precision_gate_scores_predictions_without_copying_them(tmp_path):
+    """prefetch_min_precision: below the bar a layer's predictions are scored but not copied
+    (the same precision and recall as copying them: the predictions do not depend on the
+    cache), the tokens stay transformers'; a layer whose recent predictions were right is
+    copied again."""
+    hf = build_hf("mixtral")
+    hf.save_pretrained(tmp_path)
+    budget = budget_for(tmp_path, 12)
+    prompt = [5, 17, 33, 2, 90, 41]
+    ref = hf_greedy(hf, prompt, 10)
+    st = {}
+    for bar in (0.0, 1.0):  # copy always; copy only perfect predictions (none here)
+        m = serve(tmp_path, memory_budget=budget, max_batch=1, prefetch_min_precision=bar)
+        res = generate(m, [prompt], 10)
+        assert res.token_ids == [ref]
+        st[bar] = res.stats
+    assert st[0.0]["experts_prefetched"] > 0 and st[0.0]["prefetch_withheld"] == 0
+    assert st[1.0]["experts_prefetched"] == 0 and st[1.0]["prefetch_copied"] == 0
+    assert st[1.0]["prefetch_withheld"] == st[0.0]["prefetch_copied"] > 0
+    assert 0 < st[1.0]["prefetch_precision"] < 1
+    for key in ("prefetch_precision", "prefetch_recall"):
+        assert st[1.0][key] == st[0.0][key]
+    assert st[1.0]["bytes_to_device"] < st[0.0]["bytes_to_device"]
+    # the gate's own view of layer 2 (predicted from layer 1): scored, under the bar
+    assert 0 < m.gate.precision(2) < 1 and not m.gate.allow(2)
+    # on a fresh model (nothing resident), layer 1 (predicted from layer 0) after a run of
+    # right predictions: copied ahead; layer 2 after wrong ones: not
+    m = serve(tmp_path, memory_budget=budget, max_batch=1)
+    m.gate = PrefetchGate(0.75, window=8, warmup=4)
+    m.gate.record(1, 8, 8)
+    m.gate.record(2, 8, 2)
+    x = torch.randn(3, hf.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    m._prefetch_next(0, x, set())
+    nxt = m.model.layers[1]
+    named = set(nxt.mlp.router.select(nxt.mlp_norm(x))[0].flatten().tolist())
+    assert m._predicted[1] == named and m.cache.stats.prefetched == len(named)
+    assert all(m.cache.resident((1, e)) for e in named)
+    before = m.cache.stats.prefetched
+    m._prefetch_next(1, x, set())  # layer 2: withheld, kept as a mask on the device
+    assert m.cache.stats.prefetched == before
+    nxt = m.model.layers[2]
+    named = set(nxt.mlp.router.select(nxt.mlp_norm(x))[0].flatten().tolist())
+    assert set(m._predicted[2].nonzero().flatten().tolist()) == named

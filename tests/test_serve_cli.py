@@ -118,11 +118,12 @@ def test_a_serve_config_preset_under_the_flags(model_dir, tmp_path):
     preset.write_text(f"model: {d}\nmemory_budget: 600KiB\ncache_policy: lfu\n"
                       "prefetch: none\ndevice: cpu\nprefetch_min_weight: 0.5\n")
     p = cli("bench", "--config", preset, "--cache-policy", "layer", "--prompt-len", 8,
-            "--prefetch-min-weight", 0.25,
+            "--prefetch-min-weight", 0.25, "--prefetch-min-precision", 0.5,
             "--new-tokens", 3, "--json", "--quiet")
     r = json.loads(p.stdout)
     assert (r["cache_policy"], r["prefetch"]) == ("layer", "none")
     assert r["prefetch_min_weight"] == 0.25 and r["memory_budget"] == "600KiB"
+    assert r["prefetch_min_precision"] == 0.5
     assert r["expert_slots"] < r["total_experts"]  # the preset's budget
     p = cli("generate", "--config", "cpu", "--model", d, "--prompt-ids", "3,14,15",
             "--max-new-tokens", 6, "--json")
@@ -137,6 +138,7 @@ def test_a_serve_config_preset_under_the_flags(model_dir, tmp_path):
     ("cache_polcy: lru\n", "unknown key 'cache_polcy'"),
     ("max_batch: four\n", "max_batch must be an integer"),
     ("prefetch_min_weight: high\n", "prefetch_min_weight must be a number"),
+    ("prefetch_min_precision: 1.5\n", "prefetch_min_precision must be a number in"),
     ("prefill_step_tokens: 0\n", "prefill_step_tokens must be >= 1"),
     ("prefill_step_tokens: all\n", "prefill_step_tokens must be an integer"),
     ("memory_budget: [1, 2]\n", "memory_budget must be a string"),
