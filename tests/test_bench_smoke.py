@@ -425,3 +425,28 @@ def test_kernel_bench_steps_start_from_no_gradients(key):
     step()
     for t, g in zip(step.leaves, first, strict=True):
         torch.testing.assert_close(t.grad, g)
+
+
+def test_busy_time_is_the_union_of_spans():
+    from bench.serve_timeline import busy_ns
+
+    assert busy_ns([]) == 0
+    assert busy_ns([(5, 9), (0, 2), (1, 3), (8, 12), (20, 21)]) == 3 + 7 + 1
+    assert busy_ns([(0, 10), (2, 4)]) == 10
+
+
+def test_serve_timeline_smoke(tmp_path):
+    """bench/serve_timeline.py end to end on the CPU (host ops only): a row per budget and
+    prefetch mode, the all-resident one moving nothing."""
+    out, js = tmp_path / "r.md", tmp_path / "r.json"
+    subprocess.run([sys.executable, "-m", "bench.serve_timeline", "--smoke", "--layers", "2",
+                    "--tokens", "3", "--dir", str(tmp_path / "m"), "--out", str(out),
+                    "--json-out", str(js)], check=True, capture_output=True, text=True,
+                   timeout=600)
+    text = out.read_text()
+    assert "Offloaded decode timeline" in text and "| 4/16, none |" in text
+    r = json.loads(js.read_text())
+    assert set(r) == {"4/16, none", "4/16, cross-layer", "16/16, none", "16/16, cross-layer"}
+    assert all(v["tokens"] == 3 and v["ms_per_token"] > 0 for v in r.values())
+    assert r["16/16, none"]["mib_per_token"] == 0 and r["4/16, none"]["mib_per_token"] > 0
+    assert r["4/16, none"]["prefetch_copied"] == 0
