@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call for a short GPU lease (15 minutes with start-up): the figures issues 3 and 6 ask
-# for, the most wanted first, each step under its own limit (the defaults add up to 555 s, so
-# the call fits a 580 s timeout_s and the lease keeps a margin for its start). Steps that a
+# for, the most wanted first, each step under its own limit (the defaults add up to 565 s, so
+# the call fits a 590 s timeout_s and the lease keeps a margin for its start). Steps that a
 # limit stops still write the rows they finished. Run from the repository root with OUT set;
 # before the lease: bash bench/prepare_gpu_carry.sh, then carry [".whl", ".peers",
 # ".triton-cache.tgz"] (prebuilt Triton kernels: bench/prebuild.py).
@@ -15,11 +15,12 @@
 #      (the one under its target on 2026-11-30): ours vs the same-FLOPs dense GEMM (the
 #      ceiling) vs megatron-core's GroupedMLP (its router mended, not timed yet), MegaBlocks,
 #      ScatterMoE, transformers' grouped_mm block, DeepSpeed; each step now starts with its
-#      gradients set to None, 230 s
+#      gradients set to None, 220 s
 #   4) where ours spends its time (bench.kernels --breakdown): skipped unless BREAKDOWN_TIMEOUT
 #      is set (recorded on 2026-11-30)
-#   5) the Triton kernel tests on the GPU, as far as 30 s takes them (-x: the first failure
-#      ends them; bench.kernels checks ours against float64 at each shape as well)
+#   5) the GPU-only serving tests (the expert step queued without waiting for the device; the
+#      budget held), 30 s, then the Triton kernel tests, as far as 20 s takes them (-x: the first
+#      failure ends them; bench.kernels checks ours against float64 at each shape as well)
 # SMOKE=1 rehearses the same steps on the CPU at tiny shapes (the interpreter runs Triton).
 set -uo pipefail
 source bench/gpu_env.sh
@@ -41,11 +42,13 @@ limited "${SERVE_TIMEOUT:-235}" python3 -m bench.serve "${smoke[@]}" --layers "$
 limited "${TIMELINE_TIMEOUT:-60}" python3 -m bench.serve_timeline "${smoke[@]}" \
   --layers "${LAYERS:-4}" --dir /tmp/mserve --out "$OUT/RESULTS.md" \
   --json-out "$OUT/timeline.json" 2>&1 | tee "$OUT/timeline.log"
-limited "${KERNEL_TIMEOUT:-230}" python3 -m bench.kernels "${smoke[@]}" \
+limited "${KERNEL_TIMEOUT:-220}" python3 -m bench.kernels "${smoke[@]}" \
   --shapes qwen3,olmoe,mixtral "${tokens[@]}" \
   --impls ours,dense,megatron-grouped,megablocks,scattermoe,hf-grouped,deepspeed --out "$OUT/RESULTS.md" 2>&1 \
   | tee "$OUT/kernels.log"
 limited "${BREAKDOWN_TIMEOUT:-0}" python3 -m bench.kernels "${smoke[@]}" --breakdown \
   --shapes "${BREAKDOWN_SHAPE:-qwen3,mixtral}" "${tokens[@]}" 2>&1 | tee "$OUT/breakdown.log"
-MOE_TRITON_AUTOTUNE=0 limited "${TEST_TIMEOUT:-30}" python3 -m pytest -q -x -p no:cacheprovider \
-  tests/test_kernels_triton.py 2>&1 | tail -5 | tee "$OUT/pytest_gpu.log"
+limited "${SERVE_TEST_TIMEOUT:-30}" python3 -m pytest -q -p no:cacheprovider -rs -m gpu \
+  tests/test_serve.py 2>&1 | tail -6 | tee "$OUT/pytest_gpu.log"
+MOE_TRITON_AUTOTUNE=0 limited "${TEST_TIMEOUT:-20}" python3 -m pytest -q -x -p no:cacheprovider \
+  tests/test_kernels_triton.py 2>&1 | tail -5 | tee -a "$OUT/pytest_gpu.log"

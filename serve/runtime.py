@@ -549,7 +549,9 @@ class OffloadedModel:
         """Layer i's experts run on the host CPU from their host copies (RAM or the memory-
         mapped files; nothing crosses to the device but the outputs) for the pairs
         _host_inputs took -> the weighted sum per token [n_tokens, d], on the host."""
-        out = torch.zeros(n_tokens, x.shape[1], dtype=x.dtype)
+        # pinned on CUDA, so that its copy to the device waits for nothing (see _experts)
+        out = torch.zeros(n_tokens, x.shape[1], dtype=x.dtype,
+                          pin_memory=self.device.type == "cuda")
         m = self.cfg.moe
         for e in expert.unique().tolist():
             at = (expert == e).nonzero()[:, 0]
@@ -605,7 +607,11 @@ class OffloadedModel:
                  cache: ExpertCache | None = None) -> torch.Tensor:
         """Sum over the (token, expert) pairs whose expert sits in `slots` of weight * expert
         output, by the grouped kernels over the slot pool of cache (the expert cache)."""
-        table = torch.full((self.cfg.moe.num_experts,), -1, dtype=torch.long)
+        # pinned on CUDA: a copy from pageable memory may wait for the stream, which holds
+        # the layer's expert copies just queued, and the host would issue nothing more (the
+        # next layer's attention and routing) until they landed
+        table = torch.full((self.cfg.moe.num_experts,), -1, dtype=torch.long,
+                           pin_memory=self.device.type == "cuda")
         for e, s in slots.items():
             table[e] = s
         sid = table.to(self.device, non_blocking=True)[ids]

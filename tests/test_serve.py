@@ -1005,3 +1005,29 @@ def test_the_precision_gate_scores_predictions_without_copying_them(tmp_path):
     nxt = m.model.layers[2]
     named = set(nxt.mlp.router.select(nxt.mlp_norm(x))[0].flatten().tolist())
     assert set(m._predicted[2].nonzero().flatten().tolist()) == named
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_expert_step_is_queued_without_waiting_for_the_device(tmp_path):
+    """A layer's expert step (slot table, sort, grouped GEMMs, combine) returns while the
+    device is still busy with what was queued before it (its expert copies, in serving): the
+    host goes on to issue the next layer's work instead of leaving the PCIe link idle."""
+    import time
+
+    build_hf("mixtral").save_pretrained(tmp_path)
+    m = serve(tmp_path, device="cuda")
+    x = torch.randn(3, m.cfg.d_model, device="cuda")
+    ids, w = m.model.layers[0].mlp.router.select(x)
+    keys = [(0, e) for e in sorted(set(ids.flatten().tolist()))]
+    slots = {e: s for (_, e), s in m.cache.acquire(keys).items()}
+    m._experts(x, ids, w, slots)  # kernels built and picked
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of device time queued ahead
+    t0 = time.perf_counter()
+    y = m._experts(x, ids, w, slots)
+    host = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    busy = time.perf_counter() - t0
+    assert busy > 0.3 and host < 0.1 * busy, (host, busy)
+    assert torch.isfinite(y).all()
