@@ -448,8 +448,9 @@ class OffloadedModel:
         """hs [B, S, d] (normed) of one or more chunks -> their MoE outputs (zeros at padded
         positions). The experts any chunk needs are made resident a group of slots at a
         time (hits first), each group serving every chunk before the next is fetched;
-        prefetch: with the last group, start copying the next MoE layer's predicted
-        experts. A missing expert that few of the step's tokens use (scfg.
+        prefetch: the next MoE layer's experts are predicted before any copy is queued (one
+        host wait for both layers' expert lists) and copied ahead with the last group. A
+        missing expert that few of the step's tokens use (scfg.
         host_compute_tokens) runs on the host CPU instead, while the device runs the rest;
         one that only pairs of low weight use (scfg.skip_miss_weight) is skipped, or
         (scfg.miss_quant_weight) runs from its low-precision copy in a pool of its own
@@ -458,8 +459,22 @@ class OffloadedModel:
         flats = [h[v] for h, v in zip(hs, valid, strict=True)]
         routes = [layer.router.select(f) for f in flats]
         all_ids = torch.cat([ids.reshape(-1) for ids, _ in routes])
-        needed = all_ids.unique().tolist()
+        E = self.cfg.moe.num_experts
+        used = torch.zeros(E, dtype=torch.bool, device=all_ids.device).index_fill_(0, all_ids,
+                                                                                   True)
+        j = pred = None
+        if prefetch:  # the prediction from this layer's input, waited for with the routing
+            x_flat = torch.cat([x[v] for x, v in zip(xs, valid, strict=True)])
+            j, named = self._predict(i, x_flat)
+            if self.gate.allow(j):
+                used, named = torch.stack([used, named]).tolist()
+                pred = [e for e in range(E) if named[e]]
+        needed = [e for e, u in enumerate(used.tolist() if pred is None else used) if u]
         self._account(i, needed)
+        if prefetch:
+            self._predicted[j] = named if pred is None else set(pred)
+            if pred is None:
+                self.prefetch_stats.withheld += 1
         cache = self.cache
         missing = [e for e in needed if not cache.resident((i, e))]
         if self.scfg.skip_miss_weight > 0:
@@ -481,10 +496,9 @@ class OffloadedModel:
             needed = [e for e in needed if e not in host]
         needed.sort(key=lambda e: not cache.resident((i, e)))  # hits first
         outs = [torch.zeros_like(f) for f in flats]
-        x_flat = torch.cat([x[v] for x, v in zip(xs, valid, strict=True)]) if prefetch else None
-        ahead = (lambda keys: self._prefetch_next(i, x_flat, keys)) if prefetch else None
-        if not self._in_groups(i, needed, cache, outs, flats, routes, ahead) and prefetch:
-            self._prefetch_next(i, x_flat, set())  # every expert ran on the host or stood in
+        ahead = (lambda keys: self._copy_ahead(j, pred, keys)) if pred is not None else None
+        if not self._in_groups(i, needed, cache, outs, flats, routes, ahead) and ahead:
+            ahead(set())  # every expert ran on the host or stood in
         if low:  # from their low-precision copies
             self._in_groups(i, sorted(low), self.low_cache, outs, flats, routes)
         if host:  # the host computes while the device runs the groups queued above
@@ -576,14 +590,12 @@ class OffloadedModel:
             st.correct += correct
             self.gate.record(i, len(pred), correct)
 
-    def _prefetch_next(self, i: int, x_flat: torch.Tensor, protected) -> None:
-        """Apply the next MoE layer's norm and gate to layer i's residual stream (the
-        cross-layer gate) and start copying the experts it names (those whose predicted
-        weight reaches prefetch_min_weight for some token, and that skip_miss_weight would
-        not skip nor miss_quant_weight stand in for), evicting nothing in protected (the
-        experts layer i is using). While the gate withholds the next layer's copies (its
-        recent precision under prefetch_min_precision) the prediction is only kept, as a
-        mask on the device, to be scored when that layer runs."""
+    def _predict(self, i: int, x_flat: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Apply the next MoE layer's norm and gate to layer i's residual stream x_flat
+        [T, d] (the cross-layer gate) -> (that layer, [E] bool on the device: the experts
+        it names whose predicted weight reaches prefetch_min_weight for some token and that
+        skip_miss_weight would not skip nor miss_quant_weight stand in for). Waits for
+        nothing."""
         j = self.next_moe[i]
         nxt = self.model.layers[j]
         ids, w = nxt.mlp.router.select(nxt.mlp_norm(x_flat))
@@ -592,16 +604,28 @@ class OffloadedModel:
         want = w >= bar
         if light > 0:  # no copy ahead of an expert the layer would skip or stand in for
             want &= kept_pairs(w, light)
-        if not self.gate.allow(j):  # scored later; nothing here waits for the device
-            named = torch.zeros(self.cfg.moe.num_experts, dtype=torch.int32, device=ids.device)
-            self._predicted[j] = named.index_add_(0, ids.flatten(),
-                                                  want.flatten().to(torch.int32)) > 0
-            self.prefetch_stats.withheld += 1
-            return
-        pred = ids[want].unique().tolist()
-        self._predicted[j] = set(pred)
+        named = torch.zeros(self.cfg.moe.num_experts, dtype=torch.int32, device=ids.device)
+        return j, named.index_add_(0, ids.flatten(), want.flatten().to(torch.int32)) > 0
+
+    def _copy_ahead(self, j: int, pred: list[int], protected) -> None:
+        """Start copying layer j's predicted experts, evicting nothing in protected (the
+        experts the running layer uses)."""
         self.prefetch_stats.copied += 1
         self.cache.prefetch([(j, e) for e in pred], protected)
+
+    def _prefetch_next(self, i: int, x_flat: torch.Tensor, protected) -> None:
+        """Predict the next MoE layer's experts from layer i's residual stream (_predict)
+        and start copying them, evicting nothing in protected. While the gate withholds
+        that layer's copies (its recent precision under prefetch_min_precision) the
+        prediction is only kept, as a mask on the device, to be scored when it runs."""
+        j, named = self._predict(i, x_flat)
+        if not self.gate.allow(j):  # scored later; nothing here waits for the device
+            self._predicted[j] = named
+            self.prefetch_stats.withheld += 1
+            return
+        pred = named.nonzero().flatten().tolist()
+        self._predicted[j] = set(pred)
+        self._copy_ahead(j, pred, protected)
 
     def _experts(self, flat, ids, w, slots: dict[int, int],
                  cache: ExpertCache | None = None) -> torch.Tensor:
