@@ -114,6 +114,53 @@ def build_ours(shape, T, dtype, device, backend="triton", gemm="auto") -> Step:
     return _fresh(step, layer, x)
 
 
+class _OutputOnly(nn.Module):
+    """A MoE layer that returns its output alone (a CUDA graph's outputs are tensors)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)[0]
+
+
+def build_ours_graphed(shape, T, dtype, device) -> Step:
+    """Ours, forward and backward each replayed from a CUDA graph
+    (torch.cuda.make_graphed_callables): the host issues two graph launches instead of the
+    layer's ~40 kernels and their Python. Possible because a layer step waits for the
+    device nowhere (bench/layer_launches.py); the eager warm-up does the Triton autotuning
+    and the backend's GEMM picks, which time kernels and cannot be captured."""
+    if device.type != "cuda":
+        raise Unavailable("CUDA graphs need CUDA")
+    from moe import MoEConfig, MoELayer
+    from routing import RouterConfig
+
+    d, f, E, k, renorm, _ = shape
+    cfg = MoEConfig(num_experts=E, expert_ffn=f, kernel_backend="triton",
+                    router=RouterConfig(top_k=k, renormalize=renorm, validate=False))
+    layer = _init_(MoELayer(d, cfg)).to(device, dtype)
+    x, dy = _inputs(T, d, dtype, device)
+    wrapped = _OutputOnly(layer)
+    for _ in range(2):
+        wrapped(x).backward(dy)
+    torch.cuda.synchronize()
+    graphed = torch.cuda.make_graphed_callables(wrapped, (x,))
+    # the replay computes what the eager layer does, on inputs the capture never saw
+    x2 = torch.randn_like(x).requires_grad_(True)
+    out_g = graphed(x2)
+    out_g.backward(dy)
+    out_e = wrapped(x2.detach())
+    err = ((out_g.float() - out_e.float()).norm() / out_e.float().norm()).item()
+    if not err < 1e-2:
+        raise RuntimeError(f"the graph's output differs from the eager layer's: {err:.1e}")
+
+    def step():
+        graphed(x).backward(dy)
+
+    return _fresh(step, layer, x)
+
+
 def build_loop(shape, T, dtype, device) -> Step:
     """A plain loop over experts: gather each expert's tokens, two matmuls, index_add back."""
     d, f, E, k, renorm, _ = shape
@@ -391,6 +438,7 @@ def build_dense(shape, T, dtype, device) -> Step:
 # key: (table name, builder)
 IMPLS: dict[str, tuple[str, Callable]] = {
     "ours": ("ours (triton backend)", build_ours),
+    "ours-graphed": ("ours, fwd and bwd as CUDA graphs", build_ours_graphed),
     "ours-triton": ("ours, Triton GEMMs only", lambda *a: build_ours(*a, gemm="triton")),
     "ours-tma-gemm": ("ours, Triton GEMMs with TMA tiles where they apply",
                       lambda *a: build_ours(*a, gemm="tma")),

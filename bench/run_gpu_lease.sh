@@ -13,9 +13,10 @@
 #      per token under 25% and 100% of the experts, profiled, 60 s
 #   3) one MoE layer's forward+backward at 16k tokens (issue 3), Qwen3-30B-A3B shape first
 #      (the one under its target on 2026-11-30): ours vs the same-FLOPs dense GEMM (the
-#      ceiling) vs megatron-core's GroupedMLP (its router mended, not timed yet), MegaBlocks,
-#      ScatterMoE, transformers' grouped_mm block, DeepSpeed; each step now starts with its
-#      gradients set to None, 220 s
+#      ceiling), ours replayed from CUDA graphs (a step waits for the device nowhere: the
+#      host's ~5 ms of launches become two), vs megatron-core's GroupedMLP (its router mended,
+#      not timed yet), MegaBlocks, ScatterMoE, transformers' grouped_mm block, DeepSpeed; each
+#      step now starts with its gradients set to None, 220 s
 #   4) where ours spends its time (bench.kernels --breakdown): skipped unless BREAKDOWN_TIMEOUT
 #      is set (recorded on 2026-11-30)
 #   5) the GPU-only serving tests (the expert step queued without waiting for the device; the
@@ -44,7 +45,7 @@ limited "${TIMELINE_TIMEOUT:-60}" python3 -m bench.serve_timeline "${smoke[@]}" 
   --json-out "$OUT/timeline.json" 2>&1 | tee "$OUT/timeline.log"
 limited "${KERNEL_TIMEOUT:-220}" python3 -m bench.kernels "${smoke[@]}" \
   --shapes qwen3,olmoe,mixtral "${tokens[@]}" \
-  --impls ours,dense,megatron-grouped,megablocks,scattermoe,hf-grouped,deepspeed --out "$OUT/RESULTS.md" 2>&1 \
+  --impls ours,ours-graphed,dense,megatron-grouped,megablocks,scattermoe,hf-grouped,deepspeed --out "$OUT/RESULTS.md" 2>&1 \
   | tee "$OUT/kernels.log"
 limited "${BREAKDOWN_TIMEOUT:-0}" python3 -m bench.kernels "${smoke[@]}" --breakdown \
   --shapes "${BREAKDOWN_SHAPE:-qwen3,mixtral}" "${tokens[@]}" 2>&1 | tee "$OUT/breakdown.log"
