@@ -282,7 +282,10 @@ def cmd_generate(a) -> None:
         (f"{st['experts_on_host']} experts run on the host", st["experts_on_host"]),
         (f"{st['experts_skipped']} missing experts skipped", st["experts_skipped"]),
         (f"{st['experts_low_precision']} low-precision stand-ins",
-         st["experts_low_precision"])) if on)
+         st["experts_low_precision"]),
+        (f"prefetch withheld for {st.get('prefetch_withheld', 0)} of "
+         f"{st.get('prefetch_withheld', 0) + st.get('prefetch_copied', 0)} layer predictions "
+         "(precision under --prefetch-min-precision)", st.get("prefetch_withheld", 0))) if on)
     print(f"[{st['new_tokens']} tokens{cached}, {st['tokens_per_s']:.1f} tok/s decode, ttft "
           f"{st['ttft_s'] * 1e3:.0f} ms, expert hit rate {st['expert_hit_rate']:.2f}, "
           f"prefetch precision {st['prefetch_precision']:.2f} recall "

@@ -85,6 +85,21 @@ def test_generate_with_low_precision_stand_ins(model_dir):
     assert p.returncode != 0 and "go together" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_generate_names_withheld_prefetches(model_dir):
+    """--prefetch-min-precision 1: no prediction is right often enough to be copied; the
+    JSON stats count the withheld ones, the summary line says why nothing was prefetched."""
+    d, hf = model_dir
+    args = ("generate", "--model", d, "--prompt-ids", "3,14,15,92,65", "--max-new-tokens", 6,
+            "--memory-budget", "600KiB", "--device", "cpu", "--prefetch-min-precision", 1)
+    doc = json.loads(cli(*args, "--json", "--quiet").stdout)
+    assert doc["token_ids"] == hf_greedy(hf, [3, 14, 15, 92, 65], 6)
+    st = doc["stats"]
+    assert st["prefetch_withheld"] > 0 and st["prefetch_copied"] == 0
+    assert st["experts_prefetched"] == 0 and st["prefetch_precision"] > 0
+    p = cli(*args)
+    assert f"prefetch withheld for {st['prefetch_withheld']} of" in p.stderr
+
+
 def test_generate_text_streams_the_decoded_completion(model_dir):
     d, hf = model_dir
     codec = TextCodec(d)
