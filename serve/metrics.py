@@ -35,6 +35,9 @@ MODEL_COUNTS = {
     "predicted": ("prefetch_predicted", "experts the cross-layer predictor named"),
     "correct": ("prefetch_correct", "predicted experts the layer then used"),
     "actual": ("prefetch_actual", "experts used by layers that had a prediction"),
+    "copied": ("prefetch_copied", "layer predictions whose experts were copied ahead"),
+    "withheld": ("prefetch_withheld", "layer predictions scored but not copied (precision "
+                 "under prefetch_min_precision)"),
 }
 
 

@@ -691,6 +691,10 @@ def test_http_metrics_count_requests_tokens_and_expert_traffic(model_dir):
         assert m[("moe_serve_bytes_to_device_total", ())] == moved > 0
         assert m[("moe_serve_expert_hits_total", ())] + m[
             ("moe_serve_expert_misses_total", ())] > 0
+        c = session.model.total_counters()
+        assert m[("moe_serve_prefetch_copied_total", ())] == c["copied"]
+        assert m[("moe_serve_prefetch_withheld_total", ())] == c["withheld"]
+        assert c["copied"] + c["withheld"] > 0
         session.model.reset_stats()
         assert scrape()[("moe_serve_bytes_to_device_total", ())] == moved
 
