@@ -341,7 +341,7 @@ class OffloadedModel:
                 for src, dst, n in copies.get(k, ()):
                     self.kv.copy_entries(src, dst, n, layer=i)
                 xs[k] = self._attend(i, xs[k], ctx)
-            xs = self._mlp(i, xs, [ctx.q_valid for ctx in ctxs])
+            xs = self._mlp(i, xs, [(ctx.b_idx, ctx.s_at) for ctx in ctxs])
         if self.trace is not None:
             self.trace.end()
         return [self._head(x, ctx, t, top, k in keep)
@@ -395,11 +395,13 @@ class OffloadedModel:
         return x + (attn.latent_out(o) if mla
                     else attn.o_proj(o.transpose(1, 2).reshape(B, c.S, -1)))
 
-    def _mlp(self, i: int, xs: list[torch.Tensor], valid: list[torch.Tensor]
+    def _mlp(self, i: int, xs: list[torch.Tensor], valid: list[tuple[torch.Tensor, torch.Tensor]]
              ) -> list[torch.Tensor]:
         """Layer i's MLP over the residual streams xs ([B, S, d] each; valid: their real
-        positions) of one or more chunks -> xs; for the next MoE layer it predicts and
-        starts copying experts from all of them."""
+        positions, as (row, position) index tensors: gathering by them waits for nothing,
+        where a boolean mask's nonzero would wait for the device) of one or more chunks ->
+        xs; for the next MoE layer it predicts and starts copying experts from all of
+        them."""
         block = self.model.layers[i]
         hs = [block.mlp_norm(x) for x in xs]
         prefetch = self.prefetch and i in self.next_moe
@@ -444,7 +446,8 @@ class OffloadedModel:
             torch.cuda.synchronize(self.device)
 
     def _moe(self, i: int, hs: list[torch.Tensor], xs: list[torch.Tensor],
-             valid: list[torch.Tensor], prefetch: bool) -> list[torch.Tensor]:
+             valid: list[tuple[torch.Tensor, torch.Tensor]], prefetch: bool
+             ) -> list[torch.Tensor]:
         """hs [B, S, d] (normed) of one or more chunks -> their MoE outputs (zeros at padded
         positions). The experts any chunk needs are made resident a group of slots at a
         time (hits first), each group serving every chunk before the next is fetched;
@@ -583,7 +586,7 @@ class OffloadedModel:
         pred = self._predicted.pop(i, None)
         if pred is not None:
             if isinstance(pred, torch.Tensor):
-                pred = set(pred.nonzero().flatten().tolist())
+                pred = {e for e, named in enumerate(pred.tolist()) if named}
             st = self.prefetch_stats
             correct = len(pred.intersection(needed))
             st.predicted, st.actual = st.predicted + len(pred), st.actual + len(needed)
@@ -623,7 +626,7 @@ class OffloadedModel:
             self._predicted[j] = named
             self.prefetch_stats.withheld += 1
             return
-        pred = named.nonzero().flatten().tolist()
+        pred = [e for e, n in enumerate(named.tolist()) if n]
         self._predicted[j] = set(pred)
         self._copy_ahead(j, pred, protected)
 
@@ -641,8 +644,8 @@ class OffloadedModel:
         sid = table.to(self.device, non_blocking=True)[ids]
         dropped = sid < 0
         c, m = cache or self.cache, self.cfg.moe
-        d = sort_by_expert(sid.clamp(min=0), c.n_slots, dropped)
         backend = m.kernel_backend
+        d = sort_by_expert(sid.clamp(min=0), c.n_slots, dropped, backend=backend)
         y = expert_mlp(flat, c.w_in, c.w_out, d, m.expert_type, backend, True, c.b_in, c.b_out,
                        m.swiglu_alpha, m.swiglu_limit)
         return weighted_combine(y, w.masked_fill(dropped, 0).to(flat.dtype), d,

@@ -1031,3 +1031,30 @@ def test_the_expert_step_is_queued_without_waiting_for_the_device(tmp_path):
     busy = time.perf_counter() - t0
     assert busy > 0.3 and host < 0.1 * busy, (host, busy)
     assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("bar", [None, 0.0, 1.0])  # no prefetch; copied; withheld by the gate
+def test_a_decode_step_reads_nothing_back_but_its_routing(tmp_path, bar):
+    """A decode step on the Triton backend (the GPU's launch sequence, under the CPU
+    interpreter) runs no op that waits for the device: no boolean-mask indexing, nonzero,
+    unique or item. Its waits are the small reads of each layer's routing (and, prefetching,
+    its prediction) and of the sampled token, made with .tolist(), which this check does not
+    see: a hidden wait would hold the host while the layer's expert copies run, and it
+    could not queue the next layer's work."""
+    from tests.host_sync import no_host_sync
+
+    build_hf("mixtral").save_pretrained(tmp_path)
+    kw = dict(prefetch="none") if bar is None else dict(prefetch_min_precision=bar)
+    # the experts in RAM, as on a GPU (the check cannot see through safetensors' mmap reads)
+    m = serve(tmp_path, memory_budget=budget_for(tmp_path, 12), max_batch=1,
+              kernel_backend="triton", host_budget=10**9, **kw)
+    batch = DecodeBatch(m, capacity=1, reuse_prefix=False)
+    batch.add([[5, 17, 33, 2]], [4])
+    batch.step()  # the prompt
+    before = m.counters()
+    with no_host_sync():
+        batch.step()  # a token
+    moved = {k: v - before[k] for k, v in m.counters().items()}
+    assert moved["hits"] + moved["misses"] > 0
+    if bar is not None:
+        assert moved["copied" if bar == 0 else "withheld"] == 2  # layers 1 and 2 predicted
