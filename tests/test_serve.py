@@ -1023,7 +1023,7 @@ def test_the_expert_step_is_queued_without_waiting_for_the_device(tmp_path):
     slots = {e: s for (_, e), s in m.cache.acquire(keys).items()}
     m._experts(x, ids, w, slots)  # kernels built and picked
     torch.cuda.synchronize()
-    torch.cuda._sleep(2_000_000_000)  # about a second of device time queued ahead
+    torch.cuda._sleep(1_000_000_000)  # 0.5-3 s of device time queued ahead (by the clock)
     t0 = time.perf_counter()
     y = m._experts(x, ids, w, slots)
     host = time.perf_counter() - t0
