@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.common import append_results, command_line, markdown_table, scratch_dir
 from bench.serve import bench_model, write_model
+from serve.bench import decode_all
 from serve.config import ServeConfig
 from serve.generate import DecodeBatch
 from serve.runtime import OffloadedModel, memory_plan
@@ -83,13 +83,7 @@ def profile_decode(model: OffloadedModel, prompt_len: int, steps: int) -> dict:
     cuda = model.device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
-        t0 = time.perf_counter()
-        n = 0
-        while decoder.live:
-            decoder.step()
-            n += 1
-        model.synchronize()
-        wall = time.perf_counter() - t0
+        n, wall = decode_all(decoder)
     st = model.stats()
     per = 1e3 / n  # ms per token, from a total in ms
     report = {"tokens": n, "ms_per_token": wall * per, "hit_rate": st["expert_hit_rate"],

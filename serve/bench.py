@@ -44,6 +44,17 @@ def run_bench(cfg: ServeConfig, prompt_len: int, new_tokens: int, batch: int = 1
     return measure(OffloadedModel(cfg, verbose=verbose), prompt_len, new_tokens, batch, seed)
 
 
+def decode_all(decoder: DecodeBatch) -> tuple[int, float]:
+    """Step decoder until no row is live -> (steps, seconds, the device's work included)."""
+    t0 = time.perf_counter()
+    steps = 0
+    while decoder.live:
+        decoder.step()
+        steps += 1
+    decoder.model.synchronize()
+    return steps, time.perf_counter() - t0
+
+
 def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int = 1,
             seed: int = 0) -> dict:
     """Time a prefill and new_tokens greedy decode steps of `model` -> a report dict."""
@@ -66,13 +77,7 @@ def measure(model: OffloadedModel, prompt_len: int, new_tokens: int, batch: int 
     prefill_s = time.perf_counter() - t0
     pre = model.stats()
     model.reset_stats()
-    t0 = time.perf_counter()
-    steps = 0  # new_tokens each, one a step (more with speculation)
-    while decoder.live:
-        decoder.step()
-        steps += 1
-    model.synchronize()
-    decode_s = time.perf_counter() - t0
+    steps, decode_s = decode_all(decoder)  # new_tokens each, one a step (more: speculation)
     dec = model.stats()
     el = torch.finfo(model.dtype).bits // 8
     # (layer, expert) uses in decode: on the device (hits, misses), and all (with the host's)
