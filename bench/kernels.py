@@ -92,19 +92,26 @@ def _torch_route(x, wg, k, renorm):
     return w.to(x.dtype), ids
 
 
-def build_ours(shape, T, dtype, device, backend="triton", gemm="auto") -> Step:
-    """gemm: "auto" (the Triton backend times its kernels, with cp.async and with TMA tiles,
-    against torch._grouped_mm and a cuBLAS GEMM per expert, per shape, and keeps the
-    fastest), or "triton" / "tma" / "torch" / "loop" forced."""
-    from kernels.triton import pick
+def _ours_layer(shape, T, dtype, device, backend: str):
+    """Our MoELayer at `shape` (its router's losses computed, validate off) with random
+    weights, and its input and output gradient [T, d] -> (layer, x, dy)."""
     from moe import MoEConfig, MoELayer
     from routing import RouterConfig
 
     d, f, E, k, renorm, _ = shape
     cfg = MoEConfig(num_experts=E, expert_ffn=f, kernel_backend=backend,
                     router=RouterConfig(top_k=k, renormalize=renorm, validate=False))
-    layer = _init_(MoELayer(d, cfg)).to(device, dtype)
     x, dy = _inputs(T, d, dtype, device)
+    return _init_(MoELayer(d, cfg)).to(device, dtype), x, dy
+
+
+def build_ours(shape, T, dtype, device, backend="triton", gemm="auto") -> Step:
+    """gemm: "auto" (the Triton backend times its kernels, with cp.async and with TMA tiles,
+    against torch._grouped_mm and a cuBLAS GEMM per expert, per shape, and keeps the
+    fastest), or "triton" / "tma" / "torch" / "loop" forced."""
+    from kernels.triton import pick
+
+    layer, x, dy = _ours_layer(shape, T, dtype, device, backend)
 
     def step():
         with pick.forced(gemm):
@@ -133,14 +140,7 @@ def build_ours_graphed(shape, T, dtype, device) -> Step:
     and the backend's GEMM picks, which time kernels and cannot be captured."""
     if device.type != "cuda":
         raise Unavailable("CUDA graphs need CUDA")
-    from moe import MoEConfig, MoELayer
-    from routing import RouterConfig
-
-    d, f, E, k, renorm, _ = shape
-    cfg = MoEConfig(num_experts=E, expert_ffn=f, kernel_backend="triton",
-                    router=RouterConfig(top_k=k, renormalize=renorm, validate=False))
-    layer = _init_(MoELayer(d, cfg)).to(device, dtype)
-    x, dy = _inputs(T, d, dtype, device)
+    layer, x, dy = _ours_layer(shape, T, dtype, device, "triton")
     wrapped = _OutputOnly(layer)
     for _ in range(2):
         wrapped(x).backward(dy)
