@@ -183,8 +183,7 @@ class ServeConfig:
             raise ValueError(f"disk_readers must be >= 0, got {self.disk_readers}")
         if self.host_compute_tokens < 0:
             raise ValueError(f"host_compute_tokens must be >= 0, got {self.host_compute_tokens}")
-        if not (isinstance(self.prefetch_min_precision, (int, float))
-                and 0 <= self.prefetch_min_precision <= 1):
+        if not 0 <= self.prefetch_min_precision <= 1:
             raise ValueError(f"prefetch_min_precision must be a number in [0, 1], got "
                              f"{self.prefetch_min_precision!r}")
         if self.prefetch_min_weight < 0:
