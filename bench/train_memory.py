@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -40,8 +42,12 @@ def build(a, device: torch.device) -> MoETransformer:
     return MoETransformer(cfg).to(device)
 
 
-def kept_bytes(step) -> int:
-    """Bytes of the tensors autograd saves for backward while step() runs its forward."""
+R = TypeVar("R")
+
+
+def kept_bytes(forward: Callable[[], R]) -> tuple[int, R]:
+    """forward() -> (bytes of the tensors autograd saved for backward while it ran, its
+    result)."""
     total = [0]
 
     def pack(t):
@@ -49,8 +55,8 @@ def kept_bytes(step) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step(backward=False)
-    return total[0]
+        out = forward()
+    return total[0], out
 
 
 def measure(model: MoETransformer, ids: torch.Tensor, mode: str, amp: bool,
@@ -67,7 +73,7 @@ def measure(model: MoETransformer, ids: torch.Tensor, mode: str, amp: bool,
             model.zero_grad(set_to_none=True)
         return out
 
-    kept = kept_bytes(step)
+    kept, _ = kept_bytes(lambda: step(backward=False))
     seconds = time_fn(step, device, budget_s=0.5 if smoke else 3.0, warmup=not smoke)
     return dict(kept=kept, seconds=seconds, peak=peak_memory(step, device))
 

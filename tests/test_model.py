@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from bench.train_memory import kept_bytes
 from moe import ModelConfig, MoEConfig, MoETransformer
 from moe.attention import Attention, rope_cos_sin
 from moe.config import MLAConfig
@@ -196,17 +197,10 @@ def test_activation_checkpointing_keeps_less_and_changes_no_gradient(backend):
     for mode in ("none", "mlp", "block"):
         model.set_activation_checkpointing(mode)
         model.zero_grad()
-        saved = [0]
-
-        def pack(t, saved=saved):
-            saved[0] += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(ids[:, :-1], labels=ids[:, 1:])
+        saved, out = kept_bytes(lambda: model(ids[:, :-1], labels=ids[:, 1:]))
         out.loss.backward()
         assert any(bool(r.dropped.any()) for r in out.routings)
-        got[mode] = (out.loss.detach(), saved[0],
+        got[mode] = (out.loss.detach(), saved,
                      {n: p.grad.clone() for n, p in model.named_parameters()})
     for mode in ("mlp", "block"):
         torch.testing.assert_close(got[mode][0], got["none"][0], rtol=0, atol=0)
