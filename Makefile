@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # The CPU build of torch 2.13.0 is pinned first so that pip never pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 DEEPSPEED_VERSION ?= 0.19.8
+# pytest-xdist workers of `make test` (the multi-rank tests share one of them: tests/conftest.py)
+TEST_WORKERS ?= 2
 
 .PHONY: test demo lint clean
 
@@ -18,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 demo: $(VENV)/.installed
 	$(PY) -m train experiment=tiny hydra.run.dir=runs/demo

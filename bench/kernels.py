@@ -271,12 +271,19 @@ def _init_single_process_group(device):
 
     if dist.is_initialized():
         return
+    import socket
+
+    # one rank: an in-process store, so no port is taken (two runs at once never collide);
+    # the environment is set for peers (DeepSpeed) that read it
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+                            rank=0, world_size=1)
 
 
 def build_deepspeed(shape, T, dtype, device) -> Step:
