@@ -1,4 +1,5 @@
-"""Test setup: Triton kernels run under the interpreter on machines without CUDA."""
+"""Test setup: Triton kernels run under the interpreter on machines without CUDA; the
+modules' work units under pytest-xdist; a data cache for the training runs."""
 
 import os
 
