@@ -271,14 +271,11 @@ def _init_single_process_group(device):
 
     if dist.is_initialized():
         return
-    import socket
-
-    # one rank: an in-process store, so no port is taken (two runs at once never collide);
-    # the environment is set for peers (DeepSpeed) that read it
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
+    # one rank: an in-process store, so no port is bound (two runs at once never collide).
+    # DeepSpeed only checks that a launcher's variables are set; with the group already up it
+    # binds nothing, so the port below is never used.
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

@@ -19,6 +19,9 @@ TINY = ["experiment=tiny", "model.d_model=64", "model.n_layers=2", "model.n_head
         "model.moe.expert_ffn=64", "data.vocab_size=512", "data.max_bytes=400000",
         "data.seq_len=64", "data.batch_size=8", "trainer.log_every=5",
         "optim.warmup_steps=5"]
+VAL = ["data.val_fraction=0.05", "trainer.eval_every=2", "trainer.eval_batches=3"]
+MLA = ["model=tiny_mla", "router=deepseek_v3", "model.moe.router.n_group=2",
+       "model.moe.router.topk_group=1"]  # latent attention, a shared expert, groups
 
 
 def train(run_dir: Path, data_cache: str, *overrides: str, nproc: int = 1, env=None,
@@ -57,11 +60,3 @@ def load_and_run(ckpt: str, mesh) -> torch.Tensor:
     ids = torch.arange(32).remainder(cfg.vocab_size).view(2, 16)
     with torch.no_grad():
         return par.model(ids).logits
-
-
-VAL = ["data.val_fraction=0.05", "trainer.eval_every=2", "trainer.eval_batches=3"]
-
-
-MLA = ["model=tiny_mla", "router=deepseek_v3", "model.moe.router.n_group=2",
-       "model.moe.router.topk_group=1"]  # latent attention, a shared expert, groups
-
