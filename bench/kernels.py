@@ -575,6 +575,12 @@ def breakdown(shape, T, dtype, device) -> str:
         ("fwd x -> h (scatter2scatter)", lambda: _forced_gemm(
             "triton", tri.scatter2scatter, x, w_in, disp, False, True, k), 4 * M * d * f),
         ("fwd swiglu", lambda: tri.swiglu_fwd(h), None),
+        ("fwd x -> h, a: SwiGLU in the epilogue (picked)", lambda: tri.scatter2scatter_swiglu(
+            x, w_in, disp, False, k), 4 * M * d * f),
+        ("fwd x -> h, a: SwiGLU in the epilogue, TMA", lambda: _forced_gemm(
+            "tma", tri.scatter2scatter_swiglu, x, w_in, disp, False, k), 4 * M * d * f),
+        ("fwd x -> h then swiglu, TMA (unfused)", lambda: tri.swiglu_fwd(_forced_gemm(
+            "tma", tri.scatter2scatter, x, w_in, disp, False, True, k)), 4 * M * d * f),
         ("fwd a -> y (grouped)", lambda: tri.scatter2scatter(a, w_out, disp, True, True, 1),
          2 * M * d * f),
         ("fwd combine", lambda: tri.weighted_combine(y, r.combine_weights, disp, True), None),
@@ -584,6 +590,15 @@ def breakdown(shape, T, dtype, device) -> str:
                                                      1), 2 * M * d * f),
         ("bwd dW_out", lambda: tri.group_weight_grad(a, y, disp, True, 1, True), 2 * M * d * f),
         ("bwd swiglu", lambda: tri.swiglu_bwd(h, a), None),
+        ("bwd dy -> dh: SwiGLU bwd in the epilogue (picked)",
+         lambda: tri.scatter2scatter_swiglu_bwd(y, w_out.transpose(1, 2), h, disp, True),
+         2 * M * d * f),
+        ("bwd dy -> dh: SwiGLU bwd in the epilogue, TMA", lambda: _forced_gemm(
+            "tma", tri.scatter2scatter_swiglu_bwd, y, w_out.transpose(1, 2), h, disp, True),
+         2 * M * d * f),
+        ("bwd dy -> da then swiglu bwd, TMA (unfused)", lambda: tri.swiglu_bwd(h, _forced_gemm(
+            "tma", tri.scatter2scatter, y, w_out.transpose(1, 2), disp, True, True, 1)),
+         2 * M * d * f),
         ("bwd dh -> dx (slot order + sum)", lambda: tri.scatter2scatter(
             h, w_in.transpose(1, 2), disp, True, False, 1).view(T, k, d).sum(1), 4 * M * d * f),
         ("bwd dW_in", lambda: _forced_gemm("triton", tri.group_weight_grad, x, h, disp, False,
@@ -633,8 +648,9 @@ def _gemm_choices(shape, T) -> str:
 
     d, f, E, k = shape[:4]
     rows = triton.next_power_of_2(max(1, T * k // E))
-    names = {("s2s", 2 * f, d): "fwd in", ("s2s", d, f): "fwd out", ("s2s", f, d): "bwd dA",
-             ("s2s", d, 2 * f): "bwd dX", ("wgrad", d, f): "dW out",
+    names = {("s2s_glu", 2 * f, d): "fwd in+swiglu", ("s2s", 2 * f, d): "fwd in",
+             ("s2s", d, f): "fwd out", ("s2s_glu_bwd", f, d): "bwd dA+swiglu",
+             ("s2s", f, d): "bwd dA", ("s2s", d, 2 * f): "bwd dX", ("wgrad", d, f): "dW out",
              ("wgrad", 2 * f, d): "dW in"}
     got = {names[key[:3]]: impl for key, impl in pick.choices().items()
            if key[:3] in names and key[3] == E and key[4] == rows}

@@ -79,6 +79,13 @@ def launches() -> Iterator[tuple[str, Callable[[], object]]]:
              partial(s2s, h, w_in.transpose(1, 2), None, fine, True, False, 1)),
             # weight gradients read expert-ordered rows (grouped_mm.group_weight_grad
             # gathers others first): dW_in, dW_out
+            # the SwiGLU in the epilogues: up projection -> (h, a); da -> dh
+            (f"s2s {name} up + swiglu (tokens -> grouped)",
+             partial(s2s, x, w_in, None, fine, False, True, TOP_K, glu=1)),
+            (f"s2s {name} up + swiglu, 128-row blocks",
+             partial(s2s, rand(COARSE, D), w_in, None, coarse, False, True, TOP_K, glu=1)),
+            (f"s2s {name} da + swiglu bwd (grouped, W^T)",
+             partial(s2s, y, w_out.transpose(1, 2), None, fine, True, True, 1, glu=2, h=h)),
             (f"wgrad {name} in", partial(wgrad, rand(M, D), h, fine)),
             (f"wgrad {name} out", partial(wgrad, a, y, fine)),
             (f"swiglu {name} fwd", partial(swiglu.swiglu_fwd, h)),
@@ -107,6 +114,12 @@ def launches() -> Iterator[tuple[str, Callable[[], object]]]:
          partial(tma, yb, wob.transpose(1, 2), fine, True, True, 1)),
         ("tma s2s bfloat16 dx (grouped -> tokens, W^T)",
          partial(tma, hb, wib.transpose(1, 2), fine, True, False, 1)),
+        ("tma s2s bfloat16 up + swiglu (tokens -> grouped)",
+         partial(tma, xb, wib, fine, False, True, TOP_K, glu=1)),
+        ("tma s2s bfloat16 up + swiglu, 128-row blocks",
+         partial(tma, rand(COARSE, D).bfloat16(), wib, coarse, False, True, TOP_K, glu=1)),
+        ("tma s2s bfloat16 da + swiglu bwd (grouped, W^T)",
+         partial(tma, yb, wob.transpose(1, 2), fine, True, True, 1, glu=2, h=hb)),
         ("tma wgrad bfloat16 in",
          partial(grouped_tma.group_weight_grad, rand(M, D).bfloat16(), hb, fine)),
         ("tma wgrad bfloat16 out", partial(grouped_tma.group_weight_grad, ab, yb, fine)),

@@ -10,7 +10,8 @@ ptxas), the same kernel source, and the same specialisation of the launch (its c
 dtypes, and which integers and pointers are divisible by 16). So the launches here are the
 layer's own at the benchmark's shapes and token counts (bench/kernels.py), bf16: the router's
 top-k and losses, the counting sort, the grouped GEMMs of both candidates (cp.async and TMA
-tiles), SwiGLU and the combine, forward and backward. Prints the builds it made and the ones
+tiles, plain and with the SwiGLU in their epilogues), SwiGLU and the combine, forward and
+backward. Prints the builds it made and the ones
 it found in the cache already.
 """
 
@@ -57,6 +58,10 @@ def layer_launches(shape: tuple, tokens: int) -> Iterator[tuple[str, Callable[[]
         ("sort by expert", partial(routing.sort_pairs, ids.reshape(-1), E, k)),
         ("fwd x -> h", partial(s2s, x, w_in, None, disp, False, True, k)),
         ("fwd x -> h, TMA", partial(tma, x, w_in, disp, False, True, k)),
+        ("fwd x -> h, a (SwiGLU in the epilogue)",
+         partial(s2s, x, w_in, None, disp, False, True, k, glu=1)),
+        ("fwd x -> h, a (SwiGLU in the epilogue), TMA",
+         partial(tma, x, w_in, disp, False, True, k, glu=1)),
         ("fwd swiglu", partial(swiglu.swiglu_fwd, h)),
         ("fwd a -> y", partial(s2s, a, w_out, None, disp, True, True, 1)),
         ("fwd a -> y, TMA", partial(tma, a, w_out, disp, True, True, 1)),
@@ -64,6 +69,10 @@ def layer_launches(shape: tuple, tokens: int) -> Iterator[tuple[str, Callable[[]
         ("bwd combine", partial(combine.weighted_combine_backward, x, y, wts, disp, True)),
         ("bwd dy -> da", partial(s2s, y, w_out.transpose(1, 2), None, disp, True, True, 1)),
         ("bwd dy -> da, TMA", partial(tma, y, w_out.transpose(1, 2), disp, True, True, 1)),
+        ("bwd dy -> dh (SwiGLU backward in the epilogue)",
+         partial(s2s, y, w_out.transpose(1, 2), None, disp, True, True, 1, glu=2, h=h)),
+        ("bwd dy -> dh (SwiGLU backward in the epilogue), TMA",
+         partial(tma, y, w_out.transpose(1, 2), disp, True, True, 1, glu=2, h=h)),
         ("bwd dW_out", partial(grouped_mm._weight_grad, a, y, disp)),
         ("bwd dW_out, TMA", partial(grouped_tma.group_weight_grad, a, y, disp)),
         ("bwd swiglu", partial(swiglu.swiglu_bwd, h, a)),

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from kernels.autograd import GroupedLinear, RouterLosses, SwiGLU, TopKRoute, WeightedCombine
+from kernels.autograd import (
+    GroupedLinear,
+    RouterLosses,
+    SwiGLU,
+    SwiGLUExperts,
+    TopKRoute,
+    WeightedCombine,
+)
 from kernels.backend import get_backend
 from kernels.dispatch import Dispatch, sort_by_expert
 from kernels.quant import QuantWeight
@@ -41,6 +48,28 @@ def grouped_linear(
         return be.scatter2scatter_quant(x, w, d, x_grouped, y_grouped,
                                         1 if x_grouped else d.top_k)
     return GroupedLinear.apply(x, w, d, x_grouped, y_grouped, be)
+
+
+def swiglu_experts(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    d: Dispatch,
+    y_grouped: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """x [T, d] (token order), w_in [E, 2F, d] (gate; up), w_out [E, d, F] -> y [M, d]:
+    grouped_linear(swiglu(grouped_linear(x, w_in)), w_out), in Dispatch order (or slot
+    order), the SwiGLU fused into the grouped GEMMs where the backend can (Triton)."""
+    E, two_f, d_in = w_in.shape
+    if w_out.dim() != 3 or two_f % 2 or w_out.shape != (E, d_in, two_f // 2):
+        raise ValueError(f"need w_in [E, 2F, d] and w_out [E, d, F], got "
+                         f"{tuple(w_in.shape)} and {tuple(w_out.shape)}")
+    if x.shape[-1] != d_in:
+        raise ValueError(f"input size {x.shape[-1]} does not match the weight's d_in={d_in}")
+    if E != d.num_experts:
+        raise ValueError(f"weight has {E} experts, dispatch has {d.num_experts}")
+    return SwiGLUExperts.apply(x, w_in, w_out, d, y_grouped, get_backend(backend, x.device))
 
 
 def weighted_combine(
@@ -119,4 +148,4 @@ def router_losses(logits: torch.Tensor, expert_ids: torch.Tensor, score: str = "
 
 
 __all__ = ["Dispatch", "grouped_linear", "router_losses", "sort_by_expert", "swiglu",
-           "topk_route", "weighted_combine"]
+           "swiglu_experts", "topk_route", "weighted_combine"]

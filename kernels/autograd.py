@@ -40,6 +40,42 @@ class GroupedLinear(torch.autograd.Function):
         return dx, dw, None, None, None, None
 
 
+class SwiGLUExperts(torch.autograd.Function):
+    """x [T, d] (token order), w_in [E, 2F, d] (gate; up), w_out [E, d, F] -> y [M, d]
+    (grouped, or slot order): up projection, SwiGLU, down projection, with the SwiGLU in the
+    epilogues of the up projection (forward) and of the down projection's input gradient
+    (backward) where the backend fuses them. Saves x, h and a, as the three separate
+    functions would."""
+
+    @staticmethod
+    def forward(ctx, x, w_in, w_out, d: Dispatch, y_grouped: bool, backend: ModuleType):
+        rows = d.expert_offsets[-1:] if d.may_drop else None  # the dropped rows are skipped
+        h, a = backend.scatter2scatter_swiglu(x, w_in, d, False, d.top_k, rows)
+        y = backend.scatter2scatter(a, w_out, d, True, y_grouped, 1)
+        ctx.save_for_backward(x, w_in, w_out, h, a)
+        ctx.meta = (d, y_grouped, rows, backend)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w_in, w_out, h, a = ctx.saved_tensors
+        d, y_grouped, rows, backend = ctx.meta
+        dy = dy.contiguous()
+        need_x, need_in, need_out = ctx.needs_input_grad[:3]
+        dx = dw_in = dw_out = None
+        if need_x or need_in:
+            dh = backend.scatter2scatter_swiglu_bwd(dy, w_out.transpose(1, 2), h, d,
+                                                    y_grouped, rows)
+        if need_out:
+            dw_out = backend.group_weight_grad(a, dy, d, True, 1, y_grouped)
+        if need_x:  # one row per slot, then the k slots of a token summed
+            dx = backend.scatter2scatter(dh, w_in.transpose(1, 2), d, True, False, 1)
+            dx = dx.view(d.num_tokens, d.top_k, w_in.shape[2]).sum(1)
+        if need_in:
+            dw_in = backend.group_weight_grad(x, dh, d, False, d.top_k, True)
+        return dx, dw_in, dw_out, None, None, None
+
+
 class WeightedCombine(torch.autograd.Function):
     """out [T, d] = sum over a token's kept slots of weight * y_row; grads to y and weights."""
 

@@ -149,6 +149,23 @@ def swiglu_bwd(h: torch.Tensor, da: torch.Tensor, rows: torch.Tensor | None = No
     return torch.cat([da * up * s * (1 + gate * (1 - s)), da * gate * s], dim=-1)
 
 
+def scatter2scatter_swiglu(x: torch.Tensor, w: torch.Tensor, d: Dispatch, x_grouped: bool,
+                           fan_out: int, rows: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T or M, d_in], w [E, 2F, d_in] (gate; up) -> (h [M, 2F], a [M, F] = swiglu_fwd(h)),
+    both grouped: the up projection and the SwiGLU that the Triton backend fuses."""
+    h = scatter2scatter(x, w, d, x_grouped, True, fan_out)
+    return h, swiglu_fwd(h, rows)
+
+
+def scatter2scatter_swiglu_bwd(dy: torch.Tensor, w: torch.Tensor, h: torch.Tensor,
+                               d: Dispatch, dy_grouped: bool, rows: torch.Tensor | None = None
+                               ) -> torch.Tensor:
+    """dy [M, d_out] (grouped or slot order), w [E, F, d_out] (the down projection
+    transposed), h [M, 2F] grouped -> dh [M, 2F] grouped = swiglu_bwd(h, dy @ w per row)."""
+    return swiglu_bwd(h, scatter2scatter(dy, w, d, dy_grouped, True, 1), rows)
+
+
 def sort_pairs(flat_ids: torch.Tensor, num_experts: int, top_k: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """flat_ids [M] (E = dropped) -> sorted_pair_idx, sorted_token_idx, sorted_expert_idx

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import Dispatch, grouped_linear, swiglu
+from kernels import Dispatch, grouped_linear, swiglu, swiglu_experts
 from kernels.device import autocast_dtype
+from kernels.quant import QuantWeight
 from moe.mlp import ACTIVATIONS, clamped_swiglu, input_width
 
 EXPERT_PARAMS = ("w_in", "w_out", "b_in", "b_out")  # the stacked [E, ...] parameters
@@ -71,6 +72,9 @@ def expert_mlp(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, d: Disp
         x, w_in, w_out, b_in, b_out = (
             t.to(amp) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
             for t in (x, w_in, w_out, b_in, b_out))
+    if kind == "swiglu" and b_in is None and b_out is None \
+            and not isinstance(w_in, QuantWeight) and not isinstance(w_out, QuantWeight):
+        return swiglu_experts(x, w_in, w_out, d, y_grouped, backend)  # SwiGLU fused in
     h = grouped_linear(x, w_in, d, x_grouped=False, y_grouped=True, backend=backend)
     if b_in is not None:
         h = h + _row_bias(b_in, d).to(h.dtype)

@@ -14,7 +14,12 @@ pytest.importorskip("triton")
 from kernels import reference as ref_ops  # noqa: E402
 from kernels import sort_by_expert  # noqa: E402
 from kernels import triton_backend as tri  # noqa: E402
-from kernels.autograd import GroupedLinear, SwiGLU, WeightedCombine  # noqa: E402
+from kernels.autograd import (  # noqa: E402
+    GroupedLinear,
+    SwiGLU,
+    SwiGLUExperts,
+    WeightedCombine,
+)
 from kernels.triton import common  # noqa: E402
 from tests.seeds import fresh_seed  # noqa: E402
 
@@ -430,6 +435,49 @@ def test_weighted_combine_and_backward(shape, y_grouped, dtype):
     assert rel_err(dw, rdw) < TOL[dtype], f"seed {seed}"
 
 
+def glu_case(shape, dtype):
+    """A fresh seed, a dispatch, token-order x [T, K] and up weights [E, 2F, K] (gate; up)
+    at scale 0.3, so that the SwiGLU sees gates on both sides of zero but not huge ones."""
+    seed, g, d, x, w, fan = s2s_case(shape[:4] + (2 * shape[4],) + shape[5:], False, dtype)
+    return seed, g, d, x, w * 0.3, fan
+
+
+def glu_impls(dtype, shape):
+    """Our kernels with cp.async tiles, and with TMA tiles where they load these operands."""
+    tma_ok = dtype == torch.bfloat16 and shape[3] % 8 == 0 and shape[4] % 8 == 0 and not (
+        DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9)
+    return ["triton"] + (["tma"] if tma_ok else [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES + [TMA_SHAPES[1]])
+def test_scatter2scatter_swiglu_in_the_epilogue(shape, dtype):
+    """The up projection with the SwiGLU in its epilogue -> (h, a), both grouped, and the
+    down projection's input gradient with SwiGLU's backward in its epilogue -> dh (from dy
+    grouped and in slot order), against float64, on each of our GEMM kernels."""
+    from kernels.triton import pick
+
+    seed, g, d, x, w, fan = glu_case(shape, dtype)
+    T, k, E, K, F, drop = shape
+    w_down_t = randn(E, K, F, g=g, dtype=dtype).transpose(1, 2)  # [E, F, K] as autograd has it
+    rows = d.expert_offsets[-1:] if drop else None
+    n = kept_rows(d)
+    h_ref, a_ref = ref_ops.scatter2scatter_swiglu(x.double(), w.double(), d, False, fan)
+    dy = {True: randn(T * k, K, g=g, dtype=dtype), False: randn(T * k, K, g=g, dtype=dtype)}
+    for impl in glu_impls(dtype, shape):
+        with pick.forced(impl):
+            h, a = tri.scatter2scatter_swiglu(x, w, d, False, fan, rows)
+            assert h.shape == (T * k, 2 * F) and a.shape == (T * k, F)
+            assert rel_err(h[:n], h_ref[:n]) < TOL[dtype], f"{impl} h, seed {seed}"
+            assert rel_err(a[:n], a_ref[:n]) < TOL[dtype], f"{impl} a, seed {seed}"
+            for grouped, dyg in dy.items():
+                dh = tri.scatter2scatter_swiglu_bwd(dyg, w_down_t, h, d, grouped, rows)
+                want = ref_ops.scatter2scatter_swiglu_bwd(dyg.double(), w_down_t.double(),
+                                                          h.double(), d, grouped)
+                assert rel_err(dh[:n], want[:n]) < TOL[dtype], \
+                    f"{impl} dh (dy grouped={grouped}), seed {seed}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu(dtype):
     seed = fresh_seed()
@@ -451,9 +499,12 @@ def test_swiglu(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 # E=256 (SHAPES[2]) is covered kernel by kernel above; through autograd it costs ~40 s of
 # interpreter time for nothing new
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3]])
-def test_expert_mlp_autograd(shape, dtype):
-    """grouped_linear -> SwiGLU -> grouped_linear -> combine, all gradients, vs float64."""
+def test_expert_mlp_autograd(shape, dtype, fused):
+    """grouped_linear -> SwiGLU -> grouped_linear -> combine, all gradients, vs float64: as
+    three autograd functions, and fused (SwiGLUExperts: the SwiGLU in the GEMMs'
+    epilogues)."""
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     T, k, E, D, F, drop = shape
@@ -467,9 +518,12 @@ def test_expert_mlp_autograd(shape, dtype):
     def run(backend, *args):
         leaves = [a.detach().clone().requires_grad_(True) for a in args]
         xx, wi, wo, ww = leaves
-        h = GroupedLinear.apply(xx, wi, d, False, True, backend)
-        a = SwiGLU.apply(h, backend, d.expert_offsets[-1:] if d.may_drop else None)
-        y = GroupedLinear.apply(a, wo, d, True, True, backend)
+        if fused:
+            y = SwiGLUExperts.apply(xx, wi, wo, d, True, backend)
+        else:
+            h = GroupedLinear.apply(xx, wi, d, False, True, backend)
+            a = SwiGLU.apply(h, backend, d.expert_offsets[-1:] if d.may_drop else None)
+            y = GroupedLinear.apply(a, wo, d, True, True, backend)
         out = WeightedCombine.apply(y, ww, d, True, backend)
         out.backward(dout.to(out.dtype))
         return [out] + [leaf.grad for leaf in leaves]
@@ -494,7 +548,8 @@ def test_moe_layer_on_tma_gemms_matches_the_cp_async_kernels(cap, monkeypatch):
     calls = []
     run, wgrad = grouped_tma.scatter2scatter, grouped_tma.group_weight_grad
     monkeypatch.setattr(grouped_tma, "scatter2scatter",
-                        lambda *a: calls.append(a[3:5]) or run(*a))
+                        lambda *a, **kw: calls.append((*a[3:5], kw.get("glu", 0)))
+                        or run(*a, **kw))
     monkeypatch.setattr(grouped_tma, "group_weight_grad",
                         lambda *a: calls.append(("dw",)) or wgrad(*a))
     seed = fresh_seed()
@@ -511,8 +566,9 @@ def test_moe_layer_on_tma_gemms_matches_the_cp_async_kernels(cap, monkeypatch):
             out, _ = layer(x)
             out.float().square().sum().backward()
         got[gemm] = [out, x.grad] + [p.grad for p in layer.parameters()]
-        if gemm == "tma":  # up (tokens -> grouped), down, their input and weight gradients
-            want = [(False, True), (True, False), (True, True), (True, True),
+        if gemm == "tma":  # up (tokens -> grouped) with the SwiGLU, down, the down's input
+            # gradient with SwiGLU's backward, the up's, and both weight gradients
+            want = [(False, True, 1), (True, True, 0), (True, True, 2), (True, False, 0),
                     ("dw",), ("dw",)]
             assert sorted(calls, key=str) == sorted(want, key=str), calls
     for a, b in zip(got["tma"], got["triton"], strict=True):

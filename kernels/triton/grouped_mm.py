@@ -23,6 +23,7 @@ from kernels.triton.common import (
     swizzle,
 )
 from kernels.triton.schedule import block_schedule
+from kernels.triton.swiglu import swiglu_bwd, swiglu_fwd
 
 
 def _s2s_configs():
@@ -44,6 +45,8 @@ def _s2s_fitting(configs, named_args, **kwargs):
     64-column tile (128 columns spilled, 13 KiB a thread at 256 and 128 rows), MXFP4 weights
     at most 128 columns (256 spilled 272 bytes with Triton 3.6)."""
     widest = 64 if named_args["X"].element_size() >= 4 else 128 if kwargs.get("FP4") else 256
+    if kwargs.get("GLU"):  # two accumulators (gate, up) or the epilogue's h tiles beside one
+        widest = min(widest, 128)
     return [c for c in configs if c.kwargs["BLOCK_N"] <= widest] or configs
 
 
@@ -108,26 +111,56 @@ def _load_quant_tile(W, S, e, k0, ks, cols, k_left, n_ok, stride_we, stride_wn, 
     return cast_out(q * scale, dtype)
 
 
+@triton.jit
+def glu_epilogue(acc, acc_up, Y, H, y_rows, rows, cols, mask, N, stride_ym, stride_yn,
+                 stride_hm, GLU: tl.constexpr):
+    """The SwiGLU ends of the grouped GEMMs, on an output tile [BLOCK_M, BLOCK_N] of columns
+    cols (< N = F), rows y_rows of Y and rows (sorted, grouped) of H. GLU 1 (forward): acc and
+    acc_up are the gate and up tiles of h: Y [M, 2F] gets h, H [M, F] gets a = silu(gate) *
+    up. GLU 2 (backward): acc is the tile of da; H [M, 2F] holds h: Y [M, 2F] gets dh. The
+    GEMM's results are rounded to Y's dtype first, as the separate kernels would read them."""
+    dtype = Y.dtype.element_ty
+    y_ptrs = Y + y_rows[:, None] * stride_ym + cols[None, :] * stride_yn
+    h_ptrs = H + rows[:, None] * stride_hm + cols[None, :]
+    if GLU == 1:
+        g = cast_out(acc, dtype)
+        u = cast_out(acc_up, dtype)
+        tl.store(y_ptrs, g, mask=mask)
+        tl.store(y_ptrs + N * stride_yn, u, mask=mask)
+        g, u = g.to(tl.float32), u.to(tl.float32)
+        tl.store(h_ptrs, cast_out(g * tl.sigmoid(g) * u, dtype), mask=mask)
+    else:
+        da = cast_out(acc, dtype).to(tl.float32)
+        g = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(h_ptrs + N, mask=mask, other=0.0).to(tl.float32)
+        s = tl.sigmoid(g)
+        tl.store(y_ptrs, cast_out(da * u * s * (1.0 + g * (1.0 - s)), dtype), mask=mask)
+        tl.store(y_ptrs + N * stride_yn, cast_out(da * g * s, dtype), mask=mask)
+
+
 @triton.autotune(configs=_s2s_configs(),
-                 key=["N", "K", "BLOCK_M", "X_GROUPED", "Y_GROUPED", "BITS", "FP4", "FP8"],
+                 key=["N", "K", "BLOCK_M", "X_GROUPED", "Y_GROUPED", "BITS", "FP4", "FP8",
+                      "GLU"],
                  prune_configs_by={"early_config_prune": _s2s_fitting})
 # E and GRID_M take any value: specialising on them (divisible by 16 or not) would only
 # recompile the kernel per expert count and per dispatch
 @triton.jit(do_not_specialize=["E", "GRID_M"])
 def _scatter2scatter_kernel(
-    X, W, S, Y, pair_idx, block_expert, block_row, offsets,
+    X, W, S, Y, H, pair_idx, block_expert, block_row, offsets,
     N, K, E, GRID_M,
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sg,
-    stride_ym, stride_yn,
+    stride_ym, stride_yn, stride_hm,
     FAN_OUT: tl.constexpr, X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, GROUP_M: tl.constexpr,
     BITS: tl.constexpr, QGROUP: tl.constexpr, FP4: tl.constexpr, FP8: tl.constexpr,
-    QROWS: tl.constexpr,
+    QROWS: tl.constexpr, GLU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """BITS 0: W holds the weights (any float dtype); 8 or 4: W holds the packed integers or
     FP8 codes and S their float32 scales (see kernels/quant.py), dequantized here, tile by
-    tile."""
+    tile. GLU 0: Y [M, N] = the GEMM; 1: W holds [E, 2N, K] (gate; up) and the GEMM's two
+    halves go through glu_epilogue (h to Y, a to H); 2: the GEMM is da [M, N], and dh goes
+    to Y from h in H (glu_epilogue). H is unused when GLU is 0."""
     pid_m, pid_n = swizzle(tl.program_id(0), GRID_M, tl.cdiv(N, BLOCK_N), GROUP_M)
     e = tl.load(block_expert + pid_m)
     if e < E:
@@ -144,6 +177,7 @@ def _scatter2scatter_kernel(
         w_ptrs = (W + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk
                   + cols[None, :] * stride_wn)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N) if GLU == 1 else (1, 1), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_mask = ks < K - k0
             x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
@@ -157,10 +191,21 @@ def _scatter2scatter_kernel(
             if UPCAST:  # the CPU interpreter's dot mishandles 16-bit floats
                 x, w = x.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
+            if GLU == 1:  # the up half: rows N.. of the same expert's weight
+                w = tl.load(w_ptrs + N * stride_wn, mask=k_mask[:, None] & n_mask[None, :],
+                            other=0.0)
+                if UPCAST:
+                    w = w.to(tl.float32)
+                acc_up = tl.dot(x, w, acc_up, input_precision=PRECISION)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
-        y_ptrs = Y + y_rows[:, None] * stride_ym + cols[None, :] * stride_yn
-        tl.store(y_ptrs, cast_out(acc, Y.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        mask = m_mask[:, None] & n_mask[None, :]
+        if GLU == 0:
+            y_ptrs = Y + y_rows[:, None] * stride_ym + cols[None, :] * stride_yn
+            tl.store(y_ptrs, cast_out(acc, Y.dtype.element_ty), mask=mask)
+        else:
+            glu_epilogue(acc, acc_up, Y, H, y_rows, rows, cols, mask, N, stride_ym, stride_yn,
+                         stride_hm, GLU)
 
 
 # Tile rows walked together by the grouped launch order (see common.swizzle); 1 = row-major order.
@@ -211,6 +256,55 @@ def scatter2scatter(x, w, d: Dispatch, x_grouped: bool, y_grouped: bool, fan_out
         lambda: reference.scatter2scatter(x, w, d, x_grouped, y_grouped, fan_out), tma)
 
 
+def scatter2scatter_swiglu(x, w, d: Dispatch, x_grouped: bool, fan_out: int,
+                           rows: torch.Tensor | None = None):
+    """x [T or M, K], w [E, 2F, K] (gate; up) -> (h [M, 2F], a [M, F] = silu(gate) * up),
+    both grouped: the SwiGLU in the GEMM's epilogue (our kernels, cp.async or TMA tiles), or
+    PyTorch's grouped matmul or a GEMM per expert followed by the SwiGLU kernel, whichever
+    times fastest. rows: as swiglu_fwd's (the kernels skip dropped rows anyway)."""
+    from kernels.triton import grouped_tma
+
+    def then_swiglu(gemm):
+        def run():
+            h = gemm(x, w, d, x_grouped, True, fan_out)
+            return h, swiglu_fwd(h, rows)
+        return run
+
+    tma = None
+    if grouped_tma.supports(x, w, x_grouped):
+        def tma():
+            return grouped_tma.scatter2scatter(x, w, d, x_grouped, True, fan_out, glu=1)
+    return _fastest(
+        "s2s_glu", x, d, w.shape[1], w.shape[2], (x_grouped,),
+        lambda: _launch(x, w, None, d, x_grouped, True, fan_out, glu=1),
+        then_swiglu(torch_grouped.scatter2scatter), then_swiglu(reference.scatter2scatter),
+        tma)
+
+
+def scatter2scatter_swiglu_bwd(dy, w, h, d: Dispatch, dy_grouped: bool,
+                               rows: torch.Tensor | None = None) -> torch.Tensor:
+    """dy [M, K] (grouped, or in slot order), w [E, F, K] (the down projection's transposed
+    view), h [M, 2F] grouped -> dh [M, 2F] grouped: da = dy @ w per row, then SwiGLU's
+    backward, in the GEMM's epilogue (our kernels) or by the SwiGLU kernel after PyTorch's
+    grouped matmul or a GEMM per expert, whichever times fastest."""
+    from kernels.triton import grouped_tma
+
+    h = h if h.stride(1) == 1 else h.contiguous()  # the epilogue steps its columns by 1
+
+    def then_swiglu(gemm):
+        return lambda: swiglu_bwd(h, gemm(dy, w, d, dy_grouped, True, 1), rows)
+
+    tma = None
+    if grouped_tma.supports(dy, w, dy_grouped):
+        def tma():
+            return grouped_tma.scatter2scatter(dy, w, d, dy_grouped, True, 1, glu=2, h=h)
+    return _fastest(
+        "s2s_glu_bwd", dy, d, w.shape[1], w.shape[2], (dy_grouped,),
+        lambda: _launch(dy, w, None, d, dy_grouped, True, 1, glu=2, h=h),
+        then_swiglu(torch_grouped.scatter2scatter), then_swiglu(reference.scatter2scatter),
+        tma)
+
+
 def scatter2scatter_quant(x, wq: QuantWeight, d: Dispatch, x_grouped: bool, y_grouped: bool,
                           fan_out: int):
     """scatter2scatter with int8 / int4 / MXFP4 / FP8 weights wq [E, N, K], dequantized
@@ -226,12 +320,18 @@ def s2s_output(x: torch.Tensor, d: Dispatch, n: int, y_grouped: bool) -> torch.T
     return common.empty(d.num_pairs, n, dtype=x.dtype, device=x.device)
 
 
-def _launch(x, w, q: QuantWeight | None, d: Dispatch, x_grouped, y_grouped, fan_out):
-    """w: the weights, or q's packed integers (then N, K and the scales come from q)."""
+def _launch(x, w, q: QuantWeight | None, d: Dispatch, x_grouped, y_grouped, fan_out,
+            glu: int = 0, h: torch.Tensor | None = None):
+    """w: the weights, or q's packed integers (then N, K and the scales come from q).
+    glu 1: w [E, 2F, K] -> (h [M, 2F], a [M, F]) grouped; glu 2: w [E, F, K], h [M, 2F]
+    grouped -> dh [M, 2F] grouped (see _scatter2scatter_kernel)."""
     N, K = (w.shape[1], w.shape[2]) if q is None else (q.shape[1], q.shape[2])
-    y = s2s_output(x, d, N, y_grouped)
+    if glu == 1:
+        N //= 2
+        h = common.empty(d.num_pairs, N, dtype=x.dtype, device=x.device)  # a, beside y = h
+    y = s2s_output(x, d, 2 * N if glu else N, y_grouped)
     if d.num_pairs == 0:
-        return y
+        return (y, h) if glu == 1 else y
     block_m = pick_block_m(d, x.element_size())
     block_expert, block_row, grid_m = block_schedule(d, block_m)
 
@@ -240,17 +340,18 @@ def _launch(x, w, q: QuantWeight | None, d: Dispatch, x_grouped, y_grouped, fan_
 
     sc = q.scale if q is not None else w
     _scatter2scatter_kernel[grid](
-        x, w, sc, y, d.sorted_pair_idx, block_expert, block_row, d.expert_offsets,
-        N, K, d.num_experts, grid_m,
+        x, w, sc, y, y if h is None else h, d.sorted_pair_idx, block_expert, block_row,
+        d.expert_offsets, N, K, d.num_experts, grid_m,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
         sc.stride(0), sc.stride(1), sc.stride(2), y.stride(0), y.stride(1),
+        y.stride(0) if h is None else h.stride(0),
         FAN_OUT=fan_out, X_GROUPED=x_grouped, Y_GROUPED=y_grouped,
         PRECISION=dot_precision(x.dtype), UPCAST=interpreting(), GROUP_M=GROUP,
         BITS=0 if q is None else q.bits, QGROUP=1 if q is None else q.group,
         FP4=q is not None and q.fp4, FP8=0 if q is None else ("", *FP8_FORMATS).index(q.fp8),
-        QROWS=1 if q is None else q.row_group, BLOCK_M=block_m,
+        QROWS=1 if q is None else q.row_group, GLU=glu, BLOCK_M=block_m,
     )
-    return y
+    return (y, h) if glu == 1 else y
 
 
 def _wgrad_configs():

@@ -87,20 +87,31 @@ def _configs():
     return configs if autotuning() else configs[-1:]
 
 
+def _fitting(configs, named_args, **kwargs):
+    """A SwiGLU end (GLU) keeps two [BLOCK_M, BLOCK_N] float32 tiles in registers (gate and
+    up, or da beside h's): 256 columns would spill (bench/kernels_offline.py)."""
+    if not kwargs.get("GLU"):
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_N"] <= 128] or configs
+
+
 @triton.autotune(configs=_configs(),
-                 key=["N", "K", "BLOCK_M", "X_GROUPED", "Y_GROUPED", "W_NK"])
+                 key=["N", "K", "BLOCK_M", "X_GROUPED", "Y_GROUPED", "W_NK", "GLU"],
+                 prune_configs_by={"early_config_prune": _fitting})
 # E and GRID_M take any value: specialising on them (divisible by 16 or not) would only
 # recompile the kernel per expert count and per dispatch
 @triton.jit(do_not_specialize=["E", "GRID_M"])
 def _s2s_tma_kernel(
-    X, x_desc, w_desc, Y, pair_idx, block_expert, block_row, offsets,
-    N, K, E, GRID_M, stride_xm, stride_ym, stride_yn,
+    X, x_desc, w_desc, Y, H, pair_idx, block_expert, block_row, offsets,
+    N, K, E, GRID_M, stride_xm, stride_ym, stride_yn, stride_hm,
     FAN_OUT: tl.constexpr, X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr,
-    W_NK: tl.constexpr, UPCAST: tl.constexpr, GROUP_M: tl.constexpr,
+    W_NK: tl.constexpr, UPCAST: tl.constexpr, GROUP_M: tl.constexpr, GLU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """X_GROUPED: x_desc covers the grouped rows [M, K] (X unused); else X's rows are
-    gathered through pair_idx by pointer. W_NK: w_desc covers [E, N, K], else [E, K, N]."""
+    gathered through pair_idx by pointer. W_NK: w_desc covers [E, N, K], else [E, K, N].
+    GLU: as grouped_mm._scatter2scatter_kernel's (1: w_desc covers 2N rows, gate then up;
+    h to Y, a to H. 2: dh to Y from h in H)."""
     pid_m, pid_n = swizzle(tl.program_id(0), GRID_M, tl.cdiv(N, BLOCK_N), GROUP_M)
     e = tl.load(block_expert + pid_m)
     if e < E:
@@ -114,6 +125,7 @@ def _s2s_tma_kernel(
             x_rows = row_index(pair_idx, rows, m_mask, False, FAN_OUT)
             x_ptrs = X + x_rows[:, None] * stride_xm + ks[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N) if GLU == 1 else (1, 1), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if X_GROUPED:
                 x = x_desc.load([row0.to(tl.int32), k0])
@@ -127,26 +139,43 @@ def _s2s_tma_kernel(
             if UPCAST:  # the CPU interpreter's dot mishandles 16-bit floats
                 x, w = x.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(x, w, acc)
+            if GLU == 1:  # the up half: N further along the weight's output dimension
+                if W_NK:
+                    w = w_desc.load([e.to(tl.int32), N + n0, k0]).reshape(BLOCK_N, BLOCK_K).T
+                else:
+                    w = w_desc.load([e.to(tl.int32), k0, N + n0]).reshape(BLOCK_K, BLOCK_N)
+                if UPCAST:
+                    w = w.to(tl.float32)
+                acc_up = tl.dot(x, w, acc_up)
         y_rows = row_index(pair_idx, rows, m_mask, Y_GROUPED, 1)
         cols = n0 + tl.arange(0, BLOCK_N)
-        y_ptrs = Y + y_rows[:, None] * stride_ym + cols[None, :] * stride_yn
-        tl.store(y_ptrs, cast_out(acc, Y.dtype.element_ty),
-                 mask=m_mask[:, None] & (cols < N)[None, :])
+        mask = m_mask[:, None] & (cols < N)[None, :]
+        if GLU == 0:
+            y_ptrs = Y + y_rows[:, None] * stride_ym + cols[None, :] * stride_yn
+            tl.store(y_ptrs, cast_out(acc, Y.dtype.element_ty), mask=mask)
+        else:
+            grouped_mm.glu_epilogue(acc, acc_up, Y, H, y_rows, rows, cols, mask, N, stride_ym,
+                                    stride_yn, stride_hm, GLU)
 
 
 def scatter2scatter(x: torch.Tensor, w: torch.Tensor, d: Dispatch, x_grouped: bool,
-                    y_grouped: bool, fan_out: int) -> torch.Tensor:
+                    y_grouped: bool, fan_out: int, glu: int = 0, h: torch.Tensor | None = None):
     """x [T or M, K], w [E, N, K] (K or N contiguous) -> y [M, N]; see kernels/reference.py.
-    The caller checks supports(x, w, x_grouped)."""
+    glu 1: w [E, 2F, K] -> (h [M, 2F], a [M, F]); glu 2: w [E, F, K], h [M, 2F] -> dh
+    [M, 2F] (grouped_mm.scatter2scatter_swiglu and _bwd). The caller checks supports(x, w,
+    x_grouped)."""
     view = _weight_view(w)
     if view is None:
         raise ValueError(f"TMA grouped GEMM: weights of strides {tuple(w.stride())} have no "
                          "contiguous, 16-byte aligned layout")
     wv, w_nk = view
     N, K = w.shape[1], w.shape[2]
-    y = grouped_mm.s2s_output(x, d, N, y_grouped)
+    if glu == 1:
+        N //= 2
+        h = common.empty(d.num_pairs, N, dtype=x.dtype, device=x.device)  # a, beside y = h
+    y = grouped_mm.s2s_output(x, d, 2 * N if glu else N, y_grouped)
     if d.num_pairs == 0:
-        return y
+        return (y, h) if glu == 1 else y
     block_m = pick_block_m(d, x.element_size())
     block_expert, block_row, grid_m = block_schedule(d, block_m)
     # boxes are set per config by _set_block_shapes; these are placeholders
@@ -157,12 +186,13 @@ def scatter2scatter(x: torch.Tensor, w: torch.Tensor, d: Dispatch, x_grouped: bo
         return (grid_m * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _s2s_tma_kernel[grid](
-        x, x_desc, w_desc, y, d.sorted_pair_idx, block_expert, block_row, d.expert_offsets,
-        N, K, d.num_experts, grid_m, x.stride(0), y.stride(0), y.stride(1),
+        x, x_desc, w_desc, y, y if h is None else h, d.sorted_pair_idx, block_expert,
+        block_row, d.expert_offsets, N, K, d.num_experts, grid_m, x.stride(0), y.stride(0),
+        y.stride(1), y.stride(0) if h is None else h.stride(0),
         FAN_OUT=fan_out, X_GROUPED=x_grouped, Y_GROUPED=y_grouped, W_NK=w_nk,
-        UPCAST=interpreting(), GROUP_M=grouped_mm.GROUP, BLOCK_M=block_m,
+        UPCAST=interpreting(), GROUP_M=grouped_mm.GROUP, GLU=glu, BLOCK_M=block_m,
     )
-    return y
+    return (y, h) if glu == 1 else y
 
 
 def supports_wgrad(x: torch.Tensor, dy: torch.Tensor) -> bool:
