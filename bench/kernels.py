@@ -599,6 +599,15 @@ def breakdown(shape, T, dtype, device) -> str:
         ("bwd dy -> da then swiglu bwd, TMA (unfused)", lambda: tri.swiglu_bwd(h, _forced_gemm(
             "tma", tri.scatter2scatter, y, w_out.transpose(1, 2), disp, True, True, 1)),
          2 * M * d * f),
+        ("bwd combine, rows only (its weights' gradient in the next GEMM)",
+         lambda: tri.combine_grad_rows(dy, r.combine_weights, disp), None),
+        ("bwd dout -> dh, dweights: SwiGLU and combine bwd in the epilogue (picked)",
+         lambda: tri.scatter2scatter_swiglu_bwd_combined(dy, w_out.transpose(1, 2), h,
+                                                         r.combine_weights, disp),
+         2 * M * d * f),
+        ("bwd dout -> dh, dweights: in the epilogue, TMA", lambda: _forced_gemm(
+            "tma", tri.scatter2scatter_swiglu_bwd_combined, dy, w_out.transpose(1, 2), h,
+            r.combine_weights, disp), 2 * M * d * f),
         ("bwd dh -> dx (slot order + sum)", lambda: tri.scatter2scatter(
             h, w_in.transpose(1, 2), disp, True, False, 1).view(T, k, d).sum(1), 4 * M * d * f),
         ("bwd dW_in", lambda: _forced_gemm("triton", tri.group_weight_grad, x, h, disp, False,
@@ -649,7 +658,8 @@ def _gemm_choices(shape, T) -> str:
     d, f, E, k = shape[:4]
     rows = triton.next_power_of_2(max(1, T * k // E))
     names = {("s2s_glu", 2 * f, d): "fwd in+swiglu", ("s2s", 2 * f, d): "fwd in",
-             ("s2s", d, f): "fwd out", ("s2s_glu_bwd", f, d): "bwd dA+swiglu",
+             ("s2s", d, f): "fwd out", ("s2s_glu_comb", f, d): "bwd dA+swiglu+combine",
+             ("s2s_glu_bwd", f, d): "bwd dA+swiglu",
              ("s2s", f, d): "bwd dA", ("s2s", d, 2 * f): "bwd dX", ("wgrad", d, f): "dW out",
              ("wgrad", 2 * f, d): "dW in"}
     got = {names[key[:3]]: impl for key, impl in pick.choices().items()

@@ -86,6 +86,9 @@ def launches() -> Iterator[tuple[str, Callable[[], object]]]:
              partial(s2s, rand(COARSE, D), w_in, None, coarse, False, True, TOP_K, glu=1)),
             (f"s2s {name} da + swiglu bwd (grouped, W^T)",
              partial(s2s, y, w_out.transpose(1, 2), None, fine, True, True, 1, glu=2, h=h)),
+            (f"s2s {name} dout + swiglu bwd + combine weights (tokens, W^T)",
+             partial(s2s, rand(TOKENS, D), w_out.transpose(1, 2), None, fine, False, True,
+                     TOP_K, glu=3, h=h, wts=wts)),
             (f"wgrad {name} in", partial(wgrad, rand(M, D), h, fine)),
             (f"wgrad {name} out", partial(wgrad, a, y, fine)),
             (f"swiglu {name} fwd", partial(swiglu.swiglu_fwd, h)),
@@ -97,6 +100,8 @@ def launches() -> Iterator[tuple[str, Callable[[], object]]]:
             (f"combine {name} fwd", partial(combine.weighted_combine, y, wts, fine, True)),
             (f"combine {name} bwd",
              partial(combine.weighted_combine_backward, y[:TOKENS], y, wts, fine, True)),
+            (f"combine {name} bwd, rows only",
+             partial(combine.combine_grad_rows, y[:TOKENS], wts, fine)),
         ]
     # the TMA variant (sm_90+: bf16 / fp16 only), as the backend's "tma" candidate calls it
     tma = grouped_tma.scatter2scatter
@@ -120,6 +125,9 @@ def launches() -> Iterator[tuple[str, Callable[[], object]]]:
          partial(tma, rand(COARSE, D).bfloat16(), wib, coarse, False, True, TOP_K, glu=1)),
         ("tma s2s bfloat16 da + swiglu bwd (grouped, W^T)",
          partial(tma, yb, wob.transpose(1, 2), fine, True, True, 1, glu=2, h=hb)),
+        ("tma s2s bfloat16 dout + swiglu bwd + combine weights (tokens, W^T)",
+         partial(tma, xb, wob.transpose(1, 2), fine, False, True, TOP_K, glu=3, h=hb,
+                 wts=torch.rand(TOKENS, TOP_K, generator=g))),
         ("tma wgrad bfloat16 in",
          partial(grouped_tma.group_weight_grad, rand(M, D).bfloat16(), hb, fine)),
         ("tma wgrad bfloat16 out", partial(grouped_tma.group_weight_grad, ab, yb, fine)),

@@ -13,6 +13,7 @@ from kernels.autograd import (
     RouterLosses,
     SwiGLU,
     SwiGLUExperts,
+    SwiGLUExpertsCombined,
     TopKRoute,
     WeightedCombine,
 )
@@ -57,10 +58,24 @@ def swiglu_experts(
     d: Dispatch,
     y_grouped: bool = True,
     backend: str = "auto",
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [T, d] (token order), w_in [E, 2F, d] (gate; up), w_out [E, d, F] -> y [M, d]:
     grouped_linear(swiglu(grouped_linear(x, w_in)), w_out), in Dispatch order (or slot
-    order), the SwiGLU fused into the grouped GEMMs where the backend can (Triton)."""
+    order), the SwiGLU fused into the grouped GEMMs where the backend can (Triton). With
+    weights [T, k]: -> [T, d], y combined as weighted_combine(y, weights, d) would, and y not
+    kept for the backward (SwiGLUExpertsCombined)."""
+    _check_swiglu_experts(x, w_in, w_out, d)
+    be = get_backend(backend, x.device)
+    if weights is None:
+        return SwiGLUExperts.apply(x, w_in, w_out, d, y_grouped, be)
+    if weights.shape != (d.num_tokens, d.top_k):
+        raise ValueError(f"combine weights {tuple(weights.shape)} do not match the dispatch's "
+                         f"[{d.num_tokens}, {d.top_k}]")
+    return SwiGLUExpertsCombined.apply(x, w_in, w_out, weights, d, be)
+
+
+def _check_swiglu_experts(x, w_in, w_out, d: Dispatch) -> None:
     E, two_f, d_in = w_in.shape
     if w_out.dim() != 3 or two_f % 2 or w_out.shape != (E, d_in, two_f // 2):
         raise ValueError(f"need w_in [E, 2F, d] and w_out [E, d, F], got "
@@ -69,7 +84,6 @@ def swiglu_experts(
         raise ValueError(f"input size {x.shape[-1]} does not match the weight's d_in={d_in}")
     if E != d.num_experts:
         raise ValueError(f"weight has {E} experts, dispatch has {d.num_experts}")
-    return SwiGLUExperts.apply(x, w_in, w_out, d, y_grouped, get_backend(backend, x.device))
 
 
 def weighted_combine(

@@ -76,6 +76,45 @@ class SwiGLUExperts(torch.autograd.Function):
         return dx, dw_in, dw_out, None, None, None
 
 
+class SwiGLUExpertsCombined(torch.autograd.Function):
+    """x [T, d] (token order), w_in [E, 2F, d], w_out [E, d, F], weights [T, k] -> out [T, d]
+    = sum over a token's kept slots of weight * expert(x): SwiGLUExperts then the weighted
+    combine, without keeping the expert outputs y [M, d] for the backward (it saves x, h, a
+    and the weights): the weights' gradient, dout . y per pair, is computed as
+    (dout @ w_out) . a in the epilogue of the GEMM that also gives dh (the backend's
+    scatter2scatter_swiglu_bwd_combined), which reads dout in token order."""
+
+    @staticmethod
+    def forward(ctx, x, w_in, w_out, weights, d: Dispatch, backend: ModuleType):
+        rows = d.expert_offsets[-1:] if d.may_drop else None
+        h, a = backend.scatter2scatter_swiglu(x, w_in, d, False, d.top_k, rows)
+        y = backend.scatter2scatter(a, w_out, d, True, True, 1)
+        ctx.save_for_backward(x, w_in, w_out, weights, h, a)
+        ctx.meta = (d, rows, backend)
+        return backend.weighted_combine(y, weights, d, True)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w_in, w_out, weights, h, a = ctx.saved_tensors
+        d, rows, backend = ctx.meta
+        dout = dout.contiguous()
+        need_x, need_in, need_out, need_w = ctx.needs_input_grad[:4]
+        dx = dw_in = dw_out = dweights = None
+        if need_x or need_in or need_w:
+            dh, dweights = backend.scatter2scatter_swiglu_bwd_combined(
+                dout, w_out.transpose(1, 2), h, weights, d, rows)
+            dweights = dweights.to(weights.dtype) if need_w else None
+        if need_out:
+            dw_out = backend.group_weight_grad(a, backend.combine_grad_rows(dout, weights, d),
+                                               d, True, 1, True)
+        if need_x:  # one row per slot, then the k slots of a token summed
+            dx = backend.scatter2scatter(dh, w_in.transpose(1, 2), d, True, False, 1)
+            dx = dx.view(d.num_tokens, d.top_k, w_in.shape[2]).sum(1)
+        if need_in:
+            dw_in = backend.group_weight_grad(x, dh, d, False, d.top_k, True)
+        return dx, dw_in, dw_out, dweights, None, None
+
+
 class WeightedCombine(torch.autograd.Function):
     """out [T, d] = sum over a token's kept slots of weight * y_row; grads to y and weights."""
 

@@ -166,6 +166,47 @@ def scatter2scatter_swiglu_bwd(dy: torch.Tensor, w: torch.Tensor, h: torch.Tenso
     return swiglu_bwd(h, scatter2scatter(dy, w, d, dy_grouped, True, 1), rows)
 
 
+def swiglu_bwd_combined(da_u: torch.Tensor, h: torch.Tensor, weights: torch.Tensor,
+                        d: Dispatch, rows: torch.Tensor | None = None, fwd=None, bwd=None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """da_u [M, F] grouped (the output gradient in token order times each row's expert's
+    down projection, before the combine weight), h [M, 2F], weights [T, k] -> (dh [M, 2F],
+    dweights [T, k] float32): dweight = da_u . a per pair (a = silu(gate) * up, in h's
+    dtype, as the forward used it), da = weight * da_u, dh = SwiGLU's backward. fwd / bwd:
+    the SwiGLU kernels to use (default: this module's)."""
+    fwd, bwd = fwd or swiglu_fwd, bwd or swiglu_bwd
+    dt = torch.promote_types(weights.dtype, torch.float32)
+    keep = (d.sorted_expert_idx < d.num_experts)[:, None]  # no host sync: masks, not counts
+    da_u = torch.where(keep, da_u.to(dt), 0)  # rows past the kept ones may hold anything
+    part = torch.where(keep, da_u * fwd(h, rows).to(dt), 0).sum(-1)
+    dwts = torch.zeros(d.num_pairs, dtype=dt, device=h.device).index_copy_(
+        0, d.sorted_pair_idx, part)
+    w = weights.reshape(-1).to(dt).index_select(0, d.sorted_pair_idx)[:, None]
+    return bwd(h, (da_u * w).to(h.dtype), rows), dwts.view(d.num_tokens, d.top_k)
+
+
+def scatter2scatter_swiglu_bwd_combined(dout: torch.Tensor, w: torch.Tensor, h: torch.Tensor,
+                                        weights: torch.Tensor, d: Dispatch,
+                                        rows: torch.Tensor | None = None
+                                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """dout [T, d_out] (token order), w [E, F, d_out] (the down projection transposed), h
+    [M, 2F] grouped, weights [T, k] -> (dh [M, 2F] grouped, dweights [T, k]): the combine's,
+    the down projection's input and SwiGLU's backward without the expert outputs y (see
+    swiglu_bwd_combined)."""
+    da_u = scatter2scatter(dout, w, d, False, True, d.top_k)
+    return swiglu_bwd_combined(da_u, h, weights, d, rows)
+
+
+def combine_grad_rows(dout: torch.Tensor, weights: torch.Tensor, d: Dispatch) -> torch.Tensor:
+    """dout [T, d_out] -> [M, d_out] grouped: each kept row's weight * its token's dout (the
+    combine's gradient to y, without the weights' gradient; dropped rows zero)."""
+    n = _kept(d)
+    w = weights.reshape(-1).index_select(0, d.sorted_pair_idx[:n]).to(dout.dtype)
+    dy = torch.zeros(d.num_pairs, dout.shape[1], dtype=dout.dtype, device=dout.device)
+    dy[:n] = dout.index_select(0, d.sorted_token_idx[:n]) * w[:, None]
+    return dy
+
+
 def sort_pairs(flat_ids: torch.Tensor, num_experts: int, top_k: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """flat_ids [M] (E = dropped) -> sorted_pair_idx, sorted_token_idx, sorted_expert_idx

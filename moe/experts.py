@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import Dispatch, grouped_linear, swiglu, swiglu_experts
+from kernels import Dispatch, grouped_linear, swiglu, swiglu_experts, weighted_combine
 from kernels.device import autocast_dtype
 from kernels.quant import QuantWeight
 from moe.mlp import ACTIVATIONS, clamped_swiglu, input_width
@@ -48,10 +48,28 @@ class Experts(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.w_in.dtype
 
-    def forward(self, x: torch.Tensor, d: Dispatch, y_grouped: bool = True) -> torch.Tensor:
-        """x [T, d] token order -> y [M, d] in Dispatch order (or slot order t * k + j)."""
-        return expert_mlp(x, self.w_in, self.w_out, d, self.kind, self.backend, y_grouped,
-                          self.b_in, self.b_out, self.alpha, self.limit)
+    def forward(self, x: torch.Tensor, d: Dispatch, y_grouped: bool = True,
+                combine_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, d] token order -> y [M, d] in Dispatch order (or slot order t * k + j); with
+        combine_weights [T, k] -> [T, d] = sum over a token's kept slots of weight * y, which
+        SwiGLU experts without biases compute without keeping y for the backward."""
+        if combine_weights is None:
+            return expert_mlp(x, self.w_in, self.w_out, d, self.kind, self.backend, y_grouped,
+                              self.b_in, self.b_out, self.alpha, self.limit)
+        if self.kind == "swiglu" and self.b_in is None and self.b_out is None:
+            x, w_in, w_out = _autocast(x, self.w_in, self.w_out)
+            return swiglu_experts(x, w_in, w_out, d, True, self.backend, combine_weights)
+        return weighted_combine(self(x, d), combine_weights, d, True, self.backend)
+
+
+def _autocast(*tensors):
+    """Under torch.autocast, its dtype for every floating-point tensor of `tensors` (the
+    casts are in the graph: float32 weights get float32 gradients); else them as they are."""
+    amp = autocast_dtype(tensors[0])
+    if amp is None:
+        return tensors
+    return tuple(t.to(amp) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                 for t in tensors)
 
 
 def _row_bias(b: torch.Tensor, d: Dispatch) -> torch.Tensor:
@@ -67,11 +85,7 @@ def expert_mlp(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, d: Disp
     [E, d] or None) -> y [M, d] (Dispatch or slot order); alpha / limit: clamped_swiglu's.
     Under torch.autocast, x and the weights are cast to its dtype first (the casts are in
     the graph: float32 weights get float32 gradients)."""
-    amp = autocast_dtype(x)
-    if amp is not None:
-        x, w_in, w_out, b_in, b_out = (
-            t.to(amp) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-            for t in (x, w_in, w_out, b_in, b_out))
+    x, w_in, w_out, b_in, b_out = _autocast(x, w_in, w_out, b_in, b_out)
     if kind == "swiglu" and b_in is None and b_out is None \
             and not isinstance(w_in, QuantWeight) and not isinstance(w_out, QuantWeight):
         return swiglu_experts(x, w_in, w_out, d, y_grouped, backend)  # SwiGLU fused in

@@ -38,6 +38,8 @@ class LocalDispatch(nn.Module):
         """x [T, d], routing -> [T, d] = sum over kept slots of weight * expert(x)."""
         dropped = routing.dropped if may_drop else None
         d = sort_by_expert(routing.expert_ids, routing.num_experts, dropped, backend)
+        if isinstance(experts, Experts):  # combined inside: no expert outputs kept
+            return experts(x, d, combine_weights=routing.combine_weights)
         y = experts(x, d)
         return weighted_combine(y, routing.combine_weights, d, y_grouped=True, backend=backend)
 

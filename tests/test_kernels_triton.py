@@ -18,6 +18,7 @@ from kernels.autograd import (  # noqa: E402
     GroupedLinear,
     SwiGLU,
     SwiGLUExperts,
+    SwiGLUExpertsCombined,
     WeightedCombine,
 )
 from kernels.triton import common  # noqa: E402
@@ -479,6 +480,43 @@ def test_scatter2scatter_swiglu_in_the_epilogue(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES + [TMA_SHAPES[1]])
+def test_swiglu_backward_with_the_combine_weights_in_the_epilogue(shape, dtype):
+    """dh and the combine weights' gradient from the output gradient in token order, h and
+    the weights, without the expert outputs y: on each of our GEMM kernels against float64,
+    and the float64 identity itself against the combine's own backward (dout . y per pair)."""
+    from kernels.triton import pick
+
+    seed, g, d, x, w, fan = glu_case(shape, dtype)
+    T, k, E, K, F, drop = shape
+    w_out = randn(E, K, F, g=g, dtype=dtype) * 0.3
+    rows = d.expert_offsets[-1:] if drop else None
+    n = kept_rows(d)
+    h64, _ = ref_ops.scatter2scatter_swiglu(x.double(), w.double(), d, False, fan)
+    h = h64.to(dtype)  # what the forward would have saved
+    dout = randn(T, K, g=g, dtype=dtype)
+    wts = torch.rand(T, k, generator=g, dtype=torch.float64).to(DEVICE, torch.float32)
+    want_dh, want_dw = ref_ops.scatter2scatter_swiglu_bwd_combined(
+        dout.double(), w_out.double().transpose(1, 2), h.double(), wts.double(), d)
+    y = ref_ops.scatter2scatter(ref_ops.swiglu_fwd(h.double()), w_out.double(), d, True, True,
+                                1)
+    classic_dy, classic_dw = ref_ops.weighted_combine_backward(dout.double(), y, wts.double(),
+                                                               d, True)
+    assert rel_err(want_dw, classic_dw) < 1e-12, f"dout . y != (dout @ w) . a, seed {seed}"
+    for impl in glu_impls(dtype, shape):
+        with pick.forced(impl):
+            dh, dw = tri.scatter2scatter_swiglu_bwd_combined(dout, w_out.transpose(1, 2), h,
+                                                             wts, d, rows)
+        assert dw.dtype == torch.float32 and dw.shape == (T, k)
+        assert rel_err(dh[:n], want_dh[:n]) < TOL[dtype], f"{impl} dh, seed {seed}"
+        assert rel_err(dw, want_dw) < TOL[dtype], f"{impl} dweights, seed {seed}"
+    dy = tri.combine_grad_rows(dout, wts, d)
+    assert rel_err(dy[:n], classic_dy[:n]) < TOL[dtype], f"combine_grad_rows, seed {seed}"
+    assert rel_err(dy[:n], ref_ops.combine_grad_rows(dout.double(), wts.double(), d)[:n]) \
+        < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu(dtype):
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
@@ -499,12 +537,12 @@ def test_swiglu(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 # E=256 (SHAPES[2]) is covered kernel by kernel above; through autograd it costs ~40 s of
 # interpreter time for nothing new
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("mode", ["apart", "fused", "combined"])
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3]])
-def test_expert_mlp_autograd(shape, dtype, fused):
-    """grouped_linear -> SwiGLU -> grouped_linear -> combine, all gradients, vs float64: as
-    three autograd functions, and fused (SwiGLUExperts: the SwiGLU in the GEMMs'
-    epilogues)."""
+def test_expert_mlp_autograd(shape, dtype, mode):
+    """grouped_linear -> SwiGLU -> grouped_linear -> combine, all gradients, against the four
+    functions apart in float64: on Triton, apart too, fused (SwiGLUExperts: the SwiGLU in
+    the GEMMs' epilogues), and combined (SwiGLUExpertsCombined: no expert outputs kept)."""
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     T, k, E, D, F, drop = shape
@@ -515,21 +553,24 @@ def test_expert_mlp_autograd(shape, dtype, fused):
     wts = torch.rand(T, k, generator=g, dtype=torch.float64).to(DEVICE, torch.float32)
     dout = randn(T, D, g=g, dtype=dtype)
 
-    def run(backend, *args):
+    def run(backend, mode, *args):
         leaves = [a.detach().clone().requires_grad_(True) for a in args]
         xx, wi, wo, ww = leaves
-        if fused:
-            y = SwiGLUExperts.apply(xx, wi, wo, d, True, backend)
+        if mode == "combined":
+            out = SwiGLUExpertsCombined.apply(xx, wi, wo, ww, d, backend)
         else:
-            h = GroupedLinear.apply(xx, wi, d, False, True, backend)
-            a = SwiGLU.apply(h, backend, d.expert_offsets[-1:] if d.may_drop else None)
-            y = GroupedLinear.apply(a, wo, d, True, True, backend)
-        out = WeightedCombine.apply(y, ww, d, True, backend)
+            if mode == "fused":
+                y = SwiGLUExperts.apply(xx, wi, wo, d, True, backend)
+            else:
+                h = GroupedLinear.apply(xx, wi, d, False, True, backend)
+                a = SwiGLU.apply(h, backend, d.expert_offsets[-1:] if d.may_drop else None)
+                y = GroupedLinear.apply(a, wo, d, True, True, backend)
+            out = WeightedCombine.apply(y, ww, d, True, backend)
         out.backward(dout.to(out.dtype))
         return [out] + [leaf.grad for leaf in leaves]
 
-    got = run(tri, x, w_in, w_out, wts)
-    want = run(ref_ops, x.double(), w_in.double(), w_out.double(), wts.double())
+    got = run(tri, mode, x, w_in, w_out, wts)
+    want = run(ref_ops, "apart", x.double(), w_in.double(), w_out.double(), wts.double())
     for name, a, b in zip(["out", "dx", "dw_in", "dw_out", "dweights"], got, want, strict=False):
         assert rel_err(a, b) < TOL[dtype], f"{name}, seed {seed}"
 
@@ -567,8 +608,9 @@ def test_moe_layer_on_tma_gemms_matches_the_cp_async_kernels(cap, monkeypatch):
             out.float().square().sum().backward()
         got[gemm] = [out, x.grad] + [p.grad for p in layer.parameters()]
         if gemm == "tma":  # up (tokens -> grouped) with the SwiGLU, down, the down's input
-            # gradient with SwiGLU's backward, the up's, and both weight gradients
-            want = [(False, True, 1), (True, True, 0), (True, True, 2), (True, False, 0),
+            # gradient from dout in token order with SwiGLU's and the combine weights'
+            # backward, the up's input gradient, and both weight gradients
+            want = [(False, True, 1), (True, True, 0), (False, True, 3), (True, False, 0),
                     ("dw",), ("dw",)]
             assert sorted(calls, key=str) == sorted(want, key=str), calls
     for a, b in zip(got["tma"], got["triton"], strict=True):

@@ -135,6 +135,39 @@ def test_expert_with_no_token_gets_zero_grad():
     check_against_naive(layer, B=1, S=9)
 
 
+@pytest.mark.parametrize("cap", ["dropfree", "cap_probs"])
+def test_layer_keeps_no_expert_outputs_for_its_backward(cap):
+    """The layer combines inside its experts' autograd function (SwiGLUExpertsCombined): it
+    keeps x, h, a and the weights, not the expert outputs y [T * k, d] that a separate
+    combine keeps, and computes the same output and gradients."""
+    from bench.train_memory import kept_bytes
+    from kernels import sort_by_expert, weighted_combine
+
+    layer = build("softmax_renorm", 2, 4, cap)
+    flat = torch.randn(11, layer.d_model, dtype=torch.float64, requires_grad=True)
+
+    def apart():
+        r = layer.router(flat)
+        d = sort_by_expert(r.expert_ids, r.num_experts, r.dropped if layer.router.may_drop
+                           else None, "torch")
+        return weighted_combine(layer.experts(flat, d), r.combine_weights, d)
+
+    kept_apart, out_apart = kept_bytes(apart)
+    kept_fused, (out_fused, _) = kept_bytes(lambda: layer(flat))
+    T, d_model, k = flat.shape[0], flat.shape[1], 2
+    assert kept_apart - kept_fused == T * k * d_model * flat.element_size()
+    grads = []
+    for out in (out_apart, out_fused):
+        layer.zero_grad()
+        flat.grad = None
+        out.square().sum().backward()
+        grads.append([flat.grad.clone()] + [p.grad.clone() for p in layer.parameters()
+                                            if p.grad is not None])
+    torch.testing.assert_close(out_fused, out_apart)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_zero_tokens():
     layer = build("softmax_renorm", 2, 4, "cap_position")
     x = torch.zeros(0, 8, dtype=torch.float64, requires_grad=True)

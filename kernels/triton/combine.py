@@ -39,8 +39,10 @@ def _combine_kernel(
 @triton.jit
 def _combine_bwd_kernel(
     DOUT, Y, WTS, DY, DWTS, inv, n_kept_ptr, N, stride_dom, stride_ym, stride_dym,
-    TOP_K: tl.constexpr, K_PAD: tl.constexpr, Y_GROUPED: tl.constexpr, BLOCK_N: tl.constexpr,
+    TOP_K: tl.constexpr, K_PAD: tl.constexpr, Y_GROUPED: tl.constexpr, HAS_Y: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
+    """A token's rows of dy = weight * dout, and (HAS_Y) its weights' gradient dout . y."""
     t = tl.program_id(0).to(tl.int64)
     n_kept = tl.load(n_kept_ptr)
     slots = tl.arange(0, K_PAD)
@@ -63,10 +65,13 @@ def _combine_bwd_kernel(
                 y_row = p
                 tl.store(DY + y_row * stride_dym + cols,
                          cast_out(tl.where(keep, w * dout, 0.0), DY.dtype.element_ty), mask=n_mask)
-            y = tl.load(Y + y_row * stride_ym + cols, mask=y_mask, other=0.0)
-            part = tl.sum(dout * y.to(tl.float32), axis=0)
-            dots += tl.where(slots == j, part, 0.0)
-    tl.store(DWTS + t * TOP_K + slots, cast_out(dots, DWTS.dtype.element_ty), mask=slots < TOP_K)
+            if HAS_Y:
+                y = tl.load(Y + y_row * stride_ym + cols, mask=y_mask, other=0.0)
+                part = tl.sum(dout * y.to(tl.float32), axis=0)
+                dots += tl.where(slots == j, part, 0.0)
+    if HAS_Y:
+        tl.store(DWTS + t * TOP_K + slots, cast_out(dots, DWTS.dtype.element_ty),
+                 mask=slots < TOP_K)
 
 
 def _block_n(n: int) -> int:
@@ -98,6 +103,23 @@ def weighted_combine_backward(dout, y, weights, d: Dispatch, y_grouped: bool):
         dout, y, weights.contiguous(), dy, dw, inverse_permutation(d), d.expert_offsets[-1:], N,
         dout.stride(0), y.stride(0), dy.stride(0),
         TOP_K=d.top_k, K_PAD=max(2, triton.next_power_of_2(d.top_k)), Y_GROUPED=y_grouped,
-        BLOCK_N=_block_n(N),
+        HAS_Y=True, BLOCK_N=_block_n(N),
     )
     return dy, dw
+
+
+def combine_grad_rows(dout, weights, d: Dispatch):
+    """dout [T, N] -> dy [M, N] grouped: weight * dout in each kept row (rows past the kept
+    ones unwritten); the backward of a combine whose weights' gradient comes from elsewhere
+    (grouped_mm.scatter2scatter_swiglu_bwd_combined), so that y is neither kept nor read."""
+    T, N = d.num_tokens, dout.shape[1]
+    dy = common.empty(d.num_pairs, N, dtype=dout.dtype, device=dout.device)
+    if T == 0:
+        return dy
+    _combine_bwd_kernel[(T,)](
+        dout, dout, weights.contiguous(), dy, dy, inverse_permutation(d), d.expert_offsets[-1:],
+        N, dout.stride(0), dout.stride(0), dy.stride(0),
+        TOP_K=d.top_k, K_PAD=max(2, triton.next_power_of_2(d.top_k)), Y_GROUPED=True,
+        HAS_Y=False, BLOCK_N=_block_n(N),
+    )
+    return dy

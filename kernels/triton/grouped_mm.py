@@ -32,22 +32,29 @@ def _s2s_configs():
     configs = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bn, bk, w, s in [
-            (128, 64, 8, 4), (256, 64, 8, 3), (64, 64, 4, 4),
+            (128, 64, 8, 4), (256, 64, 8, 3), (64, 64, 4, 4), (64, 64, 8, 4),
         ]
     ]
-    # untuned (tests): one config, the tile every input dtype builds without spilling
+    # untuned (tests): the tile every input dtype builds without spilling (in 8 warps for a
+    # float32 SwiGLU end; _s2s_fitting leaves one of the two)
     return configs if autotuning() else configs[2:]
 
 
 def _s2s_fitting(configs, named_args, **kwargs):
     """The configs whose tiles fit the registers (bench/kernels_offline.py, sm_90): 4-byte
     inputs (float32 dots, no tensor cores: operands and accumulator in registers) take the
-    64-column tile (128 columns spilled, 13 KiB a thread at 256 and 128 rows), MXFP4 weights
-    at most 128 columns (256 spilled 272 bytes with Triton 3.6)."""
-    widest = 64 if named_args["X"].element_size() >= 4 else 128 if kwargs.get("FP4") else 256
-    if kwargs.get("GLU"):  # two accumulators (gate, up) or the epilogue's h tiles beside one
-        widest = min(widest, 128)
-    return [c for c in configs if c.kwargs["BLOCK_N"] <= widest] or configs
+    64-column tile (128 columns spilled, 13 KiB a thread at 256 and 128 rows), in 8 warps
+    with a SwiGLU end (GLU; 4 spilled at GLU 3), MXFP4 weights at most 128 columns (256
+    spilled 272 bytes with Triton 3.6); 16-bit ones the tensor-core tiles in the warps they
+    were tuned with."""
+    glu = kwargs.get("GLU", 0)
+    if named_args["X"].element_size() >= 4:
+        warps = 8 if glu else 4
+        return [c for c in configs if c.kwargs["BLOCK_N"] <= 64 and c.num_warps == warps] \
+            or configs
+    widest = 128 if kwargs.get("FP4") or glu else 256  # GLU: two [BLOCK_M, BLOCK_N] tiles
+    return [c for c in configs if c.kwargs["BLOCK_N"] <= widest
+            and (c.kwargs["BLOCK_N"], c.num_warps) != (64, 8)] or configs
 
 
 @triton.jit
@@ -112,14 +119,19 @@ def _load_quant_tile(W, S, e, k0, ks, cols, k_left, n_ok, stride_we, stride_wn, 
 
 
 @triton.jit
-def glu_epilogue(acc, acc_up, Y, H, y_rows, rows, cols, mask, N, stride_ym, stride_yn,
-                 stride_hm, GLU: tl.constexpr):
+def glu_epilogue(acc, acc_up, Y, H, WTS, PART, pair_idx, y_rows, rows, m_mask, cols, N,
+                 stride_ym, stride_yn, stride_hm, stride_part, pid_n, GLU: tl.constexpr):
     """The SwiGLU ends of the grouped GEMMs, on an output tile [BLOCK_M, BLOCK_N] of columns
-    cols (< N = F), rows y_rows of Y and rows (sorted, grouped) of H. GLU 1 (forward): acc and
-    acc_up are the gate and up tiles of h: Y [M, 2F] gets h, H [M, F] gets a = silu(gate) *
-    up. GLU 2 (backward): acc is the tile of da; H [M, 2F] holds h: Y [M, 2F] gets dh. The
-    GEMM's results are rounded to Y's dtype first, as the separate kernels would read them."""
+    cols (< N = F), rows y_rows of Y and rows (sorted, grouped; m_mask: kept) of H. GLU 1
+    (forward): acc and acc_up are the gate and up tiles of h: Y [M, 2F] gets h, H [M, F]
+    gets a = silu(gate) * up. GLU 2 (backward): acc is the tile of da; H [M, 2F] holds h: Y
+    [M, 2F] gets dh. GLU 3: acc is the tile of da before the combine weight (the GEMM read
+    the output's gradient in token order): PART[pid_n, pair] gets this tile's share of the
+    weight's gradient, sum over its columns of da * a (a recomputed from h), and da is acc
+    times the pair's weight (WTS [T * k] by pair) before SwiGLU's backward. The GEMM's
+    results are rounded to Y's dtype first, as the separate kernels would read them."""
     dtype = Y.dtype.element_ty
+    mask = m_mask[:, None] & (cols < N)[None, :]
     y_ptrs = Y + y_rows[:, None] * stride_ym + cols[None, :] * stride_yn
     h_ptrs = H + rows[:, None] * stride_hm + cols[None, :]
     if GLU == 1:
@@ -130,26 +142,31 @@ def glu_epilogue(acc, acc_up, Y, H, y_rows, rows, cols, mask, N, stride_ym, stri
         g, u = g.to(tl.float32), u.to(tl.float32)
         tl.store(h_ptrs, cast_out(g * tl.sigmoid(g) * u, dtype), mask=mask)
     else:
-        da = cast_out(acc, dtype).to(tl.float32)
         g = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(h_ptrs + N, mask=mask, other=0.0).to(tl.float32)
         s = tl.sigmoid(g)
+        if GLU == 3:
+            pairs = tl.load(pair_idx + rows, mask=m_mask, other=0)
+            a = cast_out(g * s * u, dtype).to(tl.float32)  # as the forward stored it
+            tl.store(PART + pid_n * stride_part + pairs, tl.sum(acc * a, axis=1), mask=m_mask)
+            acc = acc * tl.load(WTS + pairs, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+        da = cast_out(acc, dtype).to(tl.float32)
         tl.store(y_ptrs, cast_out(da * u * s * (1.0 + g * (1.0 - s)), dtype), mask=mask)
         tl.store(y_ptrs + N * stride_yn, cast_out(da * g * s, dtype), mask=mask)
 
 
 @triton.autotune(configs=_s2s_configs(),
                  key=["N", "K", "BLOCK_M", "X_GROUPED", "Y_GROUPED", "BITS", "FP4", "FP8",
-                      "GLU"],
+                      "GLU"], reset_to_zero=["PART"],
                  prune_configs_by={"early_config_prune": _s2s_fitting})
 # E and GRID_M take any value: specialising on them (divisible by 16 or not) would only
 # recompile the kernel per expert count and per dispatch
 @triton.jit(do_not_specialize=["E", "GRID_M"])
 def _scatter2scatter_kernel(
-    X, W, S, Y, H, pair_idx, block_expert, block_row, offsets,
+    X, W, S, Y, H, WTS, PART, pair_idx, block_expert, block_row, offsets,
     N, K, E, GRID_M,
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sg,
-    stride_ym, stride_yn, stride_hm,
+    stride_ym, stride_yn, stride_hm, stride_part,
     FAN_OUT: tl.constexpr, X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, GROUP_M: tl.constexpr,
     BITS: tl.constexpr, QGROUP: tl.constexpr, FP4: tl.constexpr, FP8: tl.constexpr,
@@ -160,7 +177,9 @@ def _scatter2scatter_kernel(
     FP8 codes and S their float32 scales (see kernels/quant.py), dequantized here, tile by
     tile. GLU 0: Y [M, N] = the GEMM; 1: W holds [E, 2N, K] (gate; up) and the GEMM's two
     halves go through glu_epilogue (h to Y, a to H); 2: the GEMM is da [M, N], and dh goes
-    to Y from h in H (glu_epilogue). H is unused when GLU is 0."""
+    to Y from h in H; 3: as 2, with the combine weights applied here and their gradient's
+    partial sums to PART (glu_epilogue). H, WTS and PART are unused where GLU does not name
+    them."""
     pid_m, pid_n = swizzle(tl.program_id(0), GRID_M, tl.cdiv(N, BLOCK_N), GROUP_M)
     e = tl.load(block_expert + pid_m)
     if e < E:
@@ -199,13 +218,13 @@ def _scatter2scatter_kernel(
                 acc_up = tl.dot(x, w, acc_up, input_precision=PRECISION)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
-        mask = m_mask[:, None] & n_mask[None, :]
         if GLU == 0:
             y_ptrs = Y + y_rows[:, None] * stride_ym + cols[None, :] * stride_yn
-            tl.store(y_ptrs, cast_out(acc, Y.dtype.element_ty), mask=mask)
+            tl.store(y_ptrs, cast_out(acc, Y.dtype.element_ty),
+                     mask=m_mask[:, None] & n_mask[None, :])
         else:
-            glu_epilogue(acc, acc_up, Y, H, y_rows, rows, cols, mask, N, stride_ym, stride_yn,
-                         stride_hm, GLU)
+            glu_epilogue(acc, acc_up, Y, H, WTS, PART, pair_idx, y_rows, rows, m_mask, cols, N,
+                         stride_ym, stride_yn, stride_hm, stride_part, pid_n, GLU)
 
 
 # Tile rows walked together by the grouped launch order (see common.swizzle); 1 = row-major order.
@@ -305,6 +324,35 @@ def scatter2scatter_swiglu_bwd(dy, w, h, d: Dispatch, dy_grouped: bool,
         tma)
 
 
+def scatter2scatter_swiglu_bwd_combined(dout, w, h, weights, d: Dispatch,
+                                        rows: torch.Tensor | None = None):
+    """dout [T, K] (the combined output's gradient, token order), w [E, F, K] (the down
+    projection's transposed view), h [M, 2F] grouped, weights [T, k] (the combine weights)
+    -> (dh [M, 2F] grouped, dweights [T, k] float32): da = weight * (dout @ w) per row, then
+    SwiGLU's backward, and dweight = sum of (dout @ w) * a = dout . y per pair, so that the
+    expert outputs y need not be kept. In the GEMM's epilogue (our kernels, GLU 3), or by
+    torch ops around PyTorch's grouped matmul or a GEMM per expert, whichever times fastest."""
+    from kernels.triton import grouped_tma
+
+    h = h if h.stride(1) == 1 else h.contiguous()
+    weights = weights.contiguous()
+    k = d.top_k
+
+    def unfused(gemm):
+        return lambda: reference.swiglu_bwd_combined(gemm(dout, w, d, False, True, k), h,
+                                                     weights, d, rows, swiglu_fwd, swiglu_bwd)
+
+    tma = None
+    if grouped_tma.supports(dout, w, False):
+        def tma():
+            return grouped_tma.scatter2scatter(dout, w, d, False, True, k, glu=3, h=h,
+                                               wts=weights)
+    return _fastest(
+        "s2s_glu_comb", dout, d, w.shape[1], w.shape[2], (),
+        lambda: _launch(dout, w, None, d, False, True, k, glu=3, h=h, wts=weights),
+        unfused(torch_grouped.scatter2scatter), unfused(reference.scatter2scatter), tma)
+
+
 def scatter2scatter_quant(x, wq: QuantWeight, d: Dispatch, x_grouped: bool, y_grouped: bool,
                           fan_out: int):
     """scatter2scatter with int8 / int4 / MXFP4 / FP8 weights wq [E, N, K], dequantized
@@ -320,18 +368,48 @@ def s2s_output(x: torch.Tensor, d: Dispatch, n: int, y_grouped: bool) -> torch.T
     return common.empty(d.num_pairs, n, dtype=x.dtype, device=x.device)
 
 
+_SCRATCH: dict[torch.device, torch.Tensor] = {}
+
+
+def scratch(device: torch.device) -> torch.Tensor:
+    """A float32 element that launches without GLU 3 pass as PART (the autotuner zeroes
+    PART before each trial of a config, so no output may stand in for it)."""
+    if device not in _SCRATCH:
+        _SCRATCH[device] = torch.zeros(1, dtype=torch.float32, device=device)
+    return _SCRATCH[device]
+
+
+def glu_parts(d: Dispatch, n: int, device: torch.device) -> torch.Tensor:
+    """The zeroed [tiles, M] float32 partial sums of a GLU 3 launch over n columns, a row for
+    each column tile of the narrowest tile any config takes (wider ones leave rows 0)."""
+    return torch.zeros(triton.cdiv(n, 32 if interpreting() else 64), d.num_pairs,
+                       dtype=torch.float32, device=device)
+
+
+def glu_outputs(y, h, part, glu: int, d: Dispatch):
+    """What a launch with this glu returns: y (0, 2), (h, a) (1), (dh, the weights' gradient
+    [T, k] float32) (3)."""
+    if glu == 1:
+        return y, h
+    if glu == 3:
+        return y, part.sum(0).view(d.num_tokens, d.top_k)
+    return y
+
+
 def _launch(x, w, q: QuantWeight | None, d: Dispatch, x_grouped, y_grouped, fan_out,
-            glu: int = 0, h: torch.Tensor | None = None):
+            glu: int = 0, h: torch.Tensor | None = None, wts: torch.Tensor | None = None):
     """w: the weights, or q's packed integers (then N, K and the scales come from q).
     glu 1: w [E, 2F, K] -> (h [M, 2F], a [M, F]) grouped; glu 2: w [E, F, K], h [M, 2F]
-    grouped -> dh [M, 2F] grouped (see _scatter2scatter_kernel)."""
+    grouped -> dh [M, 2F] grouped; glu 3: as 2 from x in token order, with the combine
+    weights wts [T, k] -> (dh, their gradient [T, k] float32) (see _scatter2scatter_kernel)."""
     N, K = (w.shape[1], w.shape[2]) if q is None else (q.shape[1], q.shape[2])
     if glu == 1:
         N //= 2
         h = common.empty(d.num_pairs, N, dtype=x.dtype, device=x.device)  # a, beside y = h
+    part = glu_parts(d, N, x.device) if glu == 3 else None
     y = s2s_output(x, d, 2 * N if glu else N, y_grouped)
     if d.num_pairs == 0:
-        return (y, h) if glu == 1 else y
+        return glu_outputs(y, h, part, glu, d)
     block_m = pick_block_m(d, x.element_size())
     block_expert, block_row, grid_m = block_schedule(d, block_m)
 
@@ -340,18 +418,19 @@ def _launch(x, w, q: QuantWeight | None, d: Dispatch, x_grouped, y_grouped, fan_
 
     sc = q.scale if q is not None else w
     _scatter2scatter_kernel[grid](
-        x, w, sc, y, y if h is None else h, d.sorted_pair_idx, block_expert, block_row,
-        d.expert_offsets, N, K, d.num_experts, grid_m,
+        x, w, sc, y, y if h is None else h, y if wts is None else wts.reshape(-1),
+        scratch(x.device) if part is None else part, d.sorted_pair_idx, block_expert,
+        block_row, d.expert_offsets, N, K, d.num_experts, grid_m,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
         sc.stride(0), sc.stride(1), sc.stride(2), y.stride(0), y.stride(1),
-        y.stride(0) if h is None else h.stride(0),
+        y.stride(0) if h is None else h.stride(0), 0 if part is None else part.stride(0),
         FAN_OUT=fan_out, X_GROUPED=x_grouped, Y_GROUPED=y_grouped,
         PRECISION=dot_precision(x.dtype), UPCAST=interpreting(), GROUP_M=GROUP,
         BITS=0 if q is None else q.bits, QGROUP=1 if q is None else q.group,
         FP4=q is not None and q.fp4, FP8=0 if q is None else ("", *FP8_FORMATS).index(q.fp8),
         QROWS=1 if q is None else q.row_group, GLU=glu, BLOCK_M=block_m,
     )
-    return (y, h) if glu == 1 else y
+    return glu_outputs(y, h, part, glu, d)
 
 
 def _wgrad_configs():

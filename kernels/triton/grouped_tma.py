@@ -97,13 +97,13 @@ def _fitting(configs, named_args, **kwargs):
 
 @triton.autotune(configs=_configs(),
                  key=["N", "K", "BLOCK_M", "X_GROUPED", "Y_GROUPED", "W_NK", "GLU"],
-                 prune_configs_by={"early_config_prune": _fitting})
+                 prune_configs_by={"early_config_prune": _fitting}, reset_to_zero=["PART"])
 # E and GRID_M take any value: specialising on them (divisible by 16 or not) would only
 # recompile the kernel per expert count and per dispatch
 @triton.jit(do_not_specialize=["E", "GRID_M"])
 def _s2s_tma_kernel(
-    X, x_desc, w_desc, Y, H, pair_idx, block_expert, block_row, offsets,
-    N, K, E, GRID_M, stride_xm, stride_ym, stride_yn, stride_hm,
+    X, x_desc, w_desc, Y, H, WTS, PART, pair_idx, block_expert, block_row, offsets,
+    N, K, E, GRID_M, stride_xm, stride_ym, stride_yn, stride_hm, stride_part,
     FAN_OUT: tl.constexpr, X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr,
     W_NK: tl.constexpr, UPCAST: tl.constexpr, GROUP_M: tl.constexpr, GLU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -111,7 +111,8 @@ def _s2s_tma_kernel(
     """X_GROUPED: x_desc covers the grouped rows [M, K] (X unused); else X's rows are
     gathered through pair_idx by pointer. W_NK: w_desc covers [E, N, K], else [E, K, N].
     GLU: as grouped_mm._scatter2scatter_kernel's (1: w_desc covers 2N rows, gate then up;
-    h to Y, a to H. 2: dh to Y from h in H)."""
+    h to Y, a to H. 2: dh to Y from h in H. 3: as 2, the combine weights WTS applied and
+    their gradient's partial sums to PART)."""
     pid_m, pid_n = swizzle(tl.program_id(0), GRID_M, tl.cdiv(N, BLOCK_N), GROUP_M)
     e = tl.load(block_expert + pid_m)
     if e < E:
@@ -149,21 +150,24 @@ def _s2s_tma_kernel(
                 acc_up = tl.dot(x, w, acc_up)
         y_rows = row_index(pair_idx, rows, m_mask, Y_GROUPED, 1)
         cols = n0 + tl.arange(0, BLOCK_N)
-        mask = m_mask[:, None] & (cols < N)[None, :]
         if GLU == 0:
             y_ptrs = Y + y_rows[:, None] * stride_ym + cols[None, :] * stride_yn
-            tl.store(y_ptrs, cast_out(acc, Y.dtype.element_ty), mask=mask)
+            tl.store(y_ptrs, cast_out(acc, Y.dtype.element_ty),
+                     mask=m_mask[:, None] & (cols < N)[None, :])
         else:
-            grouped_mm.glu_epilogue(acc, acc_up, Y, H, y_rows, rows, cols, mask, N, stride_ym,
-                                    stride_yn, stride_hm, GLU)
+            grouped_mm.glu_epilogue(acc, acc_up, Y, H, WTS, PART, pair_idx, y_rows, rows,
+                                    m_mask, cols, N, stride_ym, stride_yn, stride_hm,
+                                    stride_part, pid_n, GLU)
 
 
 def scatter2scatter(x: torch.Tensor, w: torch.Tensor, d: Dispatch, x_grouped: bool,
-                    y_grouped: bool, fan_out: int, glu: int = 0, h: torch.Tensor | None = None):
+                    y_grouped: bool, fan_out: int, glu: int = 0, h: torch.Tensor | None = None,
+                    wts: torch.Tensor | None = None):
     """x [T or M, K], w [E, N, K] (K or N contiguous) -> y [M, N]; see kernels/reference.py.
     glu 1: w [E, 2F, K] -> (h [M, 2F], a [M, F]); glu 2: w [E, F, K], h [M, 2F] -> dh
-    [M, 2F] (grouped_mm.scatter2scatter_swiglu and _bwd). The caller checks supports(x, w,
-    x_grouped)."""
+    [M, 2F]; glu 3: as 2, with the combine weights wts [T, k] -> (dh, their gradient)
+    (grouped_mm.scatter2scatter_swiglu, _bwd and _bwd_combined). The caller checks
+    supports(x, w, x_grouped)."""
     view = _weight_view(w)
     if view is None:
         raise ValueError(f"TMA grouped GEMM: weights of strides {tuple(w.stride())} have no "
@@ -173,9 +177,10 @@ def scatter2scatter(x: torch.Tensor, w: torch.Tensor, d: Dispatch, x_grouped: bo
     if glu == 1:
         N //= 2
         h = common.empty(d.num_pairs, N, dtype=x.dtype, device=x.device)  # a, beside y = h
+    part = grouped_mm.glu_parts(d, N, x.device) if glu == 3 else None
     y = grouped_mm.s2s_output(x, d, 2 * N if glu else N, y_grouped)
     if d.num_pairs == 0:
-        return (y, h) if glu == 1 else y
+        return grouped_mm.glu_outputs(y, h, part, glu, d)
     block_m = pick_block_m(d, x.element_size())
     block_expert, block_row, grid_m = block_schedule(d, block_m)
     # boxes are set per config by _set_block_shapes; these are placeholders
@@ -186,13 +191,15 @@ def scatter2scatter(x: torch.Tensor, w: torch.Tensor, d: Dispatch, x_grouped: bo
         return (grid_m * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _s2s_tma_kernel[grid](
-        x, x_desc, w_desc, y, y if h is None else h, d.sorted_pair_idx, block_expert,
-        block_row, d.expert_offsets, N, K, d.num_experts, grid_m, x.stride(0), y.stride(0),
-        y.stride(1), y.stride(0) if h is None else h.stride(0),
+        x, x_desc, w_desc, y, y if h is None else h, y if wts is None else wts.reshape(-1),
+        grouped_mm.scratch(x.device) if part is None else part, d.sorted_pair_idx,
+        block_expert, block_row, d.expert_offsets, N, K, d.num_experts, grid_m, x.stride(0),
+        y.stride(0), y.stride(1),
+        y.stride(0) if h is None else h.stride(0), 0 if part is None else part.stride(0),
         FAN_OUT=fan_out, X_GROUPED=x_grouped, Y_GROUPED=y_grouped, W_NK=w_nk,
         UPCAST=interpreting(), GROUP_M=grouped_mm.GROUP, GLU=glu, BLOCK_M=block_m,
     )
-    return (y, h) if glu == 1 else y
+    return grouped_mm.glu_outputs(y, h, part, glu, d)
 
 
 def supports_wgrad(x: torch.Tensor, dy: torch.Tensor) -> bool:
