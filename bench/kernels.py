@@ -121,6 +121,25 @@ def build_ours(shape, T, dtype, device, backend="triton", gemm="auto") -> Step:
     return _fresh(step, layer, x)
 
 
+def build_ours_apart(shape, T, dtype, device) -> Step:
+    """Ours as before 2026-11-30: the same Triton kernels with the SwiGLU and the weighted
+    combine as kernels of their own (grouped_linear, swiglu, grouped_linear, weighted_combine:
+    h, a and y all kept for the backward), beside the layer that fuses them (the ours row)."""
+    from kernels import grouped_linear, sort_by_expert, swiglu, weighted_combine
+
+    layer, x, dy = _ours_layer(shape, T, dtype, device, "triton")
+    ex = layer.experts
+
+    def step():
+        r = layer.router(x)
+        d = sort_by_expert(r.expert_ids, r.num_experts, None, "triton")
+        h = grouped_linear(x, ex.w_in, d, False, True, "triton")
+        y = grouped_linear(swiglu(h, "triton"), ex.w_out, d, True, True, "triton")
+        weighted_combine(y, r.combine_weights, d, True, "triton").backward(dy)
+
+    return _fresh(step, layer, x)
+
+
 class _OutputOnly(nn.Module):
     """A MoE layer that returns its output alone (a CUDA graph's outputs are tensors)."""
 
@@ -443,6 +462,8 @@ def build_dense(shape, T, dtype, device) -> Step:
 IMPLS: dict[str, tuple[str, Callable]] = {
     "ours": ("ours (triton backend)", build_ours),
     "ours-graphed": ("ours, fwd and bwd as CUDA graphs", build_ours_graphed),
+    "ours-apart": ("ours, SwiGLU and combine as separate kernels (before 2026-11-30)",
+                   build_ours_apart),
     "ours-triton": ("ours, Triton GEMMs only", lambda *a: build_ours(*a, gemm="triton")),
     "ours-tma-gemm": ("ours, Triton GEMMs with TMA tiles where they apply",
                       lambda *a: build_ours(*a, gemm="tma")),

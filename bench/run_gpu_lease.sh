@@ -10,13 +10,15 @@
 #      with misses of <= 2 tokens run on the host CPU, and without prefetch, vs transformers +
 #      accelerate vs the PCIe bound, bf16 experts, batch 1
 #   2) where that decode's time goes (bench/serve_timeline.py): link, kernels and host waits
-#      per token under 25% and 100% of the experts, profiled, 60 s
+#      per token under 25% and 100% of the experts, profiled, 45 s
 #   3) one MoE layer's forward+backward at 16k tokens (issue 3), Qwen3-30B-A3B shape first
 #      (the one under its target on 2026-11-30): ours vs the same-FLOPs dense GEMM (the
 #      ceiling), ours replayed from CUDA graphs (a step waits for the device nowhere: the
-#      host's ~5 ms of launches become two), vs megatron-core's GroupedMLP (its router mended,
-#      not timed yet), MegaBlocks, ScatterMoE, transformers' grouped_mm block, DeepSpeed; each
-#      step now starts with its gradients set to None, 220 s
+#      host's ~5 ms of launches become two), ours with the SwiGLU and the combine as separate
+#      kernels (as timed on 2026-11-30, before they moved into the GEMMs' epilogues and y
+#      stopped being kept: the gain side by side), vs megatron-core's GroupedMLP (its router
+#      mended, not timed yet), MegaBlocks, ScatterMoE, transformers' grouped_mm block,
+#      DeepSpeed; each step now starts with its gradients set to None, 235 s
 #   4) where ours spends its time (bench.kernels --breakdown): skipped unless BREAKDOWN_TIMEOUT
 #      is set (recorded on 2026-11-30)
 #   5) the GPU-only serving tests (the expert step queued without waiting for the device; the
@@ -40,12 +42,12 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 limited "${SERVE_TIMEOUT:-235}" python3 -m bench.serve "${smoke[@]}" --layers "${LAYERS:-4}" \
   --batches 1 --quants none --prefetch-min-precisions 0 --host-compute-tokens 2 --dir /tmp/mserve \
   --out "$OUT/RESULTS.md" --json-out "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log"
-limited "${TIMELINE_TIMEOUT:-60}" python3 -m bench.serve_timeline "${smoke[@]}" \
+limited "${TIMELINE_TIMEOUT:-45}" python3 -m bench.serve_timeline "${smoke[@]}" \
   --layers "${LAYERS:-4}" --dir /tmp/mserve --out "$OUT/RESULTS.md" \
   --json-out "$OUT/timeline.json" 2>&1 | tee "$OUT/timeline.log"
-limited "${KERNEL_TIMEOUT:-220}" python3 -m bench.kernels "${smoke[@]}" \
+limited "${KERNEL_TIMEOUT:-235}" python3 -m bench.kernels "${smoke[@]}" \
   --shapes qwen3,olmoe,mixtral "${tokens[@]}" \
-  --impls ours,ours-graphed,dense,megatron-grouped,megablocks,scattermoe,hf-grouped,deepspeed --out "$OUT/RESULTS.md" 2>&1 \
+  --impls ours,ours-graphed,dense,ours-apart,megatron-grouped,megablocks,scattermoe,hf-grouped,deepspeed --out "$OUT/RESULTS.md" 2>&1 \
   | tee "$OUT/kernels.log"
 limited "${BREAKDOWN_TIMEOUT:-0}" python3 -m bench.kernels "${smoke[@]}" --breakdown \
   --shapes "${BREAKDOWN_SHAPE:-qwen3,mixtral}" "${tokens[@]}" 2>&1 | tee "$OUT/breakdown.log"

@@ -18,11 +18,12 @@ def test_kernels_bench_smoke(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
     proc = subprocess.run(
         [sys.executable, "-m", "bench.kernels", "--smoke", "--impls",
-         "ours,ours-torch-gemm,ours-loop-gemm,reference,loop,dense",
+         "ours,ours-apart,ours-torch-gemm,ours-loop-gemm,reference,loop,dense",
          "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
-    for name in ("ours (triton backend)", "ours, torch._grouped_mm GEMMs",
+    for name in ("ours (triton backend)", "ours, SwiGLU and combine as separate kernels",
+                 "ours, torch._grouped_mm GEMMs",
                  "ours, a cuBLAS GEMM per expert",
                  "ours, torch reference", "loop over experts", "dense GEMM"):
         assert name in text
