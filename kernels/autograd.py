@@ -40,6 +40,25 @@ class GroupedLinear(torch.autograd.Function):
         return dx, dw, None, None, None, None
 
 
+def _swiglu_mlp(x, w_in, w_out, d: Dispatch, y_grouped: bool, backend: ModuleType):
+    """The forward of the SwiGLU experts -> (rows: the kept rows' bound or None, h, a, y)."""
+    rows = d.expert_offsets[-1:] if d.may_drop else None  # the dropped rows are skipped
+    h, a = backend.scatter2scatter_swiglu(x, w_in, d, False, d.top_k, rows)
+    return rows, h, a, backend.scatter2scatter(a, w_out, d, True, y_grouped, 1)
+
+
+def _up_projection_grads(x, w_in, dh, d: Dispatch, need_x: bool, need_in: bool,
+                         backend: ModuleType):
+    """dh [M, 2F] grouped -> (dx [T, d] or None, dw_in or None) of the up projection."""
+    dx = dw_in = None
+    if need_x:  # one row per slot, then the k slots of a token summed
+        dx = backend.scatter2scatter(dh, w_in.transpose(1, 2), d, True, False, 1)
+        dx = dx.view(d.num_tokens, d.top_k, w_in.shape[2]).sum(1)
+    if need_in:
+        dw_in = backend.group_weight_grad(x, dh, d, False, d.top_k, True)
+    return dx, dw_in
+
+
 class SwiGLUExperts(torch.autograd.Function):
     """x [T, d] (token order), w_in [E, 2F, d] (gate; up), w_out [E, d, F] -> y [M, d]
     (grouped, or slot order): up projection, SwiGLU, down projection, with the SwiGLU in the
@@ -49,9 +68,7 @@ class SwiGLUExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_in, w_out, d: Dispatch, y_grouped: bool, backend: ModuleType):
-        rows = d.expert_offsets[-1:] if d.may_drop else None  # the dropped rows are skipped
-        h, a = backend.scatter2scatter_swiglu(x, w_in, d, False, d.top_k, rows)
-        y = backend.scatter2scatter(a, w_out, d, True, y_grouped, 1)
+        rows, h, a, y = _swiglu_mlp(x, w_in, w_out, d, y_grouped, backend)
         ctx.save_for_backward(x, w_in, w_out, h, a)
         ctx.meta = (d, y_grouped, rows, backend)
         return y
@@ -68,11 +85,8 @@ class SwiGLUExperts(torch.autograd.Function):
                                                     y_grouped, rows)
         if need_out:
             dw_out = backend.group_weight_grad(a, dy, d, True, 1, y_grouped)
-        if need_x:  # one row per slot, then the k slots of a token summed
-            dx = backend.scatter2scatter(dh, w_in.transpose(1, 2), d, True, False, 1)
-            dx = dx.view(d.num_tokens, d.top_k, w_in.shape[2]).sum(1)
-        if need_in:
-            dw_in = backend.group_weight_grad(x, dh, d, False, d.top_k, True)
+        if need_x or need_in:
+            dx, dw_in = _up_projection_grads(x, w_in, dh, d, need_x, need_in, backend)
         return dx, dw_in, dw_out, None, None, None
 
 
@@ -86,9 +100,7 @@ class SwiGLUExpertsCombined(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_in, w_out, weights, d: Dispatch, backend: ModuleType):
-        rows = d.expert_offsets[-1:] if d.may_drop else None
-        h, a = backend.scatter2scatter_swiglu(x, w_in, d, False, d.top_k, rows)
-        y = backend.scatter2scatter(a, w_out, d, True, True, 1)
+        rows, h, a, y = _swiglu_mlp(x, w_in, w_out, d, True, backend)
         ctx.save_for_backward(x, w_in, w_out, weights, h, a)
         ctx.meta = (d, rows, backend)
         return backend.weighted_combine(y, weights, d, True)
@@ -107,11 +119,8 @@ class SwiGLUExpertsCombined(torch.autograd.Function):
         if need_out:
             dw_out = backend.group_weight_grad(a, backend.combine_grad_rows(dout, weights, d),
                                                d, True, 1, True)
-        if need_x:  # one row per slot, then the k slots of a token summed
-            dx = backend.scatter2scatter(dh, w_in.transpose(1, 2), d, True, False, 1)
-            dx = dx.view(d.num_tokens, d.top_k, w_in.shape[2]).sum(1)
-        if need_in:
-            dw_in = backend.group_weight_grad(x, dh, d, False, d.top_k, True)
+        if need_x or need_in:
+            dx, dw_in = _up_projection_grads(x, w_in, dh, d, need_x, need_in, backend)
         return dx, dw_in, dw_out, dweights, None, None
 
 

@@ -372,6 +372,17 @@ def parallelize(model: nn.Module, mesh: Mesh | None,
                         layouts=_layouts(model, cfg.mode, mesh), grad_accum=grad_accum)
 
 
+def _skip_deepspeed_shm_op(deepspeed) -> None:
+    """DeepSpeed's communication backend compiles its shared-memory all-reduce (a C++ op,
+    'deepspeed_shm_comm') when it starts on a CPU machine: a minute or more on 2 cores, on
+    every new install. Only DeepSpeed's inference all-reduce uses it, never ZeRO's
+    collectives, so it is marked as not compatible here and never built."""
+    try:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    except (AttributeError, TypeError):  # a DeepSpeed without the table: it decides itself
+        pass
+
+
 def _deepspeed_engine(model, dense_params, dense_optimizer, zero_stage: int,
                       grad_accum: int = 1):
     """A DeepSpeed engine that owns the dense parameters' optimizer (ZeRO stage 1 or 2),
@@ -390,6 +401,7 @@ def _deepspeed_engine(model, dense_params, dense_optimizer, zero_stage: int,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
     }
+    _skip_deepspeed_shm_op(deepspeed)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=dense_params,
                                            optimizer=dense_optimizer, config=config)
     # ZeRO calls torch's old collective names, which torch 2.13 warns of at every step.

@@ -192,6 +192,20 @@ def _optim_worker(rank, world, pcfg, saved_path, out_path):
     mesh.close()
 
 
+def test_deepspeed_builds_no_shared_memory_op_for_training():
+    """DeepSpeed's CPU shared-memory all-reduce (a C++ op its comm backend compiled on start,
+    a minute or more; only its inference all-reduce uses it) is marked not compatible before
+    an engine starts, so DeepSpeed's own loader declines to build it."""
+    import deepspeed
+    from deepspeed.comm.torch import build_shm_op
+
+    from parallel.api import _skip_deepspeed_shm_op
+
+    _skip_deepspeed_shm_op(deepspeed)
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+    assert build_shm_op() is None
+
+
 @pytest.mark.parametrize("mode,stage", [("fssdp", 2), ("ep", 1)])
 def test_deepspeed_optimizer_state_is_canonical_and_reshards(tmp_path, mode, stage):
     """ZeRO-partitioned AdamW moments gathered per parameter equal one process's AdamW state
