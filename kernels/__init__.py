@@ -76,8 +76,11 @@ def swiglu_experts(
 
 
 def _check_swiglu_experts(x, w_in, w_out, d: Dispatch) -> None:
+    if w_in.dim() != 3 or w_out.dim() != 3:
+        raise ValueError(f"need w_in [E, 2F, d] and w_out [E, d, F], got "
+                         f"{tuple(w_in.shape)} and {tuple(w_out.shape)}")
     E, two_f, d_in = w_in.shape
-    if w_out.dim() != 3 or two_f % 2 or w_out.shape != (E, d_in, two_f // 2):
+    if two_f % 2 or w_out.shape != (E, d_in, two_f // 2):
         raise ValueError(f"need w_in [E, 2F, d] and w_out [E, d, F], got "
                          f"{tuple(w_in.shape)} and {tuple(w_out.shape)}")
     if x.shape[-1] != d_in:

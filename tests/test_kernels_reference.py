@@ -109,3 +109,20 @@ def test_bad_shapes_and_backend():
         grouped_linear(torch.randn(1, 4), torch.randn(3, 3, 4), d)
     with pytest.raises(ValueError, match="backend"):
         grouped_linear(torch.randn(1, 4), torch.randn(2, 3, 4), d, backend="cuda-magic")
+
+
+def test_swiglu_experts_names_bad_shapes():
+    """swiglu_experts refuses weights, inputs or combine weights that do not fit, by name."""
+    from kernels import swiglu_experts
+
+    d = sort_by_expert(torch.randint(0, 4, (5, 2)), 4)
+    x, w_in, w_out = torch.randn(5, 6), torch.randn(4, 8, 6), torch.randn(4, 6, 4)
+    assert swiglu_experts(x, w_in, w_out, d).shape == (10, 6)
+    assert swiglu_experts(x, w_in, w_out, d, weights=torch.rand(5, 2)).shape == (5, 6)
+    for args, match in [((x, w_in[0], w_out), "need w_in"), ((x, w_in[:, :7], w_out), "need w_in"),
+                        ((x[:, :5], w_in, w_out), "input size 5"),
+                        ((x, w_in[:3], w_out[:3]), "3 experts")]:
+        with pytest.raises(ValueError, match=match):
+            swiglu_experts(*args, d)
+    with pytest.raises(ValueError, match="combine weights"):
+        swiglu_experts(x, w_in, w_out, d, weights=torch.rand(5, 3))
