@@ -94,32 +94,28 @@ def weighted_combine(y, weights, d: Dispatch, y_grouped: bool):
 
 def weighted_combine_backward(dout, y, weights, d: Dispatch, y_grouped: bool):
     """dout [T, N] -> (dy [M, N] in y's order, dweights [T, k])."""
-    T, N = d.num_tokens, y.shape[1]
-    dy = common.empty(d.num_pairs, N, dtype=y.dtype, device=y.device)
-    dw = common.empty(T, d.top_k, dtype=weights.dtype, device=weights.device)
-    if T == 0:
-        return dy, dw
-    _combine_bwd_kernel[(T,)](
-        dout, y, weights.contiguous(), dy, dw, inverse_permutation(d), d.expert_offsets[-1:], N,
-        dout.stride(0), y.stride(0), dy.stride(0),
-        TOP_K=d.top_k, K_PAD=max(2, triton.next_power_of_2(d.top_k)), Y_GROUPED=y_grouped,
-        HAS_Y=True, BLOCK_N=_block_n(N),
-    )
-    return dy, dw
+    return _backward(dout, y, weights, d, y_grouped)
 
 
 def combine_grad_rows(dout, weights, d: Dispatch):
     """dout [T, N] -> dy [M, N] grouped: weight * dout in each kept row (rows past the kept
     ones unwritten); the backward of a combine whose weights' gradient comes from elsewhere
     (grouped_mm.scatter2scatter_swiglu_bwd_combined), so that y is neither kept nor read."""
-    T, N = d.num_tokens, dout.shape[1]
-    dy = common.empty(d.num_pairs, N, dtype=dout.dtype, device=dout.device)
+    return _backward(dout, None, weights, d, True)[0]
+
+
+def _backward(dout, y, weights, d: Dispatch, y_grouped: bool):
+    """-> (dy [M, N], dweights [T, k], or None when y is None: the kernel reads no y)."""
+    T, N, like = d.num_tokens, dout.shape[1], dout if y is None else y
+    dy = common.empty(d.num_pairs, N, dtype=like.dtype, device=like.device)
+    dw = None if y is None else common.empty(T, d.top_k, dtype=weights.dtype,
+                                             device=weights.device)
     if T == 0:
-        return dy
+        return dy, dw
     _combine_bwd_kernel[(T,)](
-        dout, dout, weights.contiguous(), dy, dy, inverse_permutation(d), d.expert_offsets[-1:],
-        N, dout.stride(0), dout.stride(0), dy.stride(0),
-        TOP_K=d.top_k, K_PAD=max(2, triton.next_power_of_2(d.top_k)), Y_GROUPED=True,
-        HAS_Y=False, BLOCK_N=_block_n(N),
+        dout, like, weights.contiguous(), dy, dy if dw is None else dw, inverse_permutation(d),
+        d.expert_offsets[-1:], N, dout.stride(0), like.stride(0), dy.stride(0),
+        TOP_K=d.top_k, K_PAD=max(2, triton.next_power_of_2(d.top_k)), Y_GROUPED=y_grouped,
+        HAS_Y=y is not None, BLOCK_N=_block_n(N),
     )
-    return dy
+    return dy, dw

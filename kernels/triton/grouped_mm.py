@@ -386,6 +386,22 @@ def glu_parts(d: Dispatch, n: int, device: torch.device) -> torch.Tensor:
                        dtype=torch.float32, device=device)
 
 
+def glu_buffers(x, d: Dispatch, n: int, y_grouped: bool, glu: int,
+                h: torch.Tensor | None, wts: torch.Tensor | None):
+    """The outputs and SwiGLU operands of a grouped GEMM launch whose weights give n output
+    columns -> (N: the columns a program tiles over, y, h, part, (H, WTS, PART, stride_hm,
+    stride_part): the kernel's operands, stand-ins where glu does not use them)."""
+    N = n // 2 if glu == 1 else n
+    if glu == 1:  # a, written beside y = h
+        h = common.empty(d.num_pairs, N, dtype=x.dtype, device=x.device)
+    part = glu_parts(d, N, x.device) if glu == 3 else None
+    y = s2s_output(x, d, 2 * N if glu else N, y_grouped)
+    operands = (y if h is None else h, y if wts is None else wts.reshape(-1),
+                scratch(x.device) if part is None else part,
+                y.stride(0) if h is None else h.stride(0), 0 if part is None else part.stride(0))
+    return N, y, h, part, operands
+
+
 def glu_outputs(y, h, part, glu: int, d: Dispatch):
     """What a launch with this glu returns: y (0, 2), (h, a) (1), (dh, the weights' gradient
     [T, k] float32) (3)."""
@@ -403,11 +419,8 @@ def _launch(x, w, q: QuantWeight | None, d: Dispatch, x_grouped, y_grouped, fan_
     grouped -> dh [M, 2F] grouped; glu 3: as 2 from x in token order, with the combine
     weights wts [T, k] -> (dh, their gradient [T, k] float32) (see _scatter2scatter_kernel)."""
     N, K = (w.shape[1], w.shape[2]) if q is None else (q.shape[1], q.shape[2])
-    if glu == 1:
-        N //= 2
-        h = common.empty(d.num_pairs, N, dtype=x.dtype, device=x.device)  # a, beside y = h
-    part = glu_parts(d, N, x.device) if glu == 3 else None
-    y = s2s_output(x, d, 2 * N if glu else N, y_grouped)
+    N, y, h, part, (H, WTS, PART, stride_hm, stride_part) = glu_buffers(x, d, N, y_grouped,
+                                                                        glu, h, wts)
     if d.num_pairs == 0:
         return glu_outputs(y, h, part, glu, d)
     block_m = pick_block_m(d, x.element_size())
@@ -418,12 +431,11 @@ def _launch(x, w, q: QuantWeight | None, d: Dispatch, x_grouped, y_grouped, fan_
 
     sc = q.scale if q is not None else w
     _scatter2scatter_kernel[grid](
-        x, w, sc, y, y if h is None else h, y if wts is None else wts.reshape(-1),
-        scratch(x.device) if part is None else part, d.sorted_pair_idx, block_expert,
-        block_row, d.expert_offsets, N, K, d.num_experts, grid_m,
+        x, w, sc, y, H, WTS, PART, d.sorted_pair_idx, block_expert, block_row,
+        d.expert_offsets, N, K, d.num_experts, grid_m,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
         sc.stride(0), sc.stride(1), sc.stride(2), y.stride(0), y.stride(1),
-        y.stride(0) if h is None else h.stride(0), 0 if part is None else part.stride(0),
+        stride_hm, stride_part,
         FAN_OUT=fan_out, X_GROUPED=x_grouped, Y_GROUPED=y_grouped,
         PRECISION=dot_precision(x.dtype), UPCAST=interpreting(), GROUP_M=GROUP,
         BITS=0 if q is None else q.bits, QGROUP=1 if q is None else q.group,

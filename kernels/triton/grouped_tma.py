@@ -173,12 +173,9 @@ def scatter2scatter(x: torch.Tensor, w: torch.Tensor, d: Dispatch, x_grouped: bo
         raise ValueError(f"TMA grouped GEMM: weights of strides {tuple(w.stride())} have no "
                          "contiguous, 16-byte aligned layout")
     wv, w_nk = view
-    N, K = w.shape[1], w.shape[2]
-    if glu == 1:
-        N //= 2
-        h = common.empty(d.num_pairs, N, dtype=x.dtype, device=x.device)  # a, beside y = h
-    part = grouped_mm.glu_parts(d, N, x.device) if glu == 3 else None
-    y = grouped_mm.s2s_output(x, d, 2 * N if glu else N, y_grouped)
+    K = w.shape[2]
+    N, y, h, part, (H, WTS, PART, stride_hm, stride_part) = grouped_mm.glu_buffers(
+        x, d, w.shape[1], y_grouped, glu, h, wts)
     if d.num_pairs == 0:
         return grouped_mm.glu_outputs(y, h, part, glu, d)
     block_m = pick_block_m(d, x.element_size())
@@ -191,11 +188,9 @@ def scatter2scatter(x: torch.Tensor, w: torch.Tensor, d: Dispatch, x_grouped: bo
         return (grid_m * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _s2s_tma_kernel[grid](
-        x, x_desc, w_desc, y, y if h is None else h, y if wts is None else wts.reshape(-1),
-        grouped_mm.scratch(x.device) if part is None else part, d.sorted_pair_idx,
-        block_expert, block_row, d.expert_offsets, N, K, d.num_experts, grid_m, x.stride(0),
-        y.stride(0), y.stride(1),
-        y.stride(0) if h is None else h.stride(0), 0 if part is None else part.stride(0),
+        x, x_desc, w_desc, y, H, WTS, PART, d.sorted_pair_idx, block_expert, block_row,
+        d.expert_offsets, N, K, d.num_experts, grid_m, x.stride(0), y.stride(0), y.stride(1),
+        stride_hm, stride_part,
         FAN_OUT=fan_out, X_GROUPED=x_grouped, Y_GROUPED=y_grouped, W_NK=w_nk,
         UPCAST=interpreting(), GROUP_M=grouped_mm.GROUP, GLU=glu, BLOCK_M=block_m,
     )
