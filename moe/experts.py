@@ -52,14 +52,13 @@ class Experts(nn.Module):
                 combine_weights: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, d] token order -> y [M, d] in Dispatch order (or slot order t * k + j); with
         combine_weights [T, k] -> [T, d] = sum over a token's kept slots of weight * y, which
-        SwiGLU experts without biases compute without keeping y for the backward."""
+        SwiGLU experts without biases compute without keeping y for the backward. Every
+        experts module that `moe.layer.LocalDispatch` is given takes these arguments."""
         if combine_weights is None:
             return expert_mlp(x, self.w_in, self.w_out, d, self.kind, self.backend, y_grouped,
                               self.b_in, self.b_out, self.alpha, self.limit)
-        if self.kind == "swiglu" and self.b_in is None and self.b_out is None:
-            x, w_in, w_out = _autocast(x, self.w_in, self.w_out)
-            return swiglu_experts(x, w_in, w_out, d, True, self.backend, combine_weights)
-        return weighted_combine(self(x, d), combine_weights, d, True, self.backend)
+        return expert_mlp_combined(x, self.w_in, self.w_out, d, combine_weights, self.kind,
+                                   self.backend, self.b_in, self.b_out, self.alpha, self.limit)
 
 
 def _autocast(*tensors):
@@ -105,3 +104,18 @@ def expert_mlp(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, d: Disp
     if y_grouped:
         return y
     return y.new_zeros(y.shape).index_copy(0, d.sorted_pair_idx, y)  # slot order
+
+
+def expert_mlp_combined(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, d: Dispatch,
+                        combine_weights: torch.Tensor, kind: str, backend: str,
+                        b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None,
+                        alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """expert_mlp's arguments and combine_weights [T, k] -> [T, d] = sum over a token's kept
+    slots of weight * y. Bias-free, unquantized SwiGLU experts do it in their grouped
+    GEMMs and keep no y [M, d] for the backward; the others combine y afterwards."""
+    if kind == "swiglu" and b_in is None and b_out is None \
+            and not isinstance(w_in, QuantWeight) and not isinstance(w_out, QuantWeight):
+        x, w_in, w_out = _autocast(x, w_in, w_out)
+        return swiglu_experts(x, w_in, w_out, d, True, backend, combine_weights)
+    y = expert_mlp(x, w_in, w_out, d, kind, backend, True, b_in, b_out, alpha, limit)
+    return weighted_combine(y, combine_weights, d, True, backend)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import sort_by_expert, weighted_combine
+from kernels import sort_by_expert
 from kernels.device import autocast_dtype
 from moe.config import MoEConfig
 from moe.experts import Experts
@@ -28,6 +28,7 @@ class SharedExperts(nn.Module):
 
 class LocalDispatch(nn.Module):
     """Tokens and experts on one device: sort by expert, grouped GEMMs, weighted combine.
+    The experts module (`Experts`, or FSSDP's) takes (x, d, combine_weights=) and combines.
 
     `parallel/` swaps this for a dispatcher that moves tokens between ranks; the layer itself
     never sees a process group.
@@ -38,10 +39,8 @@ class LocalDispatch(nn.Module):
         """x [T, d], routing -> [T, d] = sum over kept slots of weight * expert(x)."""
         dropped = routing.dropped if may_drop else None
         d = sort_by_expert(routing.expert_ids, routing.num_experts, dropped, backend)
-        if isinstance(experts, Experts):  # combined inside: no expert outputs kept
-            return experts(x, d, combine_weights=routing.combine_weights)
-        y = experts(x, d)
-        return weighted_combine(y, routing.combine_weights, d, y_grouped=True, backend=backend)
+        # the experts combine their outputs themselves (SwiGLU ones keep no y for the backward)
+        return experts(x, d, combine_weights=routing.combine_weights)
 
 
 class MoELayer(nn.Module):

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels import Dispatch
 from kernels.device import autocast_dtype
-from moe.experts import EXPERT_PARAMS, Experts, expert_mlp
+from moe.experts import EXPERT_PARAMS, Experts, expert_mlp, expert_mlp_combined
 from moe.layer import MoELayer
 from parallel.comm import CommCounters, all_gather_flat, sparse_all_gather
 
@@ -52,15 +52,17 @@ class FSSDPExperts(nn.Module):
         self.counters.add(self.name + ".active_mask", active.numel() * active.element_size())
         return active.nonzero().view(-1)
 
-    def forward(self, x: torch.Tensor, d: Dispatch, y_grouped: bool = True) -> torch.Tensor:
-        """x [T, d] token order -> y [M, d]: same contract as Experts.forward."""
+    def forward(self, x: torch.Tensor, d: Dispatch, y_grouped: bool = True,
+                combine_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, d] token order -> y [M, d], or with combine_weights [T, k] -> [T, d]: same
+        contract as Experts.forward."""
         idx = self.active_experts(d)
         self.counters.expert_rows += int(d.expert_offsets[-1])
         compact = _compact_dispatch(d, idx)
         if self.rematerialize and torch.is_grad_enabled():
             return checkpoint(self._gather_and_run, self.shard, x, idx, compact, y_grouped,
-                              use_reentrant=False)
-        return self._gather_and_run(self.shard, x, idx, compact, y_grouped)
+                              combine_weights, use_reentrant=False)
+        return self._gather_and_run(self.shard, x, idx, compact, y_grouped, combine_weights)
 
     def _split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """flat [m, >= n] (an expert's parameters end to end, padded) -> name -> [m, ...]."""
@@ -70,9 +72,13 @@ class FSSDPExperts(nn.Module):
             at += _numel(shape)
         return out
 
-    def _gather_and_run(self, shard, x, idx, compact, y_grouped):
+    def _gather_and_run(self, shard, x, idx, compact, y_grouped, combine_weights=None):
         w = self._split(sparse_all_gather(shard, idx, self.group, self.counters, self.name,
                                           autocast_dtype(x)))
+        if combine_weights is not None:
+            return expert_mlp_combined(x, w["w_in"], w["w_out"], compact, combine_weights,
+                                       self.kind, self.backend, w.get("b_in"), w.get("b_out"),
+                                       self.alpha, self.limit)
         return expert_mlp(x, w["w_in"], w["w_out"], compact, self.kind, self.backend,
                           y_grouped, w.get("b_in"), w.get("b_out"), self.alpha, self.limit)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe import ModelConfig, MoEConfig, MoETransformer
+from moe import ModelConfig, MoEConfig, MoELayer, MoETransformer
 from parallel import ParallelConfig, init_distributed, parallelize
 from routing import RouterConfig
 from tests.dist_utils import run_ranks
@@ -324,8 +324,36 @@ def _amp_worker(rank, world, pcfg, out_path):
         grads = {n: p.grad.clone() for n, p in par.model.named_parameters()
                  if p.grad is not None}
         got[amp] = dict(loss=out.loss.item(), moved=par.counters.snapshot(), grads=grads)
+    if pcfg.mode == "fssdp":
+        got["kept"] = _fssdp_kept(par.model)
     torch.save(got, f"{out_path}.{rank}")
     mesh.close()
+
+
+def _fssdp_kept(model) -> dict:
+    """An FSSDP MoE layer with the combine inside its experts (as LocalDispatch calls them)
+    and apart: the bytes each keeps for the backward, and both ones' outputs and input
+    gradients."""
+    from bench.train_memory import kept_bytes
+    from kernels import sort_by_expert, weighted_combine
+
+    layer = next(m for m in model.modules() if isinstance(m, MoELayer))
+    torch.manual_seed(dist.get_rank())
+    x = torch.randn(13, layer.d_model, requires_grad=True)
+
+    def apart():
+        r = layer.router(x)
+        d = sort_by_expert(r.expert_ids, r.num_experts, None, "torch")
+        return weighted_combine(layer.experts(x, d), r.combine_weights, d)
+
+    got = {}
+    for name, fn in (("apart", apart), ("fused", lambda: layer(x)[0])):
+        kept, out = kept_bytes(fn)
+        x.grad = None
+        out.square().sum().backward()
+        got[name] = dict(kept=kept, out=out.detach(), dx=x.grad.clone())
+    got["y_bytes"] = x.shape[0] * layer.cfg.router.top_k * layer.d_model * x.element_size()
+    return got
 
 
 @pytest.mark.parametrize("case", ["fssdp-2", "ep-2"])
@@ -333,7 +361,8 @@ def test_bf16_autocast_halves_what_crosses_and_keeps_float32_gradients(case, tmp
     """Under torch.autocast to bf16 over float32 weights: FSSDP gathers the active experts
     in bf16 (half the bytes) and reduce-scatters their gradients in float32; EP's
     all-to-alls carry bf16 tokens (half the bytes); gradients stay float32 and close to the
-    float32 step's."""
+    float32 step's. FSSDP's gathered SwiGLU experts combine inside their grouped GEMMs, as
+    one process's do: y [T * k, d] is not kept for the backward."""
     world, kw = CASES[case]
     out = tmp_path / "amp.pt"
     run_ranks(_amp_worker, world, ParallelConfig(timeout_s=60, **kw), str(out))
@@ -354,6 +383,11 @@ def test_bf16_autocast_halves_what_crosses_and_keeps_float32_gradients(case, tmp
         g = torch.cat([t.reshape(-1) for t in fp32["grads"].values()])
         h = torch.cat([bf16["grads"][n].reshape(-1) for n in fp32["grads"]])
         assert ((h - g).norm() / g.norm()).item() < 5e-2  # a few tokens may route otherwise
+        if case == "fssdp-2":  # the gathered experts combine inside: no y [T * k, d] kept
+            kept = got["kept"]
+            assert kept["apart"]["kept"] - kept["fused"]["kept"] == kept["y_bytes"], kept
+            torch.testing.assert_close(kept["fused"]["out"], kept["apart"]["out"])
+            torch.testing.assert_close(kept["fused"]["dx"], kept["apart"]["dx"])
 
 
 def test_accumulation_outside_micro_batch_blocks_is_refused():
