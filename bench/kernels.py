@@ -554,6 +554,7 @@ def breakdown(shape, T, dtype, device) -> str:
     from routing import RouterConfig
 
     d, f, E, k, renorm, _ = shape
+    gpu = device.type == "cuda"
     cfg = MoEConfig(num_experts=E, expert_ffn=f, kernel_backend="triton",
                     router=RouterConfig(top_k=k, renormalize=renorm, validate=False))
     layer = MoELayer(d, cfg).to(device, dtype)
@@ -660,7 +661,8 @@ def breakdown(shape, T, dtype, device) -> str:
     for name, fn, flops in stages:
         try:  # the primitives alone, as the autograd functions call them: no graph
             with torch.no_grad():
-                t = time_fn(fn, device, budget_s=0.3)
+                t = time_fn(fn, device, budget_s=0.3, min_iters=3 if gpu else 1,
+                            warmup=gpu)  # CPU times (the interpreter's) mean nothing: once
             row = [name, f"{t * 1e3:.3f}", f"{flops / t / 1e12:.0f}" if flops else "-"]
         except Exception as e:  # noqa: BLE001 - one stage failing leaves the others' rows
             row = [name, f"failed: {type(e).__name__}: {e}"[:120], "-"]

@@ -131,6 +131,9 @@ def main(argv=None) -> None:
     p.add_argument("--label", default="this commit", help="names the code measured")
     p.add_argument("--tokens", type=int, default=64,
                    help="tokens a step (the counts do not depend on it; fewer run faster)")
+    p.add_argument("--max-experts", type=int, default=None,
+                   help="run each case with at most this many experts (the counts do not "
+                        "depend on E; the interpreter runs a program per expert: tests)")
     p.add_argument("--out", default="bench/RESULTS.md")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -140,6 +143,8 @@ def main(argv=None) -> None:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU kernels
     rows = []
     for name, (d, E, ffn, router) in CASES.items():
+        if a.max_experts and E > a.max_experts:
+            E, name = a.max_experts, f"{name} (run with E={a.max_experts})"
         c = count(d, E, ffn, router, a.tokens)
         rows.append([a.label, name, str(c["torch"] + c["triton"]), str(c["torch"]),
                      str(c["triton"]), str(c["wait"])])

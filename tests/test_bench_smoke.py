@@ -365,9 +365,9 @@ def test_layer_launches_bench_counts_no_host_waits(tmp_path):
     """bench/layer_launches.py counts launches and host waits per layer step; no case waits."""
     out = tmp_path / "results.md"
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-m", "bench.layer_launches", "--tokens", "16",
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "bench.layer_launches", "--tokens", "4",
+                           "--max-experts", "16", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split(" | ") for line in out.read_text().splitlines()
             if line.startswith("| this commit |")]
