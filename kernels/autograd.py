@@ -125,11 +125,13 @@ class SwiGLUExpertsCombined(torch.autograd.Function):
 
 
 class WeightedCombine(torch.autograd.Function):
-    """out [T, d] = sum over a token's kept slots of weight * y_row; grads to y and weights."""
+    """out [T, d] = sum over a token's kept slots of weight * y_row; grads to y and weights.
+    Keeps y for the backward only for the weights' gradient (or for y in slot order)."""
 
     @staticmethod
     def forward(ctx, y, weights, d: Dispatch, y_grouped: bool, backend: ModuleType):
-        ctx.save_for_backward(y, weights)
+        rows_only = y_grouped and not ctx.needs_input_grad[1]
+        ctx.save_for_backward(None if rows_only else y, weights)
         ctx.meta = (d, y_grouped, backend)
         return backend.weighted_combine(y, weights, d, y_grouped)
 
@@ -137,6 +139,9 @@ class WeightedCombine(torch.autograd.Function):
     def backward(ctx, dout):
         y, weights = ctx.saved_tensors
         d, y_grouped, backend = ctx.meta
+        if y is None:  # the weights need no gradient: dy rows only, y not read
+            return backend.combine_grad_rows(dout.contiguous(), weights, d), None, None, \
+                None, None
         dy, dweights = backend.weighted_combine_backward(
             dout.contiguous(), y, weights, d, y_grouped
         )

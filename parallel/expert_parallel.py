@@ -43,17 +43,26 @@ class EPDispatch(nn.Module):
         x_send = x.index_select(0, d.sorted_token_idx[:n])
         x_recv = all_to_all(x_send, send_splits, recv_splits, self.group, self.counters,
                             self.name + ".dispatch")
+        # each row's combine weight travels with it (4 bytes a row): the experts apply it,
+        # and give its gradient, so no expert output y is kept here for the backward
+        w_send = routing.combine_weights.reshape(-1).index_select(0, d.sorted_pair_idx[:n])
+        w_recv = all_to_all(w_send[:, None], send_splits, recv_splits, self.group,
+                            self.counters, self.name + ".weights")
         # Received rows: blocks by source rank, inside each by local expert.
         local_ids = torch.repeat_interleave(
             torch.arange(self.E_local, device=x.device).repeat(self.P), recv_counts.reshape(-1)
         )
         self.counters.expert_rows += x_recv.shape[0]
         ld = sort_by_expert(local_ids[:, None], self.E_local)
-        y_recv = experts(x_recv, ld, y_grouped=False)  # back in received order
+        # each received row as a token of one slot: weight * its expert's output, in
+        # received order (SwiGLU experts keep no y; their weights' gradient from an epilogue)
+        y_recv = experts(x_recv, ld, combine_weights=w_recv)
         y_back = all_to_all(y_recv, recv_splits, send_splits, self.group, self.counters,
                             self.name + ".combine")
         y = torch.cat([y_back, y_back.new_zeros(T * k - n, y_back.shape[1])])
-        return weighted_combine(y, routing.combine_weights, d, y_grouped=True, backend=backend)
+        # sum each token's weighted rows (weights of one: nothing kept for the backward)
+        ones = torch.ones_like(routing.combine_weights)
+        return weighted_combine(y, ones, d, y_grouped=True, backend=backend)
 
 
 def shard_experts_for_ep(layer: MoELayer, group: dist.ProcessGroup) -> Experts:

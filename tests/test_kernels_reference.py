@@ -88,6 +88,28 @@ def test_weighted_combine_matches_loop_and_gradcheck(y_grouped):
     )
 
 
+@pytest.mark.parametrize("y_grouped", [False, True])
+def test_weighted_combine_keeps_y_only_for_the_weights_gradient(y_grouped):
+    """With weights that need no gradient (EP's sum of rows the experts weighed), the
+    combine keeps only the weights when y is expert-grouped, and y's gradient is the same."""
+    from bench.train_memory import kept_bytes
+
+    g = torch.Generator().manual_seed(4)
+    T, k, E = 7, 2, 3
+    ids, dropped = random_routing(T, k, E, 0.3, g)
+    d = sort_by_expert(ids, E, dropped)
+    y = torch.randn(T * k, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    wts = torch.rand(T, k, dtype=torch.float64, generator=g)
+    dout = torch.randn(T, 4, dtype=torch.float64, generator=g)
+    grads = []
+    for need in (True, False):
+        w = wts.clone().requires_grad_(need)
+        kept, out = kept_bytes(lambda w=w: weighted_combine(y, w, d, y_grouped, "torch"))
+        assert kept == w.nbytes + (y.nbytes if need or not y_grouped else 0)
+        grads.append(torch.autograd.grad(out, y, dout)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
 def test_dropped_rows_are_never_read():
     g = torch.Generator().manual_seed(0)
     ids, dropped = random_routing(6, 2, 3, 0.5, g)

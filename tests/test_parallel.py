@@ -324,18 +324,19 @@ def _amp_worker(rank, world, pcfg, out_path):
         grads = {n: p.grad.clone() for n, p in par.model.named_parameters()
                  if p.grad is not None}
         got[amp] = dict(loss=out.loss.item(), moved=par.counters.snapshot(), grads=grads)
-    if pcfg.mode == "fssdp":
-        got["kept"] = _fssdp_kept(par.model)
+    got["kept"] = _kept_apart_and_fused(par.model)
     torch.save(got, f"{out_path}.{rank}")
     mesh.close()
 
 
-def _fssdp_kept(model) -> dict:
-    """An FSSDP MoE layer with the combine inside its experts (as LocalDispatch calls them)
-    and apart: the bytes each keeps for the backward, and both ones' outputs and input
-    gradients."""
+def _kept_apart_and_fused(model) -> dict:
+    """A parallelized MoE layer's forward as it runs (FSSDP: the gathered experts combine;
+    EP: each row's weight travels with it and the experts apply it) and with the experts'
+    outputs y combined apart, as before: the bytes each keeps for the backward, and both
+    ones' outputs and input gradients."""
     from bench.train_memory import kept_bytes
     from kernels import sort_by_expert, weighted_combine
+    from parallel.comm import all_to_all
 
     layer = next(m for m in model.modules() if isinstance(m, MoELayer))
     torch.manual_seed(dist.get_rank())
@@ -343,8 +344,21 @@ def _fssdp_kept(model) -> dict:
 
     def apart():
         r = layer.router(x)
+        T, k = r.expert_ids.shape
+        ep = getattr(layer.dispatch, "group", None)
         d = sort_by_expert(r.expert_ids, r.num_experts, None, "torch")
-        return weighted_combine(layer.experts(x, d), r.combine_weights, d)
+        if ep is None:  # FSSDP: the experts' rows, then the combine
+            return weighted_combine(layer.experts(x, d), r.combine_weights, d)
+        P, E_local, n = layer.dispatch.P, layer.dispatch.E_local, T * k
+        send = d.tokens_per_expert.view(P, E_local).contiguous()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=ep)
+        to, back = send.sum(1).tolist(), recv.sum(1).tolist()
+        x_recv = all_to_all(x.index_select(0, d.sorted_token_idx), to, back, ep, None, "x")
+        local = torch.arange(E_local).repeat(P).repeat_interleave(recv.reshape(-1))
+        y = layer.experts(x_recv, sort_by_expert(local[:, None], E_local), y_grouped=False)
+        y = all_to_all(y, back, to, ep, None, "y")
+        return weighted_combine(y[:n], r.combine_weights, d)
 
     got = {}
     for name, fn in (("apart", apart), ("fused", lambda: layer(x)[0])):
@@ -361,8 +375,9 @@ def test_bf16_autocast_halves_what_crosses_and_keeps_float32_gradients(case, tmp
     """Under torch.autocast to bf16 over float32 weights: FSSDP gathers the active experts
     in bf16 (half the bytes) and reduce-scatters their gradients in float32; EP's
     all-to-alls carry bf16 tokens (half the bytes); gradients stay float32 and close to the
-    float32 step's. FSSDP's gathered SwiGLU experts combine inside their grouped GEMMs, as
-    one process's do: y [T * k, d] is not kept for the backward."""
+    float32 step's. The expert outputs y [T * k, d] are not kept for the backward: FSSDP's
+    gathered SwiGLU experts combine inside their grouped GEMMs, as one process's do; under
+    EP, each row's combine weight travels with it and the experts apply it."""
     world, kw = CASES[case]
     out = tmp_path / "amp.pt"
     run_ranks(_amp_worker, world, ParallelConfig(timeout_s=60, **kw), str(out))
@@ -383,9 +398,14 @@ def test_bf16_autocast_halves_what_crosses_and_keeps_float32_gradients(case, tmp
         g = torch.cat([t.reshape(-1) for t in fp32["grads"].values()])
         h = torch.cat([bf16["grads"][n].reshape(-1) for n in fp32["grads"]])
         assert ((h - g).norm() / g.norm()).item() < 5e-2  # a few tokens may route otherwise
-        if case == "fssdp-2":  # the gathered experts combine inside: no y [T * k, d] kept
-            kept = got["kept"]
-            assert kept["apart"]["kept"] - kept["fused"]["kept"] == kept["y_bytes"], kept
+        kept = got["kept"]  # the experts combine (or weigh) inside: no y [T * k, d] kept
+        rows = kept["y_bytes"] // (kept["fused"]["out"].shape[1] * 4)  # T * k
+        saved = kept["apart"]["kept"] - kept["fused"]["kept"]
+        if case == "fssdp-2":
+            assert saved == kept["y_bytes"], kept
+        else:  # less the weights of the rows its experts received (float32, at most 2 T k)
+            # and the index that picked the weights sent (int64, a view of the dispatch's)
+            assert kept["y_bytes"] - (4 * 2 + 8) * rows <= saved < kept["y_bytes"], kept
             torch.testing.assert_close(kept["fused"]["out"], kept["apart"]["out"])
             torch.testing.assert_close(kept["fused"]["dx"], kept["apart"]["dx"])
 
