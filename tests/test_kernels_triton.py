@@ -451,7 +451,9 @@ def glu_impls(dtype, shape):
 
 
 # E=256 (SHAPES[2]) is covered by test_scatter2scatter; the epilogues do not depend on E
-EPILOGUE_SHAPES = [SHAPES[0], SHAPES[1], SHAPES[3], SHAPES[4], TMA_SHAPES[1]]
+# (10, 1, 4, ...): one slot a token, as EP's experts see their received rows
+EPILOGUE_SHAPES = [SHAPES[0], SHAPES[1], SHAPES[3], SHAPES[4], TMA_SHAPES[1],
+                   (10, 1, 4, 24, 16, False)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
