@@ -21,7 +21,8 @@ def build_model(skewed: bool | str, capacity: float | None, num_experts: int = 4
     "gpt_oss": GPT-OSS's parts (attention sinks, biases on attention, gate and experts,
     clamped SwiGLU experts), every bias random; "threshold": threshold routing (1 or 2
     experts a token) with its entropy loss; "recompute-mlp" / "recompute-block": the plain
-    model with that activation checkpointing."""
+    model with that activation checkpointing; "triton": the plain model on the Triton
+    backend (its interpreter on the CPU)."""
     torch.manual_seed(0)
     gpt_oss = skewed == "gpt_oss"
     if skewed is True:
@@ -36,7 +37,7 @@ def build_model(skewed: bool | str, capacity: float | None, num_experts: int = 4
     else:
         router = RouterConfig(top_k=2, capacity_factor=capacity, gate_bias=gpt_oss)
     moe = MoEConfig(num_experts=num_experts, expert_ffn=24, router=router,
-                    kernel_backend="torch")
+                    kernel_backend="triton" if skewed == "triton" else "torch")
     if gpt_oss:
         moe.expert_type, moe.expert_bias, moe.swiglu_limit = "clamped_swiglu", True, 0.5
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -147,6 +148,13 @@ def test_activation_checkpointing_trains_alike_under_ep_and_fssdp(case, tmp_path
     that keeps every activation, with and without capacity drops."""
     check_against_one_process(case, [("recompute-block", None), ("recompute-mlp", 0.75)],
                               tmp_path)
+
+
+def test_ep_on_the_triton_backend_trains_as_one_process(tmp_path):
+    """EP's experts run the Triton kernels on their received rows, each row's combine weight
+    applied in the GEMM epilogue (one slot a token) and its gradient from the backward's:
+    same losses and update as one process on the same kernels, with capacity drops."""
+    check_against_one_process("ep-2", [("triton", 1.0)], tmp_path)
 
 
 def check_against_one_process(case, scenarios, tmp_path):
