@@ -150,11 +150,13 @@ def test_activation_checkpointing_trains_alike_under_ep_and_fssdp(case, tmp_path
                               tmp_path)
 
 
-def test_ep_on_the_triton_backend_trains_as_one_process(tmp_path):
-    """EP's experts run the Triton kernels on their received rows, each row's combine weight
-    applied in the GEMM epilogue (one slot a token) and its gradient from the backward's:
-    same losses and update as one process on the same kernels, with capacity drops."""
-    check_against_one_process("ep-2", [("triton", 1.0)], tmp_path)
+@pytest.mark.parametrize("case", ["ep-2", "fssdp-2"])
+def test_the_triton_backend_trains_as_one_process_under_ep_and_fssdp(case, tmp_path):
+    """On the Triton kernels, the combine inside the experts: EP's experts apply each
+    received row's combine weight in the GEMM epilogue (one slot a token) and give its
+    gradient from the backward's; FSSDP's gathered experts combine as one process's do.
+    Same losses and update as one process on the same kernels, with capacity drops."""
+    check_against_one_process(case, [("triton", 1.0)], tmp_path)
 
 
 def check_against_one_process(case, scenarios, tmp_path):
