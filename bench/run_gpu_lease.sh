@@ -7,7 +7,9 @@
 # ".triton-cache.tgz"] (prebuilt Triton kernels: bench/prebuild.py).
 #   1) offloaded decode at Mixtral-8x7B layer shapes (issue 6): budgets holding 25% / 50% of
 #      the experts, ours (cross-layer prefetch behind its precision gate), without the gate,
-#      with misses of <= 2 tokens run on the host CPU, and without prefetch, vs transformers +
+#      with half of each predicted expert copied ahead and the rest when used (a wrong guess
+#      costs half a copy: --prefetch-fraction), with misses of <= 2 tokens run on the host
+#      CPU, and without prefetch, vs transformers +
 #      accelerate vs the PCIe bound, bf16 experts, batch 1
 #   2) where that decode's time goes (bench/serve_timeline.py): link, kernels and host waits
 #      per token under 25% and 100% of the experts, profiled, 45 s
@@ -40,7 +42,8 @@ fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
   | tee -a "$OUT/gpu.txt"
 limited "${SERVE_TIMEOUT:-235}" python3 -m bench.serve "${smoke[@]}" --layers "${LAYERS:-4}" \
-  --batches 1 --quants none --prefetch-min-precisions 0 --host-compute-tokens 2 --dir /tmp/mserve \
+  --batches 1 --quants none --prefetch-min-precisions 0 --prefetch-fractions 0.5 \
+  --host-compute-tokens 2 --dir /tmp/mserve \
   --out "$OUT/RESULTS.md" --json-out "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log"
 limited "${TIMELINE_TIMEOUT:-45}" python3 -m bench.serve_timeline "${smoke[@]}" \
   --layers "${LAYERS:-4}" --dir /tmp/mserve --out "$OUT/RESULTS.md" \

@@ -315,6 +315,10 @@ def main(argv=None) -> None:
                    help="comma-separated precision bars P: a column each for ours with the "
                    "prefetch's copies gated at P (--prefetch-min-precision; 0: every "
                    "prediction copied, no gate)")
+    p.add_argument("--prefetch-fractions", default="",
+                   help="comma-separated shares F: a column each for ours copying F of each "
+                   "predicted expert ahead, the rest when used (--prefetch-fraction), with "
+                   "every prediction copied (no precision gate)")
     p.add_argument("--host-compute-tokens", default="",
                    help="comma-separated counts N: a column each for ours with the misses "
                    "that at most N of a step's tokens use run on the host CPU "
@@ -370,6 +374,9 @@ def main(argv=None) -> None:
         ("prefetch, no precision gate" if float(pr) == 0 else
          f"prefetch gated at precision {float(pr):g}", {"prefetch_min_precision": float(pr)})
         for pr in a.prefetch_min_precisions.split(",") if pr] + [
+        (f"prefetch of {float(f):g} of each expert, no precision gate",
+         {"prefetch_fraction": float(f), "prefetch_min_precision": 0.0})
+        for f in a.prefetch_fractions.split(",") if f] + [
         (f"misses of <= {int(n)} tokens on the host", {"host_compute_tokens": int(n)})
         for n in a.host_compute_tokens.split(",") if n] + [
         (f"speculating {int(k)}", {"speculate": int(k)}) for k in a.speculate.split(",") if k] + [

@@ -12,6 +12,7 @@ waits only for the expert it is about to use.
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -97,6 +98,7 @@ class CacheStats:
     prefetched: int = 0  # experts copied ahead of their layer
     on_host: int = 0  # expert uses run on the host CPU (neither hits nor misses)
     skipped: int = 0  # missing experts of low weight left out (serve/skip.py)
+    completed: int = 0  # experts copied ahead in part, the rest copied when used
     bytes_to_device: int = 0
 
     @property
@@ -148,6 +150,8 @@ class ExpertCache:
         self._reader = (torch.cuda.Stream(device) if self._pool is not None
                         and device.type == "cuda" else None)
         self.pending: list[Future | None] = [None] * n_slots  # a reader filling the slot
+        # slots copied ahead in part: slot -> (rows of w_in, rows of w_out) copied so far
+        self.partial: dict[int, tuple[int, int]] = {}
 
     @staticmethod
     def slot_nbytes(store: WeightStore, dtype: torch.dtype) -> int:
@@ -192,12 +196,20 @@ class ExpertCache:
                 raise
         return s
 
-    def _write(self, src, s: int, stream: torch.cuda.Stream | None):
-        """Copy expert src into slot s (on stream, else the current one) -> its event."""
+    def _write(self, src, s: int, stream: torch.cuda.Stream | None,
+               start: tuple[int, int] = (0, 0), stop: tuple[int, int] | None = None):
+        """Copy expert src into slot s (on stream, else the current one) -> its event. start
+        / stop: only rows [start, stop) of w_in and of w_out (dense slots; the biases go with
+        the part that ends at the last rows)."""
         nb = self.device.type == "cuda"
-        self.w_in[s].copy_(src.w_in, non_blocking=nb)
-        self.w_out[s].copy_(src.w_out, non_blocking=nb)
-        if self.b_in is not None:
+        if start == (0, 0) and stop is None:
+            self.w_in[s].copy_(src.w_in, non_blocking=nb)
+            self.w_out[s].copy_(src.w_out, non_blocking=nb)
+        else:
+            (a_in, a_out), (b_in, b_out) = start, stop or (None, None)
+            self.w_in[s, a_in:b_in].copy_(src.w_in[a_in:b_in], non_blocking=nb)
+            self.w_out[s, a_out:b_out].copy_(src.w_out[a_out:b_out], non_blocking=nb)
+        if self.b_in is not None and stop is None:
             self.b_in[s].copy_(src.b_in, non_blocking=nb)
             self.b_out[s].copy_(src.b_out, non_blocking=nb)
         if not nb:
@@ -206,10 +218,25 @@ class ExpertCache:
         ev.record(stream or torch.cuda.current_stream(self.device))
         return ev
 
-    def _copy_in(self, key: Key, s: int, stream: torch.cuda.Stream | None) -> None:
+    def _part_rows(self, fraction: float) -> tuple[int, int]:
+        """The first rows of w_in, then of w_out, that hold `fraction` of a dense expert."""
+        (n_in, d), (n_out, f) = self.w_in.shape[1:], self.w_out.shape[1:]
+        want = math.ceil(fraction * (n_in * d + n_out * f))
+        rows_in = min(n_in, -(-want // d))
+        return rows_in, min(n_out, max(0, -(-(want - rows_in * d) // f)))
+
+    def _rows_nbytes(self, rows: tuple[int, int]) -> int:
+        return (rows[0] * self.w_in.shape[2] + rows[1] * self.w_out.shape[2]) \
+            * self.w_in.element_size()
+
+    def _copy_in(self, key: Key, s: int, stream: torch.cuda.Stream | None,
+                 fraction: float = 1.0) -> None:
         """Fill slot s with key's expert: on stream (a prefetch), else on the current stream,
         or, from the disk tier with readers, by a reader on stream or the readers' own. The
-        copy waits for the slot's last one (they may run on different streams)."""
+        copy waits for the slot's last one (they may run on different streams). fraction <
+        1 (a prefetch of an unquantized expert in RAM): only its first rows (_part_rows);
+        acquire copies the rest."""
+        self.partial.pop(s, None)
         disk = self._pool is not None and not self.store.in_ram(key)
         if self.device.type == "cuda":
             to = stream or (self._reader if disk else torch.cuda.current_stream(self.device))
@@ -221,8 +248,25 @@ class ExpertCache:
             self.stats.bytes_to_device += self.store.expert_nbytes  # counted as it starts
             return
         src = self.store.expert(*key)
+        if fraction < 1 and self.store.bits is None:
+            rows = self._part_rows(fraction)
+            self.ready[s] = self._write(src, s, stream, stop=rows)
+            self.partial[s] = rows
+            self.stats.bytes_to_device += self._rows_nbytes(rows)
+            return
         self.ready[s] = self._write(src, s, stream)
         self.stats.bytes_to_device += src.nbytes
+
+    def _complete(self, key: Key, s: int) -> None:
+        """Copy the rest of key's expert, copied ahead in part into slot s, on the current
+        stream (after the part's copy)."""
+        rows = self.partial.pop(s)
+        if self.device.type == "cuda" and self.ready[s] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[s])
+        src = self.store.expert(*key)
+        self.ready[s] = self._write(src, s, None, start=rows)
+        self.stats.bytes_to_device += src.nbytes - self._rows_nbytes(rows)
+        self.stats.completed += 1
 
     def _read(self, key: Key, s: int, stream: torch.cuda.Stream | None):
         """A reader thread: key's expert from the disk tier into slot s -> its event. On
@@ -234,9 +278,9 @@ class ExpertCache:
         with torch.cuda.stream(stream):
             return self._write(src, s, stream)
 
-    def prefetch(self, keys: list[Key], protected: set[Key]) -> None:
+    def prefetch(self, keys: list[Key], protected: set[Key], fraction: float = 1.0) -> None:
         """Copy the keys that are not resident, on the side stream, evicting nothing in
-        protected (nor the keys themselves)."""
+        protected (nor the keys themselves); fraction < 1: that share of each (_copy_in)."""
         keep = set(protected) | set(keys)
         stream = self.side
         if stream is not None:
@@ -249,9 +293,9 @@ class ExpertCache:
                 break
             if stream is not None:
                 with torch.cuda.stream(stream):
-                    self._copy_in(key, s, stream)
+                    self._copy_in(key, s, stream, fraction)
             else:
-                self._copy_in(key, s, None)
+                self._copy_in(key, s, None, fraction)
             self.slot_of[key], self.key_of[s] = s, key
             self.stats.prefetched += 1
 
@@ -276,6 +320,8 @@ class ExpertCache:
                 self.slot_of[key], self.key_of[s] = s, key
             else:
                 self.stats.hits += 1
+                if s in self.partial:  # copied ahead in part: the rest now
+                    self._complete(key, s)
             self.policy.touch(key)
             slots[key] = s
         for s in slots.values():

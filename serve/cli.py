@@ -93,6 +93,10 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    help="copy a layer's predicted experts only while at least this share of "
                         "its recent predictions were right (they are scored without copies "
                         "until then; default 0.75; 0: always copy)")
+    p.add_argument("--prefetch-fraction", type=float, default=None, metavar="F",
+                   help="copy ahead only this share of each predicted expert's bytes, the "
+                        "rest when its layer uses it (default 1: all); sized to the link's "
+                        "idle time between layers, a wrong prediction costs F of a copy")
     p.add_argument("--quant", choices=QUANT_CHOICES, default=None,
                    help="experts kept packed: int8 / int4 quantized at load, mxfp4 as an "
                         "MXFP4 checkpoint (GPT-OSS) stores them, fp8 as an FP8 block-scaled "
@@ -221,9 +225,9 @@ def _response_format(value: str) -> dict:
 
 FLAG_FIELDS = ("model", "device", "dtype", "memory_budget", "host_budget", "disk_readers",
                "cache_policy", "prefetch", "prefetch_min_weight", "prefetch_min_precision",
-               "quant", "max_batch", "max_context", "offload_dir", "prefix_cache",
-               "prefill_step_tokens", "host_compute_tokens", "skip_miss_weight", "miss_quant",
-               "miss_quant_weight", "miss_quant_slots", "kv_cache_dtype", "speculate",
+               "prefetch_fraction", "quant", "max_batch", "max_context", "offload_dir",
+               "prefix_cache", "prefill_step_tokens", "host_compute_tokens", "skip_miss_weight",
+               "miss_quant", "miss_quant_weight", "miss_quant_slots", "kv_cache_dtype", "speculate",
                "draft_model", "draft_min_prob", "trace_experts")
 # tokens drafted a step with a draft model when neither a flag nor the preset says
 DRAFT_SPECULATE = 4

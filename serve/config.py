@@ -23,6 +23,7 @@ _FIELD_TYPES = {
     "host_budget": ("a string or an integer", (str, int, _NONE)),
     "prefetch_min_weight": ("a number", (int, float)),
     "prefetch_min_precision": ("a number", (int, float)),
+    "prefetch_fraction": ("a number", (int, float)),
     "max_batch": ("an integer", (int,)), "prefill_chunk": ("an integer", (int,)),
     "max_context": ("an integer", (int, _NONE)),
     "prefix_cache": ("true or false", (bool,)),
@@ -60,6 +61,12 @@ class ServeConfig:
     prefetch_min_precision: a layer's predicted experts are copied only while the share of
     its recently predicted experts that it then used reaches this (serve/prefetch_gate.py;
     they are scored without copies until then); 0: always copy.
+    prefetch_fraction: the share of each predicted expert's bytes copied ahead (1: all). The
+    rest is copied when its layer uses it; a wrong prediction then costs only that share of
+    the link. Sized to the time the link stands idle between layers (the host's wait for
+    the routing and its issue of the next copies: bench/serve_timeline.py), the copy ahead
+    fills that gap without delaying the next layer's own copies. Experts in RAM and
+    unquantized; the others are copied whole.
     quant: "none", "int8" or "int4" (weight-only experts, kept packed on the device and
     dequantized inside the expert GEMMs), "mxfp4" (an MXFP4 checkpoint's experts, packed as
     stored), "fp8" (an FP8 block-scaled checkpoint's experts as stored, in RAM, on the wire
@@ -118,6 +125,7 @@ class ServeConfig:
     prefetch: str = "cross-layer"
     prefetch_min_weight: float = 0.0
     prefetch_min_precision: float = MIN_PRECISION
+    prefetch_fraction: float = 1.0
     quant: str = "auto"
     max_batch: int = 1
     max_context: int | None = None
@@ -186,6 +194,9 @@ class ServeConfig:
         if not 0 <= self.prefetch_min_precision <= 1:
             raise ValueError(f"prefetch_min_precision must be a number in [0, 1], got "
                              f"{self.prefetch_min_precision!r}")
+        if not 0 < self.prefetch_fraction <= 1:
+            raise ValueError(f"prefetch_fraction must be a number in (0, 1], got "
+                             f"{self.prefetch_fraction!r}")
         if self.prefetch_min_weight < 0:
             raise ValueError(f"prefetch_min_weight must be a number >= 0, got "
                              f"{self.prefetch_min_weight!r}")

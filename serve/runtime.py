@@ -614,7 +614,7 @@ class OffloadedModel:
         """Start copying layer j's predicted experts, evicting nothing in protected (the
         experts the running layer uses)."""
         self.prefetch_stats.copied += 1
-        self.cache.prefetch([(j, e) for e in pred], protected)
+        self.cache.prefetch([(j, e) for e in pred], protected, self.scfg.prefetch_fraction)
 
     def _prefetch_next(self, i: int, x_flat: torch.Tensor, protected) -> None:
         """Predict the next MoE layer's experts from layer i's residual stream (_predict)

@@ -51,11 +51,12 @@ def test_serve_bench_smoke(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run(
         [sys.executable, "-m", "bench.serve", "--smoke", "--layers", "2", "--new-tokens", "6",
-         "--out", str(out), "--dir", str(tmp_path / "model")], cwd=ROOT, env=env,
-        capture_output=True, text=True, timeout=300)
+         "--prefetch-fractions", "0.5", "--out", str(out), "--dir", str(tmp_path / "model")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     assert "Offloaded decode" in text and "4/16 (25%)" in text and "8/16 (50%)" in text
+    assert "prefetch of 0.5 of each expert, no precision gate" in text
     assert "failed" not in text  # the transformers baseline ran too
     assert "Batched decode" in text and "| 25% | none | 4 | 4 |" in text
 

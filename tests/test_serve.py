@@ -601,6 +601,41 @@ def test_prefetch_raises_the_hit_rate_and_counts_bytes(tmp_path):
     assert rates["cross-layer"] > rates["none"]
 
 
+def test_prefetch_of_part_of_each_expert_copies_the_rest_when_used(tmp_path):
+    """prefetch_fraction 0.5: each predicted expert's first half is copied ahead, the rest
+    when its layer uses it; a wrong prediction moved only that half. The cache makes the
+    same choices as with whole copies, the tokens stay transformers', and the bytes are the
+    whole copies' less the unused halves. Quantized slots are copied whole."""
+    hf = build_hf("mixtral")
+    hf.save_pretrained(tmp_path)
+    budget = budget_for(tmp_path, 12)
+    prompt = [5, 17, 33, 2, 90, 41]
+    ref = hf_greedy(hf, prompt, 10)
+    st = {}
+    for fraction in (1.0, 0.5):
+        m = serve(tmp_path, memory_budget=budget, max_batch=1, prefetch_fraction=fraction)
+        res = generate(m, [prompt], 10)
+        assert res.token_ids == [ref]
+        st[fraction] = res.stats
+    whole, half = st[1.0], st[0.5]
+    for key in ("expert_hits", "expert_misses", "experts_prefetched"):
+        assert half[key] == whole[key] > 0, key
+    completed = m.cache.stats.completed
+    assert 0 < completed < half["experts_prefetched"]  # some predictions right, some wrong
+    part = m.cache._rows_nbytes(m.cache._part_rows(0.5))
+    nbytes = m.store.expert_nbytes
+    assert 0.5 * nbytes <= part < 0.6 * nbytes
+    assert half["bytes_to_device"] == whole["bytes_to_device"] - (
+        half["experts_prefetched"] - completed) * (nbytes - part)
+    q = serve(tmp_path, memory_budget=budget, max_batch=1, prefetch_fraction=0.5, quant="int8")
+    qs = generate(q, [prompt], 10).stats
+    assert q.cache.stats.completed == 0 and qs["bytes_to_device"] == q.store.expert_nbytes * (
+        qs["expert_misses"] + qs["experts_prefetched"])
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="prefetch_fraction"):
+            serve(tmp_path, prefetch_fraction=bad)
+
+
 def test_prefetch_min_weight_copies_only_confident_predictions(tmp_path):
     """prefetch_min_weight: only experts predicted with at least that weight are copied
     ahead (top-2 renormalised: a bar of 0.5 keeps each token's first choice, one above 1
