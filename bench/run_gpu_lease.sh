@@ -12,7 +12,8 @@
 #      CPU, and without prefetch, vs transformers +
 #      accelerate vs the PCIe bound, bf16 experts, batch 1
 #   2) where that decode's time goes (bench/serve_timeline.py): link, kernels and host waits
-#      per token under 25% and 100% of the experts, profiled, 45 s
+#      per token under 25% and 100% of the experts, profiled, and the link's idle time per
+#      layer with the --prefetch-fraction that would fill it, 45 s
 #   3) one MoE layer's forward+backward at 16k tokens (issue 3), Qwen3-30B-A3B shape first
 #      (the one under its target on 2026-11-30): ours vs the same-FLOPs dense GEMM (the
 #      ceiling), ours replayed from CUDA graphs (a step waits for the device nowhere: the

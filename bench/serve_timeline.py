@@ -103,7 +103,21 @@ def profile_decode(model: OffloadedModel, prompt_len: int, steps: int) -> dict:
             device_busy_ms_per_token=busy_ns([s for v in spans.values() for s in v]) / 1e6 / n,
             h2d_copies_per_token=len(spans["h2d"]) / n,
             kernels_per_token=len(spans["kernels"]) / n)
+        report.update(idle_and_fill(report, len(model.store.moe_layers),
+                                    model.store.expert_nbytes))
     return report
+
+
+def idle_and_fill(report: dict, moe_layers: int, expert_nbytes: int) -> dict:
+    """The link's idle ms per MoE layer (a token's wall time less its H2D busy time, over
+    its MoE layers) and the share of an expert that the link moves in that time at its busy
+    rate: the --prefetch-fraction whose copy ahead just fills the gap (None: no copies)."""
+    rate = report.get("h2d_gb_per_s")
+    if not rate or not moe_layers:
+        return {"link_idle_ms_per_layer": None, "fill_fraction": None}
+    idle = max(0.0, report["ms_per_token"] - report["h2d_ms_per_token"]) / moe_layers
+    return {"link_idle_ms_per_layer": idle,
+            "fill_fraction": min(1.0, idle / 1e3 * rate * 1e9 / expert_nbytes)}
 
 
 def _fmt(v, spec=".2f") -> str:
@@ -158,14 +172,16 @@ def main(argv=None) -> None:
                      _fmt(r.get("device_busy_ms_per_token")),
                      f"{r['host_wait_ms_per_token']:.2f}", f"{r['mib_per_token']:.1f}",
                      f"{r['hit_rate']:.2f}", _fmt(r.get("h2d_copies_per_token"), ".1f"),
-                     _fmt(r.get("kernels_per_token"), ".0f")])
+                     _fmt(r.get("kernels_per_token"), ".0f"),
+                     _fmt(r.get("link_idle_ms_per_layer")), _fmt(r.get("fill_fraction"))])
         ops += [[label, name, f"{ms / r['tokens']:.3f}", str(calls)]
                 for name, ms, calls in r["host_ops"]]
         print(f"  {label}: {r['ms_per_token']:.2f} ms/token", file=sys.stderr, flush=True)
     table = markdown_table(
         ["expert slots, prefetch", "ms / token", "H2D busy ms / token", "H2D GB/s while busy",
          "kernels busy ms / token", "device busy ms / token", "host waits ms / token",
-         "MiB moved / token", "hit rate", "H2D copies / token", "kernels / token"], rows)
+         "MiB moved / token", "hit rate", "H2D copies / token", "kernels / token",
+         "link idle ms / MoE layer", "expert share the idle link moves"], rows)
     table += "\n\nThe host's ops of most self time (ms per token, calls over all tokens):\n\n" \
         + markdown_table(["expert slots, prefetch", "op", "self ms / token", "calls"], ops)
     print(table)
@@ -173,7 +189,9 @@ def main(argv=None) -> None:
             f"layers, {dtype}, batch 1, prompt "
             f"{a.prompt_len}, {a.tokens} decode steps profiled (torch.profiler) after a "
             "warm-up. Busy times are the union of the device's spans of each kind; host "
-            f"waits are the self time of {', '.join(WAITS)}.\n\n" + table)
+            f"waits are the self time of {', '.join(WAITS)}. The link's idle time per MoE "
+            "layer at its busy rate moves the last column's share of an expert: the "
+            "--prefetch-fraction that fills it.\n\n" + table)
     append_results(a.out, "Offloaded decode timeline (bench/serve_timeline.py)",
                    command_line("bench.serve_timeline", argv), device, body)
     if a.json_out:

@@ -437,6 +437,21 @@ def test_busy_time_is_the_union_of_spans():
     assert busy_ns([(0, 10), (2, 4)]) == 10
 
 
+def test_idle_link_time_gives_the_prefetch_fraction_that_fills_it():
+    """40 ms a token with the link busy 27 ms over 4 MoE layers: 3.25 ms idle a layer, in
+    which 55 GB/s move 178.75 MB, 0.51 of a 352 MB expert (capped at 1); no copies, none."""
+    from bench.serve_timeline import idle_and_fill
+
+    r = idle_and_fill({"ms_per_token": 40.0, "h2d_ms_per_token": 27.0, "h2d_gb_per_s": 55.0},
+                      4, 352_000_000)
+    assert r["link_idle_ms_per_layer"] == pytest.approx(3.25)
+    assert r["fill_fraction"] == pytest.approx(178.75 / 352)
+    assert idle_and_fill({"ms_per_token": 40.0, "h2d_ms_per_token": 1.0,
+                          "h2d_gb_per_s": 55.0}, 1, 1000)["fill_fraction"] == 1.0
+    assert idle_and_fill({"ms_per_token": 9.0, "h2d_gb_per_s": None}, 4, 1) == {
+        "link_idle_ms_per_layer": None, "fill_fraction": None}
+
+
 def test_serve_timeline_smoke(tmp_path):
     """bench/serve_timeline.py end to end on the CPU (host ops only): a row per budget and
     prefetch mode, the all-resident one moving nothing."""
