@@ -1,6 +1,7 @@
 """One training step (forward + backward) of an MoE transformer: the activations it keeps for
-backward and its time, for each activation-checkpointing mode (keep all, recompute each MLP,
-recompute each block), in float32 and under bf16 autocast over float32 weights.
+backward and its time, for each activation-checkpointing mode (keep all, recompute the routed
+experts' SwiGLU activation, recompute each MLP, recompute each block), in float32 and under
+bf16 autocast over float32 weights.
 
     python -m bench.train_memory                  # the small model (configs/model/small.yaml)
     python -m bench.train_memory --smoke          # tiny shapes, CPU
@@ -30,7 +31,7 @@ from bench.common import (
 from moe import ModelConfig, MoEConfig, MoETransformer
 from routing import RouterConfig
 
-MODES = ("none", "mlp", "block")
+MODES = ("none", "moe_act", "mlp", "block")
 
 
 def build(a, device: torch.device) -> MoETransformer:

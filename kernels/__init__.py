@@ -59,20 +59,22 @@ def swiglu_experts(
     y_grouped: bool = True,
     backend: str = "auto",
     weights: torch.Tensor | None = None,
+    recompute_act: bool = False,
 ) -> torch.Tensor:
     """x [T, d] (token order), w_in [E, 2F, d] (gate; up), w_out [E, d, F] -> y [M, d]:
     grouped_linear(swiglu(grouped_linear(x, w_in)), w_out), in Dispatch order (or slot
     order), the SwiGLU fused into the grouped GEMMs where the backend can (Triton). With
     weights [T, k]: -> [T, d], y combined as weighted_combine(y, weights, d) would, and y not
-    kept for the backward (SwiGLUExpertsCombined)."""
+    kept for the backward (SwiGLUExpertsCombined). recompute_act: the activation a [M, F] is
+    not kept either, but recomputed from h in the backward."""
     _check_swiglu_experts(x, w_in, w_out, d)
     be = get_backend(backend, x.device)
     if weights is None:
-        return SwiGLUExperts.apply(x, w_in, w_out, d, y_grouped, be)
+        return SwiGLUExperts.apply(x, w_in, w_out, d, y_grouped, be, not recompute_act)
     if weights.shape != (d.num_tokens, d.top_k):
         raise ValueError(f"combine weights {tuple(weights.shape)} do not match the dispatch's "
                          f"[{d.num_tokens}, {d.top_k}]")
-    return SwiGLUExpertsCombined.apply(x, w_in, w_out, weights, d, be)
+    return SwiGLUExpertsCombined.apply(x, w_in, w_out, weights, d, be, not recompute_act)
 
 
 def _check_swiglu_experts(x, w_in, w_out, d: Dispatch) -> None:

@@ -64,12 +64,14 @@ class SwiGLUExperts(torch.autograd.Function):
     (grouped, or slot order): up projection, SwiGLU, down projection, with the SwiGLU in the
     epilogues of the up projection (forward) and of the down projection's input gradient
     (backward) where the backend fuses them. Saves x, h and a, as the three separate
-    functions would."""
+    functions would; keep_a=False: not a, recomputed from h for w_out's gradient (one SwiGLU
+    kernel in the backward for M x F fewer elements kept)."""
 
     @staticmethod
-    def forward(ctx, x, w_in, w_out, d: Dispatch, y_grouped: bool, backend: ModuleType):
+    def forward(ctx, x, w_in, w_out, d: Dispatch, y_grouped: bool, backend: ModuleType,
+                keep_a: bool = True):
         rows, h, a, y = _swiglu_mlp(x, w_in, w_out, d, y_grouped, backend)
-        ctx.save_for_backward(x, w_in, w_out, h, a)
+        ctx.save_for_backward(x, w_in, w_out, h, a if keep_a else None)
         ctx.meta = (d, y_grouped, rows, backend)
         return y
 
@@ -84,10 +86,11 @@ class SwiGLUExperts(torch.autograd.Function):
             dh = backend.scatter2scatter_swiglu_bwd(dy, w_out.transpose(1, 2), h, d,
                                                     y_grouped, rows)
         if need_out:
+            a = backend.swiglu_fwd(h, rows) if a is None else a
             dw_out = backend.group_weight_grad(a, dy, d, True, 1, y_grouped)
         if need_x or need_in:
             dx, dw_in = _up_projection_grads(x, w_in, dh, d, need_x, need_in, backend)
-        return dx, dw_in, dw_out, None, None, None
+        return dx, dw_in, dw_out, None, None, None, None
 
 
 class SwiGLUExpertsCombined(torch.autograd.Function):
@@ -96,12 +99,14 @@ class SwiGLUExpertsCombined(torch.autograd.Function):
     combine, without keeping the expert outputs y [M, d] for the backward (it saves x, h, a
     and the weights): the weights' gradient, dout . y per pair, is computed as
     (dout @ w_out) . a in the epilogue of the GEMM that also gives dh (the backend's
-    scatter2scatter_swiglu_bwd_combined), which reads dout in token order."""
+    scatter2scatter_swiglu_bwd_combined), which reads dout in token order. keep_a=False: a
+    is recomputed from h for w_out's gradient, as in SwiGLUExperts."""
 
     @staticmethod
-    def forward(ctx, x, w_in, w_out, weights, d: Dispatch, backend: ModuleType):
+    def forward(ctx, x, w_in, w_out, weights, d: Dispatch, backend: ModuleType,
+                keep_a: bool = True):
         rows, h, a, y = _swiglu_mlp(x, w_in, w_out, d, True, backend)
-        ctx.save_for_backward(x, w_in, w_out, weights, h, a)
+        ctx.save_for_backward(x, w_in, w_out, weights, h, a if keep_a else None)
         ctx.meta = (d, rows, backend)
         return backend.weighted_combine(y, weights, d, True)
 
@@ -117,11 +122,12 @@ class SwiGLUExpertsCombined(torch.autograd.Function):
                 dout, w_out.transpose(1, 2), h, weights, d, rows)
             dweights = dweights.to(weights.dtype) if need_w else None
         if need_out:
+            a = backend.swiglu_fwd(h, rows) if a is None else a
             dw_out = backend.group_weight_grad(a, backend.combine_grad_rows(dout, weights, d),
                                                d, True, 1, True)
         if need_x or need_in:
             dx, dw_in = _up_projection_grads(x, w_in, dh, d, need_x, need_in, backend)
-        return dx, dw_in, dw_out, dweights, None, None
+        return dx, dw_in, dw_out, dweights, None, None, None
 
 
 class WeightedCombine(torch.autograd.Function):

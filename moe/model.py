@@ -16,7 +16,7 @@ from moe.mla import MLAttention, mla_softmax_scale
 from moe.mlp import MLP
 from routing import Routing
 
-RECOMPUTE = ("none", "mlp", "block")
+RECOMPUTE = ("none", "moe_act", "mlp", "block")
 
 
 @dataclass
@@ -56,7 +56,7 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(cfg.d_model, cfg.dense_ffn, cfg.moe.expert_type)
 
-    recompute = "none"  # activation checkpointing: "none", "mlp" or "block"
+    recompute = "none"  # activation checkpointing of the block: "none", "mlp" or "block"
 
     def forward(self, x, cos, sin, token_ids):
         """x [B, S, d] -> (x [B, S, d], the MoE layer's Routing or None)."""
@@ -107,15 +107,20 @@ class MoETransformer(nn.Module):
                 p.normal_(0.0, std)
 
     def set_activation_checkpointing(self, mode: str) -> None:
-        """Keep fewer activations for backward and recompute them there: "mlp" recomputes
-        each block's MLP (an MoE layer's router, expert rows and SwiGLU, its largest
-        activations; also its collectives under EP / FSSDP), "block" whole blocks, "none"
-        keeps everything. Gradients are unchanged (routing is deterministic)."""
+        """Keep fewer activations for backward and recompute them there: "moe_act" only the
+        routed experts' SwiGLU activation (one SwiGLU kernel a layer in the backward, as
+        megatron-core's moe_act; bias-free SwiGLU experts), "mlp" each block's MLP (an MoE
+        layer's router, expert rows and SwiGLU, its largest activations; also its
+        collectives under EP / FSSDP), "block" whole blocks, "none" keeps everything.
+        Gradients are unchanged (routing is deterministic)."""
         if mode not in RECOMPUTE:
             raise ValueError(f"activation checkpointing must be one of {', '.join(RECOMPUTE)}, "
                              f"got {mode!r}")
         for layer in self.layers:
-            layer.recompute = mode
+            layer.recompute = "none" if mode == "moe_act" else mode
+            experts = getattr(layer.mlp, "experts", None)
+            if experts is not None:
+                experts.recompute_act = mode == "moe_act"
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> LMOutput:
         cfg = self.cfg

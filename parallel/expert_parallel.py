@@ -75,6 +75,7 @@ def shard_experts_for_ep(layer: MoELayer, group: dist.ProcessGroup) -> Experts:
     E_local = E // P
     local = Experts(E_local, full.d_model, full.ffn, full.kind, full.backend,
                     full.b_in is not None, full.alpha, full.limit)
+    local.recompute_act = full.recompute_act
     with torch.no_grad():
         for name in EXPERT_PARAMS:
             if getattr(full, name) is not None:

@@ -29,6 +29,7 @@ class FSSDPExperts(nn.Module):
         self.rematerialize = rematerialize
         self.kind, self.backend = experts.kind, experts.backend
         self.alpha, self.limit = experts.alpha, experts.limit
+        self.recompute_act = experts.recompute_act  # set by set_activation_checkpointing
         self.num_experts, self.d_model, self.ffn = experts.num_experts, experts.d_model, experts.ffn
         self.names = [n for n in EXPERT_PARAMS if getattr(experts, n) is not None]
         self.shapes = [tuple(getattr(experts, n).shape[1:]) for n in self.names]
@@ -78,9 +79,10 @@ class FSSDPExperts(nn.Module):
         if combine_weights is not None:
             return expert_mlp_combined(x, w["w_in"], w["w_out"], compact, combine_weights,
                                        self.kind, self.backend, w.get("b_in"), w.get("b_out"),
-                                       self.alpha, self.limit)
+                                       self.alpha, self.limit, self.recompute_act)
         return expert_mlp(x, w["w_in"], w["w_out"], compact, self.kind, self.backend,
-                          y_grouped, w.get("b_in"), w.get("b_out"), self.alpha, self.limit)
+                          y_grouped, w.get("b_in"), w.get("b_out"), self.alpha, self.limit,
+                          self.recompute_act)
 
     def unshard(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
         """A tensor laid out like the shard [E, s] (the weights, or an optimizer moment) ->

@@ -407,10 +407,10 @@ def test_train_memory_bench_smoke(tmp_path):
     rows = [ln.split("|")[1:-1] for ln in text.splitlines() if ln.startswith("| float32")
             or ln.startswith("| bf16")]
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [
-        (p, m) for p in ("float32", "bf16 autocast") for m in ("none", "mlp", "block")]
-    for i in (0, 3):
-        kept = [float(rows[i + j][2]) for j in range(3)]
-        assert kept[0] > kept[1] > kept[2], kept
+        (p, m) for p in ("float32", "bf16 autocast") for m in ("none", "moe_act", "mlp", "block")]
+    for i in (0, 4):
+        kept = [float(rows[i + j][2]) for j in range(4)]
+        assert kept[0] > kept[1] > kept[2] > kept[3], kept
 
 
 @pytest.mark.parametrize("key", ["reference", "loop", "hf"])

@@ -184,9 +184,9 @@ def test_fresh_layer_parameters_are_initialised():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_activation_checkpointing_keeps_less_and_changes_no_gradient(backend):
-    """set_activation_checkpointing("mlp" / "block"): the same loss and gradients as keeping
-    every activation (a dense layer, MoE layers with capacity drops and a shared expert),
-    with fewer bytes saved for backward: block < mlp < none."""
+    """set_activation_checkpointing("moe_act" / "mlp" / "block"): the same loss and
+    gradients as keeping every activation (a dense layer, MoE layers with capacity drops and
+    a shared expert), with fewer bytes saved for backward: block < mlp < moe_act < none."""
     torch.manual_seed(0)
     cfg = tiny_config(first_dense_layers=1, moe=MoEConfig(
         num_experts=4, expert_ffn=32, kernel_backend=backend, num_shared_experts=1,
@@ -194,7 +194,7 @@ def test_activation_checkpointing_keeps_less_and_changes_no_gradient(backend):
     model = MoETransformer(cfg)
     ids = torch.randint(0, 64, (2, 13))
     got = {}
-    for mode in ("none", "mlp", "block"):
+    for mode in ("none", "moe_act", "mlp", "block"):
         model.set_activation_checkpointing(mode)
         model.zero_grad()
         saved, out = kept_bytes(lambda: model(ids[:, :-1], labels=ids[:, 1:]))
@@ -202,12 +202,18 @@ def test_activation_checkpointing_keeps_less_and_changes_no_gradient(backend):
         assert any(bool(r.dropped.any()) for r in out.routings)
         got[mode] = (out.loss.detach(), saved,
                      {n: p.grad.clone() for n, p in model.named_parameters()})
-    for mode in ("mlp", "block"):
+    for mode in ("moe_act", "mlp", "block"):
         torch.testing.assert_close(got[mode][0], got["none"][0], rtol=0, atol=0)
         for name, g in got["none"][2].items():
             torch.testing.assert_close(got[mode][2][name], g, msg=lambda m, n=name: f"{n}: {m}")
     assert got["block"][1] < got["mlp"][1] < got["none"][1] / 1.5, {m: v[1] for m, v in
                                                                    got.items()}
+    # moe_act: each MoE layer keeps its activation a [T * k, F] less (float32)
+    moe_layers = sum(1 for layer in model.layers if hasattr(layer.mlp, "experts"))
+    a_bytes = moe_layers * ids[:, :-1].numel() * 2 * cfg.moe.expert_ffn * 4
+    assert got["none"][1] - got["moe_act"][1] == a_bytes
+    assert not any(getattr(layer.mlp, "experts", None) is not None
+                   and layer.mlp.experts.recompute_act for layer in model.layers)  # "block"
     with pytest.raises(ValueError, match="activation checkpointing"):
         model.set_activation_checkpointing("selective")
 

@@ -20,9 +20,9 @@ def build_model(skewed: bool | str, capacity: float | None, num_experts: int = 4
     """Identical on every rank (seeded). skewed: expert 0 is in every token's top-2;
     "gpt_oss": GPT-OSS's parts (attention sinks, biases on attention, gate and experts,
     clamped SwiGLU experts), every bias random; "threshold": threshold routing (1 or 2
-    experts a token) with its entropy loss; "recompute-mlp" / "recompute-block": the plain
-    model with that activation checkpointing; "triton": the plain model on the Triton
-    backend (its interpreter on the CPU)."""
+    experts a token) with its entropy loss; "recompute-mlp" / "recompute-block" /
+    "recompute-moe_act": the plain model with that activation checkpointing; "triton": the
+    plain model on the Triton backend (its interpreter on the CPU)."""
     torch.manual_seed(0)
     gpt_oss = skewed == "gpt_oss"
     if skewed is True:
@@ -85,6 +85,9 @@ def _worker(rank, world, pcfg, scenarios, out_path):
     for skewed, capacity in scenarios:
         par = parallelize(build_model(skewed, capacity), mesh,
                           optimizer=lambda ps: torch.optim.SGD(ps, lr=LR))
+        if skewed == "recompute-moe_act":  # EP's and FSSDP's own experts took the setting
+            assert all(m.experts.recompute_act for m in par.model.modules()
+                       if isinstance(m, MoELayer)), type(par.model.layers[0].mlp.experts)
         losses, moved = [], []
         for ids in batches(world):
             local = ids[rank * B:(rank + 1) * B]
@@ -144,10 +147,11 @@ def test_gpt_oss_parts_and_threshold_routing_train_alike_under_ep_and_fssdp(case
 @pytest.mark.parametrize("case", ["ep-2", "fssdp-fsdp2-2"])
 def test_activation_checkpointing_trains_alike_under_ep_and_fssdp(case, tmp_path):
     """Recomputed MLPs or blocks re-run their collectives in backward (EP's all-to-alls,
-    FSSDP's sparse all-gather; FSDP2 gathers the block again): same update as one process
+    FSSDP's sparse all-gather; FSDP2 gathers the block again), and the experts' recomputed
+    SwiGLU activation (moe_act) reaches EP's and FSSDP's experts: same update as one process
     that keeps every activation, with and without capacity drops."""
-    check_against_one_process(case, [("recompute-block", None), ("recompute-mlp", 0.75)],
-                              tmp_path)
+    check_against_one_process(case, [("recompute-block", None), ("recompute-mlp", 0.75),
+                                     ("recompute-moe_act", 0.75)], tmp_path)
 
 
 @pytest.mark.parametrize("case", ["ep-2", "fssdp-2"])
