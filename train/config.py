@@ -35,7 +35,8 @@ class OptimConfig:
 class TrainerConfig:
     max_steps: int = 200
     grad_accum: int = 1  # micro-batches a step: global batch = grad_accum x batch_size x ranks
-    # recompute in backward instead of keeping: none | mlp (each MLP / MoE layer) | block
+    # recompute in backward instead of keeping: none | moe_act (the routed experts' SwiGLU
+    # activation) | mlp (each MLP / MoE layer) | block
     activation_checkpointing: str = "none"
     log_every: int = 10
     eval_every: int = 0  # validation loss every n steps and at the end (0: never); needs
