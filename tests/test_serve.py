@@ -601,16 +601,21 @@ def test_prefetch_raises_the_hit_rate_and_counts_bytes(tmp_path):
     assert rates["cross-layer"] > rates["none"]
 
 
+def mixtral_at_12_slots(tmp_path):
+    """A tiny Mixtral saved to tmp_path -> (it, the budget of 12 expert slots, a prompt,
+    transformers' 10 greedy tokens after it)."""
+    hf = build_hf("mixtral")
+    hf.save_pretrained(tmp_path)
+    prompt = [5, 17, 33, 2, 90, 41]
+    return hf, budget_for(tmp_path, 12), prompt, hf_greedy(hf, prompt, 10)
+
+
 def test_prefetch_of_part_of_each_expert_copies_the_rest_when_used(tmp_path):
     """prefetch_fraction 0.5: each predicted expert's first half is copied ahead, the rest
     when its layer uses it; a wrong prediction moved only that half. The cache makes the
     same choices as with whole copies, the tokens stay transformers', and the bytes are the
     whole copies' less the unused halves. Quantized slots are copied whole."""
-    hf = build_hf("mixtral")
-    hf.save_pretrained(tmp_path)
-    budget = budget_for(tmp_path, 12)
-    prompt = [5, 17, 33, 2, 90, 41]
-    ref = hf_greedy(hf, prompt, 10)
+    hf, budget, prompt, ref = mixtral_at_12_slots(tmp_path)
     st = {}
     for fraction in (1.0, 0.5):
         m = serve(tmp_path, memory_budget=budget, max_batch=1, prefetch_fraction=fraction)
@@ -640,11 +645,7 @@ def test_prefetch_min_weight_copies_only_confident_predictions(tmp_path):
     """prefetch_min_weight: only experts predicted with at least that weight are copied
     ahead (top-2 renormalised: a bar of 0.5 keeps each token's first choice, one above 1
     keeps none); the tokens stay transformers'."""
-    hf = build_hf("mixtral")
-    hf.save_pretrained(tmp_path)
-    budget = budget_for(tmp_path, 12)
-    prompt = [5, 17, 33, 2, 90, 41]
-    ref = hf_greedy(hf, prompt, 10)
+    hf, budget, prompt, ref = mixtral_at_12_slots(tmp_path)
     got = {}
     for bar in (0.0, 0.5, 1.01):
         m = serve(tmp_path, memory_budget=budget, max_batch=1, prefetch_min_weight=bar)
@@ -1002,11 +1003,7 @@ def test_the_precision_gate_scores_predictions_without_copying_them(tmp_path):
     (the same precision and recall as copying them: the predictions do not depend on the
     cache), the tokens stay transformers'; a layer whose recent predictions were right is
     copied again."""
-    hf = build_hf("mixtral")
-    hf.save_pretrained(tmp_path)
-    budget = budget_for(tmp_path, 12)
-    prompt = [5, 17, 33, 2, 90, 41]
-    ref = hf_greedy(hf, prompt, 10)
+    hf, budget, prompt, ref = mixtral_at_12_slots(tmp_path)
     st = {}
     for bar in (0.0, 1.0):  # copy always; copy only perfect predictions (none here)
         m = serve(tmp_path, memory_budget=budget, max_batch=1, prefetch_min_precision=bar)
