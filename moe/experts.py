@@ -57,13 +57,9 @@ class Experts(nn.Module):
         combine_weights [T, k] -> [T, d] = sum over a token's kept slots of weight * y, which
         SwiGLU experts without biases compute without keeping y for the backward. Every
         experts module that `moe.layer.LocalDispatch` is given takes these arguments."""
-        if combine_weights is None:
-            return expert_mlp(x, self.w_in, self.w_out, d, self.kind, self.backend, y_grouped,
-                              self.b_in, self.b_out, self.alpha, self.limit,
-                              self.recompute_act)
-        return expert_mlp_combined(x, self.w_in, self.w_out, d, combine_weights, self.kind,
-                                   self.backend, self.b_in, self.b_out, self.alpha, self.limit,
-                                   self.recompute_act)
+        return expert_mlp(x, self.w_in, self.w_out, d, self.kind, self.backend, y_grouped,
+                          self.b_in, self.b_out, self.alpha, self.limit, self.recompute_act,
+                          combine_weights)
 
 
 def _autocast(*tensors):
@@ -84,17 +80,32 @@ def _row_bias(b: torch.Tensor, d: Dispatch) -> torch.Tensor:
 def expert_mlp(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, d: Dispatch,
                kind: str, backend: str, y_grouped: bool = True,
                b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None,
-               alpha: float = 1.702, limit: float = 7.0, recompute_act: bool = False
-               ) -> torch.Tensor:
+               alpha: float = 1.702, limit: float = 7.0, recompute_act: bool = False,
+               combine_weights: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, d], w_in [E, 2F | F, d], w_out [E, d, F] (biases b_in [E, 2F | F], b_out
     [E, d] or None) -> y [M, d] (Dispatch or slot order); alpha / limit: clamped_swiglu's;
     recompute_act: bias-free SwiGLU experts keep no activation a for the backward but
-    recompute it there. Under torch.autocast, x and the weights are cast to its dtype first
-    (the casts are in the graph: float32 weights get float32 gradients)."""
+    recompute it there. With combine_weights [T, k]: -> [T, d] = sum over a token's kept
+    slots of weight * y (y_grouped aside), which bias-free, unquantized SwiGLU experts
+    compute in their grouped GEMMs without keeping y for the backward; the others combine y
+    afterwards. Under torch.autocast, x and the weights are cast to its dtype first (the
+    casts are in the graph: float32 weights get float32 gradients)."""
     x, w_in, w_out, b_in, b_out = _autocast(x, w_in, w_out, b_in, b_out)
-    if _fused(kind, w_in, w_out, b_in, b_out):  # SwiGLU in the grouped GEMMs' epilogues
-        return swiglu_experts(x, w_in, w_out, d, y_grouped, backend,
-                              recompute_act=recompute_act)
+    if kind == "swiglu" and b_in is None and b_out is None \
+            and not isinstance(w_in, QuantWeight) and not isinstance(w_out, QuantWeight):
+        # the SwiGLU (and the combine) in the grouped GEMMs' epilogues
+        return swiglu_experts(x, w_in, w_out, d, y_grouped, backend, combine_weights,
+                              recompute_act)
+    if combine_weights is None:
+        return _unfused_mlp(x, w_in, w_out, d, kind, backend, y_grouped, b_in, b_out, alpha,
+                            limit)
+    y = _unfused_mlp(x, w_in, w_out, d, kind, backend, True, b_in, b_out, alpha, limit)
+    return weighted_combine(y, combine_weights, d, True, backend)
+
+
+def _unfused_mlp(x, w_in, w_out, d: Dispatch, kind: str, backend: str, y_grouped: bool,
+                 b_in, b_out, alpha: float, limit: float) -> torch.Tensor:
+    """expert_mlp with the activation and biases apart from the grouped GEMMs -> y [M, d]."""
     h = grouped_linear(x, w_in, d, x_grouped=False, y_grouped=True, backend=backend)
     if b_in is not None:
         h = h + _row_bias(b_in, d).to(h.dtype)
@@ -111,24 +122,3 @@ def expert_mlp(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, d: Disp
     if y_grouped:
         return y
     return y.new_zeros(y.shape).index_copy(0, d.sorted_pair_idx, y)  # slot order
-
-
-def expert_mlp_combined(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, d: Dispatch,
-                        combine_weights: torch.Tensor, kind: str, backend: str,
-                        b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None,
-                        alpha: float = 1.702, limit: float = 7.0, recompute_act: bool = False
-                        ) -> torch.Tensor:
-    """expert_mlp's arguments and combine_weights [T, k] -> [T, d] = sum over a token's kept
-    slots of weight * y. Bias-free, unquantized SwiGLU experts do it in their grouped
-    GEMMs and keep no y [M, d] for the backward; the others combine y afterwards."""
-    if _fused(kind, w_in, w_out, b_in, b_out):
-        x, w_in, w_out = _autocast(x, w_in, w_out)
-        return swiglu_experts(x, w_in, w_out, d, True, backend, combine_weights, recompute_act)
-    y = expert_mlp(x, w_in, w_out, d, kind, backend, True, b_in, b_out, alpha, limit)
-    return weighted_combine(y, combine_weights, d, True, backend)
-
-
-def _fused(kind: str, w_in, w_out, b_in, b_out) -> bool:
-    """Whether the experts take swiglu_experts (the SwiGLU in the GEMMs' epilogues)."""
-    return kind == "swiglu" and b_in is None and b_out is None \
-        and not isinstance(w_in, QuantWeight) and not isinstance(w_out, QuantWeight)

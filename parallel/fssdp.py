@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels import Dispatch
 from kernels.device import autocast_dtype
-from moe.experts import EXPERT_PARAMS, Experts, expert_mlp, expert_mlp_combined
+from moe.experts import EXPERT_PARAMS, Experts, expert_mlp
 from moe.layer import MoELayer
 from parallel.comm import CommCounters, all_gather_flat, sparse_all_gather
 
@@ -76,13 +76,9 @@ class FSSDPExperts(nn.Module):
     def _gather_and_run(self, shard, x, idx, compact, y_grouped, combine_weights=None):
         w = self._split(sparse_all_gather(shard, idx, self.group, self.counters, self.name,
                                           autocast_dtype(x)))
-        if combine_weights is not None:
-            return expert_mlp_combined(x, w["w_in"], w["w_out"], compact, combine_weights,
-                                       self.kind, self.backend, w.get("b_in"), w.get("b_out"),
-                                       self.alpha, self.limit, self.recompute_act)
         return expert_mlp(x, w["w_in"], w["w_out"], compact, self.kind, self.backend,
                           y_grouped, w.get("b_in"), w.get("b_out"), self.alpha, self.limit,
-                          self.recompute_act)
+                          self.recompute_act, combine_weights)
 
     def unshard(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
         """A tensor laid out like the shard [E, s] (the weights, or an optimizer moment) ->

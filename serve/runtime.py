@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import reference, sort_by_expert, weighted_combine
+from kernels import reference, sort_by_expert
 from kernels.backend import get_backend
 from moe.attention import causal_mask, rope_cos_sin, sink_mask
 from moe.experts import expert_mlp
@@ -646,10 +646,9 @@ class OffloadedModel:
         c, m = cache or self.cache, self.cfg.moe
         backend = m.kernel_backend
         d = sort_by_expert(sid.clamp(min=0), c.n_slots, dropped, backend=backend)
-        y = expert_mlp(flat, c.w_in, c.w_out, d, m.expert_type, backend, True, c.b_in, c.b_out,
-                       m.swiglu_alpha, m.swiglu_limit)
-        return weighted_combine(y, w.masked_fill(dropped, 0).to(flat.dtype), d,
-                                backend=backend)
+        return expert_mlp(flat, c.w_in, c.w_out, d, m.expert_type, backend, True, c.b_in,
+                          c.b_out, m.swiglu_alpha, m.swiglu_limit,
+                          combine_weights=w.masked_fill(dropped, 0).to(flat.dtype))
 
     def counters(self) -> dict[str, int]:
         """The raw cache and prefetch counts since reset_stats (stats(since=) takes them)."""
