@@ -18,6 +18,7 @@ from serve.config import ServeConfig  # noqa: E402
 from serve.sampling import SamplingConfig  # noqa: E402
 from serve.session import Session  # noqa: E402
 from serve.text import TextCodec  # noqa: E402
+from tests.forked import run_module  # noqa: E402
 from tests.hf_models import CODE_TEXTS, hf_greedy, save_served_model, save_tokenizer  # noqa: E402
 from tests.http_helpers import request, serving  # noqa: E402
 
@@ -32,8 +33,7 @@ def model_dir(tmp_path_factory):
 def cli(*args, check=True):
     if args and args[0] in ("generate", "bench", "chat"):  # float32 parity on cuda too
         args = (*args, "--dtype", "float32")
-    p = subprocess.run([sys.executable, "-m", "serve", *map(str, args)], capture_output=True,
-                       text=True, timeout=300)
+    p = run_module("serve", args, timeout=300)
     if check and p.returncode:
         raise AssertionError(f"moe-serve failed ({p.returncode}):\n{p.stderr}")
     return p

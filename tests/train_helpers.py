@@ -1,5 +1,5 @@
 """What the `python -m train` tests share: the tiny run's overrides, a run as a
-subprocess (one rank or several under torchrun) and its metrics."""
+process (one rank, or several under torchrun) and its metrics."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from tests.dist_utils import free_port
+from tests.forked import run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["experiment=tiny", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
@@ -26,15 +27,17 @@ MLA = ["model=tiny_mla", "router=deepseek_v3", "model.moe.router.n_group=2",
 
 def train(run_dir: Path, data_cache: str, *overrides: str, nproc: int = 1, env=None,
           check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m train` on the tiny run's overrides: one rank forked from the fork server
+    (tests.forked), several under torchrun."""
     args = [*TINY, f"data.cache_dir={data_cache}", f"hydra.run.dir={run_dir}", *overrides]
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
     if nproc == 1:
-        cmd = [sys.executable, "-m", "train", *args]
+        proc = run_module("train", args, cwd=ROOT, env=full_env, timeout=600)
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-port", str(free_port()), "-m", "train", *args]
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=600)
+        proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
+                              timeout=600)
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
