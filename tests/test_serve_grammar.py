@@ -5,7 +5,6 @@ refused by name."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +15,7 @@ pytest.importorskip("xgrammar")
 from serve.config import ServeConfig  # noqa: E402
 from serve.sampling import SamplingConfig  # noqa: E402
 from serve.session import Session  # noqa: E402
+from tests.forked import run_module  # noqa: E402
 from tests.hf_models import CODE_TEXTS, save_served_model, save_tokenizer, saved_hf  # noqa: E402
 from tests.http_helpers import request, serving  # noqa: E402
 
@@ -173,21 +173,18 @@ def test_cli_response_format_takes_a_schema_file(session, tmp_path):
     schema = tmp_path / "answer.json"
     schema.write_text(json.dumps(SCHEMA))
     d = session.model.scfg.model
-    p = subprocess.run([sys.executable, "-m", "serve", "generate", "--model", d, "--quiet",
-                        "--dtype", "float32", "--prompt", "def f", "--max-new-tokens", "40",
-                        "--response-format", str(schema), "--json"],
-                       capture_output=True, text=True, timeout=300)
+    p = run_module("serve", ["generate", "--model", d, "--quiet", "--dtype", "float32",
+                             "--prompt", "def f", "--max-new-tokens", "40",
+                             "--response-format", schema, "--json"])
     assert p.returncode == 0, p.stderr
     assert valid(json.loads(p.stdout)["text"])
-    p = subprocess.run([sys.executable, "-m", "serve", "chat", "--model", d, "--quiet",
-                        "--dtype", "float32", "--max-new-tokens", "40",
-                        "--response-format", str(schema)],
-                       input="hi\n\n", capture_output=True, text=True, timeout=300)
+    p = run_module("serve", ["chat", "--model", d, "--quiet", "--dtype", "float32",
+                             "--max-new-tokens", "40", "--response-format", schema],
+                   input="hi\n\n")
     assert p.returncode == 0, p.stderr
     assert valid(p.stdout.split("> ")[1].strip())  # the answer to the one turn
-    p = subprocess.run([sys.executable, "-m", "serve", "generate", "--model", d, "--quiet",
-                        "--prompt", "x", "--response-format", "xml"],
-                       capture_output=True, text=True, timeout=300)
+    p = run_module("serve", ["generate", "--model", d, "--quiet", "--prompt", "x",
+                             "--response-format", "xml"])
     assert p.returncode == 2 and "neither 'json' nor a JSON-schema file" in p.stderr
 
 

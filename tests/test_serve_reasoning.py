@@ -12,8 +12,6 @@ fixed chain of tokens whatever came before."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 from serve.config import ServeConfig  # noqa: E402
 from serve.session import Session, TextRow  # noqa: E402
 from serve.text import TextCodec  # noqa: E402
+from tests.forked import run_module  # noqa: E402
 from tests.hf_models import build_hf  # noqa: E402
 from tests.http_helpers import request, serving  # noqa: E402
 
@@ -249,10 +248,9 @@ def test_http_chat_answers_with_reasoning_content_apart(harmony_server):
 
 def test_cli_chat_prints_the_reasoning_only_when_asked(harmony_dir):
     def chat(*flags):
-        return subprocess.run(
-            [sys.executable, "-m", "serve", "chat", "--model", str(harmony_dir), "--quiet",
-             "--dtype", "float32", "--max-new-tokens", "20", *flags], input="hi\n\n",
-            capture_output=True, text=True, timeout=300)
+        return run_module("serve", ["chat", "--model", harmony_dir, "--quiet", "--dtype",
+                                    "float32", "--max-new-tokens", "20", *flags],
+                          input="hi\n\n")
 
     p = chat()
     assert p.returncode == 0, p.stderr
@@ -363,10 +361,8 @@ def test_messages_reach_the_template_as_transformers_hands_them(harmony_dir, tmp
 
 
 def test_cli_chat_names_a_tool_call_it_does_not_run(call_dir):
-    p = subprocess.run(
-        [sys.executable, "-m", "serve", "chat", "--model", str(call_dir), "--quiet",
-         "--dtype", "float32", "--max-new-tokens", "20"], input="hi\n\n",
-        capture_output=True, text=True, timeout=300)
+    p = run_module("serve", ["chat", "--model", call_dir, "--quiet", "--dtype", "float32",
+                             "--max-new-tokens", "20"], input="hi\n\n")
     assert p.returncode == 0, p.stderr
     assert '[tool call get({"city":"Paris"}): not run here]' in p.stderr
     assert "Paris" not in p.stdout

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from tests.forked import run_module
 from tests.train_helpers import (
     MLA,
     ROOT,
@@ -151,11 +150,9 @@ def test_sweep_and_report(tmp_path, data_cache):
     args = ["-m", *TINY, f"data.cache_dir={data_cache}", "trainer.max_steps=4", *VAL,
             f"hydra.sweep.dir={sweep}", "model.moe.router.top_k=1,2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_module("train", args, cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rep = subprocess.run([sys.executable, "-m", "train.sweep_report", str(sweep)], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=120)
+    rep = run_module("train.sweep_report", [sweep], cwd=ROOT, env=env, timeout=120)
     assert rep.returncode == 0, rep.stderr
     table = (sweep / "sweep.md").read_text()
     assert "model.moe.router.top_k=1" in table and "model.moe.router.top_k=2" in table
@@ -182,8 +179,7 @@ def test_export_cli_loads_in_transformers(tmp_path, data_cache, family, override
     train(run_dir, data_cache, "trainer.max_steps=3", *overrides)
     out = tmp_path / "hf"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "train.export", str(run_dir), str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_module("train.export", [run_dir, out], cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"as {family}" in proc.stdout
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
@@ -195,8 +191,7 @@ def test_export_cli_loads_in_transformers(tmp_path, data_cache, family, override
         torch.testing.assert_close(hf(fixed).logits, ours, rtol=1e-5, atol=1e-5)
         assert hf(ids).logits.shape[-1] == 512
     if family == "mixtral":  # the refusal is the same for every family
-        bad = subprocess.run([sys.executable, "-m", "train.export", str(tmp_path / "nope"),
-                              str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+        bad = run_module("train.export", [tmp_path / "nope", out], cwd=ROOT, env=env)
         assert bad.returncode != 0 and "not a checkpoint" in bad.stderr
 
 
@@ -217,9 +212,7 @@ def test_fine_tune_a_hub_moe_and_export_it_back(tmp_path, data_cache):
     assert f"initialised from {hub}: 3 layers, 8 experts, top-2" in proc.stdout
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "train.export", str(tmp_path / "frozen"),
-                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_module("train.export", [tmp_path / "frozen", out], cwd=ROOT, env=env)
     assert proc.returncode == 0 and "as deepseek_v3" in proc.stdout, proc.stderr[-2000:]
     back = transformers.AutoModelForCausalLM.from_pretrained(out)
     ids = torch.arange(40).remainder(512).view(2, 20)
@@ -254,9 +247,8 @@ def test_sample_cli(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     train(run_dir, data_cache, "trainer.max_steps=2")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "train.sample", str(run_dir), "--prompt",
-                           "def f(x):", "--new-tokens", "6", "--temperature", "0"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_module("train.sample", [run_dir, "--prompt", "def f(x):", "--new-tokens", "6",
+                                       "--temperature", "0"], cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--- prompt 'def f(x):'" in proc.stdout and "def f(x):" in proc.stdout
 
