@@ -59,8 +59,9 @@ def _main(module: str, args: list[str], cwd: str | None, env: dict | None,
     except BaseException:  # as the interpreter would: the traceback, status 1
         traceback.print_exc()
         code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for f in (sys.stdout, sys.stderr):
+        if not f.closed:  # a module may close them (json.tool does)
+            f.flush()
     os._exit(code)
 
 
@@ -69,7 +70,13 @@ def run_module(module: str, args: list[str], *, cwd: str | None = None,
                timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m module *args` in a process forked from the fork server, as
     subprocess.run(..., capture_output=True, text=True) returns it. env: the whole
-    environment (as subprocess's); raises subprocess.TimeoutExpired after timeout s."""
+    environment (as subprocess's); raises subprocess.TimeoutExpired after timeout s. An env
+    that sets TRITON_INTERPRET otherwise than this process gets a new interpreter: Triton
+    reads it when the server's imports decorate the kernels."""
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    if env is not None and env.get("TRITON_INTERPRET") != os.environ.get("TRITON_INTERPRET"):
+        return subprocess.run(cmd, cwd=cwd, env=env, input=input, capture_output=True,
+                              text=True, timeout=timeout)
     with tempfile.TemporaryDirectory() as tmp:
         paths = tuple(os.path.join(tmp, n) for n in ("stdin", "stdout", "stderr"))
         for p, text in zip(paths, (input or "", "", ""), strict=True):
@@ -85,5 +92,4 @@ def run_module(module: str, args: list[str], *, cwd: str | None = None,
             proc.join()
             raise subprocess.TimeoutExpired([module, *args], timeout)
         out, err = (open(p).read() for p in paths[1:])
-    cmd = [sys.executable, "-m", module, *map(str, args)]
     return subprocess.CompletedProcess(cmd, proc.exitcode, out, err)

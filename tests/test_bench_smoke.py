@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from tests.forked import run_module
 from tests.seeds import fresh_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,10 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_kernels_bench_smoke(tmp_path):
     out = tmp_path / "results.md"
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.kernels", "--smoke", "--impls",
-         "ours,ours-apart,ours-torch-gemm,ours-loop-gemm,reference,loop,dense",
-         "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_module("bench.kernels", [
+        "--smoke", "--impls", "ours,ours-apart,ours-torch-gemm,ours-loop-gemm,reference,loop,dense",
+        "--out", out], cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     for name in ("ours (triton backend)", "ours, SwiGLU and combine as separate kernels",
@@ -37,8 +37,7 @@ def test_kernels_breakdown_times_every_stage():
     """--breakdown times each primitive of ours alone (the GEMM candidates forced), none of
     them failing (a cuBLAS GEMM per expert writes with out=, so no graph may be built)."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-m", "bench.kernels", "--breakdown", "--smoke"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_module("bench.kernels", ["--breakdown", "--smoke"], cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| stage |")]
@@ -49,10 +48,9 @@ def test_kernels_breakdown_times_every_stage():
 def test_serve_bench_smoke(tmp_path):
     out = tmp_path / "results.md"
     env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.serve", "--smoke", "--layers", "2", "--new-tokens", "6",
-         "--prefetch-fractions", "0.5", "--out", str(out), "--dir", str(tmp_path / "model")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_module("bench.serve", [
+        "--smoke", "--layers", "2", "--new-tokens", "6", "--prefetch-fractions", "0.5",
+        "--out", out, "--dir", tmp_path / "model"], cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     assert "Offloaded decode" in text and "4/16 (25%)" in text and "8/16 (50%)" in text
@@ -366,9 +364,8 @@ def test_layer_launches_bench_counts_no_host_waits(tmp_path):
     """bench/layer_launches.py counts launches and host waits per layer step; no case waits."""
     out = tmp_path / "results.md"
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-m", "bench.layer_launches", "--tokens", "4",
-                           "--max-experts", "16", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_module("bench.layer_launches", ["--tokens", "4", "--max-experts", "16",
+                                               "--out", out], cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split(" | ") for line in out.read_text().splitlines()
             if line.startswith("| this commit |")]
@@ -456,10 +453,10 @@ def test_serve_timeline_smoke(tmp_path):
     """bench/serve_timeline.py end to end on the CPU (host ops only): a row per budget and
     prefetch mode, the all-resident one moving nothing."""
     out, js = tmp_path / "r.md", tmp_path / "r.json"
-    subprocess.run([sys.executable, "-m", "bench.serve_timeline", "--smoke", "--layers", "2",
-                    "--tokens", "3", "--dir", str(tmp_path / "m"), "--out", str(out),
-                    "--json-out", str(js)], check=True, capture_output=True, text=True,
-                   timeout=600)
+    p = run_module("bench.serve_timeline", ["--smoke", "--layers", "2", "--tokens", "3",
+                                            "--dir", tmp_path / "m", "--out", out,
+                                            "--json-out", js], timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
     text = out.read_text()
     assert "Offloaded decode timeline" in text and "| 4/16, none |" in text
     r = json.loads(js.read_text())

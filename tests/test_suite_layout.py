@@ -20,3 +20,22 @@ def test_every_module_that_starts_ranks_is_in_the_ranks_unit():
     assert starting <= _RANKS_MODULES, sorted(starting - _RANKS_MODULES)
     assert all(_unit(f"tests/{name}") == "ranks" for name in starting)
     assert _unit("tests/test_serve.py") == "tests/test_serve.py"  # the others: one a module
+
+
+def test_a_forked_run_reports_as_a_subprocess_would():
+    """tests.forked.run_module, which the CLI tests run through: its status, its output
+    streams, its stdin, an uncaught error's traceback, and a timeout that stops it."""
+    import subprocess
+
+    import pytest
+
+    from tests.forked import run_module
+
+    p = run_module("json.tool", [], input='{"a": [1]}')
+    assert p.returncode == 0 and p.stdout == '{\n    "a": [\n        1\n    ]\n}\n', p
+    p = run_module("json.tool", ["/nonexistent/in.json"])
+    assert p.returncode == 2 and "/nonexistent/in.json" in p.stderr and p.stdout == ""
+    p = run_module("tests.no_such_module", [])
+    assert p.returncode == 1 and "No module named tests.no_such_module" in p.stderr
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_module("http.server", ["0", "--bind", "127.0.0.1"], timeout=2)
