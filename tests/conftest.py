@@ -22,11 +22,13 @@ def data_cache(tmp_path_factory):
 # that no two of them race for a port or for the cores.
 _RANKS_MODULES = {"test_parallel.py", "test_parallel_failures.py", "test_train_ranks.py",
                   "test_routing_megatron.py", "test_peer_shims.py"}
-# Seconds the longest other modules took under -n 2 on 2 cores (2026-11-30): they start
-# next, longest first, so that none is left to run alone at the end.
-_MODULE_SECONDS = {"test_serve.py": 450, "test_train.py": 200, "test_bench_smoke.py": 115,
-                   "test_serve_cli.py": 100, "test_kernels_triton.py": 130,
-                   "test_serve_speculate.py": 40, "test_kernels_offline.py": 35}
+# Seconds the longest other modules took under -n 2 on 2 cores (2026-11-30, the ranks and
+# CLI runs forked: tests/forked.py): they start next, longest first, so that none is left to
+# run alone at the end.
+_MODULE_SECONDS = {"test_serve.py": 167, "test_kernels_triton.py": 151,
+                   "test_kernels_offline.py": 120, "test_train.py": 109,
+                   "test_bench_smoke.py": 86, "test_serve_cli.py": 49,
+                   "test_serve_speculate.py": 16, "test_serve_grammar.py": 14}
 
 
 def _unit(module: str) -> str:
