@@ -189,24 +189,33 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    "OpenAI's json_object allows) or a JSON-schema file (needs xgrammar)")
 
 
-def _sampling(a, session) -> SamplingConfig:
+def _sampling(a, session=None) -> SamplingConfig:
+    """The sampling flags -> SamplingConfig; with the session, the response format's grammar
+    and the prediction file's tokens too (both need the model's tokenizer)."""
     sampled = a.top_k > 0 or a.top_p < 1
     temp = a.temperature if a.temperature is not None else (1.0 if sampled else 0.0)
-    grammar = None
-    if a.response_format is not None:
-        grammar = session.grammar(_response_format(a.response_format))
-    prediction = None
-    if a.prediction_file is not None:
-        path = Path(a.prediction_file)
-        if not path.is_file():
-            raise ValueError(f"--prediction-file {a.prediction_file}: no such file")
-        prediction = tuple(session.need_codec().encode(path.read_text(),
-                                                       add_special_tokens=False))
+    fmt = _response_format(a.response_format) if a.response_format is not None else None
+    if a.prediction_file is not None and not Path(a.prediction_file).is_file():
+        raise ValueError(f"--prediction-file {a.prediction_file}: no such file")
+    grammar = prediction = None
+    if session is not None:
+        grammar = session.grammar(fmt) if fmt is not None else None
+        if a.prediction_file is not None:
+            prediction = tuple(session.need_codec().encode(
+                Path(a.prediction_file).read_text(), add_special_tokens=False))
     return SamplingConfig(temperature=temp, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
                           repetition_penalty=a.repetition_penalty,
                           presence_penalty=a.presence_penalty,
                           frequency_penalty=a.frequency_penalty, grammar=grammar,
                           ignore_eos=a.ignore_eos, prediction=prediction)
+
+
+def _check_before_loading(a) -> None:
+    """The generation flags that need no model, checked before it loads (a mistyped --top-p
+    should not cost a model's load first)."""
+    if a.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    _sampling(a).check()
 
 
 def _response_format(value: str) -> dict:
@@ -257,6 +266,7 @@ def cmd_generate(a) -> None:
     if bool(prompts_text) == bool(a.prompt_ids):
         raise ValueError("give the prompt as --prompt TEXT or as --prompt-ids 1,2,3 (not both)")
     batch = len(prompts_text) or len(a.prompt_ids)
+    _check_before_loading(a)
     s = _session(a, batch)
     prompts = [s.encode(p) for p in prompts_text] if prompts_text else a.prompt_ids
     stream = not a.json and batch == 1
@@ -298,6 +308,7 @@ def cmd_generate(a) -> None:
 
 
 def cmd_chat(a) -> None:
+    _check_before_loading(a)
     s = _session(a)
     codec = s.need_codec()
     sampling = _sampling(a, s)

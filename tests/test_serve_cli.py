@@ -196,6 +196,25 @@ def test_generate_errors_exit_non_zero_with_a_message(model_dir, args, message):
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.parametrize("command,flags,message", [
+    ("generate", ["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    ("generate", ["--top-p", "2"], "top_p must be in (0, 1], got 2.0"),
+    ("generate", ["--temperature", "-1"], "temperature must be >= 0"),
+    ("generate", ["--response-format", "/nonexistent/schema.json"], "neither 'json' nor"),
+    ("chat", ["--prediction-file", "/nonexistent/draft.py"], "no such file"),
+    ("chat", ["--presence-penalty", "3"], "presence_penalty must be in [-2, 2]"),
+])
+def test_sampling_flags_are_refused_before_the_model_loads(model_dir, command, flags,
+                                                          message):
+    """A flag out of range stops the run at once: no model is read first (the load's line,
+    which names the architecture, is never printed)."""
+    d, _ = model_dir
+    extra = ["--prompt-ids", "1"] if command == "generate" else []
+    p = cli(command, "--model", d, *extra, *flags, check=False)
+    assert p.returncode != 0 and message in p.stderr, p.stderr
+    assert "mixtral" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
 @pytest.fixture(scope="module")
 def server(model_dir):
     d, hf = model_dir
