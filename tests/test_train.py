@@ -93,6 +93,34 @@ def test_bad_config_stops_with_a_message(tmp_path, data_cache, override, message
     assert message in proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("override,message", [
+    ("trainer.max_steps=0", "trainer.max_steps must be >= 1, got 0"),
+    ("data.seq_len=0", "data.seq_len must be >= 1, got 0"),
+    ("trainer.eval_batches=0", "trainer.eval_batches must be >= 1"),
+    ("data.val_fraction=1.5", "data.val_fraction must be in [0, 1)"),
+    ("parallel.mode=eq", "parallel mode must be dp, ep or fssdp, got 'eq'"),
+])
+def test_settings_out_of_range_stop_the_run_before_it_reads_its_data(tmp_path, override,
+                                                                      message):
+    """They need neither data nor model: the run ends with the message (exit 2, no traceback)
+    before it reads the corpus or trains a tokenizer (its data cache stays unwritten)."""
+    cache = tmp_path / "cache"
+    proc = train(tmp_path / "run", str(cache), override, check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not cache.exists()
+
+
+def test_one_process_says_which_parallel_settings_wait_for_torchrun():
+    from parallel import ParallelConfig
+    from train.trainer import _one_process_note
+
+    assert _one_process_note(ParallelConfig()) == ""
+    assert _one_process_note(ParallelConfig(mode="ep")) == \
+        " (one process: parallel=ep takes effect under torchrun)"
+    assert "parallel=fssdp and parallel.dense=deepspeed take effect" in \
+        _one_process_note(ParallelConfig(mode="fssdp", dense="deepspeed"))
+
+
 def test_divergence_stops_with_a_message_before_the_step(tmp_path, data_cache):
     """A non-finite gradient norm ends the run (exit 2, every rank) before the optimizer
     steps on it, naming the step and what to change; no checkpoint of it is written."""

@@ -73,6 +73,35 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
+    def check(self) -> None:
+        """ValueError naming the first setting out of range among those that need neither
+        the data nor a model: a run stops on them before it reads its corpus or trains a
+        tokenizer (minutes on a real corpus)."""
+        from moe.model import RECOMPUTE
+
+        t, d = self.trainer, self.data
+        for name, value, least in (
+                ("trainer.max_steps", t.max_steps, 1), ("trainer.grad_accum", t.grad_accum, 1),
+                ("trainer.log_every", t.log_every, 1), ("trainer.eval_every", t.eval_every, 0),
+                ("trainer.eval_batches", t.eval_batches, 1),
+                ("trainer.ckpt_every", t.ckpt_every, 0),
+                ("trainer.keep_checkpoints", t.keep_checkpoints, 0),
+                ("trainer.heatmap_every", t.heatmap_every, 0),
+                ("data.seq_len", d.seq_len, 1), ("data.batch_size", d.batch_size, 1),
+                ("data.vocab_size", d.vocab_size, 1), ("data.max_bytes", d.max_bytes, 1)):
+            if value < least:
+                raise ValueError(f"{name} must be >= {least}, got {value}")
+        if not 0 <= d.val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+        if t.activation_checkpointing not in RECOMPUTE:
+            raise ValueError(f"trainer.activation_checkpointing: activation checkpointing must "
+                             f"be one of {', '.join(RECOMPUTE)}, got "
+                             f"{t.activation_checkpointing!r}")
+        if t.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"trainer.dtype must be float32 or bfloat16, got {t.dtype!r}")
+        if t.upcycle_from and t.init_from:
+            raise ValueError("trainer.upcycle_from and trainer.init_from both set: pick one")
+
 
 def register() -> None:
     """Register the schema so configs/train.yaml can build on it."""

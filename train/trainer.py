@@ -281,10 +281,22 @@ def build_optimizer_factory(cfg: TrainConfig):
     return factory
 
 
+def _one_process_note(p) -> str:
+    """What the model line says of parallel settings that one process does not use."""
+    asked = [f"parallel={p.mode}" if p.mode != "dp" else "",
+             f"parallel.dense={p.dense}" if p.dense != "ddp" else ""]
+    asked = [a for a in asked if a]
+    verb = "takes" if len(asked) == 1 else "take"
+    return f" (one process: {' and '.join(asked)} {verb} effect under torchrun)" if asked else ""
+
+
 def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
     """Train as cfg says, writing into run_dir; returns the losses of the steps run here."""
-    lr_at(0, cfg)  # a bad schedule stops the run before any work
+    cfg.check()  # bad settings stop the run before any work, as does a bad schedule
+    lr_at(0, cfg)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not distributed:  # the parallel settings' names, on one process too
+        cfg.parallel.check(cfg.parallel.ep_size or 1)
     mesh = init_distributed(cfg.parallel) if distributed else None
     rank, world = (mesh.rank, mesh.world_size) if mesh else (0, 1)
     main = rank == 0
@@ -301,8 +313,6 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
     if main:  # the run carries its tokenizer, for export and serving
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(data_dir / "tokenizer.json", run_dir / "tokenizer.json")
-    if cfg.trainer.upcycle_from and cfg.trainer.init_from:
-        raise ValueError("trainer.upcycle_from and trainer.init_from both set: pick one")
     if cfg.model.vocab_size != batches.vocab_size and not (
             cfg.trainer.upcycle_from or cfg.trainer.init_from):
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer has "
@@ -332,12 +342,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
     ac = cfg.trainer.activation_checkpointing
     model.set_activation_checkpointing(ac)
     accum = cfg.trainer.grad_accum
-    if accum < 1:
-        raise ValueError(f"trainer.grad_accum must be >= 1, got {accum}")
     eval_every = cfg.trainer.eval_every
-    if eval_every < 0 or cfg.trainer.eval_batches < 1:
-        raise ValueError("trainer.eval_every must be >= 0 and trainer.eval_batches >= 1, got "
-                         f"{eval_every} and {cfg.trainer.eval_batches}")
     if eval_every and not batches.val_batches:
         raise ValueError("trainer.eval_every needs held-out data: set data.val_fraction "
                          "(e.g. 0.01)")
@@ -360,7 +365,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[float]:
     n_params = sum(p.numel() for p in model.parameters())
     notes = [f"{n_params / 1e6:.2f}M parameters on this rank", f"{world} rank(s)",
              f"parallel={cfg.parallel.mode} (dense: {cfg.parallel.dense})" if mesh
-             else "parallel=none", f"device={device}"]
+             else "parallel=none" + _one_process_note(cfg.parallel), f"device={device}"]
     if accum > 1:
         notes.append(f"{accum} micro-batches a step")
     if ac != "none":
