@@ -48,6 +48,40 @@ def _ids(text: str) -> list[int]:
             f"--prompt-ids takes comma-separated integers, got {text!r}") from None
 
 
+def _at_least(least: int):
+    """An argparse type: an integer >= least."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if v < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {v}")
+        return v
+    return parse
+
+
+def _port(text: str) -> int:
+    v = _at_least(0)(text)
+    if v > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0-65535, got {v}")
+    return v
+
+
+def _check_listen(host: str, port: int) -> None:
+    """ValueError when host:port cannot be listened on (in use, not this machine's address):
+    checked before the model loads, not after."""
+    import socket
+
+    try:
+        family, kind, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as HTTPServer does
+            s.bind(addr)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def _json_object(text: str) -> dict:
     try:
         v = json.loads(text)
@@ -164,7 +198,7 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=64)
     p.add_argument("--temperature", type=float, default=None,
                    help="0 or unset: greedy (unless --top-k/--top-p are given)")
     p.add_argument("--top-k", type=int, default=0)
@@ -213,8 +247,6 @@ def _sampling(a, session=None) -> SamplingConfig:
 def _check_before_loading(a) -> None:
     """The generation flags that need no model, checked before it loads (a mistyped --top-p
     should not cost a model's load first)."""
-    if a.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
     _sampling(a).check()
 
 
@@ -418,6 +450,7 @@ def cmd_http(a) -> None:
     from serve.http import serve_forever
 
     key, origins = http_access(a.api_key, a.allowed_origins)
+    _check_listen(a.host, a.port)
     serve_forever(_session(a, HTTP_BATCH), a.host, a.port, a.chat_template_kwargs, key,
                   origins, a.drain_timeout)
 
@@ -446,9 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
     b = sub.add_parser("bench", help="prefill / decode speed, hit rate, bytes, S-MBU, S-MFU")
     _runtime_args(b)
-    b.add_argument("--prompt-len", type=int, default=128)
-    b.add_argument("--new-tokens", type=int, default=32)
-    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--prompt-len", type=_at_least(1), default=128)
+    b.add_argument("--new-tokens", type=_at_least(1), default=32)
+    b.add_argument("--batch", type=_at_least(1), default=1)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
@@ -484,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "/v1/chat/completions, /v1/models, /health")
     _runtime_args(h)
     h.add_argument("--host", default="127.0.0.1")
-    h.add_argument("--port", type=int, default=8000)
+    h.add_argument("--port", type=_port, default=8000)
     h.add_argument("--api-key", default=None, metavar="KEY",
                    help="requests to /v1/* must send \"Authorization: Bearer KEY\" (default: "
                    "$MOE_SERVE_API_KEY; unset: open)")

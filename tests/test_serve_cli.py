@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -197,20 +198,28 @@ def test_generate_errors_exit_non_zero_with_a_message(model_dir, args, message):
 
 
 @pytest.mark.parametrize("command,flags,message", [
-    ("generate", ["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    ("generate", ["--max-new-tokens", "0"], "--max-new-tokens: must be >= 1, got 0"),
     ("generate", ["--top-p", "2"], "top_p must be in (0, 1], got 2.0"),
     ("generate", ["--temperature", "-1"], "temperature must be >= 0"),
     ("generate", ["--response-format", "/nonexistent/schema.json"], "neither 'json' nor"),
     ("chat", ["--prediction-file", "/nonexistent/draft.py"], "no such file"),
     ("chat", ["--presence-penalty", "3"], "presence_penalty must be in [-2, 2]"),
+    ("bench", ["--new-tokens", "0"], "--new-tokens: must be >= 1, got 0"),
+    ("bench", ["--prompt-len", "-3"], "--prompt-len: must be >= 1, got -3"),
+    ("http", ["--port", "99999"], "a TCP port is 0-65535, got 99999"),
+    ("http", ["--port", "in use"], "Address already in use"),
 ])
 def test_sampling_flags_are_refused_before_the_model_loads(model_dir, command, flags,
                                                           message):
-    """A flag out of range stops the run at once: no model is read first (the load's line,
-    which names the architecture, is never printed)."""
+    """A flag out of range, or a port that cannot be listened on, stops the run at once: no
+    model is read first (the load's line, which names the architecture, is never printed)."""
     d, _ = model_dir
     extra = ["--prompt-ids", "1"] if command == "generate" else []
-    p = cli(command, "--model", d, *extra, *flags, check=False)
+    with socket.socket() as taken:  # a port something else listens on
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        flags = [str(taken.getsockname()[1]) if f == "in use" else f for f in flags]
+        p = cli(command, "--model", d, *extra, *flags, check=False)
     assert p.returncode != 0 and message in p.stderr, p.stderr
     assert "mixtral" not in p.stderr and "Traceback" not in p.stderr, p.stderr
 
