@@ -110,17 +110,6 @@ def test_settings_out_of_range_stop_the_run_before_it_reads_its_data(tmp_path, o
     assert "Traceback" not in proc.stderr and not cache.exists()
 
 
-def test_one_process_says_which_parallel_settings_wait_for_torchrun():
-    from parallel import ParallelConfig
-    from train.trainer import _one_process_note
-
-    assert _one_process_note(ParallelConfig()) == ""
-    assert _one_process_note(ParallelConfig(mode="ep")) == \
-        " (one process: parallel=ep takes effect under torchrun)"
-    assert "parallel=fssdp and parallel.dense=deepspeed take effect" in \
-        _one_process_note(ParallelConfig(mode="fssdp", dense="deepspeed"))
-
-
 def test_divergence_stops_with_a_message_before_the_step(tmp_path, data_cache):
     """A non-finite gradient norm ends the run (exit 2, every rank) before the optimizer
     steps on it, naming the step and what to change; no checkpoint of it is written."""

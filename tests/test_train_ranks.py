@@ -177,3 +177,13 @@ def test_deepspeed_dense_trains_like_ddp(tmp_path, data_cache):
         for key in ("loss", "grad_norm", "lr"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
+
+def test_one_process_says_which_parallel_settings_wait_for_torchrun():
+    from parallel import ParallelConfig
+    from train.trainer import _one_process_note
+
+    assert _one_process_note(ParallelConfig()) == ""
+    assert _one_process_note(ParallelConfig(mode="ep")) == \
+        " (one process: parallel=ep takes effect under torchrun)"
+    assert "parallel=fssdp and parallel.dense=deepspeed take effect" in \
+        _one_process_note(ParallelConfig(mode="fssdp", dense="deepspeed"))
