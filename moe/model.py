@@ -19,6 +19,13 @@ from routing import Routing
 RECOMPUTE = ("none", "moe_act", "mlp", "block")
 
 
+def check_recompute(mode: str) -> None:
+    """ValueError unless mode is an activation-checkpointing mode (RECOMPUTE)."""
+    if mode not in RECOMPUTE:
+        raise ValueError(f"activation checkpointing must be one of {', '.join(RECOMPUTE)}, "
+                         f"got {mode!r}")
+
+
 @dataclass
 class LMOutput:
     """logits [B, S, V]; losses are scalars (None without labels); one Routing per MoE layer."""
@@ -113,9 +120,7 @@ class MoETransformer(nn.Module):
         layer's router, expert rows and SwiGLU, its largest activations; also its
         collectives under EP / FSSDP), "block" whole blocks, "none" keeps everything.
         Gradients are unchanged (routing is deterministic)."""
-        if mode not in RECOMPUTE:
-            raise ValueError(f"activation checkpointing must be one of {', '.join(RECOMPUTE)}, "
-                             f"got {mode!r}")
+        check_recompute(mode)
         for layer in self.layers:
             layer.recompute = "none" if mode == "moe_act" else mode
             experts = getattr(layer.mlp, "experts", None)

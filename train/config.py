@@ -77,7 +77,7 @@ class TrainConfig:
         """ValueError naming the first setting out of range among those that need neither
         the data nor a model: a run stops on them before it reads its corpus or trains a
         tokenizer (minutes on a real corpus)."""
-        from moe.model import RECOMPUTE
+        from moe.model import check_recompute
 
         t, d = self.trainer, self.data
         for name, value, least in (
@@ -93,10 +93,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= {least}, got {value}")
         if not 0 <= d.val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
-        if t.activation_checkpointing not in RECOMPUTE:
-            raise ValueError(f"trainer.activation_checkpointing: activation checkpointing must "
-                             f"be one of {', '.join(RECOMPUTE)}, got "
-                             f"{t.activation_checkpointing!r}")
+        try:
+            check_recompute(t.activation_checkpointing)
+        except ValueError as e:
+            raise ValueError(f"trainer.activation_checkpointing: {e}") from None
         if t.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"trainer.dtype must be float32 or bfloat16, got {t.dtype!r}")
         if t.upcycle_from and t.init_from:
