@@ -155,21 +155,25 @@ def build_ours_graphed(shape, T, dtype, device) -> Step:
     """Ours, forward and backward each replayed from a CUDA graph
     (torch.cuda.make_graphed_callables): the host issues two graph launches instead of the
     layer's ~40 kernels and their Python. Possible because a layer step waits for the
-    device nowhere (bench/layer_launches.py); the eager warm-up does the Triton autotuning
-    and the backend's GEMM picks, which time kernels and cannot be captured."""
+    device nowhere (bench/layer_launches.py) once its GEMMs pick among the implementations
+    that read nothing back (kernels.without_host_waits); the eager warm-up does the Triton
+    autotuning and those picks, which time kernels and cannot be captured."""
     if device.type != "cuda":
         raise Unavailable("CUDA graphs need CUDA")
+    from kernels import without_host_waits
+
     layer, x, dy = _ours_layer(shape, T, dtype, device, "triton")
     wrapped = _OutputOnly(layer)
-    for _ in range(2):
-        wrapped(x).backward(dy)
-    torch.cuda.synchronize()
-    graphed = torch.cuda.make_graphed_callables(wrapped, (x,))
-    # the replay computes what the eager layer does, on inputs the capture never saw
-    x2 = torch.randn_like(x).requires_grad_(True)
-    out_g = graphed(x2)
-    out_g.backward(dy)
-    out_e = wrapped(x2.detach())
+    with without_host_waits():  # a capture cannot hold a read back (the per-expert loop's)
+        for _ in range(2):
+            wrapped(x).backward(dy)
+        torch.cuda.synchronize()
+        graphed = torch.cuda.make_graphed_callables(wrapped, (x,))
+        # the replay computes what the eager layer does, on inputs the capture never saw
+        x2 = torch.randn_like(x).requires_grad_(True)
+        out_g = graphed(x2)
+        out_g.backward(dy)
+        out_e = wrapped(x2.detach())
     err = ((out_g.float() - out_e.float()).norm() / out_e.float().norm()).item()
     if not err < 1e-2:
         raise RuntimeError(f"the graph's output differs from the eager layer's: {err:.1e}")

@@ -168,3 +168,13 @@ def router_losses(logits: torch.Tensor, expert_ids: torch.Tensor, score: str = "
 
 __all__ = ["Dispatch", "grouped_linear", "router_losses", "sort_by_expert", "swiglu",
            "swiglu_experts", "topk_route", "weighted_combine"]
+
+
+def without_host_waits():
+    """A context manager: within it, the Triton backend's grouped GEMMs pick among the
+    implementations that never wait for the device (not the per-expert loop, which reads
+    the rows per expert back): for CUDA graph capture, and for serving, whose host must keep
+    issuing the next layer's work while expert copies run."""
+    from kernels.triton import pick
+
+    return pick.without_host_waits()

@@ -4,8 +4,10 @@ At batch-1 decode the PCIe link is the bottleneck: a right prediction only hides
 layer would have made anyway behind the little compute before it, while a wrong one costs a
 whole expert's copy, shares the link with the demand copies after it and evicts an expert
 that may have hit. On the lent H200 (bench/RESULTS.md, 2026-11-30, Mixtral-8x7B layer shapes,
-random weights) predictions of precision 0.53 made decode 0.46x as fast as no prefetch, and
-0.64 (gated by weight) 0.91x. So a layer's predictions are copied only while the share of its
+random weights) predictions of precision 0.53 made decode 0.82x as fast as no prefetch with a
+quarter of the experts cached, 0.90x with half (the 0.46x first measured included cuDNN
+attention plans built per key count, which the first setting of a run paid alone), and 0.64
+(gated by weight) 0.91x. So a layer's predictions are copied only while the share of its
 recently predicted experts that the layer then used reaches `min_precision`; below it (and
 until `warmup` predicted experts have been scored) they are still made and scored, without
 copies, so the prefetch resumes when they improve.

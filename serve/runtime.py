@@ -4,6 +4,8 @@ a KV cache, and the cross-layer prefetcher. `step` runs one forward over new tok
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -11,8 +13,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import reference, sort_by_expert
+from kernels import reference, sort_by_expert, without_host_waits
 from kernels.backend import get_backend
 from moe.attention import causal_mask, rope_cos_sin, sink_mask
 from moe.experts import expert_mlp
@@ -54,9 +57,10 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
                 max_context: int) -> tuple[int, int, str]:
     """(bytes kept on the device besides expert slots, bytes of one slot, a description):
     non-expert weights, KV cache and an estimate of the activations of one prefill chunk
-    (with the residual streams of a whole prompt's other chunks), and the draft model with
-    its KV caches when there is one."""
+    (with the residual streams of a whole prompt's other chunks), cuBLAS's workspace on
+    CUDA, and the draft model with its KV caches when there is one."""
     m, el = store.cfg, torch.finfo(dtype).bits // 8
+    device = resolve_device(cfg.device)
     dense = store.dense_nbytes()
     kv = KVCache.nbytes(m, max_batch, max_context, dtype, cfg.kv_cache_dtype)
     chunk = max_batch * min(cfg.prefill_chunk, max_context)
@@ -77,13 +81,17 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
     act += 2 * max_batch * max(cfg.speculate, PREDICTED_DRAFT) * m.vocab_size * 4
     if m.attn_sinks:  # the float mask that carries the sinks
         act += chunk * (max_context + 1) * el * m.n_heads
-    if store.bits is not None and get_backend(cfg.kernel_backend, resolve_device(cfg.device)) \
-            is reference:  # packed experts are dequantized one at a time
+    if store.bits is not None and get_backend(cfg.kernel_backend, device) is reference:
+        # packed experts are dequantized one at a time
         act += 2 * Fe * d * (4 + el)
     parts = (f"non-expert weights {format_size(dense)}, KV cache {format_size(kv)} "
              f"({max_batch} x {max_context} tokens"
              + (", int8" if cfg.kv_cache_dtype == "int8" else "")
              + f"), activations ~{format_size(act)}")
+    ws = 0
+    if device.type == "cuda":  # torch's, allocated by the compute stream's first GEMM
+        ws = cublas_workspace_bytes(device)
+        parts += f", cuBLAS workspace {format_size(ws)}"
     draft = 0
     if cfg.draft_model is not None:
         from serve.draft import draft_nbytes
@@ -100,7 +108,7 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
         low = n * (sum(quantize(w, bits).nbytes for w in (probe.w_in, probe.w_out))
                    + sum(b.nbytes for b in (probe.b_in, probe.b_out) if b is not None))
         parts += f", {n} {cfg.miss_quant} stand-in slots {format_size(low)}"
-    return dense + kv + act + draft + low, ExpertCache.slot_nbytes(store, dtype), parts
+    return dense + kv + act + ws + draft + low, ExpertCache.slot_nbytes(store, dtype), parts
 
 
 def miss_quant_slots(cfg: ServeConfig, m, max_batch: int) -> int:
@@ -144,8 +152,28 @@ def plan_slots(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_bat
                             f"{parts}")
 
 
+# The attention backends the runtime lets SDPA choose from: not cuDNN's, which builds an
+# execution plan for each new shape, and a decode step's key count is new at every step (on
+# the lent H200, bench/RESULTS.md 2026-11-30: about 17 ms of host time a call, a setting's
+# first run paying 35 ms a token of them).
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                      SDPBackend.MATH]
+
 # with no budget given, the runtime takes this share of the device's free memory
 FREE_SHARE = 0.9
+
+
+def cublas_workspace_bytes(device: torch.device, config: str | None = None) -> int:
+    """Bytes of the cuBLAS workspace torch allocates (through its caching allocator, so it
+    counts against the budget) for a stream's first GEMM: the sum of size KiB x count over
+    CUBLAS_WORKSPACE_CONFIG's ":SIZE:COUNT" pairs (config, else the environment's), else
+    torch's default, 32 MiB from compute capability 9 (Hopper) on, 8 MiB + 128 KiB before."""
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG") if config is None else config
+    pairs = re.findall(r":(\d+):(\d+)", config or "")
+    if pairs:
+        return sum(int(size) * int(count) for size, count in pairs) * 1024
+    major = torch.cuda.get_device_properties(device).major
+    return (4096 * 8 if major >= 9 else 4096 * 2 + 16 * 8) * 1024
 
 
 def free_memory(device: torch.device) -> int:
@@ -390,8 +418,10 @@ class OffloadedModel:
         mask = c.mask_for(block.window)
         if self.sinks:  # GPT-OSS: cache position 0 is a zero key / value, the sink's
             mask = sink_mask(mask, attn.sinks, self.dtype)
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale,
-                                           enable_gqa=keys.shape[1] != q.shape[1])
+        with sdpa_kernel(ATTENTION_BACKENDS):
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                               scale=attn.scale,
+                                               enable_gqa=keys.shape[1] != q.shape[1])
         return x + (attn.latent_out(o) if mla
                     else attn.o_proj(o.transpose(1, 2).reshape(B, c.S, -1)))
 
@@ -646,9 +676,10 @@ class OffloadedModel:
         c, m = cache or self.cache, self.cfg.moe
         backend = m.kernel_backend
         d = sort_by_expert(sid.clamp(min=0), c.n_slots, dropped, backend=backend)
-        return expert_mlp(flat, c.w_in, c.w_out, d, m.expert_type, backend, True, c.b_in,
-                          c.b_out, m.swiglu_alpha, m.swiglu_limit,
-                          combine_weights=w.masked_fill(dropped, 0).to(flat.dtype))
+        with without_host_waits():  # no GEMM that reads back (the host issues on meanwhile)
+            return expert_mlp(flat, c.w_in, c.w_out, d, m.expert_type, backend, True, c.b_in,
+                              c.b_out, m.swiglu_alpha, m.swiglu_limit,
+                              combine_weights=w.masked_fill(dropped, 0).to(flat.dtype))
 
     def counters(self) -> dict[str, int]:
         """The raw cache and prefetch counts since reset_stats (stats(since=) takes them)."""

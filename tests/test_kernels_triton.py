@@ -384,6 +384,42 @@ def test_pick_times_each_implementation_once_per_shape_and_keeps_the_fastest():
     assert out == "t"
 
 
+def test_pick_leaves_out_what_waits_for_the_host_within_without_host_waits():
+    """kernels.without_host_waits (CUDA graph capture, serving): the per-expert loop, which
+    reads the rows per expert back, is neither timed nor chosen, under a key of its own;
+    outside, the earlier choice stands."""
+    from kernels import without_host_waits
+    from kernels.triton import pick
+
+    timed = []
+    cands = {"triton": lambda: "t", "loop": lambda: "l"}
+
+    def timer(fn):
+        timed.append(fn())
+        return {"t": 2.0, "l": 1.0}[timed[-1]]
+
+    key, cpu = ("waits", fresh_seed()), torch.device("cpu")
+    assert pick.run(key, cands, cpu, timer) == "l" and timed == ["t", "l"]
+    timed.clear()
+    with without_host_waits():
+        assert pick.run(key, cands, cpu, timer) == "t" and timed == ["t"]
+        with pick.forced("loop"):  # a forced implementation is still used
+            assert pick.run(key, cands, cpu, timer) == "l"
+    assert pick.run(key, cands, cpu, timer) == "l" and timed == ["t"]
+    assert pick.choices()[(*key, "no host waits")] == "triton" and pick.choices()[key] == "loop"
+
+
+def test_bench_quantiles_are_those_do_bench_returns():
+    """common.bench (the autotuners' and the picker's timer, which allocates no L2-flush
+    buffer) reports the median, or the values at the quantiles the autotuner asks for."""
+    from kernels.triton.common import pick_quantiles
+
+    times = [float(t) for t in range(1, 12)]  # sorted
+    assert pick_quantiles(times) == 6.0
+    assert pick_quantiles(times, (0.5, 0.2, 0.8)) == [6.0, 3.0, 9.0]
+    assert pick_quantiles([4.0], (0.5, 0.2, 0.8)) == [4.0, 4.0, 4.0]
+
+
 @pytest.mark.parametrize("group", [1, 3])
 def test_grouped_launch_order_covers_every_tile(group, monkeypatch):
     """The L2-grouped tile order (grouped_mm.GROUP rows of tiles at a time) must visit every

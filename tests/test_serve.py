@@ -856,6 +856,32 @@ def test_without_a_budget_the_free_device_memory_is_the_budget(refs, monkeypatch
         serve(d)
 
 
+def test_the_cuda_memory_plan_counts_cublas_workspace(refs, monkeypatch):
+    """On CUDA the plan counts the cuBLAS workspace that torch allocates through its caching
+    allocator at the first GEMM (it is inside the device's peak): 32 MiB on Hopper and
+    later, 8 MiB + 128 KiB before, or what CUBLAS_WORKSPACE_CONFIG sets."""
+    from types import SimpleNamespace
+
+    import serve.runtime as rt
+
+    _, d, *_ = refs("mixtral")
+    cfg = ServeConfig(model=str(d), memory_budget="1GiB")
+    store = rt.WeightStore(d, torch.float32, "none", tiers=False)
+    plain, slot, parts = rt.memory_plan(store, cfg, torch.float32, 1, 64)
+    assert "cuBLAS" not in parts
+    monkeypatch.setattr(rt, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    for major, want in ((9, 32 * 2**20), (10, 32 * 2**20), (8, 8 * 2**20 + 128 * 2**10)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda dev, m=major: SimpleNamespace(major=m))
+        fixed, slot2, parts = rt.memory_plan(store, cfg, torch.float32, 1, 64)
+        assert (fixed - plain, slot2) == (want, slot), major
+        assert "cuBLAS workspace" in parts
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # deterministic mode's setting
+    assert rt.memory_plan(store, cfg, torch.float32, 1, 64)[0] - plain == 128 * 2**10
+    assert rt.cublas_workspace_bytes(torch.device("cuda"), ":4096:2:16:8") == 8320 * 2**10
+
+
 def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ModelDirError, match="does not exist"):
         serve(tmp_path / "nope")
@@ -1039,6 +1065,27 @@ def test_the_precision_gate_scores_predictions_without_copying_them(tmp_path):
     assert set(m._predicted[2].nonzero().flatten().tolist()) == named
 
 
+def test_attention_leaves_out_cudnn_whose_plans_are_per_shape(refs, monkeypatch):
+    """The runtime's attention runs with cuDNN's SDPA backend disabled (it builds a plan for
+    each new key count, and decode's grows every step: ~17 ms of host time a call on the
+    H200), the flash, memory-efficient and math ones enabled; other code keeps them all."""
+    import torch.nn.functional as F
+
+    _, d, prompts, ref_ids, _ = refs("mixtral")
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(*a, **kw):
+        b = torch.backends.cuda
+        seen.append((b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(),
+                     b.math_sdp_enabled()))
+        return sdpa(*a, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    assert generate(serve(d), prompts, NEW).token_ids == ref_ids
+    assert seen and set(seen) == {(False, True, True, True)}
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_expert_step_is_queued_without_waiting_for_the_device(tmp_path):
@@ -1066,15 +1113,21 @@ def test_the_expert_step_is_queued_without_waiting_for_the_device(tmp_path):
 
 
 @pytest.mark.parametrize("bar", [None, 0.0, 1.0])  # no prefetch; copied; withheld by the gate
-def test_a_decode_step_reads_nothing_back_but_its_routing(tmp_path, bar):
+def test_a_decode_step_reads_nothing_back_but_its_routing(tmp_path, bar, monkeypatch):
     """A decode step on the Triton backend (the GPU's launch sequence, under the CPU
     interpreter) runs no op that waits for the device: no boolean-mask indexing, nonzero,
     unique or item. Its waits are the small reads of each layer's routing (and, prefetching,
     its prediction) and of the sampled token, made with .tolist(), which this check does not
     see: a hidden wait would hold the host while the layer's expert copies run, and it
     could not queue the next layer's work."""
+    from kernels.triton import pick
     from tests.host_sync import no_host_sync
 
+    # every grouped GEMM picks among the implementations that read nothing back (on a GPU
+    # the per-expert loop, which reads the rows per expert, could time fastest)
+    picks, run = [], pick.run
+    monkeypatch.setattr(pick, "run", lambda *a, **kw: picks.append(pick._no_host_waits)
+                        or run(*a, **kw))
     build_hf("mixtral").save_pretrained(tmp_path)
     kw = dict(prefetch="none") if bar is None else dict(prefetch_min_precision=bar)
     # the experts in RAM, as on a GPU (the check cannot see through safetensors' mmap reads)
@@ -1088,5 +1141,6 @@ def test_a_decode_step_reads_nothing_back_but_its_routing(tmp_path, bar):
         batch.step()  # a token
     moved = {k: v - before[k] for k, v in m.counters().items()}
     assert moved["hits"] + moved["misses"] > 0
+    assert picks and all(picks)
     if bar is not None:
         assert moved["copied" if bar == 0 else "withheld"] == 2  # layers 1 and 2 predicted

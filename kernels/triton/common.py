@@ -19,6 +19,42 @@ def autotuning() -> bool:
     return not interpreting() and os.environ.get("MOE_TRITON_AUTOTUNE", "1") != "0"
 
 
+def bench(fn, quantiles=None, warmup_ms: float = 5, rep_ms: float = 20):
+    """Milliseconds of fn() on the current CUDA stream, timed with CUDA events (the median,
+    or a list at `quantiles`), for the autotuners and the grouped-GEMM picker. Unlike
+    triton.testing.do_bench it allocates nothing of its own: do_bench clears the L2 through
+    a 256 MiB buffer, which a serving runtime's memory budget would pay at each new shape."""
+    fn()
+    torch.cuda.synchronize()
+    first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    first.record()
+    for _ in range(5):
+        fn()
+    last.record()
+    last.synchronize()
+    est = max(first.elapsed_time(last) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / est))):
+        fn()
+    n = max(1, min(1000, int(rep_ms / est)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for a, b in zip(starts, ends, strict=True):
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize()
+    return pick_quantiles(sorted(a.elapsed_time(b) for a, b in zip(starts, ends, strict=True)),
+                          quantiles)
+
+
+def pick_quantiles(times: list[float], quantiles=None):
+    """The median of sorted `times`, or a list of their values at `quantiles` (nearest
+    rank), as triton.testing.do_bench returns them."""
+    def at(q: float) -> float:
+        return times[min(len(times) - 1, max(0, round(q * (len(times) - 1))))]
+    return at(0.5) if quantiles is None else [at(q) for q in quantiles]
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """Exact fp32 dots unless torch allows tf32 matmuls; 16-bit inputs use tensor cores."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:

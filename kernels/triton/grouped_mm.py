@@ -155,7 +155,7 @@ def glu_epilogue(acc, acc_up, Y, H, WTS, PART, pair_idx, y_rows, rows, m_mask, c
         tl.store(y_ptrs + N * stride_yn, cast_out(da * g * s, dtype), mask=mask)
 
 
-@triton.autotune(configs=_s2s_configs(),
+@triton.autotune(do_bench=common.bench, configs=_s2s_configs(),
                  key=["N", "K", "BLOCK_M", "X_GROUPED", "Y_GROUPED", "BITS", "FP4", "FP8",
                       "GLU"], reset_to_zero=["PART"],
                  prune_configs_by={"early_config_prune": _s2s_fitting})
@@ -469,7 +469,7 @@ def _wgrad_fitting(configs, named_args, **kwargs):
             if (c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 64) == small] or configs
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["N", "K"], reset_to_zero=[],
+@triton.autotune(do_bench=common.bench, configs=_wgrad_configs(), key=["N", "K"], reset_to_zero=[],
                  prune_configs_by={"early_config_prune": _wgrad_fitting})
 @triton.jit
 def _group_weight_grad_kernel(

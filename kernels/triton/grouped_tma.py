@@ -95,7 +95,7 @@ def _fitting(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BLOCK_N"] <= 128] or configs
 
 
-@triton.autotune(configs=_configs(),
+@triton.autotune(do_bench=common.bench, configs=_configs(),
                  key=["N", "K", "BLOCK_M", "X_GROUPED", "Y_GROUPED", "W_NK", "GLU"],
                  prune_configs_by={"early_config_prune": _fitting}, reset_to_zero=["PART"])
 # E and GRID_M take any value: specialising on them (divisible by 16 or not) would only
@@ -221,7 +221,7 @@ def _wgrad_configs():
     return configs if autotuning() else configs[-1:]
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["N", "K"])
+@triton.autotune(do_bench=common.bench, configs=_wgrad_configs(), key=["N", "K"])
 @triton.jit
 def _wgrad_tma_kernel(
     X, x_desc, DY, dy_desc, DW, offsets,
