@@ -97,6 +97,8 @@ def launches() -> Iterator[tuple[str, Callable[[], object]]]:
                                                       coarse.expert_offsets[-1:])),
             (f"swiglu {name} bwd, kept rows", partial(swiglu.swiglu_bwd, h, a,
                                                       coarse.expert_offsets[-1:])),
+            (f"swiglu {name} bwd + combine weights",
+             partial(swiglu.swiglu_bwd_combined, a, h, wts, fine)),
             (f"combine {name} fwd", partial(combine.weighted_combine, y, wts, fine, True)),
             (f"combine {name} bwd",
              partial(combine.weighted_combine_backward, y[:TOKENS], y, wts, fine, True)),

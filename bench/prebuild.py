@@ -79,6 +79,8 @@ def layer_launches(shape: tuple, tokens: int) -> Iterator[tuple[str, Callable[[]
         ("bwd dout -> dh, dweights (SwiGLU and combine backward in the epilogue), TMA",
          partial(tma, x, w_out.transpose(1, 2), disp, False, True, k, glu=3, h=h, wts=wts)),
         ("bwd combine, rows only", partial(combine.combine_grad_rows, x, wts, disp)),
+        ("bwd swiglu + combine weights (after a GEMM without an epilogue)",
+         partial(swiglu.swiglu_bwd_combined, a, h, wts, disp)),
         ("bwd dW_out", partial(grouped_mm._weight_grad, a, y, disp)),
         ("bwd dW_out, TMA", partial(grouped_tma.group_weight_grad, a, y, disp)),
         ("bwd swiglu", partial(swiglu.swiglu_bwd, h, a)),

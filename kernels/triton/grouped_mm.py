@@ -23,7 +23,7 @@ from kernels.triton.common import (
     swizzle,
 )
 from kernels.triton.schedule import block_schedule
-from kernels.triton.swiglu import swiglu_bwd, swiglu_fwd
+from kernels.triton.swiglu import swiglu_bwd, swiglu_bwd_combined, swiglu_fwd
 
 
 def _s2s_configs():
@@ -330,8 +330,9 @@ def scatter2scatter_swiglu_bwd_combined(dout, w, h, weights, d: Dispatch,
     projection's transposed view), h [M, 2F] grouped, weights [T, k] (the combine weights)
     -> (dh [M, 2F] grouped, dweights [T, k] float32): da = weight * (dout @ w) per row, then
     SwiGLU's backward, and dweight = sum of (dout @ w) * a = dout . y per pair, so that the
-    expert outputs y need not be kept. In the GEMM's epilogue (our kernels, GLU 3), or by
-    torch ops around PyTorch's grouped matmul or a GEMM per expert, whichever times fastest."""
+    expert outputs y need not be kept. In the GEMM's epilogue (our kernels, GLU 3), or by one
+    pass of swiglu_bwd_combined after PyTorch's grouped matmul or a GEMM per expert,
+    whichever times fastest."""
     from kernels.triton import grouped_tma
 
     h = h if h.stride(1) == 1 else h.contiguous()
@@ -339,8 +340,7 @@ def scatter2scatter_swiglu_bwd_combined(dout, w, h, weights, d: Dispatch,
     k = d.top_k
 
     def unfused(gemm):
-        return lambda: reference.swiglu_bwd_combined(gemm(dout, w, d, False, True, k), h,
-                                                     weights, d, rows, swiglu_fwd, swiglu_bwd)
+        return lambda: swiglu_bwd_combined(gemm(dout, w, d, False, True, k), h, weights, d)
 
     tma = None
     if grouped_tma.supports(dout, w, False):

@@ -1,4 +1,5 @@
-"""SwiGLU between the two grouped linears: h [M, 2F] (gate; up) -> a [M, F], and back."""
+"""SwiGLU between the two grouped linears: h [M, 2F] (gate; up) -> a [M, F], and back; and
+back with the weighted combine's (swiglu_bwd_combined)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.dispatch import Dispatch
 from kernels.triton import common
 from kernels.triton.common import cast_out
 
@@ -71,3 +73,48 @@ def swiglu_bwd(h: torch.Tensor, da: torch.Tensor, rows: torch.Tensor | None = No
             h, da, dh, h if rows is None else rows, F, h.stride(0), da.stride(0), dh.stride(0),
             BLOCK=_block(F), HAS_ROWS=rows is not None)
     return dh
+
+
+@triton.jit
+def _swiglu_bwd_combined_kernel(H, DAU, DH, WTS, PAIR, EXPERT, PART, E, F, stride_h, stride_dau,
+                                stride_dh, BLOCK: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    nb = tl.program_id(1)
+    part = PART + m * tl.num_programs(1) + nb
+    if tl.load(EXPERT + m) >= E:  # a dropped pair: no weight gradient, its dh row unread
+        tl.store(part, 0.0)
+        return
+    cols = nb * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < F
+    g = tl.load(H + m * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(H + m * stride_h + F + cols, mask=mask, other=0.0).to(tl.float32)
+    dau = tl.load(DAU + m * stride_dau + cols, mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    a = cast_out(g * s * u, H.dtype.element_ty).to(tl.float32)  # as the forward stored it
+    tl.store(part, tl.sum(dau * a, axis=0))
+    wt = tl.load(WTS + tl.load(PAIR + m)).to(tl.float32)
+    da = cast_out(dau * wt, H.dtype.element_ty).to(tl.float32)
+    tl.store(DH + m * stride_dh + cols, cast_out(da * u * s * (1.0 + g * (1.0 - s)),
+                                                 DH.dtype.element_ty), mask=mask)
+    tl.store(DH + m * stride_dh + F + cols, cast_out(da * g * s, DH.dtype.element_ty),
+             mask=mask)
+
+
+def swiglu_bwd_combined(da_u: torch.Tensor, h: torch.Tensor, weights: torch.Tensor,
+                        d: Dispatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """da_u [M, F] grouped (dout @ the down projection, before the combine weight), h
+    [M, 2F], weights [T, k] -> (dh [M, 2F], dweights [T, k] float32), as
+    kernels.reference.swiglu_bwd_combined, in one pass over the rows: after a GEMM that has
+    no epilogue (cuBLAS per expert, torch's grouped matmul). Dropped pairs (sorted last) get
+    a zero weight gradient and their dh rows are left unwritten."""
+    M, F = h.shape[0], h.shape[1] // 2
+    dh = common.empty(*h.shape, dtype=h.dtype, device=h.device)
+    n_blocks = triton.cdiv(F, _block(F))
+    part = torch.empty(M, n_blocks, dtype=torch.float32, device=h.device)
+    if M:
+        _swiglu_bwd_combined_kernel[(M, n_blocks)](
+            h, da_u, dh, weights.reshape(-1), d.sorted_pair_idx, d.sorted_expert_idx, part,
+            d.num_experts, F, h.stride(0), da_u.stride(0), dh.stride(0), BLOCK=_block(F))
+    dwts = torch.zeros(d.num_pairs, dtype=torch.float32, device=h.device).index_copy_(
+        0, d.sorted_pair_idx, part.sum(1))
+    return dh, dwts.view(d.num_tokens, d.top_k)
