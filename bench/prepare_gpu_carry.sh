@@ -57,7 +57,7 @@ print(len(rows), 'builds,', sum(r['spill_bytes'] > 0 for r in rows), 'spilling')
   # (bench/gpu_env.sh unpacks it): the lease compiles none of them
   cache=$(mktemp -d)
   TRITON_CACHE_DIR=$cache env -u TRITON_INTERPRET PYTHONPATH="$PWD" "$venv/bin/python" \
-    -m bench.prebuild --shapes mixtral,olmoe,qwen3 --tokens 16384
+    -m bench.prebuild --shapes mixtral,olmoe,qwen3 --tokens 4096,16384,32768
   tar -czf .triton-cache.tgz -C "$cache" . && rm -rf "$cache"
   du -sh .triton-cache.tgz
 fi

@@ -155,7 +155,7 @@ def plan_slots(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_bat
 # The attention backends the runtime lets SDPA choose from: not cuDNN's, which builds an
 # execution plan for each new shape, and a decode step's key count is new at every step (on
 # the lent H200, bench/RESULTS.md 2026-11-30: about 17 ms of host time a call, a setting's
-# first run paying 35 ms a token of them).
+# first run paying 35 ms a token of them). A pass (prefill) runs its layers under it.
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                       SDPBackend.MATH]
 
@@ -364,12 +364,13 @@ class OffloadedModel:
             self.trace.begin(sum(sum(c[3]) for c in chunks), sum(len(c[1]) for c in chunks))
         xs = [self.model.embed(ids) for ids, *_ in chunks]
         copies = copies or {}
-        for i in range(len(self.model.layers)):
-            for k, ctx in enumerate(ctxs):
-                for src, dst, n in copies.get(k, ()):
-                    self.kv.copy_entries(src, dst, n, layer=i)
-                xs[k] = self._attend(i, xs[k], ctx)
-            xs = self._mlp(i, xs, [(ctx.b_idx, ctx.s_at) for ctx in ctxs])
+        with sdpa_kernel(ATTENTION_BACKENDS):  # once a pass (~25 us a call on a CPU)
+            for i in range(len(self.model.layers)):
+                for k, ctx in enumerate(ctxs):
+                    for src, dst, n in copies.get(k, ()):
+                        self.kv.copy_entries(src, dst, n, layer=i)
+                    xs[k] = self._attend(i, xs[k], ctx)
+                xs = self._mlp(i, xs, [(ctx.b_idx, ctx.s_at) for ctx in ctxs])
         if self.trace is not None:
             self.trace.end()
         return [self._head(x, ctx, t, top, k in keep)
@@ -418,10 +419,8 @@ class OffloadedModel:
         mask = c.mask_for(block.window)
         if self.sinks:  # GPT-OSS: cache position 0 is a zero key / value, the sink's
             mask = sink_mask(mask, attn.sinks, self.dtype)
-        with sdpa_kernel(ATTENTION_BACKENDS):
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                               scale=attn.scale,
-                                               enable_gqa=keys.shape[1] != q.shape[1])
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale,
+                                           enable_gqa=keys.shape[1] != q.shape[1])
         return x + (attn.latent_out(o) if mla
                     else attn.o_proj(o.transpose(1, 2).reshape(B, c.S, -1)))
 
