@@ -272,7 +272,8 @@ def _row(f, slots, total, budget, quant, r, base_run, hf_tps, hf_label, h2d,
             f"{base_run['decode_tokens_per_s']:.2f}",
             f"{hf_tps:.2f}" if hf_tps else hf_label,
             f"{bound:.2f}" if bound else "n/a (all cached)" if h2d else "n/a",
-            f"{bound / ours:.2f}" if bound else "n/a",
+            f"{bound / ours:.2f} / {bound / base_run['decode_tokens_per_s']:.2f}" if bound
+            else "n/a",
             f"{ours / hf_tps:.1f}" if hf_tps else "n/a",
             f"{r['expert_hit_rate']:.2f} / {base_run['expert_hit_rate']:.2f}",
             f"{r['prefetch_precision']:.2f} / {r['prefetch_recall']:.2f} / "
@@ -432,7 +433,8 @@ def main(argv=None) -> None:
     header = [f"budget: {str(dtype)[6:]} experts", "budget GiB", "expert format", "slots",
               "ours tok/s", "ours no-prefetch tok/s",
               "transformers+accelerate tok/s" if device.type == "cuda"
-              else "transformers (CPU, no offload) tok/s", "PCIe bound tok/s", "bound / ours",
+              else "transformers (CPU, no offload) tok/s", "PCIe bound tok/s",
+              "bound / ours (pf / no pf)",
               "ours / transformers", "hit rate (pf / no pf)", "prefetch prec / recall / withheld",
               "MiB moved / token (pf / no pf)"] + [
         f"{v}: tok/s / hit rate / MiB per token" for v, _ in variants]

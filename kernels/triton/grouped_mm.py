@@ -469,8 +469,8 @@ def _wgrad_fitting(configs, named_args, **kwargs):
             if (c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 64) == small] or configs
 
 
-@triton.autotune(do_bench=common.bench, configs=_wgrad_configs(), key=["N", "K"], reset_to_zero=[],
-                 prune_configs_by={"early_config_prune": _wgrad_fitting})
+@triton.autotune(do_bench=common.bench, configs=_wgrad_configs(), key=["N", "K"],
+                 reset_to_zero=[], prune_configs_by={"early_config_prune": _wgrad_fitting})
 @triton.jit
 def _group_weight_grad_kernel(
     X, DY, DW, offsets,
