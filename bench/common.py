@@ -100,12 +100,16 @@ def device_name(device: torch.device) -> str:
 
 
 def versions() -> str:
+    """torch's and the installed peers' versions, read from their package metadata: importing
+    deepspeed to ask it takes seconds (it probes the accelerators), which a benchmark's time
+    limit may not leave before its table is written."""
+    from importlib.metadata import PackageNotFoundError, version
+
     parts = [f"torch {torch.__version__}"]
     for name in ("triton", "transformers", "deepspeed"):
         try:
-            mod = __import__(name)
-            parts.append(f"{name} {mod.__version__}")
-        except Exception:  # noqa: BLE001 - optional peers
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:  # optional peers
             pass
     return ", ".join(parts)
 

@@ -14,13 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.common import append_results, command_line, markdown_table, scratch_dir
+from bench.common import (
+    Stopped,
+    append_results,
+    command_line,
+    markdown_table,
+    scratch_dir,
+    stop_on_sigterm,
+)
 from bench.serve import bench_model, write_model
 from serve.bench import decode_all
 from serve.config import ServeConfig
@@ -124,6 +132,16 @@ def _fmt(v, spec=".2f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def _row(label: str, r: dict) -> list[str]:
+    """A row of the timeline table from profile_decode's report r."""
+    return [label, f"{r['ms_per_token']:.2f}", _fmt(r.get("h2d_ms_per_token")),
+            _fmt(r.get("h2d_gb_per_s"), ".1f"), _fmt(r.get("kernels_ms_per_token")),
+            _fmt(r.get("device_busy_ms_per_token")), f"{r['host_wait_ms_per_token']:.2f}",
+            f"{r['mib_per_token']:.1f}", f"{r['hit_rate']:.2f}",
+            _fmt(r.get("h2d_copies_per_token"), ".1f"), _fmt(r.get("kernels_per_token"), ".0f"),
+            _fmt(r.get("link_idle_ms_per_layer")), _fmt(r.get("fill_fraction"))]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4)
@@ -157,26 +175,28 @@ def main(argv=None) -> None:
     rows, ops, records = [], [], {}
     runs = [(f, m) for f in (float(x) for x in a.fractions.split(",") if x)
             for m in a.prefetch.split(",") if m]
-    for fraction, mode in runs:
-        slots = max(1, round(fraction * total))
-        label = f"{slots}/{total}, {mode}"
-        cfg = ServeConfig(**{**base.__dict__, "memory_budget": fixed + slots * slot,
-                             "prefetch": mode})
-        model = OffloadedModel(cfg, store=store)
-        profile_decode(model, a.prompt_len, 2)  # warm-up: kernels, autotuning, the gate
-        r = profile_decode(model, a.prompt_len, a.tokens)
-        del model
-        records[label] = r
-        rows.append([label, f"{r['ms_per_token']:.2f}", _fmt(r.get("h2d_ms_per_token")),
-                     _fmt(r.get("h2d_gb_per_s"), ".1f"), _fmt(r.get("kernels_ms_per_token")),
-                     _fmt(r.get("device_busy_ms_per_token")),
-                     f"{r['host_wait_ms_per_token']:.2f}", f"{r['mib_per_token']:.1f}",
-                     f"{r['hit_rate']:.2f}", _fmt(r.get("h2d_copies_per_token"), ".1f"),
-                     _fmt(r.get("kernels_per_token"), ".0f"),
-                     _fmt(r.get("link_idle_ms_per_layer")), _fmt(r.get("fill_fraction"))])
-        ops += [[label, name, f"{ms / r['tokens']:.3f}", str(calls)]
-                for name, ms, calls in r["host_ops"]]
-        print(f"  {label}: {r['ms_per_token']:.2f} ms/token", file=sys.stderr, flush=True)
+    stopped = None
+    try:
+        with stop_on_sigterm():
+            for fraction, mode in runs:
+                slots = max(1, round(fraction * total))
+                label = f"{slots}/{total}, {mode}"
+                cfg = ServeConfig(**{**base.__dict__, "memory_budget": fixed + slots * slot,
+                                     "prefetch": mode})
+                model = OffloadedModel(cfg, store=store)
+                profile_decode(model, a.prompt_len, 2)  # warm-up: kernels, autotuning, the gate
+                r = profile_decode(model, a.prompt_len, a.tokens)
+                del model
+                records[label] = r
+                rows.append(_row(label, r))
+                ops += [[label, name, f"{ms / r['tokens']:.3f}", str(calls)]
+                        for name, ms, calls in r["host_ops"]]
+                print(f"  {label}: {r['ms_per_token']:.2f} ms/token", file=sys.stderr, flush=True)
+    except Stopped:
+        stopped = "stopped by SIGTERM (timeout); the rows are those profiled before it"
+        print(stopped, file=sys.stderr, flush=True)
+    if a.json_out:  # first: what was measured is kept if the table is not written
+        Path(a.json_out).write_text(json.dumps(records, indent=1))
     table = markdown_table(
         ["expert slots, prefetch", "ms / token", "H2D busy ms / token", "H2D GB/s while busy",
          "kernels busy ms / token", "device busy ms / token", "host waits ms / token",
@@ -191,11 +211,12 @@ def main(argv=None) -> None:
             "warm-up. Busy times are the union of the device's spans of each kind; host "
             f"waits are the self time of {', '.join(WAITS)}. The link's idle time per MoE "
             "layer at its busy rate moves the last column's share of an expert: the "
-            "--prefetch-fraction that fills it.\n\n" + table)
+            "--prefetch-fraction that fills it.\n\n"
+            + (f"**Partial**: {stopped}.\n\n" if stopped else "") + table)
     append_results(a.out, "Offloaded decode timeline (bench/serve_timeline.py)",
                    command_line("bench.serve_timeline", argv), device, body)
-    if a.json_out:
-        Path(a.json_out).write_text(json.dumps(records, indent=1))
+    if stopped:
+        raise SystemExit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

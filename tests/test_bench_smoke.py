@@ -449,6 +449,31 @@ def test_idle_link_time_gives_the_prefetch_fraction_that_fills_it():
         "link_idle_ms_per_layer": None, "fill_fraction": None}
 
 
+def test_serve_timeline_writes_its_rows_when_a_timeout_stops_it(tmp_path):
+    """A SIGTERM after the first profiled setting: its row lands in the results file (marked
+    partial) and in the JSON, and the exit status says the run was stopped."""
+    import signal
+    import time
+
+    out, js = tmp_path / "r.md", tmp_path / "r.json"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.serve_timeline", "--smoke", "--layers", "2", "--tokens",
+         "3", "--fractions", "0.25,0.5,0.75,1.0", "--dir", str(tmp_path / "m"), "--out",
+         str(out), "--json-out", str(js)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    deadline, seen = time.time() + 300, ""
+    while "ms/token" not in seen and time.time() < deadline:  # one setting profiled
+        seen += proc.stderr.readline()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    text = out.read_text()
+    assert "**Partial**: stopped by SIGTERM" in text and "| 4/16, none |" in text
+    assert "16/16" not in text
+    assert "4/16, none" in json.loads(js.read_text())
+
+
 def test_serve_timeline_smoke(tmp_path):
     """bench/serve_timeline.py end to end on the CPU (host ops only): a row per budget and
     prefetch mode, the all-resident one moving nothing."""
