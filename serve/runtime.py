@@ -91,7 +91,7 @@ def memory_plan(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_ba
     ws = 0
     if device.type == "cuda":  # torch's, allocated by the compute stream's first GEMM
         ws = cublas_workspace_bytes(device)
-        parts += f", cuBLAS workspace {format_size(ws)}"
+        parts += f", cuBLAS workspaces {format_size(ws)}"
     draft = 0
     if cfg.draft_model is not None:
         from serve.draft import draft_nbytes
@@ -164,16 +164,22 @@ FREE_SHARE = 0.9
 
 
 def cublas_workspace_bytes(device: torch.device, config: str | None = None) -> int:
-    """Bytes of the cuBLAS workspace torch allocates (through its caching allocator, so it
-    counts against the budget) for a stream's first GEMM: the sum of size KiB x count over
-    CUBLAS_WORKSPACE_CONFIG's ":SIZE:COUNT" pairs (config, else the environment's), else
-    torch's default, 32 MiB from compute capability 9 (Hopper) on, 8 MiB + 128 KiB before."""
+    """Bytes of the cuBLAS and cuBLASLt workspaces torch allocates through its caching
+    allocator for a stream's GEMMs (so they count against the budget): the sum of size KiB x
+    count over CUBLAS_WORKSPACE_CONFIG's ":SIZE:COUNT" pairs (config, else the
+    environment's), else torch's default, 32 MiB from compute capability 9 (Hopper) on,
+    8 MiB + 128 KiB before; and cuBLASLt's CUBLASLT_WORKSPACE_SIZE KiB (1 MiB by default),
+    which torch versions that share one workspace between the two do not add (counted
+    anyway: at most 1 MiB over)."""
     config = os.environ.get("CUBLAS_WORKSPACE_CONFIG") if config is None else config
     pairs = re.findall(r":(\d+):(\d+)", config or "")
     if pairs:
-        return sum(int(size) * int(count) for size, count in pairs) * 1024
-    major = torch.cuda.get_device_properties(device).major
-    return (4096 * 8 if major >= 9 else 4096 * 2 + 16 * 8) * 1024
+        cublas = sum(int(size) * int(count) for size, count in pairs) * 1024
+    else:
+        major = torch.cuda.get_device_properties(device).major
+        cublas = (4096 * 8 if major >= 9 else 4096 * 2 + 16 * 8) * 1024
+    lt = os.environ.get("CUBLASLT_WORKSPACE_SIZE", "1024")
+    return cublas + (int(lt) if lt.isdigit() else 1024) * 1024
 
 
 def free_memory(device: torch.device) -> int:

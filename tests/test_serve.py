@@ -858,8 +858,9 @@ def test_without_a_budget_the_free_device_memory_is_the_budget(refs, monkeypatch
 
 def test_the_cuda_memory_plan_counts_cublas_workspace(refs, monkeypatch):
     """On CUDA the plan counts the cuBLAS workspace that torch allocates through its caching
-    allocator at the first GEMM (it is inside the device's peak): 32 MiB on Hopper and
-    later, 8 MiB + 128 KiB before, or what CUBLAS_WORKSPACE_CONFIG sets."""
+    allocator for the GEMMs (it is inside the device's peak): 32 MiB on Hopper and later,
+    8 MiB + 128 KiB before, or what CUBLAS_WORKSPACE_CONFIG sets; and cuBLASLt's, 1 MiB or
+    CUBLASLT_WORKSPACE_SIZE KiB."""
     from types import SimpleNamespace
 
     import serve.runtime as rt
@@ -871,15 +872,20 @@ def test_the_cuda_memory_plan_counts_cublas_workspace(refs, monkeypatch):
     assert "cuBLAS" not in parts
     monkeypatch.setattr(rt, "resolve_device", lambda name: torch.device("cuda"))
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    for major, want in ((9, 32 * 2**20), (10, 32 * 2**20), (8, 8 * 2**20 + 128 * 2**10)):
+    monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE", raising=False)
+    lt = 2**20
+    for major, want in ((9, 32 * 2**20 + lt), (10, 32 * 2**20 + lt),
+                        (8, 8 * 2**20 + 128 * 2**10 + lt)):
         monkeypatch.setattr(torch.cuda, "get_device_properties",
                             lambda dev, m=major: SimpleNamespace(major=m))
         fixed, slot2, parts = rt.memory_plan(store, cfg, torch.float32, 1, 64)
         assert (fixed - plain, slot2) == (want, slot), major
         assert "cuBLAS workspace" in parts
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # deterministic mode's setting
-    assert rt.memory_plan(store, cfg, torch.float32, 1, 64)[0] - plain == 128 * 2**10
-    assert rt.cublas_workspace_bytes(torch.device("cuda"), ":4096:2:16:8") == 8320 * 2**10
+    monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "4096")
+    assert rt.memory_plan(store, cfg, torch.float32, 1, 64)[0] - plain == 128 * 2**10 + 4 * 2**20
+    assert rt.cublas_workspace_bytes(torch.device("cuda"), ":4096:2:16:8") \
+        == 8320 * 2**10 + 4 * 2**20
 
 
 def test_errors_name_the_problem(tmp_path):
