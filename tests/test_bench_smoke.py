@@ -157,24 +157,31 @@ def test_serve_turns_bench_smoke(tmp_path):
     assert [int(r[2]) for r in rows] == [0, 14, 22]  # all but the last answer token and message
 
 
-def test_kernels_bench_writes_its_rows_when_a_timeout_stops_it(tmp_path):
-    """`timeout` sends SIGTERM: the rows measured so far still land in the results file."""
+def _stopped_after(args: list[str], env: dict, marker: str, on_stderr: bool = False,
+                   seconds: float = 300) -> str:
+    """Run `python -m args` (as `timeout` would find it), send SIGTERM once `marker` shows on
+    its stdout (or stderr) -> its stderr, after checking it exited as stopped (128 + 15)."""
     import signal
     import time
 
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stream = proc.stderr if on_stderr else proc.stdout
+    deadline, seen = time.time() + seconds, ""
+    while marker not in seen and time.time() < deadline:
+        seen += stream.readline()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    return stderr
+
+
+def test_kernels_bench_writes_its_rows_when_a_timeout_stops_it(tmp_path):
+    """`timeout` sends SIGTERM: the rows measured so far still land in the results file."""
     out = tmp_path / "results.md"
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.kernels", "--smoke", "--tokens", "16,32,64,128,256,512",
-         "--impls", "dense,reference", "--out", str(out)], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    seen = ""
-    while "T=16" not in seen and time.time() < deadline:  # one row measured
-        seen += proc.stdout.readline()
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    _stopped_after(["bench.kernels", "--smoke", "--tokens", "16,32,64,128,256,512", "--impls",
+                    "dense,reference", "--out", str(out)], env, "T=16")  # one row measured
     text = out.read_text()
     assert "**Partial**: stopped by SIGTERM" in text
     assert "| smoke | 16 | dense GEMM" in text
@@ -452,22 +459,11 @@ def test_idle_link_time_gives_the_prefetch_fraction_that_fills_it():
 def test_serve_timeline_writes_its_rows_when_a_timeout_stops_it(tmp_path):
     """A SIGTERM after the first profiled setting: its row lands in the results file (marked
     partial) and in the JSON, and the exit status says the run was stopped."""
-    import signal
-    import time
-
     out, js = tmp_path / "r.md", tmp_path / "r.json"
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.serve_timeline", "--smoke", "--layers", "2", "--tokens",
-         "3", "--fractions", "0.25,0.5,0.75,1.0", "--dir", str(tmp_path / "m"), "--out",
-         str(out), "--json-out", str(js)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
-    deadline, seen = time.time() + 300, ""
-    while "ms/token" not in seen and time.time() < deadline:  # one setting profiled
-        seen += proc.stderr.readline()
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    _stopped_after(["bench.serve_timeline", "--smoke", "--layers", "2", "--tokens", "3",
+                    "--fractions", "0.25,0.5,0.75,1.0", "--dir", str(tmp_path / "m"), "--out",
+                    str(out), "--json-out", str(js)], dict(os.environ, PYTHONPATH=ROOT),
+                   "ms/token", on_stderr=True)  # one setting profiled
     text = out.read_text()
     assert "**Partial**: stopped by SIGTERM" in text and "| 4/16, none |" in text
     assert "16/16" not in text
