@@ -167,22 +167,20 @@ def scatter2scatter_swiglu_bwd(dy: torch.Tensor, w: torch.Tensor, h: torch.Tenso
 
 
 def swiglu_bwd_combined(da_u: torch.Tensor, h: torch.Tensor, weights: torch.Tensor,
-                        d: Dispatch, rows: torch.Tensor | None = None, fwd=None, bwd=None
+                        d: Dispatch, rows: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """da_u [M, F] grouped (the output gradient in token order times each row's expert's
     down projection, before the combine weight), h [M, 2F], weights [T, k] -> (dh [M, 2F],
     dweights [T, k] float32): dweight = da_u . a per pair (a = silu(gate) * up, in h's
-    dtype, as the forward used it), da = weight * da_u, dh = SwiGLU's backward. fwd / bwd:
-    the SwiGLU kernels to use (default: this module's)."""
-    fwd, bwd = fwd or swiglu_fwd, bwd or swiglu_bwd
+    dtype, as the forward used it), da = weight * da_u, dh = SwiGLU's backward."""
     dt = torch.promote_types(weights.dtype, torch.float32)
     keep = (d.sorted_expert_idx < d.num_experts)[:, None]  # no host sync: masks, not counts
     da_u = torch.where(keep, da_u.to(dt), 0)  # rows past the kept ones may hold anything
-    part = torch.where(keep, da_u * fwd(h, rows).to(dt), 0).sum(-1)
+    part = torch.where(keep, da_u * swiglu_fwd(h, rows).to(dt), 0).sum(-1)
     dwts = torch.zeros(d.num_pairs, dtype=dt, device=h.device).index_copy_(
         0, d.sorted_pair_idx, part)
     w = weights.reshape(-1).to(dt).index_select(0, d.sorted_pair_idx)[:, None]
-    return bwd(h, (da_u * w).to(h.dtype), rows), dwts.view(d.num_tokens, d.top_k)
+    return swiglu_bwd(h, (da_u * w).to(h.dtype), rows), dwts.view(d.num_tokens, d.top_k)
 
 
 def scatter2scatter_swiglu_bwd_combined(dout: torch.Tensor, w: torch.Tensor, h: torch.Tensor,
