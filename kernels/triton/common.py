@@ -107,6 +107,13 @@ def cast_out(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def swiglu_grads(da, g, u, s):
+    """SwiGLU's backward (float32): the output gradient da and h's gate g and up u, with
+    s = sigmoid(g) -> (d gate, d up)."""
+    return da * u * s * (1.0 + g * (1.0 - s)), da * g * s
+
+
+@triton.jit
 def row_index(pair_idx, rows, mask, GROUPED: tl.constexpr, FAN_OUT: tl.constexpr):
     """Rows of an operand for sorted rows `rows`: themselves when the operand is grouped,
     else row sorted_pair_idx // FAN_OUT (token order: FAN_OUT = k; slot order: 1)."""

@@ -20,6 +20,7 @@ from kernels.triton.common import (
     dot_precision,
     interpreting,
     row_index,
+    swiglu_grads,
     swizzle,
 )
 from kernels.triton.schedule import block_schedule
@@ -150,9 +151,9 @@ def glu_epilogue(acc, acc_up, Y, H, WTS, PART, pair_idx, y_rows, rows, m_mask, c
             a = cast_out(g * s * u, dtype).to(tl.float32)  # as the forward stored it
             tl.store(PART + pid_n * stride_part + pairs, tl.sum(acc * a, axis=1), mask=m_mask)
             acc = acc * tl.load(WTS + pairs, mask=m_mask, other=0.0).to(tl.float32)[:, None]
-        da = cast_out(acc, dtype).to(tl.float32)
-        tl.store(y_ptrs, cast_out(da * u * s * (1.0 + g * (1.0 - s)), dtype), mask=mask)
-        tl.store(y_ptrs + N * stride_yn, cast_out(da * g * s, dtype), mask=mask)
+        dg, du = swiglu_grads(cast_out(acc, dtype).to(tl.float32), g, u, s)
+        tl.store(y_ptrs, cast_out(dg, dtype), mask=mask)
+        tl.store(y_ptrs + N * stride_yn, cast_out(du, dtype), mask=mask)
 
 
 @triton.autotune(do_bench=common.bench, configs=_s2s_configs(),
@@ -332,7 +333,8 @@ def scatter2scatter_swiglu_bwd_combined(dout, w, h, weights, d: Dispatch,
     SwiGLU's backward, and dweight = sum of (dout @ w) * a = dout . y per pair, so that the
     expert outputs y need not be kept. In the GEMM's epilogue (our kernels, GLU 3), or by one
     pass of swiglu_bwd_combined after PyTorch's grouped matmul or a GEMM per expert,
-    whichever times fastest."""
+    whichever times fastest. rows (the backends' common signature) is not needed: the GEMMs'
+    tiles cover the kept rows only, and swiglu_bwd_combined reads each row's expert."""
     from kernels.triton import grouped_tma
 
     h = h if h.stride(1) == 1 else h.contiguous()

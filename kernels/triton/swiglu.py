@@ -9,7 +9,7 @@ import triton.language as tl
 
 from kernels.dispatch import Dispatch
 from kernels.triton import common
-from kernels.triton.common import cast_out
+from kernels.triton.common import cast_out, swiglu_grads
 
 
 @triton.jit
@@ -39,9 +39,7 @@ def _swiglu_bwd_kernel(H, DA, DH, ROWS, F, stride_h, stride_da, stride_dh, BLOCK
     g = tl.load(H + m * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(H + m * stride_h + F + cols, mask=mask, other=0.0).to(tl.float32)
     da = tl.load(DA + m * stride_da + cols, mask=mask, other=0.0).to(tl.float32)
-    s = tl.sigmoid(g)
-    dg = da * u * s * (1.0 + g * (1.0 - s))
-    du = da * g * s
+    dg, du = swiglu_grads(da, g, u, tl.sigmoid(g))
     tl.store(DH + m * stride_dh + cols, cast_out(dg, DH.dtype.element_ty), mask=mask)
     tl.store(DH + m * stride_dh + F + cols, cast_out(du, DH.dtype.element_ty), mask=mask)
 
@@ -93,11 +91,9 @@ def _swiglu_bwd_combined_kernel(H, DAU, DH, WTS, PAIR, EXPERT, PART, E, F, strid
     a = cast_out(g * s * u, H.dtype.element_ty).to(tl.float32)  # as the forward stored it
     tl.store(part, tl.sum(dau * a, axis=0))
     wt = tl.load(WTS + tl.load(PAIR + m)).to(tl.float32)
-    da = cast_out(dau * wt, H.dtype.element_ty).to(tl.float32)
-    tl.store(DH + m * stride_dh + cols, cast_out(da * u * s * (1.0 + g * (1.0 - s)),
-                                                 DH.dtype.element_ty), mask=mask)
-    tl.store(DH + m * stride_dh + F + cols, cast_out(da * g * s, DH.dtype.element_ty),
-             mask=mask)
+    dg, du = swiglu_grads(cast_out(dau * wt, H.dtype.element_ty).to(tl.float32), g, u, s)
+    tl.store(DH + m * stride_dh + cols, cast_out(dg, DH.dtype.element_ty), mask=mask)
+    tl.store(DH + m * stride_dh + F + cols, cast_out(du, DH.dtype.element_ty), mask=mask)
 
 
 def swiglu_bwd_combined(da_u: torch.Tensor, h: torch.Tensor, weights: torch.Tensor,
