@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.common import append_results, command_line, markdown_table
@@ -32,6 +33,8 @@ NO_KERNEL = {"view", "_unsafe_view", "slice", "t", "transpose", "unsqueeze", "sq
 WAITS = {"nonzero", "_local_scalar_dense", "bincount", "masked_select", "unique", "_unique",
          "_unique2", "unique_consecutive", "unique_dim", "repeat_interleave", "is_nonzero",
          "equal", "allclose"}
+# composite ops with a CUDA kernel of their own: one launch there
+FUSED_ON_CUDA = {torch.nn.functional.rms_norm, torch.rms_norm}
 CASES = {  # name: (d, E, ffn, router config)
     "Mixtral-like: E=8, k=2, softmax": (64, 8, 32, dict(top_k=2)),
     "fine-grained: E=128, k=8, softmax": (64, 128, 16, dict(top_k=8)),
@@ -69,6 +72,25 @@ class _Counter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _FusedOnCuda(TorchFunctionMode):
+    """Counts a call of FUSED_ON_CUDA as the one kernel it is on CUDA (on the CPU it runs
+    as the ops it decomposes into, which the dispatch counter then does not count)."""
+
+    def __init__(self, counter: _Counter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func not in FUSED_ON_CUDA or self.counter.in_kernel:
+            return func(*args, **(kwargs or {}))
+        self.counter.ops["torch"] += 1
+        self.counter.in_kernel += 1
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.counter.in_kernel -= 1
+
+
 def _caller() -> str:
     """The innermost frame of this project's code (not torch's, not this module's)."""
     ours = [f for f in traceback.extract_stack()[:-2]
@@ -79,9 +101,10 @@ def _caller() -> str:
 @contextmanager
 def counting(raise_on_wait: bool = False) -> Iterator[Counter]:
     """Within it, count device launches: the yielded Counter's "torch" (torch ops that run a
-    kernel), "triton" (Triton launches; the ops Triton's CPU interpreter runs inside one are
-    not counted; "triton:<name>" per kernel) and "wait" (ops that wait for the device;
-    raise_on_wait: raise HostWait naming where, instead)."""
+    kernel on CUDA; FUSED_ON_CUDA calls count one), "triton" (Triton launches; the ops
+    Triton's CPU interpreter runs inside one are not counted; "triton:<name>" per kernel)
+    and "wait" (ops that wait for the device; raise_on_wait: raise HostWait naming where,
+    instead)."""
     from triton.runtime import interpreter
 
     counter = _Counter(raise_on_wait)
@@ -98,7 +121,7 @@ def counting(raise_on_wait: bool = False) -> Iterator[Counter]:
 
     interpreter.GridExecutor.__call__ = kernel
     try:
-        with counter:
+        with counter, _FusedOnCuda(counter):
             yield counter.ops
     finally:
         interpreter.GridExecutor.__call__ = call

@@ -365,7 +365,8 @@ class DecodeBatch:
         if decoding:
             plain, plain_logits, ended = self._decoded(decoding, drafts, outs[-1])
             rows, logits = rows + plain, logits + [plain_logits]
-        ended += self._choose(rows, torch.cat(logits)) if rows else []  # waits for the device
+        if rows:  # waits for the device
+            ended += self._choose(rows, logits[0] if len(logits) == 1 else torch.cat(logits))
         self.steps += 1
         dt = time.perf_counter() - t0  # a step that reads and decodes counts in both
         self.prefill_s += dt if read is not None else 0.0
@@ -402,7 +403,8 @@ class DecodeBatch:
         ended = self._verify([rows[j] for j in spec], [drafts[j] for j in spec],
                              [torch.cat([out[4][j], logits[j, None]]) for j in spec]
                              ) if spec else []
-        return [rows[j] for j in plain], logits[plain], ended
+        every = len(plain) == len(rows)  # (no gather then)
+        return [rows[j] for j in plain], logits if every else logits[plain], ended
 
     def _read_limit(self, decoding: bool) -> int | None:
         """Most prompt tokens a step reads (it reads at least a chunk of each row's; None:

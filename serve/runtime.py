@@ -9,6 +9,7 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import reference, sort_by_expert, without_host_waits
 from kernels.backend import get_backend
-from moe.attention import causal_mask, rope_cos_sin, sink_mask
+from moe.attention import causal_mask, rope_inv_freq, sink_mask
 from moe.experts import expert_mlp
 from moe.model import MoETransformer
 from serve.cache import CacheStats, ExpertCache
@@ -214,9 +215,9 @@ class _Chunk:
     B: int
     S: int
     end: int
-    count: torch.Tensor
+    last: torch.Tensor  # [B] each row's last real position (0 for a row of none)
     q_pos: torch.Tensor
-    q_valid: torch.Tensor
+    real: torch.Tensor  # [B, S] int64, 1 at a real position (q_valid as a bool)
     cos: torch.Tensor
     sin: torch.Tensor
     b_idx: torch.Tensor
@@ -227,16 +228,50 @@ class _Chunk:
     n_keys: int
     r0: int
     dense: bool  # the rows are consecutive: the cache is read as a view, not gathered
+    full: bool  # every row has S new tokens (no padding)
+    sees_all: bool  # one new token a row, each row's keys up to `end`: every key is visible
     masks: dict
 
-    def mask_for(self, window: int | None) -> torch.Tensor:
+    @cached_property
+    def q_valid(self) -> torch.Tensor:
+        """[B, S] bool: the real positions."""
+        return self.real.bool()
+
+    @property
+    def valid(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The real positions as (row, position) index tensors; None when every position is
+        real (rows of S new tokens each: the [B * S, d] rows are a view, not a gather)."""
+        return None if self.full else (self.b_idx, self.s_at)
+
+    def mask_for(self, window: int | None) -> torch.Tensor | None:
         """[B, 1, S, end]: a query sees its row's keys up to its own position (the last
-        `window` of them with a sliding window); a padding query sees key 0."""
+        `window` of them with a sliding window); a padding query sees key 0. None where
+        every query sees every key (a decode step of rows of one length: no mask to build,
+        and attention runs unmasked)."""
+        if self.sees_all and (window is None or window >= self.end):
+            return None
         if window not in self.masks:
             m = causal_mask(self.q_pos, self.end, window)
             m[:, :, 0] |= ~self.q_valid
             self.masks[window] = m[:, None]
         return self.masks[window]
+
+
+def _take(t: torch.Tensor, v) -> torch.Tensor:
+    """The real positions v (_Chunk.valid) of t [B, S, d] -> [n, d]."""
+    return t.reshape(-1, t.shape[-1]) if v is None else t[v]
+
+
+def _rows(xs: list[torch.Tensor], valid: list) -> torch.Tensor:
+    """The real positions of several chunks' xs, one after another -> [n, d]."""
+    rows = [_take(x, v) for x, v in zip(xs, valid, strict=True)]
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+def _add(outs: list[torch.Tensor | None], c: int, y: torch.Tensor) -> None:
+    """outs[c] += y, where None is zero (the first sum kept as it is: no zeros to add to;
+    every y is a fresh tensor of its own)."""
+    outs[c] = y if outs[c] is None else outs[c].add_(y)
 
 
 class OffloadedModel:
@@ -272,6 +307,8 @@ class OffloadedModel:
         self.kv = KVCache(mcfg, self.max_batch, self.max_context, self.dtype, self.device,
                           cfg.kv_cache_dtype)
         self.sinks = mcfg.attn_sinks
+        # RoPE's frequencies (float64, on the host: each step's cos / sin are built there)
+        self._rope = rope_inv_freq(mcfg.rope_dim, mcfg.rope_theta, mcfg.rope_scaling)
         self.prefetch = cfg.prefetch == "cross-layer"
         side = torch.cuda.Stream(self.device) if on_cuda and self.prefetch else None
         readers = cfg.disk_readers if cfg.disk_readers is not None else 4 * on_cuda
@@ -376,7 +413,7 @@ class OffloadedModel:
                     for src, dst, n in copies.get(k, ()):
                         self.kv.copy_entries(src, dst, n, layer=i)
                     xs[k] = self._attend(i, xs[k], ctx)
-                xs = self._mlp(i, xs, [(ctx.b_idx, ctx.s_at) for ctx in ctxs])
+                xs = self._mlp(i, xs, [ctx.valid for ctx in ctxs])
         if self.trace is not None:
             self.trace.end()
         return [self._head(x, ctx, t, top, k in keep)
@@ -385,27 +422,39 @@ class OffloadedModel:
     def _context(self, ids: torch.Tensor, rows: Sequence[int], start: Sequence[int],
                  n: Sequence[int]) -> _Chunk:
         """Positions, RoPE, masks and cache indices of one step's tokens (see step)."""
-        cfg, dev = self.cfg, self.device
+        dev = self.device
         B, S = ids.shape
         end = max(a + c for a, c in zip(start, n, strict=True))
         if end > self.max_context:
             raise ValueError(f"{end} tokens exceed the context of {self.max_context}")
         for r, a in zip(rows, start, strict=True):
             self.kv.forget(r, a)  # the caller records the tokens once they are written
-        first = torch.tensor(start, device=dev)
-        count = torch.tensor(n, device=dev)
-        s_idx = torch.arange(S, device=dev)
-        q_pos = first[:, None] + s_idx  # [B, S]
-        q_valid = s_idx[None] < count[:, None]
-        cos, sin = rope_cos_sin(q_pos.reshape(-1), cfg.rope_dim, cfg.rope_theta,
-                                self.dtype, cfg.rope_scaling)
-        b_idx = torch.tensor([b for b, c in enumerate(n) for _ in range(c)], device=dev)
-        s_at = torch.tensor([s for c in n for s in range(c)], device=dev)  # no device sync
-        kv_rows = torch.tensor(list(rows), device=dev)
+        # every index is known here: built on the host, it goes over in one copy (pinned on
+        # CUDA: waiting for nothing) instead of a dozen small ops and copies on the device
+        q_pos = [a + s for a in start for s in range(S)]
+        b_idx = [b for b, c in enumerate(n) for _ in range(c)]
+        s_at = [s for c in n for s in range(c)]
+        off, P = self.kv.offset, len(b_idx)
+        w_pos = [start[b] + s + off for b, s in zip(b_idx, s_at, strict=True)]
+        parts = (q_pos, [int(s < c) for c in n for s in range(S)], b_idx, s_at, list(rows),
+                 [rows[b] for b in b_idx], w_pos, [max(c - 1, 0) for c in n])
+        pinned = dev.type == "cuda"
+        packed = torch.tensor([v for p in parts for v in p], pin_memory=pinned).to(
+            dev, non_blocking=True)
+        q_pos_t, real, b_t, s_t, kv_rows, w_rows, w_pos, last = packed.split(
+            [B * S, B * S, P, P, B, P, P, B])
+        inv_freq, attn = self._rope
+        freqs = torch.tensor(q_pos, dtype=torch.float64)[:, None] * inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [B * S, r] on the host, then one copy
+        cs = torch.stack([emb.cos() * attn, emb.sin() * attn]).to(self.dtype)
+        cos, sin = (cs.pin_memory() if pinned else cs).to(dev, non_blocking=True).unbind(0)
         r0 = rows[0]
-        return _Chunk(B, S, end, count, q_pos, q_valid, cos.view(B, S, -1), sin.view(B, S, -1),
-                      b_idx, s_at, kv_rows, kv_rows[b_idx], q_pos[b_idx, s_at] + self.kv.offset,
-                      end + self.kv.offset, r0, list(rows) == list(range(r0, r0 + B)), {})
+        sees_all = S == 1 and not self.sinks and all(
+            c == 1 and a + 1 == end for a, c in zip(start, n, strict=True))
+        return _Chunk(B, S, end, last, q_pos_t.view(B, S), real.view(B, S),
+                      cos.view(B, S, -1), sin.view(B, S, -1), b_t, s_t, kv_rows, w_rows, w_pos,
+                      end + off, r0, list(rows) == list(range(r0, r0 + B)),
+                      all(c == S for c in n), sees_all, {})
 
     def _attend(self, i: int, x: torch.Tensor, ctx: _Chunk) -> torch.Tensor:
         """Layer i's attention over one step's residual stream x [B, S, d], writing the
@@ -430,11 +479,11 @@ class OffloadedModel:
         return x + (attn.latent_out(o) if mla
                     else attn.o_proj(o.transpose(1, 2).reshape(B, c.S, -1)))
 
-    def _mlp(self, i: int, xs: list[torch.Tensor], valid: list[tuple[torch.Tensor, torch.Tensor]]
-             ) -> list[torch.Tensor]:
+    def _mlp(self, i: int, xs: list[torch.Tensor], valid: list) -> list[torch.Tensor]:
         """Layer i's MLP over the residual streams xs ([B, S, d] each; valid: their real
         positions, as (row, position) index tensors: gathering by them waits for nothing,
-        where a boolean mask's nonzero would wait for the device) of one or more chunks ->
+        where a boolean mask's nonzero would wait for the device; None: all of them, see
+        _Chunk.valid) of one or more chunks ->
         xs; for the next MoE layer it predicts and starts copying experts from all of
         them."""
         block = self.model.layers[i]
@@ -444,8 +493,7 @@ class OffloadedModel:
             return [x + y for x, y in zip(xs, self._moe(i, hs, xs, valid, prefetch),
                                           strict=True)]
         if prefetch:  # copies overlap the dense MLP
-            self._prefetch_next(i, torch.cat([x[v] for x, v in zip(xs, valid, strict=True)]),
-                                set())
+            self._prefetch_next(i, _rows(xs, valid), set())
         return [x + block.mlp(h) for x, h in zip(xs, hs, strict=True)]
 
     def _head(self, x: torch.Tensor, ctx: _Chunk, targets: torch.Tensor | None, top: int,
@@ -453,7 +501,7 @@ class OffloadedModel:
         """The step's result from its final residual stream x [B, S, d] (see step; keep:
         with the scored positions' logits, see prefill)."""
         model, dev, B = self.model, self.device, ctx.B
-        last = x[torch.arange(B, device=dev), (ctx.count - 1).clamp(min=0)]
+        last = x[:, -1] if ctx.full else x[torch.arange(B, device=dev), ctx.last]
         logits = model.lm_head(model.norm(last)).float()
         if targets is None:
             return logits
@@ -481,8 +529,7 @@ class OffloadedModel:
             torch.cuda.synchronize(self.device)
 
     def _moe(self, i: int, hs: list[torch.Tensor], xs: list[torch.Tensor],
-             valid: list[tuple[torch.Tensor, torch.Tensor]], prefetch: bool
-             ) -> list[torch.Tensor]:
+             valid: list, prefetch: bool) -> list[torch.Tensor]:
         """hs [B, S, d] (normed) of one or more chunks -> their MoE outputs (zeros at padded
         positions). The experts any chunk needs are made resident a group of slots at a
         time (hits first), each group serving every chunk before the next is fetched;
@@ -494,16 +541,16 @@ class OffloadedModel:
         (scfg.miss_quant_weight) runs from its low-precision copy in a pool of its own
         (serve/skip.py)."""
         layer = self.model.layers[i].mlp
-        flats = [h[v] for h, v in zip(hs, valid, strict=True)]
+        flats = [_take(h, v) for h, v in zip(hs, valid, strict=True)]
         routes = [layer.router.select(f) for f in flats]
-        all_ids = torch.cat([ids.reshape(-1) for ids, _ in routes])
+        all_ids = torch.cat([ids.reshape(-1) for ids, _ in routes]) if len(routes) > 1 \
+            else routes[0][0].reshape(-1)
         E = self.cfg.moe.num_experts
         used = torch.zeros(E, dtype=torch.bool, device=all_ids.device).index_fill_(0, all_ids,
                                                                                    True)
         j = pred = None
         if prefetch:  # the prediction from this layer's input, waited for with the routing
-            x_flat = torch.cat([x[v] for x, v in zip(xs, valid, strict=True)])
-            j, named = self._predict(i, x_flat)
+            j, named = self._predict(i, _rows(xs, valid))
             if self.gate.allow(j):
                 used, named = torch.stack([used, named]).tolist()
                 pred = [e for e in range(E) if named[e]]
@@ -533,32 +580,36 @@ class OffloadedModel:
                      for flat, (ids, w) in zip(flats, routes, strict=True)]
             needed = [e for e in needed if e not in host]
         needed.sort(key=lambda e: not cache.resident((i, e)))  # hits first
-        outs = [torch.zeros_like(f) for f in flats]
+        outs: list[torch.Tensor | None] = [None] * len(flats)  # (the first sum is kept)
         ahead = (lambda keys: self._copy_ahead(j, pred, keys)) if pred is not None else None
         if not self._in_groups(i, needed, cache, outs, flats, routes, ahead) and ahead:
             ahead(set())  # every expert ran on the host or stood in
         if low:  # from their low-precision copies
             self._in_groups(i, sorted(low), self.low_cache, outs, flats, routes)
         if host:  # the host computes while the device runs the groups queued above
-            for out, t in zip(outs, taken, strict=True):
-                out += self._host_experts(i, *t).to(self.device, non_blocking=True)
+            for c, t in enumerate(taken):
+                _add(outs, c, self._host_experts(i, *t).to(self.device, non_blocking=True))
             cache.stats.on_host += len(host)
         ys = []
-        for h, v, flat, out in zip(hs, valid, flats, outs, strict=True):
+        for c, (h, v, flat) in enumerate(zip(hs, valid, flats, strict=True)):
             if layer.shared is not None:
-                out += layer.shared(flat)
+                _add(outs, c, layer.shared(flat))
+            out = torch.zeros_like(flat) if outs[c] is None else outs[c]
+            if v is None:  # every position is real
+                ys.append(out.view_as(h))
+                continue
             y = torch.zeros_like(h)
             y[v] = out
             ys.append(y)
         return ys
 
     def _in_groups(self, i: int, experts: list[int], cache: ExpertCache,
-                   outs: list[torch.Tensor], flats: list[torch.Tensor], routes: list,
+                   outs: list[torch.Tensor | None], flats: list[torch.Tensor], routes: list,
                    before_last=None) -> int:
-        """Add to each chunk's output (outs, beside flats and routes) the pairs of layer i's
-        experts, made resident in cache a group of its slots at a time, each group serving
-        every chunk before the next is fetched; before_last(keys) runs once the last group
-        is resident -> the number of groups."""
+        """Add to each chunk's output (outs, beside flats and routes; see _add) the pairs of
+        layer i's experts, made resident in cache a group of its slots at a time, each group
+        serving every chunk before the next is fetched; before_last(keys) runs once the last
+        group is resident -> the number of groups."""
         if self.trace is not None and cache is self.cache:
             self.trace.add(i, experts)
         n = cache.n_slots
@@ -569,8 +620,8 @@ class OffloadedModel:
             slots = {e: got[k] for e, k in zip(group, keys, strict=True)}
             if g == len(groups) - 1 and before_last is not None:
                 before_last(set(keys))
-            for out, flat, (ids, w) in zip(outs, flats, routes, strict=True):
-                out += self._experts(flat, ids, w, slots, cache)
+            for c, (flat, (ids, w)) in enumerate(zip(flats, routes, strict=True)):
+                _add(outs, c, self._experts(flat, ids, w, slots, cache))
         return len(groups)
 
     def _host_set(self, all_ids: torch.Tensor, missing: list[int]) -> set[int]:
@@ -672,11 +723,11 @@ class OffloadedModel:
         # pinned on CUDA: a copy from pageable memory may wait for the stream, which holds
         # the layer's expert copies just queued, and the host would issue nothing more (the
         # next layer's attention and routing) until they landed
-        table = torch.full((self.cfg.moe.num_experts,), -1, dtype=torch.long,
-                           pin_memory=self.device.type == "cuda")
+        table = [-1] * self.cfg.moe.num_experts
         for e, s in slots.items():
             table[e] = s
-        sid = table.to(self.device, non_blocking=True)[ids]
+        sid = torch.tensor(table, pin_memory=self.device.type == "cuda").to(
+            self.device, non_blocking=True)[ids]
         dropped = sid < 0
         c, m = cache or self.cache, self.cfg.moe
         backend = m.kernel_backend

@@ -380,6 +380,25 @@ def test_layer_launches_bench_counts_no_host_waits(tmp_path):
     assert all(int(r[2]) > int(r[4]) > 0 for r in rows), rows  # launches > Triton kernels
 
 
+def test_decode_launches_bench_holds_a_decode_tokens_launch_budget(tmp_path):
+    """bench/decode_launches.py counts a decode token's launches by phase; no case waits
+    for the device, and a resident MoE layer's decode stays within its budget of launches
+    (attention 22: the fused RMSNorm counts one, no mask; MoE glue 4; experts 12)."""
+    out = tmp_path / "results.md"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    proc = run_module("bench.decode_launches", ["--layers", "2", "--tokens", "2",
+                                                "--timed-tokens", "4", "--out", out,
+                                                "--dir", tmp_path / "m"], cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r[1]: r for r in (line.split(" | ") for line in out.read_text().splitlines()
+                              if line.startswith("| this commit |"))}
+    assert len(rows) == 3 and all(r[4] == "0" for r in rows.values()), rows
+    resident = rows["all experts resident"]
+    assert all(float(a) <= b for a, b in zip(resident[6:9], (22, 4, 12), strict=True)), \
+        resident
+    assert float(resident[-1].rstrip(" |")) > 0  # ms a token, timed
+
+
 def test_scratch_dir_is_removed_when_the_process_exits(tmp_path):
     """A benchmark's temporary model folder (gigabytes at real shapes) goes when its process
     ends, also after an error; a folder the user named stays."""

@@ -122,7 +122,41 @@ def test_config_variants_equal_transformers(tmp_path, variant):
         assert m.kv.v is None
         assert m.kv.k.shape[2:] == (1, 64, cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim)
     assert_generates_like(hf, m, prompts, 10)
+    # one row alone: its decode steps run attention unmasked until a window hides keys
+    assert_generates_like(hf, m, prompts[:1], 10)
     assert_imports_like(hf, tmp_path, torch.randint(0, 300, (2, 15), generator=gen))
+
+
+def test_a_steps_context_masks_only_where_a_key_is_hidden(refs):
+    """_context builds a step's indices on the host: one row's decode step needs no mask
+    (until a window hides keys) and no gather of its positions; rows of two lengths and
+    padded rows get masks and index tensors that say which positions are real; RoPE's cos /
+    sin are the model's."""
+    from moe.attention import rope_cos_sin
+
+    m = serve(refs("mixtral")[1])
+    one = torch.zeros(1, 1, dtype=torch.long)
+    c = m._context(one, [0], [7], [1])
+    assert c.full and c.sees_all and c.valid is None
+    assert c.mask_for(None) is None and c.mask_for(8) is None
+    assert c.mask_for(3)[0, 0, 0].tolist() == [False] * 5 + [True] * 3
+    c = m._context(torch.zeros(2, 1, dtype=torch.long), [0, 1], [7, 3], [1, 1])
+    assert c.full and not c.sees_all
+    assert c.mask_for(None)[1, 0, 0].tolist() == [True] * 4 + [False] * 4
+    c = m._context(torch.zeros(2, 3, dtype=torch.long), [0, 1], [0, 5], [3, 1])
+    assert not c.full and not c.sees_all
+    assert [t.tolist() for t in c.valid] == [[0, 0, 0, 1], [0, 1, 2, 0]]
+    assert c.q_valid.tolist() == [[True] * 3, [True, False, False]]
+    assert c.last.tolist() == [2, 0] and c.q_pos.tolist() == [[0, 1, 2], [5, 6, 7]]
+    assert c.w_rows.tolist() == [0, 0, 0, 1] and c.w_pos.tolist() == [0, 1, 2, 5]
+    mask = c.mask_for(None)  # every query, padding too, sees key 0 (no row of -inf only)
+    assert mask.shape == (2, 1, 3, 6) and bool(mask[..., 0].all())
+    assert mask[0, 0, 2].tolist() == [True] * 3 + [False] * 3
+    cfg = m.cfg
+    cos, sin = rope_cos_sin(c.q_pos.reshape(-1), cfg.rope_dim, cfg.rope_theta, m.dtype,
+                            cfg.rope_scaling)
+    assert torch.equal(c.cos.reshape(cos.shape), cos) and torch.equal(
+        c.sin.reshape(sin.shape), sin)
 
 
 def assert_generates_like(hf, m: OffloadedModel, prompts: list[list[int]], n: int):
