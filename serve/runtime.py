@@ -243,6 +243,13 @@ class _Chunk:
         real (rows of S new tokens each: the [B * S, d] rows are a view, not a gather)."""
         return None if self.full else (self.b_idx, self.s_at)
 
+    def written(self, t: torch.Tensor) -> torch.Tensor:
+        """The entries of the real positions of t [B, H, S, dim] -> [P, H, dim] (one token
+        a row, none padding: a view)."""
+        if self.full and self.S == 1:
+            return t[:, :, 0]
+        return t.transpose(1, 2)[self.b_idx, self.s_at]
+
     def mask_for(self, window: int | None) -> torch.Tensor | None:
         """[B, 1, S, end]: a query sees its row's keys up to its own position (the last
         `window` of them with a sliding window); a padding query sees key 0. None where
@@ -465,8 +472,8 @@ class OffloadedModel:
             q, k = attn.project_latent(block.attn_norm(x), c.cos, c.sin)
         else:
             q, k, v = attn.project(block.attn_norm(x), c.cos, c.sin)
-            kv.put(i, "v", c.w_rows, c.w_pos, v.transpose(1, 2)[c.b_idx, c.s_at])
-        kv.put(i, "k", c.w_rows, c.w_pos, k.transpose(1, 2)[c.b_idx, c.s_at])
+            kv.put(i, "v", c.w_rows, c.w_pos, c.written(v))
+        kv.put(i, "k", c.w_rows, c.w_pos, c.written(k))
         r0, B = c.r0, c.B
         rows = slice(r0, r0 + B) if c.dense else c.kv_rows
         keys = kv.get(i, "k", rows, c.n_keys)  # [B, Hkv, keys, hd]
@@ -555,6 +562,7 @@ class OffloadedModel:
                 used, named = torch.stack([used, named]).tolist()
                 pred = [e for e in range(E) if named[e]]
         needed = [e for e, u in enumerate(used.tolist() if pred is None else used) if u]
+        every = set(needed)  # the experts the layer's pairs name
         self._account(i, needed)
         if prefetch:
             self._predicted[j] = named if pred is None else set(pred)
@@ -582,7 +590,7 @@ class OffloadedModel:
         needed.sort(key=lambda e: not cache.resident((i, e)))  # hits first
         outs: list[torch.Tensor | None] = [None] * len(flats)  # (the first sum is kept)
         ahead = (lambda keys: self._copy_ahead(j, pred, keys)) if pred is not None else None
-        if not self._in_groups(i, needed, cache, outs, flats, routes, ahead) and ahead:
+        if not self._in_groups(i, needed, cache, outs, flats, routes, ahead, every) and ahead:
             ahead(set())  # every expert ran on the host or stood in
         if low:  # from their low-precision copies
             self._in_groups(i, sorted(low), self.low_cache, outs, flats, routes)
@@ -605,15 +613,17 @@ class OffloadedModel:
 
     def _in_groups(self, i: int, experts: list[int], cache: ExpertCache,
                    outs: list[torch.Tensor | None], flats: list[torch.Tensor], routes: list,
-                   before_last=None) -> int:
+                   before_last=None, every: set[int] | None = None) -> int:
         """Add to each chunk's output (outs, beside flats and routes; see _add) the pairs of
         layer i's experts, made resident in cache a group of its slots at a time, each group
         serving every chunk before the next is fetched; before_last(keys) runs once the last
-        group is resident -> the number of groups."""
+        group is resident; every: the experts the pairs name (when one group holds them all,
+        no pair is left out) -> the number of groups."""
         if self.trace is not None and cache is self.cache:
             self.trace.add(i, experts)
         n = cache.n_slots
         groups = [experts[a:a + n] for a in range(0, len(experts), n)]
+        whole = len(groups) == 1 and every is not None and set(experts) == every
         for g, group in enumerate(groups):
             keys = [(i, e) for e in group]
             got = cache.acquire(keys)
@@ -621,7 +631,7 @@ class OffloadedModel:
             if g == len(groups) - 1 and before_last is not None:
                 before_last(set(keys))
             for c, (flat, (ids, w)) in enumerate(zip(flats, routes, strict=True)):
-                _add(outs, c, self._experts(flat, ids, w, slots, cache))
+                _add(outs, c, self._experts(flat, ids, w, slots, cache, whole))
         return len(groups)
 
     def _host_set(self, all_ids: torch.Tensor, missing: list[int]) -> set[int]:
@@ -717,9 +727,10 @@ class OffloadedModel:
         self._copy_ahead(j, pred, protected)
 
     def _experts(self, flat, ids, w, slots: dict[int, int],
-                 cache: ExpertCache | None = None) -> torch.Tensor:
+                 cache: ExpertCache | None = None, whole: bool = False) -> torch.Tensor:
         """Sum over the (token, expert) pairs whose expert sits in `slots` of weight * expert
-        output, by the grouped kernels over the slot pool of cache (the expert cache)."""
+        output, by the grouped kernels over the slot pool of cache (the expert cache);
+        whole: every pair's expert is in slots (none to leave out)."""
         # pinned on CUDA: a copy from pageable memory may wait for the stream, which holds
         # the layer's expert copies just queued, and the host would issue nothing more (the
         # next layer's attention and routing) until they landed
@@ -728,14 +739,18 @@ class OffloadedModel:
             table[e] = s
         sid = torch.tensor(table, pin_memory=self.device.type == "cuda").to(
             self.device, non_blocking=True)[ids]
-        dropped = sid < 0
         c, m = cache or self.cache, self.cfg.moe
         backend = m.kernel_backend
-        d = sort_by_expert(sid.clamp(min=0), c.n_slots, dropped, backend=backend)
+        if whole:
+            d = sort_by_expert(sid, c.n_slots, backend=backend)
+        else:  # the pairs of experts elsewhere are left out (their weight 0)
+            dropped = sid < 0
+            d = sort_by_expert(sid.clamp(min=0), c.n_slots, dropped, backend=backend)
+            w = w.masked_fill(dropped, 0)
         with without_host_waits():  # no GEMM that reads back (the host issues on meanwhile)
             return expert_mlp(flat, c.w_in, c.w_out, d, m.expert_type, backend, True, c.b_in,
                               c.b_out, m.swiglu_alpha, m.swiglu_limit,
-                              combine_weights=w.masked_fill(dropped, 0).to(flat.dtype))
+                              combine_weights=w.to(flat.dtype))
 
     def counters(self) -> dict[str, int]:
         """The raw cache and prefetch counts since reset_stats (stats(since=) takes them)."""
