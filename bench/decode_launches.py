@@ -5,7 +5,10 @@ on the CPU at tiny shapes, where the ops' own work is small and the host's dispa
 of it. On a GPU every launch costs the host microseconds, and at batch-1 decode with the
 experts resident the host, not the device, sets the pace (bench/RESULTS.md, the second H200
 lease's timeline: 1.4 ms of kernels in a 15 ms token). Counted on the CPU, the Triton kernels
-under Triton's interpreter; the launch sequence is the one a GPU gets.
+under Triton's interpreter; the launch sequence is the one a GPU gets, but for the step's
+set-up, whose count here is the host's own ops building the step's indices and RoPE (on CUDA
+host work, and two copies to the device are its launches), and one small copy to the device
+per expert call (the slot table), which the CPU does not make.
 
     python -m bench.decode_launches
 """

@@ -170,6 +170,8 @@ def launches() -> Iterator[tuple[str, Callable[[], object]]]:
                 *torch.rand(3, generator=g).unbind(), sigmoid, not sigmoid)),
             (f"sort E={E} k={k}", partial(routing.sort_pairs, torch.randint(
                 0, E, (TOKENS * k,), generator=g), E, k)),
+            (f"sort E={E} k={k} decode", partial(routing.sort_pairs, torch.randint(
+                0, E, (k,), generator=g), E, k)),  # one block: one program
             (f"block schedule E={E} k={k}", partial(
                 schedule.block_schedule, sort_by_expert(torch.randint(
                     0, E, (TOKENS, k), generator=g), E), 128)),

@@ -379,7 +379,11 @@ class OffloadedModel:
             for name, buf in list(mod.named_buffers(recurse=False)):
                 if buf.is_meta:
                     mod.register_buffer(name, torch.zeros(buf.shape, dtype=buf.dtype))
-        return model.to(self.device).eval()
+        model = model.to(self.device).eval()
+        for block in model.layers:
+            if hasattr(block.attn, "fuse_qkv"):  # (MLA projects otherwise)
+                block.attn.fuse_qkv()
+        return model
 
     # -- forward ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -40,7 +40,8 @@ def test_every_launch_builds_for_hopper_within_its_shared_memory(builds):
     assert {b["kernel"] for b in builds} >= {
         *GEMMS, "_swiglu_fwd_kernel", "_swiglu_bwd_kernel", "_combine_kernel",
         "_combine_bwd_kernel", "_topk_route_kernel", "_topk_route_bwd_kernel",
-        "_block_hist_kernel", "_scan_kernel", "_place_kernel", "_schedule_kernel"}
+        "_block_hist_kernel", "_scan_kernel", "_place_kernel", "_sort_one_block_kernel",
+        "_schedule_kernel"}
     for b in builds:
         assert 0 < b["regs"] <= 255 and b["shared_bytes"] <= b["shared_limit"], b
 

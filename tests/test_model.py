@@ -243,3 +243,34 @@ def test_bf16_autocast_over_float32_weights(backend):
         assert p.dtype == p.grad.dtype == torch.float32, name
         rel = ((p.grad - want[name]).norm() / want[name].norm()).item()
         assert rel < 5e-2, (name, rel)
+
+
+@pytest.mark.parametrize("kw,rope_dim", [
+    ({}, 16), ({"qkv_bias": True}, 16), ({"qk_norm": True}, 16),  # Qwen2 bias, Qwen3 norms
+    ({"qk_norm": True, "qk_norm_type": "full", "clip_qkv": 0.5}, 16),  # OLMoE
+    ({}, 8)])  # partial rotary (GLM)
+def test_fused_qkv_projects_as_the_three_projections(kw, rope_dim):
+    """fuse_qkv (serving): one GEMM over a joint weight whose views the three projections
+    become (no memory added, the state dict unchanged) gives the same q, k, v, for plain
+    and left-padded (per-row) positions."""
+    torch.manual_seed(0)
+    attn = Attention(32, 4, 2, 16, **kw)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 5, 32)
+    per_row = torch.tensor([[0, 1, 2, 3, 4], [3, 4, 5, 6, 7]])
+    cs = [rope_cos_sin(torch.arange(5), rope_dim, 1e4, torch.float32),
+          tuple(t.view(2, 5, -1) for t in rope_cos_sin(per_row.reshape(-1), rope_dim, 1e4,
+                                                       torch.float32))]
+    want = [attn.project(x, *c) for c in cs]
+    state = {k: v.clone() for k, v in attn.state_dict().items()}
+    attn.fuse_qkv()
+    w, b = attn.qkv
+    assert w.shape == (4 * 16 + 2 * 2 * 16, 32) and (b is not None) == bool(kw.get("qkv_bias"))
+    assert attn.q_proj.weight.data_ptr() == w.data_ptr()  # a view: no copy kept
+    assert attn.v_proj.weight.data_ptr() == w[4 * 16 + 2 * 16:].data_ptr()
+    assert all(torch.equal(v, state[k]) for k, v in attn.state_dict().items())
+    for c, ref in zip(cs, want, strict=True):
+        for got, exp in zip(attn.project(x, *c), ref, strict=True):
+            assert got.shape == exp.shape
+            torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)

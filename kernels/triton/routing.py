@@ -258,6 +258,28 @@ def _place_kernel(IDS, START, TOTAL, OFFSETS, OUT_PAIR, OUT_TOKEN, OUT_EXPERT, O
     tl.store(OUT_ROW + i, pos, mask=ok)
 
 
+@triton.jit
+def _sort_one_block_kernel(IDS, OFFSETS, OUT_PAIR, OUT_TOKEN, OUT_EXPERT, OUT_ROW, M, E1,
+                           top_k, BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+    """_block_hist_kernel, _scan_kernel and _place_kernel in one program, for M <= BLOCK
+    pairs (a decode step's): the counts are the block's own, no block comes before it."""
+    cols = tl.arange(0, E_PAD)
+    i = tl.arange(0, BLOCK)
+    ok = i < M
+    e = tl.load(IDS + i, mask=ok, other=E_PAD).to(tl.int32)
+    onehot = (e[:, None] == cols[None, :]).to(tl.int32)  # padding rows: all 0
+    total = tl.sum(onehot, 0).to(tl.int64)
+    offsets = tl.cumsum(total, 0) - total
+    tl.store(OFFSETS + cols, offsets, mask=cols < E1)
+    before = tl.sum((tl.cumsum(onehot, 0) - onehot) * onehot, 1)
+    first = tl.sum(tl.where(onehot != 0, offsets[None, :], 0), 1)
+    pos = first + before
+    tl.store(OUT_PAIR + pos, i.to(tl.int64), mask=ok)
+    tl.store(OUT_TOKEN + pos, (i // top_k).to(tl.int64), mask=ok)
+    tl.store(OUT_EXPERT + pos, e.to(tl.int64), mask=ok)
+    tl.store(OUT_ROW + i, pos, mask=ok)
+
+
 def sort_pairs(flat_ids: torch.Tensor, num_experts: int, top_k: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """flat_ids [M] (E = dropped) -> sorted_pair_idx, sorted_token_idx, sorted_expert_idx
@@ -273,10 +295,14 @@ def sort_pairs(flat_ids: torch.Tensor, num_experts: int, top_k: int
     e_pad = triton.next_power_of_2(E1)
     block = max(16, min(256, 8192 // e_pad))
     nb = common.cdiv(M, block)
+    offsets = torch.empty(E1, dtype=torch.int64, device=dev)
+    if nb == 1:  # one launch, not three
+        _sort_one_block_kernel[(1,)](ids, offsets, *outs, rows, M, E1, top_k, BLOCK=block,
+                                     E_PAD=e_pad)
+        return (*outs, offsets, rows)
     hist = torch.empty(nb, E1, dtype=torch.int32, device=dev)  # every entry written
     start = torch.empty(nb, E1, dtype=torch.int32, device=dev)
     total = torch.empty(E1, dtype=torch.int32, device=dev)
-    offsets = torch.empty(E1, dtype=torch.int64, device=dev)
     _block_hist_kernel[(nb,)](ids, hist, M, E1, BLOCK=block, E_PAD=e_pad)
     _scan_kernel[(E1,)](hist, start, total, nb, E1, CHUNK=1024)
     _place_kernel[(nb,)](ids, start, total, offsets, *outs, rows, M, E1, top_k, BLOCK=block,
