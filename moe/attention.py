@@ -158,10 +158,12 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(k_dim, eps) if qk_norm else None
         self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see fuse_qkv
 
-    def fuse_qkv(self) -> None:
+    def fuse_qkv(self, device: torch.device | None = None) -> None:
         """Inference: the q, k and v projections' weights (and biases) become views of one
         [(H + 2 Hkv) hd, d] weight, so that project runs one GEMM instead of three (and,
-        without q / k norms or clipping, rotates q and k together); no memory is added."""
+        without q / k norms or clipping, rotates q and k together); no memory is added.
+        device: where the joint weight goes (fused on the host first, the device holds only
+        it, never the three as well)."""
         lins = (self.q_proj, self.k_proj, self.v_proj)
         fused = []
         for name in ("weight", "bias"):
@@ -169,10 +171,10 @@ class Attention(nn.Module):
             if parts[0] is None:
                 fused.append(None)
                 continue
-            joint = torch.cat([p.detach() for p in parts])
+            joint = torch.cat([p.detach() for p in parts]).to(device or parts[0].device)
             at = 0
-            for p in parts:
-                p.data = joint[at:at + p.shape[0]]
+            for m, p in zip(lins, parts, strict=True):  # a new Parameter: any device
+                setattr(m, name, nn.Parameter(joint[at:at + p.shape[0]], p.requires_grad))
                 at += p.shape[0]
             fused.append(joint)
         self.qkv = (fused[0], fused[1])

@@ -379,11 +379,10 @@ class OffloadedModel:
             for name, buf in list(mod.named_buffers(recurse=False)):
                 if buf.is_meta:
                     mod.register_buffer(name, torch.zeros(buf.shape, dtype=buf.dtype))
-        model = model.to(self.device).eval()
-        for block in model.layers:
-            if hasattr(block.attn, "fuse_qkv"):  # (MLA projects otherwise)
-                block.attn.fuse_qkv()
-        return model
+        for block in model.layers:  # one q / k / v GEMM a layer (MLA projects otherwise)
+            if hasattr(block.attn, "fuse_qkv"):
+                block.attn.fuse_qkv(self.device)
+        return model.to(self.device).eval()
 
     # -- forward ---------------------------------------------------------------------------
     @torch.no_grad()

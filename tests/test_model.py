@@ -274,3 +274,19 @@ def test_fused_qkv_projects_as_the_three_projections(kw, rope_dim):
         for got, exp in zip(attn.project(x, *c), ref, strict=True):
             assert got.shape == exp.shape
             torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_qkv_moves_only_the_joint_weight_to_the_device():
+    """fuse_qkv(device) on host weights: the projections become views of the joint weight
+    there (the model's .to() then leaves them be)."""
+    attn = Attention(32, 4, 2, 16, qkv_bias=True)
+    attn.fuse_qkv(torch.device("meta"))  # another device: new Parameters, views there
+    w, b = attn.qkv
+    assert w.is_meta and b.is_meta and attn.k_proj.weight.is_meta and attn.v_proj.bias.is_meta
+    attn = Attention(32, 4, 2, 16, qkv_bias=True)
+    attn.fuse_qkv(torch.device("cpu"))
+    w, b = attn.qkv
+    attn.to("cpu")  # already there: still views of the joint weight
+    assert attn.q_proj.weight.data_ptr() == w.data_ptr()
+    assert attn.v_proj.bias.data_ptr() == b[4 * 16 + 2 * 16:].data_ptr()
+    assert isinstance(attn.k_proj.weight, torch.nn.Parameter)
