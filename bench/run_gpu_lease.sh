@@ -18,8 +18,9 @@
 #      attention without cuDNN (its per-key-count plans made each run's first setting slow on
 #      2026-11-30: the orderings of prefetch vs none there are in doubt), 235 s
 #   3) where that decode's time goes (bench/serve_timeline.py): link, kernels and host waits
-#      per token under 25% and 100% of the experts, profiled, 75 s (45 s stopped it before it
-#      appended its table)
+#      per token under 25% and 100% of the experts, profiled, then timed unprofiled (100%: the
+#      host's floor a token, which the decode-launch cuts after 2026-11-30 aim at), 75 s (45 s
+#      stopped it before it appended its table)
 #   4) one MoE layer's forward+backward at 16k tokens (issue 3, its targets met on
 #      2026-11-30): Mixtral first, ours vs ours with the SwiGLU and the combine as separate
 #      kernels (faster there on 2026-11-30: 55.77 vs 59.03 ms), ours replayed from CUDA

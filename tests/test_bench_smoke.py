@@ -501,6 +501,7 @@ def test_serve_timeline_smoke(tmp_path):
     assert "Offloaded decode timeline" in text and "| 4/16, none |" in text
     r = json.loads(js.read_text())
     assert set(r) == {"4/16, none", "4/16, cross-layer", "16/16, none", "16/16, cross-layer"}
-    assert all(v["tokens"] == 3 and v["ms_per_token"] > 0 for v in r.values())
+    assert all(v["tokens"] == 3 and v["ms_per_token"] > 0 and v["unprofiled_ms_per_token"] > 0
+               for v in r.values())
     assert r["16/16, none"]["mib_per_token"] == 0 and r["4/16, none"]["mib_per_token"] > 0
     assert r["4/16, none"]["prefetch_copied"] == 0
