@@ -26,6 +26,8 @@ from pathlib import Path
 PHASES = (("_context", "set-up"), ("_attend", "attention"), ("_moe", "MoE glue"),
           ("_experts", "experts"), ("_head", "head"))
 PER_LAYER = ("attention", "MoE glue", "experts")  # reported per MoE layer, the others a token
+# the serving code's reads of device values (on CUDA each waits for the device)
+READS = ("tolist", "item")
 
 
 def _model(root: Path, layers: int, backend: str, fraction: float, prefetch: str):
@@ -63,6 +65,8 @@ def _decoder(model, tokens: int):
 def count_token(model, tokens: int = 4) -> tuple[Counter, dict[str, Counter]]:
     """Launches and waits of `tokens` decode steps (after as many warm-up ones), per token
     -> (totals, per phase)."""
+    import torch
+
     from bench.layer_launches import counting
     from serve.bench import decode_all
     from serve.runtime import OffloadedModel
@@ -91,14 +95,29 @@ def count_token(model, tokens: int = 4) -> tuple[Counter, dict[str, Counter]]:
                     stack[-1].update(own + inner)
         return counted
 
+    reads = {m: getattr(torch.Tensor, m) for m in READS}
+
+    def read(method: str):
+        f = reads[method]
+
+        def counted(t, *a, **k):
+            if os.sep + "serve" + os.sep in sys._getframe(1).f_code.co_filename:
+                ops["read"] += 1
+            return f(t, *a, **k)
+        return counted
+
     try:
         with counting() as ops:
             for method, name in PHASES:
                 setattr(OffloadedModel, method, wrap(method, name))
+            for method in READS:
+                setattr(torch.Tensor, method, read(method))
             n, _ = decode_all(d)
     finally:
         for method, f in saved.items():
             setattr(OffloadedModel, method, f)
+        for method, f in reads.items():
+            setattr(torch.Tensor, method, f)
     total = Counter({k: v / n for k, v in ops.items()})
     per = {name: Counter({k: v / n for k, v in c.items()}) for name, c in phases.items()}
     return total, per
@@ -148,7 +167,7 @@ def main(argv=None) -> None:
                                a.timed_tokens) if a.timed_tokens else None)
         launches = {name: c["torch"] + c["triton"] for name, c in per.items()}
         rows.append([a.label, label, f"{total['torch'] + total['triton']:.0f}",
-                     f"{total['triton']:.0f}", f"{total['wait']:.0f}"]
+                     f"{total['triton']:.0f}", f"{total['wait']:.0f}", f"{total['read']:.0f}"]
                     + [f"{launches[name] / (a.layers if name in PER_LAYER else 1):.1f}"
                        for _, name in PHASES]
                     + [f"{total['torch'] + total['triton'] - sum(launches.values()):.1f}",
@@ -160,9 +179,12 @@ def main(argv=None) -> None:
             "Triton backend), per phase (attention, MoE glue and experts per MoE layer; "
             "the MoE glue is routing, the cache's work and the output's assembly; other: the "
             "embedding, residual adds, sampling), ops that "
-            f"wait for the device, and ms a token on the CPU (torch backend, best of 3 runs "
-            f"of {a.timed_tokens} tokens; the host's dispatch, mostly).\n\n" + markdown_table(
-                ["code", "case", "launches / token", "Triton", "host waits",
+            "wait for the device (a read back of data: bool indexing, nonzero ...), the "
+            "serving code's reads of device values (tolist / item: one a MoE layer, its "
+            "routing, and one a token, its sample), and ms a token on the CPU (torch "
+            f"backend, best of 3 runs of {a.timed_tokens} tokens; the host's dispatch, "
+            "mostly).\n\n" + markdown_table(
+                ["code", "case", "launches / token", "Triton", "host waits", "reads / token",
                  "set-up / token", "attention / layer", "MoE glue / layer",
                  "experts / layer", "head / token", "other / token", "CPU ms / token"],
                 rows) + "\n")

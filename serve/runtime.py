@@ -559,12 +559,23 @@ class OffloadedModel:
         used = torch.zeros(E, dtype=torch.bool, device=all_ids.device).index_fill_(0, all_ids,
                                                                                    True)
         j = pred = None
+        # one read from the device (the host's one wait this layer): the experts used, the
+        # next layer's prediction when it is copied, this layer's withheld prediction
+        reads = [used]
         if prefetch:  # the prediction from this layer's input, waited for with the routing
             j, named = self._predict(i, _rows(xs, valid))
             if self.gate.allow(j):
-                used, named = torch.stack([used, named]).tolist()
-                pred = [e for e in range(E) if named[e]]
-        needed = [e for e, u in enumerate(used.tolist() if pred is None else used) if u]
+                reads.append(named)
+        withheld = self._predicted.get(i)
+        if isinstance(withheld, torch.Tensor):
+            reads.append(withheld)
+        got = torch.stack(reads).tolist() if len(reads) > 1 else [used.tolist()]
+        if isinstance(withheld, torch.Tensor):
+            mask = got.pop()
+            self._predicted[i] = {e for e in range(E) if mask[e]}
+        if len(got) > 1:
+            pred = [e for e in range(E) if got[1][e]]
+        needed = [e for e, u in enumerate(got[0]) if u]
         every = set(needed)  # the experts the layer's pairs name
         self._account(i, needed)
         if prefetch:
@@ -682,10 +693,8 @@ class OffloadedModel:
 
     def _account(self, i: int, needed) -> None:
         """Prefetch precision / recall: layer i used the experts `needed`."""
-        pred = self._predicted.pop(i, None)
+        pred = self._predicted.pop(i, None)  # a set by now (_moe reads a mask with the routing)
         if pred is not None:
-            if isinstance(pred, torch.Tensor):
-                pred = {e for e, named in enumerate(pred.tolist()) if named}
             st = self.prefetch_stats
             correct = len(pred.intersection(needed))
             st.predicted, st.actual = st.predicted + len(pred), st.actual + len(needed)

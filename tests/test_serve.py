@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -1103,6 +1104,30 @@ def test_the_precision_gate_scores_predictions_without_copying_them(tmp_path):
     nxt = m.model.layers[2]
     named = set(nxt.mlp.router.select(nxt.mlp_norm(x))[0].flatten().tolist())
     assert set(m._predicted[2].nonzero().flatten().tolist()) == named
+
+
+@pytest.mark.parametrize("bar", [0.0, 1.0])  # predictions copied / withheld (scored)
+def test_a_moe_layer_reads_from_the_device_once(tmp_path, monkeypatch, bar):
+    """The experts a layer uses, the next layer's prediction and this layer's withheld one
+    come back to the host in one read (each read waits for the device), with the same
+    tokens as transformers."""
+    hf, budget, prompt, ref = mixtral_at_12_slots(tmp_path)
+    m = serve(tmp_path, memory_budget=budget, max_batch=1, prefetch_min_precision=bar)
+    reads = []
+    tolist = torch.Tensor.tolist
+
+    def counted(t):
+        frame = sys._getframe(1)
+        if frame.f_code.co_filename.endswith("serve/runtime.py"):
+            reads.append(frame.f_code.co_name)
+        return tolist(t)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    res = generate(m, [prompt], 10)
+    assert res.token_ids == [ref]
+    steps, moe_layers = 10, sum(b.is_moe for b in m.model.layers)
+    assert 0 < res.stats["prefetch_withheld" if bar else "prefetch_copied"]
+    assert reads.count("_moe") == steps * moe_layers and set(reads) == {"_moe"}, reads[:12]
 
 
 def test_attention_leaves_out_cudnn_whose_plans_are_per_shape(refs, monkeypatch):
