@@ -250,6 +250,18 @@ class _Chunk:
             return t[:, :, 0]
         return t.transpose(1, 2)[self.b_idx, self.s_at]
 
+    def bias_for(self, window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """mask_for as the additive mask (0 / -inf) SDPA would make of it at every call:
+        made once a step."""
+        mask = self.mask_for(window)
+        if mask is None:
+            return None
+        key = ("bias", window)
+        if key not in self.masks:
+            self.masks[key] = torch.zeros(mask.shape, dtype=dtype, device=mask.device
+                                          ).masked_fill_(~mask, float("-inf"))
+        return self.masks[key]
+
     def mask_for(self, window: int | None) -> torch.Tensor | None:
         """[B, 1, S, end]: a query sees its row's keys up to its own position (the last
         `window` of them with a sliding window); a padding query sees key 0. None where
@@ -481,9 +493,10 @@ class OffloadedModel:
         rows = slice(r0, r0 + B) if c.dense else c.kv_rows
         keys = kv.get(i, "k", rows, c.n_keys)  # [B, Hkv, keys, hd]
         values = keys[..., :attn.kv_rank] if mla else kv.get(i, "v", rows, c.n_keys)
-        mask = c.mask_for(block.window)
         if self.sinks:  # GPT-OSS: cache position 0 is a zero key / value, the sink's
-            mask = sink_mask(mask, attn.sinks, self.dtype)
+            mask = sink_mask(c.mask_for(block.window), attn.sinks, self.dtype)
+        else:
+            mask = c.bias_for(block.window, self.dtype)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale,
                                            enable_gqa=keys.shape[1] != q.shape[1])
         return x + (attn.latent_out(o) if mla
