@@ -146,11 +146,9 @@ def main(argv=None) -> None:
     p.add_argument("--dir", default=None, help="the tiny random model (reused)")
     p.add_argument("--out", default="bench/RESULTS.md")
     a = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        if "triton" in sys.modules:
-            sys.exit("bench.decode_launches runs the kernels under Triton's interpreter: set "
-                     "TRITON_INTERPRET=1")
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU kernels
+    from bench.layer_launches import use_interpreter
+
+    use_interpreter("bench.decode_launches")
     import torch
 
     from bench.common import append_results, command_line, markdown_table, scratch_dir

@@ -127,6 +127,15 @@ def counting(raise_on_wait: bool = False) -> Iterator[Counter]:
         interpreter.GridExecutor.__call__ = call
 
 
+def use_interpreter(bench: str) -> None:
+    """Run Triton's kernels under its CPU interpreter (set before triton is imported)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        if "triton" in sys.modules:
+            sys.exit(f"{bench} runs the kernels under Triton's interpreter: set "
+                     "TRITON_INTERPRET=1")
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
 def count(d: int, E: int, ffn: int, router: dict, tokens: int = 64) -> Counter:
     """One forward + backward of a layer (after a warm-up one) -> Counter(torch=, triton=,
     wait=)."""
@@ -159,11 +168,7 @@ def main(argv=None) -> None:
                         "depend on E; the interpreter runs a program per expert: tests)")
     p.add_argument("--out", default="bench/RESULTS.md")
     a = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        if "triton" in sys.modules:
-            sys.exit("bench.layer_launches runs the kernels under Triton's interpreter: set "
-                     "TRITON_INTERPRET=1")
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU kernels
+    use_interpreter("bench.layer_launches")
     rows = []
     for name, (d, E, ffn, router) in CASES.items():
         if a.max_experts and E > a.max_experts:
