@@ -725,10 +725,14 @@ class OffloadedModel:
         ids, w = nxt.mlp.router.select(nxt.mlp_norm(x_flat))
         bar = self.scfg.prefetch_min_weight
         light = max(self.scfg.skip_miss_weight, self.scfg.miss_quant_weight)
+        E = self.cfg.moe.num_experts
+        if bar <= 0 and light <= 0:  # every expert named (the default): 2 launches, not 6
+            return j, torch.zeros(E, dtype=torch.bool, device=ids.device).index_fill_(
+                0, ids.flatten(), True)
         want = w >= bar
         if light > 0:  # no copy ahead of an expert the layer would skip or stand in for
             want &= kept_pairs(w, light)
-        named = torch.zeros(self.cfg.moe.num_experts, dtype=torch.int32, device=ids.device)
+        named = torch.zeros(E, dtype=torch.int32, device=ids.device)
         return j, named.index_add_(0, ids.flatten(), want.flatten().to(torch.int32)) > 0
 
     def _copy_ahead(self, j: int, pred: list[int], protected) -> None:
