@@ -30,9 +30,10 @@ PER_LAYER = ("attention", "MoE glue", "experts")  # reported per MoE layer, the 
 READS = ("tolist", "item")
 
 
-def _model(root: Path, layers: int, backend: str, fraction: float, prefetch: str):
+def _model(root: Path, layers: int, backend: str, fraction: float, prefetch: str,
+           rows: int = 1):
     """A random Mixtral-like model of tiny shapes (written to root once) served on the CPU
-    with `fraction` of its experts resident."""
+    with `fraction` of its experts resident, for `rows` sequences at once."""
     import torch
 
     from bench.serve import bench_model, write_model
@@ -45,20 +46,23 @@ def _model(root: Path, layers: int, backend: str, fraction: float, prefetch: str
         write_model(root, cfg, family, torch.float32)
     store = WeightStore(root, torch.float32, "none")  # in RAM, as a GPU server keeps them
     base = ServeConfig(model=str(root), device="cpu", dtype="float32", max_context=256,
-                       kernel_backend=backend, prefetch=prefetch)
-    fixed, slot, _ = memory_plan(store, base, torch.float32, 1, base.max_context)
+                       kernel_backend=backend, prefetch=prefetch, max_batch=rows)
+    fixed, slot, _ = memory_plan(store, base, torch.float32, rows, base.max_context)
     slots = max(1, round(fraction * store.total_experts))
     return OffloadedModel(ServeConfig(**{**base.__dict__,
                                          "memory_budget": fixed + slots * slot}), store=store)
 
 
 def _decoder(model, tokens: int):
-    """A batch-1 DecodeBatch past its prefill, with `tokens` decode steps to go."""
+    """A DecodeBatch of model.max_batch rows (prompts of 32, 24, 16 ... tokens: each row
+    at its own position) past their prefill, with `tokens` decode steps to go."""
     from serve.generate import DecodeBatch
 
-    d = DecodeBatch(model, capacity=1, reuse_prefix=False)
-    d.add([list(range(1, 33))], [tokens + 1])
-    d.step()  # the prefill
+    rows = model.max_batch
+    d = DecodeBatch(model, capacity=rows, reuse_prefix=False)
+    d.add([list(range(1, 33 - 8 * r)) for r in range(rows)], [tokens + 1] * rows)
+    while any(r.pending for r in d.live):
+        d.step()  # the prefill
     return d
 
 
@@ -118,6 +122,7 @@ def count_token(model, tokens: int = 4) -> tuple[Counter, dict[str, Counter]]:
             setattr(OffloadedModel, method, f)
         for method, f in reads.items():
             setattr(torch.Tensor, method, f)
+    n *= model.max_batch  # tokens
     total = Counter({k: v / n for k, v in ops.items()})
     per = {name: Counter({k: v / n for k, v in c.items()}) for name, c in phases.items()}
     return total, per
@@ -132,7 +137,7 @@ def cpu_ms_per_token(model, tokens: int) -> float:
         d = _decoder(model, tokens)
         t = time.perf_counter()
         n, _ = decode_all(d)
-        best = min(best, (time.perf_counter() - t) / n)
+        best = min(best, (time.perf_counter() - t) / (n * model.max_batch))
     return best * 1e3
 
 
@@ -154,24 +159,26 @@ def main(argv=None) -> None:
     from bench.common import append_results, command_line, markdown_table, scratch_dir
 
     root = scratch_dir(a.dir, "moe-decode-launches-")
-    cases = (("all experts resident", 1.0, "none"),
-             ("a quarter resident", 0.25, "none"),
-             ("a quarter resident, cross-layer prefetch", 0.25, "cross-layer"))
+    cases = (("all experts resident", 1.0, "none", 1),
+             ("a quarter resident", 0.25, "none", 1),
+             ("a quarter resident, cross-layer prefetch", 0.25, "cross-layer", 1),
+             ("4 rows at 4 positions, all resident (a step / 4)", 1.0, "none", 4))
     rows = []
-    for label, fraction, prefetch in cases:
-        total, per = count_token(_model(root, a.layers, "triton", fraction, prefetch),
+    for label, fraction, prefetch, batch in cases:
+        total, per = count_token(_model(root, a.layers, "triton", fraction, prefetch, batch),
                                  a.tokens)
-        ms = (cpu_ms_per_token(_model(root, a.layers, "torch", fraction, prefetch),
+        ms = (cpu_ms_per_token(_model(root, a.layers, "torch", fraction, prefetch, batch),
                                a.timed_tokens) if a.timed_tokens else None)
         launches = {name: c["torch"] + c["triton"] for name, c in per.items()}
         rows.append([a.label, label, f"{total['torch'] + total['triton']:.0f}",
-                     f"{total['triton']:.0f}", f"{total['wait']:.0f}", f"{total['read']:.0f}"]
+                     f"{total['triton']:.0f}", f"{total['wait']:.0f}", f"{total['read']:.3g}"]
                     + [f"{launches[name] / (a.layers if name in PER_LAYER else 1):.1f}"
                        for _, name in PHASES]
                     + [f"{total['torch'] + total['triton'] - sum(launches.values()):.1f}",
                        f"{ms:.2f}" if ms is not None else "n/a"])
         print(f"| {' | '.join(rows[-1])} |", file=sys.stderr, flush=True)
-    body = (f"Batch-1 greedy decode of a random {a.layers}-layer Mixtral-like model at tiny "
+    body = (f"Greedy decode (batch 1, and 4 rows of different lengths: masked attention) of "
+            f"a random {a.layers}-layer Mixtral-like model at tiny "
             "shapes (d 64, 8 experts top-2) on the CPU, after warm-up steps: device kernels "
             "the host launches per token (torch ops that run a kernel + Triton kernels, "
             "Triton backend), per phase (attention, MoE glue and experts per MoE layer; "

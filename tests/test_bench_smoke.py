@@ -393,8 +393,10 @@ def test_decode_launches_bench_holds_a_decode_tokens_launch_budget(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r[1]: r for r in (line.split(" | ") for line in out.read_text().splitlines()
                               if line.startswith("| this commit |"))}
-    # no waits for the device but one read a MoE layer (its routing) and one a token
+    # no waits for the device but one read a MoE layer (its routing) and one a step
+    batched = rows.pop("4 rows at 4 positions, all resident (a step / 4)")
     assert len(rows) == 3 and all(r[4:6] == ["0", "3"] for r in rows.values()), rows
+    assert batched[4:6] == ["0", "0.75"], batched
     resident = rows["all experts resident"]
     assert all(float(a) <= b for a, b in zip(resident[7:10], (13, 4, 6), strict=True)), \
         resident
