@@ -96,12 +96,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool mask (True: visible) -> the same shape in dtype: 0 where visible, -inf
+    elsewhere (what SDPA makes of a bool mask at each call)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, float("-inf"))
+
+
 def sink_mask(mask: torch.Tensor, sinks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """mask bool [B | 1, 1, S, N] (True: visible), sinks [H] -> float mask [B | 1, H, S,
-    1 + N] for keys whose first is a zero key: its logit q . 0 + sinks[h] is the sink."""
+    """mask [B | 1, 1, S, N], bool (True: visible) or already additive (additive_mask),
+    sinks [H] -> float mask [B | 1, H, S, 1 + N] for keys whose first is a zero key: its
+    logit q . 0 + sinks[h] is the sink."""
     H, S = sinks.shape[0], mask.shape[-2]
-    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-        ~mask, float("-inf")).expand(mask.shape[0], H, S, mask.shape[-1])
+    bias = mask if mask.is_floating_point() else additive_mask(mask, dtype)
+    bias = bias.expand(mask.shape[0], H, S, mask.shape[-1])
     sink = sinks.to(dtype).view(1, H, 1, 1).expand(mask.shape[0], H, S, 1)
     return torch.cat([sink, bias], -1)
 

@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import reference, sort_by_expert, without_host_waits
 from kernels.backend import get_backend
-from moe.attention import causal_mask, rope_inv_freq, sink_mask
+from moe.attention import additive_mask, causal_mask, rope_inv_freq, sink_mask
 from moe.experts import expert_mlp
 from moe.model import MoETransformer
 from serve.cache import CacheStats, ExpertCache
@@ -258,8 +258,7 @@ class _Chunk:
             return None
         key = ("bias", window)
         if key not in self.masks:
-            self.masks[key] = torch.zeros(mask.shape, dtype=dtype, device=mask.device
-                                          ).masked_fill_(~mask, float("-inf"))
+            self.masks[key] = additive_mask(mask, dtype)
         return self.masks[key]
 
     def mask_for(self, window: int | None) -> torch.Tensor | None:
@@ -493,10 +492,9 @@ class OffloadedModel:
         rows = slice(r0, r0 + B) if c.dense else c.kv_rows
         keys = kv.get(i, "k", rows, c.n_keys)  # [B, Hkv, keys, hd]
         values = keys[..., :attn.kv_rank] if mla else kv.get(i, "v", rows, c.n_keys)
+        mask = c.bias_for(block.window, self.dtype)
         if self.sinks:  # GPT-OSS: cache position 0 is a zero key / value, the sink's
-            mask = sink_mask(c.mask_for(block.window), attn.sinks, self.dtype)
-        else:
-            mask = c.bias_for(block.window, self.dtype)
+            mask = sink_mask(mask, attn.sinks, self.dtype)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale,
                                            enable_gqa=keys.shape[1] != q.shape[1])
         return x + (attn.latent_out(o) if mla
