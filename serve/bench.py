@@ -38,10 +38,44 @@ def h2d_bandwidth(device: torch.device) -> float | None:
     return 5 * src.nbytes / (time.perf_counter() - t)
 
 
-def run_bench(cfg: ServeConfig, prompt_len: int, new_tokens: int, batch: int = 1,
-              seed: int = 0, verbose: bool = False) -> dict:
-    """Random prompts of prompt_len tokens, greedy decode of new_tokens -> a report dict."""
-    return measure(OffloadedModel(cfg, verbose=verbose), prompt_len, new_tokens, batch, seed)
+# lengths `moe-serve bench` times unless told: a prompt and the tokens decoded after it
+PROMPT_LEN, NEW_TOKENS = 128, 32
+
+
+def fit_lengths(max_context: int, prompt_len: int | None, new_tokens: int | None
+                ) -> tuple[int, int]:
+    """(prompt_len, new_tokens) within max_context: a length not given defaults to PROMPT_LEN /
+    NEW_TOKENS, shortened to fit; lengths given that do not fit raise ValueError naming the
+    flags."""
+    if prompt_len is not None and new_tokens is not None:
+        if prompt_len + new_tokens > max_context:
+            raise ValueError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} = "
+                             f"{prompt_len + new_tokens} exceeds the context of {max_context} "
+                             "tokens; lower them or raise --max-context")
+        return prompt_len, new_tokens
+    if max_context < 2:
+        raise ValueError(f"a context of {max_context} token(s) holds no prompt and new token")
+    if new_tokens is None:
+        room = max_context - (prompt_len if prompt_len is not None else 1)
+        if room < 1:
+            raise ValueError(f"--prompt-len {prompt_len} leaves no room for a new token in the "
+                             f"context of {max_context} tokens")
+        new_tokens = min(NEW_TOKENS, room, max(1, max_context // 4))
+    if prompt_len is None:
+        if new_tokens >= max_context:
+            raise ValueError(f"--new-tokens {new_tokens} leaves no room for a prompt in the "
+                             f"context of {max_context} tokens")
+        prompt_len = min(PROMPT_LEN, max_context - new_tokens)
+    return prompt_len, new_tokens
+
+
+def run_bench(cfg: ServeConfig, prompt_len: int | None = None, new_tokens: int | None = None,
+              batch: int = 1, seed: int = 0, verbose: bool = False) -> dict:
+    """Random prompts of prompt_len tokens, greedy decode of new_tokens -> a report dict. A
+    length left None takes its default, shortened to fit the model's context (fit_lengths)."""
+    model = OffloadedModel(cfg, verbose=verbose)
+    prompt_len, new_tokens = fit_lengths(model.max_context, prompt_len, new_tokens)
+    return measure(model, prompt_len, new_tokens, batch, seed)
 
 
 def decode_all(decoder: DecodeBatch) -> tuple[int, float]:

@@ -479,8 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
     b = sub.add_parser("bench", help="prefill / decode speed, hit rate, bytes, S-MBU, S-MFU")
     _runtime_args(b)
-    b.add_argument("--prompt-len", type=_at_least(1), default=128)
-    b.add_argument("--new-tokens", type=_at_least(1), default=32)
+    b.add_argument("--prompt-len", type=_at_least(1), default=None,
+                   help="prompt tokens (default: 128, fewer if the context is shorter)")
+    b.add_argument("--new-tokens", type=_at_least(1), default=None,
+                   help="tokens decoded after the prompt (default: 32, fewer if the context "
+                   "is shorter)")
     b.add_argument("--batch", type=_at_least(1), default=1)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", action="store_true")

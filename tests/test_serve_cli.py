@@ -126,6 +126,26 @@ def test_bench_reports_speed_hits_and_utilisation(model_dir):
     assert r["kv_cache_bytes_per_token"] == 3 * 2 * (8 + 8) * 4
 
 
+def test_bench_lengths_fit_the_context_unless_given(model_dir):
+    """Lengths left unset shrink to the model's context (64 here); lengths given that do not
+    fit are refused naming the flags, with exit 2."""
+    from serve.bench import fit_lengths
+
+    assert fit_lengths(4096, None, None) == (128, 32)
+    assert fit_lengths(64, None, None) == (48, 16)
+    assert fit_lengths(64, 60, None) == (60, 4) and fit_lengths(64, None, 40) == (24, 40)
+    assert fit_lengths(2, None, None) == (1, 1) and fit_lengths(64, 60, 4) == (60, 4)
+    for lengths in ((60, 5), (64, None), (None, 64)):
+        with pytest.raises(ValueError, match="--(prompt-len|new-tokens)"):
+            fit_lengths(64, *lengths)
+    d, _ = model_dir
+    r = json.loads(cli("bench", "--model", d, "--json", "--quiet").stdout)
+    assert (r["prompt_len"], r["new_tokens"]) == (48, 16)
+    p = cli("bench", "--model", d, "--prompt-len", 60, "--new-tokens", 8, "--quiet", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "--prompt-len 60 + --new-tokens 8 = 68 exceeds the context of 64" in p.stderr
+
+
 def test_a_serve_config_preset_under_the_flags(model_dir, tmp_path):
     """--config FILE fills what the flags leave unset; a flag given wins; a name resolves to
     configs/serve/NAME.yaml."""
