@@ -97,6 +97,14 @@ def test_capacity_position_policy_by_hand():
     assert dropped.tolist() == [[False, False], [False, True], [False, True], [True, True]]
 
 
+def test_capacity_rounds_up():
+    """ceil(capacity_factor * T * k / E), as GShard / Switch size an expert's buffer: 1.25 *
+    10 * 2 / 4 = 6.25 slots -> 7; an exact product stays."""
+    assert expert_capacity(10, 2, 4, 1.25) == 7
+    assert expert_capacity(8, 2, 4, 1.0) == 4
+    assert expert_capacity(3, 1, 4, 0.1) == 1
+
+
 def test_capacity_probs_policy_by_hand():
     ids = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 1]])
     w = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.8, 0.2]])

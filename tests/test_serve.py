@@ -590,6 +590,32 @@ def test_a_long_prompt_is_read_layer_by_layer(refs, slots):
     assert misses["layer by layer"] == misses["one chunk"] < misses["chunk by chunk"] / 2
 
 
+def test_a_layer_split_in_groups_copies_only_its_missing_experts(tmp_path, monkeypatch):
+    """When a layer's experts outnumber the slots (3 here, for a one-layer model: a 2-row
+    decode step names up to 4 experts), its resident experts serve first, so the copies of
+    the later groups evict none of them before their use: each step misses exactly the
+    experts that were not resident when it started, and the tokens stay transformers'."""
+    hf = build_hf("mixtral", num_hidden_layers=1)
+    hf.save_pretrained(tmp_path)
+    m = serve(tmp_path, memory_budget=budget_for(tmp_path, 3, prefetch="none"),
+              prefetch="none")
+    steps = []
+    run = OffloadedModel._in_groups
+
+    def spy(self, i, experts, cache, *a, **k):
+        before, absent = cache.stats.misses, sum(not cache.resident((i, e)) for e in experts)
+        n = run(self, i, experts, cache, *a, **k)
+        steps.append((n, absent, cache.stats.misses - before))
+        return n
+
+    monkeypatch.setattr(OffloadedModel, "_in_groups", spy)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, 300, (n,), generator=gen).tolist() for n in (3, 5)]
+    assert generate(m, prompts, 16).token_ids == [hf_greedy(hf, p, 16) for p in prompts]
+    assert any(n > 1 and 0 < absent < 3 for n, absent, _ in steps)  # hits and misses split
+    assert [got for *_, got in steps] == [absent for _, absent, _ in steps]
+
+
 def test_a_prompt_joining_running_rows_is_read_in_their_decode_forward(refs):
     """A prompt that arrives while a row decodes is read whole in the step that decodes it,
     one forward for both: under a budget of one layer's experts (8 of 3 x 8; prefetch off)
@@ -822,6 +848,34 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(refs):
             assert len(alts) == 2 and alts[0][1] >= alts[1][1] and lp <= alts[0][1] + 1e-6
     with pytest.raises(ValueError, match="logprobs"):
         SamplingConfig(logprobs=21).check()
+
+
+def test_sample_probs_is_transformers_warpers():
+    """Temperature, then top-k, then top-p leave the distribution transformers' logits
+    warpers leave; at ties on the top-p bound as many tokens (which of equal tokens is
+    arbitrary): two tokens of mass 0.5 each under top_p 0.5 keep one, as transformers."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from serve.sampling import sample_probs
+
+    def warped(rows, t, k, p):
+        want = TemperatureLogitsWarper(t)(None, rows.clone())
+        want = TopKLogitsWarper(k)(None, want) if k else want
+        return (TopPLogitsWarper(p)(None, want) if p < 1 else want).softmax(-1)
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(6, 40, generator=g, dtype=torch.float64) * 3
+    for t, k, p in ((1.0, 0, 0.5), (0.7, 0, 0.9), (1.3, 5, 1.0), (0.9, 3, 0.6), (1.0, 0, 0.25)):
+        torch.testing.assert_close(sample_probs(rows, SamplingConfig(t, top_k=k, top_p=p)),
+                                   warped(rows, t, k, p), atol=1e-12, rtol=0)
+    ties = torch.tensor([[0.0, 0.0] + [-1e9] * 38, [1.0] * 4 + [0.0] * 36], dtype=torch.float64)
+    for p in (0.5, 0.25, 0.75):
+        kept = (sample_probs(ties, SamplingConfig(1.0, top_p=p)) > 0).sum(-1)
+        assert kept.tolist() == (warped(ties, 1.0, 0, p) > 0).sum(-1).tolist(), p
 
 
 def test_stop_token_ends_a_row(refs):
