@@ -384,3 +384,45 @@ def test_load_max_violation():
     assert max_violation(torch.tensor([[10, 10, 10, 10]])) == 0.0
     assert max_violation(torch.tensor([[20, 10, 10, 0], [10, 10, 10, 10]])) == 0.5
     assert max_violation(torch.zeros(0, 0, dtype=torch.int64)) == 0.0
+
+
+def test_gradient_clipping_is_torchs_on_one_process():
+    """One process: the global norm and the clipped gradients are what torch's
+    clip_grad_norm_ gives (experts and dense weights alike); under the bar nothing moves."""
+    import copy
+
+    from moe import ModelConfig, MoEConfig, MoETransformer
+    from parallel import parallelize
+    from routing import RouterConfig
+    from train.trainer import clip_grad_norm
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, max_seq_len=8,
+                      moe=MoEConfig(num_experts=4, expert_ffn=8, router=RouterConfig(top_k=2)))
+    ids = torch.randint(0, 32, (3, 8))
+    for bar in (0.05, 1e6):
+        ours, ref = MoETransformer(cfg), None
+        ref = copy.deepcopy(ours)
+        for m in (ours, ref):
+            m(ids, labels=ids).loss.backward()
+        norm = clip_grad_norm(parallelize(ours, None), bar)
+        want = torch.nn.utils.clip_grad_norm_(ref.parameters(), bar)
+        assert norm == pytest.approx(float(want), rel=1e-6)
+        assert norm > 0.05  # the first bar clips
+        for (name, p), q in zip(ours.named_parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_a_resumed_run_with_other_micro_batches_continues_after_the_rows_read():
+    """20 rows read as 5 micro-batches of 4: with micro-batches of 6 the run continues at
+    micro-batch 4 (after row 24: no row read twice), with 2 at micro-batch 10; a checkpoint
+    of the same rows continues where it stopped, less the steps the run counts itself."""
+    from train.trainer import resumed_data_offset
+
+    notes = []
+    state = {"micro_batches": 5, "micro_batch_rows": 4}
+    assert resumed_data_offset(state, 0, 1, 6, notes.append) == 4
+    assert resumed_data_offset(state, 0, 1, 2, notes.append) == 10
+    assert resumed_data_offset(state, 2, 2, 4, notes.append) == 1  # 5 read, 2 steps of 2
+    assert len(notes) == 2 and "20 rows read" in notes[0]
+    assert resumed_data_offset({"data_step": 3}, 3, 1, 4, notes.append) == 0  # older ones
