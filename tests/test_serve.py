@@ -1016,6 +1016,26 @@ def test_errors_name_the_problem(tmp_path):
         serve(tmp_path)
 
 
+def test_a_row_runs_to_the_end_of_the_context_and_counts_its_decode(refs):
+    """A row asked for more tokens than its context holds stops, finish reason "length",
+    once its KV row is full: a 10-token prompt in a context of 16 feeds 6 tokens more and
+    gets 7 (the last one is never fed), transformers' 7. A row's tokens/s counts the tokens
+    after its first (which its prefill gave) over its decode time."""
+    family, d, *_ = refs("mixtral")
+    prompt = list(range(3, 13))
+    m = serve(d, max_context=16, max_batch=1)
+    res = generate(m, [prompt], 20)
+    assert res.finish_reasons == ["length"]
+    assert res.token_ids[0] == hf_greedy(build_hf(family), prompt, 7)
+    batch = DecodeBatch(m)
+    (row,) = batch.add([prompt], [5])
+    while batch.live:
+        batch.step()
+    st = row.stats
+    assert st["new_tokens"] == 5 and st["decode_s"] > 0
+    assert st["tokens_per_s"] == pytest.approx(4 / st["decode_s"])
+
+
 def test_cache_policies_pick_the_victim_they_promise():
     from serve.cache import LFU, LRU, POLICIES, LayerAware, NextUse
     from serve.config import CACHE_POLICIES
