@@ -304,6 +304,17 @@ class ExpertCache:
         now (evicting none of keys): those of the disk tier by the readers, side by side;
         counts each hit or miss and touches the policy. The current stream waits for the
         copies."""
+        return self._make_resident(keys, count=True)
+
+    def fill(self, keys: list[Key]) -> None:
+        """Make every one of keys resident (they must fit the slots), as acquire does but
+        counting no hit or miss (their bytes count) and touching no policy: loading them all
+        at once (serve.runtime's fixed-shape steps)."""
+        if len(keys) > self.n_slots:
+            raise ValueError(f"{len(keys)} experts do not fit {self.n_slots} slots")
+        self._make_resident(keys, count=False)
+
+    def _make_resident(self, keys: list[Key], count: bool) -> dict[Key, int]:
         protected, slots = set(keys), {}
         current = torch.cuda.current_stream(self.device) if self.device.type == "cuda" \
             else None
@@ -312,17 +323,18 @@ class ExpertCache:
         for key in keys:
             s = self.slot_of.get(key)
             if s is None:
-                self.stats.misses += 1
+                self.stats.misses += count
                 s = self._free_slot(protected)
                 if s is None:
                     raise RuntimeError("expert cache: every slot is protected; this is a bug")
                 self._copy_in(key, s, None)
                 self.slot_of[key], self.key_of[s] = s, key
             else:
-                self.stats.hits += 1
+                self.stats.hits += count
                 if s in self.partial:  # copied ahead in part: the rest now
                     self._complete(key, s)
-            self.policy.touch(key)
+            if count:
+                self.policy.touch(key)
             slots[key] = s
         for s in slots.values():
             ev = self.ready[self._settled(s)]

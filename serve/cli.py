@@ -194,6 +194,10 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
                    help="read every prompt whole, even where a KV-cache row holds its start "
                    "(the chat so far, a shared system prompt)")
+    p.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None,
+                   help="once every expert is resident (a budget that holds them all), replay "
+                   "each decode step from a CUDA graph: one launch a token instead of one a "
+                   "kernel (attention then reads the whole context under a mask)")
     p.add_argument("--quiet", action="store_true", help="no loading messages on stderr")
 
 
@@ -269,7 +273,7 @@ FLAG_FIELDS = ("model", "device", "dtype", "memory_budget", "host_budget", "disk
                "prefetch_fraction", "quant", "max_batch", "max_context", "offload_dir",
                "prefix_cache", "prefill_step_tokens", "host_compute_tokens", "skip_miss_weight",
                "miss_quant", "miss_quant_weight", "miss_quant_slots", "kv_cache_dtype", "speculate",
-               "draft_model", "draft_min_prob", "trace_experts")
+               "draft_model", "draft_min_prob", "trace_experts", "cuda_graphs")
 # tokens drafted a step with a draft model when neither a flag nor the preset says
 DRAFT_SPECULATE = 4
 

@@ -26,7 +26,7 @@ _FIELD_TYPES = {
     "prefetch_fraction": ("a number", (int, float)),
     "max_batch": ("an integer", (int,)), "prefill_chunk": ("an integer", (int,)),
     "max_context": ("an integer", (int, _NONE)),
-    "prefix_cache": ("true or false", (bool,)),
+    "prefix_cache": ("true or false", (bool,)), "cuda_graphs": ("true or false", (bool,)),
     "prefill_step_tokens": ("an integer", (int, _NONE)),
     "host_compute_tokens": ("an integer", (int,)),
     "disk_readers": ("an integer", (int, _NONE)),
@@ -111,6 +111,11 @@ class ServeConfig:
     a draft the model likely rejects would still move its experts' bytes.
     prefix_cache: a prompt that begins with tokens a KV-cache row still holds (the chat so far,
     a shared system prompt) reads only the rest (serve.generate.DecodeBatch).
+    cuda_graphs: once every expert is resident for good (the slots hold them all), each
+    decode step (one new token a row) runs with fixed shapes, its attention over the whole
+    context under a mask, replayed from a CUDA graph on cuda (serve/graphs.py): the host
+    launches one graph a token instead of every kernel. On the CPU the same fixed-shape
+    step runs eagerly. Off by default.
     trace_experts: a file the runtime writes the experts each forward pass ran from the
     device cache to (serve/trace.py), for `moe-serve plan --trace` to replay.
     """
@@ -144,6 +149,7 @@ class ServeConfig:
     speculate: int = 0
     draft_model: str | None = None
     draft_min_prob: float = 0.4
+    cuda_graphs: bool = False
 
     def _check_miss_quant(self) -> None:
         if not 0 <= self.miss_quant_weight <= 1:

@@ -23,6 +23,7 @@ from moe.experts import expert_mlp
 from moe.model import MoETransformer
 from serve.cache import CacheStats, ExpertCache
 from serve.config import ServeConfig
+from serve.graphs import DecodeGraphs
 from serve.kvcache import KVCache
 from serve.prefetch_gate import PrefetchGate
 from serve.skip import kept_pairs, light_missing, skip_missing
@@ -346,6 +347,12 @@ class OffloadedModel:
                                          "lru", self.device, self.dtype, None, readers)
         self.prefetch_stats = PrefetchStats()
         self._before_reset: dict[str, int] = {}  # counts up to the last reset_stats
+        # fixed-shape decode steps (CUDA graphs on cuda) once every expert is resident: each
+        # MoE layer's expert -> slot table on the device, and the hits its steps counted there
+        self.graphs = (DecodeGraphs(self.device, self._fixed_step, self._fixed_forward)
+                       if cfg.cuda_graphs else None)
+        self._tables: dict[int, torch.Tensor] | None = None
+        self._hits = torch.zeros((), dtype=torch.int64, device=self.device)
         # layer -> its predicted experts: a set (copied), or a [E] bool mask on the device
         # (withheld by the gate: scored when the layer runs, no host wait before)
         self._predicted: dict[int, set[int] | torch.Tensor] = {}
@@ -423,6 +430,9 @@ class OffloadedModel:
         earlier chunks of this pass: a start shared by prompts read together is read once).
         keep: chunks (with targets) whose result also holds the logits of every scored
         position: a fifth item, per row a [positions, V] float32 tensor (or None)."""
+        if self._fixed_ok(chunks, top, copies, keep):
+            ids, rows, start, *_ = chunks[0]
+            return [self._fixed_run(ids, rows, start)]
         ctxs = [self._context(ids, rows, start, n) for ids, rows, start, n, _ in chunks]
         if self.trace is not None:
             self.trace.begin(sum(sum(c[3]) for c in chunks), sum(len(c[1]) for c in chunks))
@@ -464,10 +474,7 @@ class OffloadedModel:
             dev, non_blocking=True)
         q_pos_t, real, b_t, s_t, kv_rows, w_rows, w_pos, last = packed.split(
             [B * S, B * S, P, P, B, P, P, B])
-        inv_freq, attn = self._rope
-        freqs = torch.tensor(q_pos, dtype=torch.float64)[:, None] * inv_freq[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)  # [B * S, r] on the host, then one copy
-        cs = torch.stack([emb.cos() * attn, emb.sin() * attn]).to(self.dtype)
+        cs = self._rope_rows(q_pos)  # [2, B * S, r] on the host, then one copy
         cos, sin = (cs.pin_memory() if pinned else cs).to(dev, non_blocking=True).unbind(0)
         r0 = rows[0]
         sees_all = S == 1 and not self.sinks and all(
@@ -476,6 +483,101 @@ class OffloadedModel:
                       cos.view(B, S, -1), sin.view(B, S, -1), b_t, s_t, kv_rows, w_rows, w_pos,
                       end + off, r0, list(rows) == list(range(r0, r0 + B)),
                       all(c == S for c in n), sees_all, {})
+
+    def _rope_rows(self, q_pos: list[int]) -> torch.Tensor:
+        """Positions q_pos -> their RoPE cos and sin [2, len(q_pos), r] in dtype, on the host."""
+        inv_freq, attn = self._rope
+        freqs = torch.tensor(q_pos, dtype=torch.float64)[:, None] * inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return torch.stack([emb.cos() * attn, emb.sin() * attn]).to(self.dtype)
+
+    # -- fixed-shape decode steps (serve/graphs.py) ----------------------------------------
+    def _fixed_ok(self, chunks, top: int, copies, keep) -> bool:
+        """Whether this pass runs as a fixed-shape step: asked for (cuda_graphs), a decode
+        step (one chunk of one new token a row, nothing scored, no KV copies) and slots for
+        every expert: the first such step makes them all resident, for good (none is
+        evicted again)."""
+        if self.graphs is None or len(chunks) != 1 or top or copies or keep:
+            return False
+        ids, rows, start, n, targets = chunks[0]
+        if targets is not None or ids.shape[1] != 1 or any(c != 1 for c in n):
+            return False
+        if self._tables is None:
+            c, E = self.cache, self.cfg.moe.num_experts
+            if self.trace is not None or c.n_slots < self.store.total_experts:
+                return False
+            c.fill([(i, e) for i in self.store.moe_layers for e in range(E)])  # all, once
+            self._tables = {  # [E]: the slot of each expert, for good
+                i: torch.tensor([c.slot_of[(i, e)] for e in range(self.cfg.moe.num_experts)],
+                                device=self.device) for i in self.store.moe_layers}
+        return True
+
+    def _fixed_step(self, rows: tuple[int, ...]) -> _Chunk:
+        """The fixed buffers of a decode step of KV-cache rows `rows`, one token each, whose
+        queries see their row's keys over the whole context under a mask: masks["fixed"]
+        holds ints [3, B] (tokens, positions, cache positions) and cs [2, B, 1, r] (RoPE
+        cos, sin), which _fixed_run fills each step."""
+        dev, B, N = self.device, len(rows), self.max_context
+        ints = torch.zeros(3, B, dtype=torch.long, device=dev)
+        cs = torch.zeros(2, B, 1, self._rope_rows([0]).shape[-1], dtype=self.dtype, device=dev)
+        kv_rows = torch.tensor(rows, device=dev)
+        zeros = torch.zeros(B, dtype=torch.long, device=dev)
+        dense = list(rows) == list(range(rows[0], rows[0] + B))
+        return _Chunk(B, 1, N, zeros, ints[1].view(B, 1),
+                      torch.ones(B, 1, dtype=torch.long, device=dev), cs[0], cs[1],
+                      torch.arange(B, device=dev), zeros, kv_rows, kv_rows, ints[2],
+                      N + self.kv.offset, rows[0], dense, True, False, {"fixed": (ints, cs)})
+
+    def _fixed_run(self, ids: torch.Tensor, rows: Sequence[int], start: Sequence[int]
+                   ) -> torch.Tensor:
+        """A decode step as a fixed-shape step (see step) -> logits [B, V] float32."""
+        end = max(start) + 1
+        if end > self.max_context:
+            raise ValueError(f"{end} tokens exceed the context of {self.max_context}")
+        for r, a in zip(rows, start, strict=True):
+            self.kv.forget(r, a)  # the caller records the tokens once they are written
+        key = tuple(rows)
+        ints, cs = self.graphs.fixed(key).masks["fixed"]
+        pinned = self.device.type == "cuda"
+        ints[0].copy_(ids[:, 0], non_blocking=True)  # on the device already: not read back
+        packed = torch.tensor([list(start), [a + self.kv.offset for a in start]],
+                              pin_memory=pinned)
+        ints[1:].copy_(packed, non_blocking=True)
+        rope = self._rope_rows(list(start)).unsqueeze(2)  # [2, B, 1, r]
+        cs.copy_(rope.pin_memory() if pinned else rope, non_blocking=True)
+
+        def before_capture():  # the warm-ups count hits that the real step counts again
+            hits = self._hits.clone()
+            return lambda: self._hits.copy_(hits)
+
+        return self.graphs.run(key, before_capture)
+
+    def _fixed_forward(self, c: _Chunk) -> torch.Tensor:
+        """The forward of fixed step c, its buffers filled -> logits [B, V] float32. Waits
+        for nothing (what a CUDA graph can hold)."""
+        c.masks = {"fixed": c.masks["fixed"]}  # masks of this step's positions
+        x = self.model.embed(c.masks["fixed"][0][0].view(c.B, 1))
+        with sdpa_kernel(ATTENTION_BACKENDS):
+            for i, block in enumerate(self.model.layers):
+                x = self._attend(i, x, c)
+                h = block.mlp_norm(x)
+                x = x + (self._moe_resident(i, h) if block.is_moe else block.mlp(h))
+        return self._head(x, c, None, 0)
+
+    def _moe_resident(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """MoE layer i over h [B, S, d] (every position real), every expert resident: its
+        pairs through the slot table; the distinct experts used count as hits, on the device
+        (read with the stats) -> [B, S, d]."""
+        layer, E = self.model.layers[i].mlp, self.cfg.moe.num_experts
+        flat = h.reshape(-1, h.shape[-1])
+        ids, w = layer.router.select(flat)
+        used = torch.zeros(E, dtype=torch.int64, device=ids.device).index_fill_(
+            0, ids.reshape(-1), 1)
+        self._hits.add_(used.sum())
+        out = self._run_experts(flat, self._tables[i][ids], w, self.cache, True)
+        if layer.shared is not None:
+            out = out + layer.shared(flat)
+        return out.view_as(h)
 
     def _attend(self, i: int, x: torch.Tensor, ctx: _Chunk) -> torch.Tensor:
         """Layer i's attention over one step's residual stream x [B, S, d], writing the
@@ -766,7 +868,12 @@ class OffloadedModel:
             table[e] = s
         sid = torch.tensor(table, pin_memory=self.device.type == "cuda").to(
             self.device, non_blocking=True)[ids]
-        c, m = cache or self.cache, self.cfg.moe
+        return self._run_experts(flat, sid, w, cache or self.cache, whole)
+
+    def _run_experts(self, flat, sid, w, c: ExpertCache, whole: bool) -> torch.Tensor:
+        """flat [T, d], sid [T, k]: the pairs' slots in c's pool (-1: elsewhere, unless
+        whole), w [T, k] -> [T, d]: the sum of weight * expert output over the pairs."""
+        m = self.cfg.moe
         backend = m.kernel_backend
         if whole:
             d = sort_by_expert(sid, c.n_slots, backend=backend)
@@ -781,6 +888,9 @@ class OffloadedModel:
 
     def counters(self) -> dict[str, int]:
         """The raw cache and prefetch counts since reset_stats (stats(since=) takes them)."""
+        if self._tables is not None:  # the fixed steps' hits, counted on the device
+            self.cache.stats.hits += int(self._hits.item())
+            self._hits.zero_()
         now = {**asdict(self.cache.stats), **asdict(self.prefetch_stats), "low_precision": 0}
         if self.low_cache is not None:  # its copies count with the expert cache's
             low = self.low_cache.stats
