@@ -3,6 +3,8 @@ host-to-device link, the device's kernels and the device as a whole were busy pe
 the host's waits, next to the wall time. bench/serve.py measures decode at batch 1 well
 under the PCIe bound with no prefetch (1.28x-1.51x on the H200, 2026-11-30), so the link
 stands idle part of each token: this says for how long, and what the host did meanwhile.
+With every expert resident it also times decode steps replayed from CUDA graphs
+(--cuda-graphs): the host's floor a token without its launches.
 
     python -m bench.serve_timeline --dir /tmp/mserve    # GPU: Mixtral-8x7B layer shapes
     python -m bench.serve_timeline --smoke              # CPU: host ops only (no device)
@@ -164,6 +166,10 @@ def main(argv=None) -> None:
                    "all resident, the floor of compute and host time a token)")
     p.add_argument("--prefetch", default="none,cross-layer",
                    help="comma-separated modes to profile (cross-layer: with its gate)")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false",
+                   help="leave out the all-resident setting with its decode steps replayed "
+                   "from CUDA graphs (--cuda-graphs; on the CPU: the same fixed-shape steps, "
+                   "eager)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--tokens", type=int, default=12, help="decode steps profiled")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
@@ -187,16 +193,16 @@ def main(argv=None) -> None:
     fixed, slot, _ = memory_plan(store, base, dtype, 1, base.max_context)
     total = store.total_experts
     rows, ops, records = [], [], {}
-    runs = [(f, m) for f in (float(x) for x in a.fractions.split(",") if x)
-            for m in a.prefetch.split(",") if m]
+    runs = [(f, m, False) for f in (float(x) for x in a.fractions.split(",") if x)
+            for m in a.prefetch.split(",") if m] + [(1.0, "none", True)] * a.graphs
     stopped = None
     try:
         with stop_on_sigterm():
-            for fraction, mode in runs:
+            for fraction, mode, graphs in runs:
                 slots = max(1, round(fraction * total))
-                label = f"{slots}/{total}, {mode}"
+                label = f"{slots}/{total}, {mode}" + (", CUDA graphs" if graphs else "")
                 cfg = ServeConfig(**{**base.__dict__, "memory_budget": fixed + slots * slot,
-                                     "prefetch": mode})
+                                     "prefetch": mode, "cuda_graphs": graphs})
                 model = OffloadedModel(cfg, store=store)
                 profile_decode(model, a.prompt_len, 2)  # warm-up: kernels, autotuning, the gate
                 r = profile_decode(model, a.prompt_len, a.tokens)

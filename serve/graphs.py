@@ -69,7 +69,8 @@ class DecodeGraphs:
                     self.forward(entry["fixed"])
             current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: a server's other threads may use CUDA meanwhile (not in it)
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 entry["out"] = self.forward(entry["fixed"])
             entry["graph"] = graph
             self.captured += 1
