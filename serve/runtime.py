@@ -276,6 +276,26 @@ class _Chunk:
         return self.masks[window]
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+    """SDPA of q [B, H, S, dk] over k [B, Hkv, N, dk], v [B, Hkv, N, dv] (H a multiple of
+    Hkv) under mask (None, or additive [B | 1, 1 | H, S, N]) -> [B, H, S, dv]. With one query
+    a row and a mask, each KV head's query heads go as its rows (q [B, Hkv, H / Hkv, dk]):
+    SDPA's kernels that take a mask then read K and V as they are, where enable_gqa would
+    have them copied for every query head (the math kernel)."""
+    B, H, S, dk = q.shape
+    Hkv = k.shape[1]
+    if S != 1 or mask is None or H == Hkv:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=H != Hkv)
+    G = H // Hkv
+    if mask.shape[1] != 1:  # per-head (attention sinks): each KV head's query heads
+        mask = mask.reshape(mask.shape[0], Hkv, G, mask.shape[-1])
+    o = F.scaled_dot_product_attention(q.reshape(B, Hkv, G, dk), k, v, attn_mask=mask,
+                                       scale=scale)
+    return o.reshape(B, H, 1, o.shape[-1])
+
+
 def _take(t: torch.Tensor, v) -> torch.Tensor:
     """The real positions v (_Chunk.valid) of t [B, S, d] -> [n, d]."""
     return t.reshape(-1, t.shape[-1]) if v is None else t[v]
@@ -597,8 +617,7 @@ class OffloadedModel:
         mask = c.bias_for(block.window, self.dtype)
         if self.sinks:  # GPT-OSS: cache position 0 is a zero key / value, the sink's
             mask = sink_mask(mask, attn.sinks, self.dtype)
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale,
-                                           enable_gqa=keys.shape[1] != q.shape[1])
+        o = decode_attention(q, keys, values, mask, attn.scale)
         return x + (attn.latent_out(o) if mla
                     else attn.o_proj(o.transpose(1, 2).reshape(B, c.S, -1)))
 

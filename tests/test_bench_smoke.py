@@ -495,7 +495,8 @@ def test_serve_timeline_writes_its_rows_when_a_timeout_stops_it(tmp_path):
 
 def test_serve_timeline_smoke(tmp_path):
     """bench/serve_timeline.py end to end on the CPU (host ops only): a row per budget and
-    prefetch mode, the all-resident one moving nothing."""
+    prefetch mode, and the all-resident one with fixed-shape steps (--cuda-graphs), the
+    all-resident ones moving nothing."""
     out, js = tmp_path / "r.md", tmp_path / "r.json"
     p = run_module("bench.serve_timeline", ["--smoke", "--layers", "2", "--tokens", "3",
                                             "--dir", tmp_path / "m", "--out", out,
@@ -504,8 +505,10 @@ def test_serve_timeline_smoke(tmp_path):
     text = out.read_text()
     assert "Offloaded decode timeline" in text and "| 4/16, none |" in text
     r = json.loads(js.read_text())
-    assert set(r) == {"4/16, none", "4/16, cross-layer", "16/16, none", "16/16, cross-layer"}
+    assert set(r) == {"4/16, none", "4/16, cross-layer", "16/16, none", "16/16, cross-layer",
+                      "16/16, none, CUDA graphs"}
     assert all(v["tokens"] == 3 and v["ms_per_token"] > 0 and v["unprofiled_ms_per_token"] > 0
                for v in r.values())
     assert r["16/16, none"]["mib_per_token"] == 0 and r["4/16, none"]["mib_per_token"] > 0
+    assert r["16/16, none, CUDA graphs"]["mib_per_token"] == 0
     assert r["4/16, none"]["prefetch_copied"] == 0

@@ -100,6 +100,31 @@ def test_fixed_steps_wait_for_a_budget_that_holds_every_expert(tmp_path):
         [hf_greedy(hf, [1, 2, 3, 1, 2, 3, 1, 2], NEW)]
 
 
+@pytest.mark.parametrize("heads, kv_heads, per_head", [(8, 2, False), (8, 2, True),
+                                                     (4, 1, False), (4, 4, False)])
+def test_decode_attention_of_grouped_queries_is_sdpa_with_gqa(heads, kv_heads, per_head):
+    """One query a row under a mask, each KV head's query heads as its rows: SDPA with
+    enable_gqa's output, for a mask shared by the heads or one per head (sinks)."""
+    from moe.attention import additive_mask
+    from serve.runtime import decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, N = 3, 7
+    q = torch.randn(B, heads, 1, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(B, kv_heads, N, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(B, kv_heads, N, 8, generator=g, dtype=torch.float64)
+    seen = torch.arange(N) < torch.tensor([[3], [7], [1]])  # keys each row sees
+    mask = additive_mask(seen[:, None, None], torch.float64)  # [B, 1, 1, N]
+    if per_head:
+        mask = mask.expand(B, heads, 1, N) + torch.randn(B, heads, 1, N, generator=g,
+                                                         dtype=torch.float64)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1),
+        attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(decode_attention(q, k, v, mask, 0.3), want, rtol=1e-12,
+                               atol=1e-12)
+
+
 def test_decode_graphs_keep_the_latest_row_sets():
     """One fixed step per key, made once; beyond max_graphs the oldest is dropped."""
     made = []
