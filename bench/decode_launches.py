@@ -24,16 +24,22 @@ from pathlib import Path
 
 # (method of serve.runtime.OffloadedModel, phase); nested phases are counted apart
 PHASES = (("_context", "set-up"), ("_attend", "attention"), ("_moe", "MoE glue"),
-          ("_experts", "experts"), ("_head", "head"))
+          ("_experts", "experts"), ("_head", "head"),
+          # the fixed-shape steps (--cuda-graphs): their buffers' copies are the set-up, the
+          # forward's own ops (embedding, residual adds) other
+          ("_fixed_run", "set-up"), ("_fixed_forward", "other"), ("_moe_resident", "MoE glue"),
+          ("_run_experts", "experts"))
+COLUMNS = ("set-up", "attention", "MoE glue", "experts", "head")  # then other: the rest
 PER_LAYER = ("attention", "MoE glue", "experts")  # reported per MoE layer, the others a token
 # the serving code's reads of device values (on CUDA each waits for the device)
 READS = ("tolist", "item")
 
 
 def _model(root: Path, layers: int, backend: str, fraction: float, prefetch: str,
-           rows: int = 1):
+           rows: int = 1, graphs: bool = False):
     """A random Mixtral-like model of tiny shapes (written to root once) served on the CPU
-    with `fraction` of its experts resident, for `rows` sequences at once."""
+    with `fraction` of its experts resident, for `rows` sequences at once (graphs: with
+    --cuda-graphs, whose fixed-shape steps run eagerly on the CPU)."""
     import torch
 
     from bench.serve import bench_model, write_model
@@ -46,7 +52,8 @@ def _model(root: Path, layers: int, backend: str, fraction: float, prefetch: str
         write_model(root, cfg, family, torch.float32)
     store = WeightStore(root, torch.float32, "none")  # in RAM, as a GPU server keeps them
     base = ServeConfig(model=str(root), device="cpu", dtype="float32", max_context=256,
-                       kernel_backend=backend, prefetch=prefetch, max_batch=rows)
+                       kernel_backend=backend, prefetch=prefetch, max_batch=rows,
+                       cuda_graphs=graphs)
     fixed, slot, _ = memory_plan(store, base, torch.float32, rows, base.max_context)
     slots = max(1, round(fraction * store.total_experts))
     return OffloadedModel(ServeConfig(**{**base.__dict__,
@@ -77,7 +84,7 @@ def count_token(model, tokens: int = 4) -> tuple[Counter, dict[str, Counter]]:
 
     decode_all(_decoder(model, tokens))
     d = _decoder(model, tokens)
-    phases: dict[str, Counter] = {name: Counter() for _, name in PHASES}
+    phases: dict[str, Counter] = {name: Counter() for _, name in PHASES}  # (dict: once)
     saved = {m: getattr(OffloadedModel, m) for m, _ in PHASES}
     stack: list[Counter] = []
 
@@ -162,19 +169,22 @@ def main(argv=None) -> None:
     cases = (("all experts resident", 1.0, "none", 1),
              ("a quarter resident", 0.25, "none", 1),
              ("a quarter resident, cross-layer prefetch", 0.25, "cross-layer", 1),
-             ("4 rows at 4 positions, all resident (a step / 4)", 1.0, "none", 4))
+             ("4 rows at 4 positions, all resident (a step / 4)", 1.0, "none", 4),
+             ("all experts resident, fixed steps (--cuda-graphs: on a GPU one graph's "
+              "kernels)", 1.0, "none", 1, True))
     rows = []
-    for label, fraction, prefetch, batch in cases:
-        total, per = count_token(_model(root, a.layers, "triton", fraction, prefetch, batch),
-                                 a.tokens)
-        ms = (cpu_ms_per_token(_model(root, a.layers, "torch", fraction, prefetch, batch),
-                               a.timed_tokens) if a.timed_tokens else None)
+    for label, fraction, prefetch, batch, *graphs in cases:
+        total, per = count_token(_model(root, a.layers, "triton", fraction, prefetch, batch,
+                                        *graphs), a.tokens)
+        ms = (cpu_ms_per_token(_model(root, a.layers, "torch", fraction, prefetch, batch,
+                                      *graphs), a.timed_tokens) if a.timed_tokens else None)
         launches = {name: c["torch"] + c["triton"] for name, c in per.items()}
+        shown = sum(launches[name] for name in COLUMNS)
         rows.append([a.label, label, f"{total['torch'] + total['triton']:.0f}",
                      f"{total['triton']:.0f}", f"{total['wait']:.0f}", f"{total['read']:.3g}"]
                     + [f"{launches[name] / (a.layers if name in PER_LAYER else 1):.1f}"
-                       for _, name in PHASES]
-                    + [f"{total['torch'] + total['triton'] - sum(launches.values()):.1f}",
+                       for name in COLUMNS]
+                    + [f"{total['torch'] + total['triton'] - shown:.1f}",
                        f"{ms:.2f}" if ms is not None else "n/a"])
         print(f"| {' | '.join(rows[-1])} |", file=sys.stderr, flush=True)
     body = (f"Greedy decode (batch 1, and 4 rows of different lengths: masked attention) of "
@@ -186,7 +196,8 @@ def main(argv=None) -> None:
             "embedding, residual adds, sampling), ops that "
             "wait for the device (a read back of data: bool indexing, nonzero ...), the "
             "serving code's reads of device values (tolist / item: one a MoE layer, its "
-            "routing, and one a token, its sample), and ms a token on the CPU (torch "
+            "routing, and one a token, its sample; a fixed step reads its sample "
+            "only), and ms a token on the CPU (torch "
             f"backend, best of 3 runs of {a.timed_tokens} tokens; the host's dispatch, "
             "mostly).\n\n" + markdown_table(
                 ["code", "case", "launches / token", "Triton", "host waits", "reads / token",
