@@ -143,18 +143,22 @@ def test_decode_graphs_keep_the_latest_row_sets():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_replayed_graphs_give_the_eager_steps_logits(tmp_path):
     """On a GPU: decode steps replayed from CUDA graphs (captured once per row set) give the
-    eager steps' tokens and logits, in float32 and in bf16 (the kernels' own rounding)."""
+    eager steps' logits, in float32 and in bf16 (the kernels' own rounding; the attention
+    of a fixed step is masked over the whole context, the eager one's unmasked), compared up
+    to the first token where greedy choices part (after it the contexts differ)."""
     hf = build_hf("mixtral")
     hf.save_pretrained(tmp_path)
-    for dtype, tol in (("float32", 1e-4), ("bfloat16", 3e-2)):
+    for dtype, tol in (("float32", 1e-4), ("bfloat16", 5e-2)):
         runs = {}
         for graphs in (False, True):
             m = serve(tmp_path, device="cuda", dtype=dtype, cuda_graphs=graphs,
                       prefetch="none")
             runs[graphs] = generate(m, PROMPTS, NEW, keep_logits=True)
         assert m.graphs.captured >= 2 and m.graphs.replayed > m.graphs.captured
+        for a, b, ta, tb in zip(runs[True].logits, runs[False].logits, runs[True].token_ids,
+                                runs[False].token_ids, strict=True):
+            n = min(len(ta), len(tb))
+            n = next((j + 1 for j in range(n) if ta[j] != tb[j]), n)
+            torch.testing.assert_close(a[:n], b[:n], rtol=tol, atol=tol)
         if dtype == "float32":
             assert runs[True].token_ids == runs[False].token_ids
-        for a, b in zip(runs[True].logits, runs[False].logits, strict=True):
-            n = min(len(a), len(b))
-            torch.testing.assert_close(a[:n], b[:n], rtol=tol, atol=tol)
