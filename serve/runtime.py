@@ -389,6 +389,7 @@ class OffloadedModel:
         self.next_moe = dict(zip(layers, layers[1:], strict=False))
         if layers and layers[0] > 0:
             self.next_moe[layers[0] - 1] = layers[0]
+        self.verbose = verbose
         if verbose:
             print(f"moe-serve: {self.store.describe()}; {self.budget_report}", file=sys.stderr)
 
@@ -526,6 +527,11 @@ class OffloadedModel:
             c, E = self.cache, self.cfg.moe.num_experts
             if self.trace is not None or c.n_slots < self.store.total_experts:
                 return False
+            if self.verbose:
+                print(f"moe-serve: loading all {self.store.total_experts} experts "
+                      f"({format_size(self.store.total_experts * self.slot_bytes)}) to the "
+                      "device for fixed-shape decode steps (--cuda-graphs)", file=sys.stderr,
+                      flush=True)
             c.fill([(i, e) for i in self.store.moe_layers for e in range(E)])  # all, once
             self._tables = {  # [E]: the slot of each expert, for good
                 i: torch.tensor([c.slot_of[(i, e)] for e in range(self.cfg.moe.num_experts)],

@@ -54,14 +54,15 @@ def test_generate_json_with_a_budget_matches_transformers(model_dir):
 
 
 def test_generate_with_cuda_graphs_runs_fixed_steps(model_dir):
-    """--cuda-graphs with a budget for every expert: the same tokens, each expert loaded
-    once (the CPU runs the fixed-shape steps eagerly)."""
+    """--cuda-graphs with a budget for every expert: the same tokens, every expert loaded
+    at the first decode step, saying so (the CPU runs the fixed-shape steps eagerly)."""
     d, hf = model_dir
     p = cli("generate", "--model", d, "--prompt-ids", "3,14,15", "--max-new-tokens", 8,
             "--device", "cpu", "--cuda-graphs", "--json")
     doc = json.loads(p.stdout)
     assert doc["token_ids"] == hf_greedy(hf, [3, 14, 15], 8)
     assert doc["stats"]["expert_hits"] > doc["stats"]["expert_misses"]
+    assert "loading all 24 experts" in p.stderr  # once, at the first decode step
 
 
 def test_generate_with_a_draft_model_speculates_four_unless_told(model_dir):
