@@ -373,6 +373,10 @@ class OffloadedModel:
                        if cfg.cuda_graphs else None)
         self._tables: dict[int, torch.Tensor] | None = None
         self._hits = torch.zeros((), dtype=torch.int64, device=self.device)
+        # its copy on the host after each fixed step (what counters() reads, from any thread:
+        # no device read, no write), and its value at the last reset_stats
+        self._hits_host = torch.zeros((), dtype=torch.int64, pin_memory=on_cuda)
+        self._hits_base = 0
         # layer -> its predicted experts: a set (copied), or a [E] bool mask on the device
         # (withheld by the gate: scored when the layer runs, no host wait before)
         self._predicted: dict[int, set[int] | torch.Tensor] = {}
@@ -576,7 +580,9 @@ class OffloadedModel:
             hits = self._hits.clone()
             return lambda: self._hits.copy_(hits)
 
-        return self.graphs.run(key, before_capture)
+        logits = self.graphs.run(key, before_capture)
+        self._hits_host.copy_(self._hits, non_blocking=True)  # there by the sample's read
+        return logits
 
     def _fixed_forward(self, c: _Chunk) -> torch.Tensor:
         """The forward of fixed step c, its buffers filled -> logits [B, V] float32. Waits
@@ -911,12 +917,15 @@ class OffloadedModel:
                               c.b_out, m.swiglu_alpha, m.swiglu_limit,
                               combine_weights=w.to(flat.dtype))
 
+    def _fixed_hits(self) -> int:
+        """The fixed steps' hits since load, from their host copy (host memory, read as
+        such: no op that could wait for the device)."""
+        return int(self._hits_host.numpy())
+
     def counters(self) -> dict[str, int]:
         """The raw cache and prefetch counts since reset_stats (stats(since=) takes them)."""
-        if self._tables is not None:  # the fixed steps' hits, counted on the device
-            self.cache.stats.hits += int(self._hits.item())
-            self._hits.zero_()
         now = {**asdict(self.cache.stats), **asdict(self.prefetch_stats), "low_precision": 0}
+        now["hits"] += self._fixed_hits() - self._hits_base  # the fixed steps' hits
         if self.low_cache is not None:  # its copies count with the expert cache's
             low = self.low_cache.stats
             now["bytes_to_device"] += low.bytes_to_device
@@ -947,6 +956,7 @@ class OffloadedModel:
 
     def reset_stats(self) -> None:
         self._before_reset = self.total_counters()
+        self._hits_base = self._fixed_hits()
         self.cache.stats = CacheStats()
         if self.low_cache is not None:
             self.low_cache.stats = CacheStats()

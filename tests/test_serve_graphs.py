@@ -62,7 +62,8 @@ def test_fixed_steps_give_transformers_tokens_and_the_eager_counts(tmp_path, cas
 def test_fixed_steps_wait_for_nothing_and_read_nothing_back(tmp_path, monkeypatch):
     """A fixed decode step on the Triton backend (the GPU's launch sequence, under the CPU
     interpreter) runs no op that waits for the device and reads no device value: what a
-    CUDA graph can capture. The eager step reads each MoE layer's routing."""
+    CUDA graph can capture; nor do the counts of its hits. The eager step reads each MoE
+    layer's routing."""
     from tests.host_sync import no_host_sync
 
     build_hf("mixtral").save_pretrained(tmp_path)
@@ -78,6 +79,8 @@ def test_fixed_steps_wait_for_nothing_and_read_nothing_back(tmp_path, monkeypatc
         reads.clear()
         with no_host_sync():
             m.step(torch.tensor([[6]]), [0], [4], [1])
+            if m.graphs is not None:  # the hits come from a host copy (a metrics scrape's
+                m.counters()  # thread reads no device value and writes nothing)
         monkeypatch.undo()
         if m.graphs is not None:
             assert reads == [] and m._tables is not None
