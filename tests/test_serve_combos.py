@@ -1,10 +1,10 @@
 """The serving options together: settings drawn at random (fixed seeds) from every exact
 option (cache policy, budget, prefetch and its gate, weight bar and fraction, prefill chunks
-and step limit, prefix reuse, experts run on the host, disk readers, speculation, batch rows)
-over several model families and prompt sets. Each option has tests of its own; these catch
-two of them that break each other. Greedy: transformers' tokens, twice (the second time with
-warm slots and the prefix cache); sampled: each prompt of a batch draws what it draws alone
-with its seed."""
+and step limit, prefix reuse, experts run on the host, disk readers, speculation, batch rows,
+fixed-shape decode steps) over several model families and prompt sets. Each option has tests
+of its own; these catch two of them that break each other. Greedy: transformers' tokens,
+twice (the second time with warm slots and the prefix cache); sampled: each prompt of a
+batch draws what it draws alone with its seed."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ CHOICES = {"max_batch": (1, 2, 3), "cache_policy": ("lru", "lfu", "layer", "next
            "prefetch_min_precision": (0.0, 0.75), "prefetch_fraction": (1.0, 1.0, 0.5),
            "prefill_chunk": (2, 3, 512), "prefix_cache": (True, False),
            "prefill_step_tokens": (None, None, 3), "host_compute_tokens": (0, 0, 1, 2),
-           "disk_readers": (0, 2), "speculate": (0, 0, 2)}
+           "disk_readers": (0, 2), "speculate": (0, 0, 2), "cuda_graphs": (False, True)}
 SLOTS = (1, 2, 3, 5, 8, 12, None)  # None: every expert fits
 
 
