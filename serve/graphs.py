@@ -6,9 +6,10 @@ decode is bound by the host's launches (bench/RESULTS.md, the second H200 lease'
 
 A step's fixed inputs live in device buffers of its own (serve.runtime.OffloadedModel.
 _fixed_step): the host writes each step's tokens, positions and RoPE there, outside the
-graph, then replays. One graph per set of KV-cache rows (a batch's rows are read as a view
-when consecutive), the oldest dropped beyond `max_graphs`. On the CPU the same fixed-shape
-step runs eagerly (what the tests check there).
+graph, then replays. One graph per set of KV-cache rows (the runtime sorts a step's rows;
+they are read as a view when consecutive), the oldest dropped beyond `max_graphs` (16: all
+but one of the sets of 4 rows). On the CPU the same fixed-shape step runs eagerly (what the
+tests check there).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class DecodeGraphs:
     its kernels, outside the capture)."""
 
     def __init__(self, device: torch.device, make: Callable[[Any], Any],
-                 forward: Callable[[Any], torch.Tensor], max_graphs: int = 8,
+                 forward: Callable[[Any], torch.Tensor], max_graphs: int = 16,
                  warmup: int = 2):
         if max_graphs < 1 or warmup < 1:
             raise ValueError(f"need max_graphs >= 1 and warmup >= 1, got {max_graphs}, "

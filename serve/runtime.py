@@ -566,6 +566,13 @@ class OffloadedModel:
             raise ValueError(f"{end} tokens exceed the context of {self.max_context}")
         for r, a in zip(rows, start, strict=True):
             self.kv.forget(r, a)  # the caller records the tokens once they are written
+        order = sorted(range(len(rows)), key=rows.__getitem__)  # one graph per set of rows
+        back = None
+        if order != list(range(len(rows))):
+            rows, start = [rows[j] for j in order], [start[j] for j in order]
+            order_t = torch.tensor(order, device=self.device)
+            ids, back = ids[order_t], torch.empty_like(order_t).scatter_(
+                0, order_t, torch.arange(len(order), device=self.device))
         key = tuple(rows)
         ints, cs = self.graphs.fixed(key).masks["fixed"]
         pinned = self.device.type == "cuda"
@@ -582,7 +589,7 @@ class OffloadedModel:
 
         logits = self.graphs.run(key, before_capture)
         self._hits_host.copy_(self._hits, non_blocking=True)  # there by the sample's read
-        return logits
+        return logits if back is None else logits[back]
 
     def _fixed_forward(self, c: _Chunk) -> torch.Tensor:
         """The forward of fixed step c, its buffers filled -> logits [B, V] float32. Waits

@@ -88,6 +88,20 @@ def test_fixed_steps_wait_for_nothing_and_read_nothing_back(tmp_path, monkeypatc
             assert len(reads) >= len(m.store.moe_layers)  # its routing, at least
 
 
+def test_a_fixed_step_of_rows_out_of_order_answers_in_their_order(tmp_path):
+    """Rows given as [1, 0] run as the set (0, 1) (one graph for both orders) and their
+    logits come back in the order given: the eager step's."""
+    build_hf("qwen3_moe").save_pretrained(tmp_path)
+    logits = {}
+    for graphs in (False, True):
+        m = serve(tmp_path, cuda_graphs=graphs)
+        m.step(torch.tensor([[3, 4, 5, 6], [7, 8, 9, 0]]), [0, 1], [0, 0], [4, 2])
+        m.step(torch.tensor([[11], [12]]), [0, 1], [4, 2], [1, 1])
+        logits[graphs] = m.step(torch.tensor([[13], [14]]), [1, 0], [3, 5], [1, 1])
+    assert list(m.graphs._steps) == [(0, 1)]
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+
+
 def test_fixed_steps_wait_for_a_budget_that_holds_every_expert(tmp_path):
     """Slots for fewer than every expert: the steps stay eager (an expert may be evicted, so
     no slot table holds for good), with the same tokens; speculation's multi-token steps and
