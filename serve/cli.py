@@ -197,7 +197,7 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None,
                    help="once every expert is resident (a budget that holds them all), replay "
                    "each decode step from a CUDA graph: one launch a token instead of one a "
-                   "kernel (attention then reads the whole context under a mask)")
+                   "kernel (attention then reads a power of two of keys under a mask)")
     p.add_argument("--quiet", action="store_true", help="no loading messages on stderr")
 
 

@@ -112,10 +112,10 @@ class ServeConfig:
     prefix_cache: a prompt that begins with tokens a KV-cache row still holds (the chat so far,
     a shared system prompt) reads only the rest (serve.generate.DecodeBatch).
     cuda_graphs: once every expert is resident for good (the slots hold them all), each
-    decode step (one new token a row) runs with fixed shapes, its attention over the whole
-    context under a mask, replayed from a CUDA graph on cuda (serve/graphs.py): the host
-    launches one graph a token instead of every kernel. On the CPU the same fixed-shape
-    step runs eagerly. Off by default.
+    decode step (one new token a row) runs with fixed shapes, its attention over the keys up
+    to the next power of two of its context (from 256) under a mask, replayed from a CUDA
+    graph on cuda (serve/graphs.py): the host launches one graph a token instead of every
+    kernel. On the CPU the same fixed-shape step runs eagerly. Off by default.
     trace_experts: a file the runtime writes the experts each forward pass ran from the
     device cache to (serve/trace.py), for `moe-serve plan --trace` to replay.
     """

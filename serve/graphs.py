@@ -1,15 +1,16 @@
-"""Decode steps replayed from CUDA graphs. Once every expert is resident, a decode step
-(one new token a row) has fixed shapes when its attention reads the whole context under a
-mask: the host then launches one graph instead of a hundred kernels a token, where batch-1
-decode is bound by the host's launches (bench/RESULTS.md, the second H200 lease's timeline:
-1.4 ms of kernels in a 15 ms token).
+"""Decode steps replayed from CUDA graphs. Once every expert is resident, a decode step (one
+new token a row) has fixed shapes when its attention reads a fixed number of keys under a
+mask (the power of two at or above its context, from 256 keys): the host then launches one
+graph instead of a hundred kernels a token, where batch-1 decode is bound by the host's
+launches (bench/RESULTS.md, the second H200 lease's timeline: 1.4 ms of kernels in a 15 ms
+token).
 
 A step's fixed inputs live in device buffers of its own (serve.runtime.OffloadedModel.
 _fixed_step): the host writes each step's tokens, positions and RoPE there, outside the
-graph, then replays. One graph per set of KV-cache rows (the runtime sorts a step's rows;
-they are read as a view when consecutive), the oldest dropped beyond `max_graphs` (16: all
-but one of the sets of 4 rows). On the CPU the same fixed-shape step runs eagerly (what the
-tests check there).
+graph, then replays. One graph per key: the set of KV-cache rows (the runtime sorts a
+step's rows; they are read as a view when consecutive) and the keys read (a power of two:
+a graph per doubling of the context), the oldest dropped beyond `max_graphs`. On the CPU the
+same fixed-shape step runs eagerly (what the tests check there).
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import torch
 
 
 class DecodeGraphs:
-    """Per key (a step's KV-cache rows): its fixed step (make(key) -> an object with the
-    step's buffers) and, on CUDA, the graph of forward(fixed) -> logits [B, V], captured after
-    `warmup` eager runs (which also let the kernel picker time its shapes, and Triton build
-    its kernels, outside the capture)."""
+    """Per key (a step's KV-cache rows and keys read): its fixed step (make(key) -> an object with
+    the step's buffers) and, on CUDA, the graph of forward(fixed) -> logits [B, V], captured
+    after `warmup` eager runs (which also let the kernel picker time its shapes, and Triton
+    build its kernels, outside the capture)."""
 
     def __init__(self, device: torch.device, make: Callable[[Any], Any],
                  forward: Callable[[Any], torch.Tensor], max_graphs: int = 16,

@@ -161,6 +161,10 @@ def plan_slots(store: WeightStore, cfg: ServeConfig, dtype: torch.dtype, max_bat
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                       SDPBackend.MATH]
 
+# the fewest keys a fixed-shape decode step reads (--cuda-graphs): a step of a context of
+# n reads the next power of two from here, under a mask
+FIXED_MIN_KEYS = 256
+
 # with no budget given, the runtime takes this share of the device's free memory
 FREE_SHARE = 0.9
 
@@ -542,12 +546,13 @@ class OffloadedModel:
                                 device=self.device) for i in self.store.moe_layers}
         return True
 
-    def _fixed_step(self, rows: tuple[int, ...]) -> _Chunk:
+    def _fixed_step(self, key: tuple[tuple[int, ...], int]) -> _Chunk:
         """The fixed buffers of a decode step of KV-cache rows `rows`, one token each, whose
-        queries see their row's keys over the whole context under a mask: masks["fixed"]
-        holds ints [3, B] (tokens, positions, cache positions) and cs [2, B, 1, r] (RoPE
-        cos, sin), which _fixed_run fills each step."""
-        dev, B, N = self.device, len(rows), self.max_context
+        queries see their row's keys among the first N positions under a mask (key: (rows,
+        N)): masks["fixed"] holds ints [3, B] (tokens, positions, cache positions) and cs
+        [2, B, 1, r] (RoPE cos, sin), which _fixed_run fills each step."""
+        (rows, N), dev = key, self.device
+        B = len(rows)
         ints = torch.zeros(3, B, dtype=torch.long, device=dev)
         cs = torch.zeros(2, B, 1, self._rope_rows([0]).shape[-1], dtype=self.dtype, device=dev)
         kv_rows = torch.tensor(rows, device=dev)
@@ -573,7 +578,10 @@ class OffloadedModel:
             order_t = torch.tensor(order, device=self.device)
             ids, back = ids[order_t], torch.empty_like(order_t).scatter_(
                 0, order_t, torch.arange(len(order), device=self.device))
-        key = tuple(rows)
+        # the keys a step reads: a power of two from FIXED_MIN_KEYS on (a graph per length
+        # a row's context doubles through), not the whole context each token
+        n = min(self.max_context, max(FIXED_MIN_KEYS, 1 << (end - 1).bit_length()))
+        key = (tuple(rows), n)
         ints, cs = self.graphs.fixed(key).masks["fixed"]
         pinned = self.device.type == "cuda"
         ints[0].copy_(ids[:, 0], non_blocking=True)  # on the device already: not read back

@@ -1,5 +1,5 @@
 """Fixed-shape decode steps (cuda_graphs, serve/graphs.py): once every expert is resident, a
-decode step reads the whole context under a mask and waits for nothing, so that a CUDA graph
+decode step reads a power of two of keys under a mask and waits for nothing, so that a CUDA graph
 can hold it. On the CPU the same step runs eagerly: its tokens are transformers', its counts
 the eager steps'; on a GPU (marked gpu) the replayed graph gives the eager step's logits."""
 
@@ -50,7 +50,7 @@ def test_fixed_steps_give_transformers_tokens_and_the_eager_counts(tmp_path, cas
     for name, (first, second) in runs.items():
         assert first.token_ids == want and second.token_ids == want, name
     assert eager.graphs is None and fixed._tables is not None
-    assert {(0, 1, 2), (0, 2)} <= set(fixed.graphs._steps)
+    assert {(0, 1, 2), (0, 2)} <= {rows for rows, _ in fixed.graphs._steps}
     (e1, e2), (f1, f2) = ([r.stats for r in runs[k]] for k in ("eager", "fixed"))
     for e, f in ((e1, f1), (e2, f2)):
         assert f["expert_hits"] + f["expert_misses"] == e["expert_hits"] + e["expert_misses"]
@@ -98,8 +98,24 @@ def test_a_fixed_step_of_rows_out_of_order_answers_in_their_order(tmp_path):
         m.step(torch.tensor([[3, 4, 5, 6], [7, 8, 9, 0]]), [0, 1], [0, 0], [4, 2])
         m.step(torch.tensor([[11], [12]]), [0, 1], [4, 2], [1, 1])
         logits[graphs] = m.step(torch.tensor([[13], [14]]), [1, 0], [3, 5], [1, 1])
-    assert list(m.graphs._steps) == [(0, 1)]
+    assert list(m.graphs._steps) == [((0, 1), 64)]
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_fixed_steps_read_the_keys_of_the_next_power_of_two(tmp_path, monkeypatch, family):
+    """A fixed step reads its rows' first N keys, N the power of two at or above its context
+    (from FIXED_MIN_KEYS, 4 here; at most the whole context): one graph per length the
+    context doubles through, the tokens still transformers' (with attention sinks too)."""
+    from serve import runtime
+
+    monkeypatch.setattr(runtime, "FIXED_MIN_KEYS", 4)
+    hf = build_hf(family)
+    hf.save_pretrained(tmp_path)
+    m = serve(tmp_path, cuda_graphs=True, max_batch=1, max_context=40)
+    prompt = [5, 9, 13]
+    assert generate(m, [prompt], 36).token_ids == [hf_greedy(hf, prompt, 36)]
+    assert [n for _, n in m.graphs._steps] == [4, 8, 16, 32, 40]
 
 
 def test_fixed_steps_wait_for_a_budget_that_holds_every_expert(tmp_path):
@@ -161,7 +177,7 @@ def test_decode_graphs_keep_the_latest_row_sets():
 def test_replayed_graphs_give_the_eager_steps_logits(tmp_path):
     """On a GPU: decode steps replayed from CUDA graphs (captured once per row set) give the
     eager steps' logits, in float32 and in bf16 (the kernels' own rounding; the attention
-    of a fixed step is masked over the whole context, the eager one's unmasked), compared up
+    of a fixed step is masked over a power of two of keys, the eager one's unmasked), compared up
     to the first token where greedy choices part (after it the contexts differ)."""
     hf = build_hf("mixtral")
     hf.save_pretrained(tmp_path)
