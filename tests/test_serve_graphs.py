@@ -172,6 +172,48 @@ def test_decode_graphs_keep_the_latest_row_sets():
         DecodeGraphs(torch.device("cpu"), dict, len, max_graphs=0)
 
 
+def test_a_failed_capture_is_said_once_and_steps_run_eagerly(capsys):
+    """The graph path with a stand-in capture: a captured step replays (its output a copy of
+    the graph's own); a capture that fails is said once on stderr, its warm-ups' effects are
+    undone, and every step runs eagerly from then on."""
+    calls, undone = [], []
+
+    class Graph:
+        def __init__(self, out):
+            self.out = out
+
+        def replay(self):
+            calls.append("replay")
+            self.out += 1
+
+    def capture(forward, fixed):
+        out = forward(fixed)
+        return Graph(out), out
+
+    forward = lambda fixed: calls.append("eager") or torch.zeros(1)  # noqa: E731
+    g = DecodeGraphs(torch.device("cpu"), lambda key: key, forward, capture=capture)
+    g.fixed("a")
+    first = g.run("a")
+    assert first.tolist() == [1.0] and g.run("a").tolist() == [2.0]
+    assert calls == ["eager", "replay", "replay"] and g.captured == 1 and g.replayed == 2
+    first += 10
+    assert g._steps["a"]["out"].tolist() == [2.0]  # the caller's copy is its own
+
+    def fails(forward, fixed):
+        forward(fixed)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    calls.clear()
+    g = DecodeGraphs(torch.device("cpu"), lambda key: key, forward, capture=fails)
+    for key in ("a", "b", "a"):
+        g.fixed(key)
+        assert g.run(key, lambda k=key: lambda: undone.append(k)).tolist() == [0.0]
+    assert g.broken == "RuntimeError: operation not permitted when stream is capturing"
+    assert calls == ["eager"] * 4 and undone == ["a"] and g.captured == 0
+    err = capsys.readouterr().err
+    assert err.count("capture failed") == 1 and "run eagerly from now on" in err
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_replayed_graphs_give_the_eager_steps_logits(tmp_path):
