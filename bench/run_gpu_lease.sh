@@ -9,7 +9,7 @@
 #      2026-11-30: Triton's 256 MiB L2-flush buffer when timing, cuBLAS's uncounted workspace)
 #      and the expert step queued without waiting for the device (failed: the picker's
 #      per-expert loop reads counts back), and decode steps replayed from CUDA graphs against
-#      eager ones (--cuda-graphs, new since: never run on a GPU); then the Triton kernel
+#      eager ones (--cuda-graphs: passed on 2026-11-30's third lease); then the Triton kernel
 #      tests as far as 20 s take them (-x: the first failure ends them)
 #   2) offloaded decode at Mixtral-8x7B layer shapes (issue 6): budgets holding 25% / 50% of
 #      the experts, ours (cross-layer prefetch behind its precision gate), without the gate,
