@@ -84,7 +84,7 @@ def count_token(model, tokens: int = 4) -> tuple[Counter, dict[str, Counter]]:
 
     decode_all(_decoder(model, tokens))
     d = _decoder(model, tokens)
-    phases: dict[str, Counter] = {name: Counter() for _, name in PHASES}  # (dict: once)
+    phases: dict[str, Counter] = {name: Counter() for _, name in PHASES}
     saved = {m: getattr(OffloadedModel, m) for m, _ in PHASES}
     stack: list[Counter] = []
 
@@ -166,18 +166,18 @@ def main(argv=None) -> None:
     from bench.common import append_results, command_line, markdown_table, scratch_dir
 
     root = scratch_dir(a.dir, "moe-decode-launches-")
-    cases = (("all experts resident", 1.0, "none", 1),
-             ("a quarter resident", 0.25, "none", 1),
-             ("a quarter resident, cross-layer prefetch", 0.25, "cross-layer", 1),
-             ("4 rows at 4 positions, all resident (a step / 4)", 1.0, "none", 4),
+    cases = (("all experts resident", 1.0, "none", 1, False),
+             ("a quarter resident", 0.25, "none", 1, False),
+             ("a quarter resident, cross-layer prefetch", 0.25, "cross-layer", 1, False),
+             ("4 rows at 4 positions, all resident (a step / 4)", 1.0, "none", 4, False),
              ("all experts resident, fixed steps (--cuda-graphs: on a GPU one graph's "
               "kernels)", 1.0, "none", 1, True))
     rows = []
-    for label, fraction, prefetch, batch, *graphs in cases:
+    for label, fraction, prefetch, batch, graphs in cases:
         total, per = count_token(_model(root, a.layers, "triton", fraction, prefetch, batch,
-                                        *graphs), a.tokens)
+                                        graphs), a.tokens)
         ms = (cpu_ms_per_token(_model(root, a.layers, "torch", fraction, prefetch, batch,
-                                      *graphs), a.timed_tokens) if a.timed_tokens else None)
+                                      graphs), a.timed_tokens) if a.timed_tokens else None)
         launches = {name: c["torch"] + c["triton"] for name, c in per.items()}
         shown = sum(launches[name] for name in COLUMNS)
         rows.append([a.label, label, f"{total['torch'] + total['triton']:.0f}",

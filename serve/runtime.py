@@ -300,6 +300,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return o.reshape(B, H, 1, o.shape[-1])
 
 
+def experts_named(ids: torch.Tensor, E: int) -> torch.Tensor:
+    """Expert ids (any shape) -> [E] bool on their device: the experts they name (two
+    launches; nothing read back)."""
+    return torch.zeros(E, dtype=torch.bool, device=ids.device).index_fill_(0, ids.reshape(-1),
+                                                                           True)
+
+
 def _take(t: torch.Tensor, v) -> torch.Tensor:
     """The real positions v (_Chunk.valid) of t [B, S, d] -> [n, d]."""
     return t.reshape(-1, t.shape[-1]) if v is None else t[v]
@@ -542,26 +549,28 @@ class OffloadedModel:
                       flush=True)
             c.fill([(i, e) for i in self.store.moe_layers for e in range(E)])  # all, once
             self._tables = {  # [E]: the slot of each expert, for good
-                i: torch.tensor([c.slot_of[(i, e)] for e in range(self.cfg.moe.num_experts)],
-                                device=self.device) for i in self.store.moe_layers}
+                i: torch.tensor([c.slot_of[(i, e)] for e in range(E)], device=self.device)
+                for i in self.store.moe_layers}
         return True
 
-    def _fixed_step(self, key: tuple[tuple[int, ...], int]) -> _Chunk:
+    def _fixed_step(self, key: tuple[tuple[int, ...], int]
+                    ) -> tuple[_Chunk, torch.Tensor, torch.Tensor]:
         """The fixed buffers of a decode step of KV-cache rows `rows`, one token each, whose
         queries see their row's keys among the first N positions under a mask (key: (rows,
-        N)): masks["fixed"] holds ints [3, B] (tokens, positions, cache positions) and cs
-        [2, B, 1, r] (RoPE cos, sin), which _fixed_run fills each step."""
+        N)) -> (its _Chunk, ints [3, B] (tokens, positions, cache positions), cs [2, B, 1, r]
+        (RoPE cos, sin)); _fixed_run fills ints and cs each step."""
         (rows, N), dev = key, self.device
         B = len(rows)
         ints = torch.zeros(3, B, dtype=torch.long, device=dev)
-        cs = torch.zeros(2, B, 1, self._rope_rows([0]).shape[-1], dtype=self.dtype, device=dev)
+        r = 2 * self._rope[0].numel()  # _rope_rows' width
+        cs = torch.zeros(2, B, 1, r, dtype=self.dtype, device=dev)
         kv_rows = torch.tensor(rows, device=dev)
         zeros = torch.zeros(B, dtype=torch.long, device=dev)
         dense = list(rows) == list(range(rows[0], rows[0] + B))
         return _Chunk(B, 1, N, zeros, ints[1].view(B, 1),
                       torch.ones(B, 1, dtype=torch.long, device=dev), cs[0], cs[1],
                       torch.arange(B, device=dev), zeros, kv_rows, kv_rows, ints[2],
-                      N + self.kv.offset, rows[0], dense, True, False, {"fixed": (ints, cs)})
+                      N + self.kv.offset, rows[0], dense, True, False, {}), ints, cs
 
     def _fixed_run(self, ids: torch.Tensor, rows: Sequence[int], start: Sequence[int]
                    ) -> torch.Tensor:
@@ -582,7 +591,7 @@ class OffloadedModel:
         # a row's context doubles through), not the whole context each token
         n = min(self.max_context, max(FIXED_MIN_KEYS, 1 << (end - 1).bit_length()))
         key = (tuple(rows), n)
-        ints, cs = self.graphs.fixed(key).masks["fixed"]
+        _, ints, cs = self.graphs.fixed(key)
         pinned = self.device.type == "cuda"
         ints[0].copy_(ids[:, 0], non_blocking=True)  # on the device already: not read back
         packed = torch.tensor([list(start), [a + self.kv.offset for a in start]],
@@ -599,11 +608,12 @@ class OffloadedModel:
         self._hits_host.copy_(self._hits, non_blocking=True)  # there by the sample's read
         return logits if back is None else logits[back]
 
-    def _fixed_forward(self, c: _Chunk) -> torch.Tensor:
-        """The forward of fixed step c, its buffers filled -> logits [B, V] float32. Waits
-        for nothing (what a CUDA graph can hold)."""
-        c.masks = {"fixed": c.masks["fixed"]}  # masks of this step's positions
-        x = self.model.embed(c.masks["fixed"][0][0].view(c.B, 1))
+    def _fixed_forward(self, fixed: tuple[_Chunk, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The forward of a fixed step (_fixed_step's), its buffers filled -> logits [B, V]
+        float32. Waits for nothing (what a CUDA graph can hold)."""
+        c, ints, _ = fixed
+        c.masks = {}  # masks of this step's positions, made anew
+        x = self.model.embed(ints[0].view(c.B, 1))
         with sdpa_kernel(ATTENTION_BACKENDS):
             for i, block in enumerate(self.model.layers):
                 x = self._attend(i, x, c)
@@ -618,9 +628,7 @@ class OffloadedModel:
         layer, E = self.model.layers[i].mlp, self.cfg.moe.num_experts
         flat = h.reshape(-1, h.shape[-1])
         ids, w = layer.router.select(flat)
-        used = torch.zeros(E, dtype=torch.int64, device=ids.device).index_fill_(
-            0, ids.reshape(-1), 1)
-        self._hits.add_(used.sum())
+        self._hits.add_(experts_named(ids, E).sum())
         out = self._run_experts(flat, self._tables[i][ids], w, self.cache, True)
         if layer.shared is not None:
             out = out + layer.shared(flat)
@@ -715,8 +723,7 @@ class OffloadedModel:
         all_ids = torch.cat([ids.reshape(-1) for ids, _ in routes]) if len(routes) > 1 \
             else routes[0][0].reshape(-1)
         E = self.cfg.moe.num_experts
-        used = torch.zeros(E, dtype=torch.bool, device=all_ids.device).index_fill_(0, all_ids,
-                                                                                   True)
+        used = experts_named(all_ids, E)
         j = pred = None
         # one read from the device (the host's one wait this layer): the experts used, the
         # next layer's prediction when it is copied, this layer's withheld prediction
@@ -873,8 +880,7 @@ class OffloadedModel:
         light = max(self.scfg.skip_miss_weight, self.scfg.miss_quant_weight)
         E = self.cfg.moe.num_experts
         if bar <= 0 and light <= 0:  # every expert named (the default): 2 launches, not 6
-            return j, torch.zeros(E, dtype=torch.bool, device=ids.device).index_fill_(
-                0, ids.flatten(), True)
+            return j, experts_named(ids, E)
         want = w >= bar
         if light > 0:  # no copy ahead of an expert the layer would skip or stand in for
             want &= kept_pairs(w, light)
